@@ -1,0 +1,304 @@
+"""One typed config for every job: a TOML or YAML file plus ``--section.key=value`` overrides.
+
+The file is parsed into :class:`Config` (frozen dataclasses, one per section), validated before any
+model or worker starts, logged in full and hashed into the outputs. Unknown keys, wrong types and
+out-of-range values raise :class:`ConfigError` naming the dotted key.
+
+Example:
+    >>> cfg = load_config("examples/demo.toml", ["--steer.p0=0.99"])   # doctest: +SKIP
+    >>> cfg.steer.p0                                                   # doctest: +SKIP
+    0.99
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from conva.gates import GATE_KINDS
+from conva.probes import BAND_PRESETS
+from conva.record import POSITIONS
+from conva.steer import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
+from conva.values import VALUES
+
+__all__ = [
+    "ConfigError", "ModelConfig", "DataConfig", "ExtractConfig", "ProbeConfig", "FitConfig", "GateConfig",
+    "SteerConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
+    "RESULT_NEUTRAL_KEYS",
+]
+
+BACKENDS = ("hf", "vllm")
+# Keys that change how a job runs but not what it computes: a rerun may change them freely.
+RESULT_NEUTRAL_KEYS = ("ray", "output.overwrite", "extract.batch_size", "steer.batch_size")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2"
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where data comes from: ``demo`` (the project's own), ``paper:<folder>`` or a file/folder path."""
+
+    values: tuple[str, ...] = VALUES
+    pairs: str = "demo"
+    pair_kind: str = "context_controlled"
+    prompts: str = "demo"
+    neutral: str = "demo"
+    max_prompts_per_value: int = 0  # 0: all
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    layers: tuple[int, ...] = ()  # empty: every block
+    position: str = "last"
+    chat_template: bool = False
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    C: float = 1.0
+    solver: str = "lbfgs"
+    max_iter: int = 2000
+    test_size: float = 0.3
+    seed: int = 0
+    split: str = "pair"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    band: str | tuple[int, ...] = "auto"
+    band_width: int = 0
+    p0: float = 0.95
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    kind: str = "probe"
+    target: str = "precision"
+    target_value: float = 0.95
+    model: str | None = None
+    labels: tuple[str, ...] = ()
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    backend: str = "hf"
+    method: str = "conva"
+    p0: float | None = None
+    strength: float = 4.0
+    positions: str = "all"
+    epsilon: str = "frozen"
+    mode: str = "batched"
+    setting: str = "plain"
+    max_new_tokens: int = 100
+    chat_template: bool = True
+    batch_size: int = 16
+    max_prompt_tokens: int = 0  # 0: the model's maximum length minus max_new_tokens
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/demo"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    num_workers: int = 2
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    rows_per_shard: int = 32
+    max_restarts: int = 2
+    max_task_retries: int = 2
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.pair_kind": ("context_controlled", "non_context_controlled"),
+    "extract.position": POSITIONS,
+    "probe.split": ("pair", "sample"),
+    "probe.solver": ("lbfgs", "saga", "liblinear", "newton-cg", "sag"),
+    "gate.kind": GATE_KINDS,
+    "gate.target": ("precision", "recall"),
+    "steer.backend": BACKENDS,
+    "steer.method": METHODS,
+    "steer.positions": STEER_POSITIONS,
+    "steer.epsilon": EPSILON_MODES,
+    "steer.mode": ("batched", "reference"),
+    "steer.setting": SETTINGS,
+}
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``hint`` (lists become tuples); raise naming ``key``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _coerce(key, option, value)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} fits none of {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected nothing, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a table of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r} (known under {prefix.rstrip('.') or 'the top'}: "
+                          f"{', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, hints[name], value)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    flat = config_dict(cfg)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        if flat[section][name] not in choices:
+            raise ConfigError(f"{key}: {flat[section][name]!r} is not one of {', '.join(choices)}")
+    for v in cfg.data.values:
+        if v not in VALUES:
+            raise ConfigError(f"data.values: unknown value {v!r}; expected among {', '.join(VALUES)}")
+    checks = [
+        ("fit.p0", 0.0 < cfg.fit.p0 < 1.0, "must lie strictly between 0 and 1"),
+        ("steer.p0", cfg.steer.p0 is None or 0.0 < cfg.steer.p0 < 1.0, "must lie strictly between 0 and 1"),
+        ("probe.test_size", 0.0 < cfg.probe.test_size < 1.0, "must lie strictly between 0 and 1"),
+        ("probe.C", cfg.probe.C > 0, "must be positive"),
+        ("gate.target_value", 0.0 < cfg.gate.target_value <= 1.0, "must lie in (0, 1]"),
+        ("steer.max_new_tokens", cfg.steer.max_new_tokens >= 1, "must be at least 1"),
+        ("steer.batch_size", cfg.steer.batch_size >= 1, "must be at least 1"),
+        ("extract.batch_size", cfg.extract.batch_size >= 1, "must be at least 1"),
+        ("ray.num_workers", cfg.ray.num_workers >= 1, "must be at least 1"),
+        ("ray.rows_per_shard", cfg.ray.rows_per_shard >= 1, "must be at least 1"),
+        ("ray.max_restarts", 0 <= cfg.ray.max_restarts <= 100, "must lie in 0..100 (never infinite)"),
+        ("ray.max_task_retries", 0 <= cfg.ray.max_task_retries <= 100, "must lie in 0..100 (never infinite)"),
+        ("gate.model", cfg.gate.kind != "external" or bool(cfg.gate.model and cfg.gate.labels),
+         "an external gate needs gate.model and gate.labels"),
+        ("steer.mode", cfg.steer.mode == "batched" or (cfg.steer.positions, cfg.steer.epsilon) == ("all", "frozen"),
+         "'reference' reproduces the paper: positions='all', epsilon='frozen'"),
+    ]
+    for key, ok, problem in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {problem}")
+    band = cfg.fit.band
+    if isinstance(band, str) and band != "auto" and band not in BAND_PRESETS and not _is_range(band):
+        raise ConfigError(f"fit.band: {band!r} is not 'auto', 'LO-HI', a list or one of {sorted(BAND_PRESETS)}")
+
+
+def _is_range(text: str) -> bool:
+    parts = text.split("-")
+    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) <= int(parts[1])
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word is a string
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """``["--steer.p0=0.99", "--data.values=[\\"power\\"]"]`` → a nested dict (values parsed as TOML)."""
+    out: dict[str, Any] = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --section.key=value")
+        key, text = arg[2:].split("=", 1)
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _parse_scalar(text)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from exc
+    raise ConfigError(f"{path}: unknown config type {path.suffix!r} (expected .toml, .yaml or .yml)")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read, merge overrides into, type-check and validate a config; never loads a model."""
+    data = _read_file(Path(path)) if path is not None else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(Config, data, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain JSON-able data (tuples become lists), for logs, hashes and manifests."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -1,0 +1,308 @@
+"""Value data: contrastive pairs for probes, prompts for steering, neutral prompts for gates.
+
+Two on-disk formats are read:
+
+* **The paper's CSV files** (``hr-jin/ConVA``, ``data/value/``): ``{value}_context_controlled.csv`` (also
+  spelt ``{value}_hard.csv``) and ``{value}_non_context_controlled.csv`` (``{value}_easy.csv``) with
+  columns ``question_1`` (promotes the value) and ``question_2`` (opposes it); ``test_{value}_new.csv``
+  with a column ``text``. The value comes from the file name.
+* **The project's own schema**, in JSONL, CSV or Parquet: pairs have ``value, positive, negative``;
+  prompts have ``value, prompt`` (``value`` may be absent or null for neutral prompts).
+
+Strict loaders (:func:`load_pairs`, :func:`load_prompts`) are for training data: the first malformed
+row raises :class:`DataError` naming the file, the 1-based data row and the field.
+:func:`read_records` is the lenient reader for bulk steering input: a bad row comes back with an
+``error`` reason instead of stopping the job.
+
+Example:
+    >>> pairs = demo_pairs("power")
+    >>> pairs[0].value, len(pairs) >= 40
+    ('power', True)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from conva.values import VALUES, check_value
+
+__all__ = [
+    "DataError",
+    "Pair",
+    "Prompt",
+    "Record",
+    "load_pairs",
+    "load_prompts",
+    "read_records",
+    "paper_pairs",
+    "paper_prompts",
+    "demo_dir",
+    "demo_pairs",
+    "demo_prompts",
+    "demo_answers",
+    "demo_neutral",
+    "text_hash",
+]
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
+_PAPER_PAIR_FILES = {
+    "context_controlled": ("{v}_context_controlled.csv", "{v}_hard.csv"),
+    "non_context_controlled": ("{v}_non_context_controlled.csv", "{v}_easy.csv"),
+}
+_PAPER_NAME = re.compile(
+    r"^(?:test_(?P<test>[a-z-]+)_new|(?P<value>[a-z-]+)_(?P<kind>context_controlled|non_context_controlled|hard|easy))\.csv$"
+)
+
+
+class DataError(ValueError):
+    """A malformed data file or row; ``file``, ``row`` (1-based data row) and ``field`` say where."""
+
+    def __init__(self, file: str | Path, row: int | None, field: str | None, problem: str) -> None:
+        self.file, self.row, self.field, self.problem = str(file), row, field, problem
+        where = f"{file}" + (f", row {row}" if row is not None else "") + (f", field {field!r}" if field else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two texts sharing one scenario: ``positive`` promotes ``value``, ``negative`` opposes it."""
+
+    value: str
+    positive: str
+    negative: str
+    source: str = ""
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt to steer or to fit a gate on; ``value`` is None for value-neutral prompts."""
+
+    value: str | None
+    prompt: str
+    source: str = ""
+    row: int = 0
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of bulk input as read, valid or not: ``error`` is a reason, or None for a usable row."""
+
+    row: int
+    fields: dict[str, Any]
+    error: str | None = None
+
+
+def text_hash(text: str) -> str:
+    """A short stable hash of a text (sha256, 16 hex digits), stored beside activations."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def read_records(path: str | Path) -> Iterator[Record]:
+    """Yield every data row of a JSONL, CSV or Parquet file, with a reason for rows that cannot be used.
+
+    Rows are numbered from 1 (the CSV header is not a row). Undecodable bytes, broken JSON and lines that
+    are not objects become error records; the file as a whole must exist and have a known suffix.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from _jsonl_records(path)
+    elif suffix == ".csv":
+        yield from _csv_records(path)
+    elif suffix == ".parquet":
+        yield from _parquet_records(path)
+    else:
+        raise DataError(path, None, None, f"unknown file type {suffix!r} (expected .jsonl, .csv or .parquet)")
+
+
+def _jsonl_records(path: Path) -> Iterator[Record]:
+    row = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            row += 1
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield Record(row, {}, f"invalid UTF-8 at byte {exc.start} of the line")
+                continue
+            except json.JSONDecodeError as exc:
+                yield Record(row, {}, f"invalid JSON: {exc.msg}")
+                continue
+            if not isinstance(obj, dict):
+                yield Record(row, {}, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            yield Record(row, obj)
+
+
+def _csv_records(path: Path) -> Iterator[Record]:
+    data = path.read_bytes()
+    lines = data.splitlines(keepends=True)
+    bad_lines: dict[int, str] = {}
+    text_lines = []
+    for i, raw in enumerate(lines):
+        try:
+            text_lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            bad_lines[i] = f"invalid UTF-8 at byte {exc.start} of the line"
+            text_lines.append(raw.decode("utf-8", "replace"))
+    reader = csv.reader(io.StringIO("".join(text_lines).lstrip("\ufeff"), newline=""))
+    header = next(reader, None)
+    if header is None:
+        raise DataError(path, None, None, "empty file (no header)")
+    header = [h.strip() for h in header]
+    for row, values in enumerate(reader, start=1):
+        error = _csv_row_error(header, values, bad_lines, reader.line_num)
+        yield Record(row, dict(zip(header, values)) if error is None else {}, error)
+
+
+def _csv_row_error(header: list[str], values: list[str], bad: dict[int, str], end_line: int) -> str | None:
+    # reader.line_num is the 1-based physical line where this record ended; a quoted field may span
+    # several lines, so any undecodable line up to that point that is not yet claimed belongs to it.
+    for line in sorted(bad):
+        if line < end_line:
+            return bad.pop(line)
+    if len(values) != len(header):
+        return f"expected {len(header)} fields, got {len(values)}"
+    return None
+
+
+def _parquet_records(path: Path) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a broken file
+        raise DataError(path, None, None, f"unreadable Parquet file: {exc}") from exc
+    for row, obj in enumerate(table.to_pylist(), start=1):
+        yield Record(row, obj)
+
+
+def _require_text(path: Path, rec: Record, field: str) -> str:
+    value = rec.fields.get(field)
+    if field not in rec.fields:
+        raise DataError(path, rec.row, field, "missing field")
+    if not isinstance(value, str):
+        raise DataError(path, rec.row, field, f"expected text, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(path, rec.row, field, "empty text")
+    return value
+
+
+def _strict(path: Path) -> Iterator[Record]:
+    for rec in read_records(path):
+        if rec.error is not None:
+            raise DataError(path, rec.row, None, rec.error)
+        yield rec
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".csv", ".parquet"))
+        if not files:
+            raise DataError(path, None, None, "folder holds no .jsonl, .csv or .parquet file")
+        return files
+    if not path.exists():
+        raise DataError(path, None, None, "no such file")
+    return [path]
+
+
+def _paper_value(path: Path) -> str | None:
+    match = _PAPER_NAME.match(path.name)
+    if not match:
+        return None
+    return match.group("test") or match.group("value")
+
+
+def load_pairs(path: str | Path, value: str | None = None) -> list[Pair]:
+    """Read contrastive pairs from a file or a folder of files, strictly.
+
+    Paper files (``question_1``/``question_2``) take their value from the file name; project files carry
+    a ``value`` column. ``value`` keeps only that value's pairs.
+    """
+    pairs: list[Pair] = []
+    for file in _files(Path(path)):
+        file_value = _paper_value(file)
+        for rec in _strict(file):
+            if "question_1" in rec.fields or "question_2" in rec.fields:
+                if file_value is None:
+                    raise DataError(file, rec.row, "value", "paper-format file name does not name a value")
+                v, pos, neg = file_value, _require_text(file, rec, "question_1"), _require_text(file, rec, "question_2")
+            else:
+                v = _require_text(file, rec, "value")
+                pos, neg = _require_text(file, rec, "positive"), _require_text(file, rec, "negative")
+            if v not in VALUES:
+                raise DataError(file, rec.row, "value", f"unknown value {v!r}")
+            if value is None or v == value:
+                pairs.append(Pair(v, pos, neg, str(file), rec.row))
+    return pairs
+
+
+def load_prompts(path: str | Path, value: str | None = None) -> list[Prompt]:
+    """Read prompts (``prompt`` or the paper's ``text`` column) from a file or folder, strictly."""
+    prompts: list[Prompt] = []
+    for file in _files(Path(path)):
+        file_value = _paper_value(file)
+        for rec in _strict(file):
+            field = "text" if "text" in rec.fields and "prompt" not in rec.fields else "prompt"
+            text = _require_text(file, rec, field)
+            v = rec.fields.get("value", file_value)
+            if v is not None and v not in VALUES:
+                raise DataError(file, rec.row, "value", f"unknown value {v!r}")
+            if value is None or v == value:
+                prompts.append(Prompt(v, text, str(file), rec.row))
+    return prompts
+
+
+def _paper_file(root: Path, value: str, names: tuple[str, ...]) -> Path:
+    for name in names:
+        candidate = root / name.format(v=value)
+        if candidate.exists():
+            return candidate
+    raise DataError(root / names[0].format(v=value), None, None, "no such file (nor its other spelling)")
+
+
+def paper_pairs(root: str | Path, value: str, kind: str = "context_controlled") -> list[Pair]:
+    """The paper's pairs for one value; ``kind`` is ``context_controlled`` or ``non_context_controlled``."""
+    if kind not in _PAPER_PAIR_FILES:
+        raise ValueError(f"unknown pair kind {kind!r}; expected one of {sorted(_PAPER_PAIR_FILES)}")
+    return load_pairs(_paper_file(Path(root), check_value(value), _PAPER_PAIR_FILES[kind]))
+
+
+def paper_prompts(root: str | Path, value: str) -> list[Prompt]:
+    """The paper's dilemma test prompts for one value (``test_{value}_new.csv``)."""
+    return load_prompts(_paper_file(Path(root), check_value(value), ("test_{v}_new.csv",)))
+
+
+def demo_dir() -> Path:
+    """The folder of the project's own demo data (written for the project; see its README)."""
+    return DEMO_DIR
+
+
+def demo_pairs(value: str | None = None) -> list[Pair]:
+    """The demo's context-controlled pairs (all values, or one)."""
+    return load_pairs(DEMO_DIR / "pairs", value)
+
+
+def demo_prompts(value: str | None = None) -> list[Prompt]:
+    """The demo's dilemma prompts (all values, or one)."""
+    return load_prompts(DEMO_DIR / "prompts", value)
+
+
+def demo_answers(value: str | None = None) -> list[Pair]:
+    """Answer-style labelled pairs for training and checking offline judges (never seen by probes)."""
+    return load_pairs(DEMO_DIR / "answers", value)
+
+
+def demo_neutral() -> list[Prompt]:
+    """Value-neutral prompts (instructions, factual questions) for fitting and calibrating gates."""
+    return load_prompts(DEMO_DIR / "neutral.jsonl")

@@ -1,0 +1,258 @@
+"""The job's stages as plain functions over Arrow tables: what to extract, extract, fit, what to steer, steer.
+
+Ray workers call :func:`extract_table` and :func:`steer_table` on one shard each; the driver calls
+:func:`extraction_rows` / :func:`steering_rows` to make the input and :func:`fit_bundles` to fit
+centrally. The same functions run in one process for the library and the tests, so the distributed
+job and the single-process path compute the same thing.
+
+Schemas (version :data:`SCHEMA_VERSION`; documented in the README):
+
+* extraction input: ``row_id, dataset, value, label, group, text, chat_template``
+* activations: ``row_id, dataset, value, label, group, text_hash, layer, position, activation
+  (fixed-size list<float32>), error`` — one row per (text, layer)
+* steering input: ``row_id, value, prompt, error``
+* generations: ``row_id, prompt, output, n_prompt_tokens, n_output_tokens, model, value, method, setting,
+  p0, gate_score, gate_open, layers, eps, p_before, p_after, error`` — one row per input row
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from conva import data as D
+from conva.bundle import ValueBundle
+from conva.config import Config
+from conva.fit import FitSettings, GateSettings, LayerData, ModelInfo, fit_value
+from conva.probes import ProbeSettings
+from conva.record import format_prompt, record_activations
+from conva.steer import RowResult, SteerSpec, generate
+
+__all__ = [
+    "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
+    "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source",
+]
+
+SCHEMA_VERSION = 1
+
+EXTRACTION_INPUT_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("dataset", pa.string()), ("value", pa.string()), ("label", pa.int8()),
+    ("group", pa.int64()), ("text", pa.string()), ("chat_template", pa.bool_()),
+])
+STEERING_INPUT_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("value", pa.string()), ("prompt", pa.string()), ("error", pa.string()),
+])
+GENERATION_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("prompt", pa.string()), ("output", pa.string()),
+    ("n_prompt_tokens", pa.int32()), ("n_output_tokens", pa.int32()), ("model", pa.string()),
+    ("value", pa.string()), ("method", pa.string()), ("setting", pa.string()), ("p0", pa.float64()),
+    ("gate_score", pa.float64()), ("gate_open", pa.bool_()), ("layers", pa.list_(pa.int32())),
+    ("eps", pa.list_(pa.float64())), ("p_before", pa.list_(pa.float64())), ("p_after", pa.list_(pa.float64())),
+    ("error", pa.string()),
+])
+
+
+def activation_schema(hidden: int) -> pa.Schema:
+    """The activations stage's schema for a model of width ``hidden``."""
+    return pa.schema([
+        ("row_id", pa.string()), ("dataset", pa.string()), ("value", pa.string()), ("label", pa.int8()),
+        ("group", pa.int64()), ("text_hash", pa.string()), ("layer", pa.int32()), ("position", pa.string()),
+        ("activation", pa.list_(pa.float32(), hidden)), ("error", pa.string()),
+    ])
+
+
+
+def load_pair_source(source: str, value: str, kind: str) -> list[D.Pair]:
+    """Pairs for ``value`` from ``demo``, ``paper:<folder>`` or a project-schema file/folder."""
+    if source == "demo":
+        return D.demo_pairs(value)
+    if source.startswith("paper:"):
+        return D.paper_pairs(source[len("paper:"):], value, kind)
+    return D.load_pairs(source, value)
+
+
+def _load_prompt_source(source: str, value: str | None) -> list[D.Prompt]:
+    if source == "demo":
+        return D.demo_prompts(value) if value is not None else D.demo_neutral()
+    if source.startswith("paper:"):
+        return D.paper_prompts(source[len("paper:"):], value) if value else []
+    return D.load_prompts(source, value)
+
+
+def extraction_rows(cfg: Config) -> pa.Table:
+    """Every text the fit needs, in a fixed order: pair texts per value, and gate texts if a probe gate."""
+    rows: list[dict] = []
+    gate = cfg.gate.kind == "probe"
+    for value in cfg.data.values:
+        for i, pair in enumerate(load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind)):
+            for label, text, tag in ((1, pair.positive, "pos"), (0, pair.negative, "neg")):
+                rows.append(dict(row_id=f"pairs/{value}/{i:06d}/{tag}", dataset="pairs", value=value, label=label,
+                                 group=i, text=text, chat_template=cfg.extract.chat_template))
+                if gate:  # the gate reads prompts as the model sees them when steered: in the chat template
+                    rows.append(dict(row_id=f"gate/{value}/{i:06d}/{tag}", dataset="gate", value=value, label=1,
+                                     group=i, text=text, chat_template=cfg.steer.chat_template))
+    if gate:
+        neutral = D.demo_neutral() if cfg.data.neutral == "demo" else D.load_prompts(cfg.data.neutral)
+        for i, prompt in enumerate(neutral):
+            rows.append(dict(row_id=f"neutral/{i:06d}", dataset="neutral", value=None, label=0, group=i,
+                             text=prompt.prompt, chat_template=cfg.steer.chat_template))
+    return pa.Table.from_pylist(rows, schema=EXTRACTION_INPUT_SCHEMA)
+
+
+def extract_table(model, tok, rows: pa.Table, layers: Sequence[int], position: str, batch_size: int) -> pa.Table:
+    """Activations for one shard of :func:`extraction_rows`: one output row per (text, layer), layer-major."""
+    texts = rows.column("text").to_pylist()
+    flags = rows.column("chat_template").to_pylist()
+    acts = np.zeros((len(texts), len(layers), model.config.hidden_size), dtype=np.float32)
+    for flag in (False, True):
+        idx = [i for i, f in enumerate(flags) if f == flag]
+        if idx:
+            acts[idx] = record_activations(model, tok, [texts[i] for i in idx], layers, position=position,
+                                           chat_template=flag, batch_size=batch_size)
+    n, L, d = acts.shape
+    hashes = [D.text_hash(t) for t in texts]
+    # Layer-major order lets a reader fetch one layer's rows from contiguous row groups.
+    take = np.tile(np.arange(n), L)
+    meta = rows.select(["row_id", "dataset", "value", "label", "group"]).take(pa.array(take))
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(acts.transpose(1, 0, 2).reshape(-1)), d)
+    return pa.table({
+        **{name: meta.column(name) for name in meta.column_names},
+        "text_hash": pa.array([hashes[i] for i in take], pa.string()),
+        "layer": pa.array(np.repeat(np.asarray(layers, dtype=np.int32), n)),
+        "position": pa.array([position] * (n * L), pa.string()),
+        "activation": flat,
+        "error": pa.nulls(n * L, pa.string()),
+    }, schema=activation_schema(d))
+
+
+def fit_settings(cfg: Config) -> FitSettings:
+    """The fit part of a job config as the library's settings."""
+    return FitSettings(probe=ProbeSettings(**cfg.probe.__dict__), gate=GateSettings(**cfg.gate.__dict__),
+                       band=cfg.fit.band, band_width=cfg.fit.band_width, p0=cfg.fit.p0)
+
+
+def fit_bundles(
+    meta: pa.Table, read_layer: Callable[[int], np.ndarray], layers: Sequence[int], cfg: Config, model: ModelInfo,
+    dataset_hash: str = "",
+) -> dict[str, ValueBundle]:
+    """Fit every value's bundle; ``read_layer(l)`` returns ``[n, d]`` rows aligned with ``meta``.
+
+    ``meta`` holds one row per text (``row_id, dataset, value, label, group``). Each call of
+    ``read_layer`` is cached for one layer only, so at most one layer's activations are in memory.
+    """
+    cache: dict[int, np.ndarray] = {}
+
+    def layer_rows(l: int) -> np.ndarray:
+        if l not in cache:
+            cache.clear()
+            cache[l] = read_layer(l)
+        return cache[l]
+
+    dataset = np.asarray(meta.column("dataset").to_pylist())
+    values = np.asarray(meta.column("value").to_pylist(), dtype=object)
+    labels = np.asarray(meta.column("label").to_pylist())
+    groups = np.asarray(meta.column("group").to_pylist())
+    bundles = {}
+    for value in cfg.data.values:
+        pair_rows = np.flatnonzero((dataset == "pairs") & (values == value))
+        gate_rows = np.flatnonzero(((dataset == "gate") & (values == value)) | (dataset == "neutral"))
+        pairs = LayerData(lambda l, r=pair_rows: layer_rows(l)[r], labels[pair_rows], groups[pair_rows], tuple(layers))
+        gate = None
+        if len(gate_rows):
+            gate = LayerData(lambda l, r=gate_rows: layer_rows(l)[r], labels[gate_rows], np.arange(len(gate_rows)),
+                             tuple(layers))
+        bundles[value] = fit_value(value, pairs, gate, model, fit_settings(cfg), position=cfg.extract.position,
+                                   chat_template=cfg.extract.chat_template, dataset_hash=dataset_hash)
+    return bundles
+
+
+def steering_rows(cfg: Config) -> pa.Table:
+    """The prompts to steer: each value's prompts from ``data.prompts`` (capped per value if asked)."""
+    rows = []
+    for value in cfg.data.values:
+        prompts = _load_prompt_source(cfg.data.prompts, value)
+        if cfg.data.max_prompts_per_value:
+            prompts = prompts[: cfg.data.max_prompts_per_value]
+        rows += [dict(row_id=f"{value}/{i:06d}", value=value, prompt=p.prompt, error=None) for i, p in enumerate(prompts)]
+    return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
+
+
+def steering_rows_from_file(path: str | Path) -> pa.Table:
+    """Bulk steering input in the project schema, leniently: unusable rows carry an ``error`` reason."""
+    rows = []
+    for rec in D.read_records(path):
+        value = rec.fields.get("value")
+        prompt = rec.fields.get("prompt")
+        error = rec.error
+        if error is None and value is not None and value not in D.VALUES:
+            error = f"unknown value {value!r}"
+        rows.append(dict(row_id=f"{Path(path).name}/{rec.row:06d}", value=value if isinstance(value, str) else None,
+                         prompt=prompt if isinstance(prompt, str) else None,
+                         error=error or (None if isinstance(prompt, str) else f"prompt is {type(prompt).__name__}, not text")))
+    return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
+
+
+def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) -> str | None:
+    """Why ``prompt`` cannot be steered (empty, NUL, too long…), or None if it can."""
+    if prompt is None:
+        return "prompt is null"
+    if not prompt.strip():
+        return "empty prompt" if not prompt else "prompt is whitespace only"
+    if "\x00" in prompt:
+        return "prompt contains NUL characters"
+    if len(prompt) > 64 * max_tokens:  # no tokenizer emits fewer than one token per 64 characters
+        return f"prompt too long: {len(prompt)} characters (limit {max_tokens} tokens)"
+    try:
+        n = len(tok(format_prompt(tok, prompt, chat_template), add_special_tokens=not chat_template)["input_ids"])
+    except Exception as exc:  # tokenizers raise assorted types on odd input
+        return f"tokenizer failure: {type(exc).__name__}: {exc}"
+    if n > max_tokens:
+        return f"prompt too long: {n} tokens > limit {max_tokens}"
+    return None
+
+
+def _spec(cfg: Config, bundle: ValueBundle | None) -> SteerSpec:
+    s = cfg.steer
+    if bundle is None or s.method == "none":
+        return SteerSpec("none", bundle, setting=s.setting) if bundle else SteerSpec("none")
+    return SteerSpec(s.method, bundle, p0=s.p0, strength=s.strength, setting=s.setting)
+
+
+def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg: Config, model_name: str) -> pa.Table:
+    """Steered generations for one shard of steering rows: exactly one output row per input row."""
+    s = cfg.steer
+    limit = s.max_prompt_tokens or max(1, _max_length(model) - s.max_new_tokens)
+    records = rows.to_pylist()
+    errors = [r["error"] or check_prompt(tok, r["prompt"], s.chat_template, limit) for r in records]
+    if not all(r["value"] in bundles for r, e in zip(records, errors) if e is None and r["value"] is not None):
+        missing = sorted({r["value"] for r in records if r["value"] not in bundles})
+        raise ValueError(f"no bundle for value(s) {missing}")
+    good = [i for i, e in enumerate(errors) if e is None]
+    specs = [_spec(cfg, bundles.get(records[i]["value"])) for i in good]
+    results = generate(model, tok, [records[i]["prompt"] for i in good], specs, max_new_tokens=s.max_new_tokens,
+                       chat_template=s.chat_template, positions=s.positions, epsilon=s.epsilon, mode=s.mode,
+                       batch_size=s.batch_size) if good else []
+    by_row: dict[int, tuple[RowResult, SteerSpec]] = dict(zip(good, zip(results, specs)))
+    out = [_generation_row(r, by_row.get(i), errors[i], model_name, s.setting) for i, r in enumerate(records)]
+    return pa.Table.from_pylist(out, schema=GENERATION_SCHEMA)
+
+
+def _max_length(model) -> int:
+    return int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
+
+
+def _generation_row(rec: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None, model: str,
+                    setting: str) -> dict:
+    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], output=None, n_prompt_tokens=None, n_output_tokens=None,
+               model=model, value=rec["value"], method=None, setting=setting, p0=None, gate_score=None,
+               gate_open=None, layers=None, eps=None, p_before=None, p_after=None, error=error)
+    if done is not None:
+        res, spec = done
+        row.update(output=res.text, n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=len(res.tokens),
+                   method=spec.method, p0=spec.target(), gate_score=res.gate_score, gate_open=res.gate_open,
+                   layers=list(res.layers), eps=list(res.eps), p_before=list(res.p_before), p_after=list(res.p_after))
+    return row
