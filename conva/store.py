@@ -220,11 +220,13 @@ class Stage:
         files = [str(self.path / record.file) for record in self._manifest.shards]
         return ds.dataset(files, format="parquet", schema=None if files else pa.schema([]))
 
-    def commit(self, shard: int, table: pa.Table, *, overwrite: bool = False) -> None:
+    def commit(self, shard: int, table: pa.Table, *, overwrite: bool = False,
+               row_group_size: int | None = None) -> None:
         """Write ``table`` as shard ``shard`` atomically, then record it in the manifest.
 
         Refuses (``StoreError``) to replace a committed shard unless ``overwrite=True``, and a table
         whose schema differs from the committed shards'. Driver only: the manifest has a single writer.
+        ``row_group_size`` (rows) lets readers skip row groups by their statistics, e.g. one per layer.
         """
         if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
             raise ValueError(f"shard must be a non-negative int, got {shard!r}")
@@ -234,7 +236,7 @@ class Stage:
         final = self.path / f"part-{shard:05d}.parquet"
         tmp = self.path / _STAGING / f"{final.stem}.{uuid.uuid4().hex}.tmp"  # no .parquet: no reader globs it
         try:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, row_group_size=row_group_size)
             size, digest = _fsync_and_hash(tmp)
             os.replace(tmp, final)
         except BaseException:

@@ -1,0 +1,424 @@
+"""ConVA inside a vLLM engine: the steering op, its fixed-address buffers and the runner patches.
+
+The math is :mod:`conva.steer`'s (``_Steering``), moved into the engine so that one engine step
+steers every request of the batch with its own bundle:
+
+* A ``torch.library.custom_op`` (``conva::steer``, with a fake implementation) is called from a
+  patched decoder-layer ``forward`` after each *active* layer. Being an op, it is traced into the
+  compiled graph; a Python forward hook is silently dropped under ``enforce_eager=False``
+  (ENVIRONMENT.md). The op only does fixed-shape gathers, scatters and ``torch.where`` over buffers
+  allocated once, so it is also safe to capture in a CUDA graph.
+* Per-spec tables (direction, probe, intercept, ‖w‖, P0, gate) are loaded once into rows of those
+  buffers; row 0 means "no steering". Per-request state (gate, ε per layer, telemetry) lives in slots;
+  slot 0 is the unsteered slot whose ε is always 0.
+* Before each step the host fills, from the runner's persistent batch, which slot each token belongs
+  to, whether it is steered (positions ``all``/``generated``), and which token of each slot drives ε
+  (the last prompt token at prefill; the newest token per step in ``per_token`` mode).
+
+vLLM layers return ``(hidden, residual)``; the residual stream is their **sum** (HF
+``hidden_states[l+1]``), so probes read the sum and the delta is added to ``hidden`` only.
+
+One engine per :class:`EngineState`; the state is bound to the model runner while the engine is
+built (:func:`building`), which is why the engine must run in-process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["EXTRA_KEY", "SpecRow", "EngineState", "building", "install_patches"]
+
+EXTRA_KEY = "conva"  # SamplingParams.extra_args[EXTRA_KEY] = {"row": int, "tag": str, ...}
+
+# Decoder layers whose forward returns (hidden, residual): module path and class name in vLLM.
+_LAYER_CLASSES = (
+    ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
+    ("vllm.model_executor.models.mistral", "MistralDecoderLayer"),
+    ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
+    ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
+)
+
+_STATES: dict[int, "EngineState"] = {}
+_IDS = itertools.count(1)
+_ARMED = threading.local()
+_PATCHED = False
+
+
+@dataclass(frozen=True)
+class SpecRow:
+    """One steering spec's tensors over the engine's active layers (float32, CPU).
+
+    ``cols`` are the active-layer columns this spec steers; the other columns stay zero. Built from
+    :func:`conva.steer._plan` so the math is the HF backend's.
+    """
+
+    dirs: torch.Tensor  # [U, d]
+    w: torch.Tensor  # [U, d]
+    b: torch.Tensor  # [U]
+    wnorm: torch.Tensor  # [U]
+    compute: torch.Tensor  # [U] bool
+    fixed: torch.Tensor  # [U]
+    has_probe: torch.Tensor  # [U] bool
+    s0: float
+    gate_col: int = -1
+    gate_w: torch.Tensor | None = None  # [d]
+    gate_b: float = 0.0
+    gate_thr: float = 0.0
+
+
+@dataclass
+class _Request:
+    """Host-side record of one steered (or recorded) request while it is alive in the runner."""
+
+    slot: int
+    row: int
+    tag: str
+    positions: str
+    per_token: bool
+    started: bool = False
+
+
+@dataclass
+class Telemetry:
+    """What the engine measured for one request (columns = active layers)."""
+
+    gate_score: float
+    gate_open: bool
+    eps: np.ndarray
+    p_before: np.ndarray
+    p_after: np.ndarray
+    activations: np.ndarray | None = None  # [U, d] when recording
+
+
+class EngineState:
+    """The fixed-address buffers of one engine and the host logic that fills them each step.
+
+    ``layers``: the active decoder layers (ascending); only these call the op. ``n_specs``: table rows
+    besides row 0. ``n_slots``: concurrent steered requests besides slot 0. ``n_tokens``: the most
+    tokens one step may hold (``max_num_batched_tokens``). ``record``: keep the residual stream of the
+    last prompt token at every active layer (activation extraction).
+    """
+
+    def __init__(self, layers: Sequence[int], hidden: int, *, n_specs: int, n_slots: int, n_tokens: int,
+                 record: bool = False, device: str | torch.device = "cpu") -> None:
+        self.id = next(_IDS)
+        self.layers = tuple(sorted(int(l) for l in layers))
+        self.col = {l: j for j, l in enumerate(self.layers)}
+        self.hidden, self.device = hidden, torch.device(device)
+        U, R, S, d = len(self.layers), n_specs + 1, n_slots + 1, hidden
+        f32 = dict(dtype=torch.float32, device=self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        boolean = dict(dtype=torch.bool, device=self.device)
+        self.dirs, self.w = torch.zeros(U, R, d, **f32), torch.zeros(U, R, d, **f32)
+        self.b, self.wnorm, self.fixed = torch.zeros(U, R, **f32), torch.ones(U, R, **f32), torch.zeros(U, R, **f32)
+        self.compute, self.has_probe = torch.zeros(U, R, **boolean), torch.zeros(U, R, **boolean)
+        self.s0, self.gate_col = torch.zeros(R, **f32), torch.full((R,), -1, **i64)
+        self.gate_w, self.gate_b, self.gate_thr = torch.zeros(R, d, **f32), torch.zeros(R, **f32), torch.zeros(R, **f32)
+        self.s_row, self.s_tok = torch.zeros(S, **i64), torch.zeros(S, **i64)
+        self.s_first, self.s_comp = torch.zeros(S, **boolean), torch.zeros(S, **boolean)
+        self.open, self.gate_score = torch.ones(S, **boolean), torch.full((S,), float("nan"), **f32)
+        self.eps = torch.zeros(S, U, **f32)
+        self.p_before, self.p_after = torch.full((S, U), float("nan"), **f32), torch.full((S, U), float("nan"), **f32)
+        self.cap = torch.zeros(S, U, d, **f32) if record else None
+        self.t_slot, self.t_on = torch.zeros(n_tokens, **i64), torch.zeros(n_tokens, **f32)
+        self.n_rows, self.n_tokens = 1, n_tokens
+        self._free = list(range(S - 1, 0, -1))
+        self._alive: dict[str, _Request | None] = {}
+        self._step_slots: list[tuple[int, _Request]] = []
+        self.telemetry: dict[str, Telemetry] = {}
+        self.bound = False
+        _STATES[self.id] = self
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def add_row(self, row: SpecRow) -> int:
+        """Load one spec's tensors into the next free table row; return the row index (≥ 1)."""
+        r = self.n_rows
+        if r >= self.s0.shape[0]:
+            raise ValueError(f"the engine holds at most {self.s0.shape[0] - 1} steering specs; raise max_specs")
+        with torch.no_grad():
+            for name in ("dirs", "w", "b", "wnorm", "compute", "fixed", "has_probe"):
+                getattr(self, name)[:, r].copy_(getattr(row, name))
+            self.s0[r], self.gate_col[r] = row.s0, row.gate_col
+            if row.gate_w is not None:
+                self.gate_w[r].copy_(row.gate_w)
+                self.gate_b[r], self.gate_thr[r] = row.gate_b, row.gate_thr
+        self.n_rows += 1
+        return r
+
+    def close(self) -> None:
+        _STATES.pop(self.id, None)
+
+    # -- per step (host) ------------------------------------------------------------------------
+
+    def _admit(self, req_id: str, sampling_params: Any) -> _Request | None:
+        extra = getattr(sampling_params, "extra_args", None) or {}
+        conf = extra.get(EXTRA_KEY)
+        if conf is None:
+            return None
+        if not self._free:
+            raise RuntimeError("no free ConVA steering slot: more steered requests alive than n_slots")
+        slot = self._free.pop()
+        req = _Request(slot, int(conf["row"]), str(conf["tag"]), conf.get("positions", "all"),
+                       conf.get("epsilon", "frozen") == "per_token")
+        if not 0 <= req.row < self.n_rows:
+            raise RuntimeError(f"request {req_id} names steering row {req.row}, the engine has {self.n_rows}")
+        self.s_row[slot] = req.row
+        self.eps[slot].zero_()
+        self.p_before[slot].fill_(float("nan"))
+        self.p_after[slot].fill_(float("nan"))
+        score = conf.get("gate_score")  # external gates are scored on the host before submission
+        self.gate_score[slot] = float("nan") if score is None else float(score)
+        self.open[slot] = bool(conf.get("gate_open", True))
+        return req
+
+    def _release(self, req_id: str) -> None:
+        req = self._alive.pop(req_id, None)
+        if req is not None:
+            self.s_row[req.slot] = 0
+            self._free.append(req.slot)
+
+    def fill(self, runner: Any, scheduler_output: Any, num_scheduled: np.ndarray) -> None:
+        """Fill the per-step buffers from the runner's batch (called after ``_prepare_inputs``)."""
+        for req_id in scheduler_output.finished_req_ids:
+            self._release(req_id)
+        batch, n = runner.input_batch, runner.input_batch.num_reqs
+        total = int(num_scheduled[:n].sum())
+        t_slot, t_on = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=np.float32)
+        S = self.s_row.shape[0]
+        s_tok, s_first, s_comp = np.zeros(S, np.int64), np.zeros(S, bool), np.zeros(S, bool)
+        self._step_slots = []
+        start = 0
+        for i, req_id in enumerate(batch.req_ids[:n]):
+            k = int(num_scheduled[i])
+            if req_id not in self._alive:
+                self._alive[req_id] = self._admit(req_id, runner.requests[req_id].sampling_params)
+            req = self._alive[req_id]
+            if req is not None:
+                done = int(batch.num_computed_tokens_cpu[i])
+                self._place(req, runner.requests[req_id].num_prompt_tokens, done, k, start,
+                            t_slot, t_on, s_tok, s_first, s_comp)
+            start += k
+        self.t_slot[:total].copy_(torch.from_numpy(t_slot))
+        self.t_slot[total:].zero_()
+        self.t_on[:total].copy_(torch.from_numpy(t_on))
+        self.t_on[total:].zero_()
+        self.s_tok.copy_(torch.from_numpy(s_tok))
+        self.s_first.copy_(torch.from_numpy(s_first))
+        self.s_comp.copy_(torch.from_numpy(s_comp))
+
+    def _place(self, req: _Request, n_prompt: int, done: int, k: int, start: int, t_slot: np.ndarray,
+               t_on: np.ndarray, s_tok: np.ndarray, s_first: np.ndarray, s_comp: np.ndarray) -> None:
+        last = n_prompt - 1
+        has_last = done <= last < done + k
+        if not req.started and not has_last:
+            # ε needs the last prompt token; a chunk before it would run with ε unknown.
+            raise RuntimeError(
+                f"steered request {req.tag} was split by chunked prefill ({n_prompt} prompt tokens, "
+                f"{k} scheduled); steering needs the whole prompt in one step")
+        t_slot[start:start + k] = req.slot
+        pos = np.arange(done, done + k)
+        t_on[start:start + k] = 1.0 if req.positions == "all" else (pos >= last).astype(np.float32)
+        if not req.started:
+            s_tok[req.slot], s_first[req.slot], s_comp[req.slot] = start + last - done, True, True
+            req.started = True
+            self._step_slots.append((req.slot, req))
+        elif req.per_token and done >= n_prompt:
+            # Per-token ε: the newest token of this step drives it (HF: h[:, -1] at each decode step).
+            s_tok[req.slot], s_comp[req.slot] = start + k - 1, True
+            self._step_slots.append((req.slot, req))
+
+    def after_forward(self) -> None:
+        """Copy the telemetry of the slots that computed ε this step; clear the per-step buffers."""
+        self.s_first.zero_()
+        self.s_comp.zero_()
+        self.t_slot.zero_()
+        if not self._step_slots:
+            return
+        slots = torch.tensor([s for s, _ in self._step_slots], device=self.device)
+        score, is_open = self.gate_score[slots].cpu().numpy(), self.open[slots].cpu().numpy()
+        eps, pb, pa = (t[slots].cpu().numpy() for t in (self.eps, self.p_before, self.p_after))
+        cap = self.cap[slots].cpu().numpy() if self.cap is not None else None
+        for k, (_, req) in enumerate(self._step_slots):
+            old = self.telemetry.get(req.tag)
+            if old is None:
+                self.telemetry[req.tag] = Telemetry(float(score[k]), bool(is_open[k]), eps[k], pb[k], pa[k],
+                                                    None if cap is None else cap[k])
+            else:  # per-token mode: ε of the latest step, like the HF backend's final ``scale``
+                old.eps = eps[k]
+        self._step_slots = []
+
+    # -- the op (device) ------------------------------------------------------------------------
+
+    def steer(self, hidden: torch.Tensor, residual: torch.Tensor, col: int) -> torch.Tensor:
+        """Gate, ε and steering at active-layer column ``col``; returns the new ``hidden``."""
+        T = hidden.shape[0]
+        if T > self.n_tokens:
+            raise RuntimeError(f"a step of {T} tokens exceeds the steering buffers ({self.n_tokens})")
+        row = self.s_row
+        h_s, r_s = hidden.index_select(0, self.s_tok), residual.index_select(0, self.s_tok)
+        e = (h_s + r_s).float()  # [S, d] the residual stream at each slot's driving token
+        if self.cap is not None:
+            self.cap[:, col] = torch.where(self.s_first[:, None], e, self.cap[:, col])
+        self._gate(e, row, col)
+        w, dirs = self.w[col].index_select(0, row), self.dirs[col].index_select(0, row)
+        b, wnorm = self.b[col].index_select(0, row), self.wnorm[col].index_select(0, row)
+        z = (e * w).sum(-1) + b
+        eps = torch.clamp((self.s0.index_select(0, row) - z) / wnorm, min=0.0)
+        scale = torch.where(self.compute[col].index_select(0, row), eps, self.fixed[col].index_select(0, row))
+        scale = torch.where(self.open, scale, torch.zeros_like(scale))
+        self.eps[:, col] = torch.where(self.s_comp, scale, self.eps[:, col])
+        probe = self.s_first & self.has_probe[col].index_select(0, row)
+        after = (h_s + (scale[:, None] * dirs).to(hidden.dtype) + r_s).float()
+        self.p_before[:, col] = torch.where(probe, torch.sigmoid(z), self.p_before[:, col])
+        self.p_after[:, col] = torch.where(probe, torch.sigmoid((after * w).sum(-1) + b), self.p_after[:, col])
+        return self._apply(hidden, col)
+
+    def _gate(self, e: torch.Tensor, row: torch.Tensor, col: int) -> None:
+        here = self.s_first & (self.gate_col.index_select(0, row) == col)
+        z = (e * self.gate_w.index_select(0, row)).sum(-1) + self.gate_b.index_select(0, row)
+        score = torch.sigmoid(z)
+        self.gate_score.copy_(torch.where(here, score, self.gate_score))
+        self.open.copy_(torch.where(here, score >= self.gate_thr.index_select(0, row), self.open))
+
+    def _apply(self, hidden: torch.Tensor, col: int) -> torch.Tensor:
+        T = hidden.shape[0]
+        t_slot = self.t_slot[:T]
+        scale = self.eps[:, col].index_select(0, t_slot) * self.t_on[:T]
+        dirs = self.dirs[col].index_select(0, self.s_row.index_select(0, t_slot))
+        delta = (scale[:, None] * dirs).to(hidden.dtype)
+        # Unsteered tokens (slot 0, gate closed, ε = 0) keep their exact bits.
+        return torch.where((scale != 0)[:, None], hidden + delta, hidden)
+
+
+# -- the custom op ----------------------------------------------------------------------------------
+
+@torch.library.custom_op("conva::steer", mutates_args=())
+def _steer_op(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
+    return _STATES[engine].steer(hidden, residual, col)
+
+
+@_steer_op.register_fake
+def _(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
+    return torch.empty_like(hidden)
+
+
+# -- patches ----------------------------------------------------------------------------------------
+
+def _wrap_forward(orig: Any) -> Any:
+    def forward(self: torch.nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, res = orig(self, positions, hidden_states, residual, *args, **kwargs)
+        tag = getattr(self, "_conva_tag", None)  # (engine, column); set before the first trace
+        if tag is not None:
+            hidden = torch.ops.conva.steer(hidden, res, tag[0], tag[1])
+        return hidden, res
+
+    forward._conva_wrapped = True  # type: ignore[attr-defined]
+    return forward
+
+
+def _wrap_load_model(orig: Any) -> Any:
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = orig(self, *args, **kwargs)
+        state = getattr(_ARMED, "state", None)
+        if state is not None and not getattr(self, "_conva_state", None):
+            _bind(self, state)
+        return out
+
+    load_model._conva_wrapped = True  # type: ignore[attr-defined]
+    return load_model
+
+
+def _wrap_prepare_inputs(orig: Any) -> Any:
+    def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *a: Any, **k: Any) -> Any:
+        out = orig(self, scheduler_output, num_scheduled_tokens, *a, **k)
+        state = getattr(self, "_conva_state", None)
+        if state is not None:
+            state.fill(self, scheduler_output, num_scheduled_tokens)
+        return out
+
+    _prepare_inputs._conva_wrapped = True  # type: ignore[attr-defined]
+    return _prepare_inputs
+
+
+def _wrap_model_forward(orig: Any) -> Any:
+    def _model_forward(self: Any, *a: Any, **k: Any) -> Any:
+        out = orig(self, *a, **k)
+        state = getattr(self, "_conva_state", None)
+        if state is not None:
+            state.after_forward()
+        return out
+
+    _model_forward._conva_wrapped = True  # type: ignore[attr-defined]
+    return _model_forward
+
+
+def _bind(runner: Any, state: EngineState) -> None:
+    """Tag the active decoder layers of the runner's model and attach the state to the runner."""
+    from conva.blocks import find_blocks
+
+    blocks = find_blocks(runner.model)
+    n_tagged = 0
+    for index, block in enumerate(blocks):
+        if index in state.col:
+            if not getattr(type(block).forward, "_conva_wrapped", False):
+                raise ValueError(f"decoder layer {index} is a {type(block).__name__}, which ConVA's vLLM backend "
+                                 f"does not patch (supported: {', '.join(c for _, c in _LAYER_CLASSES)})")
+            block._conva_tag = (state.id, state.col[index])
+            n_tagged += 1
+    if n_tagged != len(state.layers):
+        missing = [l for l in state.layers if l >= len(blocks)]
+        raise ValueError(f"steered layer(s) {missing} out of range: the model has {len(blocks)} decoder layers")
+    runner._conva_state = state
+    state.bound = True
+
+
+def install_patches() -> None:
+    """Patch vLLM's decoder layers and model runners (idempotent; inert for engines built unarmed)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    import importlib
+
+    from vllm.v1.worker import cpu_model_runner, gpu_model_runner
+
+    for module, name in _LAYER_CLASSES:
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        # Patch only a class that defines forward itself: a subclass inheriting a patched forward
+        # must not be wrapped twice (the op would run twice).
+        if "forward" in cls.__dict__ and not getattr(cls.forward, "_conva_wrapped", False):
+            cls.forward = _wrap_forward(cls.forward)
+    for cls in (gpu_model_runner.GPUModelRunner, cpu_model_runner.CPUModelRunner):
+        if "load_model" in cls.__dict__ and not getattr(cls.load_model, "_conva_wrapped", False):
+            cls.load_model = _wrap_load_model(cls.load_model)
+    runner = gpu_model_runner.GPUModelRunner
+    runner._prepare_inputs = _wrap_prepare_inputs(runner._prepare_inputs)
+    runner._model_forward = _wrap_model_forward(runner._model_forward)
+    _PATCHED = True
+
+
+@contextmanager
+def building(state: EngineState) -> Iterator[EngineState]:
+    """Arm the patches while an engine is built: its runner and layers bind to ``state``."""
+    install_patches()
+    _ARMED.state = state
+    try:
+        yield state
+    finally:
+        _ARMED.state = None
+    if not state.bound:
+        raise RuntimeError("the vLLM engine was built without binding ConVA's steering state; is "
+                           "VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in this process)?")
+

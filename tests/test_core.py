@@ -1,0 +1,205 @@
+"""Data loaders, probes, gates, bundles, block location and config: exact checks without a real model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from conva import data as D
+from conva.blocks import find_blocks
+from conva.bundle import BundleError, load_bundle, save_bundle
+from conva.config import ConfigError, load_config
+from conva.gates import calibrate_threshold, fit_probe_gate
+from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band
+from conva.values import VALUES
+
+# ---------------------------------------------------------------- data
+
+
+def test_paper_loader_reads_all_thirty_files(paper_data):
+    files = sorted(paper_data.glob("*.csv"))
+    assert len(files) == 30
+    for value in VALUES:
+        for kind in ("context_controlled", "non_context_controlled"):
+            pairs = D.paper_pairs(paper_data, value, kind)
+            assert len(pairs) == 100 and all(p.value == value and p.positive and p.negative for p in pairs)
+        assert len(D.paper_prompts(paper_data, value)) == 100
+
+
+def test_paper_loader_accepts_the_other_spellings(paper_data, tmp_path):
+    (tmp_path / "power_hard.csv").write_bytes((paper_data / "power_context_controlled.csv").read_bytes())
+    (tmp_path / "power_easy.csv").write_bytes((paper_data / "power_non_context_controlled.csv").read_bytes())
+    assert len(D.paper_pairs(tmp_path, "power")) == 100
+    assert len(D.paper_pairs(tmp_path, "power", "non_context_controlled")) == 100
+
+
+@pytest.mark.parametrize(
+    "content, row, field",
+    [
+        ('question_1,question_2\n"a","b"\n"c",""\n', 2, "question_2"),
+        ('question_1,question_2\n"a","b"\n"c"\n', 2, None),
+        (b'question_1,question_2\n"a","b"\n"\xff\xfe","d"\n', 2, None),
+        ('question_1,other\n"a","b"\n', 1, "question_2"),
+    ],
+)
+def test_malformed_csv_names_file_row_and_field(tmp_path, content, row, field):
+    path = tmp_path / "power_context_controlled.csv"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(D.DataError) as err:
+        D.load_pairs(path)
+    assert err.value.file == str(path) and err.value.row == row and err.value.field == field
+    assert str(path) in str(err.value) and f"row {row}" in str(err.value)
+
+
+def test_project_schema_jsonl_csv_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"value": "power", "positive": "I lead.", "negative": "I follow."}] * 3
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    (tmp_path / "p.csv").write_text("value,positive,negative\n" + "power,I lead.,I follow.\n" * 3)
+    for name in ("p.jsonl", "p.parquet", "p.csv"):
+        assert [p.positive for p in D.load_pairs(tmp_path / name)] == ["I lead."] * 3
+    (tmp_path / "bad.jsonl").write_text('{"value": "power", "positive": "x", "negative": "y"}\n{"value": "greed", '
+                                        '"positive": "x", "negative": "y"}\n')
+    with pytest.raises(D.DataError, match=r"bad.jsonl, row 2, field 'value'"):
+        D.load_pairs(tmp_path / "bad.jsonl")
+    (tmp_path / "q.jsonl").write_text('{"value": "power", "prompt": "Should I?"}\n{"prompt": 5}\n')
+    with pytest.raises(D.DataError, match=r"row 2, field 'prompt': expected text"):
+        D.load_prompts(tmp_path / "q.jsonl")
+
+
+def test_demo_data_is_complete():
+    for value in VALUES:
+        assert len(D.demo_pairs(value)) >= 40
+        assert len(D.demo_prompts(value)) >= 20
+        assert len(D.demo_answers(value)) >= 20
+    assert len(D.demo_neutral()) >= 150
+    assert all(p.value is None for p in D.demo_neutral())
+
+
+# ---------------------------------------------------------------- probes and gates
+
+
+def _planted(n=20000, d=32, seed=0):
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=d)
+    direction /= np.linalg.norm(direction)
+    labels = np.repeat([1, 0], n // 2)
+    x = rng.normal(size=(n, d)) + np.outer(np.where(labels == 1, 1.5, -1.5), direction)
+    return x.astype(np.float32), labels, direction
+
+
+def test_probe_recovers_planted_direction():
+    x, labels, direction = _planted()
+    groups = np.tile(np.arange(len(labels) // 2), 2)
+    fit = fit_probes(lambda l: x * (l + 1), labels, groups, layers=[0, 1, 2])
+    for w in fit.w:
+        assert float(w @ direction / np.linalg.norm(w)) > 0.99
+    assert fit.test_acc.min() > 0.9 and fit.b.shape == (3,)
+    # By-pair split: both texts of a pair fall on the same side.
+    from conva.probes import split_indices
+
+    train, test = split_indices(labels, groups, ProbeSettings())
+    assert set(groups[train]).isdisjoint(groups[test]) and len(test) == 6000
+
+
+def test_band_choice_and_presets():
+    x, labels, _ = _planted()
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=x.shape).astype(np.float32)
+    fit = fit_probes(lambda l: x if 3 <= l <= 5 else noise, labels, np.arange(len(labels)), layers=range(8))
+    assert choose_band(fit, 3) == (3, 4, 5)
+    assert parse_band("qwen2.5-7b", 28) == tuple(range(8, 24))
+    assert parse_band("2-4", 8) == (2, 3, 4) and parse_band("auto", 8) is None
+    with pytest.raises(ValueError, match="does not fit"):
+        parse_band("10-40", 32)
+
+
+def test_gate_calibration_meets_precision_target():
+    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9, 0.95])
+    labels = np.array([0, 0, 1, 0, 1, 1, 1, 1])
+    t = calibrate_threshold(scores, labels, "precision", 1.0)
+    assert t == 0.7  # the lowest threshold with no false positive
+    assert calibrate_threshold(scores, labels, "recall", 1.0) == 0.3
+    x, y, _ = _planted(seed=3)
+    gate = fit_probe_gate(lambda l: x, y, [0, 1], target="precision", target_value=0.95)
+    assert gate.kind == "probe" and gate.heldout["precision"] >= 0.95 and gate.layer == 1
+
+
+# ---------------------------------------------------------------- bundles
+
+
+@pytest.fixture()
+def saved_bundle(tiny_bundles, tmp_path) -> Path:
+    return save_bundle(tiny_bundles[0], tmp_path / "power")
+
+
+def test_bundle_round_trip(tiny_bundles, saved_bundle):
+    original = tiny_bundles[0]
+    loaded = load_bundle(saved_bundle, fingerprint=original.fingerprint, hidden_size=original.hidden_size)
+    for name in ("w", "b", "layers", "caa", "test_acc"):
+        assert np.array_equal(getattr(loaded, name), getattr(original, name))
+    assert loaded.band == original.band and loaded.gate.layer == original.gate.layer
+    assert np.array_equal(loaded.gate.w, original.gate.w) and loaded.gate.threshold == original.gate.threshold
+    assert not list(saved_bundle.glob("*.pkl")) and not list(saved_bundle.glob("*.bin"))
+
+
+def test_bundle_for_another_model_is_refused(saved_bundle):
+    with pytest.raises(BundleError, match="not for the loaded model"):
+        load_bundle(saved_bundle, fingerprint="0" * 16)
+    with pytest.raises(BundleError, match="hidden size"):
+        load_bundle(saved_bundle, hidden_size=999)
+
+
+@pytest.mark.parametrize("tamper", ["nan", "shape", "values"])
+def test_tampered_bundle_is_refused(saved_bundle, tamper):
+    tensors = load_file(str(saved_bundle / "vectors.safetensors"))
+    if tamper == "nan":
+        tensors["w"][0, 0] = np.nan
+    elif tamper == "shape":
+        tensors["b"] = tensors["b"][:-1]
+    else:
+        tensors["w"][0, 0] += 1.0
+    save_file(tensors, str(saved_bundle / "vectors.safetensors"))
+    message = {"nan": "NaN or infinite", "shape": "shape", "values": "does not match the hash"}[tamper]
+    with pytest.raises(BundleError, match=message):
+        load_bundle(saved_bundle)
+
+
+# ---------------------------------------------------------------- blocks and config
+
+
+def test_find_blocks_across_architectures(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from conva.tiny import make_tiny_model
+
+    for arch in ("qwen2", "gpt2"):
+        model = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / arch, arch=arch))
+        assert len(find_blocks(model)) == 4
+    import torch
+
+    with pytest.raises(ValueError, match="cannot locate the decoder blocks of Linear"):
+        find_blocks(torch.nn.Linear(2, 2))
+
+
+def test_config_overrides_and_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[steer]\np0 = 0.9\n[data]\nvalues = ["power"]\n')
+    cfg = load_config(path, ["--steer.max_new_tokens=7", "--fit.band=3-5"])
+    assert cfg.steer.p0 == 0.9 and cfg.steer.max_new_tokens == 7 and cfg.data.values == ("power",)
+    for override, key in [("--steer.p00=1", "steer.p00"), ("--steer.p0=1.5", "steer.p0"),
+                          ("--steer.method=magic", "steer.method"), ("--data.values=[\"greed\"]", "data.values"),
+                          ("--steer.max_new_tokens=ten", "steer.max_new_tokens")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(path, [override])
+    yaml_path = tmp_path / "c.yaml"
+    yaml_path.write_text("steer:\n  p0: 0.8\n")
+    assert load_config(yaml_path).steer.p0 == 0.8

@@ -1,0 +1,179 @@
+"""Exact steering math on a tiny random Llama: ε closed form, single pass = reference, batching, gates, hooks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conva.blocks import block_hooks, find_blocks
+from conva.steer import SteerSpec, generate, steer_logits
+
+PROMPTS = [
+    "Should I take the job abroad even though my family wants me to stay?",
+    "What is the capital of France?",
+    "Is it right to break a rule to help a friend?",
+    "Write a short poem about the sea.",
+    "Should I spend my savings on a long trip?",
+    "How many legs does a spider have?",
+]
+
+
+def _hooks_left(model) -> int:
+    mods = [model, *find_blocks(model)]
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in mods)
+
+
+def _mixed_specs(bundle, other, closed_gate):
+    """Steered (two values, two P0), gate closed, unsteered, CAA and text-only rows in one batch."""
+    return [
+        SteerSpec("conva", bundle, p0=0.99),
+        SteerSpec("none"),
+        SteerSpec("conva", closed_gate, p0=0.99),
+        SteerSpec("conva", other, p0=0.9),
+        SteerSpec("caa", bundle, strength=3.0),
+        SteerSpec("conva_nogate", other, p0=0.999),
+    ]
+
+
+def _states(model, tok, prompts, specs, layers):
+    """Block outputs at the last prompt token before and after the steering add, read independently."""
+    blocks = find_blocks(model)
+    before: dict[int, torch.Tensor] = {}
+    after: dict[int, torch.Tensor] = {}
+    handles = []
+    for l in layers:
+        nxt = blocks[l + 1] if l + 1 < len(blocks) else model.model.norm
+        handles.append(nxt.register_forward_pre_hook(
+            lambda _m, args, l=l: after.__setitem__(l, args[0][:, -1].float().clone())))
+    try:
+        # Registered before the steering hooks, so it sees block l's output before the add at l.
+        with block_hooks(model, {l: (lambda i, h: before.__setitem__(i, h[:, -1].float().clone())) for l in layers}):
+            _, rows = steer_logits(model, tok, prompts, specs)
+    finally:
+        for h in handles:
+            h.remove()
+    return before, after, rows
+
+
+def _prob(bundle, layer, e):
+    r = bundle.rows((layer,))[0]
+    w, b = torch.from_numpy(bundle.w[r]).double(), float(bundle.b[r])
+    return torch.sigmoid(e.double() @ w + b)
+
+
+def test_epsilon_lifts_probe_exactly_to_p0(tiny, tiny_bundles):
+    model, tok = tiny
+    bundle, other, closed = tiny_bundles
+    specs = _mixed_specs(bundle, other, closed)
+    layers = sorted({l for s in specs for l in s.layers()})
+    before, after, rows = _states(model, tok, PROMPTS, specs, layers)
+    checked = 0
+    for i, (spec, row) in enumerate(zip(specs, rows)):
+        if spec.method not in ("conva", "conva_nogate"):
+            continue
+        for l, eps in zip(spec.layers(), row.eps):
+            p_before = float(_prob(spec.bundle, l, before[l][i]))
+            p_after = float(_prob(spec.bundle, l, after[l][i]))
+            expected = max(spec.target(), p_before) if row.gate_open else p_before
+            assert p_after == pytest.approx(expected, abs=1e-4), (i, l)
+            # The closed form: ε = max(0, (logit P0 − b − wᵀe)/‖w‖).
+            r = spec.bundle.rows((l,))[0]
+            w = spec.bundle.w[r].astype(np.float64)
+            z = float(before[l][i].double() @ torch.from_numpy(w)) + float(spec.bundle.b[r])
+            s0 = math.log(spec.target() / (1 - spec.target()))
+            closed_form = max(0.0, (s0 - z) / np.linalg.norm(w)) if row.gate_open else 0.0
+            assert eps == pytest.approx(closed_form, rel=1e-4, abs=1e-5)
+            checked += 1
+    assert checked >= 3 * len(bundle.band)
+    assert any(e > 0 for r in rows for e in r.eps), "the test must exercise a non-zero step"
+    assert rows[2].gate_open is False and all(e == 0 for e in rows[2].eps)
+
+
+def test_single_pass_equals_reference(tiny, tiny_bundles):
+    model, tok = tiny
+    bundle, other, closed = tiny_bundles
+    specs = _mixed_specs(bundle, other, closed)
+    ours = generate(model, tok, PROMPTS, specs, max_new_tokens=12)
+    ref = generate(model, tok, PROMPTS, specs, max_new_tokens=12, mode="reference")
+    for a, b in zip(ours, ref):
+        assert a.layers == b.layers and a.gate_open == b.gate_open
+        np.testing.assert_allclose(a.eps, b.eps, atol=1e-4, rtol=1e-4)
+        assert a.tokens == b.tokens
+
+
+def test_batched_equals_one_at_a_time(tiny, tiny_bundles):
+    model, tok = tiny
+    specs = _mixed_specs(*tiny_bundles)
+    batched = generate(model, tok, PROMPTS, specs, max_new_tokens=10, batch_size=len(PROMPTS))
+    for p, s, b in zip(PROMPTS, specs, batched):
+        (single,) = generate(model, tok, [p], [s], max_new_tokens=10)
+        np.testing.assert_allclose(single.eps, b.eps, atol=1e-4, rtol=1e-4)
+        assert single.tokens == b.tokens and single.gate_open == b.gate_open
+
+
+def test_gated_off_and_unsteered_rows_are_bit_identical(tiny, tiny_bundles):
+    model, tok = tiny
+    specs = _mixed_specs(*tiny_bundles)
+    steered, rows = steer_logits(model, tok, PROMPTS, specs)
+    plain, _ = steer_logits(model, tok, PROMPTS, [SteerSpec("none")] * len(PROMPTS))
+    untouched = [i for i, r in enumerate(rows) if not any(r.eps)]
+    assert 1 in untouched and 2 in untouched  # the unsteered row and the closed-gate row
+    for i in range(len(PROMPTS)):
+        same = torch.equal(steered[i], plain[i])
+        assert same == (i in untouched), i
+
+
+def test_steered_generation_differs_from_plain(tiny, tiny_bundles):
+    model, tok = tiny
+    bundle = tiny_bundles[0]
+    strong = SteerSpec("probe_fixed", bundle, strength=50.0)
+    (a,) = generate(model, tok, PROMPTS[:1], [strong], max_new_tokens=8)
+    (b,) = generate(model, tok, PROMPTS[:1], [SteerSpec("none")], max_new_tokens=8)
+    assert a.tokens != b.tokens
+
+
+def test_positions_and_per_token_modes(tiny, tiny_bundles):
+    model, tok = tiny
+    spec = [SteerSpec("conva_nogate", tiny_bundles[0], p0=0.999)]
+    base = generate(model, tok, PROMPTS[:1], spec, max_new_tokens=8)[0]
+    gen_only = generate(model, tok, PROMPTS[:1], spec, max_new_tokens=8, positions="generated")[0]
+    per_token = generate(model, tok, PROMPTS[:1], spec, max_new_tokens=8, epsilon="per_token")[0]
+    # At the first steered layer no earlier steering exists, so the prefill ε agrees in every mode.
+    assert gen_only.eps[0] == pytest.approx(base.eps[0], rel=1e-5)
+    assert per_token.eps != () and len(per_token.tokens) > 0
+    with pytest.raises(ValueError, match="reference"):
+        generate(model, tok, PROMPTS[:1], spec, mode="reference", positions="generated")
+
+
+def test_no_hook_left_after_calls_even_on_error(tiny, tiny_bundles, monkeypatch):
+    model, tok = tiny
+    specs = _mixed_specs(*tiny_bundles)
+    generate(model, tok, PROMPTS, specs, max_new_tokens=2)
+    steer_logits(model, tok, PROMPTS, specs)
+    assert _hooks_left(model) == 0
+
+    def boom(*_a, **_k):
+        raise RuntimeError("engine failure")
+
+    monkeypatch.setattr(model, "generate", boom)
+    with pytest.raises(RuntimeError, match="engine failure"):
+        generate(model, tok, PROMPTS, specs, max_new_tokens=2)
+    assert _hooks_left(model) == 0
+
+
+def test_bad_specs_are_refused(tiny, tiny_bundles):
+    model, tok = tiny
+    bundle = tiny_bundles[0]
+    with pytest.raises(ValueError, match="P0"):
+        SteerSpec("conva", bundle, p0=1.0)
+    with pytest.raises(ValueError, match="needs a value bundle"):
+        SteerSpec("caa")
+    late_gate = replace(bundle, gate=replace(bundle.gate, layer=max(bundle.band)))
+    with pytest.raises(ValueError, match="gate layer"):
+        steer_logits(model, tok, PROMPTS[:1], [SteerSpec("conva", late_gate)])
+    with pytest.raises(ValueError, match="out of range"):
+        steer_logits(model, tok, PROMPTS[:1], [SteerSpec("conva", bundle, band=(9,))])
