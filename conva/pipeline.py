@@ -10,9 +10,10 @@ Schemas (version :data:`SCHEMA_VERSION`; documented in the README):
 * extraction input: ``row_id, dataset, value, label, group, text, chat_template``
 * activations: ``row_id, dataset, value, label, group, text_hash, layer, position, activation
   (fixed-size list<float32>), error`` — one row per (text, layer)
-* steering input: ``row_id, value, prompt, error``
+* steering input: ``row_id, value, prompt, error`` and optionally per-row ``method, p0, strength,
+  setting, band`` overriding ``[steer]`` (:data:`ROW_OVERRIDES`)
 * generations: ``row_id, prompt, output, n_prompt_tokens, n_output_tokens, model, value, method, setting,
-  p0, gate_score, gate_open, layers, eps, p_before, p_after, error`` — one row per input row
+  p0, strength, gate_score, gate_open, layers, eps, p_before, p_after, error`` — one row per input row
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from conva.steer import RowResult, SteerSpec, generate
 __all__ = [
     "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
     "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source",
+    "row_spec", "ROW_OVERRIDES",
 ]
 
 SCHEMA_VERSION = 1
@@ -50,7 +52,7 @@ GENERATION_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("prompt", pa.string()), ("output", pa.string()),
     ("n_prompt_tokens", pa.int32()), ("n_output_tokens", pa.int32()), ("model", pa.string()),
     ("value", pa.string()), ("method", pa.string()), ("setting", pa.string()), ("p0", pa.float64()),
-    ("gate_score", pa.float64()), ("gate_open", pa.bool_()), ("layers", pa.list_(pa.int32())),
+    ("strength", pa.float64()), ("gate_score", pa.float64()), ("gate_open", pa.bool_()), ("layers", pa.list_(pa.int32())),
     ("eps", pa.list_(pa.float64())), ("p_before", pa.list_(pa.float64())), ("p_after", pa.list_(pa.float64())),
     ("error", pa.string()),
 ])
@@ -215,11 +217,18 @@ def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) 
     return None
 
 
-def _spec(cfg: Config, bundle: ValueBundle | None) -> SteerSpec:
-    s = cfg.steer
-    if bundle is None or s.method == "none":
-        return SteerSpec("none", bundle, setting=s.setting) if bundle else SteerSpec("none")
-    return SteerSpec(s.method, bundle, p0=s.p0, strength=s.strength, setting=s.setting)
+# Optional per-row columns of the steering input that override ``[steer]`` (a study mixes cells in one batch).
+ROW_OVERRIDES = ("method", "p0", "strength", "setting", "band")
+
+
+def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
+    """The steering spec of one input row: ``[steer]`` settings, overridden by the row's own columns."""
+    s = {k: getattr(cfg.steer, k, None) for k in ROW_OVERRIDES}
+    s.update({k: row[k] for k in ROW_OVERRIDES if row.get(k) is not None})
+    band = tuple(s["band"]) if s["band"] else None
+    if bundle is None or s["method"] == "none":
+        return SteerSpec("none", bundle, setting=s["setting"]) if bundle else SteerSpec("none")
+    return SteerSpec(s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"])
 
 
 def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg: Config, model_name: str) -> pa.Table:
@@ -232,12 +241,12 @@ def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg
         missing = sorted({r["value"] for r in records if r["value"] not in bundles})
         raise ValueError(f"no bundle for value(s) {missing}")
     good = [i for i, e in enumerate(errors) if e is None]
-    specs = [_spec(cfg, bundles.get(records[i]["value"])) for i in good]
+    specs = [row_spec(cfg, bundles.get(records[i]["value"]), records[i]) for i in good]
     results = generate(model, tok, [records[i]["prompt"] for i in good], specs, max_new_tokens=s.max_new_tokens,
                        chat_template=s.chat_template, positions=s.positions, epsilon=s.epsilon, mode=s.mode,
                        batch_size=s.batch_size) if good else []
     by_row: dict[int, tuple[RowResult, SteerSpec]] = dict(zip(good, zip(results, specs)))
-    out = [_generation_row(r, by_row.get(i), errors[i], model_name, s.setting) for i, r in enumerate(records)]
+    out = [_generation_row(r, by_row.get(i), errors[i], model_name) for i, r in enumerate(records)]
     return pa.Table.from_pylist(out, schema=GENERATION_SCHEMA)
 
 
@@ -245,14 +254,15 @@ def _max_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
 
 
-def _generation_row(rec: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None, model: str,
-                    setting: str) -> dict:
+def _generation_row(rec: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None, model: str) -> dict:
     row = dict(row_id=rec["row_id"], prompt=rec["prompt"], output=None, n_prompt_tokens=None, n_output_tokens=None,
-               model=model, value=rec["value"], method=None, setting=setting, p0=None, gate_score=None,
+               model=model, value=rec["value"], method=rec.get("method"), setting=rec.get("setting"), p0=rec.get("p0"),
+               strength=None, gate_score=None,
                gate_open=None, layers=None, eps=None, p_before=None, p_after=None, error=error)
     if done is not None:
         res, spec = done
         row.update(output=res.text, n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=len(res.tokens),
-                   method=spec.method, p0=spec.target(), gate_score=res.gate_score, gate_open=res.gate_open,
+                   method=spec.method, setting=spec.setting, p0=spec.target(),
+                   strength=spec.strength if spec.method in ("caa", "probe_fixed") else None, gate_score=res.gate_score, gate_open=res.gate_open,
                    layers=list(res.layers), eps=list(res.eps), p_before=list(res.p_before), p_after=list(res.p_after))
     return row

@@ -203,3 +203,62 @@ def test_config_overrides_and_errors(tmp_path):
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("steer:\n  p0: 0.8\n")
     assert load_config(yaml_path).steer.p0 == 0.8
+
+
+def test_external_gate_scores_a_classifier(tmp_path, tiny):
+    """An HF sequence classifier as the gate: scores are its softmax on the mapped labels."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from conva.gates import Gate, external_scores
+    from conva.steer import SteerSpec, steer_logits
+
+    model, tok = tiny
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=3, pad_token_id=tok.pad_token_id,
+                      id2label={0: "Power", 1: "Achievement", 2: "Other"}, label2id={"Power": 0, "Achievement": 1, "Other": 2})
+    torch.manual_seed(0)
+    clf = LlamaForSequenceClassification(cfg).eval()
+    clf.save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    texts = ["Should I lead the team?", "What is two plus two?"]
+    gate = Gate("external", 0.0, model=str(tmp_path / "clf"), labels=("Power", "Achievement"))
+    scores = external_scores(gate, texts)
+    with torch.no_grad():
+        expected = [torch.softmax(clf(**tok([t], return_tensors="pt")).logits, -1)[0, :2].max().item() for t in texts]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="not labels of"):
+        external_scores(replace(gate, labels=("Greed",)), texts)
+    # In steering, the external score decides per row: a threshold between the two scores opens one.
+    bundle = replace(tiny_bundles_power(tiny), gate=replace(gate, threshold=float(np.mean(scores))))
+    _, rows = steer_logits(model, tok, texts, [SteerSpec("conva", bundle)] * 2)
+    assert [r.gate_open for r in rows] == list(scores >= np.mean(scores))
+    assert [r.gate_score for r in rows] == pytest.approx(list(scores), rel=1e-5)
+
+
+def tiny_bundles_power(tiny):
+    """A minimal hand-made bundle for the tiny model (random unit probes on layers 1–3)."""
+    from conva.bundle import ValueBundle
+    from conva.models import model_fingerprint
+
+    model, _ = tiny
+    d, rng = model.config.hidden_size, np.random.default_rng(0)
+    w = rng.normal(size=(4, d)).astype(np.float32)
+    return ValueBundle("power", "tiny", model_fingerprint(model), d, 4, np.arange(4), w, np.zeros(4, np.float32),
+                       np.ones(4, np.float32), np.ones(4, np.float32), w.copy(), (1, 2, 3), 0.9)
+
+
+def test_mean_pooling_matches_hidden_states(tiny):
+    import torch
+
+    from conva.record import record_activations
+
+    model, tok = tiny
+    texts = ["A short one.", "A somewhat longer sentence about the sea and the sky."]
+    acts = record_activations(model, tok, texts, [0, 2], position="mean")
+    for i, text in enumerate(texts):
+        with torch.no_grad():
+            hs = model(**tok([text], return_tensors="pt"), output_hidden_states=True).hidden_states
+        np.testing.assert_allclose(acts[i, 0], hs[1][0].mean(0).numpy(), atol=1e-5)
+        # hidden_states[l + 1] is block l's output, except the last entry, which HF takes after the final norm.
+        np.testing.assert_allclose(acts[i, 1], hs[3][0].mean(0).numpy(), atol=1e-5)

