@@ -144,19 +144,28 @@ class _Plan:
     open: torch.Tensor  # [B] bool: starts True; probe gates set it during the prefill
     gate_score: torch.Tensor  # [B] float (NaN where no gate)
 
+    @classmethod
+    def empty(cls, layers: list[int], rows: int, hidden: int) -> "_Plan":
+        """A plan that steers nothing: zero directions and scales, every gate open."""
+        B, U = rows, len(layers)
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float32)
+
+        return cls(layers=layers, dirs=zeros(B, U, hidden), w=zeros(B, U, hidden), b=zeros(B, U),
+                   wnorm=torch.ones(B, U), compute=torch.zeros(B, U, dtype=torch.bool), fixed=zeros(B, U),
+                   s0=zeros(B), has_probe=torch.zeros(B, U, dtype=torch.bool), gate_layer=[None] * B,
+                   gate_w=zeros(B, hidden), gate_b=zeros(B), gate_thr=zeros(B), open=torch.ones(B, dtype=torch.bool),
+                   gate_score=torch.full((B,), float("nan")))
+
 
 def _plan(specs: Sequence[SteerSpec], texts: Sequence[str], hidden: int, n_blocks: int) -> _Plan:
     layers = sorted({l for s in specs for l in s.layers()})
     bad = [l for l in layers if not 0 <= l < n_blocks]
     if bad:
         raise ValueError(f"steered layer(s) {bad} out of range for a model of {n_blocks} blocks")
-    B, U, col = len(specs), len(layers), {l: j for j, l in enumerate(layers)}
-    f32 = dict(dtype=torch.float32)
-    p = _Plan(layers, torch.zeros(B, U, hidden, **f32), torch.zeros(B, U, hidden, **f32), torch.zeros(B, U, **f32),
-              torch.ones(B, U, **f32), torch.zeros(B, U, dtype=torch.bool), torch.zeros(B, U, **f32),
-              torch.zeros(B, **f32), torch.zeros(B, U, dtype=torch.bool), [None] * B, torch.zeros(B, hidden, **f32),
-              torch.zeros(B, **f32), torch.zeros(B, **f32), torch.ones(B, dtype=torch.bool),
-              torch.full((B,), float("nan"), **f32))
+    col = {l: j for j, l in enumerate(layers)}
+    p = _Plan.empty(layers, len(specs), hidden)
     for i, spec in enumerate(specs):
         if spec.bundle is None or not spec.layers():
             continue
