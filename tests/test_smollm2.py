@@ -68,5 +68,7 @@ def test_smollm2_single_pass_equals_reference(smol, smol_bundle):
         assert a.gate_open == b.gate_open
         np.testing.assert_allclose(a.eps, b.eps, atol=1e-4, rtol=1e-4)
         assert a.tokens == b.tokens
-    plain = generate(model, tok, PROMPTS[2:3], [SteerSpec("none")], max_new_tokens=16)[0]
-    assert ours[2].tokens != plain.tokens, "steering at P0=0.999 must change SmolLM2's answer"
+    plain = generate(model, tok, PROMPTS, [SteerSpec("none")] * len(PROMPTS), max_new_tokens=16)
+    assert plain[1].tokens == ours[1].tokens
+    changed = [i for i, r in enumerate(ours) if any(r.eps) and r.tokens != plain[i].tokens]
+    assert changed, "steering must change some of SmolLM2's answers"
