@@ -44,7 +44,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 __all__ = ["ShardRecord", "Manifest", "Stage", "StoreError", "ConfigMismatchError", "OutputNotWritableError",
-           "open_stage", "check_writable", "check_name", "config_hash", "diff_keys", "shard_ranges"]
+           "open_stage", "stage_mismatch", "check_writable", "check_name", "config_hash", "diff_keys", "shard_ranges"]
 
 _log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -152,6 +152,20 @@ def check_writable(out_dir: str | os.PathLike) -> Path:
     return path
 
 
+def stage_mismatch(out_dir: str | os.PathLike, stage: str, config: dict, schema_version: int, *,
+                   ignore_keys: Iterable[str] = ()) -> list[str]:
+    """The keys that would make :func:`open_stage` refuse ``<out_dir>/<stage>`` (empty if none); writes nothing.
+
+    Lets a job check every stage it will write before it touches any of them.
+    """
+    stage_dir = Path(out_dir).expanduser().resolve() / check_name(stage, "stage name")
+    old = _load_manifest(stage_dir) if stage_dir.is_dir() else None
+    if old is None:
+        return []
+    ignore = tuple(sorted({*ignore_keys, *old.ignore_keys}))
+    return _mismatch(old, Manifest(stage, schema_version, "", _normalize(config), ignore))
+
+
 def open_stage(out_dir: str | os.PathLike, stage: str, config: dict, schema_version: int, *,
                overwrite: bool = False, ignore_keys: Iterable[str] = ()) -> Stage:
     """Open (creating if needed) ``<out_dir>/<stage>`` for committing shards, resuming what is there.
@@ -182,7 +196,8 @@ def open_stage(out_dir: str | os.PathLike, stage: str, config: dict, schema_vers
             path.unlink(missing_ok=True)
         old = None
     manifest = _reconcile(stage_dir, replace(fresh, shards=old.shards if old else ()))
-    _save_manifest(stage_dir, manifest)
+    if manifest != _load_manifest(stage_dir):  # a finished stage reopened stays byte- and mtime-identical
+        _save_manifest(stage_dir, manifest)
     return Stage(stage_dir, manifest)
 
 

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import LLM
 
-__all__ = ["SUPPORTED_VLLM", "EngineSettings", "check_vllm_version", "VLLMSteerer", "generate_vllm"]
+__all__ = ["SUPPORTED_VLLM", "EngineSettings", "check_vllm_version", "engine_kwargs", "VLLMSteerer", "generate_vllm"]
 
 SUPPORTED_VLLM = ("0.32",)
 
@@ -82,7 +82,8 @@ class EngineSettings:
     seed: int = 0
 
 
-def _engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str, Any]:
+def engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments of a steering engine (a plain engine built from them is its reference)."""
     return dict(
         model=path, tokenizer=path, dtype=settings.dtype, enforce_eager=settings.enforce_eager,
         max_num_seqs=settings.max_num_seqs, max_model_len=max_len, max_num_batched_tokens=max(max_len, 2048),
@@ -138,7 +139,7 @@ class VLLMSteerer:
         self.hidden, self.n_blocks = config.hidden_size, config.num_hidden_layers
         self.max_len = min(getattr(config, "max_position_embeddings", 4096), 4096) \
             if settings.max_model_len is None else settings.max_model_len
-        kwargs = _engine_kwargs(self.path, settings, self.max_len)
+        kwargs = engine_kwargs(self.path, settings, self.max_len)
         self.state = EngineState(
             _active_layers(bundles, layers), self.hidden, n_specs=settings.max_specs,
             n_slots=2 * settings.max_num_seqs, n_tokens=kwargs["max_num_batched_tokens"], record=settings.record,
@@ -217,9 +218,11 @@ class VLLMSteerer:
         string = format_prompt(self.tokenizer, text, chat_template)
         # Same tokens as conva.record.tokenize: the chat template already holds the special tokens.
         ids = self.tokenizer(string, add_special_tokens=not chat_template)["input_ids"]
-        if len(ids) > self.budget:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds the engine's step budget ({self.budget}): "
-                             "steering needs the whole prompt in one step (raise max_model_len)")
+        limit = min(self.budget, self.max_len - 1)
+        if len(ids) > limit:
+            raise ValueError(f"prompt of {len(ids)} tokens exceeds what the engine takes in one step ({limit}): "
+                             "steering reads ε at the last prompt token, so the whole prompt must be one "
+                             "prefill (raise max_model_len)")
         return ids
 
     def _params(self, spec: SteerSpec, tag: str, gate: tuple[float, bool] | None, max_new_tokens: int,

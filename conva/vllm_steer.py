@@ -135,6 +135,10 @@ class EngineState:
         self._step_slots: list[tuple[int, _Request]] = []
         self.telemetry: dict[str, Telemetry] = {}
         self.bound = False
+        # Without CUDA graphs the op runs as Python every step and may skip work the host knows is
+        # not needed; a captured graph replays whatever ran at capture, so there it always does all.
+        self.host_skips = self.device.type == "cpu"
+        self._any_comp = self._any_steer = False
         _STATES[self.id] = self
 
     # -- tables ---------------------------------------------------------------------------------
@@ -186,9 +190,11 @@ class EngineState:
             self.s_row[req.slot] = 0
             self._free.append(req.slot)
 
-    def fill(self, runner: Any, scheduler_output: Any, num_scheduled: np.ndarray) -> None:
+    def fill(self, runner: Any, num_scheduled: np.ndarray) -> None:
         """Fill the per-step buffers from the runner's batch (called after ``_prepare_inputs``)."""
-        for req_id in scheduler_output.finished_req_ids:
+        # Free the slots of requests the runner no longer holds (finished or aborted). Sweeping is
+        # sturdier than finished_req_ids, which an idle engine may deliver in a step without inputs.
+        for req_id in [r for r in self._alive if r not in runner.requests]:
             self._release(req_id)
         batch, n = runner.input_batch, runner.input_batch.num_reqs
         total = int(num_scheduled[:n].sum())
@@ -214,6 +220,7 @@ class EngineState:
         self.s_tok.copy_(torch.from_numpy(s_tok))
         self.s_first.copy_(torch.from_numpy(s_first))
         self.s_comp.copy_(torch.from_numpy(s_comp))
+        self._any_comp, self._any_steer = bool(s_comp.any()), bool(t_on[t_slot > 0].any())
 
     def _place(self, req: _Request, n_prompt: int, done: int, k: int, start: int, t_slot: np.ndarray,
                t_on: np.ndarray, s_tok: np.ndarray, s_first: np.ndarray, s_comp: np.ndarray) -> None:
@@ -241,6 +248,7 @@ class EngineState:
         self.s_first.zero_()
         self.s_comp.zero_()
         self.t_slot.zero_()
+        self._any_comp = self._any_steer = False
         if not self._step_slots:
             return
         slots = torch.tensor([s for s, _ in self._step_slots], device=self.device)
@@ -263,6 +271,8 @@ class EngineState:
         T = hidden.shape[0]
         if T > self.n_tokens:
             raise RuntimeError(f"a step of {T} tokens exceeds the steering buffers ({self.n_tokens})")
+        if self.host_skips and not self._any_comp:
+            return self._apply(hidden, col)  # e.g. frozen-ε decode steps: ε is already stored
         row = self.s_row
         h_s, r_s = hidden.index_select(0, self.s_tok), residual.index_select(0, self.s_tok)
         e = (h_s + r_s).float()  # [S, d] the residual stream at each slot's driving token
@@ -291,6 +301,8 @@ class EngineState:
 
     def _apply(self, hidden: torch.Tensor, col: int) -> torch.Tensor:
         T = hidden.shape[0]
+        if self.host_skips and not self._any_steer:
+            return hidden.clone()  # an op's output may not alias its input
         t_slot = self.t_slot[:T]
         scale = self.eps[:, col].index_select(0, t_slot) * self.t_on[:T]
         dirs = self.dirs[col].index_select(0, self.s_row.index_select(0, t_slot))
@@ -343,7 +355,7 @@ def _wrap_prepare_inputs(orig: Any) -> Any:
         out = orig(self, scheduler_output, num_scheduled_tokens, *a, **k)
         state = getattr(self, "_conva_state", None)
         if state is not None:
-            state.fill(self, scheduler_output, num_scheduled_tokens)
+            state.fill(self, num_scheduled_tokens)
         return out
 
     _prepare_inputs._conva_wrapped = True  # type: ignore[attr-defined]

@@ -79,6 +79,7 @@ def write_config(cfg: Config, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".config-")
     with os.fdopen(fd, "w") as fh:
         json.dump(config_dict(cfg), fh, indent=1, sort_keys=True)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; it is an ordinary output file
     os.replace(tmp, out / "config.json")
 
 
@@ -92,12 +93,24 @@ def connect_ray(cfg: Config) -> None:
         ray.init(logging_level=logging.WARNING)
         _log.info("joined Ray cluster at %s: %s", os.environ["RAY_ADDRESS"], ray.cluster_resources())
     else:
+        _loopback_only()
         # Loopback only, no dashboard; workers import this checkout's packages through PYTHONPATH.
         path = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
                  logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
         _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
     _check_resources(cfg)
+
+
+def _loopback_only() -> None:
+    """Make the embedded Ray bind 127.0.0.1 even if ray was imported before ``jobs`` set its environment."""
+    from ray._private import ray_constants
+
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; with it on, its servers listen on all
+    # interfaces whatever node address they are given. jobs/__init__ sets the variable before that import
+    # in the normal case; this covers a caller that imported ray first.
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _check_resources(cfg: Config) -> None:

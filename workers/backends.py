@@ -25,7 +25,7 @@ from conva.config import Config
 from conva.models import load_model, model_fingerprint, model_name
 from conva.pipeline import steer_table
 
-__all__ = ["Steerer", "HFSteerer", "BACKENDS", "register_backend", "make_steerer"]
+__all__ = ["Steerer", "HFSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
 
 
 class Steerer(Protocol):
@@ -75,8 +75,15 @@ class HFSteerer:
 register_backend("hf")(HFSteerer)
 
 
-@register_backend("vllm")
-def _vllm(cfg: Config) -> Steerer:
+def check_backend(name: str) -> None:
+    """Raise if backend ``name`` cannot be built here (without loading any model): for pre-flight checks."""
+    if name not in BACKENDS:
+        raise ValueError(f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")
+    if name == "vllm":
+        _vllm_class()
+
+
+def _vllm_class() -> type:
     try:
         module = importlib.import_module("conva.vllm_backend")
     except ModuleNotFoundError as err:
@@ -85,6 +92,11 @@ def _vllm(cfg: Config) -> Steerer:
         module = None
     steerer = getattr(module, "VLLMSteerer", None)
     if steerer is None:
-        raise NotImplementedError("steer.backend = 'vllm' is not available yet: conva.vllm_backend does not "
-                                  "expose VLLMSteerer; use steer.backend = 'hf'")
-    return steerer(cfg)
+        raise NotImplementedError("steer.backend: 'vllm' is not available yet (conva.vllm_backend does not "
+                                  "expose VLLMSteerer); use steer.backend = 'hf'")
+    return steerer
+
+
+@register_backend("vllm")
+def _vllm(cfg: Config) -> Steerer:
+    return _vllm_class()(cfg)

@@ -1,0 +1,96 @@
+"""Study metrics: control success rate with a bootstrap interval, and answer perplexity (fluency).
+
+* **CSR** (METHOD.md §4): the mean judge score over **all** prompts of a cell, gated-off ones included
+  (a prompt the gate left alone still has an answer, judged like any other).
+* **Bootstrap CI**: percentile interval of the mean over ``n_boot`` resamples with replacement, seeded.
+* **Perplexity** of an answer under the **unsteered** model, conditioned on the plain prompt in the chat
+  template: ``exp(mean NLL of the answer tokens)``. The steered/unsteered **ratio** of a cell is the
+  geometric-mean ratio over the prompts both answered: ``exp(mean log ppl_steered − mean log ppl_none)``.
+
+Example:
+    >>> csr([1, 0, 0.5, 1])
+    0.625
+    >>> lo, hi = bootstrap_ci([1, 0, 1, 1], n_boot=200, seed=0); 0.0 <= lo <= 0.75 <= hi <= 1.0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["csr", "bootstrap_ci", "answer_nll", "perplexity", "ppl_ratio"]
+
+
+def csr(scores: Sequence[float]) -> float:
+    """Mean of judge scores (1 / 0.5 / 0) over every prompt; NaN for an empty cell."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.size and not np.all(np.isfinite(arr)):
+        raise ValueError("CSR needs a score for every prompt (got NaN): judge every answer, gated-off ones too")
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+def bootstrap_ci(scores: Sequence[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean; deterministic for a seed. ``(nan, nan)`` when empty."""
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    if not 0.0 < level < 1.0 or n_boot < 1:
+        raise ValueError("need 0 < level < 1 and n_boot >= 1")
+    rng = np.random.default_rng(seed)
+    means = arr[rng.integers(0, arr.size, size=(n_boot, arr.size))].mean(axis=1)
+    alpha = (1.0 - level) / 2.0
+    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
+
+
+def _encode(tok, prompt: str, answer: str, chat_template: bool) -> tuple[list[int], int]:
+    from conva.record import format_prompt
+
+    context = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=not chat_template)["input_ids"]
+    # Tokenized apart, so the answer's tokens are exactly those a prompt-conditioned model would score.
+    target = tok(answer, add_special_tokens=False)["input_ids"]
+    return list(context) + list(target), len(target)
+
+
+def answer_nll(model, tok, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True,
+               batch_size: int = 8) -> list[tuple[float, int]]:
+    """``(summed NLL, n answer tokens)`` of each answer given its prompt, under ``model`` as it is (unsteered)."""
+    import torch
+
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    encoded = [_encode(tok, p, a or "", chat_template) for p, a in zip(prompts, answers)]
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (row, _) in enumerate(chunk):
+            ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+        # Positions count real tokens only, so left padding does not shift a row's positions.
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                           use_cache=False).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
+        for i, (_, n) in enumerate(chunk):
+            out.append((float(-logp[i, width - 1 - n:].sum()) if n else 0.0, n))
+    return out
+
+
+def perplexity(model, tok, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True,
+               batch_size: int = 8) -> list[float]:
+    """Per-answer perplexity given the prompt; NaN for an empty answer."""
+    return [math.exp(nll / n) if n else float("nan")
+            for nll, n in answer_nll(model, tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)]
+
+
+def ppl_ratio(steered: Sequence[float], unsteered: Sequence[float]) -> float:
+    """Geometric-mean perplexity ratio over the pairs where both are finite; NaN if there are none."""
+    s, u = np.asarray(steered, dtype=np.float64), np.asarray(unsteered, dtype=np.float64)
+    ok = np.isfinite(s) & np.isfinite(u) & (s > 0) & (u > 0)
+    return float(np.exp(np.mean(np.log(s[ok])) - np.mean(np.log(u[ok])))) if ok.any() else float("nan")

@@ -1,0 +1,384 @@
+"""Studies: models × values × methods × P0 grid × layer bands × settings, as cells over one steering table.
+
+A study config is a job config (the sections of :class:`conva.config.Config`, without ``model.name``)
+plus four sections of its own::
+
+    [study]    name, models, methods, p0, bands, settings, caa_strength, bootstrap, seed
+    [judge]    conva.judges.JudgeSettings (kind = classifier | probe | llm, ...)
+    [utility]  mc ("demo", an MMLU-layout CSV, or "" for none), max_items, shots
+    [fluency]  perplexity (bool), llm (bool: the LLM judge's grammaticality rating)
+
+A **cell** is one (model, value, method, P0, band, setting). ConVA cells multiply by the P0 grid and the
+bands; CAA by the bands; ``prompt`` and ``none`` by neither. Every cell of one model goes into **one**
+steering table whose per-row ``method, p0, strength, setting, band`` columns override ``[steer]``
+(:data:`conva.pipeline.ROW_OVERRIDES`), so a model is extracted and fitted once and its bundles serve
+every cell; band variants are read from the same probes.
+
+Outputs (written by ``jobs.study``): ``results.parquet`` (one row per cell and prompt, with the judge's
+score and the answer's perplexity), ``summary.parquet`` (one row per cell: CSR with its bootstrap CI,
+perplexity ratio, utility, gate open rate), ``utility.parquet``, ``probes.parquet``, ``judges.parquet``.
+
+Example:
+    >>> study = load_study("examples/demo_study.toml")          # doctest: +SKIP
+    >>> cells = expand_cells(study, "smollm2"); len(cells)      # doctest: +SKIP
+    40
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from conva import data as D
+# _build/_validate: conva.config's typed builder, reused so a study's job sections obey the job rules exactly.
+from conva.config import Config, ConfigError, _build, _validate, parse_overrides
+from conva.judges import JUDGES, JudgeSettings
+from conva.metrics import bootstrap_ci, csr, ppl_ratio
+from conva.models import model_name
+from conva.pipeline import STEERING_INPUT_SCHEMA
+from conva.steer import SETTINGS
+
+__all__ = [
+    "STUDY_METHODS", "StudySection", "UtilitySection", "FluencySection", "StudyConfig", "Cell", "UtilityCell",
+    "load_study", "study_dict", "model_config", "model_slug", "expand_cells", "utility_cells", "band_layers",
+    "steering_table", "utility_table", "RESULT_SCHEMA", "results_table", "summarize", "SUMMARY_SCHEMA",
+]
+
+STUDY_METHODS = ("conva", "conva_nogate", "caa", "prompt", "none")
+_P0_METHODS = ("conva", "conva_nogate")
+_BAND_METHODS = ("conva", "conva_nogate", "caa")
+
+
+@dataclass(frozen=True)
+class StudySection:
+    name: str = "study"
+    models: tuple[str, ...] = ("smollm2",)
+    methods: tuple[str, ...] = ("conva", "caa", "prompt", "none")
+    p0: tuple[float, ...] = (0.99,)
+    bands: tuple[str, ...] = ("auto",)  # "auto" (the bundle's band) or "LO-HI"
+    settings: tuple[str, ...] = ("plain",)
+    caa_strength: float = 4.0
+    bootstrap: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class UtilitySection:
+    mc: str = "demo"  # "demo", an MMLU-layout CSV, or "" for no utility
+    max_items: int = 0  # 0: all
+    shots: int = 0
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class FluencySection:
+    perplexity: bool = True
+    llm: bool = False
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A whole study: its own sections and the job config every model's extraction, fit and steering use."""
+
+    study: StudySection = field(default_factory=StudySection)
+    judge: JudgeSettings = field(default_factory=JudgeSettings)
+    utility: UtilitySection = field(default_factory=UtilitySection)
+    fluency: FluencySection = field(default_factory=FluencySection)
+    job: Config = field(default_factory=Config)
+
+
+_OWN = ("study", "judge", "utility", "fluency")
+
+
+def load_study(path: str | Path | None, overrides: Sequence[str] = ()) -> StudyConfig:
+    """Read a study TOML, merge ``--section.key=value`` overrides, type-check and validate; loads no model."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"study config {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: cannot parse: {err}") from err
+    for key, value in parse_overrides(list(overrides)).items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    own = {k: data.pop(k, {}) for k in _OWN}
+    if "name" in data.get("model", {}):
+        raise ConfigError("model.name: a study lists its models under study.models")
+    job = _build(Config, data, "")
+    _validate(job)
+    sections = {k: _build(cls, own[k], f"{k}.") for k, cls in
+                (("study", StudySection), ("judge", JudgeSettings), ("utility", UtilitySection), ("fluency", FluencySection))}
+    study = StudyConfig(**sections, job=job)
+    _check(study)
+    return study
+
+
+def _check(study: StudyConfig) -> None:
+    s = study.study
+    problems = [
+        ("study.models", bool(s.models), "list at least one model"),
+        ("study.methods", bool(s.methods) and set(s.methods) <= set(STUDY_METHODS), f"use some of {STUDY_METHODS}"),
+        ("study.settings", bool(s.settings) and set(s.settings) <= set(SETTINGS), f"use some of {SETTINGS}"),
+        ("study.p0", bool(s.p0) and all(0.0 < p < 1.0 for p in s.p0), "values must lie strictly between 0 and 1"),
+        ("study.bootstrap", s.bootstrap >= 1, "must be at least 1"),
+        ("judge.kind", study.judge.kind in JUDGES, f"use one of {sorted(JUDGES)}"),
+        ("judge.test_size", 0.0 < study.judge.test_size < 1.0, "must lie strictly between 0 and 1"),
+        ("judge.max_concurrency", study.judge.max_concurrency >= 1, "must be at least 1"),
+        ("judge.base_url", study.judge.kind != "llm" and not study.fluency.llm or bool(study.judge.base_url),
+         "the llm judge (and fluency.llm) need judge.base_url and judge.model"),
+        ("utility.shots", study.utility.shots >= 0, "must be >= 0"),
+        ("study.models", len({model_slug(m) for m in s.models}) == len(s.models), "two models share one name"),
+    ]
+    for key, ok, problem in problems:
+        if not ok:
+            raise ConfigError(f"{key}: {problem}")
+    for band in s.bands:
+        if band != "auto" and _range(band) is None:
+            raise ConfigError(f"study.bands: {band!r} is neither 'auto' nor 'LO-HI'")
+
+
+def _range(text: str) -> tuple[int, ...] | None:
+    parts = text.split("-")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
+        return None
+    return tuple(range(int(parts[0]), int(parts[1]) + 1))
+
+
+def study_dict(study: StudyConfig) -> dict[str, Any]:
+    """The study as JSON-able data (for logs, hashes, manifests). Holds no credential, only ``api_key_env``."""
+    return json.loads(json.dumps(dataclasses.asdict(study), default=list))
+
+
+def model_slug(spec: str) -> str:
+    """A model's name as a single safe path component (``SmolLM2-135M-Instruct``)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in model_name(spec))[:64] or "model"
+
+
+def model_config(study: StudyConfig, spec: str, out: str | Path) -> Config:
+    """The job config for one model of the study: its name, and ``<out>/models/<slug>`` as the output folder."""
+    job = study.job
+    return replace(job, model=replace(job.model, name=spec), output=replace(job.output, dir=str(Path(out) / "models" / model_slug(spec))))
+
+
+def band_layers(band: str) -> tuple[int, ...] | None:
+    """``"auto"`` → None (the bundle's band), ``"LO-HI"`` → the layers."""
+    return None if band == "auto" else _range(band)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One steered condition; ``p0`` only for ConVA, ``band`` ``-`` where no vector is added."""
+
+    model: str
+    value: str
+    method: str
+    p0: float | None
+    band: str
+    setting: str
+    strength: float | None
+
+    @property
+    def id(self) -> str:
+        p0 = "-" if self.p0 is None else f"{self.p0:g}"
+        return f"{self.model}|{self.value}|{self.method}|p0={p0}|band={self.band}|{self.setting}"
+
+
+@dataclass(frozen=True)
+class UtilityCell:
+    """A multiple-choice condition: settings do not apply, and ``none`` is one cell per model (value ``*``)."""
+
+    model: str
+    value: str
+    method: str
+    p0: float | None
+    band: str
+    strength: float | None
+
+    @property
+    def id(self) -> str:
+        p0 = "-" if self.p0 is None else f"{self.p0:g}"
+        return f"{self.model}|{self.value}|{self.method}|p0={p0}|band={self.band}"
+
+
+def _variants(study: StudyConfig, method: str) -> list[tuple[float | None, str, float | None]]:
+    s = study.study
+    bands = list(s.bands) if method in _BAND_METHODS else ["-"]
+    p0s: list[float | None] = list(s.p0) if method in _P0_METHODS else [None]
+    strength = s.caa_strength if method == "caa" else None
+    return [(p, b, strength) for b in bands for p in p0s]
+
+
+def expand_cells(study: StudyConfig, spec: str) -> list[Cell]:
+    """Every cell of one model, in a fixed order (value, setting, method, band, P0)."""
+    name = model_name(spec)
+    return [Cell(name, value, method, p0, band, setting, strength)
+            for value in study.job.data.values for setting in study.study.settings for method in study.study.methods
+            for p0, band, strength in _variants(study, method)]
+
+
+def utility_cells(study: StudyConfig, spec: str) -> list[UtilityCell]:
+    """The multiple-choice cells of one model: every steered method per value, and one unsteered cell."""
+    name = model_name(spec)
+    cells = [UtilityCell(name, "*", "none", None, "-", None)]  # the baseline every utility ratio divides by
+    cells += [UtilityCell(name, value, method, p0, band, strength) for value in study.job.data.values
+              for method in study.study.methods if method != "none" for p0, band, strength in _variants(study, method)]
+    return cells
+
+
+def _override_columns() -> list[tuple[str, pa.DataType]]:
+    return [("method", pa.string()), ("p0", pa.float64()), ("strength", pa.float64()), ("setting", pa.string()),
+            ("band", pa.list_(pa.int32())), ("cell_id", pa.string())]
+
+
+STUDY_STEERING_SCHEMA = pa.schema([*STEERING_INPUT_SCHEMA, *(pa.field(n, t) for n, t in _override_columns())])
+
+
+def _prompts(cfg: Config, value: str) -> list[D.Prompt]:
+    from conva.pipeline import _load_prompt_source
+
+    prompts = _load_prompt_source(cfg.data.prompts, value)
+    return prompts[: cfg.data.max_prompts_per_value] if cfg.data.max_prompts_per_value else prompts
+
+
+def steering_table(cfg: Config, cells: Sequence[Cell]) -> pa.Table:
+    """One steering table for all cells of a model: a row per (cell, prompt), per-row overrides set.
+
+    ``row_id`` is ``<cell id>#<prompt index>``; the ``cell_id`` column is carried for joins.
+    """
+    prompts = {v: _prompts(cfg, v) for v in {c.value for c in cells}}
+    rows = []
+    for cell in cells:
+        for i, p in enumerate(prompts[cell.value]):
+            rows.append(dict(row_id=f"{cell.id}#{i:04d}", value=cell.value, prompt=p.prompt, error=None,
+                             method=cell.method, p0=cell.p0, strength=cell.strength, setting=cell.setting,
+                             band=band_layers(cell.band) if cell.band != "-" else None, cell_id=cell.id))
+    return pa.Table.from_pylist(rows, schema=STUDY_STEERING_SCHEMA)
+
+
+UTILITY_INPUT_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("cell_id", pa.string()), ("value", pa.string()), ("method", pa.string()),
+    ("p0", pa.float64()), ("strength", pa.float64()), ("band", pa.list_(pa.int32())), ("item", pa.int32()),
+    ("prompt", pa.string()), ("answer", pa.string()),
+])
+
+
+def utility_table(cells: Sequence[UtilityCell], items: Sequence, prompts: Sequence[str]) -> pa.Table:
+    """A row per (utility cell, question) with the cell's overrides and the question's prompt and answer."""
+    rows = [dict(row_id=f"{c.id}#{i:04d}", cell_id=c.id, value=None if c.value == "*" else c.value, method=c.method,
+                 p0=c.p0, strength=c.strength, band=band_layers(c.band) if c.band != "-" else None, item=i,
+                 prompt=prompts[i], answer=items[i].answer) for c in cells for i in range(len(items))]
+    return pa.Table.from_pylist(rows, schema=UTILITY_INPUT_SCHEMA)
+
+
+RESULT_SCHEMA = pa.schema([
+    ("cell_id", pa.string()), ("row_id", pa.string()), ("model", pa.string()), ("value", pa.string()),
+    ("method", pa.string()), ("p0", pa.float64()), ("band", pa.string()), ("setting", pa.string()),
+    ("strength", pa.float64()), ("prompt", pa.string()), ("output", pa.string()), ("n_output_tokens", pa.int32()),
+    ("gate_open", pa.bool_()), ("gate_score", pa.float64()), ("eps_mean", pa.float64()), ("judge", pa.string()),
+    ("judge_score", pa.float64()), ("judge_prob", pa.float64()), ("judge_raw", pa.string()), ("ppl", pa.float64()),
+    ("fluency", pa.float64()), ("error", pa.string()),
+])
+
+
+def results_table(cells: Sequence[Cell], generations: pa.Table, judged: pa.Table) -> pa.Table:
+    """Join generations with their judgements into :data:`RESULT_SCHEMA`, one row per (cell, prompt)."""
+    by_id = {c.id: c for c in cells}
+    verdicts = {r["row_id"]: r for r in judged.to_pylist()}
+    rows = []
+    for g in generations.to_pylist():
+        cell = by_id[g["row_id"].rsplit("#", 1)[0]]
+        j = verdicts.get(g["row_id"], {})
+        eps = g.get("eps") or []
+        rows.append(dict(cell_id=cell.id, row_id=g["row_id"], model=cell.model, value=cell.value, method=cell.method,
+                         p0=cell.p0, band=cell.band, setting=cell.setting, strength=cell.strength, prompt=g["prompt"],
+                         output=g["output"], n_output_tokens=g["n_output_tokens"], gate_open=g["gate_open"],
+                         gate_score=g["gate_score"], eps_mean=float(np.mean(eps)) if eps else None,
+                         judge=j.get("judge"), judge_score=j.get("judge_score"), judge_prob=j.get("judge_prob"),
+                         judge_raw=j.get("judge_raw"), ppl=j.get("ppl"), fluency=j.get("fluency"),
+                         error=g["error"] or j.get("error")))
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+SUMMARY_SCHEMA = pa.schema([
+    ("cell_id", pa.string()), ("model", pa.string()), ("value", pa.string()), ("method", pa.string()),
+    ("p0", pa.float64()), ("band", pa.string()), ("setting", pa.string()), ("strength", pa.float64()),
+    ("n", pa.int32()), ("n_error", pa.int32()), ("csr", pa.float64()), ("csr_lo", pa.float64()),
+    ("csr_hi", pa.float64()), ("gate_open_rate", pa.float64()), ("eps_mean", pa.float64()), ("ppl", pa.float64()),
+    ("ppl_ratio", pa.float64()), ("fluency", pa.float64()), ("mc_acc", pa.float64()), ("mc_acc_none", pa.float64()),
+    ("utility_ratio", pa.float64()), ("mc_gate_open_rate", pa.float64()), ("judge", pa.string()),
+    ("judge_agreement", pa.float64()),
+])
+
+
+def _nanmean(xs: Sequence[float | None]) -> float | None:
+    vals = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
+    return float(np.mean(vals)) if vals else None
+
+
+def _geomean(xs: Sequence[float | None]) -> float | None:
+    vals = [float(x) for x in xs if x is not None and math.isfinite(float(x)) and x > 0]
+    return float(np.exp(np.mean(np.log(vals)))) if vals else None
+
+
+def _utility(utility: pa.Table | None) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
+    """Per utility cell: (accuracy, gate open rate); and the unsteered accuracy per model."""
+    if utility is None or utility.num_rows == 0:
+        return {}, {}
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in utility.to_pylist():
+        groups[r["cell_id"]].append(r)
+    acc = {cid: (float(np.mean([r["correct"] for r in rs])), _nanmean([float(r["gate_open"]) for r in rs
+                                                                        if r["method"] == "conva"]))
+           for cid, rs in groups.items()}
+    none = {rs[0]["model"]: acc[cid][0] for cid, rs in groups.items() if rs[0]["method"] == "none"}
+    return acc, none
+
+
+def summarize(results: pa.Table, utility: pa.Table | None = None, agreement: dict[tuple[str, str], float] | None = None,
+              *, n_boot: int = 1000, seed: int = 0) -> pa.Table:
+    """One row per cell: CSR over all prompts (errors excluded, counted), CI, fluency, utility, gate rates.
+
+    ``ppl_ratio`` compares each cell with the ``none`` cell of the same (model, value, setting), prompt
+    by prompt. ``agreement`` maps ``(model, value)`` to the judge's held-out agreement.
+    """
+    rows = results.to_pylist()
+    cells: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        cells[r["cell_id"]].append(r)
+    base = {(r["model"], r["value"], r["setting"], r["prompt"]): r["ppl"] for r in rows if r["method"] == "none"}
+    acc, acc_none = _utility(utility)
+    out = []
+    for cid, rs in cells.items():
+        c, ok = rs[0], [r for r in rs if r["error"] is None]
+        scores = [r["judge_score"] for r in ok]
+        lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
+        gate = [float(r["gate_open"]) for r in ok if r["gate_open"] is not None] if c["method"] == "conva" else []
+        pairs = [(r["ppl"], base.get((c["model"], c["value"], c["setting"], r["prompt"]))) for r in ok]
+        both = [(p, b) for p, b in pairs if p is not None and b is not None]
+        ratio = ppl_ratio([p for p, _ in both], [b for _, b in both]) if both else float("nan")
+        ucell = UtilityCell(c["model"], "*" if c["method"] == "none" else c["value"], c["method"], c["p0"], c["band"],
+                            c["strength"]).id
+        mc, mc_gate = acc.get(ucell, (None, None))
+        none = acc_none.get(c["model"])
+        out.append(dict(
+            cell_id=cid, model=c["model"], value=c["value"], method=c["method"], p0=c["p0"], band=c["band"],
+            setting=c["setting"], strength=c["strength"], n=len(rs), n_error=len(rs) - len(ok), csr=csr(scores),
+            csr_lo=lo, csr_hi=hi, gate_open_rate=_nanmean(gate), eps_mean=_nanmean([r["eps_mean"] for r in ok]),
+            ppl=_geomean([r["ppl"] for r in ok]), ppl_ratio=None if math.isnan(ratio) else ratio,
+            fluency=_nanmean([r["fluency"] for r in ok]), mc_acc=mc, mc_acc_none=none,
+            utility_ratio=mc / none if mc is not None and none else None, mc_gate_open_rate=mc_gate,
+            judge=c["judge"], judge_agreement=(agreement or {}).get((c["model"], c["value"])),
+        ))
+    return pa.Table.from_pylist(out, schema=SUMMARY_SCHEMA)

