@@ -29,7 +29,7 @@ from conva.values import VALUES
 
 __all__ = [
     "ConfigError", "ModelConfig", "DataConfig", "ExtractConfig", "ProbeConfig", "FitConfig", "GateConfig",
-    "SteerConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
+    "SteerConfig", "VLLMConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
     "RESULT_NEUTRAL_KEYS",
 ]
 
@@ -114,6 +114,18 @@ class SteerConfig:
 
 
 @dataclass(frozen=True)
+class VLLMConfig:
+    """The vLLM engine of ``steer.backend = "vllm"`` (see :class:`conva.vllm_backend.EngineSettings`)."""
+
+    enforce_eager: bool = True
+    max_num_seqs: int = 32
+    max_model_len: int = 0  # 0: the model's own (capped at 4096)
+    max_specs: int = 64
+    kv_cache_gib: int = 1
+    gpu_memory_utilization: float = 0.85
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     dir: str = "runs/demo"
     overwrite: bool = False
@@ -138,6 +150,7 @@ class Config:
     fit: FitConfig = field(default_factory=FitConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     steer: SteerConfig = field(default_factory=SteerConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 

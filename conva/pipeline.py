@@ -36,7 +36,7 @@ from conva.steer import RowResult, SteerSpec, generate
 __all__ = [
     "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
     "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source",
-    "row_spec", "ROW_OVERRIDES",
+    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn",
 ]
 
 SCHEMA_VERSION = 1
@@ -231,10 +231,30 @@ def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
     return SteerSpec(s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"])
 
 
-def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg: Config, model_name: str) -> pa.Table:
-    """Steered generations for one shard of steering rows: exactly one output row per input row."""
+GenerateFn = Callable[[list[str], list[SteerSpec]], list[RowResult]]
+
+
+def hf_generate_fn(model, tok, cfg: Config) -> GenerateFn:
+    """The HF backend's generation with the ``[steer]`` settings, as a steering table's ``generate_fn``."""
     s = cfg.steer
-    limit = s.max_prompt_tokens or max(1, _max_length(model) - s.max_new_tokens)
+
+    def run(prompts: list[str], specs: list[SteerSpec]) -> list[RowResult]:
+        return generate(model, tok, prompts, specs, max_new_tokens=s.max_new_tokens, chat_template=s.chat_template,
+                        positions=s.positions, epsilon=s.epsilon, mode=s.mode, batch_size=s.batch_size)
+
+    return run
+
+
+def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg: Config, model_name: str, *,
+                generate_fn: GenerateFn | None = None, max_length: int | None = None) -> pa.Table:
+    """Steered generations for one shard of steering rows: exactly one output row per input row.
+
+    Every backend goes through here, so rows are checked and error rows made the same way: ``model`` and
+    the HF generation are the default; another backend passes its ``generate_fn`` and ``max_length``.
+    """
+    s = cfg.steer
+    generate_fn = generate_fn or hf_generate_fn(model, tok, cfg)
+    limit = s.max_prompt_tokens or max(1, (max_length or _max_length(model)) - s.max_new_tokens)
     records = rows.to_pylist()
     errors = [r["error"] or check_prompt(tok, r["prompt"], s.chat_template, limit) for r in records]
     if not all(r["value"] in bundles for r, e in zip(records, errors) if e is None and r["value"] is not None):
@@ -242,9 +262,7 @@ def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg
         raise ValueError(f"no bundle for value(s) {missing}")
     good = [i for i, e in enumerate(errors) if e is None]
     specs = [row_spec(cfg, bundles.get(records[i]["value"]), records[i]) for i in good]
-    results = generate(model, tok, [records[i]["prompt"] for i in good], specs, max_new_tokens=s.max_new_tokens,
-                       chat_template=s.chat_template, positions=s.positions, epsilon=s.epsilon, mode=s.mode,
-                       batch_size=s.batch_size) if good else []
+    results = generate_fn([records[i]["prompt"] for i in good], specs) if good else []
     by_row: dict[int, tuple[RowResult, SteerSpec]] = dict(zip(good, zip(results, specs)))
     out = [_generation_row(r, by_row.get(i), errors[i], model_name) for i, r in enumerate(records)]
     return pa.Table.from_pylist(out, schema=GENERATION_SCHEMA)

@@ -22,7 +22,7 @@ from conva.models import ModelNotFoundError, check_model
 from conva.pipeline import STEERING_INPUT_SCHEMA, extraction_rows, steering_rows, steering_rows_from_file
 from conva.store import OutputNotWritableError, check_writable
 from jobs.common import JobError
-from jobs.fingerprint import file_fingerprint
+from conva.fingerprint import file_fingerprint
 from workers.backends import check_backend
 
 __all__ = ["Inputs", "preflight", "steering_input", "table_hash"]

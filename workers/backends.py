@@ -8,13 +8,12 @@ To add a backend, register a factory::
     @register_backend("mine")
     def _mine(cfg: Config) -> Steerer: ...
 
-``vllm`` is looked up lazily: it works as soon as ``conva.vllm_backend`` exposes ``VLLMSteerer(cfg)``
-with the :class:`Steerer` attributes; until then selecting it fails with a clear message.
+``vllm`` imports vLLM only when built; pre-flight (:func:`check_backend`) fails with a clear message
+where vLLM is missing or of an untested version.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Protocol
 
 import pyarrow as pa
@@ -25,7 +24,7 @@ from conva.config import Config
 from conva.models import load_model, model_fingerprint, model_name
 from conva.pipeline import steer_table
 
-__all__ = ["Steerer", "HFSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
+__all__ = ["Steerer", "HFSteerer", "VLLMSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
 
 
 class Steerer(Protocol):
@@ -75,28 +74,65 @@ class HFSteerer:
 register_backend("hf")(HFSteerer)
 
 
+class VLLMSteerer:
+    """The vLLM backend: ConVA inside a vLLM engine (:mod:`conva.vllm_backend`), same row contract as HF.
+
+    The engine is built on the first shard, once the bundles are known: their bands and gate layers are
+    the layers whose steering op is traced into the engine's graph. The fingerprint that bundles are
+    checked against is read from the weight files (:func:`conva.fingerprint.file_fingerprint`).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from conva.fingerprint import file_fingerprint
+        from conva.models import resolve_model
+        from conva.vllm_backend import check_vllm_version
+
+        check_vllm_version()
+        self.cfg, self.path = cfg, resolve_model(cfg.model.name)
+        self.name = model_name(cfg.model.name)
+        self.hidden_size = int(AutoConfig.from_pretrained(self.path).hidden_size)
+        self.fingerprint = file_fingerprint(cfg.model.name, cfg.model.dtype)
+        if self.fingerprint is None:
+            raise ValueError(f"model.name: cannot read {cfg.model.name!r}'s fingerprint from its safetensors files, "
+                             "which the vllm backend needs to check bundles; use a local safetensors folder")
+        self.tok = AutoTokenizer.from_pretrained(self.path, padding_side="left")
+        self.engine = None
+
+    def _engine(self, bundles: dict[str, ValueBundle]):
+        from conva.vllm_backend import EngineSettings, VLLMSteerer as Engine
+
+        if self.engine is None:
+            v, m = self.cfg.vllm, self.cfg.model
+            settings = EngineSettings(dtype=m.dtype, enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
+                                      max_model_len=v.max_model_len or None, max_specs=v.max_specs,
+                                      kv_cache_gib=v.kv_cache_gib, gpu_memory_utilization=v.gpu_memory_utilization)
+            self.engine = Engine(self.path, list(bundles.values()), settings=settings)
+        return self.engine
+
+    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle]) -> pa.Table:
+        engine, s = self._engine(bundles), self.cfg.steer
+
+        def run(prompts, specs):
+            return engine.generate(prompts, specs, max_new_tokens=s.max_new_tokens, chat_template=s.chat_template,
+                                   positions=s.positions, epsilon=s.epsilon)
+
+        return steer_table(None, self.tok, rows, bundles, self.cfg, self.name, generate_fn=run,
+                           max_length=min(engine.max_len, engine.budget + 1))
+
+
+register_backend("vllm")(VLLMSteerer)
+
+
 def check_backend(name: str) -> None:
     """Raise if backend ``name`` cannot be built here (without loading any model): for pre-flight checks."""
     if name not in BACKENDS:
         raise ValueError(f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")
     if name == "vllm":
-        _vllm_class()
+        try:
+            from conva.vllm_backend import check_vllm_version
 
-
-def _vllm_class() -> type:
-    try:
-        module = importlib.import_module("conva.vllm_backend")
-    except ModuleNotFoundError as err:
-        if err.name != "conva.vllm_backend":
-            raise  # the module exists but one of its own imports (e.g. vllm) is missing: say that
-        module = None
-    steerer = getattr(module, "VLLMSteerer", None)
-    if steerer is None:
-        raise NotImplementedError("steer.backend: 'vllm' is not available yet (conva.vllm_backend does not "
-                                  "expose VLLMSteerer); use steer.backend = 'hf'")
-    return steerer
-
-
-@register_backend("vllm")
-def _vllm(cfg: Config) -> Steerer:
-    return _vllm_class()(cfg)
+            check_vllm_version()
+        except (ImportError, RuntimeError) as err:
+            raise NotImplementedError(f"steer.backend: 'vllm' is not available here: {err}") from err
