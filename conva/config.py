@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from conva.gates import GATE_KINDS
-from conva.probes import BAND_PRESETS
+from conva.fit import GateSettings
+from conva.probes import BAND_PRESETS, ProbeSettings
 from conva.record import POSITIONS
 from conva.steer import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
 from conva.values import VALUES
 
 __all__ = [
-    "ConfigError", "ModelConfig", "DataConfig", "ExtractConfig", "ProbeConfig", "FitConfig", "GateConfig",
+    "ConfigError", "ModelConfig", "DataConfig", "ExtractConfig", "FitConfig",
     "SteerConfig", "VLLMConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
     "RESULT_NEUTRAL_KEYS",
 ]
@@ -71,30 +72,10 @@ class ExtractConfig:
 
 
 @dataclass(frozen=True)
-class ProbeConfig:
-    C: float = 1.0
-    solver: str = "lbfgs"
-    max_iter: int = 2000
-    test_size: float = 0.3
-    seed: int = 0
-    split: str = "pair"
-
-
-@dataclass(frozen=True)
 class FitConfig:
     band: str | tuple[int, ...] = "auto"
     band_width: int = 0
     p0: float = 0.95
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    kind: str = "probe"
-    target: str = "precision"
-    target_value: float = 0.95
-    model: str | None = None
-    labels: tuple[str, ...] = ()
-    threshold: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -146,9 +127,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
     fit: FitConfig = field(default_factory=FitConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
+    gate: GateSettings = field(default_factory=GateSettings)
     steer: SteerConfig = field(default_factory=SteerConfig)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -215,7 +196,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _build(hints[name], value, key + ".")
         else:
             kwargs[name] = _coerce(key, hints[name], value)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a section's own check (e.g. GateSettings) names the problem, we name the section
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
 
 
 def _validate(cfg: Config) -> None:

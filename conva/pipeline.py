@@ -28,8 +28,7 @@ import pyarrow as pa
 from conva import data as D
 from conva.bundle import ValueBundle
 from conva.config import Config
-from conva.fit import FitSettings, GateSettings, LayerData, ModelInfo, fit_value
-from conva.probes import ProbeSettings
+from conva.fit import FitSettings, LayerData, ModelInfo, fit_value
 from conva.record import format_prompt, record_activations
 from conva.steer import RowResult, SteerSpec, generate
 
@@ -133,7 +132,7 @@ def extract_table(model, tok, rows: pa.Table, layers: Sequence[int], position: s
 
 def fit_settings(cfg: Config) -> FitSettings:
     """The fit part of a job config as the library's settings."""
-    return FitSettings(probe=ProbeSettings(**cfg.probe.__dict__), gate=GateSettings(**cfg.gate.__dict__),
+    return FitSettings(probe=cfg.probe, gate=cfg.gate,
                        band=cfg.fit.band, band_width=cfg.fit.band_width, p0=cfg.fit.p0)
 
 
