@@ -9,6 +9,7 @@ import torch
 from conva.blocks import find_blocks
 from conva.fast import FastSteering, generate_fast
 from conva.steer import SteerSpec, generate
+from tests.test_steer_tiny import _mixed_specs
 
 # Mixed lengths, so the batch is left-padded and positions differ per row.
 PROMPTS = [
@@ -20,18 +21,6 @@ PROMPTS = [
     "How many legs?",
 ]
 NEW = 12
-
-
-def _mixed_specs(bundle, other, closed_gate):
-    """ConVA steered (two values), gate closed, unsteered, CAA and ungated ConVA rows in one batch."""
-    return [
-        SteerSpec("conva", bundle, p0=0.99),
-        SteerSpec("none"),
-        SteerSpec("conva", closed_gate, p0=0.99),
-        SteerSpec("conva", other, p0=0.9),
-        SteerSpec("caa", bundle, strength=3.0),
-        SteerSpec("conva_nogate", other, p0=0.999),
-    ]
 
 
 def _patched_blocks(model) -> int:
