@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conva.blocks import block_hooks, find_blocks
 
-__all__ = ["format_prompt", "tokenize", "record_activations", "POSITIONS"]
+__all__ = ["format_prompt", "tokenize", "with_positions", "record_activations", "POSITIONS"]
 
 POSITIONS = ("last", "mean")
 
@@ -46,6 +46,17 @@ def tokenize(
     # A chat template already contains the BOS/special tokens; adding them again would shift the text.
     enc = tokenizer(strings, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
     return {k: v.to(device) for k, v in enc.items()}
+
+
+def with_positions(enc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``enc`` plus ``position_ids`` that start at 0 on each row's first real token.
+
+    A plain forward pass numbers positions from the left edge, so a left-padded row would start at its
+    pad count: harmless under RoPE (relative), wrong for learned absolute positions (GPT-2). ``generate``
+    derives the same ids from the attention mask itself.
+    """
+    positions = (enc["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    return {**enc, "position_ids": positions}
 
 
 def _batches(n: int, size: int) -> Iterable[range]:
@@ -88,7 +99,7 @@ def record_activations(
 
         # The base model (no LM head): extraction needs no logits over the vocabulary.
         with block_hooks(model, {l: capture for l in layers}):
-            model.base_model(**enc, use_cache=False)
+            model.base_model(**with_positions(enc), use_cache=False)
         for j, layer in enumerate(layers):
             out[rows.start : rows.stop, j] = captured[layer].cpu().numpy()
     return out

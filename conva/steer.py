@@ -35,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from conva.blocks import block_hooks, find_blocks
 from conva.bundle import ValueBundle
 from conva.gates import external_scores
-from conva.record import tokenize
+from conva.record import tokenize, with_positions
 from conva.values import definition
 
 __all__ = [
@@ -323,7 +323,7 @@ def steer_logits(
     texts, enc, plan = _prepare(model, tok, prompts, specs, chat_template)
     steering = _Steering(plan, positions, "frozen")
     with _steered(model, steering):
-        logits = model(**enc, use_cache=False).logits[:, -1, :].float()
+        logits = model(**with_positions(enc), use_cache=False).logits[:, -1, :].float()
     n_prompt = enc["attention_mask"].sum(1).tolist()
     return logits.cpu(), _results(steering, specs, [""] * len(specs), [()] * len(specs), n_prompt)
 
@@ -364,7 +364,7 @@ def _reference_scales(model: PreTrainedModel, enc: dict[str, torch.Tensor], plan
         captured: list[torch.Tensor] = []
         with _steered(model, _Steering(fixed, "all", "frozen")), \
                 block_hooks(model, {layer: lambda _l, h: captured.append(h[:, -1, :].float())}):
-            model(**enc, use_cache=False)
+            model(**with_positions(enc), use_cache=False)
         plan.open, plan.gate_score = fixed.open, fixed.gate_score  # the gate was read in pass 0
         final._set_scale(j, captured[0])
         fixed.fixed[:, j] = final.scale[:, j]

@@ -262,3 +262,20 @@ def test_mean_pooling_matches_hidden_states(tiny):
         np.testing.assert_allclose(acts[i, 0], hs[1][0].mean(0).numpy(), atol=1e-5)
         # hidden_states[l + 1] is block l's output, except the last entry, which HF takes after the final norm.
         np.testing.assert_allclose(acts[i, 1], hs[3][0].mean(0).numpy(), atol=1e-5)
+
+
+def test_left_padding_does_not_shift_absolute_positions(tmp_path):
+    """GPT-2 learns absolute positions: a padded row must read the same activations as alone."""
+    from conva.models import load_model
+    from conva.record import record_activations
+    from conva.steer import SteerSpec, steer_logits
+    from conva.tiny import make_tiny_model
+
+    model, tok = load_model(make_tiny_model(tmp_path / "gpt2", arch="gpt2"))
+    texts = ["A short one.", "A much longer sentence about the sea, the sky and the wind over the hills."]
+    batched = record_activations(model, tok, texts, [1, 3], batch_size=2)
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(batched[i], record_activations(model, tok, [text], [1, 3])[0], atol=1e-5)
+    logits, _ = steer_logits(model, tok, texts, [SteerSpec("none")] * 2)
+    alone, _ = steer_logits(model, tok, texts[:1], [SteerSpec("none")])
+    np.testing.assert_allclose(logits[0].numpy(), alone[0].numpy(), atol=1e-4)
