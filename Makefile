@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.run --config examples/demo.toml
+	$(BIN)/python -m jobs.study --config examples/demo_study.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

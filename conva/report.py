@@ -42,17 +42,17 @@ def method_table(summary: pa.Table) -> list[dict]:
     """Mean over values per (model, method, P0, band, setting): the study's headline rows."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in summary.to_pylist():
-        groups[(r["model"], r["method"], r["p0"], r["band"], r["setting"])].append(r)
+        groups[(r["model"], r["method"], r["p0"], r["band"], r["strength"], r["setting"])].append(r)
     out = []
-    for (model, method, p0, band, setting), rs in groups.items():
-        row = dict(model=model, method=method, p0=p0, band=band, setting=setting, values=len(rs))
+    for (model, method, p0, band, strength, setting), rs in groups.items():
+        row = dict(model=model, method=method, p0=p0, band=band, strength=strength, setting=setting, values=len(rs))
         for key in _AGG:
             vals = [r[key] for r in rs if r[key] is not None and not math.isnan(r[key])]
             row[key] = sum(vals) / len(vals) if vals else None
         out.append(row)
     order = list(_COLORS)
     return sorted(out, key=lambda r: (r["model"], r["setting"], order.index(r["method"]) if r["method"] in order else 9,
-                                      r["p0"] or 0, r["band"]))
+                                      r["p0"] or 0, r["band"], r["strength"] or 0))
 
 
 def _fmt(x: object) -> str:
@@ -63,7 +63,7 @@ def _fmt(x: object) -> str:
 
 def format_summary(summary: pa.Table) -> str:
     """The summary as plain text: one line per (model, method, P0, band, setting), means over values."""
-    cols = ["model", "setting", "method", "p0", "band", "values", "csr", "csr_lo", "csr_hi", "ppl_ratio",
+    cols = ["model", "setting", "method", "p0", "band", "strength", "values", "csr", "csr_lo", "csr_hi", "ppl_ratio",
             "utility_ratio", "gate_open_rate", "judge_agreement"]
     rows = [[_fmt(r[c]) for c in cols] for r in method_table(summary)]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
@@ -109,12 +109,13 @@ def _p0_plot(table: list[dict], path: Path) -> str:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
     for ax, (model, setting) in zip(axes[0], panels):
         rows = [r for r in table if (r["model"], r["setting"]) == (model, setting) and r["csr"] is not None]
-        p0s = sorted({r["p0"] for r in rows if r["p0"] is not None}) or [0.5]
-        for key in sorted({(r["method"], r["band"]) for r in rows}):
-            pts = sorted(((r["p0"], r["csr"]) for r in rows if (r["method"], r["band"]) == key), key=lambda p: p[0] or 0)
-            label, color = f"{key[0]} ({key[1]})" if key[1] != "-" else key[0], _COLORS.get(key[0])
-            if pts[0][0] is None:  # no P0: a flat line across the grid
-                ax.hlines(pts[0][1], min(p0s), max(p0s), colors=color, linestyles="--", label=label)
+        for key in sorted({(r["method"], r["band"], r["strength"] or 0) for r in rows}):
+            pts = sorted(((r["p0"], r["csr"]) for r in rows if (r["method"], r["band"], r["strength"] or 0) == key),
+                         key=lambda p: p[0] or 0)
+            label = key[0] + (f" ({key[1]})" if key[1] != "-" else "") + (f" s={key[2]:g}" if key[2] else "")
+            color = _COLORS.get(key[0])
+            if pts[0][0] is None:  # no P0: a flat line across the whole axis
+                ax.axhline(pts[0][1], color=color, linestyle="--", label=label)
             else:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
         ax.set(title=f"{model}, {setting}: CSR vs P0 (mean over values)", xlabel="P0", ylabel="CSR", ylim=(-0.02, 1.02))
@@ -131,7 +132,8 @@ def _tradeoff_plot(table: list[dict], path: Path) -> str:
             if r["csr"] is None or r[key] is None:
                 continue
             ax.scatter(r[key], r["csr"], color=_COLORS.get(r["method"], "black"), s=40)
-            tag = r["method"] + (f" {r['p0']:g}" if r["p0"] is not None else "") + (f" {r['band']}" if r["band"] not in ("-", "auto") else "")
+            tag = r["method"] + (f" {r['p0']:g}" if r["p0"] is not None else "") + (f" s={r['strength']:g}" if r["strength"] else "") \
+                + (f" {r['band']}" if r["band"] not in ("-", "auto") else "")
             ax.annotate(tag, (r[key], r["csr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.axvline(1.0, color="lightgray", lw=1)
         xs = [r[key] for r in table if r[key] is not None and r[key] > 0]
@@ -165,11 +167,12 @@ def _gate_plot(probes: pa.Table, summary: pa.Table, path: Path) -> str:
 def _value_plot(summary: pa.Table, path: Path) -> str:
     plt, rows = _plt(), [r for r in summary.to_pylist() if r["setting"] == "plain"] or summary.to_pylist()
     values = sorted({r["value"] for r in rows})
-    keys = sorted({(r["method"], r["p0"] or 0, r["band"]) for r in rows})
+    keys = sorted({(r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) for r in rows})
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(values)), 4))
     width = 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
-        ys = [_mean([r["csr"] for r in rows if r["value"] == v and (r["method"], r["p0"] or 0, r["band"]) == key]) for v in values]
+        ys = [_mean([r["csr"] for r in rows if r["value"] == v and (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key])
+              for v in values]
         ax.bar([i + j * width for i in range(len(values))], [y or 0 for y in ys], width, color=_COLORS.get(key[0]),
                alpha=0.5 + 0.5 * (j % 2), label=" ".join(str(k) for k in key if k not in (0, "-")))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")

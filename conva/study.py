@@ -3,13 +3,14 @@
 A study config is a job config (the sections of :class:`conva.config.Config`, without ``model.name``)
 plus four sections of its own::
 
-    [study]    name, models, methods, p0, bands, settings, caa_strength, bootstrap, seed
+    [study]    name, models, methods, p0, bands, settings, caa_strengths, bootstrap, seed
     [judge]    conva.judges.JudgeSettings (kind = classifier | probe | llm, ...)
     [utility]  mc ("demo", an MMLU-layout CSV, or "" for none), max_items, shots
     [fluency]  perplexity (bool), llm (bool: the LLM judge's grammaticality rating)
 
-A **cell** is one (model, value, method, P0, band, setting). ConVA cells multiply by the P0 grid and the
-bands; CAA by the bands; ``prompt`` and ``none`` by neither. Every cell of one model goes into **one**
+A **cell** is one (model, value, method, P0, band, setting, strength). ConVA cells multiply by the P0 grid
+and the bands; CAA by the bands and its strengths (a sweep, so CAA can be compared at matched fluency);
+``prompt`` and ``none`` by neither. Every cell of one model goes into **one**
 steering table whose per-row ``method, p0, strength, setting, band`` columns override ``[steer]``
 (:data:`conva.pipeline.ROW_OVERRIDES`), so a model is extracted and fitted once and its bundles serve
 every cell; band variants are read from the same probes.
@@ -66,7 +67,9 @@ class StudySection:
     p0: tuple[float, ...] = (0.99,)
     bands: tuple[str, ...] = ("auto",)  # "auto" (the bundle's band) or "LO-HI"
     settings: tuple[str, ...] = ("plain",)
-    caa_strength: float = 4.0
+    # CAA adds strength × (mean positive − negative activation) at every band layer; on SmolLM2 with a
+    # 15-layer band, 0.5 already breaks fluency (measured), so the default is small.
+    caa_strengths: tuple[float, ...] = (0.25,)
     bootstrap: int = 1000
     seed: int = 0
 
@@ -133,6 +136,7 @@ def _check(study: StudyConfig) -> None:
         ("study.settings", bool(s.settings) and set(s.settings) <= set(SETTINGS), f"use some of {SETTINGS}"),
         ("study.p0", bool(s.p0) and all(0.0 < p < 1.0 for p in s.p0), "values must lie strictly between 0 and 1"),
         ("study.bootstrap", s.bootstrap >= 1, "must be at least 1"),
+        ("study.caa_strengths", bool(s.caa_strengths) and all(x > 0 for x in s.caa_strengths), "list positive strengths"),
         ("judge.kind", study.judge.kind in JUDGES, f"use one of {sorted(JUDGES)}"),
         ("judge.test_size", 0.0 < study.judge.test_size < 1.0, "must lie strictly between 0 and 1"),
         ("judge.max_concurrency", study.judge.max_concurrency >= 1, "must be at least 1"),
@@ -191,8 +195,7 @@ class Cell:
 
     @property
     def id(self) -> str:
-        p0 = "-" if self.p0 is None else f"{self.p0:g}"
-        return f"{self.model}|{self.value}|{self.method}|p0={p0}|band={self.band}|{self.setting}"
+        return f"{self.model}|{self.value}|{self.method}|p0={_tag(self.p0, self.strength)}|band={self.band}|{self.setting}"
 
 
 @dataclass(frozen=True)
@@ -208,20 +211,23 @@ class UtilityCell:
 
     @property
     def id(self) -> str:
-        p0 = "-" if self.p0 is None else f"{self.p0:g}"
-        return f"{self.model}|{self.value}|{self.method}|p0={p0}|band={self.band}"
+        return f"{self.model}|{self.value}|{self.method}|p0={_tag(self.p0, self.strength)}|band={self.band}"
 
 
 def _variants(study: StudyConfig, method: str) -> list[tuple[float | None, str, float | None]]:
     s = study.study
     bands = list(s.bands) if method in _BAND_METHODS else ["-"]
     p0s: list[float | None] = list(s.p0) if method in _P0_METHODS else [None]
-    strength = s.caa_strength if method == "caa" else None
-    return [(p, b, strength) for b in bands for p in p0s]
+    strengths: list[float | None] = list(s.caa_strengths) if method == "caa" else [None]
+    return [(p, b, x) for b in bands for p in p0s for x in strengths]
+
+
+def _tag(p0: float | None, strength: float | None) -> str:
+    return ("-" if p0 is None else f"{p0:g}") + ("" if strength is None else f"|s={strength:g}")
 
 
 def expand_cells(study: StudyConfig, spec: str) -> list[Cell]:
-    """Every cell of one model, in a fixed order (value, setting, method, band, P0)."""
+    """Every cell of one model, in a fixed order (value, setting, method, band, P0, strength)."""
     name = model_name(spec)
     return [Cell(name, value, method, p0, band, setting, strength)
             for value in study.job.data.values for setting in study.study.settings for method in study.study.methods

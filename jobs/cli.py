@@ -1,4 +1,5 @@
-"""The ``conva`` command: ``conva extract|fit|steer|run|validate --config FILE [--section.key=value ...]``.
+"""The ``conva`` command: ``conva extract|fit|steer|run|validate|study --config FILE [--section.key=value ...]``
+and ``conva report <results folder>``.
 
 ``validate`` is the dry run: it checks the config, that the model exists, that the inputs read and the
 output folder is writable (and, with ``--job steer``, the bundles) without loading a model or starting
@@ -43,13 +44,21 @@ def validate(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``conva`` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*JOBS, "validate"]
+    commands = [*JOBS, "validate", "study", "report"]
     if not argv or argv[0] not in commands:
         print(f"usage: conva {{{'|'.join(commands)}}} --config FILE [--section.key=value ...] [--overwrite]",
               file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     if argv[0] == "validate":
         return validate(argv[1:])
+    if argv[0] == "study":
+        from jobs.study import main as study_main
+
+        return study_main(argv[1:])
+    if argv[0] == "report":
+        from conva.report import main as report_main
+
+        return report_main(argv[1:])
     return run_main(argv[0], argv[1:])
 
 

@@ -81,7 +81,7 @@ def _run_model(study: StudyConfig, spec: str, out: Path, overwrite: bool) -> dic
     steer_rows = steering_table(cfg, cells)
     util_rows = _utility_rows(study, ucells)
     stages = _open(study, cfg, model_out, steer_rows, util_rows, [c.id for c in cells], overwrite)
-    r = cfg.ray.rows_per_shard
+    r, retries = cfg.ray.rows_per_shard, cfg.ray.max_task_retries
     gen_ranges, util_ranges = shard_ranges(steer_rows.num_rows, r), shard_ranges(util_rows.num_rows, r)
     pending = {"gen": stages["study_generations"].pending(len(gen_ranges)),
                "judged": stages["study_judged"].pending(len(gen_ranges)),
@@ -90,14 +90,16 @@ def _run_model(study: StudyConfig, spec: str, out: Path, overwrite: bool) -> dic
         actors = _start(study, cfg, out, max(1, min(cfg.ray.num_workers, max(map(len, pending.values())))))
         try:
             _commit_all(actors, "steer", stages["study_generations"], pending["gen"],
-                        lambda s: (_take(steer_rows, gen_ranges[s]), bundle_dir))
+                        lambda s: (_take(steer_rows, gen_ranges[s]), bundle_dir), stage_retries=retries)
             gen = stages["study_generations"]
             _commit_all(actors, "evaluate", stages["study_judged"], pending["judged"],
-                        lambda s: (pq.read_table(gen.path / f"part-{s:05d}.parquet"), bundle_dir))
+                        lambda s: (pq.read_table(gen.path / f"part-{s:05d}.parquet"), bundle_dir), stage_retries=retries)
             _commit_all(actors, "utility", stages["study_utility"], pending["util"],
-                        lambda s: (_take(util_rows, util_ranges[s]), bundle_dir))
-            _commit_all(actors[:1], "agreement", stages["study_judge"], pending["judge"], lambda s: (bundle_dir,),
-                        with_shard=False)
+                        lambda s: (_take(util_rows, util_ranges[s]), bundle_dir), stage_retries=retries)
+            if pending["judge"]:  # one call: the judge's agreement per value, committed as shard 0
+                import ray
+
+                stages["study_judge"].commit(0, ray.get(actors[0].agreement.remote(bundle_dir)))
         finally:
             stop_actors(actors)
     read = {k: stages[k].dataset().to_table() for k in _STAGES}
@@ -161,16 +163,12 @@ def _start(study: StudyConfig, cfg, out: Path, n: int) -> list:
     return actors
 
 
-def _commit_all(actors: list, method: str, stage: Stage, todo: list[int], args, with_shard: bool = True) -> None:
+def _commit_all(actors: list, method: str, stage: Stage, todo: list[int], args, stage_retries: int = 0) -> None:
+    """Run ``actor.<method>(shard, *args(shard))`` for every pending shard; the driver commits each result."""
     if not todo:
         return
     t0 = time.monotonic()
-    if not with_shard:  # a single-shot call (the judge's agreement): no shard index argument
-        import ray
-
-        stage.commit(0, ray.get(getattr(actors[0], method).remote(*args(0))))
-        return
-    for shard, table in run_shards(actors, method, method, todo, args):
+    for shard, table in run_shards(actors, method, method, todo, args, retries=stage_retries):
         stage.commit(shard, table)
         _log.info("%s: committed shard %d (%d rows)", method, shard, table.num_rows)
     _log.info("%s: %d shards in %.1f s", method, len(todo), time.monotonic() - t0)

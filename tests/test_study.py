@@ -28,8 +28,10 @@ def test_demo_study_config_expands_to_its_cells(tmp_path) -> None:
     sweep = load_study(DEMO, ["--study.p0=[0.9, 0.99]", '--study.bands=["auto", "10-20"]', '--study.settings=["plain", "opposite"]'])
     per_value = {m: sum(c.method == m for c in expand_cells(sweep, "smollm2")) // len(VALUES) for m in sweep.study.methods}
     assert per_value == {"conva": 2 * 2 * 2, "caa": 2 * 2, "prompt": 2, "none": 2}
+    strengths = load_study(DEMO, ["--study.caa_strengths=[0.25, 0.5, 1.0]"])
+    assert sum(c.method == "caa" for c in expand_cells(strengths, "smollm2")) == 3 * len(VALUES)
     for bad, key in ((["--study.methods=[\"lora\"]"], "study.methods"), (["--study.p0=[1.0]"], "study.p0"),
-                     (["--study.bands=[\"x\"]"], "study.bands"), (["--judge.kind=oracle"], "judge.kind"),
+                     (["--study.bands=[\"x\"]"], "study.bands"), (["--study.caa_strengths=[0]"], "study.caa_strengths"), (["--judge.kind=oracle"], "judge.kind"),
                      (["--model.name=x"], "model.name"), (["--judge.kind=llm"], "judge.base_url")):
         with pytest.raises(ConfigError, match=key):
             load_study(DEMO, bad)
@@ -49,7 +51,7 @@ def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
         if row["method"] == "conva":
             assert spec.target() == 0.99 and spec.layers() == (tuple(row["band"]) if row["band"] else bundle.band)
         if row["method"] == "caa":
-            assert spec.strength == study.study.caa_strength
+            assert spec.strength in study.study.caa_strengths and f"s={spec.strength:g}" in row["cell_id"]
 
 
 def _result(cell: str, method: str, score: float, ppl: float, prompt: str, gate: bool | None = None) -> dict:
