@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from conva.gates import Gate
@@ -170,8 +171,8 @@ def load_bundle(path: str | Path, *, fingerprint: str | None = None, hidden_size
     try:
         meta = json.loads((path / "meta.json").read_text())
         tensors = load_file(str(path / "vectors.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: not a readable bundle ({exc})") from exc
+    except (OSError, ValueError, SafetensorError) as exc:  # a torn or foreign file (e.g. a pickle) is refused
+        raise BundleError(f"{path}: not a readable bundle ({type(exc).__name__}: {exc})") from exc
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
     _check_tensors(path, meta, tensors)

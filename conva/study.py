@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -166,8 +167,13 @@ def study_dict(study: StudyConfig) -> dict[str, Any]:
 
 
 def model_slug(spec: str) -> str:
-    """A model's name as a single safe path component (``SmolLM2-135M-Instruct``)."""
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in model_name(spec))[:64] or "model"
+    """A model's name as a single safe path component (``SmolLM2-135M-Instruct``), the name of its folder.
+
+    ASCII letters, digits and ``._-`` only, starting with a letter or digit, no ``..``: a spec such as
+    ``..``, ``.`` or ``/m/.hidden`` must not name the study folder itself, ``models/`` or a hidden folder.
+    """
+    slug = re.sub(r"\.{2,}", "_", re.sub(r"[^A-Za-z0-9._-]", "_", model_name(spec))).lstrip("._-")[:64]
+    return slug or "model"
 
 
 def model_config(study: StudyConfig, spec: str, out: str | Path) -> Config:

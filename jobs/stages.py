@@ -115,7 +115,7 @@ def _run_sharded(name: str, cfg: Config, stage: Stage, ranges: list[tuple[int, i
     written, done = 0, 0
     bar = tqdm(total=len(ranges), initial=len(ranges) - len(todo), desc=name, unit="shard", disable=None)
     try:
-        for shard, table in run_shards(actors, method, name, todo, args):
+        for shard, table in run_shards(actors, method, name, todo, args, retries=cfg.ray.max_task_retries):
             stage.commit(shard, table, row_group_size=row_group(shard))
             written, done = written + table.num_rows, done + 1
             bar.update()

@@ -13,6 +13,7 @@ from conva.config import Config
 from conva.models import load_model, model_fingerprint, model_name
 from conva.pipeline import extract_table
 from workers.contract import check_rows
+from workers.faults import maybe_die
 
 __all__ = ["ExtractionWorker", "MODEL_META_KEY"]
 
@@ -60,6 +61,7 @@ class ExtractionWorker:
 
         Raises :class:`~workers.contract.RowContractError` if any row id is missing or repeated.
         """
+        maybe_die("extract", shard_index, rows, "text")
         e = self.cfg.extract
         out = extract_table(self.model, self.tok, rows, self.layers, e.position, e.batch_size)
         check_rows("extract", shard_index, rows, out, per_row=len(self.layers))

@@ -13,6 +13,7 @@ from conva.config import Config
 from workers.backends import make_steerer
 from workers.contract import check_rows
 from workers.extraction import _set_threads
+from workers.faults import maybe_die
 
 __all__ = ["SteeringWorker", "load_bundles"]
 
@@ -42,6 +43,7 @@ class SteeringWorker:
 
     def steer(self, shard_index: int, rows: pa.Table, bundle_dir: str) -> pa.Table:
         """Generations for one shard. Bundles are read once per folder and checked against the model."""
+        maybe_die("steer", shard_index, rows, "prompt")
         if bundle_dir not in self._bundles:
             self._bundles[bundle_dir] = load_bundles(bundle_dir, self.cfg.data.values, self.steerer.fingerprint,
                                                      self.steerer.hidden_size)
