@@ -9,6 +9,9 @@ Two on-disk formats are read:
 * **The project's own schema**, in JSONL, CSV or Parquet: pairs have ``value, positive, negative``;
   prompts have ``value, prompt`` (``value`` may be absent or null for neutral prompts).
 
+A source is a local path or any URI ``pyarrow.fs`` understands (``s3://bucket/key``, ``gs://…``,
+``hdfs://…``, ``file:///…``): files are listed and read through ``pyarrow.fs``, never copied.
+
 Strict loaders (:func:`load_pairs`, :func:`load_prompts`) are for training data: the first malformed
 row raises :class:`DataError` naming the file, the 1-based data row and the field.
 :func:`read_records` is the lenient reader for bulk steering input: a bad row comes back with an
@@ -26,10 +29,13 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+import pyarrow.fs as pafs
 
 from conva.values import VALUES, check_value
 
@@ -49,6 +55,7 @@ __all__ = [
     "demo_answers",
     "demo_neutral",
     "text_hash",
+    "is_folder",
 ]
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -105,47 +112,65 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def _locate(source: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a local path or a ``pyarrow.fs`` URI."""
+    text = str(source)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except (ValueError, OSError) as exc:  # pyarrow.lib.ArrowInvalid is a ValueError
+            raise DataError(text, None, None, f"cannot open this URI: {exc}") from exc
+    return pafs.LocalFileSystem(), str(Path(text).resolve())
+
+
+def is_folder(source: str | Path) -> bool:
+    """Whether ``source`` (path or URI) is a folder."""
+    fs, path = _locate(source)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
 def read_records(path: str | Path) -> Iterator[Record]:
     """Yield every data row of a JSONL, CSV or Parquet file, with a reason for rows that cannot be used.
 
-    Rows are numbered from 1 (the CSV header is not a row). Undecodable bytes, broken JSON and lines that
-    are not objects become error records; the file as a whole must exist and have a known suffix.
+    ``path`` is a local path or a ``pyarrow.fs`` URI. Rows are numbered from 1 (the CSV header is not a
+    row). Undecodable bytes, broken JSON and lines that are not objects become error records; the file
+    as a whole must exist and have a known suffix.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        yield from _jsonl_records(path)
-    elif suffix == ".csv":
-        yield from _csv_records(path)
-    elif suffix == ".parquet":
-        yield from _parquet_records(path)
-    else:
+    fs, where = _locate(path)
+    suffix = posixpath.splitext(where)[1].lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
         raise DataError(path, None, None, f"unknown file type {suffix!r} (expected .jsonl, .csv or .parquet)")
+    if fs.get_file_info(where).type != pafs.FileType.File:
+        raise DataError(path, None, None, "no such file")
+    if suffix == ".parquet":
+        yield from _parquet_records(fs, where, path)
+        return
+    with fs.open_input_stream(where) as stream:
+        data = stream.read()
+    yield from (_jsonl_records(data) if suffix in (".jsonl", ".json") else _csv_records(data, path))
 
 
-def _jsonl_records(path: Path) -> Iterator[Record]:
+def _jsonl_records(data: bytes) -> Iterator[Record]:
     row = 0
-    with open(path, "rb") as fh:
-        for raw in fh:
-            if not raw.strip():
-                continue
-            row += 1
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                yield Record(row, {}, f"invalid UTF-8 at byte {exc.start} of the line")
-                continue
-            except json.JSONDecodeError as exc:
-                yield Record(row, {}, f"invalid JSON: {exc.msg}")
-                continue
-            if not isinstance(obj, dict):
-                yield Record(row, {}, f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield Record(row, obj)
+    for raw in data.splitlines():
+        if not raw.strip():
+            continue
+        row += 1
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            yield Record(row, {}, f"invalid UTF-8 at byte {exc.start} of the line")
+            continue
+        except json.JSONDecodeError as exc:
+            yield Record(row, {}, f"invalid JSON: {exc.msg}")
+            continue
+        if not isinstance(obj, dict):
+            yield Record(row, {}, f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        yield Record(row, obj)
 
 
-def _csv_records(path: Path) -> Iterator[Record]:
-    data = path.read_bytes()
+def _csv_records(data: bytes, path: str | Path) -> Iterator[Record]:
     lines = data.splitlines(keepends=True)
     bad_lines: dict[int, str] = {}
     text_lines = []
@@ -176,18 +201,18 @@ def _csv_row_error(header: list[str], values: list[str], bad: dict[int, str], en
     return None
 
 
-def _parquet_records(path: Path) -> Iterator[Record]:
+def _parquet_records(fs: pafs.FileSystem, where: str, path: str | Path) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(where, filesystem=fs)
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise DataError(path, None, None, f"unreadable Parquet file: {exc}") from exc
     for row, obj in enumerate(table.to_pylist(), start=1):
         yield Record(row, obj)
 
 
-def _require_text(path: Path, rec: Record, field: str) -> str:
+def _require_text(path: str | Path, rec: Record, field: str) -> str:
     value = rec.fields.get(field)
     if field not in rec.fields:
         raise DataError(path, rec.row, field, "missing field")
@@ -198,26 +223,30 @@ def _require_text(path: Path, rec: Record, field: str) -> str:
     return value
 
 
-def _strict(path: Path) -> Iterator[Record]:
+def _strict(path: str | Path) -> Iterator[Record]:
     for rec in read_records(path):
         if rec.error is not None:
             raise DataError(path, rec.row, None, rec.error)
         yield rec
 
 
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".jsonl", ".csv", ".parquet"))
-        if not files:
-            raise DataError(path, None, None, "folder holds no .jsonl, .csv or .parquet file")
-        return files
-    if not path.exists():
+def _files(path: str | Path) -> list[str]:
+    """The data files of a file or folder (path or URI), sorted; a folder is not searched recursively."""
+    fs, where = _locate(path)
+    kind = fs.get_file_info(where).type
+    if kind == pafs.FileType.NotFound:
         raise DataError(path, None, None, "no such file")
-    return [path]
+    if kind == pafs.FileType.File:
+        return [str(path)]
+    found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(where))
+                   if i.type == pafs.FileType.File and posixpath.splitext(i.base_name)[1].lower() in (".jsonl", ".csv", ".parquet"))
+    if not found:
+        raise DataError(path, None, None, "folder holds no .jsonl, .csv or .parquet file")
+    return [f"{str(path).rstrip('/')}/{name}" for name in found]
 
 
-def _paper_value(path: Path) -> str | None:
-    match = _PAPER_NAME.match(path.name)
+def _paper_value(path: str) -> str | None:
+    match = _PAPER_NAME.match(posixpath.basename(path))
     if not match:
         return None
     return match.group("test") or match.group("value")
@@ -230,7 +259,7 @@ def load_pairs(path: str | Path, value: str | None = None) -> list[Pair]:
     a ``value`` column. ``value`` keeps only that value's pairs.
     """
     pairs: list[Pair] = []
-    for file in _files(Path(path)):
+    for file in _files(path):
         file_value = _paper_value(file)
         for rec in _strict(file):
             if "question_1" in rec.fields or "question_2" in rec.fields:
@@ -250,7 +279,7 @@ def load_pairs(path: str | Path, value: str | None = None) -> list[Pair]:
 def load_prompts(path: str | Path, value: str | None = None) -> list[Prompt]:
     """Read prompts (``prompt`` or the paper's ``text`` column) from a file or folder, strictly."""
     prompts: list[Prompt] = []
-    for file in _files(Path(path)):
+    for file in _files(path):
         file_value = _paper_value(file)
         for rec in _strict(file):
             field = "text" if "text" in rec.fields and "prompt" not in rec.fields else "prompt"
@@ -263,24 +292,26 @@ def load_prompts(path: str | Path, value: str | None = None) -> list[Prompt]:
     return prompts
 
 
-def _paper_file(root: Path, value: str, names: tuple[str, ...]) -> Path:
+def _paper_file(root: str | Path, value: str, names: tuple[str, ...]) -> str:
+    base = str(root).rstrip("/")
     for name in names:
-        candidate = root / name.format(v=value)
-        if candidate.exists():
+        candidate = f"{base}/{name.format(v=value)}"
+        fs, where = _locate(candidate)
+        if fs.get_file_info(where).type == pafs.FileType.File:
             return candidate
-    raise DataError(root / names[0].format(v=value), None, None, "no such file (nor its other spelling)")
+    raise DataError(f"{base}/{names[0].format(v=value)}", None, None, "no such file (nor its other spelling)")
 
 
 def paper_pairs(root: str | Path, value: str, kind: str = "context_controlled") -> list[Pair]:
     """The paper's pairs for one value; ``kind`` is ``context_controlled`` or ``non_context_controlled``."""
     if kind not in _PAPER_PAIR_FILES:
         raise ValueError(f"unknown pair kind {kind!r}; expected one of {sorted(_PAPER_PAIR_FILES)}")
-    return load_pairs(_paper_file(Path(root), check_value(value), _PAPER_PAIR_FILES[kind]))
+    return load_pairs(_paper_file(root, check_value(value), _PAPER_PAIR_FILES[kind]))
 
 
 def paper_prompts(root: str | Path, value: str) -> list[Prompt]:
     """The paper's dilemma test prompts for one value (``test_{value}_new.csv``)."""
-    return load_prompts(_paper_file(Path(root), check_value(value), ("test_{v}_new.csv",)))
+    return load_prompts(_paper_file(root, check_value(value), ("test_{v}_new.csv",)))
 
 
 def demo_dir() -> Path:

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from conva.bundle import BundleError, load_bundle
 from conva.config import Config
-from conva.data import DataError
+from conva.data import DataError, is_folder
 from conva.models import ModelNotFoundError, check_model
 from conva.pipeline import STEERING_INPUT_SCHEMA, extraction_rows, steering_rows, steering_rows_from_file
 from conva.store import OutputNotWritableError, check_writable
@@ -68,7 +68,7 @@ def steering_input(cfg: Config) -> pa.Table:
     ``data.max_prompts_per_value`` applies to ``demo``/``paper:`` sources and folders, not to a file.
     """
     source = cfg.data.prompts
-    if source == "demo" or source.startswith("paper:") or Path(source).is_dir():
+    if source == "demo" or source.startswith("paper:") or is_folder(source):
         return steering_rows(cfg)
     rows = steering_rows_from_file(source)
     errors = [e if e is not None or v is None or v in cfg.data.values else f"no bundle for value {v!r} (not in data.values)"

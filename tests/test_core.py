@@ -279,3 +279,16 @@ def test_left_padding_does_not_shift_absolute_positions(tmp_path):
     logits, _ = steer_logits(model, tok, texts, [SteerSpec("none")] * 2)
     alone, _ = steer_logits(model, tok, texts[:1], [SteerSpec("none")])
     np.testing.assert_allclose(logits[0].numpy(), alone[0].numpy(), atol=1e-4)
+
+
+def test_sources_may_be_pyarrow_fs_uris(paper_data, tmp_path):
+    """Inputs are read through pyarrow.fs: a file:// URI (like s3:// or gs://) works as a path does."""
+    uri = paper_data.resolve().as_uri()
+    assert len(D.paper_pairs(uri, "power")) == 100 and D.is_folder(uri)
+    (tmp_path / "p.jsonl").write_text('{"value": "power", "prompt": "Should I lead?"}\n{"prompt": 3}\n')
+    records = list(D.read_records((tmp_path / "p.jsonl").as_uri()))
+    assert [r.row for r in records] == [1, 2] and records[0].fields["prompt"] == "Should I lead?"
+    with pytest.raises(D.DataError, match="no such file"):
+        D.load_prompts((tmp_path / "missing.jsonl").as_uri())
+    with pytest.raises(D.DataError, match="cannot open this URI"):
+        D.load_prompts("nosuchscheme://bucket/file.jsonl")
