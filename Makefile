@@ -34,8 +34,14 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# CPU benchmarks, each writing benchmarks/results/*.json (figures go into benchmarks/RESULTS.md by hand);
+# the GPU script is benchmarks/gpu.py, run on a device machine.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.probe_accuracy
+	$(BIN)/python -m benchmarks.bench_steer
+	$(BIN)/python benchmarks/bench_extract.py
+	$(BIN)/python -m benchmarks.bench_vllm
+	$(BIN)/python -m benchmarks.bench_large_input
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
