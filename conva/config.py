@@ -29,7 +29,7 @@ from conva.steer import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
 from conva.values import VALUES
 
 __all__ = [
-    "ConfigError", "ModelConfig", "DataConfig", "ExtractConfig", "FitConfig",
+    "ConfigError", "read_config_data", "build_section", "build_config", "ModelConfig", "DataConfig", "ExtractConfig", "FitConfig",
     "SteerConfig", "VLLMConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
     "RESULT_NEUTRAL_KEYS",
 ]
@@ -287,13 +287,27 @@ def _read_file(path: Path) -> dict[str, Any]:
     raise ConfigError(f"{path}: unknown config type {path.suffix!r} (expected .toml, .yaml or .yml)")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read, merge overrides into, type-check and validate a config; never loads a model."""
+def read_config_data(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A config file (TOML or YAML) as nested dicts with ``--section.key=value`` overrides merged in."""
     data = _read_file(Path(path)) if path is not None else {}
-    data = _merge(data, parse_overrides(overrides or []))
+    return _merge(data, parse_overrides(overrides or []))
+
+
+def build_section(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Type-check ``data`` into the dataclass ``cls``; errors name the key with ``prefix`` (e.g. ``judge.``)."""
+    return _build(cls, data, prefix)
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """A job :class:`Config` from nested dicts, type-checked and validated."""
     cfg = _build(Config, data, "")
     _validate(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read, merge overrides into, type-check and validate a config; never loads a model."""
+    return build_config(read_config_data(path, overrides))
 
 
 def config_dict(cfg: Config) -> dict[str, Any]:

@@ -34,7 +34,7 @@ from conva.steer import RowResult, SteerSpec, generate
 
 __all__ = [
     "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
-    "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source",
+    "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source", "load_prompt_source",
     "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn",
 ]
 
@@ -76,7 +76,8 @@ def load_pair_source(source: str, value: str, kind: str) -> list[D.Pair]:
     return D.load_pairs(source, value)
 
 
-def _load_prompt_source(source: str, value: str | None) -> list[D.Prompt]:
+def load_prompt_source(source: str, value: str | None) -> list[D.Prompt]:
+    """Prompts for ``value`` (neutral ones for None) from ``demo``, ``paper:<folder>`` or a file/folder."""
     if source == "demo":
         return D.demo_prompts(value) if value is not None else D.demo_neutral()
     if source.startswith("paper:"):
@@ -175,7 +176,7 @@ def steering_rows(cfg: Config) -> pa.Table:
     """The prompts to steer: each value's prompts from ``data.prompts`` (capped per value if asked)."""
     rows = []
     for value in cfg.data.values:
-        prompts = _load_prompt_source(cfg.data.prompts, value)
+        prompts = load_prompt_source(cfg.data.prompts, value)
         if cfg.data.max_prompts_per_value:
             prompts = prompts[: cfg.data.max_prompts_per_value]
         rows += [dict(row_id=f"{value}/{i:06d}", value=value, prompt=p.prompt, error=None) for i, p in enumerate(prompts)]

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,8 +40,8 @@ import numpy as np
 import pyarrow as pa
 
 from conva import data as D
-# _build/_validate: conva.config's typed builder, reused so a study's job sections obey the job rules exactly.
-from conva.config import Config, ConfigError, _build, _validate, parse_overrides
+# The job sections go through conva.config's own builder, so they obey the job rules exactly.
+from conva.config import Config, ConfigError, build_config, build_section, read_config_data
 from conva.judges import JUDGES, JudgeSettings
 from conva.metrics import bootstrap_ci, csr, ppl_ratio
 from conva.models import model_name
@@ -106,23 +105,12 @@ _OWN = ("study", "judge", "utility", "fluency")
 
 def load_study(path: str | Path | None, overrides: Sequence[str] = ()) -> StudyConfig:
     """Read a study TOML, merge ``--section.key=value`` overrides, type-check and validate; loads no model."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"study config {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: cannot parse: {err}") from err
-    for key, value in parse_overrides(list(overrides)).items():
-        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    data = read_config_data(path, list(overrides))
     own = {k: data.pop(k, {}) for k in _OWN}
     if "name" in data.get("model", {}):
         raise ConfigError("model.name: a study lists its models under study.models")
-    job = _build(Config, data, "")
-    _validate(job)
-    sections = {k: _build(cls, own[k], f"{k}.") for k, cls in
+    job = build_config(data)
+    sections = {k: build_section(cls, own[k], f"{k}.") for k, cls in
                 (("study", StudySection), ("judge", JudgeSettings), ("utility", UtilitySection), ("fluency", FluencySection))}
     study = StudyConfig(**sections, job=job)
     _check(study)
@@ -258,9 +246,9 @@ STUDY_STEERING_SCHEMA = pa.schema([*STEERING_INPUT_SCHEMA, *(pa.field(n, t) for 
 
 
 def _prompts(cfg: Config, value: str) -> list[D.Prompt]:
-    from conva.pipeline import _load_prompt_source
+    from conva.pipeline import load_prompt_source
 
-    prompts = _load_prompt_source(cfg.data.prompts, value)
+    prompts = load_prompt_source(cfg.data.prompts, value)
     return prompts[: cfg.data.max_prompts_per_value] if cfg.data.max_prompts_per_value else prompts
 
 
