@@ -24,7 +24,7 @@ from conva.config import Config
 from conva.models import load_model, model_fingerprint, model_name
 from conva.pipeline import steer_table
 
-__all__ = ["Steerer", "HFSteerer", "VLLMSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
+__all__ = ["Steerer", "HFSteerer", "VLLMBackendSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
 
 
 class Steerer(Protocol):
@@ -74,7 +74,7 @@ class HFSteerer:
 register_backend("hf")(HFSteerer)
 
 
-class VLLMSteerer:
+class VLLMBackendSteerer:
     """The vLLM backend: ConVA inside a vLLM engine (:mod:`conva.vllm_backend`), same row contract as HF.
 
     The engine is built on the first shard, once the bundles are known: their bands and gate layers are
@@ -101,14 +101,14 @@ class VLLMSteerer:
         self.engine = None
 
     def _engine(self, bundles: dict[str, ValueBundle]):
-        from conva.vllm_backend import EngineSettings, VLLMSteerer as Engine
+        from conva.vllm_backend import EngineSettings, VLLMSteerer
 
         if self.engine is None:
             v, m = self.cfg.vllm, self.cfg.model
             settings = EngineSettings(dtype=m.dtype, enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
                                       max_model_len=v.max_model_len or None, max_specs=v.max_specs,
                                       kv_cache_gib=v.kv_cache_gib, gpu_memory_utilization=v.gpu_memory_utilization)
-            self.engine = Engine(self.path, list(bundles.values()), settings=settings)
+            self.engine = VLLMSteerer(self.path, list(bundles.values()), settings=settings)
         return self.engine
 
     def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle]) -> pa.Table:
@@ -122,7 +122,7 @@ class VLLMSteerer:
                            max_length=min(engine.max_len, engine.budget + 1))
 
 
-register_backend("vllm")(VLLMSteerer)
+register_backend("vllm")(VLLMBackendSteerer)
 
 
 def check_backend(name: str) -> None:
