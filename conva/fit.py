@@ -69,14 +69,28 @@ class LayerData:
     layers: tuple[int, ...]
 
 
-def _caa(data: LayerData, layers: Sequence[int]) -> np.ndarray:
-    """Mean positive minus mean negative activation per layer (the CAA steering vector)."""
-    pos, neg = data.labels == 1, data.labels == 0
-    out = []
-    for layer in layers:
-        x = np.asarray(data.matrix(layer), dtype=np.float64)
-        out.append(x[pos].mean(0) - x[neg].mean(0))
-    return np.stack(out).astype(np.float32)
+class _CAA:
+    """The CAA steering vector (mean positive minus mean negative activation), per layer, taken in passing.
+
+    Wraps a layer reader: every layer :func:`fit_probes` reads also yields its CAA row, so a streaming
+    driver reads each layer once for both.
+    """
+
+    def __init__(self, data: LayerData) -> None:
+        self.data, self.rows = data, {}
+        self.pos, self.neg = data.labels == 1, data.labels == 0
+
+    def matrix(self, layer: int) -> np.ndarray:
+        x = self.data.matrix(layer)
+        x64 = np.asarray(x, dtype=np.float64)
+        self.rows[layer] = x64[self.pos].mean(0) - x64[self.neg].mean(0)
+        return x
+
+    def vectors(self, layers: Sequence[int]) -> np.ndarray:
+        for layer in layers:
+            if layer not in self.rows:
+                self.matrix(layer)
+        return np.stack([self.rows[l] for l in layers]).astype(np.float32)
 
 
 def fit_value(
@@ -88,7 +102,8 @@ def fit_value(
     ``gate_data`` (label 1 = concerns the value, 0 = neutral) is needed for a ``probe`` gate; its
     candidate layers are those of ``gate_data`` up to the band's first layer.
     """
-    fit = fit_probes(pairs.matrix, pairs.labels, pairs.groups, pairs.layers, settings.probe)
+    caa = _CAA(pairs)
+    fit = fit_probes(caa.matrix, pairs.labels, pairs.groups, pairs.layers, settings.probe)
     band = parse_band(settings.band, model.n_blocks)
     if band is None:
         band = choose_band(fit, settings.band_width or max(1, model.n_blocks // 2))
@@ -96,7 +111,7 @@ def fit_value(
     return ValueBundle(
         value=value, model_name=model.name, fingerprint=model.fingerprint, hidden_size=model.hidden_size,
         n_blocks=model.n_blocks, layers=fit.layers, w=fit.w, b=fit.b, train_acc=fit.train_acc,
-        test_acc=fit.test_acc, caa=_caa(pairs, pairs.layers), band=band, p0=settings.p0, gate=gate,
+        test_acc=fit.test_acc, caa=caa.vectors(pairs.layers), band=band, p0=settings.p0, gate=gate,
         position=position, chat_template=chat_template, dataset_hash=dataset_hash,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         extra={"probe": settings.probe.__dict__, "n_train": fit.n_train, "n_test": fit.n_test},

@@ -78,13 +78,21 @@ def _model_info(acts: Stage) -> tuple[ModelInfo, list[int]]:
 
 
 def _value_reader(dataset: ds.Dataset, value: str, layers: list[int], hidden: int):
-    """``meta`` (one row per text of ``value`` plus the neutral texts) and ``read_layer(l) -> [n, d]`` aligned to it."""
+    """``meta`` (one row per text of ``value`` plus the neutral texts) and ``read_layer(l) -> [n, d]`` aligned to it.
+
+    ``read_layer`` scans only the shard files that hold the value's or the neutral texts (found once, from
+    the first layer's rows), and in them only the layer's row group (pruned by its statistics): a value's
+    layer costs a few row groups whatever the size of the whole activation store.
+    """
     rows = (pc.field("value") == value) | (pc.field("dataset") == "neutral")
-    meta = dataset.to_table(columns=_META_COLUMNS, filter=rows & (pc.field("layer") == layers[0]))
-    ids = meta.column("row_id")
+    meta = dataset.to_table(columns=[*_META_COLUMNS, "__filename"], filter=rows & (pc.field("layer") == layers[0]))
+    files = set(meta.column("__filename").to_pylist())
+    meta, ids = meta.drop_columns(["__filename"]), meta.column("row_id")
+    own = ds.FileSystemDataset([f for f in dataset.get_fragments() if f.path in files], dataset.schema,
+                               dataset.format, dataset.filesystem)
 
     def read_layer(layer: int) -> np.ndarray:
-        part = dataset.to_table(columns=["row_id", "activation"], filter=rows & (pc.field("layer") == layer))
+        part = own.to_table(columns=["row_id", "activation"], filter=rows & (pc.field("layer") == layer))
         if not part.column("row_id").equals(ids):
             raise JobError(f"activations of layer {layer} are not aligned with layer {layers[0]} for {value!r}")
         flat = part.column("activation").combine_chunks().flatten().to_numpy(zero_copy_only=False)
