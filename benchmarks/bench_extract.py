@@ -16,9 +16,7 @@ over texts/s of a one-thread raw run: the throughput per unit of compute. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import jobs  # noqa: E402,F401  (loopback-only Ray environment, before ray is imported)
 import torch  # noqa: E402
 
+from benchmarks.common import RESULTS, machine, write_result  # noqa: E402
 from conva.blocks import find_blocks  # noqa: E402
 from conva.config import RESULT_NEUTRAL_KEYS, load_config  # noqa: E402
 from conva.models import load_model  # noqa: E402
@@ -97,19 +96,16 @@ def main() -> None:
     raw1_s = _raw(cfg, rows, timed)
     actor_cpus = cfg.ray.num_workers * cfg.ray.num_cpus_per_worker
     result = {
-        "model": cfg.model.name, "texts": n_texts, "shards": len(timed), "rows_per_shard": cfg.ray.rows_per_shard,
-        "batch_size": cfg.extract.batch_size, "layers": "all", "machine": f"{platform.machine()}, {threads} cores",
+        **machine(), "benchmark": "extract", "model": cfg.model.name, "texts": n_texts, "shards": len(timed), "rows_per_shard": cfg.ray.rows_per_shard,
+        "batch_size": cfg.extract.batch_size, "layers": "all",
         "raw_threads": threads, "ray_actors": cfg.ray.num_workers, "ray_cpus_per_actor": cfg.ray.num_cpus_per_worker,
         "raw_seconds": round(raw_s, 2), "ray_seconds": round(ray_s, 2), "ray_startup_seconds": round(startup, 2),
         "raw_texts_per_s": round(n_texts / raw_s, 1), "ray_texts_per_s": round(n_texts / ray_s, 1),
         "ratio": round(raw_s / ray_s, 3),
         "raw_1_thread_texts_per_s": round(n_texts / raw1_s, 1),
         "ratio_per_cpu": round((n_texts / ray_s / actor_cpus) / (n_texts / raw1_s), 3),
-        "load_average_1min": os.getloadavg()[0], "torch": torch.__version__,
     }
-    out = REPO / "benchmarks" / "results" / "extract.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    write_result(RESULTS / "extract.json", result)
     print(f"ray / raw throughput: {result['ratio']:.3f} (raw on {threads} threads); per CPU against a "
           f"1-thread raw run: {result['ratio_per_cpu']:.3f}")
 

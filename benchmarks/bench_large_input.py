@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import jobs  # noqa: F401  (loopback-only Ray environment before ray is imported)
-    from benchmarks.common import machine
+    from benchmarks.common import RESULTS, machine
     from conva.tiny import make_tiny_model
     from jobs.common import setup_logging
 
@@ -161,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.shutdown()
     figures["machine"] = machine()
     print(json.dumps({k: v for k, v in figures.items() if k != "samples"}, indent=1))
-    out = Path(__file__).resolve().parent / "results" / "large_input.json"
-    out.write_text(json.dumps(figures, indent=1))
-    print(f"written {out}")
+    (RESULTS / "large_input.json").parent.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "large_input.json").write_text(json.dumps(figures, indent=1))
     return 0
 
 

@@ -8,18 +8,16 @@ interleaved, and the best time counts. Usage: ``python -m benchmarks.bench_vllm 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 from benchmarks.bench_steer import synthetic_bundle
-from benchmarks.common import machine
+from benchmarks.common import RESULTS, machine, write_result
 from conva.data import demo_prompts
 from conva.models import load_model
 from conva.steer import SteerSpec, generate
 from conva.vllm_backend import EngineSettings, VLLMSteerer
 
-OUT = Path(__file__).resolve().parent / "results" / "vllm.json"
+OUT = RESULTS / "vllm.json"
 
 
 def main() -> None:
@@ -57,9 +55,7 @@ def main() -> None:
               "vllm_steered_over_plain": rate["vllm_steered"] / rate["vllm_plain"]}
     if "hf_steered" in rate:
         report["vllm_over_hf_steered"] = rate["vllm_steered"] / rate["hf_steered"]
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=1))
-    print(json.dumps(report, indent=1))
+    write_result(OUT, report)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from pathlib import Path
 
 __all__ = ["machine", "write_result", "RESULTS", "CACHE"]
 
-RESULTS = Path(__file__).resolve().parent / "results"  # one JSON per benchmark, rendered into RESULTS.md
+# One JSON per benchmark, rendered into RESULTS.md; `python -m benchmarks --quick` points this elsewhere.
+RESULTS = Path(os.environ.get("CONVA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 CACHE = Path(__file__).resolve().parent / ".cache"  # inputs benchmarks build once and reuse (gitignored)
 
 

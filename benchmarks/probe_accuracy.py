@@ -7,20 +7,19 @@ Usage: ``python -m benchmarks.probe_accuracy [--data ../shared/data/conva] [--mo
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import RESULTS, machine, write_result
 from conva.data import paper_pairs
 from conva.models import load_model
 from conva.probes import ProbeSettings, fit_probes
 from conva.record import record_activations
 from conva.values import VALUES
 
-OUT = Path(__file__).resolve().parent / "results" / "probe_accuracy.json"
+OUT = RESULTS / "probe_accuracy.json"
 
 
 def main() -> None:
@@ -43,10 +42,9 @@ def main() -> None:
         results[value] = [round(float(a), 4) for a in fit.test_acc]
         best = int(np.argmax(fit.test_acc))
         print(f"{value:15s} best layer {best:2d} acc {fit.test_acc[best]:.3f}", flush=True)
-    report = {"model": args.model, "split": args.split, "machine": platform.processor() or platform.machine(),
-              "date": time.strftime("%Y-%m-%d"), "seconds": round(time.time() - start, 1), "test_acc": results}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(report, indent=1))
+    report = {**machine(), "benchmark": "probe_accuracy", "model": args.model, "split": args.split,
+              "seconds": round(time.time() - start, 1), "test_acc": results}
+    write_result(OUT, report)
     print(markdown(report))
 
 

@@ -148,7 +148,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "steer.method": METHODS,
     "steer.positions": STEER_POSITIONS,
     "steer.epsilon": EPSILON_MODES,
-    "steer.mode": ("batched", "reference"),
+    "steer.mode": ("batched", "compiled", "reference"),
     "steer.setting": SETTINGS,
 }
 
@@ -226,8 +226,10 @@ def _validate(cfg: Config) -> None:
         ("ray.max_task_retries", 0 <= cfg.ray.max_task_retries <= 100, "must lie in 0..100 (never infinite)"),
         ("gate.model", cfg.gate.kind != "external" or bool(cfg.gate.model and cfg.gate.labels),
          "an external gate needs gate.model and gate.labels"),
-        ("steer.mode", cfg.steer.mode == "batched" or (cfg.steer.positions, cfg.steer.epsilon) == ("all", "frozen"),
+        ("steer.mode", cfg.steer.mode != "reference" or (cfg.steer.positions, cfg.steer.epsilon) == ("all", "frozen"),
          "'reference' reproduces the paper: positions='all', epsilon='frozen'"),
+        ("steer.mode", cfg.steer.backend == "hf" or cfg.steer.mode == "batched",
+         f"{cfg.steer.mode!r} is a mode of the hf backend; the {cfg.steer.backend!r} backend runs 'batched' only"),
     ]
     for key, ok, problem in checks:
         if not ok:

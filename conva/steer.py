@@ -395,16 +395,24 @@ def generate(
 ) -> list[RowResult]:
     """Steered greedy generation, one :class:`RowResult` per prompt, in order.
 
-    ``mode="batched"`` computes every ε in the prefill of each batch (per-row ε, one pass);
-    ``mode="reference"`` runs the paper's algorithm one prompt at a time (positions ``all``, ε frozen).
+    ``mode="batched"`` computes every ε in the prefill of each batch (per-row ε, one pass) and decodes
+    with HF ``generate``; ``mode="compiled"`` is the same single pass with a static KV cache and a
+    compiled decode step that steers inside the graph (:func:`conva.fast.generate_fast`: the fast path on
+    a GPU; the first batch of each shape compiles); ``mode="reference"`` runs the paper's algorithm one
+    prompt at a time (positions ``all``, ε frozen).
     """
     if mode == "reference":
         if positions != "all" or epsilon != "frozen":
             raise ValueError("the reference mode reproduces the paper: positions='all', epsilon='frozen'")
         texts = [prompt_text(p, s) for p, s in zip(prompts, specs)]
         return [_reference_row(model, tok, t, s, chat_template, max_new_tokens) for t, s in zip(texts, specs)]
+    if mode == "compiled":
+        from conva.fast import generate_fast  # conva.fast builds on this module
+
+        return generate_fast(model, tok, prompts, specs, max_new_tokens=max_new_tokens, chat_template=chat_template,
+                             positions=positions, epsilon=epsilon, batch_size=batch_size)
     if mode != "batched":
-        raise ValueError(f"unknown steering mode {mode!r}; expected 'batched' or 'reference'")
+        raise ValueError(f"unknown steering mode {mode!r}; expected 'batched', 'compiled' or 'reference'")
     results: list[RowResult] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start:start + batch_size], specs[start:start + batch_size]

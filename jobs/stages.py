@@ -42,13 +42,18 @@ STOP_AFTER_COMMITS_ENV = "CONVA_TEST_STOP_AFTER_COMMITS"
 
 @dataclass(frozen=True)
 class StageResult:
-    """What a stage did in this run: shards in all, shards processed now, rows written now, seconds."""
+    """What a stage did in this run: shards in all, shards processed now, rows written now, seconds.
+
+    ``startup_seconds`` is the part of ``seconds`` spent before the first shard could start (joining Ray,
+    starting the actors, loading their models); throughput at steady state is ``rows / (seconds - startup)``.
+    """
 
     stage: str
     shards: int
     processed: int
     rows: int
     seconds: float
+    startup_seconds: float = 0.0
 
 
 def stage_config(cfg: Config, stage: str, inputs: Inputs) -> dict:
@@ -111,7 +116,8 @@ def _run_sharded(name: str, cfg: Config, stage: Stage, ranges: list[tuple[int, i
               len(ranges) - len(todo), stage.path)
     connect_ray(cfg)
     actors = start_actors(worker, cfg, min(cfg.ray.num_workers, len(todo)))
-    _log.info("%s: %d %s actors ready after %.1f s", name, len(actors), worker.__name__, time.monotonic() - start)
+    startup = time.monotonic() - start
+    _log.info("%s: %d %s actors ready after %.1f s", name, len(actors), worker.__name__, startup)
     written, done = 0, 0
     bar = tqdm(total=len(ranges), initial=len(ranges) - len(todo), desc=name, unit="shard", disable=None)
     try:
@@ -126,7 +132,7 @@ def _run_sharded(name: str, cfg: Config, stage: Stage, ranges: list[tuple[int, i
         stop_actors(actors)
     seconds = time.monotonic() - start
     _log.info("%s: %d shards, %d rows in %.1f s", name, len(todo), written, seconds)
-    return StageResult(name, len(ranges), len(todo), written, seconds)
+    return StageResult(name, len(ranges), len(todo), written, seconds, startup)
 
 
 def _test_stop_hook(name: str, done: int) -> None:

@@ -120,3 +120,32 @@ def test_compiled_equals_eager(tiny, reference):
     assert [r.tokens for r in again] == [r.tokens for r in fast[::-1]]
     assert counters["stats"]["unique_graphs"] == 1
     assert _patched_blocks(model) == 0
+
+
+def test_compiled_mode_through_the_steering_stage(tiny, tiny_bundles):
+    """``steer.mode = "compiled"``: the HF backend's stage (``steer_table``) on the fast path, same rows as batched."""
+    import pyarrow as pa
+
+    from conva.config import ConfigError, load_config
+    from conva.pipeline import STEERING_INPUT_SCHEMA, steer_table
+
+    model, tok = tiny
+    prompts = [*PROMPTS, "", None]  # two error rows among the good ones: the row contract is unchanged
+    rows = pa.Table.from_pylist([dict(row_id=f"r{i}", value="power", prompt=p, error=None) for i, p in enumerate(prompts)],
+                                schema=STEERING_INPUT_SCHEMA)
+    tables = {}
+    for mode in ("batched", "compiled"):
+        cfg = load_config(None, [f"--steer.mode={mode}", f"--steer.max_new_tokens={NEW}", "--steer.p0=0.99",
+                                 "--steer.batch_size=8"])
+        tables[mode] = steer_table(model, tok, rows, {"power": tiny_bundles[0]}, cfg, "tiny")
+    batched, compiled = tables["batched"].to_pylist(), tables["compiled"].to_pylist()
+    assert len(compiled) == len(prompts)
+    assert [r["error"] for r in compiled] == [r["error"] for r in batched] and compiled[-1]["error"] == "prompt is null"
+    for a, b in zip(compiled, batched):
+        assert (a["output"], a["n_output_tokens"], a["gate_open"]) == (b["output"], b["n_output_tokens"], b["gate_open"])
+        if a["eps"] is not None:
+            np.testing.assert_allclose(a["eps"], b["eps"], atol=1e-4)
+    assert any(e > 0 for r in compiled if r["eps"] for e in r["eps"])
+    assert _patched_blocks(model) == 0
+    with pytest.raises(ConfigError, match="steer.mode"):
+        load_config(None, ["--steer.mode=compiled", "--steer.backend=vllm"])
