@@ -66,7 +66,9 @@ def _child(spec: dict) -> dict:
     result = run_fit(cfg, acts, stage, len(acts.manifest.shards))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"seconds": seconds, "values": result.processed, "rss_after_imports_mb": base, "peak_rss_mb": peak}
+    probes = stage.dataset().to_table(columns=["value", "test_acc"]).group_by("value").aggregate([("test_acc", "max")])
+    return {"seconds": seconds, "values": result.processed, "rss_after_imports_mb": base, "peak_rss_mb": peak,
+            "best_held_out_acc_min": min(probes.column("test_acc_max").to_pylist())}
 
 
 # ---------------------------------------------------------------------------------------------- parent side

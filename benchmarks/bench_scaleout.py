@@ -33,14 +33,24 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VALUES = ["power", "benevolence", "achievement", "universalism"]
 
 
+EXTRACT_SHARD, STEER_SHARD = 32, 8
+
+
 def one_run(workers: int, values: list[str], prompts: int, out: Path) -> dict:
-    cfg = load_config(REPO / "examples" / "demo.toml", [
-        f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1", f"--output.dir={out}",
-        f"--data.values={values!r}".replace("'", '"'), f"--data.max_prompts_per_value={prompts}",
-        "--ray.rows_per_shard=8", "--steer.batch_size=8",  # 4 steering shards: both workers busy
-    ])
+    """The ``run`` job's three stages on ``workers`` workers: extract and fit, then steer with smaller shards.
+
+    Steering shards of one batch (8 prompts) keep both workers busy on a few dozen prompts; extraction
+    shards of 32 texts keep the per-call overhead small. The steer job reads the same bundles (the
+    sharding is not part of the bundles' config), so this is the run job with a per-stage shard size.
+    """
+    args = [f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1", f"--output.dir={out}",
+            f"--data.values={values!r}".replace("'", '"'), f"--data.max_prompts_per_value={prompts}",
+            "--steer.batch_size=8"]
+    demo = REPO / "examples" / "demo.toml"
     start = time.perf_counter()
-    stages = run_job("run", cfg)
+    stages = run_job("extract", load_config(demo, [*args, f"--ray.rows_per_shard={EXTRACT_SHARD}"]))
+    stages += run_job("fit", load_config(demo, [*args, f"--ray.rows_per_shard={EXTRACT_SHARD}"]))
+    stages += run_job("steer", load_config(demo, [*args, f"--ray.rows_per_shard={STEER_SHARD}"]))
     wall = time.perf_counter() - start
     layers = _recorded_layers(out)
     out_stages = {}
@@ -51,6 +61,7 @@ def one_run(workers: int, values: list[str], prompts: int, out: Path) -> dict:
                                "rows_per_s": r.rows / steady if steady > 0 else None}
     # An extract row is one (text, layer): per text, divide by the layers recorded.
     out_stages["extract"]["texts_per_s"] = out_stages["extract"]["rows_per_s"] / layers
+    out_stages["extract"]["rows_per_shard"], out_stages["steer"]["rows_per_shard"] = EXTRACT_SHARD, STEER_SHARD
     return {"workers": workers, "wall_s": wall, "stages": out_stages}
 
 
@@ -65,11 +76,41 @@ def _recorded_layers(out: Path) -> int:
     return len(json.loads(pq.read_schema(first).metadata[MODEL_META_KEY])["layers"])
 
 
+def driver_commit_rate(out: Path, texts: int = 64, layers: int = 32, hidden: int = 4096, shards: int = 6) -> dict:
+    """MB/s the driver commits activation shards at (Parquet write, fsync, sha256, manifest): its ceiling.
+
+    The shard is the extract job's layout for an 8B-shaped model (32 layers × 4096, float32), 64 texts.
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from conva.pipeline import SCHEMA_VERSION, activation_schema
+    from conva.store import open_stage
+
+    n = texts * layers
+    x = np.random.default_rng(0).standard_normal((n, hidden), dtype=np.float32)
+    table = pa.table({
+        "row_id": [f"pairs/power/{i % texts:06d}/pos" for i in range(n)], "dataset": ["pairs"] * n,
+        "value": ["power"] * n, "label": pa.array([1] * n, pa.int8()), "group": pa.array(np.arange(n) % texts),
+        "text_hash": pa.nulls(n, pa.string()), "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), texts)),
+        "position": ["last"] * n, "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), hidden),
+        "error": pa.nulls(n, pa.string()),
+    }, schema=activation_schema(hidden))
+    stage = open_stage(out, "activations", {"bench": "commit"}, SCHEMA_VERSION)
+    start = time.perf_counter()
+    for shard in range(shards):
+        stage.commit(shard, table, row_group_size=texts)
+    seconds = time.perf_counter() - start
+    mb = shards * x.nbytes / 2**20
+    return {"shard_mb": x.nbytes / 2**20, "shards": shards, "seconds": seconds, "mb_per_s": mb / seconds,
+            "texts_per_s": shards * texts / seconds, "layers": layers, "hidden": hidden}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--values", nargs="+", default=DEFAULT_VALUES)
-    ap.add_argument("--prompts", type=int, default=8, help="steering prompts per value")
+    ap.add_argument("--prompts", type=int, default=8, help="steering prompts per value (4 values × 8: 4 shards)")
     args = ap.parse_args(argv)
     setup_logging()
     runs = []
@@ -77,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for n in args.workers:
             runs.append(one_run(n, args.values, args.prompts, work / f"w{n}"))
+        commit = driver_commit_rate(work / "commit")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = runs[0]
@@ -88,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
         eff["job_wall"] = (base["wall_s"] / run["wall_s"]) / k
         efficiency[str(run["workers"])] = eff
     report = {**machine(), "benchmark": "scaleout", "model": "smollm2", "values": args.values,
-              "prompts_per_value": args.prompts, "runs": runs, "efficiency": efficiency}
+              "prompts_per_value": args.prompts, "runs": runs, "efficiency": efficiency,
+              "driver_commit": commit}
     write_result(OUT, report)
     return report
 

@@ -45,7 +45,7 @@ def steer(r: dict) -> str:
              r["plain_tokens_per_s"])]
     if "fast" in r:
         f = r["fast"]
-        rows += [(f"ConVA single pass, compiled decode (`steer.engine=\"compiled\"`), batch {r['batch']}",
+        rows += [(f"ConVA single pass, compiled decode (`steer.mode=\"compiled\"`), batch {r['batch']}",
                   f["steered_prompts_per_s"], f["steered_tokens_per_s"]),
                  (f"unsteered, compiled decode, batch {r['batch']}", f["plain_prompts_per_s"], f["plain_tokens_per_s"])]
     lines = ["| run | prompts/s | tokens/s |", "|---|---|---|"]
@@ -109,7 +109,9 @@ def fit(r: dict) -> str:
 
 
 def scaleout(r: dict) -> str:
-    lines = ["| workers | extract texts/s | steer prompts/s | fit s (driver) | job wall s | actor start-up s (extract, steer) |",
+    e0, s0 = r["runs"][0]["stages"]["extract"], r["runs"][0]["stages"]["steer"]
+    shard = (f" ({e0['rows_per_shard']}-text shards)", f" ({s0['rows_per_shard']}-prompt shards)") if "rows_per_shard" in e0 else ("", "")
+    lines = [f"| workers | extract texts/s{shard[0]} | steer prompts/s{shard[1]} | fit s (driver) | job wall s | actor start-up s (extract, steer) |",
              "|---|---|---|---|---|---|"]
     for run in r["runs"]:
         s = run["stages"]
@@ -119,6 +121,11 @@ def scaleout(r: dict) -> str:
     for n, e in r["efficiency"].items():
         lines += ["", f"Efficiency with {n} workers (throughput per worker / one worker's): extract "
                       f"{e['extract']:.2f}, steer {e['steer']:.2f}, whole job (wall) {e['job_wall']:.2f}."]
+    if "driver_commit" in r:
+        c = r["driver_commit"]
+        lines += ["", f"The driver's commit ceiling: {c['mb_per_s']:,.0f} MB/s of activations = {c['texts_per_s']:,.0f} "
+                      f"texts/s of a {c['layers']}-layer × {c['hidden']} model recorded at every layer "
+                      f"({c['shards']} shards of {c['shard_mb']:,.0f} MB: Parquet write, fsync, sha256, manifest)."]
     return "\n".join(lines)
 
 
