@@ -34,14 +34,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# CPU benchmarks, each writing benchmarks/results/*.json (figures go into benchmarks/RESULTS.md by hand);
-# the GPU script is benchmarks/gpu.py, run on a device machine.
+# CPU benchmarks: each writes benchmarks/results/<name>.json, then the tables go into benchmarks/RESULTS.md
+# (about 30 min here). The GPU script is benchmarks/gpu.py, run on a device machine.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.probe_accuracy
-	$(BIN)/python -m benchmarks.bench_steer
-	$(BIN)/python benchmarks/bench_extract.py
-	$(BIN)/python -m benchmarks.bench_vllm
-	$(BIN)/python -m benchmarks.bench_large_input
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ~15 min of extraction) runs only when named.
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "steer": (["-m", "benchmarks.bench_steer"], ["--batch", "8", "--new", "16", "--ref-prompts", "2", "--repeats", "1"]),
-    "vllm": (["-m", "benchmarks.bench_vllm", "--repeats", "2"], ["--batch", "8", "--new", "16", "--repeats", "1"]),
+    "vllm": (["-m", "benchmarks.bench_vllm", "--repeats", "4"], ["--batch", "8", "--new", "16", "--repeats", "1"]),
     "extract": (["benchmarks/bench_extract.py"], ["--shards", "4"]),
     "fit": (["-m", "benchmarks.bench_fit"], ["--skip-model", "--synthetic-gb", "0.1", "--cap-gb", "0.8"]),
     "scaleout": (["-m", "benchmarks.bench_scaleout"], ["--values", "power", "--prompts", "2"]),

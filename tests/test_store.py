@@ -373,3 +373,27 @@ def test_shard_files_without_manifest_refused(tmp_path: Path) -> None:
 def test_store_does_not_import_ray() -> None:
     code = "import sys, conva.store; assert 'ray' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+
+
+def test_float_columns_written_plain_others_with_dictionary_and_statistics(tmp_path: Path) -> None:
+    """Activations are stored without dictionary encoding or statistics (a 7x faster commit, smaller files);
+    the columns readers filter on keep their statistics, so a layer's row group is still pruned."""
+    import numpy as np
+
+    n, d = 8, 16
+    table = pa.table({
+        "value": ["power"] * n, "layer": pa.array(np.repeat([0, 1], n // 2).astype(np.int32)),
+        "activation": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(n * d, dtype=np.float32)), d),
+        "eps": pa.array([[0.5, 1.5]] * n, pa.list_(pa.float32())),
+    })
+    stage = open_stage(tmp_path, "activations", {"k": 1}, schema_version=1)
+    stage.commit(0, table, row_group_size=n // 2)
+    meta = pq.ParquetFile(tmp_path / "activations" / "part-00000.parquet").metadata
+    columns = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    for name in ("activation.list.element", "eps.list.element"):
+        assert not any("DICTIONARY" in e for e in columns[name].encodings), (name, columns[name].encodings)
+        assert columns[name].statistics is None, name
+    for name in ("value", "layer"):
+        assert columns[name].statistics is not None and columns[name].statistics.has_min_max, name
+    assert columns["layer"].statistics.min == columns["layer"].statistics.max == 0
+    assert pq.read_table(tmp_path / "activations" / "part-00000.parquet").equals(table)
