@@ -177,7 +177,7 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
     unit = lambda: (lambda v: v / np.linalg.norm(v))(rng.standard_normal(hidden).astype(np.float32))  # noqa: E731
     probe_dir = {(v, l): unit() for v in VALUES for l in range(layers)}
     gate_dir = {v: unit() for v in VALUES}
-    sep = np.linspace(0.3, 1.5, layers).astype(np.float32)  # later layers separate better, as in real models
+    sep = np.linspace(0.5, 4.0, layers).astype(np.float32)  # later layers separate better, as in real models
     rows = []
     for v in VALUES:
         for i in range(pairs):
@@ -187,7 +187,7 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
     rows += [(f"neutral/{i:06d}", "neutral", None, 0, i) for i in range(neutral)]
     meta = {"name": "synthetic", "fingerprint": "synthetic0000000", "hidden_size": hidden, "n_blocks": layers,
             "layers": list(range(layers))}
-    config = {"synthetic": {"gb": gigabytes, "hidden": hidden, "layers": layers, "neutral": neutral,
+    config = {"synthetic": {"generator": 2, "gb": gigabytes, "hidden": hidden, "layers": layers, "neutral": neutral,
                             "rows_per_shard": rows_per_shard, "seed": seed}}
     manifest = folder / "activations" / "_manifest.json"
     if manifest.exists() and json.loads(manifest.read_text())["config"] == config:
