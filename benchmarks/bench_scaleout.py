@@ -37,20 +37,14 @@ EXTRACT_SHARD, STEER_SHARD = 32, 8
 
 
 def one_run(workers: int, values: list[str], prompts: int, out: Path) -> dict:
-    """The ``run`` job's three stages on ``workers`` workers: extract and fit, then steer with smaller shards.
-
-    Steering shards of one batch (8 prompts) keep both workers busy on a few dozen prompts; extraction
-    shards of 32 texts keep the per-call overhead small. The steer job reads the same bundles (the
-    sharding is not part of the bundles' config), so this is the run job with a per-stage shard size.
-    """
-    args = [f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1", f"--output.dir={out}",
-            f"--data.values={values!r}".replace("'", '"'), f"--data.max_prompts_per_value={prompts}",
-            "--steer.batch_size=8"]
-    demo = REPO / "examples" / "demo.toml"
+    """The ``run`` job on ``workers`` workers: extraction shards of 32 texts (little per-call overhead),
+    steering shards of one batch (8 prompts, so a few dozen prompts keep both workers busy)."""
+    cfg = load_config(REPO / "examples" / "demo.toml", [
+        f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1", f"--output.dir={out}",
+        f"--data.values={values!r}".replace("'", '"'), f"--data.max_prompts_per_value={prompts}",
+        "--steer.batch_size=8", f"--ray.rows_per_shard={EXTRACT_SHARD}", f"--ray.steer_rows_per_shard={STEER_SHARD}"])
     start = time.perf_counter()
-    stages = run_job("extract", load_config(demo, [*args, f"--ray.rows_per_shard={EXTRACT_SHARD}"]))
-    stages += run_job("fit", load_config(demo, [*args, f"--ray.rows_per_shard={EXTRACT_SHARD}"]))
-    stages += run_job("steer", load_config(demo, [*args, f"--ray.rows_per_shard={STEER_SHARD}"]))
+    stages = run_job("run", cfg)
     wall = time.perf_counter() - start
     layers = _recorded_layers(out)
     out_stages = {}

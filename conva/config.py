@@ -118,8 +118,16 @@ class RayConfig:
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
     rows_per_shard: int = 32
+    # Steering (and study) shards: 0 means rows_per_shard. Extraction wants large shards (few calls and
+    # commits); steering wants shards of about one batch, so a few dozen prompts still keep every worker busy.
+    steer_rows_per_shard: int = 0
     max_restarts: int = 2
     max_task_retries: int = 2
+
+    @property
+    def steer_shard_rows(self) -> int:
+        """Rows per steering shard: ``steer_rows_per_shard``, or ``rows_per_shard`` where that is 0."""
+        return self.steer_rows_per_shard or self.rows_per_shard
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,7 @@ def _validate(cfg: Config) -> None:
         ("extract.batch_size", cfg.extract.batch_size >= 1, "must be at least 1"),
         ("ray.num_workers", cfg.ray.num_workers >= 1, "must be at least 1"),
         ("ray.rows_per_shard", cfg.ray.rows_per_shard >= 1, "must be at least 1"),
+        ("ray.steer_rows_per_shard", cfg.ray.steer_rows_per_shard >= 0, "must be 0 (= rows_per_shard) or more"),
         ("ray.max_restarts", 0 <= cfg.ray.max_restarts <= 100, "must lie in 0..100 (never infinite)"),
         ("ray.max_task_retries", 0 <= cfg.ray.max_task_retries <= 100, "must lie in 0..100 (never infinite)"),
         ("gate.model", cfg.gate.kind != "external" or bool(cfg.gate.model and cfg.gate.labels),

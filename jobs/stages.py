@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -61,11 +60,11 @@ def stage_config(cfg: Config, stage: str, inputs: Inputs) -> dict:
     full = config_dict(cfg)
     if stage == "extract":
         rows = inputs.extraction
-        return {**_select(full, _ACTIVATION_KEYS), "shards": _sharding(cfg, rows)}
+        return {**_select(full, _ACTIVATION_KEYS), "shards": _sharding(cfg.ray.rows_per_shard, rows)}
     if stage == "fit":
         return {**_select(full, _BUNDLE_KEYS), "shards": {"values": list(cfg.data.values)}}
     body = {k: v for k, v in full.items() if k not in ("output", "ray")}
-    return {**body, "shards": _sharding(cfg, inputs.steering)}
+    return {**body, "shards": _sharding(cfg.ray.steer_shard_rows, inputs.steering)}
 
 
 def open_stages(cfg: Config, inputs: Inputs, stages: tuple[str, ...], overwrite: bool) -> dict[str, Stage]:
@@ -101,7 +100,7 @@ def run_extract(cfg: Config, stage: Stage, inputs: Inputs) -> StageResult:
 def run_steer(cfg: Config, stage: Stage, inputs: Inputs) -> StageResult:
     """Generate for every pending shard of the steering rows with the bundles in ``<out>/bundles``."""
     rows, bundles = inputs.steering, str(inputs.out / "bundles")
-    ranges = shard_ranges(rows.num_rows, cfg.ray.rows_per_shard)
+    ranges = shard_ranges(rows.num_rows, cfg.ray.steer_shard_rows)
     return _run_sharded("steer", cfg, stage, ranges, SteeringWorker, "steer",
                         lambda s: (_take(rows, ranges[s]), bundles), lambda s: None)
 
@@ -147,9 +146,9 @@ def _take(rows: pa.Table, bounds: tuple[int, int]) -> pa.Table:
     return rows.take(pa.array(range(*bounds), pa.int64()))
 
 
-def _sharding(cfg: Config, rows: pa.Table) -> dict:
-    # rows_per_shard lives under the result-neutral "ray" section, but shard i's rows depend on it: keep it.
-    return {"rows_per_shard": cfg.ray.rows_per_shard, "rows": rows.num_rows, "input_sha256": table_hash(rows)}
+def _sharding(rows_per_shard: int, rows: pa.Table) -> dict:
+    # The shard size lives under the result-neutral "ray" section, but shard i's rows depend on it: keep it.
+    return {"rows_per_shard": rows_per_shard, "rows": rows.num_rows, "input_sha256": table_hash(rows)}
 
 
 def _select(config: dict, keys: tuple[str, ...]) -> dict:

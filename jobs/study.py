@@ -81,7 +81,7 @@ def _run_model(study: StudyConfig, spec: str, out: Path, overwrite: bool) -> dic
     steer_rows = steering_table(cfg, cells)
     util_rows = _utility_rows(study, ucells)
     stages = _open(study, cfg, model_out, steer_rows, util_rows, [c.id for c in cells], overwrite)
-    r, retries = cfg.ray.rows_per_shard, cfg.ray.max_task_retries
+    r, retries = cfg.ray.steer_shard_rows, cfg.ray.max_task_retries
     gen_ranges, util_ranges = shard_ranges(steer_rows.num_rows, r), shard_ranges(util_rows.num_rows, r)
     pending = {"gen": stages["study_generations"].pending(len(gen_ranges)),
                "judged": stages["study_judged"].pending(len(gen_ranges)),
@@ -131,7 +131,7 @@ def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
 def _open(study: StudyConfig, cfg, model_out: Path, steer_rows: pa.Table, util_rows: pa.Table, cell_ids: list[str],
           overwrite: bool) -> dict[str, Stage]:
     base = {k: v for k, v in config_dict(cfg).items() if k not in ("output", "ray")}
-    shard = lambda rows: {"rows_per_shard": cfg.ray.rows_per_shard, "rows": rows.num_rows, "input_sha256": table_hash(rows)}
+    shard = lambda rows: {"rows_per_shard": cfg.ray.steer_shard_rows, "rows": rows.num_rows, "input_sha256": table_hash(rows)}
     judge = {**study_dict(study)["judge"], "fluency": study_dict(study)["fluency"]}
     gen = {**base, "cells": cell_ids, "shards": shard(steer_rows)}
     configs = {"study_generations": gen, "study_judged": {**gen, "judge": judge},

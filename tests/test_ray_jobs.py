@@ -164,7 +164,7 @@ def _write_prompts(path: Path, bad: bool) -> Path:
 
 def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_path) -> None:
     cfg = lambda src, *x: _cfg(fitted["cfg"].model.name, fitted["out"], f"--data.prompts={src}",
-                               "--steer.batch_size=1", "--ray.rows_per_shard=4", *x)
+                               "--steer.batch_size=1", "--ray.steer_rows_per_shard=4", *x)  # extraction: 64
     clean = _write_prompts(tmp_path / "clean.jsonl", bad=False)
     run_job("steer", cfg(clean))
     ok = ds.dataset(fitted["out"] / "generations").to_table()
@@ -173,6 +173,7 @@ def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_p
     got = ds.dataset(fitted["out"] / "generations").to_table()
     n_in = len(PROMPTS) + len(BAD) + 1
     assert result.rows == got.num_rows == n_in and len(set(got.column("row_id").to_pylist())) == n_in
+    assert result.shards == -(-n_in // 4)  # steering shards follow ray.steer_rows_per_shard, not rows_per_shard
     errors = [r for r in got.to_pylist() if r["error"] is not None]
     reasons = [r["error"] for r in errors]
     assert len(errors) == len(BAD) + 1 and len(set(reasons)) == len(reasons)
