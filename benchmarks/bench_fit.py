@@ -265,30 +265,5 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def render(r: dict) -> str:
-    """The RESULTS.md table for one fit.json."""
-    lines = ["| activations | texts × layers × width | float32 volume | fit wall (10 values) | per (value, layer) "
-             "| driver RSS after imports → peak | memory cap |", "|---|---|---|---|---|---|---|"]
-    for key, label in (("model", None), ("synthetic", "synthetic (Gaussian)")):
-        m = r.get(key)
-        if not m:
-            continue
-        name = label or f"{m['model']}, {m['pairs'].split(':')[0]} pairs"
-        if m.get("failed"):
-            lines.append(f"| {name} | {m['texts']:,} × {m['layers']} × {m['hidden']} | {m['float32_mb']:,.0f} MB "
-                         f"| **failed** (exit {m['returncode']}) | – | – | {_cap(m)} |")
-            continue
-        lines.append(f"| {name} | {m['texts']:,} × {m['layers']} × {m['hidden']} | {m['float32_mb']:,.0f} MB "
-                     f"| {m['seconds']:.1f} s | {m['seconds'] / (m['values'] * m['layers']) * 1000:.0f} ms "
-                     f"| {m['rss_after_imports_mb']:,.0f} → {m['peak_rss_mb']:,.0f} MB | {_cap(m)} |")
-    return "\n".join(lines)
-
-
-def _cap(m: dict) -> str:
-    if "cap_mb" not in m:
-        return "–"
-    return f"{m['cap_mb']:,.0f} MB (cgroup)" if m["cap_mb"] else f"not enforced ({m['cap_why_not']})"
-
-
 if __name__ == "__main__":
     main()

@@ -1,7 +1,7 @@
 """Held-out probe accuracy per layer for all ten values on SmolLM2 with the paper's context-controlled pairs.
 
 Usage: ``python -m benchmarks.probe_accuracy [--data ../shared/data/conva] [--model smollm2]``. Writes
-``benchmarks/results/probe_accuracy.json`` and prints a Markdown table for ``benchmarks/RESULTS.md``.
+``benchmarks/results/probe_accuracy.json`` and prints its table (:mod:`benchmarks.report` renders it into RESULTS.md).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.report import probe_accuracy as probe_table
 from conva.data import paper_pairs
 from conva.models import load_model
 from conva.probes import ProbeSettings, fit_probes
@@ -45,18 +46,7 @@ def main() -> None:
     report = {**machine(), "benchmark": "probe_accuracy", "model": args.model, "split": args.split,
               "seconds": round(time.time() - start, 1), "test_acc": results}
     write_result(OUT, report)
-    print(markdown(report))
-
-
-def markdown(report: dict) -> str:
-    acc = report["test_acc"]
-    n = len(next(iter(acc.values())))
-    lines = ["| value | best layer | best acc | layers ≥ 0.90 | mean acc 12–20 |", "|---|---|---|---|---|"]
-    for value, row in acc.items():
-        a = np.asarray(row)
-        lines.append(f"| {value} | {int(np.argmax(a))} | {a.max():.3f} | {int((a >= 0.9).sum())}/{n} | "
-                     f"{a[12:21].mean():.3f} |")
-    return "\n".join(lines)
+    print(probe_table(report))
 
 
 if __name__ == "__main__":
