@@ -18,7 +18,8 @@ in about 5 minutes on an H100. Needs torch + transformers only (no Ray, no vLLM)
 Usage (device): ``python -m benchmarks.gpu [--quick]`` (``--quick``: 1B shape only).
 CPU check: ``python -m benchmarks.gpu --cpu-smoke`` (tiny shape, batch 8, few tokens, Inductor).
 Prints one table; writes JSON to ``$OUT/gpu.json`` if ``$OUT`` is set, else ``benchmarks/results/gpu.json``
-(``gpu_cpu_smoke.json`` for the smoke run).
+(``gpu_cpu_smoke.json`` for the smoke run). Copied into ``benchmarks/results/gpu.json``, a device run's
+figures are rendered into ``RESULTS.md`` by ``python -m benchmarks.report`` like every other benchmark.
 """
 
 from __future__ import annotations
@@ -35,13 +36,11 @@ import torch
 from torch._dynamo.utils import counters
 
 from benchmarks.bench_steer import synthetic_bundle
-from benchmarks.common import machine
+from benchmarks.common import RESULTS, machine
 from conva.fast import FastSteering
 from conva.record import record_activations
 from conva.steer import SteerSpec, generate
 from conva.tiny import make_tiny_tokenizer, tiny_corpus
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)

@@ -140,6 +140,19 @@ def large_input(r: dict) -> str:
         f"| +{r['growth_after_warmup_mb']} MB RSS, +{r['uss_growth_after_warmup_mb']} MB private |"])
 
 
+def gpu(r: dict) -> str:
+    """``benchmarks/gpu.py``'s rows: tokens/s and the ratio each row names (of roofline, vs. plain...)."""
+    lines = [f"Device: {r.get('device', '?')}, CUDA {r.get('cuda')}, plan {r['plan']['shapes']} "
+             f"{r['plan']['dtype']}, batches {r['plan']['batches']}, {r['plan']['new_tokens']} new tokens, "
+             f"{r['plan']['steered_layers']} steered layers; wall {r.get('wall_s')} s.", "",
+             "| shape | what | batch | tokens/s | ratio | note |", "|---|---|---|---|---|---|"]
+    for row in r["rows"]:
+        tok_s = "" if row["tokens_per_s"] is None else f"{row['tokens_per_s']:,.0f}"
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.3f}"
+        lines.append(f"| {row['shape']} | {row['what']} | {row['batch'] or ''} | {tok_s} | {ratio} | {row['note']} |")
+    return "\n".join(lines)
+
+
 def probe_accuracy(r: dict) -> str:
     acc = r["test_acc"]
     n = len(next(iter(acc.values())))
@@ -162,6 +175,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      large_input),
     ("probe_accuracy", "Probe accuracy on SmolLM2 with the paper's pairs", "python -m benchmarks.probe_accuracy",
      probe_accuracy),
+    ("gpu", "GPU: the HF backend on random-weight Llama shapes", "timeout 330 python -m benchmarks.gpu (device)", gpu),
 ]
 
 

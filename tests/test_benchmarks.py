@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,3 +48,22 @@ def test_quick_fit_benchmark_through_the_runner():
     assert fit["peak_rss_mb"] > fit["rss_after_imports_mb"] > 0
     assert "| synthetic (Gaussian) |" in proc.stdout
     assert {p: p.read_bytes() for p in before} == before
+
+
+@pytest.mark.slow
+def test_gpu_script_cpu_smoke_and_its_table(tmp_path):
+    """The prepared device script runs end to end on a tiny shape (Inductor on CPU), its compiled steered
+    rows equal HF's, and its JSON renders into the RESULTS.md block like any other benchmark's."""
+    env = {**os.environ, "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--cpu-smoke"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())
+    rows = {row["what"]: row for row in r["rows"]}
+    assert not any("skipped" in row["note"] for row in r["rows"])
+    for what in ("plain forward (base model)", "extraction, all layers to CPU", "HF eager, plain", "HF eager, steered",
+                 "fast (compiled), plain", "fast (compiled), steered"):
+        assert rows[what]["tokens_per_s"] > 0, what
+    assert "rows = HF tokens: 1.00" in rows["fast (compiled), steered / roofline"]["note"]
+    table = report.gpu(r)
+    assert "| tiny | fast (compiled), steered | 8 |" in table and table.count("\n| tiny |") == len(r["rows"])
