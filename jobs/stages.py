@@ -25,7 +25,7 @@ from workers.extraction import ExtractionWorker
 from workers.pool import run_shards, start_actors, stop_actors
 from workers.steering import SteeringWorker
 
-__all__ = ["StageResult", "STAGE_DIRS", "stage_config", "open_stages", "run_extract", "run_steer"]
+__all__ = ["StageResult", "STAGE_DIRS", "stage_config", "shard_config", "open_stages", "run_extract", "run_steer"]
 
 _log = logging.getLogger("conva.jobs")
 
@@ -60,11 +60,11 @@ def stage_config(cfg: Config, stage: str, inputs: Inputs) -> dict:
     full = config_dict(cfg)
     if stage == "extract":
         rows = inputs.extraction
-        return {**_select(full, _ACTIVATION_KEYS), "shards": _sharding(cfg.ray.rows_per_shard, rows)}
+        return {**_select(full, _ACTIVATION_KEYS), "shards": shard_config(cfg.ray.rows_per_shard, rows)}
     if stage == "fit":
         return {**_select(full, _BUNDLE_KEYS), "shards": {"values": list(cfg.data.values)}}
     body = {k: v for k, v in full.items() if k not in ("output", "ray")}
-    return {**body, "shards": _sharding(cfg.ray.steer_shard_rows, inputs.steering)}
+    return {**body, "shards": shard_config(cfg.ray.steer_shard_rows, inputs.steering)}
 
 
 def open_stages(cfg: Config, inputs: Inputs, stages: tuple[str, ...], overwrite: bool) -> dict[str, Stage]:
@@ -146,8 +146,11 @@ def _take(rows: pa.Table, bounds: tuple[int, int]) -> pa.Table:
     return rows.take(pa.array(range(*bounds), pa.int64()))
 
 
-def _sharding(rows_per_shard: int, rows: pa.Table) -> dict:
-    # The shard size lives under the result-neutral "ray" section, but shard i's rows depend on it: keep it.
+def shard_config(rows_per_shard: int, rows: pa.Table) -> dict:
+    """The part of a sharded stage's config that fixes its shards: their size and the input's rows and hash.
+
+    The shard size lives under the result-neutral ``ray`` section, but shard i's rows depend on it: keep it.
+    """
     return {"rows_per_shard": rows_per_shard, "rows": rows.num_rows, "input_sha256": table_hash(rows)}
 
 

@@ -36,8 +36,8 @@ from conva.store import ConfigMismatchError, Stage, check_writable, open_stage, 
 from conva.study import (StudyConfig, expand_cells, load_study, model_config, results_table, steering_table,
                          study_dict, summarize, utility_cells, utility_table)
 from jobs.common import EXPECTED_ERRORS, JobError, attach_run_log, connect_ray, setup_logging
-from jobs.preflight import table_hash
 from jobs.runner import run_job
+from jobs.stages import shard_config
 from workers.judging import StudyWorker
 from workers.pool import ShardFailedError, WorkerStartError, actor_options, run_shards, stop_actors
 from workers.steering import load_bundles
@@ -131,7 +131,7 @@ def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
 def _open(study: StudyConfig, cfg, model_out: Path, steer_rows: pa.Table, util_rows: pa.Table, cell_ids: list[str],
           overwrite: bool) -> dict[str, Stage]:
     base = {k: v for k, v in config_dict(cfg).items() if k not in ("output", "ray")}
-    shard = lambda rows: {"rows_per_shard": cfg.ray.steer_shard_rows, "rows": rows.num_rows, "input_sha256": table_hash(rows)}
+    shard = lambda rows: shard_config(cfg.ray.steer_shard_rows, rows)
     judge = {**study_dict(study)["judge"], "fluency": study_dict(study)["fluency"]}
     gen = {**base, "cells": cell_ids, "shards": shard(steer_rows)}
     configs = {"study_generations": gen, "study_judged": {**gen, "judge": judge},
