@@ -42,17 +42,22 @@ def main() -> None:
                                               batch_size=args.batch)
     best: dict[str, float] = {}
     tokens: dict[str, int] = {}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():
             start = time.perf_counter()
             rows = fn()
             elapsed = time.perf_counter() - start
+            rates[name].append(sum(len(r.tokens) for r in rows) / elapsed)
             if elapsed < best.get(name, float("inf")):
                 best[name], tokens[name] = elapsed, sum(len(r.tokens) for r in rows)
     rate = {k: tokens[k] / best[k] for k in best}
+    # The spread: steered / unsteered of each repeat (the two ran back to back), to read the best-of against.
+    pairs = sorted(s / p for s, p in zip(rates["vllm_steered"], rates["vllm_plain"]))
     report = {**machine(), "model": args.model, "batch": args.batch, "new_tokens": args.new,
               "steered_layers": args.layers, "tokens_per_s": rate, "seconds": best,
-              "vllm_steered_over_plain": rate["vllm_steered"] / rate["vllm_plain"]}
+              "vllm_steered_over_plain": rate["vllm_steered"] / rate["vllm_plain"],
+              "per_repeat_steered_over_plain": pairs, "repeats": args.repeats}
     if "hf_steered" in rate:
         report["vllm_over_hf_steered"] = rate["vllm_steered"] / rate["hf_steered"]
     write_result(OUT, report)

@@ -70,7 +70,10 @@ def vllm(r: dict) -> str:
              f"| vLLM steered (ConVA, {r['steered_layers']} layers) | {t['vllm_steered']:.1f} |"]
     if "hf_steered" in t:
         lines.append(f"| HF steered (same batch) | {t['hf_steered']:.1f} |")
-    lines += ["", f"vLLM steered / unsteered: {_target(r['vllm_steered_over_plain'], 0.97)}"
+    spread = r.get("per_repeat_steered_over_plain")
+    spread = (f" (best of {r['repeats']} each; per repeat {min(spread):.2f}–{max(spread):.2f}, median "
+              f"{spread[len(spread) // 2]:.2f})") if spread else ""
+    lines += ["", f"vLLM steered / unsteered: {_target(r['vllm_steered_over_plain'], 0.97)}{spread}"
                   + (f"; vLLM steered / HF steered: {r['vllm_over_hf_steered']:.2f}×." if "vllm_over_hf_steered" in r
                      else ".")]
     return "\n".join(lines)
