@@ -18,7 +18,6 @@ Schemas (version :data:`SCHEMA_VERSION`; documented in the README):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -106,12 +105,18 @@ def extraction_rows(cfg: Config) -> pa.Table:
 
 
 def extract_table(model, tok, rows: pa.Table, layers: Sequence[int], position: str, batch_size: int) -> pa.Table:
-    """Activations for one shard of :func:`extraction_rows`: one output row per (text, layer), layer-major."""
+    """Activations for one shard of :func:`extraction_rows`: one output row per (text, layer), layer-major.
+
+    A text longer than the model's maximum length becomes an error row (``error`` says why, ``activation``
+    is null, at every layer); the fit leaves such texts out. The other rows are what they would be without it.
+    """
     texts = rows.column("text").to_pylist()
     flags = rows.column("chat_template").to_pylist()
+    limit = _max_length(model)
+    errors = _length_errors(tok, texts, flags, limit)
     acts = np.zeros((len(texts), len(layers), model.config.hidden_size), dtype=np.float32)
     for flag in (False, True):
-        idx = [i for i, f in enumerate(flags) if f == flag]
+        idx = [i for i, f in enumerate(flags) if f == flag and errors[i] is None]
         if idx:
             acts[idx] = record_activations(model, tok, [texts[i] for i in idx], layers, position=position,
                                            chat_template=flag, batch_size=batch_size)
@@ -120,15 +125,31 @@ def extract_table(model, tok, rows: pa.Table, layers: Sequence[int], position: s
     # Layer-major order lets a reader fetch one layer's rows from contiguous row groups.
     take = np.tile(np.arange(n), L)
     meta = rows.select(["row_id", "dataset", "value", "label", "group"]).take(pa.array(take))
-    flat = pa.FixedSizeListArray.from_arrays(pa.array(acts.transpose(1, 0, 2).reshape(-1)), d)
+    bad = np.tile(np.asarray([e is not None for e in errors]), L)
+    flat = pa.FixedSizeListArray.from_arrays(pa.array(acts.transpose(1, 0, 2).reshape(-1)), d,
+                                             mask=pa.array(bad) if bad.any() else None)
     return pa.table({
         **{name: meta.column(name) for name in meta.column_names},
         "text_hash": pa.array([hashes[i] for i in take], pa.string()),
         "layer": pa.array(np.repeat(np.asarray(layers, dtype=np.int32), n)),
         "position": pa.array([position] * (n * L), pa.string()),
         "activation": flat,
-        "error": pa.nulls(n * L, pa.string()),
+        "error": pa.array([errors[i] for i in take], pa.string()),
     }, schema=activation_schema(d))
+
+
+def _length_errors(tok, texts: list[str], chat_template: list[bool], limit: int) -> list[str | None]:
+    """Per text: why it cannot be recorded (more tokens than the model's limit), or None."""
+    errors: list[str | None] = [None] * len(texts)
+    for flag in (False, True):
+        idx = [i for i, f in enumerate(chat_template) if f == flag]
+        if not idx:
+            continue
+        ids = tok([format_prompt(tok, texts[i], flag) for i in idx], add_special_tokens=not flag)["input_ids"]
+        for i, seq in zip(idx, ids):
+            if len(seq) > limit:
+                errors[i] = f"text too long: {len(seq)} tokens > the model's limit of {limit}"
+    return errors
 
 
 def fit_settings(cfg: Config) -> FitSettings:

@@ -55,6 +55,7 @@ def run_fit(cfg: Config, acts: Stage, stage: Stage, n_activation_shards: int) ->
         return StageResult("fit", len(values), 0, 0, 0.0)
     info, layers = _model_info(acts)
     dataset, digest = acts.dataset(), _activations_hash(acts)
+    _log_error_rows(dataset, layers[0])
     for done, i in enumerate(tqdm(todo, desc="fit", unit="value", disable=None), start=1):
         value, t0 = values[i], time.monotonic()
         meta, read_layer = _value_reader(dataset, value, layers, info.hidden_size)
@@ -84,7 +85,8 @@ def _value_reader(dataset: ds.Dataset, value: str, layers: list[int], hidden: in
     the first layer's rows), and in them only the layer's row group (pruned by its statistics): a value's
     layer costs a few row groups whatever the size of the whole activation store.
     """
-    rows = (pc.field("value") == value) | (pc.field("dataset") == "neutral")
+    # Error rows (texts the extraction could not record, e.g. over the model's length) are left out.
+    rows = ((pc.field("value") == value) | (pc.field("dataset") == "neutral")) & pc.field("error").is_null()
     meta = dataset.to_table(columns=[*_META_COLUMNS, "__filename"], filter=rows & (pc.field("layer") == layers[0]))
     files = set(meta.column("__filename").to_pylist())
     meta, ids = meta.drop_columns(["__filename"]), meta.column("row_id")
@@ -99,6 +101,14 @@ def _value_reader(dataset: ds.Dataset, value: str, layers: list[int], hidden: in
         return flat.reshape(part.num_rows, hidden)
 
     return meta, read_layer
+
+
+def _log_error_rows(dataset: ds.Dataset, layer: int) -> None:
+    bad = dataset.to_table(columns=["row_id", "error"], filter=(pc.field("layer") == layer) & pc.field("error").is_valid())
+    if bad.num_rows:
+        first = bad.slice(0, 3).to_pylist()
+        _log.warning("fit: %d text(s) were not recorded and are left out, e.g. %s", bad.num_rows,
+                     "; ".join(f"{r['row_id']}: {r['error']}" for r in first))
 
 
 def _activations_hash(acts: Stage) -> str:

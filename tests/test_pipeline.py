@@ -45,3 +45,43 @@ def test_steer_table_row_contract_errors_and_overrides(tiny, tiny_bundles):
     assert out.column("method").to_pylist()[0] == "conva" and out.column("p0").to_pylist()[0] == 0.99
     assert out.column("method").to_pylist()[6] == "caa" and out.column("strength").to_pylist()[6] == 2.5
     assert out.column("eps").to_pylist()[6] == [2.5] * len(bundle.band)
+
+
+def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_path, tmp_path):
+    """An extraction text over the model's length (tiny: 512 positions) becomes an error row at every layer
+    (null activation, the reason in ``error``); the other rows are unchanged and the fit job fits without it."""
+    import json
+
+    from conva.bundle import load_bundle
+    from conva.pipeline import SCHEMA_VERSION, extraction_rows
+    from conva.store import open_stage
+    from jobs.fitting import run_fit
+    from workers.extraction import MODEL_META_KEY
+
+    model, tok = tiny
+    cfg = load_config(None, [f"--model.name={tiny_path}", '--data.values=["power"]', "--gate.kind=none",
+                             "--fit.band=1-2"])
+    rows = extraction_rows(cfg)
+    long_text = "word " * 600
+    bad = rows.set_column(rows.schema.get_field_index("text"), "text",
+                          pa.array([long_text] + rows.column("text").to_pylist()[1:]))
+    layers = list(range(4))
+    out = extract_table(model, tok, bad, layers, "last", 16)
+    n = rows.num_rows
+    errors = out.column("error").to_pylist()
+    assert [i % n for i, e in enumerate(errors) if e is not None] == [0] * len(layers)
+    assert errors[0].startswith("text too long: ") and errors[0].endswith("> the model's limit of 512")
+    assert out.column("activation").null_count == len(layers)
+    # The other rows are recorded exactly as a shard without the bad text would be (same batches).
+    clean = extract_table(model, tok, rows.slice(1), layers, "last", 16)
+    keep = [i for i in range(n * len(layers)) if i % n]
+    assert out.take(keep).drop_columns(["error"]).equals(clean.drop_columns(["error"]))
+
+    meta = {"name": "tiny", "fingerprint": "f", "hidden_size": model.config.hidden_size,
+            "n_blocks": len(layers), "layers": layers}
+    acts = open_stage(tmp_path, "activations", {"t": 1}, SCHEMA_VERSION)
+    acts.commit(0, out.replace_schema_metadata({MODEL_META_KEY: json.dumps(meta).encode()}), row_group_size=n)
+    result = run_fit(cfg, acts, open_stage(tmp_path, "bundles", {"t": 1}, SCHEMA_VERSION), 1)
+    assert result.processed == 1
+    bundle = load_bundle(tmp_path / "bundles" / "power")
+    assert bundle.extra["n_train"] + bundle.extra["n_test"] == n - 1
