@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import CACHE, RESULTS, machine, write_result
+from benchmarks.common import CACHE, RESULTS, activation_shard, machine, open_activations, write_result
 
 OUT = RESULTS / "fit.json"
 _PAPER = Path(__file__).resolve().parents[2] / "shared" / "data" / "conva"
@@ -54,10 +54,8 @@ def _child(spec: dict) -> dict:
     from conva.store import open_stage
     from jobs.fitting import run_fit
 
-    acts_dir = Path(spec["activations"])
-    manifest = json.loads((acts_dir / "activations" / "_manifest.json").read_text())
     cfg = build_config(spec["config"])
-    acts = open_stage(acts_dir, "activations", manifest["config"], SCHEMA_VERSION)
+    acts = open_activations(Path(spec["activations"]))
     out = Path(spec["out"])
     shutil.rmtree(out, ignore_errors=True)  # a fresh fit every time: a committed stage would be a no-op
     stage = open_stage(out, "bundles", {"bench": "fit"}, SCHEMA_VERSION, overwrite=True)
@@ -77,7 +75,7 @@ class MemoryCap:
     """A memory cgroup (v1 or v2) capped at ``limit`` bytes that a child joins at start; ``None`` if unavailable."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.path, self.files = limit, None, {}
+        self.limit, self.path, self.files, self.why = limit, None, {}, None
         name = f"conva-bench-{os.getpid()}"
         for root, files in (("/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.max_usage_in_bytes",
                                                        "memory.failcnt")),
@@ -129,17 +127,14 @@ def _run_child(spec: dict, cap: MemoryCap | None = None) -> dict:
 
 def _stage_volume(folder: Path) -> dict:
     """Rows, layers, width, float32 bytes and on-disk bytes of an activation stage."""
-    import pyarrow.parquet as pq
+    from jobs.fitting import recorded_model
 
-    manifest = json.loads((folder / "activations" / "_manifest.json").read_text())
-    shards = manifest["shards"]
-    schema = pq.read_schema(folder / "activations" / shards[0]["file"])
-    hidden = schema.field("activation").type.list_size
-    rows = sum(s["rows"] for s in shards)
-    meta = json.loads(schema.metadata[b"conva.model"])
-    return {"activation_rows": rows, "texts": rows // len(meta["layers"]), "layers": len(meta["layers"]),
-            "hidden": hidden, "float32_mb": rows * hidden * 4 / 2**20,
-            "on_disk_mb": sum(s["bytes"] for s in shards) / 2**20, "shards": len(shards)}
+    acts = open_activations(folder)
+    info, layers = recorded_model(acts)
+    shards, rows = acts.manifest.shards, acts.row_count()
+    return {"activation_rows": rows, "texts": rows // len(layers), "layers": len(layers),
+            "hidden": info.hidden_size, "float32_mb": rows * info.hidden_size * 4 / 2**20,
+            "on_disk_mb": sum(s.bytes for s in shards) / 2**20, "shards": len(shards)}
 
 
 def model_activations(args: argparse.Namespace) -> tuple[Path, dict]:
@@ -163,18 +158,19 @@ def model_activations(args: argparse.Namespace) -> tuple[Path, dict]:
 def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: int, neutral: int,
                           rows_per_shard: int, seed: int = 0) -> dict:
     """Write an activation stage in the extract job's layout with ``gigabytes`` of float32 activations."""
-    import pyarrow as pa
-
-    from conva.pipeline import SCHEMA_VERSION, activation_schema
+    from conva.pipeline import SCHEMA_VERSION
     from conva.store import open_stage
     from conva.values import VALUES
-    from workers.extraction import MODEL_META_KEY
 
     per_text = layers * hidden * 4
     texts = int(gigabytes * 2**30 / per_text)
     pairs = max(8, (texts - neutral) // (4 * len(VALUES)))  # each pair: 2 pair texts + 2 gate texts
     rng = np.random.default_rng(seed)
-    unit = lambda: (lambda v: v / np.linalg.norm(v))(rng.standard_normal(hidden).astype(np.float32))  # noqa: E731
+
+    def unit() -> np.ndarray:
+        v = rng.standard_normal(hidden).astype(np.float32)
+        return v / np.linalg.norm(v)
+
     probe_dir = {(v, l): unit() for v in VALUES for l in range(layers)}
     gate_dir = {v: unit() for v in VALUES}
     sep = np.linspace(0.5, 4.0, layers).astype(np.float32)  # later layers separate better, as in real models
@@ -195,7 +191,6 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
         if stage.is_complete(-(-len(rows) // rows_per_shard)):
             return config
     stage = open_stage(folder, "activations", config, SCHEMA_VERSION, overwrite=True)
-    schema = activation_schema(hidden).with_metadata({MODEL_META_KEY: json.dumps(meta).encode()})
     for shard, start in enumerate(range(0, len(rows), rows_per_shard)):
         part = rows[start:start + rows_per_shard]
         n = len(part)
@@ -205,16 +200,7 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
                 x[:, j] += (2 * label - 1) * sep[:, None] * np.stack([probe_dir[v, l] for l in range(layers)])
             elif dataset == "gate":
                 x[:, j] += 1.5 * gate_dir[v]
-        cols = list(zip(*part))
-        table = pa.table({
-            "row_id": pa.array(cols[0] * layers), "dataset": pa.array(cols[1] * layers),
-            "value": pa.array(cols[2] * layers, pa.string()), "label": pa.array(cols[3] * layers, pa.int8()),
-            "group": pa.array(cols[4] * layers, pa.int64()), "text_hash": pa.nulls(n * layers, pa.string()),
-            "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), n)),
-            "position": pa.array(["last"] * (n * layers)),
-            "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), hidden),
-            "error": pa.nulls(n * layers, pa.string()),
-        }, schema=schema)
+        table = activation_shard(part, x, meta)
         stage.commit(shard, table, row_group_size=n)
     return config
 
@@ -257,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
             cap.close()
         report["synthetic"] = {**_stage_volume(folder), "values": 10, "write_s": written, **run,
                                "cap_mb": args.cap_gb * 1024 if cap.enforced else None,
-                               "cap_why_not": None if cap.enforced else getattr(cap, "why", "unknown"),
+                               "cap_why_not": cap.why,
                                "cgroup_peak_mb_incl_page_cache": peak / 2**20 if peak else None}
     finally:
         shutil.rmtree(work, ignore_errors=True)

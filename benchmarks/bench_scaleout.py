@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
-from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.common import RESULTS, activation_shard, machine, open_activations, write_result
 from conva.config import load_config
 from jobs.common import setup_logging
 from jobs.runner import run_job
@@ -60,14 +60,9 @@ def one_run(workers: int, values: list[str], prompts: int, out: Path) -> dict:
 
 
 def _recorded_layers(out: Path) -> int:
-    import json
+    from jobs.fitting import recorded_model
 
-    import pyarrow.parquet as pq
-
-    from workers.extraction import MODEL_META_KEY
-
-    first = next((out / "activations").glob("part-*.parquet"))
-    return len(json.loads(pq.read_schema(first).metadata[MODEL_META_KEY])["layers"])
+    return len(recorded_model(open_activations(out))[1])
 
 
 def driver_commit_rate(out: Path, texts: int = 64, layers: int = 32, hidden: int = 4096, shards: int = 6) -> dict:
@@ -76,20 +71,12 @@ def driver_commit_rate(out: Path, texts: int = 64, layers: int = 32, hidden: int
     The shard is the extract job's layout for an 8B-shaped model (32 layers × 4096, float32), 64 texts.
     """
     import numpy as np
-    import pyarrow as pa
 
-    from conva.pipeline import SCHEMA_VERSION, activation_schema
+    from conva.pipeline import SCHEMA_VERSION
     from conva.store import open_stage
 
-    n = texts * layers
-    x = np.random.default_rng(0).standard_normal((n, hidden), dtype=np.float32)
-    table = pa.table({
-        "row_id": [f"pairs/power/{i % texts:06d}/pos" for i in range(n)], "dataset": ["pairs"] * n,
-        "value": ["power"] * n, "label": pa.array([1] * n, pa.int8()), "group": pa.array(np.arange(n) % texts),
-        "text_hash": pa.nulls(n, pa.string()), "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), texts)),
-        "position": ["last"] * n, "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), hidden),
-        "error": pa.nulls(n, pa.string()),
-    }, schema=activation_schema(hidden))
+    x = np.random.default_rng(0).standard_normal((layers, texts, hidden), dtype=np.float32)
+    table = activation_shard([(f"pairs/power/{i:06d}/pos", "pairs", "power", 1, i) for i in range(texts)], x)
     stage = open_stage(out, "activations", {"bench": "commit"}, SCHEMA_VERSION)
     start = time.perf_counter()
     for shard in range(shards):

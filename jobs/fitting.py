@@ -31,7 +31,7 @@ from jobs.common import JobError
 from jobs.stages import StageResult, _test_stop_hook
 from workers.extraction import MODEL_META_KEY
 
-__all__ = ["run_fit", "PROBE_SCHEMA"]
+__all__ = ["run_fit", "recorded_model", "PROBE_SCHEMA"]
 
 _log = logging.getLogger("conva.jobs")
 _META_COLUMNS = ["row_id", "dataset", "value", "label", "group"]
@@ -53,7 +53,7 @@ def run_fit(cfg: Config, acts: Stage, stage: Stage, n_activation_shards: int) ->
     if not todo:
         _log.info("fit: all %d bundles already committed in %s; nothing to do", len(values), stage.path)
         return StageResult("fit", len(values), 0, 0, 0.0)
-    info, layers = _model_info(acts)
+    info, layers = recorded_model(acts)
     dataset, digest = acts.dataset(), _activations_hash(acts)
     _log_error_rows(dataset, layers[0])
     for done, i in enumerate(tqdm(todo, desc="fit", unit="value", disable=None), start=1):
@@ -69,8 +69,8 @@ def run_fit(cfg: Config, acts: Stage, stage: Stage, n_activation_shards: int) ->
     return StageResult("fit", len(values), len(todo), len(todo), time.monotonic() - start)
 
 
-def _model_info(acts: Stage) -> tuple[ModelInfo, list[int]]:
-    """The model every activation shard was recorded with; refuse a mix of models."""
+def recorded_model(acts: Stage) -> tuple[ModelInfo, list[int]]:
+    """The model every activation shard was recorded with, and the recorded layers; refuse a mix of models."""
     metas = {pq.read_schema(acts.path / r.file).metadata.get(MODEL_META_KEY) for r in acts.manifest.shards}
     if len(metas) != 1 or None in metas:
         raise JobError(f"activation shards in {acts.path} do not name one model; rerun extract with --overwrite")
