@@ -29,14 +29,17 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from conva.gates import Gate
 from conva.values import check_value
 
-__all__ = ["FORMAT_VERSION", "BundleError", "ValueBundle", "save_bundle", "load_bundle"]
+__all__ = ["FORMAT_VERSION", "BUNDLE_FILES", "BundleError", "ValueBundle", "encode_bundle", "decode_bundle",
+           "save_bundle", "load_bundle"]
 
 FORMAT_VERSION = 1
+BUNDLE_FILES = ("meta.json", "vectors.safetensors")
 
 
 class BundleError(ValueError):
@@ -126,21 +129,27 @@ def _meta(bundle: ValueBundle, tensors: dict[str, np.ndarray]) -> dict:
     }
 
 
+def encode_bundle(bundle: ValueBundle) -> dict[str, bytes]:
+    """The bundle's two files as bytes, keyed by name (:data:`BUNDLE_FILES`): what any storage writes."""
+    tensors = _tensors(bundle)
+    meta = json.dumps(_meta(bundle, tensors), indent=2, sort_keys=True)
+    return {"meta.json": meta.encode("utf-8"), "vectors.safetensors": save_safetensors(tensors)}
+
+
 def save_bundle(bundle: ValueBundle, path: str | Path) -> Path:
-    """Write ``bundle`` to the directory ``path`` (created; **existing files there are replaced**)."""
+    """Write ``bundle`` to the local directory ``path`` (created; **existing files there are replaced**)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors(bundle)
-    save_file(tensors, str(path / "vectors.safetensors"))
-    text = json.dumps(_meta(bundle, tensors), indent=2, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".meta-")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path / "meta.json")
+    for name, data in sorted(encode_bundle(bundle).items(), reverse=True):  # meta.json last
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path / name)
     return path
 
 
-def _check_tensors(path: Path, meta: dict, t: dict[str, np.ndarray]) -> None:
+def _check_tensors(path: str | Path, meta: dict, t: dict[str, np.ndarray]) -> None:
     for name in ("w", "b", "layers", "train_acc", "test_acc", "caa"):
         if name not in t:
             raise BundleError(f"{path}: tensor {name!r} is missing")
@@ -166,13 +175,24 @@ def _check_tensors(path: Path, meta: dict, t: dict[str, np.ndarray]) -> None:
 
 
 def load_bundle(path: str | Path, *, fingerprint: str | None = None, hidden_size: int | None = None) -> ValueBundle:
-    """Read and verify a bundle; with ``fingerprint``/``hidden_size``, refuse one made for another model."""
+    """Read and verify a bundle from a local directory; with ``fingerprint``/``hidden_size``, refuse one made for another model."""
     path = Path(path)
     try:
-        meta = json.loads((path / "meta.json").read_text())
-        tensors = load_file(str(path / "vectors.safetensors"))
-    except (OSError, ValueError, SafetensorError) as exc:  # a torn or foreign file (e.g. a pickle) is refused
+        files = {name: (path / name).read_bytes() for name in BUNDLE_FILES}
+    except OSError as exc:
         raise BundleError(f"{path}: not a readable bundle ({type(exc).__name__}: {exc})") from exc
+    return decode_bundle(files, str(path), fingerprint=fingerprint, hidden_size=hidden_size)
+
+
+def decode_bundle(files: dict[str, bytes], where: str, *, fingerprint: str | None = None,
+                  hidden_size: int | None = None) -> ValueBundle:
+    """A verified bundle from its files' bytes (``where`` names it in errors); see :func:`load_bundle`."""
+    try:
+        meta = json.loads(files["meta.json"])
+        tensors = load_safetensors(files["vectors.safetensors"])
+    except (KeyError, ValueError, SafetensorError) as exc:  # a torn or foreign file (e.g. a pickle) is refused
+        raise BundleError(f"{where}: not a readable bundle ({type(exc).__name__}: {exc})") from exc
+    path = where
     if meta.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"{path}: format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
     _check_tensors(path, meta, tensors)

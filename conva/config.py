@@ -108,12 +108,31 @@ class VLLMConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
+    """Where a job writes: a local folder, a shared mount (NFS, EFS, a PVC) or an object store URI (``s3://…``).
+
+    Every node that runs a worker must see the same ``dir``; a relative path is made absolute when the
+    job starts, and refused under ``ray job submit`` (the driver's working folder is a temporary copy).
+    ``lease_ttl_s``: a driver's lease on ``dir`` counts as stale after this many seconds without a heartbeat.
+    """
+
     dir: str = "runs/demo"
     overwrite: bool = False
+    lease_ttl_s: float = 60.0
 
 
 @dataclass(frozen=True)
 class RayConfig:
+    """How a model's workers run (none of it changes results).
+
+    ``num_workers`` model workers, each with ``num_cpus_per_worker`` CPUs and ``num_gpus_per_worker`` GPUs
+    (fractional shares one card; more than one spreads the model over that many GPUs of one node). Work
+    starts once ``min_workers`` are ready; fail after ``startup_timeout_s`` without them. A dead worker is
+    replaced, at most ``max_restarts`` times in all. A shard is retried after its worker died or ran
+    longer than ``shard_timeout_s`` (0: no limit) at most ``max_task_retries`` times, and after a
+    transient error (I/O, network, out of memory at half the batch) at most ``transient_retries`` times.
+    ``queue_depth``: calls in flight per worker, so none waits for the driver between shards.
+    """
+
     num_workers: int = 2
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
@@ -121,8 +140,13 @@ class RayConfig:
     # Steering (and study) shards: 0 means rows_per_shard. Extraction wants large shards (few calls and
     # commits); steering wants shards of about one batch, so a few dozen prompts still keep every worker busy.
     steer_rows_per_shard: int = 0
+    min_workers: int = 1
+    startup_timeout_s: float = 600.0
+    shard_timeout_s: float = 3600.0
     max_restarts: int = 2
     max_task_retries: int = 2
+    transient_retries: int = 3
+    queue_depth: int = 2
 
     @property
     def steer_shard_rows(self) -> int:
@@ -183,7 +207,7 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and (type(value) is not hint):
+    if hint in (int, float, str, bool, dict) and (type(value) is not hint):
         raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
 
@@ -233,6 +257,14 @@ def _validate(cfg: Config) -> None:
         ("ray.steer_rows_per_shard", cfg.ray.steer_rows_per_shard >= 0, "must be 0 (= rows_per_shard) or more"),
         ("ray.max_restarts", 0 <= cfg.ray.max_restarts <= 100, "must lie in 0..100 (never infinite)"),
         ("ray.max_task_retries", 0 <= cfg.ray.max_task_retries <= 100, "must lie in 0..100 (never infinite)"),
+        ("ray.transient_retries", 0 <= cfg.ray.transient_retries <= 100, "must lie in 0..100 (never infinite)"),
+        ("ray.min_workers", 1 <= cfg.ray.min_workers, "must be at least 1"),
+        ("ray.startup_timeout_s", cfg.ray.startup_timeout_s > 0, "must be positive"),
+        ("ray.shard_timeout_s", cfg.ray.shard_timeout_s >= 0, "must be 0 (no limit) or positive"),
+        ("ray.queue_depth", 1 <= cfg.ray.queue_depth <= 16, "must lie in 1..16"),
+        ("ray.num_gpus_per_worker", cfg.ray.num_gpus_per_worker <= 1 or float(cfg.ray.num_gpus_per_worker).is_integer(),
+         "above 1 must be a whole number of GPUs (one worker spans that many GPUs of one node)"),
+        ("output.lease_ttl_s", cfg.output.lease_ttl_s > 0, "must be positive"),
         ("gate.model", cfg.gate.kind != "external" or bool(cfg.gate.model and cfg.gate.labels),
          "an external gate needs gate.model and gate.labels"),
         ("steer.mode", cfg.steer.mode != "reference" or (cfg.steer.positions, cfg.steer.epsilon) == ("all", "frozen"),

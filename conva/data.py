@@ -33,7 +33,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pyarrow.fs as pafs
 
@@ -56,6 +56,10 @@ __all__ = [
     "demo_neutral",
     "text_hash",
     "is_folder",
+    "data_files",
+    "jsonl_records",
+    "csv_records",
+    "DATA_SUFFIXES",
 ]
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -123,6 +127,9 @@ def _locate(source: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(text).resolve())
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
 def is_folder(source: str | Path) -> bool:
     """Whether ``source`` (path or URI) is a folder."""
     fs, path = _locate(source)
@@ -138,7 +145,7 @@ def read_records(path: str | Path) -> Iterator[Record]:
     """
     fs, where = _locate(path)
     suffix = posixpath.splitext(where)[1].lower()
-    if suffix not in (".jsonl", ".json", ".csv", ".parquet"):
+    if suffix not in DATA_SUFFIXES:
         raise DataError(path, None, None, f"unknown file type {suffix!r} (expected .jsonl, .csv or .parquet)")
     if fs.get_file_info(where).type != pafs.FileType.File:
         raise DataError(path, None, None, "no such file")
@@ -147,12 +154,16 @@ def read_records(path: str | Path) -> Iterator[Record]:
         return
     with fs.open_input_stream(where) as stream:
         data = stream.read()
-    yield from (_jsonl_records(data) if suffix in (".jsonl", ".json") else _csv_records(data, path))
+    yield from (jsonl_records(data) if suffix in (".jsonl", ".json") else csv_records(data, path))
 
 
-def _jsonl_records(data: bytes) -> Iterator[Record]:
-    row = 0
-    for raw in data.splitlines():
+def jsonl_records(data: bytes, first_row: int = 1) -> Iterator[Record]:
+    """The records of JSON Lines bytes (lines end with ``\n``; blank lines are not rows), numbered from ``first_row``.
+
+    A slice of a file (whole lines, see :mod:`conva.inputs`) gives the same records as the whole file.
+    """
+    row = first_row - 1
+    for raw in data.split(b"\n"):
         if not raw.strip():
             continue
         row += 1
@@ -170,7 +181,12 @@ def _jsonl_records(data: bytes) -> Iterator[Record]:
         yield Record(row, obj)
 
 
-def _csv_records(data: bytes, path: str | Path) -> Iterator[Record]:
+def csv_records(data: bytes, path: str | Path, header: Sequence[str] | None = None,
+                first_row: int = 1) -> Iterator[Record]:
+    """The records of CSV bytes, numbered from ``first_row`` (the header is not a row).
+
+    With ``header`` the bytes hold data rows only (a slice of a file, see :mod:`conva.inputs`).
+    """
     lines = data.splitlines(keepends=True)
     bad_lines: dict[int, str] = {}
     text_lines = []
@@ -181,11 +197,12 @@ def _csv_records(data: bytes, path: str | Path) -> Iterator[Record]:
             bad_lines[i] = f"invalid UTF-8 at byte {exc.start} of the line"
             text_lines.append(raw.decode("utf-8", "replace"))
     reader = csv.reader(io.StringIO("".join(text_lines).lstrip("\ufeff"), newline=""))
-    header = next(reader, None)
     if header is None:
-        raise DataError(path, None, None, "empty file (no header)")
+        header = next(reader, None)
+        if header is None:
+            raise DataError(path, None, None, "empty file (no header)")
     header = [h.strip() for h in header]
-    for row, values in enumerate(reader, start=1):
+    for row, values in enumerate(reader, start=first_row):
         error = _csv_row_error(header, values, bad_lines, reader.line_num)
         yield Record(row, dict(zip(header, values)) if error is None else {}, error)
 
@@ -230,7 +247,7 @@ def _strict(path: str | Path) -> Iterator[Record]:
         yield rec
 
 
-def _files(path: str | Path) -> list[str]:
+def data_files(path: str | Path) -> list[str]:
     """The data files of a file or folder (path or URI), sorted; a folder is not searched recursively."""
     fs, where = _locate(path)
     kind = fs.get_file_info(where).type
@@ -239,7 +256,7 @@ def _files(path: str | Path) -> list[str]:
     if kind == pafs.FileType.File:
         return [str(path)]
     found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(where))
-                   if i.type == pafs.FileType.File and posixpath.splitext(i.base_name)[1].lower() in (".jsonl", ".csv", ".parquet"))
+                   if i.type == pafs.FileType.File and posixpath.splitext(i.base_name)[1].lower() in DATA_SUFFIXES)
     if not found:
         raise DataError(path, None, None, "folder holds no .jsonl, .csv or .parquet file")
     return [f"{str(path).rstrip('/')}/{name}" for name in found]
@@ -259,7 +276,7 @@ def load_pairs(path: str | Path, value: str | None = None) -> list[Pair]:
     a ``value`` column. ``value`` keeps only that value's pairs.
     """
     pairs: list[Pair] = []
-    for file in _files(path):
+    for file in data_files(path):
         file_value = _paper_value(file)
         for rec in _strict(file):
             if "question_1" in rec.fields or "question_2" in rec.fields:
@@ -279,7 +296,7 @@ def load_pairs(path: str | Path, value: str | None = None) -> list[Pair]:
 def load_prompts(path: str | Path, value: str | None = None) -> list[Prompt]:
     """Read prompts (``prompt`` or the paper's ``text`` column) from a file or folder, strictly."""
     prompts: list[Prompt] = []
-    for file in _files(path):
+    for file in data_files(path):
         file_value = _paper_value(file)
         for rec in _strict(file):
             field = "text" if "text" in rec.fields and "prompt" not in rec.fields else "prompt"

@@ -35,7 +35,11 @@ _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
 class LLMError(RuntimeError):
-    """An endpoint that kept failing past its retries, or refused a request outright."""
+    """An endpoint that kept failing past its retries (``transient``: a later try may work), or refused a request."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 def request_key(base_url: str, model: str, messages: Messages, max_tokens: int, temperature: float) -> str:
@@ -90,7 +94,7 @@ class ChatClient:
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 problem = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
             if attempt == self.max_retries:
-                raise LLMError(f"{self.base_url}: failed after {attempt + 1} attempts (last: {problem})")
+                raise LLMError(f"{self.base_url}: failed after {attempt + 1} attempts (last: {problem})", transient=True)
             # Exponential backoff with jitter, so concurrent callers do not retry in lock-step.
             delay = self.backoff_s * (2 ** attempt) * (1.0 + 0.25 * random.random())
             _log.warning("%s: %s; retry %d/%d in %.1f s", self.base_url, problem, attempt + 1, self.max_retries, delay)

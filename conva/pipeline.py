@@ -18,6 +18,8 @@ Schemas (version :data:`SCHEMA_VERSION`; documented in the README):
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,10 +36,12 @@ from conva.steer import RowResult, SteerSpec, generate
 __all__ = [
     "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
     "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source", "load_prompt_source",
-    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn",
+    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "steering_rows_from_records", "value_activations",
+    "probe_rows", "PROBE_SCHEMA", "activation_model",
 ]
 
-SCHEMA_VERSION = 1
+# 2: outputs committed through a commit log (conva.store), shards written by the workers.
+SCHEMA_VERSION = 2
 
 EXTRACTION_INPUT_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("dataset", pa.string()), ("value", pa.string()), ("label", pa.int8()),
@@ -204,19 +208,30 @@ def steering_rows(cfg: Config) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
 
 
-def steering_rows_from_file(path: str | Path) -> pa.Table:
-    """Bulk steering input in the project schema, leniently: unusable rows carry an ``error`` reason."""
+def steering_rows_from_records(name: str, records: Iterable[D.Record], values: Sequence[str] | None = None) -> pa.Table:
+    """Bulk steering input in the project schema, leniently: unusable rows carry an ``error`` reason.
+
+    ``name`` (the file's base name) prefixes the row ids, ``<name>/<row>``; a row naming a value outside
+    ``values`` (no bundle is fitted for it) is an error row too.
+    """
     rows = []
-    for rec in D.read_records(path):
+    for rec in records:
         value = rec.fields.get("value")
         prompt = rec.fields.get("prompt")
         error = rec.error
         if error is None and value is not None and value not in D.VALUES:
             error = f"unknown value {value!r}"
-        rows.append(dict(row_id=f"{Path(path).name}/{rec.row:06d}", value=value if isinstance(value, str) else None,
+        if error is None and value is not None and values is not None and value not in values:
+            error = f"no bundle for value {value!r} (not in data.values)"
+        rows.append(dict(row_id=f"{name}/{rec.row:06d}", value=value if isinstance(value, str) else None,
                          prompt=prompt if isinstance(prompt, str) else None,
                          error=error or (None if isinstance(prompt, str) else f"prompt is {type(prompt).__name__}, not text")))
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
+
+
+def steering_rows_from_file(path: str | Path, values: Sequence[str] | None = None) -> pa.Table:
+    """:func:`steering_rows_from_records` of a whole file (path or URI), in one process."""
+    return steering_rows_from_records(Path(str(path)).name, D.read_records(path), values)
 
 
 def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) -> str | None:
@@ -305,3 +320,62 @@ def _generation_row(rec: dict, done: tuple[RowResult, SteerSpec] | None, error: 
                    strength=spec.strength if spec.method in ("caa", "probe_fixed") else None, gate_score=res.gate_score, gate_open=res.gate_open,
                    layers=list(res.layers), eps=list(res.eps), p_before=list(res.p_before), p_after=list(res.p_after))
     return row
+
+
+PROBE_SCHEMA = pa.schema([
+    ("value", pa.string()), ("layer", pa.int32()), ("train_acc", pa.float64()), ("test_acc", pa.float64()),
+    ("in_band", pa.bool_()), ("fingerprint", pa.string()), ("gate_kind", pa.string()), ("gate_layer", pa.int32()),
+    ("gate_threshold", pa.float64()),
+])
+_META_COLUMNS = ["row_id", "dataset", "value", "label", "group"]
+
+
+def probe_rows(bundle: ValueBundle) -> pa.Table:
+    """One row per probed layer of a bundle: accuracies, band membership, the gate (``bundles/part-*.parquet``)."""
+    g, n = bundle.gate, len(bundle.layers)
+    return pa.table({
+        "value": [bundle.value] * n, "layer": bundle.layers.astype(np.int32),
+        "train_acc": bundle.train_acc.astype(np.float64), "test_acc": bundle.test_acc.astype(np.float64),
+        "in_band": [int(l) in bundle.band for l in bundle.layers], "fingerprint": [bundle.fingerprint] * n,
+        "gate_kind": [g.kind] * n, "gate_layer": pa.array([g.layer] * n, pa.int32()),
+        "gate_threshold": pa.array([g.threshold] * n, pa.float64()),
+    }, schema=PROBE_SCHEMA)
+
+
+def activation_model(infos: Iterable[dict]) -> tuple[ModelInfo, list[int]]:
+    """The one model a stage's activation shards were recorded with, and its layers; refuse a mix."""
+    distinct = {json.dumps(i, sort_keys=True) for i in infos}
+    if len(distinct) != 1:
+        raise ValueError(f"the activation shards were recorded with {len(distinct)} different models (or none); "
+                         "rerun extract with --overwrite")
+    meta = json.loads(distinct.pop())
+    return ModelInfo(meta["name"], meta["fingerprint"], meta["hidden_size"], meta["n_blocks"]), list(meta["layers"])
+
+
+def value_activations(dataset, value: str, layers: Sequence[int], hidden: int):
+    """``(meta, read_layer)`` for fitting ``value``: its texts plus the gate's texts, one layer at a time.
+
+    ``meta`` has one row per recorded text (``row_id, dataset, value, label, group``); ``read_layer(l)``
+    returns ``[n, hidden]`` float32 rows aligned with it. Error rows (texts the extraction could not
+    record) are left out. ``read_layer`` scans only the files that hold these texts, and in them only the
+    layer's row group (pruned by its statistics): a value's layer costs a few row groups whatever the
+    size of the whole activation store.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    rows = ((pc.field("value") == value) | (pc.field("dataset") == "neutral")) & pc.field("error").is_null()
+    meta = dataset.to_table(columns=[*_META_COLUMNS, "__filename"], filter=rows & (pc.field("layer") == layers[0]))
+    files = set(meta.column("__filename").to_pylist())
+    meta, ids = meta.drop_columns(["__filename"]), meta.column("row_id")
+    own = ds.FileSystemDataset([f for f in dataset.get_fragments() if f.path in files], dataset.schema,
+                               dataset.format, dataset.filesystem)
+
+    def read_layer(layer: int) -> np.ndarray:
+        part = own.to_table(columns=["row_id", "activation"], filter=rows & (pc.field("layer") == layer))
+        if not part.column("row_id").equals(ids):
+            raise ValueError(f"activations of layer {layer} are not aligned with layer {layers[0]} for {value!r}")
+        flat = part.column("activation").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(part.num_rows, hidden)
+
+    return meta, read_layer

@@ -228,18 +228,51 @@ def write_report(path: str | Path) -> Path:
     return page
 
 
+def write_report_to(out) -> str:
+    """:func:`write_report` for a study output on any storage (a :class:`conva.storage.Location`); returns the page's URI.
+
+    The Parquet files are copied to a temporary folder, the report is built there and its files are
+    written back under ``<out>/report/`` (**replacing** files of the same names).
+    """
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="conva-report-"))
+    try:
+        for name in ("summary", "probes", "judges"):
+            source = out.child(f"{name}.parquet")
+            if source.exists():
+                (tmp / f"{name}.parquet").write_bytes(source.read_bytes())
+        page = write_report(tmp)
+        for f in sorted(page.parent.iterdir()):
+            out.child("report", f.name).write_bytes(f.read_bytes())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out.child("report", "index.html").uri
+
+
 def main(argv: list[str] | None = None) -> int:
     """``conva report <study folder | results.parquet>``: rebuild the report; prints the page's path."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: conva report <study folder | results.parquet>", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from conva.storage import is_uri, location
+
     try:
-        page = write_report(argv[0])
-    except (FileNotFoundError, OSError) as err:
+        if is_uri(argv[0]):
+            out = location(argv[0].removesuffix("/results.parquet"))
+            if not out.child("summary.parquet").exists():
+                raise FileNotFoundError(f"{out} holds no summary.parquet: point at a study's output")
+            page = write_report_to(out)
+            summary = pq.read_table(pa.BufferReader(out.child("summary.parquet").read_bytes()))
+        else:
+            local = write_report(argv[0])
+            page, summary = str(local), pq.read_table(local.parent.parent / "summary.parquet")
+    except (FileNotFoundError, OSError, ValueError) as err:
         print(f"conva report: error: {err}", file=sys.stderr)
         return 2
-    print(format_summary(pq.read_table(page.parent.parent / "summary.parquet")))
+    print(format_summary(summary))
     print(f"report: {page}")
     return 0
 

@@ -1,56 +1,82 @@
-"""The output store every job writes through: one Parquet dataset per stage, committed shard by shard.
+"""The output store every job writes through: per stage, shards committed through an append-only log.
 
-Layout of a job's output folder::
+Layout of a stage folder ``<out>/<stage>/`` (a local folder, a shared mount or ``s3://…``)::
 
-    <out>/<stage>/part-00000.parquet    committed shards; the index comes from `shard_ranges`
-    <out>/<stage>/_manifest.json        shards with rows, bytes, sha256; schema version; the job's config
-    <out>/<stage>/_staging/             in-flight writes, emptied whenever the stage is opened
+    part-00000.parquet, power/meta.json, …     published objects of the current generation: what readers see
+    _log/000000000001.json, …                  the commit log: one small object per record, append-only
+    _log/000000001000.checkpoint.json          the log's state up to record 1000 (compaction)
+    _attempts/g2/00007-<attempt>/…             objects one worker wrote for one attempt at one shard
+    _input/<sha256>.parquet                    a generated input table the workers read their slices from
 
-A shard is written under ``_staging/``, fsync'd and ``os.replace``d into place, so the visible folder
-only ever holds complete files. Readers skip ``_staging`` and the manifest: pyarrow and pandas ignore
-names starting with ``_`` or ``.``; for DuckDB read the glob ``<out>/<stage>/part-*.parquet``.
+How a shard is committed:
 
-The committed Parquet files are the truth; the manifest is reconciled with them on every open.
-**The manifest has a single writer**: only the driver commits (workers return tables to it), and two
-processes must never hold the same stage open for writing.
+1. The driver hands shard ``i`` to a worker with a fresh attempt id. The worker writes the shard's
+   objects under ``_attempts/g<gen>/<i>-<attempt>/``, a name no other attempt uses, and returns a
+   :class:`ShardRecord` (object names, bytes, sha256, rows, schema): no shard data reaches the driver.
+2. The driver appends a ``commit`` record to the log: one small object, O(1) whatever the number of
+   shards. That record *is* the commit. The first attempt of a shard to be logged counts; a later one (a
+   retry that raced, a zombie worker that woke up) is ignored and its objects deleted.
+3. The driver publishes the committed objects under their final names: a rename on a filesystem, a
+   server-side copy on an object store. A reader listing the folder (pandas, DuckDB's ``part-*.parquet``
+   glob) sees committed objects only, never an attempt: ``_``-prefixed names are skipped by pyarrow.
+
+**Generations.** A ``begin`` record holds the stage's config. A rerun with the same config resumes (only
+pending shards run); a different config is refused naming the keys, unless ``overwrite``: then a new
+generation begins whose objects stay under ``_attempts/`` while the old generation stays published and
+readable. :meth:`Stage.finish` switches to the new one once all its shards are committed (a ``switch``
+record, then publishing), so an interrupted overwrite leaves the old output whole, and a rerun resumes
+the new generation where it stopped.
+
+On open the log is replayed and checked against the objects (one listing): a committed object that is
+missing or of the wrong size is dropped, so its shard is computed again; objects of dead attempts are
+deleted. **Single writer**: only the driver holding the output's lease (:mod:`conva.lease`) appends to
+a log.
 
 Example:
     >>> import tempfile, pyarrow as pa
-    >>> out = tempfile.mkdtemp()
-    >>> stage = open_stage(out, "generations", {"steer": {"p0": 0.9}}, schema_version=1)
-    >>> stage.pending(2)
+    >>> from conva.storage import location
+    >>> stage = Stage.open(location(tempfile.mkdtemp()), "generations", {"steer": {"p0": 0.9}}, 1, n_shards=2)
+    >>> stage.pending()
     [0, 1]
-    >>> stage.commit(0, pa.table({"text": ["a", "b"]}))
-    >>> stage.pending(2), stage.row_count()
-    ([1], 2)
+    >>> stage.commit(write_table_shard(stage.ref(0, "a1"), pa.table({"x": [1, 2]})))
+    True
+    >>> stage.pending(), stage.row_count(), [f.name for f in stage.location.list() if not f.name.startswith("_")]
+    ([1], 2, ['part-00000.parquet'])
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-__all__ = ["ShardRecord", "Manifest", "Stage", "StoreError", "ConfigMismatchError", "OutputNotWritableError",
-           "open_stage", "stage_mismatch", "check_writable", "check_name", "config_hash", "diff_keys", "shard_ranges"]
+from conva.storage import Location
+
+__all__ = [
+    "StoredObject", "ShardRef", "ShardRecord", "Stage", "StageStatus", "StoreError", "ConfigMismatchError",
+    "write_table_shard", "write_files_shard", "schema_hash", "stage_mismatch", "stage_status", "check_name",
+    "config_hash", "diff_keys", "shard_ranges", "COMPACT_EVERY",
+]
 
 _log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_SHARD_FILE = re.compile(r"^part-(\d{5,})\.parquet$")
-_MANIFEST, _STAGING = "_manifest.json", "_staging"
+_RECORD = re.compile(r"^(\d{12})(\.checkpoint)?\.json$")
+_LOG, _ATTEMPTS, _INPUT = "_log", "_attempts", "_input"
+_LEGACY_MANIFEST = "_manifest.json"
 _MISSING = object()
+# Records between checkpoints: opening a stage reads one checkpoint and at most this many records; a
+# checkpoint costs O(shards), so its amortised cost per commit stays small at any scale.
+COMPACT_EVERY = 1000
 
 
 class StoreError(RuntimeError):
@@ -60,37 +86,59 @@ class StoreError(RuntimeError):
 class ConfigMismatchError(StoreError):
     """The stage was written by a job with a different config; ``keys`` are the differing dotted paths."""
 
-    def __init__(self, stage_dir: Path, keys: list[str]) -> None:
-        super().__init__(f"{stage_dir} was written with a different config; differing keys: "
-                         f"{', '.join(keys)}. Pass overwrite=True to replace it.")
+    def __init__(self, stage_dir: Location | str, keys: list[str]) -> None:
+        super().__init__(f"{stage_dir} was written with a different config; differing keys: {', '.join(keys)}. "
+                         "Rerun with --overwrite to replace it (the old output stays readable until the new "
+                         "run has committed every shard).")
         self.keys = keys
 
 
-class OutputNotWritableError(PermissionError):
-    """The output folder cannot be created or written to."""
-
-
 @dataclass(frozen=True)
-class ShardRecord:
-    """One committed shard as the manifest lists it."""
+class StoredObject:
+    """One object of a committed shard: its name below the stage folder, its size and sha256."""
 
-    shard: int
-    file: str
-    rows: int
+    name: str
     bytes: int
     sha256: str
 
 
 @dataclass(frozen=True)
-class Manifest:
-    """The content of ``_manifest.json``; ``shards`` sorted by index."""
+class ShardRef:
+    """What a worker needs to write one attempt at one shard: where, and the ids its record must carry."""
 
     stage: str
-    schema_version: int
-    config_hash: str
-    config: dict
-    ignore_keys: tuple[str, ...]
-    shards: tuple[ShardRecord, ...] = ()
+    gen: int
+    shard: int
+    attempt: str
+    folder: Location
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a worker returns for one shard instead of its data: the objects it wrote and a few facts.
+
+    ``schema`` is the hash of the shard table's Arrow schema (every shard of a stage must agree);
+    ``extra`` carries small stage-specific facts (e.g. the model activations were recorded with);
+    ``worker`` says who ran it and when (node, pid, worker id, start and end times).
+    """
+
+    stage: str
+    gen: int
+    shard: int
+    attempt: str
+    objects: tuple[StoredObject, ...]
+    rows: int
+    schema: str = ""
+    extra: dict = field(default_factory=dict)
+    worker: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> ShardRecord:
+        objects = tuple(StoredObject(**o) for o in data["objects"])
+        return cls(**{**data, "objects": objects})
 
 
 def check_name(name: str, what: str = "name") -> str:
@@ -129,149 +177,476 @@ def diff_keys(a: dict, b: dict) -> list[str]:
     return sorted(_diff(_normalize(a), _normalize(b), ""))
 
 
-def check_writable(out_dir: str | os.PathLike) -> Path:
-    """Raise ``OutputNotWritableError`` naming ``out_dir`` unless it is (or can be made) writable.
+def schema_hash(schema: pa.Schema) -> str:
+    """A short hash of an Arrow schema without its metadata: shards of one stage must agree on it."""
+    return hashlib.sha256(schema.remove_metadata().serialize().to_pybytes()).hexdigest()[:16]
 
-    Cheap enough to call before any worker starts; it creates nothing that outlives the call.
+
+# --- the worker's side: write one attempt's objects --------------------------------------------------------
+
+
+def _store(ref: ShardRef, name: str, data: bytes) -> StoredObject:
+    ref.folder.child(name).write_bytes(data)
+    return StoredObject(name, len(data), hashlib.sha256(data).hexdigest())
+
+
+def _parquet_bytes(table: pa.Table, row_group_size: int | None) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=row_group_size, **_write_options(table.schema))
+    return sink.getvalue().to_pybytes()
+
+
+def write_table_shard(ref: ShardRef, table: pa.Table, *, row_group_size: int | None = None, extra: dict | None = None,
+                      worker: dict | None = None) -> ShardRecord:
+    """Write ``table`` as the attempt's ``part-<shard>.parquet`` and return the shard's record (worker side).
+
+    ``row_group_size`` (rows) lets readers skip row groups by their statistics, e.g. one per layer.
     """
-    path = Path(out_dir).expanduser().resolve()
-    probe = path
-    while not probe.exists():  # the nearest existing ancestor is where out_dir would be created
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(f"{probe} is not a folder")
-        if probe == path:
-            fd, name = tempfile.mkstemp(prefix=".write-check-", dir=path)
-            os.close(fd)
-            os.remove(name)
+    obj = _store(ref, f"part-{ref.shard:05d}.parquet", _parquet_bytes(table, row_group_size))
+    return ShardRecord(ref.stage, ref.gen, ref.shard, ref.attempt, (obj,), table.num_rows, schema_hash(table.schema),
+                       extra or {}, worker or {})
+
+
+def write_files_shard(ref: ShardRef, files: dict[str, bytes], table: pa.Table, *, extra: dict | None = None,
+                      worker: dict | None = None) -> ShardRecord:
+    """Write named files (e.g. a bundle's) plus a row table as one shard and return its record (worker side)."""
+    objects = [_store(ref, name, data) for name, data in sorted(files.items())]
+    objects.append(_store(ref, f"part-{ref.shard:05d}.parquet", _parquet_bytes(table, None)))
+    return ShardRecord(ref.stage, ref.gen, ref.shard, ref.attempt, tuple(objects), table.num_rows,
+                       schema_hash(table.schema), extra or {}, worker or {})
+
+
+# --- the driver's side: the log, generations, commits --------------------------------------------------------
+
+
+@dataclass
+class _Gen:
+    """One generation of a stage: its config and the shards committed to it."""
+
+    gen: int
+    config: dict
+    config_hash: str
+    schema_version: int
+    ignore_keys: tuple[str, ...]
+    n_shards: int
+    shards: dict[int, ShardRecord] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"gen": self.gen, "config": self.config, "config_hash": self.config_hash,
+                "schema_version": self.schema_version, "ignore_keys": list(self.ignore_keys),
+                "n_shards": self.n_shards, "shards": [r.to_json() for _, r in sorted(self.shards.items())]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> _Gen:
+        shards = {r["shard"]: ShardRecord.from_json(r) for r in data["shards"]}
+        return cls(data["gen"], data["config"], data["config_hash"], data["schema_version"],
+                   tuple(data["ignore_keys"]), data["n_shards"], shards)
+
+
+@dataclass
+class _State:
+    """A stage's log replayed: its generations, which one is published (current), the next sequence number."""
+
+    gens: dict[int, _Gen] = field(default_factory=dict)
+    current: int | None = None
+    last_gen: int = 0  # the highest generation number ever begun: never reused
+    next_seq: int = 1
+    since_checkpoint: int = 0
+
+    def apply(self, rec: dict) -> None:
+        op = rec["op"]
+        if op == "begin":
+            g = rec["gen"]
+            self.gens[g] = _Gen(g, rec["config"], rec["config_hash"], rec["schema_version"],
+                                tuple(rec["ignore_keys"]), rec["n_shards"])
+            self.last_gen = max(self.last_gen, g)
+            if rec.get("current"):
+                self.current = g
+        elif op == "commit":
+            record = ShardRecord.from_json(rec["record"])
+            self.gens[record.gen].shards[record.shard] = record
+        elif op == "drop":
+            self.gens[rec["gen"]].shards.pop(rec["shard"], None)
+        elif op == "switch":
+            old, self.current = self.current, rec["gen"]
+            if old is not None and old != rec["gen"]:
+                self.gens.pop(old, None)
+        elif op == "abandon":
+            self.gens.pop(rec["gen"], None)
         else:
-            os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=probe))
-    except OSError as err:
-        raise OutputNotWritableError(f"output folder {path} is not writable: {err}") from err
-    return path
+            raise StoreError(f"unknown log record {op!r}")
+
+    def to_json(self) -> dict:
+        return {"current": self.current, "last_gen": self.last_gen,
+                "gens": [g.to_json() for _, g in sorted(self.gens.items())]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> _State:
+        gens = {g["gen"]: _Gen.from_json(g) for g in data["gens"]}
+        return cls(gens, data["current"], data["last_gen"])
 
 
-def stage_mismatch(out_dir: str | os.PathLike, stage: str, config: dict, schema_version: int, *,
+def _replay(folder: Location) -> _State:
+    """The stage's state from its log: the newest checkpoint, then every record after it, in order."""
+    found: dict[int, list[str]] = {}
+    for f in folder.child(_LOG).list():
+        match = _RECORD.match(f.name)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(f.name)
+    checkpoints = [seq for seq, names in found.items() if any(".checkpoint" in n for n in names)]
+    state, start = _State(), 0
+    if checkpoints:
+        start = max(checkpoints)
+        state = _State.from_json(_read_json(folder.child(_LOG, f"{start:012d}.checkpoint.json"))["state"])
+    for seq in sorted(s for s, names in found.items() if s > start and any(".checkpoint" not in n for n in names)):
+        state.apply(_read_json(folder.child(_LOG, f"{seq:012d}.json")))
+        state.since_checkpoint += 1
+    state.next_seq = max(found, default=0) + 1
+    return state
+
+
+def _read_json(where: Location) -> dict:
+    try:
+        return json.loads(where.read_bytes())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"unreadable commit-log object {where}: {err}") from err
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """What a stage holds, read without writing anything: for ``validate`` and reports."""
+
+    exists: bool
+    committed: int = 0
+    n_shards: int = 0
+    mismatch: tuple[str, ...] = ()
+    pending_generation: bool = False
+
+
+def stage_status(out: Location, stage: str, config: dict | None = None, schema_version: int = 0, *,
+                 ignore_keys: Iterable[str] = ()) -> StageStatus:
+    """The stage's published generation: committed shards, and the keys in which ``config`` differs from it."""
+    folder = out.child(check_name(stage, "stage name"))
+    if folder.child(_LEGACY_MANIFEST).exists() and not folder.child(_LOG).exists():
+        return StageStatus(True, mismatch=("schema_version",))
+    state = _replay(folder)
+    cur = state.gens.get(state.current) if state.current is not None else None
+    if cur is None:
+        return StageStatus(False)
+    keys: tuple[str, ...] = ()
+    if config is not None:
+        probe = _Gen(0, _normalize(config), "", schema_version, tuple(sorted({*ignore_keys, *cur.ignore_keys})), 0)
+        keys = tuple(_mismatch(cur, probe))
+    pending = any(g != state.current for g in state.gens)
+    return StageStatus(True, len(cur.shards), cur.n_shards, keys, pending)
+
+
+def stage_mismatch(out: Location, stage: str, config: dict, schema_version: int, *,
                    ignore_keys: Iterable[str] = ()) -> list[str]:
-    """The keys that would make :func:`open_stage` refuse ``<out_dir>/<stage>`` (empty if none); writes nothing.
-
-    Lets a job check every stage it will write before it touches any of them.
-    """
-    stage_dir = Path(out_dir).expanduser().resolve() / check_name(stage, "stage name")
-    old = _load_manifest(stage_dir) if stage_dir.is_dir() else None
-    if old is None:
-        return []
-    ignore = tuple(sorted({*ignore_keys, *old.ignore_keys}))
-    return _mismatch(old, Manifest(stage, schema_version, "", _normalize(config), ignore))
-
-
-def open_stage(out_dir: str | os.PathLike, stage: str, config: dict, schema_version: int, *,
-               overwrite: bool = False, ignore_keys: Iterable[str] = ()) -> Stage:
-    """Open (creating if needed) ``<out_dir>/<stage>`` for committing shards, resuming what is there.
-
-    Side effects, loudly: empties ``_staging/``; adopts shard files missing from the manifest and drops
-    entries whose file is gone; with ``overwrite=True`` and a differing config or schema version, **deletes
-    the stage's shards and manifest**. Otherwise a differing config raises ``ConfigMismatchError``.
-    ``ignore_keys`` (dotted paths, e.g. ``"workers"``) are keys that do not change results.
-    """
-    root = check_writable(out_dir)
-    stage_dir = _inside(root, root / check_name(stage, "stage name"))
-    if (stage_dir / _STAGING).exists():
-        shutil.rmtree(stage_dir / _STAGING)  # leftovers of crashed writes; refuses a symlink
-    (stage_dir / _STAGING).mkdir(parents=True)
-    old = _load_manifest(stage_dir)
-    # a key the stage was written ignoring stays ignored, so the stored hash never drifts between runs
-    ignore = tuple(sorted({*ignore_keys, *(old.ignore_keys if old else ())}))
-    fresh = Manifest(stage, schema_version, config_hash(config, ignore), _normalize(config), ignore)
-    keys = _mismatch(old, fresh) if old else []
-    if old is None and _shard_files(stage_dir) and not overwrite:
-        # open_stage writes the manifest before any commit, so these files come from outside the store
-        raise StoreError(f"{stage_dir} holds shard files but no {_MANIFEST}; cannot tell which config "
-                         "wrote them. Pass overwrite=True to replace them.")
-    if keys and not overwrite:
-        raise ConfigMismatchError(stage_dir, keys)
-    if overwrite and (keys or old is None):
-        for path in [*_shard_files(stage_dir).values(), stage_dir / _MANIFEST]:
-            path.unlink(missing_ok=True)
-        old = None
-    manifest = _reconcile(stage_dir, replace(fresh, shards=old.shards if old else ()))
-    if manifest != _load_manifest(stage_dir):  # a finished stage reopened stays byte- and mtime-identical
-        _save_manifest(stage_dir, manifest)
-    return Stage(stage_dir, manifest)
+    """The keys that would make :meth:`Stage.open` refuse ``<out>/<stage>`` (empty if none); writes nothing."""
+    return list(stage_status(out, stage, config, schema_version, ignore_keys=ignore_keys).mismatch)
 
 
 class Stage:
-    """A stage's output folder, open for committing. Single writer: only the driver may commit."""
+    """A stage's folder, open for committing. Single writer: only the driver holding the lease commits.
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        self.path = path
-        self._manifest = manifest
+    ``active`` is the generation this run writes: the published one, or (during an overwrite) a new one
+    that :meth:`finish` publishes once complete.
+    """
+
+    def __init__(self, folder: Location, name: str, state: _State, active: int) -> None:
+        self.location, self.name, self._state, self.active = folder, name, state, active
+
+    # --- opening -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, out: Location, name: str, config: dict, schema_version: int, *, n_shards: int,
+             overwrite: bool = False, ignore_keys: Iterable[str] = ()) -> Stage:
+        """Open (creating if needed) ``<out>/<name>``, resuming what its log holds.
+
+        Side effects, loudly: deletes objects of attempts that were never committed; drops committed
+        shards whose objects are missing or truncated (they run again); with ``overwrite`` and a
+        different config, **begins a new generation** that replaces the published one when complete.
+        Without ``overwrite`` a different config raises :class:`ConfigMismatchError`.
+        """
+        folder = out.child(check_name(name, "stage name"))
+        legacy = folder.child(_LEGACY_MANIFEST).exists() and not folder.child(_LOG).exists()
+        if legacy and not overwrite:
+            raise StoreError(f"{folder} was written by an older version of conva (a _manifest.json, no commit log); "
+                             "rerun with --overwrite to replace it")
+        state = _replay(folder)
+        listing = {f.name: f.size for f in folder.list()}
+        stage = cls(folder, name, state, 0)
+        if state.current is None and not overwrite:
+            stage._refuse_strays(listing)  # before anything is written
+        stage.active = stage._choose_generation(_normalize(config), schema_version, n_shards, overwrite,
+                                                tuple(ignore_keys))
+        stage._reconcile(listing)
+        return stage
+
+    def _choose_generation(self, config: dict, schema_version: int, n_shards: int, overwrite: bool,
+                           ignore_keys: tuple[str, ...]) -> int:
+        state = self._state
+        cur = state.gens.get(state.current) if state.current is not None else None
+        ignore = tuple(sorted({*ignore_keys, *(cur.ignore_keys if cur else ())}))
+        fresh = _Gen(0, config, config_hash(config, ignore), schema_version, ignore, n_shards)
+        if cur is not None:
+            keys = _mismatch(cur, fresh)
+            if not keys:
+                return cur.gen
+            if not overwrite:
+                raise ConfigMismatchError(self.location, keys)
+        for g in sorted(g for g in state.gens if g != state.current):
+            if not _mismatch(state.gens[g], fresh):
+                _log.info("%s: resuming the unfinished overwrite (generation %d)", self.location, g)
+                return g
+            self._append({"op": "abandon", "gen": g})
+        gen = state.last_gen + 1
+        self._append({"op": "begin", "gen": gen, "config": config, "config_hash": fresh.config_hash,
+                      "schema_version": schema_version, "ignore_keys": list(ignore), "n_shards": n_shards,
+                      "current": cur is None})
+        if cur is not None:
+            _log.info("%s: overwrite begins generation %d; generation %d stays published until it is complete",
+                      self.location, gen, cur.gen)
+        return gen
+
+    def _reconcile(self, listing: dict[str, int]) -> None:
+        """Check the log against the objects; publish what a crash left unpublished; delete the dead."""
+        live: set[str] = set()  # attempt folders that hold committed, unpublished objects
+        for gen in list(self._state.gens.values()):
+            current = gen.gen == self._state.current
+            for shard, record in sorted(gen.shards.items()):
+                problem = self._check_shard(gen, record, listing)
+                if problem:
+                    _log.warning("%s: dropping committed shard %d (generation %d): %s; it will run again",
+                                 self.location, shard, gen.gen, problem)
+                    self._append({"op": "drop", "gen": gen.gen, "shard": shard, "reason": problem})
+                    if current:  # a truncated or edited published object must not stay visible
+                        for obj in record.objects:
+                            self.location.child(obj.name).delete()
+                elif current and any(self._attempt_name(record, o.name) in listing for o in record.objects):
+                    self._publish(record)  # committed, but the driver died before publishing it
+                elif not current:
+                    live.add(self._attempt_folder(record))
+        self._delete_dead_attempts(listing, live)
+        self._delete_strays(listing)
+
+    def _check_shard(self, gen: _Gen, record: ShardRecord, listing: dict[str, int]) -> str | None:
+        for obj in record.objects:
+            attempt = self._attempt_name(record, obj.name)
+            if gen.gen == self._state.current and attempt not in listing:
+                where, size = obj.name, listing.get(obj.name)
+            else:
+                where, size = attempt, listing.get(attempt)
+            if size is None:
+                return f"{where} is missing"
+            if size != obj.bytes:
+                return f"{where} has {size} bytes, the commit recorded {obj.bytes}"
+        return None
+
+    def _delete_dead_attempts(self, listing: dict[str, int], live: set[str]) -> None:
+        """Delete attempt folders no committed shard needs (failed, raced or zombie attempts)."""
+        folders = {"/".join(name.split("/")[:3]) for name in listing if name.startswith(_ATTEMPTS + "/")}
+        for folder in sorted(folders - live):
+            _log.info("%s: deleting the objects of uncommitted attempt %s", self.location, folder)
+            self.location.child(folder).delete_tree()
+
+    def _strays(self, listing: dict[str, int]) -> list[str]:
+        """Published-looking files the current generation does not list."""
+        cur = self._state.gens.get(self._state.current) if self._state.current is not None else None
+        named = {o.name for r in cur.shards.values() for o in r.objects} if cur else set()
+        return sorted(n for n in listing if not n.startswith(("_", ".")) and n not in named)
+
+    def _refuse_strays(self, listing: dict[str, int]) -> None:
+        strays = self._strays(listing)
+        if strays:
+            raise StoreError(f"{self.location} holds files no commit log lists ({', '.join(strays[:3])}"
+                             f"{', …' if len(strays) > 3 else ''}); cannot tell which config wrote them. "
+                             "Rerun with --overwrite to replace them.")
+
+    def _delete_strays(self, listing: dict[str, int]) -> None:
+        """Delete published-looking files the current generation does not list (an interrupted switch, an overwrite)."""
+        for name in self._strays(listing):
+            _log.warning("%s: deleting %s, which no committed shard lists", self.location, name)
+            self.location.child(name).delete()
+
+    # --- what a run needs ----------------------------------------------------------------------------------
 
     @property
-    def manifest(self) -> Manifest:
-        """The manifest as last written (a frozen snapshot)."""
-        return self._manifest
+    def generation(self) -> int:
+        return self.active
+
+    @property
+    def n_shards(self) -> int:
+        return self._gen.n_shards
+
+    @property
+    def config(self) -> dict:
+        return self._gen.config
+
+    @property
+    def _gen(self) -> _Gen:
+        return self._state.gens[self.active]
+
+    @property
+    def publishing(self) -> bool:
+        """Whether commits are published at once (False while an overwrite's new generation is pending)."""
+        return self.active == self._state.current
+
+    def records(self) -> list[ShardRecord]:
+        """The committed shards of the active generation, in shard order."""
+        return [r for _, r in sorted(self._gen.shards.items())]
 
     def committed(self) -> set[int]:
-        """Indices of the committed shards."""
-        return {record.shard for record in self._manifest.shards}
+        return set(self._gen.shards)
 
-    def pending(self, n_shards: int) -> list[int]:
-        """Shard indices in ``range(n_shards)`` not yet committed, ascending."""
-        done = self.committed()
-        return [shard for shard in range(n_shards) if shard not in done]
+    def pending(self) -> list[int]:
+        """Shard indices not yet committed, ascending."""
+        return [s for s in range(self._gen.n_shards) if s not in self._gen.shards]
 
-    def is_complete(self, n_shards: int) -> bool:
-        """Whether every shard in ``range(n_shards)`` is committed."""
-        return not self.pending(n_shards)
+    def is_complete(self) -> bool:
+        return not self.pending()
 
     def row_count(self) -> int:
-        """Rows in the committed shards, from the manifest."""
-        return sum(record.rows for record in self._manifest.shards)
+        return sum(r.rows for r in self._gen.shards.values())
+
+    def ref(self, shard: int, attempt: str) -> ShardRef:
+        """Where attempt ``attempt`` at ``shard`` writes its objects, and the ids its record carries."""
+        check_name(attempt, "attempt id")
+        folder = self.location.child(_ATTEMPTS, f"g{self.active}", f"{shard:05d}-{attempt}")
+        return ShardRef(self.name, self.active, shard, attempt, folder)
+
+    def attempt_location(self, shard: int, attempt: str) -> Location:
+        return self.ref(shard, attempt).folder
+
+    def object(self, shard: int, name: str) -> Location:
+        """Where a committed object of ``shard`` can be read now (published, or under its attempt)."""
+        record = self._gen.shards[shard]
+        if self.publishing:
+            return self.location.child(name)
+        return self.location.child(self._attempt_name(record, name))
+
+    def parquet_files(self) -> list[Location]:
+        """The committed shards' Parquet objects, in shard order."""
+        return [self.object(r.shard, o.name) for r in self.records() for o in r.objects if o.name.endswith(".parquet")]
 
     def dataset(self) -> ds.Dataset:
         """A pyarrow dataset over the committed shards only, in shard order."""
-        files = [str(self.path / record.file) for record in self._manifest.shards]
-        return ds.dataset(files, format="parquet", schema=None if files else pa.schema([]))
+        files = self.parquet_files()
+        if not files:
+            return ds.dataset([], format="parquet", schema=pa.schema([]))
+        return ds.dataset([f.path for f in files], format="parquet", filesystem=files[0].fs)
 
-    def commit(self, shard: int, table: pa.Table, *, overwrite: bool = False,
-               row_group_size: int | None = None) -> None:
-        """Write ``table`` as shard ``shard`` atomically, then record it in the manifest.
+    def input_location(self, digest: str) -> Location:
+        """Where a generated input table of this stage (named by its sha256) is kept for the workers."""
+        return self.location.child(_INPUT, f"{digest}.parquet")
 
-        Refuses (``StoreError``) to replace a committed shard unless ``overwrite=True``, and a table
-        whose schema differs from the committed shards'. Driver only: the manifest has a single writer.
-        ``row_group_size`` (rows) lets readers skip row groups by their statistics, e.g. one per layer.
+    # --- committing ----------------------------------------------------------------------------------------
+
+    def commit(self, record: ShardRecord) -> bool:
+        """Commit ``record`` if it is the first for its shard; return whether it was committed.
+
+        A record of another generation, or for a shard already committed, is ignored (logged) and its
+        objects deleted: the shard's committed objects are never replaced. A shard whose schema differs
+        from the committed shards' raises :class:`StoreError`.
         """
-        if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
-            raise ValueError(f"shard must be a non-negative int, got {shard!r}")
-        if shard in self.committed() and not overwrite:
-            raise StoreError(f"shard {shard} of {self.path} is already committed")
-        self._check_schema(shard, table.schema)
-        final = self.path / f"part-{shard:05d}.parquet"
-        tmp = self.path / _STAGING / f"{final.stem}.{uuid.uuid4().hex}.tmp"  # no .parquet: no reader globs it
-        try:
-            pq.write_table(table, tmp, row_group_size=row_group_size, **_write_options(table.schema))
-            size, digest = _fsync_and_hash(tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.path)
-        record = ShardRecord(shard, final.name, table.num_rows, size, digest)
-        others = [r for r in self._manifest.shards if r.shard != shard]
-        manifest = replace(self._manifest, shards=tuple(sorted([*others, record], key=lambda r: r.shard)))
-        _save_manifest(self.path, manifest)
-        self._manifest = manifest
+        gen = self._gen
+        if record.stage != self.name or not 0 <= record.shard < gen.n_shards:
+            raise StoreError(f"{self.location}: record for {record.stage!r} shard {record.shard} does not belong here")
+        if record.gen != self.active or record.shard in gen.shards:
+            why = "a later attempt" if record.gen == self.active else f"an attempt of generation {record.gen}"
+            _log.warning("%s: ignoring %s at shard %d (attempt %s); shard %s", self.location, why, record.shard,
+                         record.attempt, "already committed" if record.shard in gen.shards else "not of this run")
+            self._discard(record)
+            return False
+        other = next(iter(gen.shards.values()), None)
+        if other is not None and other.schema != record.schema:
+            self._discard(record)
+            raise StoreError(f"{self.location}: shard {record.shard}'s schema differs from the committed shards'")
+        self._append({"op": "commit", "record": record.to_json()})
+        gen.shards[record.shard] = record
+        if self.publishing:
+            self._publish(record)
+        return True
 
-    def _check_schema(self, shard: int, schema: pa.Schema) -> None:
-        """Raise ``StoreError`` if ``schema`` differs from another committed shard's."""
-        other = next((r for r in self._manifest.shards if r.shard != shard), None)
-        if other is not None:
-            expected = pq.read_schema(self.path / other.file).remove_metadata()
-            if not expected.equals(schema.remove_metadata()):
-                raise StoreError(f"shard {shard} schema differs from committed shards of {self.path}:\n"
-                                 f"got {schema.remove_metadata()}\nexpected {expected}")
+    def finish(self) -> bool:
+        """Publish the active generation if it is a pending overwrite and complete; returns whether it switched.
+
+        Side effect: **replaces the previously published output** (the old generation's objects are
+        deleted once the new ones are in place).
+        """
+        if self.publishing or not self.is_complete():
+            self._maybe_compact()
+            return False
+        old = self._state.gens.get(self._state.current) if self._state.current is not None else None
+        self._append({"op": "switch", "gen": self.active})
+        self._state.apply({"op": "switch", "gen": self.active})
+        for record in self.records():
+            self._publish(record)
+        keep = {o.name for r in self.records() for o in r.objects}
+        for name in sorted({o.name for r in (old.shards.values() if old else ()) for o in r.objects} - keep):
+            self.location.child(name).delete()
+        used = self.config.get("shards", {}).get("input_sha256")
+        for f in self.location.child(_INPUT).list():
+            if f.name != f"{used}.parquet":
+                self.location.child(_INPUT, f.name).delete()
+        _log.info("%s: generation %d is published (replacing generation %s)", self.location, self.active,
+                  old.gen if old else "-")
+        self._maybe_compact(force=True)
+        return True
+
+    def _publish(self, record: ShardRecord) -> None:
+        for obj in record.objects:
+            src = self.location.child(self._attempt_name(record, obj.name))
+            if src.exists():
+                src.move_to(self.location.child(obj.name))
+        self.location.child(self._attempt_folder(record)).delete_tree()
+
+    def _discard(self, record: ShardRecord) -> None:
+        committed = self._state.gens.get(record.gen)
+        if committed is not None and committed.shards.get(record.shard) == record:
+            return  # never delete what is committed (e.g. the same record handed in twice)
+        self.location.child(self._attempt_folder(record)).delete_tree()
+
+    @staticmethod
+    def _attempt_folder(record: ShardRecord) -> str:
+        return f"{_ATTEMPTS}/g{record.gen}/{record.shard:05d}-{record.attempt}"
+
+    def _attempt_name(self, record: ShardRecord, name: str) -> str:
+        return f"{self._attempt_folder(record)}/{name}"
+
+    # --- the log -------------------------------------------------------------------------------------------
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Append one record to the log (one new object; never rewrites another) and apply it."""
+        seq = self._state.next_seq
+        body = {"seq": seq, "time": _now(), **record}
+        self.location.child(_LOG, f"{seq:012d}.json").write_text(json.dumps(body, sort_keys=True))
+        self._state.next_seq += 1
+        self._state.since_checkpoint += 1
+        if record["op"] in ("begin", "abandon", "drop"):
+            self._state.apply(body)
+
+    def _maybe_compact(self, force: bool = False) -> None:
+        """Write a checkpoint of the whole state and delete the records it covers, every COMPACT_EVERY records."""
+        if not self._state.since_checkpoint or (not force and self._state.since_checkpoint < COMPACT_EVERY):
+            return
+        seq = self._state.next_seq - 1
+        log = self.location.child(_LOG)
+        log.child(f"{seq:012d}.checkpoint.json").write_text(json.dumps({"seq": seq, "state": self._state.to_json()}))
+        for f in log.list():
+            match = _RECORD.match(f.name)
+            if match and (int(match.group(1)) < seq or (int(match.group(1)) == seq and not match.group(2))):
+                log.child(f.name).delete()
+        self._state.since_checkpoint = 0
+
+    def compact_if_due(self) -> None:
+        """Checkpoint the log if enough records accumulated (the runner calls this after commits)."""
+        self._maybe_compact()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _normalize(config: dict) -> dict:
@@ -310,18 +685,10 @@ def _diff(a: object, b: object, prefix: str) -> list[str]:
     return [] if same else [prefix.rstrip(".")]
 
 
-def _mismatch(old: Manifest, new: Manifest) -> list[str]:
+def _mismatch(old: _Gen, new: _Gen) -> list[str]:
     """Keys that make ``old`` a different job's output (``new.ignore_keys`` left out)."""
     keys = diff_keys(_drop(old.config, new.ignore_keys), _drop(new.config, new.ignore_keys))
     return keys + (["schema_version"] if old.schema_version != new.schema_version else [])
-
-
-def _inside(root: Path, path: Path) -> Path:
-    """``path`` resolved, if it lies inside ``root``; else ``ValueError`` (e.g. a symlink out)."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(f"{path} resolves to {resolved}, outside the output folder {root}")
-    return resolved
 
 
 def _is_float_data(kind: pa.DataType) -> bool:
@@ -334,85 +701,7 @@ def _write_options(schema: pa.Schema) -> dict:
     """Parquet options per column: float data (activations) plain, everything else dictionary-encoded with stats.
 
     Dictionary encoding of activation floats never pays (every value differs) yet made writes ~9x slower
-    and files ~1.5x larger: the driver's commit rate is the ceiling of extraction throughput. Statistics
-    stay on the columns readers filter on (layer, value, dataset...), not on the floats.
+    and files ~1.5x larger. Statistics stay on the columns readers filter on (layer, value, dataset...).
     """
     other = [f.name for f in schema if not _is_float_data(f.type)]
     return {"use_dictionary": other, "write_statistics": other}
-
-
-def _shard_files(stage_dir: Path) -> dict[int, Path]:
-    """Committed-looking shard files on disk, by index."""
-    found = (_SHARD_FILE.match(p.name) for p in stage_dir.iterdir())
-    return {int(m.group(1)): stage_dir / m.group(0) for m in found if m}
-
-
-def _reconcile(stage_dir: Path, manifest: Manifest) -> Manifest:
-    """The manifest made to agree with the files: gone files dropped, unlisted or resized ones adopted."""
-    listed = {record.shard: record for record in manifest.shards}
-    records = []
-    for shard, path in sorted(_shard_files(stage_dir).items()):
-        record = listed.get(shard)
-        if record is None or record.bytes != path.stat().st_size:
-            record = _adopt(shard, path)
-        if record is not None:
-            records.append(record)
-    dropped = sorted(listed.keys() - {record.shard for record in records})
-    if dropped:
-        _log.warning("%s: dropping shards %s: listed in the manifest, files missing", stage_dir, dropped)
-    return replace(manifest, shards=tuple(records))
-
-
-def _adopt(shard: int, path: Path) -> ShardRecord | None:
-    """A record for a shard file not (correctly) in the manifest; an unreadable file is deleted."""
-    try:
-        rows = pq.ParquetFile(path).metadata.num_rows
-    except (OSError, pa.ArrowException) as err:
-        _log.warning("deleting unreadable shard file %s: %s", path, err)
-        path.unlink()
-        return None
-    size, digest = _fsync_and_hash(path)
-    _log.info("adopting shard file %s (%d rows) missing from the manifest", path, rows)
-    return ShardRecord(shard, path.name, rows, size, digest)
-
-
-def _fsync_and_hash(path: Path) -> tuple[int, str]:
-    """fsync ``path`` and return its byte size and sha256."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(file.fileno())
-    return size, digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _load_manifest(stage_dir: Path) -> Manifest | None:
-    """The stage's manifest, or ``None`` if it has none yet."""
-    path = stage_dir / _MANIFEST
-    if not path.exists():
-        return None
-    try:
-        raw = json.loads(path.read_text())
-        shards = tuple(ShardRecord(**record) for record in raw.pop("shards"))
-        return Manifest(**{**raw, "ignore_keys": tuple(raw["ignore_keys"]), "shards": shards})
-    except (ValueError, TypeError, KeyError) as err:
-        raise StoreError(f"unreadable manifest {path}: {err}") from err
-
-
-def _save_manifest(stage_dir: Path, manifest: Manifest) -> None:
-    """Replace the manifest atomically (temp file in ``_staging``, fsync, rename)."""
-    tmp = stage_dir / _STAGING / f"manifest.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(json.dumps(asdict(manifest), indent=1, sort_keys=True))
-    _fsync_and_hash(tmp)
-    os.replace(tmp, stage_dir / _MANIFEST)
-    _fsync_dir(stage_dir)

@@ -41,7 +41,7 @@ import pyarrow as pa
 
 from conva import data as D
 # The job sections go through conva.config's own builder, so they obey the job rules exactly.
-from conva.config import Config, ConfigError, build_config, build_section, read_config_data
+from conva.config import Config, ConfigError, build_config, build_section, config_dict, read_config_data
 from conva.judges import JUDGES, JudgeSettings
 from conva.metrics import bootstrap_ci, csr, ppl_ratio
 from conva.models import model_name
@@ -50,8 +50,9 @@ from conva.steer import SETTINGS
 
 __all__ = [
     "STUDY_METHODS", "StudySection", "UtilitySection", "FluencySection", "StudyConfig", "Cell", "UtilityCell",
-    "load_study", "study_dict", "model_config", "model_slug", "expand_cells", "utility_cells", "band_layers",
+    "load_study", "study_dict", "model_config", "model_slug", "model_spec", "MODEL_SECTIONS", "expand_cells", "utility_cells", "band_layers",
     "steering_table", "utility_table", "RESULT_SCHEMA", "results_table", "summarize", "SUMMARY_SCHEMA",
+    "JUDGED_SCHEMA", "UTILITY_SCHEMA", "AGREEMENT_SCHEMA", "pair_prompts", "STUDY_STEERING_SCHEMA", "UTILITY_INPUT_SCHEMA",
 ]
 
 STUDY_METHODS = ("conva", "conva_nogate", "caa", "prompt", "none")
@@ -62,7 +63,9 @@ _BAND_METHODS = ("conva", "conva_nogate", "caa")
 @dataclass(frozen=True)
 class StudySection:
     name: str = "study"
-    models: tuple[str, ...] = ("smollm2",)
+    # A model is a spec ("smollm2", a folder, a repo id) or a table {name = spec, model = {...}, ray = {...},
+    # vllm = {...}, steer = {...}, extract = {...}} whose sections override the job's for that model only.
+    models: tuple[str | dict, ...] = ("smollm2",)
     methods: tuple[str, ...] = ("conva", "caa", "prompt", "none")
     p0: tuple[float, ...] = (0.99,)
     bands: tuple[str, ...] = ("auto",)  # "auto" (the bundle's band) or "LO-HI"
@@ -132,11 +135,15 @@ def _check(study: StudyConfig) -> None:
         ("judge.base_url", study.judge.kind != "llm" and not study.fluency.llm or bool(study.judge.base_url),
          "the llm judge (and fluency.llm) need judge.base_url and judge.model"),
         ("utility.shots", study.utility.shots >= 0, "must be >= 0"),
-        ("study.models", len({model_slug(m) for m in s.models}) == len(s.models), "two models share one name"),
     ]
     for key, ok, problem in problems:
         if not ok:
             raise ConfigError(f"{key}: {problem}")
+    specs = [model_spec(m, i) for i, m in enumerate(s.models)]
+    if len({model_slug(m) for m in specs}) != len(specs):
+        raise ConfigError("study.models: two models share one name")
+    for i, entry in enumerate(s.models):
+        model_config(study, entry, "/")  # each model's own sections must make a valid job config
     for band in s.bands:
         if band != "auto" and _range(band) is None:
             raise ConfigError(f"study.bands: {band!r} is neither 'auto' nor 'LO-HI'")
@@ -164,10 +171,47 @@ def model_slug(spec: str) -> str:
     return slug or "model"
 
 
-def model_config(study: StudyConfig, spec: str, out: str | Path) -> Config:
-    """The job config for one model of the study: its name, and ``<out>/models/<slug>`` as the output folder."""
+MODEL_SECTIONS = ("model", "ray", "vllm", "steer", "extract")
+
+
+def model_spec(entry: str | dict, index: int = 0) -> str:
+    """The model spec of a ``study.models`` entry: the string itself, or a table's ``name``."""
+    if isinstance(entry, str):
+        return entry
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"study.models[{index}]: a model table needs name = \"<model spec>\"")
+    return name
+
+
+def model_config(study: StudyConfig, entry: str | dict, out: str | Path) -> Config:
+    """The job config for one model of the study: its name, its own sections, ``<out>/models/<slug>`` as output.
+
+    A table entry may override ``model`` (dtype, device...), ``ray`` (workers, GPUs per worker...),
+    ``vllm``, ``steer`` and ``extract`` for that model only; everything that defines the study's cells
+    (data, probes, gates, bands, P0) is shared.
+    """
+    spec = model_spec(entry)
     job = study.job
-    return replace(job, model=replace(job.model, name=spec), output=replace(job.output, dir=str(Path(out) / "models" / model_slug(spec))))
+    if isinstance(entry, dict):
+        extra = sorted(set(entry) - {"name", *MODEL_SECTIONS})
+        if extra:
+            raise ConfigError(f"study.models: {spec!r} sets {extra[0]!r}; a model may only set "
+                              f"{', '.join(MODEL_SECTIONS)} of its own")
+        data = _merge_sections(config_dict(job), {k: v for k, v in entry.items() if k != "name"})
+        try:
+            job = build_config(data)
+        except ConfigError as err:
+            raise ConfigError(f"study.models ({spec}): {err}") from err
+    where = str(out).rstrip("/") + "/models/" + model_slug(spec)
+    return replace(job, model=replace(job.model, name=spec), output=replace(job.output, dir=where))
+
+
+def _merge_sections(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return merged
 
 
 def band_layers(band: str) -> tuple[int, ...] | None:
@@ -382,3 +426,27 @@ def summarize(results: pa.Table, utility: pa.Table | None = None, agreement: dic
             judge=c["judge"], judge_agreement=(agreement or {}).get((c["model"], c["value"])),
         ))
     return pa.Table.from_pylist(out, schema=SUMMARY_SCHEMA)
+
+
+# What the study's workers write: a judged row per generation, an MC answer per utility row, agreement per value.
+JUDGED_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("judge", pa.string()), ("judge_score", pa.float64()), ("judge_prob", pa.float64()),
+    ("judge_raw", pa.string()), ("ppl", pa.float64()), ("fluency", pa.float64()), ("error", pa.string()),
+])
+UTILITY_SCHEMA = pa.schema([
+    ("row_id", pa.string()), ("cell_id", pa.string()), ("model", pa.string()), ("value", pa.string()),
+    ("method", pa.string()), ("item", pa.int32()), ("answer", pa.string()), ("pred", pa.string()),
+    ("correct", pa.bool_()), ("gate_open", pa.bool_()), ("gate_score", pa.float64()),
+])
+AGREEMENT_SCHEMA = pa.schema([
+    ("model", pa.string()), ("judge", pa.string()), ("value", pa.string()), ("agreement", pa.float64()),
+    ("pairwise", pa.float64()), ("n_pairs", pa.int32()),
+])
+
+
+def pair_prompts(settings: JudgeSettings, value: str, pairs: list[D.Pair]) -> list[str] | None:
+    """The question each demo answer pair answers (row ``i`` of the answers answers prompt ``i``); else None."""
+    if settings.pairs != "demo":
+        return None
+    prompts = {p.row: p.prompt for p in D.demo_prompts(value)}
+    return [prompts.get(p.row, "") for p in pairs]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import EXPECTED_ERRORS, parse_args, setup_logging
-from jobs.preflight import preflight
+from jobs.common import EXPECTED_ERRORS, output_location, parse_args, setup_logging
+from jobs.preflight import plan_job
 from jobs.runner import JOBS, main as run_main
 
 __all__ = ["main", "validate"]
@@ -29,14 +29,16 @@ def validate(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     try:
-        cfg, _ = parse_args("conva validate", rest)
-        inputs = preflight(cfg, JOBS[args.job])
+        cfg, flags = parse_args("conva validate", rest)
+        cfg, out = output_location(cfg)
+        job = plan_job(cfg, out, JOBS[args.job], flags.overwrite)
     except (*EXPECTED_ERRORS, NotImplementedError, ValueError) as err:
         print(f"conva validate: error: {err}", file=sys.stderr)
         return 2
-    counts = {k: t.num_rows for k, t in (("texts to extract", inputs.extraction), ("prompts to steer", inputs.steering))
-              if t is not None}
-    print(f"conva validate: ok ({args.job}: model {cfg.model.name}, output {inputs.out}, "
+    counts = {name: spec.input.rows if hasattr(spec.input, "rows") else spec.input.table.num_rows
+              for spec in job.specs if spec.writes and spec.input is not None
+              for name in [{"extract": "texts to extract", "steer": "prompts to steer"}.get(spec.name, spec.name)]}
+    print(f"conva validate: ok ({args.job}: model {cfg.model.name}, output {out}, "
           + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")")
     return 0
 

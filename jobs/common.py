@@ -1,26 +1,41 @@
-"""What every job shares: arguments, logging to ``<out>/run.log``, joining or starting Ray, clean failures."""
+"""What every job shares: arguments, the output location, the run log in the store, joining or starting Ray.
+
+Failures a user can fix are :data:`EXPECTED_ERRORS`: reported as one line, exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import logging
 import os
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from conva.bundle import BundleError
 from conva.config import Config, ConfigError, config_dict, load_config
 from conva.data import DataError
+from conva.lease import LeaseError
 from conva.models import ModelNotFoundError
-from conva.store import OutputNotWritableError, StoreError
+from conva.storage import Location, is_uri, location
+from conva.store import StoreError
 
-__all__ = ["JobError", "EXPECTED_ERRORS", "parse_args", "setup_logging", "attach_run_log", "write_config",
-           "connect_ray", "log_config"]
+__all__ = ["JobError", "EXPECTED_ERRORS", "parse_args", "output_location", "setup_logging", "run_log", "write_config",
+           "connect_ray", "log_config", "under_job_submission", "log_context"]
 
 _log = logging.getLogger("conva.jobs")
 _REPO = Path(__file__).resolve().parents[1]
+# Ray's job supervisor sets this in the environment of every driver started by `ray job submit`.
+_SUBMITTED_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(context)s%(message)s"
+# What a log line is about, e.g. the model of a study's pipeline thread: "[SmolLM2-135M-Instruct] ".
+log_context: contextvars.ContextVar[str] = contextvars.ContextVar("conva_log_context", default="")
 
 
 class JobError(RuntimeError):
@@ -29,20 +44,55 @@ class JobError(RuntimeError):
 
 # Failures a user can fix: reported as one line, no traceback, exit code 2.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    JobError, ConfigError, ModelNotFoundError, DataError, OutputNotWritableError, BundleError, StoreError,
+    JobError, ConfigError, ModelNotFoundError, DataError, BundleError, StoreError, LeaseError,
 )
 
 
-def parse_args(prog: str, argv: list[str] | None) -> tuple[Config, bool]:
-    """``--config FILE [--section.key=value ...] [--overwrite]`` → the validated config and the overwrite flag."""
+def under_job_submission() -> bool:
+    """Whether this driver was started by ``ray job submit`` (its working folder is a temporary copy)."""
+    return bool(os.environ.get(_SUBMITTED_ENV))
+
+
+def output_location(cfg: Config) -> tuple[Config, Location]:
+    """``output.dir`` as an absolute path or URI, and the config carrying it; refuses what workers could not see.
+
+    Under ``ray job submit`` a relative path would land in the head's temporary copy of the working folder,
+    which no other node sees and which is deleted with the job: refused, naming the key.
+    """
+    raw = cfg.output.dir
+    if not is_uri(raw) and not os.path.isabs(os.path.expanduser(raw)) and under_job_submission():
+        raise ConfigError(f"output.dir: {raw!r} is relative; under `ray job submit` the driver runs in a temporary "
+                          "copy of the working folder on the head node, which the workers do not see and which is "
+                          "deleted with the job. Give an absolute path on storage every node mounts, or an s3:// URI")
+    try:
+        out = location(raw)
+    except ValueError as err:
+        raise ConfigError(f"output.dir: {err}") from err
+    return replace(cfg, output=replace(cfg.output, dir=out.uri)), out
+
+
+def parse_args(prog: str, argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
+    """``--config FILE [--section.key=value ...] [--overwrite] [--break-lease]`` → the config and the flags.
+
+    ``output.dir`` comes back absolute (see :func:`output_location`).
+    """
     parser = argparse.ArgumentParser(prog=prog, description=f"ConVA {prog} job",
                                      epilog="Any --section.key=value overrides the config file, e.g. --steer.p0=0.99")
     parser.add_argument("--config", required=True, help="TOML or YAML job config")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace outputs written with a different config (default: refuse, naming the keys)")
+    parser.add_argument("--break-lease", action="store_true",
+                        help="take over an output whose lease is stale (its driver died on another host)")
     args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(args.config, overrides)
-    return cfg, args.overwrite or cfg.output.overwrite
+    cfg, _ = output_location(load_config(args.config, overrides))
+    args.overwrite = args.overwrite or cfg.output.overwrite
+    return cfg, args
+
+
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.context = log_context.get()
+        return True
 
 
 def setup_logging() -> None:
@@ -50,7 +100,8 @@ def setup_logging() -> None:
     root = logging.getLogger()
     if not any(getattr(h, "_conva", False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(_FORMAT))
+        handler.addFilter(_Context())
         handler._conva = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -58,12 +109,80 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def attach_run_log(out: Path) -> logging.Handler:
-    """Append this job's log to ``<out>/run.log`` (the caller removes the handler when the job ends)."""
-    handler = logging.FileHandler(out / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+class _StoreLogHandler(logging.Handler):
+    """Appends to ``<out>/run.log`` on any storage: lines go to a local file, copied to the store every few seconds.
+
+    Object stores cannot append, so the whole log is rewritten each time (it is small); on a filesystem
+    this is the same atomic replace. The previous runs' lines are kept at the top.
+    """
+
+    def __init__(self, out: Location, every_s: float = 5.0) -> None:
+        super().__init__()
+        self.target = out.child("run.log")
+        fd, self.local = tempfile.mkstemp(prefix="conva-run-", suffix=".log")
+        os.close(fd)
+        try:
+            previous = self.target.read_bytes()
+        except (FileNotFoundError, OSError):
+            previous = b""
+        with open(self.local, "wb") as fh:
+            fh.write(previous)
+        self.setFormatter(logging.Formatter(_FORMAT))
+        self.addFilter(_Context())
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._file_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._sync_loop, args=(every_s,), name="conva-run-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            with self._file_lock, open(self.local, "a", encoding="utf-8") as fh:
+                fh.write(line)
+            self._dirty.set()
+        except Exception:  # logging must never take a job down
+            self.handleError(record)
+
+    def _sync_loop(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.sync()
+
+    def sync(self) -> None:
+        if not self._dirty.is_set():
+            return
+        self._dirty.clear()
+        with self._file_lock, open(self.local, "rb") as fh:
+            data = fh.read()
+        try:
+            self.target.write_bytes(data)
+        except OSError as err:  # never fail a job over its log; try again at the next beat
+            self._dirty.set()
+            print(f"conva: cannot write {self.target}: {err}", file=sys.stderr)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sync()
+        os.unlink(self.local)
+        super().close()
+
+
+@contextmanager
+def run_log(out: Location) -> Iterator[None]:
+    """Copy this job's log lines into ``<out>/run.log`` (after those of earlier runs) while the block runs."""
+    handler = _StoreLogHandler(out)
+    ours = logging.getLogger("conva")
+    level = ours.level
+    if ours.getEffectiveLevel() > logging.INFO:
+        ours.setLevel(logging.INFO)  # the run log holds the job's INFO lines, whatever the caller's root level
     logging.getLogger().addHandler(handler)
-    return handler
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        ours.setLevel(level)
 
 
 def log_config(cfg: Config, job: str, overwrite: bool) -> None:
@@ -74,16 +193,12 @@ def log_config(cfg: Config, job: str, overwrite: bool) -> None:
                      cfg.model.name)
 
 
-def write_config(cfg: Config, out: Path) -> None:
-    """``<out>/config.json``: the config of the latest job run on this folder (replaced atomically)."""
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".config-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(config_dict(cfg), fh, indent=1, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; it is an ordinary output file
-    os.replace(tmp, out / "config.json")
+def write_config(cfg: Config, out: Location) -> None:
+    """``<out>/config.json``: the config of the latest job run on this output (replaced atomically)."""
+    out.child("config.json").write_text(json.dumps(config_dict(cfg), indent=1, sort_keys=True))
 
 
-def connect_ray(cfg: Config) -> None:
+def connect_ray() -> None:
     """Join the cluster in ``RAY_ADDRESS``, reuse a Ray already started here, or start one on 127.0.0.1."""
     import ray
 
@@ -92,37 +207,23 @@ def connect_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
         _log.info("joined Ray cluster at %s: %s", os.environ["RAY_ADDRESS"], ray.cluster_resources())
-    else:
-        _loopback_only()
-        # Loopback only, no dashboard; workers import this checkout's packages through PYTHONPATH.
-        path = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
-        _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
-    _check_resources(cfg)
+        return
+    _loopback_only()
+    # Loopback only, no dashboard; workers import this checkout's packages through PYTHONPATH.
+    path = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 
 
 def _loopback_only() -> None:
-    """Make the embedded Ray bind 127.0.0.1 even if ray was imported before ``jobs`` set its environment."""
+    """Make the embedded Ray bind 127.0.0.1 only (Ray otherwise binds this machine's public address too)."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from ray._private import ray_constants
 
     # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, at import; with it on, its servers listen on all
-    # interfaces whatever node address they are given. jobs/__init__ sets the variable before that import
-    # in the normal case; this covers a caller that imported ray first.
+    # interfaces whatever node address they are given, so set the constant too in case ray was imported first.
     if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
         ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def _check_resources(cfg: Config) -> None:
-    """Refuse a worker shape no node can host (it would wait forever); warn if fewer fit than asked."""
-    import ray
-
-    r, nodes = cfg.ray, [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = sum(min(int(n.get("CPU", 0) // r.num_cpus_per_worker) if r.num_cpus_per_worker else r.num_workers,
-                   int(n.get("GPU", 0) // r.num_gpus_per_worker) if r.num_gpus_per_worker else r.num_workers)
-               for n in nodes)
-    if fits == 0 and not os.environ.get("RAY_ADDRESS"):
-        raise JobError(f"ray: no node can host a worker with {r.num_cpus_per_worker} CPU and "
-                       f"{r.num_gpus_per_worker} GPU (nodes: {nodes}); lower ray.num_cpus_per_worker/num_gpus_per_worker")
-    if fits < r.num_workers:
-        _log.warning("ray: room for %d of %d workers right now; the rest wait for resources", fits, r.num_workers)

@@ -1,88 +1,58 @@
-"""Checks a job runs before any worker starts: fail in seconds, with one message naming the key, write nothing.
+"""Checks a job runs before any model loads: fail in seconds, naming the key, the node and the path.
 
-Covers the config (already validated by ``load_config``), the model's existence (no weights loaded),
-the inputs (read in full: they are the job's row tables), the output folder's writability, the stages
-a job needs from an earlier job, and, for ``steer``, that every bundle was made for this model.
+Two halves:
+
+* :func:`plan_job` on the driver, writing nothing: the config, the model's existence (no weights
+  loaded), the backend, what the model needs against the GPUs it is given, the inputs (planned in one
+  streaming pass, never held), every stage's config against what the output already holds, and for a
+  ``steer`` job that the bundles were made for this model.
+* :func:`check_nodes` on the cluster, once Ray is up and before any worker starts: one small task per
+  node that could host a worker checks that it sees the output the driver sees (it reads a token the
+  driver wrote there and writes one the driver reads back), that it finds the model, and that it can
+  read every input the workers read. A node that cannot gets an error naming it and the path.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+import math
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
 
-import pyarrow as pa
-
-from conva.bundle import BundleError, load_bundle
-from conva.config import Config
-from conva.data import DataError, is_folder
-from conva.models import ModelNotFoundError, check_model
-from conva.pipeline import STEERING_INPUT_SCHEMA, extraction_rows, steering_rows, steering_rows_from_file
-from conva.store import OutputNotWritableError, check_writable
+from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
+from conva.config import Config, config_dict
+from conva.data import DataError
+from conva.inputs import plan_input, table_sha256
+from conva.models import ModelNotFoundError, check_model, model_name
+from conva.pipeline import extraction_rows, steering_rows
+from conva.storage import Location
+from conva.store import stage_status
 from jobs.common import JobError
-from conva.fingerprint import file_fingerprint
-from workers.backends import check_backend
+from jobs.stages import (ACTIVATION_KEYS, BUNDLE_KEYS, STAGE_DIRS, GeneratedInput, StageSpec, check_stages, run_config,
+                         select, shard_config)
 
-__all__ = ["Inputs", "preflight", "steering_input", "table_hash"]
+__all__ = ["ModelJob", "plan_job", "check_nodes", "worker_inputs", "model_bytes", "check_gpu_fit"]
 
 _log = logging.getLogger("conva.jobs")
+_NODE_CHECK_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
-class Inputs:
-    """What a job will process, built before anything starts; None where the job does not need it."""
+class ModelJob:
+    """One model's job as pre-flight planned it: its config, output, stages, and the files workers read."""
 
-    out: Path
-    extraction: pa.Table | None = None
-    steering: pa.Table | None = None
+    cfg: Config
+    out: Location
+    specs: tuple[StageSpec, ...]
+    reads: tuple[str, ...] = ()  # input files (paths or URIs) the workers read themselves
+    label: str = ""
+    extra: dict = field(default_factory=dict)
 
-
-def preflight(cfg: Config, stages: tuple[str, ...]) -> Inputs:
-    """Validate everything ``stages`` (of extract, fit, steer) need; raise naming the config key. Writes nothing."""
-    try:
-        check_model(cfg.model.name)
-    except ModelNotFoundError as err:
-        raise JobError(f"model.name: {err}") from err
-    if "steer" in stages:
-        check_backend(cfg.steer.backend)
-    try:
-        out = check_writable(cfg.output.dir)
-    except OutputNotWritableError as err:
-        raise JobError(f"output.dir: {err}") from err
-    extraction = _read("data.pairs", lambda: extraction_rows(cfg)) if {"extract", "fit"} & set(stages) else None
-    steering = _read("data.prompts", lambda: steering_input(cfg)) if "steer" in stages else None
-    if "fit" in stages and "extract" not in stages:
-        _require_stage(out, "activations", "extract")
-    if "steer" in stages and "fit" not in stages:
-        _require_stage(out, "bundles", "fit")
-        _check_bundles(cfg, out)
-    return Inputs(out, extraction, steering)
-
-
-def steering_input(cfg: Config) -> pa.Table:
-    """The rows to steer. A single file is read leniently (bad rows become error rows); else strictly.
-
-    Rows of a value outside ``data.values`` (no bundle is fitted for it) become error rows too;
-    ``data.max_prompts_per_value`` applies to ``demo``/``paper:`` sources and folders, not to a file.
-    """
-    source = cfg.data.prompts
-    if source == "demo" or source.startswith("paper:") or is_folder(source):
-        return steering_rows(cfg)
-    rows = steering_rows_from_file(source)
-    errors = [e if e is not None or v is None or v in cfg.data.values else f"no bundle for value {v!r} (not in data.values)"
-              for v, e in zip(rows.column("value").to_pylist(), rows.column("error").to_pylist())]
-    return rows.set_column(rows.schema.get_field_index("error"), "error", pa.array(errors, pa.string())).cast(
-        STEERING_INPUT_SCHEMA)
-
-
-def table_hash(table: pa.Table) -> str:
-    """sha256 of a row table's content, so a resumed stage refuses inputs that changed under it."""
-    digest = hashlib.sha256()
-    for batch in table.to_batches(max_chunksize=4096):
-        digest.update(json.dumps(batch.to_pylist(), sort_keys=True, default=str).encode("utf-8", "surrogatepass"))
-    return digest.hexdigest()
+    def spec(self, name: str) -> StageSpec | None:
+        return next((s for s in self.specs if s.name == name), None)
 
 
 def _read(key: str, build):
@@ -94,18 +64,267 @@ def _read(key: str, build):
         raise JobError(f"{key}: cannot read the input: {type(err).__name__}: {err}") from err
 
 
-def _require_stage(out: Path, stage: str, job: str) -> None:
-    if not (out / stage / "_manifest.json").is_file():
-        raise JobError(f"output.dir: {out / stage} does not exist; run the {job} job first (or the run job)")
+def generated(table, rows_per_shard: int) -> GeneratedInput:
+    """A job-built input table, hashed by content."""
+    return GeneratedInput(table, table_sha256(table), rows_per_shard)
 
 
-def _check_bundles(cfg: Config, out: Path) -> None:
+def _is_file_source(source: str) -> bool:
+    return source != "demo" and not source.startswith("paper:")
+
+
+def plan_job(cfg: Config, out: Location, stages: tuple[str, ...], overwrite: bool, *, label: str = "",
+             extra: list[StageSpec] | tuple = (), reads: tuple[str, ...] = ()) -> ModelJob:
+    """Everything ``stages`` (of extract, fit, steer) need, checked and planned; raises naming the key. Writes nothing.
+
+    ``extra``: further stages the job writes (a study's), which steer with the model's bundles; ``reads``:
+    further files its workers read themselves (checked on every node).
+    """
+    try:
+        check_model(cfg.model.name)
+    except ModelNotFoundError as err:
+        raise JobError(f"model.name: {err}") from err
+    if "steer" in stages or extra:
+        check_backend_settings(cfg)
+    specs = [*model_specs(cfg, stages), *extra]
+    if "steer" in stages and "fit" not in stages:
+        check_bundles(cfg, out)  # first: "made for another model" says more than the keys that differ
+    check_stages(out, specs, overwrite)
+    reads = (*worker_inputs(cfg), *reads) if "steer" in stages else tuple(reads)
+    return ModelJob(cfg, out, tuple(specs), reads, label or model_name(cfg.model.name))
+
+
+def model_specs(cfg: Config, stages: tuple[str, ...]) -> list[StageSpec]:
+    """The extract / fit / steer stage specs a job on ``stages`` writes, plus the ones it only reads."""
+    full, r = config_dict(cfg), cfg.ray
+    needed = {"extract": "extract" in stages or "fit" in stages, "fit": "fit" in stages or "steer" in stages,
+              "steer": "steer" in stages}
+    specs = []
+    if needed["extract"]:
+        rows = _read("data.pairs", lambda: extraction_rows(cfg))
+        inp = generated(rows, r.rows_per_shard)
+        specs.append(StageSpec("extract", STAGE_DIRS["extract"],
+                               {**select(full, ACTIVATION_KEYS), "shards": shard_config(inp.rows_per_shard,
+                                                                                         rows.num_rows, inp.sha256)},
+                               inp.n_shards, inp, writes="extract" in stages))
+    if needed["fit"]:
+        specs.append(StageSpec("fit", STAGE_DIRS["fit"], {**select(full, BUNDLE_KEYS),
+                                                          "shards": {"values": list(cfg.data.values)}},
+                               len(cfg.data.values), None, writes="fit" in stages))
+    if needed["steer"]:
+        specs.append(steering_spec(cfg, STAGE_DIRS["steer"], run_config(cfg)))
+    return specs
+
+
+def steering_spec(cfg: Config, folder: str, config: dict) -> StageSpec:
+    """The steering stage: a user's file or folder (planned, read by the workers) or the demo/paper prompts."""
+    source, rps = cfg.data.prompts, cfg.ray.steer_shard_rows
+    if _is_file_source(source):
+        plan = _read("data.prompts", lambda: plan_input(source, rps))
+        return StageSpec("steer", folder, {**config, "shards": shard_config(rps, plan.rows, plan.sha256)},
+                         len(plan.slices), plan, input_kind="records")
+    inp = generated(_read("data.prompts", lambda: steering_rows(cfg)), rps)
+    return StageSpec("steer", folder, {**config, "shards": shard_config(rps, inp.table.num_rows, inp.sha256)},
+                     inp.n_shards, inp)
+
+
+def worker_inputs(cfg: Config) -> tuple[str, ...]:
+    """Input files the workers read themselves (every other input is planned and written by the driver)."""
+    source = cfg.data.prompts
+    return (source,) if _is_file_source(source) else ()
+
+
+def check_backend_settings(cfg: Config) -> None:
+    """The steering backend can be built here and supports the worker shape asked for."""
+    from workers.backends import check_backend
+
+    try:
+        check_backend(cfg.steer.backend)
+    except NotImplementedError as err:
+        raise JobError(str(err)) from err
+    if cfg.steer.backend == "vllm" and cfg.ray.num_gpus_per_worker > 1:
+        raise JobError(f"ray.num_gpus_per_worker: {cfg.ray.num_gpus_per_worker:g} GPUs per worker would need vLLM's "
+                       "tensor parallelism, which runs the model's layers in other processes; ConVA's steering op keeps "
+                       "its state in the engine's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so it cannot steer "
+                       "there. Use steer.backend = \"hf\" (it spreads the model over the worker's GPUs) or one GPU.")
+
+
+def check_bundles(cfg: Config, out: Location) -> None:
+    """For a ``steer`` job: every value's bundle is there and was made for this model (read from files only)."""
+    from conva.fingerprint import file_fingerprint
+
     fingerprint = file_fingerprint(cfg.model.name, cfg.model.dtype)
     for value in cfg.data.values:
-        path = out / "bundles" / value
-        if not (path / "meta.json").is_file():
-            raise JobError(f"data.values: no bundle for {value!r} in {path.parent}; run the fit job first")
+        folder = out.child("bundles", value)
         try:
-            load_bundle(path, fingerprint=fingerprint)
+            files = {name: folder.child(name).read_bytes() for name in BUNDLE_FILES}
+        except (FileNotFoundError, OSError):
+            raise JobError(f"data.values: no bundle for {value!r} in {folder.parent()}; run the fit job first") from None
+        try:
+            decode_bundle(files, folder.uri, fingerprint=fingerprint)
         except BundleError as err:
             raise JobError(f"model.name: {err}") from err
+
+
+_WIDTH = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def model_bytes(cfg: Config) -> int | None:
+    """Bytes of the model's weights as loaded: its safetensors files, rescaled from their dtype to ``model.dtype``.
+
+    None where that cannot be read from local files (a hub id, the packaged GGUF models).
+    """
+    path = check_model(cfg.model.name)
+    if not os.path.isdir(path):
+        return None
+    stored = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not stored:
+        return None
+    try:
+        with open(os.path.join(path, "config.json")) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    stored_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    return stored * _WIDTH[cfg.model.dtype] // _WIDTH.get(stored_dtype, 4)
+
+
+def check_gpu_fit(cfg: Config, gpu_memory: dict[str, list[int]] | None = None) -> None:
+    """Refuse a model that cannot fit the GPUs each worker gets (weights × 1.2 for activations and cache).
+
+    ``gpu_memory``: node → bytes of each of its GPUs (from :func:`check_nodes`); without it nothing is known
+    yet and nothing is refused.
+    """
+    r = cfg.ray
+    if not gpu_memory or r.num_gpus_per_worker <= 0 or cfg.model.device == "cpu":
+        return
+    weights = model_bytes(cfg)
+    if weights is None:
+        return
+    per_worker = math.floor(r.num_gpus_per_worker) if r.num_gpus_per_worker >= 1 else r.num_gpus_per_worker
+    for node, gpus in gpu_memory.items():
+        if not gpus:
+            continue
+        room = min(gpus) * per_worker
+        if weights * 1.2 > room:
+            raise JobError(f"ray.num_gpus_per_worker: {cfg.model.name} needs about {weights * 1.2 / 2**30:.1f} GiB "
+                           f"({weights / 2**30:.1f} GiB of {cfg.model.dtype} weights + 20 %), but a worker on node {node} "
+                           f"gets {r.num_gpus_per_worker:g} GPU(s) of {min(gpus) / 2**30:.0f} GiB = {room / 2**30:.1f} GiB; "
+                           "give each worker more GPUs (the HF backend spreads the model over them) or a smaller dtype")
+
+
+# --- on every node ------------------------------------------------------------------------------------------
+
+
+def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list[str]) -> dict:
+    """Run on one node: can it see the output, find the model, read the inputs? Returns its problems."""
+    import subprocess
+
+    import ray
+
+    from conva.storage import Location as Loc
+
+    problems: list[str] = []
+    try:
+        if Loc(token).read_bytes() != expected:
+            problems.append(f"output.dir: {Loc(token).parent().parent().parent()} is not the folder the driver "
+                            f"writes: {token} holds other bytes")
+    except (FileNotFoundError, OSError) as err:
+        problems.append(f"output.dir: cannot read {token}, which the driver wrote ({type(err).__name__}); this node "
+                        f"does not see the driver's output folder: output.dir must be storage every node shares "
+                        "(a shared mount or an object store)")
+    else:
+        try:
+            Loc(reply).write_bytes(expected)
+        except OSError as err:
+            problems.append(f"output.dir: cannot write {reply}: {type(err).__name__}: {err}")
+    try:
+        check_model(model)
+    except ModelNotFoundError as err:
+        problems.append(f"model.name: {err}")
+    for source in reads:
+        try:
+            from conva.data import data_files
+            from conva.storage import location
+
+            for file in data_files(source):
+                with location(file).fs.open_input_stream(location(file).path) as stream:
+                    stream.read(1)
+        except (DataError, OSError, ValueError) as err:
+            problems.append(f"data.prompts: cannot read {source}: {err}")
+    gpus: list[int] = []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20)
+        gpus = [int(line) * 2**20 for line in out.stdout.split() if line.strip().isdigit()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+            "problems": problems, "gpus": gpus}
+
+
+def check_nodes(job: ModelJob) -> dict[str, list[int]]:
+    """Run the node check on every alive node that can host one of the job's workers; raise naming node and path.
+
+    Returns the GPU memory (bytes per GPU) of each checked node, for :func:`check_gpu_fit`.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    r = job.cfg.ray
+    wants = {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    hosts = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
+    if not hosts:
+        shape = ", ".join(f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, GPU "
+                          f"{n['Resources'].get('GPU', 0):g})" for n in nodes)
+        raise JobError(f"ray: no node can host a worker with {r.num_cpus_per_worker:g} CPU and "
+                       f"{r.num_gpus_per_worker:g} GPU (nodes: {shape}); lower ray.num_cpus_per_worker / "
+                       "ray.num_gpus_per_worker or add nodes")
+    folder = job.out.child(f"_preflight-{uuid.uuid4().hex[:12]}")
+    token, expected = folder.child("driver"), uuid.uuid4().hex.encode()
+    try:
+        token.write_bytes(expected)
+    except OSError as err:
+        raise JobError(f"output.dir: cannot write {token}: {type(err).__name__}: {err}") from err
+    remote = ray.remote(num_cpus=0)(_node_check)
+    calls = {}
+    for n in hosts:
+        reply = folder.child(f"node-{n['NodeID'][:12]}")
+        strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ref = remote.options(scheduling_strategy=strategy).remote(token.uri, expected, reply.uri, job.cfg.model.name,
+                                                                  list(job.reads))
+        calls[ref] = (n, reply)
+    t0 = time.monotonic()
+    try:
+        ready, missing = ray.wait(list(calls), num_returns=len(calls), timeout=_NODE_CHECK_TIMEOUT_S)
+        problems, gpus = [], {}
+        for ref in missing:
+            n = calls[ref][0]
+            problems.append(f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]}) did not answer the pre-flight "
+                            f"check within {_NODE_CHECK_TIMEOUT_S:.0f} s")
+        for ref in ready:
+            n, reply = calls[ref]
+            found = ray.get(ref)
+            name = f"node {found['ip']} ({found['node'][:8]})"
+            problems += [f"{name}: {p}" for p in found["problems"]]
+            if not found["problems"]:
+                try:
+                    ok = reply.read_bytes() == expected
+                except (FileNotFoundError, OSError):
+                    ok = False
+                if not ok:
+                    problems.append(f"{name}: output.dir: the node wrote {reply.uri} but the driver cannot read it "
+                                    "back: output.dir must be storage every node shares")
+            gpus[found["ip"]] = found["gpus"]
+    finally:
+        folder.delete_tree()
+    if problems:
+        raise JobError("pre-flight: " + "; ".join(problems))
+    _log.info("%s: pre-flight passed on %d node(s) in %.1f s", job.label, len(hosts), time.monotonic() - t0)
+    return gpus
+
+
+def bundles_complete(out: Location) -> bool:
+    status = stage_status(out, STAGE_DIRS["fit"])
+    return status.exists and status.committed == status.n_shards

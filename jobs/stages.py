@@ -1,42 +1,76 @@
-"""The sharded stages on the driver: open each stage's store, run pending shards on actors, commit as they finish.
+"""A model's stages on the driver: what each one is keyed on, its input, and how its shards become worker tasks.
 
-The driver is the single writer of every manifest: workers return tables, the driver commits each one
-atomically through :mod:`conva.store`. A crash keeps the committed shards and a rerun runs only the
-pending ones; a stage whose shards are all committed starts no Ray and no worker at all.
+A :class:`StageSpec` is decided in pre-flight, before anything is written: its folder, its config (the
+part of the job config its output depends on, plus the shard size and a hash of its input), its shard
+count and its input. :func:`open_stages` opens them all in the store (checking every one before
+writing any) and :func:`stage_runs` turns them into :class:`~workers.pool.StageRun` s for the one
+runner, with each stage's dependencies: fit after the last activation shard, steering after the last
+bundle, a study's judging of generation shard ``i`` as soon as shard ``i`` is committed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
-from tqdm import tqdm
 
 from conva.config import RESULT_NEUTRAL_KEYS, Config, config_dict
-from conva.pipeline import SCHEMA_VERSION
-from conva.store import ConfigMismatchError, Stage, open_stage, shard_ranges, stage_mismatch
-from jobs.common import connect_ray
-from jobs.preflight import Inputs, table_hash
-from workers.extraction import ExtractionWorker
-from workers.pool import run_shards, start_actors, stop_actors
-from workers.steering import SteeringWorker
+from conva.inputs import InputPlan, write_input_table
+from conva.pipeline import SCHEMA_VERSION, activation_model
+from conva.storage import Location
+from conva.store import ConfigMismatchError, ShardRecord, ShardRef, Stage, shard_ranges, stage_mismatch, stage_status
+from jobs.common import JobError
+from workers.pool import StageRun
+from workers.tasks import ShardTask
 
-__all__ = ["StageResult", "STAGE_DIRS", "stage_config", "shard_config", "open_stages", "run_extract", "run_steer"]
+__all__ = ["StageSpec", "GeneratedInput", "StageResult", "STAGE_DIRS", "ACTIVATION_KEYS", "BUNDLE_KEYS", "select",
+           "shard_config", "check_stages", "open_stages", "stage_runs", "bundle_folders"]
 
 _log = logging.getLogger("conva.jobs")
 
 STAGE_DIRS = {"extract": "activations", "fit": "bundles", "steer": "generations"}
 # The config keys each stage's output depends on: a rerun refuses (or with --overwrite, replaces) a stage
 # only when one of these changed. Generations depend on everything but where and how the job runs.
-_ACTIVATION_KEYS = ("model", "data.values", "data.pairs", "data.pair_kind", "data.neutral", "extract",
-                    "gate.kind", "steer.chat_template")
-_BUNDLE_KEYS = (*_ACTIVATION_KEYS, "probe", "fit", "gate")
-# Test hook: the driver exits (as if killed) after this many commits; used by the resume tests.
-STOP_AFTER_COMMITS_ENV = "CONVA_TEST_STOP_AFTER_COMMITS"
+ACTIVATION_KEYS = ("model", "data.values", "data.pairs", "data.pair_kind", "data.neutral", "extract",
+                   "gate.kind", "steer.chat_template")
+BUNDLE_KEYS = (*ACTIVATION_KEYS, "probe", "fit", "gate")
+
+
+@dataclass(frozen=True)
+class GeneratedInput:
+    """An input table the job builds itself (small: texts to extract, a study's cells × prompts).
+
+    It is written once beside its stage (``_input/<sha256>.parquet``, one row group per shard) and the
+    workers read their slices from there.
+    """
+
+    table: pa.Table
+    sha256: str
+    rows_per_shard: int
+
+    @property
+    def n_shards(self) -> int:
+        return len(shard_ranges(self.table.num_rows, self.rows_per_shard))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a model's job. ``name`` is what the workers run; ``folder`` where it is stored.
+
+    ``writes``: False when the job only reads the stage (it must then be complete). ``input_kind``:
+    ``table`` (a generated input) or ``records`` (a user's file, read leniently by the workers).
+    """
+
+    name: str
+    folder: str
+    config: dict
+    n_shards: int
+    input: GeneratedInput | InputPlan | None = None
+    writes: bool = True
+    input_kind: str = "table"
 
 
 @dataclass(frozen=True)
@@ -44,7 +78,7 @@ class StageResult:
     """What a stage did in this run: shards in all, shards processed now, rows written now, seconds.
 
     ``startup_seconds`` is the part of ``seconds`` spent before the first shard could start (joining Ray,
-    starting the actors, loading their models); throughput at steady state is ``rows / (seconds - startup)``.
+    starting the workers, loading their models); throughput at steady state is ``rows / (seconds - startup)``.
     """
 
     stage: str
@@ -55,106 +89,8 @@ class StageResult:
     startup_seconds: float = 0.0
 
 
-def stage_config(cfg: Config, stage: str, inputs: Inputs) -> dict:
-    """The part of the config (plus the sharding and an input hash) that stage ``stage`` is keyed on."""
-    full = config_dict(cfg)
-    if stage == "extract":
-        rows = inputs.extraction
-        return {**_select(full, _ACTIVATION_KEYS), "shards": shard_config(cfg.ray.rows_per_shard, rows)}
-    if stage == "fit":
-        return {**_select(full, _BUNDLE_KEYS), "shards": {"values": list(cfg.data.values)}}
-    body = {k: v for k, v in full.items() if k not in ("output", "ray")}
-    return {**body, "shards": shard_config(cfg.ray.steer_shard_rows, inputs.steering)}
-
-
-def open_stages(cfg: Config, inputs: Inputs, stages: tuple[str, ...], overwrite: bool) -> dict[str, Stage]:
-    """Open every stage the job reads or writes; a changed config raises ``ConfigMismatchError`` naming keys.
-
-    Stages the job only reads (activations for ``fit``, bundles for ``steer``) are never overwritten.
-    """
-    needed = list(stages)
-    if "fit" in stages and "extract" not in stages:
-        needed.insert(0, "extract")
-    if "steer" in stages and "fit" not in stages:
-        needed.insert(0, "fit")
-    configs = {s: stage_config(cfg, s, inputs) for s in needed}
-    # Check every stage before opening any, so a refused rerun names all the differing keys and touches nothing.
-    refused = {s: stage_mismatch(inputs.out, STAGE_DIRS[s], configs[s], SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS)
-               for s in needed if not (overwrite and s in stages)}
-    keys = sorted({k for ks in refused.values() for k in ks})
-    if keys:
-        where = [STAGE_DIRS[s] for s, ks in refused.items() if ks]
-        raise ConfigMismatchError(inputs.out / where[0] if len(where) == 1 else inputs.out, keys)
-    return {s: open_stage(inputs.out, STAGE_DIRS[s], configs[s], SCHEMA_VERSION,
-                          overwrite=overwrite and s in stages, ignore_keys=RESULT_NEUTRAL_KEYS) for s in needed}
-
-
-def run_extract(cfg: Config, stage: Stage, inputs: Inputs) -> StageResult:
-    """Record activations for every pending shard of the extraction rows (one row group per layer)."""
-    rows = inputs.extraction
-    ranges = shard_ranges(rows.num_rows, cfg.ray.rows_per_shard)
-    return _run_sharded("extract", cfg, stage, ranges, ExtractionWorker, "extract",
-                        lambda s: (_take(rows, ranges[s]),), lambda s: ranges[s][1] - ranges[s][0])
-
-
-def run_steer(cfg: Config, stage: Stage, inputs: Inputs) -> StageResult:
-    """Generate for every pending shard of the steering rows with the bundles in ``<out>/bundles``."""
-    rows, bundles = inputs.steering, str(inputs.out / "bundles")
-    ranges = shard_ranges(rows.num_rows, cfg.ray.steer_shard_rows)
-    return _run_sharded("steer", cfg, stage, ranges, SteeringWorker, "steer",
-                        lambda s: (_take(rows, ranges[s]), bundles), lambda s: None)
-
-
-def _run_sharded(name: str, cfg: Config, stage: Stage, ranges: list[tuple[int, int]], worker: type, method: str,
-                 args: Callable[[int], tuple], row_group: Callable[[int], int | None]) -> StageResult:
-    start, todo = time.monotonic(), stage.pending(len(ranges))
-    if not todo:
-        _log.info("%s: all %d shards already committed in %s; nothing to do", name, len(ranges), stage.path)
-        return StageResult(name, len(ranges), 0, 0, 0.0)
-    _log.info("%s: %d of %d shards pending (%d committed) in %s", name, len(todo), len(ranges),
-              len(ranges) - len(todo), stage.path)
-    connect_ray(cfg)
-    actors = start_actors(worker, cfg, min(cfg.ray.num_workers, len(todo)))
-    startup = time.monotonic() - start
-    _log.info("%s: %d %s actors ready after %.1f s", name, len(actors), worker.__name__, startup)
-    written, done = 0, 0
-    bar = tqdm(total=len(ranges), initial=len(ranges) - len(todo), desc=name, unit="shard", disable=None)
-    try:
-        for shard, table in run_shards(actors, method, name, todo, args, retries=cfg.ray.max_task_retries):
-            stage.commit(shard, table, row_group_size=row_group(shard))
-            written, done = written + table.num_rows, done + 1
-            bar.update()
-            _log.info("%s: committed shard %d (%d rows)", name, shard, table.num_rows)
-            _test_stop_hook(name, done)
-    finally:
-        bar.close()
-        stop_actors(actors)
-    seconds = time.monotonic() - start
-    _log.info("%s: %d shards, %d rows in %.1f s", name, len(todo), written, seconds)
-    return StageResult(name, len(ranges), len(todo), written, seconds, startup)
-
-
-def _test_stop_hook(name: str, done: int) -> None:
-    limit = os.environ.get(STOP_AFTER_COMMITS_ENV)
-    if limit and done >= int(limit):
-        _log.warning("%s: stopping the driver after %d commits (test hook %s)", name, done, STOP_AFTER_COMMITS_ENV)
-        raise SystemExit(75)
-
-
-def _take(rows: pa.Table, bounds: tuple[int, int]) -> pa.Table:
-    # A copy, not a slice: a pickled slice can carry its parent's whole buffers to the worker.
-    return rows.take(pa.array(range(*bounds), pa.int64()))
-
-
-def shard_config(rows_per_shard: int, rows: pa.Table) -> dict:
-    """The part of a sharded stage's config that fixes its shards: their size and the input's rows and hash.
-
-    The shard size lives under the result-neutral ``ray`` section, but shard i's rows depend on it: keep it.
-    """
-    return {"rows_per_shard": rows_per_shard, "rows": rows.num_rows, "input_sha256": table_hash(rows)}
-
-
-def _select(config: dict, keys: tuple[str, ...]) -> dict:
+def select(config: dict, keys: tuple[str, ...]) -> dict:
+    """The dotted ``keys`` of a nested config, nested the same way."""
     out: dict = {}
     for key in keys:
         *parents, leaf = key.split(".")
@@ -163,3 +99,141 @@ def _select(config: dict, keys: tuple[str, ...]) -> dict:
             src, dst = src[part], dst.setdefault(part, {})
         dst[leaf] = src[leaf]
     return out
+
+
+def shard_config(rows_per_shard: int, rows: int, sha256: str) -> dict:
+    """The part of a sharded stage's config that fixes its shards: their size and the input's rows and hash.
+
+    The shard size lives under the result-neutral ``ray`` section, but shard i's rows depend on it: keep it.
+    """
+    return {"rows_per_shard": rows_per_shard, "rows": rows, "input_sha256": sha256}
+
+
+def run_config(cfg: Config) -> dict:
+    """The config every generation-like stage is keyed on: all but where and how the job runs."""
+    return {k: v for k, v in config_dict(cfg).items() if k not in ("output", "ray")}
+
+
+def check_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> None:
+    """Refuse before writing anything: a changed config (naming every differing key), a stage read but incomplete."""
+    keys: set[str] = set()
+    where: list[str] = []
+    for spec in specs:
+        if spec.writes and overwrite:
+            continue
+        found = stage_mismatch(out, spec.folder, spec.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS)
+        if found:
+            keys |= set(found)
+            where.append(spec.folder)
+    if keys:
+        raise ConfigMismatchError(out.child(where[0]) if len(where) == 1 else out, sorted(keys))
+    for spec in specs:
+        if not spec.writes:
+            status = stage_status(out, spec.folder)
+            if not status.exists or status.committed < status.n_shards:
+                job = {"activations": "extract", "bundles": "fit"}.get(spec.folder, spec.folder)
+                raise JobError(f"output.dir: {out.child(spec.folder)} is not complete ({status.committed} of "
+                               f"{status.n_shards} shards); run the {job} job first (or the run job)")
+
+
+def open_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> dict[str, Stage]:
+    """Open every stage (after :func:`check_stages`); a stage only read is never overwritten."""
+    check_stages(out, specs, overwrite)
+    return {spec.name: Stage.open(out, spec.folder, spec.config, SCHEMA_VERSION, n_shards=spec.n_shards,
+                                  overwrite=overwrite and spec.writes, ignore_keys=RESULT_NEUTRAL_KEYS)
+            for spec in specs}
+
+
+def bundle_folders(fit: Stage, values: tuple[str, ...]) -> dict[str, Location]:
+    """value → the folder of its committed bundle (published, or under its attempt during an overwrite)."""
+    return {v: fit.object(i, f"{v}/meta.json").parent() for i, v in enumerate(values)}
+
+
+def _slices(spec: StageSpec, stage: Stage) -> tuple:
+    """The stage's input slices; a generated input is written beside the stage first (once)."""
+    if isinstance(spec.input, GeneratedInput):
+        g = spec.input
+        return write_input_table(stage.input_location(g.sha256), g.table, g.rows_per_shard, g.sha256).slices
+    return spec.input.slices if spec.input is not None else ()
+
+
+class _Done:
+    """Whether a stage is complete, remembered once true (a complete stage never becomes incomplete in a run)."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage, self.done = stage, False
+
+    def __call__(self, _shard: int = 0) -> bool:
+        self.done = self.done or self.stage.is_complete()
+        return self.done
+
+
+def stage_runs(cfg: Config, specs: list[StageSpec], stages: dict[str, Stage],
+               on_commit: Callable[[str, ShardRecord], None] | None = None) -> list[StageRun]:
+    """The runner's view of the stages that have pending shards, in pipeline order, with their dependencies."""
+    runs = []
+    values = cfg.data.values
+    fit_done = _Done(stages["fit"]) if "fit" in stages else None
+    for spec in specs:
+        stage = stages[spec.name]
+        if not spec.writes or stage.is_complete():
+            continue
+        slices = _slices(spec, stage)
+        after, make = _STAGE_TASKS[spec.name](spec, stages, slices, values)
+        if spec.name == "fit":
+            after = _Done(stages["extract"])
+        elif after is None and spec.name != "extract" and fit_done is not None:
+            after = fit_done
+        callback = (lambda record, name=spec.name: on_commit(name, record)) if on_commit else None
+        runs.append(StageRun(spec.name, stage, make, after, callback))
+    return runs
+
+
+def _extract_tasks(spec, stages, slices, values):
+    return None, lambda ref: ShardTask("extract", ref, slice=slices[ref.shard])
+
+
+def _fit_tasks(spec, stages, slices, values):
+    acts, cache = stages["extract"], {}
+
+    def make(ref: ShardRef) -> ShardTask:
+        if not cache:  # once, after the last activation shard is committed
+            records = acts.records()
+            info, layers = activation_model(r.extra["model"] for r in records)
+            digest = hashlib.sha256("".join(o.sha256 for r in records for o in r.objects).encode()).hexdigest()[:16]
+            cache.update(files=tuple(acts.parquet_files()), model=info.__dict__, layers=layers, digest=digest)
+        params = {"value": values[ref.shard], "model": cache["model"], "layers": cache["layers"],
+                  "dataset_hash": cache["digest"]}
+        return ShardTask("fit", ref, files=cache["files"], params=params)
+
+    return None, make
+
+
+def _steer_tasks(spec, stages, slices, values):
+    fit, kind = stages["fit"], spec.input_kind
+    return None, lambda ref: ShardTask("steer", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values),
+                                       params={"input": kind})
+
+
+def _evaluate_tasks(spec, stages, slices, values):
+    gen, fit = stages["steer"], stages["fit"]
+
+    def make(ref: ShardRef) -> ShardTask:
+        part = gen.object(ref.shard, f"part-{ref.shard:05d}.parquet")
+        return ShardTask("evaluate", ref, files=(part,), bundles=bundle_folders(fit, values))
+
+    return (lambda shard: shard in gen.committed()), make
+
+
+def _utility_tasks(spec, stages, slices, values):
+    fit = stages["fit"]
+    return None, lambda ref: ShardTask("utility", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values))
+
+
+def _agreement_tasks(spec, stages, slices, values):
+    fit = stages["fit"]
+    return None, lambda ref: ShardTask("agreement", ref, bundles=bundle_folders(fit, values))
+
+
+_STAGE_TASKS = {"extract": _extract_tasks, "fit": _fit_tasks, "steer": _steer_tasks, "evaluate": _evaluate_tasks,
+                "utility": _utility_tasks, "agreement": _agreement_tasks}

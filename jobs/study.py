@@ -1,123 +1,101 @@
 """`python -m jobs.study --config FILE [--section.key=value ...] [--overwrite] [--validate]`: a whole study, one Ray job.
 
-Per model: the ordinary extract and fit jobs (``<out>/models/<slug>/{activations,bundles}``, resumed like
-any job), then one actor set runs the study's stages on it, each a store stage committed shard by shard:
+Per model, one pool of model workers runs every stage on the same runner as the run job
+(:func:`jobs.runner.run_model`), loading the model once per worker: extraction and fit
+(``<out>/models/<slug>/{activations,bundles}``), then
 
 * ``study_generations``: every cell's prompts in one steering table (per-row overrides);
-* ``study_judged``: the judge's verdict, the answer's perplexity (and fluency rating) per generation;
+* ``study_judged``: the judge's verdict and the answer's perplexity per generation, shard ``i`` as soon
+  as generation shard ``i`` is committed;
 * ``study_utility``: multiple-choice answers with each cell's steering and gate active;
 * ``study_judge``: the judge's agreement on held-out labelled pairs.
 
-Then ``<out>/{results,summary,utility,probes,judges}.parquet`` are rebuilt from the committed stages and
-``<out>/report/index.html`` from those. A rerun skips every committed shard; a changed config is refused
-naming the keys (``--overwrite`` replaces). ``--validate`` checks the config and inputs and starts nothing.
+**Models run at the same time** when the cluster has room for their workers (each model's ``ray``
+section sizes its own pool: ``study.models`` may give a model its own ``model``/``ray``/``vllm``/
+``steer``/``extract`` settings), and queue, in order, when it does not. Then a Ray task next to the
+data rebuilds ``<out>/{results,summary,utility,probes,judges}.parquet`` and ``<out>/report/`` from the
+committed stages. A rerun skips every committed shard; a changed config is refused naming the keys
+(``--overwrite`` replaces once the new run is complete). ``--validate`` checks and starts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
-import os
 import sys
+import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conva.bundle import ValueBundle
-from conva.config import RESULT_NEUTRAL_KEYS, ConfigError, config_dict
+from conva.lease import OutputLease
 from conva.mc import demo_mc, load_mc, mc_prompts
 from conva.models import ModelNotFoundError, check_model, model_name
-from conva.pipeline import SCHEMA_VERSION
-from conva.report import format_summary, write_report
-from conva.store import ConfigMismatchError, Stage, check_writable, open_stage, shard_ranges, stage_mismatch
-from conva.study import (StudyConfig, expand_cells, load_study, model_config, results_table, steering_table,
-                         study_dict, summarize, utility_cells, utility_table)
-from jobs.common import EXPECTED_ERRORS, JobError, attach_run_log, connect_ray, setup_logging
-from jobs.runner import run_job
-from jobs.stages import shard_config
-from workers.judging import StudyWorker
-from workers.pool import ShardFailedError, WorkerStartError, actor_options, run_shards, stop_actors
-from workers.steering import load_bundles
+from conva.storage import Location
+from conva.study import (StudyConfig, expand_cells, load_study, model_config, model_spec, steering_table, study_dict,
+                         utility_cells, utility_table)
+from jobs.common import JobError, connect_ray, log_context, output_location, run_log, setup_logging
+from jobs.preflight import ModelJob, generated, plan_job
+from jobs.runner import FAILURES, run_model
+from jobs.stages import StageSpec, run_config, shard_config
+from workers.tasks import WorkerSpec
 
-__all__ = ["run_study", "main", "OUTPUT_FILES"]
+__all__ = ["run_study", "main", "OUTPUT_FILES", "study_jobs"]
 
 _log = logging.getLogger("conva.jobs")
 OUTPUT_FILES = ("results", "summary", "utility", "probes", "judges")
-_STAGES = ("study_generations", "study_judged", "study_utility", "study_judge")
 
 
-def run_study(study: StudyConfig, overwrite: bool = False) -> Path:
-    """Run (or resume) every model of ``study``; returns the study folder holding the Parquet files and report.
+@dataclass(frozen=True)
+class _ModelRun:
+    """One model of the study: its planned job, the workers' settings and its cells."""
 
-    Side effects: writes under ``job.output.dir``; with ``overwrite``, **replaces stages written with another config**.
-    """
-    out = check_writable(study.job.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "study.json").write_text(json.dumps(study_dict(study), indent=1, sort_keys=True))
-    handler = attach_run_log(out)
-    start = time.monotonic()
-    try:
-        _log.info("study %s, config:\n%s", study.study.name, json.dumps(study_dict(study), indent=1))
-        parts = [_run_model(study, spec, out, overwrite) for spec in study.study.models]
-        _write_outputs(study, out, parts)
-        _log.info("study %s done in %.1f s", study.study.name, time.monotonic() - start)
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-    return out
+    job: ModelJob
+    worker: WorkerSpec
+    cells: tuple
+    entry: object
 
 
-def _run_model(study: StudyConfig, spec: str, out: Path, overwrite: bool) -> dict:
-    cfg = model_config(study, spec, out)
-    run_job("extract", cfg, overwrite)
-    run_job("fit", cfg, overwrite)
-    model_out, bundle_dir = Path(cfg.output.dir), str(Path(cfg.output.dir) / "bundles")
-    bundles = load_bundles(bundle_dir, cfg.data.values, None, None)
-    _check_bands(study, bundles)
-    cells, ucells = expand_cells(study, spec), utility_cells(study, spec)
-    steer_rows = steering_table(cfg, cells)
-    util_rows = _utility_rows(study, ucells)
-    stages = _open(study, cfg, model_out, steer_rows, util_rows, [c.id for c in cells], overwrite)
-    r, retries = cfg.ray.steer_shard_rows, cfg.ray.max_task_retries
-    gen_ranges, util_ranges = shard_ranges(steer_rows.num_rows, r), shard_ranges(util_rows.num_rows, r)
-    pending = {"gen": stages["study_generations"].pending(len(gen_ranges)),
-               "judged": stages["study_judged"].pending(len(gen_ranges)),
-               "util": stages["study_utility"].pending(len(util_ranges)), "judge": stages["study_judge"].pending(1)}
-    if any(pending.values()):
-        actors = _start(study, cfg, out, max(1, min(cfg.ray.num_workers, max(map(len, pending.values())))))
+def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_ModelRun]:
+    """Pre-flight every model of the study (no writes): its config, stages, inputs and workers' settings."""
+    runs = []
+    judge = {**study_dict(study)["judge"], "fluency": study_dict(study)["fluency"]}
+    cache = study.judge.cache_dir or (str(out.child("judge_cache")) if out.is_local else "")
+    for entry in study.study.models:
+        spec = model_spec(entry)
         try:
-            _commit_all(actors, "steer", stages["study_generations"], pending["gen"],
-                        lambda s: (_take(steer_rows, gen_ranges[s]), bundle_dir), stage_retries=retries)
-            gen = stages["study_generations"]
-            _commit_all(actors, "evaluate", stages["study_judged"], pending["judged"],
-                        lambda s: (pq.read_table(gen.path / f"part-{s:05d}.parquet"), bundle_dir), stage_retries=retries)
-            _commit_all(actors, "utility", stages["study_utility"], pending["util"],
-                        lambda s: (_take(util_rows, util_ranges[s]), bundle_dir), stage_retries=retries)
-            if pending["judge"]:  # one call: the judge's agreement per value, committed as shard 0
-                import ray
+            check_model(spec)
+        except ModelNotFoundError as err:
+            raise JobError(f"study.models: {err}") from err
+        cfg = model_config(study, entry, out.uri)
+        cells, ucells = expand_cells(study, spec), utility_cells(study, spec)
+        rps, base = cfg.ray.steer_shard_rows, run_config(cfg)
+        steer_in = generated(steering_table(cfg, cells), rps)
+        util_in = generated(_utility_rows(study, ucells), rps)
+        gen = {**base, "cells": [c.id for c in cells], "shards": shard_config(rps, steer_in.table.num_rows,
+                                                                             steer_in.sha256)}
+        own = [StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in),
+               StageSpec("evaluate", "study_judged", {**gen, "judge": judge}, steer_in.n_shards),
+               StageSpec("utility", "study_utility", {**base, "utility": study_dict(study)["utility"],
+                         "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256)}, util_in.n_shards, util_in),
+               StageSpec("agreement", "study_judge", {**base, "judge": judge}, 1)]
+        job = plan_job(cfg, Location(cfg.output.dir), ("extract", "fit"), overwrite, label=model_name(spec),
+                       extra=own, reads=_judge_reads(study))
+        worker = WorkerSpec(cfg, study.judge, study.fluency, study.utility, cache)
+        runs.append(_ModelRun(job, worker, tuple(cells), entry))
+    return runs
 
-                stages["study_judge"].commit(0, ray.get(actors[0].agreement.remote(bundle_dir)))
-        finally:
-            stop_actors(actors)
-    read = {k: stages[k].dataset().to_table() for k in _STAGES}
-    return dict(cells=cells, generations=read["study_generations"], judged=read["study_judged"],
-                utility=read["study_utility"], agreement=read["study_judge"], probes=_probe_rows(spec, bundles))
 
-
-def _check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:
-    """A probe gate must read a layer no later than the first steered one: refuse bands that start earlier."""
-    for band in study.study.bands:
-        if band == "auto":
-            continue
-        first = int(band.split("-")[0])
-        for value, b in bundles.items():
-            b.rows(tuple(range(first, int(band.split("-")[1]) + 1)))  # every layer probed, else BundleError
-            if "conva" in study.study.methods and b.gate.kind == "probe" and b.gate.layer > first:
-                raise JobError(f"study.bands: band {band} starts before {value!r}'s gate layer {b.gate.layer}; "
-                               "the probe gate must read an unsteered layer")
+def _judge_reads(study: StudyConfig) -> tuple[str, ...]:
+    """Files the study's workers read themselves: the judge's labelled pairs when they are a file or folder."""
+    pairs = study.judge.pairs
+    if pairs == "demo":
+        return ()
+    return (pairs[len("paper:"):],) if pairs.startswith("paper:") else (pairs,)
 
 
 def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
@@ -128,121 +106,187 @@ def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
     return utility_table(ucells, items, mc_prompts(items, study.utility.shots))
 
 
-def _open(study: StudyConfig, cfg, model_out: Path, steer_rows: pa.Table, util_rows: pa.Table, cell_ids: list[str],
-          overwrite: bool) -> dict[str, Stage]:
-    base = {k: v for k, v in config_dict(cfg).items() if k not in ("output", "ray")}
-    shard = lambda rows: shard_config(cfg.ray.steer_shard_rows, rows)
-    judge = {**study_dict(study)["judge"], "fluency": study_dict(study)["fluency"]}
-    gen = {**base, "cells": cell_ids, "shards": shard(steer_rows)}
-    configs = {"study_generations": gen, "study_judged": {**gen, "judge": judge},
-               "study_utility": {**base, "utility": study_dict(study)["utility"], "shards": shard(util_rows)},
-               "study_judge": {**base, "judge": judge}}
-    if not overwrite:  # check all before opening any, so a refusal names every differing key and writes nothing
-        keys = sorted({k for s, c in configs.items() for k in stage_mismatch(model_out, s, c, SCHEMA_VERSION,
-                                                                              ignore_keys=RESULT_NEUTRAL_KEYS)})
-        if keys:
-            raise ConfigMismatchError(model_out, keys)
-    return {s: open_stage(model_out, s, c, SCHEMA_VERSION, overwrite=overwrite, ignore_keys=RESULT_NEUTRAL_KEYS)
-            for s, c in configs.items()}
+def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool = False) -> Location:
+    """Run (or resume) every model of ``study``; returns the study's output holding the Parquet files and report.
+
+    Side effects: writes under ``job.output.dir``; with ``overwrite``, **replaces stages written with
+    another config** once the new ones are complete.
+    """
+    job_cfg, out = output_location(study.job)
+    study = replace(study, job=job_cfg)
+    models = study_jobs(study, out, overwrite)
+    start = time.monotonic()
+    with OutputLease(out, f"conva study {study.study.name}", ttl_s=job_cfg.output.lease_ttl_s,
+                     break_stale=break_lease), run_log(out):
+        out.child("study.json").write_text(json.dumps(study_dict(study), indent=1, sort_keys=True))
+        _log.info("study %s, config:\n%s", study.study.name, json.dumps(study_dict(study), indent=1))
+        _run_models(models, overwrite)
+        _write_outputs(study, out, models)
+        _log.info("study %s done in %.1f s", study.study.name, time.monotonic() - start)
+    return out
 
 
-def _start(study: StudyConfig, cfg, out: Path, n: int) -> list:
+class _Capacity:
+    """Admits models in order while their pools fit the cluster's CPUs and GPUs; the rest wait their turn."""
+
+    def __init__(self, total: dict) -> None:
+        self.free = {"CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0))}
+        self.total = dict(self.free)
+        self.running = 0
+        self.cond = threading.Condition()
+        self.turn = 0
+
+    @staticmethod
+    def need(run: _ModelRun) -> dict:
+        r = run.job.cfg.ray
+        return {"CPU": r.num_workers * r.num_cpus_per_worker, "GPU": r.num_workers * r.num_gpus_per_worker}
+
+    def acquire(self, order: int, need: dict) -> None:
+        with self.cond:
+            # A model bigger than the whole cluster runs alone (with the workers that fit), never forever queued.
+            self.cond.wait_for(lambda: self.turn == order and (
+                self.running == 0 or all(need[k] <= self.free[k] + 1e-9 for k in need)))
+            for k in need:
+                self.free[k] -= need[k]
+            self.running += 1
+            self.turn += 1
+            self.cond.notify_all()
+
+    def release(self, need: dict) -> None:
+        with self.cond:
+            for k in need:
+                self.free[k] += need[k]
+            self.running -= 1
+            self.cond.notify_all()
+
+
+def _run_models(models: list[_ModelRun], overwrite: bool) -> None:
+    """Every model's pipeline in its own thread, admitted by :class:`_Capacity`; the first failure is raised."""
     import ray
-    from ray.exceptions import RayError, RayTaskError
 
-    connect_ray(cfg)
-    remote = ray.remote(StudyWorker).options(**actor_options(cfg))
-    cache = study.judge.cache_dir or str(out / "judge_cache")
-    actors = [remote.remote(cfg, study.judge, study.fluency, study.utility, cache) for _ in range(n)]
-    try:
-        ray.get([a.__ray_ready__.remote() for a in actors])
-    except RayError as err:
-        stop_actors(actors)
-        cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-        raise WorkerStartError(f"StudyWorker failed to start: {str(cause).strip().splitlines()[-1]}") from err
-    return actors
+    connect_ray()
+    capacity = _Capacity(ray.cluster_resources())
+    errors: list[BaseException] = []
 
+    def one(order: int, run: _ModelRun) -> None:
+        log_context.set(f"[{run.job.label}] ")
+        need = capacity.need(run)
+        capacity.acquire(order, need)
+        try:
+            run_model(run.job, run.worker, overwrite)
+        except BaseException as err:  # noqa: BLE001 - reported by the main thread
+            errors.append(err)
+            _log.error("failed: %s", err)
+        finally:
+            capacity.release(need)
 
-def _commit_all(actors: list, method: str, stage: Stage, todo: list[int], args, stage_retries: int = 0) -> None:
-    """Run ``actor.<method>(shard, *args(shard))`` for every pending shard; the driver commits each result."""
-    if not todo:
-        return
-    t0 = time.monotonic()
-    for shard, table in run_shards(actors, method, method, todo, args, retries=stage_retries):
-        stage.commit(shard, table)
-        _log.info("%s: committed shard %d (%d rows)", method, shard, table.num_rows)
-    _log.info("%s: %d shards in %.1f s", method, len(todo), time.monotonic() - t0)
-
-
-def _take(rows: pa.Table, bounds: tuple[int, int]) -> pa.Table:
-    return rows.take(pa.array(range(*bounds), pa.int64()))  # a copy: a slice would pickle its parent's buffers
+    threads = [threading.Thread(target=one, args=(i, m), name=f"conva-{m.job.label}") for i, m in enumerate(models)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
-def _probe_rows(spec: str, bundles: dict[str, ValueBundle]) -> list[dict]:
-    rows = []
-    for value, b in bundles.items():
-        h = b.gate.heldout or {}
-        for i, layer in enumerate(b.layers.tolist()):
-            rows.append(dict(model=model_name(spec), value=value, layer=int(layer), train_acc=float(b.train_acc[i]),
-                             test_acc=float(b.test_acc[i]), in_band=int(layer) in b.band, gate_kind=b.gate.kind,
-                             gate_layer=b.gate.layer, gate_precision=h.get("precision"), gate_recall=h.get("recall")))
-    return rows
+def _write_outputs(study: StudyConfig, out: Location, models: list[_ModelRun]) -> None:
+    """Rebuild the study's tables and report from the committed stages, in a Ray task next to the data."""
+    import ray
+
+    from jobs.stages import bundle_folders, open_stages
+
+    parts = []
+    for m in models:
+        stages = open_stages(m.job.out, list(m.job.specs), False)
+        files = {name: [f.uri for f in stages[name].parquet_files()] for name in ("steer", "evaluate", "utility",
+                                                                                  "agreement")}
+        bundles = {v: f.uri for v, f in bundle_folders(stages["fit"], m.job.cfg.data.values).items()}
+        parts.append({"cells": list(m.cells), "files": files, "bundles": bundles, "model": model_spec(m.entry)})
+    connect_ray()
+    task = ray.remote(num_cpus=1)(_build_outputs)
+    ray.get(task.remote(study, out.uri, parts))
 
 
-def _write(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # readers never see a half-written file
+def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
+    """(Ray task) Read the committed stages, write results/summary/utility/probes/judges and the report."""
+    import pyarrow.dataset as ds
+
+    from conva.bundle import BUNDLE_FILES, decode_bundle
+    from conva.report import write_report_to
+    from conva.storage import Location as Loc
+    from conva.study import results_table, summarize
+
+    def read(uris: list[str]) -> pa.Table:
+        locs = [Loc(u) for u in uris]
+        return ds.dataset([u.path for u in locs], format="parquet", filesystem=locs[0].fs).to_table()
+
+    results, utility, judges, probes = [], [], [], []
+    for p in parts:
+        results.append(results_table(p["cells"], read(p["files"]["steer"]), read(p["files"]["evaluate"])))
+        if p["files"]["utility"]:
+            utility.append(read(p["files"]["utility"]))
+        judges.append(read(p["files"]["agreement"]))
+        for value, folder in sorted(p["bundles"].items()):
+            files = {name: Loc(folder).child(name).read_bytes() for name in BUNDLE_FILES}
+            probes += _probe_rows(p["model"], decode_bundle(files, folder))
+    results_t = pa.concat_tables(results)
+    utility_t = pa.concat_tables(utility) if utility else None
+    judges_t = pa.concat_tables(judges)
+    agreement = {(r["model"], r["value"]): r["agreement"] for r in judges_t.to_pylist()}
+    summary = summarize(results_t, utility_t, agreement, n_boot=study.study.bootstrap, seed=study.study.seed)
+    out = Loc(out_uri)
+    for name, table in zip(OUTPUT_FILES, (results_t, summary, utility_t if utility_t is not None else pa.table({}),
+                                          pa.Table.from_pylist(probes), judges_t)):
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        out.child(f"{name}.parquet").write_bytes(sink.getvalue())
+    write_report_to(out)
 
 
-def _write_outputs(study: StudyConfig, out: Path, parts: list[dict]) -> None:
-    results = pa.concat_tables([results_table(p["cells"], p["generations"], p["judged"]) for p in parts])
-    utility = pa.concat_tables([p["utility"] for p in parts])
-    judges = pa.concat_tables([p["agreement"] for p in parts])
-    agreement = {(r["model"], r["value"]): r["agreement"] for r in judges.to_pylist()}
-    summary = summarize(results, utility, agreement, n_boot=study.study.bootstrap, seed=study.study.seed)
-    probes = pa.Table.from_pylist([r for p in parts for r in p["probes"]])
-    for name, table in zip(OUTPUT_FILES, (results, summary, utility, probes, judges)):
-        _write(table, out / f"{name}.parquet")
+def _probe_rows(spec: str, bundle) -> list[dict]:
+    h = bundle.gate.heldout or {}
+    return [dict(model=model_name(spec), value=bundle.value, layer=int(layer), train_acc=float(bundle.train_acc[i]),
+                 test_acc=float(bundle.test_acc[i]), in_band=int(layer) in bundle.band, gate_kind=bundle.gate.kind,
+                 gate_layer=bundle.gate.layer, gate_precision=h.get("precision"), gate_recall=h.get("recall"))
+            for i, layer in enumerate(bundle.layers.tolist())]
 
 
 def _validate(study: StudyConfig) -> str:
-    out = check_writable(study.job.output.dir)
-    for spec in study.study.models:
-        try:
-            check_model(spec)
-        except ModelNotFoundError as err:
-            raise JobError(f"study.models: {err}") from err
-    cfg = model_config(study, study.study.models[0], out)
-    rows = steering_table(cfg, expand_cells(study, study.study.models[0]))
-    util = _utility_rows(study, utility_cells(study, study.study.models[0]))
-    return (f"ok ({len(study.study.models)} model(s), {rows.num_rows} generations and {util.num_rows} "
-            f"multiple-choice rows per model, output {out})")
+    job_cfg, out = output_location(study.job)
+    study = replace(study, job=job_cfg)
+    models = study_jobs(study, out, overwrite=False)
+    rows = sum(m.job.spec("steer").input.table.num_rows for m in models)
+    util = sum(m.job.spec("utility").input.table.num_rows for m in models)
+    return f"ok ({len(models)} model(s), {rows} generations and {util} multiple-choice rows in all, output {out})"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 2 on a failure a user can fix (one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="jobs.study", description="ConVA study: models × values × methods × P0")
+    parser = argparse.ArgumentParser(prog="conva study", description="ConVA study: models × values × methods × P0")
     parser.add_argument("--config", required=True, help="study TOML (see examples/demo_study.toml)")
     parser.add_argument("--overwrite", action="store_true", help="replace stages written with another config")
+    parser.add_argument("--break-lease", action="store_true", help="take over an output whose lease is stale")
     parser.add_argument("--validate", action="store_true", help="check the config and inputs; start nothing")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
     try:
         study = load_study(args.config, overrides)
         if args.validate:
-            print(f"jobs.study: {_validate(study)}")
+            print(f"conva study: {_validate(study)}")
             return 0
         start = time.monotonic()
-        out = run_study(study, args.overwrite or study.job.output.overwrite)
-        report = write_report(out)
-    except (*EXPECTED_ERRORS, ConfigError, ShardFailedError, WorkerStartError) as err:
-        print(f"jobs.study: error: {err}", file=sys.stderr)
+        out = run_study(study, args.overwrite or study.job.output.overwrite, break_lease=args.break_lease)
+    except FAILURES as err:
+        print(f"conva study: error: {err}", file=sys.stderr)
         return 2
-    print(format_summary(pq.read_table(out / "summary.parquet")))
-    print(f"\nstudy finished in {time.monotonic() - start:.0f} s; results in {out}\nreport: {report}")
+    from conva.report import format_summary
+
+    summary = pq.read_table(io.BytesIO(out.child("summary.parquet").read_bytes()))
+    print(format_summary(summary))
+    print(f"\nstudy finished in {time.monotonic() - start:.0f} s; results in {out}\nreport: {out.child('report', 'index.html')}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+

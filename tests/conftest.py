@@ -7,10 +7,13 @@ runs both). Paths to the paper's data come from ``CONVA_PAPER_DATA`` or ``../sha
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.s3server import S3Server, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_DATA = Path(os.environ.get("CONVA_PAPER_DATA", REPO.parent / "shared" / "data" / "conva"))
@@ -68,3 +71,59 @@ def tiny_bundles(tiny):
     always = replace(power, gate=replace(power.gate, threshold=0.0))
     never = replace(power, gate=replace(power.gate, threshold=2.0))
     return always, benevolence, never
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A ``moto_server`` S3 endpoint on 127.0.0.1 for the whole session (about 1 s to start)."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """``s3``, with this test's environment holding exactly its AWS variables (any other AWS_* removed)."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3
+
+
+@pytest.fixture(scope="session")
+def fault_plan(tmp_path_factory) -> Path:
+    """The plan file the workers' test hook reads (``tests/faults.py``); set before the session's Ray starts."""
+    from tests.faults import PLAN_ENV
+    from workers.hooks import HOOK_ENV
+
+    path = tmp_path_factory.mktemp("faults") / "plan.json"
+    path.write_text("{}")
+    os.environ[PLAN_ENV] = str(path)  # inherited by the raylet, so by every worker
+    os.environ[HOOK_ENV] = "tests.faults:hook"
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session(fault_plan):
+    """One embedded Ray (loopback only) for every test that runs jobs in-process (~6 s and ~700 MB to start)."""
+    import ray
+
+    from jobs.common import connect_ray
+
+    connect_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def faults(fault_plan, tmp_path):
+    """Write this test's fault plan (``faults(kill_rate=0.2, seed=3)``); it is cleared when the test ends."""
+    import json
+
+    def write(**plan: object) -> Path:
+        plan.setdefault("marker_dir", str(tmp_path / "markers"))
+        fault_plan.write_text(json.dumps(plan))
+        return Path(str(plan["marker_dir"]))
+
+    yield write
+    fault_plan.write_text("{}")

@@ -1,42 +1,38 @@
-"""The Ray jobs in one process against one embedded Ray: parity, resume, bad rows, fail-fast, retries.
+"""The Ray jobs in one process against one embedded Ray: parity, resume, one model load, parallel fit, bad rows.
 
-One Ray is started for the module (``ray.init`` costs ~6 s and ~700 MB here) through the jobs' own
-``connect_ray``, so the loopback-only binding it promises is what these tests run on. Every job uses
-a tiny random Llama; one value keeps the shard count small.
+The session's Ray (``ray_session`` in conftest) is started through the jobs' own ``connect_ray``, so the
+loopback-only binding it promises is what these tests run on. Every job uses a tiny random Llama; one
+value keeps the shard count small.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 import pyarrow as pa
-import pyarrow.dataset as ds
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import ray
-from ray import cloudpickle
 import torch
 
-import jobs  # noqa: F401  (sets the loopback-only Ray environment before ray starts)
+from conva.bundle import load_bundle
 from conva.config import load_config
-from conva.models import load_model
-from conva.pipeline import extract_table, extraction_rows
-from conva.store import shard_ranges
+from conva.fit import ModelInfo
+from conva.models import load_model, model_fingerprint
+from conva.pipeline import extract_table, extraction_rows, fit_bundles
+from conva.store import ShardRecord, shard_ranges
 from conva.tiny import make_tiny_model
-from jobs import stages
-from jobs.common import JobError, connect_ray
+from jobs import runner
 from jobs.runner import main, run_job
-from workers.contract import RowContractError
-from workers.pool import ShardFailedError, actor_options, run_shards, stop_actors
+from workers.pool import StageRun, _Call, _Runner
 
-pytestmark = pytest.mark.slow  # a real (embedded) Ray and actors: ~2 minutes on the 2-core machine
+pytestmark = pytest.mark.slow  # a real (embedded) Ray and actors
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.toml"
@@ -49,16 +45,12 @@ def models(tmp_path_factory) -> dict[str, str]:
     return {"a": make_tiny_model(root / "a", seed=0), "b": make_tiny_model(root / "b", seed=1)}
 
 
+VALUES = '--data.values=["power", "security"]'
+
+
 def _cfg(model: str, out: Path, *extra: str):
-    return load_config(TINY, [f"--model.name={model}", f"--output.dir={out}", '--data.values=["power"]',
+    return load_config(TINY, [f"--model.name={model}", f"--output.dir={out}", VALUES,
                               f"--ray.rows_per_shard={ROWS_PER_SHARD}", *extra])
-
-
-@pytest.fixture(scope="module")
-def ray_session(models):
-    connect_ray(_cfg(models["a"], Path("/nonexistent")))
-    yield
-    ray.shutdown()
 
 
 def _sha(path: Path) -> str:
@@ -66,32 +58,43 @@ def _sha(path: Path) -> str:
 
 
 def _files(out: Path) -> dict[str, tuple[int, str]]:
-    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, _sha(p)) for p in sorted(out.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, _sha(p)) for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != "run.log"}
+
+
+def _last(log: str, pattern: str) -> re.Match:
+    found = list(re.finditer(pattern, log))
+    assert found, f"{pattern!r} not in run.log"
+    return found[-1]
 
 
 @pytest.fixture(scope="module")
 def extracted(ray_session, models, tmp_path_factory):
-    """Two actors extract; the driver stops after 2 commits; the rerun finishes. Returns what each run saw."""
+    """Two workers extract; the driver stops after 2 commits; the rerun finishes. Returns what each run saw."""
     out = tmp_path_factory.mktemp("extract")
     cfg = _cfg(models["a"], out, "--ray.num_workers=2")
-    os.environ[stages.STOP_AFTER_COMMITS_ENV] = "2"
-    try:
-        with pytest.raises(SystemExit):
+    commits, tally = [], runner._Tally.__call__
+
+    def stop_after_two(self, stage, record):
+        tally(self, stage, record)
+        commits.append(record.shard)
+        if len(commits) == 2:
+            raise KeyboardInterrupt  # the driver is interrupted; its commits so far stay
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner._Tally, "__call__", stop_after_two)
+        with pytest.raises(KeyboardInterrupt):
             run_job("extract", cfg)
-    finally:
-        del os.environ[stages.STOP_AFTER_COMMITS_ENV]
-    manifest = json.loads((out / "activations" / "_manifest.json").read_text())
     first = _files(out / "activations")
     [result] = run_job("extract", cfg)
-    return dict(cfg=cfg, out=out, interrupted=[s["shard"] for s in manifest["shards"]], first=first, result=result)
+    return dict(cfg=cfg, out=out, interrupted=sorted(commits), first=first, result=result)
 
 
-def test_two_actors_match_single_process_extraction(extracted, models) -> None:
+def test_two_workers_match_single_process_extraction(extracted, models) -> None:
     cfg, out = extracted["cfg"], extracted["out"]
     rows = extraction_rows(cfg)
     model, tok = load_model(models["a"])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in the actors (one CPU each), so the float sums run in the same order
+    torch.set_num_threads(1)  # as in the workers (one CPU each), so the float sums run in the same order
     try:
         for shard, (start, stop) in enumerate(shard_ranges(rows.num_rows, ROWS_PER_SHARD)):
             expected = extract_table(model, tok, rows.slice(start, stop - start), range(4), "last", cfg.extract.batch_size)
@@ -109,27 +112,56 @@ def test_resume_processes_only_missing_shards(extracted) -> None:
     for shard in extracted["interrupted"]:  # committed before the stop: never rewritten
         name = f"part-{shard:05d}.parquet"
         assert after[name] == extracted["first"][name]
-    table = ds.dataset(extracted["out"] / "activations").to_table(columns=["row_id", "layer"])
+    table = pq.read_table(extracted["out"] / "activations", columns=["row_id", "layer"])
     ids = extraction_rows(extracted["cfg"]).column("row_id").to_pylist()
     counts = table.group_by("row_id").aggregate([("layer", "count_distinct"), ("layer", "count")]).to_pylist()
     assert sorted(c["row_id"] for c in counts) == sorted(ids)
     assert all(c["layer_count"] == c["layer_count_distinct"] == 4 for c in counts)
 
 
-def test_finished_job_rerun_does_nothing(extracted, monkeypatch) -> None:
-    monkeypatch.setattr(stages, "start_actors", _no_actors)
+def _no(*_args, **_kwargs):
+    raise AssertionError("Ray or a worker was started")
+
+
+def test_finished_job_rerun_starts_nothing(extracted, monkeypatch) -> None:
+    monkeypatch.setattr(runner, "connect_ray", _no)
+    monkeypatch.setattr(runner, "WorkerPool", _no)
     before = _files(extracted["out"] / "activations")
     start = time.monotonic()
     [result] = run_job("extract", extracted["cfg"])
-    assert result.processed == 0 and time.monotonic() - start < 3
+    assert result.processed == 0 and time.monotonic() - start < 5
     assert _files(extracted["out"] / "activations") == before
 
 
 @pytest.fixture(scope="module")
 def fitted(extracted):
     [result] = run_job("fit", extracted["cfg"])
-    assert result.processed == 1
+    assert result.processed == 2
     return extracted
+
+
+def test_the_parallel_fit_gives_the_serial_fits_bundles(fitted, models) -> None:
+    """Two values fitted at once on two workers: every tensor equals an in-process, one-after-another fit."""
+    cfg, out = fitted["cfg"], fitted["out"]
+    table = pq.read_table(out / "activations")
+    layers = sorted(set(table.column("layer").to_pylist()))
+    rows = extraction_rows(cfg)
+    by_id = {r: i for i, r in enumerate(rows.column("row_id").to_pylist())}
+    order = np.argsort([by_id[r] for r in table.filter(pc.equal(table["layer"], 0)).column("row_id").to_pylist()])
+    matrix = {}
+    for layer in layers:
+        part = table.filter(pc.equal(table["layer"], layer))
+        flat = np.asarray(part.column("activation").combine_chunks().flatten()).reshape(part.num_rows, -1)
+        matrix[layer] = flat[order]
+    model, _ = load_model(models["a"])
+    info = ModelInfo("a", model_fingerprint(model), model.config.hidden_size, len(layers))
+    serial = fit_bundles(rows, lambda l: matrix[l], layers, cfg, info)
+    for value, expected in serial.items():
+        got = load_bundle(out / "bundles" / value, fingerprint=info.fingerprint)
+        for name in ("w", "b", "caa", "train_acc", "test_acc"):
+            assert np.array_equal(getattr(got, name), getattr(expected, name)), (value, name)
+        assert got.band == expected.band and got.gate.layer == expected.gate.layer
+        assert got.gate.threshold == expected.gate.threshold and np.array_equal(got.gate.w, expected.gate.w)
 
 
 PROMPTS = ["Should I take the job abroad even though my family wants me to stay?",
@@ -163,14 +195,14 @@ def _write_prompts(path: Path, bad: bool) -> Path:
 
 
 def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_path) -> None:
-    cfg = lambda src, *x: _cfg(fitted["cfg"].model.name, fitted["out"], f"--data.prompts={src}",
-                               "--steer.batch_size=1", "--ray.steer_rows_per_shard=4", *x)  # extraction: 64
+    cfg = lambda src, *x: _cfg(fitted["cfg"].model.name, fitted["out"], f"--data.prompts={src}", "--steer.batch_size=1",
+                               "--ray.steer_rows_per_shard=4", *x)
     clean = _write_prompts(tmp_path / "clean.jsonl", bad=False)
     run_job("steer", cfg(clean))
-    ok = ds.dataset(fitted["out"] / "generations").to_table()
+    ok = pq.read_table(fitted["out"] / "generations")
     bad = _write_prompts(tmp_path / "bad.jsonl", bad=True)
     [result] = run_job("steer", cfg(bad), overwrite=True)
-    got = ds.dataset(fitted["out"] / "generations").to_table()
+    got = pq.read_table(fitted["out"] / "generations")
     n_in = len(PROMPTS) + len(BAD) + 1
     assert result.rows == got.num_rows == n_in and len(set(got.column("row_id").to_pylist())) == n_in
     assert result.shards == -(-n_in // 4)  # steering shards follow ray.steer_rows_per_shard, not rows_per_shard
@@ -184,19 +216,17 @@ def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_p
     drop = ["row_id"]
     good = sorted((r for r in got.drop_columns(drop).to_pylist() if r["error"] is None), key=lambda r: r["prompt"])
     assert good == sorted(ok.drop_columns(drop).to_pylist(), key=lambda r: r["prompt"])
-
-
-def _no_actors(*_args, **_kwargs):
-    raise AssertionError("a worker was started")
+    log = (fitted["out"] / "run.log").read_text()
+    assert f"generations: {len(BAD) + 1} of {n_in} rows written in this run are error rows" in log
 
 
 def test_bundle_for_another_model_fails_before_any_worker(fitted, models, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(stages, "start_actors", _no_actors)
+    monkeypatch.setattr(runner, "WorkerPool", _no)
     out = fitted["out"]
     before = _files(out)
     start = time.monotonic()
     code = main("steer", ["--config", str(TINY), f"--model.name={models['b']}", f"--output.dir={out}",
-                          '--data.values=["power"]', f"--ray.rows_per_shard={ROWS_PER_SHARD}"])
+                          VALUES, f"--ray.rows_per_shard={ROWS_PER_SHARD}"])
     assert code == 2 and time.monotonic() - start < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not for the loaded model" in err[0] and "model.name" in err[0]
@@ -204,15 +234,47 @@ def test_bundle_for_another_model_fails_before_any_worker(fitted, models, monkey
 
 
 def test_config_change_is_refused_naming_keys(fitted, monkeypatch, capsys) -> None:
-    monkeypatch.setattr(stages, "start_actors", _no_actors)
+    monkeypatch.setattr(runner, "WorkerPool", _no)
     before = _files(fitted["out"])
     argv = ["--config", str(TINY), f"--model.name={fitted['cfg'].model.name}", f"--output.dir={fitted['out']}",
-            '--data.values=["power"]', f"--ray.rows_per_shard={ROWS_PER_SHARD}", "--probe.C=0.5",
-            "--extract.position=mean"]
+            VALUES, f"--ray.rows_per_shard={ROWS_PER_SHARD}", "--probe.C=0.5", "--extract.position=mean"]
     assert main("fit", argv) == 2  # reads the activations, writes the bundles: both were made differently
     err = capsys.readouterr().err
     assert "differing keys: extract.position, probe.C" in err and "--overwrite" in err
     assert _files(fitted["out"]) == before
+
+
+@pytest.fixture(scope="module")
+def run_job_log(ray_session, models, tmp_path_factory):
+    """The whole run job (extract → fit → steer) on two workers, and its run.log."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = _cfg(models["a"], out, "--ray.num_workers=2", "--ray.rows_per_shard=16", "--ray.steer_rows_per_shard=2")
+    results = run_job("run", cfg)
+    return dict(cfg=cfg, out=out, results=results, log=(out / "run.log").read_text())
+
+
+def test_one_pool_loads_the_model_once_per_worker_for_every_stage(run_job_log) -> None:
+    log, results = run_job_log["log"], run_job_log["results"]
+    assert [r.stage for r in results] == ["extract", "fit", "steer"] and all(r.processed == r.shards for r in results)
+    loads = json.loads(_last(log, r"model loads per worker: (\{.*\})").group(1))
+    assert len(loads) == 2 and set(loads.values()) == {1}  # two workers, each loaded the model once
+    assert len(re.findall(r"worker \w+ ready on node", log)) == 2  # and no second set of workers was started
+
+
+def test_no_shard_data_reaches_the_driver(run_job_log) -> None:
+    m = _last(run_job_log["log"], r"workers returned (\d+) bytes of shard records for (\d+) shards")
+    returned, shards = int(m.group(1)), int(m.group(2))
+    assert shards == sum(r.processed for r in run_job_log["results"])
+    data = sum(p.stat().st_size for p in run_job_log["out"].rglob("part-*.parquet"))
+    assert returned / shards < 3000 and returned < data / 20  # records only: ~1 KB a shard, the data stays put
+
+
+def test_a_worker_that_returns_data_fails_the_job() -> None:
+    run = StageRun("steer", stage=type("S", (), {"name": "generations"})(), make_task=lambda ref: None)
+    runner_ = _Runner.__new__(_Runner)
+    with pytest.raises(TypeError, match="workers must write their shard to the store and return only its ShardRecord"):
+        runner_._accept(_Call(None, run, 0, "a", 0.0), pa.table({"x": [1]}))
+    assert ShardRecord.__dataclass_fields__.keys() >= {"objects", "rows", "attempt"}
 
 
 def test_embedded_ray_listens_on_loopback_only(ray_session) -> None:
@@ -222,46 +284,3 @@ def test_embedded_ray_listens_on_loopback_only(ray_session) -> None:
                  if c.status == psutil.CONN_LISTEN and c.pid in pids}
     assert listening, "found no Ray sockets to check"
     assert {ip for ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening
-
-
-class _Flaky:
-    """A stand-in worker (no model): dies once on shard 1, always on shard 3 when told, breaks the contract on 5."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def work(self, shard: int, always_die: bool) -> list[int]:
-        import os as _os
-        from pathlib import Path as _Path
-
-        first = not _Path(f"{self.marker}-{shard}").exists()
-        _Path(f"{self.marker}-{shard}").touch()
-        if (shard == 1 and first) or (shard == 3 and always_die):
-            _os._exit(1)  # the process dies, as an engine crash would take it down
-        if shard == 5:
-            raise RowContractError("steer shard 5: 4 input rows should give 4 output rows, got 3")
-        return [shard]
-
-
-def test_dead_worker_is_restarted_and_its_shard_retried_a_bounded_number_of_times(ray_session, tmp_path) -> None:
-    # By value: the stand-in's worker process then never imports this module (and torch with it).
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    cfg = load_config(TINY, ["--model.name=x", "--ray.max_restarts=2", "--ray.max_task_retries=1",
-                             "--ray.num_cpus_per_worker=0.5"])
-    opts = actor_options(cfg)
-    # Ray restarts the actor; the driver (run_shards) retries the call, so Ray must not retry it too.
-    assert opts == dict(num_cpus=0.5, num_gpus=0.0, max_restarts=2, max_task_retries=0)
-    actor = ray.remote(_Flaky).options(**opts).remote(str(tmp_path / "m"))
-    try:
-        got = dict(run_shards([actor], "work", "test", [0, 1, 2], lambda s: (False,), retries=1))
-        assert got == {0: [0], 1: [1], 2: [2]}  # shard 1 killed its worker once and was retried
-        with pytest.raises(ShardFailedError, match="test shard 3 failed: its worker died on each of 2 attempt"):
-            list(run_shards([actor], "work", "test", [3], lambda s: (True,), retries=1))
-    finally:
-        stop_actors([actor])
-    actor = ray.remote(_Flaky).options(**opts).remote(str(tmp_path / "n"))
-    try:
-        with pytest.raises(ShardFailedError, match="test shard 5 failed: RowContractError"):
-            list(run_shards([actor], "work", "test", [5], lambda s: (False,), retries=1))
-    finally:
-        stop_actors([actor])

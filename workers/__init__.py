@@ -1,9 +1,10 @@
 """Ray actors that own a model and process one shard of rows per call.
 
-The classes here are plain Python: :func:`workers.pool.start_actors` turns them into Ray actors with
-the resources and bounded restart policy of the job's ``[ray]`` config, and
-:func:`workers.pool.run_shards` feeds them shards and yields results as they finish. ``conva/`` holds
-the method; this package only adds "load once, process many shards, check the row contract".
+:class:`workers.worker.ModelWorker` is plain Python: :class:`workers.pool.WorkerPool` turns it into Ray
+actors with the resources of the job's ``[ray]`` config, one pool per model serving every stage, and
+:func:`workers.pool.run_stages` feeds them shards. Each shard is read and written by the worker itself
+(:mod:`workers.shards`); only its record goes back. ``conva/`` holds the method; this package only adds
+"load once, process many shards, check the row contract".
 
 Names are imported lazily, so a process that needs only :mod:`workers.contract` never imports torch.
 """
@@ -15,9 +16,9 @@ import importlib
 _EXPORTS = {
     "BACKENDS": "backends", "Steerer": "backends", "check_backend": "backends", "make_steerer": "backends",
     "register_backend": "backends", "RowContractError": "contract", "check_rows": "contract",
-    "ExtractionWorker": "extraction", "SteeringWorker": "steering", "ShardFailedError": "pool",
-    "WorkerStartError": "pool", "actor_options": "pool", "run_shards": "pool", "start_actors": "pool",
-    "stop_actors": "pool",
+    "ShardError": "errors", "ModelWorker": "worker", "WorkerSpec": "tasks", "ShardTask": "tasks",
+    "WorkerPool": "pool", "PoolSettings": "pool", "StageRun": "pool", "run_stages": "pool",
+    "ShardFailedError": "pool", "WorkerStartError": "pool",
 }
 __all__ = sorted(_EXPORTS)
 

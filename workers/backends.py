@@ -14,6 +14,7 @@ where vLLM is missing or of an untested version.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Protocol
 
 import pyarrow as pa
@@ -28,12 +29,22 @@ __all__ = ["Steerer", "HFSteerer", "VLLMBackendSteerer", "BACKENDS", "register_b
 
 
 class Steerer(Protocol):
-    """A loaded model that steers shards. ``fingerprint``/``hidden_size`` check bundles against it."""
+    """A loaded model that steers shards and scores answers. ``fingerprint``/``hidden_size`` check bundles.
+
+    ``steer``: one generation row per steering row. ``perplexity``: each answer's perplexity given its
+    prompt under the unsteered model. ``score_mc``: multiple-choice answers by the letter logits with each
+    row's steering spec and gate active (:class:`conva.mc.MCRow`).
+    """
 
     fingerprint: str
     hidden_size: int
 
-    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle]) -> pa.Table: ...
+    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None) -> pa.Table: ...
+
+    def perplexity(self, prompts: list[str], answers: list[str], *, chat_template: bool, batch_size: int) -> list[float]: ...
+
+    def score_mc(self, prompts: list[str], answers: list[str], specs: list, *, chat_template: bool, positions: str,
+                 batch_size: int) -> list: ...
 
 
 BACKENDS: dict[str, Callable[[Config], Steerer]] = {}
@@ -56,19 +67,37 @@ def make_steerer(cfg: Config) -> Steerer:
 
 
 class HFSteerer:
-    """The Hugging Face backend: ``conva.pipeline.steer_table`` on a model loaded with ``load_model``."""
+    """The Hugging Face backend: ``conva.pipeline.steer_table`` on a model loaded with ``load_model``.
 
-    def __init__(self, cfg: Config) -> None:
+    ``model``/``tok``: an already loaded model to steer (a model worker shares its extraction model).
+    """
+
+    def __init__(self, cfg: Config, model=None, tok=None) -> None:
         m = cfg.model
         self.cfg = cfg
-        self.model, self.tok = load_model(m.name, m.dtype, m.device, m.trust_remote_code)
+        if model is None:
+            model, tok = load_model(m.name, m.dtype, m.device, m.trust_remote_code)
+        self.model, self.tok = model, tok
         self.name = model_name(m.name)
         self.fingerprint = model_fingerprint(self.model)
         self.hidden_size = int(self.model.config.hidden_size)
         self.n_blocks = len(find_blocks(self.model))
 
-    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle]) -> pa.Table:
-        return steer_table(self.model, self.tok, rows, bundles, self.cfg, self.name)
+    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None) -> pa.Table:
+        cfg = self.cfg if batch_size is None else replace(self.cfg, steer=replace(self.cfg.steer, batch_size=batch_size))
+        return steer_table(self.model, self.tok, rows, bundles, cfg, self.name)
+
+    def perplexity(self, prompts: list[str], answers: list[str], *, chat_template: bool, batch_size: int) -> list[float]:
+        from conva.metrics import perplexity
+
+        return perplexity(self.model, self.tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)
+
+    def score_mc(self, prompts: list[str], answers: list[str], specs: list, *, chat_template: bool, positions: str,
+                 batch_size: int) -> list:
+        from conva.mc import score_mc
+
+        return score_mc(self.model, self.tok, prompts, answers, specs, chat_template=chat_template,
+                        positions=positions, batch_size=batch_size)
 
 
 register_backend("hf")(HFSteerer)
@@ -111,7 +140,8 @@ class VLLMBackendSteerer:
             self.engine = VLLMSteerer(self.path, list(bundles.values()), settings=settings)
         return self.engine
 
-    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle]) -> pa.Table:
+    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None) -> pa.Table:
+        """Generations for one shard; ``batch_size`` is the engine's business (its scheduler batches)."""
         engine, s = self._engine(bundles), self.cfg.steer
 
         def run(prompts, specs):
@@ -120,6 +150,21 @@ class VLLMBackendSteerer:
 
         return steer_table(None, self.tok, rows, bundles, self.cfg, self.name, generate_fn=run,
                            max_length=min(engine.max_len, engine.budget + 1))
+
+
+    def _hf(self) -> HFSteerer:
+        # Scoring still reads an HF copy of the model here (loaded on first use).
+        if getattr(self, "_scorer", None) is None:
+            self._scorer = HFSteerer(self.cfg)
+        return self._scorer
+
+    def perplexity(self, prompts: list[str], answers: list[str], *, chat_template: bool, batch_size: int) -> list[float]:
+        return self._hf().perplexity(prompts, answers, chat_template=chat_template, batch_size=batch_size)
+
+    def score_mc(self, prompts: list[str], answers: list[str], specs: list, *, chat_template: bool, positions: str,
+                 batch_size: int) -> list:
+        return self._hf().score_mc(prompts, answers, specs, chat_template=chat_template, positions=positions,
+                                   batch_size=batch_size)
 
 
 register_backend("vllm")(VLLMBackendSteerer)

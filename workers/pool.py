@@ -1,222 +1,489 @@
-"""Running shards on a set of Ray actors: resources and bounded retries from the config, results as they finish.
+"""One model's worker pool and the one stage runner that keeps it busy with shards of any stage.
 
-Failure policy: an actor whose process dies is restarted by Ray at most ``ray.max_restarts`` times; the
-call it was running is retried **by the driver** (:func:`run_shards`), at most ``ray.max_task_retries``
-times (never infinite; the config refuses values over 100). Retrying here rather than in Ray lets the
-driver charge a death to the shard that was running, not to the shards queued behind it on the same
-actor, count every attempt, and log each death and restart in the job's log. A Python exception
-raised by a worker is deterministic (a bad shard, a broken bundle), so it is not retried: it fails the
-job at once, naming the shard.
+:class:`WorkerPool` starts ``ray.num_workers`` :class:`~workers.worker.ModelWorker` actors with the
+job's resources, loads the model once in each, and keeps them for every stage of the job. It starts
+work as soon as ``ray.min_workers`` are ready (the rest join when Ray places them) and fails after
+``ray.startup_timeout_s`` with a message that names what is missing. A worker that dies is replaced
+(at most ``ray.max_restarts`` times in all), so the pool holds its size.
+
+:func:`run_stages` runs the pending shards of several stages on the pool at once:
+
+* **Two calls in flight per worker** (``ray.queue_depth``): a worker starts its next shard the moment it
+  finishes one, never waiting for the driver's round trip.
+* **Dependencies per shard**: a stage's shard starts when its inputs are committed (``StageRun.after``),
+  so e.g. the study's evaluation of generation shard ``i`` runs while later shards are still steered.
+* **Exactly one commit per shard**: every call carries a fresh attempt id; the first record of a shard
+  is committed through :meth:`conva.store.Stage.commit`, a later one is ignored.
+* **Failures by type, never by message**: a worker's :class:`~workers.errors.ShardError` says ``fatal``
+  (the job fails naming the shard), ``transient`` (retried after a backoff, at most
+  ``ray.transient_retries`` times) or ``oom`` (retried with batches half as large). A worker that dies
+  or hangs past ``ray.shard_timeout_s`` (then it is killed) is charged to the attempt it was running:
+  Ray runs a worker's calls in submission order, so that is its oldest unfinished call; the shards
+  queued behind it go back uncharged. A shard whose workers died ``ray.max_task_retries + 1`` times
+  fails the job.
+
+Workers return :class:`~conva.store.ShardRecord` s only; :attr:`WorkerPool.returned_bytes` counts what
+they sent back, and anything else (a table, say) fails the job: no shard data passes through the driver.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
+from ray import cloudpickle
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from conva.config import Config
+from conva.config import RayConfig
+from conva.store import ShardRecord, ShardRef, Stage
+from workers.tasks import ShardTask, WorkerSpec
+from workers.worker import ModelWorker
 
-__all__ = ["ShardFailedError", "WorkerStartError", "actor_options", "start_actors", "stop_actors", "run_shards"]
+__all__ = ["PoolSettings", "WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerStartError"]
 
-_log = logging.getLogger(__name__)
-
-# Calls in flight per actor. One, so that when an actor dies the driver knows which shard it was running:
-# with two, the reply of a finished call can be lost with the process, and the death would be charged to
-# it instead of to the shard that killed it. The actor still does not wait for the driver's commit: its
-# next shard is submitted as soon as its result arrives, before the result is committed.
-QUEUE_DEPTH = 1
+_log = logging.getLogger("conva.jobs")
+_TICK_S = 0.5
+_PROGRESS_EVERY_S = 10.0
 
 
 class ShardFailedError(RuntimeError):
-    """A shard failed for good (a worker error, or a worker that kept dying past its retries)."""
+    """A shard failed for good: a fatal worker error, or retries (deaths, timeouts, transient errors) used up."""
 
-    def __init__(self, stage: str, shard: int, cause: BaseException, attempts: int = 0) -> None:
-        if isinstance(cause, RayTaskError) and cause.cause is not None:
-            cause = cause.cause  # the worker's own exception, without Ray's wrapping traceback
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-        died = f"its worker died on each of {attempts} attempt(s); last: " if attempts else ""
-        super().__init__(f"{stage} shard {shard} failed: {died}{type(cause).__name__}: {reason}")
-        self.shard = shard
+    def __init__(self, stage: str, shard: int, message: str) -> None:
+        super().__init__(f"{stage} shard {shard} failed: {message}")
+        self.stage, self.shard = stage, shard
 
 
 class WorkerStartError(RuntimeError):
-    """An actor could not be constructed (e.g. its model failed to load)."""
+    """The pool could not get enough workers started (resources, a model that fails to load, a bad node)."""
 
 
-def actor_options(cfg: Config) -> dict[str, Any]:
-    """``ray.remote`` options for a worker: CPUs and (fractional) GPUs, bounded restarts; Ray retries no call.
+@dataclass(frozen=True)
+class PoolSettings:
+    """The ``[ray]`` settings a pool runs by (see :class:`conva.config.RayConfig` for their meaning)."""
 
-    Calls are retried by :func:`run_shards` (``retries=cfg.ray.max_task_retries``), never by Ray.
+    num_workers: int = 1
+    min_workers: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_replacements: int = 2
+    startup_timeout_s: float = 600.0
+    shard_timeout_s: float = 0.0
+    max_task_retries: int = 2
+    transient_retries: int = 3
+    queue_depth: int = 2
+
+    @classmethod
+    def from_config(cls, r: RayConfig) -> PoolSettings:
+        return cls(r.num_workers, min(r.min_workers, r.num_workers), r.num_cpus_per_worker, r.num_gpus_per_worker,
+                   r.max_restarts, r.startup_timeout_s, r.shard_timeout_s, r.max_task_retries, r.transient_retries,
+                   r.queue_depth)
+
+
+@dataclass
+class StageRun:
+    """One stage as the runner sees it: its store, how to build an attempt's task, when a shard may start."""
+
+    name: str
+    stage: Stage
+    make_task: Callable[[ShardRef], ShardTask]
+    after: Callable[[int], bool] | None = None  # None: every shard may start now
+    on_commit: Callable[[ShardRecord], None] | None = None
+
+
+@dataclass
+class _Call:
+    ref: Any
+    run: StageRun
+    shard: int
+    attempt: str
+    submitted: float
+    timed_out: bool = False
+
+
+@dataclass
+class _Member:
+    actor: Any
+    info: dict
+    calls: deque = field(default_factory=deque)
+    last_done: float = field(default_factory=time.time)
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.info.get('worker', '?')} (node {self.info.get('ip', '?')})"
+
+
+class WorkerPool:
+    """``settings.num_workers`` model workers for one model, kept for every stage; dead ones are replaced.
+
+    ``load`` names what each worker loads when it starts (``"hf"``: the model, ``"steer"``: the steering
+    backend; empty for a pool that only fits). ``label`` prefixes its log lines (the model's name).
     """
-    r = cfg.ray
-    return dict(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker, max_restarts=r.max_restarts,
-                max_task_retries=0)
 
+    def __init__(self, spec: WorkerSpec, settings: PoolSettings, label: str, load: tuple[str, ...]) -> None:
+        self.spec, self.settings, self.label, self.load = spec, settings, label, load
+        self.members: list[_Member] = []
+        self.starting: dict[Any, tuple[Any, float]] = {}
+        self.replacements = 0
+        self.failures: list[str] = []
+        self.busy: list[tuple[str, float, float]] = []  # (worker, start, end): actor-side time spent working
+        self.returned_bytes = 0
+        self.loads: Counter[str] = Counter()
 
-def start_actors(cls: type, cfg: Config, n: int | None = None) -> list[Any]:
-    """Create ``n`` (default ``ray.num_workers``) actors of ``cls(cfg)`` and wait until all are constructed."""
-    remote = ray.remote(cls).options(**actor_options(cfg))
-    actors = [remote.remote(cfg) for _ in range(n or cfg.ray.num_workers)]
-    try:
-        ray.get([a.__ray_ready__.remote() for a in actors])
-    except RayError as err:
-        stop_actors(actors)
-        cause = err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
-        raise WorkerStartError(f"{cls.__name__} failed to start: {str(cause).strip().splitlines()[-1]}") from err
-    return actors
+    def _spawn(self) -> None:
+        s = self.settings
+        remote = ray.remote(ModelWorker).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=0,
+                                                 max_task_retries=0)
+        actor = remote.remote(self.spec)
+        self.starting[actor.load.remote(self.load)] = (actor, time.time())
 
+    def start(self) -> float:
+        """Start the workers; return once ``min_workers`` are ready (seconds taken). Raises :class:`WorkerStartError`."""
+        t0, s = time.monotonic(), self.settings
+        for _ in range(s.num_workers):
+            self._spawn()
+        need = max(1, min(s.min_workers, s.num_workers))
+        while len(self.members) < need:
+            if not self.starting:
+                raise WorkerStartError(f"{self.label}: no worker could start: {self.failures[-1]}")
+            left = s.startup_timeout_s - (time.monotonic() - t0)
+            if left <= 0:
+                raise WorkerStartError(self._diagnose(time.monotonic() - t0, need))
+            ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=min(left, 5.0))
+            for ref in ready:
+                self._joined(ref)
+        seconds = time.monotonic() - t0
+        _log.info("%s: %d of %d workers ready after %.1f s (the rest join when placed)", self.label, len(self.members),
+                  s.num_workers, seconds)
+        return seconds
 
-def stop_actors(actors: Sequence[Any]) -> None:
-    """Kill the actors (no restart); safe to call twice."""
-    for actor in actors:
-        ray.kill(actor, no_restart=True)
+    def grow(self) -> None:
+        """Let workers that finished starting (late placements, replacements) join, without waiting."""
+        if self.starting:
+            ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)
+            for ref in ready:
+                self._joined(ref)
 
-
-def run_shards(actors: Sequence[Any], method: str, stage: str, shards: Sequence[int],
-               args: Callable[[int], tuple], retries: int = 0) -> Iterator[tuple[int, Any]]:
-    """Call ``actor.<method>(shard, *args(shard))`` for every shard; yield ``(shard, result)`` as each finishes.
-
-    At most ``QUEUE_DEPTH`` calls wait on each actor, so only that many shards' inputs exist at once. When
-    an actor's process dies, the shard it was running is charged one attempt and, with attempts left, run
-    again on whichever actor is free; calls Ray refused because the actor was already restarting go back
-    uncharged, and the dead actor gets no work until a ping says Ray has restarted it. Every death is
-    logged, and a summary line gives the attempts in all (shards + deaths). Raises
-    :class:`ShardFailedError` naming the shard when one fails for good (a worker exception, ``retries + 1``
-    deaths, or no actor left); the shards yielded before stay valid (the caller has committed them).
-    """
-    pool = _Pool(actors, method, stage, args, retries)
-    pool.pending.extend(shards)
-    while pool.pending or any(pool.calls):
-        pool.submit()
-        # Our own loop rather than ActorPool: ActorPool hands back a result or an error without saying which
-        # input it belongs to, and the driver needs the shard index to commit it, retry it or name it.
-        ready, _ = ray.wait([*pool.refs(), *pool.pings], num_returns=1, timeout=_PING_EVERY_S)
-        if not ready:
-            continue
-        if ready[0] in pool.pings:
-            pool.pinged(ready[0])
-            continue
-        i, shard = pool.owner(ready[0])
+    def _joined(self, ref: Any) -> None:
+        actor, since = self.starting.pop(ref)
         try:
-            result = ray.get(ready[0])
-        except RayActorError as err:
-            pool.died(i, err)
-            continue
+            info = ray.get(ref)
         except RayError as err:
-            raise ShardFailedError(stage, shard, err) from err
-        pool.calls[i].remove((ready[0], shard))
-        pool.submit()  # before the caller commits this result
-        if pool.deaths[shard]:
-            _log.info("%s: shard %d succeeded on attempt %d", stage, shard, pool.deaths[shard] + 1)
-        yield shard, result
-    deaths = sum(pool.deaths.values())
-    _log.info("%s: %d shards done in %d attempts (%d worker deaths)", stage, len(shards), len(shards) + deaths, deaths)
+            reason = _cause_text(err)
+            self.failures.append(reason)
+            _log.warning("%s: a worker failed to start: %s", self.label, reason)
+            ray.kill(actor, no_restart=True)
+            self._replace_slot(reason)
+            return
+        self.members.append(_Member(actor, info))
+        self.busy.append((info["worker"], info["started"], info["finished"]))
+        self.loads[info["worker"]] = info["loads"]
+        _log.info("%s: worker %s ready on node %s (pid %d) after %.1f s, model loads %d", self.label, info["worker"],
+                  info["ip"], info["pid"], time.time() - since, info["loads"])
+
+    def _replace_slot(self, reason: str) -> None:
+        if self.replacements >= self.settings.max_replacements:
+            _log.warning("%s: not replacing the worker (ray.max_restarts=%d used up); %d left", self.label,
+                         self.settings.max_replacements, len(self.members) + len(self.starting))
+            return
+        self.replacements += 1
+        _log.info("%s: starting a replacement worker (%d of %d): %s", self.label, self.replacements,
+                  self.settings.max_replacements, reason)
+        self._spawn()
+
+    def remove(self, member: _Member, reason: str) -> None:
+        """Drop a dead (or killed) worker and start a replacement if the budget allows."""
+        if member in self.members:
+            self.members.remove(member)
+        ray.kill(member.actor, no_restart=True)
+        self._replace_slot(f"{member.label} {reason}")
+
+    def stop(self) -> None:
+        """Kill every worker of the pool (idempotent)."""
+        for member in self.members:
+            ray.kill(member.actor, no_restart=True)
+        for actor, _ in self.starting.values():
+            ray.kill(actor, no_restart=True)
+        self.members, self.starting = [], {}
+
+    def _diagnose(self, waited: float, need: int) -> str:
+        s = self.settings
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        wants = {"CPU": s.num_cpus, "GPU": s.num_gpus}
+        fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
+        shape = ", ".join(f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, "
+                          f"GPU {n['Resources'].get('GPU', 0):g})" for n in nodes)
+        free = ray.available_resources()
+        msg = (f"{self.label}: {len(self.members)} of the {need} worker(s) needed were ready after {waited:.0f} s "
+               f"(ray.startup_timeout_s); each asks for {s.num_cpus:g} CPU and {s.num_gpus:g} GPU; ")
+        if not fits:
+            msg += (f"no alive node has that much (nodes: {shape}): lower ray.num_cpus_per_worker / "
+                    "ray.num_gpus_per_worker, or add nodes")
+        else:
+            msg += (f"free now in the cluster: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU (nodes: {shape}); "
+                    "other jobs or models may hold the rest")
+        if self.failures:
+            msg += f"; a worker failed to start: {self.failures[-1]}"
+        return msg
 
 
-_PING_EVERY_S = 0.5
+class _Progress:
+    """``shard i of N, rows/s, ETA`` log lines for one stage, at most every few seconds (logs and job output alike)."""
+
+    def __init__(self, run: StageRun) -> None:
+        self.run, self.total = run, run.stage.n_shards
+        self.done, self.rows, self.last = len(run.stage.committed()), 0, 0.0
+        self.start: float | None = None  # when the stage's first shard was handed out
+        self.todo = self.total - self.done
+
+    def dispatched(self) -> None:
+        if self.start is None:
+            self.start = time.monotonic()
+
+    def committed(self, record: ShardRecord) -> None:
+        self.done, self.rows = self.done + 1, self.rows + record.rows
+        now = time.monotonic()
+        if now - self.last < _PROGRESS_EVERY_S and self.done < self.total:
+            return
+        self.last = now
+        elapsed, finished = now - (self.start or now), self.todo - (self.total - self.done)
+        rate = self.rows / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / finished * (self.total - self.done) if finished else 0.0
+        _log.info("%s: shard %d of %d committed, %.1f rows/s, ETA %s", self.run.name, self.done, self.total, rate,
+                  _duration(eta))
 
 
-class _Pool:
-    """The driver's view of the actors: calls in flight per actor (in submission order), who is restarting."""
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
-    def __init__(self, actors: Sequence[Any], method: str, stage: str, args: Callable[[int], tuple],
-                 retries: int) -> None:
-        self.actors, self.method, self.stage, self.args, self.retries = actors, method, stage, args, retries
-        self.pending: deque[int] = deque()
-        self.calls: list[list[tuple[ray.ObjectRef, int]]] = [[] for _ in actors]
-        self.ready = set(range(len(actors)))  # alive and taking work
-        self.pings: dict[ray.ObjectRef, int] = {}  # actors restarting after a death
-        self.gone: set[int] = set()
-        self.deaths: Counter[int] = Counter()
 
-    def refs(self) -> list[ray.ObjectRef]:
-        return [ref for queue in self.calls for ref, _ in queue]
+class _Runner:
+    def __init__(self, pool: WorkerPool, runs: Sequence[StageRun]) -> None:
+        self.pool, self.runs = pool, list(runs)
+        self.queue: dict[str, deque[int]] = {r.name: deque(r.stage.pending()) for r in runs}
+        self.delayed: list[tuple[float, StageRun, int]] = []
+        self.calls: dict[Any, tuple[_Member, _Call]] = {}
+        self.deaths: Counter[tuple[str, int]] = Counter()
+        self.transient: Counter[tuple[str, int]] = Counter()
+        self.divisor: defaultdict[tuple[str, int], int] = defaultdict(lambda: 1)
+        self.progress = {r.name: _Progress(r) for r in runs}
 
-    def owner(self, ref: ray.ObjectRef) -> tuple[int, int]:
-        return next((i, s) for i, queue in enumerate(self.calls) for r, s in queue if r == ref)
+    def run(self) -> None:
+        s = self.pool.settings
+        for r in self.runs:
+            if self.queue[r.name]:
+                _log.info("%s: %d of %d shards pending", r.name, len(self.queue[r.name]), r.stage.n_shards)
+        while any(self.queue.values()) or self.delayed or self.calls:
+            self.pool.grow()
+            self._release_delayed()
+            self._fill(s.queue_depth)
+            waits = [*self.calls, *self.pool.starting]
+            if not self.calls:
+                self._idle()
+            if not waits:
+                time.sleep(_TICK_S)
+                continue
+            ready, _ = ray.wait(waits, num_returns=1, timeout=_TICK_S)
+            for ref in ready:
+                if ref in self.pool.starting:
+                    self.pool._joined(ref)
+                else:
+                    self._finished(ref)
+            self._check_timeouts(s.shard_timeout_s)
 
-    def submit(self) -> None:
-        """Fill every ready actor's queue up to ``QUEUE_DEPTH``, least loaded first."""
-        while self.pending:
-            room = [i for i in sorted(self.ready) if len(self.calls[i]) < QUEUE_DEPTH]
+    def _idle(self) -> None:
+        """Nothing in flight: fail if nothing can ever run again (no workers left, or a dependency never met)."""
+        if not self.pool.members and not self.pool.starting:
+            stuck = next((r.name for r in self.runs if self.queue[r.name]), "?")
+            raise WorkerStartError(f"{self.pool.label}: no worker left to run {stuck} "
+                                   f"(ray.max_restarts={self.pool.settings.max_replacements} replacements used up; "
+                                   f"last failure: {self.pool.failures[-1] if self.pool.failures else 'a worker died'})")
+        if self.pool.members and not self.delayed:
+            waiting = [r.name for r in self.runs if self.queue[r.name]]
+            if waiting:
+                raise RuntimeError(f"stages {waiting} wait on shards that can no longer be committed")
+
+    def _release_delayed(self) -> None:
+        now = time.monotonic()
+        for item in [d for d in self.delayed if d[0] <= now]:
+            self.delayed.remove(item)
+            self.queue[item[1].name].appendleft(item[2])
+
+    def _next(self) -> tuple[StageRun, int] | None:
+        for run in self.runs:
+            queue = self.queue[run.name]
+            if not queue:
+                continue
+            if run.after is None:
+                return run, queue.popleft()
+            for k, shard in enumerate(queue):
+                if k >= 256:
+                    break
+                if run.after(shard):
+                    del queue[k]
+                    return run, shard
+        return None
+
+    def _fill(self, depth: int) -> None:
+        while True:
+            room = [m for m in self.pool.members if len(m.calls) < depth]
             if not room:
                 return
-            i = min(room, key=lambda k: len(self.calls[k]))
-            shard = self.pending.popleft()
-            self.calls[i].append((getattr(self.actors[i], self.method).remote(shard, *self.args(shard)), shard))
+            member = min(room, key=lambda m: len(m.calls))
+            picked = self._next()
+            if picked is None:
+                return
+            run, shard = picked
+            attempt = uuid.uuid4().hex[:12]
+            task = run.make_task(run.stage.ref(shard, attempt))
+            divisor = self.divisor[(run.name, shard)]
+            if divisor > 1:
+                task = replace(task, batch_divisor=divisor)
+            call = _Call(member.actor.run.remote(task), run, shard, attempt, time.time())
+            self.progress[run.name].dispatched()
+            member.calls.append(call)
+            self.calls[call.ref] = (member, call)
 
-    def died(self, i: int, err: RayActorError) -> None:
-        """Charge actor ``i``'s death to the shard it was running; put its lost calls back in the queue."""
-        # A call that finished before the death keeps its result (it is yielded as usual); of the others, the
-        # oldest was running, since an actor runs one caller's calls in submission order.
-        kept = [(ref, s) for ref, s in self.calls[i] if _succeeded(ref)]
-        lost = [s for ref, s in self.calls[i] if (ref, s) not in kept]
-        self.calls[i] = kept
-        self.pending.extendleft(reversed(lost))
-        if not _never_ran(err):
-            running = lost[0]
-            self.deaths[running] += 1
-            _log.warning("%s: worker %d died while running shard %d (attempt %d of %d): %s", self.stage, i, running,
-                         self.deaths[running], self.retries + 1, _first_line(err))
-            if self.deaths[running] > self.retries:
-                raise ShardFailedError(self.stage, running, err, attempts=self.deaths[running])
-        self._wait_for_restart(i, err, lost)
-
-    def _wait_for_restart(self, i: int, err: RayActorError, lost: list[int]) -> None:
-        self.ready.discard(i)
-        if isinstance(err, ActorDiedError):  # not restarting: its restarts are used up (or it cannot start)
-            self._gone(i, err, lost[0])
-            return
-        _log.warning("%s: worker %d is restarting; shards %s go back in the queue", self.stage, i, lost)
-        if i not in self.pings.values():
-            self.pings[self.actors[i].__ray_ready__.remote()] = i
-
-    def pinged(self, ref: ray.ObjectRef) -> None:
-        """A restarting actor answered its ping: ready again, still restarting (ping later), or gone."""
-        i = self.pings.pop(ref)
+    def _finished(self, ref: Any) -> None:
+        member, call = self.calls[ref]
         try:
-            ray.get(ref)
-        except ActorDiedError as err:
-            self._gone(i, err, None)
+            record = ray.get(ref)
+        except RayActorError as err:
+            self._died(member, err)
             return
-        except RayActorError:
-            time.sleep(_PING_EVERY_S)  # Ray refused the ping while the actor restarts: ask again shortly
-            self.pings[self.actors[i].__ray_ready__.remote()] = i
+        except RayTaskError as err:
+            self._forget(member, call)
+            self._failed(call, getattr(err, "cause", None) or err)
             return
-        _log.info("%s: worker %d restarted and takes work again", self.stage, i)
-        self.ready.add(i)
+        except RayError as err:  # e.g. Ray's own out-of-memory kill: the worker process is gone
+            self._died(member, err)
+            return
+        self._forget(member, call)
+        self._accept(call, record)
 
-    def _gone(self, i: int, err: RayActorError, shard: int | None) -> None:
-        self.gone.add(i)
-        _log.warning("%s: worker %d is gone for good (%s); %d left", self.stage, i, _first_line(err),
-                     len(self.actors) - len(self.gone))
-        if len(self.gone) == len(self.actors):
-            stuck = shard if shard is not None else (self.pending[0] if self.pending else -1)
-            raise ShardFailedError(self.stage, stuck, err, attempts=self.deaths[stuck])
+    def _forget(self, member: _Member, call: _Call) -> None:
+        self.calls.pop(call.ref, None)
+        if call in member.calls:
+            member.calls.remove(call)
+        member.last_done = time.time()
+
+    def _accept(self, call: _Call, record: Any) -> None:
+        if not isinstance(record, ShardRecord):
+            raise TypeError(f"{call.run.name} shard {call.shard}: a worker returned {type(record).__name__}; "
+                            "workers must write their shard to the store and return only its ShardRecord")
+        if (record.shard, record.attempt, record.stage) != (call.shard, call.attempt, call.run.stage.name):
+            raise ShardFailedError(call.run.name, call.shard, f"the worker answered for {record.stage} shard "
+                                   f"{record.shard} attempt {record.attempt}, not attempt {call.attempt}")
+        self.pool.returned_bytes += len(cloudpickle.dumps(record))
+        w = record.worker
+        self.pool.busy.append((w.get("worker", "?"), w.get("started", 0.0), w.get("finished", 0.0)))
+        self.pool.loads[w.get("worker", "?")] = w.get("loads", 0)
+        key = (call.run.name, call.shard)
+        if self.deaths[key] or self.transient[key]:
+            _log.info("%s: shard %d succeeded on attempt %d", call.run.name, call.shard,
+                      self.deaths[key] + self.transient[key] + 1)
+        if call.run.stage.commit(record):
+            self.progress[call.run.name].committed(record)
+            call.run.stage.compact_if_due()
+            if call.run.on_commit is not None:
+                call.run.on_commit(record)
+
+    def _failed(self, call: _Call, cause: BaseException) -> None:
+        kind, key = getattr(cause, "kind", "fatal"), (call.run.name, call.shard)
+        text = f"{type(cause).__name__}: {_first_line(cause)}"
+        if kind == "fatal":
+            raise ShardFailedError(call.run.name, call.shard, f"attempt {call.attempt}: {text}")
+        self.transient[key] += 1
+        n, limit = self.transient[key], self.pool.settings.transient_retries
+        if n > limit:
+            raise ShardFailedError(call.run.name, call.shard, f"{n} attempts failed ({kind}; ray.transient_retries="
+                                   f"{limit}); last: {text}")
+        if kind == "oom":
+            self.divisor[key] *= 2
+        delay = min(60.0, 2.0 ** (n - 1))
+        _log.warning("%s: shard %d attempt %s failed (%s, retry %d of %d in %.0f s%s): %s", call.run.name, call.shard,
+                     call.attempt, kind, n, limit, delay,
+                     f", batches 1/{self.divisor[key]} of the configured size" if kind == "oom" else "", text)
+        self.delayed.append((time.monotonic() + delay, call.run, call.shard))
+
+    def _died(self, member: _Member, err: BaseException) -> None:
+        """A worker died: charge its running attempt, requeue the ones queued behind it, replace it."""
+        calls = list(member.calls)
+        for c in calls:
+            self.calls.pop(c.ref, None)
+        member.calls.clear()
+        failed = []
+        for c in calls:
+            record = _result_if_done(c.ref)
+            if record is None:
+                failed.append(c)
+            else:
+                self._accept(c, record)
+        reason = f"died ({_first_line(err)})"
+        if failed:
+            blamed = failed[0]  # Ray runs a worker's calls in submission order: the oldest one was running
+            if blamed.timed_out:
+                reason = f"was killed after {self.pool.settings.shard_timeout_s:g} s on one shard (ray.shard_timeout_s)"
+            key = (blamed.run.name, blamed.shard)
+            self.deaths[key] += 1
+            limit = self.pool.settings.max_task_retries
+            _log.warning("%s: shard %d attempt %s: %s %s (attempt %d of %d)", blamed.run.name, blamed.shard,
+                         blamed.attempt, member.label, reason, self.deaths[key], limit + 1)
+            if self.deaths[key] > limit:
+                self.pool.remove(member, reason)
+                raise ShardFailedError(blamed.run.name, blamed.shard, f"its worker {reason} on each of "
+                                       f"{self.deaths[key]} attempts (ray.max_task_retries={limit})")
+            for c in reversed(failed):
+                self.queue[c.run.name].appendleft(c.shard)
+        self.pool.remove(member, reason)
+
+    def _check_timeouts(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        now = time.time()
+        for member in list(self.pool.members):
+            if not member.calls or member.calls[0].timed_out:
+                continue
+            head = member.calls[0]
+            running = now - max(head.submitted, member.last_done)
+            if running > timeout:
+                head.timed_out = True
+                _log.warning("%s: shard %d attempt %s has run %.0f s on %s (ray.shard_timeout_s=%g); killing the worker",
+                             head.run.name, head.shard, head.attempt, running, member.label, timeout)
+                ray.kill(member.actor, no_restart=True)
 
 
-def _never_ran(err: RayActorError) -> bool:
-    """Whether Ray refused the call because the actor was already restarting (so it never started)."""
-    return "actor is restarting" in str(err)
+def run_stages(pool: WorkerPool, runs: Sequence[StageRun]) -> None:
+    """Run every pending shard of ``runs`` on ``pool``, committing each as it finishes (see the module docstring).
+
+    Raises :class:`ShardFailedError` naming the shard when one fails for good; shards committed before
+    stay committed, and a rerun runs only the pending ones.
+    """
+    _Runner(pool, runs).run()
+
+
+def _result_if_done(ref: Any) -> ShardRecord | None:
+    """The result of a call that finished before its worker died, or None (it never finished, or failed)."""
+    if not ray.wait([ref], timeout=0)[0]:
+        return None
+    try:
+        return ray.get(ref)
+    except RayError:
+        return None
+
+
+def _cause_text(err: BaseException) -> str:
+    cause = getattr(err, "cause", None) or err
+    return f"{type(cause).__name__}: {_first_line(cause)}"
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}"
-
-
-def _succeeded(ref: ray.ObjectRef) -> bool:
-    """Whether the call behind ``ref`` already returned a result (not an error); never waits."""
-    if not ray.wait([ref], timeout=0)[0]:
-        return False
-    try:
-        ray.get(ref)
-    except RayError:
-        return False
-    return True
+    return text.splitlines()[0][:300] if text else ""

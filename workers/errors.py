@@ -1,0 +1,47 @@
+"""How a worker's failure is reported to the driver: a typed error that says whether a retry can help.
+
+A worker wraps whatever its shard raised in :class:`ShardError` with a ``kind``; the driver decides on
+the kind, never on message text:
+
+* ``oom``: the accelerator ran out of memory (``torch.OutOfMemoryError``): retried with batches half
+  as large.
+* ``transient``: I/O and network trouble that a later try may not meet (``OSError`` (pyarrow's I/O
+  errors included), ``TimeoutError``, an LLM endpoint that kept answering 5xx): retried after a backoff.
+* ``fatal``: anything else (a bad bundle, a row-contract breach, a bug): fails the job at once, naming
+  the shard. Retrying a deterministic failure only burns GPU time.
+
+The bounds are ``ray.transient_retries`` per shard; worker deaths and timeouts are counted apart
+(``ray.max_task_retries``).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+
+__all__ = ["ShardError", "classify"]
+
+KINDS = ("oom", "transient", "fatal")
+
+
+class ShardError(RuntimeError):
+    """A shard attempt failed on a worker; ``kind`` is one of ``oom``, ``transient``, ``fatal``."""
+
+    def __init__(self, kind: str, message: str, where: str = "") -> None:
+        super().__init__(f"{message} (on {where})" if where else message)
+        self.kind, self.message, self.where = kind, message, where
+
+    def __reduce__(self):
+        return (ShardError, (self.kind, self.message, self.where))
+
+
+def classify(err: BaseException) -> str:
+    """The kind of a worker-side exception (see the module docstring)."""
+    if type(err).__name__ == "OutOfMemoryError" and type(err).__module__.startswith("torch"):
+        return "oom"
+    if isinstance(err, urllib.error.HTTPError):
+        return "transient" if err.code >= 500 or err.code == 429 else "fatal"
+    if isinstance(err, (OSError, TimeoutError)):
+        return "transient"
+    if getattr(err, "transient", False):  # e.g. conva.llm_client.LLMError after its own retries ran out
+        return "transient"
+    return "fatal"

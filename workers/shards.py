@@ -1,0 +1,171 @@
+"""What a model worker does with one shard of each stage: read its own input, compute, write, return the record.
+
+Every function here takes the :class:`~workers.worker.ModelWorker` (for its loaded model, bundles and
+judge) and a :class:`~workers.tasks.ShardTask`, and returns a :class:`~conva.store.ShardRecord`. The
+shard's rows are read from storage (a slice of an input file, committed objects of an earlier stage)
+and written to the attempt's folder; only the record goes back to the driver. Each checks the row
+contract (:func:`workers.contract.check_rows`) before it writes: exactly one output row per input row
+(``len(layers)`` per text for activations), so a lost or duplicated row fails loudly, naming the shard.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from conva.bundle import encode_bundle
+from conva.fit import ModelInfo
+from conva.inputs import read_slice, read_table_slice
+from conva.pipeline import (extract_table, fit_bundles, probe_rows, row_spec, steering_rows_from_records,
+                            value_activations)
+from conva.store import ShardRecord, write_files_shard, write_table_shard
+from workers.contract import check_rows
+from workers.tasks import ShardTask
+
+if TYPE_CHECKING:
+    from workers.worker import ModelWorker
+
+__all__ = ["SHARD_FUNCTIONS", "MODEL_META_KEY"]
+
+# Every activation shard carries the model it was recorded with (also in its commit record).
+MODEL_META_KEY = b"conva.model"
+
+
+def extract(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+    """Activations of one slice of the extraction texts: one row group per layer, layer-major."""
+    rows = read_table_slice(task.slice)
+    model, tok = worker.hf()
+    info, e = worker.model_info(), worker.cfg.extract
+    out = extract_table(model, tok, rows, info["layers"], e.position, task.batch(e.batch_size))
+    check_rows("extract", task.ref.shard, rows, out, per_row=len(info["layers"]))
+    out = out.replace_schema_metadata({MODEL_META_KEY: json.dumps(info).encode()})
+    errors = rows.num_rows - _recorded(out, info["layers"][0])
+    return write_table_shard(task.ref, out, row_group_size=max(1, rows.num_rows), extra={"model": info, "errors": errors})
+
+
+def _recorded(out: pa.Table, layer: int) -> int:
+    first = out.filter(pc.field("layer") == layer)
+    return first.num_rows - first.column("error").drop_null().length()
+
+
+def fit(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+    """One value's bundle from the committed activations: probes per layer, band, CAA vector, gate.
+
+    Reads only the activation files and row groups holding the value's (and the gate's) texts.
+    """
+    value, cfg = task.params["value"], worker.cfg
+    info, layers = ModelInfo(**task.params["model"]), list(task.params["layers"])
+    files = task.files
+    dataset = ds.dataset([f.path for f in files], format="parquet", filesystem=files[0].fs)
+    meta, read_layer = value_activations(dataset, value, layers, info.hidden_size)
+    one = replace(cfg, data=replace(cfg.data, values=(value,)))
+    bundle = fit_bundles(meta, read_layer, layers, one, info, dataset_hash=task.params["dataset_hash"])[value]
+    skipped = dataset.to_table(columns=["row_id", "error"],
+                               filter=(pc.field("layer") == layers[0]) & pc.field("error").is_valid()
+                               & (pc.field("value") == value))
+    extra = {"band": list(bundle.band), "best_test_acc": float(np.nanmax(bundle.test_acc)), "gate": bundle.gate.kind,
+             "skipped": skipped.num_rows, "skipped_examples": skipped.slice(0, 3).to_pylist()}
+    files_out = {f"{value}/{name}": data for name, data in encode_bundle(bundle).items()}
+    return write_files_shard(task.ref, files_out, probe_rows(bundle), extra=extra)
+
+
+def _steering_input(worker: ModelWorker, task: ShardTask) -> pa.Table:
+    if task.params.get("input") == "records":  # a user's file: bad rows become error rows
+        return steering_rows_from_records(task.slice.name, read_slice(task.slice), worker.cfg.data.values)
+    return read_table_slice(task.slice)
+
+
+def steer(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+    """Steered generations for one slice of prompts (per-row overrides of a study applied)."""
+    rows = _steering_input(worker, task)
+    bundles = worker.bundles(task.bundles)
+    out = worker.steerer().steer(rows, bundles, batch_size=task.batch(worker.cfg.steer.batch_size))
+    check_rows("steer", task.ref.shard, rows, out)
+    return write_table_shard(task.ref, out, extra={"errors": out.column("error").drop_null().length()})
+
+
+def evaluate(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+    """The judge's verdict, the answer's perplexity and (optionally) an LLM fluency rating per generation."""
+    from conva.study import JUDGED_SCHEMA
+
+    generations = _read_parquet(task.files[0])
+    spec, cfg = worker.spec, worker.cfg
+    rows = generations.to_pylist()
+    good = [i for i, r in enumerate(rows) if r["error"] is None and r["output"] is not None]
+    values, prompts, answers = ([rows[i][k] for i in good] for k in ("value", "prompt", "output"))
+    bundles = worker.bundles(task.bundles) if task.bundles else {}
+    verdicts = worker.judge(bundles).judge(values, prompts, answers) if good else []
+    ppl = [None] * len(good)
+    if good and spec.fluency.perplexity:
+        ppl = worker.steerer().perplexity(prompts, answers, chat_template=cfg.steer.chat_template,
+                                          batch_size=task.batch(spec.fluency.batch_size))
+    rating = _fluency(worker, answers) if good and spec.fluency.llm else [None] * len(good)
+    done = {i: (v, p, f) for i, v, p, f in zip(good, verdicts, ppl, rating)}
+    out = []
+    for i, r in enumerate(rows):
+        v, p, f = done.get(i, (None, None, None))
+        out.append(dict(row_id=r["row_id"], judge=spec.judge.kind, judge_score=v and v.score, judge_prob=v and v.prob,
+                        judge_raw=v and v.raw, ppl=p, fluency=f,
+                        error=None if i in done else (r["error"] or "no output")))
+    table = check_rows("evaluate", task.ref.shard, generations, pa.Table.from_pylist(out, schema=JUDGED_SCHEMA))
+    return write_table_shard(task.ref, table)
+
+
+def _fluency(worker: ModelWorker, answers: list[str]) -> list[float | None]:
+    from conva.judges import LLMJudge
+
+    judge = worker._judge if isinstance(worker._judge, LLMJudge) else LLMJudge(worker.spec.judge, worker.spec.judge_cache)
+    return judge.fluency(answers)
+
+
+def utility(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+    """Multiple-choice answers by the letter logits, with each row's steering and gate active."""
+    from conva.models import model_name
+    from conva.study import UTILITY_SCHEMA
+
+    rows = read_table_slice(task.slice)
+    bundles, records, cfg = worker.bundles(task.bundles), rows.to_pylist(), worker.cfg
+    specs = [row_spec(cfg, bundles.get(r["value"]) if r["value"] else None, r) for r in records]
+    scored = worker.steerer().score_mc([r["prompt"] for r in records], [r["answer"] for r in records], specs,
+                                       chat_template=cfg.steer.chat_template, positions=cfg.steer.positions,
+                                       batch_size=task.batch(worker.spec.utility.batch_size))
+    name = model_name(cfg.model.name)
+    out = [dict(row_id=r["row_id"], cell_id=r["cell_id"], model=name, value=r["value"], method=r["method"],
+                item=r["item"], answer=r["answer"], pred=s.pred, correct=s.correct, gate_open=s.gate_open,
+                gate_score=s.gate_score) for r, s in zip(records, scored)]
+    table = check_rows("utility", task.ref.shard, rows, pa.Table.from_pylist(out, schema=UTILITY_SCHEMA))
+    return write_table_shard(task.ref, table)
+
+
+def agreement(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+    """The judge's agreement per value on its held-out labelled pairs (the same split for every judge)."""
+    from conva.judges import heldout_pairs
+    from conva.models import model_name
+    from conva.study import AGREEMENT_SCHEMA, pair_prompts
+
+    spec, values = worker.spec, worker.cfg.data.values
+    bundles = worker.bundles(task.bundles) if task.bundles else {}
+    judge, out = worker.judge(bundles), []
+    for value in values:
+        _, test = heldout_pairs(spec.judge, value)
+        stats = judge.agreement(test, pair_prompts(spec.judge, value, test))
+        out.append(dict(model=model_name(worker.cfg.model.name), judge=spec.judge.kind, value=value,
+                        agreement=stats["agreement"], pairwise=stats["pairwise"], n_pairs=int(stats["n_pairs"])))
+    return write_table_shard(task.ref, pa.Table.from_pylist(out, schema=AGREEMENT_SCHEMA))
+
+
+def _read_parquet(where) -> pa.Table:
+    with where.fs.open_input_file(where.path) as handle:
+        return pq.read_table(handle)
+
+
+SHARD_FUNCTIONS: dict[str, Callable[[ModelWorker, ShardTask], ShardRecord]] = {
+    "extract": extract, "fit": fit, "steer": steer, "evaluate": evaluate, "utility": utility, "agreement": agreement,
+}

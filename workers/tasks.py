@@ -1,0 +1,60 @@
+"""What the driver hands a worker: who it is (:class:`WorkerSpec`, once) and one shard's work (:class:`ShardTask`).
+
+Both are small: a task names where the worker reads its input (a slice of a file, committed objects of
+an earlier stage) and where it writes (the attempt's folder, :class:`conva.store.ShardRef`); the rows
+themselves never pass through the driver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from conva.config import Config
+from conva.inputs import InputSlice
+from conva.judges import JudgeSettings
+from conva.storage import Location
+from conva.store import ShardRef
+
+__all__ = ["WorkerSpec", "ShardTask", "STAGES"]
+
+# Every stage a model worker serves, in pipeline order.
+STAGES = ("extract", "fit", "steer", "evaluate", "utility", "agreement")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a model worker needs for its whole life: the job config and, in a study, the judging settings.
+
+    ``judge_cache`` is a folder on the worker's node for the LLM judge's reply cache (shared between a
+    node's workers; on a shared mount, between nodes).
+    """
+
+    cfg: Config
+    judge: JudgeSettings | None = None
+    fluency: object | None = None  # conva.study.FluencySection
+    utility: object | None = None  # conva.study.UtilitySection
+    judge_cache: str = ""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One attempt at one shard of ``stage``.
+
+    ``slice``: the input rows (extract, steer, utility). ``files``: committed objects of an earlier stage
+    the shard reads (the activation files for ``fit``; the generation shard for ``evaluate``).
+    ``bundles``: value → the folder of its committed bundle. ``params``: small stage-specific facts
+    (the value to fit and the model the activations were recorded with). ``batch_divisor``: batches are
+    this many times smaller than configured (doubled after an out-of-memory failure).
+    """
+
+    stage: str
+    ref: ShardRef
+    slice: InputSlice | None = None
+    files: tuple[Location, ...] = ()
+    bundles: dict[str, Location] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    batch_divisor: int = 1
+
+    def batch(self, size: int) -> int:
+        """A configured batch size, shrunk after out-of-memory retries."""
+        return max(1, size // self.batch_divisor)
