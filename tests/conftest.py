@@ -1,16 +1,22 @@
-"""Shared fixtures: tiny random models for exact math, SmolLM2 for behaviour.
+"""Shared fixtures: tiny random models for exact math, SmolLM2 for behaviour, real infrastructure on loopback.
 
 Tests split by cost: fast by default, ``@pytest.mark.slow`` for real-model and Ray-cluster tests (CI
 runs both). Paths to the paper's data come from ``CONVA_PAPER_DATA`` or ``../shared/data/conva``.
+Infrastructure: ``two_nodes`` (a two-node Ray cluster with two filesystems, ``tests/clusters.py``),
+``s3`` and ``s3_env`` (an S3 endpoint on loopback, ``tests/s3server.py``).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.clusters import TwoNodeCluster, two_node_cluster
+from tests.s3server import S3Server, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_DATA = Path(os.environ.get("CONVA_PAPER_DATA", REPO.parent / "shared" / "data" / "conva"))
@@ -68,3 +74,30 @@ def tiny_bundles(tiny):
     always = replace(power, gate=replace(power.gate, threshold=0.0))
     never = replace(power, gate=replace(power.gate, threshold=2.0))
     return always, benevolence, never
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[TwoNodeCluster]:
+    """A two-node Ray cluster (head without CPUs, worker with 2) where ``head_only`` is the head's alone.
+
+    One per test module (about 15 s to start, 3 s to stop); see ``tests/clusters.py``.
+    """
+    with two_node_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    """A ``moto_server`` S3 endpoint on 127.0.0.1 for the whole session (about 1 s to start)."""
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """``s3``, with this test's environment holding exactly its AWS variables (any other AWS_* removed)."""
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    return s3
