@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny random models for exact math, SmolLM2 for behaviour.
+"""Shared fixtures: tiny random models for exact math, SmolLM2 for behaviour, real infrastructure on loopback.
 
 Tests split by cost: fast by default, ``@pytest.mark.slow`` for real-model and Ray-cluster tests (CI
 runs both). Paths to the paper's data come from ``CONVA_PAPER_DATA`` or ``../shared/data/conva``.
+Infrastructure: ``two_nodes`` (a two-node Ray cluster with two filesystems, ``tests/clusters.py``),
+``s3`` and ``s3_env`` (an S3 endpoint on loopback, ``tests/s3server.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.clusters import TwoNodeCluster, two_node_cluster
 from tests.s3server import S3Server, s3_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +74,16 @@ def tiny_bundles(tiny):
     always = replace(power, gate=replace(power.gate, threshold=0.0))
     never = replace(power, gate=replace(power.gate, threshold=2.0))
     return always, benevolence, never
+
+
+@pytest.fixture(scope="module")
+def two_nodes() -> Iterator[TwoNodeCluster]:
+    """A two-node Ray cluster (head without CPUs, worker with 2) where ``head_only`` is the head's alone.
+
+    One per test module (about 15 s to start, 3 s to stop); see ``tests/clusters.py``.
+    """
+    with two_node_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,70 @@
+"""The run job on two Ray nodes with two filesystems, submitted with ``ray job submit`` (issue 11).
+
+The head has no CPUs, so the driver runs there and every actor on the worker; the model lives in the
+folder both nodes share. (a) With the output on the shared folder too, extract → fit → steer
+completes with every row once. (b) With the output in a folder only the head sees, pre-flight must
+stop the job in seconds, naming the worker node and the path, before any model loads.
+
+Whether a model loaded is read from the worker node's logs of the job (transformers' load bar,
+``MODEL_LOAD_MARKER``); (a) checks that the marker is there when models do load, so its absence in
+(b) means something.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from conva.config import load_config
+from conva.pipeline import steering_rows
+from conva.tiny import make_tiny_model
+from tests.clusters import MODEL_LOAD_MARKER, TwoNodeCluster
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "examples/tiny.toml"
+# Extraction in a few large shards (558 texts); the 8 prompts in shards of 3: three steering shards, two actors.
+SHAPE = ["--ray.num_workers=2", "--ray.rows_per_shard=64", "--ray.steer_rows_per_shard=3"]
+
+
+@pytest.fixture(scope="module")
+def shared_model(two_nodes: TwoNodeCluster) -> str:
+    return make_tiny_model(two_nodes.shared / "model")
+
+
+@pytest.mark.slow
+def test_output_on_the_shared_folder_has_every_row_once(two_nodes: TwoNodeCluster, shared_model: str) -> None:
+    out = two_nodes.shared / "out"
+    overrides = [f"--model.name={shared_model}", f"--output.dir={out}", *SHAPE]
+    job = two_nodes.submit(["--config", CONFIG, *overrides], timeout=300)
+    assert job.returncode == 0, job.output[-4000:]
+    expected = steering_rows(load_config(REPO / CONFIG, overrides)).column("row_id").to_pylist()
+    assert len(set(expected)) == len(expected) == 8
+    got = ds.dataset(out / "generations", format="parquet").to_table(columns=["row_id", "error"])
+    assert sorted(got.column("row_id").to_pylist()) == sorted(expected)
+    assert got.column("error").null_count == got.num_rows
+
+    record = two_nodes.job(job.submission_id)
+    assert record["driver_node_id"] == two_nodes.head_node_id
+    actors = two_nodes.actors(record["job_id"])
+    assert len(actors) >= 2 and {a["node_id"] for a in actors} == {two_nodes.worker_node_id}, actors
+    assert MODEL_LOAD_MARKER in two_nodes.worker_logs(record["job_id"])
+
+
+@pytest.mark.slow
+def test_output_on_a_head_only_folder_fails_in_preflight_naming_the_worker(two_nodes: TwoNodeCluster,
+                                                                         shared_model: str) -> None:
+    out = two_nodes.head_only / "out"
+    job = two_nodes.submit(["--config", CONFIG, f"--model.name={shared_model}", f"--output.dir={out}", *SHAPE],
+                           timeout=300)
+    tail = job.output[-4000:]
+    assert job.returncode != 0, tail
+    assert "pre-flight" in job.output.lower() and "127.0.0.1" in job.output, tail
+    # Both nodes are 127.0.0.1 here: only the node id tells the worker from the head. (The path alone is
+    # in the logged config too; with the node id on its line, it is the error that names it.)
+    assert any(two_nodes.worker_node_id in line and str(out) in line for line in job.output.splitlines()), tail
+    assert job.seconds < 60, f"took {job.seconds:.0f} s: {tail}"
+    assert not (out / "activations").exists()
+    assert two_nodes.run(["test", "!", "-e", str(out / "activations")], node="worker").returncode == 0
+    assert MODEL_LOAD_MARKER not in two_nodes.worker_logs(two_nodes.job(job.submission_id).get("job_id"))
