@@ -344,10 +344,13 @@ def _job_config(args: list[str]) -> tuple[Config, bool]:
     return cfg, "--overwrite" in words or cfg.output.overwrite
 
 
-@pytest.mark.parametrize("name", ["ray-cluster.yaml", "rayjob.yaml", "runtime_env.yaml", "Dockerfile"])
+@pytest.mark.parametrize("name", ["ray-cluster.yaml", "rayjob.yaml", "runtime_env.yaml"])
 def test_every_named_entrypoint_and_config_exists(name: str) -> None:
     commands = {"conva run", "conva extract", "conva fit", "conva steer", "conva study", "conva validate"}
-    for command, args in _entrypoints(name):
+    found = _entrypoints(name)
+    gpu_config = f"{IMAGE_CHECKOUT}/examples/gpu.toml" if name == "rayjob.yaml" else "examples/gpu.toml"
+    assert ("conva run", ["--config", gpu_config]) in found
+    for command, args in found:
         assert command in commands or (REPO / (command.replace(".", "/") + ".py")).is_file(), command
         if "--config" in " ".join(args):
             _job_config(args)  # the file exists and loads with the command line's overrides
