@@ -301,12 +301,12 @@ def check_nodes(job: ModelJob) -> dict[str, list[int]]:
         problems, gpus = [], {}
         for ref in missing:
             n = calls[ref][0]
-            problems.append(f"node {n['NodeManagerAddress']} ({n['NodeID'][:8]}) did not answer the pre-flight "
+            problems.append(f"node {n['NodeManagerAddress']} (id {n['NodeID']}) did not answer the pre-flight "
                             f"check within {_NODE_CHECK_TIMEOUT_S:.0f} s")
         for ref in ready:
             n, reply = calls[ref]
             found = ray.get(ref)
-            name = f"node {found['ip']} ({found['node'][:8]})"
+            name = f"node {found['ip']} (id {found['node']})"
             problems += [f"{name}: {p}" for p in found["problems"]]
             if not found["problems"]:
                 try:

@@ -16,9 +16,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from conva.config import Config
+from conva.config import RESULT_NEUTRAL_KEYS, Config
+from conva.pipeline import SCHEMA_VERSION
 from conva.lease import OutputLease
-from conva.store import ShardRecord
+from conva.store import ShardRecord, stage_status
 from jobs.common import (EXPECTED_ERRORS, connect_ray, log_config, output_location, parse_args, run_log,
                          setup_logging, write_config)
 from jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job
@@ -86,6 +87,10 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
     worker and serves every stage; stages overlap where their dependencies allow.
     """
     t0 = time.monotonic()
+    work = _has_work(job, overwrite)
+    if work:  # before anything is written: every node must see the output, the model and the inputs
+        connect_ray()
+        check_gpu_fit(job.cfg, check_nodes(job))
     stages = open_stages(job.out, list(job.specs), overwrite)
     tally = _Tally()
 
@@ -100,8 +105,9 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
         _log.info("%s: every shard of %s is committed; nothing to do", job.label,
                   ", ".join(s.folder for s in job.specs if s.writes))
     else:
-        connect_ray()
-        check_gpu_fit(job.cfg, check_nodes(job))
+        if not work:  # a stage whose committed objects went missing runs again after all
+            connect_ray()
+            check_gpu_fit(job.cfg, check_nodes(job))
         pool = WorkerPool(spec, PoolSettings.from_config(job.cfg.ray), job.label, _loads(job.cfg, [r.name for r in runs]))
         try:
             pool.start()
@@ -126,6 +132,17 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
         results.append(StageResult(s.name, s.n_shards, tally.shards[s.name], tally.rows[s.name], seconds,
                                    startup if tally.shards[s.name] else 0.0))
     return results
+
+
+def _has_work(job: ModelJob, overwrite: bool) -> bool:
+    """Whether any stage the job writes has a shard to run (read from the logs; writes nothing)."""
+    for spec in job.specs:
+        if not spec.writes:
+            continue
+        status = stage_status(job.out, spec.folder, spec.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS)
+        if not status.exists or status.mismatch or status.committed < spec.n_shards:
+            return True
+    return False
 
 
 def _loads(cfg: Config, stages: list[str]) -> tuple[str, ...]:
