@@ -44,6 +44,9 @@ _LAYER_CLASSES = (
     ("vllm.model_executor.models.mistral", "MistralDecoderLayer"),
     ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
     ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
+    # Gemma 3 norms the attention and MLP outputs before they join the residual, and returns the
+    # MLP output unadded: hidden + residual is still the block's output (HF hidden_states[l+1]).
+    ("vllm.model_executor.models.gemma3", "Gemma3DecoderLayer"),
 )
 
 _STATES: dict[int, "EngineState"] = {}
