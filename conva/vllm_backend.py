@@ -13,7 +13,14 @@ The engine must run in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here w
 
 Guards: prefix caching is off (cached KV of an unsteered prompt must never serve a steered one);
 chunked prefill is off and longer prompts than the step budget are refused (ε needs the last prompt
-token in the same step as the rest of the prompt).
+token in the same step as the rest of the prompt). The compiled graph bakes in the engine's id and
+active layers, so they salt vLLM's compile cache (:meth:`conva.vllm_steer.EngineState.cache_salt`).
+A preempted request is recomputed with its own ε (per-token: each generated token's own).
+
+Besides steered generation, the engine scores text: :meth:`VLLMSteerer.perplexity` (prompt
+logprobs of answers under the unsteered model, as :func:`conva.metrics.perplexity`) and
+:meth:`VLLMSteerer.score_mc` (multiple choice with each row's steering and gate, as
+:func:`conva.mc.score_mc`), so no second (Hugging Face) copy of the model is needed for them.
 
 Example:
     >>> steerer = VLLMSteerer("smollm2", [bundle])                                 # doctest: +SKIP
@@ -68,7 +75,8 @@ class EngineSettings:
 
     ``max_specs``: steering specs the tables hold; ``record``: keep activations for
     :meth:`VLLMSteerer.record`; ``kv_cache_gib``: CPU KV cache (``VLLM_CPU_KVCACHE_SPACE``);
-    ``gpu_memory_utilization``: on a GPU.
+    ``gpu_memory_utilization``: on a GPU. ``kv_blocks`` / ``block_size``: cap the KV cache at this
+    many blocks of this many tokens (None: vLLM's sizing); a small cache makes vLLM preempt requests.
     """
 
     dtype: str = "float32"
@@ -80,6 +88,8 @@ class EngineSettings:
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.85
     seed: int = 0
+    kv_blocks: int | None = None
+    block_size: int | None = None
 
 
 def engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str, Any]:
@@ -92,6 +102,7 @@ def engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str
         # ε is read at the last prompt token; a prompt split over steps would be steered before ε exists.
         enable_chunked_prefill=False,
         seed=settings.seed, gpu_memory_utilization=settings.gpu_memory_utilization, disable_log_stats=True,
+        num_gpu_blocks_override=settings.kv_blocks, block_size=settings.block_size,
     )
 
 
@@ -146,7 +157,7 @@ class VLLMSteerer:
             device=_device())
         try:
             with building(self.state):
-                self.llm: LLM = LLM(**kwargs)
+                self.llm: LLM = LLM(**kwargs, additional_config=self.state.cache_salt())
         except BaseException:
             self.state.close()
             raise
@@ -208,7 +219,11 @@ class VLLMSteerer:
         return np.stack([self.state.telemetry.pop(tag).activations[cols] for tag in tags]).astype(np.float32)
 
     def close(self) -> None:
-        """Release the engine and its steering buffers."""
+        """Release the engine and its steering buffers.
+
+        vLLM then tears down its process-wide parallel state, so another engine still open in this
+        process fails on its next step: close engines only when done with all of them.
+        """
         self.state.close()
         del self.llm
 
