@@ -1,5 +1,5 @@
 """The vllm backend: the steering op's math, parity with the HF backend, compilation, unsteered rows,
-preemption.
+preemption, and perplexity and multiple choice scored by the engine.
 
 Fast tests call the op directly on hand-filled buffers. Slow tests build engines on a tiny random
 Llama (head_dim 64, float32): one eager steering engine (with a KV cache small enough that long
@@ -283,6 +283,61 @@ def test_preempted_requests_are_recomputed_with_their_own_eps(hf, bundles, eager
     assert eager.state.recomputed > before, "nothing was preempted: the test would not see a recompute"
     hf_rows = generate(model, tok, prompts, specs, batch_size=len(prompts), **kw)
     _assert_parity(hf_rows, rows)
+
+
+ANSWERS = ["Paris is the capital.", "They help a lot every day.", "", "Because it matters to them.", "x",
+           "Oslo has a long history of bridges."]
+
+
+@pytest.mark.slow
+def test_perplexity_matches_hf(hf, eager) -> None:  # noqa: ANN001
+    """Answer NLL from vLLM's prompt logprobs equals conva.metrics' (same tokens; float32 noise only)."""
+    from conva.metrics import answer_nll, perplexity
+
+    model, tok = hf
+    for chat in (True, False):
+        want, got = answer_nll(model, tok, PROMPTS, ANSWERS, chat_template=chat), eager.answer_nll(PROMPTS, ANSWERS, chat_template=chat)
+        assert [n for _, n in got] == [n for _, n in want] and want[2] == (0.0, 0)
+        np.testing.assert_allclose([x for x, _ in got], [x for x, _ in want], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(eager.perplexity(PROMPTS, ANSWERS, chat_template=chat),
+                                   perplexity(model, tok, PROMPTS, ANSWERS, chat_template=chat), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:  # noqa: ANN001
+    """Multiple choice on the engine: the letters' log-probabilities equal HF's steered ones within 1e-4,
+    and pred, correct, gate_open and gate_score agree row by row, with the gate closing some rows."""
+    import torch
+
+    from conva.mc import demo_mc, letter_token_ids, mc_prompts, score_mc
+    from conva.record import record_activations
+    from conva.steer import steer_logits
+
+    model, tok = hf
+    items = demo_mc()[:12]
+    prompts, answers = mc_prompts(items), [item.answer for item in items]
+    # A gate that opens on half of these questions (the module's gate was set on other prompts).
+    gate = bundles[0].gate
+    scores = gate.scores(record_activations(model, tok, prompts, [GATE_LAYER], chat_template=True)[:, 0])
+    gated = replace(bundles[0], gate=replace(gate, threshold=float(np.median(scores))))
+    kinds = [SteerSpec("conva", gated), SteerSpec("none"), SteerSpec("caa", bundles[1], strength=3.0),
+             SteerSpec("probe_fixed", gated, strength=3.0), SteerSpec("conva", bundles[1], p0=0.9), SteerSpec("prompt", gated)]
+    specs = (kinds * 2)[: len(items)] + [SteerSpec("conva", gated)] * len(items)
+    prompts, answers = prompts * 2, answers * 2
+    flat = [t for ids in letter_token_ids(tok) for t in ids]
+    logits, _ = steer_logits(model, tok, prompts, specs)
+    got, _ = eager.choice_logprobs(prompts, specs, flat)
+    np.testing.assert_allclose(got, torch.log_softmax(logits, -1)[:, flat].numpy(), atol=1e-4)
+    want, rows = score_mc(model, tok, prompts, answers, specs, batch_size=len(prompts)), eager.score_mc(prompts, answers, specs)
+    assert [(r.pred, r.correct, r.gate_open) for r in rows] == [(r.pred, r.correct, r.gate_open) for r in want]
+    for a, b in zip(want, rows):
+        assert (a.gate_score is None) == (b.gate_score is None)
+        assert a.gate_score is None or abs(a.gate_score - b.gate_score) < 1e-4
+    plain = score_mc(model, tok, prompts, answers, [SteerSpec("none")] * len(prompts), batch_size=len(prompts))
+    gated_rows = [i for i, s in enumerate(specs) if s.gated()]
+    assert {rows[i].gate_open for i in gated_rows} == {True, False}
+    assert any(rows[i].pred != plain[i].pred for i in gated_rows if rows[i].gate_open), "steering changed no pick"
+    assert all(rows[i].pred == plain[i].pred for i in gated_rows if not rows[i].gate_open)
 
 
 @pytest.fixture
