@@ -339,6 +339,8 @@ class EngineState:
         row = self.s_row.index_select(0, t_slot)
         scale = self.eps[:, col].index_select(0, t_slot)
         if not (self.host_skips and not self._any_own):
+            # Tokens recomputed after a preemption under per-token ε: each its own. With CUDA graphs
+            # (no host skips) this runs every step: one more [T, d] gather and dot per active layer.
             _, own = self._scale((hidden + residual).float(), row, col)
             own = torch.where(self.open.index_select(0, t_slot), own, torch.zeros_like(own))
             scale = torch.where(self.t_own[:T], own, scale)

@@ -271,9 +271,8 @@ def test_refuses_prompt_longer_than_one_step(eager) -> None:  # noqa: ANN001
 def test_preempted_requests_are_recomputed_with_their_own_eps(hf, bundles, eager) -> None:  # noqa: ANN001
     """With the KV cache too small for the batch, vLLM preempts requests and later re-runs each from
     its first token in one step. Per-token ε: the prompt's tokens get the prompt's ε again and each
-    generated token its own, as when it was decoded (not the slot's latest, which changed the greedy
-    tokens of 2 of these 12 rows before the fix). Tokens and ε equal the HF backend's, which never
-    preempts."""
+    generated token its own, as when it was decoded (not the slot's latest, as before the fix, which
+    made this test fail on greedy tokens). Tokens and ε equal the HF backend's, which never preempts."""
     model, tok = hf
     gated, other = bundles
     prompts, specs = PROMPTS * 2, [SteerSpec("conva", gated), SteerSpec("conva", other)] * len(PROMPTS)
