@@ -244,7 +244,7 @@ class EngineState:
 
     def _place(self, req: _Request, n_prompt: int, done: int, k: int, start: int, step: _Step) -> None:
         last = n_prompt - 1
-        if done <= last and not done + k > last:
+        if done <= last and done + k <= last:
             # ε needs the last prompt token; a chunk before it would run with ε unknown.
             raise RuntimeError(
                 f"steered request {req.tag} was split by chunked prefill ({n_prompt} prompt tokens, "
