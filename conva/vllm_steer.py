@@ -95,7 +95,8 @@ class _Step:
     def __init__(self, n_tokens: int, n_slots: int) -> None:
         self.t_slot, self.t_on = np.zeros(n_tokens, np.int64), np.zeros(n_tokens, np.float32)
         self.t_own = np.zeros(n_tokens, bool)
-        self.s_tok, self.s_first, self.s_comp = np.zeros(n_slots, np.int64), np.zeros(n_slots, bool), np.zeros(n_slots, bool)
+        self.s_tok = np.zeros(n_slots, np.int64)
+        self.s_first, self.s_comp = np.zeros(n_slots, bool), np.zeros(n_slots, bool)
 
 
 @dataclass

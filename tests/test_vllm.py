@@ -295,7 +295,8 @@ def test_perplexity_matches_hf(hf, eager) -> None:  # noqa: ANN001
 
     model, tok = hf
     for chat in (True, False):
-        want, got = answer_nll(model, tok, PROMPTS, ANSWERS, chat_template=chat), eager.answer_nll(PROMPTS, ANSWERS, chat_template=chat)
+        want = answer_nll(model, tok, PROMPTS, ANSWERS, chat_template=chat)
+        got = eager.answer_nll(PROMPTS, ANSWERS, chat_template=chat)
         assert [n for _, n in got] == [n for _, n in want] and want[2] == (0.0, 0)
         np.testing.assert_allclose([x for x, _ in got], [x for x, _ in want], rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(eager.perplexity(PROMPTS, ANSWERS, chat_template=chat),
@@ -320,14 +321,16 @@ def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:
     scores = gate.scores(record_activations(model, tok, prompts, [GATE_LAYER], chat_template=True)[:, 0])
     gated = replace(bundles[0], gate=replace(gate, threshold=float(np.median(scores))))
     kinds = [SteerSpec("conva", gated), SteerSpec("none"), SteerSpec("caa", bundles[1], strength=3.0),
-             SteerSpec("probe_fixed", gated, strength=3.0), SteerSpec("conva", bundles[1], p0=0.9), SteerSpec("prompt", gated)]
+             SteerSpec("probe_fixed", gated, strength=3.0), SteerSpec("conva", bundles[1], p0=0.9),
+             SteerSpec("prompt", gated)]
     specs = (kinds * 2)[: len(items)] + [SteerSpec("conva", gated)] * len(items)
     prompts, answers = prompts * 2, answers * 2
     flat = [t for ids in letter_token_ids(tok) for t in ids]
     logits, _ = steer_logits(model, tok, prompts, specs)
     got, _ = eager.choice_logprobs(prompts, specs, flat)
     np.testing.assert_allclose(got, torch.log_softmax(logits, -1)[:, flat].numpy(), atol=1e-4)
-    want, rows = score_mc(model, tok, prompts, answers, specs, batch_size=len(prompts)), eager.score_mc(prompts, answers, specs)
+    want = score_mc(model, tok, prompts, answers, specs, batch_size=len(prompts))
+    rows = eager.score_mc(prompts, answers, specs)
     assert [(r.pred, r.correct, r.gate_open) for r in rows] == [(r.pred, r.correct, r.gate_open) for r in want]
     for a, b in zip(want, rows):
         assert (a.gate_score is None) == (b.gate_score is None)
@@ -357,7 +360,8 @@ def _cache_keys(root: Path) -> set[Path]:
 
 
 @pytest.mark.slow
-def test_compiled_engines_with_other_layers_keep_their_own_graphs(tiny, bundles, eager, compile_cache) -> None:  # noqa: ANN001
+def test_compiled_engines_with_other_layers_keep_their_own_graphs(
+        tiny, bundles, eager, compile_cache) -> None:  # noqa: ANN001
     """Two compiled engines, one after the other in this process and on one cache folder, steering
     different layers: each steers as the eager engine does, from a cache entry of its own.
 
@@ -367,8 +371,8 @@ def test_compiled_engines_with_other_layers_keep_their_own_graphs(tiny, bundles,
     the unsteered ones and this test would fail.
     """
     narrow = replace(bundles[1], band=(2, 3))
-    runs = [(bundles, range(N_BLOCKS), _mixed_specs(bundles)[: len(PROMPTS)]),
-            ((narrow,), None, [SteerSpec("conva", narrow), SteerSpec("none"), SteerSpec("caa", narrow, strength=4.0)] * 2)]
+    narrow_specs = [SteerSpec("conva", narrow), SteerSpec("none"), SteerSpec("caa", narrow, strength=4.0)] * 2
+    runs = [(bundles, range(N_BLOCKS), _mixed_specs(bundles)[: len(PROMPTS)]), ((narrow,), None, narrow_specs)]
     wants = [eager.generate(PROMPTS, specs, max_new_tokens=MAX_NEW) for _, _, specs in runs]
     keys: list[set[Path]] = []
     for (engine_bundles, layers, specs), want in zip(runs, wants):

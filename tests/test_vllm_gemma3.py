@@ -22,7 +22,9 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed")  # CI inst
 from conva.gates import Gate  # noqa: E402
 from conva.steer import SteerSpec, generate  # noqa: E402
 from conva.vllm_backend import EngineSettings, VLLMSteerer  # noqa: E402
-from tests.test_vllm import GATE_LAYER, HIDDEN, MAX_NEW, N_BLOCKS, PROMPTS, _assert_parity, _bundle, _mixed_specs  # noqa: E402
+from tests.test_vllm import (  # noqa: E402
+    GATE_LAYER, HIDDEN, MAX_NEW, N_BLOCKS, PROMPTS, _assert_parity, _bundle, _mixed_specs,
+)
 
 pytestmark = pytest.mark.slow
 
