@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["csr", "bootstrap_ci", "answer_nll", "perplexity", "ppl_ratio"]
+__all__ = ["csr", "bootstrap_ci", "answer_ids", "answer_nll", "perplexity", "ppl_ratio"]
 
 
 def csr(scores: Sequence[float]) -> float:
@@ -45,7 +45,8 @@ def bootstrap_ci(scores: Sequence[float], n_boot: int = 1000, level: float = 0.9
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
 
-def _encode(tok, prompt: str, answer: str, chat_template: bool) -> tuple[list[int], int]:
+def answer_ids(tok, prompt: str, answer: str, chat_template: bool) -> tuple[list[int], int]:
+    """The tokens scored for ``answer`` after ``prompt``: ``(prompt ids + answer ids, n answer ids)``."""
     from conva.record import format_prompt
 
     context = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=not chat_template)["input_ids"]
@@ -61,7 +62,7 @@ def answer_nll(model, tok, prompts: Sequence[str], answers: Sequence[str], *, ch
 
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    encoded = [_encode(tok, p, a or "", chat_template) for p, a in zip(prompts, answers)]
+    encoded = [answer_ids(tok, p, a or "", chat_template) for p, a in zip(prompts, answers)]
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     for start in range(0, len(encoded), batch_size):

@@ -26,13 +26,14 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
-__all__ = ["ARCHS", "CHAT_TEMPLATE", "make_tiny_model", "make_tiny_tokenizer", "tiny_corpus"]
+__all__ = ["ARCHS", "GEMMA3_WINDOW", "CHAT_TEMPLATE", "make_tiny_model", "make_tiny_tokenizer", "tiny_corpus"]
 
-ARCHS: tuple[str, ...] = ("llama", "qwen2", "gpt2")
+ARCHS: tuple[str, ...] = ("llama", "qwen2", "gpt2", "gemma3")
 
 _PAD, _BOS, _EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 _SPECIALS = [_PAD, _BOS, _EOS]  # ids 0, 1, 2, in this order
 _MAX_POSITIONS = 512
+GEMMA3_WINDOW = 16  # tokens a tiny Gemma 3's sliding-window layers see: shorter than a chat-templated prompt
 _BYTE_ALPHABET = 256
 _CORPUS_SEED = 1234  # fixed, so every tiny model shares one tokenizer whatever its weight seed
 
@@ -139,10 +140,12 @@ def make_tiny_model(
 ) -> str:
     """Write a random-weight float32 model and its tokenizer to ``folder``; return the folder's path.
 
-    ``arch`` is ``"llama"``, ``"qwen2"`` or ``"gpt2"`` (GPT-2 has no grouped-query attention, so
-    ``kv_heads`` is ignored there). The head size is ``hidden // heads`` (64 by default; vLLM needs
-    at least 32). Equal arguments give bit-identical weights. **Files already in ``folder`` are
-    overwritten.**
+    ``arch`` is ``"llama"``, ``"qwen2"``, ``"gpt2"`` (no grouped-query attention, so ``kv_heads`` is
+    ignored there) or ``"gemma3"`` (Gemma 3's block: four norms per block, query/key norms, scaled
+    embeddings; layers alternate sliding-window and full attention as in the real models, with a
+    window of :data:`GEMMA3_WINDOW` tokens so that test prompts reach past it). The head size is
+    ``hidden // heads`` (64 by default; vLLM needs at least 32). Equal arguments give bit-identical
+    weights. **Files already in ``folder`` are overwritten.**
 
     Example:
         >>> import json, tempfile
@@ -174,7 +177,7 @@ def _tiny_config(
     arch: str, *, num_layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
 ) -> PretrainedConfig:
     """The architecture's config for the requested shape, with the tiny tokenizer's special ids."""
-    from transformers import GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig, Qwen2Config
 
     if hidden % heads or heads % kv_heads:
         raise ValueError(
@@ -198,6 +201,11 @@ def _tiny_config(
         return LlamaConfig(head_dim=hidden // heads, **shape, **ids)
     if arch == "qwen2":
         return Qwen2Config(**shape, **ids)
+    if arch == "gemma3":
+        # Odd blocks use full attention, even ones a sliding window (the real models: 5 sliding, 1 full).
+        types = ["full_attention" if l % 2 else "sliding_attention" for l in range(num_layers)]
+        return Gemma3TextConfig(head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads,
+                                sliding_window=GEMMA3_WINDOW, layer_types=types, **shape, **ids)
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 

@@ -13,7 +13,14 @@ The engine must run in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here w
 
 Guards: prefix caching is off (cached KV of an unsteered prompt must never serve a steered one);
 chunked prefill is off and longer prompts than the step budget are refused (ε needs the last prompt
-token in the same step as the rest of the prompt).
+token in the same step as the rest of the prompt). The compiled graph bakes in the engine's id and
+active layers, so they salt vLLM's compile cache (:meth:`conva.vllm_steer.EngineState.cache_salt`).
+A preempted request is recomputed with its own ε (per-token: each generated token's own).
+
+Besides steered generation, the engine scores text: :meth:`VLLMSteerer.perplexity` (prompt
+logprobs of answers under the unsteered model, as :func:`conva.metrics.perplexity`) and
+:meth:`VLLMSteerer.score_mc` (multiple choice with each row's steering and gate, as
+:func:`conva.mc.score_mc`), so no second (Hugging Face) copy of the model is needed for them.
 
 Example:
     >>> steerer = VLLMSteerer("smollm2", [bundle])                                 # doctest: +SKIP
@@ -34,6 +41,8 @@ import torch
 
 from conva.bundle import ValueBundle
 from conva.gates import Gate, external_scores
+from conva.mc import LETTERS, MCRow, letter_token_ids
+from conva.metrics import answer_ids
 from conva.record import format_prompt
 from conva.steer import EPSILON_MODES, STEER_POSITIONS, RowResult, SteerSpec, _plan, prompt_text
 from conva.vllm_steer import EXTRA_KEY, EngineState, SpecRow, Telemetry, building
@@ -68,7 +77,8 @@ class EngineSettings:
 
     ``max_specs``: steering specs the tables hold; ``record``: keep activations for
     :meth:`VLLMSteerer.record`; ``kv_cache_gib``: CPU KV cache (``VLLM_CPU_KVCACHE_SPACE``);
-    ``gpu_memory_utilization``: on a GPU.
+    ``gpu_memory_utilization``: on a GPU. ``kv_blocks`` / ``block_size``: cap the KV cache at this
+    many blocks of this many tokens (None: vLLM's sizing); a small cache makes vLLM preempt requests.
     """
 
     dtype: str = "float32"
@@ -80,6 +90,8 @@ class EngineSettings:
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.85
     seed: int = 0
+    kv_blocks: int | None = None
+    block_size: int | None = None
 
 
 def engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str, Any]:
@@ -92,6 +104,7 @@ def engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str
         # ε is read at the last prompt token; a prompt split over steps would be steered before ε exists.
         enable_chunked_prefill=False,
         seed=settings.seed, gpu_memory_utilization=settings.gpu_memory_utilization, disable_log_stats=True,
+        num_gpu_blocks_override=settings.kv_blocks, block_size=settings.block_size,
     )
 
 
@@ -146,7 +159,7 @@ class VLLMSteerer:
             device=_device())
         try:
             with building(self.state):
-                self.llm: LLM = LLM(**kwargs)
+                self.llm: LLM = LLM(**kwargs, additional_config=self.state.cache_salt())
         except BaseException:
             self.state.close()
             raise
@@ -172,19 +185,73 @@ class VLLMSteerer:
     def generate(self, prompts: Sequence[str], specs: Sequence[SteerSpec], *, max_new_tokens: int = 100,
                  chat_template: bool = True, positions: str = "all", epsilon: str = "frozen") -> list[RowResult]:
         """Steered greedy generation, one :class:`RowResult` per prompt, in order (see module doc)."""
-        if len(prompts) != len(specs):
-            raise ValueError(f"{len(prompts)} prompts but {len(specs)} steering specs")
-        if positions not in STEER_POSITIONS:
-            raise ValueError(f"unknown steering positions {positions!r}; expected one of {STEER_POSITIONS}")
-        if epsilon not in EPSILON_MODES:
-            raise ValueError(f"unknown epsilon mode {epsilon!r}; expected one of {EPSILON_MODES}")
-        texts = [prompt_text(p, s) for p, s in zip(prompts, specs)]
-        ids = [self._encode(t, chat_template) for t in texts]
-        gates = _external_gates(specs, texts)
-        tags = [uuid.uuid4().hex for _ in specs]
-        params = [self._params(s, tag, g, max_new_tokens, positions, epsilon) for s, tag, g in zip(specs, tags, gates)]
-        outputs = self._run(ids, params)
-        return [self._result(s, tag, out, len(i)) for s, tag, out, i in zip(specs, tags, outputs, ids)]
+        sampling = {"max_tokens": max_new_tokens, "stop_token_ids": list(self.stop_ids)}
+        return self._steered(prompts, specs, chat_template, positions, epsilon, sampling)[0]
+
+    def choice_logprobs(self, prompts: Sequence[str], specs: Sequence[SteerSpec], token_ids: Sequence[int], *,
+                        chat_template: bool = True, positions: str = "all") -> tuple[np.ndarray, list[RowResult]]:
+        """Next-token log-probabilities of ``token_ids`` after each prompt, steered by its spec (gate active).
+
+        :func:`conva.steer.steer_logits` on this engine, for the listed tokens only (vLLM takes at most
+        128): float32 ``[len(prompts), len(token_ids)]`` of the log-softmax over the whole vocabulary
+        (vLLM's raw logprobs), and each row's telemetry (gate, ε at the last prompt token).
+        """
+        sampling = {"max_tokens": 1, "logprob_token_ids": [int(t) for t in token_ids]}
+        results, outputs = self._steered(prompts, specs, chat_template, positions, "frozen", sampling)
+        scores = [[out.outputs[0].logprobs[0][t].logprob for t in sampling["logprob_token_ids"]] for out in outputs]
+        return np.asarray(scores, dtype=np.float32).reshape(len(prompts), len(token_ids)), results
+
+    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec], *,
+                 chat_template: bool = True, positions: str = "all") -> list[MCRow]:
+        """:func:`conva.mc.score_mc` on this engine: the best letter under each row's spec and gate.
+
+        Example:
+            >>> rows = steerer.score_mc(mc_prompts(items), [i.answer for i in items], specs)  # doctest: +SKIP
+        """
+        if not len(answers) == len(prompts) == len(specs):
+            raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(specs)} specs must match")
+        letters = letter_token_ids(self.tokenizer)
+        flat = [t for ids in letters for t in ids]
+        scores, results = self.choice_logprobs(prompts, specs, flat, chat_template=chat_template, positions=positions)
+        at = np.cumsum([0] + [len(ids) for ids in letters])
+        # Per letter its best spelling; argmax takes the first letter on a tie, as conva.mc does.
+        best = np.stack([scores[:, at[k]:at[k + 1]].max(axis=1) for k in range(len(letters))], axis=1).argmax(1)
+        return [MCRow(LETTERS[k], LETTERS[k] == answer, res.gate_open, res.gate_score)
+                for answer, k, res in zip(answers, best, results)]
+
+    def answer_nll(self, prompts: Sequence[str], answers: Sequence[str], *,
+                   chat_template: bool = True) -> list[tuple[float, int]]:
+        """``(summed NLL, n answer tokens)`` of each answer given its prompt, under the **unsteered** model.
+
+        :func:`conva.metrics.answer_nll` on this engine, from vLLM's prompt logprobs: the same tokens
+        (the prompt, in the chat template if asked, then the answer tokenized on its own).
+        """
+        from vllm import SamplingParams
+
+        if len(prompts) != len(answers):
+            raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        encoded = [answer_ids(self.tokenizer, p, a or "", chat_template) for p, a in zip(prompts, answers)]
+        limit = min(self.budget, self.max_len - 1)
+        for i, (ids, n) in enumerate(encoded):
+            if len(ids) > limit:
+                raise ValueError(f"row {i}: prompt and answer are {len(ids)} tokens; the engine scores at most "
+                                 f"{limit} in one step (raise max_model_len)")
+            if n and len(ids) == n:
+                raise ValueError(f"row {i}: the prompt has no tokens, so the answer's first token has no context")
+        todo = [i for i, (_, n) in enumerate(encoded) if n]
+        # No ConVA extra args: the requests run in slot 0, whose tokens the op leaves untouched.
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = dict(zip(todo, self._run([encoded[i][0] for i in todo], [params] * len(todo))))
+        out: list[tuple[float, int]] = []
+        for i, (ids, n) in enumerate(encoded):
+            logprobs = outputs[i].prompt_logprobs if n else []
+            out.append((-sum(logprobs[j][ids[j]].logprob for j in range(len(ids) - n, len(ids))) if n else 0.0, n))
+        return out
+
+    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True) -> list[float]:
+        """Per-answer perplexity given the prompt under the unsteered model (:func:`conva.metrics.perplexity`)."""
+        return [math.exp(nll / n) if n else float("nan")
+                for nll, n in self.answer_nll(prompts, answers, chat_template=chat_template)]
 
     def record(self, texts: Sequence[str], layers: Sequence[int], *, chat_template: bool = False) -> np.ndarray:
         """Residual stream at the last token, float32 ``[len(texts), len(layers), hidden]``.
@@ -208,7 +275,11 @@ class VLLMSteerer:
         return np.stack([self.state.telemetry.pop(tag).activations[cols] for tag in tags]).astype(np.float32)
 
     def close(self) -> None:
-        """Release the engine and its steering buffers."""
+        """Release the engine and its steering buffers.
+
+        vLLM then tears down its process-wide parallel state, so another engine still open in this
+        process fails on its next step: close engines only when done with all of them.
+        """
         self.state.close()
         del self.llm
 
@@ -225,8 +296,28 @@ class VLLMSteerer:
                              "prefill (raise max_model_len)")
         return ids
 
-    def _params(self, spec: SteerSpec, tag: str, gate: tuple[float, bool] | None, max_new_tokens: int,
-                positions: str, epsilon: str) -> Any:
+    def _steered(self, prompts: Sequence[str], specs: Sequence[SteerSpec], chat_template: bool, positions: str,
+                 epsilon: str, sampling: dict[str, Any]) -> tuple[list[RowResult], list[Any]]:
+        """One greedy request per prompt under its spec; each row's result and vLLM's output, in order.
+
+        ``sampling``: the ``SamplingParams`` arguments besides greedy decoding and the steering config.
+        """
+        if len(prompts) != len(specs):
+            raise ValueError(f"{len(prompts)} prompts but {len(specs)} steering specs")
+        if positions not in STEER_POSITIONS:
+            raise ValueError(f"unknown steering positions {positions!r}; expected one of {STEER_POSITIONS}")
+        if epsilon not in EPSILON_MODES:
+            raise ValueError(f"unknown epsilon mode {epsilon!r}; expected one of {EPSILON_MODES}")
+        texts = [prompt_text(p, s) for p, s in zip(prompts, specs)]
+        ids = [self._encode(t, chat_template) for t in texts]
+        gates = _external_gates(specs, texts)
+        tags = [uuid.uuid4().hex for _ in specs]
+        params = [self._params(s, tag, g, positions, epsilon, sampling) for s, tag, g in zip(specs, tags, gates)]
+        outputs = self._run(ids, params)
+        return [self._result(s, tag, out, len(i)) for s, tag, out, i in zip(specs, tags, outputs, ids)], outputs
+
+    def _params(self, spec: SteerSpec, tag: str, gate: tuple[float, bool] | None, positions: str, epsilon: str,
+                sampling: dict[str, Any]) -> Any:
         from vllm import SamplingParams
 
         extra = None
@@ -235,8 +326,7 @@ class VLLMSteerer:
             if gate is not None:
                 conf["gate_score"], conf["gate_open"] = gate
             extra = {EXTRA_KEY: conf}
-        return SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(self.stop_ids),
-                              detokenize=False, extra_args=extra)
+        return SamplingParams(temperature=0.0, detokenize=False, extra_args=extra, **sampling)
 
     def _run(self, ids: list[list[int]], params: list[Any]) -> list[Any]:
         from vllm.inputs import TokensPrompt

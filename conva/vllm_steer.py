@@ -44,6 +44,9 @@ _LAYER_CLASSES = (
     ("vllm.model_executor.models.mistral", "MistralDecoderLayer"),
     ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
     ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
+    # Gemma 3 norms the attention and MLP outputs before they join the residual, and returns the
+    # MLP output unadded: hidden + residual is still the block's output (HF hidden_states[l+1]).
+    ("vllm.model_executor.models.gemma3", "Gemma3DecoderLayer"),
 )
 
 _STATES: dict[int, "EngineState"] = {}
@@ -84,6 +87,16 @@ class _Request:
     positions: str
     per_token: bool
     started: bool = False
+
+
+class _Step:
+    """Host-side arrays of one engine step, copied into the state's device buffers by ``fill``."""
+
+    def __init__(self, n_tokens: int, n_slots: int) -> None:
+        self.t_slot, self.t_on = np.zeros(n_tokens, np.int64), np.zeros(n_tokens, np.float32)
+        self.t_own = np.zeros(n_tokens, bool)
+        self.s_tok = np.zeros(n_slots, np.int64)
+        self.s_first, self.s_comp = np.zeros(n_slots, bool), np.zeros(n_slots, bool)
 
 
 @dataclass
@@ -129,6 +142,7 @@ class EngineState:
         self.p_before, self.p_after = torch.full((S, U), float("nan"), **f32), torch.full((S, U), float("nan"), **f32)
         self.cap = torch.zeros(S, U, d, **f32) if record else None
         self.t_slot, self.t_on = torch.zeros(n_tokens, **i64), torch.zeros(n_tokens, **f32)
+        self.t_own = torch.zeros(n_tokens, **boolean)  # token's ε from its own state (per-token recompute)
         self.n_rows, self.n_tokens = 1, n_tokens
         self._free = list(range(S - 1, 0, -1))
         self._alive: dict[str, _Request | None] = {}
@@ -138,7 +152,8 @@ class EngineState:
         # Without CUDA graphs the op runs as Python every step and may skip work the host knows is
         # not needed; a captured graph replays whatever ran at capture, so there it always does all.
         self.host_skips = self.device.type == "cpu"
-        self._any_comp = self._any_steer = False
+        self._any_comp = self._any_steer = self._any_own = False
+        self.recomputed = 0  # requests re-run from their first token after a preemption
         _STATES[self.id] = self
 
     # -- tables ---------------------------------------------------------------------------------
@@ -160,6 +175,16 @@ class EngineState:
 
     def close(self) -> None:
         _STATES.pop(self.id, None)
+
+    def cache_salt(self) -> dict[str, Any]:
+        """What the traced graph bakes in, for vLLM's ``additional_config`` (hashed into its cache key).
+
+        The op is called with this state's id and each active layer's column as constants, and vLLM
+        keys its compile cache (``VLLM_CACHE_ROOT``) on the config and code, not on them: without this
+        salt an engine would load a graph compiled for other layers or another engine (or, with the
+        patches installed, for a plain engine without the op).
+        """
+        return {"conva_steering": {"op": "conva::steer", "engine": self.id, "layers": list(self.layers)}}
 
     # -- per step (host) ------------------------------------------------------------------------
 
@@ -197,10 +222,7 @@ class EngineState:
         for req_id in [r for r in self._alive if r not in runner.requests]:
             self._release(req_id)
         batch, n = runner.input_batch, runner.input_batch.num_reqs
-        total = int(num_scheduled[:n].sum())
-        t_slot, t_on = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=np.float32)
-        S = self.s_row.shape[0]
-        s_tok, s_first, s_comp = np.zeros(S, np.int64), np.zeros(S, bool), np.zeros(S, bool)
+        step = _Step(int(num_scheduled[:n].sum()), self.s_row.shape[0])
         self._step_slots = []
         start = 0
         for i, req_id in enumerate(batch.req_ids[:n]):
@@ -210,37 +232,43 @@ class EngineState:
             req = self._alive[req_id]
             if req is not None:
                 done = int(batch.num_computed_tokens_cpu[i])
-                self._place(req, runner.requests[req_id].num_prompt_tokens, done, k, start,
-                            t_slot, t_on, s_tok, s_first, s_comp)
+                self._place(req, runner.requests[req_id].num_prompt_tokens, done, k, start, step)
             start += k
-        self.t_slot[:total].copy_(torch.from_numpy(t_slot))
-        self.t_slot[total:].zero_()
-        self.t_on[:total].copy_(torch.from_numpy(t_on))
-        self.t_on[total:].zero_()
-        self.s_tok.copy_(torch.from_numpy(s_tok))
-        self.s_first.copy_(torch.from_numpy(s_first))
-        self.s_comp.copy_(torch.from_numpy(s_comp))
-        self._any_comp, self._any_steer = bool(s_comp.any()), bool(t_on[t_slot > 0].any())
+        total = step.t_slot.shape[0]
+        for name in ("t_slot", "t_on", "t_own"):
+            getattr(self, name)[:total].copy_(torch.from_numpy(getattr(step, name)))
+            getattr(self, name)[total:].zero_()
+        for name in ("s_tok", "s_first", "s_comp"):
+            getattr(self, name).copy_(torch.from_numpy(getattr(step, name)))
+        self._any_comp, self._any_own = bool(step.s_comp.any()), bool(step.t_own.any())
+        self._any_steer = bool(step.t_on[step.t_slot > 0].any())
 
-    def _place(self, req: _Request, n_prompt: int, done: int, k: int, start: int, t_slot: np.ndarray,
-               t_on: np.ndarray, s_tok: np.ndarray, s_first: np.ndarray, s_comp: np.ndarray) -> None:
+    def _place(self, req: _Request, n_prompt: int, done: int, k: int, start: int, step: _Step) -> None:
         last = n_prompt - 1
-        has_last = done <= last < done + k
-        if not req.started and not has_last:
+        if done <= last and done + k <= last:
             # ε needs the last prompt token; a chunk before it would run with ε unknown.
             raise RuntimeError(
                 f"steered request {req.tag} was split by chunked prefill ({n_prompt} prompt tokens, "
                 f"{k} scheduled); steering needs the whole prompt in one step")
-        t_slot[start:start + k] = req.slot
+        step.t_slot[start:start + k] = req.slot
         pos = np.arange(done, done + k)
-        t_on[start:start + k] = 1.0 if req.positions == "all" else (pos >= last).astype(np.float32)
+        step.t_on[start:start + k] = 1.0 if req.positions == "all" else (pos >= last).astype(np.float32)
         if not req.started:
-            s_tok[req.slot], s_first[req.slot], s_comp[req.slot] = start + last - done, True, True
+            step.s_tok[req.slot], step.s_first[req.slot], step.s_comp[req.slot] = start + last - done, True, True
             req.started = True
             self._step_slots.append((req.slot, req))
+        elif done <= last:
+            # Preempted, now recomputed: the runner re-runs the prompt and the tokens generated so far
+            # in one step. Frozen ε: the slot still holds it. Per-token ε: the prompt's ε again at the
+            # last prompt token, and each generated token its own from its own state, as when it was
+            # decoded (the slot holds only the newest token's). Telemetry keeps the pre-preemption values.
+            self.recomputed += 1
+            if req.per_token:
+                step.s_tok[req.slot], step.s_comp[req.slot] = start + last - done, True
+                step.t_own[start + last + 1 - done:start + k] = True
         elif req.per_token and done >= n_prompt:
             # Per-token ε: the newest token of this step drives it (HF: h[:, -1] at each decode step).
-            s_tok[req.slot], s_comp[req.slot] = start + k - 1, True
+            step.s_tok[req.slot], step.s_comp[req.slot] = start + k - 1, True
             self._step_slots.append((req.slot, req))
 
     def after_forward(self) -> None:
@@ -248,7 +276,8 @@ class EngineState:
         self.s_first.zero_()
         self.s_comp.zero_()
         self.t_slot.zero_()
-        self._any_comp = self._any_steer = False
+        self.t_own.zero_()
+        self._any_comp = self._any_steer = self._any_own = False
         if not self._step_slots:
             return
         slots = torch.tensor([s for s, _ in self._step_slots], device=self.device)
@@ -272,25 +301,29 @@ class EngineState:
         if T > self.n_tokens:
             raise RuntimeError(f"a step of {T} tokens exceeds the steering buffers ({self.n_tokens})")
         if self.host_skips and not self._any_comp:
-            return self._apply(hidden, col)  # e.g. frozen-ε decode steps: ε is already stored
+            return self._apply(hidden, residual, col)  # e.g. frozen-ε decode steps: ε is already stored
         row = self.s_row
         h_s, r_s = hidden.index_select(0, self.s_tok), residual.index_select(0, self.s_tok)
         e = (h_s + r_s).float()  # [S, d] the residual stream at each slot's driving token
         if self.cap is not None:
             self.cap[:, col] = torch.where(self.s_first[:, None], e, self.cap[:, col])
         self._gate(e, row, col)
-        w, dirs = self.w[col].index_select(0, row), self.dirs[col].index_select(0, row)
-        b, wnorm = self.b[col].index_select(0, row), self.wnorm[col].index_select(0, row)
-        z = (e * w).sum(-1) + b
-        eps = torch.clamp((self.s0.index_select(0, row) - z) / wnorm, min=0.0)
-        scale = torch.where(self.compute[col].index_select(0, row), eps, self.fixed[col].index_select(0, row))
+        z, scale = self._scale(e, row, col)
         scale = torch.where(self.open, scale, torch.zeros_like(scale))
         self.eps[:, col] = torch.where(self.s_comp, scale, self.eps[:, col])
         probe = self.s_first & self.has_probe[col].index_select(0, row)
+        w, dirs = self.w[col].index_select(0, row), self.dirs[col].index_select(0, row)
         after = (h_s + (scale[:, None] * dirs).to(hidden.dtype) + r_s).float()
         self.p_before[:, col] = torch.where(probe, torch.sigmoid(z), self.p_before[:, col])
-        self.p_after[:, col] = torch.where(probe, torch.sigmoid((after * w).sum(-1) + b), self.p_after[:, col])
-        return self._apply(hidden, col)
+        p_after = torch.sigmoid((after * w).sum(-1) + self.b[col].index_select(0, row))
+        self.p_after[:, col] = torch.where(probe, p_after, self.p_after[:, col])
+        return self._apply(hidden, residual, col)
+
+    def _scale(self, e: torch.Tensor, row: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probe logit and scale (ε where the spec computes it, else its constant) of states ``e``."""
+        z = (e * self.w[col].index_select(0, row)).sum(-1) + self.b[col].index_select(0, row)
+        eps = torch.clamp((self.s0.index_select(0, row) - z) / self.wnorm[col].index_select(0, row), min=0.0)
+        return z, torch.where(self.compute[col].index_select(0, row), eps, self.fixed[col].index_select(0, row))
 
     def _gate(self, e: torch.Tensor, row: torch.Tensor, col: int) -> None:
         here = self.s_first & (self.gate_col.index_select(0, row) == col)
@@ -299,14 +332,21 @@ class EngineState:
         self.gate_score.copy_(torch.where(here, score, self.gate_score))
         self.open.copy_(torch.where(here, score >= self.gate_thr.index_select(0, row), self.open))
 
-    def _apply(self, hidden: torch.Tensor, col: int) -> torch.Tensor:
+    def _apply(self, hidden: torch.Tensor, residual: torch.Tensor, col: int) -> torch.Tensor:
         T = hidden.shape[0]
         if self.host_skips and not self._any_steer:
             return hidden.clone()  # an op's output may not alias its input
         t_slot = self.t_slot[:T]
-        scale = self.eps[:, col].index_select(0, t_slot) * self.t_on[:T]
-        dirs = self.dirs[col].index_select(0, self.s_row.index_select(0, t_slot))
-        delta = (scale[:, None] * dirs).to(hidden.dtype)
+        row = self.s_row.index_select(0, t_slot)
+        scale = self.eps[:, col].index_select(0, t_slot)
+        if not (self.host_skips and not self._any_own):
+            # Tokens recomputed after a preemption under per-token ε: each its own. With CUDA graphs
+            # (no host skips) this runs every step: one more [T, d] gather and dot per active layer.
+            _, own = self._scale((hidden + residual).float(), row, col)
+            own = torch.where(self.open.index_select(0, t_slot), own, torch.zeros_like(own))
+            scale = torch.where(self.t_own[:T], own, scale)
+        scale = scale * self.t_on[:T]
+        delta = (scale[:, None] * self.dirs[col].index_select(0, row)).to(hidden.dtype)
         # Unsteered tokens (slot 0, gate closed, ε = 0) keep their exact bits.
         return torch.where((scale != 0)[:, None], hidden + delta, hidden)
 

@@ -1,14 +1,19 @@
-"""The vllm backend: the steering op's math, parity with the HF backend, compilation, unsteered rows.
+"""The vllm backend: the steering op's math, parity with the HF backend, compilation, unsteered rows,
+preemption, and perplexity and multiple choice scored by the engine.
 
 Fast tests call the op directly on hand-filled buffers. Slow tests build engines on a tiny random
-Llama (head_dim 64, float32): one eager steering engine and one plain engine per module, and one
-compiled engine for the single compiled-mode test (~45 s to start on the 2-core CPU).
+Llama (head_dim 64, float32): one eager steering engine (with a KV cache small enough that long
+batches are preempted) and one plain engine per module, and two compiled engines for the single
+compiled-mode test (~20 s each to start on the 2-core CPU).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -37,6 +42,7 @@ PROMPTS = [
     "Can you tell me about the history of Oslo?",
 ]
 MAX_NEW = 12
+KV_BLOCKS = 24
 
 
 def _bundle(value: str, seed: int, hidden: int = HIDDEN, gate: Gate | None = None, p0: float = 0.999) -> ValueBundle:
@@ -153,7 +159,10 @@ def bundles(hf) -> tuple[ValueBundle, ValueBundle]:  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def eager(tiny: str, bundles):  # noqa: ANN001, ANN201
-    steerer = VLLMSteerer(tiny, bundles, layers=range(N_BLOCKS), settings=EngineSettings(record=True))
+    """Every layer active, recording on; 24 KV blocks of 32 tokens: the other tests' batches fit, the
+    preemption test's long generations do not."""
+    settings = EngineSettings(record=True, kv_blocks=KV_BLOCKS, block_size=32)
+    steerer = VLLMSteerer(tiny, bundles, layers=range(N_BLOCKS), settings=settings)
     yield steerer
     steerer.close()
 
@@ -259,26 +268,129 @@ def test_refuses_prompt_longer_than_one_step(eager) -> None:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_compiled_equals_eager_and_steers(tiny, bundles, eager) -> None:  # noqa: ANN001
-    """Under torch.compile the op is in the graph: same steered tokens as eager, unlike unsteered ones.
+def test_preempted_requests_are_recomputed_with_their_own_eps(hf, bundles, eager) -> None:  # noqa: ANN001
+    """With the KV cache too small for the batch, vLLM preempts requests and later re-runs each from
+    its first token in one step. Per-token ε: the prompt's tokens get the prompt's ε again and each
+    generated token its own, as when it was decoded (not the slot's latest, as before the fix, which
+    made this test fail on greedy tokens). Tokens and ε equal the HF backend's, which never preempts."""
+    model, tok = hf
+    gated, other = bundles
+    prompts, specs = PROMPTS * 2, [SteerSpec("conva", gated), SteerSpec("conva", other)] * len(PROMPTS)
+    before = eager.state.recomputed
+    kw = dict(max_new_tokens=60, epsilon="per_token")
+    rows = eager.generate(prompts, specs, **kw)
+    assert eager.state.recomputed > before, "nothing was preempted: the test would not see a recompute"
+    hf_rows = generate(model, tok, prompts, specs, batch_size=len(prompts), **kw)
+    _assert_parity(hf_rows, rows)
 
-    A Python forward hook would be silently ignored here, so its steered rows would equal the
-    unsteered ones and this test would fail.
+
+ANSWERS = ["Paris is the capital.", "They help a lot every day.", "", "Because it matters to them.", "x",
+           "Oslo has a long history of bridges."]
+
+
+@pytest.mark.slow
+def test_perplexity_matches_hf(hf, eager) -> None:  # noqa: ANN001
+    """Answer NLL from vLLM's prompt logprobs equals conva.metrics' (same tokens; float32 noise only)."""
+    from conva.metrics import answer_nll, perplexity
+
+    model, tok = hf
+    for chat in (True, False):
+        want = answer_nll(model, tok, PROMPTS, ANSWERS, chat_template=chat)
+        got = eager.answer_nll(PROMPTS, ANSWERS, chat_template=chat)
+        assert [n for _, n in got] == [n for _, n in want] and want[2] == (0.0, 0)
+        np.testing.assert_allclose([x for x, _ in got], [x for x, _ in want], rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(eager.perplexity(PROMPTS, ANSWERS, chat_template=chat),
+                                   perplexity(model, tok, PROMPTS, ANSWERS, chat_template=chat), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:  # noqa: ANN001
+    """Multiple choice on the engine: the letters' log-probabilities equal HF's steered ones within 1e-4,
+    and pred, correct, gate_open and gate_score agree row by row, with the gate closing some rows."""
+    import torch
+
+    from conva.mc import demo_mc, letter_token_ids, mc_prompts, score_mc
+    from conva.record import record_activations
+    from conva.steer import steer_logits
+
+    model, tok = hf
+    items = demo_mc()[:12]
+    prompts, answers = mc_prompts(items), [item.answer for item in items]
+    # A gate that opens on half of these questions (the module's gate was set on other prompts).
+    gate = bundles[0].gate
+    scores = gate.scores(record_activations(model, tok, prompts, [GATE_LAYER], chat_template=True)[:, 0])
+    gated = replace(bundles[0], gate=replace(gate, threshold=float(np.median(scores))))
+    kinds = [SteerSpec("conva", gated), SteerSpec("none"), SteerSpec("caa", bundles[1], strength=3.0),
+             SteerSpec("probe_fixed", gated, strength=3.0), SteerSpec("conva", bundles[1], p0=0.9),
+             SteerSpec("prompt", gated)]
+    specs = (kinds * 2)[: len(items)] + [SteerSpec("conva", gated)] * len(items)
+    prompts, answers = prompts * 2, answers * 2
+    flat = [t for ids in letter_token_ids(tok) for t in ids]
+    logits, _ = steer_logits(model, tok, prompts, specs)
+    got, _ = eager.choice_logprobs(prompts, specs, flat)
+    np.testing.assert_allclose(got, torch.log_softmax(logits, -1)[:, flat].numpy(), atol=1e-4)
+    want = score_mc(model, tok, prompts, answers, specs, batch_size=len(prompts))
+    rows = eager.score_mc(prompts, answers, specs)
+    assert [(r.pred, r.correct, r.gate_open) for r in rows] == [(r.pred, r.correct, r.gate_open) for r in want]
+    for a, b in zip(want, rows):
+        assert (a.gate_score is None) == (b.gate_score is None)
+        assert a.gate_score is None or abs(a.gate_score - b.gate_score) < 1e-4
+    plain = score_mc(model, tok, prompts, answers, [SteerSpec("none")] * len(prompts), batch_size=len(prompts))
+    gated_rows = [i for i, s in enumerate(specs) if s.gated()]
+    assert {rows[i].gate_open for i in gated_rows} == {True, False}
+    assert any(rows[i].pred != plain[i].pred for i in gated_rows if rows[i].gate_open), "steering changed no pick"
+    assert all(rows[i].pred == plain[i].pred for i in gated_rows if not rows[i].gate_open)
+
+
+@pytest.fixture
+def compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh vLLM cache folder (``VLLM_CACHE_ROOT``) for one test: vLLM freezes its environment
+    when an engine starts, so that freeze is lifted before and after."""
+    import vllm.envs
+
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path))
+    vllm.envs.disable_envs_cache()
+    yield tmp_path
+    vllm.envs.disable_envs_cache()
+
+
+def _cache_keys(root: Path) -> set[Path]:
+    """The compile-cache entries under ``root``: one folder per cache key, holding ``rank_0_0``."""
+    return {p.parent for p in (root / "torch_compile_cache").rglob("rank_0_0")}
+
+
+@pytest.mark.slow
+def test_compiled_engines_with_other_layers_keep_their_own_graphs(
+        tiny, bundles, eager, compile_cache) -> None:  # noqa: ANN001
+    """Two compiled engines, one after the other in this process and on one cache folder, steering
+    different layers: each steers as the eager engine does, from a cache entry of its own.
+
+    The traced graph bakes in the engine id and the active layers' columns; without the salt both
+    engines share one cache key (measured: one folder), and on a GPU the second would load the
+    first's graph. A Python forward hook would be silently ignored here, so steered rows would equal
+    the unsteered ones and this test would fail.
     """
-    compiled = VLLMSteerer(tiny, bundles, layers=range(N_BLOCKS), settings=EngineSettings(enforce_eager=False))
-    try:
-        specs = _mixed_specs(bundles)[: len(PROMPTS)]
-        got = compiled.generate(PROMPTS, specs, max_new_tokens=MAX_NEW)
-        want = eager.generate(PROMPTS, specs, max_new_tokens=MAX_NEW)
-        none = compiled.generate(PROMPTS, [SteerSpec("none")] * len(PROMPTS), max_new_tokens=MAX_NEW)
-    finally:
-        compiled.close()
-    for a, b in zip(got, want):
-        assert a.tokens == b.tokens and a.gate_open == b.gate_open
-        np.testing.assert_allclose(a.eps, b.eps, atol=1e-4)
-    steered = [i for i, r in enumerate(got) if r.gate_open and r.layers]
-    assert steered and any(got[i].tokens != none[i].tokens for i in steered)
-    assert all(got[i].tokens == none[i].tokens for i, r in enumerate(got) if not (r.gate_open and r.layers))
+    narrow = replace(bundles[1], band=(2, 3))
+    narrow_specs = [SteerSpec("conva", narrow), SteerSpec("none"), SteerSpec("caa", narrow, strength=4.0)] * 2
+    runs = [(bundles, range(N_BLOCKS), _mixed_specs(bundles)[: len(PROMPTS)]), ((narrow,), None, narrow_specs)]
+    wants = [eager.generate(PROMPTS, specs, max_new_tokens=MAX_NEW) for _, _, specs in runs]
+    keys: list[set[Path]] = []
+    for (engine_bundles, layers, specs), want in zip(runs, wants):
+        compiled = VLLMSteerer(tiny, engine_bundles, layers=layers, settings=EngineSettings(enforce_eager=False))
+        try:
+            got = compiled.generate(PROMPTS, specs, max_new_tokens=MAX_NEW)
+            none = compiled.generate(PROMPTS, [SteerSpec("none")] * len(PROMPTS), max_new_tokens=MAX_NEW)
+            assert compiled.layers == tuple(range(N_BLOCKS) if layers else (2, 3))
+        finally:
+            compiled.close()
+        keys.append(_cache_keys(compile_cache))
+        for a, b in zip(got, want, strict=True):
+            assert a.tokens == b.tokens and a.gate_open == b.gate_open
+            np.testing.assert_allclose(a.eps, b.eps, atol=1e-4)
+        steered = [i for i, r in enumerate(got) if r.gate_open and r.layers]
+        assert steered and any(got[i].tokens != none[i].tokens for i in steered)
+        assert all(got[i].tokens == none[i].tokens for i, r in enumerate(got) if not (r.gate_open and r.layers))
+    assert len(keys[0]) == 1 and len(keys[1]) == 2, f"cache keys after each engine: {keys}"
 
 
 @pytest.mark.slow

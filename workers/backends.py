@@ -2,6 +2,8 @@
 
 A backend is a factory ``(cfg) -> Steerer``. A :class:`Steerer` owns a loaded model and turns one
 shard of steering rows into generation rows (``conva.pipeline.GENERATION_SCHEMA``), one per input row.
+It also scores text on the same model: answer perplexity under the unsteered model and multiple
+choice with each row's steering and gate, so a worker needs no second copy of the model for them.
 
 To add a backend, register a factory::
 
@@ -15,25 +17,27 @@ where vLLM is missing or of an untested version.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import pyarrow as pa
 
 from conva.blocks import find_blocks
 from conva.bundle import ValueBundle
 from conva.config import Config
+from conva.mc import MCRow, score_mc
+from conva.metrics import perplexity
 from conva.models import load_model, model_fingerprint, model_name
 from conva.pipeline import steer_table
+from conva.steer import SteerSpec
 
 __all__ = ["Steerer", "HFSteerer", "VLLMBackendSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
 
 
 class Steerer(Protocol):
-    """A loaded model that steers shards and scores answers. ``fingerprint``/``hidden_size`` check bundles.
+    """A loaded model that steers shards and scores text. ``fingerprint``/``hidden_size`` check bundles.
 
-    ``steer``: one generation row per steering row. ``perplexity``: each answer's perplexity given its
-    prompt under the unsteered model. ``score_mc``: multiple-choice answers by the letter logits with each
-    row's steering spec and gate active (:class:`conva.mc.MCRow`).
+    ``bundles`` are the bundles the model must be able to steer (a vLLM engine is built from their
+    layers on first use); :meth:`perplexity` and :meth:`score_mc` return one entry per prompt, in order.
     """
 
     fingerprint: str
@@ -41,10 +45,16 @@ class Steerer(Protocol):
 
     def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None) -> pa.Table: ...
 
-    def perplexity(self, prompts: list[str], answers: list[str], *, chat_template: bool, batch_size: int) -> list[float]: ...
+    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], bundles: dict[str, ValueBundle], *,
+                   chat_template: bool = True, batch_size: int = 8) -> list[float]:
+        """Each answer's perplexity given its prompt under the unsteered model (:func:`conva.metrics.perplexity`)."""
+        ...
 
-    def score_mc(self, prompts: list[str], answers: list[str], specs: list, *, chat_template: bool, positions: str,
-                 batch_size: int) -> list: ...
+    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec],
+                 bundles: dict[str, ValueBundle], *, chat_template: bool = True, positions: str = "all",
+                 batch_size: int = 8) -> list[MCRow]:
+        """Multiple choice with each row's steering and gate active (:func:`conva.mc.score_mc`)."""
+        ...
 
 
 BACKENDS: dict[str, Callable[[Config], Steerer]] = {}
@@ -87,15 +97,13 @@ class HFSteerer:
         cfg = self.cfg if batch_size is None else replace(self.cfg, steer=replace(self.cfg.steer, batch_size=batch_size))
         return steer_table(self.model, self.tok, rows, bundles, cfg, self.name)
 
-    def perplexity(self, prompts: list[str], answers: list[str], *, chat_template: bool, batch_size: int) -> list[float]:
-        from conva.metrics import perplexity
-
+    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], bundles: dict[str, ValueBundle], *,
+                   chat_template: bool = True, batch_size: int = 8) -> list[float]:
         return perplexity(self.model, self.tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)
 
-    def score_mc(self, prompts: list[str], answers: list[str], specs: list, *, chat_template: bool, positions: str,
-                 batch_size: int) -> list:
-        from conva.mc import score_mc
-
+    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec],
+                 bundles: dict[str, ValueBundle], *, chat_template: bool = True, positions: str = "all",
+                 batch_size: int = 8) -> list[MCRow]:
         return score_mc(self.model, self.tok, prompts, answers, specs, chat_template=chat_template,
                         positions=positions, batch_size=batch_size)
 
@@ -106,9 +114,12 @@ register_backend("hf")(HFSteerer)
 class VLLMBackendSteerer:
     """The vLLM backend: ConVA inside a vLLM engine (:mod:`conva.vllm_backend`), same row contract as HF.
 
-    The engine is built on the first shard, once the bundles are known: their bands and gate layers are
-    the layers whose steering op is traced into the engine's graph. The fingerprint that bundles are
-    checked against is read from the weight files (:func:`conva.fingerprint.file_fingerprint`).
+    The engine is built on the first call, once the bundles are known: their bands and gate layers are
+    the layers whose steering op is traced into the engine's graph (a later spec that steers other
+    layers is refused, naming them). Perplexity and multiple choice are scored by the same engine (prompt
+    logprobs; the letters' logprobs under each row's steering); the engine batches requests itself, so
+    ``batch_size`` does not apply there. The fingerprint that bundles are checked against is read from
+    the weight files (:func:`conva.fingerprint.file_fingerprint`).
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -151,20 +162,15 @@ class VLLMBackendSteerer:
         return steer_table(None, self.tok, rows, bundles, self.cfg, self.name, generate_fn=run,
                            max_length=min(engine.max_len, engine.budget + 1))
 
+    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], bundles: dict[str, ValueBundle], *,
+                   chat_template: bool = True, batch_size: int = 8) -> list[float]:
+        return self._engine(bundles).perplexity(prompts, answers, chat_template=chat_template)
 
-    def _hf(self) -> HFSteerer:
-        # Scoring still reads an HF copy of the model here (loaded on first use).
-        if getattr(self, "_scorer", None) is None:
-            self._scorer = HFSteerer(self.cfg)
-        return self._scorer
-
-    def perplexity(self, prompts: list[str], answers: list[str], *, chat_template: bool, batch_size: int) -> list[float]:
-        return self._hf().perplexity(prompts, answers, chat_template=chat_template, batch_size=batch_size)
-
-    def score_mc(self, prompts: list[str], answers: list[str], specs: list, *, chat_template: bool, positions: str,
-                 batch_size: int) -> list:
-        return self._hf().score_mc(prompts, answers, specs, chat_template=chat_template, positions=positions,
-                                   batch_size=batch_size)
+    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec],
+                 bundles: dict[str, ValueBundle], *, chat_template: bool = True, positions: str = "all",
+                 batch_size: int = 8) -> list[MCRow]:
+        return self._engine(bundles).score_mc(prompts, answers, specs, chat_template=chat_template,
+                                              positions=positions)
 
 
 register_backend("vllm")(VLLMBackendSteerer)

@@ -104,7 +104,7 @@ def evaluate(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     verdicts = worker.judge(bundles).judge(values, prompts, answers) if good else []
     ppl = [None] * len(good)
     if good and spec.fluency.perplexity:
-        ppl = worker.steerer().perplexity(prompts, answers, chat_template=cfg.steer.chat_template,
+        ppl = worker.steerer().perplexity(prompts, answers, bundles, chat_template=cfg.steer.chat_template,
                                           batch_size=task.batch(spec.fluency.batch_size))
     rating = _fluency(worker, answers) if good and spec.fluency.llm else [None] * len(good)
     done = {i: (v, p, f) for i, v, p, f in zip(good, verdicts, ppl, rating)}
@@ -133,7 +133,7 @@ def utility(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     rows = read_table_slice(task.slice)
     bundles, records, cfg = worker.bundles(task.bundles), rows.to_pylist(), worker.cfg
     specs = [row_spec(cfg, bundles.get(r["value"]) if r["value"] else None, r) for r in records]
-    scored = worker.steerer().score_mc([r["prompt"] for r in records], [r["answer"] for r in records], specs,
+    scored = worker.steerer().score_mc([r["prompt"] for r in records], [r["answer"] for r in records], specs, bundles,
                                        chat_template=cfg.steer.chat_template, positions=cfg.steer.positions,
                                        batch_size=task.batch(worker.spec.utility.batch_size))
     name = model_name(cfg.model.name)

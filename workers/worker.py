@@ -175,6 +175,7 @@ class ModelWorker:
         if self._judge is None:
             from conva.judges import make_judge
 
+            # Only the probe judge reads the model itself (with the vLLM backend: an HF copy, loaded then).
             model, tok = (self.hf() if self.spec.judge.kind == "probe" else (None, None))
             self._judge = make_judge(self.spec.judge, values=self.cfg.data.values, model=model, tok=tok,
                                      bundles=bundles, cache_dir=self.spec.judge_cache)
