@@ -34,7 +34,7 @@ from jobs.common import JobError
 from jobs.stages import (ACTIVATION_KEYS, BUNDLE_KEYS, STAGE_DIRS, GeneratedInput, StageSpec, check_stages, run_config,
                          select, shard_config)
 
-__all__ = ["ModelJob", "plan_job", "check_nodes", "worker_inputs", "model_bytes", "check_gpu_fit"]
+__all__ = ["ModelJob", "plan_job", "check_nodes", "check_output", "worker_inputs", "model_bytes", "check_gpu_fit"]
 
 _log = logging.getLogger("conva.jobs")
 _NODE_CHECK_TIMEOUT_S = 120.0
@@ -86,12 +86,37 @@ def plan_job(cfg: Config, out: Location, stages: tuple[str, ...], overwrite: boo
         raise JobError(f"model.name: {err}") from err
     if "steer" in stages or extra:
         check_backend_settings(cfg)
+    check_output(out)
     specs = [*model_specs(cfg, stages), *extra]
     if "steer" in stages and "fit" not in stages:
         check_bundles(cfg, out)  # first: "made for another model" says more than the keys that differ
     check_stages(out, specs, overwrite)
     reads = (*worker_inputs(cfg), *reads) if "steer" in stages else tuple(reads)
     return ModelJob(cfg, out, tuple(specs), reads, label or model_name(cfg.model.name))
+
+
+def check_output(out: Location) -> None:
+    """The output can be written, as far as the driver can tell without writing (every node checks later).
+
+    A local path: its nearest existing ancestor is a writable folder. An object store: the bucket exists
+    and the credentials reach it.
+    """
+    if out.is_local:
+        probe = out.uri
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise JobError(f"output.dir: {out} is not writable: {probe} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise JobError(f"output.dir: {out} is not writable: no write permission on {probe}")
+        return
+    bucket = out.path.split("/", 1)[0]
+    try:
+        found = out.fs.get_file_info(bucket)
+    except OSError as err:
+        raise JobError(f"output.dir: cannot reach {out}: {err}") from err
+    if found.type.name == "NotFound":
+        raise JobError(f"output.dir: the bucket of {out} does not exist")
 
 
 def model_specs(cfg: Config, stages: tuple[str, ...]) -> list[StageSpec]:

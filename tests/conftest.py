@@ -117,12 +117,19 @@ def fault_plan(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session(fault_plan):
-    """One embedded Ray (loopback only) for every test that runs jobs in-process (~6 s and ~700 MB to start)."""
+def ray_session(fault_plan, s3):
+    """One embedded Ray (loopback only) for every test that runs jobs in-process (~6 s and ~700 MB to start).
+
+    Its workers inherit the environment it starts with: the fault hook, and the AWS variables of the
+    session's S3 server on loopback (so a job's workers reach ``s3://`` outputs as the driver does).
+    """
     import ray
 
     from jobs.common import connect_ray
 
+    for key in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[key]
+    os.environ.update(s3.env)
     connect_ray()
     yield
     ray.shutdown()

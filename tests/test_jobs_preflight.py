@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 
 from conva.tiny import make_tiny_model
-from jobs import cli, stages
+from jobs import cli, runner
 from jobs.runner import main
 from workers.backends import BACKENDS, check_backend, make_steerer, register_backend
 from workers.contract import RowContractError, check_rows
@@ -33,8 +33,8 @@ def tiny(tmp_path_factory) -> str:
 def no_ray(monkeypatch):
     def fail(*_a, **_k):
         raise AssertionError("Ray or a worker was started")
-    monkeypatch.setattr(stages, "connect_ray", fail)
-    monkeypatch.setattr(stages, "start_actors", fail)
+    monkeypatch.setattr(runner, "connect_ray", fail)
+    monkeypatch.setattr(runner, "WorkerPool", fail)
 
 
 def _fails(capsys, job: str, *argv: str) -> str:
@@ -56,7 +56,7 @@ def test_missing_model_path(tmp_path, capsys) -> None:
 def test_unreadable_inputs(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "out"
     line = _fails(capsys, "extract", f"--model.name={tiny}", f"--output.dir={out}", f"--data.pairs={tmp_path / 'nope.jsonl'}")
-    assert line.startswith("jobs.extract: error: data.pairs:") and "no such file" in line
+    assert line.startswith("conva extract: error: data.pairs:") and "no such file" in line
     broken = tmp_path / "prompts.parquet"
     broken.write_bytes(b"PAR1 this is not parquet")
     line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={out}", f"--data.prompts={broken}")
@@ -127,3 +127,46 @@ def test_row_contract() -> None:
     assert check_rows("extract", 0, rows, doubled, per_row=2) is doubled
     with pytest.raises(RowContractError, match="duplicate input row ids"):
         check_rows("steer", 0, pa.table({"row_id": ["a", "a"]}), pa.table({"row_id": ["a", "a"]}))
+
+
+def test_a_relative_output_is_made_absolute_here_and_refused_under_ray_job_submit(tiny, tmp_path, monkeypatch,
+                                                                                    capsys) -> None:
+    from conva.config import load_config
+    from jobs.common import output_location
+
+    monkeypatch.chdir(tmp_path)
+    cfg, out = output_location(load_config(TINY, [f"--model.name={tiny}", "--output.dir=runs/x"]))
+    assert out.uri == cfg.output.dir == str(tmp_path / "runs" / "x")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"metadata": {"job_submission_id": "raysubmit_1"}}')
+    line = _fails(capsys, "run", f"--model.name={tiny}", "--output.dir=runs/x")
+    assert "output.dir: 'runs/x' is relative; under `ray job submit`" in line and "every node" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_s3_output_whose_bucket_is_missing_fails_before_anything(tiny, s3_env, capsys) -> None:
+    line = _fails(capsys, "run", f"--model.name={tiny}", "--output.dir=s3://no-such-bucket/runs/x")
+    assert line == "conva run: error: output.dir: the bucket of s3://no-such-bucket/runs/x does not exist"
+
+
+def test_multi_gpu_workers_are_planned_and_refused_where_they_cannot_work(tiny, tmp_path, capsys) -> None:
+    from conva.config import load_config
+    from jobs.preflight import check_gpu_fit, model_bytes
+
+    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}", "--steer.backend=vllm",
+                  "--ray.num_gpus_per_worker=2")
+    assert "tensor parallelism" in line and 'steer.backend = "hf"' in line
+    cfg = load_config(TINY, [f"--model.name={tiny}", "--model.device=cuda", "--ray.num_gpus_per_worker=2"])
+    weights = model_bytes(cfg)
+    stored = sum(p.stat().st_size for p in Path(tiny).glob("*.safetensors"))
+    assert weights == stored  # float32 on disk, float32 asked for
+    half = load_config(TINY, [f"--model.name={tiny}", "--model.dtype=bfloat16"])
+    assert model_bytes(half) == stored // 2
+    gib = 2**30
+    need = weights * 1.2
+    check_gpu_fit(cfg, {"10.0.0.1": [int(need / 2) + 1, int(need / 2) + 1]})  # two GPUs together hold it: fine
+    with pytest.raises(Exception, match=r"ray.num_gpus_per_worker: .* gets 2 GPU\(s\) of .* GiB"):
+        check_gpu_fit(cfg, {"10.0.0.1": [int(need / 2) - 1] * 2})
+    one = load_config(TINY, [f"--model.name={tiny}", "--model.device=cuda", "--ray.num_gpus_per_worker=1"])
+    with pytest.raises(Exception, match="node 10.0.0.2"):
+        check_gpu_fit(one, {"10.0.0.1": [8 * gib], "10.0.0.2": [int(need) - 1]})
+    check_gpu_fit(one, {"10.0.0.1": []})  # a node whose GPUs are unknown is not refused
