@@ -52,11 +52,14 @@ def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_pat
     (null activation, the reason in ``error``); the other rows are unchanged and the fit job fits without it."""
     import json
 
+    import types
+
     from conva.bundle import load_bundle
     from conva.pipeline import SCHEMA_VERSION, extraction_rows
-    from conva.store import open_stage
-    from jobs.fitting import run_fit
-    from workers.extraction import MODEL_META_KEY
+    from conva.storage import location
+    from conva.store import Stage, write_table_shard
+    from workers.shards import fit
+    from workers.tasks import ShardTask
 
     model, tok = tiny
     cfg = load_config(None, [f"--model.name={tiny_path}", '--data.values=["power"]', "--gate.kind=none",
@@ -79,9 +82,15 @@ def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_pat
 
     meta = {"name": "tiny", "fingerprint": "f", "hidden_size": model.config.hidden_size,
             "n_blocks": len(layers), "layers": layers}
-    acts = open_stage(tmp_path, "activations", {"t": 1}, SCHEMA_VERSION)
-    acts.commit(0, out.replace_schema_metadata({MODEL_META_KEY: json.dumps(meta).encode()}), row_group_size=n)
-    result = run_fit(cfg, acts, open_stage(tmp_path, "bundles", {"t": 1}, SCHEMA_VERSION), 1)
-    assert result.processed == 1
+    root = location(tmp_path)
+    acts = Stage.open(root, "activations", {"t": 1}, SCHEMA_VERSION, n_shards=1)
+    assert acts.commit(write_table_shard(acts.ref(0, "a"), out, row_group_size=n, extra={"model": meta}))
+    bundles = Stage.open(root, "bundles", {"t": 1}, SCHEMA_VERSION, n_shards=1)
+    params = {"value": "power", "model": {k: meta[k] for k in ("name", "fingerprint", "hidden_size", "n_blocks")},
+              "layers": layers, "dataset_hash": "h"}
+    task = ShardTask("fit", bundles.ref(0, "f"), files=tuple(acts.parquet_files()), params=params)
+    record = fit(types.SimpleNamespace(cfg=cfg), task)  # the fit shard, as a worker runs it
+    assert bundles.commit(record)
+    assert record.extra["skipped"] == 1 and record.extra["skipped_examples"][0]["error"].startswith("text too long")
     bundle = load_bundle(tmp_path / "bundles" / "power")
     assert bundle.extra["n_train"] + bundle.extra["n_test"] == n - 1

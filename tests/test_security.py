@@ -123,35 +123,38 @@ def test_inf_values_and_edited_tensor_hashes_are_refused(bundle_dir) -> None:
 
 
 def test_trust_remote_code_is_off_unless_the_config_says_so(tiny_path, monkeypatch) -> None:
-    from conva.models import load_model
-    from workers import backends, extraction
+    from conva import models
+    from workers import backends
+    from workers.tasks import WorkerSpec
+    from workers.worker import ModelWorker
 
     seen: list[bool] = []
+    load_model = models.load_model
 
     def spy(name, dtype="float32", device="cpu", trust_remote_code=False):
         seen.append(trust_remote_code)
         return load_model(name, dtype, device)
 
-    monkeypatch.setattr(extraction, "load_model", spy)
+    monkeypatch.setattr(models, "load_model", spy)
     monkeypatch.setattr(backends, "load_model", spy)
     default = load_config(TINY, [f"--model.name={tiny_path}"])
     turned_on = load_config(TINY, [f"--model.name={tiny_path}", "--model.trust_remote_code=true"])
     assert default.model.trust_remote_code is False
     for cfg in (default, turned_on):
-        extraction.ExtractionWorker(cfg)
+        ModelWorker(WorkerSpec(cfg)).load(("hf",))  # the model worker, as a Ray actor runs it
         backends.HFSteerer(cfg)
     assert seen == [False, False, True, True]
 
 
 def test_the_run_log_says_when_remote_code_is_on(tiny_path, tmp_path, monkeypatch) -> None:
-    from jobs import stages
+    from jobs import runner
     from jobs.common import JobError
     from jobs.runner import run_job
 
     def stop(*_a, **_k):
         raise JobError("stopped before any worker (test)")
 
-    monkeypatch.setattr(stages, "connect_ray", stop)
+    monkeypatch.setattr(runner, "connect_ray", stop)
     logs = {}
     for flag in ("false", "true"):
         out = tmp_path / flag

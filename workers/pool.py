@@ -23,11 +23,13 @@ work as soon as ``ray.min_workers`` are ready (the rest join when Ray places the
   fails the job.
 
 Workers return :class:`~conva.store.ShardRecord` s only; :attr:`WorkerPool.returned_bytes` counts what
-they sent back, and anything else (a table, say) fails the job: no shard data passes through the driver.
+they sent back (the records' size as JSON), and anything else (a table, say) fails the job: no shard
+data passes through the driver.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -37,7 +39,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
-from ray import cloudpickle
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from conva.config import RayConfig
@@ -381,7 +382,7 @@ class _Runner:
         if (record.shard, record.attempt, record.stage) != (call.shard, call.attempt, call.run.stage.name):
             raise ShardFailedError(call.run.name, call.shard, f"the worker answered for {record.stage} shard "
                                    f"{record.shard} attempt {record.attempt}, not attempt {call.attempt}")
-        self.pool.returned_bytes += len(cloudpickle.dumps(record))
+        self.pool.returned_bytes += len(json.dumps(record.to_json()))  # what a worker sent back: this record
         w = record.worker
         self.pool.busy.append((w.get("worker", "?"), w.get("started", 0.0), w.get("finished", 0.0)))
         self.pool.loads[w.get("worker", "?")] = w.get("loads", 0)
