@@ -120,8 +120,11 @@ def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool 
                      break_stale=break_lease), run_log(out):
         out.child("study.json").write_text(json.dumps(study_dict(study), indent=1, sort_keys=True))
         _log.info("study %s, config:\n%s", study.study.name, json.dumps(study_dict(study), indent=1))
-        _run_models(models, overwrite)
-        _write_outputs(study, out, models)
+        worked = _run_models(models, overwrite)
+        if worked or not all(out.child(f"{name}.parquet").exists() for name in OUTPUT_FILES):
+            _write_outputs(study, out, models)
+        else:
+            _log.info("every stage of every model was committed already; %s is up to date", out)
         _log.info("study %s done in %.1f s", study.study.name, time.monotonic() - start)
     return out
 
@@ -160,10 +163,17 @@ class _Capacity:
             self.cond.notify_all()
 
 
-def _run_models(models: list[_ModelRun], overwrite: bool) -> None:
-    """Every model's pipeline in its own thread, admitted by :class:`_Capacity`; the first failure is raised."""
+def _run_models(models: list[_ModelRun], overwrite: bool) -> bool:
+    """Every model's pipeline in its own thread, admitted by :class:`_Capacity`; the first failure is raised.
+
+    Returns whether any model had work (nothing starts, not even Ray, when every stage is committed).
+    """
     import ray
 
+    from jobs.runner import _has_work
+
+    if not any(_has_work(m.job, overwrite) for m in models):
+        return False
     connect_ray()
     capacity = _Capacity(ray.cluster_resources())
     errors: list[BaseException] = []
@@ -187,6 +197,7 @@ def _run_models(models: list[_ModelRun], overwrite: bool) -> None:
         t.join()
     if errors:
         raise errors[0]
+    return True
 
 
 def _write_outputs(study: StudyConfig, out: Location, models: list[_ModelRun]) -> None:

@@ -84,22 +84,16 @@ def test_summary_arithmetic_on_known_rows() -> None:
 
 
 @pytest.fixture(scope="module")
-def study_run(tiny_path, tmp_path_factory):
+def study_run(tiny_path, tmp_path_factory, ray_session):
     """A two-cell study (ConVA and unsteered, one value) on the tiny model, as one embedded-Ray job."""
-    import ray
-
-    import jobs  # noqa: F401  (loopback-only Ray environment before ray starts)
     from jobs.study import main
 
     out = tmp_path_factory.mktemp("study")
     argv = ["--config", str(DEMO), f'--study.models=["{tiny_path}"]', '--study.methods=["conva", "none"]',
             '--data.values=["power"]', "--data.max_prompts_per_value=3", "--fit.band=1-3", "--steer.max_new_tokens=4",
             "--utility.max_items=4", "--ray.num_workers=1", "--ray.rows_per_shard=4", f"--output.dir={out}"]
-    try:
-        assert main(argv) == 0
-        yield out, argv
-    finally:
-        ray.shutdown()
+    assert main(argv) == 0
+    return out, argv
 
 
 @pytest.mark.slow
@@ -119,12 +113,12 @@ def test_two_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
 @pytest.mark.slow
 def test_study_rerun_starts_nothing_and_report_rebuilds_from_parquet(study_run, monkeypatch) -> None:
     from conva.report import main as report_main
-    from jobs import stages, study
+    from jobs import runner, study
 
     out, argv = study_run
     before = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("part-*.parquet")}
-    monkeypatch.setattr(study, "_start", lambda *a: pytest.fail("a study worker was started"))
-    monkeypatch.setattr(stages, "start_actors", lambda *a, **k: pytest.fail("a job worker was started"))
+    monkeypatch.setattr(runner, "WorkerPool", lambda *a, **k: pytest.fail("a worker was started"))
+    monkeypatch.setattr(study, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
     assert study.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "models").rglob("part-*.parquet")} == before
     assert study.main([*argv, "--study.p0=[0.9]"]) == 2  # a changed config is refused, naming the keys

@@ -5,13 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
-import ray
 
-import jobs  # noqa: F401  (sets the loopback-only Ray environment before ray starts)
 from conva.config import load_config
-from jobs.common import connect_ray
 from jobs.runner import run_job
 
 pytestmark = pytest.mark.slow
@@ -25,15 +22,11 @@ def _cfg(out: Path, *extra: str):
         "--steer.max_new_tokens=12", "--steer.p0=0.999", "--ray.num_workers=1", "--vllm.max_num_seqs=8", *extra])
 
 
-def test_run_job_with_vllm_backend_writes_what_hf_writes(tmp_path):
-    connect_ray(_cfg(tmp_path))
-    try:
-        run_job("run", _cfg(tmp_path))
-        hf = ds.dataset(tmp_path / "generations").to_table().sort_by("row_id")
-        run_job("steer", _cfg(tmp_path, "--steer.backend=vllm"), overwrite=True)
-        vl = ds.dataset(tmp_path / "generations").to_table().sort_by("row_id")
-    finally:
-        ray.shutdown()
+def test_run_job_with_vllm_backend_writes_what_hf_writes(tmp_path, ray_session):
+    run_job("run", _cfg(tmp_path))
+    hf = pq.read_table(tmp_path / "generations").sort_by("row_id")
+    run_job("steer", _cfg(tmp_path, "--steer.backend=vllm"), overwrite=True)
+    vl = pq.read_table(tmp_path / "generations").sort_by("row_id")
     assert vl.schema == hf.schema and vl.num_rows == hf.num_rows == 6
     assert vl.column("row_id").equals(hf.column("row_id"))
     assert vl.column("error").null_count == 6
