@@ -125,12 +125,15 @@ def load_model(
     dtype: str = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model (eval mode, on ``device``) and its tokenizer (left padding, pad token set).
 
     ``dtype`` is a torch dtype name (``"float32"``, ``"bfloat16"``, ...). A missing pad token becomes
     the eos token, so batched generation works. ``trust_remote_code=True`` runs code from the model
-    folder and is logged as a warning.
+    folder and is logged as a warning. ``device_map="auto"`` spreads a model too large for one GPU over
+    every GPU the process sees (a Ray worker given several GPUs of one node), block by block; ``device``
+    is then ignored.
 
     Example:
         >>> from conva.tiny import make_tiny_model
@@ -153,9 +156,11 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+        **({"device_map": device_map} if device_map else {}),
     )
-    model.to(device)
+    if not device_map:
+        model.to(device)
     model.eval()
     return model, tokenizer
 

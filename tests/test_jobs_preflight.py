@@ -170,3 +170,23 @@ def test_multi_gpu_workers_are_planned_and_refused_where_they_cannot_work(tiny, 
     with pytest.raises(Exception, match="node 10.0.0.2"):
         check_gpu_fit(one, {"10.0.0.1": [8 * gib], "10.0.0.2": [int(need) - 1]})
     check_gpu_fit(one, {"10.0.0.1": []})  # a node whose GPUs are unknown is not refused
+
+
+def test_a_worker_given_several_gpus_spreads_its_model_and_records_the_same_activations(tiny, monkeypatch) -> None:
+    """A worker with k > 1 GPUs loads with ``device_map="auto"`` (spread over the GPUs Ray gives it, all on one
+    node); on this CPU machine every block lands on the CPU, and the activations are those of a plain load."""
+    from conva import models
+    from conva.config import load_config
+    from conva.pipeline import extract_table, extraction_rows
+    from workers.tasks import WorkerSpec
+    from workers.worker import ModelWorker
+
+    asked, real = [], models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: asked.append(k.get("device_map")) or real(*a, **k))
+    rows = extraction_rows(load_config(TINY, [f"--model.name={tiny}", '--data.values=["power"]'])).slice(0, 8)
+    got = {}
+    for gpus in ("0.5", "2"):
+        cfg = load_config(TINY, [f"--model.name={tiny}", f"--ray.num_gpus_per_worker={gpus}"])
+        model, tok = ModelWorker(WorkerSpec(cfg)).hf()
+        got[gpus] = extract_table(model, tok, rows, range(4), "last", 8)
+    assert asked == [None, "auto"] and got["0.5"].equals(got["2"])

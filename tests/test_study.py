@@ -125,3 +125,62 @@ def test_study_rerun_starts_nothing_and_report_rebuilds_from_parquet(study_run, 
     shutil.rmtree(out / "report")
     assert report_main([str(out / "results.parquet")]) == 0
     assert all(p.stat().st_size > 1000 for p in (out / "report").glob("*.png"))
+
+
+def _shard_intervals(model_out: Path) -> list[tuple[float, float]]:
+    """Actor-side (start, end) of every shard committed under one model's folder, read from the commit logs."""
+    import json
+
+    spans = []
+    for record in model_out.rglob("_log/*.json"):
+        body = json.loads(record.read_text())
+        records = [body["record"]] if body.get("op") == "commit" else \
+            [r for g in body.get("state", {}).get("gens", []) for r in g["shards"]]
+        spans += [(r["worker"]["started"], r["worker"]["finished"]) for r in records if r.get("worker")]
+    return spans
+
+
+@pytest.mark.slow
+def test_two_models_run_at_once_and_each_worker_loads_its_model_once(tmp_path_factory, ray_session) -> None:
+    """A study of two models × two methods, each model with one worker of its own (both fit on two CPUs)."""
+    import json
+    import re
+
+    from conva.tiny import make_tiny_model
+    from jobs.study import main
+
+    root = tmp_path_factory.mktemp("two")
+    a, b = make_tiny_model(root / "alpha", seed=0), make_tiny_model(root / "beta", seed=1)
+    out = root / "study"
+    models = f'[{{name = "{a}", ray = {{num_workers = 1}}}}, {{name = "{b}", ray = {{num_workers = 1}}}}]'
+    argv = ["--config", str(DEMO), f"--study.models={models}", '--study.methods=["conva", "none"]',
+            '--data.values=["power"]', "--data.max_prompts_per_value=6", "--fit.band=1-3", "--steer.max_new_tokens=6",
+            "--utility.max_items=6", "--ray.rows_per_shard=32", "--ray.steer_rows_per_shard=2", f"--output.dir={out}"]
+    assert main(argv) == 0
+    log = (out / "run.log").read_text()
+    for name in ("alpha", "beta"):
+        found = re.findall(rf"\[{name}\] {name}: workers returned \d+ bytes .*model loads per worker: (\{{.*\}})", log)
+        assert len(found) == 1 and list(json.loads(found[0]).values()) == [1], found  # one worker, loaded once, all stages
+    spans = {name: _shard_intervals(out / "models" / name) for name in ("alpha", "beta")}
+    assert len(spans["alpha"]) > 10 and len(spans["beta"]) > 10
+    overlapping = [(x, y) for x in spans["alpha"] for y in spans["beta"] if x[0] < y[1] and y[0] < x[1]]
+    assert overlapping, "no shard of one model ran while a shard of the other ran"
+    results = pq.read_table(out / "results.parquet")
+    assert sorted(set(results.column("model").to_pylist())) == ["alpha", "beta"]
+    assert results.num_rows == 2 * 2 * 6  # models × methods × prompts, each once
+
+
+def test_a_models_own_sections_override_the_job_for_it_alone() -> None:
+    study = load_study(DEMO, ['--study.models=["smollm2", {name = "smollm2-bf16", model = {dtype = "bfloat16"}, '
+                              'ray = {num_workers = 1, num_gpus_per_worker = 0.5}}]'])
+    first, second = (model_config(study, m, "/tmp/x") for m in study.study.models)
+    assert (first.model.dtype, first.ray.num_workers, first.ray.num_gpus_per_worker) == ("float32", 2, 0.0)
+    assert (second.model.dtype, second.ray.num_workers, second.ray.num_gpus_per_worker) == ("bfloat16", 1, 0.5)
+    assert second.model.name == "smollm2-bf16" and second.output.dir == "/tmp/x/models/smollm2-bf16"
+    assert (first.data, first.probe, first.steer) == (second.data, second.probe, second.steer)
+    with pytest.raises(ConfigError, match="may only set model, ray, vllm, steer, extract of its own"):
+        load_study(DEMO, ['--study.models=[{name = "m", data = {max_prompts_per_value = 1}}]'])
+    with pytest.raises(ConfigError, match=r"study.models \(m\): ray.num_workers: must be at least 1"):
+        load_study(DEMO, ['--study.models=[{name = "m", ray = {num_workers = 0}}]'])
+    with pytest.raises(ConfigError, match="needs name"):
+        load_study(DEMO, ['--study.models=[{ray = {num_workers = 1}}]'])

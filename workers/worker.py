@@ -110,7 +110,9 @@ class ModelWorker:
         from conva.models import load_model
 
         m, t0 = self.cfg.model, time.monotonic()
-        loaded = load_model(m.name, m.dtype, m.device, m.trust_remote_code)
+        # More than one GPU per worker: the model is spread over them (Ray gives one actor's GPUs on one node).
+        spread = "auto" if self.cfg.ray.num_gpus_per_worker > 1 else None
+        loaded = load_model(m.name, m.dtype, m.device, m.trust_remote_code, device_map=spread)
         self.loads += 1
         _log.info("worker %s (pid %d) loaded %s in %.1f s (load %d)", self.identity["worker"], os.getpid(), m.name,
                   time.monotonic() - t0, self.loads)
