@@ -10,6 +10,7 @@ A plan is a JSON object; every key is optional::
      "crash_on_text": "POISON",               # die on every attempt at a shard holding this text
      "hang": {"stage": "steer", "shard": 2},  # sleep far past any timeout on that shard's first attempt
      "fail": {"stage": "steer", "shard": 1, "times": 1, "error": "OSError"},   # raise on the first attempts
+                                              # (OSError, TimeoutError, ValueError or torch's OutOfMemoryError)
      "sleep_s": 0.2,                          # every shard takes at least this long
      "marker_dir": "/tmp/x"}                  # where first attempts are remembered across worker processes
 """
@@ -80,6 +81,10 @@ def hook(task, worker) -> None:
         time.sleep(3600)
     fail = plan.get("fail")
     if fail and (fail["stage"], fail["shard"]) == (stage, shard):
+        _count(plan, f"divisor-{stage}-{shard:05d}-{task.batch_divisor}")  # what batch size each attempt got
         if _count(plan, f"fail-{stage}-{shard:05d}") < int(fail.get("times", 1)):
-            kind = {"OSError": OSError, "TimeoutError": TimeoutError, "ValueError": ValueError}[fail.get("error", "OSError")]
+            import torch
+
+            kind = {"OSError": OSError, "TimeoutError": TimeoutError, "ValueError": ValueError,
+                    "OutOfMemoryError": torch.OutOfMemoryError}[fail.get("error", "OSError")]
             raise kind(f"injected {kind.__name__} at {stage} shard {shard}")

@@ -234,7 +234,7 @@ def test_a_hung_shard_is_killed_at_its_timeout_and_retried(ray_session, model, t
 
 
 @pytest.mark.slow
-def test_a_transient_error_is_retried_and_a_persistent_one_fails_naming_the_shard(ray_session, model, tmp_path,
+def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_the_shard(ray_session, model, tmp_path,
                                                                                    faults, capsys) -> None:
     out = tmp_path / "once"
     cfg = _cfg(model, out)
@@ -251,6 +251,13 @@ def test_a_transient_error_is_retried_and_a_persistent_one_fails_naming_the_shar
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
     assert "extract shard 1 failed: 3 attempts failed (transient; ray.transient_retries=2)" in line
     assert "injected OSError at extract shard 1" in line and "node 127.0.0.1" in line
+    markers = faults(fail={"stage": "extract", "shard": 3, "times": 2, "error": "OutOfMemoryError"})
+    [result] = run_job("extract", _cfg(model, tmp_path / "oom"))
+    log = (tmp_path / "oom" / "run.log").read_text()
+    assert "extract: shard 3 attempt" in log and "failed (oom, retry 2 of 3 in 2 s, batches 1/4 of the configured size)" in log
+    seen = sorted(int(p.name.split("-")[3].split(".")[0]) for p in markers.glob("divisor-extract-00003-*"))
+    assert seen == [1, 2, 4] and result.processed == result.shards  # each retry ran with half the batch before
+    _check_rows(_cfg(model, tmp_path / "oom"), tmp_path / "oom")
     faults(fail={"stage": "extract", "shard": 0, "times": 1, "error": "ValueError"})
     assert main("extract", ["--config", str(TINY), *_argv(model, tmp_path / "fatal")]) == 2
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
