@@ -24,7 +24,7 @@ from jobs.common import (EXPECTED_ERRORS, connect_ray, log_config, output_locati
                          setup_logging, write_config)
 from jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job
 from jobs.stages import StageResult, open_stages, stage_runs
-from workers.pool import PoolSettings, ShardFailedError, WorkerPool, WorkerStartError, run_stages
+from workers.pool import ShardFailedError, WorkerPool, WorkerStartError, run_stages
 from workers.tasks import WorkerSpec
 
 __all__ = ["JOBS", "run_job", "run_model", "main", "FAILURES"]
@@ -108,7 +108,7 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
         if not work:  # a stage whose committed objects went missing runs again after all
             connect_ray()
             check_gpu_fit(job.cfg, check_nodes(job))
-        pool = WorkerPool(spec, PoolSettings.from_config(job.cfg.ray), job.label, _loads(job.cfg, [r.name for r in runs]))
+        pool = WorkerPool(spec, job.label, _loads(job.cfg, [r.name for r in runs]))
         try:
             pool.start()
             startup = time.monotonic() - t0

@@ -17,7 +17,7 @@ _EXPORTS = {
     "BACKENDS": "backends", "Steerer": "backends", "check_backend": "backends", "make_steerer": "backends",
     "register_backend": "backends", "RowContractError": "contract", "check_rows": "contract",
     "ShardError": "errors", "ModelWorker": "worker", "WorkerSpec": "tasks", "ShardTask": "tasks",
-    "WorkerPool": "pool", "PoolSettings": "pool", "StageRun": "pool", "run_stages": "pool",
+    "WorkerPool": "pool", "StageRun": "pool", "run_stages": "pool",
     "ShardFailedError": "pool", "WorkerStartError": "pool",
 }
 __all__ = sorted(_EXPORTS)

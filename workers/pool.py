@@ -41,12 +41,11 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from conva.config import RayConfig
 from conva.store import ShardRecord, ShardRef, Stage
 from workers.tasks import ShardTask, WorkerSpec
 from workers.worker import ModelWorker
 
-__all__ = ["PoolSettings", "WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerStartError"]
+__all__ = ["WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerStartError"]
 
 _log = logging.getLogger("conva.jobs")
 _TICK_S = 0.5
@@ -63,28 +62,6 @@ class ShardFailedError(RuntimeError):
 
 class WorkerStartError(RuntimeError):
     """The pool could not get enough workers started (resources, a model that fails to load, a bad node)."""
-
-
-@dataclass(frozen=True)
-class PoolSettings:
-    """The ``[ray]`` settings a pool runs by (see :class:`conva.config.RayConfig` for their meaning)."""
-
-    num_workers: int = 1
-    min_workers: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_replacements: int = 2
-    startup_timeout_s: float = 600.0
-    shard_timeout_s: float = 0.0
-    max_task_retries: int = 2
-    transient_retries: int = 3
-    queue_depth: int = 2
-
-    @classmethod
-    def from_config(cls, r: RayConfig) -> PoolSettings:
-        return cls(r.num_workers, min(r.min_workers, r.num_workers), r.num_cpus_per_worker, r.num_gpus_per_worker,
-                   r.max_restarts, r.startup_timeout_s, r.shard_timeout_s, r.max_task_retries, r.transient_retries,
-                   r.queue_depth)
 
 
 @dataclass
@@ -121,14 +98,15 @@ class _Member:
 
 
 class WorkerPool:
-    """``settings.num_workers`` model workers for one model, kept for every stage; dead ones are replaced.
+    """``ray.num_workers`` model workers for one model, kept for every stage; dead ones are replaced.
 
-    ``load`` names what each worker loads when it starts (``"hf"``: the model, ``"steer"``: the steering
-    backend; empty for a pool that only fits). ``label`` prefixes its log lines (the model's name).
+    The pool runs by the ``[ray]`` section of ``spec.cfg`` (see :class:`conva.config.RayConfig`). ``load``
+    names what each worker loads when it starts (``"hf"``: the model, ``"steer"``: the steering backend;
+    empty for a pool that only fits). ``label`` prefixes its log lines (the model's name).
     """
 
-    def __init__(self, spec: WorkerSpec, settings: PoolSettings, label: str, load: tuple[str, ...]) -> None:
-        self.spec, self.settings, self.label, self.load = spec, settings, label, load
+    def __init__(self, spec: WorkerSpec, label: str, load: tuple[str, ...]) -> None:
+        self.spec, self.settings, self.label, self.load = spec, spec.cfg.ray, label, load
         self.members: list[_Member] = []
         self.starting: dict[Any, tuple[Any, float]] = {}
         self.replacements = 0
@@ -139,8 +117,9 @@ class WorkerPool:
 
     def _spawn(self) -> None:
         s = self.settings
-        remote = ray.remote(ModelWorker).options(num_cpus=s.num_cpus, num_gpus=s.num_gpus, max_restarts=0,
-                                                 max_task_retries=0)
+        # Ray restarts nothing and retries nothing: the runner replaces dead workers and retries shards itself.
+        remote = ray.remote(ModelWorker).options(num_cpus=s.num_cpus_per_worker, num_gpus=s.num_gpus_per_worker,
+                                                 max_restarts=0, max_task_retries=0)
         actor = remote.remote(self.spec)
         self.starting[actor.load.remote(self.load)] = (actor, time.time())
 
@@ -189,13 +168,13 @@ class WorkerPool:
                   info["ip"], info["pid"], time.time() - since, info["loads"])
 
     def _replace_slot(self, reason: str) -> None:
-        if self.replacements >= self.settings.max_replacements:
+        if self.replacements >= self.settings.max_restarts:
             _log.warning("%s: not replacing the worker (ray.max_restarts=%d used up); %d left", self.label,
-                         self.settings.max_replacements, len(self.members) + len(self.starting))
+                         self.settings.max_restarts, len(self.members) + len(self.starting))
             return
         self.replacements += 1
         _log.info("%s: starting a replacement worker (%d of %d): %s", self.label, self.replacements,
-                  self.settings.max_replacements, reason)
+                  self.settings.max_restarts, reason)
         self._spawn()
 
     def remove(self, member: _Member, reason: str) -> None:
@@ -216,13 +195,13 @@ class WorkerPool:
     def _diagnose(self, waited: float, need: int) -> str:
         s = self.settings
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        wants = {"CPU": s.num_cpus, "GPU": s.num_gpus}
+        wants = {"CPU": s.num_cpus_per_worker, "GPU": s.num_gpus_per_worker}
         fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
         shape = ", ".join(f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, "
                           f"GPU {n['Resources'].get('GPU', 0):g})" for n in nodes)
         free = ray.available_resources()
         msg = (f"{self.label}: {len(self.members)} of the {need} worker(s) needed were ready after {waited:.0f} s "
-               f"(ray.startup_timeout_s); each asks for {s.num_cpus:g} CPU and {s.num_gpus:g} GPU; ")
+               f"(ray.startup_timeout_s); each asks for {s.num_cpus_per_worker:g} CPU and {s.num_gpus_per_worker:g} GPU; ")
         if not fits:
             msg += (f"no alive node has that much (nodes: {shape}): lower ray.num_cpus_per_worker / "
                     "ray.num_gpus_per_worker, or add nodes")
@@ -304,7 +283,7 @@ class _Runner:
         if not self.pool.members and not self.pool.starting:
             stuck = next((r.name for r in self.runs if self.queue[r.name]), "?")
             raise WorkerStartError(f"{self.pool.label}: no worker left to run {stuck} "
-                                   f"(ray.max_restarts={self.pool.settings.max_replacements} replacements used up; "
+                                   f"(ray.max_restarts={self.pool.settings.max_restarts} replacements used up; "
                                    f"last failure: {self.pool.failures[-1] if self.pool.failures else 'a worker died'})")
         if self.pool.members and not self.delayed:
             waiting = [r.name for r in self.runs if self.queue[r.name]]
