@@ -25,7 +25,7 @@ from tqdm import tqdm
 from conva.bundle import ValueBundle, save_bundle
 from conva.config import Config
 from conva.fit import ModelInfo
-from conva.pipeline import fit_bundles
+from conva.pipeline import fit_bundles, fit_rows_filter
 from conva.store import Stage
 from jobs.common import JobError
 from jobs.stages import StageResult, _test_stop_hook
@@ -79,14 +79,14 @@ def recorded_model(acts: Stage) -> tuple[ModelInfo, list[int]]:
 
 
 def _value_reader(dataset: ds.Dataset, value: str, layers: list[int], hidden: int):
-    """``meta`` (one row per text of ``value`` plus the neutral texts) and ``read_layer(l) -> [n, d]`` aligned to it.
+    """``meta`` (the value's pair texts and every gate text) and ``read_layer(l) -> [n, d]`` aligned to it.
 
     ``read_layer`` scans only the shard files that hold the value's or the neutral texts (found once, from
     the first layer's rows), and in them only the layer's row group (pruned by its statistics): a value's
     layer costs a few row groups whatever the size of the whole activation store.
     """
     # Error rows (texts the extraction could not record, e.g. over the model's length) are left out.
-    rows = ((pc.field("value") == value) | (pc.field("dataset") == "neutral")) & pc.field("error").is_null()
+    rows = fit_rows_filter(value) & pc.field("error").is_null()
     meta = dataset.to_table(columns=[*_META_COLUMNS, "__filename"], filter=rows & (pc.field("layer") == layers[0]))
     files = set(meta.column("__filename").to_pylist())
     meta, ids = meta.drop_columns(["__filename"]), meta.column("row_id")

@@ -17,6 +17,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from conva.config import RESULT_NEUTRAL_KEYS, Config, config_dict
+from conva.fit import GATE_FIT_KEYS
 from conva.pipeline import SCHEMA_VERSION
 from conva.store import ConfigMismatchError, Stage, open_stage, shard_ranges, stage_mismatch
 from jobs.common import connect_ray
@@ -34,7 +35,7 @@ STAGE_DIRS = {"extract": "activations", "fit": "bundles", "steer": "generations"
 # only when one of these changed. Generations depend on everything but where and how the job runs.
 _ACTIVATION_KEYS = ("model", "data.values", "data.pairs", "data.pair_kind", "data.neutral", "extract",
                     "gate.kind", "steer.chat_template")
-_BUNDLE_KEYS = (*_ACTIVATION_KEYS, "probe", "fit", "gate")
+_BUNDLE_KEYS = (*_ACTIVATION_KEYS, "probe", "fit", *(f"gate.{k}" for k in GATE_FIT_KEYS))
 # Test hook: the driver exits (as if killed) after this many commits; used by the resume tests.
 STOP_AFTER_COMMITS_ENV = "CONVA_TEST_STOP_AFTER_COMMITS"
 

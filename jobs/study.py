@@ -8,7 +8,7 @@ any job), then one actor set runs the study's stages on it, each a store stage c
 * ``study_utility``: multiple-choice answers with each cell's steering and gate active;
 * ``study_judge``: the judge's agreement on held-out labelled pairs.
 
-Then ``<out>/{results,summary,utility,probes,judges}.parquet`` are rebuilt from the committed stages and
+Then ``<out>/{results,pooled,matched,summary,utility,probes,judges}.parquet`` are rebuilt from the committed stages and
 ``<out>/report/index.html`` from those. A rerun skips every committed shard; a changed config is refused
 naming the keys (``--overwrite`` replaces). ``--validate`` checks the config and inputs and starts nothing.
 """
@@ -26,15 +26,15 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conva.bundle import ValueBundle
 from conva.config import RESULT_NEUTRAL_KEYS, ConfigError, config_dict
 from conva.mc import demo_mc, load_mc, mc_prompts
 from conva.models import ModelNotFoundError, check_model, model_name
 from conva.pipeline import SCHEMA_VERSION
 from conva.report import format_summary, write_report
 from conva.store import ConfigMismatchError, Stage, check_writable, open_stage, shard_ranges, stage_mismatch
-from conva.study import (StudyConfig, expand_cells, load_study, model_config, results_table, steering_table,
-                         study_dict, summarize, utility_cells, utility_table)
+from conva.study import (StudyConfig, check_bands, expand_cells, load_study, model_config, steering_table, study_dict,
+                         utility_cells, utility_table)
+from conva.summary import OUTPUT_FILES, probe_rows, study_tables
 from jobs.common import EXPECTED_ERRORS, JobError, attach_run_log, connect_ray, setup_logging
 from jobs.runner import run_job
 from jobs.stages import shard_config
@@ -45,7 +45,6 @@ from workers.steering import load_bundles
 __all__ = ["run_study", "main", "OUTPUT_FILES"]
 
 _log = logging.getLogger("conva.jobs")
-OUTPUT_FILES = ("results", "summary", "utility", "probes", "judges")
 _STAGES = ("study_generations", "study_judged", "study_utility", "study_judge")
 
 
@@ -76,7 +75,7 @@ def _run_model(study: StudyConfig, spec: str, out: Path, overwrite: bool) -> dic
     run_job("fit", cfg, overwrite)
     model_out, bundle_dir = Path(cfg.output.dir), str(Path(cfg.output.dir) / "bundles")
     bundles = load_bundles(bundle_dir, cfg.data.values, None, None)
-    _check_bands(study, bundles)
+    check_bands(study, bundles)
     cells, ucells = expand_cells(study, spec), utility_cells(study, spec)
     steer_rows = steering_table(cfg, cells)
     util_rows = _utility_rows(study, ucells)
@@ -104,20 +103,7 @@ def _run_model(study: StudyConfig, spec: str, out: Path, overwrite: bool) -> dic
             stop_actors(actors)
     read = {k: stages[k].dataset().to_table() for k in _STAGES}
     return dict(cells=cells, generations=read["study_generations"], judged=read["study_judged"],
-                utility=read["study_utility"], agreement=read["study_judge"], probes=_probe_rows(spec, bundles))
-
-
-def _check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:
-    """A probe gate must read a layer no later than the first steered one: refuse bands that start earlier."""
-    for band in study.study.bands:
-        if band == "auto":
-            continue
-        first = int(band.split("-")[0])
-        for value, b in bundles.items():
-            b.rows(tuple(range(first, int(band.split("-")[1]) + 1)))  # every layer probed, else BundleError
-            if "conva" in study.study.methods and b.gate.kind == "probe" and b.gate.layer > first:
-                raise JobError(f"study.bands: band {band} starts before {value!r}'s gate layer {b.gate.layer}; "
-                               "the probe gate must read an unsteered layer")
+                utility=read["study_utility"], agreement=read["study_judge"], probes=probe_rows(model_name(spec), bundles))
 
 
 def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
@@ -178,17 +164,6 @@ def _take(rows: pa.Table, bounds: tuple[int, int]) -> pa.Table:
     return rows.take(pa.array(range(*bounds), pa.int64()))  # a copy: a slice would pickle its parent's buffers
 
 
-def _probe_rows(spec: str, bundles: dict[str, ValueBundle]) -> list[dict]:
-    rows = []
-    for value, b in bundles.items():
-        h = b.gate.heldout or {}
-        for i, layer in enumerate(b.layers.tolist()):
-            rows.append(dict(model=model_name(spec), value=value, layer=int(layer), train_acc=float(b.train_acc[i]),
-                             test_acc=float(b.test_acc[i]), in_band=int(layer) in b.band, gate_kind=b.gate.kind,
-                             gate_layer=b.gate.layer, gate_precision=h.get("precision"), gate_recall=h.get("recall")))
-    return rows
-
-
 def _write(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -196,14 +171,9 @@ def _write(table: pa.Table, path: Path) -> None:
 
 
 def _write_outputs(study: StudyConfig, out: Path, parts: list[dict]) -> None:
-    results = pa.concat_tables([results_table(p["cells"], p["generations"], p["judged"]) for p in parts])
-    utility = pa.concat_tables([p["utility"] for p in parts])
-    judges = pa.concat_tables([p["agreement"] for p in parts])
-    agreement = {(r["model"], r["value"]): r["agreement"] for r in judges.to_pylist()}
-    summary = summarize(results, utility, agreement, n_boot=study.study.bootstrap, seed=study.study.seed)
-    probes = pa.Table.from_pylist([r for p in parts for r in p["probes"]])
-    for name, table in zip(OUTPUT_FILES, (results, summary, utility, probes, judges)):
-        _write(table, out / f"{name}.parquet")
+    tables = study_tables(parts, n_boot=study.study.bootstrap, seed=study.study.seed)
+    for name in OUTPUT_FILES:
+        _write(tables[name], out / f"{name}.parquet")
 
 
 def _validate(study: StudyConfig) -> str:
@@ -239,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     except (*EXPECTED_ERRORS, ConfigError, ShardFailedError, WorkerStartError) as err:
         print(f"jobs.study: error: {err}", file=sys.stderr)
         return 2
-    print(format_summary(pq.read_table(out / "summary.parquet")))
+    print(format_summary(out))
     print(f"\nstudy finished in {time.monotonic() - start:.0f} s; results in {out}\nreport: {report}")
     return 0
 

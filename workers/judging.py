@@ -17,7 +17,7 @@ from conva.bundle import ValueBundle
 from conva.config import Config
 from conva.judges import JudgeSettings, LLMJudge, heldout_pairs, make_judge
 from conva.mc import score_mc
-from conva.metrics import perplexity
+from conva.metrics import answer_perplexities
 from conva.models import load_model
 from conva.pipeline import row_spec
 from conva.study import FluencySection, UtilitySection
@@ -32,7 +32,8 @@ _log = logging.getLogger(__name__)
 
 JUDGED_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("judge", pa.string()), ("judge_score", pa.float64()), ("judge_prob", pa.float64()),
-    ("judge_raw", pa.string()), ("ppl", pa.float64()), ("fluency", pa.float64()), ("error", pa.string()),
+    ("judge_raw", pa.string()), ("ppl", pa.float64()), ("ppl_plain", pa.float64()), ("fluency", pa.float64()),
+    ("error", pa.string()),
 ])
 UTILITY_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("cell_id", pa.string()), ("model", pa.string()), ("value", pa.string()),
@@ -87,20 +88,26 @@ class StudyWorker:
         return check_rows("steer", shard_index, rows, out)
 
     def evaluate(self, shard_index: int, generations: pa.Table, bundle_dir: str) -> pa.Table:
-        """Judge score, perplexity under the unsteered model and (optionally) an LLM fluency rating per row."""
+        """Judge score, perplexity under the unsteered model (given the answer's own context, and given the
+        plain prompt) and (optionally) an LLM fluency rating per row."""
         rows = generations.to_pylist()
         good = [i for i, r in enumerate(rows) if r["error"] is None and r["output"] is not None]
-        values, prompts, answers = ([rows[i][k] for i in good] for k in ("value", "prompt", "output"))
+        values, prompts, contexts, answers = ([rows[i][k] for i in good] for k in ("value", "prompt", "context", "output"))
         verdicts = self._get_judge(bundle_dir).judge(values, prompts, answers) if good else []
-        ppl = (perplexity(self.model, self.tok, prompts, answers, chat_template=self.cfg.steer.chat_template,
-                          batch_size=self.fluency.batch_size) if good and self.fluency.perplexity else [None] * len(good))
+        ppl, plain = [None] * len(good), [None] * len(good)
+        if good and self.fluency.perplexity:
+            if any(c is None for c in contexts):
+                _log.warning("evaluate shard %d: the backend recorded no generation context for %d rows; their "
+                             "ppl is left empty (ppl_plain is scored)", shard_index, sum(c is None for c in contexts))
+            ppl, plain = answer_perplexities(self.model, self.tok, prompts, contexts, answers,
+                                             chat_template=self.cfg.steer.chat_template, batch_size=self.fluency.batch_size)
         rating = self._fluency(answers) if good and self.fluency.llm else [None] * len(good)
-        done = {i: (v, p, f) for i, v, p, f in zip(good, verdicts, ppl, rating)}
+        done = {i: (v, p, q, f) for i, v, p, q, f in zip(good, verdicts, ppl, plain, rating)}
         out = []
         for i, r in enumerate(rows):
-            v, p, f = done.get(i, (None, None, None))
+            v, p, q, f = done.get(i, (None, None, None, None))
             out.append(dict(row_id=r["row_id"], judge=self.judge_settings.kind, judge_score=v and v.score,
-                            judge_prob=v and v.prob, judge_raw=v and v.raw, ppl=p, fluency=f,
+                            judge_prob=v and v.prob, judge_raw=v and v.raw, ppl=p, ppl_plain=q, fluency=f,
                             error=None if i in done else (r["error"] or "no output")))
         return check_rows("evaluate", shard_index, generations, pa.Table.from_pylist(out, schema=JUDGED_SCHEMA))
 
