@@ -225,7 +225,7 @@ class FastSteering:
             tokens.append(tuple(row[:cut]))
             outs.append(tok.decode(row[:cut], skip_special_tokens=True))
         n_prompt = enc["attention_mask"].sum(1).tolist()[:n]
-        return _results(steering, list(specs), outs, tokens, n_prompt)
+        return _results(steering, list(specs), outs, tokens, n_prompt, texts[:n])
 
     def _prefill(self, enc: dict[str, torch.Tensor], steering: _Steering) -> torch.Tensor:
         """Eager steered forward of the prompts into the static cache; returns the first greedy token."""
@@ -309,7 +309,8 @@ def generate_fast(
         chunk_p, chunk_s = list(prompts[start:start + batch_size]), list(specs[start:start + batch_size])
         layers = tuple(sorted({l for s in chunk_s for l in s.layers()}))
         rows = _round_up(len(chunk_p), _BATCH_MULTIPLE)
-        # The exact longest prompt (a dummy row's empty prompt included), rounded up: few distinct shapes.
+        # The longest prompt (a dummy row's empty prompt included; every prefix as if its gate opened: an
+        # upper bound), rounded up: few distinct shapes.
         texts = [prompt_text(p, s) for p, s in zip(chunk_p + [""], chunk_s + [SteerSpec()])]
         strings = [format_prompt(tok, t, chat_template) for t in texts]
         longest = max(len(ids) for ids in tok(strings, add_special_tokens=not chat_template)["input_ids"])

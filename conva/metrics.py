@@ -3,9 +3,12 @@
 * **CSR** (METHOD.md §4): the mean judge score over **all** prompts of a cell, gated-off ones included
   (a prompt the gate left alone still has an answer, judged like any other).
 * **Bootstrap CI**: percentile interval of the mean over ``n_boot`` resamples with replacement, seeded.
-* **Perplexity** of an answer under the **unsteered** model, conditioned on the plain prompt in the chat
-  template: ``exp(mean NLL of the answer tokens)``. The steered/unsteered **ratio** of a cell is the
-  geometric-mean ratio over the prompts both answered: ``exp(mean log ppl_steered − mean log ppl_none)``.
+* **Perplexity** of an answer under the **unsteered** model, ``exp(mean NLL of the answer tokens)``,
+  conditioned on the context the answer was generated from (the user message with any prefix: the
+  ``prompt`` method's, the ``opposite`` setting's) in the chat template, so prompting is not penalised for
+  answering its own prompt; ``ppl_plain`` conditions on the plain prompt instead (a second column). The
+  steered/unsteered **ratio** of a cell is the geometric-mean ratio over the prompts both answered:
+  ``exp(mean log ppl_steered − mean log ppl_none)``.
 
 Example:
     >>> csr([1, 0, 0.5, 1])
@@ -21,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["csr", "bootstrap_ci", "answer_nll", "perplexity", "ppl_ratio"]
+__all__ = ["csr", "bootstrap_ci", "answer_nll", "perplexity", "answer_perplexities", "ppl_ratio"]
 
 
 def csr(scores: Sequence[float]) -> float:
@@ -87,6 +90,25 @@ def perplexity(model, tok, prompts: Sequence[str], answers: Sequence[str], *, ch
     """Per-answer perplexity given the prompt; NaN for an empty answer."""
     return [math.exp(nll / n) if n else float("nan")
             for nll, n in answer_nll(model, tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)]
+
+
+def answer_perplexities(model, tok, prompts: Sequence[str], contexts: Sequence[str | None], answers: Sequence[str], *,
+                        chat_template: bool = True, batch_size: int = 8) -> tuple[list[float | None], list[float]]:
+    """Per answer: perplexity under the context it was generated from, and under the plain prompt.
+
+    A row whose context is the prompt itself is scored once. A row without a recorded context (None)
+    gets None for the first: it is unknown, not replaced by the plain-prompt figure.
+    """
+    if not len(prompts) == len(contexts) == len(answers):
+        raise ValueError(f"{len(prompts)} prompts, {len(contexts)} contexts and {len(answers)} answers must match")
+    plain = perplexity(model, tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)
+    other = [i for i, (p, c) in enumerate(zip(prompts, contexts)) if c is not None and c != p]
+    scored = perplexity(model, tok, [contexts[i] for i in other], [answers[i] for i in other],  # type: ignore[misc]
+                        chat_template=chat_template, batch_size=batch_size)
+    under: list[float | None] = [plain[i] if c is not None else None for i, c in enumerate(contexts)]
+    for i, value in zip(other, scored):
+        under[i] = value
+    return under, plain
 
 
 def ppl_ratio(steered: Sequence[float], unsteered: Sequence[float]) -> float:

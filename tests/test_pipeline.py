@@ -84,4 +84,4 @@ def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_pat
     result = run_fit(cfg, acts, open_stage(tmp_path, "bundles", {"t": 1}, SCHEMA_VERSION), 1)
     assert result.processed == 1
     bundle = load_bundle(tmp_path / "bundles" / "power")
-    assert bundle.extra["n_train"] + bundle.extra["n_test"] == n - 1
+    assert bundle.extra["n_train"] + bundle.extra["n_val"] + bundle.extra["n_test"] == n - 1
