@@ -103,12 +103,22 @@ class Calibration:
     met: bool
 
 
-def gate_splits(groups: Sequence, calibrate_size: float, test_size: float, seed: int = 0) -> GateSplit:
+def gate_splits(groups: Sequence, calibrate_size: float, test_size: float, seed: int = 0,
+                labels: Sequence[int] | None = None) -> GateSplit:
     """Split gate rows **by group** (a pair's two texts share one) into train / calibrate / test.
 
-    Deterministic for a seed; every group lands in exactly one part.
+    With ``labels``, the groups of each class are split apart (stratified), so every part gets its share
+    of the value's own texts however few they are. Deterministic for a seed; every group lands in one part.
     """
-    train, cal, test = split_three(np.asarray(groups), ProbeSettings(seed=seed, split="pair"), test_size, calibrate_size)
+    groups = np.asarray(groups)
+    strata = np.zeros(len(groups), dtype=np.int64) if labels is None else np.asarray(labels)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for k, stratum in enumerate(np.unique(strata)):
+        rows = np.flatnonzero(strata == stratum)
+        split = split_three(groups[rows], ProbeSettings(seed=seed + k, split="pair"), test_size, calibrate_size)
+        for part, idx in zip(parts, split):
+            part.append(rows[idx])
+    train, cal, test = (np.sort(np.concatenate(p)) for p in parts)
     return GateSplit(train, cal, test)
 
 
@@ -193,7 +203,7 @@ def fit_probe_gate(
     logged as a warning (``name`` says whose gate) and recorded in ``target_met``.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    split = gate_splits(groups, calibrate_size, test_size, seed)
+    split = gate_splits(groups, calibrate_size, test_size, seed, labels)
     for part, rows in (("train", split.train), ("calibrate", split.calibrate)):
         if set(labels[rows].tolist()) != {0, 1}:
             raise ValueError(f"gate {name}: its {part} split needs rows of both classes (got {len(rows)} rows)")

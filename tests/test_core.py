@@ -248,11 +248,17 @@ def test_external_gate_scores_a_classifier(tmp_path, tiny):
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="not labels of"):
         external_scores(replace(gate, labels=("Greed",)), texts)
-    # In steering, the external score decides per row: a threshold between the two scores opens one.
+    # In steering, the external score decides per row: a threshold between the two scores opens one. It scores
+    # the raw prompt, also in the opposite setting, and the classifier is loaded once for the process.
+    from conva.gates import _classifier
+
+    loads = _classifier.cache_info().misses
     bundle = replace(tiny_bundles_power(tiny), gate=replace(gate, threshold=float(np.mean(scores))))
-    _, rows = steer_logits(model, tok, texts, [SteerSpec("conva", bundle)] * 2)
-    assert [r.gate_open for r in rows] == list(scores >= np.mean(scores))
-    assert [r.gate_score for r in rows] == pytest.approx(list(scores), rel=1e-5)
+    for setting in ("plain", "opposite"):
+        _, rows = steer_logits(model, tok, texts, [SteerSpec("conva", bundle, setting=setting)] * 2)
+        assert [r.gate_open for r in rows] == list(scores >= np.mean(scores))
+        assert [r.gate_score for r in rows] == pytest.approx(list(scores), rel=1e-5)
+    assert _classifier.cache_info().misses == loads
 
 
 def tiny_bundles_power(tiny):

@@ -31,36 +31,37 @@ def _gate_data(seed: int = 0, n_pairs: int = 120):
 
 def test_gate_splits_are_disjoint_by_pair_and_cover_every_row():
     _, labels, groups, _ = _gate_data()
-    s = gate_splits(groups, calibrate_size=0.25, test_size=0.25, seed=3)
+    s = gate_splits(groups, calibrate_size=0.25, test_size=0.25, seed=3, labels=labels)
     parts = [set(s.train.tolist()), set(s.calibrate.tolist()), set(s.test.tolist())]
     assert sum(map(len, parts)) == len(labels) and set.union(*parts) == set(range(len(labels)))
     for a in range(3):
         for b in range(a + 1, 3):
             assert parts[a].isdisjoint(parts[b])
             assert set(groups[list(parts[a])]).isdisjoint(groups[list(parts[b])])  # a pair never straddles
-    again = gate_splits(groups, 0.25, 0.25, seed=3)
+    again = gate_splits(groups, 0.25, 0.25, seed=3, labels=labels)
     assert np.array_equal(again.test, s.test) and np.array_equal(again.calibrate, s.calibrate)
+    for part in (s.train, s.calibrate, s.test):  # stratified: each part holds its share of the own texts
+        assert abs(labels[part].mean() - labels.mean()) < 0.03
 
 
 def test_gate_figures_come_from_rows_neither_choice_saw():
     mats, labels, groups, origin = _gate_data()
     kw = dict(target="precision", target_value=0.95, calibrate_size=0.25, test_size=0.25, seed=1, origin=origin)
     gate = fit_probe_gate(lambda l: mats[l], labels, groups, LAYERS, **kw)
-    split = gate_splits(groups, 0.25, 0.25, seed=1)
+    split = gate_splits(groups, 0.25, 0.25, seed=1, labels=labels)
     # The reported figures are exactly the gate's own rule applied to the test rows.
     test_scores = gate.scores(mats[gate.layer][split.test])
     assert gate.heldout == {**gate_metrics(test_scores, labels[split.test], gate.threshold, origin[split.test]),
                                  "not_converged": 0.0}
     assert gate.layer == 1 and gate.target_met and gate.calibration["precision"] >= 0.95
     assert set(gate.heldout) >= {"open_rate_neutral", "open_rate_other", "open_rate_own"}
-    # Rewriting every test row (activations and labels) changes the figures, never the choices or the fit.
+    # Rewriting every test row's activations changes the figures, never the choices or the fit. (The split is
+    # stratified by label, so labels fix which rows are test rows before anything is fitted.)
     rng = np.random.default_rng(9)
     scrambled = {l: m.copy() for l, m in mats.items()}
     for m in scrambled.values():
         m[split.test] = rng.normal(size=(len(split.test), D)) * 5
-    flipped = labels.copy()
-    flipped[split.test] = 1 - flipped[split.test]
-    other = fit_probe_gate(lambda l: scrambled[l], flipped, groups, LAYERS, **kw)
+    other = fit_probe_gate(lambda l: scrambled[l], labels, groups, LAYERS, **kw)
     assert (other.layer, other.threshold, other.b) == (gate.layer, gate.threshold, gate.b)
     assert np.array_equal(other.w, gate.w) and other.calibration == gate.calibration
     assert other.heldout != gate.heldout
@@ -90,7 +91,7 @@ def test_missed_target_is_logged_and_recorded_in_meta_json(tmp_path, caplog):
     assert bundle.gate.target_met is False
     assert any("target_met = false" in r.getMessage() and "power" in r.getMessage() for r in caplog.records)
     meta = json.loads((save_bundle(bundle, tmp_path / "power") / "meta.json").read_text())
-    assert meta["gate"]["target_met"] is False and meta["gate"]["heldout"]["n"] == float(len(gate_splits(groups, 0.25, 0.25).test))
+    assert meta["gate"]["target_met"] is False and meta["gate"]["heldout"]["n"] == float(len(gate_splits(groups, 0.25, 0.25, 0, labels).test))
 
 
 def test_probe_gate_needs_both_classes_in_train_and_calibrate():
