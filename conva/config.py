@@ -228,7 +228,8 @@ def _validate(cfg: Config) -> None:
         ("probe.test_size", 0.0 < cfg.probe.test_size < 1.0, "must lie strictly between 0 and 1"),
         ("probe.val_size", 0.0 < cfg.probe.val_size and cfg.probe.test_size + cfg.probe.val_size < 1.0,
          "must be positive, and probe.test_size + probe.val_size below 1 (the rest trains the probes)"),
-        ("gate.pairs_per_value", cfg.gate.pairs_per_value >= 0, "must be 0 (all pairs) or more"),
+        ("gate.other_pairs_per_value", cfg.gate.other_pairs_per_value >= 0, "must be 0 (all pairs) or more"),
+        ("gate.value_prompts", cfg.gate.value_prompts >= 0, "must be 0 (pair texts only) or more"),
         ("probe.C", cfg.probe.C > 0, "must be positive"),
         ("gate.target_value", 0.0 < cfg.gate.target_value <= 1.0, "must lie in (0, 1]"),
         ("steer.max_new_tokens", cfg.steer.max_new_tokens >= 1, "must be at least 1"),
@@ -258,14 +259,14 @@ def _validate(cfg: Config) -> None:
 def vllm_gate_problem(cfg: Config, methods: list[str], settings: list[str]) -> str:
     """Why the vllm backend cannot gate these methods and settings as configured ("" if it can).
 
-    The vllm backend reads a probe gate inside the engine, on the text it is fed; the gate must score
-    the raw prompt, so rows fed a prefix (the opposite setting; the prompt method when it is gated)
-    need the hf backend, which scores the gate first.
+    The vllm backend scores a gate on the text it feeds the engine; the gate must score the raw prompt, so
+    rows fed a prefix (the opposite setting; the prompt method when it is gated) need the hf backend,
+    which scores the gate first.
     """
-    if cfg.steer.backend != "vllm" or cfg.gate.kind != "probe":
+    if cfg.steer.backend != "vllm" or cfg.gate.kind == "none":
         return ""
     if "opposite" in settings:
-        return ("the vllm backend would read the probe gate on the prefixed prompt in the 'opposite' setting; "
+        return ("the vllm backend would score the gate on the prefixed prompt in the 'opposite' setting; "
                 "the gate scores the raw prompt: use steer.backend = 'hf'")
     if "prompt" in methods and cfg.gate.apply_to == "all_methods":
         return ("the vllm backend cannot gate the 'prompt' method (the gate decides its prefix before the "

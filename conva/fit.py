@@ -34,7 +34,8 @@ class GateSettings:
     target_value: float = 0.95  # ... at least this value
     calibrate_size: float = 0.25  # share of the gate's pairs that choose its layer and threshold
     test_size: float = 0.25  # share of the gate's pairs its reported precision/recall/accuracy come from
-    pairs_per_value: int = 0  # pairs per value whose texts train the gate (0: all); other values' are negatives
+    other_pairs_per_value: int = 0  # pairs of each value outside data.values that serve as gate negatives (0: all)
+    value_prompts: int = 0  # each value's last N prompts train the gates (never steered); 0: pair texts only
     seed: int = 0  # seed of the gate's split
     apply_to: str = "all_methods"  # "all_methods": every method is gated alike (the reference); "conva": ConVA only
     prefix_on: str = "all"  # the opposite setting's prefix: on "all" rows, or only where the gate opens ("gated")
@@ -54,8 +55,8 @@ class GateSettings:
 
 
 # The [gate] keys a fitted bundle depends on (apply_to and prefix_on only change the steering).
-GATE_FIT_KEYS = ("kind", "target", "target_value", "calibrate_size", "test_size", "pairs_per_value", "seed", "model",
-                 "labels", "threshold")
+GATE_FIT_KEYS = ("kind", "target", "target_value", "calibrate_size", "test_size", "other_pairs_per_value",
+                 "value_prompts", "seed", "model", "labels", "threshold")
 
 
 @dataclass(frozen=True)

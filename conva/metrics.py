@@ -76,12 +76,16 @@ def answer_nll(model, tok, prompts: Sequence[str], answers: Sequence[str], *, ch
             ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
         # Positions count real tokens only, so left padding does not shift a row's positions.
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Left padding puts every answer at the end: only the last ``keep`` positions need logits (a large
+        # vocabulary, e.g. Gemma's 262k, makes the prompt's logits the bulk of the cost).
+        keep = max(n for _, n in chunk) + 1
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                           use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
+                           use_cache=False, logits_to_keep=keep).logits.float()
+        targets = ids[:, width - keep + 1:, None].to(device)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets)[..., 0].cpu()
         for i, (_, n) in enumerate(chunk):
-            out.append((float(-logp[i, width - 1 - n:].sum()) if n else 0.0, n))
+            out.append((float(-logp[i, keep - 1 - n:].sum()) if n else 0.0, n))
     return out
 
 

@@ -35,7 +35,7 @@ from conva.steer import RowResult, SteerSpec, generate
 __all__ = [
     "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
     "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source", "load_prompt_source",
-    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "fit_rows_filter", "gate_data",
+    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "fit_rows_filter", "gate_data", "value_prompts",
 ]
 
 # 2: generations carry ``context``; gate texts cover every value (value-specific gate).
@@ -86,12 +86,32 @@ def load_prompt_source(source: str, value: str | None) -> list[D.Prompt]:
     return D.load_prompts(source, value)
 
 
+def value_prompts(cfg: Config, value: str) -> tuple[list[D.Prompt], list[D.Prompt]]:
+    """A value's prompts from ``data.prompts``, split apart: ``(to steer, for the gate)``.
+
+    With a probe gate, the last ``gate.value_prompts`` prompts of each value train the gates (positives of
+    the value's own, negatives of the others') and are never steered; the rest are steered, capped at
+    ``data.max_prompts_per_value``.
+    """
+    prompts = load_prompt_source(cfg.data.prompts, value)
+    k = cfg.gate.value_prompts if cfg.gate.kind == "probe" else 0
+    if k and not (cfg.data.prompts == "demo" or cfg.data.prompts.startswith("paper:") or D.is_folder(cfg.data.prompts)):
+        raise ValueError("gate.value_prompts takes each value's prompts from data.prompts, which must then be "
+                         f"'demo', 'paper:<folder>' or a folder (got the file {cfg.data.prompts!r})")
+    if k >= len(prompts) > 0 or (k and not prompts):
+        raise ValueError(f"gate.value_prompts = {k} would leave none of {value!r}'s {len(prompts)} prompts to steer")
+    steer, gate = prompts[:len(prompts) - k], prompts[len(prompts) - k:] if k else []
+    cap = cfg.data.max_prompts_per_value
+    return (steer[:cap] if cap else steer), gate
+
+
 def extraction_rows(cfg: Config) -> pa.Table:
     """Every text the fit needs, in a fixed order: pair texts per value, then the gate's texts if a probe gate.
 
-    A probe gate is value-specific: it reads the texts of **all ten** values' pairs (each value's are
-    the positives of its own gate and negatives of the others'; ``gate.pairs_per_value`` caps them) and
-    the neutral prompts, in the steering prompt's template.
+    A probe gate is value-specific: it reads the texts of **all ten** values' pairs and their gate prompts
+    (:func:`value_prompts`; each value's are the positives of its own gate and negatives of the others')
+    and the neutral prompts, in the steering prompt's template. A value outside ``data.values`` only supplies negatives: ``gate.other_pairs_per_value``
+    caps its pairs.
     """
     rows: list[dict] = []
     for value in cfg.data.values:
@@ -106,13 +126,16 @@ def extraction_rows(cfg: Config) -> pa.Table:
 
 def _gate_rows(cfg: Config) -> list[dict]:
     rows = []
-    cap = cfg.gate.pairs_per_value or None
     for value in D.VALUES:
+        cap = None if value in cfg.data.values else cfg.gate.other_pairs_per_value or None
         for i, pair in enumerate(load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind)[:cap]):
             for text, tag in ((pair.positive, "pos"), (pair.negative, "neg")):
                 # The gate reads prompts as the model sees them when steered: in the steering template.
                 rows.append(dict(row_id=f"gate/{value}/{i:06d}/{tag}", dataset="gate", value=value, label=1,
                                  group=i, text=text, chat_template=cfg.steer.chat_template))
+        for i, prompt in enumerate(value_prompts(cfg, value)[1]):
+            rows.append(dict(row_id=f"gate_prompt/{value}/{i:06d}", dataset="gate_prompt", value=value, label=1,
+                             group=i, text=prompt.prompt, chat_template=cfg.steer.chat_template))
     neutral = D.demo_neutral() if cfg.data.neutral == "demo" else D.load_prompts(cfg.data.neutral)
     for i, prompt in enumerate(neutral):
         rows.append(dict(row_id=f"neutral/{i:06d}", dataset="neutral", value=None, label=0, group=i,
@@ -174,17 +197,20 @@ def fit_settings(cfg: Config) -> FitSettings:
                        band=cfg.fit.band, band_width=cfg.fit.band_width, p0=cfg.fit.p0)
 
 
+_GATE_DATASETS = ("gate", "gate_prompt", "neutral")
+
+
 def fit_rows_filter(value: str):
     """The activation rows one value's fit reads (a pyarrow dataset filter): its pairs and all gate texts."""
     import pyarrow.compute as pc
 
     own = (pc.field("dataset") == "pairs") & (pc.field("value") == value)
-    return own | pc.field("dataset").isin(["gate", "neutral"])
+    return own | pc.field("dataset").isin(list(_GATE_DATASETS))
 
 
 def gate_data(meta: pa.Table, value: str, read_rows: Callable[[int, np.ndarray], np.ndarray],
               layers: Sequence[int]) -> LayerData | None:
-    """The probe gate's rows for ``value``: its own texts (1), other values' texts and neutral prompts (0).
+    """The probe gate's rows for ``value``: its own texts and prompts (1); the other values' and neutral prompts (0).
 
     Groups keep a pair's two texts together in the gate's split; ``origin`` says which kind each row is.
     None when ``meta`` holds no gate texts (the gate is not a probe).
@@ -192,7 +218,7 @@ def gate_data(meta: pa.Table, value: str, read_rows: Callable[[int, np.ndarray],
     dataset = np.asarray(meta.column("dataset").to_pylist(), dtype=object)
     values = np.asarray(meta.column("value").to_pylist(), dtype=object)
     groups = np.asarray(meta.column("group").to_pylist())
-    rows = np.flatnonzero((dataset == "gate") | (dataset == "neutral"))
+    rows = np.flatnonzero(np.isin(dataset, _GATE_DATASETS))
     if not len(rows):
         return None
     origin = np.where(dataset[rows] == "neutral", "neutral", np.where(values[rows] == value, "own", "other"))
@@ -233,12 +259,10 @@ def fit_bundles(
 
 
 def steering_rows(cfg: Config) -> pa.Table:
-    """The prompts to steer: each value's prompts from ``data.prompts`` (capped per value if asked)."""
+    """The prompts to steer: each value's prompts from ``data.prompts`` but the gate's (capped per value if asked)."""
     rows = []
     for value in cfg.data.values:
-        prompts = load_prompt_source(cfg.data.prompts, value)
-        if cfg.data.max_prompts_per_value:
-            prompts = prompts[: cfg.data.max_prompts_per_value]
+        prompts, _ = value_prompts(cfg, value)
         rows += [dict(row_id=f"{value}/{i:06d}", value=value, prompt=p.prompt, error=None) for i, p in enumerate(prompts)]
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
 

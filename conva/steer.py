@@ -415,7 +415,7 @@ def steer_logits(
     texts, enc, plan = _prepare(model, tok, prompts, specs, chat_template)
     steering = _Steering(plan, positions, "frozen")
     with _steered(model, steering):
-        logits = model(**with_positions(enc), use_cache=False).logits[:, -1, :].float()
+        logits = model(**with_positions(enc), use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
     n_prompt = enc["attention_mask"].sum(1).tolist()
     return logits.cpu(), _results(steering, specs, [""] * len(specs), [()] * len(specs), n_prompt, texts)
 
@@ -456,7 +456,7 @@ def _reference_scales(model: PreTrainedModel, enc: dict[str, torch.Tensor], plan
         captured: list[torch.Tensor] = []
         with _steered(model, _Steering(fixed, "all", "frozen")), \
                 block_hooks(model, {layer: lambda _l, h: captured.append(h[:, -1, :].float())}):
-            model(**with_positions(enc), use_cache=False)
+            model(**with_positions(enc), use_cache=False, logits_to_keep=1)
         plan.open, plan.gate_score = fixed.open, fixed.gate_score  # the gate was read in pass 0
         final._set_scale(j, captured[0])
         fixed.fixed[:, j] = final.scale[:, j]

@@ -268,10 +268,9 @@ STUDY_STEERING_SCHEMA = pa.schema([*STEERING_INPUT_SCHEMA, *(pa.field(n, t) for 
 
 
 def _prompts(cfg: Config, value: str) -> list[D.Prompt]:
-    from conva.pipeline import load_prompt_source
+    from conva.pipeline import value_prompts
 
-    prompts = load_prompt_source(cfg.data.prompts, value)
-    return prompts[: cfg.data.max_prompts_per_value] if cfg.data.max_prompts_per_value else prompts
+    return value_prompts(cfg, value)[0]
 
 
 def steering_table(cfg: Config, cells: Sequence[Cell]) -> pa.Table:

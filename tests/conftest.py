@@ -58,7 +58,7 @@ def tiny_bundles(tiny):
 
     model, tok = tiny
     cfg = load_config(None, ['--data.values=["power", "benevolence"]', "--fit.band=1-3", "--fit.p0=0.95",
-                             "--gate.pairs_per_value=8"])
+                             "--gate.other_pairs_per_value=8"])
     rows = extraction_rows(cfg)
     layers = list(range(model.config.num_hidden_layers))
     acts = extract_table(model, tok, rows, layers, "last", 32)

@@ -216,9 +216,15 @@ def test_config_overrides_and_errors(tmp_path):
     assert cfg.steer.p0 == 0.9 and cfg.steer.max_new_tokens == 7 and cfg.data.values == ("power",)
     for override, key in [("--steer.p00=1", "steer.p00"), ("--steer.p0=1.5", "steer.p0"),
                           ("--steer.method=magic", "steer.method"), ("--data.values=[\"greed\"]", "data.values"),
-                          ("--steer.max_new_tokens=ten", "steer.max_new_tokens")]:
+                          ("--steer.max_new_tokens=ten", "steer.max_new_tokens"), ("--gate.apply_to=some", "gate.apply_to"),
+                          ("--gate.prefix_on=never", "gate.prefix_on"), ("--probe.val_size=0.8", "probe.val_size")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(path, [override])
+    # The vllm backend scores a gate on the text it feeds the engine: prefixed rows are refused, not mis-gated.
+    for bad in (["--steer.setting=opposite"], ["--steer.method=prompt"]):
+        with pytest.raises(ConfigError, match="steer.backend.*raw prompt|steer.backend.*'prompt' method"):
+            load_config(path, ["--steer.backend=vllm", *bad])
+    assert load_config(path, ["--steer.backend=vllm", "--steer.method=prompt", "--gate.apply_to=conva"])
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("steer:\n  p0: 0.8\n")
     assert load_config(yaml_path).steer.p0 == 0.8

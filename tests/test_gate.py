@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from conva import data
 from conva.bundle import save_bundle
 from conva.fit import FitSettings, GateSettings, LayerData, ModelInfo, fit_value
 from conva.gates import Calibration, calibrate_threshold, fit_probe_gate, gate_metrics, gate_splits
@@ -98,3 +99,22 @@ def test_probe_gate_needs_both_classes_in_train_and_calibrate():
     mats, labels, groups, _ = _gate_data()
     with pytest.raises(ValueError, match="both classes"):
         fit_probe_gate(lambda l: mats[l], np.zeros_like(labels), groups, LAYERS, name="power")
+
+
+def test_gate_prompts_are_held_apart_from_the_steered_prompts():
+    from conva.config import load_config
+    from conva.pipeline import extraction_rows, steering_rows
+
+    cfg = load_config(None, ['--data.values=["power", "tradition"]', "--gate.value_prompts=5",
+                             "--gate.other_pairs_per_value=2", "--data.max_prompts_per_value=30"])
+    rows = extraction_rows(cfg).to_pylist()
+    gate_prompts = [r for r in rows if r["dataset"] == "gate_prompt"]
+    assert {r["value"] for r in gate_prompts} == set(data.VALUES) and len(gate_prompts) == 5 * len(data.VALUES)
+    steered = steering_rows(cfg).to_pylist()
+    for value in ("power", "tradition"):
+        prompts = [p.prompt for p in data.demo_prompts(value)]
+        mine = [r["prompt"] for r in steered if r["value"] == value]
+        assert mine == prompts[:-5] and {r["text"] for r in gate_prompts if r["value"] == value} == set(prompts[-5:])
+    assert sum(r["dataset"] == "gate" and r["value"] == "hedonism" for r in rows) == 2 * 2  # capped: not studied
+    with pytest.raises(ValueError, match="none of 'power'"):
+        steering_rows(load_config(None, ['--data.values=["power"]', "--gate.value_prompts=99"]))

@@ -152,7 +152,7 @@ def study_run(tiny_path, tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
     argv = ["--config", str(DEMO), f'--study.models=["{tiny_path}"]', '--study.methods=["conva", "caa", "prompt", "none"]',
             '--study.p0=[0.99]', '--study.caa_strengths=[0.5]', '--data.values=["power"]', "--data.max_prompts_per_value=3",
-            "--gate.pairs_per_value=6", "--fit.band=1-3", "--steer.max_new_tokens=4",
+            "--gate.other_pairs_per_value=6", "--fit.band=1-3", "--steer.max_new_tokens=4",
             "--utility.max_items=4", "--ray.num_workers=1", "--ray.rows_per_shard=4", f"--output.dir={out}"]
     try:
         assert main(argv) == 0
