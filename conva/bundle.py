@@ -3,12 +3,14 @@
 A bundle is a directory of two files, loaded without pickle:
 
 * ``vectors.safetensors``: ``w`` float32 ``[L, d]`` (probe weights; ``v_l = w_l / ‖w_l‖``), ``b`` float32
-  ``[L]`` (intercepts), ``layers`` int64 ``[L]`` (block indices probed), ``train_acc`` / ``test_acc``
-  float32 ``[L]``, ``caa`` float32 ``[L, d]`` (mean positive − negative activation, for the CAA
-  baseline) and, for a probe gate, ``gate_w`` float32 ``[d]``.
+  ``[L]`` (intercepts), ``layers`` int64 ``[L]`` (block indices probed), ``train_acc`` / ``val_acc`` /
+  ``test_acc`` float32 ``[L]`` (``val_acc`` chose the band; older bundles lack it), ``caa`` float32
+  ``[L, d]`` (mean positive − negative activation, for the CAA baseline) and, for a probe gate,
+  ``gate_w`` float32 ``[d]``.
 * ``meta.json``: format version, model name and fingerprint, hidden size and block count, value, site,
-  position, chosen band, default P0, the gate (kind, layer, intercept, threshold, calibration),
-  dataset hash, creation time and the sha256 of every tensor.
+  position, chosen band, default P0, the gate (kind, layer, intercept, threshold, its calibrate and test
+  figures, whether it met its target), the probes that did not converge, dataset hash, creation time and
+  the sha256 of every tensor.
 
 Loading checks shapes, finiteness and the tensor hashes (a tampered bundle is refused), and, when given,
 that the bundle was made for the model at hand.
@@ -69,6 +71,7 @@ class ValueBundle:
     dataset_hash: str = ""
     created: str = ""
     extra: dict = field(default_factory=dict)
+    val_acc: np.ndarray | None = None  # [L]: the accuracy the band was chosen on (None in older bundles)
 
     def rows(self, layers: tuple[int, ...] | None = None) -> np.ndarray:
         """Row indices into ``w``/``b`` of ``layers`` (default: the band), in that order."""
@@ -98,6 +101,8 @@ def _tensors(bundle: ValueBundle) -> dict[str, np.ndarray]:
         "test_acc": bundle.test_acc.astype(np.float32),
         "caa": bundle.caa.astype(np.float32),
     }
+    if bundle.val_acc is not None:
+        tensors["val_acc"] = bundle.val_acc.astype(np.float32)
     if bundle.gate.w is not None:
         tensors["gate_w"] = bundle.gate.w.astype(np.float32)
     return tensors
@@ -121,6 +126,7 @@ def _meta(bundle: ValueBundle, tensors: dict[str, np.ndarray]) -> dict:
         "gate": {
             "kind": g.kind, "threshold": g.threshold, "layer": g.layer, "b": g.b, "model": g.model,
             "labels": list(g.labels), "target": g.target, "target_value": g.target_value, "heldout": g.heldout,
+            "calibration": g.calibration, "target_met": g.target_met,
         },
         "dataset_hash": bundle.dataset_hash,
         "created": bundle.created,
@@ -156,6 +162,8 @@ def _check_tensors(path: str | Path, meta: dict, t: dict[str, np.ndarray]) -> No
     n, d = meta["n_blocks"], meta["hidden_size"]
     L = t["layers"].shape[0] if t["layers"].ndim == 1 else -1
     shapes = {"w": (L, d), "b": (L,), "train_acc": (L,), "test_acc": (L,), "caa": (L, d)}
+    if "val_acc" in t:
+        shapes["val_acc"] = (L,)
     if "gate_w" in t:
         shapes["gate_w"] = (d,)
     for name, shape in shapes.items():
@@ -205,14 +213,14 @@ def decode_bundle(files: dict[str, bytes], where: str, *, fingerprint: str | Non
         )
     g = meta["gate"]
     gate = Gate(g["kind"], g["threshold"], g["layer"], tensors.get("gate_w"), g["b"], g["model"], tuple(g["labels"]),
-                g["target"], g["target_value"], g["heldout"])
+                g["target"], g["target_value"], g["heldout"], g.get("calibration", {}), g.get("target_met"))
     bundle = ValueBundle(
         value=check_value(meta["value"]), model_name=meta["model_name"], fingerprint=meta["fingerprint"],
         hidden_size=meta["hidden_size"], n_blocks=meta["n_blocks"], layers=tensors["layers"], w=tensors["w"],
         b=tensors["b"], train_acc=tensors["train_acc"], test_acc=tensors["test_acc"], caa=tensors["caa"],
         band=tuple(meta["band"]), p0=float(meta["p0"]), gate=gate, position=meta["position"],
         chat_template=bool(meta["chat_template"]), dataset_hash=meta["dataset_hash"], created=meta["created"],
-        extra=meta.get("extra", {}),
+        extra=meta.get("extra", {}), val_acc=tensors.get("val_acc"),
     )
     bundle.rows()  # the band must be among the probed layers
     return bundle

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conva.gates import GATE_KINDS
+from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON
 from conva.fit import GateSettings
 from conva.probes import BAND_PRESETS, ProbeSettings
 from conva.record import POSITIONS
@@ -31,7 +31,7 @@ from conva.values import VALUES
 __all__ = [
     "ConfigError", "read_config_data", "build_section", "build_config", "ModelConfig", "DataConfig", "ExtractConfig", "FitConfig",
     "SteerConfig", "VLLMConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
-    "RESULT_NEUTRAL_KEYS",
+    "RESULT_NEUTRAL_KEYS", "vllm_gate_problem",
 ]
 
 BACKENDS = ("hf", "vllm")
@@ -176,6 +176,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "probe.solver": ("lbfgs", "saga", "liblinear", "newton-cg", "sag"),
     "gate.kind": GATE_KINDS,
     "gate.target": ("precision", "recall"),
+    "gate.apply_to": GATE_SCOPES,
+    "gate.prefix_on": PREFIX_ON,
     "steer.backend": BACKENDS,
     "steer.method": METHODS,
     "steer.positions": STEER_POSITIONS,
@@ -243,10 +245,15 @@ def _validate(cfg: Config) -> None:
     for v in cfg.data.values:
         if v not in VALUES:
             raise ConfigError(f"data.values: unknown value {v!r}; expected among {', '.join(VALUES)}")
+    vllm_problem = vllm_gate_problem(cfg, [cfg.steer.method], [cfg.steer.setting])
     checks = [
         ("fit.p0", 0.0 < cfg.fit.p0 < 1.0, "must lie strictly between 0 and 1"),
         ("steer.p0", cfg.steer.p0 is None or 0.0 < cfg.steer.p0 < 1.0, "must lie strictly between 0 and 1"),
         ("probe.test_size", 0.0 < cfg.probe.test_size < 1.0, "must lie strictly between 0 and 1"),
+        ("probe.val_size", 0.0 < cfg.probe.val_size and cfg.probe.test_size + cfg.probe.val_size < 1.0,
+         "must be positive, and probe.test_size + probe.val_size below 1 (the rest trains the probes)"),
+        ("gate.other_pairs_per_value", cfg.gate.other_pairs_per_value >= 0, "must be 0 (all pairs) or more"),
+        ("gate.value_prompts", cfg.gate.value_prompts >= 0, "must be 0 (pair texts only) or more"),
         ("probe.C", cfg.probe.C > 0, "must be positive"),
         ("gate.target_value", 0.0 < cfg.gate.target_value <= 1.0, "must lie in (0, 1]"),
         ("steer.max_new_tokens", cfg.steer.max_new_tokens >= 1, "must be at least 1"),
@@ -271,6 +278,7 @@ def _validate(cfg: Config) -> None:
          "'reference' reproduces the paper: positions='all', epsilon='frozen'"),
         ("steer.mode", cfg.steer.backend == "hf" or cfg.steer.mode == "batched",
          f"{cfg.steer.mode!r} is a mode of the hf backend; the {cfg.steer.backend!r} backend runs 'batched' only"),
+        ("steer.backend", not vllm_problem, vllm_problem),
     ]
     for key, ok, problem in checks:
         if not ok:
@@ -278,6 +286,24 @@ def _validate(cfg: Config) -> None:
     band = cfg.fit.band
     if isinstance(band, str) and band != "auto" and band not in BAND_PRESETS and not _is_range(band):
         raise ConfigError(f"fit.band: {band!r} is not 'auto', 'LO-HI', a list or one of {sorted(BAND_PRESETS)}")
+
+
+def vllm_gate_problem(cfg: Config, methods: list[str], settings: list[str]) -> str:
+    """Why the vllm backend cannot gate these methods and settings as configured ("" if it can).
+
+    The vllm backend scores a gate on the text it feeds the engine; the gate must score the raw prompt, so
+    rows fed a prefix (the opposite setting; the prompt method when it is gated) need the hf backend,
+    which scores the gate first.
+    """
+    if cfg.steer.backend != "vllm" or cfg.gate.kind == "none":
+        return ""
+    if "opposite" in settings:
+        return ("the vllm backend would score the gate on the prefixed prompt in the 'opposite' setting; "
+                "the gate scores the raw prompt: use steer.backend = 'hf'")
+    if "prompt" in methods and cfg.gate.apply_to == "all_methods":
+        return ("the vllm backend cannot gate the 'prompt' method (the gate decides its prefix before the "
+                "engine runs): use steer.backend = 'hf' or gate.apply_to = 'conva'")
+    return ""
 
 
 def _is_range(text: str) -> bool:

@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import weakref
 from collections import OrderedDict
@@ -123,6 +124,25 @@ def _wrapped_forward(block: torch.nn.Module, j: int, buf: _Buffers, epsilon: str
     return forward
 
 
+def _static_cache(config: object, max_len: int) -> StaticCache:
+    """A static KV cache of ``max_len`` tokens that a compiled decode step can reuse at every position.
+
+    transformers' sliding-window static layer (Gemma 3) tracks its length in a Python int that the
+    compiled step is guarded on: it would recompile at every token. Where the window covers the whole
+    cache, sliding-window attention **is** causal attention, so those layers get plain static layers,
+    which track their length in a tensor; the model still builds its sliding-window mask, which then
+    masks nothing more. A cache longer than the window is refused.
+    """
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
+    if window and types and "sliding_attention" in types:
+        if max_len > window:
+            raise ValueError(f"the compiled mode needs prompt + new tokens <= the model's sliding window ({window}); "
+                             f"this batch needs {max_len}: use mode 'batched'")
+        config = copy.copy(config)  # shallow: the model's own config is untouched
+        config.layer_types = ["full_attention"] * len(types)  # type: ignore[attr-defined]
+    return StaticCache(config=config, max_cache_len=max_len)
+
+
 class FastSteering:
     """A model prepared for fast steered generation at a fixed batch size and cache length.
 
@@ -148,7 +168,7 @@ class FastSteering:
         self.buffers = _Buffers(batch_size, len(self.layers), model.config.hidden_size, param.dtype, param.device,
                                 epsilon == "per_token")
         self._forwards = {l: _wrapped_forward(blocks[l], j, self.buffers, epsilon) for j, l in enumerate(self.layers)}
-        self._cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self._cache = _static_cache(model.config, max_len)
         self._mask = torch.ones(batch_size, max_len, dtype=torch.long, device=param.device)
         self._tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=param.device)
         self._positions = torch.zeros(batch_size, 1, dtype=torch.long, device=param.device)
@@ -225,7 +245,7 @@ class FastSteering:
             tokens.append(tuple(row[:cut]))
             outs.append(tok.decode(row[:cut], skip_special_tokens=True))
         n_prompt = enc["attention_mask"].sum(1).tolist()[:n]
-        return _results(steering, list(specs), outs, tokens, n_prompt)
+        return _results(steering, list(specs), outs, tokens, n_prompt, texts[:n])
 
     def _prefill(self, enc: dict[str, torch.Tensor], steering: _Steering) -> torch.Tensor:
         """Eager steered forward of the prompts into the static cache; returns the first greedy token."""
@@ -309,7 +329,8 @@ def generate_fast(
         chunk_p, chunk_s = list(prompts[start:start + batch_size]), list(specs[start:start + batch_size])
         layers = tuple(sorted({l for s in chunk_s for l in s.layers()}))
         rows = _round_up(len(chunk_p), _BATCH_MULTIPLE)
-        # The exact longest prompt (a dummy row's empty prompt included), rounded up: few distinct shapes.
+        # The longest prompt (a dummy row's empty prompt included; every prefix as if its gate opened: an
+        # upper bound), rounded up: few distinct shapes.
         texts = [prompt_text(p, s) for p, s in zip(chunk_p + [""], chunk_s + [SteerSpec()])]
         strings = [format_prompt(tok, t, chat_template) for t in texts]
         longest = max(len(ids) for ids in tok(strings, add_special_tokens=not chat_template)["input_ids"])

@@ -10,32 +10,53 @@ Example:
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
 from conva.bundle import ValueBundle
-from conva.gates import GATE_KINDS, Gate, fit_probe_gate
+from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON, Gate, fit_probe_gate
 from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band
 
-__all__ = ["GateSettings", "FitSettings", "ModelInfo", "LayerData", "fit_value"]
+__all__ = ["GateSettings", "GATE_FIT_KEYS", "FitSettings", "ModelInfo", "LayerData", "fit_value"]
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GateSettings:
-    """``[gate]`` config: kind, calibration target, and for ``external`` the classifier and labels."""
+    """``[gate]`` config: how the gate is fitted (``kind`` … ``seed``) and what it gates (``apply_to``, ``prefix_on``)."""
 
-    kind: str = "probe"
-    target: str = "precision"
-    target_value: float = 0.95
-    model: str | None = None
-    labels: tuple[str, ...] = ()
-    threshold: float = 0.5
+    kind: str = "probe"  # none | probe (on the model's activations) | external (a text classifier)
+    target: str = "precision"  # the probe gate's threshold meets this on the calibrate split: precision | recall
+    target_value: float = 0.95  # ... at least this value
+    calibrate_size: float = 0.25  # share of the gate's pairs that choose its layer and threshold
+    test_size: float = 0.25  # share of the gate's pairs its reported precision/recall/accuracy come from
+    other_pairs_per_value: int = 0  # pairs of each value outside data.values that serve as gate negatives (0: all)
+    value_prompts: int = 0  # each value's last N prompts train the gates (never steered); 0: pair texts only
+    seed: int = 0  # seed of the gate's split
+    apply_to: str = "all_methods"  # "all_methods": every method is gated alike (the reference); "conva": ConVA only
+    prefix_on: str = "all"  # the opposite setting's prefix: on "all" rows, or only where the gate opens ("gated")
+    model: str | None = None  # external: a sequence-classification model (folder or repo id)
+    labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value
+    threshold: float = 0.5  # external: the open threshold
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
             raise ValueError(f"unknown gate kind {self.kind!r}; expected one of {GATE_KINDS}")
+        if self.apply_to not in GATE_SCOPES:
+            raise ValueError(f"unknown gate.apply_to {self.apply_to!r}; expected one of {GATE_SCOPES}")
+        if self.prefix_on not in PREFIX_ON:
+            raise ValueError(f"unknown gate.prefix_on {self.prefix_on!r}; expected one of {PREFIX_ON}")
+        if not (0 < self.calibrate_size and 0 < self.test_size and self.calibrate_size + self.test_size < 1):
+            raise ValueError("gate.calibrate_size and gate.test_size must be positive and sum to less than 1")
+
+
+# The [gate] keys a fitted bundle depends on (apply_to and prefix_on only change the steering).
+GATE_FIT_KEYS = ("kind", "target", "target_value", "calibrate_size", "test_size", "other_pairs_per_value",
+                 "value_prompts", "seed", "model", "labels", "threshold")
 
 
 @dataclass(frozen=True)
@@ -61,12 +82,17 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class LayerData:
-    """Labelled activations, one layer at a time: ``matrix(l)`` is ``[n, d]`` for block ``l``."""
+    """Labelled activations, one layer at a time: ``matrix(l)`` is ``[n, d]`` for block ``l``.
+
+    ``groups``: rows of one group (a pair's two texts) stay on one side of every split. ``origin``: what
+    kind of text each row is (gate data: ``own``, ``other``, ``neutral``), for per-kind figures.
+    """
 
     matrix: Callable[[int], np.ndarray]
     labels: np.ndarray
     groups: np.ndarray
     layers: tuple[int, ...]
+    origin: np.ndarray | None = None
 
 
 class _CAA:
@@ -99,33 +125,43 @@ def fit_value(
 ) -> ValueBundle:
     """Fit probes on ``pairs`` (label 1 = promotes the value), pick the band, fit the gate; return the bundle.
 
-    ``gate_data`` (label 1 = concerns the value, 0 = neutral) is needed for a ``probe`` gate; its
-    candidate layers are those of ``gate_data`` up to the band's first layer.
+    ``gate_data`` (label 1 = the value's texts; 0 = other values' texts and neutral prompts) is needed
+    for a ``probe`` gate; its candidate layers are those of ``gate_data`` up to the band's first layer.
+    The band is chosen on the probes' validation accuracy; ``test_acc`` is measured on rows neither saw.
+    Probes that did not converge are logged as a warning and listed in ``extra["not_converged"]``.
     """
     caa = _CAA(pairs)
     fit = fit_probes(caa.matrix, pairs.labels, pairs.groups, pairs.layers, settings.probe)
+    not_converged = [int(l) for l, ok in zip(fit.layers, fit.converged) if not ok]
+    if not_converged:
+        _log.warning("fit %s: %d of %d layer probes did not converge in %d iterations (layers %s)", value,
+                     len(not_converged), len(fit.layers), settings.probe.max_iter, not_converged)
     band = parse_band(settings.band, model.n_blocks)
     if band is None:
         band = choose_band(fit, settings.band_width or max(1, model.n_blocks // 2))
-    gate = _fit_gate(settings.gate, gate_data, band)
+    gate = _fit_gate(settings.gate, gate_data, band, settings.probe, value)
     return ValueBundle(
         value=value, model_name=model.name, fingerprint=model.fingerprint, hidden_size=model.hidden_size,
         n_blocks=model.n_blocks, layers=fit.layers, w=fit.w, b=fit.b, train_acc=fit.train_acc,
-        test_acc=fit.test_acc, caa=caa.vectors(pairs.layers), band=band, p0=settings.p0, gate=gate,
-        position=position, chat_template=chat_template, dataset_hash=dataset_hash,
+        test_acc=fit.test_acc, val_acc=fit.val_acc, caa=caa.vectors(pairs.layers), band=band, p0=settings.p0,
+        gate=gate, position=position, chat_template=chat_template, dataset_hash=dataset_hash,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        extra={"probe": settings.probe.__dict__, "n_train": fit.n_train, "n_test": fit.n_test},
+        extra={"probe": settings.probe.__dict__, "n_train": fit.n_train, "n_val": fit.n_val, "n_test": fit.n_test,
+               "not_converged": not_converged},
     ).with_band(band)
 
 
-def _fit_gate(s: GateSettings, data: LayerData | None, band: tuple[int, ...]) -> Gate:
+def _fit_gate(s: GateSettings, data: LayerData | None, band: tuple[int, ...], probe: ProbeSettings,
+              value: str) -> Gate:
     if s.kind == "none":
         return Gate("none")
     if s.kind == "external":
         return Gate("external", s.threshold, model=s.model, labels=s.labels)
     if data is None:
-        raise ValueError("a probe gate needs gate data (value texts and neutral prompts)")
+        raise ValueError("a probe gate needs gate data (the value's texts, other values' texts, neutral prompts)")
     candidates = [l for l in data.layers if l <= band[0]]
     if not candidates:
         raise ValueError(f"no gate candidate layer at or before the band's first layer {band[0]}")
-    return fit_probe_gate(data.matrix, data.labels, candidates, target=s.target, target_value=s.target_value)
+    return fit_probe_gate(data.matrix, data.labels, data.groups, candidates, target=s.target,
+                          target_value=s.target_value, calibrate_size=s.calibrate_size, test_size=s.test_size,
+                          seed=s.seed, origin=data.origin, settings=probe, name=value)

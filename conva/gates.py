@@ -5,34 +5,52 @@ Gated-off prompts must come out exactly as without steering; the gate is what ke
 
 * ``none``: every prompt is steered.
 * ``probe``: a logistic probe on the model's own activation at the prompt's last token, at a layer no
-  later than the first steered layer (so it reads an unsteered state and can run inside the same forward
-  pass). Fitted centrally on the value's texts (label 1) against value-neutral prompts (label 0); its
-  threshold is **calibrated on held-out rows** to a stated target, e.g. precision ≥ 0.95.
+  later than the first steered layer (so it reads an unsteered state). It is **value-specific**: the
+  value's own texts (label 1) against the other values' texts and value-neutral prompts (label 0). The
+  rows are split **by pair** into train / calibrate / test (:func:`gate_splits`): the probe is fitted
+  on train; its layer and its threshold are chosen on calibrate (the threshold to a stated target, e.g.
+  precision ≥ 0.95); precision, recall, accuracy and open rates are reported on test, at that
+  threshold. A target that cannot be met is logged as a warning and recorded (``target_met``), never
+  papered over.
 * ``external``: a HuggingFace sequence-classification model (the paper used a DeBERTa value detector)
-  with a label map and a threshold; scored on the prompt text before generation.
+  with a label map and a threshold; scored on the prompt text before generation. The classifier is
+  loaded once per process.
 
 Example:
-    >>> gate = fit_probe_gate(lambda l: x_by_layer[l], labels, layers=[2, 4, 6])  # doctest: +SKIP
-    >>> gate.open(x_by_layer[gate.layer])                                         # doctest: +SKIP
+    >>> gate = fit_probe_gate(lambda l: x_by_layer[l], labels, groups, layers=[2, 4, 6])  # doctest: +SKIP
+    >>> gate.open(gate.scores(x_by_layer[gate.layer]))                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 
-from conva.probes import ProbeSettings, fit_layer, split_indices
+from conva.probes import LayerFit, ProbeSettings, fit_layer, split_three
 
-__all__ = ["GATE_KINDS", "Gate", "fit_probe_gate", "calibrate_threshold", "external_scores"]
+__all__ = ["GATE_KINDS", "GATE_SCOPES", "PREFIX_ON", "Gate", "GateSplit", "Calibration", "gate_splits", "fit_probe_gate", "calibrate_threshold",
+           "gate_metrics", "external_scores"]
 
 GATE_KINDS = ("none", "probe", "external")
+# What a gate gates (config gate.apply_to): ConVA only, or every method alike (the reference code).
+GATE_SCOPES = ("conva", "all_methods")
+# Where the opposite setting's prefix goes (gate.prefix_on): every row, or only rows the gate opens.
+PREFIX_ON = ("all", "gated")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Gate:
-    """A fitted gate. ``heldout`` holds the calibration figures (precision, recall, accuracy, n)."""
+    """A fitted gate.
+
+    ``heldout``: figures on the **test** rows at ``threshold`` (precision, recall, accuracy, n, and open
+    rates per kind of row). ``calibration``: the same on the calibrate rows that chose layer and threshold.
+    ``target_met``: whether the threshold reached ``target ≥ target_value`` on calibrate (None: not fitted).
+    """
 
     kind: str = "none"
     threshold: float = 0.5
@@ -44,6 +62,8 @@ class Gate:
     target: str = "precision"
     target_value: float = 0.95
     heldout: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, float] = field(default_factory=dict)
+    target_met: bool | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
@@ -66,73 +86,175 @@ class Gate:
         return np.asarray(scores) >= self.threshold
 
 
+@dataclass(frozen=True)
+class GateSplit:
+    """Disjoint row indices of the gate data: fit on ``train``, choose on ``calibrate``, report on ``test``."""
+
+    train: np.ndarray
+    calibrate: np.ndarray
+    test: np.ndarray
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A threshold and whether it meets the target on the rows it was chosen on."""
+
+    threshold: float
+    met: bool
+
+
+def gate_splits(groups: Sequence, calibrate_size: float, test_size: float, seed: int = 0,
+                labels: Sequence[int] | None = None) -> GateSplit:
+    """Split gate rows **by group** (a pair's two texts share one) into train / calibrate / test.
+
+    With ``labels``, the groups of each class are split apart (stratified), so every part gets its share
+    of the value's own texts however few they are. Deterministic for a seed; every group lands in one part.
+    """
+    groups = np.asarray(groups)
+    strata = np.zeros(len(groups), dtype=np.int64) if labels is None else np.asarray(labels)
+    parts: list[list[np.ndarray]] = [[], [], []]
+    for k, stratum in enumerate(np.unique(strata)):
+        rows = np.flatnonzero(strata == stratum)
+        split = split_three(groups[rows], ProbeSettings(seed=seed + k, split="pair"), test_size, calibrate_size)
+        for part, idx in zip(parts, split):
+            part.append(rows[idx])
+    train, cal, test = (np.sort(np.concatenate(p)) for p in parts)
+    return GateSplit(train, cal, test)
+
+
 def _precision_recall(scores: np.ndarray, labels: np.ndarray, t: float) -> tuple[float, float]:
     pred = scores >= t
     tp = int(np.sum(pred & (labels == 1)))
-    precision = tp / max(int(pred.sum()), 1) if pred.any() else 1.0
+    precision = tp / int(pred.sum()) if pred.any() else 1.0
     recall = tp / max(int(np.sum(labels == 1)), 1)
     return precision, recall
 
 
-def calibrate_threshold(scores: np.ndarray, labels: np.ndarray, target: str, value: float) -> float:
-    """The threshold that meets ``target`` (``precision`` or ``recall``) ≥ ``value`` on held-out rows.
+def calibrate_threshold(scores: np.ndarray, labels: np.ndarray, target: str, value: float) -> Calibration:
+    """The threshold that meets ``target`` (``precision`` or ``recall``) ≥ ``value`` on these rows.
 
     For precision: the lowest threshold whose precision reaches ``value`` (most recall at that
     precision). For recall: the highest threshold whose recall reaches ``value``. If no threshold
-    reaches the target, the one with the best F1 is returned (the achieved figures are recorded).
+    reaches the target, the one with the best F1 is returned with ``met=False``: the caller must say so.
     """
     if target not in ("precision", "recall"):
         raise ValueError(f"unknown gate target {target!r}; expected 'precision' or 'recall'")
     candidates = np.unique(scores)
-    ok = []
-    for t in candidates:
-        p, r = _precision_recall(scores, labels, float(t))
-        if (p if target == "precision" else r) >= value:
-            ok.append(float(t))
+    stats = [_precision_recall(scores, labels, float(t)) for t in candidates]
+    ok = [float(t) for t, (p, r) in zip(candidates, stats) if (p if target == "precision" else r) >= value]
     if ok:
-        return min(ok) if target == "precision" else max(ok)
-    f1 = [(2 * p * r / max(p + r, 1e-12)) for p, r in (_precision_recall(scores, labels, float(t)) for t in candidates)]
-    return float(candidates[int(np.argmax(f1))])
+        return Calibration(min(ok) if target == "precision" else max(ok), True)
+    f1 = [2 * p * r / max(p + r, 1e-12) for p, r in stats]
+    return Calibration(float(candidates[int(np.argmax(f1))]), False)
+
+
+def gate_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, origin: Sequence[str] | None = None
+                 ) -> dict[str, float]:
+    """Precision, recall, accuracy, n and (with ``origin``) the open rate per kind of row, at ``threshold``."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    precision, recall = _precision_recall(scores, labels, threshold)
+    opened = scores >= threshold
+    out = {"precision": precision, "recall": recall, "accuracy": float(np.mean(opened == (labels == 1))),
+           "n": float(len(labels))}
+    if origin is not None:
+        origin = np.asarray(origin)
+        for kind in sorted(set(origin.tolist())):
+            out[f"open_rate_{kind}"] = float(np.mean(opened[origin == kind]))
+    return out
+
+
+def _choose(fits: dict[int, tuple[LayerFit, np.ndarray]], labels: np.ndarray, target: str, value: float
+            ) -> tuple[int, Calibration]:
+    """The layer and threshold chosen on calibrate: meet the target first, then most of the other metric.
+
+    Ties go to the later layer (later layers carry more of the prompt's meaning).
+    """
+    best: tuple[tuple, int, Calibration] | None = None
+    for layer, (_, scores) in fits.items():
+        cal = calibrate_threshold(scores, labels, target, value)
+        p, r = _precision_recall(scores, labels, cal.threshold)
+        key = (cal.met, r if target == "precision" else p, 2 * p * r / max(p + r, 1e-12), layer)
+        if best is None or key >= best[0]:
+            best = (key, layer, cal)
+    assert best is not None, "fit_probe_gate needs at least one candidate layer"
+    return best[1], best[2]
 
 
 def fit_probe_gate(
     layer_matrix: Callable[[int], np.ndarray],
     labels: Sequence[int],
+    groups: Sequence,
     layers: Sequence[int],
     *,
     target: str = "precision",
     target_value: float = 0.95,
-    settings: ProbeSettings = ProbeSettings(split="sample"),
+    calibrate_size: float = 0.25,
+    test_size: float = 0.25,
+    seed: int = 0,
+    origin: Sequence[str] | None = None,
+    settings: ProbeSettings = ProbeSettings(),
+    name: str = "",
 ) -> Gate:
-    """Fit a probe gate at each candidate layer, keep the best held-out one, calibrate its threshold.
+    """Fit a probe gate per candidate layer on train; choose layer and threshold on calibrate; report on test.
 
-    ``labels``: 1 for texts that concern the value, 0 for neutral ones. Ties in held-out accuracy go to
-    the later layer (later layers carry more of the prompt's meaning).
+    ``labels``: 1 for texts that concern the value, 0 for the others (other values' texts, neutral
+    prompts). ``groups``: rows of one group (a pair's two texts) stay in one split. ``origin``: a kind per
+    row (e.g. ``own``, ``other``, ``neutral``) for the open rates reported on test. A missed target is
+    logged as a warning (``name`` says whose gate) and recorded in ``target_met``.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    train, test = split_indices(labels, np.arange(len(labels)), settings)
-    best: tuple[float, int, np.ndarray, float, np.ndarray] | None = None
+    split = gate_splits(groups, calibrate_size, test_size, seed, labels)
+    for part, rows in (("train", split.train), ("calibrate", split.calibrate)):
+        if set(labels[rows].tolist()) != {0, 1}:
+            raise ValueError(f"gate {name}: its {part} split needs rows of both classes (got {len(rows)} rows)")
+    fits, converged = {}, []
     for layer in layers:
         x = np.asarray(layer_matrix(layer), dtype=np.float32)
-        w, b, _, acc = fit_layer(x, labels, train, test, settings)
-        if best is None or acc >= best[0]:
-            scores = 1.0 / (1.0 + np.exp(-(x[test].astype(np.float64) @ w.astype(np.float64) + b)))
-            best = (acc, int(layer), w, b, scores)
-    assert best is not None, "fit_probe_gate needs at least one candidate layer"
-    acc, layer, w, b, scores = best
-    threshold = calibrate_threshold(scores, labels[test], target, target_value)
-    precision, recall = _precision_recall(scores, labels[test], threshold)
-    heldout = {"accuracy": acc, "precision": precision, "recall": recall, "n": float(len(test))}
-    return Gate("probe", threshold, layer, w, b, target=target, target_value=target_value, heldout=heldout)
+        fit = fit_layer(x, labels, split.train, settings)
+        fits[int(layer)] = (fit, fit.scores(x[split.calibrate]))
+        converged.append(fit.converged)
+    layer, cal = _choose(fits, labels[split.calibrate], target, target_value)
+    fit, cal_scores = fits[layer]
+    test_x = np.asarray(layer_matrix(layer), dtype=np.float32)[split.test]
+    org = None if origin is None else np.asarray(origin)
+    calibration = gate_metrics(cal_scores, labels[split.calibrate], cal.threshold,
+                               None if org is None else org[split.calibrate])
+    heldout = gate_metrics(fit.scores(test_x), labels[split.test], cal.threshold,
+                           None if org is None else org[split.test])
+    heldout["not_converged"] = float(sum(not c for c in converged))
+    _warn_missed(name, target, target_value, cal.met, heldout)
+    return Gate("probe", cal.threshold, layer, fit.w, fit.b, target=target, target_value=target_value,
+                heldout=heldout, calibration=calibration, target_met=cal.met)
+
+
+def _warn_missed(name: str, target: str, value: float, met: bool, heldout: dict[str, float]) -> None:
+    if not met:
+        _log.warning("gate %s: no threshold reaches %s >= %g on the calibrate split; using the best-F1 threshold "
+                     "(recorded as target_met = false)", name, target, value)
+    if heldout[target] < value:
+        _log.warning("gate %s: %s on the test split is %.3f, below the target %g (n = %d)", name, target,
+                     heldout[target], value, int(heldout["n"]))
+
+
+@functools.lru_cache(maxsize=4)
+def _classifier(model: str, device: str):
+    """The external gate's tokenizer and classifier, loaded once per process and device."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    clf = AutoModelForSequenceClassification.from_pretrained(model).to(device).eval()
+    return tok, clf
 
 
 def external_scores(gate: Gate, texts: Sequence[str], batch_size: int = 16, device: str = "cpu") -> np.ndarray:
-    """Score texts with an external classifier gate: the highest probability among ``gate.labels``."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """Score texts with an external classifier gate: the highest probability among ``gate.labels``.
 
-    tok = AutoTokenizer.from_pretrained(gate.model)
-    clf = AutoModelForSequenceClassification.from_pretrained(gate.model).to(device).eval()
+    The classifier is loaded on first use and kept for the process (:func:`functools.lru_cache`).
+    """
+    import torch
+
+    assert gate.model is not None, "external_scores() is for external gates"
+    tok, clf = _classifier(gate.model, device)
     label_ids = {name: int(i) for i, name in clf.config.id2label.items()}
     missing = [l for l in gate.labels if l not in label_ids]
     if missing:

@@ -9,7 +9,7 @@ knows how far to trust the control success rates computed from it.
   probes never saw (``conva.data.demo_answers``, or the paper's non-context-controlled pairs); it holds
   out ``test_size`` of the pairs and its agreement is measured on those.
 * ``probe``: the value's own probe (from the bundle) applied to the **unsteered** model's activation of
-  ``prompt + answer`` at the bundle's best held-out layer.
+  ``prompt + answer`` at the layer with the best validation accuracy.
 * ``llm``: any OpenAI-compatible chat endpoint with the paper's expert prompt; see :mod:`conva.llm_client`
   (a stdlib client) for retries, the concurrency limit and the on-disk cache. The API key is read from the environment
   variable that ``api_key_env`` names, only when a request is sent.
@@ -188,7 +188,7 @@ def _classifier(settings: JudgeSettings, *, values: Sequence[str], model, tok, b
 
 
 class ProbeJudge:
-    """The bundle's probe at its best held-out layer, on the unsteered model's reading of prompt + answer."""
+    """The bundle's probe at its best validation layer, on the unsteered model's reading of prompt + answer."""
 
     name = "probe"
 
@@ -196,7 +196,9 @@ class ProbeJudge:
         self.settings, self.model, self.tok, self.bundles, self.batch_size = settings, model, tok, bundles, batch_size
 
     def _layer(self, bundle: ValueBundle) -> int:
-        return int(np.argmax(np.nan_to_num(bundle.test_acc.astype(np.float64), nan=-1.0)))
+        # Chosen on validation accuracy, so the test accuracy stays a held-out figure (older bundles: test).
+        acc = bundle.val_acc if bundle.val_acc is not None else bundle.test_acc
+        return int(np.argmax(np.nan_to_num(acc.astype(np.float64), nan=-1.0)))
 
     def judge(self, values: Sequence[str], prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
         from conva.record import record_activations

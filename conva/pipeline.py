@@ -12,8 +12,9 @@ Schemas (version :data:`SCHEMA_VERSION`; documented in the README):
   (fixed-size list<float32>), error`` — one row per (text, layer)
 * steering input: ``row_id, value, prompt, error`` and optionally per-row ``method, p0, strength,
   setting, band`` overriding ``[steer]`` (:data:`ROW_OVERRIDES`)
-* generations: ``row_id, prompt, output, n_prompt_tokens, n_output_tokens, model, value, method, setting,
-  p0, strength, gate_score, gate_open, layers, eps, p_before, p_after, error`` — one row per input row
+* generations: ``row_id, prompt, context, output, n_prompt_tokens, n_output_tokens, model, value, method,
+  setting, p0, strength, gate_score, gate_open, layers, eps, p_before, p_after, error`` — one row per input
+  row; ``context`` is the user message the answer was generated from (``prompt`` with any prefix)
 """
 
 from __future__ import annotations
@@ -36,12 +37,13 @@ from conva.steer import RowResult, SteerSpec, generate
 __all__ = [
     "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
     "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source", "load_prompt_source",
-    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "steering_rows_from_records", "value_activations",
-    "probe_rows", "PROBE_SCHEMA", "activation_model",
+    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "fit_rows_filter", "gate_data", "value_prompts",
+    "steering_rows_from_records", "value_activations", "probe_rows", "PROBE_SCHEMA", "activation_model",
 ]
 
-# 2: outputs committed through a commit log (conva.store), shards written by the workers.
-SCHEMA_VERSION = 2
+# 3: generations carry ``context``; gate texts cover every value (value-specific gate); outputs committed
+# through a commit log (conva.store), shards written by the workers.
+SCHEMA_VERSION = 3
 
 EXTRACTION_INPUT_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("dataset", pa.string()), ("value", pa.string()), ("label", pa.int8()),
@@ -51,7 +53,7 @@ STEERING_INPUT_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("value", pa.string()), ("prompt", pa.string()), ("error", pa.string()),
 ])
 GENERATION_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("prompt", pa.string()), ("output", pa.string()),
+    ("row_id", pa.string()), ("prompt", pa.string()), ("context", pa.string()), ("output", pa.string()),
     ("n_prompt_tokens", pa.int32()), ("n_output_tokens", pa.int32()), ("model", pa.string()),
     ("value", pa.string()), ("method", pa.string()), ("setting", pa.string()), ("p0", pa.float64()),
     ("strength", pa.float64()), ("gate_score", pa.float64()), ("gate_open", pa.bool_()), ("layers", pa.list_(pa.int32())),
@@ -88,24 +90,61 @@ def load_prompt_source(source: str, value: str | None) -> list[D.Prompt]:
     return D.load_prompts(source, value)
 
 
+def value_prompts(cfg: Config, value: str) -> tuple[list[D.Prompt], list[D.Prompt]]:
+    """A value's prompts from ``data.prompts``, split apart: ``(to steer, for the gate)``.
+
+    With a probe gate, the last ``gate.value_prompts`` prompts of each value train the gates (positives of
+    the value's own, negatives of the others') and are never steered; the rest are steered, capped at
+    ``data.max_prompts_per_value``.
+    """
+    prompts = load_prompt_source(cfg.data.prompts, value)
+    k = cfg.gate.value_prompts if cfg.gate.kind == "probe" else 0
+    if k and not (cfg.data.prompts == "demo" or cfg.data.prompts.startswith("paper:") or D.is_folder(cfg.data.prompts)):
+        raise ValueError("gate.value_prompts takes each value's prompts from data.prompts, which must then be "
+                         f"'demo', 'paper:<folder>' or a folder (got the file {cfg.data.prompts!r})")
+    if k >= len(prompts) > 0 or (k and not prompts):
+        raise ValueError(f"gate.value_prompts = {k} would leave none of {value!r}'s {len(prompts)} prompts to steer")
+    steer, gate = prompts[:len(prompts) - k], prompts[len(prompts) - k:] if k else []
+    cap = cfg.data.max_prompts_per_value
+    return (steer[:cap] if cap else steer), gate
+
+
 def extraction_rows(cfg: Config) -> pa.Table:
-    """Every text the fit needs, in a fixed order: pair texts per value, and gate texts if a probe gate."""
+    """Every text the fit needs, in a fixed order: pair texts per value, then the gate's texts if a probe gate.
+
+    A probe gate is value-specific: it reads the texts of **all ten** values' pairs and their gate prompts
+    (:func:`value_prompts`; each value's are the positives of its own gate and negatives of the others')
+    and the neutral prompts, in the steering prompt's template. A value outside ``data.values`` only supplies negatives: ``gate.other_pairs_per_value``
+    caps its pairs.
+    """
     rows: list[dict] = []
-    gate = cfg.gate.kind == "probe"
     for value in cfg.data.values:
         for i, pair in enumerate(load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind)):
             for label, text, tag in ((1, pair.positive, "pos"), (0, pair.negative, "neg")):
                 rows.append(dict(row_id=f"pairs/{value}/{i:06d}/{tag}", dataset="pairs", value=value, label=label,
                                  group=i, text=text, chat_template=cfg.extract.chat_template))
-                if gate:  # the gate reads prompts as the model sees them when steered: in the chat template
-                    rows.append(dict(row_id=f"gate/{value}/{i:06d}/{tag}", dataset="gate", value=value, label=1,
-                                     group=i, text=text, chat_template=cfg.steer.chat_template))
-    if gate:
-        neutral = D.demo_neutral() if cfg.data.neutral == "demo" else D.load_prompts(cfg.data.neutral)
-        for i, prompt in enumerate(neutral):
-            rows.append(dict(row_id=f"neutral/{i:06d}", dataset="neutral", value=None, label=0, group=i,
-                             text=prompt.prompt, chat_template=cfg.steer.chat_template))
+    if cfg.gate.kind == "probe":
+        rows += _gate_rows(cfg)
     return pa.Table.from_pylist(rows, schema=EXTRACTION_INPUT_SCHEMA)
+
+
+def _gate_rows(cfg: Config) -> list[dict]:
+    rows = []
+    for value in D.VALUES:
+        cap = None if value in cfg.data.values else cfg.gate.other_pairs_per_value or None
+        for i, pair in enumerate(load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind)[:cap]):
+            for text, tag in ((pair.positive, "pos"), (pair.negative, "neg")):
+                # The gate reads prompts as the model sees them when steered: in the steering template.
+                rows.append(dict(row_id=f"gate/{value}/{i:06d}/{tag}", dataset="gate", value=value, label=1,
+                                 group=i, text=text, chat_template=cfg.steer.chat_template))
+        for i, prompt in enumerate(value_prompts(cfg, value)[1]):
+            rows.append(dict(row_id=f"gate_prompt/{value}/{i:06d}", dataset="gate_prompt", value=value, label=1,
+                             group=i, text=prompt.prompt, chat_template=cfg.steer.chat_template))
+    neutral = D.demo_neutral() if cfg.data.neutral == "demo" else D.load_prompts(cfg.data.neutral)
+    for i, prompt in enumerate(neutral):
+        rows.append(dict(row_id=f"neutral/{i:06d}", dataset="neutral", value=None, label=0, group=i,
+                         text=prompt.prompt, chat_template=cfg.steer.chat_template))
+    return rows
 
 
 def extract_table(model, tok, rows: pa.Table, layers: Sequence[int], position: str, batch_size: int) -> pa.Table:
@@ -162,6 +201,36 @@ def fit_settings(cfg: Config) -> FitSettings:
                        band=cfg.fit.band, band_width=cfg.fit.band_width, p0=cfg.fit.p0)
 
 
+_GATE_DATASETS = ("gate", "gate_prompt", "neutral")
+
+
+def fit_rows_filter(value: str):
+    """The activation rows one value's fit reads (a pyarrow dataset filter): its pairs and all gate texts."""
+    import pyarrow.compute as pc
+
+    own = (pc.field("dataset") == "pairs") & (pc.field("value") == value)
+    return own | pc.field("dataset").isin(list(_GATE_DATASETS))
+
+
+def gate_data(meta: pa.Table, value: str, read_rows: Callable[[int, np.ndarray], np.ndarray],
+              layers: Sequence[int]) -> LayerData | None:
+    """The probe gate's rows for ``value``: its own texts and prompts (1); the other values' and neutral prompts (0).
+
+    Groups keep a pair's two texts together in the gate's split; ``origin`` says which kind each row is.
+    None when ``meta`` holds no gate texts (the gate is not a probe).
+    """
+    dataset = np.asarray(meta.column("dataset").to_pylist(), dtype=object)
+    values = np.asarray(meta.column("value").to_pylist(), dtype=object)
+    groups = np.asarray(meta.column("group").to_pylist())
+    rows = np.flatnonzero(np.isin(dataset, _GATE_DATASETS))
+    if not len(rows):
+        return None
+    origin = np.where(dataset[rows] == "neutral", "neutral", np.where(values[rows] == value, "own", "other"))
+    keys = np.asarray([f"{dataset[r]}/{values[r]}/{groups[r]}" for r in rows])
+    return LayerData(lambda l, r=rows: read_rows(l, r), (origin == "own").astype(np.int64), keys, tuple(layers),
+                     origin=origin)
+
+
 def fit_bundles(
     meta: pa.Table, read_layer: Callable[[int], np.ndarray], layers: Sequence[int], cfg: Config, model: ModelInfo,
     dataset_hash: str = "",
@@ -173,11 +242,11 @@ def fit_bundles(
     """
     cache: dict[int, np.ndarray] = {}
 
-    def layer_rows(l: int) -> np.ndarray:
+    def read_rows(l: int, rows: np.ndarray) -> np.ndarray:
         if l not in cache:
             cache.clear()
             cache[l] = read_layer(l)
-        return cache[l]
+        return cache[l][rows]
 
     dataset = np.asarray(meta.column("dataset").to_pylist())
     values = np.asarray(meta.column("value").to_pylist(), dtype=object)
@@ -186,24 +255,18 @@ def fit_bundles(
     bundles = {}
     for value in cfg.data.values:
         pair_rows = np.flatnonzero((dataset == "pairs") & (values == value))
-        gate_rows = np.flatnonzero(((dataset == "gate") & (values == value)) | (dataset == "neutral"))
-        pairs = LayerData(lambda l, r=pair_rows: layer_rows(l)[r], labels[pair_rows], groups[pair_rows], tuple(layers))
-        gate = None
-        if len(gate_rows):
-            gate = LayerData(lambda l, r=gate_rows: layer_rows(l)[r], labels[gate_rows], np.arange(len(gate_rows)),
-                             tuple(layers))
+        pairs = LayerData(lambda l, r=pair_rows: read_rows(l, r), labels[pair_rows], groups[pair_rows], tuple(layers))
+        gate = gate_data(meta, value, read_rows, layers)
         bundles[value] = fit_value(value, pairs, gate, model, fit_settings(cfg), position=cfg.extract.position,
                                    chat_template=cfg.extract.chat_template, dataset_hash=dataset_hash)
     return bundles
 
 
 def steering_rows(cfg: Config) -> pa.Table:
-    """The prompts to steer: each value's prompts from ``data.prompts`` (capped per value if asked)."""
+    """The prompts to steer: each value's prompts from ``data.prompts`` but the gate's (capped per value if asked)."""
     rows = []
     for value in cfg.data.values:
-        prompts = load_prompt_source(cfg.data.prompts, value)
-        if cfg.data.max_prompts_per_value:
-            prompts = prompts[: cfg.data.max_prompts_per_value]
+        prompts, _ = value_prompts(cfg, value)
         rows += [dict(row_id=f"{value}/{i:06d}", value=value, prompt=p.prompt, error=None) for i, p in enumerate(prompts)]
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
 
@@ -262,9 +325,10 @@ def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
     s = {k: getattr(cfg.steer, k, None) for k in ROW_OVERRIDES}
     s.update({k: row[k] for k in ROW_OVERRIDES if row.get(k) is not None})
     band = tuple(s["band"]) if s["band"] else None
+    gate = dict(gate_scope=cfg.gate.apply_to, prefix_on=cfg.gate.prefix_on)
     if bundle is None or s["method"] == "none":
-        return SteerSpec("none", bundle, setting=s["setting"]) if bundle else SteerSpec("none")
-    return SteerSpec(s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"])
+        return SteerSpec("none", bundle, setting=s["setting"], **gate) if bundle else SteerSpec("none")
+    return SteerSpec(s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"], **gate)
 
 
 GenerateFn = Callable[[list[str], list[SteerSpec]], list[RowResult]]
@@ -309,13 +373,13 @@ def _max_length(model) -> int:
 
 
 def _generation_row(rec: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None, model: str) -> dict:
-    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], output=None, n_prompt_tokens=None, n_output_tokens=None,
+    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], context=None, output=None, n_prompt_tokens=None, n_output_tokens=None,
                model=model, value=rec["value"], method=rec.get("method"), setting=rec.get("setting"), p0=rec.get("p0"),
                strength=None, gate_score=None,
                gate_open=None, layers=None, eps=None, p_before=None, p_after=None, error=error)
     if done is not None:
         res, spec = done
-        row.update(output=res.text, n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=len(res.tokens),
+        row.update(output=res.text, context=res.context, n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=len(res.tokens),
                    method=spec.method, setting=spec.setting, p0=spec.target(),
                    strength=spec.strength if spec.method in ("caa", "probe_fixed") else None, gate_score=res.gate_score, gate_open=res.gate_open,
                    layers=list(res.layers), eps=list(res.eps), p_before=list(res.p_before), p_after=list(res.p_after))
@@ -353,7 +417,7 @@ def activation_model(infos: Iterable[dict]) -> tuple[ModelInfo, list[int]]:
 
 
 def value_activations(dataset, value: str, layers: Sequence[int], hidden: int):
-    """``(meta, read_layer)`` for fitting ``value``: its texts plus the gate's texts, one layer at a time.
+    """``(meta, read_layer)`` for fitting ``value``: its pair texts and every gate text, one layer at a time.
 
     ``meta`` has one row per recorded text (``row_id, dataset, value, label, group``); ``read_layer(l)``
     returns ``[n, hidden]`` float32 rows aligned with it. Error rows (texts the extraction could not
@@ -364,7 +428,7 @@ def value_activations(dataset, value: str, layers: Sequence[int], hidden: int):
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    rows = ((pc.field("value") == value) | (pc.field("dataset") == "neutral")) & pc.field("error").is_null()
+    rows = fit_rows_filter(value) & pc.field("error").is_null()
     meta = dataset.to_table(columns=[*_META_COLUMNS, "__filename"], filter=rows & (pc.field("layer") == layers[0]))
     files = set(meta.column("__filename").to_pylist())
     meta, ids = meta.drop_columns(["__filename"]), meta.column("row_id")

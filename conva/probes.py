@@ -7,9 +7,14 @@ Choices (METHOD.md §2 leaves them open; all are settings):
 
 * ``solver``: the reference used ``saga`` on unscaled activations, which stops far from convergence in
   its default 100 iterations; we default to ``lbfgs`` (same L2 objective, C=1, run to convergence).
-* ``split``: the 70/30 held-out split is made **by pair** (both texts of a scenario on the same side), so
-  held-out accuracy cannot be inflated by the scenario; ``sample`` reproduces the reference's split.
-* The steering band is chosen from held-out accuracy (:func:`choose_band`), or taken from a preset.
+* ``split``: the rows are split **by pair** (both texts of a scenario on the same side), so held-out
+  accuracy cannot be inflated by the scenario; ``sample`` splits by row, as the reference did.
+* Three parts: the probes are fitted on ``train``; the band is chosen from accuracy on ``val``
+  (:func:`choose_band`); the accuracy reported (``test_acc``) is measured on ``test``, rows that neither the
+  fit nor the band choice saw. With the defaults (test 0.3, val 0.2) the reference's 70/30 test share is
+  kept and the fit uses half of the pairs.
+* A probe that stops at ``max_iter`` without converging is counted (``ProbeFit.converged``) and reported,
+  never silenced.
 
 Fitting streams: :func:`fit_probes` asks for one layer's matrix at a time, so a driver can read a
 layer's activations from Parquet, fit, and drop them before the next layer.
@@ -29,8 +34,8 @@ import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-__all__ = ["ProbeSettings", "ProbeFit", "split_indices", "fit_layer", "fit_probes", "choose_band", "BAND_PRESETS",
-           "parse_band"]
+__all__ = ["ProbeSettings", "ProbeFit", "LayerFit", "split_indices", "split_three", "fit_layer", "fit_probes",
+           "choose_band", "BAND_PRESETS", "parse_band"]
 
 # The reference code's fixed bands (block indices, inclusive), keyed by model family.
 BAND_PRESETS: dict[str, tuple[int, int]] = {
@@ -45,24 +50,31 @@ BAND_PRESETS: dict[str, tuple[int, int]] = {
 class ProbeSettings:
     """How probes are fitted; every field is a config key under ``[probe]``."""
 
-    C: float = 1.0
-    solver: str = "lbfgs"
-    max_iter: int = 2000
-    test_size: float = 0.3
-    seed: int = 0
-    split: str = "pair"
+    C: float = 1.0  # inverse L2 strength (the reference: 1)
+    solver: str = "lbfgs"  # sklearn solver (the reference: saga)
+    max_iter: int = 2000  # iterations before a fit counts as not converged
+    test_size: float = 0.3  # share of pairs held out for the reported accuracy
+    val_size: float = 0.2  # share of pairs held out to choose the band (never reported as accuracy)
+    seed: int = 0  # seed of the split
+    split: str = "pair"  # "pair": both texts of a pair on one side; "sample": by row (the reference)
 
 
 @dataclass(frozen=True)
 class ProbeFit:
-    """Probes for several layers: ``w`` ``[L, d]``, ``b`` ``[L]``, accuracies ``[L]``, all float32."""
+    """Probes for several layers: ``w`` ``[L, d]``, ``b`` ``[L]``, accuracies ``[L]`` (float32), ``converged`` ``[L]``.
+
+    ``val_acc`` chose the band; ``test_acc`` is on rows neither the fit nor that choice saw.
+    """
 
     layers: np.ndarray
     w: np.ndarray
     b: np.ndarray
     train_acc: np.ndarray
+    val_acc: np.ndarray
     test_acc: np.ndarray
+    converged: np.ndarray
     n_train: int
+    n_val: int
     n_test: int
 
     def index(self, layer: int) -> int:
@@ -75,33 +87,68 @@ class ProbeFit:
 
 def split_indices(labels: np.ndarray, groups: np.ndarray, settings: ProbeSettings) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train/test row indices: by group (pair) or by sample, ``test_size`` held out."""
-    n = len(labels)
+    train, val, test = _split(len(labels), groups, settings, settings.test_size, 0.0)
+    return np.sort(np.concatenate([train, val])), test
+
+
+def split_three(groups: np.ndarray, settings: ProbeSettings, test_size: float | None = None,
+                val_size: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Deterministic, disjoint ``(train, val, test)`` row indices, by group (pair) or by sample.
+
+    Every row of a group lands in one part. ``test_size``/``val_size`` default to the settings'.
+    The test part is the one :func:`split_indices` holds out with the same seed and size.
+    """
+    groups = np.asarray(groups)
+    return _split(len(groups), groups, settings, settings.test_size if test_size is None else test_size,
+                  settings.val_size if val_size is None else val_size)
+
+
+def _split(n: int, groups: np.ndarray, settings: ProbeSettings, test_size: float, val_size: float
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(settings.seed)
     if settings.split == "sample":
         order = rng.permutation(n)
-        n_test = int(round(n * settings.test_size))
-        return np.sort(order[n_test:]), np.sort(order[:n_test])
+        n_test, n_val = int(round(n * test_size)), int(round(n * val_size))
+        parts = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+        return tuple(np.sort(p) for p in (parts[2], parts[1], parts[0]))  # type: ignore[return-value]
     if settings.split != "pair":
         raise ValueError(f"unknown probe split {settings.split!r}; expected 'pair' or 'sample'")
     unique = np.unique(groups)
     shuffled = rng.permutation(unique)
-    n_test = int(round(len(unique) * settings.test_size))
-    test_groups = set(shuffled[:n_test].tolist())
-    is_test = np.array([g in test_groups for g in groups])
-    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+    n_test, n_val = int(round(len(unique) * test_size)), int(round(len(unique) * val_size))
+    part = {g: 2 for g in shuffled[:n_test].tolist()}
+    part.update({g: 1 for g in shuffled[n_test:n_test + n_val].tolist()})
+    where = np.array([part.get(g, 0) for g in np.asarray(groups).tolist()], dtype=np.int64)
+    return np.flatnonzero(where == 0), np.flatnonzero(where == 1), np.flatnonzero(where == 2)
 
 
-def fit_layer(
-    x: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, settings: ProbeSettings
-) -> tuple[np.ndarray, float, float, float]:
-    """Fit one layer's probe; return ``(w, b, train_accuracy, held_out_accuracy)``."""
+@dataclass(frozen=True)
+class LayerFit:
+    """One layer's probe: ``w`` float32 ``[d]``, intercept ``b``, and whether the solver converged."""
+
+    w: np.ndarray
+    b: float
+    converged: bool
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Probe probabilities ``σ(xw + b)`` of ``[n, d]`` rows (float64)."""
+        return 1.0 / (1.0 + np.exp(-(np.asarray(x, dtype=np.float64) @ self.w.astype(np.float64) + self.b)))
+
+    def accuracy(self, x: np.ndarray, labels: np.ndarray) -> float:
+        """Share of rows on the right side of ``wᵀx + b = 0``; NaN for no rows."""
+        if len(labels) == 0:
+            return float("nan")
+        return float(np.mean((self.scores(x) >= 0.5) == (np.asarray(labels) == 1)))
+
+
+def fit_layer(x: np.ndarray, labels: np.ndarray, train: np.ndarray, settings: ProbeSettings) -> LayerFit:
+    """Fit one layer's probe on the rows ``train``; a fit that hits ``max_iter`` is marked not converged."""
     clf = LogisticRegression(C=settings.C, solver=settings.solver, max_iter=settings.max_iter)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
         clf.fit(x[train], labels[train])
-    train_acc = float(clf.score(x[train], labels[train]))
-    test_acc = float(clf.score(x[test], labels[test])) if len(test) else float("nan")
-    return clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), train_acc, test_acc
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return LayerFit(clf.coef_[0].astype(np.float32), float(clf.intercept_[0]), converged)
 
 
 def fit_probes(
@@ -111,34 +158,39 @@ def fit_probes(
     layers: Sequence[int],
     settings: ProbeSettings = ProbeSettings(),
 ) -> ProbeFit:
-    """Fit one probe per layer; ``layer_matrix(l)`` returns that layer's ``[n, d]`` activations.
+    """Fit one probe per layer on the train part; accuracies on train, val and test (:func:`split_three`).
 
-    Only one layer's matrix is alive at a time. ``groups`` pairs the rows (same id for the positive and
-    negative text of one pair) for the by-pair split.
+    ``layer_matrix(l)`` returns that layer's ``[n, d]`` activations; only one layer's matrix is alive at
+    a time. ``groups`` pairs the rows (same id for the positive and negative text of one pair).
     """
     labels = np.asarray(labels, dtype=np.int64)
     if set(np.unique(labels).tolist()) != {0, 1}:
         raise ValueError("probe labels must contain both classes 0 and 1")
-    train, test = split_indices(labels, np.asarray(groups), settings)
-    ws, bs, tr, te = [], [], [], []
+    train, val, test = split_three(np.asarray(groups), settings)
+    ws, bs, accs, converged = [], [], [], []
     for layer in layers:
-        w, b, a_train, a_test = fit_layer(np.asarray(layer_matrix(layer), dtype=np.float32), labels, train, test, settings)
-        ws.append(w), bs.append(b), tr.append(a_train), te.append(a_test)
+        x = np.asarray(layer_matrix(layer), dtype=np.float32)
+        fit = fit_layer(x, labels, train, settings)
+        ws.append(fit.w), bs.append(fit.b), converged.append(fit.converged)
+        accs.append([fit.accuracy(x[rows], labels[rows]) for rows in (train, val, test)])
+    acc = np.asarray(accs, dtype=np.float32).reshape(len(ws), 3)
     return ProbeFit(
         layers=np.asarray(list(layers), dtype=np.int64),
         w=np.stack(ws).astype(np.float32),
         b=np.asarray(bs, dtype=np.float32),
-        train_acc=np.asarray(tr, dtype=np.float32),
-        test_acc=np.asarray(te, dtype=np.float32),
-        n_train=len(train),
-        n_test=len(test),
+        train_acc=acc[:, 0], val_acc=acc[:, 1], test_acc=acc[:, 2],
+        converged=np.asarray(converged, dtype=bool),
+        n_train=len(train), n_val=len(val), n_test=len(test),
     )
 
 
 def choose_band(fit: ProbeFit, width: int) -> tuple[int, ...]:
-    """The ``width`` consecutive probed layers with the highest mean held-out accuracy (ties: earliest)."""
+    """The ``width`` consecutive probed layers with the highest mean **validation** accuracy (ties: earliest).
+
+    The test accuracy plays no part, so it stays an honest estimate for the band chosen.
+    """
     width = max(1, min(width, len(fit.layers)))
-    acc = np.nan_to_num(fit.test_acc.astype(np.float64), nan=0.0)
+    acc = np.nan_to_num(fit.val_acc.astype(np.float64), nan=0.0)
     means = np.convolve(acc, np.ones(width) / width, mode="valid")
     start = int(np.argmax(means))
     return tuple(int(l) for l in fit.layers[start : start + width])

@@ -1,58 +1,62 @@
 """A study's report: an HTML page with PNG plots, rebuilt from the study's Parquet files alone.
 
-Reads ``summary.parquet``, ``probes.parquet`` and ``judges.parquet`` from a study folder (or the folder of a
-given ``results.parquet``) and writes ``<folder>/report/index.html`` with:
+Reads ``pooled.parquet``, ``matched.parquet``, ``summary.parquet``, ``probes.parquet``, ``judges.parquet``
+and ``study.json`` from a study folder (or the folder of a given ``results.parquet``) and writes
+``<folder>/report/index.html`` with:
 
-* probe held-out accuracy by layer, per model and value;
-* CSR against P0 per method (methods without P0 drawn as flat lines);
-* the trade-offs: CSR against the perplexity ratio (fluency) and against the utility ratio;
-* gate precision/recall (held-out, from the fit) and open rates on the study's prompts and on the
-  multiple-choice questions;
-* CSR per value and method, the judge's agreement, and the summary table.
+* the choices the study made (gate, what it gates, where prefixes go, splits, bootstrap, judge);
+* the pooled summary: per model, method, P0, band, strength and setting, CSR with a bootstrap interval
+  over **all** the row's prompts, and the perplexity ratio with its own interval;
+* the CSR-vs-perplexity **frontier** per method (ConVA's P0 sweep, CAA's strength sweep, prompting,
+  unsteered), both intervals drawn, and ConVA against CAA and prompting at matched fluency;
+* CSR against P0, CSR against utility, probe accuracy by layer (validation and test), the gates'
+  held-out figures and open rates, CSR per value, probe non-convergence, the judge's agreement.
 
 Usage: ``python -m conva.report runs/demo_study`` (or ``conva report runs/demo_study/results.parquet``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
+import json
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-__all__ = ["write_report", "format_summary", "method_table", "main"]
+from conva.summary import OUTPUT_FILES as _STUDY_FILES
+
+__all__ = ["write_report", "format_summary", "study_choices", "main"]
 
 _COLORS = {"conva": "tab:red", "conva_nogate": "tab:orange", "caa": "tab:blue", "prompt": "tab:green", "none": "tab:gray"}
-_AGG = ["csr", "csr_lo", "csr_hi", "ppl_ratio", "utility_ratio", "mc_acc", "gate_open_rate", "judge_agreement"]
+_SUMMARY_COLS = ["model", "setting", "method", "p0", "band", "strength", "values", "n", "csr", "csr_lo", "csr_hi",
+                 "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "ppl_plain_ratio", "utility_ratio", "gate_open_rate",
+                 "mc_gate_open_rate", "judge_agreement"]
+_CI_NOTE = ("csr: mean judge score over all the row's prompts (every value, gated-off ones included); csr_lo/csr_hi: "
+            "95% percentile bootstrap over those n prompts. ppl_ratio: geometric-mean perplexity of the answers "
+            "under the unsteered model, given the context each was generated from, relative to the unsteered "
+            "answers (ppl_ratio_lo/hi: bootstrap over the same prompts); ppl_plain_ratio: the same given the plain "
+            "prompt. utility_ratio: multiple-choice accuracy with steering and gate active / unsteered. "
+            "gate_open_rate: share of the rows whose gate was read that it opened (mc_: on the multiple-choice "
+            "questions). judge_agreement: the judge's agreement on held-out labelled pairs.")
 
 
 def _folder(path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if path.suffix == ".parquet" else path
-    if not (folder / "summary.parquet").is_file():
-        raise FileNotFoundError(f"{folder} holds no summary.parquet: point at a study folder or its results.parquet")
+    if not (folder / "pooled.parquet").is_file():
+        raise FileNotFoundError(f"{folder} holds no pooled.parquet: point at a study folder or its results.parquet")
     return folder
 
 
-def method_table(summary: pa.Table) -> list[dict]:
-    """Mean over values per (model, method, P0, band, setting): the study's headline rows."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in summary.to_pylist():
-        groups[(r["model"], r["method"], r["p0"], r["band"], r["strength"], r["setting"])].append(r)
-    out = []
-    for (model, method, p0, band, strength, setting), rs in groups.items():
-        row = dict(model=model, method=method, p0=p0, band=band, strength=strength, setting=setting, values=len(rs))
-        for key in _AGG:
-            vals = [r[key] for r in rs if r[key] is not None and not math.isnan(r[key])]
-            row[key] = sum(vals) / len(vals) if vals else None
-        out.append(row)
-    order = list(_COLORS)
-    return sorted(out, key=lambda r: (r["model"], r["setting"], order.index(r["method"]) if r["method"] in order else 9,
-                                      r["p0"] or 0, r["band"], r["strength"] or 0))
+def _read(folder: Path, name: str) -> pa.Table:
+    path = folder / f"{name}.parquet"
+    return pq.read_table(path) if path.is_file() else pa.table({})
 
 
 def _fmt(x: object) -> str:
@@ -61,14 +65,60 @@ def _fmt(x: object) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
-def format_summary(summary: pa.Table) -> str:
-    """The summary as plain text: one line per (model, method, P0, band, setting), means over values."""
-    cols = ["model", "setting", "method", "p0", "band", "strength", "values", "csr", "csr_lo", "csr_hi", "ppl_ratio",
-            "utility_ratio", "gate_open_rate", "judge_agreement"]
-    rows = [[_fmt(r[c]) for c in cols] for r in method_table(summary)]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
-    return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+def study_choices(folder: str | Path) -> list[tuple[str, str]]:
+    """The choices a study made, as ``(setting, value)`` lines, from its ``study.json`` (empty if absent)."""
+    path = Path(folder) / "study.json"
+    if not path.is_file():
+        return []
+    s = json.loads(path.read_text())
+    job, g, p = s["job"], s["job"]["gate"], s["job"]["probe"]
+    gate = g["kind"] if g["kind"] != "probe" else (
+        f"probe, value-specific (other values' texts and neutral prompts as negatives), threshold to "
+        f"{g['target']} >= {g['target_value']} on a calibrate split ({g['calibrate_size']:g} of pairs), "
+        f"figures on a test split ({g['test_size']:g})")
+    return [
+        ("gate", gate),
+        ("gate.apply_to", f"{g['apply_to']} ({'every method gated alike' if g['apply_to'] == 'all_methods' else 'ConVA only'})"),
+        ("gate.prefix_on", f"{g['prefix_on']} (the opposite setting's prefix on "
+                           f"{'every row' if g['prefix_on'] == 'all' else 'rows the gate opens only'}); the gate scores the raw prompt"),
+        ("probe split", f"by {p['split']}: test {p['test_size']:g}, validation {p['val_size']:g} (chooses the band), "
+                        f"train the rest; band {job['fit']['band']}"),
+        ("steering", f"positions {job['steer']['positions']}, epsilon {job['steer']['epsilon']}, mode {job['steer']['mode']}, "
+                     f"backend {job['steer']['backend']}, {job['steer']['max_new_tokens']} new tokens"),
+        ("judge", s["judge"]["kind"]),
+        ("intervals", f"percentile bootstrap, {s['study']['bootstrap']} resamples, seed {s['study']['seed']}"),
+        ("perplexity", "under the unsteered model, given the context the answer was generated from (ppl_plain: "
+                       "given the plain prompt)"),
+    ]
+
+
+def _convergence(probes: pa.Table) -> str:
+    if probes.num_rows == 0 or "converged" not in probes.column_names:
+        return ""
+    rows = probes.to_pylist()
+    bad = [r for r in rows if not r["converged"]]
+    line = f"probes not converged: {len(bad)} of {len(rows)} layer fits"
+    if bad:
+        line += " (" + ", ".join(f"{r['model']}/{r['value']}/{r['layer']}" for r in bad[:8]) + (", ..." if len(bad) > 8 else "") + ")"
+    gates = {(r["model"], r["value"]): r for r in rows if r["gate_kind"] == "probe"}
+    missed = [k for k, r in gates.items() if r["gate_target_met"] is False]
+    if gates:
+        line += f"; gates that missed their target on calibrate: {len(missed)} of {len(gates)}"
+        line += "" if not missed else " (" + ", ".join(f"{m}/{v}" for m, v in missed) + ")"
+    return line
+
+
+def format_summary(path: str | Path) -> str:
+    """The study's pooled summary as plain text, with its choices and probe convergence."""
+    folder = _folder(path)
+    rows = _read(folder, "pooled").to_pylist()
+    cells = [[_fmt(r[c]) for c in _SUMMARY_COLS] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(_SUMMARY_COLS)]
+    line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))
+    out = [f"{k}: {v}" for k, v in study_choices(folder)]
+    out += ["", line(_SUMMARY_COLS), line(["-" * w for w in widths]), *(line(c) for c in cells)]
+    conv = _convergence(_read(folder, "probes"))
+    return "\n".join(out + ([conv] if conv else []))
 
 
 def _plt():
@@ -90,86 +140,139 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def _probe_plot(probes: pa.Table, path: Path) -> str:
-    plt, rows = _plt(), probes.to_pylist()
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6 * max(1, len(models)), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for value in sorted({r["value"] for r in rows if r["model"] == model}):
-            pts = sorted((r["layer"], r["test_acc"]) for r in rows if r["model"] == model and r["value"] == value)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=value)
-        ax.set(title=f"{model}: probe held-out accuracy", xlabel="layer", ylabel="accuracy", ylim=(0.3, 1.02))
-        ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+def _panels(rows: list[dict]) -> list[tuple[str, str]]:
+    return sorted({(r["model"], r["setting"]) for r in rows})
 
 
-def _p0_plot(table: list[dict], path: Path) -> str:
+def _axes(n: int, width: float = 6):
     plt = _plt()
-    panels = sorted({(r["model"], r["setting"]) for r in table})
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(6 * max(1, len(panels)), 4), squeeze=False)
-    for ax, (model, setting) in zip(axes[0], panels):
-        rows = [r for r in table if (r["model"], r["setting"]) == (model, setting) and r["csr"] is not None]
-        for key in sorted({(r["method"], r["band"], r["strength"] or 0) for r in rows}):
-            pts = sorted(((r["p0"], r["csr"]) for r in rows if (r["method"], r["band"], r["strength"] or 0) == key),
-                         key=lambda p: p[0] or 0)
-            label = key[0] + (f" ({key[1]})" if key[1] != "-" else "") + (f" s={key[2]:g}" if key[2] else "")
-            color = _COLORS.get(key[0])
-            if pts[0][0] is None:  # no P0: a flat line across the whole axis
-                ax.axhline(pts[0][1], color=color, linestyle="--", label=label)
-            else:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
-        ax.set(title=f"{model}, {setting}: CSR vs P0 (mean over values)", xlabel="P0", ylabel="CSR", ylim=(-0.02, 1.02))
+    fig, axes = plt.subplots(1, max(1, n), figsize=(width * max(1, n), 4.2), squeeze=False)
+    return fig, axes[0]
+
+
+def _label(r: dict) -> str:
+    return (r["method"] + (f" {r['p0']:g}" if r["p0"] is not None else "") + (f" s={r['strength']:g}" if r["strength"] else "")
+            + (f" {r['band']}" if r["band"] not in ("-", "auto") else ""))
+
+
+def _frontier_plot(pooled: list[dict], path: Path) -> str:
+    """Per (model, setting): each method's sweep in the (perplexity ratio, CSR) plane, both intervals drawn."""
+    panels = _panels(pooled)
+    fig, axes = _axes(len(panels))
+    for ax, (model, setting) in zip(axes, panels):
+        rows = [r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["ppl_ratio"] is not None]
+        series: dict[tuple, list[dict]] = defaultdict(list)
+        for r in rows:
+            series[(r["method"], r["band"])].append(r)
+        for (method, band), pts in sorted(series.items()):
+            pts.sort(key=lambda r: r["ppl_ratio"])
+            x, y = [r["ppl_ratio"] for r in pts], [r["csr"] for r in pts]
+            xerr = [[r["ppl_ratio"] - r["ppl_ratio_lo"] for r in pts], [r["ppl_ratio_hi"] - r["ppl_ratio"] for r in pts]]
+            yerr = [[r["csr"] - r["csr_lo"] for r in pts], [r["csr_hi"] - r["csr"] for r in pts]]
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=_COLORS.get(method, "black"),
+                        label=method + (f" ({band})" if band not in ("-", "auto") else ""))
+            for r in pts:
+                ax.annotate(_label(r).split(" ", 1)[1] if " " in _label(r) else "", (r["ppl_ratio"], r["csr"]),
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.axvline(1.0, color="lightgray", lw=1)
+        xs = [r["ppl_ratio_hi"] for r in rows] + [r["ppl_ratio_lo"] for r in rows]
+        if xs and max(xs) / max(min(xs), 1e-9) > 10:
+            ax.set_xscale("log")  # one collapsed point (e.g. CAA at a large strength) would squash the rest
+        ax.set(title=f"{model}, {setting}: control vs fluency", xlabel="perplexity ratio (given the answer's context)",
+               ylabel="CSR (all prompts)", ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def _tradeoff_plot(table: list[dict], path: Path) -> str:
-    plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "ppl_ratio", "perplexity ratio steered/unsteered (lower is more fluent)"),
-                           (axes[1], "utility_ratio", "multiple-choice accuracy / unsteered")):
-        for r in table:
-            if r["csr"] is None or r[key] is None:
-                continue
-            ax.scatter(r[key], r["csr"], color=_COLORS.get(r["method"], "black"), s=40)
-            tag = r["method"] + (f" {r['p0']:g}" if r["p0"] is not None else "") + (f" s={r['strength']:g}" if r["strength"] else "") \
-                + (f" {r['band']}" if r["band"] not in ("-", "auto") else "")
-            ax.annotate(tag, (r[key], r["csr"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.axvline(1.0, color="lightgray", lw=1)
-        xs = [r[key] for r in table if r[key] is not None and r[key] > 0]
-        if xs and max(xs) / min(xs) > 10:
-            ax.set_xscale("log")  # one collapsed method (e.g. CAA at a large strength) would squash the rest
-        ax.set(xlabel=label, ylabel="CSR (mean over values)", ylim=(-0.02, 1.02))
-    axes[0].set_title("control vs fluency")
-    axes[1].set_title("control vs utility")
+def _p0_plot(pooled: list[dict], path: Path) -> str:
+    panels = _panels(pooled)
+    fig, axes = _axes(len(panels))
+    for ax, (model, setting) in zip(axes, panels):
+        rows = [r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["csr"] is not None]
+        for key in sorted({(r["method"], r["band"], r["strength"] or 0) for r in rows}):
+            pts = sorted((r for r in rows if (r["method"], r["band"], r["strength"] or 0) == key), key=lambda r: r["p0"] or 0)
+            color = _COLORS.get(key[0])
+            label = key[0] + (f" ({key[1]})" if key[1] not in ("-", "auto") else "") + (f" s={key[2]:g}" if key[2] else "")
+            if pts[0]["p0"] is None:  # no P0: a flat band across the whole axis
+                ax.axhspan(pts[0]["csr_lo"], pts[0]["csr_hi"], color=color, alpha=0.08)
+                ax.axhline(pts[0]["csr"], color=color, linestyle="--", label=label)
+            else:
+                x = list(range(len(pts)))
+                ax.errorbar(x, [r["csr"] for r in pts], yerr=[[r["csr"] - r["csr_lo"] for r in pts],
+                                                              [r["csr_hi"] - r["csr"] for r in pts]],
+                            marker="o", capsize=3, color=color, label=label)
+                ax.set_xticks(x, [f"{r['p0']:g}" for r in pts])
+        ax.set(title=f"{model}, {setting}: CSR vs P0", xlabel="P0", ylabel="CSR (all prompts)", ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
-def _gate_plot(probes: pa.Table, summary: pa.Table, path: Path) -> str:
-    plt = _plt()
-    gates = {(r["model"], r["value"]): r for r in probes.to_pylist()}
-    conva = [r for r in summary.to_pylist() if r["method"] == "conva"]
-    keys = sorted(gates)
-    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(keys)), 4))
-    series = [("held-out precision", [gates[k]["gate_precision"] for k in keys]),
-              ("held-out recall", [gates[k]["gate_recall"] for k in keys]),
-              ("open on study prompts", [_mean([r["gate_open_rate"] for r in conva if (r["model"], r["value"]) == k]) for k in keys]),
-              ("open on MC questions", [_mean([r["mc_gate_open_rate"] for r in conva if (r["model"], r["value"]) == k]) for k in keys])]
+def _utility_plot(pooled: list[dict], path: Path) -> str:
+    fig, axes = _axes(1, 7)
+    ax = axes[0]
+    for r in pooled:
+        if r["csr"] is None or r["utility_ratio"] is None:
+            continue
+        ax.scatter(r["utility_ratio"], r["csr"], color=_COLORS.get(r["method"], "black"), s=40)
+        ax.annotate(f"{r['model'][:12]} {_label(r)} {r['setting']}", (r["utility_ratio"], r["csr"]), fontsize=6,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.axvline(1.0, color="lightgray", lw=1)
+    ax.set(title="control vs utility", xlabel="multiple-choice accuracy / unsteered", ylabel="CSR", ylim=(-0.02, 1.02))
+    return _save(fig, path)
+
+
+def _probe_plot(probes: list[dict], path: Path) -> str:
+    models = sorted({r["model"] for r in probes})
+    fig, axes = _axes(len(models))
+    for ax, model in zip(axes, models):
+        for value in sorted({r["value"] for r in probes if r["model"] == model}):
+            pts = sorted((r for r in probes if r["model"] == model and r["value"] == value), key=lambda r: r["layer"])
+            line, = ax.plot([r["layer"] for r in pts], [r["test_acc"] for r in pts], marker=".", label=value)
+            ax.plot([r["layer"] for r in pts], [r["val_acc"] for r in pts], ls=":", color=line.get_color())
+        ax.set(title=f"{model}: probe accuracy (test solid, validation dotted)", xlabel="layer", ylabel="accuracy",
+               ylim=(0.3, 1.02))
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def _gate_rows(probes: list[dict], summary: list[dict]) -> list[dict]:
+    """Per (model, value) probe gate: its held-out figures and its open rates on the study's prompts and MC."""
+    gates = {(r["model"], r["value"]): r for r in probes if r["gate_kind"] == "probe"}
+    conva = [r for r in summary if r["method"] == "conva"]
+    out = []
+    for (model, value), g in sorted(gates.items()):
+        mine = [r for r in conva if (r["model"], r["value"]) == (model, value)]
+        out.append(dict(model=model, value=value, layer=g["gate_layer"], threshold=g["gate_threshold"],
+                        target_met=g["gate_target_met"], test_precision=g["gate_precision"], test_recall=g["gate_recall"],
+                        test_accuracy=g["gate_accuracy"], test_n=g["gate_n"], open_heldout_neutral=g["gate_open_neutral"],
+                        open_heldout_other_values=g["gate_open_other"],
+                        open_own_test_prompts=_mean([r["gate_open_rate"] for r in mine]),
+                        open_mc=_mean([r["mc_gate_open_rate"] for r in mine])))
+    return out
+
+
+def _gate_plot(gates: list[dict], path: Path) -> str:
+    fig, axes = _axes(1, max(6, 0.8 * len(gates)))
+    ax, keys = axes[0], [f"{g['model'][:10]}/{g['value']}" for g in gates]
+    series = [("test precision", "test_precision"), ("test recall", "test_recall"),
+              ("open: held-out neutral", "open_heldout_neutral"), ("open: held-out other values", "open_heldout_other_values"),
+              ("open: own test prompts", "open_own_test_prompts"), ("open: MC questions", "open_mc")]
     width = 0.8 / len(series)
-    for j, (name, ys) in enumerate(series):
-        ax.bar([i + j * width for i in range(len(keys))], [y if y is not None else 0 for y in ys], width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))], [k[1] for k in keys], rotation=45, ha="right")
-    ax.set(title="probe gate: precision / recall and open rates", ylim=(0, 1.3))
-    ax.legend(fontsize=7, ncol=4, loc="upper center")
+    for j, (name, key) in enumerate(series):
+        ax.bar([i + j * width for i in range(len(gates))], [g[key] or 0 for g in gates], width, label=name)
+    ax.axhline(0.1, color="black", lw=0.8, ls=":")  # the open-rate target on text the gate should leave alone
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gates))], keys, rotation=60, ha="right", fontsize=7)
+    ax.set(title="probe gates: held-out precision / recall, open rates", ylim=(0, 1.3))
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     return _save(fig, path)
 
 
-def _value_plot(summary: pa.Table, path: Path) -> str:
-    plt, rows = _plt(), [r for r in summary.to_pylist() if r["setting"] == "plain"] or summary.to_pylist()
+def _value_plot(summary: list[dict], path: Path) -> str:
+    rows = [r for r in summary if r["setting"] == "plain"] or summary
     values = sorted({r["value"] for r in rows})
     keys = sorted({(r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(values)), 4))
-    width = 0.8 / max(1, len(keys))
+    fig, axes = _axes(1, max(6, 1.1 * len(values)))
+    ax, width = axes[0], 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
         ys = [_mean([r["csr"] for r in rows if r["value"] == v and (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key])
               for v in values]
@@ -177,7 +280,7 @@ def _value_plot(summary: pa.Table, path: Path) -> str:
                alpha=0.5 + 0.5 * (j % 2), label=" ".join(str(k) for k in key if k not in (0, "-")))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")
     ax.set(title="CSR per value (plain prompts, all models)", ylabel="CSR", ylim=(0, 1.05))
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     return _save(fig, path)
 
 
@@ -201,25 +304,32 @@ def write_report(path: str | Path) -> Path:
     Side effect: **replaces** the ``report/`` folder's files of the same names.
     """
     folder = _folder(path)
-    summary, probes = pq.read_table(folder / "summary.parquet"), pq.read_table(folder / "probes.parquet")
-    judges = pq.read_table(folder / "judges.parquet") if (folder / "judges.parquet").is_file() else pa.table({})
+    pooled, summary = _read(folder, "pooled").to_pylist(), _read(folder, "summary").to_pylist()
+    probes, matched = _read(folder, "probes").to_pylist(), _read(folder, "matched").to_pylist()
     out = folder / "report"
     out.mkdir(exist_ok=True)
-    table = method_table(summary)
-    images = [("Probe accuracy by layer", _probe_plot(probes, out / "probe_accuracy.png")),
-              ("CSR against P0", _p0_plot(table, out / "csr_vs_p0.png")),
-              ("Control against fluency and utility", _tradeoff_plot(table, out / "tradeoff.png")),
-              ("Gate precision / recall", _gate_plot(probes, summary, out / "gate.png")),
+    gates = _gate_rows(probes, summary)
+    images = [("Control against fluency: each method's frontier", _frontier_plot(pooled, out / "frontier.png")),
+              ("CSR against P0", _p0_plot(pooled, out / "csr_vs_p0.png")),
+              ("Control against utility", _utility_plot(pooled, out / "utility.png")),
+              ("Probe accuracy by layer", _probe_plot(probes, out / "probe_accuracy.png")),
               ("CSR per value", _value_plot(summary, out / "csr_by_value.png"))]
-    parts = [f"<h1>ConVA study: {html.escape(folder.name)}</h1>",
-             "<p>CSR: mean judge score over all prompts (gated-off included), 95% percentile bootstrap CI. "
-             "ppl_ratio: geometric-mean perplexity of the answers under the unsteered model, relative to the "
-             "unsteered answers. utility_ratio: multiple-choice accuracy with steering and gate active, relative "
-             "to the unsteered model. judge_agreement: the judge's agreement on held-out labelled pairs.</p>",
-             "<h2>Summary (mean over values)</h2>", _html_table(table)]
+    if gates:
+        images.append(("Gates", _gate_plot(gates, out / "gate.png")))
+    choices = [dict(setting=k, value=v) for k, v in study_choices(folder)]
+    conv = _convergence(_read(folder, "probes"))
+    parts = [f"<h1>ConVA study: {html.escape(folder.name)}</h1>", "<h2>Choices</h2>", _html_table(choices),
+             "<h2>Summary (pooled over values)</h2>", f"<p>{html.escape(_CI_NOTE)}</p>",
+             _html_table([{c: r[c] for c in _SUMMARY_COLS} for r in pooled]),
+             "<h2>ConVA at matched fluency</h2><p>Each ConVA point against the CAA point whose perplexity ratio is "
+             "nearest, and against prompting, on the prompts both answered: CSR difference with a paired bootstrap "
+             "interval; a difference is claimed only where the perplexity intervals overlap or the higher method "
+             "is also the more fluent.</p>", _html_table(matched)]
     parts += [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>" for title, name in images]
-    parts += ["<h2>Judge agreement</h2>", _html_table(judges.to_pylist()),
-              "<h2>Every cell</h2>", _html_table(summary.to_pylist())]
+    parts += ["<h2>Gates (held-out figures and open rates)</h2>", _html_table(gates),
+              f"<h2>Probe convergence</h2><p>{html.escape(conv or '-')}</p>",
+              "<h2>Judge agreement</h2>", _html_table(_read(folder, "judges").to_pylist()),
+              "<h2>Every cell</h2>", _html_table(summary)]
     style = "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}" \
             "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style>"
     page = out / "index.html"
@@ -228,51 +338,62 @@ def write_report(path: str | Path) -> Path:
     return page
 
 
-def write_report_to(out) -> str:
-    """:func:`write_report` for a study output on any storage (a :class:`conva.storage.Location`); returns the page's URI.
+@contextlib.contextmanager
+def local_copy(out) -> Iterator[Path]:
+    """A local folder holding a study's output files: the output itself where it is local, else a temporary copy.
 
-    The Parquet files are copied to a temporary folder, the report is built there and its files are
-    written back under ``<out>/report/`` (**replacing** files of the same names).
+    ``out`` is a path or a :class:`conva.storage.Location` (e.g. ``s3://…``).
     """
     import shutil
     import tempfile
 
+    from conva.storage import location
+
+    out = location(out)
+    if out.is_local:
+        yield Path(out.uri)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="conva-report-"))
     try:
-        for name in ("summary", "probes", "judges"):
-            source = out.child(f"{name}.parquet")
-            if source.exists():
-                (tmp / f"{name}.parquet").write_bytes(source.read_bytes())
-        page = write_report(tmp)
-        for f in sorted(page.parent.iterdir()):
-            out.child("report", f.name).write_bytes(f.read_bytes())
+        for name in (*(f"{n}.parquet" for n in _STUDY_FILES), "study.json"):
+            if out.child(name).exists():
+                (tmp / name).write_bytes(out.child(name).read_bytes())
+        yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_report_to(out) -> str:
+    """:func:`write_report` for a study output on any storage; returns where the page is.
+
+    Side effect: **replaces** the files of ``<out>/report/`` of the same names.
+    """
+    from conva.storage import location
+
+    out = location(out)
+    with local_copy(out) as folder:
+        page = write_report(folder)
+        if not out.is_local:
+            for f in sorted(page.parent.iterdir()):
+                out.child("report", f.name).write_bytes(f.read_bytes())
     return out.child("report", "index.html").uri
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``conva report <study folder | results.parquet>``: rebuild the report; prints the page's path."""
+    """``conva report <study folder | results.parquet>``: rebuild the report; prints the summary and the page's path."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: conva report <study folder | results.parquet>", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    from conva.storage import is_uri, location
-
     try:
-        if is_uri(argv[0]):
-            out = location(argv[0].removesuffix("/results.parquet"))
-            if not out.child("summary.parquet").exists():
-                raise FileNotFoundError(f"{out} holds no summary.parquet: point at a study's output")
-            page = write_report_to(out)
-            summary = pq.read_table(pa.BufferReader(out.child("summary.parquet").read_bytes()))
-        else:
-            local = write_report(argv[0])
-            page, summary = str(local), pq.read_table(local.parent.parent / "summary.parquet")
+        target = argv[0].removesuffix("/results.parquet").removesuffix("results.parquet") or "."
+        page = write_report_to(target)
+        with local_copy(target) as folder:
+            text = format_summary(folder)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"conva report: error: {err}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
+    print(text)
     print(f"report: {page}")
     return 0
 

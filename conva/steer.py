@@ -15,6 +15,16 @@ output. ConVA computes the scale (ε) at the prompt's last token; CAA and the fi
 constant; ``prompt`` only prefixes text; ``none`` does nothing. Rows whose scale is zero (gate closed,
 already at P0, unsteered) are left bit-identical: the add is skipped with ``torch.where``.
 
+The gate (``SteerSpec.gate_scope``): ``all_methods`` (the reference code's choice, the default) gates every
+method alike: a closed gate leaves a CAA or ``probe_fixed`` row unsteered and a ``prompt`` row without its
+prefix; ``conva`` gates ConVA only. The gate always scores the **raw** prompt, in the steering template, as
+the reference does: where the text fed to the model is the raw prompt, the probe gate is read inside the
+steering pass (at a layer no later than the first steered one, so the state is unsteered); where a prefix
+is added (the ``prompt`` method, the ``opposite`` setting) or the gate is an external classifier, it is
+scored first (:func:`gate_decisions`). ``prefix_on`` says where the opposite setting's prefix goes: on
+``all`` rows (default: the user's text stays the user's text, so a gated-off row equals the unsteered
+model on the same prompt) or only on rows the gate opens (``gated``, as the reference code does).
+
 Example:
     >>> spec = SteerSpec("conva", bundle, p0=0.95)                              # doctest: +SKIP
     >>> rows = generate(model, tok, ["Should I take the job?"], [spec])         # doctest: +SKIP
@@ -34,13 +44,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conva.blocks import block_hooks, find_blocks
 from conva.bundle import ValueBundle
-from conva.gates import external_scores
-from conva.record import tokenize, with_positions
+from conva.gates import GATE_SCOPES, PREFIX_ON, external_scores
+from conva.record import record_activations, tokenize, with_positions
 from conva.values import definition
 
 __all__ = [
     "METHODS", "STEER_POSITIONS", "EPSILON_MODES", "SETTINGS", "SteerSpec", "RowResult",
-    "prompt_text", "steer_logits", "generate",
+    "prompt_text", "gate_decisions", "steer_logits", "generate",
 ]
 
 METHODS = ("none", "conva", "conva_nogate", "caa", "probe_fixed", "prompt")
@@ -57,7 +67,8 @@ class SteerSpec:
     ``method``: one of :data:`METHODS`. ``p0``: ConVA's target probability (default: the bundle's).
     ``strength``: the constant scale of ``caa`` (times the mean difference) or ``probe_fixed`` (times
     ``v_l``). ``band``: steered layers (default: the bundle's). ``setting``: ``opposite`` prefixes a
-    prompt pushing against the value (METHOD.md §4).
+    prompt pushing against the value (METHOD.md §4). ``gate_scope``: which methods the bundle's gate gates
+    (``all_methods`` or ``conva``). ``prefix_on``: the opposite prefix on ``all`` rows or only ``gated`` ones.
     """
 
     method: str = "none"
@@ -66,12 +77,18 @@ class SteerSpec:
     strength: float = 0.0
     band: tuple[int, ...] | None = None
     setting: str = "plain"
+    gate_scope: str = "all_methods"
+    prefix_on: str = "all"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown steering method {self.method!r}; expected one of {METHODS}")
         if self.setting not in SETTINGS:
             raise ValueError(f"unknown setting {self.setting!r}; expected one of {SETTINGS}")
+        if self.gate_scope not in GATE_SCOPES:
+            raise ValueError(f"unknown gate scope {self.gate_scope!r}; expected one of {GATE_SCOPES}")
+        if self.prefix_on not in PREFIX_ON:
+            raise ValueError(f"unknown prefix_on {self.prefix_on!r}; expected one of {PREFIX_ON}")
         if self.method in _VECTOR_METHODS and self.bundle is None:
             raise ValueError(f"method {self.method!r} needs a value bundle")
         if self.method == "prompt" and self.bundle is None:
@@ -92,13 +109,38 @@ class SteerSpec:
             return ()
         return tuple(self.band) if self.band is not None else self.bundle.band  # type: ignore[union-attr]
 
+    def gate_applies(self) -> bool:
+        """Whether the bundle's gate governs this row: ConVA always, the others under ``all_methods``."""
+        if self.bundle is None or self.bundle.gate.kind == "none" or self.method == "conva_nogate":
+            return False
+        return self.method == "conva" or self.gate_scope == "all_methods"
+
     def gated(self) -> bool:
-        return self.method == "conva" and self.bundle is not None and self.bundle.gate.kind != "none"
+        """Whether the gate must be read for this row: it decides the steering, or a prefix."""
+        if not self.gate_applies():
+            return False
+        if self.method in _VECTOR_METHODS or self.method == "prompt":
+            return True
+        return self.setting == "opposite" and self.prefix_on == "gated"
+
+    def scored_first(self) -> bool:
+        """Whether the gate is scored before the steering pass (:func:`gate_decisions`), not inside it.
+
+        So it is when the model is fed more than the raw prompt (a prefix depends on the gate or is added)
+        or the gate is an external classifier; otherwise the steering pass reads it on the raw prompt.
+        """
+        if not self.gated():
+            return False
+        return self.bundle.gate.kind == "external" or self.method == "prompt" or self.setting == "opposite"  # type: ignore[union-attr]
 
 
 @dataclass(frozen=True)
 class RowResult:
-    """One prompt's outcome and telemetry (per steered layer, ascending)."""
+    """One prompt's outcome and telemetry (per steered layer, ascending).
+
+    ``gate_score`` is None where no gate was read; ``context`` is the user message the answer was
+    generated from (the prompt with any prefix).
+    """
 
     text: str
     tokens: tuple[int, ...]
@@ -109,19 +151,60 @@ class RowResult:
     eps: tuple[float, ...] = ()
     p_before: tuple[float, ...] = ()
     p_after: tuple[float, ...] = ()
+    context: str | None = None
 
 
-def prompt_text(prompt: str, spec: SteerSpec) -> str:
-    """The user message for ``spec``: the ``opposite`` setting and the ``prompt`` method add prefixes."""
+def prompt_text(prompt: str, spec: SteerSpec, gate_open: bool = True) -> str:
+    """The user message for ``spec``: the ``opposite`` setting and the ``prompt`` method add prefixes.
+
+    ``gate_open``: the gate's decision on the raw prompt. A closed gate drops the ``prompt`` method's
+    prefix where the gate applies, and the opposite prefix where ``prefix_on = "gated"``.
+    """
     if spec.bundle is None:
         return prompt
     value = spec.bundle.value
+    closed = spec.gate_applies() and not gate_open
     prefix = ""
-    if spec.setting == "opposite":
+    if spec.setting == "opposite" and not (closed and spec.prefix_on == "gated"):
         prefix += f"You have low level of {value}. {value.capitalize()} means {definition(value)}. "
-    if spec.method == "prompt":
+    if spec.method == "prompt" and not closed:
         prefix += f"You have high level of {value}. {value.capitalize()} means {definition(value)}. "
     return prefix + prompt
+
+
+Decision = tuple[float, bool]
+
+
+@torch.inference_mode()
+def gate_decisions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str],
+                   specs: Sequence[SteerSpec], *, chat_template: bool = True, batch_size: int = 16
+                   ) -> list[Decision | None]:
+    """``(score, open)`` of the gate on the **raw** prompt for rows scored first (:meth:`SteerSpec.scored_first`).
+
+    Other rows get None (their gate, if any, is read inside the steering pass). A probe gate reads the
+    prompt in the steering template at its layer; an external classifier reads the prompt text.
+    """
+    out: list[Decision | None] = [None] * len(specs)
+    rows = [i for i, s in enumerate(specs) if s.scored_first()]
+    probe = [i for i in rows if specs[i].bundle.gate.kind == "probe"]  # type: ignore[union-attr]
+    if probe:
+        layers = sorted({int(specs[i].bundle.gate.layer) for i in probe})  # type: ignore[union-attr, arg-type]
+        acts = record_activations(model, tok, [prompts[i] for i in probe], layers, chat_template=chat_template,
+                                  batch_size=batch_size)
+        for k, i in enumerate(probe):
+            gate = specs[i].bundle.gate  # type: ignore[union-attr]
+            score = float(gate.scores(acts[k, layers.index(int(gate.layer))][None])[0])  # type: ignore[arg-type]
+            out[i] = (score, score >= gate.threshold)
+    groups: dict[int, list[int]] = {}
+    for i in rows:
+        if specs[i].bundle.gate.kind == "external":  # type: ignore[union-attr]
+            groups.setdefault(id(specs[i].bundle.gate), []).append(i)  # type: ignore[union-attr]
+    for members in groups.values():
+        gate = specs[members[0]].bundle.gate  # type: ignore[union-attr]
+        scores = external_scores(gate, [prompts[i] for i in members])
+        for i, score in zip(members, scores):
+            out[i] = (float(score), float(score) >= gate.threshold)
+    return out
 
 
 @dataclass
@@ -159,7 +242,9 @@ class _Plan:
                    gate_score=torch.full((B,), float("nan")))
 
 
-def _plan(specs: Sequence[SteerSpec], texts: Sequence[str], hidden: int, n_blocks: int) -> _Plan:
+def _plan(specs: Sequence[SteerSpec], texts: Sequence[str], hidden: int, n_blocks: int,
+          decisions: Sequence[Decision | None] | None = None) -> _Plan:
+    """Per-row steering tensors. ``decisions``: gates already scored (:func:`gate_decisions`), None elsewhere."""
     layers = sorted({l for s in specs for l in s.layers()})
     bad = [l for l in layers if not 0 <= l < n_blocks]
     if bad:
@@ -167,6 +252,9 @@ def _plan(specs: Sequence[SteerSpec], texts: Sequence[str], hidden: int, n_block
     col = {l: j for j, l in enumerate(layers)}
     p = _Plan.empty(layers, len(specs), hidden)
     for i, spec in enumerate(specs):
+        decided = decisions[i] if decisions is not None else None
+        if decided is not None:
+            p.gate_score[i], p.open[i] = decided[0], decided[1]
         if spec.bundle is None or not spec.layers():
             continue
         bundle = spec.bundle
@@ -186,17 +274,16 @@ def _plan(specs: Sequence[SteerSpec], texts: Sequence[str], hidden: int, n_block
                 p.compute[i, cols] = True
                 p0 = spec.target()
                 p.s0[i] = math.log(p0 / (1.0 - p0))  # type: ignore[operator]
-        if spec.gated():
-            _plan_gate(p, i, spec, texts[i])
+        if spec.gated() and decided is None:
+            _plan_gate(p, i, spec)
     return p
 
 
-def _plan_gate(p: _Plan, i: int, spec: SteerSpec, text: str) -> None:
+def _plan_gate(p: _Plan, i: int, spec: SteerSpec) -> None:
+    """Set up the probe gate read inside the steering pass, on the raw prompt's unsteered state."""
     gate = spec.bundle.gate  # type: ignore[union-attr]
-    if gate.kind == "external":
-        score = float(external_scores(gate, [text])[0])
-        p.gate_score[i], p.open[i] = score, score >= gate.threshold
-        return
+    if gate.kind != "probe":
+        raise ValueError(f"a {gate.kind!r} gate is scored before the pass: pass its decision (gate_decisions)")
     first = min(spec.layers())
     if gate.layer is None or gate.layer > first:
         raise ValueError(f"the probe gate reads layer {gate.layer}, after the first steered layer {first}; "
@@ -287,30 +374,35 @@ def _steered(model: PreTrainedModel, steering: _Steering) -> Iterator[_Steering]
 
 
 def _results(
-    steering: _Steering, specs: Sequence[SteerSpec], texts: list[str], tokens: list[tuple[int, ...]], n_prompt: list[int]
+    steering: _Steering, specs: Sequence[SteerSpec], texts: list[str], tokens: list[tuple[int, ...]], n_prompt: list[int],
+    contexts: Sequence[str | None] | None = None,
 ) -> list[RowResult]:
     p, out = steering.plan, []
     for i, spec in enumerate(specs):
         cols = [p.layers.index(l) for l in spec.layers()]
         score = float(p.gate_score[i])
+        read = not math.isnan(score)
         out.append(RowResult(
             text=texts[i], tokens=tokens[i], n_prompt_tokens=n_prompt[i],
-            gate_score=None if math.isnan(score) else score, gate_open=bool(p.open[i]) if spec.layers() else False,
+            gate_score=score if read else None, gate_open=bool(p.open[i]) if spec.layers() or read else False,
             layers=spec.layers(), eps=tuple(float(steering.scale[i, c]) for c in cols),
             p_before=tuple(float(steering.p_before[i, c]) for c in cols),
             p_after=tuple(float(steering.p_after[i, c]) for c in cols),
+            context=contexts[i] if contexts is not None else None,
         ))
     return out
 
 
 def _prepare(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], specs: Sequence[SteerSpec],
              chat_template: bool) -> tuple[list[str], dict[str, torch.Tensor], _Plan]:
+    """The batch's user messages (prefixes as the gate decides), their encoding, and the steering plan."""
     if len(prompts) != len(specs):
         raise ValueError(f"{len(prompts)} prompts but {len(specs)} steering specs")
-    texts = [prompt_text(p, s) for p, s in zip(prompts, specs)]
+    decisions = gate_decisions(model, tok, prompts, specs, chat_template=chat_template, batch_size=max(1, len(prompts)))
+    texts = [prompt_text(p, s, d[1] if d else True) for p, s, d in zip(prompts, specs, decisions)]
     device = next(model.parameters()).device
     enc = tokenize(tok, texts, chat_template, device)
-    plan = _plan(specs, texts, model.config.hidden_size, len(find_blocks(model)))
+    plan = _plan(specs, texts, model.config.hidden_size, len(find_blocks(model)), decisions)
     return texts, enc, plan
 
 
@@ -323,9 +415,9 @@ def steer_logits(
     texts, enc, plan = _prepare(model, tok, prompts, specs, chat_template)
     steering = _Steering(plan, positions, "frozen")
     with _steered(model, steering):
-        logits = model(**with_positions(enc), use_cache=False).logits[:, -1, :].float()
+        logits = model(**with_positions(enc), use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
     n_prompt = enc["attention_mask"].sum(1).tolist()
-    return logits.cpu(), _results(steering, specs, [""] * len(specs), [()] * len(specs), n_prompt)
+    return logits.cpu(), _results(steering, specs, [""] * len(specs), [()] * len(specs), n_prompt, texts)
 
 
 def _generate_batch(
@@ -364,7 +456,7 @@ def _reference_scales(model: PreTrainedModel, enc: dict[str, torch.Tensor], plan
         captured: list[torch.Tensor] = []
         with _steered(model, _Steering(fixed, "all", "frozen")), \
                 block_hooks(model, {layer: lambda _l, h: captured.append(h[:, -1, :].float())}):
-            model(**with_positions(enc), use_cache=False)
+            model(**with_positions(enc), use_cache=False, logits_to_keep=1)
         plan.open, plan.gate_score = fixed.open, fixed.gate_score  # the gate was read in pass 0
         final._set_scale(j, captured[0])
         fixed.fixed[:, j] = final.scale[:, j]
@@ -374,17 +466,18 @@ def _reference_scales(model: PreTrainedModel, enc: dict[str, torch.Tensor], plan
     return _Steering(fixed, "all", "frozen"), final
 
 
-def _reference_row(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str, spec: SteerSpec,
-                   chat_template: bool, max_new_tokens: int) -> RowResult:
+def _reference_row(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, spec: SteerSpec,
+                   decision: Decision | None, chat_template: bool, max_new_tokens: int) -> RowResult:
+    text = prompt_text(prompt, spec, decision[1] if decision else True)
     device = next(model.parameters()).device
     enc = tokenize(tok, [text], chat_template, device)
-    plan = _plan([spec], [text], model.config.hidden_size, len(find_blocks(model)))
+    plan = _plan([spec], [text], model.config.hidden_size, len(find_blocks(model)), [decision])
     if plan.layers:
         gen_state, final = _reference_scales(model, enc, plan)
     else:
         gen_state = final = _Steering(plan, "all", "frozen")
     texts, tokens = _generate_batch(model, tok, enc, gen_state, max_new_tokens)
-    return _results(final, [spec], texts, tokens, enc["attention_mask"].sum(1).tolist())[0]
+    return _results(final, [spec], texts, tokens, enc["attention_mask"].sum(1).tolist(), [text])[0]
 
 
 @torch.inference_mode()
@@ -399,13 +492,18 @@ def generate(
     with HF ``generate``; ``mode="compiled"`` is the same single pass with a static KV cache and a
     compiled decode step that steers inside the graph (:func:`conva.fast.generate_fast`: the fast path on
     a GPU; the first batch of each shape compiles); ``mode="reference"`` runs the paper's algorithm one
-    prompt at a time (positions ``all``, ε frozen).
+    prompt at a time (positions ``all``, ε frozen), the gates scored first over the whole list as the
+    reference code does (in the same chunks of ``batch_size`` as the batched mode, so with the same scores).
     """
     if mode == "reference":
         if positions != "all" or epsilon != "frozen":
             raise ValueError("the reference mode reproduces the paper: positions='all', epsilon='frozen'")
-        texts = [prompt_text(p, s) for p, s in zip(prompts, specs)]
-        return [_reference_row(model, tok, t, s, chat_template, max_new_tokens) for t, s in zip(texts, specs)]
+        decisions: list[Decision | None] = []
+        for start in range(0, len(prompts), batch_size):
+            decisions += gate_decisions(model, tok, prompts[start:start + batch_size], specs[start:start + batch_size],
+                                        chat_template=chat_template, batch_size=batch_size)
+        return [_reference_row(model, tok, p, s, d, chat_template, max_new_tokens)
+                for p, s, d in zip(prompts, specs, decisions)]
     if mode == "compiled":
         from conva.fast import generate_fast  # conva.fast builds on this module
 
@@ -416,8 +514,8 @@ def generate(
     results: list[RowResult] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start:start + batch_size], specs[start:start + batch_size]
-        _, enc, plan = _prepare(model, tok, chunk_p, chunk_s, chat_template)
+        contexts, enc, plan = _prepare(model, tok, chunk_p, chunk_s, chat_template)
         steering = _Steering(plan, positions, epsilon)
         texts, tokens = _generate_batch(model, tok, enc, steering, max_new_tokens)
-        results += _results(steering, chunk_s, texts, tokens, enc["attention_mask"].sum(1).tolist())
+        results += _results(steering, chunk_s, texts, tokens, enc["attention_mask"].sum(1).tolist(), contexts)
     return results

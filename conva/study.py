@@ -15,9 +15,11 @@ steering table whose per-row ``method, p0, strength, setting, band`` columns ove
 (:data:`conva.pipeline.ROW_OVERRIDES`), so a model is extracted and fitted once and its bundles serve
 every cell; band variants are read from the same probes.
 
-Outputs (written by ``jobs.study``): ``results.parquet`` (one row per cell and prompt, with the judge's
-score and the answer's perplexity), ``summary.parquet`` (one row per cell: CSR with its bootstrap CI,
-perplexity ratio, utility, gate open rate), ``utility.parquet``, ``probes.parquet``, ``judges.parquet``.
+Outputs (written by ``jobs.study``, computed in :mod:`conva.summary`): ``results.parquet`` (one row per
+cell and prompt, with the judge's score and the answer's perplexities), ``pooled.parquet`` (the headline
+rows: per model, method, P0, band, strength and setting over all values, with bootstrap intervals over all
+their prompts), ``matched.parquet`` (ConVA against CAA and prompting at matched fluency),
+``summary.parquet`` (one row per cell), ``utility.parquet``, ``probes.parquet``, ``judges.parquet``.
 
 Example:
     >>> study = load_study("examples/demo_study.toml")          # doctest: +SKIP
@@ -29,9 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,17 +41,17 @@ import pyarrow as pa
 
 from conva import data as D
 # The job sections go through conva.config's own builder, so they obey the job rules exactly.
-from conva.config import Config, ConfigError, build_config, build_section, config_dict, read_config_data
+from conva.config import Config, ConfigError, build_config, build_section, config_dict, read_config_data, vllm_gate_problem
+from conva.bundle import ValueBundle
 from conva.judges import JUDGES, JudgeSettings
-from conva.metrics import bootstrap_ci, csr, ppl_ratio
 from conva.models import model_name
 from conva.pipeline import STEERING_INPUT_SCHEMA
 from conva.steer import SETTINGS
 
 __all__ = [
     "STUDY_METHODS", "StudySection", "UtilitySection", "FluencySection", "StudyConfig", "Cell", "UtilityCell",
-    "load_study", "study_dict", "model_config", "model_slug", "model_spec", "MODEL_SECTIONS", "expand_cells", "utility_cells", "band_layers",
-    "steering_table", "utility_table", "RESULT_SCHEMA", "results_table", "summarize", "SUMMARY_SCHEMA",
+    "load_study", "study_dict", "model_config", "model_slug", "model_spec", "MODEL_SECTIONS", "expand_cells",
+    "utility_cells", "band_layers", "steering_table", "utility_table", "RESULT_SCHEMA", "results_table", "check_bands",
     "JUDGED_SCHEMA", "UTILITY_SCHEMA", "AGREEMENT_SCHEMA", "pair_prompts", "STUDY_STEERING_SCHEMA", "UTILITY_INPUT_SCHEMA",
 ]
 
@@ -70,9 +70,9 @@ class StudySection:
     p0: tuple[float, ...] = (0.99,)
     bands: tuple[str, ...] = ("auto",)  # "auto" (the bundle's band) or "LO-HI"
     settings: tuple[str, ...] = ("plain",)
-    # CAA adds strength × (mean positive − negative activation) at every band layer; on SmolLM2 with a
-    # 15-layer band, 0.5 already breaks fluency (measured), so the default is small.
-    caa_strengths: tuple[float, ...] = (0.25,)
+    # CAA adds strength × (mean positive − negative activation) at every band layer: a sweep, so CAA is
+    # compared with ConVA at matched fluency (on SmolLM2 with a 15-layer band, 0.5 already breaks fluency).
+    caa_strengths: tuple[float, ...] = (0.05, 0.1, 0.25)
     bootstrap: int = 1000
     seed: int = 0
 
@@ -147,6 +147,28 @@ def _check(study: StudyConfig) -> None:
     for band in s.bands:
         if band != "auto" and _range(band) is None:
             raise ConfigError(f"study.bands: {band!r} is neither 'auto' nor 'LO-HI'")
+    problem = vllm_gate_problem(study.job, list(s.methods), list(s.settings))
+    if problem:
+        raise ConfigError(f"steer.backend: {problem}")
+
+
+def check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:
+    """Refuse study bands a bundle has no probes for, or that start before a gate it must obey reads.
+
+    A probe gate read inside the steering pass must see an unsteered state: its layer may not come after
+    the first steered layer of any method the gate applies to.
+    """
+    gated = [m for m in study.study.methods if m == "conva" or (study.job.gate.apply_to == "all_methods"
+                                                                  and m in ("caa", "prompt"))]
+    for band in study.study.bands:
+        layers = band_layers(band)
+        if layers is None:
+            continue
+        for value, b in bundles.items():
+            b.rows(layers)  # every layer probed, else BundleError
+            if gated and b.gate.kind == "probe" and b.gate.layer is not None and b.gate.layer > layers[0]:
+                raise ConfigError(f"study.bands: band {band} starts before {value!r}'s gate layer {b.gate.layer}; "
+                                  f"the probe gate of {', '.join(gated)} must read an unsteered layer")
 
 
 def _range(text: str) -> tuple[int, ...] | None:
@@ -290,10 +312,9 @@ STUDY_STEERING_SCHEMA = pa.schema([*STEERING_INPUT_SCHEMA, *(pa.field(n, t) for 
 
 
 def _prompts(cfg: Config, value: str) -> list[D.Prompt]:
-    from conva.pipeline import load_prompt_source
+    from conva.pipeline import value_prompts
 
-    prompts = load_prompt_source(cfg.data.prompts, value)
-    return prompts[: cfg.data.max_prompts_per_value] if cfg.data.max_prompts_per_value else prompts
+    return value_prompts(cfg, value)[0]
 
 
 def steering_table(cfg: Config, cells: Sequence[Cell]) -> pa.Table:
@@ -329,10 +350,10 @@ def utility_table(cells: Sequence[UtilityCell], items: Sequence, prompts: Sequen
 RESULT_SCHEMA = pa.schema([
     ("cell_id", pa.string()), ("row_id", pa.string()), ("model", pa.string()), ("value", pa.string()),
     ("method", pa.string()), ("p0", pa.float64()), ("band", pa.string()), ("setting", pa.string()),
-    ("strength", pa.float64()), ("prompt", pa.string()), ("output", pa.string()), ("n_output_tokens", pa.int32()),
-    ("gate_open", pa.bool_()), ("gate_score", pa.float64()), ("eps_mean", pa.float64()), ("judge", pa.string()),
-    ("judge_score", pa.float64()), ("judge_prob", pa.float64()), ("judge_raw", pa.string()), ("ppl", pa.float64()),
-    ("fluency", pa.float64()), ("error", pa.string()),
+    ("strength", pa.float64()), ("prompt", pa.string()), ("context", pa.string()), ("output", pa.string()),
+    ("n_output_tokens", pa.int32()), ("gate_open", pa.bool_()), ("gate_score", pa.float64()), ("eps_mean", pa.float64()),
+    ("judge", pa.string()), ("judge_score", pa.float64()), ("judge_prob", pa.float64()), ("judge_raw", pa.string()),
+    ("ppl", pa.float64()), ("ppl_plain", pa.float64()), ("fluency", pa.float64()), ("error", pa.string()),
 ])
 
 
@@ -347,91 +368,20 @@ def results_table(cells: Sequence[Cell], generations: pa.Table, judged: pa.Table
         eps = g.get("eps") or []
         rows.append(dict(cell_id=cell.id, row_id=g["row_id"], model=cell.model, value=cell.value, method=cell.method,
                          p0=cell.p0, band=cell.band, setting=cell.setting, strength=cell.strength, prompt=g["prompt"],
-                         output=g["output"], n_output_tokens=g["n_output_tokens"], gate_open=g["gate_open"],
+                         context=g.get("context"), output=g["output"], n_output_tokens=g["n_output_tokens"], gate_open=g["gate_open"],
                          gate_score=g["gate_score"], eps_mean=float(np.mean(eps)) if eps else None,
                          judge=j.get("judge"), judge_score=j.get("judge_score"), judge_prob=j.get("judge_prob"),
-                         judge_raw=j.get("judge_raw"), ppl=j.get("ppl"), fluency=j.get("fluency"),
+                         judge_raw=j.get("judge_raw"), ppl=j.get("ppl"), ppl_plain=j.get("ppl_plain"),
+                         fluency=j.get("fluency"),
                          error=g["error"] or j.get("error")))
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-
-
-SUMMARY_SCHEMA = pa.schema([
-    ("cell_id", pa.string()), ("model", pa.string()), ("value", pa.string()), ("method", pa.string()),
-    ("p0", pa.float64()), ("band", pa.string()), ("setting", pa.string()), ("strength", pa.float64()),
-    ("n", pa.int32()), ("n_error", pa.int32()), ("csr", pa.float64()), ("csr_lo", pa.float64()),
-    ("csr_hi", pa.float64()), ("gate_open_rate", pa.float64()), ("eps_mean", pa.float64()), ("ppl", pa.float64()),
-    ("ppl_ratio", pa.float64()), ("fluency", pa.float64()), ("mc_acc", pa.float64()), ("mc_acc_none", pa.float64()),
-    ("utility_ratio", pa.float64()), ("mc_gate_open_rate", pa.float64()), ("judge", pa.string()),
-    ("judge_agreement", pa.float64()),
-])
-
-
-def _nanmean(xs: Sequence[float | None]) -> float | None:
-    vals = [float(x) for x in xs if x is not None and math.isfinite(float(x))]
-    return float(np.mean(vals)) if vals else None
-
-
-def _geomean(xs: Sequence[float | None]) -> float | None:
-    vals = [float(x) for x in xs if x is not None and math.isfinite(float(x)) and x > 0]
-    return float(np.exp(np.mean(np.log(vals)))) if vals else None
-
-
-def _utility(utility: pa.Table | None) -> tuple[dict[str, tuple[float, float | None]], dict[str, float]]:
-    """Per utility cell: (accuracy, gate open rate); and the unsteered accuracy per model."""
-    if utility is None or utility.num_rows == 0:
-        return {}, {}
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in utility.to_pylist():
-        groups[r["cell_id"]].append(r)
-    acc = {cid: (float(np.mean([r["correct"] for r in rs])), _nanmean([float(r["gate_open"]) for r in rs
-                                                                        if r["method"] == "conva"]))
-           for cid, rs in groups.items()}
-    none = {rs[0]["model"]: acc[cid][0] for cid, rs in groups.items() if rs[0]["method"] == "none"}
-    return acc, none
-
-
-def summarize(results: pa.Table, utility: pa.Table | None = None, agreement: dict[tuple[str, str], float] | None = None,
-              *, n_boot: int = 1000, seed: int = 0) -> pa.Table:
-    """One row per cell: CSR over all prompts (errors excluded, counted), CI, fluency, utility, gate rates.
-
-    ``ppl_ratio`` compares each cell with the ``none`` cell of the same (model, value, setting), prompt
-    by prompt. ``agreement`` maps ``(model, value)`` to the judge's held-out agreement.
-    """
-    rows = results.to_pylist()
-    cells: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        cells[r["cell_id"]].append(r)
-    base = {(r["model"], r["value"], r["setting"], r["prompt"]): r["ppl"] for r in rows if r["method"] == "none"}
-    acc, acc_none = _utility(utility)
-    out = []
-    for cid, rs in cells.items():
-        c, ok = rs[0], [r for r in rs if r["error"] is None]
-        scores = [r["judge_score"] for r in ok]
-        lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
-        gate = [float(r["gate_open"]) for r in ok if r["gate_open"] is not None] if c["method"] == "conva" else []
-        pairs = [(r["ppl"], base.get((c["model"], c["value"], c["setting"], r["prompt"]))) for r in ok]
-        both = [(p, b) for p, b in pairs if p is not None and b is not None]
-        ratio = ppl_ratio([p for p, _ in both], [b for _, b in both]) if both else float("nan")
-        ucell = UtilityCell(c["model"], "*" if c["method"] == "none" else c["value"], c["method"], c["p0"], c["band"],
-                            c["strength"]).id
-        mc, mc_gate = acc.get(ucell, (None, None))
-        none = acc_none.get(c["model"])
-        out.append(dict(
-            cell_id=cid, model=c["model"], value=c["value"], method=c["method"], p0=c["p0"], band=c["band"],
-            setting=c["setting"], strength=c["strength"], n=len(rs), n_error=len(rs) - len(ok), csr=csr(scores),
-            csr_lo=lo, csr_hi=hi, gate_open_rate=_nanmean(gate), eps_mean=_nanmean([r["eps_mean"] for r in ok]),
-            ppl=_geomean([r["ppl"] for r in ok]), ppl_ratio=None if math.isnan(ratio) else ratio,
-            fluency=_nanmean([r["fluency"] for r in ok]), mc_acc=mc, mc_acc_none=none,
-            utility_ratio=mc / none if mc is not None and none else None, mc_gate_open_rate=mc_gate,
-            judge=c["judge"], judge_agreement=(agreement or {}).get((c["model"], c["value"])),
-        ))
-    return pa.Table.from_pylist(out, schema=SUMMARY_SCHEMA)
 
 
 # What the study's workers write: a judged row per generation, an MC answer per utility row, agreement per value.
 JUDGED_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("judge", pa.string()), ("judge_score", pa.float64()), ("judge_prob", pa.float64()),
-    ("judge_raw", pa.string()), ("ppl", pa.float64()), ("fluency", pa.float64()), ("error", pa.string()),
+    ("judge_raw", pa.string()), ("ppl", pa.float64()), ("ppl_plain", pa.float64()), ("fluency", pa.float64()),
+    ("error", pa.string()),
 ])
 UTILITY_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("cell_id", pa.string()), ("model", pa.string()), ("value", pa.string()),

@@ -55,10 +55,14 @@ class ModelJob:
         return next((s for s in self.specs if s.name == name), None)
 
 
-def _read(key: str, build):
+def _read(key: str, build, sources: dict[str, str] | None = None):
+    """``build()``, its input errors named by config key (``sources``: key → path, to tell which input failed)."""
     try:
         return build()
     except DataError as err:
+        for name, source in (sources or {}).items():
+            if source not in ("demo", "") and str(err.file).startswith(source.removeprefix("paper:")):
+                key = name
         raise JobError(f"{key}: {err}") from err
     except (OSError, UnicodeDecodeError, ValueError) as err:
         raise JobError(f"{key}: cannot read the input: {type(err).__name__}: {err}") from err
@@ -126,7 +130,9 @@ def model_specs(cfg: Config, stages: tuple[str, ...]) -> list[StageSpec]:
               "steer": "steer" in stages}
     specs = []
     if needed["extract"]:
-        rows = _read("data.pairs", lambda: extraction_rows(cfg))
+        # the gate also reads each value's own prompts: a bad prompts file is named as such
+        rows = _read("data.pairs", lambda: extraction_rows(cfg),
+                     {"data.pairs": cfg.data.pairs, "data.prompts": cfg.data.prompts, "data.neutral": cfg.data.neutral})
         inp = generated(rows, r.rows_per_shard)
         specs.append(StageSpec("extract", STAGE_DIRS["extract"],
                                {**select(full, ACTIVATION_KEYS), "shards": shard_config(inp.rows_per_shard,

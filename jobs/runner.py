@@ -80,7 +80,8 @@ class _Tally:
 
 
 def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
-              on_commit: Callable[[str, ShardRecord], None] | None = None) -> list[StageResult]:
+              on_commit: Callable[[str, ShardRecord], None] | None = None,
+              check_bundles: Callable[[dict], None] | None = None) -> list[StageResult]:
     """Run the pending shards of every stage of ``job`` on one pool of model workers, then publish.
 
     Starts no Ray and no worker when every shard is already committed. The model is loaded once per
@@ -99,7 +100,7 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
         if on_commit is not None:
             on_commit(stage, record)
 
-    runs = stage_runs(job.cfg, list(job.specs), stages, on_commit=committed)
+    runs = stage_runs(job.cfg, list(job.specs), stages, on_commit=committed, check_bundles=check_bundles)
     startup = 0.0
     if not runs:
         _log.info("%s: every shard of %s is committed; nothing to do", job.label,

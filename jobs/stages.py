@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from conva.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.inputs import InputPlan, write_input_table
+from conva.fit import GATE_FIT_KEYS
 from conva.pipeline import SCHEMA_VERSION, activation_model
 from conva.storage import Location
 from conva.store import ConfigMismatchError, ShardRecord, ShardRef, Stage, shard_ranges, stage_mismatch, stage_status
@@ -36,7 +37,7 @@ STAGE_DIRS = {"extract": "activations", "fit": "bundles", "steer": "generations"
 # only when one of these changed. Generations depend on everything but where and how the job runs.
 ACTIVATION_KEYS = ("model", "data.values", "data.pairs", "data.pair_kind", "data.neutral", "extract",
                    "gate.kind", "steer.chat_template")
-BUNDLE_KEYS = (*ACTIVATION_KEYS, "probe", "fit", "gate")
+BUNDLE_KEYS = (*ACTIVATION_KEYS, "probe", "fit", *(f"gate.{k}" for k in GATE_FIT_KEYS))
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,13 @@ class _Done:
 
 
 def stage_runs(cfg: Config, specs: list[StageSpec], stages: dict[str, Stage],
-               on_commit: Callable[[str, ShardRecord], None] | None = None) -> list[StageRun]:
-    """The runner's view of the stages that have pending shards, in pipeline order, with their dependencies."""
+               on_commit: Callable[[str, ShardRecord], None] | None = None,
+               check_bundles: Callable[[dict[str, Location]], None] | None = None) -> list[StageRun]:
+    """The runner's view of the stages that have pending shards, in pipeline order, with their dependencies.
+
+    ``check_bundles`` (value → bundle folder) runs once, when the bundles are all committed and before
+    anything is steered with them: e.g. a study's check that its bands suit every bundle.
+    """
     runs = []
     values = cfg.data.values
     fit_done = _Done(stages["fit"]) if "fit" in stages else None
@@ -180,6 +186,8 @@ def stage_runs(cfg: Config, specs: list[StageSpec], stages: dict[str, Stage],
             continue
         slices = _slices(spec, stage)
         after, make = _STAGE_TASKS[spec.name](spec, stages, slices, values)
+        if spec.name == "steer" and check_bundles is not None:
+            make = _checked_first(make, lambda: check_bundles(bundle_folders(stages["fit"], values)))
         if spec.name == "fit":
             after = _Done(stages["extract"])
         elif after is None and spec.name != "extract" and fit_done is not None:
@@ -187,6 +195,19 @@ def stage_runs(cfg: Config, specs: list[StageSpec], stages: dict[str, Stage],
         callback = (lambda record, name=spec.name: on_commit(name, record)) if on_commit else None
         runs.append(StageRun(spec.name, stage, make, after, callback))
     return runs
+
+
+def _checked_first(make: Callable[[ShardRef], ShardTask], check: Callable[[], None]) -> Callable[[ShardRef], ShardTask]:
+    """``make``, running ``check`` once before its first task (a failed check fails the job, naming the problem)."""
+    done: list[bool] = []
+
+    def first(ref: ShardRef) -> ShardTask:
+        if not done:
+            check()
+            done.append(True)
+        return make(ref)
+
+    return first
 
 
 def _extract_tasks(spec, stages, slices, values):

@@ -13,8 +13,9 @@ Per model, one pool of model workers runs every stage on the same runner as the 
 **Models run at the same time** when the cluster has room for their workers (each model's ``ray``
 section sizes its own pool: ``study.models`` may give a model its own ``model``/``ray``/``vllm``/
 ``steer``/``extract`` settings), and queue, in order, when it does not. Then a Ray task next to the
-data rebuilds ``<out>/{results,summary,utility,probes,judges}.parquet`` and ``<out>/report/`` from the
-committed stages. A rerun skips every committed shard; a changed config is refused naming the keys
+data rebuilds ``<out>/{results,pooled,matched,summary,utility,probes,judges}.parquet`` and
+``<out>/report/`` from the committed stages. Bands a study asks for are checked against each model's
+bundles once they are fitted, before anything is steered. A rerun skips every committed shard; a changed config is refused naming the keys
 (``--overwrite`` replaces once the new run is complete). ``--validate`` checks and starts nothing.
 """
 
@@ -36,8 +37,9 @@ from conva.lease import OutputLease
 from conva.mc import demo_mc, load_mc, mc_prompts
 from conva.models import ModelNotFoundError, check_model, model_name
 from conva.storage import Location
-from conva.study import (StudyConfig, expand_cells, load_study, model_config, model_spec, steering_table, study_dict,
-                         utility_cells, utility_table)
+from conva.study import (StudyConfig, check_bands, expand_cells, load_study, model_config, model_spec, steering_table,
+                         study_dict, utility_cells, utility_table)
+from conva.summary import OUTPUT_FILES
 from jobs.common import JobError, connect_ray, log_context, output_location, run_log, setup_logging
 from jobs.preflight import ModelJob, generated, plan_job
 from jobs.runner import FAILURES, run_model
@@ -47,7 +49,6 @@ from workers.tasks import WorkerSpec
 __all__ = ["run_study", "main", "OUTPUT_FILES", "study_jobs"]
 
 _log = logging.getLogger("conva.jobs")
-OUTPUT_FILES = ("results", "summary", "utility", "probes", "judges")
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool 
                      break_stale=break_lease), run_log(out):
         out.child("study.json").write_text(json.dumps(study_dict(study), indent=1, sort_keys=True))
         _log.info("study %s, config:\n%s", study.study.name, json.dumps(study_dict(study), indent=1))
-        worked = _run_models(models, overwrite)
+        worked = _run_models(study, models, overwrite)
         if worked or not all(out.child(f"{name}.parquet").exists() for name in OUTPUT_FILES):
             _write_outputs(study, out, models)
         else:
@@ -163,7 +164,15 @@ class _Capacity:
             self.cond.notify_all()
 
 
-def _run_models(models: list[_ModelRun], overwrite: bool) -> bool:
+def _check_bands(study: StudyConfig, folders: dict) -> None:
+    """The study's bands against a model's fitted bundles (read from their folders), before it steers anything."""
+    from conva.bundle import BUNDLE_FILES, decode_bundle
+
+    bundles = {v: decode_bundle({n: f.child(n).read_bytes() for n in BUNDLE_FILES}, f.uri) for v, f in folders.items()}
+    check_bands(study, bundles)
+
+
+def _run_models(study: StudyConfig, models: list[_ModelRun], overwrite: bool) -> bool:
     """Every model's pipeline in its own thread, admitted by :class:`_Capacity`; the first failure is raised.
 
     Returns whether any model had work (nothing starts, not even Ray, when every stage is committed).
@@ -183,7 +192,7 @@ def _run_models(models: list[_ModelRun], overwrite: bool) -> bool:
         need = capacity.need(run)
         capacity.acquire(order, need)
         try:
-            run_model(run.job, run.worker, overwrite)
+            run_model(run.job, run.worker, overwrite, check_bundles=lambda folders: _check_bands(study, folders))
         except BaseException as err:  # noqa: BLE001 - reported by the main thread
             errors.append(err)
             _log.error("failed: %s", err)
@@ -219,47 +228,37 @@ def _write_outputs(study: StudyConfig, out: Location, models: list[_ModelRun]) -
 
 
 def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
-    """(Ray task) Read the committed stages, write results/summary/utility/probes/judges and the report."""
+    """(Ray task) Read the committed stages, write the study's tables (:data:`OUTPUT_FILES`) and its report."""
     import pyarrow.dataset as ds
 
     from conva.bundle import BUNDLE_FILES, decode_bundle
     from conva.report import write_report_to
     from conva.storage import Location as Loc
-    from conva.study import results_table, summarize
+    from conva.summary import probe_rows, study_tables
+    from conva.study import AGREEMENT_SCHEMA, UTILITY_SCHEMA
 
-    def read(uris: list[str]) -> pa.Table:
+    def read(uris: list[str], schema: pa.Schema | None = None) -> pa.Table:
+        if not uris:
+            return schema.empty_table() if schema is not None else pa.table({})
         locs = [Loc(u) for u in uris]
         return ds.dataset([u.path for u in locs], format="parquet", filesystem=locs[0].fs).to_table()
 
-    results, utility, judges, probes = [], [], [], []
+    tables = []
     for p in parts:
-        results.append(results_table(p["cells"], read(p["files"]["steer"]), read(p["files"]["evaluate"])))
-        if p["files"]["utility"]:
-            utility.append(read(p["files"]["utility"]))
-        judges.append(read(p["files"]["agreement"]))
+        bundles = {}
         for value, folder in sorted(p["bundles"].items()):
             files = {name: Loc(folder).child(name).read_bytes() for name in BUNDLE_FILES}
-            probes += _probe_rows(p["model"], decode_bundle(files, folder))
-    results_t = pa.concat_tables(results)
-    utility_t = pa.concat_tables(utility) if utility else None
-    judges_t = pa.concat_tables(judges)
-    agreement = {(r["model"], r["value"]): r["agreement"] for r in judges_t.to_pylist()}
-    summary = summarize(results_t, utility_t, agreement, n_boot=study.study.bootstrap, seed=study.study.seed)
+            bundles[value] = decode_bundle(files, folder)
+        tables.append(dict(cells=p["cells"], generations=read(p["files"]["steer"]), judged=read(p["files"]["evaluate"]),
+                           utility=read(p["files"]["utility"], UTILITY_SCHEMA),
+                           agreement=read(p["files"]["agreement"], AGREEMENT_SCHEMA),
+                           probes=probe_rows(model_name(p["model"]), bundles)))
     out = Loc(out_uri)
-    for name, table in zip(OUTPUT_FILES, (results_t, summary, utility_t if utility_t is not None else pa.table({}),
-                                          pa.Table.from_pylist(probes), judges_t)):
+    for name, table in study_tables(tables, n_boot=study.study.bootstrap, seed=study.study.seed).items():
         sink = io.BytesIO()
         pq.write_table(table, sink)
         out.child(f"{name}.parquet").write_bytes(sink.getvalue())
     write_report_to(out)
-
-
-def _probe_rows(spec: str, bundle) -> list[dict]:
-    h = bundle.gate.heldout or {}
-    return [dict(model=model_name(spec), value=bundle.value, layer=int(layer), train_acc=float(bundle.train_acc[i]),
-                 test_acc=float(bundle.test_acc[i]), in_band=int(layer) in bundle.band, gate_kind=bundle.gate.kind,
-                 gate_layer=bundle.gate.layer, gate_precision=h.get("precision"), gate_recall=h.get("recall"))
-            for i, layer in enumerate(bundle.layers.tolist())]
 
 
 def _validate(study: StudyConfig) -> str:
@@ -290,10 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     except FAILURES as err:
         print(f"conva study: error: {err}", file=sys.stderr)
         return 2
-    from conva.report import format_summary
+    from conva.report import format_summary, local_copy
 
-    summary = pq.read_table(io.BytesIO(out.child("summary.parquet").read_bytes()))
-    print(format_summary(summary))
+    with local_copy(out) as folder:
+        print(format_summary(folder))
     print(f"\nstudy finished in {time.monotonic() - start:.0f} s; results in {out}\nreport: {out.child('report', 'index.html')}")
     return 0
 

@@ -63,7 +63,8 @@ def tiny_bundles(tiny):
     from conva.pipeline import extract_table, extraction_rows, fit_bundles
 
     model, tok = tiny
-    cfg = load_config(None, ['--data.values=["power", "benevolence"]', "--fit.band=1-3", "--fit.p0=0.95"])
+    cfg = load_config(None, ['--data.values=["power", "benevolence"]', "--fit.band=1-3", "--fit.p0=0.95",
+                             "--gate.other_pairs_per_value=8"])
     rows = extraction_rows(cfg)
     layers = list(range(model.config.num_hidden_layers))
     acts = extract_table(model, tok, rows, layers, "last", 32)

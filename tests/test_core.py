@@ -14,8 +14,7 @@ from conva import data as D
 from conva.blocks import find_blocks
 from conva.bundle import BundleError, load_bundle, save_bundle
 from conva.config import ConfigError, load_config
-from conva.gates import calibrate_threshold, fit_probe_gate
-from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band
+from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band, split_three
 from conva.values import VALUES
 
 # ---------------------------------------------------------------- data
@@ -108,6 +107,37 @@ def test_probe_recovers_planted_direction():
 
     train, test = split_indices(labels, groups, ProbeSettings())
     assert set(groups[train]).isdisjoint(groups[test]) and len(test) == 6000
+    tr, val, te = split_three(groups, ProbeSettings())
+    assert np.array_equal(te, test) and np.array_equal(np.sort(np.concatenate([tr, val])), train)
+    assert set(groups[tr]).isdisjoint(groups[val]) and len(val) == 4000 and fit.n_val == len(val)
+
+
+def test_band_is_chosen_on_validation_rows_and_test_rows_change_nothing_else():
+    x, labels, _ = _planted(n=4000)
+    groups = np.tile(np.arange(len(labels) // 2), 2)
+    _, val, test = split_three(groups, ProbeSettings())
+    rng = np.random.default_rng(1)
+    noise = rng.normal(size=x.shape).astype(np.float32)
+    # Layers 3-5 carry the value on validation rows; layers 0-2 on test rows only: the band follows validation.
+    def layer(l: int, corrupt_test: bool = False) -> np.ndarray:
+        m = x.copy() if 3 <= l <= 5 else noise.copy()
+        m[val] = x[val] if 3 <= l <= 5 else noise[val]
+        m[test] = x[test] if l <= 2 else noise[test]
+        if corrupt_test:
+            m[test] = rng.normal(size=(len(test), x.shape[1]))
+        return m
+    fit = fit_probes(layer, labels, groups, range(8))
+    assert choose_band(fit, 3) == (3, 4, 5) and fit.test_acc[:3].min() > fit.test_acc[3:6].max()
+    again = fit_probes(lambda l: layer(l, corrupt_test=True), labels, groups, range(8))
+    assert choose_band(again, 3) == (3, 4, 5) and np.array_equal(again.w, fit.w) and np.array_equal(again.val_acc, fit.val_acc)
+    assert not np.array_equal(again.test_acc, fit.test_acc)
+
+
+def test_non_convergence_is_counted():
+    x, labels, _ = _planted(n=400)
+    fit = fit_probes(lambda l: x * 50, labels, np.arange(len(labels)), [0, 1], ProbeSettings(max_iter=1))
+    assert fit.converged.tolist() == [False, False]
+    assert fit_probes(lambda l: x, labels, np.arange(len(labels)), [0]).converged.tolist() == [True]
 
 
 def test_band_choice_and_presets():
@@ -120,17 +150,6 @@ def test_band_choice_and_presets():
     assert parse_band("2-4", 8) == (2, 3, 4) and parse_band("auto", 8) is None
     with pytest.raises(ValueError, match="does not fit"):
         parse_band("10-40", 32)
-
-
-def test_gate_calibration_meets_precision_target():
-    scores = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9, 0.95])
-    labels = np.array([0, 0, 1, 0, 1, 1, 1, 1])
-    t = calibrate_threshold(scores, labels, "precision", 1.0)
-    assert t == 0.7  # the lowest threshold with no false positive
-    assert calibrate_threshold(scores, labels, "recall", 1.0) == 0.3
-    x, y, _ = _planted(seed=3)
-    gate = fit_probe_gate(lambda l: x, y, [0, 1], target="precision", target_value=0.95)
-    assert gate.kind == "probe" and gate.heldout["precision"] >= 0.95 and gate.layer == 1
 
 
 # ---------------------------------------------------------------- bundles
@@ -197,9 +216,15 @@ def test_config_overrides_and_errors(tmp_path):
     assert cfg.steer.p0 == 0.9 and cfg.steer.max_new_tokens == 7 and cfg.data.values == ("power",)
     for override, key in [("--steer.p00=1", "steer.p00"), ("--steer.p0=1.5", "steer.p0"),
                           ("--steer.method=magic", "steer.method"), ("--data.values=[\"greed\"]", "data.values"),
-                          ("--steer.max_new_tokens=ten", "steer.max_new_tokens")]:
+                          ("--steer.max_new_tokens=ten", "steer.max_new_tokens"), ("--gate.apply_to=some", "gate.apply_to"),
+                          ("--gate.prefix_on=never", "gate.prefix_on"), ("--probe.val_size=0.8", "probe.val_size")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(path, [override])
+    # The vllm backend scores a gate on the text it feeds the engine: prefixed rows are refused, not mis-gated.
+    for bad in (["--steer.setting=opposite"], ["--steer.method=prompt"]):
+        with pytest.raises(ConfigError, match="steer.backend.*raw prompt|steer.backend.*'prompt' method"):
+            load_config(path, ["--steer.backend=vllm", *bad])
+    assert load_config(path, ["--steer.backend=vllm", "--steer.method=prompt", "--gate.apply_to=conva"])
     yaml_path = tmp_path / "c.yaml"
     yaml_path.write_text("steer:\n  p0: 0.8\n")
     assert load_config(yaml_path).steer.p0 == 0.8
@@ -229,11 +254,17 @@ def test_external_gate_scores_a_classifier(tmp_path, tiny):
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="not labels of"):
         external_scores(replace(gate, labels=("Greed",)), texts)
-    # In steering, the external score decides per row: a threshold between the two scores opens one.
+    # In steering, the external score decides per row: a threshold between the two scores opens one. It scores
+    # the raw prompt, also in the opposite setting, and the classifier is loaded once for the process.
+    from conva.gates import _classifier
+
+    loads = _classifier.cache_info().misses
     bundle = replace(tiny_bundles_power(tiny), gate=replace(gate, threshold=float(np.mean(scores))))
-    _, rows = steer_logits(model, tok, texts, [SteerSpec("conva", bundle)] * 2)
-    assert [r.gate_open for r in rows] == list(scores >= np.mean(scores))
-    assert [r.gate_score for r in rows] == pytest.approx(list(scores), rel=1e-5)
+    for setting in ("plain", "opposite"):
+        _, rows = steer_logits(model, tok, texts, [SteerSpec("conva", bundle, setting=setting)] * 2)
+        assert [r.gate_open for r in rows] == list(scores >= np.mean(scores))
+        assert [r.gate_score for r in rows] == pytest.approx(list(scores), rel=1e-5)
+    assert _classifier.cache_info().misses == loads
 
 
 def tiny_bundles_power(tiny):

@@ -57,7 +57,7 @@ def test_probe_judge_is_the_bundle_probe_on_the_unsteered_model(tiny, tiny_bundl
     judge = make_judge(JudgeSettings("probe"), values=["power"], model=model, tok=tok, bundles={"power": bundle})
     prompts, answers = ["Should I take the promotion?", "Should I?"], ["Yes, power matters.", "No, family first."]
     verdicts = judge.judge(["power"] * 2, prompts, answers)
-    row = int(np.argmax(bundle.test_acc))
+    row = int(np.argmax(bundle.val_acc))
     acts = record_activations(model, tok, [f"{p}\n\n{a}" for p, a in zip(prompts, answers)], [int(bundle.layers[row])])
     z = acts[:, 0].astype(np.float64) @ bundle.w[row].astype(np.float64) + float(bundle.b[row])
     assert [v.prob for v in verdicts] == pytest.approx(list(1 / (1 + np.exp(-z))), rel=1e-5)

@@ -10,7 +10,7 @@ import torch
 
 from conva.data import DataError
 from conva.mc import LETTERS, demo_mc, letter_token_ids, load_mc, mc_prompts, score_mc
-from conva.metrics import answer_nll, bootstrap_ci, csr, perplexity, ppl_ratio
+from conva.metrics import answer_nll, answer_perplexities, bootstrap_ci, csr, perplexity, ppl_ratio
 from conva.record import tokenize
 from conva.steer import SteerSpec
 
@@ -57,6 +57,25 @@ def test_answer_nll_in_a_padded_batch_equals_one_row_at_a_time(tiny) -> None:
         assert n == len(target) and nll == pytest.approx(expected, rel=1e-4)
     ppl = perplexity(model, tok, prompts + ["x"], answers + [""])
     assert ppl[0] == pytest.approx(math.exp(batched[0][0] / batched[0][1]), rel=1e-6) and math.isnan(ppl[2])
+
+
+def test_answers_are_scored_under_the_context_they_were_generated_from(tiny, tiny_bundles) -> None:
+    from conva.steer import generate
+
+    model, tok = tiny
+    always = tiny_bundles[0]
+    prompts = ["Should I take the job?", "What is the capital of France?"]
+    specs = [SteerSpec("prompt", always), SteerSpec("none", always)]
+    rows = generate(model, tok, prompts, specs, max_new_tokens=5)
+    contexts, answers = [r.context for r in rows], [r.text for r in rows]
+    assert contexts[0] != prompts[0] and contexts[1] == prompts[1]
+    score = lambda p, a: perplexity(model, tok, p, a)
+    under, plain = answer_perplexities(score, prompts, contexts, answers)
+    assert under[0] == pytest.approx(perplexity(model, tok, contexts[:1], answers[:1])[0], rel=1e-6)
+    assert plain == pytest.approx(perplexity(model, tok, prompts, answers), rel=1e-6)
+    assert under[1] == plain[1] and under[0] != plain[0]
+    unknown, _ = answer_perplexities(score, prompts[:1], [None], answers[:1])
+    assert unknown == [None]  # no recorded context: unknown, not the plain-prompt figure
 
 
 def test_mc_loader_reads_the_demo_set_and_names_bad_rows(tmp_path) -> None:

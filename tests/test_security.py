@@ -131,9 +131,9 @@ def test_trust_remote_code_is_off_unless_the_config_says_so(tiny_path, monkeypat
     seen: list[bool] = []
     load_model = models.load_model
 
-    def spy(name, dtype="float32", device="cpu", trust_remote_code=False):
+    def spy(name, dtype="float32", device="cpu", trust_remote_code=False, device_map=None):
         seen.append(trust_remote_code)
-        return load_model(name, dtype, device)
+        return load_model(name, dtype, device, device_map=device_map)
 
     monkeypatch.setattr(models, "load_model", spy)
     monkeypatch.setattr(backends, "load_model", spy)

@@ -32,7 +32,7 @@ def smol_bundle(smol, paper_data):
     """An achievement bundle fitted on the paper's pairs, band 10–20, probe gate on demo neutral prompts."""
     model, tok = smol
     cfg = load_config(None, ['--data.values=["achievement"]', f'--data.pairs="paper:{paper_data}"',
-                             "--fit.band=10-20", "--fit.p0=0.99999"])
+                             "--fit.band=10-20", "--fit.p0=0.99999", "--gate.other_pairs_per_value=10"])
     rows = extraction_rows(cfg)
     layers = list(range(model.config.num_hidden_layers))
     acts = extract_table(model, tok, rows, layers, "last", 32)

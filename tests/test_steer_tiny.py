@@ -179,3 +179,45 @@ def test_bad_specs_are_refused(tiny, tiny_bundles):
         steer_logits(model, tok, PROMPTS[:1], [SteerSpec("conva", late_gate)])
     with pytest.raises(ValueError, match="out of range"):
         steer_logits(model, tok, PROMPTS[:1], [SteerSpec("conva", bundle, band=(9,))])
+
+
+@pytest.mark.parametrize("setting", ["plain", "opposite"])
+def test_closed_gate_leaves_every_method_unsteered(tiny, tiny_bundles, setting):
+    """gate.apply_to = all_methods: a gated-off row equals the unsteered model on the same prompt, bit for bit."""
+    model, tok = tiny
+    _, _, closed = tiny_bundles
+    prompts = PROMPTS[:4]
+    specs = [SteerSpec("conva", closed, setting=setting), SteerSpec("caa", closed, strength=3.0, setting=setting),
+             SteerSpec("probe_fixed", closed, strength=6.0, setting=setting), SteerSpec("prompt", closed, setting=setting)]
+    unsteered = [SteerSpec("none", closed, setting=setting)] * len(specs)
+    logits, rows = steer_logits(model, tok, prompts, specs)
+    base, base_rows = steer_logits(model, tok, prompts, unsteered)
+    assert all(r.gate_score is not None and r.gate_open is False for r in rows)
+    assert [r.context for r in rows] == [r.context for r in base_rows]
+    for i in range(len(prompts)):
+        assert torch.equal(logits[i], base[i]), specs[i].method
+    for mode in ("batched", "reference"):
+        got = generate(model, tok, prompts, specs, max_new_tokens=6, mode=mode)
+        ref = generate(model, tok, prompts, unsteered, max_new_tokens=6, mode=mode)
+        assert [r.tokens for r in got] == [r.tokens for r in ref] and all(not any(r.eps) for r in got)
+    # Gating ConVA only: the same closed gate no longer holds CAA back.
+    caa_free, _ = steer_logits(model, tok, prompts[:1], [replace(specs[1], gate_scope="conva")])
+    assert not torch.equal(caa_free[0], base[0])
+
+
+def test_gate_scores_the_raw_prompt_and_prefixes_follow_it(tiny, tiny_bundles):
+    model, tok = tiny
+    always, _, closed = tiny_bundles
+    prompt = PROMPTS[:1]
+    _, (plain,) = steer_logits(model, tok, prompt, [SteerSpec("conva", always)])
+    _, (opposite,) = steer_logits(model, tok, prompt, [SteerSpec("conva", always, setting="opposite")])
+    # Read in the steering pass (plain) or scored first (opposite): the same raw prompt, the same score.
+    assert opposite.gate_score == pytest.approx(plain.gate_score, abs=1e-5) and opposite.context != prompt[0]
+    _, (shown,) = steer_logits(model, tok, prompt, [SteerSpec("prompt", always)])
+    _, (hidden,) = steer_logits(model, tok, prompt, [SteerSpec("prompt", closed)])
+    assert shown.context.endswith(prompt[0]) and shown.context != prompt[0] and hidden.context == prompt[0]
+    # prefix_on = gated: a closed gate also drops the opposite prefix, so the row equals the plain unsteered one.
+    logits, (row,) = steer_logits(model, tok, prompt, [SteerSpec("caa", closed, strength=3.0, setting="opposite",
+                                                                  prefix_on="gated")])
+    plain_logits, _ = steer_logits(model, tok, prompt, [SteerSpec("none")])
+    assert row.context == prompt[0] and torch.equal(logits[0], plain_logits[0])

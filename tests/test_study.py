@@ -6,14 +6,16 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conva.config import ConfigError
 from conva.pipeline import row_spec
-from conva.study import (RESULT_SCHEMA, expand_cells, load_study, model_config, steering_table, summarize,
-                         utility_cells)
+from conva.metrics import bootstrap_ci
+from conva.study import RESULT_SCHEMA, expand_cells, load_study, model_config, steering_table, utility_cells
+from conva.summary import matched_fluency, pool, summarize
 from conva.values import VALUES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,14 +24,17 @@ DEMO = REPO / "examples" / "demo_study.toml"
 
 def test_demo_study_config_expands_to_its_cells(tmp_path) -> None:
     study = load_study(DEMO)
-    cells = expand_cells(study, "smollm2")
-    assert len(cells) == len(VALUES) * 4 and {c.method for c in cells} == {"conva", "caa", "prompt", "none"}
-    assert len(utility_cells(study, "smollm2")) == 1 + len(VALUES) * 3  # one unsteered MC cell per model
-    sweep = load_study(DEMO, ["--study.p0=[0.9, 0.99]", '--study.bands=["auto", "10-20"]', '--study.settings=["plain", "opposite"]'])
+    cells, s = expand_cells(study, "smollm2"), study.study
+    per_value = len(s.p0) + len(s.caa_strengths) + 2  # ConVA per P0, CAA per strength, prompting, unsteered
+    values = study.job.data.values
+    assert len(cells) == len(values) * per_value and {c.method for c in cells} == {"conva", "caa", "prompt", "none"}
+    assert len(utility_cells(study, "smollm2")) == 1 + len(values) * (per_value - 1)  # one unsteered MC cell per model
+    sweep = load_study(DEMO, ["--study.p0=[0.9, 0.99]", '--study.bands=["auto", "10-20"]', '--study.settings=["plain", "opposite"]',
+                              "--study.caa_strengths=[0.25]", f"--data.values={list(VALUES)}".replace("'", '"')])
     per_value = {m: sum(c.method == m for c in expand_cells(sweep, "smollm2")) // len(VALUES) for m in sweep.study.methods}
     assert per_value == {"conva": 2 * 2 * 2, "caa": 2 * 2, "prompt": 2, "none": 2}
     strengths = load_study(DEMO, ["--study.caa_strengths=[0.25, 0.5, 1.0]"])
-    assert sum(c.method == "caa" for c in expand_cells(strengths, "smollm2")) == 3 * len(VALUES)
+    assert sum(c.method == "caa" for c in expand_cells(strengths, "smollm2")) == 3 * len(values)
     for bad, key in ((["--study.methods=[\"lora\"]"], "study.methods"), (["--study.p0=[1.0]"], "study.p0"),
                      (["--study.bands=[\"x\"]"], "study.bands"), (["--study.caa_strengths=[0]"], "study.caa_strengths"), (["--judge.kind=oracle"], "judge.kind"),
                      (["--model.name=x"], "model.name"), (["--judge.kind=llm"], "judge.base_url")):
@@ -49,17 +54,19 @@ def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
         spec = row_spec(cfg, bundle, row)
         assert (spec.method, spec.setting) == (row["method"], row["setting"]) and row["row_id"].startswith(row["cell_id"])
         if row["method"] == "conva":
-            assert spec.target() == 0.99 and spec.layers() == (tuple(row["band"]) if row["band"] else bundle.band)
+            assert spec.target() == row["p0"] and row["p0"] in study.study.p0
+            assert spec.layers() == (tuple(row["band"]) if row["band"] else bundle.band)
         if row["method"] == "caa":
             assert spec.strength in study.study.caa_strengths and f"s={spec.strength:g}" in row["cell_id"]
 
 
-def _result(cell: str, method: str, score: float, ppl: float, prompt: str, gate: bool | None = None) -> dict:
-    return dict(cell_id=cell, row_id=f"{cell}#{prompt}", model="m", value="power", method=method,
-                p0=0.99 if method == "conva" else None, band="auto" if method == "conva" else "-", setting="plain",
-                strength=None, prompt=prompt, output="x", n_output_tokens=1, gate_open=gate, gate_score=None,
-                eps_mean=None, judge="classifier", judge_score=score, judge_prob=None, judge_raw=None, ppl=ppl,
-                fluency=None, error=None)
+def _result(cell: str, method: str, score: float, ppl: float, prompt: str, gate: bool | None = None,
+            value: str = "power", p0: float | None = 0.99, strength: float | None = None) -> dict:
+    return dict(cell_id=cell, row_id=f"{cell}#{prompt}", model="m", value=value, method=method,
+                p0=p0 if method == "conva" else None, band="auto" if method in ("conva", "caa") else "-",
+                setting="plain", strength=strength, prompt=prompt, context=prompt, output="x", n_output_tokens=1,
+                gate_open=gate, gate_score=None if gate is None else 0.5, eps_mean=None, judge="classifier",
+                judge_score=score, judge_prob=None, judge_raw=None, ppl=ppl, ppl_plain=ppl, fluency=None, error=None)
 
 
 def test_summary_arithmetic_on_known_rows() -> None:
@@ -72,7 +79,8 @@ def test_summary_arithmetic_on_known_rows() -> None:
     utility = pa.table({"cell_id": ["m|*|none|p0=-|band=-"] * 4 + ["m|power|conva|p0=0.99|band=auto"] * 4,
                         "model": ["m"] * 8, "method": ["none"] * 4 + ["conva"] * 4,
                         "correct": [True, True, False, False, True, False, False, False],
-                        "gate_open": [False] * 4 + [True, False, False, False]})
+                        "gate_open": [False] * 4 + [True, False, False, False],
+                        "gate_score": [None] * 4 + [0.5] * 4})
     summary = {r["method"]: r for r in summarize(results, utility, {("m", "power"): 0.9}, n_boot=100).to_pylist()}
     c = summary["conva"]
     assert (c["n"], c["n_error"], c["csr"], c["gate_open_rate"]) == (4, 1, 0.5, pytest.approx(2 / 3))
@@ -83,31 +91,95 @@ def test_summary_arithmetic_on_known_rows() -> None:
     assert summary["none"]["ppl_ratio"] == pytest.approx(1.0) and summary["none"]["utility_ratio"] == 1.0
 
 
+def _two_value_results() -> pa.Table:
+    """ConVA, CAA (two strengths) and unsteered cells over two values with unequal success, 30 prompts each."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for value, rate in (("power", 0.9), ("benevolence", 0.2)):
+        for method, strength, shift in (("conva", None, 0.0), ("caa", 0.1, -0.3), ("caa", 0.5, -0.1), ("none", None, -0.4)):
+            cell = f"m|{value}|{method}|s={strength}"
+            for i in range(30):
+                score = float(rng.random() < rate + shift)
+                ppl = 4.0 * (1 + 4 * (strength or 0.0)) * float(rng.uniform(0.8, 1.25))
+                rows.append(_result(cell, method, score, ppl, f"{i:04d}", None, value, 0.99, strength))
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def test_pooled_interval_is_a_bootstrap_over_all_the_rows_prompts() -> None:
+    from scipy.stats import bootstrap
+
+    results = _two_value_results()
+    pooled = {(r["method"], r["strength"]): r for r in pool(results, n_boot=4000, seed=3).to_pylist()}
+    per_cell = summarize(results, n_boot=4000, seed=3).to_pylist()
+    conva = pooled[("conva", None)]
+    scores = [r["judge_score"] for r in results.to_pylist() if r["method"] == "conva"]
+    assert (conva["n"], conva["values"], conva["csr"]) == (60, 2, float(np.mean(scores)))
+    assert (conva["csr_lo"], conva["csr_hi"]) == bootstrap_ci(scores, n_boot=4000, seed=3)
+    # An independent implementation agrees within the bootstrap's own resolution (a step of the mean, 1/60,
+    # plus Monte-Carlo error), and the old "mean of the per-value bounds" does not.
+    ref = bootstrap((np.asarray(scores),), np.mean, n_resamples=20000, method="percentile", random_state=3).confidence_interval
+    assert abs(conva["csr_lo"] - ref.low) <= 1 / 60 + 0.01 and abs(conva["csr_hi"] - ref.high) <= 1 / 60 + 0.01
+    mean_of_bounds = np.mean([r["csr_lo"] for r in per_cell if r["method"] == "conva"])
+    assert abs(mean_of_bounds - conva["csr_lo"]) > 0.05
+    # The perplexity ratio's interval: the same bootstrap over the per-prompt log ratios against unsteered.
+    rows = results.to_pylist()
+    base = {(r["value"], r["prompt"]): r["ppl"] for r in rows if r["method"] == "none"}
+    logs = [np.log(r["ppl"]) - np.log(base[(r["value"], r["prompt"])]) for r in rows if r["strength"] == 0.5]
+    lo, hi = bootstrap_ci(logs, n_boot=4000, seed=3)
+    caa = pooled[("caa", 0.5)]
+    assert caa["ppl_ratio"] == pytest.approx(np.exp(np.mean(logs))) and (caa["ppl_ratio_lo"], caa["ppl_ratio_hi"]) == \
+        pytest.approx((np.exp(lo), np.exp(hi)))
+
+
+def test_matched_fluency_pairs_each_conva_point_with_the_nearest_caa_point() -> None:
+    results = _two_value_results()
+    pooled = pool(results, n_boot=2000, seed=0)
+    (row,) = matched_fluency(results, pooled, n_boot=2000, seed=0).to_pylist()
+    assert (row["other"], row["other_strength"], row["n_pairs"]) == ("caa", 0.1, 60)  # 0.1: nearest perplexity
+    by = {(r["method"], r["strength"], r["value"], r["prompt"]): r["judge_score"] for r in results.to_pylist()}
+    diffs = [by[("conva", None, v, p)] - by[("caa", 0.1, v, p)] for (m, s, v, p) in by if m == "conva"]
+    assert row["csr_diff"] == pytest.approx(np.mean(diffs))
+    assert (row["csr_diff_lo"], row["csr_diff_hi"]) == bootstrap_ci(diffs, n_boot=2000, seed=0)
+    fluent = row["ppl_conva_hi"] < row["ppl_other_lo"]  # ConVA is the more fluent here
+    expected = "conva higher, fluency matched or better" if row["csr_diff_lo"] > 0 else "no difference shown"
+    assert fluent and row["verdict"] == expected
+
+
 @pytest.fixture(scope="module")
 def study_run(tiny_path, tmp_path_factory, ray_session):
-    """A two-cell study (ConVA and unsteered, one value) on the tiny model, as one embedded-Ray job."""
+    """A four-cell study (ConVA, CAA, prompting, unsteered; one value) on the tiny model, as one embedded-Ray job."""
     from jobs.study import main
 
     out = tmp_path_factory.mktemp("study")
-    argv = ["--config", str(DEMO), f'--study.models=["{tiny_path}"]', '--study.methods=["conva", "none"]',
-            '--data.values=["power"]', "--data.max_prompts_per_value=3", "--fit.band=1-3", "--steer.max_new_tokens=4",
+    argv = ["--config", str(DEMO), f'--study.models=["{tiny_path}"]', '--study.methods=["conva", "caa", "prompt", "none"]',
+            '--study.p0=[0.99]', '--study.caa_strengths=[0.5]', '--data.values=["power"]', "--data.max_prompts_per_value=3",
+            "--gate.other_pairs_per_value=6", "--fit.band=1-3", "--steer.max_new_tokens=4",
             "--utility.max_items=4", "--ray.num_workers=1", "--ray.rows_per_shard=4", f"--output.dir={out}"]
     assert main(argv) == 0
     return out, argv
 
 
 @pytest.mark.slow
-def test_two_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
+def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     out, _ = study_run
     results = pq.read_table(out / "results.parquet").to_pylist()
-    assert len(results) == 2 * 3 and {r["method"] for r in results} == {"conva", "none"}
-    assert all(r["error"] is None and r["judge_score"] in (0.0, 1.0) and r["ppl"] > 0 for r in results)
+    assert len(results) == 4 * 3 and {r["method"] for r in results} == {"conva", "caa", "prompt", "none"}
+    assert all(r["error"] is None and r["judge_score"] in (0.0, 1.0) and r["ppl"] > 0 and r["ppl_plain"] > 0
+               for r in results)
+    for r in results:  # perplexity given the answer's own context; the plain prompt's where that is the context
+        assert (r["ppl"] == r["ppl_plain"]) == (r["context"] == r["prompt"])
+        assert r["context"] == r["prompt"] or (r["method"] == "prompt" and r["gate_open"])
     summary = pq.read_table(out / "summary.parquet").to_pylist()
-    assert len(summary) == 2 and all(r["mc_acc"] is not None and r["judge_agreement"] is not None for r in summary)
-    assert pq.read_table(out / "utility.parquet").num_rows == 2 * 4  # the unsteered cell and the ConVA cell
+    assert len(summary) == 4 and all(r["mc_acc"] is not None and r["judge_agreement"] is not None for r in summary)
+    assert pq.read_table(out / "utility.parquet").num_rows == 4 * 4  # the unsteered cell and three steered ones
+    pooled = pq.read_table(out / "pooled.parquet").to_pylist()
+    assert {r["method"] for r in pooled} == {"conva", "caa", "prompt", "none"} and all(r["n"] == 3 for r in pooled)
+    matched = pq.read_table(out / "matched.parquet").to_pylist()
+    assert {r["other"] for r in matched} == {"caa", "prompt"} and all(r["n_pairs"] == 3 for r in matched)
     pngs = sorted((out / "report").glob("*.png"))
-    assert len(pngs) == 5 and all(p.stat().st_size > 1000 for p in pngs)
-    assert "<img" in (out / "report" / "index.html").read_text()
+    assert len(pngs) == 6 and all(p.stat().st_size > 1000 for p in pngs)
+    page = (out / "report" / "index.html").read_text()
+    assert "<img" in page and "gate.apply_to" in page and "all_methods" in page
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from conva.bundle import encode_bundle
 from conva.fit import ModelInfo
 from conva.inputs import read_slice, read_table_slice
+from conva.metrics import answer_perplexities
 from conva.pipeline import (extract_table, fit_bundles, probe_rows, row_spec, steering_rows_from_records,
                             value_activations)
 from conva.store import ShardRecord, write_files_shard, write_table_shard
@@ -99,20 +100,26 @@ def evaluate(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     spec, cfg = worker.spec, worker.cfg
     rows = generations.to_pylist()
     good = [i for i, r in enumerate(rows) if r["error"] is None and r["output"] is not None]
-    values, prompts, answers = ([rows[i][k] for i in good] for k in ("value", "prompt", "output"))
+    values, prompts, contexts, answers = ([rows[i][k] for i in good] for k in ("value", "prompt", "context", "output"))
     bundles = worker.bundles(task.bundles) if task.bundles else {}
     verdicts = worker.judge(bundles).judge(values, prompts, answers) if good else []
-    ppl = [None] * len(good)
+    ppl, plain = [None] * len(good), [None] * len(good)
     if good and spec.fluency.perplexity:
-        ppl = worker.steerer().perplexity(prompts, answers, bundles, chat_template=cfg.steer.chat_template,
-                                          batch_size=task.batch(spec.fluency.batch_size))
+        steerer, size = worker.steerer(), task.batch(spec.fluency.batch_size)
+
+        def score(p: list[str], a: list[str]) -> list[float]:
+            return steerer.perplexity(p, a, bundles, chat_template=cfg.steer.chat_template, batch_size=size)
+
+        # Under the context the answer was generated from (a prefixed prompt for prompting or the opposite
+        # setting), and under the plain prompt as a second column.
+        ppl, plain = answer_perplexities(score, prompts, contexts, answers)
     rating = _fluency(worker, answers) if good and spec.fluency.llm else [None] * len(good)
-    done = {i: (v, p, f) for i, v, p, f in zip(good, verdicts, ppl, rating)}
+    done = {i: (v, p, q, f) for i, v, p, q, f in zip(good, verdicts, ppl, plain, rating)}
     out = []
     for i, r in enumerate(rows):
-        v, p, f = done.get(i, (None, None, None))
+        v, p, q, f = done.get(i, (None, None, None, None))
         out.append(dict(row_id=r["row_id"], judge=spec.judge.kind, judge_score=v and v.score, judge_prob=v and v.prob,
-                        judge_raw=v and v.raw, ppl=p, fluency=f,
+                        judge_raw=v and v.raw, ppl=p, ppl_plain=q, fluency=f,
                         error=None if i in done else (r["error"] or "no output")))
     table = check_rows("evaluate", task.ref.shard, generations, pa.Table.from_pylist(out, schema=JUDGED_SCHEMA))
     return write_table_shard(task.ref, table)
