@@ -225,7 +225,7 @@ def test_two_models_run_at_once_and_each_worker_loads_its_model_once(tmp_path_fa
     a, b = make_tiny_model(root / "alpha", seed=0), make_tiny_model(root / "beta", seed=1)
     out = root / "study"
     models = f'[{{name = "{a}", ray = {{num_workers = 1}}}}, {{name = "{b}", ray = {{num_workers = 1}}}}]'
-    argv = ["--config", str(DEMO), f"--study.models={models}", '--study.methods=["conva", "none"]',
+    argv = ["--config", str(DEMO), f"--study.models={models}", '--study.methods=["conva", "none"]', "--study.p0=[0.99]",
             '--data.values=["power"]', "--data.max_prompts_per_value=6", "--fit.band=1-3", "--steer.max_new_tokens=6",
             "--utility.max_items=6", "--ray.rows_per_shard=32", "--ray.steer_rows_per_shard=2", f"--output.dir={out}"]
     assert main(argv) == 0
