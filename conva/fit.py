@@ -26,12 +26,12 @@ __all__ = ["GateSettings", "FitSettings", "ModelInfo", "LayerData", "fit_value"]
 class GateSettings:
     """``[gate]`` config: kind, calibration target, and for ``external`` the classifier and labels."""
 
-    kind: str = "probe"
-    target: str = "precision"
-    target_value: float = 0.95
-    model: str | None = None
-    labels: tuple[str, ...] = ()
-    threshold: float = 0.5
+    kind: str = "probe"  # probe (a probe on the model's own activations), external (a text classifier) or none
+    target: str = "precision"  # the probe gate's threshold is calibrated on held-out rows to reach this measure
+    target_value: float = 0.95  # the value that measure must reach (else the best-F1 threshold, recorded)
+    model: str | None = None  # external: a sequence-classification model (folder or repo id)
+    labels: tuple[str, ...] = ()  # external: the classifier's labels that mean the value
+    threshold: float = 0.5  # external: open the gate when the labels' score reaches this
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:

@@ -45,12 +45,12 @@ BAND_PRESETS: dict[str, tuple[int, int]] = {
 class ProbeSettings:
     """How probes are fitted; every field is a config key under ``[probe]``."""
 
-    C: float = 1.0
-    solver: str = "lbfgs"
-    max_iter: int = 2000
-    test_size: float = 0.3
-    seed: int = 0
-    split: str = "pair"
+    C: float = 1.0  # inverse L2 regularisation strength of the logistic regression (sklearn's C; the reference: 1)
+    solver: str = "lbfgs"  # sklearn's solver (the reference uses saga)
+    max_iter: int = 2000  # solver iterations, at most
+    test_size: float = 0.3  # share held out to measure each layer's probe accuracy (the reference: 0.3)
+    seed: int = 0  # seed of the train/test split
+    split: str = "pair"  # hold out whole pairs (both texts of a scenario on one side) or single texts (the reference)
 
 
 @dataclass(frozen=True)
