@@ -33,6 +33,8 @@ _AGG = ["csr", "csr_lo", "csr_hi", "ppl_ratio", "utility_ratio", "mc_acc", "gate
 def _folder(path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if path.suffix == ".parquet" else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: point at a study's output folder or its results.parquet")
     if not (folder / "summary.parquet").is_file():
         raise FileNotFoundError(f"{folder} holds no summary.parquet: point at a study folder or its results.parquet")
     return folder
@@ -55,17 +57,26 @@ def method_table(summary: pa.Table) -> list[dict]:
                                       r["p0"] or 0, r["band"], r["strength"] or 0))
 
 
-def _fmt(x: object) -> str:
+# Settings, not measurements: printed with every digit they have (P0 = 0.99999 must not read as 1).
+_EXACT = ("p0", "strength")
+
+
+def _fmt(x: object, exact: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
+    if isinstance(x, float):
+        return repr(x) if exact else f"{x:.3g}"
+    return str(x)
 
 
 def format_summary(summary: pa.Table) -> str:
-    """The summary as plain text: one line per (model, method, P0, band, setting), means over values."""
+    """The summary as plain text: one line per (model, method, P0, band, setting), means over values.
+
+    Measurements have three significant digits; the settings P0 and strength are printed exactly.
+    """
     cols = ["model", "setting", "method", "p0", "band", "strength", "values", "csr", "csr_lo", "csr_hi", "ppl_ratio",
             "utility_ratio", "gate_open_rate", "judge_agreement"]
-    rows = [[_fmt(r[c]) for c in cols] for r in method_table(summary)]
+    rows = [[_fmt(r[c], c in _EXACT) for c in cols] for r in method_table(summary)]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))
     return "\n".join([line(cols), line(["-" * w for w in widths]), *(line(r) for r in rows)])
@@ -263,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_uri(argv[0]):
             out = location(argv[0].removesuffix("/results.parquet"))
             if not out.child("summary.parquet").exists():
-                raise FileNotFoundError(f"{out} holds no summary.parquet: point at a study's output")
+                what = "holds no summary.parquet" if out.list() else "does not exist (or is empty)"
+                raise FileNotFoundError(f"{out} {what}: point at a study's output")
             page = write_report_to(out)
             summary = pq.read_table(pa.BufferReader(out.child("summary.parquet").read_bytes()))
         else:
