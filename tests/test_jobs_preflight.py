@@ -94,7 +94,9 @@ def test_validate_names_the_bad_key(tiny, tmp_path, capsys) -> None:
 
 def test_cli_usage(capsys) -> None:
     assert cli.main([]) == 2
-    assert "extract|fit|steer|run|validate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for command in ("run", "extract", "fit", "steer", "study", "validate", "report", "config"):
+        assert any(line.split()[:1] == [command] for line in err.splitlines()), command
 
 
 def test_vllm_backend_absent_fails_clearly(tiny, tmp_path, monkeypatch, capsys) -> None:
