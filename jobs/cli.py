@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import COMMANDS
+from jobs import COMMANDS
 
 __all__ = ["main", "validate", "config"]
 

@@ -29,6 +29,7 @@ from conva.lease import LeaseError
 from conva.models import ModelNotFoundError
 from conva.storage import Location, is_uri, location
 from conva.store import StoreError
+from jobs import COMMANDS
 
 __all__ = ["JobError", "EXPECTED_ERRORS", "parse_args", "output_location", "setup_logging", "run_log", "write_config",
            "connect_ray", "log_config", "under_job_submission", "log_context", "Interrupted", "interrupts", "interrupted",
@@ -138,17 +139,6 @@ def output_location(cfg: Config) -> tuple[Config, Location]:
     return replace(cfg, output=replace(cfg.output, dir=out.uri)), out
 
 
-# Every command of the ``conva`` CLI, with its one line of help (``conva --help``, each command's own help).
-COMMANDS = {
-    "run": "extract → fit → steer in one job on one pool of model workers (resumes; --overwrite replaces)",
-    "extract": "record the model's activations of the value pairs (and the gate's texts)",
-    "fit": "fit each value's probes, band, CAA vector and gate from the activations",
-    "steer": "generate data.prompts, steered with the fitted bundles",
-    "study": "a study: models × values × methods × P0, judged and summarised, with an HTML report",
-    "validate": "the run's pre-flight without running: config, model, inputs, output, pending shards, bad rows",
-    "report": "rebuild a study's HTML report from its Parquet files",
-    "config": "explain the config: every key with its type, default and meaning (--explain [SECTION])",
-}
 CONFIG_HELP = ("Config keys: any --section.key=value overrides the config file, e.g. --steer.p0=0.99 or "
                "'--data.values=[\"power\"]' (values are TOML). `conva config --explain [SECTION]` gives every key's "
                "type, default and meaning. The keys:")

@@ -21,7 +21,8 @@ from conva.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.inputs import InputPlan, write_input_table
 from conva.pipeline import SCHEMA_VERSION, activation_model
 from conva.storage import Location
-from conva.store import ConfigMismatchError, ShardRecord, ShardRef, Stage, shard_ranges, stage_mismatch, stage_status
+from conva.store import (ConfigMismatchError, ShardRecord, ShardRef, Stage, StoreError, shard_ranges, stage_mismatch,
+                         stage_status)
 from jobs.common import JobError
 from workers.pool import StageRun
 from workers.tasks import ShardTask
@@ -159,7 +160,18 @@ def check_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> None
             if not status.exists or status.committed < status.n_shards:
                 job = {"activations": "extract", "bundles": "fit"}.get(spec.folder, spec.folder)
                 raise JobError(f"output.dir: {out.child(spec.folder)} is not complete ({status.committed} of "
-                               f"{status.n_shards} shards); run the {job} job first (or the run job)")
+                               f"{status.n_shards} shards); run `conva {job}` first (or `conva run`)")
+        elif not overwrite and not stage_status(out, spec.folder).exists:
+            _refuse_strays(out.child(spec.folder))
+
+
+def _refuse_strays(folder: Location) -> None:
+    """A stage folder without a commit log but with published-looking files: :meth:`Stage.open` would refuse it."""
+    strays = sorted(f.name for f in folder.list() if not f.name.startswith(("_", ".")))
+    if strays:
+        raise StoreError(f"{folder} holds files no commit log lists ({', '.join(strays[:3])}"
+                         f"{', …' if len(strays) > 3 else ''}); cannot tell which config wrote them. "
+                         "Rerun with --overwrite to replace them.")
 
 
 def _input_change(spec: StageSpec) -> str:

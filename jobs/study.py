@@ -40,7 +40,7 @@ from conva.study import (StudyConfig, expand_cells, load_study, model_config, mo
                          utility_cells, utility_table)
 from jobs.common import (COMMANDS, JobError, connect_ray, interrupted, interrupts, job_parser, log_context,
                          output_location, run_log, setup_logging, split_overrides)
-from jobs.preflight import ModelJob, generated, plan_job
+from jobs.preflight import ModelJob, generated, plan_job, stage_plans
 from jobs.runner import FAILURES, committed_line, run_model
 from jobs.stages import StageSpec, run_config, shard_config
 from workers.tasks import WorkerSpec
@@ -189,9 +189,7 @@ def _run_models(models: list[_ModelRun], overwrite: bool) -> bool:
     """
     import ray
 
-    from jobs.runner import _has_work
-
-    if not any(_has_work(m.job, overwrite) for m in models):
+    if not any(p.pending or p.replaces for m in models for p in stage_plans(m.job, overwrite)):
         return False
     connect_ray()
     capacity = _Capacity(ray.cluster_resources())

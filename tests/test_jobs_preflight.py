@@ -76,8 +76,8 @@ def test_output_folder_not_writable(tiny, tmp_path, capsys) -> None:
 
 def test_steer_or_fit_without_the_earlier_stage(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    assert "run the extract job first" in _fails(capsys, "fit", f"--model.name={tiny}", f"--output.dir={out}")
-    assert "run the fit job first" in _fails(capsys, "steer", f"--model.name={tiny}", f"--output.dir={out}")
+    assert "run `conva extract` first" in _fails(capsys, "fit", f"--model.name={tiny}", f"--output.dir={out}")
+    assert "run `conva fit` first" in _fails(capsys, "steer", f"--model.name={tiny}", f"--output.dir={out}")
     assert not out.exists()
 
 
