@@ -344,8 +344,8 @@ def stage_status(out: Location, stage: str, config: dict | None = None, schema_v
     if config is not None:
         probe = _Gen(0, _normalize(config), "", schema_version, tuple(sorted({*ignore_keys, *cur.ignore_keys})), 0)
         keys = tuple(_mismatch(cur, probe))
-        resumable = max((len(g.shards) for n, g in state.gens.items() if n != state.current and not _mismatch(g, probe)),
-                        default=0)
+        unfinished = [g for n, g in state.gens.items() if n != state.current and not _mismatch(g, probe)]
+        resumable = max((len(g.shards) for g in unfinished), default=0)
     pending = any(g != state.current for g in state.gens)
     return StageStatus(True, len(cur.shards), cur.n_shards, keys, pending, resumable)
 

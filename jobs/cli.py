@@ -55,7 +55,8 @@ def validate(argv: list[str] | None = None) -> int:
         return 2
     lines, pending = _report(job, flags.overwrite)
     print("\n".join(lines))
-    what = f"{pending} shard{'s' if pending != 1 else ''} to run" if pending else "nothing to run: every shard is committed"
+    what = (f"{pending} shard{'s' if pending != 1 else ''} to run" if pending
+            else "nothing to run: every shard is committed")
     print(f"conva validate: ok: `conva {flags.job}` would start ({what}; model {cfg.model.name}, output {out})")
     return 0
 

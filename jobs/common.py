@@ -32,7 +32,8 @@ from conva.store import StoreError
 from jobs import COMMANDS
 
 __all__ = ["JobError", "EXPECTED_ERRORS", "parse_args", "output_location", "setup_logging", "run_log", "write_config",
-           "connect_ray", "log_config", "under_job_submission", "log_context", "Interrupted", "interrupts", "interrupted",
+           "connect_ray", "log_config", "under_job_submission", "log_context", "Interrupted", "interrupts",
+           "interrupted",
            "job_parser", "split_overrides", "CONFIG_HELP", "COMMANDS"]
 
 _log = logging.getLogger("conva.jobs")

@@ -257,7 +257,8 @@ def check_bundles(cfg: Config, out: Location) -> None:
         try:
             files = {name: folder.child(name).read_bytes() for name in BUNDLE_FILES}
         except (FileNotFoundError, OSError):
-            raise JobError(f"data.values: no bundle for {value!r} in {folder.parent()}; run `conva fit` first") from None
+            raise JobError(f"data.values: no bundle for {value!r} in {folder.parent()}; "
+                           "run `conva fit` first") from None
         try:
             decode_bundle(files, folder.uri, fingerprint=fingerprint)
         except BundleError as err:

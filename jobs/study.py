@@ -79,10 +79,12 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         util_in = generated(_utility_rows(study, ucells), rps)
         gen = {**base, "cells": [c.id for c in cells], "shards": shard_config(rps, steer_in.table.num_rows,
                                                                              steer_in.sha256)}
-        own = [StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in),
+        prompts = f"data.prompts = {cfg.data.prompts!r}"
+        own = [StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in, source=prompts),
                StageSpec("evaluate", "study_judged", {**gen, "judge": judge}, steer_in.n_shards),
                StageSpec("utility", "study_utility", {**base, "utility": study_dict(study)["utility"],
-                         "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256)}, util_in.n_shards, util_in),
+                         "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256)}, util_in.n_shards,
+                         util_in, source=f"utility.mc = {study.utility.mc!r}"),
                StageSpec("agreement", "study_judge", {**base, "judge": judge}, 1)]
         job = plan_job(cfg, Location(cfg.output.dir), ("extract", "fit"), overwrite, label=model_name(spec),
                        extra=own, reads=_judge_reads(study))

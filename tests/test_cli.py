@@ -125,7 +125,8 @@ def test_the_readme_quickstart_runs_as_written(readme) -> None:
     assert (cwd / "runs" / "p0_sweep" / "report" / "index.html").is_file()
     assert _only(done, "conva report").stdout.splitlines()[-1] == "report: runs/p0_sweep/report/index.html"
     [snippet] = readme["snippets"]
-    assert 'load_bundle("runs/demo/bundles/achievement")' in snippet and (cwd / "runs/demo/bundles/achievement").is_dir()
+    assert 'load_bundle("runs/demo/bundles/achievement")' in snippet
+    assert (cwd / "runs" / "demo" / "bundles" / "achievement").is_dir()
     printed = done[snippet].stdout.strip()
     assert re.search(r" (True|False) \([-0-9., e]*\)$", printed), printed  # text, gate_open, ε per steered layer
 
@@ -182,7 +183,7 @@ ROWS: list[tuple[bytes, str | None]] = [
     (b"not json", "invalid JSON: Expecting value"),
     (b"[1, 2]", "expected a JSON object, got list"),
     (b'{"value": "bogus", "prompt": "x"}', "unknown value 'bogus'"),
-    (b'{"value": "security", "prompt": "Should I lock the door?"}', "no bundle for value 'security' (not in data.values)"),
+    (b'{"value": "security", "prompt": "Lock the door?"}', "no bundle for value 'security' (not in data.values)"),
     (b'{"value": "power", "prompt": ""}', "empty prompt"),
     (b'{"value": "power", "prompt": 5}', "prompt is int, not text"),
     (b'{"value": "achievement", "prompt": "   "}', "prompt is whitespace only"),
@@ -220,11 +221,11 @@ def test_bad_rows_are_summarised_in_validate_the_log_and_the_last_line(readme, e
 
     done = conva(env, tmp_path, "steer", *argv, "--data.max_error_fraction=0.8")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.fullmatch(r"conva steer: done in \d+ s: steer 3/3 shards run now; generations: 8 of 11 rows are error rows "
-                        r"\(see the `error` column\)", done.stdout.strip()), done.stdout
+    assert re.fullmatch(r"conva steer: done in \d+ s: steer 3/3 shards run now; generations: 8 of 11 rows are error "
+                        r"rows \(see the `error` column\)", done.stdout.strip()), done.stdout
     log = (out / "run.log").read_text()
-    assert (f"WARNING conva.jobs: generations: 8 of 11 rows written in this run are error rows (see the `error` column): "
-            f"{REASONS}\n") in log
+    assert ("WARNING conva.jobs: generations: 8 of 11 rows written in this run are error rows (see the `error` "
+            f"column): {REASONS}\n") in log
     import pandas as pd
 
     rows = pd.read_parquet(out / "generations").sort_values("row_id")
@@ -352,8 +353,8 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
     committed = len(list((out / "generations").glob("part-*.parquet")))
     assert 3 <= committed < 12 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
-        f"conva steer: interrupted by SIGINT; committed: generations {committed}/12 shards (kept); rerun the same command "
-        f"to resume: conva {shlex.join(args)}")
+        f"conva steer: interrupted by SIGINT; committed: generations {committed}/12 shards (kept); rerun the same "
+        f"command to resume: conva {shlex.join(args)}")
     assert not (out / "_lease.json").exists()
     assert _pids(stderr) and not any(_alive(p) for p in _pids(stderr))  # the pool was stopped
 
@@ -468,7 +469,7 @@ def test_report_messages_and_p0_with_its_digits(tmp_path, capsys) -> None:
 
 
 def test_sigterm_stops_a_job_even_after_ray_took_the_handler() -> None:
-    """``ray.init`` installs its own SIGTERM handler (``sys.exit``); the job's comes back, and a real SIGTERM stops it."""
+    """``ray.init`` installs its own SIGTERM handler (sys.exit); the job's comes back, and a real SIGTERM stops it."""
     from ray._private.utils import set_sigterm_handler
 
     from jobs import common
