@@ -246,16 +246,31 @@ def test_bad_rows_are_summarised_in_validate_the_log_and_the_last_line(readme, e
 
 
 @pytest.mark.slow
-def test_validate_refuses_exactly_what_run_refuses(readme, env, shape) -> None:
+def test_validate_refuses_exactly_what_run_refuses(readme, env, shape, monkeypatch, capsys) -> None:
     cwd = readme["cwd"]
     argv = ["--config", "examples/demo.toml", *shape["job"], "--steer.p0=0.9"]
-    checked, refused = conva(env, cwd, "validate", *argv), conva(env, cwd, "run", *argv)
+    checked = conva(env, cwd, "validate", *argv)
     why = (f"{cwd / 'runs' / 'demo' / 'generations'} was written with a different config; differing keys: steer.p0. "
            "Rerun with --overwrite to replace it (the old output stays readable until the new run has committed every "
            "shard).")
     assert (checked.returncode, checked.stderr.strip()) == (2, f"conva validate: error: {why}")
-    assert (refused.returncode, refused.stderr.strip().splitlines()[-1]) == (2, f"conva run: error: {why}")
-    assert _no_job_started(refused)
+    # The run's refusal, in-process (a run refusing a changed config as a subprocess: test_reliability.py)
+    from jobs import runner
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(runner, "connect_ray", lambda: pytest.fail("the run started Ray"))
+    assert runner.main("run", argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"conva run: error: {why}"
+    # With --overwrite both go ahead; validate says what would be replaced, and what is kept
+    assert cli.main(["validate", *argv, "--overwrite"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"  activations +(\d+) shards?: \1 committed, 0 to run \(\d+ texts\)", shown[0]), shown
+    assert shown[1:3] == ["  bundles      2 shards: 2 committed, 0 to run",
+                          "  generations  1 shard: 0 committed, 1 to run (2 prompts)"]
+    assert shown[3] == (f"warning: --overwrite replaces {cwd / 'runs' / 'demo' / 'generations'} (1 committed shard "
+                        "written with another config; differing keys: steer.p0) once the new run has committed all its "
+                        "shards; until then the old output stays readable")
+    assert shown[4].startswith("conva validate: ok: `conva run` would start (1 shard to run; ")
 
 
 # --- neutral prompts in three formats; a real SIGINT mid-steering ----------------------------------------------
