@@ -93,6 +93,9 @@ def interrupts() -> Iterator[None]:
     during that cleanup exits at once. (Ray's ``ray.init`` installs its own SIGTERM handler; :func:`connect_ray`
     puts this one back.)
     """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield
+        return
     previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     _interrupts.update(active=True, seen=0)
     for sig in _STOP_SIGNALS:
