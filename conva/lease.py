@@ -59,11 +59,15 @@ class OutputLease:
         return {"owner": self.owner, "job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
                 "started": self.started, "heartbeat": time.time()}
 
-    def acquire(self) -> None:
-        """Take the lease or raise :class:`LeaseError` naming the holder; writes nothing when refused."""
+    def check(self) -> None:
+        """Raise :class:`LeaseError` if :meth:`acquire` would be refused now; reads only (for ``validate``)."""
         held = self._read()
         if held is not None and held.get("owner") != self.owner:
             self._check_holder(held)
+
+    def acquire(self) -> None:
+        """Take the lease or raise :class:`LeaseError` naming the holder; writes nothing when refused."""
+        self.check()
         self.where.write_text(json.dumps(self._body()))
         time.sleep(_SETTLE_S)
         back = self._read()

@@ -37,8 +37,9 @@ from conva.steer import RowResult, SteerSpec, generate
 __all__ = [
     "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
     "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source", "load_prompt_source",
-    "row_spec", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "fit_rows_filter", "gate_data", "value_prompts",
-    "steering_rows_from_records", "value_activations", "probe_rows", "PROBE_SCHEMA", "activation_model",
+    "row_spec", "row_settings", "prompt_problem", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "fit_rows_filter",
+    "gate_data", "value_prompts", "steering_rows_from_records", "value_activations", "probe_rows", "PROBE_SCHEMA",
+    "activation_model",
 ]
 
 # 3: generations carry ``context``; gate texts cover every value (value-specific gate); outputs committed
@@ -52,14 +53,30 @@ EXTRACTION_INPUT_SCHEMA = pa.schema([
 STEERING_INPUT_SCHEMA = pa.schema([
     ("row_id", pa.string()), ("value", pa.string()), ("prompt", pa.string()), ("error", pa.string()),
 ])
-GENERATION_SCHEMA = pa.schema([
+
+
+def _nullable_in_pandas(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with pandas metadata that reads its integer and boolean columns as nullable ``Int32``/``boolean``.
+
+    Error rows leave ``n_prompt_tokens`` null; without this, pandas would read the column as float64 (and
+    ``gate_open`` as object). pyarrow, DuckDB and Spark ignore the metadata; pandas gives ``pd.NA`` for nulls.
+    """
+    kinds = {f.name: "boolean" if pa.types.is_boolean(f.type) else str(f.type).capitalize()
+             for f in schema if pa.types.is_integer(f.type) or pa.types.is_boolean(f.type)}
+    columns = [{"name": name, "field_name": name, "pandas_type": str(schema.field(name).type), "metadata": None,
+                "numpy_type": kind} for name, kind in kinds.items()]
+    meta = {"index_columns": [], "column_indexes": [], "columns": columns}
+    return schema.with_metadata({b"pandas": json.dumps(meta).encode()})
+
+
+GENERATION_SCHEMA = _nullable_in_pandas(pa.schema([
     ("row_id", pa.string()), ("prompt", pa.string()), ("context", pa.string()), ("output", pa.string()),
     ("n_prompt_tokens", pa.int32()), ("n_output_tokens", pa.int32()), ("model", pa.string()),
     ("value", pa.string()), ("method", pa.string()), ("setting", pa.string()), ("p0", pa.float64()),
     ("strength", pa.float64()), ("gate_score", pa.float64()), ("gate_open", pa.bool_()), ("layers", pa.list_(pa.int32())),
     ("eps", pa.list_(pa.float64())), ("p_before", pa.list_(pa.float64())), ("p_after", pa.list_(pa.float64())),
     ("error", pa.string()),
-])
+]))
 
 
 def activation_schema(hidden: int) -> pa.Schema:
@@ -275,21 +292,36 @@ def steering_rows_from_records(name: str, records: Iterable[D.Record], values: S
     """Bulk steering input in the project schema, leniently: unusable rows carry an ``error`` reason.
 
     ``name`` (the file's base name) prefixes the row ids, ``<name>/<row>``; a row naming a value outside
-    ``values`` (no bundle is fitted for it) is an error row too.
+    ``values`` (no bundle is fitted for it) is an error row too. **Neutral rows**: a value that is absent,
+    null or empty text (a CSV cell cannot be null) means none, in every format; such a row is generated
+    unsteered (:func:`row_spec`). The driver screens a whole input with this same function
+    (:mod:`conva.badrows`), so ``validate`` counts exactly the error rows the workers will write, but for
+    prompts over the token limit (that needs the tokenizer).
     """
     rows = []
     for rec in records:
-        value = rec.fields.get("value")
-        prompt = rec.fields.get("prompt")
-        error = rec.error
+        value, error = rec.fields.get("value"), rec.error
+        if isinstance(value, str) and not value.strip():
+            value = None
         if error is None and value is not None and value not in D.VALUES:
             error = f"unknown value {value!r}"
         if error is None and value is not None and values is not None and value not in values:
             error = f"no bundle for value {value!r} (not in data.values)"
+        prompt = rec.fields.get("prompt")
+        if error is None:
+            error = _prompt_field_error(rec.fields) or prompt_problem(prompt)
         rows.append(dict(row_id=f"{name}/{rec.row:06d}", value=value if isinstance(value, str) else None,
-                         prompt=prompt if isinstance(prompt, str) else None,
-                         error=error or (None if isinstance(prompt, str) else f"prompt is {type(prompt).__name__}, not text")))
+                         prompt=prompt if isinstance(prompt, str) else None, error=error))
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
+
+
+def _prompt_field_error(fields: dict) -> str | None:
+    if "prompt" not in fields:
+        return "no prompt field" + (f": the row has {', '.join(map(str, fields))}" if fields else "")
+    prompt = fields["prompt"]
+    if prompt is None or isinstance(prompt, str):
+        return None
+    return f"prompt is {type(prompt).__name__}, not text"
 
 
 def steering_rows_from_file(path: str | Path, values: Sequence[str] | None = None) -> pa.Table:
@@ -297,14 +329,22 @@ def steering_rows_from_file(path: str | Path, values: Sequence[str] | None = Non
     return steering_rows_from_records(Path(str(path)).name, D.read_records(path), values)
 
 
-def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) -> str | None:
-    """Why ``prompt`` cannot be steered (empty, NUL, too long…), or None if it can."""
+def prompt_problem(prompt: str | None) -> str | None:
+    """Why ``prompt`` cannot be steered, as far as the text alone tells (null, empty, NUL), or None."""
     if prompt is None:
         return "prompt is null"
     if not prompt.strip():
         return "empty prompt" if not prompt else "prompt is whitespace only"
     if "\x00" in prompt:
         return "prompt contains NUL characters"
+    return None
+
+
+def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) -> str | None:
+    """Why ``prompt`` cannot be steered (empty, NUL, too long…), or None if it can."""
+    problem = prompt_problem(prompt)
+    if problem is not None:
+        return problem
     if len(prompt) > 64 * max_tokens:  # no tokenizer emits fewer than one token per 64 characters
         return f"prompt too long: {len(prompt)} characters (limit {max_tokens} tokens)"
     try:
@@ -320,10 +360,16 @@ def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) 
 ROW_OVERRIDES = ("method", "p0", "strength", "setting", "band")
 
 
-def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
-    """The steering spec of one input row: ``[steer]`` settings, overridden by the row's own columns."""
+def row_settings(cfg: Config, row: dict) -> dict:
+    """The row's ``method, p0, strength, setting, band``: ``[steer]``, overridden by the row's own columns."""
     s = {k: getattr(cfg.steer, k, None) for k in ROW_OVERRIDES}
     s.update({k: row[k] for k in ROW_OVERRIDES if row.get(k) is not None})
+    return s
+
+
+def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
+    """The steering spec of one input row (:func:`row_settings`); a row without a bundle (neutral) is unsteered."""
+    s = row_settings(cfg, row)
     band = tuple(s["band"]) if s["band"] else None
     gate = dict(gate_scope=cfg.gate.apply_to, prefix_on=cfg.gate.prefix_on)
     if bundle is None or s["method"] == "none":
@@ -364,7 +410,8 @@ def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg
     specs = [row_spec(cfg, bundles.get(records[i]["value"]), records[i]) for i in good]
     results = generate_fn([records[i]["prompt"] for i in good], specs) if good else []
     by_row: dict[int, tuple[RowResult, SteerSpec]] = dict(zip(good, zip(results, specs)))
-    out = [_generation_row(r, by_row.get(i), errors[i], model_name) for i, r in enumerate(records)]
+    out = [_generation_row(r, row_settings(cfg, r), by_row.get(i), errors[i], model_name)
+           for i, r in enumerate(records)]
     return pa.Table.from_pylist(out, schema=GENERATION_SCHEMA)
 
 
@@ -372,16 +419,24 @@ def _max_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
 
 
-def _generation_row(rec: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None, model: str) -> dict:
-    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], context=None, output=None, n_prompt_tokens=None, n_output_tokens=None,
-               model=model, value=rec["value"], method=rec.get("method"), setting=rec.get("setting"), p0=rec.get("p0"),
-               strength=None, gate_score=None,
+def _generation_row(rec: dict, asked: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None,
+                    model: str) -> dict:
+    """One output row. ``method`` and ``setting`` are always the row's own (``asked``), error and neutral rows too.
+
+    ``context`` is the user message the answer was generated from (the prompt with any prefix).
+    """
+    method = asked["method"]
+    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], context=None, output=None, n_prompt_tokens=None,
+               n_output_tokens=None, model=model, value=rec["value"], method=method, setting=asked["setting"],
+               p0=asked["p0"] if method in ("conva", "conva_nogate") else None,
+               strength=asked["strength"] if method in ("caa", "probe_fixed") else None, gate_score=None,
                gate_open=None, layers=None, eps=None, p_before=None, p_after=None, error=error)
     if done is not None:
         res, spec = done
-        row.update(output=res.text, context=res.context, n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=len(res.tokens),
-                   method=spec.method, setting=spec.setting, p0=spec.target(),
-                   strength=spec.strength if spec.method in ("caa", "probe_fixed") else None, gate_score=res.gate_score, gate_open=res.gate_open,
+        row.update(output=res.text, context=res.context, n_prompt_tokens=res.n_prompt_tokens,
+                   n_output_tokens=len(res.tokens), p0=spec.target(),
+                   strength=spec.strength if spec.method in ("caa", "probe_fixed") else None,
+                   gate_score=res.gate_score, gate_open=res.gate_open,
                    layers=list(res.layers), eps=list(res.eps), p_before=list(res.p_before), p_after=list(res.p_after))
     return row
 

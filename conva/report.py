@@ -49,6 +49,8 @@ _CI_NOTE = ("csr: mean judge score over all the row's prompts (every value, gate
 def _folder(path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if path.suffix == ".parquet" else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: point at a study's output folder or its results.parquet")
     if not (folder / "pooled.parquet").is_file():
         raise FileNotFoundError(f"{folder} holds no pooled.parquet: point at a study folder or its results.parquet")
     return folder
@@ -59,10 +61,16 @@ def _read(folder: Path, name: str) -> pa.Table:
     return pq.read_table(path) if path.is_file() else pa.table({})
 
 
-def _fmt(x: object) -> str:
+# Settings, not measurements: printed with every digit they have (P0 = 0.99999 must not read as 1).
+_EXACT = ("p0", "strength")
+
+
+def _fmt(x: object, exact: bool = False) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
+    if isinstance(x, float):
+        return repr(x) if exact else f"{x:.3g}"
+    return str(x)
 
 
 def study_choices(folder: str | Path) -> list[tuple[str, str]]:
@@ -112,7 +120,7 @@ def format_summary(path: str | Path) -> str:
     """The study's pooled summary as plain text, with its choices and probe convergence."""
     folder = _folder(path)
     rows = _read(folder, "pooled").to_pylist()
-    cells = [[_fmt(r[c]) for c in _SUMMARY_COLS] for r in rows]
+    cells = [[_fmt(r[c], c in _EXACT) for c in _SUMMARY_COLS] for r in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(_SUMMARY_COLS)]
     line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))
     out = [f"{k}: {v}" for k, v in study_choices(folder)]
@@ -385,8 +393,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: conva report <study folder | results.parquet>", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    from conva.storage import is_uri, location
+
     try:
         target = argv[0].removesuffix("/results.parquet").removesuffix("results.parquet") or "."
+        if is_uri(target) and not location(target).child("pooled.parquet").exists():
+            what = "holds no pooled.parquet" if location(target).list() else "does not exist (or is empty)"
+            raise FileNotFoundError(f"{target} {what}: point at a study's output")
         page = write_report_to(target)
         with local_copy(target) as folder:
             text = format_summary(folder)

@@ -314,13 +314,19 @@ def _read_json(where: Location) -> dict:
 
 @dataclass(frozen=True)
 class StageStatus:
-    """What a stage holds, read without writing anything: for ``validate`` and reports."""
+    """What a stage holds, read without writing anything: for ``validate`` and reports.
+
+    ``committed``/``n_shards``/``mismatch`` describe the published generation; ``resumable`` counts the
+    committed shards of an unfinished generation (an interrupted ``--overwrite``) whose config is the one
+    asked about: a rerun with ``--overwrite`` resumes it.
+    """
 
     exists: bool
     committed: int = 0
     n_shards: int = 0
     mismatch: tuple[str, ...] = ()
     pending_generation: bool = False
+    resumable: int = 0
 
 
 def stage_status(out: Location, stage: str, config: dict | None = None, schema_version: int = 0, *,
@@ -334,11 +340,14 @@ def stage_status(out: Location, stage: str, config: dict | None = None, schema_v
     if cur is None:
         return StageStatus(False)
     keys: tuple[str, ...] = ()
+    resumable = 0
     if config is not None:
         probe = _Gen(0, _normalize(config), "", schema_version, tuple(sorted({*ignore_keys, *cur.ignore_keys})), 0)
         keys = tuple(_mismatch(cur, probe))
+        unfinished = [g for n, g in state.gens.items() if n != state.current and not _mismatch(g, probe)]
+        resumable = max((len(g.shards) for g in unfinished), default=0)
     pending = any(g != state.current for g in state.gens)
-    return StageStatus(True, len(cur.shards), cur.n_shards, keys, pending)
+    return StageStatus(True, len(cur.shards), cur.n_shards, keys, pending, resumable)
 
 
 def stage_mismatch(out: Location, stage: str, config: dict, schema_version: int, *,

@@ -62,34 +62,41 @@ _BAND_METHODS = ("conva", "conva_nogate", "caa")
 
 @dataclass(frozen=True)
 class StudySection:
-    name: str = "study"
-    # A model is a spec ("smollm2", a folder, a repo id) or a table {name = spec, model = {...}, ray = {...},
-    # vllm = {...}, steer = {...}, extract = {...}} whose sections override the job's for that model only.
+    """``[study]``: the grid of cells: models × values × methods × P0 × bands × settings (× CAA strengths)."""
+
+    name: str = "study"  # the study's name, in its logs and report
     models: tuple[str | dict, ...] = ("smollm2",)
-    methods: tuple[str, ...] = ("conva", "caa", "prompt", "none")
-    p0: tuple[float, ...] = (0.99,)
+    """Models: a spec ("smollm2", a folder, a repo id) or a table {name = spec, model = {...}, ray = {...},
+    vllm = {...}, steer = {...}, extract = {...}} whose sections override the job's for that model only."""
+    methods: tuple[str, ...] = ("conva", "caa", "prompt", "none")  # any of conva, conva_nogate, caa, prompt, none
+    p0: tuple[float, ...] = (0.99,)  # ConVA's target probabilities, one cell each
     bands: tuple[str, ...] = ("auto",)  # "auto" (the bundle's band) or "LO-HI"
-    settings: tuple[str, ...] = ("plain",)
-    # CAA adds strength × (mean positive − negative activation) at every band layer: a sweep, so CAA is
-    # compared with ConVA at matched fluency (on SmolLM2 with a 15-layer band, 0.5 already breaks fluency).
+    settings: tuple[str, ...] = ("plain",)  # plain, opposite (a prefix pushing against the value), or both
     caa_strengths: tuple[float, ...] = (0.05, 0.1, 0.25)
-    bootstrap: int = 1000
-    seed: int = 0
+    """CAA strengths, one cell each: CAA adds strength × (mean positive − negative activation) at every band layer,
+    swept so that CAA is compared with ConVA at matched fluency (on SmolLM2 with a 15-layer band, 0.5 already
+    breaks fluency)."""
+    bootstrap: int = 1000  # bootstrap resamples of each cell's CSR interval
+    seed: int = 0  # seed of the bootstrap
 
 
 @dataclass(frozen=True)
 class UtilitySection:
-    mc: str = "demo"  # "demo", an MMLU-layout CSV, or "" for no utility
-    max_items: int = 0  # 0: all
-    shots: int = 0
-    batch_size: int = 8
+    """``[utility]``: multiple-choice accuracy with each cell's steering and gate active."""
+
+    mc: str = "demo"  # multiple-choice questions: "demo", an MMLU-layout CSV, or "" for no utility
+    max_items: int = 0  # questions used, at most (0: all)
+    shots: int = 0  # worked examples before each question (the paper: 5)
+    batch_size: int = 8  # questions scored together
 
 
 @dataclass(frozen=True)
 class FluencySection:
-    perplexity: bool = True
-    llm: bool = False
-    batch_size: int = 8
+    """``[fluency]``: how each answer's fluency is measured."""
+
+    perplexity: bool = True  # score each answer's perplexity under the unsteered model
+    llm: bool = False  # also ask the LLM judge for a grammaticality rating (needs judge.base_url)
+    batch_size: int = 8  # answers scored together
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
-"""The ``conva`` command: ``conva extract|fit|steer|run|validate|study --config FILE [--section.key=value ...]``
-and ``conva report <results folder>``.
+"""The ``conva`` command: ``conva <command> --config FILE [--section.key=value ...]``; ``conva --help`` lists them.
 
-``validate`` is the dry run: it checks the config, that the model exists, that the inputs read and the
-output folder is writable (and, with ``--job steer``, the bundles) without loading a model or starting
-Ray, and exits non-zero with one line naming the bad key.
+``validate`` runs the run's own pre-flight (:func:`jobs.preflight.plan_job`) without writing anything,
+loading a model or starting Ray: the config, the model's existence, the inputs (a prompts file is
+screened row by row), the output (writable, not held by another driver, and its committed config), and
+then says what a run would do: shards committed and pending per stage, the bad rows by reason, the
+neutral rows, and what ``--overwrite`` would replace. It exits non-zero exactly when ``run`` would
+refuse before its workers start (the checks on every node need the cluster: ``run`` does them).
 
 Example:
     $ conva validate --config examples/demo.toml --model.name=./nope
@@ -15,53 +17,129 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import EXPECTED_ERRORS, output_location, parse_args, setup_logging
-from jobs.preflight import plan_job
-from jobs.runner import JOBS, main as run_main
+from jobs import COMMANDS
 
-__all__ = ["main", "validate"]
+__all__ = ["main", "validate", "config"]
+
+_USAGE = "usage: conva <command> [--config FILE] [--section.key=value ...] [options]"
+
+
+def _help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [_USAGE, "", "ConVA (Controlled Value Vector Activation, ACL 2025): value steering of LLMs as a Ray batch "
+             "job.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "`conva <command> --help` for a command's options; `conva config --explain` for every config key."]
+    return "\n".join(lines)
 
 
 def validate(argv: list[str] | None = None) -> int:
-    """Check a config for ``--job`` (default ``run``) without loading a model; 0 if it would start."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--job", choices=sorted(JOBS), default="run")
-    args, rest = parser.parse_known_args(argv)
+    """Check a config for ``--job`` (default ``run``) as the run would, writing nothing; 0 if it would start."""
+    from conva.lease import LeaseError, OutputLease
+    from jobs.common import EXPECTED_ERRORS, job_parser, output_location, parse_args, setup_logging
+    from jobs.preflight import plan_job
+    from jobs.runner import JOBS
+
+    parser = job_parser("conva validate", COMMANDS["validate"] + "; exits non-zero exactly when `conva run` would "
+                        "refuse before its workers start.")
+    parser.add_argument("--job", choices=sorted(JOBS), default="run", help="the job to check (default: run)")
     setup_logging()
     try:
-        cfg, flags = parse_args("conva validate", rest)
+        cfg, flags = parse_args("conva validate", argv, parser=parser)
         cfg, out = output_location(cfg)
-        job = plan_job(cfg, out, JOBS[args.job], flags.overwrite)
-    except (*EXPECTED_ERRORS, NotImplementedError, ValueError) as err:
+        job = plan_job(cfg, out, JOBS[flags.job], flags.overwrite)
+        lease = OutputLease(out, f"conva {flags.job}", ttl_s=cfg.output.lease_ttl_s, break_stale=flags.break_lease)
+        lease.check()
+    except (*EXPECTED_ERRORS, LeaseError, NotImplementedError, ValueError) as err:
         print(f"conva validate: error: {err}", file=sys.stderr)
         return 2
-    counts = {name: spec.input.rows if hasattr(spec.input, "rows") else spec.input.table.num_rows
-              for spec in job.specs if spec.writes and spec.input is not None
-              for name in [{"extract": "texts to extract", "steer": "prompts to steer"}.get(spec.name, spec.name)]}
-    print(f"conva validate: ok ({args.job}: model {cfg.model.name}, output {out}, "
-          + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")")
+    lines, pending = _report(job, flags.overwrite)
+    print("\n".join(lines))
+    what = (f"{pending} shard{'s' if pending != 1 else ''} to run" if pending
+            else "nothing to run: every shard is committed")
+    print(f"conva validate: ok: `conva {flags.job}` would start ({what}; model {cfg.model.name}, output {out})")
+    return 0
+
+
+def _report(job, overwrite: bool) -> tuple[list[str], int]:
+    """What a run of ``job`` would do, in lines for ``validate``, and how many shards it would run."""
+    from jobs.preflight import stage_plans
+
+    plans = stage_plans(job, overwrite)
+    width = max((len(p.spec.folder) for p in plans), default=0)
+    lines, warnings = [], []
+    for p in plans:
+        rows = _input_rows(p.spec)
+        lines.append(f"  {p.spec.folder:<{width}}  {p.spec.n_shards} shard{'s' if p.spec.n_shards != 1 else ''}: "
+                     f"{p.committed} committed, {p.pending} to run" + (f" ({rows})" if rows else ""))
+        if p.replaces:
+            warnings.append(f"warning: --overwrite replaces {job.out.child(p.spec.folder)} ({p.published} committed "
+                            f"shard{'s' if p.published != 1 else ''} written with another config; differing keys: "
+                            f"{', '.join(p.replaces)}) once the new run has committed all its shards; until then the "
+                            "old output stays readable")
+    for key, tally in job.rows.items():
+        valued = tally.rows - tally.bad - tally.neutral
+        lines.append(f"  {key}: {tally.rows} rows: {valued} with a value, {tally.neutral} neutral (no value: generated "
+                     f"unsteered, keeping its method), {tally.bad} bad (each becomes an error row"
+                     + (f"; data.max_error_fraction = {job.cfg.data.max_error_fraction:g}" if tally.bad else "")
+                     + ")" + (":" if tally.bad else ""))
+        lines += tally.lines("      ")
+        if tally.rows:
+            lines.append("      (prompts over the token limit are found by the workers, with the tokenizer)")
+    return [*lines, *warnings], sum(p.pending for p in plans)
+
+
+def _input_rows(spec) -> str:
+    unit = {"extract": "texts", "steer": "prompts"}.get(spec.name)
+    if unit is None or spec.input is None:
+        return ""
+    rows = spec.input.rows if hasattr(spec.input, "rows") else spec.input.table.num_rows
+    return f"{rows} {unit}"
+
+
+def config(argv: list[str] | None = None) -> int:
+    """``conva config --explain [SECTION]``: every key of the config (or of one section), documented."""
+    from conva.configdoc import UnknownSectionError, explain
+
+    parser = argparse.ArgumentParser(prog="conva config", description=COMMANDS["config"] + ". A job config has the "
+                                     "sections model … ray; a study config adds study, judge, utility and fluency.")
+    parser.add_argument("--explain", nargs="?", const="", metavar="SECTION", required=True,
+                        help="print every key (of SECTION only, if given) with its type, default and meaning")
+    args = parser.parse_args(argv)
+    try:
+        print(explain(args.explain or None), end="")
+    except UnknownSectionError as err:
+        print(f"conva config: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``conva`` console script."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = [*JOBS, "validate", "study", "report"]
-    if not argv or argv[0] not in commands:
-        print(f"usage: conva {{{'|'.join(commands)}}} --config FILE [--section.key=value ...] [--overwrite]",
-              file=sys.stderr)
-        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    if argv[0] == "validate":
-        return validate(argv[1:])
-    if argv[0] == "study":
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_help(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"{_USAGE}\nconva: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
+              "(`conva --help` says what each does)", file=sys.stderr)
+        return 2
+    if command == "validate":
+        return validate(rest)
+    if command == "config":
+        return config(rest)
+    if command == "study":
         from jobs.study import main as study_main
 
-        return study_main(argv[1:])
-    if argv[0] == "report":
+        return study_main(rest)
+    if command == "report":
         from conva.report import main as report_main
 
-        return report_main(argv[1:])
-    return run_main(argv[0], argv[1:])
+        return report_main(rest)
+    from jobs.runner import main as run_main
+
+    return run_main(command, rest)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""What every job shares: arguments, the output location, the run log in the store, joining or starting Ray.
+"""What every job shares: arguments, the output location, the run log in the store, joining or starting Ray, signals.
 
-Failures a user can fix are :data:`EXPECTED_ERRORS`: reported as one line, exit code 2.
+Failures a user can fix are :data:`EXPECTED_ERRORS`: reported as one line, exit code 2. SIGINT and
+SIGTERM stop a job cleanly (:func:`interrupts`): one line saying what was committed and how to resume,
+exit code 130 or 143.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import contextvars
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
+import textwrap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +29,12 @@ from conva.lease import LeaseError
 from conva.models import ModelNotFoundError
 from conva.storage import Location, is_uri, location
 from conva.store import StoreError
+from jobs import COMMANDS
 
 __all__ = ["JobError", "EXPECTED_ERRORS", "parse_args", "output_location", "setup_logging", "run_log", "write_config",
-           "connect_ray", "log_config", "under_job_submission", "log_context"]
+           "connect_ray", "log_config", "under_job_submission", "log_context", "Interrupted", "interrupts",
+           "interrupted",
+           "job_parser", "split_overrides", "CONFIG_HELP", "COMMANDS"]
 
 _log = logging.getLogger("conva.jobs")
 _REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +47,71 @@ log_context: contextvars.ContextVar[str] = contextvars.ContextVar("conva_log_con
 
 class JobError(RuntimeError):
     """A job that cannot run; the message says what to fix."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the driver.
+
+    A KeyboardInterrupt, so that no ``except Exception`` swallows it and Ray's blocking calls give up
+    when it is raised inside them (they then raise a plain KeyboardInterrupt: :func:`interrupted` says
+    which signal it was).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """130 for SIGINT, 143 for SIGTERM: the shell's 128 + the signal's number."""
+        return 128 + self.signum
+
+
+def interrupted(err: KeyboardInterrupt) -> Interrupted:
+    """The :class:`Interrupted` behind ``err`` (a KeyboardInterrupt Ray raised in its place names no signal)."""
+    return err if isinstance(err, Interrupted) else Interrupted(_interrupts["seen"] or signal.SIGINT)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_interrupts = {"active": False, "seen": 0}
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    if _interrupts["seen"]:  # a second signal while the first one's cleanup runs: leave at once
+        print(f"conva: {signal.Signals(signum).name} again: exiting without cleaning up", file=sys.stderr)
+        os._exit(128 + signum)
+    _interrupts["seen"] = signum
+    raise Interrupted(signum)
+
+
+@contextmanager
+def interrupts() -> Iterator[None]:
+    """While the block runs (in the main thread), SIGINT and SIGTERM raise :class:`Interrupted`.
+
+    The job unwinds through its ``finally`` blocks: the workers are stopped, the output's lease is
+    released and the run log is flushed, and every committed shard stays committed. A second signal
+    during that cleanup exits at once. (Ray's ``ray.init`` installs its own SIGTERM handler; :func:`connect_ray`
+    puts this one back.)
+    """
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+    _interrupts.update(active=True, seen=0)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _on_signal)
+    try:
+        yield
+    finally:
+        _interrupts["active"] = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _reinstall_interrupts() -> None:
+    if _interrupts["active"] and threading.current_thread() is threading.main_thread():
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, _on_signal)
 
 
 # Failures a user can fix: reported as one line, no traceback, exit code 2.
@@ -71,19 +143,46 @@ def output_location(cfg: Config) -> tuple[Config, Location]:
     return replace(cfg, output=replace(cfg.output, dir=out.uri)), out
 
 
-def parse_args(prog: str, argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
-    """``--config FILE [--section.key=value ...] [--overwrite] [--break-lease]`` → the config and the flags.
+CONFIG_HELP = ("Config keys: any --section.key=value overrides the config file, e.g. --steer.p0=0.99 or "
+               "'--data.values=[\"power\"]' (values are TOML). `conva config --explain [SECTION]` gives every key's "
+               "type, default and meaning. The keys:")
 
-    ``output.dir`` comes back absolute (see :func:`output_location`).
-    """
-    parser = argparse.ArgumentParser(prog=prog, description=f"ConVA {prog} job",
-                                     epilog="Any --section.key=value overrides the config file, e.g. --steer.p0=0.99")
-    parser.add_argument("--config", required=True, help="TOML or YAML job config")
+
+def job_parser(prog: str, description: str, *, study: bool = False) -> argparse.ArgumentParser:
+    """The argument parser of a job command (``conva run`` …): its flags, and every config key in its help."""
+    from conva.configdoc import key_index
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"{textwrap.fill(CONFIG_HELP, 100)}\n{key_index(study)}\n",
+                                     usage=f"{prog} --config FILE [--section.key=value ...] [options]")
+    parser.add_argument("--config", required=True, metavar="FILE", help="the job's TOML or YAML config")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace outputs written with a different config (default: refuse, naming the keys)")
+                        help="replace outputs written with a different config, once the new run completes "
+                             "(default: refuse, naming the keys)")
     parser.add_argument("--break-lease", action="store_true",
                         help="take over an output whose lease is stale (its driver died on another host)")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def split_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parser's flags and the ``--section.key=value`` overrides; anything else is a usage error."""
+    args, rest = parser.parse_known_args(argv)
+    for arg in rest:
+        if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+            parser.error(f"unrecognised argument {arg!r}: config keys are given as --section.key=value")
+    return args, rest
+
+
+def parse_args(prog: str, argv: list[str] | None, description: str = "",
+               parser: argparse.ArgumentParser | None = None) -> tuple[Config, argparse.Namespace]:
+    """``--config FILE [--section.key=value ...] [--overwrite] [--break-lease]`` → the config and the flags.
+
+    ``parser``: a :func:`job_parser` with further flags. ``output.dir`` comes back absolute (see
+    :func:`output_location`).
+    """
+    parser = parser or job_parser(prog, description or f"ConVA {prog} job")
+    args, overrides = split_overrides(parser, argv)
     cfg, _ = output_location(load_config(args.config, overrides))
     args.overwrite = args.overwrite or cfg.output.overwrite
     return cfg, args
@@ -95,11 +194,23 @@ class _Context(logging.Filter):
         return True
 
 
+class _AboveBars(logging.StreamHandler):
+    """A terminal's log handler: each line is printed above the progress bars, which are then redrawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging must never take a job down
+            self.handleError(record)
+
+
 def setup_logging() -> None:
-    """INFO to stderr for the job's own loggers; quiet third-party chatter."""
+    """INFO to stderr for the job's own loggers; quiet third-party chatter. On a terminal, lines print above bars."""
     root = logging.getLogger()
     if not any(getattr(h, "_conva", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = (_AboveBars if sys.stderr.isatty() else logging.StreamHandler)(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(_Context())
         handler._conva = True  # type: ignore[attr-defined]
@@ -206,6 +317,7 @@ def connect_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(logging_level=logging.WARNING)
+        _reinstall_interrupts()
         _log.info("joined Ray cluster at %s: %s", os.environ["RAY_ADDRESS"], ray.cluster_resources())
         return
     _loopback_only()
@@ -213,6 +325,7 @@ def connect_ray() -> None:
     path = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
              logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    _reinstall_interrupts()
     _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 
 

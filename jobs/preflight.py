@@ -22,19 +22,21 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from conva.badrows import RowTally
 from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
-from conva.config import Config, config_dict
+from conva.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.data import DataError
 from conva.inputs import plan_input, table_sha256
 from conva.models import ModelNotFoundError, check_model, model_name
-from conva.pipeline import extraction_rows, steering_rows
+from conva.pipeline import SCHEMA_VERSION, extraction_rows, steering_rows, steering_rows_from_records
 from conva.storage import Location
 from conva.store import stage_status
 from jobs.common import JobError
 from jobs.stages import (ACTIVATION_KEYS, BUNDLE_KEYS, STAGE_DIRS, GeneratedInput, StageSpec, check_stages, run_config,
                          select, shard_config)
 
-__all__ = ["ModelJob", "plan_job", "check_nodes", "check_output", "worker_inputs", "model_bytes", "check_gpu_fit"]
+__all__ = ["ModelJob", "StagePlan", "plan_job", "stage_plans", "check_error_fraction", "check_nodes", "check_output",
+           "worker_inputs", "model_bytes", "check_gpu_fit"]
 
 _log = logging.getLogger("conva.jobs")
 _NODE_CHECK_TIMEOUT_S = 120.0
@@ -50,6 +52,7 @@ class ModelJob:
     reads: tuple[str, ...] = ()  # input files (paths or URIs) the workers read themselves
     label: str = ""
     extra: dict = field(default_factory=dict)
+    rows: dict[str, RowTally] = field(default_factory=dict)  # config key → its bulk input's rows, screened
 
     def spec(self, name: str) -> StageSpec | None:
         return next((s for s in self.specs if s.name == name), None)
@@ -82,7 +85,9 @@ def plan_job(cfg: Config, out: Location, stages: tuple[str, ...], overwrite: boo
     """Everything ``stages`` (of extract, fit, steer) need, checked and planned; raises naming the key. Writes nothing.
 
     ``extra``: further stages the job writes (a study's), which steer with the model's bundles; ``reads``:
-    further files its workers read themselves (checked on every node).
+    further files its workers read themselves (checked on every node). A bulk prompts file is screened
+    row by row while it is planned (:attr:`ModelJob.rows`); one with more bad rows than
+    ``data.max_error_fraction`` is refused here, before any model loads.
     """
     try:
         check_model(cfg.model.name)
@@ -91,12 +96,58 @@ def plan_job(cfg: Config, out: Location, stages: tuple[str, ...], overwrite: boo
     if "steer" in stages or extra:
         check_backend_settings(cfg)
     check_output(out)
-    specs = [*model_specs(cfg, stages), *extra]
+    screened: dict[str, RowTally] = {}
+    specs = [*model_specs(cfg, stages, screened), *extra]
     if "steer" in stages and "fit" not in stages:
         check_bundles(cfg, out)  # first: "made for another model" says more than the keys that differ
     check_stages(out, specs, overwrite)
     reads = (*worker_inputs(cfg), *reads) if "steer" in stages else tuple(reads)
-    return ModelJob(cfg, out, tuple(specs), reads, label or model_name(cfg.model.name))
+    return ModelJob(cfg, out, tuple(specs), reads, label or model_name(cfg.model.name), rows=screened)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a run would do to one stage it writes, read from the stage's log without writing.
+
+    ``committed``: shards already committed for this config (kept; an interrupted ``--overwrite`` resumes
+    its own). ``replaces``: the keys in which the published output differs, which ``--overwrite``
+    replaces (``published`` shards of it) once the new run is complete.
+    """
+
+    spec: StageSpec
+    committed: int = 0
+    replaces: tuple[str, ...] = ()
+    published: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.spec.n_shards - self.committed
+
+
+def stage_plans(job: ModelJob, overwrite: bool) -> list[StagePlan]:
+    """Per stage the job writes, what is committed and what would run (see :class:`StagePlan`); writes nothing."""
+    plans = []
+    for spec in job.specs:
+        if not spec.writes:
+            continue
+        status = stage_status(job.out, spec.folder, spec.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS)
+        if not status.exists:
+            plans.append(StagePlan(spec))
+        elif status.mismatch:  # without --overwrite, plan_job refused already
+            plans.append(StagePlan(spec, status.resumable if overwrite else 0, status.mismatch, status.committed))
+        else:
+            plans.append(StagePlan(spec, min(status.committed, spec.n_shards)))
+    return plans
+
+
+def check_error_fraction(cfg: Config, key: str, tally: RowTally) -> None:
+    """Refuse an input with more bad rows than ``data.max_error_fraction`` (likely the wrong file or format)."""
+    limit = cfg.data.max_error_fraction
+    if tally.rows and tally.bad > limit * tally.rows:
+        raise JobError(f"{key}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) cannot be steered, "
+                       f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "
+                       "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
+                       "(1 never refuses)")
 
 
 def check_output(out: Location) -> None:
@@ -123,8 +174,12 @@ def check_output(out: Location) -> None:
         raise JobError(f"output.dir: the bucket of {out} does not exist")
 
 
-def model_specs(cfg: Config, stages: tuple[str, ...]) -> list[StageSpec]:
-    """The extract / fit / steer stage specs a job on ``stages`` writes, plus the ones it only reads."""
+def model_specs(cfg: Config, stages: tuple[str, ...],
+                screened: dict[str, RowTally] | None = None) -> list[StageSpec]:
+    """The extract / fit / steer stage specs a job on ``stages`` writes, plus the ones it only reads.
+
+    ``screened`` receives the screened rows of a bulk prompts file (see :func:`steering_spec`).
+    """
     full, r = config_dict(cfg), cfg.ray
     needed = {"extract": "extract" in stages or "fit" in stages, "fit": "fit" in stages or "steer" in stages,
               "steer": "steer" in stages}
@@ -137,26 +192,44 @@ def model_specs(cfg: Config, stages: tuple[str, ...]) -> list[StageSpec]:
         specs.append(StageSpec("extract", STAGE_DIRS["extract"],
                                {**select(full, ACTIVATION_KEYS), "shards": shard_config(inp.rows_per_shard,
                                                                                          rows.num_rows, inp.sha256)},
-                               inp.n_shards, inp, writes="extract" in stages))
+                               inp.n_shards, inp, writes="extract" in stages, source=_pairs_source(cfg)))
     if needed["fit"]:
         specs.append(StageSpec("fit", STAGE_DIRS["fit"], {**select(full, BUNDLE_KEYS),
                                                           "shards": {"values": list(cfg.data.values)}},
                                len(cfg.data.values), None, writes="fit" in stages))
     if needed["steer"]:
-        specs.append(steering_spec(cfg, STAGE_DIRS["steer"], run_config(cfg)))
+        specs.append(steering_spec(cfg, STAGE_DIRS["steer"], run_config(cfg), screened))
     return specs
 
 
-def steering_spec(cfg: Config, folder: str, config: dict) -> StageSpec:
-    """The steering stage: a user's file or folder (planned, read by the workers) or the demo/paper prompts."""
+def steering_spec(cfg: Config, folder: str, config: dict, screened: dict[str, RowTally] | None = None) -> StageSpec:
+    """The steering stage: a user's file or folder (planned, read by the workers) or the demo/paper prompts.
+
+    A file or folder is screened while it is planned, by the rule the workers apply, into
+    ``screened["data.prompts"]``, and refused if too many rows are bad (:func:`check_error_fraction`).
+    """
     source, rps = cfg.data.prompts, cfg.ray.steer_shard_rows
     if _is_file_source(source):
-        plan = _read("data.prompts", lambda: plan_input(source, rps))
+        tally = RowTally()
+
+        def screen(name: str, records: list) -> None:
+            tally.add_table(steering_rows_from_records(name, records, cfg.data.values))
+
+        plan = _read("data.prompts", lambda: plan_input(source, rps, screen))
+        check_error_fraction(cfg, "data.prompts", tally)
+        if screened is not None:
+            screened["data.prompts"] = tally
         return StageSpec("steer", folder, {**config, "shards": shard_config(rps, plan.rows, plan.sha256)},
-                         len(plan.slices), plan, input_kind="records")
+                         len(plan.slices), plan, input_kind="records", source=f"file {source}")
     inp = generated(_read("data.prompts", lambda: steering_rows(cfg)), rps)
     return StageSpec("steer", folder, {**config, "shards": shard_config(rps, inp.table.num_rows, inp.sha256)},
-                     inp.n_shards, inp)
+                     inp.n_shards, inp, source=f"data.prompts = {source!r}")
+
+
+def _pairs_source(cfg: Config) -> str:
+    """The extraction texts' sources, as configured: the pairs and (for a probe gate) the neutral prompts."""
+    return f"data.pairs = {cfg.data.pairs!r}" + (f", data.neutral = {cfg.data.neutral!r}" if cfg.gate.kind == "probe"
+                                                 else "")
 
 
 def worker_inputs(cfg: Config) -> tuple[str, ...]:
@@ -190,7 +263,8 @@ def check_bundles(cfg: Config, out: Location) -> None:
         try:
             files = {name: folder.child(name).read_bytes() for name in BUNDLE_FILES}
         except (FileNotFoundError, OSError):
-            raise JobError(f"data.values: no bundle for {value!r} in {folder.parent()}; run the fit job first") from None
+            raise JobError(f"data.values: no bundle for {value!r} in {folder.parent()}; "
+                           "run `conva fit` first") from None
         try:
             decode_bundle(files, folder.uri, fingerprint=fingerprint)
         except BundleError as err:

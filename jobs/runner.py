@@ -11,23 +11,26 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import sys
+import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable
 
-from conva.config import RESULT_NEUTRAL_KEYS, Config
-from conva.pipeline import SCHEMA_VERSION
+from conva.badrows import RowTally
+from conva.config import Config
 from conva.lease import OutputLease
-from conva.store import ShardRecord, stage_status
-from jobs.common import (EXPECTED_ERRORS, connect_ray, log_config, output_location, parse_args, run_log,
-                         setup_logging, write_config)
-from jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job
+from conva.store import ShardRecord, Stage, stage_status
+from jobs.common import (COMMANDS, EXPECTED_ERRORS, connect_ray, interrupted, interrupts, log_config,
+                         output_location, parse_args, run_log, setup_logging, write_config)
+from jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job, stage_plans
 from jobs.stages import StageResult, open_stages, stage_runs
-from workers.pool import ShardFailedError, WorkerPool, WorkerStartError, run_stages
+from workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
 from workers.tasks import WorkerSpec
 
-__all__ = ["JOBS", "run_job", "run_model", "main", "FAILURES"]
+__all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "final_line",
+           "committed_line"]
 
 _log = logging.getLogger("conva.jobs")
 
@@ -35,6 +38,8 @@ JOBS: dict[str, tuple[str, ...]] = {
     "extract": ("extract",), "fit": ("fit",), "steer": ("steer",), "run": ("extract", "fit", "steer"),
 }
 FAILURES = (*EXPECTED_ERRORS, ShardFailedError, WorkerStartError, NotImplementedError)
+# The stages whose output rows carry an `error` column, and what one of their input rows is.
+_ROW_UNITS = {"extract": "texts", "steer": "rows"}
 
 
 def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool = False) -> list[StageResult]:
@@ -44,32 +49,73 @@ def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool
     to ``run.log``; with ``overwrite``, **replaces a stage written with another config** once the new
     run has committed all its shards (until then the old output stays readable).
     """
-    start = time.monotonic()
     cfg, out = output_location(cfg)
-    job_plan = plan_job(cfg, out, JOBS[job], overwrite)
-    with OutputLease(out, f"conva {job}", ttl_s=cfg.output.lease_ttl_s, break_stale=break_lease), run_log(out):
-        write_config(cfg, out)
-        log_config(cfg, job, overwrite)
-        results = run_model(job_plan, WorkerSpec(cfg), overwrite)
-        _log.info("job %s done in %.1f s: %s", job, time.monotonic() - start,
-                  "; ".join(f"{r.stage} {r.processed}/{r.shards} shards processed" for r in results))
+    return run_planned(job, plan_job(cfg, out, JOBS[job], overwrite), overwrite, break_lease=break_lease)
+
+
+def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool = False) -> list[StageResult]:
+    """:func:`run_job` on a job :func:`~jobs.preflight.plan_job` planned (the CLI keeps the plan, to report on it)."""
+    start = time.monotonic()
+    with OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease), \
+            run_log(plan.out):
+        write_config(plan.cfg, plan.out)
+        log_config(plan.cfg, job, overwrite)
+        try:
+            results = run_model(plan, WorkerSpec(plan.cfg), overwrite)
+        except KeyboardInterrupt as err:
+            _log.warning("job %s interrupted by %s after %.1f s; committed: %s", job, interrupted(err),
+                         time.monotonic() - start, committed_line(plan))
+            raise
+        _log.log(logging.WARNING if any(r.error_rows for r in results) else logging.INFO, "job %s done in %.1f s: %s",
+                 job, time.monotonic() - start, final_line(results))
         return results
 
 
+def final_line(results: list[StageResult]) -> str:
+    """What a job did, for its last line: shards run per stage, then its error rows (over all committed shards)."""
+    parts = [", ".join(f"{r.stage} {r.processed}/{r.shards}" for r in results) + " shards run now"]
+    errors = [f"{r.folder}: {r.error_rows} of {r.input_rows} {_ROW_UNITS[r.stage]} are error rows (see the `error` "
+              "column)" for r in results if r.error_rows]
+    if errors:
+        parts += errors
+    elif any(r.stage in _ROW_UNITS for r in results):
+        parts.append("no error rows")
+    return "; ".join(parts)
+
+
+def committed_line(plan: ModelJob) -> str:
+    """``activations 5/5, generations 3/9 shards``: what the plan's stages hold now (the run's own generation)."""
+    stages: dict[str, Stage] = plan.extra.get("stages", {})
+    parts = []
+    for spec in plan.specs:
+        if not spec.writes:
+            continue
+        stage = stages.get(spec.name)
+        if stage is not None:
+            parts.append(f"{spec.folder} {len(stage.committed())}/{stage.n_shards}")
+        else:
+            status = stage_status(plan.out, spec.folder)
+            parts.append(f"{spec.folder} {status.committed if status.exists else 0}/{spec.n_shards}")
+    return ", ".join(parts) + " shards"
+
+
 class _Tally:
-    """Per stage: shards and rows committed in this run, error rows, first and last commit times."""
+    """Per stage: shards and rows committed in this run, error rows by reason, first and last commit times."""
 
     def __init__(self) -> None:
         self.shards: Counter[str] = Counter()
         self.rows: Counter[str] = Counter()
-        self.errors: Counter[str] = Counter()
+        self.bad: defaultdict[str, RowTally] = defaultdict(RowTally)
         self.last: dict[str, float] = {}
+        self.lock = threading.Lock()
 
     def __call__(self, stage: str, record: ShardRecord) -> None:
-        self.shards[stage] += 1
-        self.rows[stage] += record.rows
-        self.errors[stage] += int(record.extra.get("errors", 0))
-        self.last[stage] = time.monotonic()
+        with self.lock:
+            self.shards[stage] += 1
+            self.rows[stage] += record.rows
+            if "reasons" in record.extra:
+                self.bad[stage].merge(RowTally.from_json(record.extra["reasons"]))
+            self.last[stage] = time.monotonic()
         if stage == "fit":
             e = record.extra
             _log.info("fit: bundle %d: band %s, best held-out accuracy %.3f, gate %s", record.shard, e.get("band"),
@@ -79,20 +125,33 @@ class _Tally:
                              "; ".join(f"{r['row_id']}: {r['error']}" for r in e.get("skipped_examples", [])))
 
 
+def _stage_errors(stage: Stage) -> RowTally:
+    """The error rows of every committed shard of a stage (all runs), from the shards' records."""
+    tally = RowTally()
+    for record in stage.records():
+        if "reasons" in record.extra:
+            tally.merge(RowTally.from_json(record.extra["reasons"]))
+    return tally
+
+
 def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
               on_commit: Callable[[str, ShardRecord], None] | None = None,
-              check_bundles: Callable[[dict], None] | None = None) -> list[StageResult]:
+              check_bundles: Callable[[dict], None] | None = None,
+              cancel: threading.Event | None = None) -> list[StageResult]:
     """Run the pending shards of every stage of ``job`` on one pool of model workers, then publish.
 
     Starts no Ray and no worker when every shard is already committed. The model is loaded once per
-    worker and serves every stage; stages overlap where their dependencies allow.
+    worker and serves every stage; stages overlap where their dependencies allow. ``job.extra["stages"]``
+    holds the open stages (for a report after an interruption); ``cancel`` stops the run from another
+    thread (:class:`~workers.pool.Cancelled`). The workers are stopped however the run ends.
     """
     t0 = time.monotonic()
-    work = _has_work(job, overwrite)
+    work = any(p.pending for p in stage_plans(job, overwrite))
     if work:  # before anything is written: every node must see the output, the model and the inputs
         connect_ray()
         check_gpu_fit(job.cfg, check_nodes(job))
     stages = open_stages(job.out, list(job.specs), overwrite)
+    job.extra["stages"] = stages
     tally = _Tally()
 
     def committed(stage: str, record: ShardRecord) -> None:
@@ -111,9 +170,11 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
             check_gpu_fit(job.cfg, check_nodes(job))
         pool = WorkerPool(spec, job.label, _loads(job.cfg, [r.name for r in runs]))
         try:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"{job.label}: cancelled before its workers started")
             pool.start()
             startup = time.monotonic() - t0
-            run_stages(pool, runs)
+            run_stages(pool, runs, cancel)
         finally:
             pool.stop()
         job.extra.update(busy=pool.busy, returned_bytes=pool.returned_bytes, loads=dict(pool.loads),
@@ -126,24 +187,15 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
         if not s.writes:
             continue
         stages[s.name].finish()
-        if tally.errors[s.name]:
-            _log.warning("%s: %d of %d rows written in this run are error rows (see the `error` column)", s.folder,
-                         tally.errors[s.name], tally.rows[s.name])
+        now = tally.bad.get(s.name)
+        if now is not None and now.bad:
+            _log.warning("%s: %d of %d %s written in this run are error rows (see the `error` column): %s", s.folder,
+                         now.bad, now.rows, _ROW_UNITS.get(s.name, "rows"), now.one_line())
+        whole = _stage_errors(stages[s.name])
         seconds = tally.last.get(s.name, time.monotonic()) - t0
         results.append(StageResult(s.name, s.n_shards, tally.shards[s.name], tally.rows[s.name], seconds,
-                                   startup if tally.shards[s.name] else 0.0))
+                                   startup if tally.shards[s.name] else 0.0, s.folder, whole.bad, whole.rows))
     return results
-
-
-def _has_work(job: ModelJob, overwrite: bool) -> bool:
-    """Whether any stage the job writes has a shard to run (read from the logs; writes nothing)."""
-    for spec in job.specs:
-        if not spec.writes:
-            continue
-        status = stage_status(job.out, spec.folder, spec.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS)
-        if not status.exists or status.mismatch or status.committed < spec.n_shards:
-            return True
-    return False
 
 
 def _loads(cfg: Config, stages: list[str]) -> tuple[str, ...]:
@@ -156,13 +208,28 @@ def _loads(cfg: Config, stages: list[str]) -> tuple[str, ...]:
 
 
 def main(job: str, argv: list[str] | None = None) -> int:
-    """``python -m jobs.<job> --config FILE [--key=value ...] [--overwrite]``; exit 0 on success, 2 on a failure."""
-    setup_logging()
-    try:
-        cfg, args = parse_args(f"conva {job}", argv)
-        run_job(job, cfg, args.overwrite, break_lease=args.break_lease)
-    except FAILURES as err:
-        print(f"conva {job}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    """``conva <job> --config FILE [--key=value ...] [--overwrite]``: 0 on success, 2 on a failure, 130/143 on a signal.
 
+    The last line says what the job did and how many rows are error rows; after SIGINT or SIGTERM it
+    says what is committed and how to resume.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    setup_logging()
+    plan = None
+    with interrupts():
+        try:
+            cfg, args = parse_args(f"conva {job}", argv, COMMANDS[job])
+            cfg, out = output_location(cfg)
+            plan = plan_job(cfg, out, JOBS[job], args.overwrite)
+            start = time.monotonic()
+            results = run_planned(job, plan, args.overwrite, break_lease=args.break_lease)
+        except FAILURES as err:
+            print(f"conva {job}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            done = f"committed: {committed_line(plan)} (kept); " if plan is not None else ""
+            print(f"conva {job}: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
+                  f"conva {job} {shlex.join(argv)}", file=sys.stderr)
+            return interrupted(err).exit_code
+    print(f"conva {job}: done in {time.monotonic() - start:.0f} s: {final_line(results)}")
+    return 0

@@ -22,7 +22,8 @@ from conva.inputs import InputPlan, write_input_table
 from conva.fit import GATE_FIT_KEYS
 from conva.pipeline import SCHEMA_VERSION, activation_model
 from conva.storage import Location
-from conva.store import ConfigMismatchError, ShardRecord, ShardRef, Stage, shard_ranges, stage_mismatch, stage_status
+from conva.store import (ConfigMismatchError, ShardRecord, ShardRef, Stage, StoreError, shard_ranges, stage_mismatch,
+                         stage_status)
 from jobs.common import JobError
 from workers.pool import StageRun
 from workers.tasks import ShardTask
@@ -63,6 +64,7 @@ class StageSpec:
 
     ``writes``: False when the job only reads the stage (it must then be complete). ``input_kind``:
     ``table`` (a generated input) or ``records`` (a user's file, read leniently by the workers).
+    ``source``: where the input comes from, for messages (``file /data/p.jsonl``, ``data.pairs = 'demo'``).
     """
 
     name: str
@@ -72,11 +74,12 @@ class StageSpec:
     input: GeneratedInput | InputPlan | None = None
     writes: bool = True
     input_kind: str = "table"
+    source: str = ""
 
 
 @dataclass(frozen=True)
 class StageResult:
-    """What a stage did in this run: shards in all, shards processed now, rows written now, seconds.
+    """What a stage did in this run: shards in all, shards processed now, rows written now, seconds, error rows.
 
     ``startup_seconds`` is the part of ``seconds`` spent before the first shard could start (joining Ray,
     starting the workers, loading their models); throughput at steady state is ``rows / (seconds - startup)``.
@@ -88,6 +91,9 @@ class StageResult:
     rows: int
     seconds: float
     startup_seconds: float = 0.0
+    folder: str = ""
+    error_rows: int = 0  # over every committed shard of the stage, this run's and earlier ones
+    input_rows: int = 0  # input rows of every committed shard (0 for a stage without an error column)
 
 
 def select(config: dict, keys: tuple[str, ...]) -> dict:
@@ -115,26 +121,69 @@ def run_config(cfg: Config) -> dict:
     return {k: v for k, v in config_dict(cfg).items() if k not in ("output", "ray")}
 
 
+# The keys of a stage's config that describe its input and shards (shard_config), not the user's config.
+_INPUT_KEYS = ("shards.input_sha256", "shards.rows")
+_SHARD_SIZE_KEY = "shards.rows_per_shard"
+
+
 def check_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> None:
-    """Refuse before writing anything: a changed config (naming every differing key), a stage read but incomplete."""
+    """Refuse before writing anything: a changed config (naming every differing key), a stage read but incomplete.
+
+    An input edited under committed shards, or a changed shard size, is named as such (the keys under
+    ``shards.`` are the job's own bookkeeping, not the user's).
+    """
     keys: set[str] = set()
-    where: list[str] = []
+    where: list[StageSpec] = []
     for spec in specs:
         if spec.writes and overwrite:
             continue
         found = stage_mismatch(out, spec.folder, spec.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS)
         if found:
             keys |= set(found)
-            where.append(spec.folder)
+            where.append(spec)
     if keys:
-        raise ConfigMismatchError(out.child(where[0]) if len(where) == 1 else out, sorted(keys))
+        folder = out.child(where[0].folder) if len(where) == 1 else out
+        user = sorted(k for k in keys if not k.startswith("shards."))
+        changed = [s for s in where if set(_INPUT_KEYS) & set(stage_mismatch(out, s.folder, s.config, SCHEMA_VERSION,
+                                                                              ignore_keys=RESULT_NEUTRAL_KEYS))]
+        if user:
+            raise ConfigMismatchError(folder, user + [_input_change(s) for s in changed]
+                                      + ([_shard_size_key(where)] if _SHARD_SIZE_KEY in keys else []))
+        if changed:
+            raise JobError(f"{folder}: {_input_change(changed[0])}. Rerun with --overwrite to compute the stage again "
+                           "from the new input (the committed output stays readable until that run is complete), or "
+                           "restore the input")
+        raise JobError(f"{folder}: {_shard_size_key(where)} differs from the shard size the committed shards were cut "
+                       "with; set it back to resume, or rerun with --overwrite")
     for spec in specs:
         if not spec.writes:
             status = stage_status(out, spec.folder)
             if not status.exists or status.committed < status.n_shards:
                 job = {"activations": "extract", "bundles": "fit"}.get(spec.folder, spec.folder)
                 raise JobError(f"output.dir: {out.child(spec.folder)} is not complete ({status.committed} of "
-                               f"{status.n_shards} shards); run the {job} job first (or the run job)")
+                               f"{status.n_shards} shards); run `conva {job}` first (or `conva run`)")
+        elif not overwrite and not stage_status(out, spec.folder).exists:
+            _refuse_strays(out.child(spec.folder))
+
+
+def _refuse_strays(folder: Location) -> None:
+    """A stage folder without a commit log but with published-looking files: :meth:`Stage.open` would refuse it."""
+    strays = sorted(f.name for f in folder.list() if not f.name.startswith(("_", ".")))
+    if strays:
+        raise StoreError(f"{folder} holds files no commit log lists ({', '.join(strays[:3])}"
+                         f"{', …' if len(strays) > 3 else ''}); cannot tell which config wrote them. "
+                         "Rerun with --overwrite to replace them.")
+
+
+def _input_change(spec: StageSpec) -> str:
+    return "the input changed since the committed shards" + (f" ({spec.source})" if spec.source else "")
+
+
+def _shard_size_key(specs: list[StageSpec]) -> str:
+    """The config key that sets the shard size of these stages (steering-like stages have their own)."""
+    if any(s.name == "extract" for s in specs):
+        return "ray.rows_per_shard"
+    return "ray.steer_rows_per_shard (or ray.rows_per_shard where it is 0)"
 
 
 def open_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> dict[str, Stage]:

@@ -21,10 +21,10 @@ bundles once they are fitted, before anything is steered. A rerun skips every co
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
+import shlex
 import sys
 import threading
 import time
@@ -40,9 +40,10 @@ from conva.storage import Location
 from conva.study import (StudyConfig, check_bands, expand_cells, load_study, model_config, model_spec, steering_table,
                          study_dict, utility_cells, utility_table)
 from conva.summary import OUTPUT_FILES
-from jobs.common import JobError, connect_ray, log_context, output_location, run_log, setup_logging
-from jobs.preflight import ModelJob, generated, plan_job
-from jobs.runner import FAILURES, run_model
+from jobs.common import (COMMANDS, JobError, connect_ray, interrupted, interrupts, job_parser, log_context,
+                         output_location, run_log, setup_logging, split_overrides)
+from jobs.preflight import ModelJob, generated, plan_job, stage_plans
+from jobs.runner import FAILURES, committed_line, run_model
 from jobs.stages import StageSpec, run_config, shard_config
 from workers.tasks import WorkerSpec
 
@@ -79,10 +80,12 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         util_in = generated(_utility_rows(study, ucells), rps)
         gen = {**base, "cells": [c.id for c in cells], "shards": shard_config(rps, steer_in.table.num_rows,
                                                                              steer_in.sha256)}
-        own = [StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in),
+        prompts = f"data.prompts = {cfg.data.prompts!r}"
+        own = [StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in, source=prompts),
                StageSpec("evaluate", "study_judged", {**gen, "judge": judge}, steer_in.n_shards),
                StageSpec("utility", "study_utility", {**base, "utility": study_dict(study)["utility"],
-                         "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256)}, util_in.n_shards, util_in),
+                         "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256)}, util_in.n_shards,
+                         util_in, source=f"utility.mc = {study.utility.mc!r}"),
                StageSpec("agreement", "study_judge", {**base, "judge": judge}, 1)]
         job = plan_job(cfg, Location(cfg.output.dir), ("extract", "fit"), overwrite, label=model_name(spec),
                        extra=own, reads=_judge_reads(study))
@@ -107,27 +110,38 @@ def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
     return utility_table(ucells, items, mc_prompts(items, study.utility.shots))
 
 
-def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool = False) -> Location:
+def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool = False,
+              models: list[_ModelRun] | None = None) -> Location:
     """Run (or resume) every model of ``study``; returns the study's output holding the Parquet files and report.
 
-    Side effects: writes under ``job.output.dir``; with ``overwrite``, **replaces stages written with
-    another config** once the new ones are complete.
+    ``models``: the study's pre-flight (:func:`study_jobs`) when the caller made it already. Side effects:
+    writes under ``job.output.dir``; with ``overwrite``, **replaces stages written with another config**
+    once the new ones are complete.
     """
     job_cfg, out = output_location(study.job)
     study = replace(study, job=job_cfg)
-    models = study_jobs(study, out, overwrite)
+    models = study_jobs(study, out, overwrite) if models is None else models
     start = time.monotonic()
     with OutputLease(out, f"conva study {study.study.name}", ttl_s=job_cfg.output.lease_ttl_s,
                      break_stale=break_lease), run_log(out):
         out.child("study.json").write_text(json.dumps(study_dict(study), indent=1, sort_keys=True))
         _log.info("study %s, config:\n%s", study.study.name, json.dumps(study_dict(study), indent=1))
-        worked = _run_models(study, models, overwrite)
+        try:
+            worked = _run_models(study, models, overwrite)
+        except KeyboardInterrupt as err:
+            _log.warning("study %s interrupted by %s after %.1f s; committed: %s", study.study.name, interrupted(err),
+                         time.monotonic() - start, _committed(models))
+            raise
         if worked or not all(out.child(f"{name}.parquet").exists() for name in OUTPUT_FILES):
             _write_outputs(study, out, models)
         else:
             _log.info("every stage of every model was committed already; %s is up to date", out)
         _log.info("study %s done in %.1f s", study.study.name, time.monotonic() - start)
     return out
+
+
+def _committed(models: list[_ModelRun]) -> str:
+    return "; ".join(f"{m.job.label}: {committed_line(m.job)}" for m in models)
 
 
 class _Capacity:
@@ -139,6 +153,7 @@ class _Capacity:
         self.running = 0
         self.cond = threading.Condition()
         self.turn = 0
+        self.cancelled = False
 
     @staticmethod
     def need(run: _ModelRun) -> dict:
@@ -148,12 +163,18 @@ class _Capacity:
     def acquire(self, order: int, need: dict) -> None:
         with self.cond:
             # A model bigger than the whole cluster runs alone (with the workers that fit), never forever queued.
-            self.cond.wait_for(lambda: self.turn == order and (
+            self.cond.wait_for(lambda: self.cancelled or self.turn == order and (
                 self.running == 0 or all(need[k] <= self.free[k] + 1e-9 for k in need)))
             for k in need:
                 self.free[k] -= need[k]
             self.running += 1
             self.turn += 1
+            self.cond.notify_all()
+
+    def cancel(self) -> None:
+        """Let every waiting model through at once (to find the run cancelled and start nothing)."""
+        with self.cond:
+            self.cancelled = True
             self.cond.notify_all()
 
     def release(self, need: dict) -> None:
@@ -179,31 +200,40 @@ def _run_models(study: StudyConfig, models: list[_ModelRun], overwrite: bool) ->
     """
     import ray
 
-    from jobs.runner import _has_work
-
-    if not any(_has_work(m.job, overwrite) for m in models):
+    if not any(p.pending or p.replaces for m in models for p in stage_plans(m.job, overwrite)):
         return False
     connect_ray()
     capacity = _Capacity(ray.cluster_resources())
     errors: list[BaseException] = []
+    cancel = threading.Event()  # set when the driver is interrupted: every model's runner stops, its pool too
 
     def one(order: int, run: _ModelRun) -> None:
         log_context.set(f"[{run.job.label}] ")
         need = capacity.need(run)
         capacity.acquire(order, need)
         try:
-            run_model(run.job, run.worker, overwrite, check_bundles=lambda folders: _check_bands(study, folders))
+            if not cancel.is_set():
+                run_model(run.job, run.worker, overwrite, check_bundles=lambda folders: _check_bands(study, folders),
+                          cancel=cancel)
         except BaseException as err:  # noqa: BLE001 - reported by the main thread
-            errors.append(err)
-            _log.error("failed: %s", err)
+            if not cancel.is_set():
+                errors.append(err)
+                _log.error("failed: %s", err)
         finally:
             capacity.release(need)
 
     threads = [threading.Thread(target=one, args=(i, m), name=f"conva-{m.job.label}") for i, m in enumerate(models)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    except KeyboardInterrupt:  # signals reach the main thread only: stop the models' threads, wait for their pools
+        cancel.set()
+        capacity.cancel()
+        for t in threads:
+            t.join()
+        raise
     if errors:
         raise errors[0]
     return True
@@ -271,24 +301,33 @@ def _validate(study: StudyConfig) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0 on success, 2 on a failure a user can fix (one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="conva study", description="ConVA study: models × values × methods × P0")
-    parser.add_argument("--config", required=True, help="study TOML (see examples/demo_study.toml)")
-    parser.add_argument("--overwrite", action="store_true", help="replace stages written with another config")
-    parser.add_argument("--break-lease", action="store_true", help="take over an output whose lease is stale")
+    """Exit 0 on success, 2 on a failure a user can fix (one line on stderr), 130/143 on SIGINT/SIGTERM."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = job_parser("conva study", f"{COMMANDS['study']}. The study's own sections (study, judge, utility, "
+                        "fluency) are explained by `conva config --explain study` etc.", study=True)
     parser.add_argument("--validate", action="store_true", help="check the config and inputs; start nothing")
-    args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     setup_logging()
-    try:
-        study = load_study(args.config, overrides)
-        if args.validate:
-            print(f"conva study: {_validate(study)}")
-            return 0
-        start = time.monotonic()
-        out = run_study(study, args.overwrite or study.job.output.overwrite, break_lease=args.break_lease)
-    except FAILURES as err:
-        print(f"conva study: error: {err}", file=sys.stderr)
-        return 2
+    models = None
+    with interrupts():
+        try:
+            args, overrides = split_overrides(parser, argv)
+            study = load_study(args.config, overrides)
+            if args.validate:
+                print(f"conva study: {_validate(study)}")
+                return 0
+            start = time.monotonic()
+            overwrite = args.overwrite or study.job.output.overwrite
+            job_cfg, out = output_location(study.job)
+            models = study_jobs(replace(study, job=job_cfg), out, overwrite)
+            out = run_study(study, overwrite, break_lease=args.break_lease, models=models)
+        except FAILURES as err:
+            print(f"conva study: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as err:
+            done = f"committed: {_committed(models)} (kept); " if models is not None else ""
+            print(f"conva study: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
+                  f"conva study {shlex.join(argv)}", file=sys.stderr)
+            return interrupted(err).exit_code
     from conva.report import format_summary, local_copy
 
     with local_copy(out) as folder:

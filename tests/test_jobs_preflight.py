@@ -76,8 +76,8 @@ def test_output_folder_not_writable(tiny, tmp_path, capsys) -> None:
 
 def test_steer_or_fit_without_the_earlier_stage(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    assert "run the extract job first" in _fails(capsys, "fit", f"--model.name={tiny}", f"--output.dir={out}")
-    assert "run the fit job first" in _fails(capsys, "steer", f"--model.name={tiny}", f"--output.dir={out}")
+    assert "run `conva extract` first" in _fails(capsys, "fit", f"--model.name={tiny}", f"--output.dir={out}")
+    assert "run `conva fit` first" in _fails(capsys, "steer", f"--model.name={tiny}", f"--output.dir={out}")
     assert not out.exists()
 
 
@@ -94,7 +94,9 @@ def test_validate_names_the_bad_key(tiny, tmp_path, capsys) -> None:
 
 def test_cli_usage(capsys) -> None:
     assert cli.main([]) == 2
-    assert "extract|fit|steer|run|validate" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for command in ("run", "extract", "fit", "steer", "study", "validate", "report", "config"):
+        assert any(line.split()[:1] == [command] for line in err.splitlines()), command
 
 
 def test_vllm_backend_absent_fails_clearly(tiny, tmp_path, monkeypatch, capsys) -> None:

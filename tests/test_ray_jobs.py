@@ -175,7 +175,7 @@ BAD = [
     ({"value": "power", "prompt": "x" * 1_000_000}, "characters (limit"),
     ({"value": "power", "prompt": "a\x00b"}, "NUL"),
     ({"value": "power", "prompt": 42}, "prompt is int"),
-    ({"value": "power", "prompt": None}, "prompt is NoneType"),
+    ({"value": "power", "prompt": None}, "prompt is null"),
     ({"value": "tradition", "prompt": PROMPTS[0]}, "no bundle for value 'tradition'"),
 ]
 INVALID_UTF8 = b'{"value": "power", "prompt": "caf\xe9 \xff"}\n'

@@ -12,6 +12,7 @@ Whether a model loaded is read from the worker node's logs of the job (transform
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -44,6 +45,9 @@ def test_output_on_the_shared_folder_has_every_row_once(two_nodes: TwoNodeCluste
     got = ds.dataset(out / "generations", format="parquet").to_table(columns=["row_id", "error"])
     assert sorted(got.column("row_id").to_pylist()) == sorted(expected)
     assert got.column("error").null_count == got.num_rows
+    # No terminal under `ray job submit`: progress comes as log lines, and the job's last line says its error rows.
+    assert re.search(r"steer: shard 3 of 3 committed, [\d.]+ rows/s, ETA \d+m\d\ds", job.output), job.output[-4000:]
+    assert re.search(r"conva run: done in \d+ s: .*; no error rows", job.output), job.output[-4000:]
 
     record = two_nodes.job(job.submission_id)
     assert record["driver_node_id"] == two_nodes.head_node_id

@@ -22,6 +22,10 @@ work as soon as ``ray.min_workers`` are ready (the rest join when Ray places the
   queued behind it go back uncharged. A shard whose workers died ``ray.max_task_retries + 1`` times
   fails the job.
 
+**Progress** goes to the log as ``<stage>: shard i of N committed, x rows/s, ETA …`` lines, at most every
+few seconds, so it shows in ``run.log`` and under ``ray job submit`` alike; on a terminal each stage also
+gets a bar (which the job's log lines print above, see :func:`jobs.common.setup_logging`).
+
 Workers return :class:`~conva.store.ShardRecord` s only; :attr:`WorkerPool.returned_bytes` counts what
 they sent back (the records' size as JSON), and anything else (a table, say) fails the job: no shard
 data passes through the driver.
@@ -31,6 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict, deque
@@ -45,7 +51,7 @@ from conva.store import ShardRecord, ShardRef, Stage
 from workers.tasks import ShardTask, WorkerSpec
 from workers.worker import ModelWorker
 
-__all__ = ["WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerStartError"]
+__all__ = ["WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerStartError", "Cancelled"]
 
 _log = logging.getLogger("conva.jobs")
 _TICK_S = 0.5
@@ -62,6 +68,10 @@ class ShardFailedError(RuntimeError):
 
 class WorkerStartError(RuntimeError):
     """The pool could not get enough workers started (resources, a model that fails to load, a bad node)."""
+
+
+class Cancelled(RuntimeError):
+    """The run was asked to stop (its ``cancel`` event was set, e.g. by a signal to a study's driver)."""
 
 
 @dataclass
@@ -214,13 +224,19 @@ class WorkerPool:
 
 
 class _Progress:
-    """``shard i of N, rows/s, ETA`` log lines for one stage, at most every few seconds (logs and job output alike)."""
+    """``shard i of N, rows/s, ETA`` log lines for one stage, at most every few seconds; a bar too on a terminal."""
 
-    def __init__(self, run: StageRun) -> None:
+    def __init__(self, run: StageRun, label: str = "") -> None:
         self.run, self.total = run, run.stage.n_shards
         self.done, self.rows, self.last = len(run.stage.committed()), 0, 0.0
         self.start: float | None = None  # when the stage's first shard was handed out
         self.todo = self.total - self.done
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, initial=self.done, desc=f"{label}{run.name}", unit="shard",
+                            file=sys.stderr, dynamic_ncols=True, leave=True)
 
     def dispatched(self) -> None:
         if self.start is None:
@@ -228,6 +244,8 @@ class _Progress:
 
     def committed(self, record: ShardRecord) -> None:
         self.done, self.rows = self.done + 1, self.rows + record.rows
+        if self.bar is not None:
+            self.bar.update(1)
         now = time.monotonic()
         if now - self.last < _PROGRESS_EVERY_S and self.done < self.total:
             return
@@ -238,6 +256,10 @@ class _Progress:
         _log.info("%s: shard %d of %d committed, %.1f rows/s, ETA %s", self.run.name, self.done, self.total, rate,
                   _duration(eta))
 
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -245,22 +267,32 @@ def _duration(seconds: float) -> str:
 
 
 class _Runner:
-    def __init__(self, pool: WorkerPool, runs: Sequence[StageRun]) -> None:
-        self.pool, self.runs = pool, list(runs)
+    def __init__(self, pool: WorkerPool, runs: Sequence[StageRun], cancel: threading.Event | None = None) -> None:
+        self.pool, self.runs, self.cancel = pool, list(runs), cancel
         self.queue: dict[str, deque[int]] = {r.name: deque(r.stage.pending()) for r in runs}
         self.delayed: list[tuple[float, StageRun, int]] = []
         self.calls: dict[Any, tuple[_Member, _Call]] = {}
         self.deaths: Counter[tuple[str, int]] = Counter()
         self.transient: Counter[tuple[str, int]] = Counter()
         self.divisor: defaultdict[tuple[str, int], int] = defaultdict(lambda: 1)
-        self.progress = {r.name: _Progress(r) for r in runs}
+        self.progress: dict[str, _Progress] = {}
 
     def run(self) -> None:
-        s = self.pool.settings
         for r in self.runs:
             if self.queue[r.name]:
                 _log.info("%s: %d of %d shards pending", r.name, len(self.queue[r.name]), r.stage.n_shards)
+        self.progress = {r.name: _Progress(r, f"{self.pool.label}: ") for r in self.runs}
+        try:
+            self._loop()
+        finally:
+            for progress in self.progress.values():
+                progress.close()
+
+    def _loop(self) -> None:
+        s = self.pool.settings
         while any(self.queue.values()) or self.delayed or self.calls:
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled(f"{self.pool.label}: stopped with {len(self.calls)} shard(s) in flight")
             self.pool.grow()
             self._release_delayed()
             self._fill(s.queue_depth)
@@ -440,13 +472,14 @@ class _Runner:
                 ray.kill(member.actor, no_restart=True)
 
 
-def run_stages(pool: WorkerPool, runs: Sequence[StageRun]) -> None:
+def run_stages(pool: WorkerPool, runs: Sequence[StageRun], cancel: threading.Event | None = None) -> None:
     """Run every pending shard of ``runs`` on ``pool``, committing each as it finishes (see the module docstring).
 
-    Raises :class:`ShardFailedError` naming the shard when one fails for good; shards committed before
-    stay committed, and a rerun runs only the pending ones.
+    Raises :class:`ShardFailedError` naming the shard when one fails for good, and :class:`Cancelled` soon
+    after ``cancel`` is set; shards committed before stay committed, and a rerun runs only the pending
+    ones. The caller stops the pool (its workers may still be running the shards in flight).
     """
-    _Runner(pool, runs).run()
+    _Runner(pool, runs, cancel).run()
 
 
 def _result_if_done(ref: Any) -> ShardRecord | None:

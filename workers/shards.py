@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from conva.badrows import RowTally
 from conva.bundle import encode_bundle
 from conva.fit import ModelInfo
 from conva.inputs import read_slice, read_table_slice
@@ -47,13 +48,15 @@ def extract(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     out = extract_table(model, tok, rows, info["layers"], e.position, task.batch(e.batch_size))
     check_rows("extract", task.ref.shard, rows, out, per_row=len(info["layers"]))
     out = out.replace_schema_metadata({MODEL_META_KEY: json.dumps(info).encode()})
-    errors = rows.num_rows - _recorded(out, info["layers"][0])
-    return write_table_shard(task.ref, out, row_group_size=max(1, rows.num_rows), extra={"model": info, "errors": errors})
+    return write_table_shard(task.ref, out, row_group_size=max(1, rows.num_rows),
+                             extra={"model": info, **_error_rows(out.filter(pc.field("layer") == info["layers"][0]))})
 
 
-def _recorded(out: pa.Table, layer: int) -> int:
-    first = out.filter(pc.field("layer") == layer)
-    return first.num_rows - first.column("error").drop_null().length()
+def _error_rows(table: pa.Table) -> dict:
+    """A shard record's error-row facts: ``errors`` (count), ``inputs`` (input rows), ``reasons`` (a RowTally)."""
+    tally = RowTally()
+    tally.add_table(table)
+    return {"errors": tally.bad, "inputs": table.num_rows, "reasons": tally.to_json()}
 
 
 def fit(worker: ModelWorker, task: ShardTask) -> ShardRecord:
@@ -89,7 +92,7 @@ def steer(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     bundles = worker.bundles(task.bundles)
     out = worker.steerer().steer(rows, bundles, batch_size=task.batch(worker.cfg.steer.batch_size))
     check_rows("steer", task.ref.shard, rows, out)
-    return write_table_shard(task.ref, out, extra={"errors": out.column("error").drop_null().length()})
+    return write_table_shard(task.ref, out, extra=_error_rows(out))
 
 
 def evaluate(worker: ModelWorker, task: ShardTask) -> ShardRecord:
