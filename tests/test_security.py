@@ -192,10 +192,10 @@ class _Judge(http.server.BaseHTTPRequestHandler):
 def test_judge_api_key_appears_in_no_output(tiny_path, tmp_path, monkeypatch, capfd) -> None:
     import ray
 
-    import jobs  # noqa: F401  (loopback-only Ray environment before ray starts)
     from jobs.study import main
 
     key = f"sk-conva-{secrets.token_hex(12)}"
+    ray.shutdown()  # a Ray of its own: the key must be in the environment it starts with (never in a runtime_env)
     monkeypatch.setenv("CONVA_TEST_JUDGE_KEY", key)  # before Ray starts, so the study's workers inherit it
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=server.serve_forever, daemon=True).start()

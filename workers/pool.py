@@ -55,6 +55,7 @@ __all__ = ["WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerSt
 
 _log = logging.getLogger("conva.jobs")
 _TICK_S = 0.5
+_SETTLE_S = 10.0  # how long a dead worker's calls may take to resolve
 _PROGRESS_EVERY_S = 10.0
 
 
@@ -483,8 +484,13 @@ def run_stages(pool: WorkerPool, runs: Sequence[StageRun], cancel: threading.Eve
 
 
 def _result_if_done(ref: Any) -> ShardRecord | None:
-    """The result of a call that finished before its worker died, or None (it never finished, or failed)."""
-    if not ray.wait([ref], timeout=0)[0]:
+    """The result of a call that finished before its worker died, or None (it never finished, or failed).
+
+    Waits a little: every call of a dead worker resolves soon (an error, or the reply of a call that
+    finished just before the death and is still on its way). Looking without waiting would mistake such a
+    finished call for the one that was running, and charge the death to the wrong shard.
+    """
+    if not ray.wait([ref], timeout=_SETTLE_S)[0]:
         return None
     try:
         return ray.get(ref)
