@@ -110,8 +110,8 @@ def extraction_rows(cfg: Config) -> pa.Table:
 
     A probe gate is value-specific: it reads the texts of **all ten** values' pairs and their gate prompts
     (:func:`value_prompts`; each value's are the positives of its own gate and negatives of the others')
-    and the neutral prompts, in the steering prompt's template. A value outside ``data.values`` only supplies negatives: ``gate.other_pairs_per_value``
-    caps its pairs.
+    and the neutral prompts, in the steering prompt's template. A value outside ``data.values`` only
+    supplies negatives: ``gate.other_pairs_per_value`` caps its pairs.
     """
     rows: list[dict] = []
     for value in cfg.data.values:
@@ -310,10 +310,13 @@ def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
     s = {k: getattr(cfg.steer, k, None) for k in ROW_OVERRIDES}
     s.update({k: row[k] for k in ROW_OVERRIDES if row.get(k) is not None})
     band = tuple(s["band"]) if s["band"] else None
-    gate = dict(gate_scope=cfg.gate.apply_to, prefix_on=cfg.gate.prefix_on)
-    if bundle is None or s["method"] == "none":
-        return SteerSpec("none", bundle, setting=s["setting"], **gate) if bundle else SteerSpec("none")
-    return SteerSpec(s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"], **gate)
+    scope, prefix_on = cfg.gate.apply_to, cfg.gate.prefix_on
+    if bundle is None:
+        return SteerSpec("none")
+    if s["method"] == "none":
+        return SteerSpec("none", bundle, setting=s["setting"], gate_scope=scope, prefix_on=prefix_on)
+    return SteerSpec(s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"],
+                     gate_scope=scope, prefix_on=prefix_on)
 
 
 GenerateFn = Callable[[list[str], list[SteerSpec]], list[RowResult]]
@@ -358,14 +361,15 @@ def _max_length(model) -> int:
 
 
 def _generation_row(rec: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None, model: str) -> dict:
-    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], context=None, output=None, n_prompt_tokens=None, n_output_tokens=None,
-               model=model, value=rec["value"], method=rec.get("method"), setting=rec.get("setting"), p0=rec.get("p0"),
-               strength=None, gate_score=None,
-               gate_open=None, layers=None, eps=None, p_before=None, p_after=None, error=error)
+    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], context=None, output=None, n_prompt_tokens=None,
+               n_output_tokens=None, model=model, value=rec["value"], method=rec.get("method"),
+               setting=rec.get("setting"), p0=rec.get("p0"), strength=None, gate_score=None, gate_open=None,
+               layers=None, eps=None, p_before=None, p_after=None, error=error)
     if done is not None:
         res, spec = done
-        row.update(output=res.text, context=res.context, n_prompt_tokens=res.n_prompt_tokens, n_output_tokens=len(res.tokens),
-                   method=spec.method, setting=spec.setting, p0=spec.target(),
-                   strength=spec.strength if spec.method in ("caa", "probe_fixed") else None, gate_score=res.gate_score, gate_open=res.gate_open,
-                   layers=list(res.layers), eps=list(res.eps), p_before=list(res.p_before), p_after=list(res.p_after))
+        row.update(output=res.text, context=res.context, n_prompt_tokens=res.n_prompt_tokens,
+                   n_output_tokens=len(res.tokens), method=spec.method, setting=spec.setting, p0=spec.target(),
+                   strength=spec.strength if spec.method in ("caa", "probe_fixed") else None,
+                   gate_score=res.gate_score, gate_open=res.gate_open, layers=list(res.layers), eps=list(res.eps),
+                   p_before=list(res.p_before), p_after=list(res.p_after))
     return row

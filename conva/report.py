@@ -76,7 +76,8 @@ def study_choices(folder: str | Path) -> list[tuple[str, str]]:
         ("gate", gate),
         ("gate.apply_to", f"{g['apply_to']} ({'every method gated alike' if g['apply_to'] == 'all_methods' else 'ConVA only'})"),
         ("gate.prefix_on", f"{g['prefix_on']} (the opposite setting's prefix on "
-                           f"{'every row' if g['prefix_on'] == 'all' else 'rows the gate opens only'}); the gate scores the raw prompt"),
+                           f"{'every row' if g['prefix_on'] == 'all' else 'rows the gate opens only'}); "
+                           "the gate scores the raw prompt"),
         ("probe split", f"by {p['split']}: test {p['test_size']:g}, validation {p['val_size']:g} (chooses the band), "
                         f"train the rest; band {job['fit']['band']}"),
         ("steering", f"positions {job['steer']['positions']}, epsilon {job['steer']['epsilon']}, mode {job['steer']['mode']}, "
@@ -95,7 +96,8 @@ def _convergence(probes: pa.Table) -> str:
     bad = [r for r in rows if not r["converged"]]
     line = f"probes not converged: {len(bad)} of {len(rows)} layer fits"
     if bad:
-        line += " (" + ", ".join(f"{r['model']}/{r['value']}/{r['layer']}" for r in bad[:8]) + (", ..." if len(bad) > 8 else "") + ")"
+        names = [f"{r['model']}/{r['value']}/{r['layer']}" for r in bad]
+        line += " (" + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") + ")"
     gates = {(r["model"], r["value"]): r for r in rows if r["gate_kind"] == "probe"}
     missed = [k for k, r in gates.items() if r["gate_target_met"] is False]
     if gates:
@@ -270,8 +272,8 @@ def _value_plot(summary: list[dict], path: Path) -> str:
     fig, axes = _axes(1, max(6, 1.1 * len(values)))
     ax, width = axes[0], 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
-        ys = [_mean([r["csr"] for r in rows if r["value"] == v and (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key])
-              for v in values]
+        same = lambda r: (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key  # noqa: E731
+        ys = [_mean([r["csr"] for r in rows if r["value"] == v and same(r)]) for v in values]
         ax.bar([i + j * width for i in range(len(values))], [y or 0 for y in ys], width, color=_COLORS.get(key[0]),
                alpha=0.5 + 0.5 * (j % 2), label=" ".join(str(k) for k in key if k not in (0, "-")))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")

@@ -24,13 +24,16 @@ DEMO = REPO / "examples" / "demo_study.toml"
 
 def test_demo_study_config_expands_to_its_cells(tmp_path) -> None:
     study = load_study(DEMO)
+    values = study.job.data.values
     cells = expand_cells(study, "smollm2")
-    assert len(cells) == len(VALUES) * 4 and {c.method for c in cells} == {"conva", "caa", "prompt", "none"}
-    assert len(utility_cells(study, "smollm2")) == 1 + len(VALUES) * 3  # one unsteered MC cell per model
-    sweep = load_study(DEMO, ["--study.p0=[0.9, 0.99]", '--study.bands=["auto", "10-20"]', '--study.settings=["plain", "opposite"]'])
-    per_value = {m: sum(c.method == m for c in expand_cells(sweep, "smollm2")) // len(VALUES) for m in sweep.study.methods}
-    assert per_value == {"conva": 2 * 2 * 2, "caa": 2 * 2, "prompt": 2, "none": 2}
-    strengths = load_study(DEMO, ["--study.caa_strengths=[0.25, 0.5, 1.0]"])
+    assert study.study.models == ("smollm2", "gemma3-270m") and len(values) == 5
+    assert len(cells) == len(values) * (2 + 2 + 1 + 1) and {c.method for c in cells} == {"conva", "caa", "prompt", "none"}
+    assert len(utility_cells(study, "smollm2")) == 1 + len(values) * 5  # one unsteered MC cell per model
+    sweep = load_study(DEMO, ["--study.p0=[0.9, 0.99]", '--study.bands=["auto", "10-20"]',
+                              '--study.settings=["plain", "opposite"]'])
+    per_value = {m: sum(c.method == m for c in expand_cells(sweep, "smollm2")) // len(values) for m in sweep.study.methods}
+    assert per_value == {"conva": 2 * 2 * 2, "caa": 2 * 2 * 2, "prompt": 2, "none": 2}
+    strengths = load_study(DEMO, ["--study.caa_strengths=[0.25, 0.5, 1.0]", f"--data.values={list(VALUES)!r}".replace("'", '"')])
     assert sum(c.method == "caa" for c in expand_cells(strengths, "smollm2")) == 3 * len(VALUES)
     for bad, key in ((["--study.methods=[\"lora\"]"], "study.methods"), (["--study.p0=[1.0]"], "study.p0"),
                      (["--study.bands=[\"x\"]"], "study.bands"), (["--study.caa_strengths=[0]"], "study.caa_strengths"), (["--judge.kind=oracle"], "judge.kind"),
