@@ -55,9 +55,11 @@ def _read(folder: Path, name: str) -> pa.Table:
     return pq.read_table(path) if path.is_file() else pa.table({})
 
 
-def _fmt(x: object) -> str:
+def _fmt(x: object, column: str = "") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    if column in ("p0", "strength") and isinstance(x, float):
+        return f"{x:g}"  # a P0 such as 0.99999 must not print as 1
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
 
@@ -106,15 +108,32 @@ def _convergence(probes: pa.Table) -> str:
     return line
 
 
+def _interval(r: dict, key: str, lo: str, hi: str) -> str:
+    if r[key] is None:
+        return "-"
+    return f"{r[key]:.2f} [{r[lo]:.2f}, {r[hi]:.2f}]"
+
+
+def _compact(r: dict) -> dict[str, str]:
+    """One pooled row for a reader: intervals beside their means, P0 and strength in full."""
+    return {"model": r["model"], "setting": r["setting"], "method": r["method"],
+            "p0": "-" if r["p0"] is None else f"{r['p0']:g}", "strength": "-" if r["strength"] is None else f"{r['strength']:g}",
+            "n": str(r["n"]), "csr [95% CI]": _interval(r, "csr", "csr_lo", "csr_hi"),
+            "ppl ratio [95% CI]": _interval(r, "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi"),
+            "ppl plain": _fmt(r["ppl_plain_ratio"]), "utility": _fmt(r["utility_ratio"]),
+            "gate open": _fmt(r["gate_open_rate"]), "gate open MC": _fmt(r["mc_gate_open_rate"])}
+
+
 def format_summary(path: str | Path) -> str:
-    """The study's pooled summary as plain text, with its choices and probe convergence."""
+    """The study's pooled summary as plain text (intervals: bootstrap over all the row's prompts), with its
+    choices and probe convergence."""
     folder = _folder(path)
-    rows = _read(folder, "pooled").to_pylist()
-    cells = [[_fmt(r[c]) for c in _SUMMARY_COLS] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(_SUMMARY_COLS)]
-    line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))
+    rows = [_compact(r) for r in _read(folder, "pooled").to_pylist()]
+    cols = list(rows[0]) if rows else ["model"]
+    widths = [max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols]
+    line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
     out = [f"{k}: {v}" for k, v in study_choices(folder)]
-    out += ["", line(_SUMMARY_COLS), line(["-" * w for w in widths]), *(line(c) for c in cells)]
+    out += ["", line(cols), line(["-" * w for w in widths]), *(line([r[c] for c in cols]) for r in rows)]
     conv = _convergence(_read(folder, "probes"))
     return "\n".join(out + ([conv] if conv else []))
 
@@ -292,7 +311,7 @@ def _html_table(rows: list[dict]) -> str:
         return "<p>(none)</p>"
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c], c))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
