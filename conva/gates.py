@@ -32,8 +32,8 @@ import numpy as np
 
 from conva.probes import LayerFit, ProbeSettings, fit_layer, split_three
 
-__all__ = ["GATE_KINDS", "GATE_SCOPES", "PREFIX_ON", "Gate", "GateSplit", "Calibration", "gate_splits", "fit_probe_gate", "calibrate_threshold",
-           "gate_metrics", "external_scores"]
+__all__ = ["GATE_KINDS", "GATE_SCOPES", "PREFIX_ON", "Gate", "GateSplit", "Calibration", "gate_splits",
+           "fit_probe_gate", "calibrate_threshold", "gate_metrics", "external_scores"]
 
 GATE_KINDS = ("none", "probe", "external")
 # What a gate gates (config gate.apply_to): ConVA only, or every method alike (the reference code).

@@ -98,8 +98,9 @@ def resolve_model(spec: str) -> str:
 
     ``"smollm2"`` (or ``"HuggingFaceTB/SmolLM2-135M-Instruct"``) and ``"gemma3-270m"`` (or
     ``"google/gemma-3-270m"``) return the cached float32 folder, **converting it from the package's GGUF
-    file on first use** (SmolLM2 ~30 s and ~520 MB, Gemma ~60 s and ~1.1 GB under :func:`cache_dir`). An existing local folder returns its absolute path; an ``org/name`` string that
-    is not a local folder is returned as is; anything else raises :class:`ModelNotFoundError`.
+    file on first use** (SmolLM2 ~30 s and ~520 MB, Gemma ~60 s and ~1.1 GB under :func:`cache_dir`).
+    An existing local folder returns its absolute path; an ``org/name`` string that is not a local folder
+    is returned as is; anything else raises :class:`ModelNotFoundError`.
 
     Example:
         >>> resolve_model("Qwen/Qwen2.5-0.5B-Instruct")

@@ -154,7 +154,7 @@ def _gate_rows(cfg: Config) -> list[dict]:
                 # The gate reads prompts as the model sees them when steered: in the steering template.
                 rows.append(dict(row_id=f"gate/{value}/{i:06d}/{tag}", dataset="gate", value=value, label=1,
                                  group=i, text=text, chat_template=cfg.steer.chat_template))
-        for i, prompt in enumerate(value_prompts(cfg, value)[1]):
+        for i, prompt in enumerate(value_prompts(cfg, value)[1] if cfg.gate.value_prompts else []):
             rows.append(dict(row_id=f"gate_prompt/{value}/{i:06d}", dataset="gate_prompt", value=value, label=1,
                              group=i, text=prompt.prompt, chat_template=cfg.steer.chat_template))
     neutral = D.demo_neutral() if cfg.data.neutral == "demo" else D.load_prompts(cfg.data.neutral)

@@ -88,7 +88,8 @@ def study_choices(folder: str | Path) -> list[tuple[str, str]]:
         ("gate", gate),
         ("gate.apply_to", f"{g['apply_to']} ({'every method gated alike' if g['apply_to'] == 'all_methods' else 'ConVA only'})"),
         ("gate.prefix_on", f"{g['prefix_on']} (the opposite setting's prefix on "
-                           f"{'every row' if g['prefix_on'] == 'all' else 'rows the gate opens only'}); the gate scores the raw prompt"),
+                           f"{'every row' if g['prefix_on'] == 'all' else 'rows the gate opens only'}); "
+                           "the gate scores the raw prompt"),
         ("probe split", f"by {p['split']}: test {p['test_size']:g}, validation {p['val_size']:g} (chooses the band), "
                         f"train the rest; band {job['fit']['band']}"),
         ("steering", f"positions {job['steer']['positions']}, epsilon {job['steer']['epsilon']}, mode {job['steer']['mode']}, "
@@ -107,7 +108,8 @@ def _convergence(probes: pa.Table) -> str:
     bad = [r for r in rows if not r["converged"]]
     line = f"probes not converged: {len(bad)} of {len(rows)} layer fits"
     if bad:
-        line += " (" + ", ".join(f"{r['model']}/{r['value']}/{r['layer']}" for r in bad[:8]) + (", ..." if len(bad) > 8 else "") + ")"
+        names = [f"{r['model']}/{r['value']}/{r['layer']}" for r in bad]
+        line += " (" + ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") + ")"
     gates = {(r["model"], r["value"]): r for r in rows if r["gate_kind"] == "probe"}
     missed = [k for k, r in gates.items() if r["gate_target_met"] is False]
     if gates:
@@ -116,15 +118,32 @@ def _convergence(probes: pa.Table) -> str:
     return line
 
 
+def _interval(r: dict, key: str, lo: str, hi: str) -> str:
+    if r[key] is None:
+        return "-"
+    return f"{r[key]:.2f} [{r[lo]:.2f}, {r[hi]:.2f}]"
+
+
+def _compact(r: dict) -> dict[str, str]:
+    """One pooled row for a reader: intervals beside their means, P0 and strength in full."""
+    return {"model": r["model"], "setting": r["setting"], "method": r["method"],
+            "p0": _fmt(r["p0"], exact=True), "strength": _fmt(r["strength"], exact=True),
+            "n": str(r["n"]), "csr [95% CI]": _interval(r, "csr", "csr_lo", "csr_hi"),
+            "ppl ratio [95% CI]": _interval(r, "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi"),
+            "ppl plain": _fmt(r["ppl_plain_ratio"]), "utility": _fmt(r["utility_ratio"]),
+            "gate open": _fmt(r["gate_open_rate"]), "gate open MC": _fmt(r["mc_gate_open_rate"])}
+
+
 def format_summary(path: str | Path) -> str:
-    """The study's pooled summary as plain text, with its choices and probe convergence."""
+    """The study's pooled summary as plain text (intervals: bootstrap over all the row's prompts), with its
+    choices and probe convergence."""
     folder = _folder(path)
-    rows = _read(folder, "pooled").to_pylist()
-    cells = [[_fmt(r[c], c in _EXACT) for c in _SUMMARY_COLS] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(_SUMMARY_COLS)]
-    line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths))
+    rows = [_compact(r) for r in _read(folder, "pooled").to_pylist()]
+    cols = list(rows[0]) if rows else ["model"]
+    widths = [max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols]
+    line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
     out = [f"{k}: {v}" for k, v in study_choices(folder)]
-    out += ["", line(_SUMMARY_COLS), line(["-" * w for w in widths]), *(line(c) for c in cells)]
+    out += ["", line(cols), line(["-" * w for w in widths]), *(line([r[c] for c in cols]) for r in rows)]
     conv = _convergence(_read(folder, "probes"))
     return "\n".join(out + ([conv] if conv else []))
 
@@ -282,8 +301,8 @@ def _value_plot(summary: list[dict], path: Path) -> str:
     fig, axes = _axes(1, max(6, 1.1 * len(values)))
     ax, width = axes[0], 0.8 / max(1, len(keys))
     for j, key in enumerate(keys):
-        ys = [_mean([r["csr"] for r in rows if r["value"] == v and (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key])
-              for v in values]
+        same = lambda r: (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key  # noqa: E731
+        ys = [_mean([r["csr"] for r in rows if r["value"] == v and same(r)]) for v in values]
         ax.bar([i + j * width for i in range(len(values))], [y or 0 for y in ys], width, color=_COLORS.get(key[0]),
                alpha=0.5 + 0.5 * (j % 2), label=" ".join(str(k) for k in key if k not in (0, "-")))
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")
@@ -302,7 +321,7 @@ def _html_table(rows: list[dict]) -> str:
         return "<p>(none)</p>"
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c], c))}</td>" for c in cols) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 

@@ -131,7 +131,8 @@ class SteerSpec:
         """
         if not self.gated():
             return False
-        return self.bundle.gate.kind == "external" or self.method == "prompt" or self.setting == "opposite"  # type: ignore[union-attr]
+        external = self.bundle.gate.kind == "external"  # type: ignore[union-attr]
+        return external or self.method == "prompt" or self.setting == "opposite"
 
 
 @dataclass(frozen=True)

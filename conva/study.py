@@ -375,11 +375,11 @@ def results_table(cells: Sequence[Cell], generations: pa.Table, judged: pa.Table
         eps = g.get("eps") or []
         rows.append(dict(cell_id=cell.id, row_id=g["row_id"], model=cell.model, value=cell.value, method=cell.method,
                          p0=cell.p0, band=cell.band, setting=cell.setting, strength=cell.strength, prompt=g["prompt"],
-                         context=g.get("context"), output=g["output"], n_output_tokens=g["n_output_tokens"], gate_open=g["gate_open"],
-                         gate_score=g["gate_score"], eps_mean=float(np.mean(eps)) if eps else None,
-                         judge=j.get("judge"), judge_score=j.get("judge_score"), judge_prob=j.get("judge_prob"),
-                         judge_raw=j.get("judge_raw"), ppl=j.get("ppl"), ppl_plain=j.get("ppl_plain"),
-                         fluency=j.get("fluency"),
+                         context=g.get("context"), output=g["output"], n_output_tokens=g["n_output_tokens"],
+                         gate_open=g["gate_open"], gate_score=g["gate_score"],
+                         eps_mean=float(np.mean(eps)) if eps else None, judge=j.get("judge"),
+                         judge_score=j.get("judge_score"), judge_prob=j.get("judge_prob"), judge_raw=j.get("judge_raw"),
+                         ppl=j.get("ppl"), ppl_plain=j.get("ppl_plain"), fluency=j.get("fluency"),
                          error=g["error"] or j.get("error")))
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 

@@ -92,7 +92,8 @@ def test_missed_target_is_logged_and_recorded_in_meta_json(tmp_path, caplog):
     assert bundle.gate.target_met is False
     assert any("target_met = false" in r.getMessage() and "power" in r.getMessage() for r in caplog.records)
     meta = json.loads((save_bundle(bundle, tmp_path / "power") / "meta.json").read_text())
-    assert meta["gate"]["target_met"] is False and meta["gate"]["heldout"]["n"] == float(len(gate_splits(groups, 0.25, 0.25, 0, labels).test))
+    n_test = len(gate_splits(groups, 0.25, 0.25, 0, labels).test)
+    assert meta["gate"]["target_met"] is False and meta["gate"]["heldout"]["n"] == float(n_test)
 
 
 def test_probe_gate_needs_both_classes_in_train_and_calibrate():

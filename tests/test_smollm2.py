@@ -32,7 +32,7 @@ def smol_bundle(smol, paper_data):
     """An achievement bundle fitted on the paper's pairs, band 10–20, probe gate on demo neutral prompts."""
     model, tok = smol
     cfg = load_config(None, ['--data.values=["achievement"]', f'--data.pairs="paper:{paper_data}"',
-                             "--fit.band=10-20", "--fit.p0=0.99999", "--gate.other_pairs_per_value=10"])
+                             "--fit.band=10-20", "--fit.p0=0.99999", "--gate.other_pairs_per_value=4"])
     rows = extraction_rows(cfg)
     layers = list(range(model.config.num_hidden_layers))
     acts = extract_table(model, tok, rows, layers, "last", 32)
@@ -61,7 +61,8 @@ def test_smollm2_epsilon_reaches_p0(smol, smol_bundle):
 def test_smollm2_single_pass_equals_reference(smol, smol_bundle):
     model, tok = smol
     specs = [SteerSpec("conva", smol_bundle, p0=0.99999), SteerSpec("none"),
-             SteerSpec("conva_nogate", smol_bundle, p0=0.999), SteerSpec("caa", smol_bundle, strength=2.0)]
+             SteerSpec("conva_nogate", smol_bundle, p0=0.999),
+             SteerSpec("caa", smol_bundle, strength=2.0, gate_scope="conva")]  # ungated: it must move SmolLM2
     ours = generate(model, tok, PROMPTS, specs, max_new_tokens=16)
     ref = generate(model, tok, PROMPTS, specs, max_new_tokens=16, mode="reference")
     for a, b in zip(ours, ref):
