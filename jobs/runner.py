@@ -37,8 +37,12 @@ JOBS: dict[str, tuple[str, ...]] = {
 FAILURES = (*EXPECTED_ERRORS, ShardFailedError, WorkerStartError, NotImplementedError)
 
 
-def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool = False) -> list[StageResult]:
+def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool = False,
+            planned: list[ModelJob] | None = None) -> list[StageResult]:
     """Run job ``job`` (a key of :data:`JOBS`) with ``cfg``; returns what each stage did.
+
+    ``planned``, if given, receives the job as pre-flight planned it; once the run is done its ``extra``
+    holds the workers' busy intervals and model loads (:func:`run_model`), e.g. for the benchmarks.
 
     Side effects: writes ``<output.dir>/{activations,bundles,generations}/``, ``config.json`` and appends
     to ``run.log``; with ``overwrite``, **replaces a stage written with another config** once the new
@@ -47,6 +51,8 @@ def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool
     start = time.monotonic()
     cfg, out = output_location(cfg)
     job_plan = plan_job(cfg, out, JOBS[job], overwrite)
+    if planned is not None:
+        planned.append(job_plan)
     with OutputLease(out, f"conva {job}", ttl_s=cfg.output.lease_ttl_s, break_stale=break_lease), run_log(out):
         write_config(cfg, out)
         log_config(cfg, job, overwrite)
