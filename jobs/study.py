@@ -106,8 +106,12 @@ def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
     return utility_table(ucells, items, mc_prompts(items, study.utility.shots))
 
 
-def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool = False) -> Location:
+def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool = False,
+              planned: list[ModelJob] | None = None) -> Location:
     """Run (or resume) every model of ``study``; returns the study's output holding the Parquet files and report.
+
+    ``planned``, if given, receives each model's planned job; once the run is done its ``extra`` holds that
+    model's workers' busy intervals and model loads (:func:`jobs.runner.run_model`), e.g. for the benchmarks.
 
     Side effects: writes under ``job.output.dir``; with ``overwrite``, **replaces stages written with
     another config** once the new ones are complete.
@@ -115,6 +119,8 @@ def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool 
     job_cfg, out = output_location(study.job)
     study = replace(study, job=job_cfg)
     models = study_jobs(study, out, overwrite)
+    if planned is not None:
+        planned.extend(m.job for m in models)
     start = time.monotonic()
     with OutputLease(out, f"conva study {study.study.name}", ttl_s=job_cfg.output.lease_ttl_s,
                      break_stale=break_lease), run_log(out):
