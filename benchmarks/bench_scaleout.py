@@ -3,7 +3,8 @@
 The real job (:func:`jobs.runner.run_job` ``"run"``: pre-flight, one pool of model workers that loads
 SmolLM2 once per worker and serves extract, fit and steer, commits of records) on the project's demo
 data, each worker one actor of one CPU (one torch thread), into a fresh output folder per run, both runs
-in one process on one local Ray. Per run:
+in one process on one local Ray, started (and its first worker process) before either run, as a job on a
+cluster finds Ray running. Per run:
 
 * ``wall_s``: the whole job, from the call to its return; the whole-job efficiency with 2 workers is
   ``wall(1) / (2 × wall(2))`` (the same work both ways);
@@ -31,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
-from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, stage_figures, write_result
+from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, stage_figures, warm_ray, write_result
 
 OUT = RESULTS / "scaleout.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {**machine(), "benchmark": "scaleout", "model": args.model, "values": args.values,
                     "prompts_per_value": args.prompts, "rows_per_shard": {"extract": EXTRACT_SHARD, "steer": STEER_SHARD}}
     CACHE.mkdir(parents=True, exist_ok=True)
+    report["ray_start_s"] = warm_ray()  # not part of either run: a cluster job finds Ray running
     work = Path(tempfile.mkdtemp(prefix="scaleout-", dir=CACHE))
     try:
         runs = [one_run(n, args.values, args.prompts, work / f"w{n}", args.model) for n in args.workers]

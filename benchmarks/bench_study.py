@@ -2,7 +2,8 @@
 
 Two measurements, each the real study (:func:`jobs.study.run_study`: per model one pool of model workers
 serving extract, fit, steer, evaluate, utility and agreement, then the outputs rebuilt by a Ray task)
-into a fresh output folder, in one process on one local Ray:
+into a fresh output folder, in one process on one local Ray started (with its first worker process) before
+the timed runs, as a study submitted to a cluster finds Ray running:
 
 * ``busy`` (``benchmarks/results/study.json``): the demo study (``examples/demo_study.toml``: SmolLM2,
   ten values, four methods, 2 workers). Its busy fraction is the fraction of the study's wall time (from
@@ -34,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 import jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
-from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, stage_figures, write_result
+from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, stage_figures, warm_ray, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo_study.toml"
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     setup_logging()
     CACHE.mkdir(parents=True, exist_ok=True)
-    report: dict = {**machine(), "benchmark": "study" if args.what == "busy" else "models"}
+    report: dict = {**machine(), "benchmark": "study" if args.what == "busy" else "models",
+                    "ray_start_s": warm_ray()}  # before the timed runs: a study on a cluster finds Ray running
     if args.what == "busy":
         report.update(busy(overrides))
         write_result(RESULTS / "study.json", report)

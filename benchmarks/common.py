@@ -20,7 +20,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["machine", "write_result", "busy_fraction", "measure_job", "stage_figures", "job_stages", "RSSSampler",
+__all__ = ["machine", "write_result", "busy_fraction", "measure_job", "stage_figures", "job_stages", "warm_ray",
+           "RSSSampler",
            "activation_shard", "RESULTS", "CACHE"]
 
 # One JSON per benchmark, rendered into RESULTS.md; `python -m benchmarks --quick` points this elsewhere.
@@ -116,6 +117,25 @@ def _intersect(lists: list[list[tuple[float, float]]]) -> list[tuple[float, floa
                 j += 1
         common = out
     return common
+
+
+def warm_ray() -> float:
+    """Start (or join) Ray and run one task, so that a timed job finds it up as a job on a cluster does; seconds taken.
+
+    Without this the first of two timed runs would also pay for Ray's start and its first worker process.
+    """
+    import ray
+
+    from jobs.common import connect_ray
+
+    start = time.perf_counter()
+    connect_ray()
+    ray.get(ray.remote(num_cpus=0)(_nothing).remote())
+    return round(time.perf_counter() - start, 2)
+
+
+def _nothing() -> None:
+    return None
 
 
 def job_stages(job) -> dict:

@@ -267,7 +267,7 @@ def scaling(results: dict[str, dict]) -> str | None:
     amdahl = lambda n: 1 / (s * n + 1 - s)
     gaps = serial - one["to_first_busy_s"] - one["load_s"]
     lines = [f"From `scaleout` (1 worker): wall {one['wall_s']:.1f} s = shard work {work:.1f} s + serial {serial:.1f} s "
-             f"(until the worker is first busy {one['to_first_busy_s']:.1f} s: Ray, pre-flight, the worker's start; its "
+             f"(until the worker is first busy {one['to_first_busy_s']:.1f} s: pre-flight, the worker's process start; its "
              f"model load {one['load_s']:.1f} s; between and after the shards {gaps:.1f} s), so the serial fraction "
              f"s = {s:.3f}.", "",
              "| N workers | 2 | 8 | 64 | 256 |", "|---|---|---|---|---|",

@@ -22,6 +22,7 @@ def test_report_renders_every_committed_results_file(tmp_path):
     assert present, "the repository keeps its benchmark results"
     for name, title, *_ in report.SECTIONS:
         assert (f"### {title}" in block) == (name in present)
+    assert ("### Scaling model" in block) == ("scaleout" in present)
     doc = tmp_path / "RESULTS.md"
     doc.write_text(f"# Results\n\nA reading.\n\n{report.BEGIN}\nstale\n{report.END}\n\nMore reading.\n")
     report.update(doc)
@@ -104,3 +105,19 @@ def test_gpu_script_cpu_smoke_and_its_table(tmp_path):
     assert "rows = HF tokens: 1.00" in rows["fast (compiled), steered / roofline"]["note"]
     table = report.gpu(r)
     assert "| tiny | fast (compiled), steered | 8 |" in table and table.count("\n| tiny |") == len(r["rows"])
+
+
+def test_scaling_model_from_the_measured_components():
+    """Serial fraction = (1-worker wall - its shard work) / wall; E(N) = 1 / (s·N + 1 - s); the driver's ceiling t / c."""
+    stage = lambda work: {"worker_s": work}  # noqa: E731
+    scaleout = {"runs": [{"workers": 1, "wall_s": 100.0, "to_first_busy_s": 6.0, "load_s": 2.0,
+                          "stages": {"extract": stage(60.0), "fit": stage(10.0), "steer": stage(20.0)}}],
+                "efficiency": {"2": {"job_wall": 0.9}}}
+    commit = {"local": {"ms_per_shard_largest": 10.0}, "s3": {"ms_per_shard_largest": 50.0}}
+    text = report.scaling({"scaleout": scaleout, "commit": commit})
+    # serial 10 s of 100: s = 0.1; E(2) = 1/1.1, E(8) = 1/1.7, E(64) = 1/7.3, E(256) = 1/26.5.
+    assert "serial 10.0 s" in text and "between and after the shards 2.0 s" in text and "s = 0.100" in text
+    assert "| 0.91 | 0.59 | 0.14 | 0.04 |" in text and "| measured, this job | 0.90 |" in text
+    # 10 ms a commit: 100, 500 and 3,000 workers fed for 1, 5 and 30 s shards; 50 ms: 20, 100, 600.
+    assert "| local disk | 10.0 | 100 | 500 | 3,000 |" in text and "| 50.0 | 20 | 100 | 600 |" in text
+    assert report.scaling({"commit": commit}) is None
