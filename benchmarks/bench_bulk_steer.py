@@ -120,6 +120,7 @@ def one_run(model: str, out: Path, prompts: Path, rows: int, workers: int, args:
     return {
         "workers": workers, "rows": rows, "shards": shards["shards"], "wall_s": round(wall, 2),
         "rows_per_s": round(rows / wall, 1), "steady_rows_per_s": round(rows / shards["span_s"], 1),
+        "worker_s": shards["worker_s"],
         "startup_s": round(shards["first_start"] - start, 2), "processed": result.processed,
         "driver_cpu_s": round(driver_cpu, 2), "driver_cpu_fraction": round(driver_cpu / wall, 4),
         "driver_cpu_ms_per_shard": round(1000 * driver_cpu / shards["shards"], 2),
@@ -187,7 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(out, ignore_errors=True)
     r1, r2 = report["runs"]
     report["speedup_2_over_1"] = {"steady": round(r2["steady_rows_per_s"] / r1["steady_rows_per_s"], 3),
-                                  "whole_job": round(r2["rows_per_s"] / r1["rows_per_s"], 3)}
+                                  "whole_job": round(r2["rows_per_s"] / r1["rows_per_s"], 3),
+                                  # above 1: a prompt took longer on the workers with 2 (CPU contention)
+                                  "shard_slowdown": round((r2["worker_s"] / r2["rows"]) / (r1["worker_s"] / r1["rows"]), 3)}
     write_result(OUT, report)
     return report
 

@@ -14,7 +14,9 @@ cluster finds Ray running. Per run:
 * ``busy``: the fraction of the job's wall time during which every worker was busy (loading its model or
   running a shard), from the pool's actor-side intervals (``job.extra["busy"]``), and each worker's own;
 * the serial components the scaling model in ``RESULTS.md`` uses: time to the first busy worker, model
-  load, and the time no worker was busy.
+  load, and the time no worker was busy;
+* ``shard_slowdown`` and ``at_equal_shard_speed`` (see :func:`efficiency`): on a machine shared with other
+  work the two runs' shards do not run equally fast, and these separate that from the scheduling.
 
 On a 2-core machine two workers use both cores and the driver and Ray share them: this measures the
 sharding, the scheduling and the driver's overhead, not a cluster's network.
@@ -74,11 +76,21 @@ def _layers(job) -> list[int]:
 
 
 def efficiency(base: dict, run: dict) -> dict:
-    """Per worker, against ``base``: the whole job (wall) and each sharded stage (rows per second of span)."""
+    """Per worker, against ``base``: the whole job (wall) and each sharded stage (rows per second of span).
+
+    ``shard_slowdown``: how much longer the same shards took on the workers (their summed durations, this run
+    over ``base``); above 1 the workers got less CPU each (on this machine: each other, the driver, other
+    jobs). ``at_equal_shard_speed``: the workers' mean busy fraction over ``base``'s, i.e. the whole-job
+    efficiency the scheduling allows had every shard run as fast as in ``base`` (``job_wall × shard_slowdown``
+    up to the model loads).
+    """
     k = run["workers"] / base["workers"]
     rate = lambda r, s: r["stages"][s]["rows"] / r["stages"][s]["span_s"]
+    work = lambda r: sum(s["worker_s"] for s in r["stages"].values())
     return {"job_wall": round(base["wall_s"] / run["wall_s"] / k, 3),
-            **{s: round(rate(run, s) / k / rate(base, s), 3) for s in ("extract", "fit", "steer")}}
+            **{s: round(rate(run, s) / k / rate(base, s), 3) for s in ("extract", "fit", "steer")},
+            "shard_slowdown": round(work(run) / work(base), 3),
+            "at_equal_shard_speed": round(run["busy"]["mean"] / base["busy"]["mean"], 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:

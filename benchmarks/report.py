@@ -110,9 +110,13 @@ def fit(r: dict) -> str:
         for run in p["runs"]:
             lines.append(f"| {run['workers']} | {run['wall_s']:.1f} s | {run['fit_span_s']:.1f} s | {run['fit_worker_s']:.1f} s "
                          f"| {run['value_s_min']:.1f}–{run['value_s_max']:.1f} s | {run['to_first_fit_s']:.1f} s |")
+        one, two = p["runs"]
+        slow = two["fit_worker_s"] / one["fit_worker_s"]
         lines += ["", f"Ten values on 2 workers vs. 1: the fit stage {p['speedup']['fit_span']:.2f}× as fast, the whole "
                       f"fit job {p['speedup']['job_wall']:.2f}×; bundles byte-identical (tensors and metadata but the "
-                      f"creation time): {'yes' if p['bundles_identical'] else '**no**'}.", ""]
+                      f"creation time): {'yes' if p['bundles_identical'] else '**no**'}. A value's fit took "
+                      f"{slow:.2f}× as long on 2 workers as on 1 (1.00: no CPU contention); at equal speed per value the "
+                      f"fit stage would be {p['speedup']['fit_span'] * slow:.2f}× as fast.", ""]
     m = r.get("synthetic")
     if m:
         cap = (f"{m['cap_mb']:,.0f} MB cgroup ({m['cgroup_peak_mb_incl_page_cache']:,.0f} MB charged at peak)"
@@ -149,6 +153,10 @@ def scaleout(r: dict) -> str:
         lines += ["", f"Whole-job efficiency with {n} workers (one worker's wall / ({n} × this wall)): "
                       f"{_target(e['job_wall'], 0.92)}. Per stage (rows per second of the stage's span, per worker, "
                       f"against one worker's): extract {e['extract']:.2f}, fit {e['fit']:.2f}, steer {e['steer']:.2f}."]
+        if "shard_slowdown" in e:
+            lines.append(f"The same shards took {e['shard_slowdown']:.2f}× as long on {n} workers as on one (1.00: no CPU "
+                         f"contention); at equal shard speed (the workers' mean busy fraction, {n} / 1) the efficiency "
+                         f"would be {e['at_equal_shard_speed']:.2f}.")
     return "\n".join(lines)
 
 
@@ -191,6 +199,10 @@ def bulk_steer(r: dict) -> str:
     lines += ["", f"Driver RSS growth after the warm-up over {big['rows']:,} prompts: "
                   f"{_target_max(big['rss_growth_after_warmup_mb'], 50, ' MB')}. 2 workers / 1 worker: steady "
                   f"{sp['steady']:.2f}×, whole job {sp['whole_job']:.2f}×."]
+    if "shard_slowdown" in sp:
+        lines[-1] += (f" A prompt took {sp['shard_slowdown']:.2f}× as long on the workers with 2 as with 1 (1.00: no CPU "
+                      f"contention); at equal speed per prompt the steady speed-up would be "
+                      f"{sp['steady'] * sp['shard_slowdown']:.2f}×.")
     if "plan_only" in r:
         p = r["plan_only"]
         lines += ["", f"The driver's part of a {p['rows']:,}-row file ({p['file_mb']:,.0f} MB of Parquet) alone: pre-flight "
