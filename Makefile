@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # CPU benchmarks: each writes benchmarks/results/<name>.json, then the tables go into benchmarks/RESULTS.md
-# (about 30 min here). The GPU script is benchmarks/gpu.py, run on a device machine.
+# (about 80 min here). The GPU script is benchmarks/gpu.py, run on a device machine.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 

@@ -5,9 +5,9 @@ the other, and writes ``benchmarks/results/<name>.json`` with its machine, date 
 then renders every results file into the generated block of ``RESULTS.md`` (:mod:`benchmarks.report`).
 A benchmark that fails is reported and the others still run; its old results file, if any, stays.
 
-    python -m benchmarks                 # all of them (about 25 min on a 2-core machine; probe_accuracy not included)
+    python -m benchmarks                 # all of them (about 80 min on a 2-core machine; probe_accuracy not included)
     python -m benchmarks steer fit       # some of them
-    python -m benchmarks --quick         # smaller sizes, to check the suite end to end (a few minutes)
+    python -m benchmarks --quick         # smaller sizes, to check the suite end to end (about 15 min)
     python -m benchmarks --list
 
 The GPU script is separate (``benchmarks/gpu.py``, run on a device machine: it needs no Ray or vLLM).
@@ -29,13 +29,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> (command after the interpreter, extra arguments for --quick). probe_accuracy (issue 2's table,
 # ~15 min of extraction) runs only when named.
+_SMALL_STUDY = ['--data.values=["power", "security"]', "--data.max_prompts_per_value=2", "--steer.max_new_tokens=8",
+                "--utility.max_items=4", "--study.bootstrap=100"]
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "steer": (["-m", "benchmarks.bench_steer"], ["--batch", "8", "--new", "16", "--ref-prompts", "2", "--repeats", "1"]),
     "vllm": (["-m", "benchmarks.bench_vllm", "--repeats", "4"], ["--batch", "8", "--new", "16", "--repeats", "1"]),
-    "extract": (["benchmarks/bench_extract.py"], ["--shards", "4"]),
-    "fit": (["-m", "benchmarks.bench_fit"], ["--skip-model", "--synthetic-gb", "0.1", "--cap-gb", "0.8"]),
+    "extract": (["-m", "benchmarks.bench_extract"], ['--data.values=["power"]']),
+    "fit": (["-m", "benchmarks.bench_fit"], ["--model", "tiny", "--synthetic-gb", "0.1", "--cap-gb", "0.8"]),
     "scaleout": (["-m", "benchmarks.bench_scaleout"], ["--values", "power", "--prompts", "2"]),
-    "large_input": (["-m", "benchmarks.bench_large_input"], ["--prompts", "5000"]),
+    "commit": (["-m", "benchmarks.bench_commit"], ["--shards", "20", "200", "--s3-shards", "20", "--compact-every", "50"]),
+    "bulk_steer": (["-m", "benchmarks.bench_bulk_steer"],
+                   ["--rows", "20000", "--rows-one-worker", "8192", "--rows-per-shard", "2048", "--plan-rows", "100000"]),
+    "study": (["-m", "benchmarks.bench_study", "busy"], _SMALL_STUDY),
+    "models": (["-m", "benchmarks.bench_study", "models"], _SMALL_STUDY),
     "probe_accuracy": (["-m", "benchmarks.probe_accuracy"], []),
 }
 DEFAULT = [n for n in BENCHMARKS if n != "probe_accuracy"]

@@ -1,25 +1,29 @@
-"""Fitting on the driver: probes for every layer and ten values, wall time, peak driver memory, activation volume.
+"""Fitting: ten values as parallel shards on the workers against one worker, and a worker's memory under a cap.
 
-Two measurements, each a real ``fit`` stage (:func:`jobs.fitting.run_fit`, the job's own code) run in a
-fresh child process so its peak RSS is the driver's alone:
+Two measurements:
 
-1. **model**: activations a real ``extract`` stage recorded (default: SmolLM2 on the paper's pairs, all 30
-   layers, ten values, probe gate; ``--activations DIR`` reuses a job's output folder, otherwise the
-   extract job runs once into ``benchmarks/.cache/`` and later runs reuse it, as any job resumes).
+1. **parallel vs. serial** (issue 12): the real ``fit`` job (:func:`jobs.runner.run_job` ``"fit"``: one
+   shard per value, each a worker task that reads only its value's activations) on the same committed
+   activations with 1 worker and with 2 workers, one after the other in one process; the bundles of
+   both runs must be byte-identical. The activations are a real ``extract`` stage (default: SmolLM2 on
+   the paper's pairs, all 30 layers, ten values, probe gate; ``--model tiny`` uses a tiny random model on
+   the demo pairs), written once into ``benchmarks/.cache/`` and reused by later runs, as any job resumes.
 2. **synthetic, under a memory cap**: an activation stage in exactly the extract job's layout (one row
-   group per layer per shard, value-major shards, the model metadata) with Gaussian activations whose
-   classes are separated along a random direction per (value, layer), sized to ``--synthetic-gb`` of
-   float32 activations; the fit runs in a memory cgroup capped at ``--cap-gb`` (below the volume), so it
-   only completes if fitting streams. Where no cgroup can be made (not root, no memory controller) the
-   cap is reported as not enforced and only the peak RSS says how much it needed.
+   group per layer per shard, value-major shards, the model in each record) with Gaussian activations
+   whose classes are separated along a random direction per (value, layer), sized to ``--synthetic-gb``
+   of float32; the workers' own fit function (:func:`workers.shards.fit`) fits all ten values in one
+   child process capped at ``--cap-gb`` (below the volume) by a memory cgroup, so it only completes if
+   the fit streams. Where no cgroup can be made (not root, no memory controller) the cap is reported as
+   not enforced and only the peak RSS says how much it needed.
 
-Usage: ``python -m benchmarks.bench_fit [--activations DIR] [--synthetic-gb 2] [--cap-gb 1] [--skip-model]``.
+Usage: ``python -m benchmarks.bench_fit [--model smollm2|tiny] [--synthetic-gb 2] [--cap-gb 1] [--skip-model]``.
 Writes ``benchmarks/results/fit.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -28,14 +32,16 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import CACHE, RESULTS, activation_shard, machine, open_activations, write_result
+from benchmarks.common import CACHE, RESULTS, activation_shard, job_stages, machine, run_job_planned, stage_figures, write_result
 
 OUT = RESULTS / "fit.json"
 _PAPER = Path(__file__).resolve().parents[2] / "shared" / "data" / "conva"
+_SYNTHETIC_STAGE = "activations"
 
 
 # ----------------------------------------------------------------------------------------------- child side
@@ -48,25 +54,35 @@ def _rss_mb() -> float:
 
 
 def _child(spec: dict) -> dict:
-    """Run one fit stage on ``spec['activations']`` into a fresh folder; return time and memory."""
-    from conva.config import build_config
-    from conva.pipeline import SCHEMA_VERSION
-    from conva.store import open_stage
-    from jobs.fitting import run_fit
+    """Fit every value of the synthetic store with the workers' fit function, as one worker would; time, memory."""
+    from types import SimpleNamespace
 
-    cfg = build_config(spec["config"])
-    acts = open_activations(Path(spec["activations"]))
-    out = Path(spec["out"])
-    shutil.rmtree(out, ignore_errors=True)  # a fresh fit every time: a committed stage would be a no-op
-    stage = open_stage(out, "bundles", {"bench": "fit"}, SCHEMA_VERSION, overwrite=True)
+    from conva.config import Config
+    from conva.pipeline import SCHEMA_VERSION, activation_model
+    from conva.storage import location
+    from conva.store import Stage
+    from conva.values import VALUES
+    from workers.shards import fit
+    from workers.tasks import ShardTask
+
+    acts = Stage.open(location(spec["activations"]), _SYNTHETIC_STAGE, spec["config"], SCHEMA_VERSION,
+                      n_shards=spec["n_shards"])
+    info, layers = activation_model(r.extra["model"] for r in acts.records())
+    bundles = Stage.open(location(spec["out"]), "bundles", {"bench": "fit"}, SCHEMA_VERSION, n_shards=len(VALUES))
+    worker = SimpleNamespace(cfg=Config())  # the fit reads nothing else of its worker
+    files = tuple(acts.parquet_files())
     base = _rss_mb()
     start = time.perf_counter()
-    result = run_fit(cfg, acts, stage, len(acts.manifest.shards))
+    best = []
+    for i, value in enumerate(VALUES):
+        params = {"value": value, "model": info.__dict__, "layers": layers, "dataset_hash": "synthetic"}
+        record = fit(worker, ShardTask("fit", bundles.ref(i, uuid.uuid4().hex[:12]), files=files, params=params))
+        bundles.commit(record)
+        best.append(record.extra["best_test_acc"])
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    probes = stage.dataset().to_table(columns=["value", "test_acc"]).group_by("value").aggregate([("test_acc", "max")])
-    return {"seconds": seconds, "values": result.processed, "rss_after_imports_mb": base, "peak_rss_mb": peak,
-            "best_held_out_acc_min": min(probes.column("test_acc_max").to_pylist())}
+    return {"seconds": seconds, "values": len(best), "rss_after_imports_mb": base, "peak_rss_mb": peak,
+            "best_held_out_acc_min": min(best)}
 
 
 # ---------------------------------------------------------------------------------------------- parent side
@@ -125,46 +141,113 @@ def _run_child(spec: dict, cap: MemoryCap | None = None) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _stage_volume(folder: Path) -> dict:
-    """Rows, layers, width, float32 bytes and on-disk bytes of an activation stage."""
-    from jobs.fitting import recorded_model
+def _stage_volume(stage) -> dict:
+    """Rows, layers, width, float32 bytes and on-disk bytes of a committed activation stage."""
+    from conva.pipeline import activation_model
 
-    acts = open_activations(folder)
-    info, layers = recorded_model(acts)
-    shards, rows = acts.manifest.shards, acts.row_count()
+    records = stage.records()
+    info, layers = activation_model(r.extra["model"] for r in records)
+    rows = stage.row_count()
     return {"activation_rows": rows, "texts": rows // len(layers), "layers": len(layers),
             "hidden": info.hidden_size, "float32_mb": rows * info.hidden_size * 4 / 2**20,
-            "on_disk_mb": sum(s.bytes for s in shards) / 2**20, "shards": len(shards)}
+            "on_disk_mb": sum(o.bytes for r in records for o in r.objects) / 2**20, "shards": len(records)}
 
 
-def model_activations(args: argparse.Namespace) -> tuple[Path, dict]:
-    """A completed extract stage: the one given, or the extract job run once into the cache."""
-    from conva.config import config_dict, load_config
+def model_config(name: str, out: Path, workers: int = 2):
+    """The job config of the parallel-fit measurement: SmolLM2 on the paper's pairs, or a tiny model on the demo's."""
+    from conva.config import load_config
+
+    repo = Path(__file__).resolve().parents[1]
+    if name == "tiny":
+        model, pairs = _tiny_model(), "demo"
+    else:
+        model, pairs = name, (f"paper:{_PAPER}" if _PAPER.is_dir() else "demo")
+    return load_config(repo / "examples" / "demo.toml", [
+        f"--model.name={model}", f"--data.pairs={pairs}", f"--output.dir={out}", "--ray.rows_per_shard=64",
+        f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1"])
+
+
+def _tiny_model() -> str:
+    from conva.tiny import make_tiny_model
+
+    folder = CACHE / "fit-tiny"
+    if not (folder / "config.json").exists():
+        make_tiny_model(folder)
+    return str(folder)
+
+
+def _bundle_digest(out: Path) -> str:
+    """sha256 over every value's bundle: its tensors file and its meta.json without the creation time."""
+    digest = hashlib.sha256()
+    for meta in sorted((out / "bundles").glob("*/meta.json")):
+        fields = {k: v for k, v in json.loads(meta.read_text()).items() if k != "created"}
+        digest.update(meta.parent.name.encode() + json.dumps(fields, sort_keys=True).encode())
+        digest.update((meta.parent / "vectors.safetensors").read_bytes())
+    return digest.hexdigest()
+
+
+def parallel_fit(name: str) -> dict:
+    """The fit job with 1 and then 2 workers on one committed activation stage (extracted once, cached)."""
     from jobs.common import setup_logging
     from jobs.runner import run_job
 
-    if args.activations:
-        folder = Path(args.activations)
-        return folder, json.loads((folder / "config.json").read_text())
-    pairs = f"paper:{_PAPER}" if _PAPER.is_dir() else "demo"
-    folder = CACHE / ("fit-smollm2-paper" if pairs != "demo" else "fit-smollm2-demo")
-    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "demo.toml",
-                      [f"--data.pairs={pairs}", f"--output.dir={folder}", "--ray.rows_per_shard=64"])
     setup_logging()
-    run_job("extract", cfg)  # a no-op when every shard is already committed
-    return folder, config_dict(cfg)
+    folder = CACHE / f"fit-{name}-{'paper' if name != 'tiny' and _PAPER.is_dir() else 'demo'}"
+    run_job("extract", model_config(name, folder))  # a no-op when every shard is already committed
+    report: dict = {"model": name, "runs": []}
+    digests = set()
+    for workers in (1, 2):
+        shutil.rmtree(folder / "bundles", ignore_errors=True)
+        cfg, planned = model_config(name, folder, workers), []
+        start = time.time()
+        [result] = run_job_planned("fit", cfg, planned)
+        wall = time.time() - start
+        stages = job_stages(planned[0])
+        fit = stage_figures(stages["fit"])
+        per_value = [r.worker["finished"] - r.worker["started"] for r in stages["fit"].records()]
+        report["runs"].append({"workers": workers, "wall_s": round(wall, 2), "values": result.processed,
+                               "fit_span_s": fit["span_s"], "fit_worker_s": fit["worker_s"],
+                               "to_first_fit_s": round(fit["first_start"] - start, 2),
+                               "value_s_min": round(min(per_value), 2), "value_s_max": round(max(per_value), 2),
+                               "workers_used": fit["workers"]})
+        digests.add(_bundle_digest(folder))
+        report.setdefault("volume", _stage_volume(stages["extract"]))
+    one, two = report["runs"]
+    report["speedup"] = {"fit_span": round(one["fit_span_s"] / two["fit_span_s"], 3),
+                         "job_wall": round(one["wall_s"] / two["wall_s"], 3)}
+    report["bundles_identical"] = len(digests) == 1
+    return report
 
 
 def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: int, neutral: int,
                           rows_per_shard: int, seed: int = 0) -> dict:
-    """Write an activation stage in the extract job's layout with ``gigabytes`` of float32 activations."""
+    """Write an activation stage in the extract job's layout with ``gigabytes`` of float32 activations.
+
+    Returns what reopens it: its config and shard count. An existing complete stage of the same config is reused.
+    """
     from conva.pipeline import SCHEMA_VERSION
-    from conva.store import open_stage
+    from conva.storage import location
+    from conva.store import Stage, stage_status, write_table_shard
     from conva.values import VALUES
 
     per_text = layers * hidden * 4
     texts = int(gigabytes * 2**30 / per_text)
     pairs = max(8, (texts - neutral) // (4 * len(VALUES)))  # each pair: 2 pair texts + 2 gate texts
+    rows = []
+    for v in VALUES:
+        for i in range(pairs):
+            for label, tag in ((1, "pos"), (0, "neg")):
+                rows.append((f"pairs/{v}/{i:06d}/{tag}", "pairs", v, label, i))
+                rows.append((f"gate/{v}/{i:06d}/{tag}", "gate", v, 1, i))
+    rows += [(f"neutral/{i:06d}", "neutral", None, 0, i) for i in range(neutral)]
+    n_shards = -(-len(rows) // rows_per_shard)
+    config = {"synthetic": {"generator": 3, "gb": gigabytes, "hidden": hidden, "layers": layers, "neutral": neutral,
+                            "rows_per_shard": rows_per_shard, "seed": seed}}
+    where = location(folder)
+    status = stage_status(where, _SYNTHETIC_STAGE, config, SCHEMA_VERSION)
+    if status.exists and not status.mismatch and status.committed == n_shards:
+        return {"config": config, "n_shards": n_shards}
+    stage = Stage.open(where, _SYNTHETIC_STAGE, config, SCHEMA_VERSION, n_shards=n_shards, overwrite=True)
     rng = np.random.default_rng(seed)
 
     def unit() -> np.ndarray:
@@ -174,40 +257,26 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
     probe_dir = {(v, l): unit() for v in VALUES for l in range(layers)}
     gate_dir = {v: unit() for v in VALUES}
     sep = np.linspace(0.5, 4.0, layers).astype(np.float32)  # later layers separate better, as in real models
-    rows = []
-    for v in VALUES:
-        for i in range(pairs):
-            for label, tag in ((1, "pos"), (0, "neg")):
-                rows.append((f"pairs/{v}/{i:06d}/{tag}", "pairs", v, label, i))
-                rows.append((f"gate/{v}/{i:06d}/{tag}", "gate", v, 1, i))
-    rows += [(f"neutral/{i:06d}", "neutral", None, 0, i) for i in range(neutral)]
     meta = {"name": "synthetic", "fingerprint": "synthetic0000000", "hidden_size": hidden, "n_blocks": layers,
             "layers": list(range(layers))}
-    config = {"synthetic": {"generator": 2, "gb": gigabytes, "hidden": hidden, "layers": layers, "neutral": neutral,
-                            "rows_per_shard": rows_per_shard, "seed": seed}}
-    manifest = folder / "activations" / "_manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text())["config"] == config:
-        stage = open_stage(folder, "activations", config, SCHEMA_VERSION)
-        if stage.is_complete(-(-len(rows) // rows_per_shard)):
-            return config
-    stage = open_stage(folder, "activations", config, SCHEMA_VERSION, overwrite=True)
-    for shard, start in enumerate(range(0, len(rows), rows_per_shard)):
-        part = rows[start:start + rows_per_shard]
-        n = len(part)
-        x = rng.standard_normal((layers, n, hidden), dtype=np.float32)
+    for shard in stage.pending():
+        part = rows[shard * rows_per_shard:(shard + 1) * rows_per_shard]
+        x = rng.standard_normal((layers, len(part), hidden), dtype=np.float32)
         for j, (_, dataset, v, label, _) in enumerate(part):
             if dataset == "pairs":
                 x[:, j] += (2 * label - 1) * sep[:, None] * np.stack([probe_dir[v, l] for l in range(layers)])
             elif dataset == "gate":
                 x[:, j] += 1.5 * gate_dir[v]
-        table = activation_shard(part, x, meta)
-        stage.commit(shard, table, row_group_size=n)
-    return config
+        record = write_table_shard(stage.ref(shard, uuid.uuid4().hex[:12]), activation_shard(part, x, meta),
+                                   row_group_size=len(part), extra={"model": meta})
+        stage.commit(record)
+    stage.finish()
+    return {"config": config, "n_shards": n_shards}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--activations", help="a job output folder whose activations stage is complete")
+    ap.add_argument("--model", default="smollm2", help="activations for the parallel fit: smollm2 (paper pairs) or tiny")
     ap.add_argument("--skip-model", action="store_true", help="only the synthetic measurement")
     ap.add_argument("--synthetic-gb", type=float, default=2.0, help="float32 activation volume to fit (GiB)")
     ap.add_argument("--cap-gb", type=float, default=1.0, help="the fit's memory cap (GiB), below the volume")
@@ -220,33 +289,31 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(_child(json.loads(args.child))))
         return {}
 
-    from conva.config import Config, config_dict
-
     report: dict = {**machine(), "benchmark": "fit"}
-    work = Path(tempfile.mkdtemp(prefix="conva-bench-fit-"))
+    if not args.skip_model:
+        report["parallel"] = parallel_fit(args.model)
+    folder = CACHE / "fit-synthetic"
+    t0 = time.perf_counter()
+    opened = synthetic_activations(folder, args.synthetic_gb, args.hidden, args.layers, args.neutral,
+                                   rows_per_shard=256)
+    written = time.perf_counter() - t0
+    work = Path(tempfile.mkdtemp(prefix="fit-", dir=CACHE))
+    cap = MemoryCap(int(args.cap_gb * 2**30))
     try:
-        if not args.skip_model:
-            folder, cfg = model_activations(args)
-            run = _run_child({"activations": str(folder), "config": cfg, "out": str(work / "model")})
-            report["model"] = {"model": cfg["model"]["name"], "pairs": cfg["data"]["pairs"],
-                               "values": len(cfg["data"]["values"]), **_stage_volume(folder), **run}
-        folder = CACHE / "fit-synthetic"
-        t0 = time.perf_counter()
-        synthetic_activations(folder, args.synthetic_gb, args.hidden, args.layers, args.neutral, rows_per_shard=256)
-        written = time.perf_counter() - t0
-        cap = MemoryCap(int(args.cap_gb * 2**30))
-        try:
-            run = _run_child({"activations": str(folder), "config": config_dict(Config()),
-                              "out": str(work / "synthetic")}, cap)
-            peak = cap.peak_bytes()
-        finally:
-            cap.close()
-        report["synthetic"] = {**_stage_volume(folder), "values": 10, "write_s": written, **run,
-                               "cap_mb": args.cap_gb * 1024 if cap.enforced else None,
-                               "cap_why_not": cap.why,
-                               "cgroup_peak_mb_incl_page_cache": peak / 2**20 if peak else None}
+        run = _run_child({"activations": str(folder), **opened, "out": str(work)}, cap)
+        peak = cap.peak_bytes()
     finally:
+        cap.close()
         shutil.rmtree(work, ignore_errors=True)
+    from conva.pipeline import SCHEMA_VERSION
+    from conva.storage import location
+    from conva.store import Stage
+
+    volume = _stage_volume(Stage.open(location(folder), _SYNTHETIC_STAGE, opened["config"], SCHEMA_VERSION,
+                                      n_shards=opened["n_shards"]))
+    report["synthetic"] = {**volume, "write_s": written, **run, "values": run.get("values", 10),
+                           "cap_mb": args.cap_gb * 1024 if cap.enforced else None, "cap_why_not": cap.why,
+                           "cgroup_peak_mb_incl_page_cache": peak / 2**20 if peak else None}
     write_result(OUT, report)
     return report
 

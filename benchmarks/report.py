@@ -30,12 +30,19 @@ def _when(r: dict) -> str:
     cores = f", {m['cores']} cores" if m.get("cores") else ""
     load = m.get("load_avg_1m", r.get("load_average_1min"))
     load = f", load {load:.1f} at start" if isinstance(load, (int, float)) else ""
+    if r.get("load_avg_end"):
+        load += f", {r['load_avg_end'][0]:.1f} at end (5-min {r['load_avg_end'][1]:.1f})"
     return f"{m.get('date', '?')} · {cpu}{cores}{load} · {versions or 'torch ' + str(r.get('torch', '?'))}"
 
 
 def _target(value: float, target: float, unit: str = "") -> str:
     ok = "meets" if value >= target else "**misses**"
     return f"{value:.2f}{unit} ({ok} the target ≥ {target:g}{unit})"
+
+
+def _target_max(value: float, target: float, unit: str = "") -> str:
+    ok = "meets" if value <= target else "**misses**"
+    return f"{value:.2f}{unit} ({ok} the target ≤ {target:g}{unit})"
 
 
 def steer(r: dict) -> str:
@@ -84,63 +91,150 @@ def extract(r: dict) -> str:
         "| path | texts/s |", "|---|---|",
         f"| raw `record_activations`, one process, {r['raw_threads']} threads | {r['raw_texts_per_s']} |",
         f"| raw, 1 thread | {r['raw_1_thread_texts_per_s']} |",
-        f"| Ray extract job, {r['ray_actors']} actors × {r['ray_cpus_per_actor']:g} CPU | {r['ray_texts_per_s']} |",
-        "", f"{r['texts']} texts in {r['shards']} shards, steady state (actor start-up {r['ray_startup_seconds']} s "
-            f"apart). Ray / raw (all threads): {r['ratio']:.2f}; per CPU against a 1-thread raw run: "
+        f"| extract job, {r['ray_actors']} workers × {r['ray_cpus_per_actor']:g} CPU (steady state) | {r['ray_texts_per_s']} |",
+        "", f"{r['texts']} texts in {r['shards']} shards at steady state (each worker's shards after its first; the "
+            f"job took {r['ray_job_wall_seconds']} s, its first shard started {r['ray_startup_seconds']} s in). "
+            f"Job / raw (all threads): {r['ratio']:.2f}; per CPU against a 1-thread raw run: "
             f"{_target(r['ratio_per_cpu'], 0.9)}."])
 
 
 def fit(r: dict) -> str:
-    lines = ["| activations | texts × layers × width | float32 volume | fit wall (10 values) | per (value, layer) "
-             "| driver RSS after imports → peak | memory cap (charged peak) |", "|---|---|---|---|---|---|---|"]
-    for key in ("model", "synthetic"):
-        m = r.get(key)
-        if not m:
-            continue
-        name = f"{m['model']}, {m['pairs'].split(':')[0]} pairs" if key == "model" else "synthetic (Gaussian)"
+    lines = []
+    p = r.get("parallel")
+    if p:
+        v = p["volume"]
+        lines += [f"Activations: {p['model']}, {v['texts']:,} texts × {v['layers']} layers × {v['hidden']} "
+                  f"({v['float32_mb']:,.0f} MB float32, {v['shards']} shards); the `fit` job, one shard per value.", "",
+                  "| workers | fit job wall | fit stage span (first value's start to last value's end) | worker seconds "
+                  "| one value (min–max) | job start to first value |", "|---|---|---|---|---|---|"]
+        for run in p["runs"]:
+            lines.append(f"| {run['workers']} | {run['wall_s']:.1f} s | {run['fit_span_s']:.1f} s | {run['fit_worker_s']:.1f} s "
+                         f"| {run['value_s_min']:.1f}–{run['value_s_max']:.1f} s | {run['to_first_fit_s']:.1f} s |")
+        one, two = p["runs"]
+        slow = two["fit_worker_s"] / one["fit_worker_s"]
+        lines += ["", f"Ten values on 2 workers vs. 1: the fit stage {p['speedup']['fit_span']:.2f}× as fast, the whole "
+                      f"fit job {p['speedup']['job_wall']:.2f}×; bundles byte-identical (tensors and metadata but the "
+                      f"creation time): {'yes' if p['bundles_identical'] else '**no**'}. A value's fit took "
+                      f"{slow:.2f}× as long on 2 workers as on 1 (1.00: no CPU contention); at equal speed per value the "
+                      f"fit stage would be {p['speedup']['fit_span'] * slow:.2f}× as fast.", ""]
+    m = r.get("synthetic")
+    if m:
+        cap = (f"{m['cap_mb']:,.0f} MB cgroup ({m['cgroup_peak_mb_incl_page_cache']:,.0f} MB charged at peak)"
+               if m.get("cap_mb") else f"not enforced ({m.get('cap_why_not')})")
         shape = f"{m['texts']:,} × {m['layers']} × {m['hidden']}"
-        cap = "–"
-        if "cap_mb" in m:
-            cap = (f"{m['cap_mb']:,.0f} MB cgroup ({m['cgroup_peak_mb_incl_page_cache']:,.0f} MB)"
-                   if m["cap_mb"] else f"not enforced ({m['cap_why_not']})")
+        lines += ["A worker's memory: the workers' fit function, ten values one after another in one process under a "
+                  "memory cap, on synthetic (Gaussian) activations:", "",
+                  "| texts × layers × width | float32 volume | fit (10 values) | per (value, layer) "
+                  "| RSS after imports → peak | memory cap |", "|---|---|---|---|---|---|"]
         if m.get("failed"):
-            lines.append(f"| {name} | {shape} | {m['float32_mb']:,.0f} MB | **failed** (exit {m['returncode']}) "
-                         f"| – | – | {cap} |")
-            continue
-        lines.append(f"| {name} | {shape} | {m['float32_mb']:,.0f} MB ({m['on_disk_mb']:,.0f} MB on disk) "
-                     f"| {m['seconds']:.1f} s | {m['seconds'] / (m['values'] * m['layers']) * 1000:.0f} ms "
-                     f"| {m['rss_after_imports_mb']:,.0f} → {m['peak_rss_mb']:,.0f} MB | {cap} |")
-    return "\n".join(lines)
+            lines.append(f"| {shape} | {m['float32_mb']:,.0f} MB | **failed** (exit {m['returncode']}) | – | – | {cap} |")
+        else:
+            lines.append(f"| {shape} | {m['float32_mb']:,.0f} MB ({m['on_disk_mb']:,.0f} MB on disk) | {m['seconds']:.1f} s "
+                         f"| {m['seconds'] / (m['values'] * m['layers']) * 1000:.0f} ms "
+                         f"| {m['rss_after_imports_mb']:,.0f} → {m['peak_rss_mb']:,.0f} MB | {cap} |")
+    return "\n".join(lines).rstrip()
+
+
+def _busy(b: dict) -> str:
+    return f"{b['all']:.2f}"
 
 
 def scaleout(r: dict) -> str:
-    e0, s0 = r["runs"][0]["stages"]["extract"], r["runs"][0]["stages"]["steer"]
-    shard = (f" ({e0['rows_per_shard']}-text shards)", f" ({s0['rows_per_shard']}-prompt shards)") if "rows_per_shard" in e0 else ("", "")
-    lines = [f"| workers | extract texts/s{shard[0]} | steer prompts/s{shard[1]} | fit s (driver) | job wall s | actor start-up s (extract, steer) |",
-             "|---|---|---|---|---|---|"]
+    shard = r["rows_per_shard"]
+    lines = [f"| workers | job wall | extract texts/s ({shard['extract']}-text shards) | fit span (4 values) "
+             f"| steer prompts/s ({shard['steer']}-prompt shards) | job start to first busy worker | model load "
+             "| every worker busy | no worker busy |", "|---|---|---|---|---|---|---|---|---|"]
     for run in r["runs"]:
         s = run["stages"]
-        lines.append(f"| {run['workers']} | {s['extract'].get('texts_per_s', s['extract']['rows_per_s']):.1f} | {s['steer']['rows_per_s']:.2f} "
-                     f"| {s['fit']['seconds']:.1f} | {run['wall_s']:.1f} "
-                     f"| {s['extract']['startup_seconds']:.1f}, {s['steer']['startup_seconds']:.1f} |")
+        lines.append(f"| {run['workers']} | {run['wall_s']:.1f} s | {s['extract']['texts_per_s']:.1f} | {s['fit']['span_s']:.1f} s "
+                     f"| {s['steer']['rows_per_s']:.2f} | {run['to_first_busy_s']:.1f} s | {run['load_s']:.1f} s "
+                     f"| {_busy(run['busy'])} of the wall | {run['idle_all_s']:.1f} s |")
     for n, e in r["efficiency"].items():
-        lines += ["", f"Efficiency with {n} workers (throughput per worker / one worker's): extract "
-                      f"{e['extract']:.2f}, steer {e['steer']:.2f}, whole job (wall) {e['job_wall']:.2f}."]
-    if "driver_commit" in r:
-        c = r["driver_commit"]
-        lines += ["", f"The driver's commit ceiling: {c['mb_per_s']:,.0f} MB/s of activations = {c['texts_per_s']:,.0f} "
-                      f"texts/s of a {c['layers']}-layer × {c['hidden']} model recorded at every layer "
-                      f"({c['shards']} shards of {c['shard_mb']:,.0f} MB: Parquet write, fsync, sha256, manifest)."]
+        lines += ["", f"Whole-job efficiency with {n} workers (one worker's wall / ({n} × this wall)): "
+                      f"{_target(e['job_wall'], 0.92)}. Per stage (rows per second of the stage's span, per worker, "
+                      f"against one worker's): extract {e['extract']:.2f}, fit {e['fit']:.2f}, steer {e['steer']:.2f}."]
+        if "shard_slowdown" in e:
+            lines.append(f"The same shards took {e['shard_slowdown']:.2f}× as long on {n} workers as on one (1.00: no CPU "
+                         f"contention); at equal shard speed (the workers' mean busy fraction, {n} / 1) the efficiency "
+                         f"would be {e['at_equal_shard_speed']:.2f}.")
     return "\n".join(lines)
 
 
-def large_input(r: dict) -> str:
-    return "\n".join([
-        "| prompts | shards | activations through the driver | wall | driver RSS start → first commit → end "
-        "| growth over the last 90 % of shards |", "|---|---|---|---|---|---|",
-        f"| {r['prompts']:,} | {r['shards']:,} | {r['activation_mb_through_driver']:,.0f} MB | {r['seconds']} s "
-        f"({r['rows_per_s']:,} rows/s) | {r['rss_before_job_mb']} → {r['rss_first_commit_mb']} → {r['rss_end_mb']} MB "
-        f"| +{r['growth_after_warmup_mb']} MB RSS, +{r['uss_growth_after_warmup_mb']} MB private |"])
+def commit(r: dict) -> str:
+    lines = ["| storage | shards | driver ms per shard (mean) | median | p99 | slowest (a checkpoint) | commits/s "
+             "| `finish()` | reopen the complete stage |", "|---|---|---|---|---|---|---|---|---|"]
+    for where in ("local", "s3"):
+        if where not in r:
+            continue
+        runs = r[where]["runs"]
+        for i, run in enumerate(runs):
+            again = " (again, last)" if i == len(runs) - 1 else ""
+            lines.append(f"| {'local disk' if where == 'local' else 'S3 (moto, loopback)'} | {run['shards']:,}{again} "
+                         f"| {run['ms_per_shard']:.2f} | {run['median_ms']:.2f} | {run['p99_ms']:.2f} | {run['max_ms']:.0f} ms "
+                         f"| {run['commits_per_s']:,.0f} | {run['finish_s'] * 1000:.0f} ms | {run['reopen_s']:.2f} s |")
+    lines.append("")
+    for where in ("local", "s3"):
+        if where in r:
+            x = r[where]
+            lines.append(f"{'Local' if where == 'local' else 'S3'}: cost per shard at {x['largest']:,} shards / at "
+                         f"{x['smallest']:,} (mean of its two runs): {_target_max(x['ratio'], 1.5)}.")
+    lines.append(f"Log checkpoint every {r['compact_every']:,} records, included in the per-shard cost.")
+    return "\n".join(lines)
+
+
+def bulk_steer(r: dict) -> str:
+    lines = [f"Model: {r['model']}, {r['max_new_tokens']} new token per prompt, batches of {r['batch_size']}, "
+             f"{r['rows_per_shard']:,}-prompt shards; the Parquet file has row groups of {r['row_group']:,}.", "",
+             "| workers | prompts | shards | job wall | prompts/s (whole job) | prompts/s (steady, workers) "
+             "| driver CPU (of one core; per shard) | driver RSS start → after warm-up → peak → end "
+             "| RSS growth after warm-up (USS) |", "|---|---|---|---|---|---|---|---|---|"]
+    for run in r["runs"]:
+        lines.append(f"| {run['workers']} | {run['rows']:,} | {run['shards']:,} | {run['wall_s']:,.0f} s | {run['rows_per_s']:,.0f} "
+                     f"| {run['steady_rows_per_s']:,.0f} | {100 * run['driver_cpu_fraction']:.1f} %; "
+                     f"{run['driver_cpu_ms_per_shard']:.0f} ms | {run['rss_start_mb']:,.0f} → {run['rss_after_warmup_mb']:,.0f} → "
+                     f"{run['rss_peak_mb']:,.0f} → {run['rss_end_mb']:,.0f} MB | +{run['rss_growth_after_warmup_mb']:.1f} MB "
+                     f"(+{run['uss_growth_after_warmup_mb']:.1f} MB) |")
+    big = max(r["runs"], key=lambda x: x["rows"])
+    sp = r["speedup_2_over_1"]
+    lines += ["", f"Driver RSS growth after the warm-up over {big['rows']:,} prompts: "
+                  f"{_target_max(big['rss_growth_after_warmup_mb'], 50, ' MB')}. 2 workers / 1 worker: steady "
+                  f"{sp['steady']:.2f}×, whole job {sp['whole_job']:.2f}×."]
+    if "shard_slowdown" in sp:
+        lines[-1] += (f" A prompt took {sp['shard_slowdown']:.2f}× as long on the workers with 2 as with 1 (1.00: no CPU "
+                      f"contention); at equal speed per prompt the steady speed-up would be "
+                      f"{sp['steady'] * sp['shard_slowdown']:.2f}×.")
+    if "plan_only" in r:
+        p = r["plan_only"]
+        lines += ["", f"The driver's part of a {p['rows']:,}-row file ({p['file_mb']:,.0f} MB of Parquet) alone: pre-flight "
+                      f"plans it (one streaming pass: sha256 and {p['shards']:,} shards' rows) in {p['seconds']:.1f} s, "
+                      f"RSS {p['rss_start_mb']:,.0f} → peak {p['rss_peak_mb']:,.0f} MB (+{p['rss_growth_mb']:.1f} MB)."]
+    return "\n".join(lines)
+
+
+def study(r: dict) -> str:
+    lines = [f"`{r['config']}`" + (f" with {' '.join(r['overrides'])}" if r["overrides"] else "") + ".", "",
+             "| study wall | start to first busy worker | model load | every worker busy | each worker busy "
+             "| no worker busy | after the last shard (outputs, report) |", "|---|---|---|---|---|---|---|",
+             f"| {r['wall_s']:.1f} s | {r['to_first_busy_s']:.1f} s | {r['load_s']:.1f} s | {_target(r['busy']['all'], 0.85)} "
+             f"| {', '.join(f'{x:.2f}' for x in r['busy']['per_worker'].values())} | {r['idle_all_s']:.1f} s "
+             f"| {r['after_last_shard_s']:.1f} s |", "",
+             "| stage | shards | first start → last end (s into the study) | span | worker seconds |", "|---|---|---|---|---|"]
+    for name, s in r["stages"].items():
+        lines.append(f"| {name.split('/', 1)[1]} | {s['shards']} | {s['first_start']:.1f} → {s['last_end']:.1f} "
+                     f"| {s['span_s']:.1f} s | {s['worker_s']:.1f} s |")
+    return "\n".join(lines)
+
+
+def models(r: dict) -> str:
+    lines = [f"`{r['config']}` with {' '.join(r['overrides'])}; two models (SmolLM2 under two names), 2 CPUs.", "",
+             "| way | workers per model | study wall | each model's workers busy from → to (s into the study) "
+             "| overlap | worker slots busy (one per CPU) |", "|---|---|---|---|---|---|"]
+    for way, run in r["runs"].items():
+        windows = "; ".join(f"{m['first_busy_s']:.0f} → {m['last_busy_s']:.0f}" for m in run["models"].values())
+        lines.append(f"| {'concurrent' if way == 'concurrent' else 'one after another'} | {run['workers_per_model']} "
+                     f"| {run['wall_s']:.1f} s | {windows} | {run['models_overlap_s']:.0f} s | {run['slots_busy']:.2f} |")
+    lines += ["", f"One after another / concurrent (wall): {r['sequential_over_concurrent']:.2f}."]
+    return "\n".join(lines)
 
 
 def gpu(r: dict) -> str:
@@ -167,16 +261,55 @@ def probe_accuracy(r: dict) -> str:
     return "\n".join(lines)
 
 
+def scaling(results: dict[str, dict]) -> str | None:
+    """The scaling model's figures from the measured components (``scaleout`` and ``commit``), or None.
+
+    Serial fraction ``s``: the part of the 1-worker job's wall time that is not shard work on its worker
+    (Ray and pre-flight, the worker's start and model load, the gaps between dependent stages, the end).
+    Amdahl: ``E(N) = 1 / (s·N + 1 − s)``. The driver's ceiling: it commits one shard per ``c`` seconds, so
+    N workers whose shards take ``t`` seconds each keep it below its limit while ``N < t / c``.
+    """
+    so, cm = results.get("scaleout"), results.get("commit")
+    if not so:
+        return None
+    one = next(x for x in so["runs"] if x["workers"] == 1)
+    work = sum(s["worker_s"] for s in one["stages"].values())
+    serial = one["wall_s"] - work
+    s = serial / one["wall_s"]
+    amdahl = lambda n: 1 / (s * n + 1 - s)
+    gaps = serial - one["to_first_busy_s"] - one["load_s"]
+    lines = [f"From `scaleout` (1 worker): wall {one['wall_s']:.1f} s = shard work {work:.1f} s + serial {serial:.1f} s "
+             f"(until the worker is first busy {one['to_first_busy_s']:.1f} s: pre-flight, the worker's process start; its "
+             f"model load {one['load_s']:.1f} s; between and after the shards {gaps:.1f} s), so the serial fraction "
+             f"s = {s:.3f}.", "",
+             "| N workers | 2 | 8 | 64 | 256 |", "|---|---|---|---|---|",
+             f"| E(N) = 1 / (s·N + 1 − s), this job | {amdahl(2):.2f} | {amdahl(8):.2f} | {amdahl(64):.2f} | {amdahl(256):.2f} |"]
+    if "2" in so["efficiency"]:
+        lines.append(f"| measured, this job | {so['efficiency']['2']['job_wall']:.2f} | | | |")
+    if cm:
+        lines += ["", "The driver's ceiling, from `commit` (cost per shard at the largest size): the most workers it "
+                      "keeps fed, t / c, for shards of t seconds:", "", "| storage | c (ms per shard) | t = 1 s | t = 5 s "
+                      "| t = 30 s |", "|---|---|---|---|---|"]
+        for where, name in (("local", "local disk"), ("s3", "S3 (moto on loopback)")):
+            if where in cm:
+                c = cm[where]["ms_per_shard_largest"] / 1000
+                lines.append(f"| {name} | {c * 1000:.1f} | {1 / c:,.0f} | {5 / c:,.0f} | {30 / c:,.0f} |")
+    return "\n".join(lines)
+
+
 # Order, title, the command that writes the file, and its renderer.
 SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
-    ("steer", "Single-pass ConVA vs. the paper's procedure; steering overhead (HF)", "python -m benchmarks.bench_steer", steer),
-    ("vllm", "vLLM backend: steering overhead and vLLM vs. HF", "python -m benchmarks.bench_vllm", vllm),
-    ("extract", "Extraction job vs. raw forward passes", "python benchmarks/bench_extract.py", extract),
-    ("fit", "Fitting: ten values, every layer, on the driver", "python -m benchmarks.bench_fit", fit),
-    ("scaleout", "Scale-out: the run job with 1 and 2 workers", "python -m benchmarks.bench_scaleout", scaleout),
-    ("large_input", "Large input through the sharding and commit path", "python -m benchmarks.bench_large_input",
-     large_input),
-    ("probe_accuracy", "Probe accuracy on SmolLM2 with the paper's pairs", "python -m benchmarks.probe_accuracy",
+    ("steer", "Single-pass ConVA vs. the paper's procedure; steering overhead (HF)", "python -m benchmarks steer", steer),
+    ("vllm", "vLLM backend: steering overhead and vLLM vs. HF", "python -m benchmarks vllm", vllm),
+    ("extract", "Extraction job vs. raw forward passes", "python -m benchmarks extract", extract),
+    ("fit", "Fitting: ten values in parallel on 2 workers vs. 1; a worker's memory", "python -m benchmarks fit", fit),
+    ("scaleout", "Scale-out: the run job with 1 and 2 workers", "python -m benchmarks scaleout", scaleout),
+    ("commit", "The driver's cost per committed shard", "python -m benchmarks commit", commit),
+    ("bulk_steer", "Bulk steering: a large Parquet prompt file, driver memory and throughput",
+     "python -m benchmarks bulk_steer", bulk_steer),
+    ("study", "The demo study: how busy the workers are", "python -m benchmarks study", study),
+    ("models", "Two models: concurrent vs. one after another", "python -m benchmarks models", models),
+    ("probe_accuracy", "Probe accuracy on SmolLM2 with the paper's pairs", "python -m benchmarks probe_accuracy",
      probe_accuracy),
     ("gpu", "GPU: the HF backend on random-weight Llama shapes", "timeout 330 python -m benchmarks.gpu (device)", gpu),
 ]
@@ -186,13 +319,17 @@ def render(results: Path = RESULTS) -> str:
     """The generated block: one subsection per results file present in ``results``."""
     parts = [BEGIN, "<!-- generated by `python -m benchmarks` from benchmarks/results/*.json; edits here are "
                     "overwritten -->"]
+    loaded = {}
     for name, title, command, fn in SECTIONS:
         path = results / f"{name}.json"
         if not path.exists():
             continue
-        r = json.loads(path.read_text())
+        r = loaded[name] = json.loads(path.read_text())
         parts += ["", f"### {title}", "", f"`{command}` · {_when(r)} · raw: `benchmarks/results/{name}.json`", "",
                   fn(r)]
+    model = scaling(loaded)
+    if model:
+        parts += ["", "### Scaling model: the serial fraction and the driver's ceiling, from the figures above", "", model]
     parts.append(END)
     return "\n".join(parts)
 
