@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conva report: error: {err}", file=sys.stderr)
         return 2
     print(text)
-    print(f"report: {page}")
+    print(f"report: {page if is_uri(target) else Path(target) / 'report' / 'index.html'}")  # as the user named it
     return 0
 
 

@@ -113,7 +113,9 @@ def fault_plan(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("faults") / "plan.json"
     path.write_text("{}")
     os.environ[PLAN_ENV] = str(path)  # inherited by the raylet, so by every worker
-    os.environ[HOOK_ENV] = "tests.faults:hook"
+    # By file, not module: a job driven from elsewhere (a `conva` subprocess, `ray job submit`) gives
+    # its workers its own sys.path, without this repo's tests package.
+    os.environ[HOOK_ENV] = f"{REPO / 'tests' / 'faults.py'}:hook"
     return path
 
 

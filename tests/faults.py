@@ -1,6 +1,6 @@
 """Fault plans for the reliability tests, run inside the workers as their shard hook (test code only).
 
-The tests' Ray is started with ``CONVA_WORKER_HOOK=tests.faults:hook`` and ``CONVA_TEST_FAULTS=<plan
+The tests' Ray is started with ``CONVA_WORKER_HOOK=<repo>/tests/faults.py:hook`` and ``CONVA_TEST_FAULTS=<plan
 file>`` (see ``tests/conftest.py``); every worker then calls :func:`hook` before each shard, and the hook
 reads the plan the current test wrote. Production workers run no hook at all (:mod:`workers.hooks`).
 

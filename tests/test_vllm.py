@@ -316,10 +316,15 @@ def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:
     model, tok = hf
     items = demo_mc()[:12]
     prompts, answers = mc_prompts(items), [item.answer for item in items]
-    # A gate that opens on half of these questions (the module's gate was set on other prompts).
+    # A gate that opens on about half of these questions (the module's gate was set on other prompts). The
+    # threshold sits in the widest gap between middle scores: a score on the threshold itself (the median)
+    # would open on one backend and close on the other by float noise alone.
     gate = bundles[0].gate
-    scores = gate.scores(record_activations(model, tok, prompts, [GATE_LAYER], chat_template=True)[:, 0])
-    gated = replace(bundles[0], gate=replace(gate, threshold=float(np.median(scores))))
+    scores = np.sort(gate.scores(record_activations(model, tok, prompts, [GATE_LAYER], chat_template=True)[:, 0]))
+    middle = range(len(scores) // 4, 3 * len(scores) // 4)
+    i = max(middle, key=lambda j: scores[j + 1] - scores[j])
+    assert scores[i + 1] - scores[i] > 1e-3, "no gap between the middle scores to put a threshold in"
+    gated = replace(bundles[0], gate=replace(gate, threshold=float(scores[i] + scores[i + 1]) / 2))
     kinds = [SteerSpec("conva", gated), SteerSpec("none"), SteerSpec("caa", bundles[1], strength=3.0),
              SteerSpec("probe_fixed", gated, strength=3.0), SteerSpec("conva", bundles[1], p0=0.9),
              SteerSpec("prompt", gated)]

@@ -17,9 +17,9 @@ work as soon as ``ray.min_workers`` are ready (the rest join when Ray places the
 * **Failures by type, never by message**: a worker's :class:`~workers.errors.ShardError` says ``fatal``
   (the job fails naming the shard), ``transient`` (retried after a backoff, at most
   ``ray.transient_retries`` times) or ``oom`` (retried with batches half as large). A worker that dies
-  or hangs past ``ray.shard_timeout_s`` (then it is killed) is charged to the attempt it was running:
-  Ray runs a worker's calls in submission order, so that is its oldest unfinished call; the shards
-  queued behind it go back uncharged. A shard whose workers died ``ray.max_task_retries + 1`` times
+  or hangs past ``ray.shard_timeout_s`` (then it is killed) is charged to the attempt it was running,
+  which it noted in Ray's GCS as it started (:func:`workers.worker.mark_running`); every other call it
+  held goes back uncharged (a finished call whose reply was lost with the process, the calls queued behind). A shard whose workers died ``ray.max_task_retries + 1`` times
   fails the job.
 
 **Progress** goes to the log as ``<stage>: shard i of N committed, x rows/s, ETA …`` lines, at most every
@@ -49,7 +49,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from conva.store import ShardRecord, ShardRef, Stage
 from workers.tasks import ShardTask, WorkerSpec
-from workers.worker import ModelWorker
+from workers.worker import ModelWorker, running_attempt
 
 __all__ = ["WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerStartError", "Cancelled"]
 
@@ -441,7 +441,10 @@ class _Runner:
                 self._accept(c, record)
         reason = f"died ({_first_line(err)})"
         if failed:
-            blamed = failed[0]  # Ray runs a worker's calls in submission order: the oldest one was running
+            # The attempt the worker noted as started is the one it was running; without a note (it died
+            # before starting one) the oldest: Ray runs a worker's calls in submission order.
+            running = running_attempt(member.info.get("worker", ""))
+            blamed = next((c for c in failed if c.attempt == running), failed[0])
             if blamed.timed_out:
                 reason = f"was killed after {self.pool.settings.shard_timeout_s:g} s on one shard (ray.shard_timeout_s)"
             key = (blamed.run.name, blamed.shard)

@@ -32,7 +32,7 @@ from workers.errors import ShardError, classify
 from workers.hooks import load_hook
 from workers.tasks import ShardTask, WorkerSpec
 
-__all__ = ["ModelWorker", "set_threads"]
+__all__ = ["ModelWorker", "mark_running", "running_attempt", "set_threads"]
 
 _log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class ModelWorker:
         from workers.shards import SHARD_FUNCTIONS
 
         started = time.time()
+        mark_running(self.identity["worker"], task.ref.attempt)
         try:
             if self.hook is not None:
                 self.hook(task, self)
@@ -182,6 +183,35 @@ class ModelWorker:
             self._judge = make_judge(self.spec.judge, values=self.cfg.data.values, model=model, tok=tok,
                                      bundles=bundles, cache_dir=self.spec.judge_cache)
         return self._judge
+
+
+_RUNNING_KEY = "conva:running:{}"
+
+
+def mark_running(worker: str, attempt: str) -> None:
+    """Note in Ray's GCS which attempt ``worker`` is starting, before it starts.
+
+    If the worker then dies, the pool reads the note (:func:`running_attempt`) to charge the death to
+    the shard it was running. Its calls' replies cannot tell: the reply of a call that finished an
+    instant before the death may be lost with the process, and that call then fails like the running
+    one. One small GCS write per shard; nothing outside Ray (a test calling the class directly).
+    """
+    import ray
+    from ray.experimental.internal_kv import _internal_kv_initialized, _internal_kv_put
+
+    if ray.is_initialized() and _internal_kv_initialized():
+        _internal_kv_put(_RUNNING_KEY.format(worker), attempt.encode(), overwrite=True)
+
+
+def running_attempt(worker: str, forget: bool = True) -> str | None:
+    """The attempt ``worker`` last started (:func:`mark_running`), or None; ``forget`` deletes the note."""
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+
+    key = _RUNNING_KEY.format(worker)
+    value = _internal_kv_get(key)
+    if forget:
+        _internal_kv_del(key)
+    return value.decode() if value else None
 
 
 def _identity() -> dict:
