@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m jobs.study --config examples/demo_study.toml
+	$(BIN)/python -m conva.jobs.study --config examples/demo_study.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

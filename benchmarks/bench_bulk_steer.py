@@ -1,6 +1,6 @@
 """Bulk steering: a large Parquet prompt file through the ``steer`` job, with 1 and with 2 workers.
 
-The job is the real one (:func:`jobs.runner.run_job` ``"steer"`` with ``data.prompts`` = the file): the
+The job is the real one (:func:`conva.jobs.runner.run_job` ``"steer"`` with ``data.prompts`` = the file): the
 driver plans the shards from the file in one streaming pass (hash and row-group boundaries), each
 worker reads its own slice, steers it, writes its shard to the output and returns a record; the driver
 commits records. The model is the smallest random model :mod:`conva.tiny` builds (2 blocks, hidden 64,
@@ -16,7 +16,7 @@ Measured per run (one process, one local Ray, the runs one after another):
   (from the first shard's start to the last shard's end, actor side);
 * **the driver's load**: its CPU seconds (user + system) over the job's wall time, and per shard;
 * **the driver's part of a 10M-row input** (``--plan-rows``): the pre-flight's streaming pass over the
-  file (:func:`conva.inputs.plan_input`: hash and shard boundaries), timed, RSS sampled. Steering 10M
+  file (:func:`conva.batch.inputs.plan_input`: hash and shard boundaries), timed, RSS sampled. Steering 10M
   rows through the model takes hours on 2 cores; this shows what the driver does with such a file.
 
 Throughput with 2 workers against 1 shows whether the driver limits it: on this 2-core machine two
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
+import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
 from benchmarks.common import CACHE, RESULTS, RSSSampler, busy_fraction, job_stages, machine, run_job_planned, stage_figures, write_result
 
 OUT = RESULTS / "bulk_steer.json"
@@ -76,7 +76,7 @@ def prompt_file(rows: int) -> Path:
 
 
 def _config(model: str, out: Path, prompts: Path | None, workers: int, args: argparse.Namespace):
-    from conva.config import load_config
+    from conva.batch.config import load_config
 
     return load_config(None, [
         f"--model.name={model}", f"--output.dir={out}", f'--data.values={list(VALUES)!r}'.replace("'", '"'),
@@ -88,7 +88,7 @@ def _config(model: str, out: Path, prompts: Path | None, workers: int, args: arg
 
 def bundles(model: str, out: Path, args: argparse.Namespace) -> None:
     """The bundles the steering reads: the extract and fit jobs on the demo pairs (seconds on this model)."""
-    from jobs.runner import run_job
+    from conva.jobs.runner import run_job
 
     cfg = _config(model, out, None, 2, args)
     run_job("extract", cfg)
@@ -140,9 +140,9 @@ def _memory(samples: list[tuple[float, float, float]], warm: float) -> dict:
 
 
 def plan_only(rows: int, rows_per_shard: int) -> dict:
-    """The driver's part of a ``rows``-row input alone: :func:`conva.inputs.plan_input` (the streaming pass that
+    """The driver's part of a ``rows``-row input alone: :func:`conva.batch.inputs.plan_input` (the streaming pass that
     hashes the file and finds every shard's rows), timed, with the driver's RSS sampled."""
-    from conva.inputs import plan_input
+    from conva.batch.inputs import plan_input
 
     path = prompt_file(rows)
     with RSSSampler(0.2) as rss:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plan-rows", type=int, default=10_000_000,
                     help="also plan (only) an input this large, as the driver's pre-flight does (0: skip)")
     args = ap.parse_args(argv)
-    from jobs.common import setup_logging
+    from conva.jobs.common import setup_logging
 
     setup_logging()
     report: dict = {**machine(), "benchmark": "bulk_steer", "rows_per_shard": args.rows_per_shard,

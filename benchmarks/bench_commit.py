@@ -1,8 +1,8 @@
 """The driver's cost per committed shard at 100, 1,000 and 10,000 shards, on a local folder and on S3.
 
-For each size N a fresh stage is opened (:meth:`conva.store.Stage.open`, the store the jobs use). First,
+For each size N a fresh stage is opened (:meth:`conva.batch.store.Stage.open`, the store the jobs use). First,
 standing in for the workers and not timed, N attempts are written the way a worker writes them
-(:func:`conva.store.write_table_shard` into each attempt's folder: a small steering-shaped table). Then
+(:func:`conva.batch.store.write_table_shard` into each attempt's folder: a small steering-shaped table). Then
 the driver's part is timed, exactly what the stage runner does per shard: ``Stage.commit(record)``
 (append one log object, publish the shard under its final name, delete the attempt folder) and
 ``Stage.compact_if_due()`` (a checkpoint of the whole log every ``COMPACT_EVERY`` records, and the
@@ -48,8 +48,8 @@ def _shard_table(shard: int) -> pa.Table:
 
 def one_size(root, n: int) -> dict:
     """Open a fresh stage of ``n`` shards under ``root``, write every attempt, then time the driver's commits."""
-    import conva.store as store
-    from conva.pipeline import SCHEMA_VERSION
+    import conva.batch.store as store
+    from conva.batch.schemas import SCHEMA_VERSION
 
     stage = store.Stage.open(root, f"commit{n}-{uuid.uuid4().hex[:6]}", {"bench": "commit", "n": n},
                              SCHEMA_VERSION, n_shards=n)
@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compact-every", type=int, default=0,
                     help="records between log checkpoints (0: the store's COMPACT_EVERY); smaller for a quick run")
     args = ap.parse_args(argv)
-    import conva.store as store
-    from conva.storage import location
+    import conva.batch.store as store
+    from conva.batch.storage import location
 
     if args.compact_every:
         store.COMPACT_EVERY = args.compact_every  # read by the store at every commit

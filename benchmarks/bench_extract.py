@@ -2,7 +2,7 @@
 
 Both sides process the same texts in the same batches of the same shards on the same machine:
 
-* **ray**: the real job (:func:`jobs.runner.run_job` ``"extract"``) with ``ray.num_workers`` workers of
+* **ray**: the real job (:func:`conva.jobs.runner.run_job` ``"extract"``) with ``ray.num_workers`` workers of
   ``ray.num_cpus_per_worker`` CPUs each: every worker reads its slice, records the activations, writes
   its shard and returns a record. Steady state is read off the commit log: per worker, the texts of its
   shards after its first one over the time from its first shard's end to its last shard's end (model
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
+import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
 from benchmarks.common import CACHE, RESULTS, job_stages, machine, run_job_planned, write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +76,10 @@ def main() -> None:
     args, overrides = parser.parse_known_args()
     import torch
 
-    from conva.config import load_config
-    from conva.pipeline import extraction_rows
-    from conva.store import shard_ranges
-    from jobs.common import setup_logging
+    from conva.batch.config import load_config
+    from conva.batch.pipeline import extraction_rows
+    from conva.batch.store import shard_ranges
+    from conva.jobs.common import setup_logging
 
     setup_logging()
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Two measurements:
 
-1. **parallel vs. serial** (issue 12): the real ``fit`` job (:func:`jobs.runner.run_job` ``"fit"``: one
+1. **parallel vs. serial** (issue 12): the real ``fit`` job (:func:`conva.jobs.runner.run_job` ``"fit"``: one
    shard per value, each a worker task that reads only its value's activations) on the same committed
    activations with 1 worker and with 2 workers, one after the other in one process; the bundles of
    both runs must be byte-identical. The activations are a real ``extract`` stage (default: SmolLM2 on
@@ -11,7 +11,7 @@ Two measurements:
 2. **synthetic, under a memory cap**: an activation stage in exactly the extract job's layout (one row
    group per layer per shard, value-major shards, the model in each record) with Gaussian activations
    whose classes are separated along a random direction per (value, layer), sized to ``--synthetic-gb``
-   of float32; the workers' own fit function (:func:`workers.shards.fit`) fits all ten values in one
+   of float32; the workers' own fit function (:func:`conva.workers.shards.fit`) fits all ten values in one
    child process capped at ``--cap-gb`` (below the volume) by a memory cgroup, so it only completes if
    the fit streams. Where no cgroup can be made (not root, no memory controller) the cap is reported as
    not enforced and only the peak RSS says how much it needed.
@@ -57,13 +57,14 @@ def _child(spec: dict) -> dict:
     """Fit every value of the synthetic store with the workers' fit function, as one worker would; time, memory."""
     from types import SimpleNamespace
 
-    from conva.config import Config
-    from conva.pipeline import SCHEMA_VERSION, activation_model
-    from conva.storage import location
-    from conva.store import Stage
+    from conva.batch.config import Config
+    from conva.batch.pipeline import activation_model
+    from conva.batch.schemas import SCHEMA_VERSION
+    from conva.batch.storage import location
+    from conva.batch.store import Stage
     from conva.values import VALUES
-    from workers.shards import fit
-    from workers.tasks import ShardTask
+    from conva.workers.shards import fit
+    from conva.workers.tasks import ShardTask
 
     acts = Stage.open(location(spec["activations"]), _SYNTHETIC_STAGE, spec["config"], SCHEMA_VERSION,
                       n_shards=spec["n_shards"])
@@ -143,7 +144,7 @@ def _run_child(spec: dict, cap: MemoryCap | None = None) -> dict:
 
 def _stage_volume(stage) -> dict:
     """Rows, layers, width, float32 bytes and on-disk bytes of a committed activation stage."""
-    from conva.pipeline import activation_model
+    from conva.batch.pipeline import activation_model
 
     records = stage.records()
     info, layers = activation_model(r.extra["model"] for r in records)
@@ -155,7 +156,7 @@ def _stage_volume(stage) -> dict:
 
 def model_config(name: str, out: Path, workers: int = 2):
     """The job config of the parallel-fit measurement: SmolLM2 on the paper's pairs, or a tiny model on the demo's."""
-    from conva.config import load_config
+    from conva.batch.config import load_config
 
     repo = Path(__file__).resolve().parents[1]
     if name == "tiny":
@@ -188,8 +189,8 @@ def _bundle_digest(out: Path) -> str:
 
 def parallel_fit(name: str) -> dict:
     """The fit job with 1 and then 2 workers on one committed activation stage (extracted once, cached)."""
-    from jobs.common import setup_logging
-    from jobs.runner import run_job
+    from conva.jobs.common import setup_logging
+    from conva.jobs.runner import run_job
 
     setup_logging()
     folder = CACHE / f"fit-{name}-{'paper' if name != 'tiny' and _PAPER.is_dir() else 'demo'}"
@@ -225,9 +226,9 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
 
     Returns what reopens it: its config and shard count. An existing complete stage of the same config is reused.
     """
-    from conva.pipeline import SCHEMA_VERSION
-    from conva.storage import location
-    from conva.store import Stage, stage_status, write_table_shard
+    from conva.batch.schemas import SCHEMA_VERSION
+    from conva.batch.storage import location
+    from conva.batch.store import Stage, stage_status, write_table_shard
     from conva.values import VALUES
 
     per_text = layers * hidden * 4
@@ -305,9 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         cap.close()
         shutil.rmtree(work, ignore_errors=True)
-    from conva.pipeline import SCHEMA_VERSION
-    from conva.storage import location
-    from conva.store import Stage
+    from conva.batch.schemas import SCHEMA_VERSION
+    from conva.batch.storage import location
+    from conva.batch.store import Stage
 
     volume = _stage_volume(Stage.open(location(folder), _SYNTHETIC_STAGE, opened["config"], SCHEMA_VERSION,
                                       n_shards=opened["n_shards"]))

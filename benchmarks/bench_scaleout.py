@@ -1,6 +1,6 @@
 """Scale-out: the ``run`` job with 1 and with 2 workers, its whole-job efficiency and how busy the workers were.
 
-The real job (:func:`jobs.runner.run_job` ``"run"``: pre-flight, one pool of model workers that loads
+The real job (:func:`conva.jobs.runner.run_job` ``"run"``: pre-flight, one pool of model workers that loads
 SmolLM2 once per worker and serves extract, fit and steer, commits of records) on the project's demo
 data, each worker one actor of one CPU (one torch thread), into a fresh output folder per run, both runs
 in one process on one local Ray, started (and its first worker process) before either run, as a job on a
@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
+import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
 from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, run_job_planned, stage_figures, warm_ray, write_result
 
 OUT = RESULTS / "scaleout.json"
@@ -45,7 +45,7 @@ EXTRACT_SHARD, STEER_SHARD = 32, 8
 def run_config(workers: int, values: list[str], prompts: int, out: Path, model: str = "smollm2"):
     """The ``run`` job on ``workers`` workers: extraction shards of 32 texts (little per-call overhead),
     steering shards of one batch (8 prompts, so a few dozen prompts keep both workers busy)."""
-    from conva.config import load_config
+    from conva.batch.config import load_config
 
     return load_config(REPO / "examples" / "demo.toml", [
         f"--model.name={model}", f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1",
@@ -69,7 +69,7 @@ def one_run(workers: int, values: list[str], prompts: int, out: Path, model: str
 
 
 def _layers(job) -> list[int]:
-    from conva.pipeline import activation_model
+    from conva.batch.pipeline import activation_model
 
     return activation_model(r.extra["model"] for r in job_stages(job)["extract"].records())[1]
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=8, help="steering prompts per value (4 values × 8: 4 shards)")
     ap.add_argument("--model", default="smollm2")
     args = ap.parse_args(argv)
-    from jobs.common import setup_logging
+    from conva.jobs.common import setup_logging
 
     setup_logging()
     report: dict = {**machine(), "benchmark": "scaleout", "model": args.model, "values": args.values,

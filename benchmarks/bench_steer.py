@@ -3,7 +3,7 @@
 1. ConVA single-pass batched steering vs. the paper's procedure (``reference``: one prompt at a time, one
    forward pass per steered layer), same prompts, prompts/s and the share of identical outputs.
 2. Steering overhead: steered vs. unsteered batched generation, same batch, interleaved repeats.
-3. The same two on the compiled decode path (``mode="compiled"``, :mod:`conva.fast`), after one untimed
+3. The same two on the compiled decode path (``mode="compiled"``, :mod:`conva.steering.compiled`), after one untimed
    call per shape that compiles (its time is reported apart), and its tokens against the eager path's.
 
 Usage: ``python -m benchmarks.bench_steer [--model smollm2] [--batch 32] [--new 100] [--layers 16]
@@ -21,7 +21,8 @@ from benchmarks.common import RESULTS, machine, write_result
 from conva.bundle import ValueBundle
 from conva.data import demo_prompts
 from conva.models import load_model, model_fingerprint
-from conva.steer import SteerSpec, generate
+from conva.steering.hf import generate
+from conva.steering.spec import SteerSpec
 
 OUT = RESULTS / "steer.json"
 

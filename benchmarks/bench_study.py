@@ -1,6 +1,6 @@
 """The study job: how busy its workers are, and two models run concurrently against one after another.
 
-Two measurements, each the real study (:func:`jobs.study.run_study`: per model one pool of model workers
+Two measurements, each the real study (:func:`conva.jobs.study.run_study`: per model one pool of model workers
 serving extract, fit, steer, evaluate, utility and agreement, then the outputs rebuilt by a Ray task)
 into a fresh output folder, in one process on one local Ray started (with its first worker process) before
 the timed runs, as a study submitted to a cluster finds Ray running:
@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
+import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
 from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, run_study_planned, stage_figures, warm_ray, write_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ MODELS_DEFAULT = ['--data.values=["power", "benevolence", "achievement", "univer
 
 def run_study_measured(overrides: list[str], out: Path) -> dict:
     """The study with ``overrides`` into ``out``: wall time, busy figures and each model's stages."""
-    from conva.study import load_study
+    from conva.batch.study import load_study
 
     study, planned = load_study(DEMO, [*overrides, f"--output.dir={out}"]), []
     job = measure_job(lambda: run_study_planned(study, planned), planned)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("busy", "models"))
     args, overrides = ap.parse_known_args(argv)
-    from jobs.common import setup_logging
+    from conva.jobs.common import setup_logging
 
     setup_logging()
     CACHE.mkdir(parents=True, exist_ok=True)

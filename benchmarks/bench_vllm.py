@@ -14,8 +14,9 @@ from benchmarks.bench_steer import synthetic_bundle
 from benchmarks.common import RESULTS, machine, write_result
 from conva.data import demo_prompts
 from conva.models import load_model
-from conva.steer import SteerSpec, generate
-from conva.vllm_backend import EngineSettings, VLLMSteerer
+from conva.steering.hf import generate
+from conva.steering.spec import SteerSpec
+from conva.steering.vllm import EngineSettings, VLLMSteerer
 
 OUT = RESULTS / "vllm.json"
 

@@ -5,7 +5,7 @@
   actor-side ``(worker, start, end)`` intervals a pool records (``job.extra["busy"]``).
 * :func:`measure_job`: a job's wall time and its workers' busy figures, from the job(s) it planned.
 * :func:`stage_figures`: per stage of a finished job, its shards' actor-side span, rows and worker time,
-  read from the commit log (each committed :class:`~conva.store.ShardRecord` says who ran it and when).
+  read from the commit log (each committed :class:`~conva.batch.store.ShardRecord` says who ran it and when).
 * :class:`RSSSampler`: a process's memory, sampled in a thread while a job runs.
 * :func:`activation_shard`: a table in the extract job's activation layout (for synthetic stores).
 """
@@ -126,7 +126,7 @@ def warm_ray() -> float:
     """
     import ray
 
-    from jobs.common import connect_ray
+    from conva.jobs.common import connect_ray
 
     start = time.perf_counter()
     connect_ray()
@@ -139,9 +139,9 @@ def _nothing() -> None:
 
 
 def job_stages(job) -> dict:
-    """The stages of a finished :class:`jobs.preflight.ModelJob`, opened as the job opened them (writes nothing
+    """The stages of a finished :class:`conva.jobs.preflight.ModelJob`, opened as the job opened them (writes nothing
     when every stage is complete)."""
-    from jobs.stages import open_stages
+    from conva.jobs.stages import open_stages
 
     return open_stages(job.out, list(job.specs), False)
 
@@ -162,11 +162,11 @@ def stage_figures(stage) -> dict:
 
 
 def run_job_planned(job: str, cfg, planned: list) -> list:
-    """:func:`jobs.runner.run_job` ``job`` with ``cfg``, appending its pre-flight plan (a ``ModelJob``) to
+    """:func:`conva.jobs.runner.run_job` ``job`` with ``cfg``, appending its pre-flight plan (a ``ModelJob``) to
     ``planned``: once the run is done, the plan's ``extra`` holds the workers' busy intervals and model loads."""
-    from jobs.common import output_location
-    from jobs.preflight import plan_job
-    from jobs.runner import JOBS, run_planned
+    from conva.jobs.common import output_location
+    from conva.jobs.preflight import plan_job
+    from conva.jobs.runner import JOBS, run_planned
 
     cfg, out = output_location(cfg)
     plan = plan_job(cfg, out, JOBS[job], False)
@@ -175,11 +175,11 @@ def run_job_planned(job: str, cfg, planned: list) -> list:
 
 
 def run_study_planned(study, planned: list):
-    """:func:`jobs.study.run_study` on ``study``, appending each model's planned ``ModelJob`` to ``planned``."""
+    """:func:`conva.jobs.study.run_study` on ``study``, appending each model's planned ``ModelJob`` to ``planned``."""
     from dataclasses import replace
 
-    from jobs.common import output_location
-    from jobs.study import run_study, study_jobs
+    from conva.jobs.common import output_location
+    from conva.jobs.study import run_study, study_jobs
 
     cfg, out = output_location(study.job)
     models = study_jobs(replace(study, job=cfg), out, False)
@@ -268,8 +268,8 @@ def activation_shard(texts: list[tuple], x, model_meta: dict | None = None):
     import numpy as np
     import pyarrow as pa
 
-    from conva.pipeline import activation_schema
-    from workers.shards import MODEL_META_KEY
+    from conva.batch.schemas import activation_schema
+    from conva.workers.shards import MODEL_META_KEY
 
     layers, n, hidden = x.shape
     cols = list(zip(*texts))

@@ -5,8 +5,8 @@ Per shape (8B-like: 32 layers, d=4096; 1B-like: 16 layers, d=2048), side by side
 1. Extraction: :func:`conva.record.record_activations` (last-token residual of every block, to the CPU)
    vs. plain forward passes of the same batches (B=32 × 256 tokens).
 2. Generation, 64-token prompts, 64 new tokens, 16 steered layers (ConVA, every row steered), batch 32
-   and 128: HF eager (:func:`conva.steer.generate`) plain and steered, and the fast path
-   (:class:`conva.fast.FastSteering`: static cache, compiled decode with CUDA graphs, steering in the
+   and 128: HF eager (:func:`conva.steering.hf.generate`) plain and steered, and the fast path
+   (:class:`conva.steering.compiled.FastSteering`: static cache, compiled decode with CUDA graphs, steering in the
    graph) plain (no steered layers) and steered. Tokens/s count ``batch × new tokens`` over the whole
    call (prefill included). The fast path's first call (compile) is timed apart.
 3. The decode roofline: weight bytes read per step over the card's bandwidth, measured with a large
@@ -37,9 +37,10 @@ from torch._dynamo.utils import counters
 
 from benchmarks.bench_steer import synthetic_bundle
 from benchmarks.common import RESULTS, machine
-from conva.fast import FastSteering
+from conva.steering.compiled import FastSteering
 from conva.record import record_activations
-from conva.steer import SteerSpec, generate
+from conva.steering.hf import generate
+from conva.steering.spec import SteerSpec
 from conva.tiny import make_tiny_tokenizer, tiny_corpus
 
 

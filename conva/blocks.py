@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["find_blocks", "block_hooks", "BlockFn"]
+__all__ = ["find_blocks", "block_hooks", "hidden_of", "with_hidden", "BlockFn"]
 
 # Attribute paths of the block list, tried in order: Llama/Mistral/Qwen2/Gemma/Phi (model.layers),
 # GPT-2/GPT-J/Falcon/Bloom (transformer.h), GPT-NeoX (gpt_neox.layers), OPT (model.decoder.layers).
@@ -44,12 +44,12 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def _hidden_of(output: object) -> torch.Tensor:
+def hidden_of(output: object) -> torch.Tensor:
     # transformers 5.x blocks return a Tensor; 4.x returned a tuple whose first item is the hidden state.
     return output if isinstance(output, torch.Tensor) else output[0]  # type: ignore[index]
 
 
-def _with_hidden(output: object, hidden: torch.Tensor) -> object:
+def with_hidden(output: object, hidden: torch.Tensor) -> object:
     if isinstance(output, torch.Tensor):
         return hidden
     return (hidden, *output[1:])  # type: ignore[index]
@@ -79,7 +79,7 @@ def block_hooks(model: nn.Module, fns: dict[int, BlockFn]) -> Iterator[None]:
 
 def _adapter(index: int, fn: BlockFn) -> Callable[[nn.Module, object, object], object]:
     def hook(_module: nn.Module, _args: object, output: object) -> object:
-        new = fn(index, _hidden_of(output))
-        return None if new is None else _with_hidden(output, new)
+        new = fn(index, hidden_of(output))
+        return None if new is None else with_hidden(output, new)
 
     return hook

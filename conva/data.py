@@ -160,7 +160,7 @@ def read_records(path: str | Path) -> Iterator[Record]:
 def jsonl_records(data: bytes, first_row: int = 1) -> Iterator[Record]:
     """The records of JSON Lines bytes (lines end with ``\n``; blank lines are not rows), numbered from ``first_row``.
 
-    A slice of a file (whole lines, see :mod:`conva.inputs`) gives the same records as the whole file.
+    A slice of a file (whole lines, see :mod:`conva.batch.inputs`) gives the same records as the whole file.
     """
     row = first_row - 1
     for raw in data.split(b"\n"):
@@ -185,7 +185,7 @@ def csv_records(data: bytes, path: str | Path, header: Sequence[str] | None = No
                 first_row: int = 1) -> Iterator[Record]:
     """The records of CSV bytes, numbered from ``first_row`` (the header is not a row).
 
-    With ``header`` the bytes hold data rows only (a slice of a file, see :mod:`conva.inputs`).
+    With ``header`` the bytes hold data rows only (a slice of a file, see :mod:`conva.batch.inputs`).
     """
     lines = data.splitlines(keepends=True)
     bad_lines: dict[int, str] = {}

@@ -58,9 +58,9 @@ def _from_folder(folder: Path, dtype: str) -> str:
 
 
 def _final_norm(model):
-    from conva.models import _FINAL_NORM_NAMES
+    from conva.models import FINAL_NORM_NAMES
 
-    for name in _FINAL_NORM_NAMES:
+    for name in FINAL_NORM_NAMES:
         module = getattr(model.base_model, name, None)
         if getattr(module, "weight", None) is not None:
             return module

@@ -10,7 +10,7 @@ knows how far to trust the control success rates computed from it.
   out ``test_size`` of the pairs and its agreement is measured on those.
 * ``probe``: the value's own probe (from the bundle) applied to the **unsteered** model's activation of
   ``prompt + answer`` at the layer with the best validation accuracy.
-* ``llm``: any OpenAI-compatible chat endpoint with the paper's expert prompt; see :mod:`conva.llm_client`
+* ``llm``: any OpenAI-compatible chat endpoint with the paper's expert prompt; see :mod:`conva.batch.llm_client`
   (a stdlib client) for retries, the concurrency limit and the on-disk cache. The API key is read from the environment
   variable that ``api_key_env`` names, only when a request is sent.
 
@@ -30,12 +30,11 @@ import numpy as np
 
 from conva import data as D
 from conva.bundle import ValueBundle
-from conva.llm_client import ChatClient
 from conva.probes import ProbeSettings, split_indices
 from conva.values import definition
 
 __all__ = [
-    "JUDGE_KINDS", "JudgeSettings", "Verdict", "Judge", "JUDGES", "register_judge", "make_judge", "judge_pairs",
+    "JUDGE_KINDS", "JudgeSettings", "Verdict", "Judge", "Chat", "JUDGES", "register_judge", "make_judge", "judge_pairs",
     "heldout_pairs", "ClassifierJudge", "ProbeJudge", "LLMJudge", "value_prompt", "fluency_prompt", "parse_verdict",
     "parse_rating",
 ]
@@ -86,6 +85,9 @@ class Judge(Protocol):
     def agreement(self, pairs: Sequence[D.Pair], prompts: Sequence[str] | None = None) -> dict[str, float]: ...
 
 
+# A chat endpoint as the ``llm`` judge calls it: requests (each a list of chat messages) and a token budget
+# in, one reply per request out. The batch layer's HTTP client is one (:func:`conva.batch.llm_client.judge_chat`).
+Chat = Callable[[Sequence[list[dict[str, str]]], int], list[str]]
 JudgeFactory = Callable[..., Judge]
 JUDGES: dict[str, JudgeFactory] = {}
 JUDGE_KINDS = ("classifier", "probe", "llm")
@@ -100,11 +102,11 @@ def register_judge(name: str) -> Callable[[JudgeFactory], JudgeFactory]:
 
 
 def make_judge(settings: JudgeSettings, *, values: Sequence[str], model=None, tok=None,
-               bundles: dict[str, ValueBundle] | None = None, cache_dir: str = "") -> Judge:
-    """Build the judge ``settings.kind`` names. ``probe`` needs the model and the bundles; ``llm`` an endpoint."""
+               bundles: dict[str, ValueBundle] | None = None, chat: Chat | None = None) -> Judge:
+    """Build the judge ``settings.kind`` names. ``probe`` needs the model and the bundles; ``llm`` a ``chat``."""
     if settings.kind not in JUDGES:
         raise ValueError(f"judge.kind: unknown judge {settings.kind!r}; registered: {', '.join(sorted(JUDGES))}")
-    return JUDGES[settings.kind](settings, values=values, model=model, tok=tok, bundles=bundles, cache_dir=cache_dir)
+    return JUDGES[settings.kind](settings, values=values, model=model, tok=tok, bundles=bundles, chat=chat)
 
 
 def judge_pairs(settings: JudgeSettings, value: str) -> list[D.Pair]:
@@ -183,7 +185,7 @@ class ClassifierJudge:
 
 @register_judge("classifier")
 def _classifier(settings: JudgeSettings, *, values: Sequence[str], model, tok, bundles: dict[str, ValueBundle] | None,
-                cache_dir: str) -> Judge:
+                chat: Chat | None) -> Judge:
     return ClassifierJudge(settings, values)
 
 
@@ -225,7 +227,7 @@ class ProbeJudge:
 
 @register_judge("probe")
 def _probe(settings: JudgeSettings, *, values: Sequence[str], model, tok, bundles: dict[str, ValueBundle] | None,
-           cache_dir: str) -> Judge:
+           chat: Chat | None) -> Judge:
     if model is None or tok is None or not bundles:
         raise ValueError("judge.kind = 'probe' needs the loaded model and the fitted bundles")
     return ProbeJudge(settings, model, tok, bundles)
@@ -281,23 +283,17 @@ class LLMJudge:
 
     name = "llm"
 
-    def __init__(self, settings: JudgeSettings, cache_dir: str = "") -> None:
-        if not settings.base_url or not settings.model:
-            raise ValueError("judge.kind = 'llm' needs judge.base_url and judge.model")
-        self.settings = settings
-        self.client = ChatClient(settings.base_url, settings.model, api_key_env=settings.api_key_env,
-                                 max_concurrency=settings.max_concurrency, max_retries=settings.max_retries,
-                                 backoff_s=settings.backoff_s, timeout_s=settings.timeout_s,
-                                 cache_dir=settings.cache_dir or cache_dir or None)
+    def __init__(self, settings: JudgeSettings, chat: Chat) -> None:
+        self.settings, self.chat = settings, chat
 
     def judge(self, values: Sequence[str], prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
         requests = [value_prompt(v, p, a or "") for v, p, a in zip(values, prompts, answers)]
-        replies = self.client.complete_many(requests, max_tokens=self.settings.max_tokens)
+        replies = self.chat(requests, self.settings.max_tokens)
         return [Verdict(parse_verdict(r), None, r) for r in replies]
 
     def fluency(self, answers: Sequence[str]) -> list[float | None]:
         """Grammaticality ratings 1-5 (None where the reply holds no digit)."""
-        replies = self.client.complete_many([fluency_prompt(a or "") for a in answers], max_tokens=4)
+        replies = self.chat([fluency_prompt(a or "") for a in answers], 4)
         return [parse_rating(r) for r in replies]
 
     def agreement(self, pairs: Sequence[D.Pair], prompts: Sequence[str] | None = None) -> dict[str, float]:
@@ -306,5 +302,7 @@ class LLMJudge:
 
 @register_judge("llm")
 def _llm(settings: JudgeSettings, *, values: Sequence[str], model, tok, bundles: dict[str, ValueBundle] | None,
-         cache_dir: str) -> Judge:
-    return LLMJudge(settings, cache_dir)
+         chat: Chat | None) -> Judge:
+    if chat is None:
+        raise ValueError("judge.kind = 'llm' needs a chat endpoint (conva.batch.llm_client.judge_chat)")
+    return LLMJudge(settings, chat)

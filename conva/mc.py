@@ -4,7 +4,7 @@ The MMLU CSV layout has no header and six columns: ``question, A, B, C, D, answe
 project ships a small self-written set in that layout (``conva/demo_data/mc.csv``). A question is
 asked 0-shot or k-shot (the first k *other* questions with their answers, MMLU-style), and the answer is
 the letter whose token gets the highest logit at the last prompt token, read **with the steering and the
-gate active** through :func:`conva.steer.steer_logits`: so a gate that opens on a neutral question
+gate active** through :func:`conva.steering.hf.steer_logits`: so a gate that opens on a neutral question
 shows up as a change in accuracy.
 
 Example:
@@ -117,10 +117,10 @@ def letter_token_ids(tok) -> list[list[int]]:
 
 def score_mc(model, tok, prompts: Sequence[str], answers: Sequence[str], specs: Sequence, *,
              chat_template: bool = True, positions: str = "all", batch_size: int = 8) -> list[MCRow]:
-    """Answer each prompt by the best letter logit under its :class:`~conva.steer.SteerSpec` (gate active)."""
+    """Answer each prompt by the best letter logit under its :class:`~conva.steering.spec.SteerSpec` (gate active)."""
     import torch
 
-    from conva.steer import steer_logits
+    from conva.steering.hf import steer_logits
 
     if not len(answers) == len(prompts) == len(specs):
         raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(specs)} specs must match")

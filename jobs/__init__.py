@@ -1,7 +1,7 @@
-"""Thin entrypoints wiring a config to Ray workers: the ``conva`` command (:mod:`jobs.cli`), ``python -m jobs.run`` ….
+"""Thin entrypoints wiring a config to Ray workers: the ``conva`` command (:mod:`conva.jobs.cli`), ``python -m conva.jobs.run`` ….
 
 Each runs unchanged locally (an embedded Ray bound to 127.0.0.1) and on a cluster
-(``ray job submit --working-dir . -- python -m jobs.run --config FILE``, where ``RAY_ADDRESS`` is set).
+(``ray job submit --working-dir . -- python -m conva.jobs.run --config FILE``, where ``RAY_ADDRESS`` is set).
 """
 
 # Every command of the ``conva`` CLI, with its one line of help (``conva --help``, each command's own help).

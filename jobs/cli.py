@@ -1,6 +1,6 @@
 """The ``conva`` command: ``conva <command> --config FILE [--section.key=value ...]``; ``conva --help`` lists them.
 
-``validate`` runs the run's own pre-flight (:func:`jobs.preflight.plan_job`) without writing anything,
+``validate`` runs the run's own pre-flight (:func:`conva.jobs.preflight.plan_job`) without writing anything,
 loading a model or starting Ray: the config, the model's existence, the inputs (a prompts file is
 screened row by row), the output (writable, not held by another driver, and its committed config), and
 then says what a run would do: shards committed and pending per stage, the bad rows by reason, the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs import COMMANDS
+from conva.jobs import COMMANDS
 
 __all__ = ["main", "validate", "config"]
 
@@ -35,10 +35,10 @@ def _help() -> str:
 
 def validate(argv: list[str] | None = None) -> int:
     """Check a config for ``--job`` (default ``run``) as the run would, writing nothing; 0 if it would start."""
-    from conva.lease import LeaseError, OutputLease
-    from jobs.common import EXPECTED_ERRORS, job_parser, output_location, parse_args, setup_logging
-    from jobs.preflight import plan_job
-    from jobs.runner import JOBS
+    from conva.batch.lease import LeaseError, OutputLease
+    from conva.jobs.common import EXPECTED_ERRORS, job_parser, output_location, parse_args, setup_logging
+    from conva.jobs.preflight import plan_job
+    from conva.jobs.runner import JOBS
 
     parser = job_parser("conva validate", COMMANDS["validate"] + "; exits non-zero exactly when `conva run` would "
                         "refuse before its workers start.")
@@ -63,7 +63,7 @@ def validate(argv: list[str] | None = None) -> int:
 
 def _report(job, overwrite: bool) -> tuple[list[str], int]:
     """What a run of ``job`` would do, in lines for ``validate``, and how many shards it would run."""
-    from jobs.preflight import stage_plans
+    from conva.jobs.preflight import stage_plans
 
     plans = stage_plans(job, overwrite)
     width = max((len(p.spec.folder) for p in plans), default=0)
@@ -99,7 +99,9 @@ def _input_rows(spec) -> str:
 
 def config(argv: list[str] | None = None) -> int:
     """``conva config --explain [SECTION]``: every key of the config (or of one section), documented."""
-    from conva.configdoc import UnknownSectionError, explain
+    from conva.batch.config import CHOICES, Config
+    from conva.batch.configdoc import UnknownSectionError, explain
+    from conva.batch.study import StudyConfig
 
     parser = argparse.ArgumentParser(prog="conva config", description=COMMANDS["config"] + ". A job config has the "
                                      "sections model … ray; a study config adds study, judge, utility and fluency.")
@@ -107,7 +109,7 @@ def config(argv: list[str] | None = None) -> int:
                         help="print every key (of SECTION only, if given) with its type, default and meaning")
     args = parser.parse_args(argv)
     try:
-        print(explain(args.explain or None), end="")
+        print(explain((Config, StudyConfig), CHOICES, args.explain or None), end="")
     except UnknownSectionError as err:
         print(f"conva config: error: {err}", file=sys.stderr)
         return 2
@@ -130,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if command == "config":
         return config(rest)
     if command == "study":
-        from jobs.study import main as study_main
+        from conva.jobs.study import main as study_main
 
         return study_main(rest)
     if command == "report":
-        from conva.report import main as report_main
+        from conva.batch.report import main as report_main
 
         return report_main(rest)
-    from jobs.runner import main as run_main
+    from conva.jobs.runner import main as run_main
 
     return run_main(command, rest)
 

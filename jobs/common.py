@@ -23,13 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from conva.bundle import BundleError
-from conva.config import Config, ConfigError, config_dict, load_config
+from conva.batch.config import Config, ConfigError, config_dict, load_config
 from conva.data import DataError
-from conva.lease import LeaseError
+from conva.batch.lease import LeaseError
 from conva.models import ModelNotFoundError
-from conva.storage import Location, is_uri, location
-from conva.store import StoreError
-from jobs import COMMANDS
+from conva.batch.storage import Location, is_uri, location
+from conva.batch.store import StoreError
+from conva.jobs import COMMANDS
 
 __all__ = ["JobError", "EXPECTED_ERRORS", "parse_args", "output_location", "setup_logging", "run_log", "write_config",
            "connect_ray", "log_config", "under_job_submission", "log_context", "Interrupted", "interrupts",
@@ -150,11 +150,13 @@ CONFIG_HELP = ("Config keys: any --section.key=value overrides the config file, 
 
 def job_parser(prog: str, description: str, *, study: bool = False) -> argparse.ArgumentParser:
     """The argument parser of a job command (``conva run`` …): its flags, and every config key in its help."""
-    from conva.configdoc import key_index
+    from conva.batch.config import Config
+    from conva.batch.configdoc import key_index
+    from conva.batch.study import StudyConfig
 
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"{textwrap.fill(CONFIG_HELP, 100)}\n{key_index(study)}\n",
+                                     epilog=f"{textwrap.fill(CONFIG_HELP, 100)}\n{key_index(*((Config, StudyConfig) if study else (Config,)))}\n",
                                      usage=f"{prog} --config FILE [--section.key=value ...] [options]")
     parser.add_argument("--config", required=True, metavar="FILE", help="the job's TOML or YAML config")
     parser.add_argument("--overwrite", action="store_true",

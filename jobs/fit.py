@@ -1,8 +1,8 @@
-"""`python -m jobs.fit --config FILE [--section.key=value ...] [--overwrite]`: fit the value bundles on the driver (see jobs.runner)."""
+"""`python -m conva.jobs.fit --config FILE [--section.key=value ...] [--overwrite]`: fit the value bundles on the driver (see conva.jobs.runner)."""
 
 import sys
 
-from jobs.runner import main
+from conva.jobs.runner import main
 
 if __name__ == "__main__":
     sys.exit(main("fit"))

@@ -22,17 +22,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from conva.badrows import RowTally
+from conva.batch.badrows import RowTally
 from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
-from conva.config import RESULT_NEUTRAL_KEYS, Config, config_dict
+from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.data import DataError
-from conva.inputs import plan_input, table_sha256
+from conva.batch.inputs import plan_input, table_sha256
 from conva.models import ModelNotFoundError, check_model, model_name
-from conva.pipeline import SCHEMA_VERSION, extraction_rows, steering_rows, steering_rows_from_records
-from conva.storage import Location
-from conva.store import stage_status
-from jobs.common import JobError
-from jobs.stages import (ACTIVATION_KEYS, BUNDLE_KEYS, STAGE_DIRS, GeneratedInput, StageSpec, check_stages, run_config,
+from conva.batch.pipeline import extraction_rows, steering_rows, steering_rows_from_records
+from conva.batch.schemas import SCHEMA_VERSION
+from conva.batch.storage import Location
+from conva.batch.store import stage_status
+from conva.jobs.common import JobError
+from conva.jobs.stages import (ACTIVATION_KEYS, BUNDLE_KEYS, STAGE_DIRS, GeneratedInput, StageSpec, check_stages, run_config,
                          select, shard_config)
 
 __all__ = ["ModelJob", "StagePlan", "plan_job", "stage_plans", "check_error_fraction", "check_nodes", "check_output",
@@ -240,7 +241,7 @@ def worker_inputs(cfg: Config) -> tuple[str, ...]:
 
 def check_backend_settings(cfg: Config) -> None:
     """The steering backend can be built here and supports the worker shape asked for."""
-    from workers.backends import check_backend
+    from conva.workers.backends import check_backend
 
     try:
         check_backend(cfg.steer.backend)
@@ -327,7 +328,7 @@ def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list
 
     import ray
 
-    from conva.storage import Location as Loc
+    from conva.batch.storage import Location as Loc
 
     problems: list[str] = []
     try:
@@ -350,7 +351,7 @@ def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list
     for source in reads:
         try:
             from conva.data import data_files
-            from conva.storage import location
+            from conva.batch.storage import location
 
             for file in data_files(source):
                 with location(file).fs.open_input_stream(location(file).path) as stream:

@@ -1,7 +1,7 @@
 """One job from the command line to its outputs: parse, pre-flight, lease, open the stages, run them, publish.
 
 Order matters for "fail fast, write nothing": everything that can be checked without a model is
-checked first (:func:`jobs.preflight.plan_job`); then the output's lease is taken (a second driver is
+checked first (:func:`conva.jobs.preflight.plan_job`); then the output's lease is taken (a second driver is
 refused); only then are the stages opened, ``config.json`` and ``run.log`` written, Ray joined, every
 node checked, and the workers started, last, and not at all when every shard is already committed.
 One pool of model workers serves all the job's stages (:func:`run_model`).
@@ -18,16 +18,16 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
-from conva.badrows import RowTally
-from conva.config import Config
-from conva.lease import OutputLease
-from conva.store import ShardRecord, Stage, stage_status
-from jobs.common import (COMMANDS, EXPECTED_ERRORS, connect_ray, interrupted, interrupts, log_config,
+from conva.batch.badrows import RowTally
+from conva.batch.config import Config
+from conva.batch.lease import OutputLease
+from conva.batch.store import ShardRecord, Stage, stage_status
+from conva.jobs.common import (COMMANDS, EXPECTED_ERRORS, connect_ray, interrupted, interrupts, log_config,
                          output_location, parse_args, run_log, setup_logging, write_config)
-from jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job, stage_plans
-from jobs.stages import StageResult, open_stages, stage_runs
-from workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
-from workers.tasks import WorkerSpec
+from conva.jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job, stage_plans
+from conva.jobs.stages import StageResult, open_stages, stage_runs
+from conva.workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
+from conva.workers.tasks import WorkerSpec
 
 __all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "final_line",
            "committed_line"]
@@ -54,7 +54,7 @@ def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool
 
 
 def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool = False) -> list[StageResult]:
-    """:func:`run_job` on a job :func:`~jobs.preflight.plan_job` planned (the CLI keeps the plan, to report on it)."""
+    """:func:`run_job` on a job :func:`~conva.jobs.preflight.plan_job` planned (the CLI keeps the plan, to report on it)."""
     start = time.monotonic()
     with OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease), \
             run_log(plan.out):
@@ -143,7 +143,7 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
     Starts no Ray and no worker when every shard is already committed. The model is loaded once per
     worker and serves every stage; stages overlap where their dependencies allow. ``job.extra["stages"]``
     holds the open stages (for a report after an interruption); ``cancel`` stops the run from another
-    thread (:class:`~workers.pool.Cancelled`). The workers are stopped however the run ends.
+    thread (:class:`~conva.workers.pool.Cancelled`). The workers are stopped however the run ends.
     """
     t0 = time.monotonic()
     work = any(p.pending for p in stage_plans(job, overwrite))

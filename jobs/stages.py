@@ -3,7 +3,7 @@
 A :class:`StageSpec` is decided in pre-flight, before anything is written: its folder, its config (the
 part of the job config its output depends on, plus the shard size and a hash of its input), its shard
 count and its input. :func:`open_stages` opens them all in the store (checking every one before
-writing any) and :func:`stage_runs` turns them into :class:`~workers.pool.StageRun` s for the one
+writing any) and :func:`stage_runs` turns them into :class:`~conva.workers.pool.StageRun` s for the one
 runner, with each stage's dependencies: fit after the last activation shard, steering after the last
 bundle, a study's judging of generation shard ``i`` as soon as shard ``i`` is committed.
 """
@@ -17,16 +17,17 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from conva.config import RESULT_NEUTRAL_KEYS, Config, config_dict
-from conva.inputs import InputPlan, write_input_table
+from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
+from conva.batch.inputs import InputPlan, write_input_table
 from conva.fit import GATE_FIT_KEYS
-from conva.pipeline import SCHEMA_VERSION, activation_model
-from conva.storage import Location
-from conva.store import (ConfigMismatchError, ShardRecord, ShardRef, Stage, StoreError, shard_ranges, stage_mismatch,
+from conva.batch.pipeline import activation_model
+from conva.batch.schemas import SCHEMA_VERSION
+from conva.batch.storage import Location
+from conva.batch.store import (ConfigMismatchError, ShardRecord, ShardRef, Stage, StoreError, shard_ranges, stage_mismatch,
                          stage_status)
-from jobs.common import JobError
-from workers.pool import StageRun
-from workers.tasks import ShardTask
+from conva.jobs.common import JobError
+from conva.workers.pool import StageRun
+from conva.workers.tasks import ShardTask
 
 __all__ = ["StageSpec", "GeneratedInput", "StageResult", "STAGE_DIRS", "ACTIVATION_KEYS", "BUNDLE_KEYS", "select",
            "shard_config", "check_stages", "open_stages", "stage_runs", "bundle_folders"]

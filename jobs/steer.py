@@ -1,8 +1,8 @@
-"""`python -m jobs.steer --config FILE [--section.key=value ...] [--overwrite]`: steered generation (see jobs.runner)."""
+"""`python -m conva.jobs.steer --config FILE [--section.key=value ...] [--overwrite]`: steered generation (see conva.jobs.runner)."""
 
 import sys
 
-from jobs.runner import main
+from conva.jobs.runner import main
 
 if __name__ == "__main__":
     sys.exit(main("steer"))

@@ -1,7 +1,7 @@
-"""`python -m jobs.study --config FILE [--section.key=value ...] [--overwrite] [--validate]`: a whole study, one Ray job.
+"""`python -m conva.jobs.study --config FILE [--section.key=value ...] [--overwrite] [--validate]`: a whole study, one Ray job.
 
 Per model, one pool of model workers runs every stage on the same runner as the run job
-(:func:`jobs.runner.run_model`), loading the model once per worker: extraction and fit
+(:func:`conva.jobs.runner.run_model`), loading the model once per worker: extraction and fit
 (``<out>/models/<slug>/{activations,bundles}``), then
 
 * ``study_generations``: every cell's prompts in one steering table (per-row overrides);
@@ -33,19 +33,19 @@ from dataclasses import dataclass, replace
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conva.lease import OutputLease
+from conva.batch.lease import OutputLease
 from conva.mc import demo_mc, load_mc, mc_prompts
 from conva.models import ModelNotFoundError, check_model, model_name
-from conva.storage import Location
-from conva.study import (StudyConfig, check_bands, expand_cells, load_study, model_config, model_spec, steering_table,
+from conva.batch.storage import Location
+from conva.batch.study import (StudyConfig, check_bands, expand_cells, load_study, model_config, model_spec, steering_table,
                          study_dict, utility_cells, utility_table)
-from conva.summary import OUTPUT_FILES
-from jobs.common import (COMMANDS, JobError, connect_ray, interrupted, interrupts, job_parser, log_context,
+from conva.batch.summary import OUTPUT_FILES
+from conva.jobs.common import (COMMANDS, JobError, connect_ray, interrupted, interrupts, job_parser, log_context,
                          output_location, run_log, setup_logging, split_overrides)
-from jobs.preflight import ModelJob, generated, plan_job, stage_plans
-from jobs.runner import FAILURES, committed_line, run_model
-from jobs.stages import StageSpec, run_config, shard_config
-from workers.tasks import WorkerSpec
+from conva.jobs.preflight import ModelJob, generated, plan_job, stage_plans
+from conva.jobs.runner import FAILURES, committed_line, run_model
+from conva.jobs.stages import StageSpec, run_config, shard_config
+from conva.workers.tasks import WorkerSpec
 
 __all__ = ["run_study", "main", "OUTPUT_FILES", "study_jobs"]
 
@@ -243,7 +243,7 @@ def _write_outputs(study: StudyConfig, out: Location, models: list[_ModelRun]) -
     """Rebuild the study's tables and report from the committed stages, in a Ray task next to the data."""
     import ray
 
-    from jobs.stages import bundle_folders, open_stages
+    from conva.jobs.stages import bundle_folders, open_stages
 
     parts = []
     for m in models:
@@ -262,10 +262,10 @@ def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
     import pyarrow.dataset as ds
 
     from conva.bundle import BUNDLE_FILES, decode_bundle
-    from conva.report import write_report_to
-    from conva.storage import Location as Loc
-    from conva.summary import probe_rows, study_tables
-    from conva.study import AGREEMENT_SCHEMA, UTILITY_SCHEMA
+    from conva.batch.report import write_report_to
+    from conva.batch.storage import Location as Loc
+    from conva.batch.summary import probe_rows, study_tables
+    from conva.batch.schemas import AGREEMENT_SCHEMA, UTILITY_SCHEMA
 
     def read(uris: list[str], schema: pa.Schema | None = None) -> pa.Table:
         if not uris:
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"conva study: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
                   f"conva study {shlex.join(argv)}", file=sys.stderr)
             return interrupted(err).exit_code
-    from conva.report import format_summary, local_copy
+    from conva.batch.report import format_summary, local_copy
 
     with local_copy(out) as folder:
         print(format_summary(folder))

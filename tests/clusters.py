@@ -111,14 +111,14 @@ class TwoNodeCluster:
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
 
     def submit(self, args: Sequence[str], timeout: float = 300) -> JobRun:
-        """``ray job submit --working-dir <repo> -- python -m jobs.run <args>``, waiting for the job to end.
+        """``ray job submit --working-dir <repo> -- python -m conva.jobs.run <args>``, waiting for the job to end.
 
         The driver runs on the head, from the uploaded working dir. On timeout the job is stopped on
         the cluster and ``subprocess.TimeoutExpired`` is raised.
         """
         sid = f"conva-test-{uuid.uuid4().hex[:12]}"
         cmd = [RAY, "job", "submit", "--address", self.address, "--submission-id", sid, "--working-dir", str(REPO),
-               "--", "python", "-m", "jobs.run", *args]
+               "--", "python", "-m", "conva.jobs.run", *args]
         start = time.monotonic()
         try:
             done = self.run(cmd, timeout=timeout)

@@ -57,10 +57,10 @@ def tiny_bundles(tiny):
     """
     from dataclasses import replace
 
-    from conva.config import load_config
+    from conva.batch.config import load_config
     from conva.fit import ModelInfo
     from conva.models import model_fingerprint
-    from conva.pipeline import extract_table, extraction_rows, fit_bundles
+    from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
 
     model, tok = tiny
     cfg = load_config(None, ['--data.values=["power", "benevolence"]', "--fit.band=1-3", "--fit.p0=0.95",
@@ -108,7 +108,7 @@ def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 def fault_plan(tmp_path_factory) -> Path:
     """The plan file the workers' test hook reads (``tests/faults.py``); set before the session's Ray starts."""
     from tests.faults import PLAN_ENV
-    from workers.hooks import HOOK_ENV
+    from conva.workers.hooks import HOOK_ENV
 
     path = tmp_path_factory.mktemp("faults") / "plan.json"
     path.write_text("{}")
@@ -128,7 +128,7 @@ def ray_session(fault_plan, s3):
     """
     import ray
 
-    from jobs.common import connect_ray
+    from conva.jobs.common import connect_ray
 
     for key in [k for k in os.environ if k.startswith("AWS_")]:
         del os.environ[key]

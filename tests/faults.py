@@ -2,7 +2,7 @@
 
 The tests' Ray is started with ``CONVA_WORKER_HOOK=<repo>/tests/faults.py:hook`` and ``CONVA_TEST_FAULTS=<plan
 file>`` (see ``tests/conftest.py``); every worker then calls :func:`hook` before each shard, and the hook
-reads the plan the current test wrote. Production workers run no hook at all (:mod:`workers.hooks`).
+reads the plan the current test wrote. Production workers run no hook at all (:mod:`conva.workers.hooks`).
 
 A plan is a JSON object; every key is optional::
 
@@ -51,7 +51,7 @@ def _count(plan: dict, name: str) -> int:
 
 
 def _texts(task) -> list[str]:
-    from conva.inputs import read_slice, read_table_slice
+    from conva.batch.inputs import read_slice, read_table_slice
 
     if task.slice is None:
         return []

@@ -37,9 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conva.config import SteerConfig
-from conva.configdoc import default_text, field_docs, sections, type_text
-from jobs import cli
+from conva.batch.config import Config, SteerConfig
+from conva.batch.configdoc import default_text, field_docs, sections, type_text
+from conva.batch.study import StudyConfig
+from conva.jobs import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "examples" / "demo.toml")
@@ -65,8 +66,8 @@ def shape(tiny_path) -> dict[str, list[str]]:
 
 
 def conva(env: dict, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``conva <args>`` as the console script runs it (``jobs.cli:main``), in its own process."""
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
+    """``conva <args>`` as the console script runs it (``conva.jobs.cli:main``), in its own process."""
+    return subprocess.run([sys.executable, "-m", "conva.jobs.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -153,7 +154,7 @@ def test_help_lists_the_commands_and_every_config_key(readme, env, tmp_path) -> 
     run_help = conva(env, tmp_path, "run", "--help")
     assert run_help.returncode == 0 and run_help.stdout.startswith("usage: conva run --config FILE"), run_help.stdout
     assert _key_index(run_help.stdout) == {name: [f.name for f in dataclasses.fields(cls)]
-                                           for name, cls in sections(study=False).items()}
+                                           for name, cls in sections(Config).items()}
     explained = _only(done, "conva config --explain steer").stdout
     blocks = re.split(r"^  (?=\w+ = )", explained, flags=re.M)
     assert blocks[0].startswith("[steer]") and len(blocks) - 1 == len(dataclasses.fields(SteerConfig))
@@ -167,7 +168,7 @@ def test_help_lists_the_commands_and_every_config_key(readme, env, tmp_path) -> 
 
 
 def test_every_key_of_every_section_is_documented() -> None:
-    for section, cls in sections().items():
+    for section, cls in sections(Config, StudyConfig).items():
         docs = field_docs(cls)
         assert all(docs[f.name] for f in dataclasses.fields(cls)), (section, [n for n, d in docs.items() if not d])
 
@@ -255,7 +256,7 @@ def test_validate_refuses_exactly_what_run_refuses(readme, env, shape, monkeypat
            "shard).")
     assert (checked.returncode, checked.stderr.strip()) == (2, f"conva validate: error: {why}")
     # The run's refusal, in-process (a run refusing a changed config as a subprocess: test_reliability.py)
-    from jobs import runner
+    from conva.jobs import runner
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(runner, "connect_ray", lambda: pytest.fail("the run started Ray"))
@@ -294,7 +295,7 @@ def _neutral_files(folder: Path) -> None:
 def _spawn(env: dict, cwd: Path, args: list[str], log: Path) -> subprocess.Popen:
     # Its own session, as a shell runs a job in the foreground: Ctrl-C signals the whole group.
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, env=env, start_new_session=True,
+        return subprocess.Popen([sys.executable, "-m", "conva.jobs.cli", *args], cwd=cwd, env=env, start_new_session=True,
                                 stdout=subprocess.DEVNULL, stderr=fh)
 
 
@@ -302,7 +303,7 @@ def _in_pty(env: dict, cwd: Path, args: list[str], timeout: float = 300) -> tupl
     """Run ``conva <args>`` with stdout and stderr on a pseudo-terminal, as in a terminal; its exit code and output."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "conva.jobs.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                             stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
     chunks: list[bytes] = []
@@ -424,7 +425,7 @@ def _random_file(rng, folder: Path, fmt: str, n: int) -> Path:
 def test_the_planner_screens_every_row_as_the_workers_read_it(tmp_path) -> None:
     import random
 
-    from conva.inputs import plan_input, read_slice
+    from conva.batch.inputs import plan_input, read_slice
 
     rng = random.Random(0)
     for trial in range(60):
@@ -435,7 +436,7 @@ def test_the_planner_screens_every_row_as_the_workers_read_it(tmp_path) -> None:
 
 
 def test_a_row_tally_merges_shards_and_says_each_reason_once() -> None:
-    from conva.badrows import RowTally
+    from conva.batch.badrows import RowTally
 
     def shard(rows: list[tuple[int, str | None, str | None]]) -> RowTally:
         t = RowTally()
@@ -463,7 +464,7 @@ def test_a_row_tally_merges_shards_and_says_each_reason_once() -> None:
     ("--data.max_error_fraction=2", "data.max_error_fraction: must lie in [0, 1]"),
 ])
 def test_config_errors_name_the_key_in_the_helps_words(override, message) -> None:
-    from conva.config import ConfigError, load_config
+    from conva.batch.config import ConfigError, load_config
 
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "examples" / "tiny.toml", [override])
@@ -471,23 +472,26 @@ def test_config_errors_name_the_key_in_the_helps_words(override, message) -> Non
 
 
 def test_report_messages_and_p0_with_its_digits(tmp_path, capsys) -> None:
-    from conva.report import format_summary, main as report_main
+    from conva.batch.report import format_summary, main as report_main
 
     assert report_main([str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.strip() == (f"conva report: error: {tmp_path / 'nope'} does not exist: point at a "
                                                "study's output folder or its results.parquet")
-    rows = [dict(model="m", method="conva", p0=p0, band="auto", strength=None, setting="plain", value="power",
-                 **{k: 0.5 for k in ("csr", "csr_lo", "csr_hi", "ppl_ratio", "utility_ratio", "mc_acc",
-                                     "gate_open_rate", "judge_agreement")}) for p0 in (0.99, 0.99999)]
-    table = format_summary(pa.Table.from_pylist(rows)).splitlines()
-    assert [line.split()[3] for line in table[2:]] == ["0.99", "0.99999"]
+    rows = [dict(model="m", method="conva", p0=p0, band="auto", strength=None, setting="plain", values=1, n=4,
+                 **{k: 0.5 for k in ("csr", "csr_lo", "csr_hi", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi",
+                                     "ppl_plain_ratio", "utility_ratio", "gate_open_rate", "mc_gate_open_rate")})
+            for p0 in (0.99, 0.99999)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pooled.parquet")
+    table = format_summary(tmp_path).splitlines()
+    body = table[next(i for i, line in enumerate(table) if line.startswith("---")) + 1:]
+    assert [line.split()[3] for line in body] == ["0.99", "0.99999"]  # model, setting, method, p0
 
 
 def test_sigterm_stops_a_job_even_after_ray_took_the_handler() -> None:
     """``ray.init`` installs its own SIGTERM handler (sys.exit); the job's comes back, and a real SIGTERM stops it."""
     from ray._private.utils import set_sigterm_handler
 
-    from jobs import common
+    from conva.jobs import common
 
     with pytest.raises(KeyboardInterrupt) as caught, common.interrupts():
         set_sigterm_handler(lambda signum, _frame: sys.exit(signum))  # what ray.init does in a driver

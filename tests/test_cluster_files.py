@@ -32,7 +32,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from conva.config import Config, ConfigError, load_config
+from conva.batch.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -521,7 +521,7 @@ def test_the_launcher_reserves_the_gpus_its_job_uses_on_a_mounted_shared_filesys
 
 
 def test_the_gpu_config_runs_on_cuda_in_bfloat16_and_passes_validate(tmp_path: Path, capsys) -> None:
-    from jobs.cli import main as conva
+    from conva.jobs.cli import main as conva
 
     cfg = load_config(REPO / "examples" / "gpu.toml")
     assert (cfg.model.device, cfg.model.dtype, cfg.ray.num_gpus_per_worker) == ("cuda", "bfloat16", 1.0)
@@ -530,4 +530,5 @@ def test_the_gpu_config_runs_on_cuda_in_bfloat16_and_passes_validate(tmp_path: P
     # Everything pre-flight checks (the model exists, the demo data reads), with the output moved here.
     config = str(REPO / "examples" / "gpu.toml")
     assert conva(["validate", "--config", config, f"--output.dir={tmp_path}"]) == 0
-    assert "conva validate: ok (run: model smollm2" in capsys.readouterr().out
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("conva validate: ok: `conva run` would start (") and "; model smollm2, output " in last, last

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from conva import data as D
 from conva.blocks import find_blocks
 from conva.bundle import BundleError, load_bundle, save_bundle
-from conva.config import ConfigError, load_config
+from conva.batch.config import ConfigError, load_config
 from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band, split_three
 from conva.values import VALUES
 
@@ -236,7 +236,8 @@ def test_external_gate_scores_a_classifier(tmp_path, tiny):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     from conva.gates import Gate, external_scores
-    from conva.steer import SteerSpec, steer_logits
+    from conva.steering.hf import steer_logits
+    from conva.steering.spec import SteerSpec
 
     model, tok = tiny
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -299,7 +300,8 @@ def test_left_padding_does_not_shift_absolute_positions(tmp_path):
     """GPT-2 learns absolute positions: a padded row must read the same activations as alone."""
     from conva.models import load_model
     from conva.record import record_activations
-    from conva.steer import SteerSpec, steer_logits
+    from conva.steering.hf import steer_logits
+    from conva.steering.spec import SteerSpec
     from conva.tiny import make_tiny_model
 
     model, tok = load_model(make_tiny_model(tmp_path / "gpt2", arch="gpt2"))

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from conva.blocks import find_blocks
-from conva.steer import SteerSpec, generate
+from conva.steering.hf import generate
+from conva.steering.spec import SteerSpec
 
 PROMPTS = ["Should I take the job abroad even though my family wants me to stay?", "Is it right to break a rule?"]
 NEW = 6

@@ -1,4 +1,4 @@
-"""The fast path (static cache, compiled decode, in-graph steering) against conva.steer on a tiny Llama."""
+"""The fast path (static cache, compiled decode, in-graph steering) against conva.steering on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from conva.blocks import find_blocks
-from conva.fast import FastSteering, generate_fast
-from conva.steer import SteerSpec, generate
+from conva.steering.compiled import FastSteering, generate_compiled
+from conva.steering.hf import generate
+from conva.steering.spec import SteerSpec
 from tests.test_steer_tiny import _mixed_specs
 
 # Mixed lengths, so the batch is left-padded and positions differ per row.
@@ -48,7 +49,7 @@ def reference(tiny, tiny_bundles):
 def test_eager_fast_path_equals_steer_generate(tiny, reference):
     model, tok = tiny
     specs, ref = reference
-    fast = generate_fast(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False)
+    fast = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False)
     _assert_same(fast, ref)
     assert any(e > 0 for r in fast for e in r.eps), "the test must exercise a non-zero step"
     assert fast[2].gate_open is False and not any(fast[2].eps)
@@ -58,8 +59,8 @@ def test_eager_fast_path_equals_steer_generate(tiny, reference):
 def test_untouched_rows_equal_unsteered(tiny, tiny_bundles):
     model, tok = tiny
     specs = _mixed_specs(*tiny_bundles)
-    fast = generate_fast(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False)
-    plain = generate_fast(model, tok, PROMPTS, [SteerSpec()] * len(PROMPTS), max_new_tokens=NEW, compile=False)
+    fast = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False)
+    plain = generate_compiled(model, tok, PROMPTS, [SteerSpec()] * len(PROMPTS), max_new_tokens=NEW, compile=False)
     untouched = [i for i, r in enumerate(fast) if not any(r.eps)]
     assert 1 in untouched and 2 in untouched  # the unsteered row and the closed-gate row
     for i in untouched:
@@ -71,9 +72,9 @@ def test_steering_in_the_decode_graph_changes_tokens(tiny, tiny_bundles):
     """A strong constant push must reach the decode steps too: compare ε frozen at prefill only."""
     model, tok = tiny
     strong = [SteerSpec("probe_fixed", tiny_bundles[0], strength=50.0)]
-    steered = generate_fast(model, tok, PROMPTS[:1], strong, max_new_tokens=8, compile=False)
+    steered = generate_compiled(model, tok, PROMPTS[:1], strong, max_new_tokens=8, compile=False)
     ref = generate(model, tok, PROMPTS[:1], strong, max_new_tokens=8)
-    gen_only = generate_fast(model, tok, PROMPTS[:1], strong, max_new_tokens=8, compile=False, positions="generated")
+    gen_only = generate_compiled(model, tok, PROMPTS[:1], strong, max_new_tokens=8, compile=False, positions="generated")
     ref_gen = generate(model, tok, PROMPTS[:1], strong, max_new_tokens=8, positions="generated")
     assert steered[0].tokens == ref[0].tokens and gen_only[0].tokens == ref_gen[0].tokens
 
@@ -84,15 +85,15 @@ def test_per_token_epsilon_equals_steer_generate(tiny, tiny_bundles):
     ref = generate(model, tok, PROMPTS, specs, max_new_tokens=NEW, epsilon="per_token", batch_size=len(PROMPTS))
     if any(len(r.tokens) < NEW for r in ref):
         pytest.fail("a row ended early: HF would then stop before the fixed step count and ε telemetry differs")
-    fast = generate_fast(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False, epsilon="per_token")
+    fast = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False, epsilon="per_token")
     _assert_same(fast, ref)
 
 
 def test_batches_and_errors(tiny, tiny_bundles):
     model, tok = tiny
     specs = _mixed_specs(*tiny_bundles)
-    one_by_one = generate_fast(model, tok, PROMPTS, specs, max_new_tokens=6, compile=False, batch_size=4)
-    together = generate_fast(model, tok, PROMPTS, specs, max_new_tokens=6, compile=False)
+    one_by_one = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=6, compile=False, batch_size=4)
+    together = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=6, compile=False)
     assert [r.tokens for r in one_by_one] == [r.tokens for r in together]
     runner = FastSteering(model, batch_size=8, max_len=64, layers=(1,), compile=False)
     with pytest.raises(ValueError, match="built for"):
@@ -113,10 +114,10 @@ def test_compiled_equals_eager(tiny, reference):
     specs, ref = reference
     torch._dynamo.reset()
     counters.clear()
-    fast = generate_fast(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=True)
+    fast = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=True)
     _assert_same(fast, ref)
     # A second batch of the same shape reuses the compiled step: still one graph, no recompile.
-    again = generate_fast(model, tok, PROMPTS[::-1], specs[::-1], max_new_tokens=NEW, compile=True)
+    again = generate_compiled(model, tok, PROMPTS[::-1], specs[::-1], max_new_tokens=NEW, compile=True)
     assert [r.tokens for r in again] == [r.tokens for r in fast[::-1]]
     assert counters["stats"]["unique_graphs"] == 1
     assert _patched_blocks(model) == 0
@@ -126,8 +127,9 @@ def test_compiled_mode_through_the_steering_stage(tiny, tiny_bundles):
     """``steer.mode = "compiled"``: the HF backend's stage (``steer_table``) on the fast path, same rows as batched."""
     import pyarrow as pa
 
-    from conva.config import ConfigError, load_config
-    from conva.pipeline import STEERING_INPUT_SCHEMA, steer_table
+    from conva.batch.config import ConfigError, load_config
+    from conva.batch.pipeline import steer_table
+    from conva.batch.schemas import STEERING_INPUT_SCHEMA
 
     model, tok = tiny
     prompts = [*PROMPTS, "", None]  # two error rows among the good ones: the row contract is unchanged

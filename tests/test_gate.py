@@ -103,8 +103,8 @@ def test_probe_gate_needs_both_classes_in_train_and_calibrate():
 
 
 def test_gate_prompts_are_held_apart_from_the_steered_prompts():
-    from conva.config import load_config
-    from conva.pipeline import extraction_rows, steering_rows
+    from conva.batch.config import load_config
+    from conva.batch.pipeline import extraction_rows, steering_rows
 
     cfg = load_config(None, ['--data.values=["power", "tradition"]', "--gate.value_prompts=5",
                              "--gate.other_pairs_per_value=2", "--data.max_prompts_per_value=30"])

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conva.config import load_config
+from conva.batch.config import load_config
 from conva.fit import ModelInfo
 from conva.gates import Gate
 from conva.models import load_model, model_fingerprint
-from conva.pipeline import extract_table, extraction_rows, fit_bundles
-from conva.steer import SteerSpec, generate, steer_logits
+from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
+from conva.steering.hf import generate, steer_logits
+from conva.steering.spec import SteerSpec
 from tests.test_steer_tiny import _prob, _states
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pytest
 
 from conva.tiny import make_tiny_model
-from jobs import cli, runner
-from jobs.runner import main
-from workers.backends import BACKENDS, check_backend, make_steerer, register_backend
-from workers.contract import RowContractError, check_rows
+from conva.jobs import cli, runner
+from conva.jobs.runner import main
+from conva.workers.backends import BACKENDS, check_backend, make_steerer, register_backend
+from conva.workers.contract import RowContractError, check_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "examples" / "tiny.toml")
@@ -100,7 +100,7 @@ def test_cli_usage(capsys) -> None:
 
 
 def test_vllm_backend_absent_fails_clearly(tiny, tmp_path, monkeypatch, capsys) -> None:
-    monkeypatch.setitem(sys.modules, "conva.vllm_backend", types.ModuleType("conva.vllm_backend"))
+    monkeypatch.setitem(sys.modules, "conva.steering.vllm", types.ModuleType("conva.steering.vllm"))
     with pytest.raises(NotImplementedError, match="steer.backend: 'vllm' is not available"):
         check_backend("vllm")
     line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}", "--steer.backend=vllm")
@@ -133,8 +133,8 @@ def test_row_contract() -> None:
 
 def test_a_relative_output_is_made_absolute_here_and_refused_under_ray_job_submit(tiny, tmp_path, monkeypatch,
                                                                                     capsys) -> None:
-    from conva.config import load_config
-    from jobs.common import output_location
+    from conva.batch.config import load_config
+    from conva.jobs.common import output_location
 
     monkeypatch.chdir(tmp_path)
     cfg, out = output_location(load_config(TINY, [f"--model.name={tiny}", "--output.dir=runs/x"]))
@@ -151,8 +151,8 @@ def test_an_s3_output_whose_bucket_is_missing_fails_before_anything(tiny, s3_env
 
 
 def test_multi_gpu_workers_are_planned_and_refused_where_they_cannot_work(tiny, tmp_path, capsys) -> None:
-    from conva.config import load_config
-    from jobs.preflight import check_gpu_fit, model_bytes
+    from conva.batch.config import load_config
+    from conva.jobs.preflight import check_gpu_fit, model_bytes
 
     line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}", "--steer.backend=vllm",
                   "--ray.num_gpus_per_worker=2")
@@ -178,10 +178,10 @@ def test_a_worker_given_several_gpus_spreads_its_model_and_records_the_same_acti
     """A worker with k > 1 GPUs loads with ``device_map="auto"`` (spread over the GPUs Ray gives it, all on one
     node); on this CPU machine every block lands on the CPU, and the activations are those of a plain load."""
     from conva import models
-    from conva.config import load_config
-    from conva.pipeline import extract_table, extraction_rows
-    from workers.tasks import WorkerSpec
-    from workers.worker import ModelWorker
+    from conva.batch.config import load_config
+    from conva.batch.pipeline import extract_table, extraction_rows
+    from conva.workers.tasks import WorkerSpec
+    from conva.workers.worker import ModelWorker
 
     asked, real = [], models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: asked.append(k.get("device_map")) or real(*a, **k))

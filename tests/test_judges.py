@@ -20,7 +20,7 @@ import pytest
 from conva import data as D
 from conva.judges import (JudgeSettings, LLMJudge, heldout_pairs, make_judge, parse_rating, parse_verdict,
                           value_prompt)
-from conva.llm_client import ChatClient, LLMError
+from conva.batch.llm_client import ChatClient, LLMError
 from conva.record import record_activations
 
 

@@ -12,7 +12,7 @@ from conva.data import DataError
 from conva.mc import LETTERS, demo_mc, letter_token_ids, load_mc, mc_prompts, score_mc
 from conva.metrics import answer_nll, answer_perplexities, bootstrap_ci, csr, perplexity, ppl_ratio
 from conva.record import tokenize
-from conva.steer import SteerSpec
+from conva.steering.spec import SteerSpec
 
 
 def test_csr_is_the_mean_over_every_prompt() -> None:
@@ -60,7 +60,7 @@ def test_answer_nll_in_a_padded_batch_equals_one_row_at_a_time(tiny) -> None:
 
 
 def test_answers_are_scored_under_the_context_they_were_generated_from(tiny, tiny_bundles) -> None:
-    from conva.steer import generate
+    from conva.steering.hf import generate
 
     model, tok = tiny
     always = tiny_bundles[0]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from conva.config import load_config
-from conva.pipeline import GENERATION_SCHEMA, STEERING_INPUT_SCHEMA, extract_table, steer_table
+from conva.batch.config import load_config
+from conva.batch.pipeline import extract_table, steer_table
+from conva.batch.schemas import GENERATION_SCHEMA, STEERING_INPUT_SCHEMA
 from conva.record import record_activations
 
 
@@ -50,16 +51,16 @@ def test_steer_table_row_contract_errors_and_overrides(tiny, tiny_bundles):
 def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_path, tmp_path):
     """An extraction text over the model's length (tiny: 512 positions) becomes an error row at every layer
     (null activation, the reason in ``error``); the other rows are unchanged and the fit job fits without it."""
-    import json
 
     import types
 
     from conva.bundle import load_bundle
-    from conva.pipeline import SCHEMA_VERSION, extraction_rows
-    from conva.storage import location
-    from conva.store import Stage, write_table_shard
-    from workers.shards import fit
-    from workers.tasks import ShardTask
+    from conva.batch.pipeline import extraction_rows
+    from conva.batch.schemas import SCHEMA_VERSION
+    from conva.batch.storage import location
+    from conva.batch.store import Stage, write_table_shard
+    from conva.workers.shards import fit
+    from conva.workers.tasks import ShardTask
 
     model, tok = tiny
     cfg = load_config(None, [f"--model.name={tiny_path}", '--data.values=["power"]', "--gate.kind=none",

@@ -22,15 +22,15 @@ import pytest
 import torch
 
 from conva.bundle import load_bundle
-from conva.config import load_config
+from conva.batch.config import load_config
 from conva.fit import ModelInfo
 from conva.models import load_model, model_fingerprint
-from conva.pipeline import extract_table, extraction_rows, fit_bundles
-from conva.store import ShardRecord, shard_ranges
+from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
+from conva.batch.store import ShardRecord, shard_ranges
 from conva.tiny import make_tiny_model
-from jobs import runner
-from jobs.runner import main, run_job
-from workers.pool import StageRun, _Call, _Runner
+from conva.jobs import runner
+from conva.jobs.runner import main, run_job
+from conva.workers.pool import StageRun, _Call, _Runner
 
 pytestmark = pytest.mark.slow  # a real (embedded) Ray and actors
 

@@ -24,13 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conva.config import load_config
-from conva.lease import LeaseError
-from conva.pipeline import GENERATION_SCHEMA, extract_table, extraction_rows, steer_table
+from conva.batch.config import load_config
+from conva.batch.lease import LeaseError
+from conva.batch.pipeline import extract_table, extraction_rows, steer_table
+from conva.batch.schemas import GENERATION_SCHEMA
 from conva.record import format_prompt
-from conva.store import shard_ranges
+from conva.batch.store import shard_ranges
 from conva.tiny import make_tiny_model
-from jobs.runner import main, run_job
+from conva.jobs.runner import main, run_job
 from tests.faults import planned_kill
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,14 +311,14 @@ def _reap(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
-    """``python -m jobs.extract`` SIGKILLed once half its shards are committed, then rerun to the end in-process."""
+    """``python -m conva.jobs.extract`` SIGKILLed once half its shards are committed, then rerun to the end in-process."""
     out = tmp_path_factory.mktemp("killed") / "out"
     argv = ["--config", str(TINY), *_argv(model, out, "--ray.rows_per_shard=12")]
     cfg = load_config(TINY, argv[2:])
     n = len(shard_ranges(extraction_rows(cfg).num_rows, 12))
     slow = fault_plan.parent / "slow.json"
     slow.write_text(json.dumps({"sleep_s": 0.3}))
-    proc = _spawn(["-m", "jobs.extract", *argv], out.parent / "driver.log", _env(CONVA_TEST_FAULTS=str(slow)))
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _env(CONVA_TEST_FAULTS=str(slow)))
     try:
         deadline = time.monotonic() + 180
         while len(_committed(out)) < n // 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -351,7 +352,7 @@ def test_a_finished_rerun_is_a_quick_no_op_and_a_changed_config_is_refused(kille
     before = _files(out / "activations")
     log_size = (out / "run.log").stat().st_size
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "jobs.extract", *argv], cwd=REPO, env=_env(), capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "conva.jobs.extract", *argv], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=120)
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-2000:]
@@ -360,7 +361,7 @@ def test_a_finished_rerun_is_a_quick_no_op_and_a_changed_config_is_refused(kille
     assert _files(out / "activations") == before
     new_log = (out / "run.log").read_text()[log_size:]
     assert "nothing to do" in new_log and "started a local Ray" not in new_log
-    refused = subprocess.run([sys.executable, "-m", "jobs.extract", *argv, "--extract.position=mean", "--probe.C=0.5"],
+    refused = subprocess.run([sys.executable, "-m", "conva.jobs.extract", *argv, "--extract.position=mean", "--probe.C=0.5"],
                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
@@ -374,7 +375,7 @@ def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_p
     argv = ["--config", str(TINY), *_argv(model, out)]
     slow = fault_plan.parent / "slower.json"
     slow.write_text(json.dumps({"sleep_s": 0.5}))
-    proc = _spawn(["-m", "jobs.extract", *argv], tmp_path / "first.log", _env(CONVA_TEST_FAULTS=str(slow)))
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _env(CONVA_TEST_FAULTS=str(slow)))
     try:
         deadline = time.monotonic() + 120
         while len(_committed(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -425,7 +426,7 @@ def test_prompts_at_and_over_the_length_limit(tiny, tiny_bundles) -> None:
 def test_rerun_shard_gives_identical_activations_text_and_probes(tiny, tiny_bundles) -> None:
     from conva.fit import ModelInfo
     from conva.models import model_fingerprint
-    from conva.pipeline import fit_bundles
+    from conva.batch.pipeline import fit_bundles
 
     model, tok = tiny
     cfg = load_config(None, ['--data.values=["power"]', "--fit.band=1-3", "--steer.max_new_tokens=6"])

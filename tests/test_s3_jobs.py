@@ -21,12 +21,13 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from conva.config import load_config
-from conva.pipeline import SCHEMA_VERSION, steering_rows
-from conva.storage import location
-from conva.store import Stage, stage_status
+from conva.batch.config import load_config
+from conva.batch.pipeline import steering_rows
+from conva.batch.schemas import SCHEMA_VERSION
+from conva.batch.storage import location
+from conva.batch.store import Stage, stage_status
 from conva.tiny import make_tiny_model
-from jobs.runner import run_job
+from conva.jobs.runner import run_job
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +75,7 @@ def _spawn(argv: list[str], log: Path, slow_plan: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CONVA_TEST_FAULTS": str(slow_plan)}
     env.pop("RAY_ADDRESS", None)
     with open(log, "w") as fh:  # its own session: its embedded Ray is signalled as a group after the kill
-        return subprocess.Popen([sys.executable, "-m", "jobs.run", "--config", str(TINY), *argv], cwd=REPO, env=env,
+        return subprocess.Popen([sys.executable, "-m", "conva.jobs.run", "--config", str(TINY), *argv], cwd=REPO, env=env,
                                 start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
 
 

@@ -23,7 +23,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conva.bundle import BundleError, load_bundle, save_bundle
-from conva.config import ConfigError, load_config
+from conva.batch.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.toml"
@@ -124,9 +124,9 @@ def test_inf_values_and_edited_tensor_hashes_are_refused(bundle_dir) -> None:
 
 def test_trust_remote_code_is_off_unless_the_config_says_so(tiny_path, monkeypatch) -> None:
     from conva import models
-    from workers import backends
-    from workers.tasks import WorkerSpec
-    from workers.worker import ModelWorker
+    from conva.workers import backends
+    from conva.workers.tasks import WorkerSpec
+    from conva.workers.worker import ModelWorker
 
     seen: list[bool] = []
     load_model = models.load_model
@@ -147,9 +147,9 @@ def test_trust_remote_code_is_off_unless_the_config_says_so(tiny_path, monkeypat
 
 
 def test_the_run_log_says_when_remote_code_is_on(tiny_path, tmp_path, monkeypatch) -> None:
-    from jobs import runner
-    from jobs.common import JobError
-    from jobs.runner import run_job
+    from conva.jobs import runner
+    from conva.jobs.common import JobError
+    from conva.jobs.runner import run_job
 
     def stop(*_a, **_k):
         raise JobError("stopped before any worker (test)")
@@ -192,7 +192,7 @@ class _Judge(http.server.BaseHTTPRequestHandler):
 def test_judge_api_key_appears_in_no_output(tiny_path, tmp_path, monkeypatch, capfd) -> None:
     import ray
 
-    from jobs.study import main
+    from conva.jobs.study import main
 
     key = f"sk-conva-{secrets.token_hex(12)}"
     ray.shutdown()  # a Ray of its own: the key must be in the environment it starts with (never in a runtime_env)
@@ -231,8 +231,8 @@ def test_judge_api_key_appears_in_no_output(tiny_path, tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("spec", ["..", ".", "../../etc", "/abs/models/..", "a/../../..", "x;rm -rf ~", "mod\u00e8le",
                                   "/m/.hidden", "~"])
 def test_model_folders_of_a_study_stay_inside_its_output(spec, tmp_path) -> None:
-    from conva.store import check_name
-    from conva.study import StudyConfig, model_config, model_slug
+    from conva.batch.store import check_name
+    from conva.batch.study import StudyConfig, model_config, model_slug
 
     slug = model_slug(spec)
     assert check_name(slug, "model folder") == slug  # one safe path component: no '..', '/', leading dot
@@ -252,7 +252,7 @@ def test_values_that_become_bundle_folders_are_refused(value, tmp_path, bundle_d
 
 
 def test_input_rows_naming_odd_values_become_error_rows(tmp_path) -> None:
-    from conva.pipeline import steering_rows_from_file
+    from conva.batch.pipeline import steering_rows_from_file
 
     path = tmp_path / "prompts.jsonl"
     rows = [{"value": "../../etc", "prompt": "hi"}, {"value": "/abs", "prompt": "hi"}, {"value": "power", "prompt": "hi"}]

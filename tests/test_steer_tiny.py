@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conva.blocks import block_hooks, find_blocks
-from conva.steer import SteerSpec, generate, steer_logits
+from conva.steering.hf import generate, steer_logits
+from conva.steering.spec import SteerSpec
 
 PROMPTS = [
     "Should I take the job abroad even though my family wants me to stay?",

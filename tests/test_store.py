@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conva import store
-from conva.lease import LeaseError, OutputLease
-from conva.storage import Location, location
-from conva.store import (COMPACT_EVERY, ConfigMismatchError, ShardRecord, Stage, StoreError, check_name, config_hash,
+from conva.batch import store
+from conva.batch.lease import LeaseError, OutputLease
+from conva.batch.storage import Location, location
+from conva.batch.store import (COMPACT_EVERY, ConfigMismatchError, ShardRecord, Stage, StoreError, check_name, config_hash,
                          diff_keys, shard_ranges, stage_mismatch, write_files_shard, write_table_shard)
 
 CONFIG = {"model": {"name": "tiny"}, "steer": {"p0": 0.9, "layer": 12}, "workers": 4, "seed": 0}
@@ -338,7 +338,7 @@ def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path: Path) 
 
 
 def test_store_does_not_import_ray() -> None:
-    code = "import sys, conva.store, conva.storage, conva.lease, conva.inputs; sys.exit('ray' in sys.modules)"
+    code = "import sys, conva.batch.store, conva.batch.storage, conva.batch.lease, conva.batch.inputs; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

@@ -11,11 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conva.config import ConfigError
-from conva.pipeline import row_spec
+from conva.batch.config import ConfigError
+from conva.batch.pipeline import row_spec
 from conva.metrics import bootstrap_ci
-from conva.study import RESULT_SCHEMA, expand_cells, load_study, model_config, steering_table, utility_cells
-from conva.summary import matched_fluency, pool, summarize
+from conva.batch.study import expand_cells, load_study, model_config, steering_table, utility_cells
+from conva.batch.schemas import RESULT_SCHEMA
+from conva.batch.summary import matched_fluency, pool, summarize
 from conva.values import VALUES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +149,7 @@ def test_matched_fluency_pairs_each_conva_point_with_the_nearest_caa_point() -> 
 @pytest.fixture(scope="module")
 def study_run(tiny_path, tmp_path_factory, ray_session):
     """A four-cell study (ConVA, CAA, prompting, unsteered; one value) on the tiny model, as one embedded-Ray job."""
-    from jobs.study import main
+    from conva.jobs.study import main
 
     out = tmp_path_factory.mktemp("study")
     argv = ["--config", str(DEMO), f'--study.models=["{tiny_path}"]', '--study.methods=["conva", "caa", "prompt", "none"]',
@@ -184,8 +185,8 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
 
 @pytest.mark.slow
 def test_study_rerun_starts_nothing_and_report_rebuilds_from_parquet(study_run, monkeypatch) -> None:
-    from conva.report import main as report_main
-    from jobs import runner, study
+    from conva.batch.report import main as report_main
+    from conva.jobs import runner, study
 
     out, argv = study_run
     before = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("part-*.parquet")}
@@ -219,7 +220,7 @@ def test_two_models_run_at_once_and_each_worker_loads_its_model_once(tmp_path_fa
     import re
 
     from conva.tiny import make_tiny_model
-    from jobs.study import main
+    from conva.jobs.study import main
 
     root = tmp_path_factory.mktemp("two")
     a, b = make_tiny_model(root / "alpha", seed=0), make_tiny_model(root / "beta", seed=1)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from conva.config import load_config
-from conva.pipeline import steering_rows
+from conva.batch.config import load_config
+from conva.batch.pipeline import steering_rows
 from conva.tiny import make_tiny_model
 from tests.clusters import MODEL_LOAD_MARKER, TwoNodeCluster
 

@@ -26,11 +26,12 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed")  # CI inst
 
 from conva.bundle import ValueBundle  # noqa: E402
 from conva.gates import Gate  # noqa: E402
-from conva.steer import SteerSpec, generate  # noqa: E402
-from conva.vllm_backend import (  # noqa: E402
+from conva.steering.hf import generate  # noqa: E402
+from conva.steering.spec import SteerSpec  # noqa: E402
+from conva.steering.vllm import (  # noqa: E402
     EngineSettings, VLLMSteerer, _spec_row, check_vllm_version, engine_kwargs, generate_vllm,
 )
-from conva.vllm_steer import EngineState, SpecRow  # noqa: E402
+from conva.steering.vllm_op import EngineState, SpecRow  # noqa: E402
 
 HIDDEN, N_BLOCKS, BAND, GATE_LAYER = 256, 4, (1, 2, 3), 1
 PROMPTS = [
@@ -87,7 +88,7 @@ def test_op_closed_form_and_untouched_rows() -> None:
         # Tokens 0-2: request in slot 1 (row 1), its last prompt token is 2; tokens 3-5: unsteered (slot 0).
         state.s_row[1], state.s_tok[1], state.s_first[1], state.s_comp[1] = 1, 2, True, True
         state.t_slot[:3], state.t_on[:3] = 1, 1.0
-        out = torch.ops.conva.steer(hidden, residual, state.id, 0)
+        out = torch.ops.conva.steering(hidden, residual, state.id, 0)
         e = hidden[2] + residual[2]
         s0 = torch.tensor(math.log(p0 / (1 - p0)), dtype=torch.float32)
         eps = float(torch.clamp((s0 - (e @ w[0] - 20.0)) / w[0].norm(), min=0))
@@ -106,7 +107,7 @@ def test_op_already_above_target_is_left_alone() -> None:
         hidden, residual = torch.zeros(2, 16), torch.zeros(2, 16)  # z = b = 0.5 > logit(0.01)
         state.s_row[1], state.s_tok[1], state.s_first[1], state.s_comp[1] = 1, 1, True, True
         state.t_slot[:2], state.t_on[:2] = 1, 1.0
-        out = torch.ops.conva.steer(hidden, residual, state.id, 1)
+        out = torch.ops.conva.steering(hidden, residual, state.id, 1)
         assert float(state.eps[1, 1]) == 0.0 and torch.equal(out, hidden)
     finally:
         state.close()
@@ -311,7 +312,7 @@ def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:
 
     from conva.mc import demo_mc, letter_token_ids, mc_prompts, score_mc
     from conva.record import record_activations
-    from conva.steer import steer_logits
+    from conva.steering.hf import steer_logits
 
     model, tok = hf
     items = demo_mc()[:12]

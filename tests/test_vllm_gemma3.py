@@ -20,8 +20,9 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm", reason="the vllm extra is not installed")  # CI installs it: see pyproject
 
 from conva.gates import Gate  # noqa: E402
-from conva.steer import SteerSpec, generate  # noqa: E402
-from conva.vllm_backend import EngineSettings, VLLMSteerer  # noqa: E402
+from conva.steering.hf import generate  # noqa: E402
+from conva.steering.spec import SteerSpec  # noqa: E402
+from conva.steering.vllm import EngineSettings, VLLMSteerer  # noqa: E402
 from tests.test_vllm import (  # noqa: E402
     GATE_LAYER, HIDDEN, MAX_NEW, N_BLOCKS, PROMPTS, _assert_parity, _bundle, _mixed_specs,
 )

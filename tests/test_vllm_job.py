@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conva.config import load_config
-from jobs.runner import run_job
+from conva.batch.config import load_config
+from conva.jobs.runner import run_job
 
 pytestmark = pytest.mark.slow
 

@@ -1,12 +1,12 @@
 """Ray actors that own a model and process one shard of rows per call.
 
-:class:`workers.worker.ModelWorker` is plain Python: :class:`workers.pool.WorkerPool` turns it into Ray
+:class:`conva.workers.worker.ModelWorker` is plain Python: :class:`conva.workers.pool.WorkerPool` turns it into Ray
 actors with the resources of the job's ``[ray]`` config, one pool per model serving every stage, and
-:func:`workers.pool.run_stages` feeds them shards. Each shard is read and written by the worker itself
-(:mod:`workers.shards`); only its record goes back. ``conva/`` holds the method; this package only adds
+:func:`conva.workers.pool.run_stages` feeds them shards. Each shard is read and written by the worker itself
+(:mod:`conva.workers.shards`); only its record goes back. ``conva/`` holds the method; this package only adds
 "load once, process many shards, check the row contract".
 
-Names are imported lazily, so a process that needs only :mod:`workers.contract` never imports torch.
+Names are imported lazily, so a process that needs only :mod:`conva.workers.contract` never imports torch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Steering backends, chosen by name in ``steer.backend``: a small registry the vLLM backend plugs into.
 
 A backend is a factory ``(cfg) -> Steerer``. A :class:`Steerer` owns a loaded model and turns one
-shard of steering rows into generation rows (``conva.pipeline.GENERATION_SCHEMA``), one per input row.
+shard of steering rows into generation rows (``conva.batch.pipeline.GENERATION_SCHEMA``), one per input row.
 It also scores text on the same model: answer perplexity under the unsteered model and multiple
 choice with each row's steering and gate, so a worker needs no second copy of the model for them.
 
@@ -23,12 +23,12 @@ import pyarrow as pa
 
 from conva.blocks import find_blocks
 from conva.bundle import ValueBundle
-from conva.config import Config
+from conva.batch.config import Config
 from conva.mc import MCRow, score_mc
 from conva.metrics import perplexity
 from conva.models import load_model, model_fingerprint, model_name
-from conva.pipeline import steer_table
-from conva.steer import SteerSpec
+from conva.batch.pipeline import steer_table
+from conva.steering.spec import SteerSpec
 
 __all__ = ["Steerer", "HFSteerer", "VLLMBackendSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
 
@@ -77,7 +77,7 @@ def make_steerer(cfg: Config) -> Steerer:
 
 
 class HFSteerer:
-    """The Hugging Face backend: ``conva.pipeline.steer_table`` on a model loaded with ``load_model``.
+    """The Hugging Face backend: ``conva.batch.pipeline.steer_table`` on a model loaded with ``load_model``.
 
     ``model``/``tok``: an already loaded model to steer (a model worker shares its extraction model).
     """
@@ -112,7 +112,7 @@ register_backend("hf")(HFSteerer)
 
 
 class VLLMBackendSteerer:
-    """The vLLM backend: ConVA inside a vLLM engine (:mod:`conva.vllm_backend`), same row contract as HF.
+    """The vLLM backend: ConVA inside a vLLM engine (:mod:`conva.steering.vllm`), same row contract as HF.
 
     The engine is built on the first call, once the bundles are known: their bands and gate layers are
     the layers whose steering op is traced into the engine's graph (a later spec that steers other
@@ -127,7 +127,7 @@ class VLLMBackendSteerer:
 
         from conva.fingerprint import file_fingerprint
         from conva.models import resolve_model
-        from conva.vllm_backend import check_vllm_version
+        from conva.steering.vllm import check_vllm_version
 
         check_vllm_version()
         self.cfg, self.path = cfg, resolve_model(cfg.model.name)
@@ -141,7 +141,7 @@ class VLLMBackendSteerer:
         self.engine = None
 
     def _engine(self, bundles: dict[str, ValueBundle]):
-        from conva.vllm_backend import EngineSettings, VLLMSteerer
+        from conva.steering.vllm import EngineSettings, VLLMSteerer
 
         if self.engine is None:
             v, m = self.cfg.vllm, self.cfg.model
@@ -182,7 +182,7 @@ def check_backend(name: str) -> None:
         raise ValueError(f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")
     if name == "vllm":
         try:
-            from conva.vllm_backend import check_vllm_version
+            from conva.steering.vllm import check_vllm_version
 
             check_vllm_version()
         except (ImportError, RuntimeError) as err:

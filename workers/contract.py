@@ -27,7 +27,7 @@ def check_rows(stage: str, shard: int, rows: pa.Table, out: pa.Table, per_row: i
     >>> check_rows("extract", 0, t, pa.table({"row_id": ["a", "b", "a"]}), per_row=2)
     Traceback (most recent call last):
     ...
-    workers.contract.RowContractError: extract shard 0: 2 input rows should give 4 output rows, got 3 (missing: b)
+    conva.workers.contract.RowContractError: extract shard 0: 2 input rows should give 4 output rows, got 3 (missing: b)
     """
     ids = rows.column("row_id").to_pylist()
     if len(set(ids)) != len(ids):

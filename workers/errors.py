@@ -42,6 +42,6 @@ def classify(err: BaseException) -> str:
         return "transient" if err.code >= 500 or err.code == 429 else "fatal"
     if isinstance(err, (OSError, TimeoutError)):
         return "transient"
-    if getattr(err, "transient", False):  # e.g. conva.llm_client.LLMError after its own retries ran out
+    if getattr(err, "transient", False):  # e.g. conva.batch.llm_client.LLMError after its own retries ran out
         return "transient"
     return "fatal"

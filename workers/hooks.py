@@ -7,7 +7,7 @@ fault plans (kill, hang, raise; :mod:`tests.faults`) live in such a module, so p
 no fault logic and reads no file per shard: without the variable :func:`load_hook` returns None and the
 worker never calls anything.
 
-The hook is called as ``hook(task, worker)`` with the :class:`~workers.tasks.ShardTask` about to run.
+The hook is called as ``hook(task, worker)`` with the :class:`~conva.workers.tasks.ShardTask` about to run.
 """
 
 from __future__ import annotations

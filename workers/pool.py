@@ -1,6 +1,6 @@
 """One model's worker pool and the one stage runner that keeps it busy with shards of any stage.
 
-:class:`WorkerPool` starts ``ray.num_workers`` :class:`~workers.worker.ModelWorker` actors with the
+:class:`WorkerPool` starts ``ray.num_workers`` :class:`~conva.workers.worker.ModelWorker` actors with the
 job's resources, loads the model once in each, and keeps them for every stage of the job. It starts
 work as soon as ``ray.min_workers`` are ready (the rest join when Ray places them) and fails after
 ``ray.startup_timeout_s`` with a message that names what is missing. A worker that dies is replaced
@@ -13,20 +13,20 @@ work as soon as ``ray.min_workers`` are ready (the rest join when Ray places the
 * **Dependencies per shard**: a stage's shard starts when its inputs are committed (``StageRun.after``),
   so e.g. the study's evaluation of generation shard ``i`` runs while later shards are still steered.
 * **Exactly one commit per shard**: every call carries a fresh attempt id; the first record of a shard
-  is committed through :meth:`conva.store.Stage.commit`, a later one is ignored.
-* **Failures by type, never by message**: a worker's :class:`~workers.errors.ShardError` says ``fatal``
+  is committed through :meth:`conva.batch.store.Stage.commit`, a later one is ignored.
+* **Failures by type, never by message**: a worker's :class:`~conva.workers.errors.ShardError` says ``fatal``
   (the job fails naming the shard), ``transient`` (retried after a backoff, at most
   ``ray.transient_retries`` times) or ``oom`` (retried with batches half as large). A worker that dies
   or hangs past ``ray.shard_timeout_s`` (then it is killed) is charged to the attempt it was running,
-  which it noted in Ray's GCS as it started (:func:`workers.worker.mark_running`); every other call it
+  which it noted in Ray's GCS as it started (:func:`conva.workers.worker.mark_running`); every other call it
   held goes back uncharged (a finished call whose reply was lost with the process, the calls queued behind). A shard whose workers died ``ray.max_task_retries + 1`` times
   fails the job.
 
 **Progress** goes to the log as ``<stage>: shard i of N committed, x rows/s, ETA …`` lines, at most every
 few seconds, so it shows in ``run.log`` and under ``ray job submit`` alike; on a terminal each stage also
-gets a bar (which the job's log lines print above, see :func:`jobs.common.setup_logging`).
+gets a bar (which the job's log lines print above, see :func:`conva.jobs.common.setup_logging`).
 
-Workers return :class:`~conva.store.ShardRecord` s only; :attr:`WorkerPool.returned_bytes` counts what
+Workers return :class:`~conva.batch.store.ShardRecord` s only; :attr:`WorkerPool.returned_bytes` counts what
 they sent back (the records' size as JSON), and anything else (a table, say) fails the job: no shard
 data passes through the driver.
 """
@@ -47,9 +47,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
-from conva.store import ShardRecord, ShardRef, Stage
-from workers.tasks import ShardTask, WorkerSpec
-from workers.worker import ModelWorker, running_attempt
+from conva.batch.store import ShardRecord, ShardRef, Stage
+from conva.workers.tasks import ShardTask, WorkerSpec
+from conva.workers.worker import ModelWorker, running_attempt
 
 __all__ = ["WorkerPool", "StageRun", "run_stages", "ShardFailedError", "WorkerStartError", "Cancelled"]
 
@@ -111,7 +111,7 @@ class _Member:
 class WorkerPool:
     """``ray.num_workers`` model workers for one model, kept for every stage; dead ones are replaced.
 
-    The pool runs by the ``[ray]`` section of ``spec.cfg`` (see :class:`conva.config.RayConfig`). ``load``
+    The pool runs by the ``[ray]`` section of ``spec.cfg`` (see :class:`conva.batch.config.RayConfig`). ``load``
     names what each worker loads when it starts (``"hf"``: the model, ``"steer"``: the steering backend;
     empty for a pool that only fits). ``label`` prefixes its log lines (the model's name).
     """

@@ -1,10 +1,11 @@
 """What a model worker does with one shard of each stage: read its own input, compute, write, return the record.
 
-Every function here takes the :class:`~workers.worker.ModelWorker` (for its loaded model, bundles and
-judge) and a :class:`~workers.tasks.ShardTask`, and returns a :class:`~conva.store.ShardRecord`. The
+Every function here takes the worker running it (a :class:`~conva.workers.tasks.ShardWorker`, for its
+loaded model, bundles and judge: a :class:`~conva.workers.worker.ModelWorker`) and a
+:class:`~conva.workers.tasks.ShardTask`, and returns a :class:`~conva.batch.store.ShardRecord`. The
 shard's rows are read from storage (a slice of an input file, committed objects of an earlier stage)
 and written to the attempt's folder; only the record goes back to the driver. Each checks the row
-contract (:func:`workers.contract.check_rows`) before it writes: exactly one output row per input row
+contract (:func:`conva.workers.contract.check_rows`) before it writes: exactly one output row per input row
 (``len(layers)`` per text for activations), so a lost or duplicated row fails loudly, naming the shard.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -20,19 +21,16 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from conva.badrows import RowTally
+from conva.batch.badrows import RowTally
 from conva.bundle import encode_bundle
 from conva.fit import ModelInfo
-from conva.inputs import read_slice, read_table_slice
+from conva.batch.inputs import read_slice, read_table_slice
 from conva.metrics import answer_perplexities
-from conva.pipeline import (extract_table, fit_bundles, probe_rows, row_spec, steering_rows_from_records,
+from conva.batch.pipeline import (extract_table, fit_bundles, probe_rows, row_spec, steering_rows_from_records,
                             value_activations)
-from conva.store import ShardRecord, write_files_shard, write_table_shard
-from workers.contract import check_rows
-from workers.tasks import ShardTask
-
-if TYPE_CHECKING:
-    from workers.worker import ModelWorker
+from conva.batch.store import ShardRecord, write_files_shard, write_table_shard
+from conva.workers.contract import check_rows
+from conva.workers.tasks import ShardTask, ShardWorker
 
 __all__ = ["SHARD_FUNCTIONS", "MODEL_META_KEY"]
 
@@ -40,7 +38,7 @@ __all__ = ["SHARD_FUNCTIONS", "MODEL_META_KEY"]
 MODEL_META_KEY = b"conva.model"
 
 
-def extract(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+def extract(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """Activations of one slice of the extraction texts: one row group per layer, layer-major."""
     rows = read_table_slice(task.slice)
     model, tok = worker.hf()
@@ -59,7 +57,7 @@ def _error_rows(table: pa.Table) -> dict:
     return {"errors": tally.bad, "inputs": table.num_rows, "reasons": tally.to_json()}
 
 
-def fit(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+def fit(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """One value's bundle from the committed activations: probes per layer, band, CAA vector, gate.
 
     Reads only the activation files and row groups holding the value's (and the gate's) texts.
@@ -80,13 +78,13 @@ def fit(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     return write_files_shard(task.ref, files_out, probe_rows(bundle), extra=extra)
 
 
-def _steering_input(worker: ModelWorker, task: ShardTask) -> pa.Table:
+def _steering_input(worker: ShardWorker, task: ShardTask) -> pa.Table:
     if task.params.get("input") == "records":  # a user's file: bad rows become error rows
         return steering_rows_from_records(task.slice.name, read_slice(task.slice), worker.cfg.data.values)
     return read_table_slice(task.slice)
 
 
-def steer(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+def steer(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """Steered generations for one slice of prompts (per-row overrides of a study applied)."""
     rows = _steering_input(worker, task)
     bundles = worker.bundles(task.bundles)
@@ -95,9 +93,9 @@ def steer(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     return write_table_shard(task.ref, out, extra=_error_rows(out))
 
 
-def evaluate(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """The judge's verdict, the answer's perplexity and (optionally) an LLM fluency rating per generation."""
-    from conva.study import JUDGED_SCHEMA
+    from conva.batch.schemas import JUDGED_SCHEMA
 
     generations = _read_parquet(task.files[0])
     spec, cfg = worker.spec, worker.cfg
@@ -128,17 +126,14 @@ def evaluate(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     return write_table_shard(task.ref, table)
 
 
-def _fluency(worker: ModelWorker, answers: list[str]) -> list[float | None]:
-    from conva.judges import LLMJudge
-
-    judge = worker._judge if isinstance(worker._judge, LLMJudge) else LLMJudge(worker.spec.judge, worker.spec.judge_cache)
-    return judge.fluency(answers)
+def _fluency(worker: ShardWorker, answers: list[str]) -> list[float | None]:
+    return worker.fluency_judge().fluency(answers)
 
 
-def utility(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+def utility(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """Multiple-choice answers by the letter logits, with each row's steering and gate active."""
     from conva.models import model_name
-    from conva.study import UTILITY_SCHEMA
+    from conva.batch.schemas import UTILITY_SCHEMA
 
     rows = read_table_slice(task.slice)
     bundles, records, cfg = worker.bundles(task.bundles), rows.to_pylist(), worker.cfg
@@ -154,11 +149,12 @@ def utility(worker: ModelWorker, task: ShardTask) -> ShardRecord:
     return write_table_shard(task.ref, table)
 
 
-def agreement(worker: ModelWorker, task: ShardTask) -> ShardRecord:
+def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """The judge's agreement per value on its held-out labelled pairs (the same split for every judge)."""
     from conva.judges import heldout_pairs
     from conva.models import model_name
-    from conva.study import AGREEMENT_SCHEMA, pair_prompts
+    from conva.batch.study import pair_prompts
+    from conva.batch.schemas import AGREEMENT_SCHEMA
 
     spec, values = worker.spec, worker.cfg.data.values
     bundles = worker.bundles(task.bundles) if task.bundles else {}
@@ -176,6 +172,6 @@ def _read_parquet(where) -> pa.Table:
         return pq.read_table(handle)
 
 
-SHARD_FUNCTIONS: dict[str, Callable[[ModelWorker, ShardTask], ShardRecord]] = {
+SHARD_FUNCTIONS: dict[str, Callable[[ShardWorker, ShardTask], ShardRecord]] = {
     "extract": extract, "fit": fit, "steer": steer, "evaluate": evaluate, "utility": utility, "agreement": agreement,
 }

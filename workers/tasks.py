@@ -1,19 +1,20 @@
 """What the driver hands a worker: who it is (:class:`WorkerSpec`, once) and one shard's work (:class:`ShardTask`).
 
 Both are small: a task names where the worker reads its input (a slice of a file, committed objects of
-an earlier stage) and where it writes (the attempt's folder, :class:`conva.store.ShardRef`); the rows
+an earlier stage) and where it writes (the attempt's folder, :class:`conva.batch.store.ShardRef`); the rows
 themselves never pass through the driver.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from conva.config import Config
-from conva.inputs import InputSlice
+from conva.batch.config import Config
+from conva.batch.inputs import InputSlice
 from conva.judges import JudgeSettings
-from conva.storage import Location
-from conva.store import ShardRef
+from conva.batch.storage import Location
+from conva.batch.store import ShardRef
 
 __all__ = ["WorkerSpec", "ShardTask", "STAGES"]
 
@@ -31,8 +32,8 @@ class WorkerSpec:
 
     cfg: Config
     judge: JudgeSettings | None = None
-    fluency: object | None = None  # conva.study.FluencySection
-    utility: object | None = None  # conva.study.UtilitySection
+    fluency: object | None = None  # conva.batch.study.FluencySection
+    utility: object | None = None  # conva.batch.study.UtilitySection
     judge_cache: str = ""
 
 
@@ -58,3 +59,32 @@ class ShardTask:
     def batch(self, size: int) -> int:
         """A configured batch size, shrunk after out-of-memory retries."""
         return max(1, size // self.batch_divisor)
+
+
+class ShardWorker(Protocol):
+    """What a shard function (:mod:`conva.workers.shards`) uses of the worker running it.
+
+    :class:`conva.workers.worker.ModelWorker` is the one implementation: it owns the model and loads each
+    part once, on first use.
+    """
+
+    spec: WorkerSpec
+    cfg: Config
+
+    def hf(self) -> tuple[Any, Any]:
+        """The HF model and tokenizer."""
+
+    def model_info(self) -> dict:
+        """The loaded model's facts (name, fingerprint, hidden size, blocks)."""
+
+    def steerer(self) -> Any:
+        """The steering backend (``steer.backend``) on the loaded model."""
+
+    def bundles(self, where: dict[str, Location]) -> dict[str, Any]:
+        """The value bundles in ``where`` (value → folder), checked against the model."""
+
+    def judge(self, bundles: dict[str, Any]) -> Any:
+        """The study's judge."""
+
+    def fluency_judge(self) -> Any:
+        """The LLM rating answers' fluency."""

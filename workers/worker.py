@@ -4,13 +4,13 @@ A :class:`ModelWorker` loads its model once (:meth:`ModelWorker.load`) and keeps
 stages a pool runs on it, extract, fit, steer, evaluate, utility and agreement, so a model is loaded
 once per worker per job, however many stages or methods a study has. It processes one shard per
 :meth:`ModelWorker.run` call: it reads its own input slice, writes the shard's objects to the output
-store and returns only the :class:`~conva.store.ShardRecord` (see :mod:`workers.shards`).
+store and returns only the :class:`~conva.batch.store.ShardRecord` (see :mod:`conva.workers.shards`).
 
 Where the backend is vLLM, extraction and fitting still need the Hugging Face model (vLLM records no
 activations before the bands are known); the worker frees it before it builds the engine, so the
 weights are never on the accelerator twice.
 
-The class is plain Python; :class:`workers.pool.WorkerPool` makes it a Ray actor with the job's
+The class is plain Python; :class:`conva.workers.pool.WorkerPool` makes it a Ray actor with the job's
 resources. Example, without Ray::
 
     >>> worker = ModelWorker(WorkerSpec(cfg))                    # doctest: +SKIP
@@ -26,11 +26,12 @@ import time
 import uuid
 
 from conva.bundle import BUNDLE_FILES, ValueBundle, decode_bundle
-from conva.storage import Location
-from conva.store import ShardRecord
-from workers.errors import ShardError, classify
-from workers.hooks import load_hook
-from workers.tasks import ShardTask, WorkerSpec
+from conva.batch.storage import Location
+from conva.batch.store import ShardRecord
+from conva.workers.errors import ShardError, classify
+from conva.workers.hooks import load_hook
+from conva.workers.shards import SHARD_FUNCTIONS
+from conva.workers.tasks import ShardTask, WorkerSpec
 
 __all__ = ["ModelWorker", "mark_running", "running_attempt", "set_threads"]
 
@@ -45,7 +46,7 @@ def set_threads(num_cpus: float) -> None:
 
 
 class ModelWorker:
-    """Owns one model; runs shards of any stage; exactly one output row per input row (see :mod:`workers.shards`)."""
+    """Owns one model; runs shards of any stage; exactly one output row per input row (see :mod:`conva.workers.shards`)."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         set_threads(spec.cfg.ray.num_cpus_per_worker)
@@ -56,6 +57,7 @@ class ModelWorker:
         self._steerer = None
         self._bundles: dict[tuple[str, str], ValueBundle] = {}
         self._judge = None
+        self._judge_llm = None
         self.identity = _identity()
 
     # --- what the pool asks -----------------------------------------------------------------------------
@@ -79,10 +81,8 @@ class ModelWorker:
         return {**self.identity, "model": info, "loads": self.loads, "started": started, "finished": time.time()}
 
     def run(self, task: ShardTask) -> ShardRecord:
-        """Run one shard of ``task.stage``; raises :class:`~workers.errors.ShardError` (typed) on failure."""
+        """Run one shard of ``task.stage``; raises :class:`~conva.workers.errors.ShardError` (typed) on failure."""
         from dataclasses import replace
-
-        from workers.shards import SHARD_FUNCTIONS
 
         started = time.time()
         mark_running(self.identity["worker"], task.ref.attempt)
@@ -133,7 +133,7 @@ class ModelWorker:
     def steerer(self):
         """The steering backend (``steer.backend``), built on first use; the HF backend reuses the loaded model."""
         if self._steerer is None:
-            from workers.backends import HFSteerer, make_steerer
+            from conva.workers.backends import HFSteerer, make_steerer
 
             if self.cfg.steer.backend == "hf":
                 model, tok = self.hf()
@@ -179,10 +179,25 @@ class ModelWorker:
             from conva.judges import make_judge
 
             # Only the probe judge reads the model itself (with the vLLM backend: an HF copy, loaded then).
-            model, tok = (self.hf() if self.spec.judge.kind == "probe" else (None, None))
+            kind = self.spec.judge.kind
+            model, tok = (self.hf() if kind == "probe" else (None, None))
             self._judge = make_judge(self.spec.judge, values=self.cfg.data.values, model=model, tok=tok,
-                                     bundles=bundles, cache_dir=self.spec.judge_cache)
+                                     bundles=bundles, chat=self._chat() if kind == "llm" else None)
         return self._judge
+
+    def fluency_judge(self):
+        """The LLM that rates answers' fluency (``fluency.llm``): the study's judge when it is that LLM."""
+        from conva.judges import LLMJudge
+
+        if not isinstance(self._judge, LLMJudge):
+            self._judge_llm = self._judge_llm or LLMJudge(self.spec.judge, self._chat())
+            return self._judge_llm
+        return self._judge
+
+    def _chat(self):
+        from conva.batch.llm_client import judge_chat
+
+        return judge_chat(self.spec.judge, self.spec.judge_cache)
 
 
 _RUNNING_KEY = "conva:running:{}"

@@ -8,7 +8,7 @@ Ray actor on another node, which opens the same storage there.
 
 Writes are atomic: a reader sees a whole object or none. Object stores publish a PUT whole; on a
 local or mounted filesystem the bytes go to a temporary name, are fsync'd and renamed into place.
-Nothing here needs rename on an object store: :mod:`conva.store` commits through a log instead.
+Nothing here needs rename on an object store: :mod:`conva.batch.store` commits through a log instead.
 
 Example:
     >>> import tempfile

@@ -1,6 +1,6 @@
 """Studies: models × values × methods × P0 grid × layer bands × settings, as cells over one steering table.
 
-A study config is a job config (the sections of :class:`conva.config.Config`, without ``model.name``)
+A study config is a job config (the sections of :class:`conva.batch.config.Config`, without ``model.name``)
 plus four sections of its own::
 
     [study]    name, models, methods, p0, bands, settings, caa_strengths, bootstrap, seed
@@ -12,10 +12,10 @@ A **cell** is one (model, value, method, P0, band, setting, strength). ConVA cel
 and the bands; CAA by the bands and its strengths (a sweep, so CAA can be compared at matched fluency);
 ``prompt`` and ``none`` by neither. Every cell of one model goes into **one**
 steering table whose per-row ``method, p0, strength, setting, band`` columns override ``[steer]``
-(:data:`conva.pipeline.ROW_OVERRIDES`), so a model is extracted and fitted once and its bundles serve
+(:data:`conva.batch.pipeline.ROW_OVERRIDES`), so a model is extracted and fitted once and its bundles serve
 every cell; band variants are read from the same probes.
 
-Outputs (written by ``jobs.study``, computed in :mod:`conva.summary`): ``results.parquet`` (one row per
+Outputs (written by ``conva.jobs.study``, computed in :mod:`conva.batch.summary`): ``results.parquet`` (one row per
 cell and prompt, with the judge's score and the answer's perplexities), ``pooled.parquet`` (the headline
 rows: per model, method, P0, band, strength and setting over all values, with bootstrap intervals over all
 their prompts), ``matched.parquet`` (ConVA against CAA and prompting at matched fluency),
@@ -40,19 +40,20 @@ import numpy as np
 import pyarrow as pa
 
 from conva import data as D
-# The job sections go through conva.config's own builder, so they obey the job rules exactly.
-from conva.config import Config, ConfigError, build_config, build_section, config_dict, read_config_data, vllm_gate_problem
+# The job sections go through conva.batch.config's own builder, so they obey the job rules exactly.
+from conva.batch.config import Config, ConfigError, build_config, build_section, config_dict, read_config_data, vllm_gate_problem
 from conva.bundle import ValueBundle
 from conva.judges import JUDGES, JudgeSettings
 from conva.models import model_name
-from conva.pipeline import STEERING_INPUT_SCHEMA
-from conva.steer import SETTINGS
+from conva.batch.schemas import (
+    RESULT_SCHEMA, STUDY_STEERING_SCHEMA, UTILITY_INPUT_SCHEMA,
+)
+from conva.steering.spec import SETTINGS
 
 __all__ = [
     "STUDY_METHODS", "StudySection", "UtilitySection", "FluencySection", "StudyConfig", "Cell", "UtilityCell",
     "load_study", "study_dict", "model_config", "model_slug", "model_spec", "MODEL_SECTIONS", "expand_cells",
-    "utility_cells", "band_layers", "steering_table", "utility_table", "RESULT_SCHEMA", "results_table", "check_bands",
-    "JUDGED_SCHEMA", "UTILITY_SCHEMA", "AGREEMENT_SCHEMA", "pair_prompts", "STUDY_STEERING_SCHEMA", "UTILITY_INPUT_SCHEMA",
+    "utility_cells", "band_layers", "steering_table", "utility_table", "results_table", "check_bands", "pair_prompts",
 ]
 
 STUDY_METHODS = ("conva", "conva_nogate", "caa", "prompt", "none")
@@ -310,16 +311,8 @@ def utility_cells(study: StudyConfig, spec: str) -> list[UtilityCell]:
     return cells
 
 
-def _override_columns() -> list[tuple[str, pa.DataType]]:
-    return [("method", pa.string()), ("p0", pa.float64()), ("strength", pa.float64()), ("setting", pa.string()),
-            ("band", pa.list_(pa.int32())), ("cell_id", pa.string())]
-
-
-STUDY_STEERING_SCHEMA = pa.schema([*STEERING_INPUT_SCHEMA, *(pa.field(n, t) for n, t in _override_columns())])
-
-
 def _prompts(cfg: Config, value: str) -> list[D.Prompt]:
-    from conva.pipeline import value_prompts
+    from conva.batch.pipeline import value_prompts
 
     return value_prompts(cfg, value)[0]
 
@@ -339,29 +332,12 @@ def steering_table(cfg: Config, cells: Sequence[Cell]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=STUDY_STEERING_SCHEMA)
 
 
-UTILITY_INPUT_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("cell_id", pa.string()), ("value", pa.string()), ("method", pa.string()),
-    ("p0", pa.float64()), ("strength", pa.float64()), ("band", pa.list_(pa.int32())), ("item", pa.int32()),
-    ("prompt", pa.string()), ("answer", pa.string()),
-])
-
-
 def utility_table(cells: Sequence[UtilityCell], items: Sequence, prompts: Sequence[str]) -> pa.Table:
     """A row per (utility cell, question) with the cell's overrides and the question's prompt and answer."""
     rows = [dict(row_id=f"{c.id}#{i:04d}", cell_id=c.id, value=None if c.value == "*" else c.value, method=c.method,
                  p0=c.p0, strength=c.strength, band=band_layers(c.band) if c.band != "-" else None, item=i,
                  prompt=prompts[i], answer=items[i].answer) for c in cells for i in range(len(items))]
     return pa.Table.from_pylist(rows, schema=UTILITY_INPUT_SCHEMA)
-
-
-RESULT_SCHEMA = pa.schema([
-    ("cell_id", pa.string()), ("row_id", pa.string()), ("model", pa.string()), ("value", pa.string()),
-    ("method", pa.string()), ("p0", pa.float64()), ("band", pa.string()), ("setting", pa.string()),
-    ("strength", pa.float64()), ("prompt", pa.string()), ("context", pa.string()), ("output", pa.string()),
-    ("n_output_tokens", pa.int32()), ("gate_open", pa.bool_()), ("gate_score", pa.float64()), ("eps_mean", pa.float64()),
-    ("judge", pa.string()), ("judge_score", pa.float64()), ("judge_prob", pa.float64()), ("judge_raw", pa.string()),
-    ("ppl", pa.float64()), ("ppl_plain", pa.float64()), ("fluency", pa.float64()), ("error", pa.string()),
-])
 
 
 def results_table(cells: Sequence[Cell], generations: pa.Table, judged: pa.Table) -> pa.Table:
@@ -382,23 +358,6 @@ def results_table(cells: Sequence[Cell], generations: pa.Table, judged: pa.Table
                          ppl=j.get("ppl"), ppl_plain=j.get("ppl_plain"), fluency=j.get("fluency"),
                          error=g["error"] or j.get("error")))
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-
-
-# What the study's workers write: a judged row per generation, an MC answer per utility row, agreement per value.
-JUDGED_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("judge", pa.string()), ("judge_score", pa.float64()), ("judge_prob", pa.float64()),
-    ("judge_raw", pa.string()), ("ppl", pa.float64()), ("ppl_plain", pa.float64()), ("fluency", pa.float64()),
-    ("error", pa.string()),
-])
-UTILITY_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("cell_id", pa.string()), ("model", pa.string()), ("value", pa.string()),
-    ("method", pa.string()), ("item", pa.int32()), ("answer", pa.string()), ("pred", pa.string()),
-    ("correct", pa.bool_()), ("gate_open", pa.bool_()), ("gate_score", pa.float64()),
-])
-AGREEMENT_SCHEMA = pa.schema([
-    ("model", pa.string()), ("judge", pa.string()), ("value", pa.string()), ("agreement", pa.float64()),
-    ("pairwise", pa.float64()), ("n_pairs", pa.int32()),
-])
 
 
 def pair_prompts(settings: JudgeSettings, value: str, pairs: list[D.Pair]) -> list[str] | None:

@@ -15,7 +15,7 @@ whole file, that :func:`conva.data.read_records` gives, so error rows name the f
 
 With a ``screen``, the same pass also hands every row, as the :class:`~conva.data.Record` a worker will
 read, to a callback, a shard at a time (one shard's bytes are held, never the file): the driver counts
-bad rows this way before any model loads (:mod:`conva.badrows`).
+bad rows this way before any model loads (:mod:`conva.batch.badrows`).
 
 Tables a job builds itself (the extraction texts, a study's cells × prompts) are written once as a
 Parquet file beside the stage (:func:`write_input_table`) and planned like any Parquet input.
@@ -44,7 +44,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, data_files, jsonl_records
-from conva.storage import Location, location
+from conva.batch.storage import Location, location
 
 __all__ = ["InputSlice", "InputPlan", "Screen", "plan_input", "plan_table_file", "read_slice", "read_table_slice",
            "table_sha256", "write_input_table"]

@@ -29,48 +29,14 @@ import pyarrow as pa
 
 from conva.bundle import ValueBundle
 from conva.metrics import bootstrap_ci, csr
-from conva.study import UtilityCell, results_table
+from conva.batch.schemas import MATCHED_SCHEMA, POOLED_SCHEMA, STUDY_PROBE_SCHEMA, SUMMARY_SCHEMA
+from conva.batch.study import UtilityCell, results_table
 
-__all__ = ["SUMMARY_SCHEMA", "POOLED_SCHEMA", "MATCHED_SCHEMA", "PROBE_SCHEMA", "summarize", "pool",
+__all__ = ["summarize", "pool",
            "matched_fluency", "probe_rows", "pool_key", "OUTPUT_FILES", "study_tables"]
 
 # The study's output tables, in the order they are written (``<study>/<name>.parquet``).
 OUTPUT_FILES = ("results", "pooled", "matched", "summary", "utility", "probes", "judges")
-
-SUMMARY_SCHEMA = pa.schema([
-    ("cell_id", pa.string()), ("model", pa.string()), ("value", pa.string()), ("method", pa.string()),
-    ("p0", pa.float64()), ("band", pa.string()), ("setting", pa.string()), ("strength", pa.float64()),
-    ("n", pa.int32()), ("n_error", pa.int32()), ("csr", pa.float64()), ("csr_lo", pa.float64()),
-    ("csr_hi", pa.float64()), ("gate_open_rate", pa.float64()), ("eps_mean", pa.float64()), ("ppl", pa.float64()),
-    ("ppl_ratio", pa.float64()), ("ppl_plain_ratio", pa.float64()), ("fluency", pa.float64()), ("mc_acc", pa.float64()),
-    ("mc_acc_none", pa.float64()), ("utility_ratio", pa.float64()), ("mc_gate_open_rate", pa.float64()),
-    ("judge", pa.string()), ("judge_agreement", pa.float64()),
-])
-POOLED_SCHEMA = pa.schema([
-    ("model", pa.string()), ("method", pa.string()), ("p0", pa.float64()), ("band", pa.string()),
-    ("strength", pa.float64()), ("setting", pa.string()), ("values", pa.int32()), ("n", pa.int32()),
-    ("n_error", pa.int32()), ("csr", pa.float64()), ("csr_lo", pa.float64()), ("csr_hi", pa.float64()),
-    ("ppl_ratio", pa.float64()), ("ppl_ratio_lo", pa.float64()), ("ppl_ratio_hi", pa.float64()),
-    ("ppl_plain_ratio", pa.float64()), ("utility_ratio", pa.float64()), ("gate_open_rate", pa.float64()),
-    ("mc_gate_open_rate", pa.float64()), ("eps_mean", pa.float64()), ("judge_agreement", pa.float64()),
-])
-MATCHED_SCHEMA = pa.schema([
-    ("model", pa.string()), ("setting", pa.string()), ("p0", pa.float64()), ("band", pa.string()),
-    ("other", pa.string()), ("other_strength", pa.float64()), ("other_band", pa.string()), ("n_pairs", pa.int32()),
-    ("csr_conva", pa.float64()), ("csr_other", pa.float64()), ("csr_diff", pa.float64()), ("csr_diff_lo", pa.float64()),
-    ("csr_diff_hi", pa.float64()), ("ppl_ratio_conva", pa.float64()), ("ppl_conva_lo", pa.float64()),
-    ("ppl_conva_hi", pa.float64()), ("ppl_ratio_other", pa.float64()), ("ppl_other_lo", pa.float64()),
-    ("ppl_other_hi", pa.float64()), ("verdict", pa.string()),
-])
-PROBE_SCHEMA = pa.schema([
-    ("model", pa.string()), ("value", pa.string()), ("layer", pa.int32()), ("train_acc", pa.float64()),
-    ("val_acc", pa.float64()), ("test_acc", pa.float64()), ("converged", pa.bool_()), ("in_band", pa.bool_()),
-    ("gate_kind", pa.string()), ("gate_layer", pa.int32()), ("gate_threshold", pa.float64()),
-    ("gate_target_met", pa.bool_()), ("gate_precision", pa.float64()), ("gate_recall", pa.float64()),
-    ("gate_accuracy", pa.float64()), ("gate_n", pa.float64()), ("gate_open_neutral", pa.float64()),
-    ("gate_open_other", pa.float64()), ("gate_not_converged", pa.float64()),
-])
-
 
 def _finite(xs: Sequence[float | None]) -> list[float]:
     return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
@@ -271,7 +237,7 @@ def probe_rows(model: str, bundles: dict[str, ValueBundle]) -> pa.Table:
                 gate_n=h.get("n"), gate_open_neutral=h.get("open_rate_neutral"), gate_open_other=h.get("open_rate_other"),
                 gate_not_converged=h.get("not_converged"),
             ))
-    return pa.Table.from_pylist(rows, schema=PROBE_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=STUDY_PROBE_SCHEMA)
 
 
 def study_tables(parts: Sequence[dict], *, n_boot: int, seed: int) -> dict[str, pa.Table]:

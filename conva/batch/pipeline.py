@@ -29,65 +29,21 @@ import pyarrow as pa
 
 from conva import data as D
 from conva.bundle import ValueBundle
-from conva.config import Config
+from conva.batch.config import Config
+from conva.batch.schemas import (
+    BUNDLE_PROBE_SCHEMA, EXTRACTION_INPUT_SCHEMA, GENERATION_SCHEMA, STEERING_INPUT_SCHEMA, activation_schema,
+)
 from conva.fit import FitSettings, LayerData, ModelInfo, fit_value
 from conva.record import format_prompt, record_activations
-from conva.steer import RowResult, SteerSpec, generate
+from conva.steering.spec import RowResult, SteerSpec
 
 __all__ = [
-    "SCHEMA_VERSION", "activation_schema", "GENERATION_SCHEMA", "steering_rows_from_file", "extraction_rows", "extract_table",
+    "steering_rows_from_file", "extraction_rows", "extract_table",
     "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source", "load_prompt_source",
     "row_spec", "row_settings", "prompt_problem", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "fit_rows_filter",
-    "gate_data", "value_prompts", "steering_rows_from_records", "value_activations", "probe_rows", "PROBE_SCHEMA",
+    "gate_data", "value_prompts", "steering_rows_from_records", "value_activations", "probe_rows",
     "activation_model",
 ]
-
-# 3: generations carry ``context``; gate texts cover every value (value-specific gate); outputs committed
-# through a commit log (conva.store), shards written by the workers.
-SCHEMA_VERSION = 3
-
-EXTRACTION_INPUT_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("dataset", pa.string()), ("value", pa.string()), ("label", pa.int8()),
-    ("group", pa.int64()), ("text", pa.string()), ("chat_template", pa.bool_()),
-])
-STEERING_INPUT_SCHEMA = pa.schema([
-    ("row_id", pa.string()), ("value", pa.string()), ("prompt", pa.string()), ("error", pa.string()),
-])
-
-
-def _nullable_in_pandas(schema: pa.Schema) -> pa.Schema:
-    """``schema`` with pandas metadata that reads its integer and boolean columns as nullable ``Int32``/``boolean``.
-
-    Error rows leave ``n_prompt_tokens`` null; without this, pandas would read the column as float64 (and
-    ``gate_open`` as object). pyarrow, DuckDB and Spark ignore the metadata; pandas gives ``pd.NA`` for nulls.
-    """
-    kinds = {f.name: "boolean" if pa.types.is_boolean(f.type) else str(f.type).capitalize()
-             for f in schema if pa.types.is_integer(f.type) or pa.types.is_boolean(f.type)}
-    columns = [{"name": name, "field_name": name, "pandas_type": str(schema.field(name).type), "metadata": None,
-                "numpy_type": kind} for name, kind in kinds.items()]
-    meta = {"index_columns": [], "column_indexes": [], "columns": columns}
-    return schema.with_metadata({b"pandas": json.dumps(meta).encode()})
-
-
-GENERATION_SCHEMA = _nullable_in_pandas(pa.schema([
-    ("row_id", pa.string()), ("prompt", pa.string()), ("context", pa.string()), ("output", pa.string()),
-    ("n_prompt_tokens", pa.int32()), ("n_output_tokens", pa.int32()), ("model", pa.string()),
-    ("value", pa.string()), ("method", pa.string()), ("setting", pa.string()), ("p0", pa.float64()),
-    ("strength", pa.float64()), ("gate_score", pa.float64()), ("gate_open", pa.bool_()), ("layers", pa.list_(pa.int32())),
-    ("eps", pa.list_(pa.float64())), ("p_before", pa.list_(pa.float64())), ("p_after", pa.list_(pa.float64())),
-    ("error", pa.string()),
-]))
-
-
-def activation_schema(hidden: int) -> pa.Schema:
-    """The activations stage's schema for a model of width ``hidden``."""
-    return pa.schema([
-        ("row_id", pa.string()), ("dataset", pa.string()), ("value", pa.string()), ("label", pa.int8()),
-        ("group", pa.int64()), ("text_hash", pa.string()), ("layer", pa.int32()), ("position", pa.string()),
-        ("activation", pa.list_(pa.float32(), hidden)), ("error", pa.string()),
-    ])
-
-
 
 def load_pair_source(source: str, value: str, kind: str) -> list[D.Pair]:
     """Pairs for ``value`` from ``demo``, ``paper:<folder>`` or a project-schema file/folder."""
@@ -295,7 +251,7 @@ def steering_rows_from_records(name: str, records: Iterable[D.Record], values: S
     ``values`` (no bundle is fitted for it) is an error row too. **Neutral rows**: a value that is absent,
     null or empty text (a CSV cell cannot be null) means none, in every format; such a row is generated
     unsteered (:func:`row_spec`). The driver screens a whole input with this same function
-    (:mod:`conva.badrows`), so ``validate`` counts exactly the error rows the workers will write, but for
+    (:mod:`conva.batch.badrows`), so ``validate`` counts exactly the error rows the workers will write, but for
     prompts over the token limit (that needs the tokenizer).
     """
     rows = []
@@ -385,6 +341,8 @@ def hf_generate_fn(model, tok, cfg: Config) -> GenerateFn:
     s = cfg.steer
 
     def run(prompts: list[str], specs: list[SteerSpec]) -> list[RowResult]:
+        from conva.steering.hf import generate  # torch loads with the model, not with the config
+
         return generate(model, tok, prompts, specs, max_new_tokens=s.max_new_tokens, chat_template=s.chat_template,
                         positions=s.positions, epsilon=s.epsilon, mode=s.mode, batch_size=s.batch_size)
 
@@ -441,11 +399,6 @@ def _generation_row(rec: dict, asked: dict, done: tuple[RowResult, SteerSpec] | 
     return row
 
 
-PROBE_SCHEMA = pa.schema([
-    ("value", pa.string()), ("layer", pa.int32()), ("train_acc", pa.float64()), ("test_acc", pa.float64()),
-    ("in_band", pa.bool_()), ("fingerprint", pa.string()), ("gate_kind", pa.string()), ("gate_layer", pa.int32()),
-    ("gate_threshold", pa.float64()),
-])
 _META_COLUMNS = ["row_id", "dataset", "value", "label", "group"]
 
 
@@ -458,7 +411,7 @@ def probe_rows(bundle: ValueBundle) -> pa.Table:
         "in_band": [int(l) in bundle.band for l in bundle.layers], "fingerprint": [bundle.fingerprint] * n,
         "gate_kind": [g.kind] * n, "gate_layer": pa.array([g.layer] * n, pa.int32()),
         "gate_threshold": pa.array([g.threshold] * n, pa.float64()),
-    }, schema=PROBE_SCHEMA)
+    }, schema=BUNDLE_PROBE_SCHEMA)
 
 
 def activation_model(infos: Iterable[dict]) -> tuple[ModelInfo, list[int]]:

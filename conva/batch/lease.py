@@ -14,12 +14,12 @@ that settle time, and the lease is a guard against mistakes, not against an adve
 
 Example:
     >>> import tempfile
-    >>> from conva.storage import location
+    >>> from conva.batch.storage import location
     >>> out = location(tempfile.mkdtemp())
     >>> with OutputLease(out, "conva run"):
     ...     OutputLease(out, "conva run").acquire()  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
-    conva.lease.LeaseError: /tmp/... is being written by another driver (conva run, pid ...)
+    conva.batch.lease.LeaseError: /tmp/... is being written by another driver (conva run, pid ...)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 
-from conva.storage import Location
+from conva.batch.storage import Location
 
 __all__ = ["LeaseError", "OutputLease", "LEASE_FILE"]
 

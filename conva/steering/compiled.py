@@ -1,8 +1,8 @@
-"""Fast steered greedy generation on the HF backend: static KV cache, compiled decode, steering in the graph.
+"""Compiled steered greedy generation on the HF backend (the fast path on a GPU): static KV cache, compiled decode, steering in the graph.
 
-The same ConVA math as :func:`conva.steer.generate`, laid out for a GPU:
+The same ConVA math as :func:`conva.steering.hf.generate`, laid out for a GPU:
 
-- **Prefill** (eager, once per batch): :class:`conva.steer._Steering`'s hooks run unchanged, so every ε
+- **Prefill** (eager, once per batch): :class:`conva.steering.core.Steering`'s hooks run unchanged, so every ε
   is found exactly as there (ascending layers, each from the last prompt token after the earlier
   layers' steering; closed gates give 0) and the prompt's keys/values land in a ``StaticCache``.
 - **Decode** (one token for all rows per step): a step function over fixed-shape buffers, compiled
@@ -22,12 +22,12 @@ block around each decode loop and removed in ``finally``; the same wrapper and b
 reused for every batch, so the compiled step (guarded on them) is reused rather than recompiled.
 New per-batch values are copied *into* the buffers, never rebound.
 
-Rows are bit-identical to unsteered where their scale is 0 (``torch.where``, as in ``conva.steer``).
-Greedy tokens equal ``conva.steer.generate``'s up to floating-point ties: the static cache attends
+Rows are bit-identical to unsteered where their scale is 0 (``torch.where``, as in ``conva.steering.core``).
+Greedy tokens equal ``conva.steering.hf.generate``'s up to floating-point ties: the static cache attends
 over padded, masked key slots, which can change the last bits of a logit.
 
 Example:
-    >>> rows = generate_fast(model, tok, ["Should I take the job?"], [spec], max_new_tokens=64)  # doctest: +SKIP
+    >>> rows = generate_compiled(model, tok, ["Should I take the job?"], [spec], max_new_tokens=64)  # doctest: +SKIP
     >>> fast = FastSteering(model, batch_size=32, max_len=256, layers=bundle.band)              # doctest: +SKIP
     >>> rows = fast.generate(tok, prompts, specs, max_new_tokens=64)                            # doctest: +SKIP
 """
@@ -44,13 +44,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
-from conva.blocks import _hidden_of, _with_hidden, find_blocks
-from conva.steer import (
-    EPSILON_MODES, RowResult, SteerSpec, _eos_ids, _prepare, _results, _Steering, _steered, prompt_text,
-)
+from conva.blocks import find_blocks, hidden_of, with_hidden
 from conva.record import format_prompt
+from conva.steering.core import Steering, eos_ids, prepare, row_results, steered
+from conva.steering.spec import EPSILON_MODES, RowResult, SteerSpec, prompt_text
 
-__all__ = ["FastSteering", "generate_fast"]
+__all__ = ["FastSteering", "generate_compiled"]
 
 _BATCH_MULTIPLE = 8  # batches are padded with dummy rows up to this multiple: fewer shapes to compile
 _LEN_MULTIPLE = 64  # cache lengths are rounded up to this multiple
@@ -76,7 +75,7 @@ class _Buffers:
         for t in vars(self).values():
             torch._dynamo.mark_static_address(t)
 
-    def load(self, steering: _Steering, cols: list[int], per_token: bool) -> None:
+    def load(self, steering: Steering, cols: list[int], per_token: bool) -> None:
         """Copy one batch's prefill result (rows ``< B`` of the plan) into the buffers; the rest is zeroed."""
         p, n, dev = steering.plan, steering.scale.shape[0], self.delta.device
         for t in (self.on, self.delta, self.scale, self.fixed, self.compute, self.s0, self.open, self.dirs, self.w,
@@ -86,7 +85,7 @@ class _Buffers:
         scale = steering.scale.to(dev)
         for j, c in enumerate(cols):
             dirs = p.dirs[:, j].to(dev)
-            # The same expression as conva.steer._Steering.__call__, so the added delta is bit-identical.
+            # The same expression as conva.steering.core.Steering.__call__, so the added delta is bit-identical.
             self.delta[:n, c] = (scale[:, j, None] * dirs).to(self.delta.dtype)
             self.on[:n, c] = scale[:, j] != 0
             self.scale[:n, c] = scale[:, j]
@@ -102,13 +101,13 @@ def _frozen(buf: _Buffers, j: int, h: torch.Tensor) -> torch.Tensor:
 
 
 def _per_token(buf: _Buffers, j: int, h: torch.Tensor) -> torch.Tensor:
-    # conva.steer._Steering._set_scale and __call__, as tensor ops (no .cpu(), no Python branches).
+    # conva.steering.core.Steering.set_scale and __call__, as tensor ops (no .cpu(), no Python branches).
     e = h[:, -1, :].float()
     z = (e * buf.w[:, j]).sum(-1) + buf.b[:, j]
     eps = torch.clamp((buf.s0 - z) / buf.wnorm[:, j], min=0.0)
     scale = torch.where(buf.compute[:, j], eps, buf.fixed[:, j])
     scale = torch.where(buf.open, scale, torch.zeros_like(scale))
-    buf.scale[:, j].copy_(scale)  # telemetry: the last step's ε, as conva.steer reports it
+    buf.scale[:, j].copy_(scale)  # telemetry: the last step's ε, as conva.steering.core reports it
     delta = (scale[:, None] * buf.dirs[:, j]).to(h.dtype)
     return torch.where((scale != 0)[:, None, None], h + delta[:, None, :], h)
 
@@ -119,7 +118,7 @@ def _wrapped_forward(block: torch.nn.Module, j: int, buf: _Buffers, epsilon: str
 
     def forward(*args: object, **kwargs: object) -> object:  # the block's own signature, passed through
         out = original(block, *args, **kwargs)
-        return _with_hidden(out, apply(buf, j, _hidden_of(out)))
+        return with_hidden(out, apply(buf, j, hidden_of(out)))
 
     return forward
 
@@ -147,7 +146,7 @@ class FastSteering:
     """A model prepared for fast steered generation at a fixed batch size and cache length.
 
     ``layers``: the blocks any batch may steer (the union of the specs' bands; empty: an unsteered
-    runner). :func:`generate_fast` picks them, and the shapes, per batch.
+    runner). :func:`generate_compiled` picks them, and the shapes, per batch.
     ``compile``: compile the decode step (CUDA graphs on CUDA, Inductor on CPU); False runs the same
     code eagerly. The model is only patched inside :meth:`generate`. Holds a KV cache of
     ``batch_size × max_len`` tokens on the model's device.
@@ -225,29 +224,29 @@ class FastSteering:
             raise ValueError(f"{n} prompts but {len(specs)} steering specs")
         # Dummy rows fill the fixed batch; an empty user turn is a valid, short prompt.
         pad_p, pad_s = list(prompts) + [""] * (self.batch_size - n), list(specs) + [SteerSpec()] * (self.batch_size - n)
-        texts, enc, plan = _prepare(self.model, tok, pad_p, pad_s, chat_template)
+        texts, enc, plan = prepare(self.model, tok, pad_p, pad_s, chat_template)
         missing = sorted(set(plan.layers) - set(self.layers))
         if missing:
             raise ValueError(f"layers {missing} are steered but this FastSteering was built for {self.layers}")
         P = enc["input_ids"].shape[1]
         if P + max_new_tokens > self.max_len:
             raise ValueError(f"{P} prompt + {max_new_tokens} new tokens exceed the cache length {self.max_len}")
-        steering = _Steering(plan, positions, "frozen")  # the prefill is the same in both ε modes
+        steering = Steering(plan, positions, "frozen")  # the prefill is the same in both ε modes
         first = self._prefill(enc, steering)
         self.buffers.load(steering, [self.layers.index(l) for l in plan.layers], self.epsilon == "per_token")
-        new = self._decode(first, enc["attention_mask"], max_new_tokens, _eos_ids(self.model, tok), tok.pad_token_id)
+        new = self._decode(first, enc["attention_mask"], max_new_tokens, eos_ids(self.model, tok), tok.pad_token_id)
         if self.epsilon == "per_token":
             steering.scale = self.buffers.scale[:, [self.layers.index(l) for l in plan.layers]].float().cpu()
-        stops = set(_eos_ids(self.model, tok))
+        stops = set(eos_ids(self.model, tok))
         tokens, outs = [], []
         for row in new[:n].tolist():
             cut = next((k for k, t in enumerate(row) if t in stops), len(row))
             tokens.append(tuple(row[:cut]))
             outs.append(tok.decode(row[:cut], skip_special_tokens=True))
         n_prompt = enc["attention_mask"].sum(1).tolist()[:n]
-        return _results(steering, list(specs), outs, tokens, n_prompt, texts[:n])
+        return row_results(steering, list(specs), outs, tokens, n_prompt, texts[:n])
 
-    def _prefill(self, enc: dict[str, torch.Tensor], steering: _Steering) -> torch.Tensor:
+    def _prefill(self, enc: dict[str, torch.Tensor], steering: Steering) -> torch.Tensor:
         """Eager steered forward of the prompts into the static cache; returns the first greedy token."""
         mask = enc["attention_mask"]
         P = mask.shape[1]
@@ -259,7 +258,7 @@ class FastSteering:
         kwargs = self._forward_kwargs()
         if self._pass_cache_position:
             kwargs["cache_position"] = torch.arange(P, device=self.device)
-        with _steered(self.model, steering):
+        with steered(self.model, steering):
             out = self.model(input_ids=enc["input_ids"], attention_mask=self._mask, position_ids=pos, **kwargs)
         logits = out.logits
         return logits[:, -1, :].float().argmax(-1)
@@ -309,12 +308,12 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
-def generate_fast(
+def generate_compiled(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], specs: Sequence[SteerSpec], *,
     max_new_tokens: int, chat_template: bool = True, compile: bool = True, positions: str = "all",
     epsilon: str = "frozen", batch_size: int = 128,
 ) -> list[RowResult]:
-    """Steered greedy generation like :func:`conva.steer.generate` (batched mode), on the fast path.
+    """Steered greedy generation like :func:`conva.steering.hf.generate` (batched mode), on the fast path.
 
     Same arguments and :class:`RowResult` telemetry. Batches are padded to a multiple of 8 rows and
     the cache to a multiple of 64 tokens; a runner (cache, buffers, compiled step) is kept per model

@@ -12,7 +12,7 @@ and ``study.json`` from a study folder (or the folder of a given ``results.parqu
 * CSR against P0, CSR against utility, probe accuracy by layer (validation and test), the gates'
   held-out figures and open rates, CSR per value, probe non-convergence, the judge's agreement.
 
-Usage: ``python -m conva.report runs/demo_study`` (or ``conva report runs/demo_study/results.parquet``).
+Usage: ``python -m conva.batch.report runs/demo_study`` (or ``conva report runs/demo_study/results.parquet``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conva.summary import OUTPUT_FILES as _STUDY_FILES
+from conva.batch.summary import OUTPUT_FILES as _STUDY_FILES
 
 __all__ = ["write_report", "format_summary", "study_choices", "main"]
 
@@ -369,12 +369,12 @@ def write_report(path: str | Path) -> Path:
 def local_copy(out) -> Iterator[Path]:
     """A local folder holding a study's output files: the output itself where it is local, else a temporary copy.
 
-    ``out`` is a path or a :class:`conva.storage.Location` (e.g. ``s3://…``).
+    ``out`` is a path or a :class:`conva.batch.storage.Location` (e.g. ``s3://…``).
     """
     import shutil
     import tempfile
 
-    from conva.storage import location
+    from conva.batch.storage import location
 
     out = location(out)
     if out.is_local:
@@ -395,7 +395,7 @@ def write_report_to(out) -> str:
 
     Side effect: **replaces** the files of ``<out>/report/`` of the same names.
     """
-    from conva.storage import location
+    from conva.batch.storage import location
 
     out = location(out)
     with local_copy(out) as folder:
@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: conva report <study folder | results.parquet>", file=sys.stderr)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
-    from conva.storage import is_uri, location
+    from conva.batch.storage import is_uri, location
 
     try:
         target = argv[0].removesuffix("/results.parquet").removesuffix("results.parquet") or "."

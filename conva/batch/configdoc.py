@@ -6,7 +6,7 @@ comment at the end of the field's line. This module reads both from the source, 
 README's pointer and the code cannot drift apart; ``tests/test_cli.py`` fails on an undocumented key.
 
 Example:
-    >>> from conva.config import SteerConfig
+    >>> from conva.batch.config import SteerConfig
     >>> field_docs(SteerConfig)["p0"]
     "Target probability P0 for conva; unset: each bundle's fit.p0."
     >>> type_text(float | None)
@@ -84,16 +84,14 @@ def default_text(value: object) -> str:
     return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
-def sections(study: bool = True) -> dict[str, type]:
-    """Section name → its dataclass: the job's (:class:`conva.config.Config`), then a study's own."""
-    from conva.config import Config
-
-    found = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
-    if study:
-        from conva.study import StudyConfig
-
-        hints = typing.get_type_hints(StudyConfig)
-        found.update({f.name: hints[f.name] for f in dataclasses.fields(StudyConfig) if f.name != "job"})
+def sections(*roots: type) -> dict[str, type]:
+    """Section name → its dataclass, for each root config class in order (e.g. the job's
+    :class:`conva.batch.config.Config`, then a study's :class:`conva.batch.study.StudyConfig`). A root's
+    field whose type is an earlier root (a study's ``job``) is that root's sections, so it is left out."""
+    found: dict[str, type] = {}
+    for root in roots:
+        hints = typing.get_type_hints(root)
+        found.update({f.name: hints[f.name] for f in dataclasses.fields(root) if hints[f.name] not in roots})
     return found
 
 
@@ -112,11 +110,10 @@ def _default(f: dataclasses.Field) -> object:
     return f.default_factory()  # type: ignore[misc]
 
 
-def explain(section: str | None = None) -> str:
-    """Every key of ``section`` (or of every section) with its type, default, choices and meaning."""
-    from conva.config import CHOICES
-
-    known = sections()
+def explain(roots: tuple[type, ...], choices: dict[str, tuple[str, ...]], section: str | None = None) -> str:
+    """Every key of ``section`` (or of every section of ``roots``) with its type, default, ``choices``
+    (dotted key → the values it takes) and meaning."""
+    known = sections(*roots)
     if section is not None and section not in known:
         raise UnknownSectionError(f"unknown section {section!r}; the sections are {', '.join(known)}")
     out = []
@@ -127,8 +124,8 @@ def explain(section: str | None = None) -> str:
         out.append(f"[{name}]" + (f"  {summary}" if summary else ""))
         hints, docs = typing.get_type_hints(cls), field_docs(cls)
         for f in dataclasses.fields(cls):
-            choices = CHOICES.get(f"{name}.{f.name}")
-            kind = type_text(hints[f.name]) + (f": {' | '.join(choices)}" if choices else "")
+            options = choices.get(f"{name}.{f.name}")
+            kind = type_text(hints[f.name]) + (f": {' | '.join(options)}" if options else "")
             out.append(f"  {f.name} = {default_text(_default(f))}  ({kind})")
             doc = docs[f.name][:1].upper() + docs[f.name][1:]
             out += textwrap.wrap(doc, _WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
@@ -136,10 +133,10 @@ def explain(section: str | None = None) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def key_index(study: bool = False) -> str:
-    """Every section with its keys, one line each (for ``--help``)."""
+def key_index(*roots: type) -> str:
+    """Every section of ``roots`` with its keys, one line each (for ``--help``)."""
     lines = []
-    for name, cls in sections(study).items():
+    for name, cls in sections(*roots).items():
         keys = ", ".join(f.name for f in dataclasses.fields(cls))
         lines += textwrap.wrap(f"[{name}] {keys}", _WIDTH - 4, initial_indent="  ", subsequent_indent="      ")
     return "\n".join(lines)

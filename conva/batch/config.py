@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from conva.configdoc import type_text
+from conva.batch.configdoc import type_text
 from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON
 from conva.fit import GateSettings
 from conva.probes import BAND_PRESETS, ProbeSettings
 from conva.record import POSITIONS
-from conva.steer import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
+from conva.steering.spec import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
 from conva.values import VALUES
 
 __all__ = [
@@ -146,7 +146,7 @@ class SteerConfig:
 
 @dataclass(frozen=True)
 class VLLMConfig:
-    """``[vllm]``: the engine of ``steer.backend = "vllm"`` (see :class:`conva.vllm_backend.EngineSettings`)."""
+    """``[vllm]``: the engine of ``steer.backend = "vllm"`` (see :class:`conva.steering.vllm.EngineSettings`)."""
 
     enforce_eager: bool = True
     """Run the engine eagerly; false compiles the model (slow start, faster decoding), steering traced in."""

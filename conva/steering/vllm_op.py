@@ -1,6 +1,6 @@
 """ConVA inside a vLLM engine: the steering op, its fixed-address buffers and the runner patches.
 
-The math is :mod:`conva.steer`'s (``_Steering``), moved into the engine so that one engine step
+The math is :mod:`conva.steering`'s (``_Steering``), moved into the engine so that one engine step
 steers every request of the batch with its own bundle:
 
 * A ``torch.library.custom_op`` (``conva::steer``, with a fake implementation) is called from a
@@ -60,7 +60,7 @@ class SpecRow:
     """One steering spec's tensors over the engine's active layers (float32, CPU).
 
     ``cols`` are the active-layer columns this spec steers; the other columns stay zero. Built from
-    :func:`conva.steer._plan` so the math is the HF backend's.
+    :func:`conva.steering.core.plan_rows` so the math is the HF backend's.
     """
 
     dirs: torch.Tensor  # [U, d]
@@ -371,7 +371,7 @@ def _wrap_forward(orig: Any) -> Any:
         hidden, res = orig(self, positions, hidden_states, residual, *args, **kwargs)
         tag = getattr(self, "_conva_tag", None)  # (engine, column); set before the first trace
         if tag is not None:
-            hidden = torch.ops.conva.steer(hidden, res, tag[0], tag[1])
+            hidden = torch.ops.conva.steering(hidden, res, tag[0], tag[1])
         return hidden, res
 
     forward._conva_wrapped = True  # type: ignore[attr-defined]

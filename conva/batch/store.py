@@ -29,12 +29,12 @@ the new generation where it stopped.
 
 On open the log is replayed and checked against the objects (one listing): a committed object that is
 missing or of the wrong size is dropped, so its shard is computed again; objects of dead attempts are
-deleted. **Single writer**: only the driver holding the output's lease (:mod:`conva.lease`) appends to
+deleted. **Single writer**: only the driver holding the output's lease (:mod:`conva.batch.lease`) appends to
 a log.
 
 Example:
     >>> import tempfile, pyarrow as pa
-    >>> from conva.storage import location
+    >>> from conva.batch.storage import location
     >>> stage = Stage.open(location(tempfile.mkdtemp()), "generations", {"steer": {"p0": 0.9}}, 1, n_shards=2)
     >>> stage.pending()
     [0, 1]
@@ -60,7 +60,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from conva.storage import Location
+from conva.batch.storage import Location
 
 __all__ = [
     "StoredObject", "ShardRef", "ShardRecord", "Stage", "StageStatus", "StoreError", "ConfigMismatchError",

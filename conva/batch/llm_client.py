@@ -25,9 +25,9 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-__all__ = ["ChatClient", "LLMError", "request_key"]
+__all__ = ["ChatClient", "LLMError", "request_key", "judge_chat"]
 
 _log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
@@ -139,3 +139,16 @@ class ChatClient:
         with os.fdopen(fd, "w") as fh:
             json.dump({"model": self.model, "reply": reply}, fh)
         os.replace(tmp, path)
+
+
+def judge_chat(settings, cache_dir: str = "") -> Callable[[Sequence[Messages], int], list[str]]:
+    """The chat function the ``llm`` judge calls (:data:`conva.judges.Chat`), built from its ``[judge]``
+    settings (a :class:`conva.judges.JudgeSettings`): a :class:`ChatClient`'s ``complete_many``, its replies
+    cached under ``settings.cache_dir`` or else ``cache_dir``."""
+    if not settings.base_url or not settings.model:
+        raise ValueError("judge.kind = 'llm' needs judge.base_url and judge.model")
+    client = ChatClient(settings.base_url, settings.model, api_key_env=settings.api_key_env,
+                        max_concurrency=settings.max_concurrency, max_retries=settings.max_retries,
+                        backoff_s=settings.backoff_s, timeout_s=settings.timeout_s,
+                        cache_dir=settings.cache_dir or cache_dir or None)
+    return client.complete_many
