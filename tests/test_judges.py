@@ -33,6 +33,12 @@ def test_verdict_parsing_follows_the_paper_protocol() -> None:
     assert "social status and prestige" in text and "pros and cons" in text and "yes, no or unclear" in text
 
 
+def _assert_swapped_pairs_agree_half(judge, pairs: list[D.Pair]) -> None:
+    """Any judge, on pairs plus the same pairs with their texts swapped, agrees and ranks exactly half."""
+    swapped = [D.Pair(p.value, p.negative, p.positive) for p in pairs]
+    assert judge.agreement(pairs + swapped) == {"agreement": 0.5, "pairwise": 0.5, "n_pairs": 2.0 * len(pairs)}
+
+
 def test_classifier_judge_is_deterministic_and_reports_agreement() -> None:
     settings = JudgeSettings("classifier")
     a = make_judge(settings, values=["power", "benevolence"])
@@ -44,9 +50,12 @@ def test_classifier_judge_is_deterministic_and_reports_agreement() -> None:
     assert [v.prob for v in va] == [v.prob for v in vb]
     assert all(v.score == (1.0 if v.prob >= 0.5 else 0.0) for v in va)
     stats = a.agreement(test)
-    pos, neg = np.array([v.score for v in va[: len(test)]]), np.array([v.score for v in va[len(test):]])
-    assert stats["agreement"] == pytest.approx(np.mean(np.concatenate([pos, 1 - neg])))
-    assert stats["n_pairs"] == len(test) and stats["agreement"] >= 0.7  # measured 0.93 on the demo answers
+    # Each text judged alone: agreement counts the texts given their own label, out of 2 per pair.
+    alone = [a.judge(["power"], [""], [t])[0].score for t in texts]
+    right = sum(s == 1.0 for s in alone[: len(test)]) + sum(s == 0.0 for s in alone[len(test):])
+    assert stats["agreement"] == right / (2 * len(test)) and stats["n_pairs"] == len(test)
+    assert stats["agreement"] >= 0.7  # measured 0.93 on the demo answers
+    _assert_swapped_pairs_agree_half(a, test)
     with pytest.raises(ValueError, match="not trained for value 'tradition'"):
         a.judge(["tradition"], [""], ["x"])
 
@@ -61,8 +70,20 @@ def test_probe_judge_is_the_bundle_probe_on_the_unsteered_model(tiny, tiny_bundl
     acts = record_activations(model, tok, [f"{p}\n\n{a}" for p, a in zip(prompts, answers)], [int(bundle.layers[row])])
     z = acts[:, 0].astype(np.float64) @ bundle.w[row].astype(np.float64) + float(bundle.b[row])
     assert [v.prob for v in verdicts] == pytest.approx(list(1 / (1 + np.exp(-z))), rel=1e-5)
-    stats = judge.agreement(heldout_pairs(JudgeSettings(), "power")[1])
-    assert 0.0 <= stats["agreement"] <= 1.0 and stats["n_pairs"] > 0
+    # One hand-made pair after one prompt: the probabilities of its two texts, computed here, decide it.
+    pair = D.Pair("power", answers[0], answers[1])
+    acts = record_activations(model, tok, [f"{prompts[0]}\n\n{a}" for a in answers], [int(bundle.layers[row])])
+    p_pos, p_neg = 1 / (1 + np.exp(-(acts[:, 0].astype(np.float64) @ bundle.w[row].astype(np.float64)
+                                     + float(bundle.b[row]))))
+    assert p_pos != p_neg
+    # A judge saying yes (or no) to everything is right on one text of two; a threshold between the two
+    # probabilities labels both right if the positive ranks higher, both wrong if not.
+    for threshold, agreement in ((0.0, 0.5), ((p_pos + p_neg) / 2, float(p_pos > p_neg)), (1.01, 0.5)):
+        probe = make_judge(JudgeSettings("probe", threshold=threshold), values=["power"], model=model, tok=tok,
+                           bundles={"power": bundle})
+        assert probe.agreement([pair], prompts[:1]) == {"agreement": agreement, "pairwise": float(p_pos > p_neg),
+                                                        "n_pairs": 1.0}
+    _assert_swapped_pairs_agree_half(judge, heldout_pairs(JudgeSettings(), "power")[1][:3])
     with pytest.raises(ValueError, match="needs the loaded model"):
         make_judge(JudgeSettings("probe"), values=["power"])
 
@@ -177,7 +198,12 @@ def test_llm_judge_against_a_real_local_server(vllm_server, tmp_path, monkeypatc
     assert again == first and judge.client.requests_sent == sent and judge.client.cache_hits == 2
     ratings = judge.fluency(answers)
     assert all(r is None or 1.0 <= r <= 5.0 for r in ratings)
-    stats = judge.agreement(heldout_pairs(settings, "power")[1][:2])
-    assert 0.0 <= stats["agreement"] <= 1.0 and stats["n_pairs"] == 2
+    pairs = heldout_pairs(settings, "power")[1][:2]
+    stats = judge.agreement(pairs)
+    verdicts = judge.judge(["power"] * 4, [""] * 4, [p.positive for p in pairs] + [p.negative for p in pairs])
+    scores = [parse_verdict(v.raw) for v in verdicts]  # the replies, from the cache: no new requests
+    assert stats["agreement"] == (scores[0] + scores[1] + (1 - scores[2]) + (1 - scores[3])) / 4
+    assert stats["n_pairs"] == 2
+    _assert_swapped_pairs_agree_half(judge, pairs)
     files = [p for p in (tmp_path / "cache").rglob("*.json")]
     assert len(files) == 2 + 2 + 4 and all("sk-local" not in p.read_text() for p in files)

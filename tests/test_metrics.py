@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -23,17 +24,45 @@ def test_csr_is_the_mean_over_every_prompt() -> None:
         csr([1.0, float("nan")])
 
 
-def test_bootstrap_matches_a_direct_percentile_bootstrap() -> None:
-    scores = [1, 0, 0.5, 1, 1, 0, 1, 0.5]
-    lo, hi = bootstrap_ci(scores, n_boot=500, level=0.9, seed=7)
-    rng = np.random.default_rng(7)
-    arr = np.asarray(scores, dtype=float)
-    means = arr[rng.integers(0, len(arr), size=(500, len(arr)))].mean(1)
-    assert (lo, hi) == (float(np.quantile(means, 0.05)), float(np.quantile(means, 0.95)))
-    assert lo <= csr(scores) <= hi
-    assert bootstrap_ci(scores, n_boot=500, seed=7) == bootstrap_ci(scores, n_boot=500, seed=7)
-    assert bootstrap_ci([1, 1, 1], seed=0) == (1.0, 1.0)
+def _exact_percentile(scores: list[float], q: float) -> tuple[float, float]:
+    """The ``q`` quantile of the mean of a resample with replacement, by enumerating all n**n resamples.
+
+    Returns the quantile and how far ``q`` lies from the nearest step of that distribution's CDF: with
+    ``n_boot`` resamples the bootstrap's empirical quantile is this value exactly unless the empirical CDF
+    strays across that step, whose standard error is about ``sqrt(q(1-q)/n_boot)``: a margin of five such
+    errors makes the check hold for any seed (but about one in a few million).
+    """
+    n = len(scores)
+    means = np.sort([sum(scores[i] for i in idx) / n for idx in itertools.product(range(n), repeat=n)])
+    values, counts = np.unique(means, return_counts=True)
+    cdf = np.cumsum(counts) / means.size
+    k = int(np.searchsorted(cdf, q))  # the first value whose CDF reaches q
+    return float(values[k]), float(np.min(np.abs(cdf - q)))
+
+
+@pytest.mark.parametrize("scores, level", [([1, 0, 0.5, 1], 0.95), ([1, 0, 0.5, 1], 0.5), ([0, 0, 1], 0.9),
+                                           ([0, 1, 1, 1, 0.5], 0.8)])
+def test_bootstrap_bounds_are_the_exact_percentiles_of_the_resample_mean(scores, level) -> None:
+    n_boot = 40_000
+    alpha = (1 - level) / 2
+    (lo, lo_margin), (hi, hi_margin) = _exact_percentile(scores, alpha), _exact_percentile(scores, 1 - alpha)
+    assert min(lo_margin, hi_margin) > 5 * math.sqrt(alpha * (1 - alpha) / n_boot)  # decided by the distribution
+    for seed in (0, 1, 2):  # any seed: the bounds come from the distribution, not from one RNG stream
+        assert bootstrap_ci(scores, n_boot=n_boot, level=level, seed=seed) == (lo, hi)
+
+
+def test_bootstrap_closed_form_cases() -> None:
+    for seed in (0, 5):
+        assert bootstrap_ci([0.5] * 7, n_boot=50, seed=seed) == (0.5, 0.5)  # a constant: zero width at it
+        assert bootstrap_ci([1.0], n_boot=3, level=0.5, seed=seed) == (1.0, 1.0)
+    # Two points: a resample mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4; the 2.5 % and 97.5 %
+    # quantiles fall inside the end masses, the 40 % and 60 % ones inside the middle.
+    assert bootstrap_ci([0, 1], n_boot=20_000, level=0.95, seed=3) == (0.0, 1.0)
+    assert bootstrap_ci([0, 1], n_boot=20_000, level=0.2, seed=3) == (0.5, 0.5)
     assert all(math.isnan(x) for x in bootstrap_ci([]))
+    for bad in ({"level": 1.0}, {"level": 0.0}, {"n_boot": 0}):
+        with pytest.raises(ValueError, match="0 < level < 1 and n_boot >= 1"):
+            bootstrap_ci([1, 0], **bad)
 
 
 def test_ppl_ratio_is_the_geometric_mean_ratio() -> None:
