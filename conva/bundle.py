@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from conva.files import atomic_write
 from conva.gates import Gate
 from conva.values import check_value
 
@@ -147,11 +146,7 @@ def save_bundle(bundle: ValueBundle, path: str | Path) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     for name, data in sorted(encode_bundle(bundle).items(), reverse=True):  # meta.json last
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path / name)
+        atomic_write(path / name, data)
     return path
 
 

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = ["ProbeSettings", "ProbeFit", "LayerFit", "split_indices", "split_three", "fit_layer", "fit_probes",
-           "choose_band", "BAND_PRESETS", "parse_band"]
+           "choose_band", "BAND_PRESETS", "Band", "parse_band"]
 
 # The reference code's fixed bands (block indices, inclusive), keyed by model family.
 BAND_PRESETS: dict[str, tuple[int, int]] = {
@@ -202,20 +202,52 @@ def choose_band(fit: ProbeFit, width: int) -> tuple[int, ...]:
     return tuple(int(l) for l in fit.layers[start : start + width])
 
 
+@dataclass(frozen=True)
+class Band:
+    """The steered layers as configured, parsed once (:meth:`parse`): ``auto``, a preset, ``"LO-HI"`` or a list.
+
+    ``layers`` are the block indices (ascending), or None for ``auto`` (the fit chooses them from held-out
+    accuracy, :func:`choose_band`). ``text`` is the band as written (a list is written ``LO-HI`` when
+    contiguous).
+
+    >>> Band.parse("2-4").layers, Band.parse("auto").layers, Band.parse([5, 3]).text
+    ((2, 3, 4), None, '3,5')
+    """
+
+    layers: tuple[int, ...] | None
+    text: str
+
+    @classmethod
+    def parse(cls, spec: str | Sequence[int]) -> Band:
+        """A band from config text or a list; a ValueError names what is wrong."""
+        if isinstance(spec, str):
+            text = spec.strip()
+            if text == "auto":
+                return cls(None, "auto")
+            if text in BAND_PRESETS:
+                lo, hi = BAND_PRESETS[text]
+            else:
+                parts = text.split("-")
+                if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+                    raise ValueError(f"unknown band {spec!r}: use 'auto', 'LO-HI', a list, or one of "
+                                     f"{sorted(BAND_PRESETS)}")
+                lo, hi = (int(p) for p in parts)
+                if lo > hi:
+                    raise ValueError(f"band {spec!r} runs backwards (LO must not exceed HI)")
+            return cls(tuple(range(lo, hi + 1)), text)
+        layers = tuple(sorted(int(l) for l in spec))
+        if not layers:
+            raise ValueError("a band lists no layer")
+        contiguous = layers == tuple(range(layers[0], layers[-1] + 1))
+        return cls(layers, f"{layers[0]}-{layers[-1]}" if contiguous else ",".join(map(str, layers)))
+
+    def resolve(self, n_layers: int) -> tuple[int, ...] | None:
+        """The layers on a model of ``n_layers`` blocks (None for ``auto``); a band past its last block is refused."""
+        if self.layers is not None and (self.layers[0] < 0 or self.layers[-1] >= n_layers):
+            raise ValueError(f"band {self.text!r} does not fit a model of {n_layers} blocks")
+        return self.layers
+
+
 def parse_band(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...] | None:
-    """A band from config: ``"auto"`` (None: choose from accuracy), a preset name, ``"10-25"``, or a list."""
-    if isinstance(spec, str):
-        if spec == "auto":
-            return None
-        if spec in BAND_PRESETS:
-            lo, hi = BAND_PRESETS[spec]
-        elif "-" in spec and all(p.strip().isdigit() for p in spec.split("-", 1)):
-            lo, hi = (int(p) for p in spec.split("-", 1))
-        else:
-            raise ValueError(f"unknown band {spec!r}: use 'auto', 'LO-HI', a list, or one of {sorted(BAND_PRESETS)}")
-        band = tuple(range(lo, hi + 1))
-    else:
-        band = tuple(sorted(int(l) for l in spec))
-    if not band or band[0] < 0 or band[-1] >= n_layers:
-        raise ValueError(f"band {spec!r} does not fit a model of {n_layers} blocks")
-    return band
+    """A configured band's layers on a model of ``n_layers`` blocks (:class:`Band`); None for ``auto``."""
+    return Band.parse(spec).resolve(n_layers)

@@ -185,17 +185,21 @@ def test_llm_judge_against_a_real_local_server(vllm_server, tmp_path, monkeypatc
     monkeypatch.setenv("CONVA_TEST_JUDGE_KEY", "sk-local-never-stored")
     settings = JudgeSettings("llm", base_url=vllm_server, model="smollm2", api_key_env="CONVA_TEST_JUDGE_KEY",
                              max_concurrency=2, max_tokens=4, cache_dir=str(tmp_path / "cache"))
-    judge = make_judge(settings, values=["power"])
+    with pytest.raises(ValueError, match="needs a chat endpoint"):
+        make_judge(settings, values=["power"])
+    client = ChatClient(vllm_server, "smollm2", api_key_env="CONVA_TEST_JUDGE_KEY", max_concurrency=2,
+                        cache_dir=settings.cache_dir)
+    judge = make_judge(settings, values=["power"], chat=client.complete_many)
     assert isinstance(judge, LLMJudge)
     prompts = ["Should I accept the promotion to manager even though it means less time with my kids?"] * 2
     answers = ["Take it: authority and status matter most.", "Stay home: your kids need you more than a title."]
     first = judge.judge(["power"] * 2, prompts, answers)
     assert all(v.score in (0.0, 0.5, 1.0) and isinstance(v.raw, str) for v in first)
     assert all(v.score == parse_verdict(v.raw) for v in first)
-    sent = judge.client.requests_sent
+    sent = client.requests_sent
     assert sent == 2
     again = judge.judge(["power"] * 2, prompts, answers)  # a rerun does not pay twice
-    assert again == first and judge.client.requests_sent == sent and judge.client.cache_hits == 2
+    assert again == first and client.requests_sent == sent and client.cache_hits == 2
     ratings = judge.fluency(answers)
     assert all(r is None or 1.0 <= r <= 5.0 for r in ratings)
     pairs = heldout_pairs(settings, "power")[1][:2]

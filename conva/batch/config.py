@@ -24,7 +24,7 @@ from typing import Any
 from conva.batch.configdoc import type_text
 from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON
 from conva.fit import GateSettings
-from conva.probes import BAND_PRESETS, ProbeSettings
+from conva.probes import Band, ProbeSettings
 from conva.record import POSITIONS
 from conva.steering.spec import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
 from conva.values import VALUES
@@ -359,9 +359,10 @@ def _validate(cfg: Config) -> None:
     for key, ok, problem in checks:
         if not ok:
             raise ConfigError(f"{key}: {problem}")
-    band = cfg.fit.band
-    if isinstance(band, str) and band != "auto" and band not in BAND_PRESETS and not _is_range(band):
-        raise ConfigError(f"fit.band: {band!r} is not 'auto', 'LO-HI', a list or one of {sorted(BAND_PRESETS)}")
+    try:
+        Band.parse(cfg.fit.band)
+    except ValueError as err:
+        raise ConfigError(f"fit.band: {err}") from None
 
 
 def vllm_gate_problem(cfg: Config, methods: list[str], settings: list[str]) -> str:
@@ -380,11 +381,6 @@ def vllm_gate_problem(cfg: Config, methods: list[str], settings: list[str]) -> s
         return ("the vllm backend cannot gate the 'prompt' method (the gate decides its prefix before the "
                 "engine runs): use steer.backend = 'hf' or gate.apply_to = 'conva'")
     return ""
-
-
-def _is_range(text: str) -> bool:
-    parts = text.split("-")
-    return len(parts) == 2 and all(p.strip().isdigit() for p in parts) and int(parts[0]) <= int(parts[1])
 
 
 def _parse_scalar(text: str) -> Any:

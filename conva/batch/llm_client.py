@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
 import urllib.error
@@ -26,6 +25,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
+
+from conva.files import atomic_write
 
 __all__ = ["ChatClient", "LLMError", "request_key", "judge_chat"]
 
@@ -134,11 +135,7 @@ class ChatClient:
         path = self._path(key)
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"model": self.model, "reply": reply}, fh)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"model": self.model, "reply": reply}).encode())
 
 
 def judge_chat(settings, cache_dir: str = "") -> Callable[[Sequence[Messages], int], list[str]]:

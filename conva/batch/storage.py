@@ -23,11 +23,12 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+from conva.files import atomic_write
 
 __all__ = ["Location", "StoredFile", "location", "is_uri"]
 
@@ -151,19 +152,7 @@ class Location:
             with self.fs.open_output_stream(self.path) as out:
                 out.write(data)
             return
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        tmp = f"{self.path}.{uuid.uuid4().hex[:12]}.tmp"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(os.path.dirname(self.path))
+        atomic_write(self.path, data)
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))

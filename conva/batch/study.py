@@ -45,6 +45,7 @@ from conva.batch.config import Config, ConfigError, build_config, build_section,
 from conva.bundle import ValueBundle
 from conva.judges import JUDGES, JudgeSettings
 from conva.models import model_name
+from conva.probes import Band
 from conva.batch.schemas import (
     RESULT_SCHEMA, STUDY_STEERING_SCHEMA, UTILITY_INPUT_SCHEMA,
 )
@@ -153,8 +154,10 @@ def _check(study: StudyConfig) -> None:
     for i, entry in enumerate(s.models):
         model_config(study, entry, "/")  # each model's own sections must make a valid job config
     for band in s.bands:
-        if band != "auto" and _range(band) is None:
-            raise ConfigError(f"study.bands: {band!r} is neither 'auto' nor 'LO-HI'")
+        try:
+            Band.parse(band)
+        except ValueError as err:
+            raise ConfigError(f"study.bands: {err}") from None
     problem = vllm_gate_problem(study.job, list(s.methods), list(s.settings))
     if problem:
         raise ConfigError(f"steer.backend: {problem}")
@@ -177,13 +180,6 @@ def check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:
             if gated and b.gate.kind == "probe" and b.gate.layer is not None and b.gate.layer > layers[0]:
                 raise ConfigError(f"study.bands: band {band} starts before {value!r}'s gate layer {b.gate.layer}; "
                                   f"the probe gate of {', '.join(gated)} must read an unsteered layer")
-
-
-def _range(text: str) -> tuple[int, ...] | None:
-    parts = text.split("-")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or int(parts[0]) > int(parts[1]):
-        return None
-    return tuple(range(int(parts[0]), int(parts[1]) + 1))
 
 
 def study_dict(study: StudyConfig) -> dict[str, Any]:
@@ -245,8 +241,8 @@ def _merge_sections(base: dict, extra: dict) -> dict:
 
 
 def band_layers(band: str) -> tuple[int, ...] | None:
-    """``"auto"`` → None (the bundle's band), ``"LO-HI"`` → the layers."""
-    return None if band == "auto" else _range(band)
+    """A study band's layers (:class:`conva.probes.Band`): None for ``auto`` (each bundle's own band)."""
+    return Band.parse(band).layers
 
 
 @dataclass(frozen=True)

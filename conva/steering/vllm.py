@@ -44,6 +44,7 @@ from conva.gates import Gate, external_scores
 from conva.mc import LETTERS, MCRow, letter_token_ids
 from conva.metrics import answer_ids
 from conva.record import format_prompt
+from conva.steering.core import plan_rows
 from conva.steering.spec import EPSILON_MODES, RowResult, STEER_POSITIONS, SteerSpec, prompt_text
 from conva.steering.vllm_op import EXTRA_KEY, EngineState, SpecRow, Telemetry, building
 
@@ -403,7 +404,7 @@ def _spec_row(spec: SteerSpec, state: EngineState, hidden: int, n_blocks: int) -
     assert bundle is not None
     if bundle.gate.kind == "external":  # scored on the host per request, not in the engine
         spec = replace(spec, bundle=replace(bundle, gate=Gate()))
-    plan = _plan([spec], [""], hidden, n_blocks)
+    plan = plan_rows([spec], [""], hidden, n_blocks)
     missing = [l for l in plan.layers if l not in state.col]
     if missing:
         raise ValueError(f"spec steers layer(s) {missing}, which are not active in this engine "
