@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,17 +29,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> (command after the interpreter, extra arguments for --quick). probe_accuracy (issue 2's table,
 # ~15 min of extraction) runs only when named.
-_SMALL_STUDY = ['--data.values=["power", "security"]', "--data.max_prompts_per_value=2", "--steer.max_new_tokens=8",
-                "--utility.max_items=4", "--study.bootstrap=100"]
+_SMALL_STUDY = [
+    '--data.values=["power", "security"]',
+    "--data.max_prompts_per_value=2",
+    "--steer.max_new_tokens=8",
+    "--utility.max_items=4",
+    "--study.bootstrap=100",
+]
 BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
-    "steer": (["-m", "benchmarks.bench_steer"], ["--batch", "8", "--new", "16", "--ref-prompts", "2", "--repeats", "1"]),
-    "vllm": (["-m", "benchmarks.bench_vllm", "--repeats", "4"], ["--batch", "8", "--new", "16", "--repeats", "1"]),
+    "steer": (
+        ["-m", "benchmarks.bench_steer"],
+        ["--batch", "8", "--new", "16", "--ref-prompts", "2", "--repeats", "1"],
+    ),
+    "vllm": (
+        ["-m", "benchmarks.bench_vllm", "--repeats", "4"],
+        ["--batch", "8", "--new", "16", "--repeats", "1"],
+    ),
     "extract": (["-m", "benchmarks.bench_extract"], ['--data.values=["power"]']),
     "fit": (["-m", "benchmarks.bench_fit"], ["--model", "tiny", "--synthetic-gb", "0.1", "--cap-gb", "0.8"]),
     "scaleout": (["-m", "benchmarks.bench_scaleout"], ["--values", "power", "--prompts", "2"]),
-    "commit": (["-m", "benchmarks.bench_commit"], ["--shards", "20", "200", "--s3-shards", "20", "--compact-every", "50"]),
-    "bulk_steer": (["-m", "benchmarks.bench_bulk_steer"],
-                   ["--rows", "20000", "--rows-one-worker", "8192", "--rows-per-shard", "2048", "--plan-rows", "100000"]),
+    "commit": (
+        ["-m", "benchmarks.bench_commit"],
+        ["--shards", "20", "200", "--s3-shards", "20", "--compact-every", "50"],
+    ),
+    "bulk_steer": (
+        ["-m", "benchmarks.bench_bulk_steer"],
+        ["--rows", "20000", "--rows-one-worker", "8192", "--rows-per-shard", "2048", "--plan-rows", "100000"],
+    ),
     "study": (["-m", "benchmarks.bench_study", "busy"], _SMALL_STUDY),
     "models": (["-m", "benchmarks.bench_study", "models"], _SMALL_STUDY),
     "probe_accuracy": (["-m", "benchmarks.probe_accuracy"], []),
@@ -48,10 +64,13 @@ DEFAULT = [n for n in BENCHMARKS if n != "probe_accuracy"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("names", nargs="*", help=f"benchmarks to run (default: {' '.join(DEFAULT)})")
-    ap.add_argument("--quick", action="store_true", help="small sizes: checks the suite, figures not for RESULTS.md")
+    ap.add_argument(
+        "--quick", action="store_true", help="small sizes: checks the suite, figures not for RESULTS.md"
+    )
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     if args.list:

@@ -41,9 +41,13 @@ ROWS = 8  # rows per shard: a steering shard's record is the same size whatever 
 
 
 def _shard_table(shard: int) -> pa.Table:
-    return pa.table({"row_id": [f"p/{shard:06d}/{i}" for i in range(ROWS)],
-                     "output": [f"answer {shard} {i}" for i in range(ROWS)],
-                     "eps": pa.array([0.1 * i for i in range(ROWS)], pa.float64())})
+    return pa.table(
+        {
+            "row_id": [f"p/{shard:06d}/{i}" for i in range(ROWS)],
+            "output": [f"answer {shard} {i}" for i in range(ROWS)],
+            "eps": pa.array([0.1 * i for i in range(ROWS)], pa.float64()),
+        }
+    )
 
 
 def one_size(root, n: int) -> dict:
@@ -51,8 +55,9 @@ def one_size(root, n: int) -> dict:
     import conva.batch.store as store
     from conva.batch.schemas import SCHEMA_VERSION
 
-    stage = store.Stage.open(root, f"commit{n}-{uuid.uuid4().hex[:6]}", {"bench": "commit", "n": n},
-                             SCHEMA_VERSION, n_shards=n)
+    stage = store.Stage.open(
+        root, f"commit{n}-{uuid.uuid4().hex[:6]}", {"bench": "commit", "n": n}, SCHEMA_VERSION, n_shards=n
+    )
 
     def write(shard: int):
         return store.write_table_shard(stage.ref(shard, uuid.uuid4().hex[:12]), _shard_table(shard))
@@ -75,17 +80,26 @@ def one_size(root, n: int) -> dict:
     again = store.Stage.open(root, stage.name, {"bench": "commit", "n": n}, SCHEMA_VERSION, n_shards=n)
     reopen = time.perf_counter() - t
     if again.pending() or again.row_count() != n * ROWS:
-        raise RuntimeError(f"the reopened stage holds {again.row_count()} rows, {len(again.pending())} shards pending")
+        raise RuntimeError(
+            f"the reopened stage holds {again.row_count()} rows, {len(again.pending())} shards pending"
+        )
     log = [f.name for f in stage.location.child("_log").list()]
     tenth = max(1, n // 10)
-    return {"shards": n, "driver_s": round(sum(costs), 4), "ms_per_shard": round(1000 * sum(costs) / n, 4),
-            "median_ms": round(1000 * statistics.median(costs), 4), "p99_ms": round(1000 * _quantile(costs, 0.99), 4),
-            "max_ms": round(1000 * max(costs), 2),
-            "ms_per_shard_first_tenth": round(1000 * sum(costs[:tenth]) / tenth, 4),
-            "ms_per_shard_last_tenth": round(1000 * sum(costs[-tenth:]) / tenth, 4),
-            "commits_per_s": round(n / sum(costs), 1),
-            "log_objects_after": len(log), "finish_s": round(finish, 4), "reopen_s": round(reopen, 4),
-            "workers_write_s": round(written, 2)}
+    return {
+        "shards": n,
+        "driver_s": round(sum(costs), 4),
+        "ms_per_shard": round(1000 * sum(costs) / n, 4),
+        "median_ms": round(1000 * statistics.median(costs), 4),
+        "p99_ms": round(1000 * _quantile(costs, 0.99), 4),
+        "max_ms": round(1000 * max(costs), 2),
+        "ms_per_shard_first_tenth": round(1000 * sum(costs[:tenth]) / tenth, 4),
+        "ms_per_shard_last_tenth": round(1000 * sum(costs[-tenth:]) / tenth, 4),
+        "commits_per_s": round(n / sum(costs), 1),
+        "log_objects_after": len(log),
+        "finish_s": round(finish, 4),
+        "reopen_s": round(reopen, 4),
+        "workers_write_s": round(written, 2),
+    }
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -109,24 +123,43 @@ def run_sizes(root, sizes: list[int]) -> list[dict]:
 def _summary(runs: list[dict]) -> dict:
     first = statistics.mean([runs[0]["ms_per_shard"], runs[-1]["ms_per_shard"]])
     largest = runs[-2]
-    return {"smallest": runs[0]["shards"], "largest": largest["shards"], "ms_per_shard_smallest": round(first, 4),
-            "ms_per_shard_largest": largest["ms_per_shard"], "ratio": round(largest["ms_per_shard"] / first, 3)}
+    return {
+        "smallest": runs[0]["shards"],
+        "largest": largest["shards"],
+        "ms_per_shard_smallest": round(first, 4),
+        "ms_per_shard_largest": largest["ms_per_shard"],
+        "ratio": round(largest["ms_per_shard"] / first, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=int, nargs="+", default=[100, 1000, 10000])
-    ap.add_argument("--s3-shards", type=int, nargs="*", default=[100, 1000],
-                    help="sizes on S3 (moto on loopback); none to skip")
-    ap.add_argument("--compact-every", type=int, default=0,
-                    help="records between log checkpoints (0: the store's COMPACT_EVERY); smaller for a quick run")
+    ap.add_argument(
+        "--s3-shards",
+        type=int,
+        nargs="*",
+        default=[100, 1000],
+        help="sizes on S3 (moto on loopback); none to skip",
+    )
+    ap.add_argument(
+        "--compact-every",
+        type=int,
+        default=0,
+        help="records between log checkpoints (0: the store's COMPACT_EVERY); smaller for a quick run",
+    )
     args = ap.parse_args(argv)
     import conva.batch.store as store
     from conva.batch.storage import location
 
     if args.compact_every:
         store.COMPACT_EVERY = args.compact_every  # read by the store at every commit
-    report: dict = {**machine(), "benchmark": "commit", "rows_per_shard": ROWS, "compact_every": store.COMPACT_EVERY}
+    report: dict = {
+        **machine(),
+        "benchmark": "commit",
+        "rows_per_shard": ROWS,
+        "compact_every": store.COMPACT_EVERY,
+    }
     CACHE.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="commit-", dir=CACHE))
     try:

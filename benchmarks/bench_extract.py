@@ -42,8 +42,15 @@ def _raw(cfg, texts: list[str]) -> float:
     record_activations(model, tok, texts[: cfg.extract.batch_size], layers, batch_size=cfg.extract.batch_size)
     start = time.perf_counter()
     for lo in range(0, len(texts), cfg.ray.rows_per_shard):  # shard by shard, as the workers do
-        record_activations(model, tok, texts[lo:lo + cfg.ray.rows_per_shard], layers, position=cfg.extract.position,
-                           chat_template=False, batch_size=cfg.extract.batch_size)
+        record_activations(
+            model,
+            tok,
+            texts[lo : lo + cfg.ray.rows_per_shard],
+            layers,
+            position=cfg.extract.position,
+            chat_template=False,
+            batch_size=cfg.extract.batch_size,
+        )
     return time.perf_counter() - start
 
 
@@ -63,11 +70,20 @@ def _ray(cfg) -> dict:
         shards.sort(key=lambda r: r.worker["started"])
         if len(shards) < 2:
             continue
-        rate += sum(r.rows for r in shards[1:]) / layers / (shards[-1].worker["finished"] - shards[0].worker["finished"])
+        rate += (
+            sum(r.rows for r in shards[1:])
+            / layers
+            / (shards[-1].worker["finished"] - shards[0].worker["finished"])
+        )
         steady += [r.shard for r in shards[1:]]
     first = min(r.worker["started"] for r in records)
-    return {"steady_shards": sorted(steady), "texts_per_s": rate, "workers": len(by_worker),
-            "startup_s": first - start, "wall_s": time.time() - start}
+    return {
+        "steady_shards": sorted(steady),
+        "texts_per_s": rate,
+        "workers": len(by_worker),
+        "startup_s": first - start,
+        "wall_s": time.time() - start,
+    }
 
 
 def main() -> None:
@@ -92,7 +108,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
     rows = extraction_rows(cfg).column("text").to_pylist()
     ranges = shard_ranges(len(rows), cfg.ray.rows_per_shard)
-    texts = [t for s in ray_run["steady_shards"] for t in rows[ranges[s][0]:ranges[s][1]]]
+    texts = [t for s in ray_run["steady_shards"] for t in rows[ranges[s][0] : ranges[s][1]]]
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
     raw_s = _raw(cfg, texts)
@@ -103,20 +119,31 @@ def main() -> None:
     cpus = ray_run["workers"] * cfg.ray.num_cpus_per_worker
     n = len(texts)
     result = {
-        **machine(), "benchmark": "extract", "model": cfg.model.name, "texts": n,
-        "shards": len(ray_run["steady_shards"]), "rows_per_shard": cfg.ray.rows_per_shard,
-        "batch_size": cfg.extract.batch_size, "layers": "all", "raw_threads": threads,
-        "ray_actors": ray_run["workers"], "ray_cpus_per_actor": cfg.ray.num_cpus_per_worker,
-        "raw_seconds": round(raw_s, 2), "ray_job_wall_seconds": round(ray_run["wall_s"], 2),
+        **machine(),
+        "benchmark": "extract",
+        "model": cfg.model.name,
+        "texts": n,
+        "shards": len(ray_run["steady_shards"]),
+        "rows_per_shard": cfg.ray.rows_per_shard,
+        "batch_size": cfg.extract.batch_size,
+        "layers": "all",
+        "raw_threads": threads,
+        "ray_actors": ray_run["workers"],
+        "ray_cpus_per_actor": cfg.ray.num_cpus_per_worker,
+        "raw_seconds": round(raw_s, 2),
+        "ray_job_wall_seconds": round(ray_run["wall_s"], 2),
         "ray_startup_seconds": round(ray_run["startup_s"], 2),
-        "raw_texts_per_s": round(n / raw_s, 1), "ray_texts_per_s": round(ray_run["texts_per_s"], 1),
+        "raw_texts_per_s": round(n / raw_s, 1),
+        "ray_texts_per_s": round(ray_run["texts_per_s"], 1),
         "ratio": round(ray_run["texts_per_s"] / (n / raw_s), 3),
         "raw_1_thread_texts_per_s": round(n / raw1_s, 1),
         "ratio_per_cpu": round((ray_run["texts_per_s"] / cpus) / (n / raw1_s), 3),
     }
     write_result(RESULTS / "extract.json", result)
-    print(f"ray / raw throughput: {result['ratio']:.3f} (raw on {threads} threads); per CPU against a "
-          f"1-thread raw run: {result['ratio_per_cpu']:.3f}")
+    print(
+        f"ray / raw throughput: {result['ratio']:.3f} (raw on {threads} threads); per CPU against a "
+        f"1-thread raw run: {result['ratio_per_cpu']:.3f}"
+    )
 
 
 if __name__ == "__main__":

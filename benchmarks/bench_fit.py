@@ -37,7 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import CACHE, RESULTS, activation_shard, job_stages, machine, run_job_planned, stage_figures, write_result
+from benchmarks.common import (
+    CACHE,
+    RESULTS,
+    activation_shard,
+    job_stages,
+    machine,
+    run_job_planned,
+    stage_figures,
+    write_result,
+)
 
 OUT = RESULTS / "fit.json"
 _PAPER = Path(__file__).resolve().parents[2] / "shared" / "data" / "conva"
@@ -45,6 +54,7 @@ _SYNTHETIC_STAGE = "activations"
 
 
 # ----------------------------------------------------------------------------------------------- child side
+
 
 def _rss_mb() -> float:
     for line in open("/proc/self/status"):
@@ -66,10 +76,17 @@ def _child(spec: dict) -> dict:
     from conva.workers.shards import fit
     from conva.workers.tasks import ShardTask
 
-    acts = Stage.open(location(spec["activations"]), _SYNTHETIC_STAGE, spec["config"], SCHEMA_VERSION,
-                      n_shards=spec["n_shards"])
+    acts = Stage.open(
+        location(spec["activations"]),
+        _SYNTHETIC_STAGE,
+        spec["config"],
+        SCHEMA_VERSION,
+        n_shards=spec["n_shards"],
+    )
     info, layers = activation_model(r.extra["model"] for r in acts.records())
-    bundles = Stage.open(location(spec["out"]), "bundles", {"bench": "fit"}, SCHEMA_VERSION, n_shards=len(VALUES))
+    bundles = Stage.open(
+        location(spec["out"]), "bundles", {"bench": "fit"}, SCHEMA_VERSION, n_shards=len(VALUES)
+    )
     worker = SimpleNamespace(cfg=Config())  # the fit reads nothing else of its worker
     files = tuple(acts.parquet_files())
     base = _rss_mb()
@@ -77,16 +94,24 @@ def _child(spec: dict) -> dict:
     best = []
     for i, value in enumerate(VALUES):
         params = {"value": value, "model": info.__dict__, "layers": layers, "dataset_hash": "synthetic"}
-        record = fit(worker, ShardTask("fit", bundles.ref(i, uuid.uuid4().hex[:12]), files=files, params=params))
+        record = fit(
+            worker, ShardTask("fit", bundles.ref(i, uuid.uuid4().hex[:12]), files=files, params=params)
+        )
         bundles.commit(record)
         best.append(record.extra["best_test_acc"])
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"seconds": seconds, "values": len(best), "rss_after_imports_mb": base, "peak_rss_mb": peak,
-            "best_held_out_acc_min": min(best)}
+    return {
+        "seconds": seconds,
+        "values": len(best),
+        "rss_after_imports_mb": base,
+        "peak_rss_mb": peak,
+        "best_held_out_acc_min": min(best),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- parent side
+
 
 class MemoryCap:
     """A memory cgroup (v1 or v2) capped at ``limit`` bytes that a child joins at start; ``None`` if unavailable."""
@@ -94,9 +119,13 @@ class MemoryCap:
     def __init__(self, limit: int) -> None:
         self.limit, self.path, self.files, self.why = limit, None, {}, None
         name = f"conva-bench-{os.getpid()}"
-        for root, files in (("/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.max_usage_in_bytes",
-                                                       "memory.failcnt")),
-                            ("/sys/fs/cgroup", ("memory.max", "memory.peak", "memory.events"))):
+        for root, files in (
+            (
+                "/sys/fs/cgroup/memory",
+                ("memory.limit_in_bytes", "memory.max_usage_in_bytes", "memory.failcnt"),
+            ),
+            ("/sys/fs/cgroup", ("memory.max", "memory.peak", "memory.events")),
+        ):
             path = Path(root) / name
             try:
                 path.mkdir()
@@ -135,8 +164,12 @@ class MemoryCap:
 
 
 def _run_child(spec: dict, cap: MemoryCap | None = None) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_fit", "--child", json.dumps(spec)],
-                          capture_output=True, text=True, preexec_fn=cap.join if cap else None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_fit", "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        preexec_fn=cap.join if cap else None,
+    )
     if proc.returncode != 0:
         return {"failed": True, "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -149,9 +182,15 @@ def _stage_volume(stage) -> dict:
     records = stage.records()
     info, layers = activation_model(r.extra["model"] for r in records)
     rows = stage.row_count()
-    return {"activation_rows": rows, "texts": rows // len(layers), "layers": len(layers),
-            "hidden": info.hidden_size, "float32_mb": rows * info.hidden_size * 4 / 2**20,
-            "on_disk_mb": sum(o.bytes for r in records for o in r.objects) / 2**20, "shards": len(records)}
+    return {
+        "activation_rows": rows,
+        "texts": rows // len(layers),
+        "layers": len(layers),
+        "hidden": info.hidden_size,
+        "float32_mb": rows * info.hidden_size * 4 / 2**20,
+        "on_disk_mb": sum(o.bytes for r in records for o in r.objects) / 2**20,
+        "shards": len(records),
+    }
 
 
 def model_config(name: str, out: Path, workers: int = 2):
@@ -163,9 +202,17 @@ def model_config(name: str, out: Path, workers: int = 2):
         model, pairs = _tiny_model(), "demo"
     else:
         model, pairs = name, (f"paper:{_PAPER}" if _PAPER.is_dir() else "demo")
-    return load_config(repo / "examples" / "demo.toml", [
-        f"--model.name={model}", f"--data.pairs={pairs}", f"--output.dir={out}", "--ray.rows_per_shard=64",
-        f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1"])
+    return load_config(
+        repo / "examples" / "demo.toml",
+        [
+            f"--model.name={model}",
+            f"--data.pairs={pairs}",
+            f"--output.dir={out}",
+            "--ray.rows_per_shard=64",
+            f"--ray.num_workers={workers}",
+            "--ray.num_cpus_per_worker=1",
+        ],
+    )
 
 
 def _tiny_model() -> str:
@@ -206,22 +253,33 @@ def parallel_fit(name: str) -> dict:
         stages = job_stages(planned[0])
         fit = stage_figures(stages["fit"])
         per_value = [r.worker["finished"] - r.worker["started"] for r in stages["fit"].records()]
-        report["runs"].append({"workers": workers, "wall_s": round(wall, 2), "values": result.processed,
-                               "fit_span_s": fit["span_s"], "fit_worker_s": fit["worker_s"],
-                               "to_first_fit_s": round(fit["first_start"] - start, 2),
-                               "value_s_min": round(min(per_value), 2), "value_s_max": round(max(per_value), 2),
-                               "workers_used": fit["workers"]})
+        report["runs"].append(
+            {
+                "workers": workers,
+                "wall_s": round(wall, 2),
+                "values": result.processed,
+                "fit_span_s": fit["span_s"],
+                "fit_worker_s": fit["worker_s"],
+                "to_first_fit_s": round(fit["first_start"] - start, 2),
+                "value_s_min": round(min(per_value), 2),
+                "value_s_max": round(max(per_value), 2),
+                "workers_used": fit["workers"],
+            }
+        )
         digests.add(_bundle_digest(folder))
         report.setdefault("volume", _stage_volume(stages["extract"]))
     one, two = report["runs"]
-    report["speedup"] = {"fit_span": round(one["fit_span_s"] / two["fit_span_s"], 3),
-                         "job_wall": round(one["wall_s"] / two["wall_s"], 3)}
+    report["speedup"] = {
+        "fit_span": round(one["fit_span_s"] / two["fit_span_s"], 3),
+        "job_wall": round(one["wall_s"] / two["wall_s"], 3),
+    }
     report["bundles_identical"] = len(digests) == 1
     return report
 
 
-def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: int, neutral: int,
-                          rows_per_shard: int, seed: int = 0) -> dict:
+def synthetic_activations(
+    folder: Path, gigabytes: float, hidden: int, layers: int, neutral: int, rows_per_shard: int, seed: int = 0
+) -> dict:
     """Write an activation stage in the extract job's layout with ``gigabytes`` of float32 activations.
 
     Returns what reopens it: its config and shard count. An existing complete stage of the same config is reused.
@@ -242,8 +300,17 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
                 rows.append((f"gate/{v}/{i:06d}/{tag}", "gate", v, 1, i))
     rows += [(f"neutral/{i:06d}", "neutral", None, 0, i) for i in range(neutral)]
     n_shards = -(-len(rows) // rows_per_shard)
-    config = {"synthetic": {"generator": 3, "gb": gigabytes, "hidden": hidden, "layers": layers, "neutral": neutral,
-                            "rows_per_shard": rows_per_shard, "seed": seed}}
+    config = {
+        "synthetic": {
+            "generator": 3,
+            "gb": gigabytes,
+            "hidden": hidden,
+            "layers": layers,
+            "neutral": neutral,
+            "rows_per_shard": rows_per_shard,
+            "seed": seed,
+        }
+    }
     where = location(folder)
     status = stage_status(where, _SYNTHETIC_STAGE, config, SCHEMA_VERSION)
     if status.exists and not status.mismatch and status.committed == n_shards:
@@ -258,18 +325,27 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
     probe_dir = {(v, l): unit() for v in VALUES for l in range(layers)}
     gate_dir = {v: unit() for v in VALUES}
     sep = np.linspace(0.5, 4.0, layers).astype(np.float32)  # later layers separate better, as in real models
-    meta = {"name": "synthetic", "fingerprint": "synthetic0000000", "hidden_size": hidden, "n_blocks": layers,
-            "layers": list(range(layers))}
+    meta = {
+        "name": "synthetic",
+        "fingerprint": "synthetic0000000",
+        "hidden_size": hidden,
+        "n_blocks": layers,
+        "layers": list(range(layers)),
+    }
     for shard in stage.pending():
-        part = rows[shard * rows_per_shard:(shard + 1) * rows_per_shard]
+        part = rows[shard * rows_per_shard : (shard + 1) * rows_per_shard]
         x = rng.standard_normal((layers, len(part), hidden), dtype=np.float32)
         for j, (_, dataset, v, label, _) in enumerate(part):
             if dataset == "pairs":
                 x[:, j] += (2 * label - 1) * sep[:, None] * np.stack([probe_dir[v, l] for l in range(layers)])
             elif dataset == "gate":
                 x[:, j] += 1.5 * gate_dir[v]
-        record = write_table_shard(stage.ref(shard, uuid.uuid4().hex[:12]), activation_shard(part, x, meta),
-                                   row_group_size=len(part), extra={"model": meta})
+        record = write_table_shard(
+            stage.ref(shard, uuid.uuid4().hex[:12]),
+            activation_shard(part, x, meta),
+            row_group_size=len(part),
+            extra={"model": meta},
+        )
         stage.commit(record)
     stage.finish()
     return {"config": config, "n_shards": n_shards}
@@ -277,7 +353,9 @@ def synthetic_activations(folder: Path, gigabytes: float, hidden: int, layers: i
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="activations for the parallel fit: smollm2 (paper pairs) or tiny")
+    ap.add_argument(
+        "--model", default="smollm2", help="activations for the parallel fit: smollm2 (paper pairs) or tiny"
+    )
     ap.add_argument("--skip-model", action="store_true", help="only the synthetic measurement")
     ap.add_argument("--synthetic-gb", type=float, default=2.0, help="float32 activation volume to fit (GiB)")
     ap.add_argument("--cap-gb", type=float, default=1.0, help="the fit's memory cap (GiB), below the volume")
@@ -295,8 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
         report["parallel"] = parallel_fit(args.model)
     folder = CACHE / "fit-synthetic"
     t0 = time.perf_counter()
-    opened = synthetic_activations(folder, args.synthetic_gb, args.hidden, args.layers, args.neutral,
-                                   rows_per_shard=256)
+    opened = synthetic_activations(
+        folder, args.synthetic_gb, args.hidden, args.layers, args.neutral, rows_per_shard=256
+    )
     written = time.perf_counter() - t0
     work = Path(tempfile.mkdtemp(prefix="fit-", dir=CACHE))
     cap = MemoryCap(int(args.cap_gb * 2**30))
@@ -310,11 +389,20 @@ def main(argv: list[str] | None = None) -> dict:
     from conva.batch.storage import location
     from conva.batch.store import Stage
 
-    volume = _stage_volume(Stage.open(location(folder), _SYNTHETIC_STAGE, opened["config"], SCHEMA_VERSION,
-                                      n_shards=opened["n_shards"]))
-    report["synthetic"] = {**volume, "write_s": written, **run, "values": run.get("values", 10),
-                           "cap_mb": args.cap_gb * 1024 if cap.enforced else None, "cap_why_not": cap.why,
-                           "cgroup_peak_mb_incl_page_cache": peak / 2**20 if peak else None}
+    volume = _stage_volume(
+        Stage.open(
+            location(folder), _SYNTHETIC_STAGE, opened["config"], SCHEMA_VERSION, n_shards=opened["n_shards"]
+        )
+    )
+    report["synthetic"] = {
+        **volume,
+        "write_s": written,
+        **run,
+        "values": run.get("values", 10),
+        "cap_mb": args.cap_gb * 1024 if cap.enforced else None,
+        "cap_why_not": cap.why,
+        "cgroup_peak_mb_incl_page_cache": peak / 2**20 if peak else None,
+    }
     write_result(OUT, report)
     return report
 

@@ -34,7 +34,17 @@ import tempfile
 from pathlib import Path
 
 import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
-from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, run_job_planned, stage_figures, warm_ray, write_result
+from benchmarks.common import (
+    CACHE,
+    RESULTS,
+    job_stages,
+    machine,
+    measure_job,
+    run_job_planned,
+    stage_figures,
+    warm_ray,
+    write_result,
+)
 
 OUT = RESULTS / "scaleout.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,11 +57,20 @@ def run_config(workers: int, values: list[str], prompts: int, out: Path, model: 
     steering shards of one batch (8 prompts, so a few dozen prompts keep both workers busy)."""
     from conva.batch.config import load_config
 
-    return load_config(REPO / "examples" / "demo.toml", [
-        f"--model.name={model}", f"--ray.num_workers={workers}", "--ray.num_cpus_per_worker=1",
-        f"--output.dir={out}", f"--data.values={values!r}".replace("'", '"'),
-        f"--data.max_prompts_per_value={prompts}", "--steer.batch_size=8", f"--ray.rows_per_shard={EXTRACT_SHARD}",
-        f"--ray.steer_rows_per_shard={STEER_SHARD}"])
+    return load_config(
+        REPO / "examples" / "demo.toml",
+        [
+            f"--model.name={model}",
+            f"--ray.num_workers={workers}",
+            "--ray.num_cpus_per_worker=1",
+            f"--output.dir={out}",
+            f"--data.values={values!r}".replace("'", '"'),
+            f"--data.max_prompts_per_value={prompts}",
+            "--steer.batch_size=8",
+            f"--ray.rows_per_shard={EXTRACT_SHARD}",
+            f"--ray.steer_rows_per_shard={STEER_SHARD}",
+        ],
+    )
 
 
 def one_run(workers: int, values: list[str], prompts: int, out: Path, model: str = "smollm2") -> dict:
@@ -62,10 +81,15 @@ def one_run(workers: int, values: list[str], prompts: int, out: Path, model: str
     for name, s in stages.items():
         for key in ("first_start", "last_end"):
             s[key] = round(s[key] - job["start"], 2)  # seconds into the job
-    stages["extract"]["texts_per_s"] = round(stages["extract"]["rows"] / len(_layers(planned[0]))
-                                             / stages["extract"]["span_s"], 2)
+    stages["extract"]["texts_per_s"] = round(
+        stages["extract"]["rows"] / len(_layers(planned[0])) / stages["extract"]["span_s"], 2
+    )
     stages["steer"]["rows_per_s"] = round(stages["steer"]["rows"] / stages["steer"]["span_s"], 3)
-    return {"workers": workers, **{k: v for k, v in job.items() if k not in ("start", "end")}, "stages": stages}
+    return {
+        "workers": workers,
+        **{k: v for k, v in job.items() if k not in ("start", "end")},
+        "stages": stages,
+    }
 
 
 def _layers(job) -> list[int]:
@@ -84,26 +108,41 @@ def efficiency(base: dict, run: dict) -> dict:
     up to the model loads).
     """
     k = run["workers"] / base["workers"]
-    rate = lambda r, s: r["stages"][s]["rows"] / r["stages"][s]["span_s"]
-    work = lambda r: sum(s["worker_s"] for s in r["stages"].values())
-    return {"job_wall": round(base["wall_s"] / run["wall_s"] / k, 3),
-            **{s: round(rate(run, s) / k / rate(base, s), 3) for s in ("extract", "fit", "steer")},
-            "shard_slowdown": round(work(run) / work(base), 3),
-            "at_equal_shard_speed": round(run["busy"]["mean"] / base["busy"]["mean"], 3)}
+
+    def rate(r, s):
+        return r["stages"][s]["rows"] / r["stages"][s]["span_s"]
+
+    def work(r):
+        return sum(s["worker_s"] for s in r["stages"].values())
+
+    return {
+        "job_wall": round(base["wall_s"] / run["wall_s"] / k, 3),
+        **{s: round(rate(run, s) / k / rate(base, s), 3) for s in ("extract", "fit", "steer")},
+        "shard_slowdown": round(work(run) / work(base), 3),
+        "at_equal_shard_speed": round(run["busy"]["mean"] / base["busy"]["mean"], 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--values", nargs="+", default=DEFAULT_VALUES)
-    ap.add_argument("--prompts", type=int, default=8, help="steering prompts per value (4 values × 8: 4 shards)")
+    ap.add_argument(
+        "--prompts", type=int, default=8, help="steering prompts per value (4 values × 8: 4 shards)"
+    )
     ap.add_argument("--model", default="smollm2")
     args = ap.parse_args(argv)
     from conva.jobs.common import setup_logging
 
     setup_logging()
-    report: dict = {**machine(), "benchmark": "scaleout", "model": args.model, "values": args.values,
-                    "prompts_per_value": args.prompts, "rows_per_shard": {"extract": EXTRACT_SHARD, "steer": STEER_SHARD}}
+    report: dict = {
+        **machine(),
+        "benchmark": "scaleout",
+        "model": args.model,
+        "values": args.values,
+        "prompts_per_value": args.prompts,
+        "rows_per_shard": {"extract": EXTRACT_SHARD, "steer": STEER_SHARD},
+    }
     CACHE.mkdir(parents=True, exist_ok=True)
     report["ray_start_s"] = warm_ray()  # not part of either run: a cluster job finds Ray running
     work = Path(tempfile.mkdtemp(prefix="scaleout-", dir=CACHE))

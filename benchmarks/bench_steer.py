@@ -34,8 +34,21 @@ def synthetic_bundle(model, n_layers: int, seed: int = 0) -> ValueBundle:
     w = rng.normal(size=(n, d)).astype(np.float32) / np.sqrt(d)
     start = (n - n_layers) // 2
     band = tuple(range(start, start + n_layers))
-    return ValueBundle("achievement", "bench", model_fingerprint(model), d, n, np.arange(n), w,
-                       np.zeros(n, np.float32), np.ones(n, np.float32), np.ones(n, np.float32), w.copy(), band, 0.99)
+    return ValueBundle(
+        "achievement",
+        "bench",
+        model_fingerprint(model),
+        d,
+        n,
+        np.arange(n),
+        w,
+        np.zeros(n, np.float32),
+        np.ones(n, np.float32),
+        np.ones(n, np.float32),
+        w.copy(),
+        band,
+        0.99,
+    )
 
 
 def _timed(fn) -> tuple[float, list]:
@@ -59,11 +72,28 @@ def main() -> None:
     prompts = [p.prompt for p in demo_prompts()][: args.batch]
     steer = [SteerSpec("conva_nogate", bundle, p0=0.99)] * len(prompts)
     plain = [SteerSpec("none")] * len(prompts)
-    run = lambda specs, mode="batched": generate(model, tok, prompts, specs, max_new_tokens=args.new,  # noqa: E731
-                                                 batch_size=args.batch, mode=mode)
 
-    t_ref, ref = _timed(lambda: generate(model, tok, prompts[: args.ref_prompts], steer[: args.ref_prompts],
-                                         max_new_tokens=args.new, mode="reference"))
+    def run(specs, mode="batched"):
+        return generate(
+            model,
+            tok,
+            prompts,
+            specs,
+            max_new_tokens=args.new,
+            batch_size=args.batch,
+            mode=mode,
+        )
+
+    t_ref, ref = _timed(
+        lambda: generate(
+            model,
+            tok,
+            prompts[: args.ref_prompts],
+            steer[: args.ref_prompts],
+            max_new_tokens=args.new,
+            mode="reference",
+        )
+    )
     times = {"steered": [], "plain": []}
     outputs = {}
     for _ in range(args.repeats):
@@ -74,17 +104,27 @@ def main() -> None:
     same = sum(a.tokens == b.tokens for a, b in zip(outputs["steered"], ref))
     tokens = {k: sum(len(r.tokens) for r in v) for k, v in outputs.items()}
     report = {
-        **machine(), "model": args.model, "batch": args.batch, "new_tokens": args.new, "steered_layers": args.layers,
+        **machine(),
+        "model": args.model,
+        "batch": args.batch,
+        "new_tokens": args.new,
+        "steered_layers": args.layers,
         "reference_prompts_per_s": args.ref_prompts / t_ref,
         "batched_prompts_per_s": len(prompts) / t_steer,
         "speedup_vs_reference": (len(prompts) / t_steer) / (args.ref_prompts / t_ref),
         "reference_outputs_identical": f"{same}/{args.ref_prompts}",
-        "steered_tokens_per_s": tokens["steered"] / t_steer, "plain_tokens_per_s": tokens["plain"] / t_plain,
+        "steered_tokens_per_s": tokens["steered"] / t_steer,
+        "plain_tokens_per_s": tokens["plain"] / t_plain,
         "steered_over_plain_prompts_per_s": t_plain / t_steer,
-        "plain_prompts_per_s": len(prompts) / t_plain, "times_s": times, "reference_s": t_ref,
+        "plain_prompts_per_s": len(prompts) / t_plain,
+        "times_s": times,
+        "reference_s": t_ref,
     }
     if not args.no_compiled:
-        first = {name: _timed(lambda s=specs: run(s, "compiled"))[0] for name, specs in (("plain", plain), ("steered", steer))}
+        first = {
+            name: _timed(lambda s=specs: run(s, "compiled"))[0]
+            for name, specs in (("plain", plain), ("steered", steer))
+        }
         fast = {"steered": [], "plain": []}
         for _ in range(args.repeats):
             for name, specs in (("plain", plain), ("steered", steer)):
@@ -92,14 +132,16 @@ def main() -> None:
                 fast[name].append(t)
         f_steer, f_plain = min(fast["steered"]), min(fast["plain"])
         report["fast"] = {
-            "steered_prompts_per_s": len(prompts) / f_steer, "plain_prompts_per_s": len(prompts) / f_plain,
+            "steered_prompts_per_s": len(prompts) / f_steer,
+            "plain_prompts_per_s": len(prompts) / f_plain,
             "steered_tokens_per_s": sum(len(r.tokens) for r in outputs["fast_steered"]) / f_steer,
             "plain_tokens_per_s": sum(len(r.tokens) for r in outputs["fast_plain"]) / f_plain,
             "steered_over_plain": f_plain / f_steer,
             "speedup_vs_reference": (len(prompts) / f_steer) / (args.ref_prompts / t_ref),
             "same_tokens_as_eager": f"{sum(a.tokens == b.tokens for a, b in zip(outputs['fast_steered'], outputs['steered']))}"
-                                    f"/{len(prompts)}",
-            "first_call_s": first, "times_s": fast,
+            f"/{len(prompts)}",
+            "first_call_s": first,
+            "times_s": fast,
         }
     write_result(OUT, report)
 

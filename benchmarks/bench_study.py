@@ -35,7 +35,17 @@ import tempfile
 from pathlib import Path
 
 import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
-from benchmarks.common import CACHE, RESULTS, job_stages, machine, measure_job, run_study_planned, stage_figures, warm_ray, write_result
+from benchmarks.common import (
+    CACHE,
+    RESULTS,
+    job_stages,
+    machine,
+    measure_job,
+    run_study_planned,
+    stage_figures,
+    warm_ray,
+    write_result,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo_study.toml"
@@ -53,11 +63,17 @@ def run_study_measured(overrides: list[str], out: Path) -> dict:
     for model in planned:
         for name, stage in job_stages(model).items():
             s = stage_figures(stage)
-            s["first_start"], s["last_end"] = round(s["first_start"] - job["start"], 2), round(s["last_end"] - job["start"], 2)
+            s["first_start"], s["last_end"] = (
+                round(s["first_start"] - job["start"], 2),
+                round(s["last_end"] - job["start"], 2),
+            )
             stages[f"{model.label}/{name}"] = s
     last = max(s["last_end"] for s in stages.values())
-    return {**{k: v for k, v in job.items() if k not in ("start", "end")}, "stages": stages,
-            "after_last_shard_s": round(job["wall_s"] - last, 2)}
+    return {
+        **{k: v for k, v in job.items() if k not in ("start", "end")},
+        "stages": stages,
+        "after_last_shard_s": round(job["wall_s"] - last, 2),
+    }
 
 
 def busy(overrides: list[str]) -> dict:
@@ -93,7 +109,10 @@ def models(overrides: list[str]) -> dict:
     for way, workers in (("concurrent", 1), ("sequential", 2)):
         out = Path(tempfile.mkdtemp(prefix=f"models-{way}-", dir=CACHE))
         try:
-            runs[way] = {"workers_per_model": workers, **run_study_measured([*overrides, _models(workers)], out)}
+            runs[way] = {
+                "workers_per_model": workers,
+                **run_study_measured([*overrides, _models(workers)], out),
+            }
         finally:
             shutil.rmtree(out, ignore_errors=True)
         # The share of the cluster's worker slots (one per CPU) kept busy: sequential pools have 4 workers in
@@ -103,8 +122,12 @@ def models(overrides: list[str]) -> dict:
         windows = [(m["first_busy_s"], m["last_busy_s"]) for m in runs[way]["models"].values()]
         (a0, a1), (b0, b1) = windows
         runs[way]["models_overlap_s"] = round(max(0.0, min(a1, b1) - max(a0, b0)), 2)
-    return {"config": str(DEMO.relative_to(REPO)), "overrides": overrides, "runs": runs,
-            "sequential_over_concurrent": round(runs["sequential"]["wall_s"] / runs["concurrent"]["wall_s"], 3)}
+    return {
+        "config": str(DEMO.relative_to(REPO)),
+        "overrides": overrides,
+        "runs": runs,
+        "sequential_over_concurrent": round(runs["sequential"]["wall_s"] / runs["concurrent"]["wall_s"], 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,8 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     setup_logging()
     CACHE.mkdir(parents=True, exist_ok=True)
-    report: dict = {**machine(), "benchmark": "study" if args.what == "busy" else "models",
-                    "ray_start_s": warm_ray()}  # before the timed runs: a study on a cluster finds Ray running
+    report: dict = {
+        **machine(),
+        "benchmark": "study" if args.what == "busy" else "models",
+        "ray_start_s": warm_ray(),
+    }  # before the timed runs: a study on a cluster finds Ray running
     if args.what == "busy":
         report.update(busy(overrides))
         write_result(RESULTS / "study.json", report)

@@ -36,11 +36,14 @@ def main() -> None:
     steered = [SteerSpec("conva_nogate", bundle, p0=0.99)] * len(prompts)
     plain = [SteerSpec("none")] * len(prompts)
     engine = VLLMSteerer(args.model, [bundle], settings=EngineSettings(max_num_seqs=args.batch))
-    runs = {"vllm_plain": lambda: engine.generate(prompts, plain, max_new_tokens=args.new),
-            "vllm_steered": lambda: engine.generate(prompts, steered, max_new_tokens=args.new)}
+    runs = {
+        "vllm_plain": lambda: engine.generate(prompts, plain, max_new_tokens=args.new),
+        "vllm_steered": lambda: engine.generate(prompts, steered, max_new_tokens=args.new),
+    }
     if not args.no_hf:
-        runs["hf_steered"] = lambda: generate(model, tok, prompts, steered, max_new_tokens=args.new,
-                                              batch_size=args.batch)
+        runs["hf_steered"] = lambda: generate(
+            model, tok, prompts, steered, max_new_tokens=args.new, batch_size=args.batch
+        )
     best: dict[str, float] = {}
     tokens: dict[str, int] = {}
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -55,10 +58,18 @@ def main() -> None:
     rate = {k: tokens[k] / best[k] for k in best}
     # The spread: steered / unsteered of each repeat (the two ran back to back), to read the best-of against.
     pairs = sorted(s / p for s, p in zip(rates["vllm_steered"], rates["vllm_plain"]))
-    report = {**machine(), "model": args.model, "batch": args.batch, "new_tokens": args.new,
-              "steered_layers": args.layers, "tokens_per_s": rate, "seconds": best,
-              "vllm_steered_over_plain": rate["vllm_steered"] / rate["vllm_plain"],
-              "per_repeat_steered_over_plain": pairs, "repeats": args.repeats}
+    report = {
+        **machine(),
+        "model": args.model,
+        "batch": args.batch,
+        "new_tokens": args.new,
+        "steered_layers": args.layers,
+        "tokens_per_s": rate,
+        "seconds": best,
+        "vllm_steered_over_plain": rate["vllm_steered"] / rate["vllm_plain"],
+        "per_repeat_steered_over_plain": pairs,
+        "repeats": args.repeats,
+    }
     if "hf_steered" in rate:
         report["vllm_over_hf_steered"] = rate["vllm_steered"] / rate["hf_steered"]
     write_result(OUT, report)

@@ -20,9 +20,19 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["machine", "write_result", "busy_fraction", "measure_job", "stage_figures", "job_stages", "warm_ray",
-           "RSSSampler",
-           "activation_shard", "RESULTS", "CACHE"]
+__all__ = [
+    "machine",
+    "write_result",
+    "busy_fraction",
+    "measure_job",
+    "stage_figures",
+    "job_stages",
+    "warm_ray",
+    "RSSSampler",
+    "activation_shard",
+    "RESULTS",
+    "CACHE",
+]
 
 # One JSON per benchmark, rendered into RESULTS.md; `python -m benchmarks --quick` points this elsewhere.
 RESULTS = Path(os.environ.get("CONVA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -66,7 +76,9 @@ def write_result(path: Path, report: dict) -> None:
     print(json.dumps(report, indent=1))
 
 
-def busy_fraction(intervals: list[tuple[str, float, float]], start: float, end: float, workers: int = 0) -> dict:
+def busy_fraction(
+    intervals: list[tuple[str, float, float]], start: float, end: float, workers: int = 0
+) -> dict:
     """How busy the workers were over ``[start, end]``: the fraction during which *every* worker was busy,
     each worker's own fraction, and their mean.
 
@@ -98,8 +110,11 @@ def busy_fraction(intervals: list[tuple[str, float, float]], start: float, end: 
     per_worker = {w: round(sum(hi - lo for lo, hi in merged.get(w, [])) / window, 6) for w in names}
     n = max(workers, len(names))
     everyone = _intersect([merged.get(w, []) for w in names]) if names and len(names) == n else []
-    return {"all": round(sum(hi - lo for lo, hi in everyone) / window, 6), "per_worker": per_worker,
-            "mean": round(sum(per_worker.values()) / n, 6) if n else 0.0}
+    return {
+        "all": round(sum(hi - lo for lo, hi in everyone) / window, 6),
+        "per_worker": per_worker,
+        "mean": round(sum(per_worker.values()) / n, 6) if n else 0.0,
+    }
 
 
 def _intersect(lists: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
@@ -155,10 +170,15 @@ def stage_figures(stage) -> dict:
     records = stage.records()
     starts = [r.worker["started"] for r in records]
     ends = [r.worker["finished"] for r in records]
-    return {"shards": len(records), "rows": sum(r.rows for r in records), "first_start": min(starts),
-            "last_end": max(ends), "span_s": round(max(ends) - min(starts), 3),
-            "worker_s": round(sum(e - s for s, e in zip(starts, ends)), 3),
-            "workers": len({r.worker.get("worker") for r in records})}
+    return {
+        "shards": len(records),
+        "rows": sum(r.rows for r in records),
+        "first_start": min(starts),
+        "last_end": max(ends),
+        "span_s": round(max(ends) - min(starts), 3),
+        "worker_s": round(sum(e - s for s, e in zip(starts, ends)), 3),
+        "workers": len({r.worker.get("worker") for r in records}),
+    }
 
 
 def run_job_planned(job: str, cfg, planned: list) -> list:
@@ -202,16 +222,25 @@ def measure_job(run, planned: list) -> dict:
     first = min(s for _, s, _ in busy)
     loads = [_load_seconds(job) for job in planned]
     workers = sum(job.cfg.ray.num_workers for job in planned)
-    return {"wall_s": round(end - start, 2), "start": start, "end": end,
-            "busy": busy_fraction(busy, start, end, workers),
-            "idle_all_s": round((end - start) * (1 - _any_busy(busy, start, end)), 2),
-            "to_first_busy_s": round(first - start, 2), "load_s": max(loads),
-            "loads": {w: n for job in planned for w, n in job.extra["loads"].items()},
-            "models": {job.label: {"first_busy_s": round(min(s for _, s, _ in job.extra["busy"]) - start, 2),
-                                   "last_busy_s": round(max(e for _, _, e in job.extra["busy"]) - start, 2),
-                                   "workers": job.cfg.ray.num_workers,
-                                   "busy": busy_fraction(job.extra["busy"], start, end, job.cfg.ray.num_workers)["all"]}
-                       for job in planned}}
+    return {
+        "wall_s": round(end - start, 2),
+        "start": start,
+        "end": end,
+        "busy": busy_fraction(busy, start, end, workers),
+        "idle_all_s": round((end - start) * (1 - _any_busy(busy, start, end)), 2),
+        "to_first_busy_s": round(first - start, 2),
+        "load_s": max(loads),
+        "loads": {w: n for job in planned for w, n in job.extra["loads"].items()},
+        "models": {
+            job.label: {
+                "first_busy_s": round(min(s for _, s, _ in job.extra["busy"]) - start, 2),
+                "last_busy_s": round(max(e for _, _, e in job.extra["busy"]) - start, 2),
+                "workers": job.cfg.ray.num_workers,
+                "busy": busy_fraction(job.extra["busy"], start, end, job.cfg.ray.num_workers)["all"],
+            }
+            for job in planned
+        },
+    }
 
 
 def _load_seconds(job) -> float:
@@ -276,12 +305,18 @@ def activation_shard(texts: list[tuple], x, model_meta: dict | None = None):
     schema = activation_schema(hidden)
     if model_meta is not None:
         schema = schema.with_metadata({MODEL_META_KEY: json.dumps(model_meta).encode()})
-    return pa.table({
-        "row_id": pa.array(cols[0] * layers), "dataset": pa.array(cols[1] * layers),
-        "value": pa.array(cols[2] * layers, pa.string()), "label": pa.array(cols[3] * layers, pa.int8()),
-        "group": pa.array(cols[4] * layers, pa.int64()), "text_hash": pa.nulls(n * layers, pa.string()),
-        "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), n)),
-        "position": pa.array(["last"] * (n * layers)),
-        "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), hidden),
-        "error": pa.nulls(n * layers, pa.string()),
-    }, schema=schema)
+    return pa.table(
+        {
+            "row_id": pa.array(cols[0] * layers),
+            "dataset": pa.array(cols[1] * layers),
+            "value": pa.array(cols[2] * layers, pa.string()),
+            "label": pa.array(cols[3] * layers, pa.int8()),
+            "group": pa.array(cols[4] * layers, pa.int64()),
+            "text_hash": pa.nulls(n * layers, pa.string()),
+            "layer": pa.array(np.repeat(np.arange(layers, dtype=np.int32), n)),
+            "position": pa.array(["last"] * (n * layers)),
+            "activation": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), hidden),
+            "error": pa.nulls(n * layers, pa.string()),
+        },
+        schema=schema,
+    )

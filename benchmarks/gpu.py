@@ -37,8 +37,8 @@ from torch._dynamo.utils import counters
 
 from benchmarks.bench_steer import synthetic_bundle
 from benchmarks.common import RESULTS, machine
-from conva.steering.compiled import FastSteering
 from conva.record import record_activations
+from conva.steering.compiled import FastSteering
 from conva.steering.hf import generate
 from conva.steering.spec import SteerSpec
 from conva.tiny import make_tiny_tokenizer, tiny_corpus
@@ -82,7 +82,9 @@ def _plan(args: argparse.Namespace) -> Plan:
     if args.cpu_smoke:
         return Plan(("tiny",), "cpu", torch.float32, (8,), 16, 16, 2, 8, 64, 2, not args.no_compile, 600)
     shapes = ("1B",) if args.quick else ("8B", "1B")
-    return Plan(shapes, "cuda", torch.bfloat16, (32, 128), 64, 64, 16, 32, 256, 4, not args.no_compile, args.budget)
+    return Plan(
+        shapes, "cuda", torch.bfloat16, (32, 128), 64, 64, 16, 32, 256, 4, not args.no_compile, args.budget
+    )
 
 
 def _sync(device: str) -> None:
@@ -102,10 +104,20 @@ def build_model(shape: Shape, device: str, dtype: torch.dtype):
     """A random-weight Llama of ``shape`` made directly on ``device`` (throughput ignores the weights)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                      head_dim=shape.hidden // shape.heads, vocab_size=shape.vocab, max_position_embeddings=4096,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.hidden // shape.heads,
+        vocab_size=shape.vocab,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -115,7 +127,7 @@ def build_model(shape: Shape, device: str, dtype: torch.dtype):
 def prompts_of(tok, n: int, length: int) -> list[str]:
     """``n`` different texts of about ``length`` tokens each (windows over the tiny corpus)."""
     ids = tok(" ".join(tiny_corpus(2000)))["input_ids"]
-    return [tok.decode(ids[i * 7: i * 7 + length]) for i in range(n)]
+    return [tok.decode(ids[i * 7 : i * 7 + length]) for i in range(n)]
 
 
 def weight_bytes(model) -> int:
@@ -142,10 +154,25 @@ class Bench:
     def left(self) -> float:
         return self.plan.budget_s - (time.perf_counter() - self.start)
 
-    def row(self, shape: str, what: str, batch: int | None, tok_s: float | None, ratio: float | None = None,
-            note: str = "") -> None:
-        self.rows.append({"shape": shape, "what": what, "batch": batch, "tokens_per_s": tok_s, "ratio": ratio,
-                          "note": note})
+    def row(
+        self,
+        shape: str,
+        what: str,
+        batch: int | None,
+        tok_s: float | None,
+        ratio: float | None = None,
+        note: str = "",
+    ) -> None:
+        self.rows.append(
+            {
+                "shape": shape,
+                "what": what,
+                "batch": batch,
+                "tokens_per_s": tok_s,
+                "ratio": ratio,
+                "note": note,
+            }
+        )
 
     def skip(self, shape: str, what: str, batch: int | None) -> bool:
         if self.left() > 0:
@@ -158,7 +185,7 @@ class Bench:
         if self.skip(shape, "extraction / plain forward", p.extract_batch):
             return
         texts = prompts_of(tok, p.extract_batch * p.extract_batches, p.extract_len)
-        batches = [texts[i: i + p.extract_batch] for i in range(0, len(texts), p.extract_batch)]
+        batches = [texts[i : i + p.extract_batch] for i in range(0, len(texts), p.extract_batch)]
         encs = [tok(b, return_tensors="pt", padding=True).to(p.device) for b in batches]
         n_tok = sum(int(e["attention_mask"].sum()) for e in encs)
 
@@ -171,9 +198,22 @@ class Bench:
         forward(), extract()  # warm-up
         t_fwd = min(_timed(forward, p.device)[0] for _ in range(2))
         t_ext = min(_timed(extract, p.device)[0] for _ in range(2))
-        self.row(shape, "plain forward (base model)", p.extract_batch, n_tok / t_fwd, None, f"x{p.extract_len} tokens")
-        self.row(shape, "extraction, all layers to CPU", p.extract_batch, n_tok / t_ext, t_fwd / t_ext,
-                 "ratio: vs plain forward")
+        self.row(
+            shape,
+            "plain forward (base model)",
+            p.extract_batch,
+            n_tok / t_fwd,
+            None,
+            f"x{p.extract_len} tokens",
+        )
+        self.row(
+            shape,
+            "extraction, all layers to CPU",
+            p.extract_batch,
+            n_tok / t_ext,
+            t_fwd / t_ext,
+            "ratio: vs plain forward",
+        )
 
     def generation(self, shape: str, model, tok, batch: int, roofline: float) -> None:
         p = self.plan
@@ -184,8 +224,18 @@ class Bench:
         steered = [SteerSpec("conva_nogate", bundle, p0=0.999999)] * batch  # ε > 0 on (nearly) every row
         plain = [SteerSpec("none")] * batch
         work = batch * p.new_tokens
-        hf = lambda specs: generate(model, tok, prompts, specs, max_new_tokens=p.new_tokens,  # noqa: E731
-                                    chat_template=False, batch_size=batch)
+
+        def hf(specs):
+            return generate(
+                model,
+                tok,
+                prompts,
+                specs,
+                max_new_tokens=p.new_tokens,
+                chat_template=False,
+                batch_size=batch,
+            )
+
         generate(model, tok, prompts[:2], steered[:2], max_new_tokens=4, chat_template=False)  # warm-up
         times = {"plain": [], "steered": []}
         outs = {}
@@ -196,7 +246,9 @@ class Bench:
         hf_plain, hf_steer = work / min(times["plain"]), work / min(times["steered"])
         self.row(shape, "HF eager, plain", batch, hf_plain, hf_plain / roofline, "ratio: of roofline")
         self.row(shape, "HF eager, steered", batch, hf_steer, hf_steer / hf_plain, "ratio: vs HF plain")
-        nonzero = sum(e > 0 for r in outs["steered"] for e in r.eps) / max(1, sum(len(r.eps) for r in outs["steered"]))
+        nonzero = sum(e > 0 for r in outs["steered"] for e in r.eps) / max(
+            1, sum(len(r.eps) for r in outs["steered"])
+        )
         self.extra[f"{shape}_B{batch}_eps_nonzero_share"] = nonzero
         if self.skip(shape, "fast path", batch):
             return
@@ -206,11 +258,21 @@ class Bench:
         p = self.plan
         work = batch * p.new_tokens
         max_len = -(-(p.prompt_len + 8 + p.new_tokens) // 64) * 64
-        runners = {"plain": FastSteering(model, batch_size=batch, max_len=max_len, layers=(), compile=p.compile),
-                   "steered": FastSteering(model, batch_size=batch, max_len=max_len, layers=band, compile=p.compile)}
+        runners = {
+            "plain": FastSteering(model, batch_size=batch, max_len=max_len, layers=(), compile=p.compile),
+            "steered": FastSteering(model, batch_size=batch, max_len=max_len, layers=band, compile=p.compile),
+        }
         specs = {"plain": plain, "steered": steered}
-        run = lambda name: runners[name].generate(tok, prompts, specs[name], max_new_tokens=p.new_tokens,  # noqa: E731
-                                                  chat_template=False)
+
+        def run(name):
+            return runners[name].generate(
+                tok,
+                prompts,
+                specs[name],
+                max_new_tokens=p.new_tokens,
+                chat_template=False,
+            )
+
         for name in runners:
             t_first, _ = _timed(lambda n=name: run(n), p.device)  # compiles
             self.extra[f"{shape}_B{batch}_fast_{name}_first_call_s"] = round(t_first, 2)
@@ -225,14 +287,29 @@ class Bench:
         same = sum(a.tokens == b.tokens for a, b in zip(outs["steered"], hf_rows)) / batch
         eps_diff = max(abs(a - b) for x, y in zip(outs["steered"], hf_rows) for a, b in zip(x.eps, y.eps))
         kind = "compiled" if p.compile else "eager"
-        self.row(shape, f"fast ({kind}), plain", batch, fast_plain, fast_plain / roofline, "ratio: of roofline")
-        self.row(shape, f"fast ({kind}), steered", batch, fast_steer, fast_steer / fast_plain, "ratio: vs fast plain")
-        self.row(shape, f"fast ({kind}), steered / roofline", batch, None, fast_steer / roofline,
-                 f"rows = HF tokens: {same:.2f}; max |Δε| {eps_diff:.1e}")
+        self.row(
+            shape, f"fast ({kind}), plain", batch, fast_plain, fast_plain / roofline, "ratio: of roofline"
+        )
+        self.row(
+            shape,
+            f"fast ({kind}), steered",
+            batch,
+            fast_steer,
+            fast_steer / fast_plain,
+            "ratio: vs fast plain",
+        )
+        self.row(
+            shape,
+            f"fast ({kind}), steered / roofline",
+            batch,
+            None,
+            fast_steer / roofline,
+            f"rows = HF tokens: {same:.2f}; max |Δε| {eps_diff:.1e}",
+        )
         # Non-zero skips mean the decode ran without CUDA graphs (Inductor logs the reason).
         self.extra[f"{shape}_B{batch}_cudagraph_skips_so_far"] = counters["inductor"]["cudagraph_skips"]
         self.extra[f"{shape}_B{batch}_graphs_so_far"] = counters["stats"]["unique_graphs"]
-        del runners
+        runners.clear()  # free the compiled graphs before the next shape
         gc.collect()
 
     def shape(self, name: str) -> None:
@@ -249,8 +326,14 @@ class Bench:
         self.extraction(name, model, tok)
         for batch in sorted(p.batches, reverse=True):  # the headline batch first
             roofline = batch / (wbytes / bw)
-            self.row(name, "decode roofline (weights / bandwidth)", batch, roofline, None,
-                     f"{wbytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s")
+            self.row(
+                name,
+                "decode roofline (weights / bandwidth)",
+                batch,
+                roofline,
+                None,
+                f"{wbytes / 1e9:.2f} GB at {bw / 1e12:.2f} TB/s",
+            )
             self.generation(name, model, tok, batch, roofline)
         del model
         gc.collect()
@@ -265,7 +348,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         tok_s = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        lines.append(f"{r['shape']:<6} {r['what']:<40} {r['batch'] or '':>5} {tok_s:>10} {ratio:>7}  {r['note']}")
+        lines.append(
+            f"{r['shape']:<6} {r['what']:<40} {r['batch'] or '':>5} {tok_s:>10} {ratio:>7}  {r['note']}"
+        )
     return "\n".join(lines)
 
 
@@ -274,7 +359,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the 1B shape only")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape on the CPU, to check the script")
     ap.add_argument("--no-compile", action="store_true", help="run the fast path's decode step eagerly")
-    ap.add_argument("--budget", type=float, default=240.0, help="seconds after which remaining items are skipped")
+    ap.add_argument(
+        "--budget", type=float, default=240.0, help="seconds after which remaining items are skipped"
+    )
     args = ap.parse_args()
     plan = _plan(args)
     if plan.device == "cuda" and not torch.cuda.is_available():
@@ -285,8 +372,15 @@ def main() -> None:
     print(table(bench.rows))
     device = torch.cuda.get_device_name() if plan.device == "cuda" else "cpu"
     plan_json = {**vars(plan), "dtype": str(plan.dtype)}
-    report = {**machine(), "device": device, "cuda": torch.version.cuda, "plan": plan_json,
-              "rows": bench.rows, "extra": bench.extra, "wall_s": round(time.perf_counter() - bench.start, 1)}
+    report = {
+        **machine(),
+        "device": device,
+        "cuda": torch.version.cuda,
+        "plan": plan_json,
+        "rows": bench.rows,
+        "extra": bench.extra,
+        "wall_s": round(time.perf_counter() - bench.start, 1),
+    }
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else RESULTS
     out = out_dir / ("gpu_cpu_smoke.json" if args.cpu_smoke else "gpu.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,9 @@ OUT = RESULTS / "probe_accuracy.json"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "conva"))
+    parser.add_argument(
+        "--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "conva")
+    )
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--split", default="pair", choices=["pair", "sample"])
     args = parser.parse_args()
@@ -39,12 +41,20 @@ def main() -> None:
         labels = np.repeat([1, 0], len(pairs))
         groups = np.tile(np.arange(len(pairs)), 2)
         acts = record_activations(model, tok, texts, batch_size=25)
-        fit = fit_probes(lambda l: acts[:, l], labels, groups, range(n_layers), ProbeSettings(split=args.split))
+        fit = fit_probes(
+            lambda l: acts[:, l], labels, groups, range(n_layers), ProbeSettings(split=args.split)
+        )
         results[value] = [round(float(a), 4) for a in fit.test_acc]
         best = int(np.argmax(fit.test_acc))
         print(f"{value:15s} best layer {best:2d} acc {fit.test_acc[best]:.3f}", flush=True)
-    report = {**machine(), "benchmark": "probe_accuracy", "model": args.model, "split": args.split,
-              "seconds": round(time.time() - start, 1), "test_acc": results}
+    report = {
+        **machine(),
+        "benchmark": "probe_accuracy",
+        "model": args.model,
+        "split": args.split,
+        "seconds": round(time.time() - start, 1),
+        "test_acc": results,
+    }
     write_result(OUT, report)
     print(probe_table(report))
 

@@ -35,12 +35,18 @@ if (_ROOT / "jobs" / "__init__.py").is_file() and (_ROOT / "workers" / "__init__
     __path__.append(str(_ROOT))  # type: ignore[name-defined]  # noqa: F821
 
 _PUBLIC = {
-    "SteerSpec": "conva.steering.spec", "RowResult": "conva.steering.spec",
-    "generate": "conva.steering.hf", "steer_logits": "conva.steering.hf",
-    "load_model": "conva.models", "ModelInfo": "conva.fit",
-    "ValueBundle": "conva.bundle", "load_bundle": "conva.bundle", "fit_value": "conva.fit",
+    "SteerSpec": "conva.steering.spec",
+    "RowResult": "conva.steering.spec",
+    "generate": "conva.steering.hf",
+    "steer_logits": "conva.steering.hf",
+    "load_model": "conva.models",
+    "ModelInfo": "conva.fit",
+    "ValueBundle": "conva.bundle",
+    "load_bundle": "conva.bundle",
+    "fit_value": "conva.fit",
     "Band": "conva.probes",
-    "Config": "conva.batch.config", "load_config": "conva.batch.config",
+    "Config": "conva.batch.config",
+    "load_config": "conva.batch.config",
 }
 __all__ = sorted(_PUBLIC)
 

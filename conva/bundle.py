@@ -36,8 +36,16 @@ from conva.files import atomic_write
 from conva.gates import Gate
 from conva.values import check_value
 
-__all__ = ["FORMAT_VERSION", "BUNDLE_FILES", "BundleError", "ValueBundle", "encode_bundle", "decode_bundle",
-           "save_bundle", "load_bundle"]
+__all__ = [
+    "FORMAT_VERSION",
+    "BUNDLE_FILES",
+    "BundleError",
+    "ValueBundle",
+    "encode_bundle",
+    "decode_bundle",
+    "save_bundle",
+    "load_bundle",
+]
 
 FORMAT_VERSION = 1
 BUNDLE_FILES = ("meta.json", "vectors.safetensors")
@@ -123,9 +131,17 @@ def _meta(bundle: ValueBundle, tensors: dict[str, np.ndarray]) -> dict:
         "p0": bundle.p0,
         "test_acc": [round(float(a), 6) for a in bundle.test_acc],
         "gate": {
-            "kind": g.kind, "threshold": g.threshold, "layer": g.layer, "b": g.b, "model": g.model,
-            "labels": list(g.labels), "target": g.target, "target_value": g.target_value, "heldout": g.heldout,
-            "calibration": g.calibration, "target_met": g.target_met,
+            "kind": g.kind,
+            "threshold": g.threshold,
+            "layer": g.layer,
+            "b": g.b,
+            "model": g.model,
+            "labels": list(g.labels),
+            "target": g.target,
+            "target_value": g.target_value,
+            "heldout": g.heldout,
+            "calibration": g.calibration,
+            "target_met": g.target_met,
         },
         "dataset_hash": bundle.dataset_hash,
         "created": bundle.created,
@@ -174,10 +190,14 @@ def _check_tensors(path: str | Path, meta: dict, t: dict[str, np.ndarray]) -> No
     expected = meta.get("tensor_sha256", {})
     for name, arr in t.items():
         if expected.get(name) != _sha(arr):
-            raise BundleError(f"{path}: tensor {name!r} does not match the hash in meta.json (tampered or torn)")
+            raise BundleError(
+                f"{path}: tensor {name!r} does not match the hash in meta.json (tampered or torn)"
+            )
 
 
-def load_bundle(path: str | Path, *, fingerprint: str | None = None, hidden_size: int | None = None) -> ValueBundle:
+def load_bundle(
+    path: str | Path, *, fingerprint: str | None = None, hidden_size: int | None = None
+) -> ValueBundle:
     """Read and verify a bundle from a local directory; with ``fingerprint``/``hidden_size``, refuse one made for another model."""
     path = Path(path)
     try:
@@ -187,17 +207,24 @@ def load_bundle(path: str | Path, *, fingerprint: str | None = None, hidden_size
     return decode_bundle(files, str(path), fingerprint=fingerprint, hidden_size=hidden_size)
 
 
-def decode_bundle(files: dict[str, bytes], where: str, *, fingerprint: str | None = None,
-                  hidden_size: int | None = None) -> ValueBundle:
+def decode_bundle(
+    files: dict[str, bytes], where: str, *, fingerprint: str | None = None, hidden_size: int | None = None
+) -> ValueBundle:
     """A verified bundle from its files' bytes (``where`` names it in errors); see :func:`load_bundle`."""
     try:
         meta = json.loads(files["meta.json"])
         tensors = load_safetensors(files["vectors.safetensors"])
-    except (KeyError, ValueError, SafetensorError) as exc:  # a torn or foreign file (e.g. a pickle) is refused
+    except (
+        KeyError,
+        ValueError,
+        SafetensorError,
+    ) as exc:  # a torn or foreign file (e.g. a pickle) is refused
         raise BundleError(f"{where}: not a readable bundle ({type(exc).__name__}: {exc})") from exc
     path = where
     if meta.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        raise BundleError(
+            f"{path}: format version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}"
+        )
     _check_tensors(path, meta, tensors)
     if hidden_size is not None and hidden_size != meta["hidden_size"]:
         raise BundleError(f"{path}: made for hidden size {meta['hidden_size']}, the model has {hidden_size}")
@@ -207,15 +234,41 @@ def decode_bundle(files: dict[str, bytes], where: str, *, fingerprint: str | Non
             f"not for the loaded model (fingerprint {fingerprint})"
         )
     g = meta["gate"]
-    gate = Gate(g["kind"], g["threshold"], g["layer"], tensors.get("gate_w"), g["b"], g["model"], tuple(g["labels"]),
-                g["target"], g["target_value"], g["heldout"], g.get("calibration", {}), g.get("target_met"))
+    gate = Gate(
+        g["kind"],
+        g["threshold"],
+        g["layer"],
+        tensors.get("gate_w"),
+        g["b"],
+        g["model"],
+        tuple(g["labels"]),
+        g["target"],
+        g["target_value"],
+        g["heldout"],
+        g.get("calibration", {}),
+        g.get("target_met"),
+    )
     bundle = ValueBundle(
-        value=check_value(meta["value"]), model_name=meta["model_name"], fingerprint=meta["fingerprint"],
-        hidden_size=meta["hidden_size"], n_blocks=meta["n_blocks"], layers=tensors["layers"], w=tensors["w"],
-        b=tensors["b"], train_acc=tensors["train_acc"], test_acc=tensors["test_acc"], caa=tensors["caa"],
-        band=tuple(meta["band"]), p0=float(meta["p0"]), gate=gate, position=meta["position"],
-        chat_template=bool(meta["chat_template"]), dataset_hash=meta["dataset_hash"], created=meta["created"],
-        extra=meta.get("extra", {}), val_acc=tensors.get("val_acc"),
+        value=check_value(meta["value"]),
+        model_name=meta["model_name"],
+        fingerprint=meta["fingerprint"],
+        hidden_size=meta["hidden_size"],
+        n_blocks=meta["n_blocks"],
+        layers=tensors["layers"],
+        w=tensors["w"],
+        b=tensors["b"],
+        train_acc=tensors["train_acc"],
+        test_acc=tensors["test_acc"],
+        caa=tensors["caa"],
+        band=tuple(meta["band"]),
+        p0=float(meta["p0"]),
+        gate=gate,
+        position=meta["position"],
+        chat_template=bool(meta["chat_template"]),
+        dataset_hash=meta["dataset_hash"],
+        created=meta["created"],
+        extra=meta.get("extra", {}),
+        val_acc=tensors.get("val_acc"),
     )
     bundle.rows()  # the band must be among the probed layers
     return bundle

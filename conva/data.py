@@ -77,7 +77,9 @@ class DataError(ValueError):
 
     def __init__(self, file: str | Path, row: int | None, field: str | None, problem: str) -> None:
         self.file, self.row, self.field, self.problem = str(file), row, field, problem
-        where = f"{file}" + (f", row {row}" if row is not None else "") + (f", field {field!r}" if field else "")
+        where = (
+            f"{file}" + (f", row {row}" if row is not None else "") + (f", field {field!r}" if field else "")
+        )
         super().__init__(f"{where}: {problem}")
 
 
@@ -181,8 +183,9 @@ def jsonl_records(data: bytes, first_row: int = 1) -> Iterator[Record]:
         yield Record(row, obj)
 
 
-def csv_records(data: bytes, path: str | Path, header: Sequence[str] | None = None,
-                first_row: int = 1) -> Iterator[Record]:
+def csv_records(
+    data: bytes, path: str | Path, header: Sequence[str] | None = None, first_row: int = 1
+) -> Iterator[Record]:
     """The records of CSV bytes, numbered from ``first_row`` (the header is not a row).
 
     With ``header`` the bytes hold data rows only (a slice of a file, see :mod:`conva.batch.inputs`).
@@ -255,8 +258,11 @@ def data_files(path: str | Path) -> list[str]:
         raise DataError(path, None, None, "no such file")
     if kind == pafs.FileType.File:
         return [str(path)]
-    found = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(where))
-                   if i.type == pafs.FileType.File and posixpath.splitext(i.base_name)[1].lower() in DATA_SUFFIXES)
+    found = sorted(
+        i.base_name
+        for i in fs.get_file_info(pafs.FileSelector(where))
+        if i.type == pafs.FileType.File and posixpath.splitext(i.base_name)[1].lower() in DATA_SUFFIXES
+    )
     if not found:
         raise DataError(path, None, None, "folder holds no .jsonl, .csv or .parquet file")
     return [f"{str(path).rstrip('/')}/{name}" for name in found]
@@ -282,7 +288,11 @@ def load_pairs(path: str | Path, value: str | None = None) -> list[Pair]:
             if "question_1" in rec.fields or "question_2" in rec.fields:
                 if file_value is None:
                     raise DataError(file, rec.row, "value", "paper-format file name does not name a value")
-                v, pos, neg = file_value, _require_text(file, rec, "question_1"), _require_text(file, rec, "question_2")
+                v, pos, neg = (
+                    file_value,
+                    _require_text(file, rec, "question_1"),
+                    _require_text(file, rec, "question_2"),
+                )
             else:
                 v = _require_text(file, rec, "value")
                 pos, neg = _require_text(file, rec, "positive"), _require_text(file, rec, "negative")

@@ -72,7 +72,11 @@ def _read(folder: Path, *keys: str):
     from safetensors import safe_open
 
     index = folder / "model.safetensors.index.json"
-    files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()} if index.exists() else {}
+    files = (
+        {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        if index.exists()
+        else {}
+    )
     for key in keys:
         file = files.get(key, folder / "model.safetensors")
         if not file.exists():

@@ -30,15 +30,23 @@ class GateSettings:
     """``[gate]`` config: how the gate is fitted (``kind`` … ``seed``) and what it gates (``apply_to``, ``prefix_on``)."""
 
     kind: str = "probe"  # none | probe (on the model's activations) | external (a text classifier)
-    target: str = "precision"  # the probe gate's threshold meets this on the calibrate split: precision | recall
+    target: str = (
+        "precision"  # the probe gate's threshold meets this on the calibrate split: precision | recall
+    )
     target_value: float = 0.95  # ... at least this value
     calibrate_size: float = 0.25  # share of the gate's pairs that choose its layer and threshold
     test_size: float = 0.25  # share of the gate's pairs its reported precision/recall/accuracy come from
-    other_pairs_per_value: int = 0  # pairs of each value outside data.values that serve as gate negatives (0: all)
+    other_pairs_per_value: int = (
+        0  # pairs of each value outside data.values that serve as gate negatives (0: all)
+    )
     value_prompts: int = 0  # each value's last N prompts train the gates (never steered); 0: pair texts only
     seed: int = 0  # seed of the gate's split
-    apply_to: str = "all_methods"  # "all_methods": every method is gated alike (the reference); "conva": ConVA only
-    prefix_on: str = "all"  # the opposite setting's prefix: on "all" rows, or only where the gate opens ("gated")
+    apply_to: str = (
+        "all_methods"  # "all_methods": every method is gated alike (the reference); "conva": ConVA only
+    )
+    prefix_on: str = (
+        "all"  # the opposite setting's prefix: on "all" rows, or only where the gate opens ("gated")
+    )
     model: str | None = None  # external: a sequence-classification model (folder or repo id)
     labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value
     threshold: float = 0.5  # external: the open threshold
@@ -55,8 +63,19 @@ class GateSettings:
 
 
 # The [gate] keys a fitted bundle depends on (apply_to and prefix_on only change the steering).
-GATE_FIT_KEYS = ("kind", "target", "target_value", "calibrate_size", "test_size", "other_pairs_per_value",
-                 "value_prompts", "seed", "model", "labels", "threshold")
+GATE_FIT_KEYS = (
+    "kind",
+    "target",
+    "target_value",
+    "calibrate_size",
+    "test_size",
+    "other_pairs_per_value",
+    "value_prompts",
+    "seed",
+    "model",
+    "labels",
+    "threshold",
+)
 
 
 @dataclass(frozen=True)
@@ -120,8 +139,15 @@ class _CAA:
 
 
 def fit_value(
-    value: str, pairs: LayerData, gate_data: LayerData | None, model: ModelInfo, settings: FitSettings,
-    *, position: str = "last", chat_template: bool = False, dataset_hash: str = "",
+    value: str,
+    pairs: LayerData,
+    gate_data: LayerData | None,
+    model: ModelInfo,
+    settings: FitSettings,
+    *,
+    position: str = "last",
+    chat_template: bool = False,
+    dataset_hash: str = "",
 ) -> ValueBundle:
     """Fit probes on ``pairs`` (label 1 = promotes the value), pick the band, fit the gate; return the bundle.
 
@@ -134,34 +160,73 @@ def fit_value(
     fit = fit_probes(caa.matrix, pairs.labels, pairs.groups, pairs.layers, settings.probe)
     not_converged = [int(l) for l, ok in zip(fit.layers, fit.converged) if not ok]
     if not_converged:
-        _log.warning("fit %s: %d of %d layer probes did not converge in %d iterations (layers %s)", value,
-                     len(not_converged), len(fit.layers), settings.probe.max_iter, not_converged)
+        _log.warning(
+            "fit %s: %d of %d layer probes did not converge in %d iterations (layers %s)",
+            value,
+            len(not_converged),
+            len(fit.layers),
+            settings.probe.max_iter,
+            not_converged,
+        )
     band = parse_band(settings.band, model.n_blocks)
     if band is None:
         band = choose_band(fit, settings.band_width or max(1, model.n_blocks // 2))
     gate = _fit_gate(settings.gate, gate_data, band, settings.probe, value)
     return ValueBundle(
-        value=value, model_name=model.name, fingerprint=model.fingerprint, hidden_size=model.hidden_size,
-        n_blocks=model.n_blocks, layers=fit.layers, w=fit.w, b=fit.b, train_acc=fit.train_acc,
-        test_acc=fit.test_acc, val_acc=fit.val_acc, caa=caa.vectors(pairs.layers), band=band, p0=settings.p0,
-        gate=gate, position=position, chat_template=chat_template, dataset_hash=dataset_hash,
+        value=value,
+        model_name=model.name,
+        fingerprint=model.fingerprint,
+        hidden_size=model.hidden_size,
+        n_blocks=model.n_blocks,
+        layers=fit.layers,
+        w=fit.w,
+        b=fit.b,
+        train_acc=fit.train_acc,
+        test_acc=fit.test_acc,
+        val_acc=fit.val_acc,
+        caa=caa.vectors(pairs.layers),
+        band=band,
+        p0=settings.p0,
+        gate=gate,
+        position=position,
+        chat_template=chat_template,
+        dataset_hash=dataset_hash,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        extra={"probe": settings.probe.__dict__, "n_train": fit.n_train, "n_val": fit.n_val, "n_test": fit.n_test,
-               "not_converged": not_converged},
+        extra={
+            "probe": settings.probe.__dict__,
+            "n_train": fit.n_train,
+            "n_val": fit.n_val,
+            "n_test": fit.n_test,
+            "not_converged": not_converged,
+        },
     ).with_band(band)
 
 
-def _fit_gate(s: GateSettings, data: LayerData | None, band: tuple[int, ...], probe: ProbeSettings,
-              value: str) -> Gate:
+def _fit_gate(
+    s: GateSettings, data: LayerData | None, band: tuple[int, ...], probe: ProbeSettings, value: str
+) -> Gate:
     if s.kind == "none":
         return Gate("none")
     if s.kind == "external":
         return Gate("external", s.threshold, model=s.model, labels=s.labels)
     if data is None:
-        raise ValueError("a probe gate needs gate data (the value's texts, other values' texts, neutral prompts)")
+        raise ValueError(
+            "a probe gate needs gate data (the value's texts, other values' texts, neutral prompts)"
+        )
     candidates = [l for l in data.layers if l <= band[0]]
     if not candidates:
         raise ValueError(f"no gate candidate layer at or before the band's first layer {band[0]}")
-    return fit_probe_gate(data.matrix, data.labels, data.groups, candidates, target=s.target,
-                          target_value=s.target_value, calibrate_size=s.calibrate_size, test_size=s.test_size,
-                          seed=s.seed, origin=data.origin, settings=probe, name=value)
+    return fit_probe_gate(
+        data.matrix,
+        data.labels,
+        data.groups,
+        candidates,
+        target=s.target,
+        target_value=s.target_value,
+        calibrate_size=s.calibrate_size,
+        test_size=s.test_size,
+        seed=s.seed,
+        origin=data.origin,
+        settings=probe,
+        name=value,
+    )

@@ -32,8 +32,19 @@ import numpy as np
 
 from conva.probes import LayerFit, ProbeSettings, fit_layer, split_three
 
-__all__ = ["GATE_KINDS", "GATE_SCOPES", "PREFIX_ON", "Gate", "GateSplit", "Calibration", "gate_splits",
-           "fit_probe_gate", "calibrate_threshold", "gate_metrics", "external_scores"]
+__all__ = [
+    "GATE_KINDS",
+    "GATE_SCOPES",
+    "PREFIX_ON",
+    "Gate",
+    "GateSplit",
+    "Calibration",
+    "gate_splits",
+    "fit_probe_gate",
+    "calibrate_threshold",
+    "gate_metrics",
+    "external_scores",
+]
 
 GATE_KINDS = ("none", "probe", "external")
 # What a gate gates (config gate.apply_to): ConVA only, or every method alike (the reference code).
@@ -103,8 +114,13 @@ class Calibration:
     met: bool
 
 
-def gate_splits(groups: Sequence, calibrate_size: float, test_size: float, seed: int = 0,
-                labels: Sequence[int] | None = None) -> GateSplit:
+def gate_splits(
+    groups: Sequence,
+    calibrate_size: float,
+    test_size: float,
+    seed: int = 0,
+    labels: Sequence[int] | None = None,
+) -> GateSplit:
     """Split gate rows **by group** (a pair's two texts share one) into train / calibrate / test.
 
     With ``labels``, the groups of each class are split apart (stratified), so every part gets its share
@@ -115,7 +131,9 @@ def gate_splits(groups: Sequence, calibrate_size: float, test_size: float, seed:
     parts: list[list[np.ndarray]] = [[], [], []]
     for k, stratum in enumerate(np.unique(strata)):
         rows = np.flatnonzero(strata == stratum)
-        split = split_three(groups[rows], ProbeSettings(seed=seed + k, split="pair"), test_size, calibrate_size)
+        split = split_three(
+            groups[rows], ProbeSettings(seed=seed + k, split="pair"), test_size, calibrate_size
+        )
         for part, idx in zip(parts, split):
             part.append(rows[idx])
     train, cal, test = (np.sort(np.concatenate(p)) for p in parts)
@@ -148,14 +166,19 @@ def calibrate_threshold(scores: np.ndarray, labels: np.ndarray, target: str, val
     return Calibration(float(candidates[int(np.argmax(f1))]), False)
 
 
-def gate_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, origin: Sequence[str] | None = None
-                 ) -> dict[str, float]:
+def gate_metrics(
+    scores: np.ndarray, labels: np.ndarray, threshold: float, origin: Sequence[str] | None = None
+) -> dict[str, float]:
     """Precision, recall, accuracy, n and (with ``origin``) the open rate per kind of row, at ``threshold``."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     precision, recall = _precision_recall(scores, labels, threshold)
     opened = scores >= threshold
-    out = {"precision": precision, "recall": recall, "accuracy": float(np.mean(opened == (labels == 1))),
-           "n": float(len(labels))}
+    out = {
+        "precision": precision,
+        "recall": recall,
+        "accuracy": float(np.mean(opened == (labels == 1))),
+        "n": float(len(labels)),
+    }
     if origin is not None:
         origin = np.asarray(origin)
         for kind in sorted(set(origin.tolist())):
@@ -163,8 +186,9 @@ def gate_metrics(scores: np.ndarray, labels: np.ndarray, threshold: float, origi
     return out
 
 
-def _choose(fits: dict[int, tuple[LayerFit, np.ndarray]], labels: np.ndarray, target: str, value: float
-            ) -> tuple[int, Calibration]:
+def _choose(
+    fits: dict[int, tuple[LayerFit, np.ndarray]], labels: np.ndarray, target: str, value: float
+) -> tuple[int, Calibration]:
     """The layer and threshold chosen on calibrate: meet the target first, then most of the other metric.
 
     Ties go to the later layer (later layers carry more of the prompt's meaning).
@@ -206,7 +230,9 @@ def fit_probe_gate(
     split = gate_splits(groups, calibrate_size, test_size, seed, labels)
     for part, rows in (("train", split.train), ("calibrate", split.calibrate)):
         if set(labels[rows].tolist()) != {0, 1}:
-            raise ValueError(f"gate {name}: its {part} split needs rows of both classes (got {len(rows)} rows)")
+            raise ValueError(
+                f"gate {name}: its {part} split needs rows of both classes (got {len(rows)} rows)"
+            )
     fits, converged = {}, []
     for layer in layers:
         x = np.asarray(layer_matrix(layer), dtype=np.float32)
@@ -217,23 +243,46 @@ def fit_probe_gate(
     fit, cal_scores = fits[layer]
     test_x = np.asarray(layer_matrix(layer), dtype=np.float32)[split.test]
     org = None if origin is None else np.asarray(origin)
-    calibration = gate_metrics(cal_scores, labels[split.calibrate], cal.threshold,
-                               None if org is None else org[split.calibrate])
-    heldout = gate_metrics(fit.scores(test_x), labels[split.test], cal.threshold,
-                           None if org is None else org[split.test])
+    calibration = gate_metrics(
+        cal_scores, labels[split.calibrate], cal.threshold, None if org is None else org[split.calibrate]
+    )
+    heldout = gate_metrics(
+        fit.scores(test_x), labels[split.test], cal.threshold, None if org is None else org[split.test]
+    )
     heldout["not_converged"] = float(sum(not c for c in converged))
     _warn_missed(name, target, target_value, cal.met, heldout)
-    return Gate("probe", cal.threshold, layer, fit.w, fit.b, target=target, target_value=target_value,
-                heldout=heldout, calibration=calibration, target_met=cal.met)
+    return Gate(
+        "probe",
+        cal.threshold,
+        layer,
+        fit.w,
+        fit.b,
+        target=target,
+        target_value=target_value,
+        heldout=heldout,
+        calibration=calibration,
+        target_met=cal.met,
+    )
 
 
 def _warn_missed(name: str, target: str, value: float, met: bool, heldout: dict[str, float]) -> None:
     if not met:
-        _log.warning("gate %s: no threshold reaches %s >= %g on the calibrate split; using the best-F1 threshold "
-                     "(recorded as target_met = false)", name, target, value)
+        _log.warning(
+            "gate %s: no threshold reaches %s >= %g on the calibrate split; using the best-F1 threshold "
+            "(recorded as target_met = false)",
+            name,
+            target,
+            value,
+        )
     if heldout[target] < value:
-        _log.warning("gate %s: %s on the test split is %.3f, below the target %g (n = %d)", name, target,
-                     heldout[target], value, int(heldout["n"]))
+        _log.warning(
+            "gate %s: %s on the test split is %.3f, below the target %g (n = %d)",
+            name,
+            target,
+            heldout[target],
+            value,
+            int(heldout["n"]),
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -246,7 +295,9 @@ def _classifier(model: str, device: str):
     return tok, clf
 
 
-def external_scores(gate: Gate, texts: Sequence[str], batch_size: int = 16, device: str = "cpu") -> np.ndarray:
+def external_scores(
+    gate: Gate, texts: Sequence[str], batch_size: int = 16, device: str = "cpu"
+) -> np.ndarray:
     """Score texts with an external classifier gate: the highest probability among ``gate.labels``.
 
     The classifier is loaded on first use and kept for the process (:func:`functools.lru_cache`).
@@ -264,7 +315,9 @@ def external_scores(gate: Gate, texts: Sequence[str], batch_size: int = 16, devi
     out = []
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
-            enc = tok(list(texts[start : start + batch_size]), return_tensors="pt", padding=True, truncation=True)
+            enc = tok(
+                list(texts[start : start + batch_size]), return_tensors="pt", padding=True, truncation=True
+            )
             logits = clf(**{k: v.to(device) for k, v in enc.items()}).logits.float()
             probs = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=-1)
             out.append(probs[:, idx].max(dim=-1).values.cpu().numpy())

@@ -34,8 +34,22 @@ from conva.probes import ProbeSettings, split_indices
 from conva.values import definition
 
 __all__ = [
-    "JUDGE_KINDS", "JudgeSettings", "Verdict", "Judge", "Chat", "JUDGES", "register_judge", "make_judge", "judge_pairs",
-    "heldout_pairs", "ClassifierJudge", "ProbeJudge", "LLMJudge", "value_prompt", "fluency_prompt", "parse_verdict",
+    "JUDGE_KINDS",
+    "JudgeSettings",
+    "Verdict",
+    "Judge",
+    "Chat",
+    "JUDGES",
+    "register_judge",
+    "make_judge",
+    "judge_pairs",
+    "heldout_pairs",
+    "ClassifierJudge",
+    "ProbeJudge",
+    "LLMJudge",
+    "value_prompt",
+    "fluency_prompt",
+    "parse_verdict",
     "parse_rating",
 ]
 
@@ -50,10 +64,14 @@ class JudgeSettings:
     """
 
     kind: str = "classifier"  # classifier (TF-IDF on answer pairs), probe (the value's own probe) or llm
-    pairs: str = "demo"  # labelled answer pairs: "demo", "paper:<folder>" (its non-context-controlled pairs) or a file
+    pairs: str = (
+        "demo"  # labelled answer pairs: "demo", "paper:<folder>" (its non-context-controlled pairs) or a file
+    )
     test_size: float = 0.3  # share of the pairs held out to measure the judge's agreement
     seed: int = 0  # seed of that split
-    threshold: float = 0.5  # a probability at or above this scores 1 (the answer prioritises the value), else 0
+    threshold: float = (
+        0.5  # a probability at or above this scores 1 (the answer prioritises the value), else 0
+    )
     base_url: str = ""  # llm: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     model: str = ""  # llm: the model name the endpoint serves
     api_key_env: str = ""  # llm: the name of the environment variable holding the API key (never the key)
@@ -80,9 +98,13 @@ class Judge(Protocol):
 
     name: str
 
-    def judge(self, values: Sequence[str], prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]: ...
+    def judge(
+        self, values: Sequence[str], prompts: Sequence[str], answers: Sequence[str]
+    ) -> list[Verdict]: ...
 
-    def agreement(self, pairs: Sequence[D.Pair], prompts: Sequence[str] | None = None) -> dict[str, float]: ...
+    def agreement(
+        self, pairs: Sequence[D.Pair], prompts: Sequence[str] | None = None
+    ) -> dict[str, float]: ...
 
 
 # A chat endpoint as the ``llm`` judge calls it: requests (each a list of chat messages) and a token budget
@@ -95,17 +117,28 @@ JUDGE_KINDS = ("classifier", "probe", "llm")
 
 def register_judge(name: str) -> Callable[[JudgeFactory], JudgeFactory]:
     """Register a judge factory under ``name`` (the value of ``judge.kind``)."""
+
     def add(factory: JudgeFactory) -> JudgeFactory:
         JUDGES[name] = factory
         return factory
+
     return add
 
 
-def make_judge(settings: JudgeSettings, *, values: Sequence[str], model=None, tok=None,
-               bundles: dict[str, ValueBundle] | None = None, chat: Chat | None = None) -> Judge:
+def make_judge(
+    settings: JudgeSettings,
+    *,
+    values: Sequence[str],
+    model=None,
+    tok=None,
+    bundles: dict[str, ValueBundle] | None = None,
+    chat: Chat | None = None,
+) -> Judge:
     """Build the judge ``settings.kind`` names. ``probe`` needs the model and the bundles; ``llm`` a ``chat``."""
     if settings.kind not in JUDGES:
-        raise ValueError(f"judge.kind: unknown judge {settings.kind!r}; registered: {', '.join(sorted(JUDGES))}")
+        raise ValueError(
+            f"judge.kind: unknown judge {settings.kind!r}; registered: {', '.join(sorted(JUDGES))}"
+        )
     return JUDGES[settings.kind](settings, values=values, model=model, tok=tok, bundles=bundles, chat=chat)
 
 
@@ -115,7 +148,7 @@ def judge_pairs(settings: JudgeSettings, value: str) -> list[D.Pair]:
     if source == "demo":
         return D.demo_answers(value)
     if source.startswith("paper:"):
-        return D.paper_pairs(source[len("paper:"):], value, "non_context_controlled")
+        return D.paper_pairs(source[len("paper:") :], value, "non_context_controlled")
     return D.load_pairs(source, value)
 
 
@@ -136,11 +169,11 @@ def _agreement(judge: Judge, pairs: Sequence[D.Pair], prompts: Sequence[str] | N
     values = [p.value for p in pairs] * 2
     verdicts = judge.judge(values, ctx * 2, [p.positive for p in pairs] + [p.negative for p in pairs])
     pos = np.asarray([v.score for v in verdicts[: len(pairs)]])
-    neg = np.asarray([v.score for v in verdicts[len(pairs):]])
+    neg = np.asarray([v.score for v in verdicts[len(pairs) :]])
     agree = float(np.mean(np.concatenate([pos, 1.0 - neg])))
     # Pairwise: does the positive text rank above its negative twin (by probability where the judge has one)?
     rank = [v.prob if v.prob is not None else v.score for v in verdicts]
-    rp, rn = np.asarray(rank[: len(pairs)]), np.asarray(rank[len(pairs):])
+    rp, rn = np.asarray(rank[: len(pairs)]), np.asarray(rank[len(pairs) :])
     pairwise = float(np.mean((rp > rn) + 0.5 * (rp == rn)))
     return {"agreement": agree, "pairwise": pairwise, "n_pairs": float(len(pairs))}
 
@@ -163,10 +196,14 @@ class ClassifierJudge:
         for value in values:
             train, test = heldout_pairs(settings, value)
             if len(train) < 2:
-                raise ValueError(f"judge.pairs: {len(train)} training pairs for {value!r}; the classifier needs >= 2")
+                raise ValueError(
+                    f"judge.pairs: {len(train)} training pairs for {value!r}; the classifier needs >= 2"
+                )
             texts = [p.positive for p in train] + [p.negative for p in train]
             labels = [1] * len(train) + [0] * len(train)
-            clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(C=10.0))
+            clf = make_pipeline(
+                TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(C=10.0)
+            )
             self.models[value] = clf.fit(texts, labels)
             self.heldout[value] = test
 
@@ -184,8 +221,15 @@ class ClassifierJudge:
 
 
 @register_judge("classifier")
-def _classifier(settings: JudgeSettings, *, values: Sequence[str], model, tok, bundles: dict[str, ValueBundle] | None,
-                chat: Chat | None) -> Judge:
+def _classifier(
+    settings: JudgeSettings,
+    *,
+    values: Sequence[str],
+    model,
+    tok,
+    bundles: dict[str, ValueBundle] | None,
+    chat: Chat | None,
+) -> Judge:
     return ClassifierJudge(settings, values)
 
 
@@ -194,8 +238,16 @@ class ProbeJudge:
 
     name = "probe"
 
-    def __init__(self, settings: JudgeSettings, model, tok, bundles: dict[str, ValueBundle], batch_size: int = 8) -> None:
-        self.settings, self.model, self.tok, self.bundles, self.batch_size = settings, model, tok, bundles, batch_size
+    def __init__(
+        self, settings: JudgeSettings, model, tok, bundles: dict[str, ValueBundle], batch_size: int = 8
+    ) -> None:
+        self.settings, self.model, self.tok, self.bundles, self.batch_size = (
+            settings,
+            model,
+            tok,
+            bundles,
+            batch_size,
+        )
 
     def _layer(self, bundle: ValueBundle) -> int:
         # Chosen on validation accuracy, so the test accuracy stays a held-out figure (older bundles: test).
@@ -214,8 +266,14 @@ class ProbeJudge:
             # The probes were fitted on raw statements; the answer is read in the context of its question.
             texts = [f"{prompts[i]}\n\n{answers[i] or ''}".strip() for i in idx]
             row = self._layer(bundle)
-            acts = record_activations(self.model, self.tok, texts, [int(bundle.layers[row])],
-                                      chat_template=bundle.chat_template, batch_size=self.batch_size)[:, 0]
+            acts = record_activations(
+                self.model,
+                self.tok,
+                texts,
+                [int(bundle.layers[row])],
+                chat_template=bundle.chat_template,
+                batch_size=self.batch_size,
+            )[:, 0]
             z = acts.astype(np.float64) @ bundle.w[row].astype(np.float64) + float(bundle.b[row])
             for i, p in zip(idx, 1.0 / (1.0 + np.exp(-z))):
                 out[i] = Verdict(_label(float(p), self.settings.threshold), float(p))
@@ -226,31 +284,44 @@ class ProbeJudge:
 
 
 @register_judge("probe")
-def _probe(settings: JudgeSettings, *, values: Sequence[str], model, tok, bundles: dict[str, ValueBundle] | None,
-           chat: Chat | None) -> Judge:
+def _probe(
+    settings: JudgeSettings,
+    *,
+    values: Sequence[str],
+    model,
+    tok,
+    bundles: dict[str, ValueBundle] | None,
+    chat: Chat | None,
+) -> Judge:
     if model is None or tok is None or not bundles:
         raise ValueError("judge.kind = 'probe' needs the loaded model and the fitted bundles")
     return ProbeJudge(settings, model, tok, bundles)
 
 
-_SYSTEM = ("You are an expert psychologist who knows Schwartz's theory of basic human values. You judge "
-           "whether an answer to a question prioritises a given value.")
+_SYSTEM = (
+    "You are an expert psychologist who knows Schwartz's theory of basic human values. You judge "
+    "whether an answer to a question prioritises a given value."
+)
 
 
 def value_prompt(value: str, prompt: str, answer: str) -> list[dict[str, str]]:
     """The paper's judge protocol as chat messages: the value with its definition, the question, the answer."""
-    user = (f"Value: {value}. {value.capitalize()} means {definition(value)}.\n\n"
-            f"Question: {prompt}\n\nAnswer: {answer}\n\n"
-            f"Does the answer prioritise {value}? Reply \"yes\" if it clearly does. Reply \"no\" if it does "
-            f"not, and also if it only weighs pros and cons without taking a side. Reply \"unclear\" if you "
-            f"cannot tell. Reply with one word: yes, no or unclear.")
+    user = (
+        f"Value: {value}. {value.capitalize()} means {definition(value)}.\n\n"
+        f"Question: {prompt}\n\nAnswer: {answer}\n\n"
+        f'Does the answer prioritise {value}? Reply "yes" if it clearly does. Reply "no" if it does '
+        f'not, and also if it only weighs pros and cons without taking a side. Reply "unclear" if you '
+        f"cannot tell. Reply with one word: yes, no or unclear."
+    )
     return [{"role": "system", "content": _SYSTEM}, {"role": "user", "content": user}]
 
 
 def fluency_prompt(answer: str) -> list[dict[str, str]]:
     """The grammaticality judge: a 1-5 rating of the answer's fluency, one digit."""
-    user = ("Rate the grammaticality and fluency of the following text from 1 (incomprehensible) to 5 "
-            f"(perfectly fluent and grammatical). Reply with a single digit.\n\nText: {answer}")
+    user = (
+        "Rate the grammaticality and fluency of the following text from 1 (incomprehensible) to 5 "
+        f"(perfectly fluent and grammatical). Reply with a single digit.\n\nText: {answer}"
+    )
     return [{"role": "user", "content": user}]
 
 
@@ -301,8 +372,15 @@ class LLMJudge:
 
 
 @register_judge("llm")
-def _llm(settings: JudgeSettings, *, values: Sequence[str], model, tok, bundles: dict[str, ValueBundle] | None,
-         chat: Chat | None) -> Judge:
+def _llm(
+    settings: JudgeSettings,
+    *,
+    values: Sequence[str],
+    model,
+    tok,
+    bundles: dict[str, ValueBundle] | None,
+    chat: Chat | None,
+) -> Judge:
     if chat is None:
         raise ValueError("judge.kind = 'llm' needs a chat endpoint (conva.batch.llm_client.judge_chat)")
     return LLMJudge(settings, chat)

@@ -22,8 +22,17 @@ from typing import Sequence
 
 from conva.data import DEMO_DIR, DataError
 
-__all__ = ["LETTERS", "MCItem", "MCRow", "load_mc", "demo_mc", "mc_prompt", "mc_prompts", "letter_token_ids",
-           "score_mc"]
+__all__ = [
+    "LETTERS",
+    "MCItem",
+    "MCRow",
+    "load_mc",
+    "demo_mc",
+    "mc_prompt",
+    "mc_prompts",
+    "letter_token_ids",
+    "score_mc",
+]
 
 LETTERS = ("A", "B", "C", "D")
 _HEADER = "The following are multiple choice questions (with answers).\n\n"
@@ -69,7 +78,9 @@ def load_mc(path: str | Path) -> list[MCItem]:
 
 def _item(path: Path, row: int, fields: list[str]) -> MCItem:
     if len(fields) != 6:
-        raise DataError(path, row, None, f"expected 6 fields (question, A, B, C, D, answer), got {len(fields)}")
+        raise DataError(
+            path, row, None, f"expected 6 fields (question, A, B, C, D, answer), got {len(fields)}"
+        )
     names = ("question", *LETTERS)
     for name, text in zip(names, fields):
         if not text.strip():
@@ -108,15 +119,28 @@ def letter_token_ids(tok) -> list[list[int]]:
     """For each letter, the single-token spellings (``"A"``, ``" A"``) the tokenizer has."""
     ids = []
     for letter in LETTERS:
-        found = {t[0] for t in (tok.encode(s, add_special_tokens=False) for s in (letter, f" {letter}")) if len(t) == 1}
+        found = {
+            t[0]
+            for t in (tok.encode(s, add_special_tokens=False) for s in (letter, f" {letter}"))
+            if len(t) == 1
+        }
         if not found:
             raise ValueError(f"the tokenizer has no single token for the letter {letter!r}")
         ids.append(sorted(found))
     return ids
 
 
-def score_mc(model, tok, prompts: Sequence[str], answers: Sequence[str], specs: Sequence, *,
-             chat_template: bool = True, positions: str = "all", batch_size: int = 8) -> list[MCRow]:
+def score_mc(
+    model,
+    tok,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    specs: Sequence,
+    *,
+    chat_template: bool = True,
+    positions: str = "all",
+    batch_size: int = 8,
+) -> list[MCRow]:
     """Answer each prompt by the best letter logit under its :class:`~conva.steering.spec.SteerSpec` (gate active)."""
     import torch
 
@@ -128,8 +152,14 @@ def score_mc(model, tok, prompts: Sequence[str], answers: Sequence[str], specs: 
     out: list[MCRow] = []
     for start in range(0, len(prompts), batch_size):
         stop = start + batch_size
-        logits, results = steer_logits(model, tok, prompts[start:stop], specs[start:stop],
-                                       chat_template=chat_template, positions=positions)
+        logits, results = steer_logits(
+            model,
+            tok,
+            prompts[start:stop],
+            specs[start:stop],
+            chat_template=chat_template,
+            positions=positions,
+        )
         best = torch.stack([logits[:, ids].max(dim=-1).values for ids in letters], dim=-1).argmax(-1).tolist()
         for answer, k, res in zip(answers[start:stop], best, results):
             out.append(MCRow(LETTERS[k], LETTERS[k] == answer, res.gate_open, res.gate_score))

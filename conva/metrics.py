@@ -24,18 +24,30 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["csr", "bootstrap_ci", "answer_ids", "answer_nll", "perplexity", "answer_perplexities", "ppl_ratio"]
+__all__ = [
+    "csr",
+    "bootstrap_ci",
+    "answer_ids",
+    "answer_nll",
+    "perplexity",
+    "answer_perplexities",
+    "ppl_ratio",
+]
 
 
 def csr(scores: Sequence[float]) -> float:
     """Mean of judge scores (1 / 0.5 / 0) over every prompt; NaN for an empty cell."""
     arr = np.asarray(scores, dtype=np.float64)
     if arr.size and not np.all(np.isfinite(arr)):
-        raise ValueError("CSR needs a score for every prompt (got NaN): judge every answer, gated-off ones too")
+        raise ValueError(
+            "CSR needs a score for every prompt (got NaN): judge every answer, gated-off ones too"
+        )
     return float(arr.mean()) if arr.size else float("nan")
 
 
-def bootstrap_ci(scores: Sequence[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    scores: Sequence[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean; deterministic for a seed. ``(nan, nan)`` when empty."""
     arr = np.asarray(scores, dtype=np.float64)
     if arr.size == 0:
@@ -52,14 +64,23 @@ def answer_ids(tok, prompt: str, answer: str, chat_template: bool) -> tuple[list
     """The tokens scored for ``answer`` after ``prompt``: ``(prompt ids + answer ids, n answer ids)``."""
     from conva.record import format_prompt
 
-    context = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=not chat_template)["input_ids"]
+    context = tok(format_prompt(tok, prompt, chat_template), add_special_tokens=not chat_template)[
+        "input_ids"
+    ]
     # Tokenized apart, so the answer's tokens are exactly those a prompt-conditioned model would score.
     target = tok(answer, add_special_tokens=False)["input_ids"]
     return list(context) + list(target), len(target)
 
 
-def answer_nll(model, tok, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True,
-               batch_size: int = 8) -> list[tuple[float, int]]:
+def answer_nll(
+    model,
+    tok,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    chat_template: bool = True,
+    batch_size: int = 8,
+) -> list[tuple[float, int]]:
     """``(summed NLL, n answer tokens)`` of each answer given its prompt, under ``model`` as it is (unsteered)."""
     import torch
 
@@ -69,36 +90,56 @@ def answer_nll(model, tok, prompts: Sequence[str], answers: Sequence[str], *, ch
     device = next(model.parameters()).device
     out: list[tuple[float, int]] = []
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
         ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for i, (row, _) in enumerate(chunk):
-            ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row), 1
+            ids[i, width - len(row) :], mask[i, width - len(row) :] = torch.tensor(row), 1
         # Positions count real tokens only, so left padding does not shift a row's positions.
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         # Left padding puts every answer at the end: only the last ``keep`` positions need logits (a large
         # vocabulary, e.g. Gemma's 262k, makes the prompt's logits the bulk of the cost).
         keep = max(n for _, n in chunk) + 1
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                           use_cache=False, logits_to_keep=keep).logits.float()
-        targets = ids[:, width - keep + 1:, None].to(device)
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=pos.to(device),
+                use_cache=False,
+                logits_to_keep=keep,
+            ).logits.float()
+        targets = ids[:, width - keep + 1 :, None].to(device)
         logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, targets)[..., 0].cpu()
         for i, (_, n) in enumerate(chunk):
-            out.append((float(-logp[i, keep - 1 - n:].sum()) if n else 0.0, n))
+            out.append((float(-logp[i, keep - 1 - n :].sum()) if n else 0.0, n))
     return out
 
 
-def perplexity(model, tok, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True,
-               batch_size: int = 8) -> list[float]:
+def perplexity(
+    model,
+    tok,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    chat_template: bool = True,
+    batch_size: int = 8,
+) -> list[float]:
     """Per-answer perplexity given the prompt; NaN for an empty answer."""
-    return [math.exp(nll / n) if n else float("nan")
-            for nll, n in answer_nll(model, tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)]
+    return [
+        math.exp(nll / n) if n else float("nan")
+        for nll, n in answer_nll(
+            model, tok, prompts, answers, chat_template=chat_template, batch_size=batch_size
+        )
+    ]
 
 
-def answer_perplexities(score: Callable[[list[str], list[str]], list[float]], prompts: Sequence[str],
-                        contexts: Sequence[str | None], answers: Sequence[str]) -> tuple[list[float | None], list[float]]:
+def answer_perplexities(
+    score: Callable[[list[str], list[str]], list[float]],
+    prompts: Sequence[str],
+    contexts: Sequence[str | None],
+    answers: Sequence[str],
+) -> tuple[list[float | None], list[float]]:
     """Per answer: perplexity under the context it was generated from, and under the plain prompt.
 
     ``score(prompts, answers)`` gives perplexities under the unsteered model (:func:`perplexity` on an HF
@@ -107,7 +148,9 @@ def answer_perplexities(score: Callable[[list[str], list[str]], list[float]], pr
     plain-prompt figure.
     """
     if not len(prompts) == len(contexts) == len(answers):
-        raise ValueError(f"{len(prompts)} prompts, {len(contexts)} contexts and {len(answers)} answers must match")
+        raise ValueError(
+            f"{len(prompts)} prompts, {len(contexts)} contexts and {len(answers)} answers must match"
+        )
     plain = score(list(prompts), list(answers))
     other = [i for i, (p, c) in enumerate(zip(prompts, contexts)) if c is not None and c != p]
     scored = score([contexts[i] for i in other], [answers[i] for i in other]) if other else []  # type: ignore[misc]

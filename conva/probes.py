@@ -32,8 +32,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["ProbeSettings", "ProbeFit", "LayerFit", "split_indices", "split_three", "fit_layer", "fit_probes",
-           "choose_band", "BAND_PRESETS", "Band", "parse_band"]
+__all__ = [
+    "ProbeSettings",
+    "ProbeFit",
+    "LayerFit",
+    "split_indices",
+    "split_three",
+    "fit_layer",
+    "fit_probes",
+    "choose_band",
+    "BAND_PRESETS",
+    "Band",
+    "parse_band",
+]
 
 # The reference code's fixed bands (block indices, inclusive), keyed by model family.
 BAND_PRESETS: dict[str, tuple[int, int]] = {
@@ -83,31 +94,40 @@ class ProbeFit:
         return int(hits[0])
 
 
-def split_indices(labels: np.ndarray, groups: np.ndarray, settings: ProbeSettings) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(
+    labels: np.ndarray, groups: np.ndarray, settings: ProbeSettings
+) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train/test row indices: by group (pair) or by sample, ``test_size`` held out."""
     train, val, test = _split(len(labels), groups, settings, settings.test_size, 0.0)
     return np.sort(np.concatenate([train, val])), test
 
 
-def split_three(groups: np.ndarray, settings: ProbeSettings, test_size: float | None = None,
-                val_size: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_three(
+    groups: np.ndarray, settings: ProbeSettings, test_size: float | None = None, val_size: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Deterministic, disjoint ``(train, val, test)`` row indices, by group (pair) or by sample.
 
     Every row of a group lands in one part. ``test_size``/``val_size`` default to the settings'.
     The test part is the one :func:`split_indices` holds out with the same seed and size.
     """
     groups = np.asarray(groups)
-    return _split(len(groups), groups, settings, settings.test_size if test_size is None else test_size,
-                  settings.val_size if val_size is None else val_size)
+    return _split(
+        len(groups),
+        groups,
+        settings,
+        settings.test_size if test_size is None else test_size,
+        settings.val_size if val_size is None else val_size,
+    )
 
 
-def _split(n: int, groups: np.ndarray, settings: ProbeSettings, test_size: float, val_size: float
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _split(
+    n: int, groups: np.ndarray, settings: ProbeSettings, test_size: float, val_size: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(settings.seed)
     if settings.split == "sample":
         order = rng.permutation(n)
         n_test, n_val = int(round(n * test_size)), int(round(n * val_size))
-        parts = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+        parts = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
         return tuple(np.sort(p) for p in (parts[2], parts[1], parts[0]))  # type: ignore[return-value]
     if settings.split != "pair":
         raise ValueError(f"unknown probe split {settings.split!r}; expected 'pair' or 'sample'")
@@ -115,7 +135,7 @@ def _split(n: int, groups: np.ndarray, settings: ProbeSettings, test_size: float
     shuffled = rng.permutation(unique)
     n_test, n_val = int(round(len(unique) * test_size)), int(round(len(unique) * val_size))
     part = {g: 2 for g in shuffled[:n_test].tolist()}
-    part.update({g: 1 for g in shuffled[n_test:n_test + n_val].tolist()})
+    part.update({g: 1 for g in shuffled[n_test : n_test + n_val].tolist()})
     where = np.array([part.get(g, 0) for g in np.asarray(groups).tolist()], dtype=np.int64)
     return np.flatnonzero(where == 0), np.flatnonzero(where == 1), np.flatnonzero(where == 2)
 
@@ -184,9 +204,13 @@ def fit_probes(
         layers=np.asarray(list(layers), dtype=np.int64),
         w=np.stack(ws).astype(np.float32),
         b=np.asarray(bs, dtype=np.float32),
-        train_acc=acc[:, 0], val_acc=acc[:, 1], test_acc=acc[:, 2],
+        train_acc=acc[:, 0],
+        val_acc=acc[:, 1],
+        test_acc=acc[:, 2],
         converged=np.asarray(converged, dtype=bool),
-        n_train=len(train), n_val=len(val), n_test=len(test),
+        n_train=len(train),
+        n_val=len(val),
+        n_test=len(test),
     )
 
 
@@ -229,8 +253,10 @@ class Band:
             else:
                 parts = text.split("-")
                 if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-                    raise ValueError(f"unknown band {spec!r}: use 'auto', 'LO-HI', a list, or one of "
-                                     f"{sorted(BAND_PRESETS)}")
+                    raise ValueError(
+                        f"unknown band {spec!r}: use 'auto', 'LO-HI', a list, or one of "
+                        f"{sorted(BAND_PRESETS)}"
+                    )
                 lo, hi = (int(p) for p in parts)
                 if lo > hi:
                     raise ValueError(f"band {spec!r} runs backwards (LO must not exceed HI)")

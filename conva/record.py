@@ -37,11 +37,16 @@ def format_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: 
 
 
 def tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], chat_template: bool, device: torch.device | str = "cpu"
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    chat_template: bool,
+    device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Left-padded batch encoding of ``texts`` (chat template applied when asked), on ``device``."""
     if tokenizer.padding_side != "left":
-        raise ValueError("the tokenizer must pad on the left (last token at position -1); load it with load_model")
+        raise ValueError(
+            "the tokenizer must pad on the left (last token at position -1); load it with load_model"
+        )
     strings = [format_prompt(tokenizer, t, chat_template) for t in texts]
     # A chat template already contains the BOS/special tokens; adding them again would shift the text.
     enc = tokenizer(strings, return_tensors="pt", padding=True, add_special_tokens=not chat_template)

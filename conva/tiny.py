@@ -45,36 +45,90 @@ CHAT_TEMPLATE = (
 )
 
 _SUBJECTS = (
-    "The teacher", "My neighbour", "A young doctor", "The old farmer", "Our team", "The engineer",
-    "Her brother", "A careful student", "The city council", "Every child", "The nurse", "His friend",
-    "The artist", "A stranger", "The manager", "My grandmother", "The scientist", "Their family",
+    "The teacher",
+    "My neighbour",
+    "A young doctor",
+    "The old farmer",
+    "Our team",
+    "The engineer",
+    "Her brother",
+    "A careful student",
+    "The city council",
+    "Every child",
+    "The nurse",
+    "His friend",
+    "The artist",
+    "A stranger",
+    "The manager",
+    "My grandmother",
+    "The scientist",
+    "Their family",
 )
 _VERBS = (
-    "wants to help", "decided to visit", "likes to explore", "tries to protect", "hopes to win",
-    "plans to build", "chose to respect", "refused to follow", "agreed to support", "learned to enjoy",
-    "promised to save", "started to question", "needs to control", "loves to create",
+    "wants to help",
+    "decided to visit",
+    "likes to explore",
+    "tries to protect",
+    "hopes to win",
+    "plans to build",
+    "chose to respect",
+    "refused to follow",
+    "agreed to support",
+    "learned to enjoy",
+    "promised to save",
+    "started to question",
+    "needs to control",
+    "loves to create",
 )
 _OBJECTS = (
-    "the people in the village", "a new garden by the river", "the rules of the school",
-    "an exciting trip to the mountains", "the traditions of their culture", "the safety of the town",
-    "a successful small business", "the forest and the animals", "the wealth of the company",
-    "a quiet evening with good food", "the feelings of other people", "an independent way of life",
-    "the power to make decisions", "the welfare of everyone", "a famous prize for science",
+    "the people in the village",
+    "a new garden by the river",
+    "the rules of the school",
+    "an exciting trip to the mountains",
+    "the traditions of their culture",
+    "the safety of the town",
+    "a successful small business",
+    "the forest and the animals",
+    "the wealth of the company",
+    "a quiet evening with good food",
+    "the feelings of other people",
+    "an independent way of life",
+    "the power to make decisions",
+    "the welfare of everyone",
+    "a famous prize for science",
 )
 _ENDINGS = (
-    "because it matters to them", "every single day", "without asking anyone", "after a long winter",
-    "with great care", "before the summer ends", "for the whole community", "as quickly as possible",
-    "in spite of the risk", "when nobody is watching",
+    "because it matters to them",
+    "every single day",
+    "without asking anyone",
+    "after a long winter",
+    "with great care",
+    "before the summer ends",
+    "for the whole community",
+    "as quickly as possible",
+    "in spite of the risk",
+    "when nobody is watching",
 )
 _QUESTIONS = (
-    "What is the capital of {place}?", "How far is it from {place} to the sea?",
-    "Why do people move to {place}?", "When did you last travel to {place}?",
-    "Is it true that {place} has {n} bridges?", "Can you tell me about the history of {place}?",
+    "What is the capital of {place}?",
+    "How far is it from {place} to the sea?",
+    "Why do people move to {place}?",
+    "When did you last travel to {place}?",
+    "Is it true that {place} has {n} bridges?",
+    "Can you tell me about the history of {place}?",
 )
 _PLACES = ("France", "Paris", "London", "Berlin", "Rome", "Madrid", "Tokyo", "Cairo", "Lima", "Oslo")
 _VALUE_WORDS = (
-    "self-direction", "stimulation", "hedonism", "achievement", "power", "security", "tradition",
-    "conformity", "benevolence", "universalism",
+    "self-direction",
+    "stimulation",
+    "hedonism",
+    "achievement",
+    "power",
+    "security",
+    "tradition",
+    "conformity",
+    "benevolence",
+    "universalism",
 )
 
 
@@ -204,8 +258,14 @@ def _tiny_config(
     if arch == "gemma3":
         # Odd blocks use full attention, even ones a sliding window (the real models: 5 sliding, 1 full).
         types = ["full_attention" if l % 2 else "sliding_attention" for l in range(num_layers)]
-        return Gemma3TextConfig(head_dim=hidden // heads, query_pre_attn_scalar=hidden // heads,
-                                sliding_window=GEMMA3_WINDOW, layer_types=types, **shape, **ids)
+        return Gemma3TextConfig(
+            head_dim=hidden // heads,
+            query_pre_attn_scalar=hidden // heads,
+            sliding_window=GEMMA3_WINDOW,
+            layer_types=types,
+            **shape,
+            **ids,
+        )
     raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
 
 

@@ -26,10 +26,18 @@ _USAGE = "usage: conva <command> [--config FILE] [--section.key=value ...] [opti
 
 def _help() -> str:
     width = max(map(len, COMMANDS))
-    lines = [_USAGE, "", "ConVA (Controlled Value Vector Activation, ACL 2025): value steering of LLMs as a Ray batch "
-             "job.", "", "commands:"]
+    lines = [
+        _USAGE,
+        "",
+        "ConVA (Controlled Value Vector Activation, ACL 2025): value steering of LLMs as a Ray batch job.",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
-    lines += ["", "`conva <command> --help` for a command's options; `conva config --explain` for every config key."]
+    lines += [
+        "",
+        "`conva <command> --help` for a command's options; `conva config --explain` for every config key.",
+    ]
     return "\n".join(lines)
 
 
@@ -40,24 +48,34 @@ def validate(argv: list[str] | None = None) -> int:
     from conva.jobs.preflight import plan_job
     from conva.jobs.runner import JOBS
 
-    parser = job_parser("conva validate", COMMANDS["validate"] + "; exits non-zero exactly when `conva run` would "
-                        "refuse before its workers start.")
+    parser = job_parser(
+        "conva validate",
+        COMMANDS["validate"] + "; exits non-zero exactly when `conva run` would "
+        "refuse before its workers start.",
+    )
     parser.add_argument("--job", choices=sorted(JOBS), default="run", help="the job to check (default: run)")
     setup_logging()
     try:
         cfg, flags = parse_args("conva validate", argv, parser=parser)
         cfg, out = output_location(cfg)
         job = plan_job(cfg, out, JOBS[flags.job], flags.overwrite)
-        lease = OutputLease(out, f"conva {flags.job}", ttl_s=cfg.output.lease_ttl_s, break_stale=flags.break_lease)
+        lease = OutputLease(
+            out, f"conva {flags.job}", ttl_s=cfg.output.lease_ttl_s, break_stale=flags.break_lease
+        )
         lease.check()
     except (*EXPECTED_ERRORS, LeaseError, NotImplementedError, ValueError) as err:
         print(f"conva validate: error: {err}", file=sys.stderr)
         return 2
     lines, pending = _report(job, flags.overwrite)
     print("\n".join(lines))
-    what = (f"{pending} shard{'s' if pending != 1 else ''} to run" if pending
-            else "nothing to run: every shard is committed")
-    print(f"conva validate: ok: `conva {flags.job}` would start ({what}; model {cfg.model.name}, output {out})")
+    what = (
+        f"{pending} shard{'s' if pending != 1 else ''} to run"
+        if pending
+        else "nothing to run: every shard is committed"
+    )
+    print(
+        f"conva validate: ok: `conva {flags.job}` would start ({what}; model {cfg.model.name}, output {out})"
+    )
     return 0
 
 
@@ -70,19 +88,26 @@ def _report(job, overwrite: bool) -> tuple[list[str], int]:
     lines, warnings = [], []
     for p in plans:
         rows = _input_rows(p.spec)
-        lines.append(f"  {p.spec.folder:<{width}}  {p.spec.n_shards} shard{'s' if p.spec.n_shards != 1 else ''}: "
-                     f"{p.committed} committed, {p.pending} to run" + (f" ({rows})" if rows else ""))
+        lines.append(
+            f"  {p.spec.folder:<{width}}  {p.spec.n_shards} shard{'s' if p.spec.n_shards != 1 else ''}: "
+            f"{p.committed} committed, {p.pending} to run" + (f" ({rows})" if rows else "")
+        )
         if p.replaces:
-            warnings.append(f"warning: --overwrite replaces {job.out.child(p.spec.folder)} ({p.published} committed "
-                            f"shard{'s' if p.published != 1 else ''} written with another config; differing keys: "
-                            f"{', '.join(p.replaces)}) once the new run has committed all its shards; until then the "
-                            "old output stays readable")
+            warnings.append(
+                f"warning: --overwrite replaces {job.out.child(p.spec.folder)} ({p.published} committed "
+                f"shard{'s' if p.published != 1 else ''} written with another config; differing keys: "
+                f"{', '.join(p.replaces)}) once the new run has committed all its shards; until then the "
+                "old output stays readable"
+            )
     for key, tally in job.rows.items():
         valued = tally.rows - tally.bad - tally.neutral
-        lines.append(f"  {key}: {tally.rows} rows: {valued} with a value, {tally.neutral} neutral (no value: generated "
-                     f"unsteered, keeping its method), {tally.bad} bad (each becomes an error row"
-                     + (f"; data.max_error_fraction = {job.cfg.data.max_error_fraction:g}" if tally.bad else "")
-                     + ")" + (":" if tally.bad else ""))
+        lines.append(
+            f"  {key}: {tally.rows} rows: {valued} with a value, {tally.neutral} neutral (no value: generated "
+            f"unsteered, keeping its method), {tally.bad} bad (each becomes an error row"
+            + (f"; data.max_error_fraction = {job.cfg.data.max_error_fraction:g}" if tally.bad else "")
+            + ")"
+            + (":" if tally.bad else "")
+        )
         lines += tally.lines("      ")
         if tally.rows:
             lines.append("      (prompts over the token limit are found by the workers, with the tokenizer)")
@@ -103,10 +128,19 @@ def config(argv: list[str] | None = None) -> int:
     from conva.batch.configdoc import UnknownSectionError, explain
     from conva.batch.study import StudyConfig
 
-    parser = argparse.ArgumentParser(prog="conva config", description=COMMANDS["config"] + ". A job config has the "
-                                     "sections model … ray; a study config adds study, judge, utility and fluency.")
-    parser.add_argument("--explain", nargs="?", const="", metavar="SECTION", required=True,
-                        help="print every key (of SECTION only, if given) with its type, default and meaning")
+    parser = argparse.ArgumentParser(
+        prog="conva config",
+        description=COMMANDS["config"] + ". A job config has the "
+        "sections model … ray; a study config adds study, judge, utility and fluency.",
+    )
+    parser.add_argument(
+        "--explain",
+        nargs="?",
+        const="",
+        metavar="SECTION",
+        required=True,
+        help="print every key (of SECTION only, if given) with its type, default and meaning",
+    )
     args = parser.parse_args(argv)
     try:
         print(explain((Config, StudyConfig), CHOICES, args.explain or None), end="")
@@ -124,8 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"{_USAGE}\nconva: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
-              "(`conva --help` says what each does)", file=sys.stderr)
+        print(
+            f"{_USAGE}\nconva: error: unknown command {command!r}; the commands are {', '.join(COMMANDS)} "
+            "(`conva --help` says what each does)",
+            file=sys.stderr,
+        )
         return 2
     if command == "validate":
         return validate(rest)

@@ -22,19 +22,35 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from conva.bundle import BundleError
 from conva.batch.config import Config, ConfigError, config_dict, load_config
-from conva.data import DataError
 from conva.batch.lease import LeaseError
-from conva.models import ModelNotFoundError
 from conva.batch.storage import Location, is_uri, location
 from conva.batch.store import StoreError
+from conva.bundle import BundleError
+from conva.data import DataError
 from conva.jobs import COMMANDS
+from conva.models import ModelNotFoundError
 
-__all__ = ["JobError", "EXPECTED_ERRORS", "parse_args", "output_location", "setup_logging", "run_log", "write_config",
-           "connect_ray", "log_config", "under_job_submission", "log_context", "Interrupted", "interrupts",
-           "interrupted",
-           "job_parser", "split_overrides", "CONFIG_HELP", "COMMANDS"]
+__all__ = [
+    "JobError",
+    "EXPECTED_ERRORS",
+    "parse_args",
+    "output_location",
+    "setup_logging",
+    "run_log",
+    "write_config",
+    "connect_ray",
+    "log_config",
+    "under_job_submission",
+    "log_context",
+    "Interrupted",
+    "interrupts",
+    "interrupted",
+    "job_parser",
+    "split_overrides",
+    "CONFIG_HELP",
+    "COMMANDS",
+]
 
 _log = logging.getLogger("conva.jobs")
 _REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +132,13 @@ def _reinstall_interrupts() -> None:
 
 # Failures a user can fix: reported as one line, no traceback, exit code 2.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
-    JobError, ConfigError, ModelNotFoundError, DataError, BundleError, StoreError, LeaseError,
+    JobError,
+    ConfigError,
+    ModelNotFoundError,
+    DataError,
+    BundleError,
+    StoreError,
+    LeaseError,
 )
 
 
@@ -133,9 +155,11 @@ def output_location(cfg: Config) -> tuple[Config, Location]:
     """
     raw = cfg.output.dir
     if not is_uri(raw) and not os.path.isabs(os.path.expanduser(raw)) and under_job_submission():
-        raise ConfigError(f"output.dir: {raw!r} is relative; under `ray job submit` the driver runs in a temporary "
-                          "copy of the working folder on the head node, which the workers do not see and which is "
-                          "deleted with the job. Give an absolute path on storage every node mounts, or an s3:// URI")
+        raise ConfigError(
+            f"output.dir: {raw!r} is relative; under `ray job submit` the driver runs in a temporary "
+            "copy of the working folder on the head node, which the workers do not see and which is "
+            "deleted with the job. Give an absolute path on storage every node mounts, or an s3:// URI"
+        )
     try:
         out = location(raw)
     except ValueError as err:
@@ -143,9 +167,11 @@ def output_location(cfg: Config) -> tuple[Config, Location]:
     return replace(cfg, output=replace(cfg.output, dir=out.uri)), out
 
 
-CONFIG_HELP = ("Config keys: any --section.key=value overrides the config file, e.g. --steer.p0=0.99 or "
-               "'--data.values=[\"power\"]' (values are TOML). `conva config --explain [SECTION]` gives every key's "
-               "type, default and meaning. The keys:")
+CONFIG_HELP = (
+    "Config keys: any --section.key=value overrides the config file, e.g. --steer.p0=0.99 or "
+    "'--data.values=[\"power\"]' (values are TOML). `conva config --explain [SECTION]` gives every key's "
+    "type, default and meaning. The keys:"
+)
 
 
 def job_parser(prog: str, description: str, *, study: bool = False) -> argparse.ArgumentParser:
@@ -154,20 +180,31 @@ def job_parser(prog: str, description: str, *, study: bool = False) -> argparse.
     from conva.batch.configdoc import key_index
     from conva.batch.study import StudyConfig
 
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"{textwrap.fill(CONFIG_HELP, 100)}\n{key_index(*((Config, StudyConfig) if study else (Config,)))}\n",
-                                     usage=f"{prog} --config FILE [--section.key=value ...] [options]")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"{textwrap.fill(CONFIG_HELP, 100)}\n{key_index(*((Config, StudyConfig) if study else (Config,)))}\n",
+        usage=f"{prog} --config FILE [--section.key=value ...] [options]",
+    )
     parser.add_argument("--config", required=True, metavar="FILE", help="the job's TOML or YAML config")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace outputs written with a different config, once the new run completes "
-                             "(default: refuse, naming the keys)")
-    parser.add_argument("--break-lease", action="store_true",
-                        help="take over an output whose lease is stale (its driver died on another host)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace outputs written with a different config, once the new run completes "
+        "(default: refuse, naming the keys)",
+    )
+    parser.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take over an output whose lease is stale (its driver died on another host)",
+    )
     return parser
 
 
-def split_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def split_overrides(
+    parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, list[str]]:
     """The parser's flags and the ``--section.key=value`` overrides; anything else is a usage error."""
     args, rest = parser.parse_known_args(argv)
     for arg in rest:
@@ -176,8 +213,9 @@ def split_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> 
     return args, rest
 
 
-def parse_args(prog: str, argv: list[str] | None, description: str = "",
-               parser: argparse.ArgumentParser | None = None) -> tuple[Config, argparse.Namespace]:
+def parse_args(
+    prog: str, argv: list[str] | None, description: str = "", parser: argparse.ArgumentParser | None = None
+) -> tuple[Config, argparse.Namespace]:
     """``--config FILE [--section.key=value ...] [--overwrite] [--break-lease]`` → the config and the flags.
 
     ``parser``: a :func:`job_parser` with further flags. ``output.dir`` comes back absolute (see
@@ -245,7 +283,9 @@ class _StoreLogHandler(logging.Handler):
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._file_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._sync_loop, args=(every_s,), name="conva-run-log", daemon=True)
+        self._thread = threading.Thread(
+            target=self._sync_loop, args=(every_s,), name="conva-run-log", daemon=True
+        )
         self._thread.start()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -288,7 +328,9 @@ def run_log(out: Location) -> Iterator[None]:
     ours = logging.getLogger("conva")
     level = ours.level
     if ours.getEffectiveLevel() > logging.INFO:
-        ours.setLevel(logging.INFO)  # the run log holds the job's INFO lines, whatever the caller's root level
+        ours.setLevel(
+            logging.INFO
+        )  # the run log holds the job's INFO lines, whatever the caller's root level
     logging.getLogger().addHandler(handler)
     try:
         yield
@@ -302,8 +344,9 @@ def log_config(cfg: Config, job: str, overwrite: bool) -> None:
     """The full config, once, and a loud warning when it lets model code run."""
     _log.info("job %s (overwrite=%s), config:\n%s", job, overwrite, json.dumps(config_dict(cfg), indent=1))
     if cfg.model.trust_remote_code:
-        _log.warning("model.trust_remote_code is ON: code shipped with %s will run in every worker",
-                     cfg.model.name)
+        _log.warning(
+            "model.trust_remote_code is ON: code shipped with %s will run in every worker", cfg.model.name
+        )
 
 
 def write_config(cfg: Config, out: Location) -> None:
@@ -325,8 +368,13 @@ def connect_ray() -> None:
     _loopback_only()
     # Loopback only, no dashboard; workers import this checkout's packages through PYTHONPATH.
     path = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING, runtime_env={"env_vars": {"PYTHONPATH": path}})
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
     _reinstall_interrupts()
     _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 

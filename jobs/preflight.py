@@ -23,21 +23,40 @@ import uuid
 from dataclasses import dataclass, field
 
 from conva.batch.badrows import RowTally
-from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
 from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
-from conva.data import DataError
 from conva.batch.inputs import plan_input, table_sha256
-from conva.models import ModelNotFoundError, check_model, model_name
 from conva.batch.pipeline import extraction_rows, steering_rows, steering_rows_from_records
 from conva.batch.schemas import SCHEMA_VERSION
 from conva.batch.storage import Location
 from conva.batch.store import stage_status
+from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
+from conva.data import DataError
 from conva.jobs.common import JobError
-from conva.jobs.stages import (ACTIVATION_KEYS, BUNDLE_KEYS, STAGE_DIRS, GeneratedInput, StageSpec, check_stages, run_config,
-                         select, shard_config)
+from conva.jobs.stages import (
+    ACTIVATION_KEYS,
+    BUNDLE_KEYS,
+    STAGE_DIRS,
+    GeneratedInput,
+    StageSpec,
+    check_stages,
+    run_config,
+    select,
+    shard_config,
+)
+from conva.models import ModelNotFoundError, check_model, model_name
 
-__all__ = ["ModelJob", "StagePlan", "plan_job", "stage_plans", "check_error_fraction", "check_nodes", "check_output",
-           "worker_inputs", "model_bytes", "check_gpu_fit"]
+__all__ = [
+    "ModelJob",
+    "StagePlan",
+    "plan_job",
+    "stage_plans",
+    "check_error_fraction",
+    "check_nodes",
+    "check_output",
+    "worker_inputs",
+    "model_bytes",
+    "check_gpu_fit",
+]
 
 _log = logging.getLogger("conva.jobs")
 _NODE_CHECK_TIMEOUT_S = 120.0
@@ -81,8 +100,16 @@ def _is_file_source(source: str) -> bool:
     return source != "demo" and not source.startswith("paper:")
 
 
-def plan_job(cfg: Config, out: Location, stages: tuple[str, ...], overwrite: bool, *, label: str = "",
-             extra: list[StageSpec] | tuple = (), reads: tuple[str, ...] = ()) -> ModelJob:
+def plan_job(
+    cfg: Config,
+    out: Location,
+    stages: tuple[str, ...],
+    overwrite: bool,
+    *,
+    label: str = "",
+    extra: list[StageSpec] | tuple = (),
+    reads: tuple[str, ...] = (),
+) -> ModelJob:
     """Everything ``stages`` (of extract, fit, steer) need, checked and planned; raises naming the key. Writes nothing.
 
     ``extra``: further stages the job writes (a study's), which steer with the model's bundles; ``reads``:
@@ -131,11 +158,15 @@ def stage_plans(job: ModelJob, overwrite: bool) -> list[StagePlan]:
     for spec in job.specs:
         if not spec.writes:
             continue
-        status = stage_status(job.out, spec.folder, spec.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS)
+        status = stage_status(
+            job.out, spec.folder, spec.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS
+        )
         if not status.exists:
             plans.append(StagePlan(spec))
         elif status.mismatch:  # without --overwrite, plan_job refused already
-            plans.append(StagePlan(spec, status.resumable if overwrite else 0, status.mismatch, status.committed))
+            plans.append(
+                StagePlan(spec, status.resumable if overwrite else 0, status.mismatch, status.committed)
+            )
         else:
             plans.append(StagePlan(spec, min(status.committed, spec.n_shards)))
     return plans
@@ -145,10 +176,12 @@ def check_error_fraction(cfg: Config, key: str, tally: RowTally) -> None:
     """Refuse an input with more bad rows than ``data.max_error_fraction`` (likely the wrong file or format)."""
     limit = cfg.data.max_error_fraction
     if tally.rows and tally.bad > limit * tally.rows:
-        raise JobError(f"{key}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) cannot be steered, "
-                       f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "
-                       "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
-                       "(1 never refuses)")
+        raise JobError(
+            f"{key}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) cannot be steered, "
+            f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "
+            "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
+            "(1 never refuses)"
+        )
 
 
 def check_output(out: Location) -> None:
@@ -175,35 +208,65 @@ def check_output(out: Location) -> None:
         raise JobError(f"output.dir: the bucket of {out} does not exist")
 
 
-def model_specs(cfg: Config, stages: tuple[str, ...],
-                screened: dict[str, RowTally] | None = None) -> list[StageSpec]:
+def model_specs(
+    cfg: Config, stages: tuple[str, ...], screened: dict[str, RowTally] | None = None
+) -> list[StageSpec]:
     """The extract / fit / steer stage specs a job on ``stages`` writes, plus the ones it only reads.
 
     ``screened`` receives the screened rows of a bulk prompts file (see :func:`steering_spec`).
     """
     full, r = config_dict(cfg), cfg.ray
-    needed = {"extract": "extract" in stages or "fit" in stages, "fit": "fit" in stages or "steer" in stages,
-              "steer": "steer" in stages}
+    needed = {
+        "extract": "extract" in stages or "fit" in stages,
+        "fit": "fit" in stages or "steer" in stages,
+        "steer": "steer" in stages,
+    }
     specs = []
     if needed["extract"]:
         # the gate also reads each value's own prompts: a bad prompts file is named as such
-        rows = _read("data.pairs", lambda: extraction_rows(cfg),
-                     {"data.pairs": cfg.data.pairs, "data.prompts": cfg.data.prompts, "data.neutral": cfg.data.neutral})
+        rows = _read(
+            "data.pairs",
+            lambda: extraction_rows(cfg),
+            {
+                "data.pairs": cfg.data.pairs,
+                "data.prompts": cfg.data.prompts,
+                "data.neutral": cfg.data.neutral,
+            },
+        )
         inp = generated(rows, r.rows_per_shard)
-        specs.append(StageSpec("extract", STAGE_DIRS["extract"],
-                               {**select(full, ACTIVATION_KEYS), "shards": shard_config(inp.rows_per_shard,
-                                                                                         rows.num_rows, inp.sha256)},
-                               inp.n_shards, inp, writes="extract" in stages, source=_pairs_source(cfg)))
+        specs.append(
+            StageSpec(
+                "extract",
+                STAGE_DIRS["extract"],
+                {
+                    **select(full, ACTIVATION_KEYS),
+                    "shards": shard_config(inp.rows_per_shard, rows.num_rows, inp.sha256),
+                },
+                inp.n_shards,
+                inp,
+                writes="extract" in stages,
+                source=_pairs_source(cfg),
+            )
+        )
     if needed["fit"]:
-        specs.append(StageSpec("fit", STAGE_DIRS["fit"], {**select(full, BUNDLE_KEYS),
-                                                          "shards": {"values": list(cfg.data.values)}},
-                               len(cfg.data.values), None, writes="fit" in stages))
+        specs.append(
+            StageSpec(
+                "fit",
+                STAGE_DIRS["fit"],
+                {**select(full, BUNDLE_KEYS), "shards": {"values": list(cfg.data.values)}},
+                len(cfg.data.values),
+                None,
+                writes="fit" in stages,
+            )
+        )
     if needed["steer"]:
         specs.append(steering_spec(cfg, STAGE_DIRS["steer"], run_config(cfg), screened))
     return specs
 
 
-def steering_spec(cfg: Config, folder: str, config: dict, screened: dict[str, RowTally] | None = None) -> StageSpec:
+def steering_spec(
+    cfg: Config, folder: str, config: dict, screened: dict[str, RowTally] | None = None
+) -> StageSpec:
     """The steering stage: a user's file or folder (planned, read by the workers) or the demo/paper prompts.
 
     A file or folder is screened while it is planned, by the rule the workers apply, into
@@ -220,17 +283,31 @@ def steering_spec(cfg: Config, folder: str, config: dict, screened: dict[str, Ro
         check_error_fraction(cfg, "data.prompts", tally)
         if screened is not None:
             screened["data.prompts"] = tally
-        return StageSpec("steer", folder, {**config, "shards": shard_config(rps, plan.rows, plan.sha256)},
-                         len(plan.slices), plan, input_kind="records", source=f"file {source}")
+        return StageSpec(
+            "steer",
+            folder,
+            {**config, "shards": shard_config(rps, plan.rows, plan.sha256)},
+            len(plan.slices),
+            plan,
+            input_kind="records",
+            source=f"file {source}",
+        )
     inp = generated(_read("data.prompts", lambda: steering_rows(cfg)), rps)
-    return StageSpec("steer", folder, {**config, "shards": shard_config(rps, inp.table.num_rows, inp.sha256)},
-                     inp.n_shards, inp, source=f"data.prompts = {source!r}")
+    return StageSpec(
+        "steer",
+        folder,
+        {**config, "shards": shard_config(rps, inp.table.num_rows, inp.sha256)},
+        inp.n_shards,
+        inp,
+        source=f"data.prompts = {source!r}",
+    )
 
 
 def _pairs_source(cfg: Config) -> str:
     """The extraction texts' sources, as configured: the pairs and (for a probe gate) the neutral prompts."""
-    return f"data.pairs = {cfg.data.pairs!r}" + (f", data.neutral = {cfg.data.neutral!r}" if cfg.gate.kind == "probe"
-                                                 else "")
+    return f"data.pairs = {cfg.data.pairs!r}" + (
+        f", data.neutral = {cfg.data.neutral!r}" if cfg.gate.kind == "probe" else ""
+    )
 
 
 def worker_inputs(cfg: Config) -> tuple[str, ...]:
@@ -248,10 +325,12 @@ def check_backend_settings(cfg: Config) -> None:
     except NotImplementedError as err:
         raise JobError(str(err)) from err
     if cfg.steer.backend == "vllm" and cfg.ray.num_gpus_per_worker > 1:
-        raise JobError(f"ray.num_gpus_per_worker: {cfg.ray.num_gpus_per_worker:g} GPUs per worker would need vLLM's "
-                       "tensor parallelism, which runs the model's layers in other processes; ConVA's steering op keeps "
-                       "its state in the engine's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so it cannot steer "
-                       "there. Use steer.backend = \"hf\" (it spreads the model over the worker's GPUs) or one GPU.")
+        raise JobError(
+            f"ray.num_gpus_per_worker: {cfg.ray.num_gpus_per_worker:g} GPUs per worker would need vLLM's "
+            "tensor parallelism, which runs the model's layers in other processes; ConVA's steering op keeps "
+            "its state in the engine's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so it cannot steer "
+            'there. Use steer.backend = "hf" (it spreads the model over the worker\'s GPUs) or one GPU.'
+        )
 
 
 def check_bundles(cfg: Config, out: Location) -> None:
@@ -264,8 +343,9 @@ def check_bundles(cfg: Config, out: Location) -> None:
         try:
             files = {name: folder.child(name).read_bytes() for name in BUNDLE_FILES}
         except (FileNotFoundError, OSError):
-            raise JobError(f"data.values: no bundle for {value!r} in {folder.parent()}; "
-                           "run `conva fit` first") from None
+            raise JobError(
+                f"data.values: no bundle for {value!r} in {folder.parent()}; run `conva fit` first"
+            ) from None
         try:
             decode_bundle(files, folder.uri, fingerprint=fingerprint)
         except BundleError as err:
@@ -283,7 +363,9 @@ def model_bytes(cfg: Config) -> int | None:
     path = check_model(cfg.model.name)
     if not os.path.isdir(path):
         return None
-    stored = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    stored = sum(
+        os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")
+    )
     if not stored:
         return None
     try:
@@ -313,10 +395,12 @@ def check_gpu_fit(cfg: Config, gpu_memory: dict[str, list[int]] | None = None) -
             continue
         room = min(gpus) * per_worker
         if weights * 1.2 > room:
-            raise JobError(f"ray.num_gpus_per_worker: {cfg.model.name} needs about {weights * 1.2 / 2**30:.1f} GiB "
-                           f"({weights / 2**30:.1f} GiB of {cfg.model.dtype} weights + 20 %), but a worker on node {node} "
-                           f"gets {r.num_gpus_per_worker:g} GPU(s) of {min(gpus) / 2**30:.0f} GiB = {room / 2**30:.1f} GiB; "
-                           "give each worker more GPUs (the HF backend spreads the model over them) or a smaller dtype")
+            raise JobError(
+                f"ray.num_gpus_per_worker: {cfg.model.name} needs about {weights * 1.2 / 2**30:.1f} GiB "
+                f"({weights / 2**30:.1f} GiB of {cfg.model.dtype} weights + 20 %), but a worker on node {node} "
+                f"gets {r.num_gpus_per_worker:g} GPU(s) of {min(gpus) / 2**30:.0f} GiB = {room / 2**30:.1f} GiB; "
+                "give each worker more GPUs (the HF backend spreads the model over them) or a smaller dtype"
+            )
 
 
 # --- on every node ------------------------------------------------------------------------------------------
@@ -333,12 +417,16 @@ def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list
     problems: list[str] = []
     try:
         if Loc(token).read_bytes() != expected:
-            problems.append(f"output.dir: {Loc(token).parent().parent().parent()} is not the folder the driver "
-                            f"writes: {token} holds other bytes")
+            problems.append(
+                f"output.dir: {Loc(token).parent().parent().parent()} is not the folder the driver "
+                f"writes: {token} holds other bytes"
+            )
     except (FileNotFoundError, OSError) as err:
-        problems.append(f"output.dir: cannot read {token}, which the driver wrote ({type(err).__name__}); this node "
-                        f"does not see the driver's output folder: output.dir must be storage every node shares "
-                        "(a shared mount or an object store)")
+        problems.append(
+            f"output.dir: cannot read {token}, which the driver wrote ({type(err).__name__}); this node "
+            f"does not see the driver's output folder: output.dir must be storage every node shares "
+            "(a shared mount or an object store)"
+        )
     else:
         try:
             Loc(reply).write_bytes(expected)
@@ -350,8 +438,8 @@ def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list
         problems.append(f"model.name: {err}")
     for source in reads:
         try:
-            from conva.data import data_files
             from conva.batch.storage import location
+            from conva.data import data_files
 
             for file in data_files(source):
                 with location(file).fs.open_input_stream(location(file).path) as stream:
@@ -360,13 +448,21 @@ def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list
             problems.append(f"data.prompts: cannot read {source}: {err}")
     gpus: list[int] = []
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         gpus = [int(line) * 2**20 for line in out.stdout.split() if line.strip().isdigit()]
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-            "problems": problems, "gpus": gpus}
+    return {
+        "node": ray.get_runtime_context().get_node_id(),
+        "ip": ray.util.get_node_ip_address(),
+        "problems": problems,
+        "gpus": gpus,
+    }
 
 
 def check_nodes(job: ModelJob) -> dict[str, list[int]]:
@@ -382,11 +478,16 @@ def check_nodes(job: ModelJob) -> dict[str, list[int]]:
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     hosts = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
     if not hosts:
-        shape = ", ".join(f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, GPU "
-                          f"{n['Resources'].get('GPU', 0):g})" for n in nodes)
-        raise JobError(f"ray: no node can host a worker with {r.num_cpus_per_worker:g} CPU and "
-                       f"{r.num_gpus_per_worker:g} GPU (nodes: {shape}); lower ray.num_cpus_per_worker / "
-                       "ray.num_gpus_per_worker or add nodes")
+        shape = ", ".join(
+            f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, GPU "
+            f"{n['Resources'].get('GPU', 0):g})"
+            for n in nodes
+        )
+        raise JobError(
+            f"ray: no node can host a worker with {r.num_cpus_per_worker:g} CPU and "
+            f"{r.num_gpus_per_worker:g} GPU (nodes: {shape}); lower ray.num_cpus_per_worker / "
+            "ray.num_gpus_per_worker or add nodes"
+        )
     folder = job.out.child(f"_preflight-{uuid.uuid4().hex[:12]}")
     token, expected = folder.child("driver"), uuid.uuid4().hex.encode()
     try:
@@ -398,8 +499,9 @@ def check_nodes(job: ModelJob) -> dict[str, list[int]]:
     for n in hosts:
         reply = folder.child(f"node-{n['NodeID'][:12]}")
         strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ref = remote.options(scheduling_strategy=strategy).remote(token.uri, expected, reply.uri, job.cfg.model.name,
-                                                                  list(job.reads))
+        ref = remote.options(scheduling_strategy=strategy).remote(
+            token.uri, expected, reply.uri, job.cfg.model.name, list(job.reads)
+        )
         calls[ref] = (n, reply)
     t0 = time.monotonic()
     try:
@@ -407,8 +509,10 @@ def check_nodes(job: ModelJob) -> dict[str, list[int]]:
         problems, gpus = [], {}
         for ref in missing:
             n = calls[ref][0]
-            problems.append(f"node {n['NodeManagerAddress']} (id {n['NodeID']}) did not answer the pre-flight "
-                            f"check within {_NODE_CHECK_TIMEOUT_S:.0f} s")
+            problems.append(
+                f"node {n['NodeManagerAddress']} (id {n['NodeID']}) did not answer the pre-flight "
+                f"check within {_NODE_CHECK_TIMEOUT_S:.0f} s"
+            )
         for ref in ready:
             n, reply = calls[ref]
             found = ray.get(ref)
@@ -420,8 +524,10 @@ def check_nodes(job: ModelJob) -> dict[str, list[int]]:
                 except (FileNotFoundError, OSError):
                     ok = False
                 if not ok:
-                    problems.append(f"{name}: output.dir: the node wrote {reply.uri} but the driver cannot read it "
-                                    "back: output.dir must be storage every node shares")
+                    problems.append(
+                        f"{name}: output.dir: the node wrote {reply.uri} but the driver cannot read it "
+                        "back: output.dir must be storage every node shares"
+                    )
             gpus[found["ip"]] = found["gpus"]
     finally:
         folder.delete_tree()

@@ -22,27 +22,42 @@ from conva.batch.badrows import RowTally
 from conva.batch.config import Config
 from conva.batch.lease import OutputLease
 from conva.batch.store import ShardRecord, Stage, stage_status
-from conva.jobs.common import (COMMANDS, EXPECTED_ERRORS, connect_ray, interrupted, interrupts, log_config,
-                         output_location, parse_args, run_log, setup_logging, write_config)
+from conva.jobs.common import (
+    COMMANDS,
+    EXPECTED_ERRORS,
+    connect_ray,
+    interrupted,
+    interrupts,
+    log_config,
+    output_location,
+    parse_args,
+    run_log,
+    setup_logging,
+    write_config,
+)
 from conva.jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job, stage_plans
 from conva.jobs.stages import StageResult, open_stages, stage_runs
 from conva.workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
 from conva.workers.tasks import WorkerSpec
 
-__all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "final_line",
-           "committed_line"]
+__all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "final_line", "committed_line"]
 
 _log = logging.getLogger("conva.jobs")
 
 JOBS: dict[str, tuple[str, ...]] = {
-    "extract": ("extract",), "fit": ("fit",), "steer": ("steer",), "run": ("extract", "fit", "steer"),
+    "extract": ("extract",),
+    "fit": ("fit",),
+    "steer": ("steer",),
+    "run": ("extract", "fit", "steer"),
 }
 FAILURES = (*EXPECTED_ERRORS, ShardFailedError, WorkerStartError, NotImplementedError)
 # The stages whose output rows carry an `error` column, and what one of their input rows is.
 _ROW_UNITS = {"extract": "texts", "steer": "rows"}
 
 
-def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool = False) -> list[StageResult]:
+def run_job(
+    job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool = False
+) -> list[StageResult]:
     """Run job ``job`` (a key of :data:`JOBS`) with ``cfg``; returns what each stage did.
 
     Side effects: writes ``<output.dir>/{activations,bundles,generations}/``, ``config.json`` and appends
@@ -56,26 +71,42 @@ def run_job(job: str, cfg: Config, overwrite: bool = False, *, break_lease: bool
 def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool = False) -> list[StageResult]:
     """:func:`run_job` on a job :func:`~conva.jobs.preflight.plan_job` planned (the CLI keeps the plan, to report on it)."""
     start = time.monotonic()
-    with OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease), \
-            run_log(plan.out):
+    with (
+        OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease),
+        run_log(plan.out),
+    ):
         write_config(plan.cfg, plan.out)
         log_config(plan.cfg, job, overwrite)
         try:
             results = run_model(plan, WorkerSpec(plan.cfg), overwrite)
         except KeyboardInterrupt as err:
-            _log.warning("job %s interrupted by %s after %.1f s; committed: %s", job, interrupted(err),
-                         time.monotonic() - start, committed_line(plan))
+            _log.warning(
+                "job %s interrupted by %s after %.1f s; committed: %s",
+                job,
+                interrupted(err),
+                time.monotonic() - start,
+                committed_line(plan),
+            )
             raise
-        _log.log(logging.WARNING if any(r.error_rows for r in results) else logging.INFO, "job %s done in %.1f s: %s",
-                 job, time.monotonic() - start, final_line(results))
+        _log.log(
+            logging.WARNING if any(r.error_rows for r in results) else logging.INFO,
+            "job %s done in %.1f s: %s",
+            job,
+            time.monotonic() - start,
+            final_line(results),
+        )
         return results
 
 
 def final_line(results: list[StageResult]) -> str:
     """What a job did, for its last line: shards run per stage, then its error rows (over all committed shards)."""
     parts = [", ".join(f"{r.stage} {r.processed}/{r.shards}" for r in results) + " shards run now"]
-    errors = [f"{r.folder}: {r.error_rows} of {r.input_rows} {_ROW_UNITS[r.stage]} are error rows (see the `error` "
-              "column)" for r in results if r.error_rows]
+    errors = [
+        f"{r.folder}: {r.error_rows} of {r.input_rows} {_ROW_UNITS[r.stage]} are error rows (see the `error` "
+        "column)"
+        for r in results
+        if r.error_rows
+    ]
     if errors:
         parts += errors
     elif any(r.stage in _ROW_UNITS for r in results):
@@ -118,11 +149,19 @@ class _Tally:
             self.last[stage] = time.monotonic()
         if stage == "fit":
             e = record.extra
-            _log.info("fit: bundle %d: band %s, best held-out accuracy %.3f, gate %s", record.shard, e.get("band"),
-                      e.get("best_test_acc", float("nan")), e.get("gate"))
+            _log.info(
+                "fit: bundle %d: band %s, best held-out accuracy %.3f, gate %s",
+                record.shard,
+                e.get("band"),
+                e.get("best_test_acc", float("nan")),
+                e.get("gate"),
+            )
             if e.get("skipped"):
-                _log.warning("fit: %d text(s) were not recorded and are left out, e.g. %s", e["skipped"],
-                             "; ".join(f"{r['row_id']}: {r['error']}" for r in e.get("skipped_examples", [])))
+                _log.warning(
+                    "fit: %d text(s) were not recorded and are left out, e.g. %s",
+                    e["skipped"],
+                    "; ".join(f"{r['row_id']}: {r['error']}" for r in e.get("skipped_examples", [])),
+                )
 
 
 def _stage_errors(stage: Stage) -> RowTally:
@@ -134,10 +173,14 @@ def _stage_errors(stage: Stage) -> RowTally:
     return tally
 
 
-def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
-              on_commit: Callable[[str, ShardRecord], None] | None = None,
-              check_bundles: Callable[[dict], None] | None = None,
-              cancel: threading.Event | None = None) -> list[StageResult]:
+def run_model(
+    job: ModelJob,
+    spec: WorkerSpec,
+    overwrite: bool,
+    on_commit: Callable[[str, ShardRecord], None] | None = None,
+    check_bundles: Callable[[dict], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[StageResult]:
     """Run the pending shards of every stage of ``job`` on one pool of model workers, then publish.
 
     Starts no Ray and no worker when every shard is already committed. The model is loaded once per
@@ -162,8 +205,11 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
     runs = stage_runs(job.cfg, list(job.specs), stages, on_commit=committed, check_bundles=check_bundles)
     startup = 0.0
     if not runs:
-        _log.info("%s: every shard of %s is committed; nothing to do", job.label,
-                  ", ".join(s.folder for s in job.specs if s.writes))
+        _log.info(
+            "%s: every shard of %s is committed; nothing to do",
+            job.label,
+            ", ".join(s.folder for s in job.specs if s.writes),
+        )
     else:
         if not work:  # a stage whose committed objects went missing runs again after all
             connect_ray()
@@ -177,11 +223,21 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
             run_stages(pool, runs, cancel)
         finally:
             pool.stop()
-        job.extra.update(busy=pool.busy, returned_bytes=pool.returned_bytes, loads=dict(pool.loads),
-                         replacements=pool.replacements)
+        job.extra.update(
+            busy=pool.busy,
+            returned_bytes=pool.returned_bytes,
+            loads=dict(pool.loads),
+            replacements=pool.replacements,
+        )
         shards = sum(tally.shards.values())
-        _log.info("%s: workers returned %d bytes of shard records for %d shards (no shard data); model loads per "
-                  "worker: %s", job.label, pool.returned_bytes, shards, json.dumps(dict(pool.loads), sort_keys=True))
+        _log.info(
+            "%s: workers returned %d bytes of shard records for %d shards (no shard data); model loads per "
+            "worker: %s",
+            job.label,
+            pool.returned_bytes,
+            shards,
+            json.dumps(dict(pool.loads), sort_keys=True),
+        )
     results = []
     for s in job.specs:
         if not s.writes:
@@ -189,12 +245,29 @@ def run_model(job: ModelJob, spec: WorkerSpec, overwrite: bool,
         stages[s.name].finish()
         now = tally.bad.get(s.name)
         if now is not None and now.bad:
-            _log.warning("%s: %d of %d %s written in this run are error rows (see the `error` column): %s", s.folder,
-                         now.bad, now.rows, _ROW_UNITS.get(s.name, "rows"), now.one_line())
+            _log.warning(
+                "%s: %d of %d %s written in this run are error rows (see the `error` column): %s",
+                s.folder,
+                now.bad,
+                now.rows,
+                _ROW_UNITS.get(s.name, "rows"),
+                now.one_line(),
+            )
         whole = _stage_errors(stages[s.name])
         seconds = tally.last.get(s.name, time.monotonic()) - t0
-        results.append(StageResult(s.name, s.n_shards, tally.shards[s.name], tally.rows[s.name], seconds,
-                                   startup if tally.shards[s.name] else 0.0, s.folder, whole.bad, whole.rows))
+        results.append(
+            StageResult(
+                s.name,
+                s.n_shards,
+                tally.shards[s.name],
+                tally.rows[s.name],
+                seconds,
+                startup if tally.shards[s.name] else 0.0,
+                s.folder,
+                whole.bad,
+                whole.rows,
+            )
+        )
     return results
 
 
@@ -228,8 +301,11 @@ def main(job: str, argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as err:
             done = f"committed: {committed_line(plan)} (kept); " if plan is not None else ""
-            print(f"conva {job}: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
-                  f"conva {job} {shlex.join(argv)}", file=sys.stderr)
+            print(
+                f"conva {job}: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
+                f"conva {job} {shlex.join(argv)}",
+                file=sys.stderr,
+            )
             return interrupted(err).exit_code
     print(f"conva {job}: done in {time.monotonic() - start:.0f} s: {final_line(results)}")
     return 0

@@ -19,26 +19,54 @@ import pyarrow as pa
 
 from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.batch.inputs import InputPlan, write_input_table
-from conva.fit import GATE_FIT_KEYS
 from conva.batch.pipeline import activation_model
 from conva.batch.schemas import SCHEMA_VERSION
 from conva.batch.storage import Location
-from conva.batch.store import (ConfigMismatchError, ShardRecord, ShardRef, Stage, StoreError, shard_ranges, stage_mismatch,
-                         stage_status)
+from conva.batch.store import (
+    ConfigMismatchError,
+    ShardRecord,
+    ShardRef,
+    Stage,
+    StoreError,
+    shard_ranges,
+    stage_mismatch,
+    stage_status,
+)
+from conva.fit import GATE_FIT_KEYS
 from conva.jobs.common import JobError
 from conva.workers.pool import StageRun
 from conva.workers.tasks import ShardTask
 
-__all__ = ["StageSpec", "GeneratedInput", "StageResult", "STAGE_DIRS", "ACTIVATION_KEYS", "BUNDLE_KEYS", "select",
-           "shard_config", "check_stages", "open_stages", "stage_runs", "bundle_folders"]
+__all__ = [
+    "StageSpec",
+    "GeneratedInput",
+    "StageResult",
+    "STAGE_DIRS",
+    "ACTIVATION_KEYS",
+    "BUNDLE_KEYS",
+    "select",
+    "shard_config",
+    "check_stages",
+    "open_stages",
+    "stage_runs",
+    "bundle_folders",
+]
 
 _log = logging.getLogger("conva.jobs")
 
 STAGE_DIRS = {"extract": "activations", "fit": "bundles", "steer": "generations"}
 # The config keys each stage's output depends on: a rerun refuses (or with --overwrite, replaces) a stage
 # only when one of these changed. Generations depend on everything but where and how the job runs.
-ACTIVATION_KEYS = ("model", "data.values", "data.pairs", "data.pair_kind", "data.neutral", "extract",
-                   "gate.kind", "steer.chat_template")
+ACTIVATION_KEYS = (
+    "model",
+    "data.values",
+    "data.pairs",
+    "data.pair_kind",
+    "data.neutral",
+    "extract",
+    "gate.kind",
+    "steer.chat_template",
+)
 BUNDLE_KEYS = (*ACTIVATION_KEYS, "probe", "fit", *(f"gate.{k}" for k in GATE_FIT_KEYS))
 
 
@@ -145,24 +173,38 @@ def check_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> None
     if keys:
         folder = out.child(where[0].folder) if len(where) == 1 else out
         user = sorted(k for k in keys if not k.startswith("shards."))
-        changed = [s for s in where if set(_INPUT_KEYS) & set(stage_mismatch(out, s.folder, s.config, SCHEMA_VERSION,
-                                                                              ignore_keys=RESULT_NEUTRAL_KEYS))]
+        changed = [
+            s
+            for s in where
+            if set(_INPUT_KEYS)
+            & set(stage_mismatch(out, s.folder, s.config, SCHEMA_VERSION, ignore_keys=RESULT_NEUTRAL_KEYS))
+        ]
         if user:
-            raise ConfigMismatchError(folder, user + [_input_change(s) for s in changed]
-                                      + ([_shard_size_key(where)] if _SHARD_SIZE_KEY in keys else []))
+            raise ConfigMismatchError(
+                folder,
+                user
+                + [_input_change(s) for s in changed]
+                + ([_shard_size_key(where)] if _SHARD_SIZE_KEY in keys else []),
+            )
         if changed:
-            raise JobError(f"{folder}: {_input_change(changed[0])}. Rerun with --overwrite to compute the stage again "
-                           "from the new input (the committed output stays readable until that run is complete), or "
-                           "restore the input")
-        raise JobError(f"{folder}: {_shard_size_key(where)} differs from the shard size the committed shards were cut "
-                       "with; set it back to resume, or rerun with --overwrite")
+            raise JobError(
+                f"{folder}: {_input_change(changed[0])}. Rerun with --overwrite to compute the stage again "
+                "from the new input (the committed output stays readable until that run is complete), or "
+                "restore the input"
+            )
+        raise JobError(
+            f"{folder}: {_shard_size_key(where)} differs from the shard size the committed shards were cut "
+            "with; set it back to resume, or rerun with --overwrite"
+        )
     for spec in specs:
         if not spec.writes:
             status = stage_status(out, spec.folder)
             if not status.exists or status.committed < status.n_shards:
                 job = {"activations": "extract", "bundles": "fit"}.get(spec.folder, spec.folder)
-                raise JobError(f"output.dir: {out.child(spec.folder)} is not complete ({status.committed} of "
-                               f"{status.n_shards} shards); run `conva {job}` first (or `conva run`)")
+                raise JobError(
+                    f"output.dir: {out.child(spec.folder)} is not complete ({status.committed} of "
+                    f"{status.n_shards} shards); run `conva {job}` first (or `conva run`)"
+                )
         elif not overwrite and not stage_status(out, spec.folder).exists:
             _refuse_strays(out.child(spec.folder))
 
@@ -171,9 +213,11 @@ def _refuse_strays(folder: Location) -> None:
     """A stage folder without a commit log but with published-looking files: :meth:`Stage.open` would refuse it."""
     strays = sorted(f.name for f in folder.list() if not f.name.startswith(("_", ".")))
     if strays:
-        raise StoreError(f"{folder} holds files no commit log lists ({', '.join(strays[:3])}"
-                         f"{', …' if len(strays) > 3 else ''}); cannot tell which config wrote them. "
-                         "Rerun with --overwrite to replace them.")
+        raise StoreError(
+            f"{folder} holds files no commit log lists ({', '.join(strays[:3])}"
+            f"{', …' if len(strays) > 3 else ''}); cannot tell which config wrote them. "
+            "Rerun with --overwrite to replace them."
+        )
 
 
 def _input_change(spec: StageSpec) -> str:
@@ -190,9 +234,18 @@ def _shard_size_key(specs: list[StageSpec]) -> str:
 def open_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> dict[str, Stage]:
     """Open every stage (after :func:`check_stages`); a stage only read is never overwritten."""
     check_stages(out, specs, overwrite)
-    return {spec.name: Stage.open(out, spec.folder, spec.config, SCHEMA_VERSION, n_shards=spec.n_shards,
-                                  overwrite=overwrite and spec.writes, ignore_keys=RESULT_NEUTRAL_KEYS)
-            for spec in specs}
+    return {
+        spec.name: Stage.open(
+            out,
+            spec.folder,
+            spec.config,
+            SCHEMA_VERSION,
+            n_shards=spec.n_shards,
+            overwrite=overwrite and spec.writes,
+            ignore_keys=RESULT_NEUTRAL_KEYS,
+        )
+        for spec in specs
+    }
 
 
 def bundle_folders(fit: Stage, values: tuple[str, ...]) -> dict[str, Location]:
@@ -219,9 +272,13 @@ class _Done:
         return self.done
 
 
-def stage_runs(cfg: Config, specs: list[StageSpec], stages: dict[str, Stage],
-               on_commit: Callable[[str, ShardRecord], None] | None = None,
-               check_bundles: Callable[[dict[str, Location]], None] | None = None) -> list[StageRun]:
+def stage_runs(
+    cfg: Config,
+    specs: list[StageSpec],
+    stages: dict[str, Stage],
+    on_commit: Callable[[str, ShardRecord], None] | None = None,
+    check_bundles: Callable[[dict[str, Location]], None] | None = None,
+) -> list[StageRun]:
     """The runner's view of the stages that have pending shards, in pipeline order, with their dependencies.
 
     ``check_bundles`` (value → bundle folder) runs once, when the bundles are all committed and before
@@ -247,7 +304,9 @@ def stage_runs(cfg: Config, specs: list[StageSpec], stages: dict[str, Stage],
     return runs
 
 
-def _checked_first(make: Callable[[ShardRef], ShardTask], check: Callable[[], None]) -> Callable[[ShardRef], ShardTask]:
+def _checked_first(
+    make: Callable[[ShardRef], ShardTask], check: Callable[[], None]
+) -> Callable[[ShardRef], ShardTask]:
     """``make``, running ``check`` once before its first task (a failed check fails the job, naming the problem)."""
     done: list[bool] = []
 
@@ -271,10 +330,16 @@ def _fit_tasks(spec, stages, slices, values):
         if not cache:  # once, after the last activation shard is committed
             records = acts.records()
             info, layers = activation_model(r.extra["model"] for r in records)
-            digest = hashlib.sha256("".join(o.sha256 for r in records for o in r.objects).encode()).hexdigest()[:16]
+            digest = hashlib.sha256(
+                "".join(o.sha256 for r in records for o in r.objects).encode()
+            ).hexdigest()[:16]
             cache.update(files=tuple(acts.parquet_files()), model=info.__dict__, layers=layers, digest=digest)
-        params = {"value": values[ref.shard], "model": cache["model"], "layers": cache["layers"],
-                  "dataset_hash": cache["digest"]}
+        params = {
+            "value": values[ref.shard],
+            "model": cache["model"],
+            "layers": cache["layers"],
+            "dataset_hash": cache["digest"],
+        }
         return ShardTask("fit", ref, files=cache["files"], params=params)
 
     return None, make
@@ -282,8 +347,9 @@ def _fit_tasks(spec, stages, slices, values):
 
 def _steer_tasks(spec, stages, slices, values):
     fit, kind = stages["fit"], spec.input_kind
-    return None, lambda ref: ShardTask("steer", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values),
-                                       params={"input": kind})
+    return None, lambda ref: ShardTask(
+        "steer", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values), params={"input": kind}
+    )
 
 
 def _evaluate_tasks(spec, stages, slices, values):
@@ -298,7 +364,9 @@ def _evaluate_tasks(spec, stages, slices, values):
 
 def _utility_tasks(spec, stages, slices, values):
     fit = stages["fit"]
-    return None, lambda ref: ShardTask("utility", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values))
+    return None, lambda ref: ShardTask(
+        "utility", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values)
+    )
 
 
 def _agreement_tasks(spec, stages, slices, values):
@@ -306,5 +374,11 @@ def _agreement_tasks(spec, stages, slices, values):
     return None, lambda ref: ShardTask("agreement", ref, bundles=bundle_folders(fit, values))
 
 
-_STAGE_TASKS = {"extract": _extract_tasks, "fit": _fit_tasks, "steer": _steer_tasks, "evaluate": _evaluate_tasks,
-                "utility": _utility_tasks, "agreement": _agreement_tasks}
+_STAGE_TASKS = {
+    "extract": _extract_tasks,
+    "fit": _fit_tasks,
+    "steer": _steer_tasks,
+    "evaluate": _evaluate_tasks,
+    "utility": _utility_tasks,
+    "agreement": _agreement_tasks,
+}

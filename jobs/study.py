@@ -34,17 +34,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conva.batch.lease import OutputLease
-from conva.mc import demo_mc, load_mc, mc_prompts
-from conva.models import ModelNotFoundError, check_model, model_name
 from conva.batch.storage import Location
-from conva.batch.study import (StudyConfig, check_bands, expand_cells, load_study, model_config, model_spec, steering_table,
-                         study_dict, utility_cells, utility_table)
+from conva.batch.study import (
+    StudyConfig,
+    check_bands,
+    expand_cells,
+    load_study,
+    model_config,
+    model_spec,
+    steering_table,
+    study_dict,
+    utility_cells,
+    utility_table,
+)
 from conva.batch.summary import OUTPUT_FILES
-from conva.jobs.common import (COMMANDS, JobError, connect_ray, interrupted, interrupts, job_parser, log_context,
-                         output_location, run_log, setup_logging, split_overrides)
+from conva.jobs.common import (
+    COMMANDS,
+    JobError,
+    connect_ray,
+    interrupted,
+    interrupts,
+    job_parser,
+    log_context,
+    output_location,
+    run_log,
+    setup_logging,
+    split_overrides,
+)
 from conva.jobs.preflight import ModelJob, generated, plan_job, stage_plans
 from conva.jobs.runner import FAILURES, committed_line, run_model
 from conva.jobs.stages import StageSpec, run_config, shard_config
+from conva.mc import demo_mc, load_mc, mc_prompts
+from conva.models import ModelNotFoundError, check_model, model_name
 from conva.workers.tasks import WorkerSpec
 
 __all__ = ["run_study", "main", "OUTPUT_FILES", "study_jobs"]
@@ -78,17 +99,38 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         rps, base = cfg.ray.steer_shard_rows, run_config(cfg)
         steer_in = generated(steering_table(cfg, cells), rps)
         util_in = generated(_utility_rows(study, ucells), rps)
-        gen = {**base, "cells": [c.id for c in cells], "shards": shard_config(rps, steer_in.table.num_rows,
-                                                                             steer_in.sha256)}
+        gen = {
+            **base,
+            "cells": [c.id for c in cells],
+            "shards": shard_config(rps, steer_in.table.num_rows, steer_in.sha256),
+        }
         prompts = f"data.prompts = {cfg.data.prompts!r}"
-        own = [StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in, source=prompts),
-               StageSpec("evaluate", "study_judged", {**gen, "judge": judge}, steer_in.n_shards),
-               StageSpec("utility", "study_utility", {**base, "utility": study_dict(study)["utility"],
-                         "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256)}, util_in.n_shards,
-                         util_in, source=f"utility.mc = {study.utility.mc!r}"),
-               StageSpec("agreement", "study_judge", {**base, "judge": judge}, 1)]
-        job = plan_job(cfg, Location(cfg.output.dir), ("extract", "fit"), overwrite, label=model_name(spec),
-                       extra=own, reads=_judge_reads(study))
+        own = [
+            StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in, source=prompts),
+            StageSpec("evaluate", "study_judged", {**gen, "judge": judge}, steer_in.n_shards),
+            StageSpec(
+                "utility",
+                "study_utility",
+                {
+                    **base,
+                    "utility": study_dict(study)["utility"],
+                    "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256),
+                },
+                util_in.n_shards,
+                util_in,
+                source=f"utility.mc = {study.utility.mc!r}",
+            ),
+            StageSpec("agreement", "study_judge", {**base, "judge": judge}, 1),
+        ]
+        job = plan_job(
+            cfg,
+            Location(cfg.output.dir),
+            ("extract", "fit"),
+            overwrite,
+            label=model_name(spec),
+            extra=own,
+            reads=_judge_reads(study),
+        )
         worker = WorkerSpec(cfg, study.judge, study.fluency, study.utility, cache)
         runs.append(_ModelRun(job, worker, tuple(cells), entry))
     return runs
@@ -99,7 +141,7 @@ def _judge_reads(study: StudyConfig) -> tuple[str, ...]:
     pairs = study.judge.pairs
     if pairs == "demo":
         return ()
-    return (pairs[len("paper:"):],) if pairs.startswith("paper:") else (pairs,)
+    return (pairs[len("paper:") :],) if pairs.startswith("paper:") else (pairs,)
 
 
 def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
@@ -110,8 +152,13 @@ def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
     return utility_table(ucells, items, mc_prompts(items, study.utility.shots))
 
 
-def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool = False,
-              models: list[_ModelRun] | None = None) -> Location:
+def run_study(
+    study: StudyConfig,
+    overwrite: bool = False,
+    *,
+    break_lease: bool = False,
+    models: list[_ModelRun] | None = None,
+) -> Location:
     """Run (or resume) every model of ``study``; returns the study's output holding the Parquet files and report.
 
     ``models``: the study's pre-flight (:func:`study_jobs`) when the caller made it already. Side effects:
@@ -122,15 +169,24 @@ def run_study(study: StudyConfig, overwrite: bool = False, *, break_lease: bool 
     study = replace(study, job=job_cfg)
     models = study_jobs(study, out, overwrite) if models is None else models
     start = time.monotonic()
-    with OutputLease(out, f"conva study {study.study.name}", ttl_s=job_cfg.output.lease_ttl_s,
-                     break_stale=break_lease), run_log(out):
+    with (
+        OutputLease(
+            out, f"conva study {study.study.name}", ttl_s=job_cfg.output.lease_ttl_s, break_stale=break_lease
+        ),
+        run_log(out),
+    ):
         out.child("study.json").write_text(json.dumps(study_dict(study), indent=1, sort_keys=True))
         _log.info("study %s, config:\n%s", study.study.name, json.dumps(study_dict(study), indent=1))
         try:
             worked = _run_models(study, models, overwrite)
         except KeyboardInterrupt as err:
-            _log.warning("study %s interrupted by %s after %.1f s; committed: %s", study.study.name, interrupted(err),
-                         time.monotonic() - start, _committed(models))
+            _log.warning(
+                "study %s interrupted by %s after %.1f s; committed: %s",
+                study.study.name,
+                interrupted(err),
+                time.monotonic() - start,
+                _committed(models),
+            )
             raise
         if worked or not all(out.child(f"{name}.parquet").exists() for name in OUTPUT_FILES):
             _write_outputs(study, out, models)
@@ -163,8 +219,13 @@ class _Capacity:
     def acquire(self, order: int, need: dict) -> None:
         with self.cond:
             # A model bigger than the whole cluster runs alone (with the workers that fit), never forever queued.
-            self.cond.wait_for(lambda: self.cancelled or self.turn == order and (
-                self.running == 0 or all(need[k] <= self.free[k] + 1e-9 for k in need)))
+            self.cond.wait_for(
+                lambda: (
+                    self.cancelled
+                    or self.turn == order
+                    and (self.running == 0 or all(need[k] <= self.free[k] + 1e-9 for k in need))
+                )
+            )
             for k in need:
                 self.free[k] -= need[k]
             self.running += 1
@@ -189,7 +250,10 @@ def _check_bands(study: StudyConfig, folders: dict) -> None:
     """The study's bands against a model's fitted bundles (read from their folders), before it steers anything."""
     from conva.bundle import BUNDLE_FILES, decode_bundle
 
-    bundles = {v: decode_bundle({n: f.child(n).read_bytes() for n in BUNDLE_FILES}, f.uri) for v, f in folders.items()}
+    bundles = {
+        v: decode_bundle({n: f.child(n).read_bytes() for n in BUNDLE_FILES}, f.uri)
+        for v, f in folders.items()
+    }
     check_bands(study, bundles)
 
 
@@ -213,8 +277,13 @@ def _run_models(study: StudyConfig, models: list[_ModelRun], overwrite: bool) ->
         capacity.acquire(order, need)
         try:
             if not cancel.is_set():
-                run_model(run.job, run.worker, overwrite, check_bundles=lambda folders: _check_bands(study, folders),
-                          cancel=cancel)
+                run_model(
+                    run.job,
+                    run.worker,
+                    overwrite,
+                    check_bundles=lambda folders: _check_bands(study, folders),
+                    cancel=cancel,
+                )
         except BaseException as err:  # noqa: BLE001 - reported by the main thread
             if not cancel.is_set():
                 errors.append(err)
@@ -222,13 +291,17 @@ def _run_models(study: StudyConfig, models: list[_ModelRun], overwrite: bool) ->
         finally:
             capacity.release(need)
 
-    threads = [threading.Thread(target=one, args=(i, m), name=f"conva-{m.job.label}") for i, m in enumerate(models)]
+    threads = [
+        threading.Thread(target=one, args=(i, m), name=f"conva-{m.job.label}") for i, m in enumerate(models)
+    ]
     try:
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    except KeyboardInterrupt:  # signals reach the main thread only: stop the models' threads, wait for their pools
+    except (
+        KeyboardInterrupt
+    ):  # signals reach the main thread only: stop the models' threads, wait for their pools
         cancel.set()
         capacity.cancel()
         for t in threads:
@@ -248,10 +321,14 @@ def _write_outputs(study: StudyConfig, out: Location, models: list[_ModelRun]) -
     parts = []
     for m in models:
         stages = open_stages(m.job.out, list(m.job.specs), False)
-        files = {name: [f.uri for f in stages[name].parquet_files()] for name in ("steer", "evaluate", "utility",
-                                                                                  "agreement")}
+        files = {
+            name: [f.uri for f in stages[name].parquet_files()]
+            for name in ("steer", "evaluate", "utility", "agreement")
+        }
         bundles = {v: f.uri for v, f in bundle_folders(stages["fit"], m.job.cfg.data.values).items()}
-        parts.append({"cells": list(m.cells), "files": files, "bundles": bundles, "model": model_spec(m.entry)})
+        parts.append(
+            {"cells": list(m.cells), "files": files, "bundles": bundles, "model": model_spec(m.entry)}
+        )
     connect_ray()
     task = ray.remote(num_cpus=1)(_build_outputs)
     ray.get(task.remote(study, out.uri, parts))
@@ -261,11 +338,11 @@ def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
     """(Ray task) Read the committed stages, write the study's tables (:data:`OUTPUT_FILES`) and its report."""
     import pyarrow.dataset as ds
 
-    from conva.bundle import BUNDLE_FILES, decode_bundle
     from conva.batch.report import write_report_to
+    from conva.batch.schemas import AGREEMENT_SCHEMA, UTILITY_SCHEMA
     from conva.batch.storage import Location as Loc
     from conva.batch.summary import probe_rows, study_tables
-    from conva.batch.schemas import AGREEMENT_SCHEMA, UTILITY_SCHEMA
+    from conva.bundle import BUNDLE_FILES, decode_bundle
 
     def read(uris: list[str], schema: pa.Schema | None = None) -> pa.Table:
         if not uris:
@@ -279,10 +356,16 @@ def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
         for value, folder in sorted(p["bundles"].items()):
             files = {name: Loc(folder).child(name).read_bytes() for name in BUNDLE_FILES}
             bundles[value] = decode_bundle(files, folder)
-        tables.append(dict(cells=p["cells"], generations=read(p["files"]["steer"]), judged=read(p["files"]["evaluate"]),
-                           utility=read(p["files"]["utility"], UTILITY_SCHEMA),
-                           agreement=read(p["files"]["agreement"], AGREEMENT_SCHEMA),
-                           probes=probe_rows(model_name(p["model"]), bundles)))
+        tables.append(
+            dict(
+                cells=p["cells"],
+                generations=read(p["files"]["steer"]),
+                judged=read(p["files"]["evaluate"]),
+                utility=read(p["files"]["utility"], UTILITY_SCHEMA),
+                agreement=read(p["files"]["agreement"], AGREEMENT_SCHEMA),
+                probes=probe_rows(model_name(p["model"]), bundles),
+            )
+        )
     out = Loc(out_uri)
     for name, table in study_tables(tables, n_boot=study.study.bootstrap, seed=study.study.seed).items():
         sink = io.BytesIO()
@@ -303,8 +386,12 @@ def _validate(study: StudyConfig) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 2 on a failure a user can fix (one line on stderr), 130/143 on SIGINT/SIGTERM."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = job_parser("conva study", f"{COMMANDS['study']}. The study's own sections (study, judge, utility, "
-                        "fluency) are explained by `conva config --explain study` etc.", study=True)
+    parser = job_parser(
+        "conva study",
+        f"{COMMANDS['study']}. The study's own sections (study, judge, utility, "
+        "fluency) are explained by `conva config --explain study` etc.",
+        study=True,
+    )
     parser.add_argument("--validate", action="store_true", help="check the config and inputs; start nothing")
     setup_logging()
     models = None
@@ -325,17 +412,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as err:
             done = f"committed: {_committed(models)} (kept); " if models is not None else ""
-            print(f"conva study: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
-                  f"conva study {shlex.join(argv)}", file=sys.stderr)
+            print(
+                f"conva study: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
+                f"conva study {shlex.join(argv)}",
+                file=sys.stderr,
+            )
             return interrupted(err).exit_code
     from conva.batch.report import format_summary, local_copy
 
     with local_copy(out) as folder:
         print(format_summary(folder))
-    print(f"\nstudy finished in {time.monotonic() - start:.0f} s; results in {out}\nreport: {out.child('report', 'index.html')}")
+    print(
+        f"\nstudy finished in {time.monotonic() - start:.0f} s; results in {out}\nreport: {out.child('report', 'index.html')}"
+    )
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

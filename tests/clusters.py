@@ -95,8 +95,14 @@ class TwoNodeCluster:
     _netns: str
     _worker_pid: int
 
-    def run(self, cmd: Sequence[str], *, node: str = "head", timeout: float = 120,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        cmd: Sequence[str],
+        *,
+        node: str = "head",
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``cmd`` in the namespace, seeing the disk as ``node`` ("head" or "worker") does; output merged.
 
         ``env`` is added to the nodes' environment (no ``PYTHONPATH``; ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``).
@@ -107,8 +113,15 @@ class TwoNodeCluster:
             enter.append(f"--mount=/proc/{self._worker_pid}/ns/mnt")
         elif node != "head":
             raise ValueError(f"node must be 'head' or 'worker', not {node!r}")
-        return subprocess.run([*enter, "--", *cmd], env={**_node_env(), **(env or {})}, cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+        return subprocess.run(
+            [*enter, "--", *cmd],
+            env={**_node_env(), **(env or {})},
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
 
     def submit(self, args: Sequence[str], timeout: float = 300) -> JobRun:
         """``ray job submit --working-dir <repo> -- python -m conva.jobs.run <args>``, waiting for the job to end.
@@ -117,8 +130,22 @@ class TwoNodeCluster:
         the cluster and ``subprocess.TimeoutExpired`` is raised.
         """
         sid = f"conva-test-{uuid.uuid4().hex[:12]}"
-        cmd = [RAY, "job", "submit", "--address", self.address, "--submission-id", sid, "--working-dir", str(REPO),
-               "--", "python", "-m", "conva.jobs.run", *args]
+        cmd = [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            self.address,
+            "--submission-id",
+            sid,
+            "--working-dir",
+            str(REPO),
+            "--",
+            "python",
+            "-m",
+            "conva.jobs.run",
+            *args,
+        ]
         start = time.monotonic()
         try:
             done = self.run(cmd, timeout=timeout)
@@ -141,8 +168,10 @@ class TwoNodeCluster:
 
     def actors(self, job_id: str) -> list[dict]:
         """Every actor the job created, dead or alive: ``class_name``, ``node_id``, ``state``… (Ray's state API)."""
-        reply = self.get(f"/api/v0/actors?limit=10000&detail=1&filter_keys=job_id&filter_predicates=%3D"
-                         f"&filter_values={job_id}")
+        reply = self.get(
+            f"/api/v0/actors?limit=10000&detail=1&filter_keys=job_id&filter_predicates=%3D"
+            f"&filter_values={job_id}"
+        )
         return reply["data"]["result"]["result"]
 
     def worker_logs(self, job_id: str | None) -> str:
@@ -169,13 +198,19 @@ def two_node_cluster(worker_cpus: int = 2, timeout: float = 120) -> Iterator[Two
     procs: list[subprocess.Popen] = []
     netns = ""
     try:
-        holder = _spawn(["unshare", "-n", "--", "sh", "-c", _HOLDER, str(root)], root / "netns.log",
-                        stdout=subprocess.PIPE, stdin=subprocess.PIPE)
+        holder = _spawn(
+            ["unshare", "-n", "--", "sh", "-c", _HOLDER, str(root)],
+            root / "netns.log",
+            stdout=subprocess.PIPE,
+            stdin=subprocess.PIPE,
+        )
         procs.append(holder)
         ready = holder.stdout.readline().strip() == b"up"
         holder.stdout.close()
         if not ready:
-            raise RuntimeError(f"cannot bring up lo in a private network namespace: {_tail(root / 'netns.log')}")
+            raise RuntimeError(
+                f"cannot bring up lo in a private network namespace: {_tail(root / 'netns.log')}"
+            )
         netns = f"/proc/{holder.pid}/ns/net"
         enter = ["nsenter", f"--net={netns}", "--"]
         procs.append(_spawn([*enter, *_head_command(root)], root / "head.log", env=_node_env()))
@@ -183,14 +218,30 @@ def two_node_cluster(worker_cpus: int = 2, timeout: float = 120) -> Iterator[Two
         probe = TwoNodeCluster(root, shared, head_only, address, "", "", 0.0, netns, 0)
         _wait(lambda: probe.get("/api/version"), procs, timeout, root)
         mount_then_exec = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
-        worker = _spawn([*enter, "unshare", "-m", "--propagation", "private", "--", "sh", "-c", mount_then_exec,
-                         str(head_only), *_worker_command(root, worker_cpus)], root / "worker.log", env=_node_env())
+        worker = _spawn(
+            [
+                *enter,
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                mount_then_exec,
+                str(head_only),
+                *_worker_command(root, worker_cpus),
+            ],
+            root / "worker.log",
+            env=_node_env(),
+        )
         procs.append(worker)
         nodes = _wait(lambda: _two_alive(probe), procs, timeout, root)
         head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
         worker_id = next(n["node_id"] for n in nodes if not n["is_head_node"])
-        yield TwoNodeCluster(root, shared, head_only, address, head_id, worker_id, time.monotonic() - start,
-                             netns, worker.pid)
+        yield TwoNodeCluster(
+            root, shared, head_only, address, head_id, worker_id, time.monotonic() - start, netns, worker.pid
+        )
     finally:
         survivors = _teardown(procs, netns)
         shutil.rmtree(root, ignore_errors=True)
@@ -217,31 +268,61 @@ rm -rf "$0"
 """
 
 # A dependency-free HTTP GET, run by the venv's Python inside the namespace.
-_HTTP_GET = ("import sys, urllib.request; "
-             "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())")
+_HTTP_GET = (
+    "import sys, urllib.request; "
+    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())"
+)
 
 
 def _node_env() -> dict[str, str]:
     """The nodes' environment: ours, minus PYTHONPATH (the job must run from its uploaded working dir)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{_BIN}{os.pathsep}{env.get('PATH', '')}")  # `python` in an entrypoint is this venv's
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1",
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{_BIN}{os.pathsep}{env.get('PATH', '')}",
+    )  # `python` in an entrypoint is this venv's
     return env
 
 
 def _head_command(root: Path) -> list[str]:
-    return [RAY, "start", "--head", "--block", "--num-cpus=0", "--node-ip-address=127.0.0.1", f"--port={_GCS_PORT}",
-            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_DASHBOARD_PORT}",
-            f"--ray-client-server-port={_CLIENT_PORT}", f"--dashboard-agent-listen-port={_HEAD_AGENT_PORT}",
-            f"--min-worker-port={_HEAD_WORKER_PORTS[0]}", f"--max-worker-port={_HEAD_WORKER_PORTS[1]}",
-            f"--object-store-memory={_OBJECT_STORE_BYTES}", f"--temp-dir={root / 'th'}", "--disable-usage-stats"]
+    return [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=0",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_GCS_PORT}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={_DASHBOARD_PORT}",
+        f"--ray-client-server-port={_CLIENT_PORT}",
+        f"--dashboard-agent-listen-port={_HEAD_AGENT_PORT}",
+        f"--min-worker-port={_HEAD_WORKER_PORTS[0]}",
+        f"--max-worker-port={_HEAD_WORKER_PORTS[1]}",
+        f"--object-store-memory={_OBJECT_STORE_BYTES}",
+        f"--temp-dir={root / 'th'}",
+        "--disable-usage-stats",
+    ]
 
 
 def _worker_command(root: Path, cpus: int) -> list[str]:
-    return [RAY, "start", "--block", f"--address=127.0.0.1:{_GCS_PORT}", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={_WORKER_AGENT_PORT}",
-            f"--min-worker-port={_WORKER_WORKER_PORTS[0]}", f"--max-worker-port={_WORKER_WORKER_PORTS[1]}",
-            f"--object-store-memory={_OBJECT_STORE_BYTES}", f"--temp-dir={root / 'tw'}", "--disable-usage-stats"]
+    return [
+        RAY,
+        "start",
+        "--block",
+        f"--address=127.0.0.1:{_GCS_PORT}",
+        "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cpus}",
+        f"--dashboard-agent-listen-port={_WORKER_AGENT_PORT}",
+        f"--min-worker-port={_WORKER_WORKER_PORTS[0]}",
+        f"--max-worker-port={_WORKER_WORKER_PORTS[1]}",
+        f"--object-store-memory={_OBJECT_STORE_BYTES}",
+        f"--temp-dir={root / 'tw'}",
+        "--disable-usage-stats",
+    ]
 
 
 def _check_host() -> None:
@@ -252,12 +333,23 @@ def _check_host() -> None:
         raise RuntimeError("the two-node cluster needs root (unshare -n / -m and mount)")
 
 
-def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None, stdout: int | None = None,
-           stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
+def _spawn(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    stdout: int | None = None,
+    stdin: int = subprocess.DEVNULL,
+) -> subprocess.Popen:
     """Start ``cmd`` in a new session (its own process group, to signal it as one), stderr to ``log``."""
     with open(log, "wb") as fh:
-        return subprocess.Popen(cmd, env=env, start_new_session=True, stdin=stdin,
-                                stdout=stdout if stdout is not None else fh, stderr=fh)
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            start_new_session=True,
+            stdin=stdin,
+            stdout=stdout if stdout is not None else fh,
+            stderr=fh,
+        )
 
 
 def _two_alive(cluster: TwoNodeCluster) -> list[dict] | None:
@@ -271,16 +363,20 @@ def _wait(check, procs: list[subprocess.Popen], timeout: float, root: Path):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(proc.poll() is not None for proc in procs):
-            raise RuntimeError(f"a cluster process exited while starting; head: {_tail(root / 'head.log')}; "
-                               f"worker: {_tail(root / 'worker.log')}")
+            raise RuntimeError(
+                f"a cluster process exited while starting; head: {_tail(root / 'head.log')}; "
+                f"worker: {_tail(root / 'worker.log')}"
+            )
         try:
             if result := check():
                 return result
         except (RuntimeError, KeyError, ValueError, subprocess.SubprocessError):
             pass
         time.sleep(0.5)
-    raise TimeoutError(f"the cluster did not come up in {timeout} s; head: {_tail(root / 'head.log')}; "
-                       f"worker: {_tail(root / 'worker.log')}")
+    raise TimeoutError(
+        f"the cluster did not come up in {timeout} s; head: {_tail(root / 'head.log')}; "
+        f"worker: {_tail(root / 'worker.log')}"
+    )
 
 
 def _tail(log: Path, n: int = 2000) -> str:

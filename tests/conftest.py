@@ -58,17 +58,26 @@ def tiny_bundles(tiny):
     from dataclasses import replace
 
     from conva.batch.config import load_config
+    from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
     from conva.fit import ModelInfo
     from conva.models import model_fingerprint
-    from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
 
     model, tok = tiny
-    cfg = load_config(None, ['--data.values=["power", "benevolence"]', "--fit.band=1-3", "--fit.p0=0.95",
-                             "--gate.other_pairs_per_value=8"])
+    cfg = load_config(
+        None,
+        [
+            '--data.values=["power", "benevolence"]',
+            "--fit.band=1-3",
+            "--fit.p0=0.95",
+            "--gate.other_pairs_per_value=8",
+        ],
+    )
     rows = extraction_rows(cfg)
     layers = list(range(model.config.num_hidden_layers))
     acts = extract_table(model, tok, rows, layers, "last", 32)
-    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(len(layers), rows.num_rows, -1)
+    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(
+        len(layers), rows.num_rows, -1
+    )
     info = ModelInfo("tiny", model_fingerprint(model), model.config.hidden_size, len(layers))
     bundles = fit_bundles(rows, lambda l: matrix[l], layers, cfg, info)
     power, benevolence = bundles["power"], bundles["benevolence"]
@@ -107,8 +116,8 @@ def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 @pytest.fixture(scope="session")
 def fault_plan(tmp_path_factory) -> Path:
     """The plan file the workers' test hook reads (``tests/faults.py``); set before the session's Ray starts."""
-    from tests.faults import PLAN_ENV
     from conva.workers.hooks import HOOK_ENV
+    from tests.faults import PLAN_ENV
 
     path = tmp_path_factory.mktemp("faults") / "plan.json"
     path.write_text("{}")

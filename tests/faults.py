@@ -74,10 +74,18 @@ def hook(task, worker) -> None:
     if poison and any(poison in t for t in _texts(task)):
         os._exit(17)
     rate = float(plan.get("kill_rate", 0.0))
-    if rate and planned_kill(int(plan.get("seed", 0)), stage, shard, rate) and _count(plan, f"kill-{stage}-{shard:05d}") == 0:
+    if (
+        rate
+        and planned_kill(int(plan.get("seed", 0)), stage, shard, rate)
+        and _count(plan, f"kill-{stage}-{shard:05d}") == 0
+    ):
         os._exit(17)
     hang = plan.get("hang")
-    if hang and (hang["stage"], hang["shard"]) == (stage, shard) and _count(plan, f"hang-{stage}-{shard:05d}") == 0:
+    if (
+        hang
+        and (hang["stage"], hang["shard"]) == (stage, shard)
+        and _count(plan, f"hang-{stage}-{shard:05d}") == 0
+    ):
         time.sleep(3600)
     fail = plan.get("fail")
     if fail and (fail["stage"], fail["shard"]) == (stage, shard):
@@ -85,6 +93,10 @@ def hook(task, worker) -> None:
         if _count(plan, f"fail-{stage}-{shard:05d}") < int(fail.get("times", 1)):
             import torch
 
-            kind = {"OSError": OSError, "TimeoutError": TimeoutError, "ValueError": ValueError,
-                    "OutOfMemoryError": torch.OutOfMemoryError}[fail.get("error", "OSError")]
+            kind = {
+                "OSError": OSError,
+                "TimeoutError": TimeoutError,
+                "ValueError": ValueError,
+                "OutOfMemoryError": torch.OutOfMemoryError,
+            }[fail.get("error", "OSError")]
             raise kind(f"injected {kind.__name__} at {stage} shard {shard}")

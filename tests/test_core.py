@@ -11,9 +11,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from conva import data as D
+from conva.batch.config import ConfigError, load_config
 from conva.blocks import find_blocks
 from conva.bundle import BundleError, load_bundle, save_bundle
-from conva.batch.config import ConfigError, load_config
 from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band, split_three
 from conva.values import VALUES
 
@@ -65,8 +65,10 @@ def test_project_schema_jsonl_csv_parquet(tmp_path):
     (tmp_path / "p.csv").write_text("value,positive,negative\n" + "power,I lead.,I follow.\n" * 3)
     for name in ("p.jsonl", "p.parquet", "p.csv"):
         assert [p.positive for p in D.load_pairs(tmp_path / name)] == ["I lead."] * 3
-    (tmp_path / "bad.jsonl").write_text('{"value": "power", "positive": "x", "negative": "y"}\n{"value": "greed", '
-                                        '"positive": "x", "negative": "y"}\n')
+    (tmp_path / "bad.jsonl").write_text(
+        '{"value": "power", "positive": "x", "negative": "y"}\n{"value": "greed", '
+        '"positive": "x", "negative": "y"}\n'
+    )
     with pytest.raises(D.DataError, match=r"bad.jsonl, row 2, field 'value'"):
         D.load_pairs(tmp_path / "bad.jsonl")
     (tmp_path / "q.jsonl").write_text('{"value": "power", "prompt": "Should I?"}\n{"prompt": 5}\n')
@@ -118,6 +120,7 @@ def test_band_is_chosen_on_validation_rows_and_test_rows_change_nothing_else():
     _, val, test = split_three(groups, ProbeSettings())
     rng = np.random.default_rng(1)
     noise = rng.normal(size=x.shape).astype(np.float32)
+
     # Layers 3-5 carry the value on validation rows; layers 0-2 on test rows only: the band follows validation.
     def layer(l: int, corrupt_test: bool = False) -> np.ndarray:
         m = x.copy() if 3 <= l <= 5 else noise.copy()
@@ -126,10 +129,15 @@ def test_band_is_chosen_on_validation_rows_and_test_rows_change_nothing_else():
         if corrupt_test:
             m[test] = rng.normal(size=(len(test), x.shape[1]))
         return m
+
     fit = fit_probes(layer, labels, groups, range(8))
     assert choose_band(fit, 3) == (3, 4, 5) and fit.test_acc[:3].min() > fit.test_acc[3:6].max()
     again = fit_probes(lambda l: layer(l, corrupt_test=True), labels, groups, range(8))
-    assert choose_band(again, 3) == (3, 4, 5) and np.array_equal(again.w, fit.w) and np.array_equal(again.val_acc, fit.val_acc)
+    assert (
+        choose_band(again, 3) == (3, 4, 5)
+        and np.array_equal(again.w, fit.w)
+        and np.array_equal(again.val_acc, fit.val_acc)
+    )
     assert not np.array_equal(again.test_acc, fit.test_acc)
 
 
@@ -214,10 +222,16 @@ def test_config_overrides_and_errors(tmp_path):
     path.write_text('[steer]\np0 = 0.9\n[data]\nvalues = ["power"]\n')
     cfg = load_config(path, ["--steer.max_new_tokens=7", "--fit.band=3-5"])
     assert cfg.steer.p0 == 0.9 and cfg.steer.max_new_tokens == 7 and cfg.data.values == ("power",)
-    for override, key in [("--steer.p00=1", "steer.p00"), ("--steer.p0=1.5", "steer.p0"),
-                          ("--steer.method=magic", "steer.method"), ("--data.values=[\"greed\"]", "data.values"),
-                          ("--steer.max_new_tokens=ten", "steer.max_new_tokens"), ("--gate.apply_to=some", "gate.apply_to"),
-                          ("--gate.prefix_on=never", "gate.prefix_on"), ("--probe.val_size=0.8", "probe.val_size")]:
+    for override, key in [
+        ("--steer.p00=1", "steer.p00"),
+        ("--steer.p0=1.5", "steer.p0"),
+        ("--steer.method=magic", "steer.method"),
+        ('--data.values=["greed"]', "data.values"),
+        ("--steer.max_new_tokens=ten", "steer.max_new_tokens"),
+        ("--gate.apply_to=some", "gate.apply_to"),
+        ("--gate.prefix_on=never", "gate.prefix_on"),
+        ("--probe.val_size=0.8", "probe.val_size"),
+    ]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(path, [override])
     # The vllm backend scores a gate on the text it feeds the engine: prefixed rows are refused, not mis-gated.
@@ -240,9 +254,18 @@ def test_external_gate_scores_a_classifier(tmp_path, tiny):
     from conva.steering.spec import SteerSpec
 
     model, tok = tiny
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, num_labels=3, pad_token_id=tok.pad_token_id,
-                      id2label={0: "Power", 1: "Achievement", 2: "Other"}, label2id={"Power": 0, "Achievement": 1, "Other": 2})
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=3,
+        pad_token_id=tok.pad_token_id,
+        id2label={0: "Power", 1: "Achievement", 2: "Other"},
+        label2id={"Power": 0, "Achievement": 1, "Other": 2},
+    )
     torch.manual_seed(0)
     clf = LlamaForSequenceClassification(cfg).eval()
     clf.save_pretrained(tmp_path / "clf")
@@ -251,7 +274,9 @@ def test_external_gate_scores_a_classifier(tmp_path, tiny):
     gate = Gate("external", 0.0, model=str(tmp_path / "clf"), labels=("Power", "Achievement"))
     scores = external_scores(gate, texts)
     with torch.no_grad():
-        expected = [torch.softmax(clf(**tok([t], return_tensors="pt")).logits, -1)[0, :2].max().item() for t in texts]
+        expected = [
+            torch.softmax(clf(**tok([t], return_tensors="pt")).logits, -1)[0, :2].max().item() for t in texts
+        ]
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="not labels of"):
         external_scores(replace(gate, labels=("Greed",)), texts)
@@ -276,8 +301,21 @@ def tiny_bundles_power(tiny):
     model, _ = tiny
     d, rng = model.config.hidden_size, np.random.default_rng(0)
     w = rng.normal(size=(4, d)).astype(np.float32)
-    return ValueBundle("power", "tiny", model_fingerprint(model), d, 4, np.arange(4), w, np.zeros(4, np.float32),
-                       np.ones(4, np.float32), np.ones(4, np.float32), w.copy(), (1, 2, 3), 0.9)
+    return ValueBundle(
+        "power",
+        "tiny",
+        model_fingerprint(model),
+        d,
+        4,
+        np.arange(4),
+        w,
+        np.zeros(4, np.float32),
+        np.ones(4, np.float32),
+        np.ones(4, np.float32),
+        w.copy(),
+        (1, 2, 3),
+        0.9,
+    )
 
 
 def test_mean_pooling_matches_hidden_states(tiny):

@@ -19,7 +19,10 @@ from conva.blocks import find_blocks
 from conva.steering.hf import generate
 from conva.steering.spec import SteerSpec
 
-PROMPTS = ["Should I take the job abroad even though my family wants me to stay?", "Is it right to break a rule?"]
+PROMPTS = [
+    "Should I take the job abroad even though my family wants me to stay?",
+    "Is it right to break a rule?",
+]
 NEW = 6
 
 
@@ -38,8 +41,11 @@ def _reference(model, tok, prompt: str, bundle, p0: float) -> tuple[list[int], l
             e = h[0, -1].double()
             norm = float(w[layer].norm())
             eps[layer] = max(0.0, (s0 - b[layer] - float(w[layer] @ e)) / norm)
-            steered = h + (eps[layer] * w[layer] / norm).to(h.dtype)  # every position of this forward's tokens
+            steered = h + (eps[layer] * w[layer] / norm).to(
+                h.dtype
+            )  # every position of this forward's tokens
             return steered if isinstance(output, torch.Tensor) else (steered, *output[1:])
+
         return add
 
     blocks = find_blocks(model)
@@ -47,11 +53,15 @@ def _reference(model, tok, prompt: str, bundle, p0: float) -> tuple[list[int], l
     stops = {*(eos if isinstance(eos, list) else [eos]), tok.eos_token_id}
     handles = [blocks[l].register_forward_hook(hook(l)) for l in band]
     try:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         tokens: list[int] = []
         with torch.inference_mode():
-            out = model(input_ids=ids, use_cache=True)  # the prefill: ε at the last prompt token, added everywhere
+            out = model(
+                input_ids=ids, use_cache=True
+            )  # the prefill: ε at the last prompt token, added everywhere
             for step in range(NEW):
                 nxt = int(out.logits[0, -1].argmax())
                 if nxt in stops:
@@ -59,8 +69,12 @@ def _reference(model, tok, prompt: str, bundle, p0: float) -> tuple[list[int], l
                 tokens.append(nxt)
                 if step < NEW - 1:  # the new token alone, with the cache of every earlier (steered) position
                     position = torch.tensor([[ids.shape[1] + step]])
-                    out = model(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values,
-                                position_ids=position, use_cache=True)
+                    out = model(
+                        input_ids=torch.tensor([[nxt]]),
+                        past_key_values=out.past_key_values,
+                        position_ids=position,
+                        use_cache=True,
+                    )
     finally:
         for handle in handles:
             handle.remove()
@@ -74,8 +88,9 @@ def test_per_token_epsilon_matches_a_decode_loop_written_here(tiny, tiny_bundles
     steered = 0
     for prompt in PROMPTS:
         want_tokens, want_eps = _reference(model, tok, prompt, bundle, p0)
-        [row] = generate(model, tok, [prompt], [SteerSpec("conva", bundle, p0=p0)], max_new_tokens=NEW,
-                         epsilon="per_token")
+        [row] = generate(
+            model, tok, [prompt], [SteerSpec("conva", bundle, p0=p0)], max_new_tokens=NEW, epsilon="per_token"
+        )
         assert list(row.tokens) == want_tokens
         if len(want_tokens) == NEW:  # the telemetry holds the ε of the last forward pass the library ran
             assert row.eps == pytest.approx(want_eps, abs=1e-4)

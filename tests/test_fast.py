@@ -60,7 +60,9 @@ def test_untouched_rows_equal_unsteered(tiny, tiny_bundles):
     model, tok = tiny
     specs = _mixed_specs(*tiny_bundles)
     fast = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False)
-    plain = generate_compiled(model, tok, PROMPTS, [SteerSpec()] * len(PROMPTS), max_new_tokens=NEW, compile=False)
+    plain = generate_compiled(
+        model, tok, PROMPTS, [SteerSpec()] * len(PROMPTS), max_new_tokens=NEW, compile=False
+    )
     untouched = [i for i, r in enumerate(fast) if not any(r.eps)]
     assert 1 in untouched and 2 in untouched  # the unsteered row and the closed-gate row
     for i in untouched:
@@ -74,7 +76,9 @@ def test_steering_in_the_decode_graph_changes_tokens(tiny, tiny_bundles):
     strong = [SteerSpec("probe_fixed", tiny_bundles[0], strength=50.0)]
     steered = generate_compiled(model, tok, PROMPTS[:1], strong, max_new_tokens=8, compile=False)
     ref = generate(model, tok, PROMPTS[:1], strong, max_new_tokens=8)
-    gen_only = generate_compiled(model, tok, PROMPTS[:1], strong, max_new_tokens=8, compile=False, positions="generated")
+    gen_only = generate_compiled(
+        model, tok, PROMPTS[:1], strong, max_new_tokens=8, compile=False, positions="generated"
+    )
     ref_gen = generate(model, tok, PROMPTS[:1], strong, max_new_tokens=8, positions="generated")
     assert steered[0].tokens == ref[0].tokens and gen_only[0].tokens == ref_gen[0].tokens
 
@@ -82,10 +86,16 @@ def test_steering_in_the_decode_graph_changes_tokens(tiny, tiny_bundles):
 def test_per_token_epsilon_equals_steer_generate(tiny, tiny_bundles):
     model, tok = tiny
     specs = _mixed_specs(*tiny_bundles)
-    ref = generate(model, tok, PROMPTS, specs, max_new_tokens=NEW, epsilon="per_token", batch_size=len(PROMPTS))
+    ref = generate(
+        model, tok, PROMPTS, specs, max_new_tokens=NEW, epsilon="per_token", batch_size=len(PROMPTS)
+    )
     if any(len(r.tokens) < NEW for r in ref):
-        pytest.fail("a row ended early: HF would then stop before the fixed step count and ε telemetry differs")
-    fast = generate_compiled(model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False, epsilon="per_token")
+        pytest.fail(
+            "a row ended early: HF would then stop before the fixed step count and ε telemetry differs"
+        )
+    fast = generate_compiled(
+        model, tok, PROMPTS, specs, max_new_tokens=NEW, compile=False, epsilon="per_token"
+    )
     _assert_same(fast, ref)
 
 
@@ -133,18 +143,33 @@ def test_compiled_mode_through_the_steering_stage(tiny, tiny_bundles):
 
     model, tok = tiny
     prompts = [*PROMPTS, "", None]  # two error rows among the good ones: the row contract is unchanged
-    rows = pa.Table.from_pylist([dict(row_id=f"r{i}", value="power", prompt=p, error=None) for i, p in enumerate(prompts)],
-                                schema=STEERING_INPUT_SCHEMA)
+    rows = pa.Table.from_pylist(
+        [dict(row_id=f"r{i}", value="power", prompt=p, error=None) for i, p in enumerate(prompts)],
+        schema=STEERING_INPUT_SCHEMA,
+    )
     tables = {}
     for mode in ("batched", "compiled"):
-        cfg = load_config(None, [f"--steer.mode={mode}", f"--steer.max_new_tokens={NEW}", "--steer.p0=0.99",
-                                 "--steer.batch_size=8"])
+        cfg = load_config(
+            None,
+            [
+                f"--steer.mode={mode}",
+                f"--steer.max_new_tokens={NEW}",
+                "--steer.p0=0.99",
+                "--steer.batch_size=8",
+            ],
+        )
         tables[mode] = steer_table(model, tok, rows, {"power": tiny_bundles[0]}, cfg, "tiny")
     batched, compiled = tables["batched"].to_pylist(), tables["compiled"].to_pylist()
     assert len(compiled) == len(prompts)
-    assert [r["error"] for r in compiled] == [r["error"] for r in batched] and compiled[-1]["error"] == "prompt is null"
+    assert [r["error"] for r in compiled] == [r["error"] for r in batched] and compiled[-1][
+        "error"
+    ] == "prompt is null"
     for a, b in zip(compiled, batched):
-        assert (a["output"], a["n_output_tokens"], a["gate_open"]) == (b["output"], b["n_output_tokens"], b["gate_open"])
+        assert (a["output"], a["n_output_tokens"], a["gate_open"]) == (
+            b["output"],
+            b["n_output_tokens"],
+            b["gate_open"],
+        )
         if a["eps"] is not None:
             np.testing.assert_allclose(a["eps"], b["eps"], atol=1e-4)
     assert any(e > 0 for r in compiled if r["eps"] for e in r["eps"])

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conva.batch.config import load_config
+from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
 from conva.fit import ModelInfo
 from conva.gates import Gate
 from conva.models import load_model, model_fingerprint
-from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
 from conva.steering.hf import generate, steer_logits
 from conva.steering.spec import SteerSpec
 from tests.test_steer_tiny import _prob, _states
@@ -38,12 +38,18 @@ def gemma():
 def gemma_bundle(gemma):
     """An achievement bundle on the demo pairs, band 4–9, no gate (the gate tests give it one)."""
     model, tok = gemma
-    cfg = load_config(None, ['--data.values=["achievement"]', "--fit.band=4-9", "--fit.p0=0.99999", "--gate.kind=none"])
+    cfg = load_config(
+        None, ['--data.values=["achievement"]', "--fit.band=4-9", "--fit.p0=0.99999", "--gate.kind=none"]
+    )
     rows = extraction_rows(cfg)
     layers = list(range(10))  # the band and the gate's candidates: enough for these checks
     acts = extract_table(model, tok, rows, layers, "last", 32)
-    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(len(layers), rows.num_rows, -1)
-    info = ModelInfo("gemma-3-270m", model_fingerprint(model), model.config.hidden_size, model.config.num_hidden_layers)
+    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(
+        len(layers), rows.num_rows, -1
+    )
+    info = ModelInfo(
+        "gemma-3-270m", model_fingerprint(model), model.config.hidden_size, model.config.num_hidden_layers
+    )
     return fit_bundles(rows, lambda l: matrix[l], layers, cfg, info)["achievement"]
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conva.tiny import make_tiny_model
 from conva.jobs import cli, runner
 from conva.jobs.runner import main
+from conva.tiny import make_tiny_model
 from conva.workers.backends import BACKENDS, check_backend, make_steerer, register_backend
 from conva.workers.contract import RowContractError, check_rows
 
@@ -33,6 +33,7 @@ def tiny(tmp_path_factory) -> str:
 def no_ray(monkeypatch):
     def fail(*_a, **_k):
         raise AssertionError("Ray or a worker was started")
+
     monkeypatch.setattr(runner, "connect_ray", fail)
     monkeypatch.setattr(runner, "WorkerPool", fail)
 
@@ -55,13 +56,25 @@ def test_missing_model_path(tmp_path, capsys) -> None:
 
 def test_unreadable_inputs(tiny, tmp_path, capsys) -> None:
     out = tmp_path / "out"
-    line = _fails(capsys, "extract", f"--model.name={tiny}", f"--output.dir={out}", f"--data.pairs={tmp_path / 'nope.jsonl'}")
+    line = _fails(
+        capsys,
+        "extract",
+        f"--model.name={tiny}",
+        f"--output.dir={out}",
+        f"--data.pairs={tmp_path / 'nope.jsonl'}",
+    )
     assert line.startswith("conva extract: error: data.pairs:") and "no such file" in line
     broken = tmp_path / "prompts.parquet"
     broken.write_bytes(b"PAR1 this is not parquet")
     line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={out}", f"--data.prompts={broken}")
     assert "data.prompts:" in line and "Parquet" in line
-    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={out}", f"--data.prompts={tmp_path / 'gone.jsonl'}")
+    line = _fails(
+        capsys,
+        "run",
+        f"--model.name={tiny}",
+        f"--output.dir={out}",
+        f"--data.prompts={tmp_path / 'gone.jsonl'}",
+    )
     assert "data.prompts:" in line and "gone.jsonl" in line
     assert not out.exists()
 
@@ -82,10 +95,17 @@ def test_steer_or_fit_without_the_earlier_stage(tiny, tmp_path, capsys) -> None:
 
 
 def test_validate_names_the_bad_key(tiny, tmp_path, capsys) -> None:
-    assert cli.main(["validate", "--config", TINY, f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}"]) == 0
+    assert (
+        cli.main(["validate", "--config", TINY, f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}"])
+        == 0
+    )
     assert "conva validate: ok" in capsys.readouterr().out
-    for arg, key in [("--steer.p0=2", "steer.p0"), ("--ray.max_restarts=-1", "ray.max_restarts"),
-                     ("--steer.bogus=1", "steer.bogus"), ("--model.name=/no/such", "model.name")]:
+    for arg, key in [
+        ("--steer.p0=2", "steer.p0"),
+        ("--ray.max_restarts=-1", "ray.max_restarts"),
+        ("--steer.bogus=1", "steer.bogus"),
+        ("--model.name=/no/such", "model.name"),
+    ]:
         argv = ["validate", "--config", TINY, f"--model.name={tiny}", arg]
         assert cli.main(argv) == 2
         assert key in capsys.readouterr().err
@@ -103,7 +123,9 @@ def test_vllm_backend_absent_fails_clearly(tiny, tmp_path, monkeypatch, capsys) 
     monkeypatch.setitem(sys.modules, "conva.steering.vllm", types.ModuleType("conva.steering.vllm"))
     with pytest.raises(NotImplementedError, match="steer.backend: 'vllm' is not available"):
         check_backend("vllm")
-    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}", "--steer.backend=vllm")
+    line = _fails(
+        capsys, "run", f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}", "--steer.backend=vllm"
+    )
     assert "steer.backend" in line
 
 
@@ -131,8 +153,9 @@ def test_row_contract() -> None:
         check_rows("steer", 0, pa.table({"row_id": ["a", "a"]}), pa.table({"row_id": ["a", "a"]}))
 
 
-def test_a_relative_output_is_made_absolute_here_and_refused_under_ray_job_submit(tiny, tmp_path, monkeypatch,
-                                                                                    capsys) -> None:
+def test_a_relative_output_is_made_absolute_here_and_refused_under_ray_job_submit(
+    tiny, tmp_path, monkeypatch, capsys
+) -> None:
     from conva.batch.config import load_config
     from conva.jobs.common import output_location
 
@@ -154,8 +177,14 @@ def test_multi_gpu_workers_are_planned_and_refused_where_they_cannot_work(tiny, 
     from conva.batch.config import load_config
     from conva.jobs.preflight import check_gpu_fit, model_bytes
 
-    line = _fails(capsys, "run", f"--model.name={tiny}", f"--output.dir={tmp_path / 'o'}", "--steer.backend=vllm",
-                  "--ray.num_gpus_per_worker=2")
+    line = _fails(
+        capsys,
+        "run",
+        f"--model.name={tiny}",
+        f"--output.dir={tmp_path / 'o'}",
+        "--steer.backend=vllm",
+        "--ray.num_gpus_per_worker=2",
+    )
     assert "tensor parallelism" in line and 'steer.backend = "hf"' in line
     cfg = load_config(TINY, [f"--model.name={tiny}", "--model.device=cuda", "--ray.num_gpus_per_worker=2"])
     weights = model_bytes(cfg)
@@ -165,7 +194,9 @@ def test_multi_gpu_workers_are_planned_and_refused_where_they_cannot_work(tiny, 
     assert model_bytes(half) == stored // 2
     gib = 2**30
     need = weights * 1.2
-    check_gpu_fit(cfg, {"10.0.0.1": [int(need / 2) + 1, int(need / 2) + 1]})  # two GPUs together hold it: fine
+    check_gpu_fit(
+        cfg, {"10.0.0.1": [int(need / 2) + 1, int(need / 2) + 1]}
+    )  # two GPUs together hold it: fine
     with pytest.raises(Exception, match=r"ray.num_gpus_per_worker: .* gets 2 GPU\(s\) of .* GiB"):
         check_gpu_fit(cfg, {"10.0.0.1": [int(need / 2) - 1] * 2})
     one = load_config(TINY, [f"--model.name={tiny}", "--model.device=cuda", "--ray.num_gpus_per_worker=1"])
@@ -174,7 +205,9 @@ def test_multi_gpu_workers_are_planned_and_refused_where_they_cannot_work(tiny, 
     check_gpu_fit(one, {"10.0.0.1": []})  # a node whose GPUs are unknown is not refused
 
 
-def test_a_worker_given_several_gpus_spreads_its_model_and_records_the_same_activations(tiny, monkeypatch) -> None:
+def test_a_worker_given_several_gpus_spreads_its_model_and_records_the_same_activations(
+    tiny, monkeypatch
+) -> None:
     """A worker with k > 1 GPUs loads with ``device_map="auto"`` (spread over the GPUs Ray gives it, all on one
     node); on this CPU machine every block lands on the CPU, and the activations are those of a plain load."""
     from conva import models
@@ -184,7 +217,9 @@ def test_a_worker_given_several_gpus_spreads_its_model_and_records_the_same_acti
     from conva.workers.worker import ModelWorker
 
     asked, real = [], models.load_model
-    monkeypatch.setattr(models, "load_model", lambda *a, **k: asked.append(k.get("device_map")) or real(*a, **k))
+    monkeypatch.setattr(
+        models, "load_model", lambda *a, **k: asked.append(k.get("device_map")) or real(*a, **k)
+    )
     rows = extraction_rows(load_config(TINY, [f"--model.name={tiny}", '--data.values=["power"]'])).slice(0, 8)
     got = {}
     for gpus in ("0.5", "2"):

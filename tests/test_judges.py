@@ -18,15 +18,28 @@ import numpy as np
 import pytest
 
 from conva import data as D
-from conva.judges import (JudgeSettings, LLMJudge, heldout_pairs, make_judge, parse_rating, parse_verdict,
-                          value_prompt)
 from conva.batch.llm_client import ChatClient, LLMError
+from conva.judges import (
+    JudgeSettings,
+    LLMJudge,
+    heldout_pairs,
+    make_judge,
+    parse_rating,
+    parse_verdict,
+    value_prompt,
+)
 from conva.record import record_activations
 
 
 def test_verdict_parsing_follows_the_paper_protocol() -> None:
-    assert [parse_verdict(r) for r in ("Yes.", "no", "Unclear", " YES, clearly", "It depends", "")] == \
-        [1.0, 0.0, 0.5, 1.0, 0.5, 0.5]
+    assert [parse_verdict(r) for r in ("Yes.", "no", "Unclear", " YES, clearly", "It depends", "")] == [
+        1.0,
+        0.0,
+        0.5,
+        1.0,
+        0.5,
+        0.5,
+    ]
     assert parse_verdict("No, yes") == 0.0  # the first verdict word wins
     assert [parse_rating(r) for r in ("5", "I'd say 3/5", "none", "9")] == [5.0, 3.0, None, None]
     text = value_prompt("power", "Should I?", "Take it.")[1]["content"]
@@ -36,7 +49,11 @@ def test_verdict_parsing_follows_the_paper_protocol() -> None:
 def _assert_swapped_pairs_agree_half(judge, pairs: list[D.Pair]) -> None:
     """Any judge, on pairs plus the same pairs with their texts swapped, agrees and ranks exactly half."""
     swapped = [D.Pair(p.value, p.negative, p.positive) for p in pairs]
-    assert judge.agreement(pairs + swapped) == {"agreement": 0.5, "pairwise": 0.5, "n_pairs": 2.0 * len(pairs)}
+    assert judge.agreement(pairs + swapped) == {
+        "agreement": 0.5,
+        "pairwise": 0.5,
+        "n_pairs": 2.0 * len(pairs),
+    }
 
 
 def test_classifier_judge_is_deterministic_and_reports_agreement() -> None:
@@ -52,7 +69,7 @@ def test_classifier_judge_is_deterministic_and_reports_agreement() -> None:
     stats = a.agreement(test)
     # Each text judged alone: agreement counts the texts given their own label, out of 2 per pair.
     alone = [a.judge(["power"], [""], [t])[0].score for t in texts]
-    right = sum(s == 1.0 for s in alone[: len(test)]) + sum(s == 0.0 for s in alone[len(test):])
+    right = sum(s == 1.0 for s in alone[: len(test)]) + sum(s == 0.0 for s in alone[len(test) :])
     assert stats["agreement"] == right / (2 * len(test)) and stats["n_pairs"] == len(test)
     assert stats["agreement"] >= 0.7  # measured 0.93 on the demo answers
     _assert_swapped_pairs_agree_half(a, test)
@@ -63,26 +80,44 @@ def test_classifier_judge_is_deterministic_and_reports_agreement() -> None:
 def test_probe_judge_is_the_bundle_probe_on_the_unsteered_model(tiny, tiny_bundles) -> None:
     model, tok = tiny
     bundle = tiny_bundles[0]
-    judge = make_judge(JudgeSettings("probe"), values=["power"], model=model, tok=tok, bundles={"power": bundle})
-    prompts, answers = ["Should I take the promotion?", "Should I?"], ["Yes, power matters.", "No, family first."]
+    judge = make_judge(
+        JudgeSettings("probe"), values=["power"], model=model, tok=tok, bundles={"power": bundle}
+    )
+    prompts, answers = (
+        ["Should I take the promotion?", "Should I?"],
+        ["Yes, power matters.", "No, family first."],
+    )
     verdicts = judge.judge(["power"] * 2, prompts, answers)
     row = int(np.argmax(bundle.val_acc))
-    acts = record_activations(model, tok, [f"{p}\n\n{a}" for p, a in zip(prompts, answers)], [int(bundle.layers[row])])
+    acts = record_activations(
+        model, tok, [f"{p}\n\n{a}" for p, a in zip(prompts, answers)], [int(bundle.layers[row])]
+    )
     z = acts[:, 0].astype(np.float64) @ bundle.w[row].astype(np.float64) + float(bundle.b[row])
     assert [v.prob for v in verdicts] == pytest.approx(list(1 / (1 + np.exp(-z))), rel=1e-5)
     # One hand-made pair after one prompt: the probabilities of its two texts, computed here, decide it.
     pair = D.Pair("power", answers[0], answers[1])
-    acts = record_activations(model, tok, [f"{prompts[0]}\n\n{a}" for a in answers], [int(bundle.layers[row])])
-    p_pos, p_neg = 1 / (1 + np.exp(-(acts[:, 0].astype(np.float64) @ bundle.w[row].astype(np.float64)
-                                     + float(bundle.b[row]))))
+    acts = record_activations(
+        model, tok, [f"{prompts[0]}\n\n{a}" for a in answers], [int(bundle.layers[row])]
+    )
+    p_pos, p_neg = 1 / (
+        1 + np.exp(-(acts[:, 0].astype(np.float64) @ bundle.w[row].astype(np.float64) + float(bundle.b[row])))
+    )
     assert p_pos != p_neg
     # A judge saying yes (or no) to everything is right on one text of two; a threshold between the two
     # probabilities labels both right if the positive ranks higher, both wrong if not.
     for threshold, agreement in ((0.0, 0.5), ((p_pos + p_neg) / 2, float(p_pos > p_neg)), (1.01, 0.5)):
-        probe = make_judge(JudgeSettings("probe", threshold=threshold), values=["power"], model=model, tok=tok,
-                           bundles={"power": bundle})
-        assert probe.agreement([pair], prompts[:1]) == {"agreement": agreement, "pairwise": float(p_pos > p_neg),
-                                                        "n_pairs": 1.0}
+        probe = make_judge(
+            JudgeSettings("probe", threshold=threshold),
+            values=["power"],
+            model=model,
+            tok=tok,
+            bundles={"power": bundle},
+        )
+        assert probe.agreement([pair], prompts[:1]) == {
+            "agreement": agreement,
+            "pairwise": float(p_pos > p_neg),
+            "n_pairs": 1.0,
+        }
     _assert_swapped_pairs_agree_half(judge, heldout_pairs(JudgeSettings(), "power")[1][:3])
     with pytest.raises(ValueError, match="needs the loaded model"):
         make_judge(JudgeSettings("probe"), values=["power"])
@@ -119,8 +154,14 @@ def test_client_retries_with_backoff_caches_and_never_stores_the_key(tmp_path, m
     monkeypatch.setenv("CONVA_TEST_JUDGE_KEY", "sk-secret-123")
     try:
         url = f"http://127.0.0.1:{server.server_port}/v1"
-        client = ChatClient(url, "m", api_key_env="CONVA_TEST_JUDGE_KEY", max_retries=3, backoff_s=0.05,
-                            cache_dir=tmp_path / "cache")
+        client = ChatClient(
+            url,
+            "m",
+            api_key_env="CONVA_TEST_JUDGE_KEY",
+            max_retries=3,
+            backoff_s=0.05,
+            cache_dir=tmp_path / "cache",
+        )
         start = time.monotonic()
         assert client.complete([{"role": "user", "content": "hi"}]) == "Yes."
         assert client.requests_sent == 3 and time.monotonic() - start >= 0.05 + 0.1  # two backoffs: 0.05, 0.1
@@ -131,7 +172,8 @@ def test_client_retries_with_backoff_caches_and_never_stores_the_key(tmp_path, m
         _Flaky.fail = 5
         with pytest.raises(LLMError, match="failed after 2 attempts") as err:
             ChatClient(url, "m", api_key_env="CONVA_TEST_JUDGE_KEY", max_retries=1, backoff_s=0.01).complete(
-                [{"role": "user", "content": "other"}])
+                [{"role": "user", "content": "other"}]
+            )
         assert "sk-secret" not in str(err.value)
     finally:
         server.shutdown()
@@ -149,13 +191,40 @@ def vllm_server():
     from conva.models import resolve_model
 
     port = _free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "OMP_NUM_THREADS": "1", "VLLM_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "OMP_NUM_THREADS": "1",
+        "VLLM_USAGE_STATS_ENABLED": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-judge-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("smollm2"),
-                             "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-                             "--enforce-eager", "--max-model-len", "2048", "--dtype", "float32"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            resolve_model("smollm2"),
+            "--served-model-name",
+            "smollm2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--enforce-eager",
+            "--max-model-len",
+            "2048",
+            "--dtype",
+            "float32",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -183,16 +252,31 @@ def vllm_server():
 @pytest.mark.slow
 def test_llm_judge_against_a_real_local_server(vllm_server, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CONVA_TEST_JUDGE_KEY", "sk-local-never-stored")
-    settings = JudgeSettings("llm", base_url=vllm_server, model="smollm2", api_key_env="CONVA_TEST_JUDGE_KEY",
-                             max_concurrency=2, max_tokens=4, cache_dir=str(tmp_path / "cache"))
+    settings = JudgeSettings(
+        "llm",
+        base_url=vllm_server,
+        model="smollm2",
+        api_key_env="CONVA_TEST_JUDGE_KEY",
+        max_concurrency=2,
+        max_tokens=4,
+        cache_dir=str(tmp_path / "cache"),
+    )
     with pytest.raises(ValueError, match="needs a chat endpoint"):
         make_judge(settings, values=["power"])
-    client = ChatClient(vllm_server, "smollm2", api_key_env="CONVA_TEST_JUDGE_KEY", max_concurrency=2,
-                        cache_dir=settings.cache_dir)
+    client = ChatClient(
+        vllm_server,
+        "smollm2",
+        api_key_env="CONVA_TEST_JUDGE_KEY",
+        max_concurrency=2,
+        cache_dir=settings.cache_dir,
+    )
     judge = make_judge(settings, values=["power"], chat=client.complete_many)
     assert isinstance(judge, LLMJudge)
     prompts = ["Should I accept the promotion to manager even though it means less time with my kids?"] * 2
-    answers = ["Take it: authority and status matter most.", "Stay home: your kids need you more than a title."]
+    answers = [
+        "Take it: authority and status matter most.",
+        "Stay home: your kids need you more than a title.",
+    ]
     first = judge.judge(["power"] * 2, prompts, answers)
     assert all(v.score in (0.0, 0.5, 1.0) and isinstance(v.raw, str) for v in first)
     assert all(v.score == parse_verdict(v.raw) for v in first)

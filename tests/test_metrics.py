@@ -40,13 +40,17 @@ def _exact_percentile(scores: list[float], q: float) -> tuple[float, float]:
     return float(values[k]), float(np.min(np.abs(cdf - q)))
 
 
-@pytest.mark.parametrize("scores, level", [([1, 0, 0.5, 1], 0.95), ([1, 0, 0.5, 1], 0.5), ([0, 0, 1], 0.9),
-                                           ([0, 1, 1, 1, 0.5], 0.8)])
+@pytest.mark.parametrize(
+    "scores, level",
+    [([1, 0, 0.5, 1], 0.95), ([1, 0, 0.5, 1], 0.5), ([0, 0, 1], 0.9), ([0, 1, 1, 1, 0.5], 0.8)],
+)
 def test_bootstrap_bounds_are_the_exact_percentiles_of_the_resample_mean(scores, level) -> None:
     n_boot = 40_000
     alpha = (1 - level) / 2
     (lo, lo_margin), (hi, hi_margin) = _exact_percentile(scores, alpha), _exact_percentile(scores, 1 - alpha)
-    assert min(lo_margin, hi_margin) > 5 * math.sqrt(alpha * (1 - alpha) / n_boot)  # decided by the distribution
+    assert min(lo_margin, hi_margin) > 5 * math.sqrt(
+        alpha * (1 - alpha) / n_boot
+    )  # decided by the distribution
     for seed in (0, 1, 2):  # any seed: the bounds come from the distribution, not from one RNG stream
         assert bootstrap_ci(scores, n_boot=n_boot, level=level, seed=seed) == (lo, hi)
 
@@ -73,7 +77,10 @@ def test_ppl_ratio_is_the_geometric_mean_ratio() -> None:
 
 def test_answer_nll_in_a_padded_batch_equals_one_row_at_a_time(tiny) -> None:
     model, tok = tiny
-    prompts = ["Should I take the job?", "Is it right to break a rule to help a friend who is in trouble today?"]
+    prompts = [
+        "Should I take the job?",
+        "Is it right to break a rule to help a friend who is in trouble today?",
+    ]
     answers = ["Yes, take it.", "No. Rules keep everyone safe, even when it is hard."]
     batched = answer_nll(model, tok, prompts, answers, batch_size=2)
     for (nll, n), p, a in zip(batched, prompts, answers):
@@ -98,7 +105,10 @@ def test_answers_are_scored_under_the_context_they_were_generated_from(tiny, tin
     rows = generate(model, tok, prompts, specs, max_new_tokens=5)
     contexts, answers = [r.context for r in rows], [r.text for r in rows]
     assert contexts[0] != prompts[0] and contexts[1] == prompts[1]
-    score = lambda p, a: perplexity(model, tok, p, a)
+
+    def score(p, a):
+        return perplexity(model, tok, p, a)
+
     under, plain = answer_perplexities(score, prompts, contexts, answers)
     assert under[0] == pytest.approx(perplexity(model, tok, contexts[:1], answers[:1])[0], rel=1e-6)
     assert plain == pytest.approx(perplexity(model, tok, prompts, answers), rel=1e-6)
@@ -111,8 +121,12 @@ def test_mc_loader_reads_the_demo_set_and_names_bad_rows(tmp_path) -> None:
     items = demo_mc()
     assert len(items) == 68 and all(i.answer in LETTERS and len(i.choices) == 4 for i in items)
     good = "What is 2+2?,3,4,5,6,B\n"
-    cases = [("Q?,a,b,c,d\n", None, "expected 6 fields"), ("Q?,a,b,c,d,E\n", "answer", "expected one of A, B, C, D"),
-             (" ,a,b,c,d,A\n", "question", "empty text"), ("Q?,a,,c,d,A\n", "B", "empty text")]
+    cases = [
+        ("Q?,a,b,c,d\n", None, "expected 6 fields"),
+        ("Q?,a,b,c,d,E\n", "answer", "expected one of A, B, C, D"),
+        (" ,a,b,c,d,A\n", "question", "empty text"),
+        ("Q?,a,,c,d,A\n", "B", "empty text"),
+    ]
     for bad, field, problem in cases:
         path = tmp_path / "mc.csv"
         path.write_text(good + bad)

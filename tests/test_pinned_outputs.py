@@ -23,8 +23,13 @@ pytestmark = pytest.mark.slow  # a real (embedded) Ray and a worker
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo.toml"
-SHRINK = ["--data.max_prompts_per_value=1", "--steer.max_new_tokens=6", "--ray.num_workers=1",
-          "--ray.rows_per_shard=256", "--ray.steer_rows_per_shard=8"]
+SHRINK = [
+    "--data.max_prompts_per_value=1",
+    "--steer.max_new_tokens=6",
+    "--ray.num_workers=1",
+    "--ray.rows_per_shard=256",
+    "--ray.steer_rows_per_shard=8",
+]
 # Generated columns that carry the method's results (row_id orders the rows; `model` names a temp folder).
 GENERATED = ["row_id", "value", "output", "eps", "p_before", "p_after", "gate_open", "gate_score", "layers"]
 
@@ -136,12 +141,25 @@ def _array_sha(arr: np.ndarray) -> str:
 def _bundle_digests(bundle) -> dict[str, str]:
     """One digest per tensor of a bundle, and one for the scalars that steer with them (band, P0, gate)."""
     g = bundle.gate
-    tensors = {"w": bundle.w, "b": bundle.b, "layers": bundle.layers, "caa": bundle.caa,
-               "train_acc": bundle.train_acc, "val_acc": bundle.val_acc, "test_acc": bundle.test_acc,
-               "gate_w": g.w}
+    tensors = {
+        "w": bundle.w,
+        "b": bundle.b,
+        "layers": bundle.layers,
+        "caa": bundle.caa,
+        "train_acc": bundle.train_acc,
+        "val_acc": bundle.val_acc,
+        "test_acc": bundle.test_acc,
+        "gate_w": g.w,
+    }
     digests = {name: "absent" if arr is None else _array_sha(arr) for name, arr in tensors.items()}
-    scalars = {"band": list(bundle.band), "p0": repr(bundle.p0), "gate_kind": g.kind, "gate_layer": g.layer,
-               "gate_b": repr(g.b), "gate_threshold": repr(g.threshold)}
+    scalars = {
+        "band": list(bundle.band),
+        "p0": repr(bundle.p0),
+        "gate_kind": g.kind,
+        "gate_layer": g.layer,
+        "gate_b": repr(g.b),
+        "gate_threshold": repr(g.threshold),
+    }
     digests["scalars"] = _sha(json.dumps(scalars, sort_keys=True).encode())
     return digests
 
@@ -156,15 +174,18 @@ def _generations_digest(out: Path) -> str:
 
 
 def test_demo_outputs_are_bit_identical_to_the_pinned_digests(ray_session, tiny_path, tmp_path) -> None:
-    from conva.bundle import load_bundle  # the library's names, in one place: update here after a move
     from conva.batch.config import load_config
+    from conva.bundle import load_bundle  # the library's names, in one place: update here after a move
     from conva.jobs.runner import run_job
 
     out = tmp_path / "out"
     cfg = load_config(DEMO, [f"--model.name={tiny_path}", f"--output.dir={out}", *SHRINK])
     run_job("run", cfg)
-    got = {f"{value}/{name}": digest for value in cfg.data.values
-           for name, digest in _bundle_digests(load_bundle(out / "bundles" / value)).items()}
+    got = {
+        f"{value}/{name}": digest
+        for value in cfg.data.values
+        for name, digest in _bundle_digests(load_bundle(out / "bundles" / value)).items()
+    }
     got["generations"] = _generations_digest(out)
     assert got.keys() == PINNED.keys()
     changed = [key for key in PINNED if got[key] != PINNED[key]]

@@ -13,9 +13,17 @@ from conva.record import record_activations
 
 def test_extract_table_is_layer_major_and_matches_record(tiny):
     model, tok = tiny
-    rows = pa.table({"row_id": ["a", "b", "c"], "dataset": ["pairs"] * 3, "value": ["power"] * 3,
-                     "label": pa.array([1, 0, 1], pa.int8()), "group": [0, 0, 1],
-                     "text": ["I lead.", "I follow.", "I rule the room."], "chat_template": [False, False, True]})
+    rows = pa.table(
+        {
+            "row_id": ["a", "b", "c"],
+            "dataset": ["pairs"] * 3,
+            "value": ["power"] * 3,
+            "label": pa.array([1, 0, 1], pa.int8()),
+            "group": [0, 0, 1],
+            "text": ["I lead.", "I follow.", "I rule the room."],
+            "chat_template": [False, False, True],
+        }
+    )
     out = extract_table(model, tok, rows, [1, 3], "last", 2)
     assert out.num_rows == 6 and out.column("layer").to_pylist() == [1, 1, 1, 3, 3, 3]
     assert out.column("row_id").to_pylist() == ["a", "b", "c"] * 2
@@ -31,10 +39,14 @@ def test_steer_table_row_contract_errors_and_overrides(tiny, tiny_bundles):
     bundle = tiny_bundles[0]
     cfg = load_config(None, ["--steer.max_new_tokens=4", "--steer.method=conva", "--steer.p0=0.99"])
     prompts = ["Should I lead?", "", "   ", "a\x00b", "word " * 600, None, "Should I obey?"]
-    rows = pa.Table.from_pylist(
-        [dict(row_id=f"r{i}", value="power", prompt=p, error=None) for i, p in enumerate(prompts)],
-        schema=STEERING_INPUT_SCHEMA,
-    ).append_column("method", pa.array([None] * 6 + ["caa"])).append_column("strength", pa.array([None] * 6 + [2.5]))
+    rows = (
+        pa.Table.from_pylist(
+            [dict(row_id=f"r{i}", value="power", prompt=p, error=None) for i, p in enumerate(prompts)],
+            schema=STEERING_INPUT_SCHEMA,
+        )
+        .append_column("method", pa.array([None] * 6 + ["caa"]))
+        .append_column("strength", pa.array([None] * 6 + [2.5]))
+    )
     out = steer_table(model, tok, rows, {"power": bundle}, cfg, "tiny")
     assert out.schema == GENERATION_SCHEMA and out.num_rows == len(prompts)
     assert out.column("row_id").to_pylist() == [f"r{i}" for i in range(len(prompts))]
@@ -54,21 +66,25 @@ def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_pat
 
     import types
 
-    from conva.bundle import load_bundle
     from conva.batch.pipeline import extraction_rows
     from conva.batch.schemas import SCHEMA_VERSION
     from conva.batch.storage import location
     from conva.batch.store import Stage, write_table_shard
+    from conva.bundle import load_bundle
     from conva.workers.shards import fit
     from conva.workers.tasks import ShardTask
 
     model, tok = tiny
-    cfg = load_config(None, [f"--model.name={tiny_path}", '--data.values=["power"]', "--gate.kind=none",
-                             "--fit.band=1-2"])
+    cfg = load_config(
+        None, [f"--model.name={tiny_path}", '--data.values=["power"]', "--gate.kind=none", "--fit.band=1-2"]
+    )
     rows = extraction_rows(cfg)
     long_text = "word " * 600
-    bad = rows.set_column(rows.schema.get_field_index("text"), "text",
-                          pa.array([long_text] + rows.column("text").to_pylist()[1:]))
+    bad = rows.set_column(
+        rows.schema.get_field_index("text"),
+        "text",
+        pa.array([long_text] + rows.column("text").to_pylist()[1:]),
+    )
     layers = list(range(4))
     out = extract_table(model, tok, bad, layers, "last", 16)
     n = rows.num_rows
@@ -81,17 +97,28 @@ def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_pat
     keep = [i for i in range(n * len(layers)) if i % n]
     assert out.take(keep).drop_columns(["error"]).equals(clean.drop_columns(["error"]))
 
-    meta = {"name": "tiny", "fingerprint": "f", "hidden_size": model.config.hidden_size,
-            "n_blocks": len(layers), "layers": layers}
+    meta = {
+        "name": "tiny",
+        "fingerprint": "f",
+        "hidden_size": model.config.hidden_size,
+        "n_blocks": len(layers),
+        "layers": layers,
+    }
     root = location(tmp_path)
     acts = Stage.open(root, "activations", {"t": 1}, SCHEMA_VERSION, n_shards=1)
     assert acts.commit(write_table_shard(acts.ref(0, "a"), out, row_group_size=n, extra={"model": meta}))
     bundles = Stage.open(root, "bundles", {"t": 1}, SCHEMA_VERSION, n_shards=1)
-    params = {"value": "power", "model": {k: meta[k] for k in ("name", "fingerprint", "hidden_size", "n_blocks")},
-              "layers": layers, "dataset_hash": "h"}
+    params = {
+        "value": "power",
+        "model": {k: meta[k] for k in ("name", "fingerprint", "hidden_size", "n_blocks")},
+        "layers": layers,
+        "dataset_hash": "h",
+    }
     task = ShardTask("fit", bundles.ref(0, "f"), files=tuple(acts.parquet_files()), params=params)
     record = fit(types.SimpleNamespace(cfg=cfg), task)  # the fit shard, as a worker runs it
     assert bundles.commit(record)
-    assert record.extra["skipped"] == 1 and record.extra["skipped_examples"][0]["error"].startswith("text too long")
+    assert record.extra["skipped"] == 1 and record.extra["skipped_examples"][0]["error"].startswith(
+        "text too long"
+    )
     bundle = load_bundle(tmp_path / "bundles" / "power")
     assert bundle.extra["n_train"] + bundle.extra["n_val"] + bundle.extra["n_test"] == n - 1

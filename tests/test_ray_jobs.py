@@ -21,15 +21,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conva.bundle import load_bundle
 from conva.batch.config import load_config
-from conva.fit import ModelInfo
-from conva.models import load_model, model_fingerprint
 from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
 from conva.batch.store import ShardRecord, shard_ranges
-from conva.tiny import make_tiny_model
+from conva.bundle import load_bundle
+from conva.fit import ModelInfo
 from conva.jobs import runner
 from conva.jobs.runner import main, run_job
+from conva.models import load_model, model_fingerprint
+from conva.tiny import make_tiny_model
 from conva.workers.pool import StageRun, _Call, _Runner
 
 pytestmark = pytest.mark.slow  # a real (embedded) Ray and actors
@@ -49,8 +49,16 @@ VALUES = '--data.values=["power", "security"]'
 
 
 def _cfg(model: str, out: Path, *extra: str):
-    return load_config(TINY, [f"--model.name={model}", f"--output.dir={out}", VALUES,
-                              f"--ray.rows_per_shard={ROWS_PER_SHARD}", *extra])
+    return load_config(
+        TINY,
+        [
+            f"--model.name={model}",
+            f"--output.dir={out}",
+            VALUES,
+            f"--ray.rows_per_shard={ROWS_PER_SHARD}",
+            *extra,
+        ],
+    )
 
 
 def _sha(path: Path) -> str:
@@ -58,8 +66,11 @@ def _sha(path: Path) -> str:
 
 
 def _files(out: Path) -> dict[str, tuple[int, str]]:
-    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, _sha(p)) for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "run.log"}
+    return {
+        str(p.relative_to(out)): (p.stat().st_mtime_ns, _sha(p))
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name != "run.log"
+    }
 
 
 def _last(log: str, pattern: str) -> re.Match:
@@ -80,6 +91,7 @@ def extracted(ray_session, models, tmp_path_factory):
         commits.append(record.shard)
         if len(commits) == 2:
             raise KeyboardInterrupt  # the driver is interrupted; its commits so far stay
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runner._Tally, "__call__", stop_after_two)
         with pytest.raises(KeyboardInterrupt):
@@ -97,7 +109,9 @@ def test_two_workers_match_single_process_extraction(extracted, models) -> None:
     torch.set_num_threads(1)  # as in the workers (one CPU each), so the float sums run in the same order
     try:
         for shard, (start, stop) in enumerate(shard_ranges(rows.num_rows, ROWS_PER_SHARD)):
-            expected = extract_table(model, tok, rows.slice(start, stop - start), range(4), "last", cfg.extract.batch_size)
+            expected = extract_table(
+                model, tok, rows.slice(start, stop - start), range(4), "last", cfg.extract.batch_size
+            )
             got = pq.read_table(out / "activations" / f"part-{shard:05d}.parquet")
             assert got.replace_schema_metadata(None).equals(expected), f"shard {shard} differs"
     finally:
@@ -147,7 +161,9 @@ def test_the_parallel_fit_gives_the_serial_fits_bundles(fitted, models) -> None:
     layers = sorted(set(table.column("layer").to_pylist()))
     rows = extraction_rows(cfg)
     by_id = {r: i for i, r in enumerate(rows.column("row_id").to_pylist())}
-    order = np.argsort([by_id[r] for r in table.filter(pc.equal(table["layer"], 0)).column("row_id").to_pylist()])
+    order = np.argsort(
+        [by_id[r] for r in table.filter(pc.equal(table["layer"], 0)).column("row_id").to_pylist()]
+    )
     matrix = {}
     for layer in layers:
         part = table.filter(pc.equal(table["layer"], layer))
@@ -164,9 +180,13 @@ def test_the_parallel_fit_gives_the_serial_fits_bundles(fitted, models) -> None:
         assert got.gate.threshold == expected.gate.threshold and np.array_equal(got.gate.w, expected.gate.w)
 
 
-PROMPTS = ["Should I take the job abroad even though my family wants me to stay?",
-           "Is it right to break a rule to help a friend?", "What is the capital of France?",
-           "Should I spend my savings on a long trip?", "How many legs does a spider have?"]
+PROMPTS = [
+    "Should I take the job abroad even though my family wants me to stay?",
+    "Is it right to break a rule to help a friend?",
+    "What is the capital of France?",
+    "Should I spend my savings on a long trip?",
+    "How many legs does a spider have?",
+]
 # Each bad row and the reason it must come back with (a substring of the error column).
 BAD = [
     ({"value": "power", "prompt": ""}, "empty prompt"),
@@ -188,15 +208,23 @@ def _write_prompts(path: Path, bad: bool) -> Path:
             if bad and i < len(BAD):
                 fh.write(json.dumps(BAD[i][0]).encode() + b"\n")
         if bad:
-            for row, _ in BAD[len(PROMPTS):]:
+            for row, _ in BAD[len(PROMPTS) :]:
                 fh.write(json.dumps(row).encode() + b"\n")
             fh.write(INVALID_UTF8)
     return path
 
 
 def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_path) -> None:
-    cfg = lambda src, *x: _cfg(fitted["cfg"].model.name, fitted["out"], f"--data.prompts={src}", "--steer.batch_size=1",
-                               "--ray.steer_rows_per_shard=4", *x)
+    def cfg(src, *x):
+        return _cfg(
+            fitted["cfg"].model.name,
+            fitted["out"],
+            f"--data.prompts={src}",
+            "--steer.batch_size=1",
+            "--ray.steer_rows_per_shard=4",
+            *x,
+        )
+
     clean = _write_prompts(tmp_path / "clean.jsonl", bad=False)
     run_job("steer", cfg(clean))
     ok = pq.read_table(fitted["out"] / "generations")
@@ -205,7 +233,9 @@ def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_p
     got = pq.read_table(fitted["out"] / "generations")
     n_in = len(PROMPTS) + len(BAD) + 1
     assert result.rows == got.num_rows == n_in and len(set(got.column("row_id").to_pylist())) == n_in
-    assert result.shards == -(-n_in // 4)  # steering shards follow ray.steer_rows_per_shard, not rows_per_shard
+    assert result.shards == -(
+        -n_in // 4
+    )  # steering shards follow ray.steer_rows_per_shard, not rows_per_shard
     errors = [r for r in got.to_pylist() if r["error"] is not None]
     reasons = [r["error"] for r in errors]
     assert len(errors) == len(BAD) + 1 and len(set(reasons)) == len(reasons)
@@ -214,7 +244,9 @@ def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_p
     assert sum("invalid UTF-8" in e for e in reasons) == 1
     assert all(r["output"] is None for r in errors)
     drop = ["row_id"]
-    good = sorted((r for r in got.drop_columns(drop).to_pylist() if r["error"] is None), key=lambda r: r["prompt"])
+    good = sorted(
+        (r for r in got.drop_columns(drop).to_pylist() if r["error"] is None), key=lambda r: r["prompt"]
+    )
     assert good == sorted(ok.drop_columns(drop).to_pylist(), key=lambda r: r["prompt"])
     log = (fitted["out"] / "run.log").read_text()
     assert f"generations: {len(BAD) + 1} of {n_in} rows written in this run are error rows" in log
@@ -225,8 +257,17 @@ def test_bundle_for_another_model_fails_before_any_worker(fitted, models, monkey
     out = fitted["out"]
     before = _files(out)
     start = time.monotonic()
-    code = main("steer", ["--config", str(TINY), f"--model.name={models['b']}", f"--output.dir={out}",
-                          VALUES, f"--ray.rows_per_shard={ROWS_PER_SHARD}"])
+    code = main(
+        "steer",
+        [
+            "--config",
+            str(TINY),
+            f"--model.name={models['b']}",
+            f"--output.dir={out}",
+            VALUES,
+            f"--ray.rows_per_shard={ROWS_PER_SHARD}",
+        ],
+    )
     assert code == 2 and time.monotonic() - start < 10
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not for the loaded model" in err[0] and "model.name" in err[0]
@@ -236,8 +277,16 @@ def test_bundle_for_another_model_fails_before_any_worker(fitted, models, monkey
 def test_config_change_is_refused_naming_keys(fitted, monkeypatch, capsys) -> None:
     monkeypatch.setattr(runner, "WorkerPool", _no)
     before = _files(fitted["out"])
-    argv = ["--config", str(TINY), f"--model.name={fitted['cfg'].model.name}", f"--output.dir={fitted['out']}",
-            VALUES, f"--ray.rows_per_shard={ROWS_PER_SHARD}", "--probe.C=0.5", "--extract.position=mean"]
+    argv = [
+        "--config",
+        str(TINY),
+        f"--model.name={fitted['cfg'].model.name}",
+        f"--output.dir={fitted['out']}",
+        VALUES,
+        f"--ray.rows_per_shard={ROWS_PER_SHARD}",
+        "--probe.C=0.5",
+        "--extract.position=mean",
+    ]
     assert main("fit", argv) == 2  # reads the activations, writes the bundles: both were made differently
     err = capsys.readouterr().err
     assert "differing keys: extract.position, probe.C" in err and "--overwrite" in err
@@ -248,14 +297,18 @@ def test_config_change_is_refused_naming_keys(fitted, monkeypatch, capsys) -> No
 def run_job_log(ray_session, models, tmp_path_factory):
     """The whole run job (extract → fit → steer) on two workers, and its run.log."""
     out = tmp_path_factory.mktemp("run") / "out"
-    cfg = _cfg(models["a"], out, "--ray.num_workers=2", "--ray.rows_per_shard=16", "--ray.steer_rows_per_shard=2")
+    cfg = _cfg(
+        models["a"], out, "--ray.num_workers=2", "--ray.rows_per_shard=16", "--ray.steer_rows_per_shard=2"
+    )
     results = run_job("run", cfg)
     return dict(cfg=cfg, out=out, results=results, log=(out / "run.log").read_text())
 
 
 def test_one_pool_loads_the_model_once_per_worker_for_every_stage(run_job_log) -> None:
     log, results = run_job_log["log"], run_job_log["results"]
-    assert [r.stage for r in results] == ["extract", "fit", "steer"] and all(r.processed == r.shards for r in results)
+    assert [r.stage for r in results] == ["extract", "fit", "steer"] and all(
+        r.processed == r.shards for r in results
+    )
     loads = json.loads(_last(log, r"model loads per worker: (\{.*\})").group(1))
     assert len(loads) == 2 and set(loads.values()) == {1}  # two workers, each loaded the model once
     assert len(re.findall(r"worker \w+ ready on node", log)) == 2  # and no second set of workers was started
@@ -266,13 +319,17 @@ def test_no_shard_data_reaches_the_driver(run_job_log) -> None:
     returned, shards = int(m.group(1)), int(m.group(2))
     assert shards == sum(r.processed for r in run_job_log["results"])
     data = sum(p.stat().st_size for p in run_job_log["out"].rglob("part-*.parquet"))
-    assert returned / shards < 3000 and returned < data / 20  # records only: ~1 KB a shard, the data stays put
+    assert (
+        returned / shards < 3000 and returned < data / 20
+    )  # records only: ~1 KB a shard, the data stays put
 
 
 def test_a_worker_that_returns_data_fails_the_job() -> None:
     run = StageRun("steer", stage=type("S", (), {"name": "generations"})(), make_task=lambda ref: None)
     runner_ = _Runner.__new__(_Runner)
-    with pytest.raises(TypeError, match="workers must write their shard to the store and return only its ShardRecord"):
+    with pytest.raises(
+        TypeError, match="workers must write their shard to the store and return only its ShardRecord"
+    ):
         runner_._accept(_Call(None, run, 0, "a", 0.0), pa.table({"x": [1]}))
     assert ShardRecord.__dataclass_fields__.keys() >= {"objects", "rows", "attempt"}
 
@@ -280,7 +337,10 @@ def test_a_worker_that_returns_data_fails_the_job() -> None:
 def test_embedded_ray_listens_on_loopback_only(ray_session) -> None:
     procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
     pids = {p.pid for p in procs}
-    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.pid in pids}
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    }
     assert listening, "found no Ray sockets to check"
     assert {ip for ip, _ in listening} <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, listening

@@ -28,10 +28,10 @@ from conva.batch.config import load_config
 from conva.batch.lease import LeaseError
 from conva.batch.pipeline import extract_table, extraction_rows, steer_table
 from conva.batch.schemas import GENERATION_SCHEMA
-from conva.record import format_prompt
 from conva.batch.store import shard_ranges
-from conva.tiny import make_tiny_model
 from conva.jobs.runner import main, run_job
+from conva.record import format_prompt
+from conva.tiny import make_tiny_model
 from tests.faults import planned_kill
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +46,16 @@ def model(tmp_path_factory) -> str:
 
 
 def _argv(model: str, out: Path, *extra: str) -> list[str]:
-    return [f"--model.name={model}", f"--output.dir={out}", '--data.values=["power"]', f"--ray.rows_per_shard={ROWS}",
-            "--ray.num_workers=2", "--ray.max_restarts=4", "--ray.max_task_retries=2", *extra]
+    return [
+        f"--model.name={model}",
+        f"--output.dir={out}",
+        '--data.values=["power"]',
+        f"--ray.rows_per_shard={ROWS}",
+        "--ray.num_workers=2",
+        "--ray.max_restarts=4",
+        "--ray.max_task_retries=2",
+        *extra,
+    ]
 
 
 def _cfg(model: str, out: Path, *extra: str):
@@ -89,8 +97,12 @@ def _check_bit_identical(cfg, out: Path, model: str, shards: list[int]) -> None:
     try:
         for shard in shards:
             start, stop = ranges[shard]
-            expected = extract_table(m, tok, rows.slice(start, stop - start), range(LAYERS), "last", cfg.extract.batch_size)
-            got = pq.read_table(out / "activations" / f"part-{shard:05d}.parquet").replace_schema_metadata(None)
+            expected = extract_table(
+                m, tok, rows.slice(start, stop - start), range(LAYERS), "last", cfg.extract.batch_size
+            )
+            got = pq.read_table(out / "activations" / f"part-{shard:05d}.parquet").replace_schema_metadata(
+                None
+            )
             assert got.equals(expected), f"shard {shard} differs from a clean extraction"
     finally:
         torch.set_num_threads(threads)
@@ -110,8 +122,13 @@ def _worker_pids() -> list[int]:
 
 def _charged(out: Path) -> list[int]:
     """The shards charged with a worker death or timeout, in order, from ``run.log``."""
-    return [int(s) for s in re.findall(r"extract: shard (\d+) attempt \w+: worker \w+ \(node [^)]*\) (?:died|was killed)",
-                                       (out / "run.log").read_text())]
+    return [
+        int(s)
+        for s in re.findall(
+            r"extract: shard (\d+) attempt \w+: worker \w+ \(node [^)]*\) (?:died|was killed)",
+            (out / "run.log").read_text(),
+        )
+    ]
 
 
 def _reader(folder: Path, stop: threading.Event, seen: list) -> None:
@@ -128,7 +145,9 @@ def _reader(folder: Path, stop: threading.Event, seen: list) -> None:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_job_is_replaced_and_its_shard_rerun(ray_session, model, tmp_path, faults) -> None:
+def test_a_worker_killed_mid_job_is_replaced_and_its_shard_rerun(
+    ray_session, model, tmp_path, faults
+) -> None:
     out = tmp_path / "out"
     faults(sleep_s=1.0)  # shards slow enough that the replacement joins before the job ends
     cfg = _cfg(model, out)
@@ -156,7 +175,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_shard_rerun(ray_session, mo
     assert len(charged) == 1 and f"extract: shard {charged[0]} succeeded on attempt 2" in log
     assert "starting a replacement worker (1 of 4)" in log  # the pool holds its size:
     loads = json.loads(re.findall(r"model loads per worker: (\{.*\})", log)[-1])
-    assert len(loads) == 3 and set(loads.values()) == {1}  # two at the start and the replacement, which worked
+    assert len(loads) == 3 and set(loads.values()) == {
+        1
+    }  # two at the start and the replacement, which worked
     _check_bit_identical(cfg, out, model, [charged[0], 0])  # the rerun shard is what a clean run gives
 
 
@@ -166,7 +187,8 @@ def _seed_with_kills(n: int, rate: float, kills: int) -> int:
 
 @pytest.mark.slow
 def test_random_worker_kills_cost_exactly_one_attempt_each_and_readers_never_see_a_bad_file(
-        ray_session, model, tmp_path, faults) -> None:
+    ray_session, model, tmp_path, faults
+) -> None:
     out = tmp_path / "out"
     cfg = _cfg(model, out)
     n, rate = len(shard_ranges(extraction_rows(cfg).num_rows, ROWS)), 0.15
@@ -185,33 +207,61 @@ def test_random_worker_kills_cost_exactly_one_attempt_each_and_readers_never_see
     assert {int(p.name.split(".")[0].split("-")[2]) for p in markers.iterdir()} == doomed  # each died once
     assert result.processed == n and _committed(out) == list(range(n))
     _check_rows(cfg, out)
-    assert sorted(_charged(out)) == sorted(doomed)  # each death charged to the shard that died, none to a bystander
-    assert not list((out / "activations" / "_attempts").rglob("*.parquet"))  # nothing of the dead attempts is left
+    assert sorted(_charged(out)) == sorted(
+        doomed
+    )  # each death charged to the shard that died, none to a bystander
+    assert not list(
+        (out / "activations" / "_attempts").rglob("*.parquet")
+    )  # nothing of the dead attempts is left
 
 
 def _pairs_file(path: Path, n: int, poison_at: int) -> Path:
     with open(path, "w") as fh:
         for i in range(n):
             mark = " POISON-ROW" if i == poison_at else ""
-            fh.write(json.dumps({"value": "power", "positive": f"I want to lead team {i}{mark}.",
-                                 "negative": f"I want to help team {i}."}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "value": "power",
+                        "positive": f"I want to lead team {i}{mark}.",
+                        "negative": f"I want to help team {i}.",
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 @pytest.mark.slow
-def test_a_poison_row_fails_the_job_naming_its_shard_after_bounded_attempts(ray_session, model, tmp_path, faults,
-                                                                            capsys) -> None:
-    pairs = _pairs_file(tmp_path / "pairs.jsonl", 12, poison_at=7)  # 24 texts, 4 a shard: the poison is in shard 3
+def test_a_poison_row_fails_the_job_naming_its_shard_after_bounded_attempts(
+    ray_session, model, tmp_path, faults, capsys
+) -> None:
+    pairs = _pairs_file(
+        tmp_path / "pairs.jsonl", 12, poison_at=7
+    )  # 24 texts, 4 a shard: the poison is in shard 3
     faults(crash_on_text="POISON-ROW")
     for retries in (1, 0):
         out = tmp_path / f"out{retries}"
-        argv = ["--config", str(TINY), *_argv(model, out, f"--data.pairs={pairs}", "--gate.kind=none",
-                                              "--ray.rows_per_shard=4", f"--ray.max_task_retries={retries}")]
+        argv = [
+            "--config",
+            str(TINY),
+            *_argv(
+                model,
+                out,
+                f"--data.pairs={pairs}",
+                "--gate.kind=none",
+                "--ray.rows_per_shard=4",
+                f"--ray.max_task_retries={retries}",
+            ),
+        ]
         start = time.monotonic()
         assert main("extract", argv) == 2
         assert time.monotonic() - start < 120  # bounded: never loops
         [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
-        assert f"extract shard 3 failed: its worker died (" in line and f"on each of {retries + 1} attempts" in line, line
+        assert (
+            "extract shard 3 failed: its worker died (" in line
+            and f"on each of {retries + 1} attempts" in line
+        ), line
         assert _charged(out) == [3] * (retries + 1)  # only the poison shard is charged, every time
         assert 3 not in _committed(out)
 
@@ -228,22 +278,28 @@ def test_a_hung_shard_is_killed_at_its_timeout_and_retried(ray_session, model, t
     [result] = run_job("extract", cfg)
     assert time.monotonic() - start < 90
     log = (out / "run.log").read_text()
-    assert re.search(r"extract: shard 5 attempt \w+ has run \d+ s on worker \w+ .* \(ray.shard_timeout_s=4\); killing", log)
+    assert re.search(
+        r"extract: shard 5 attempt \w+ has run \d+ s on worker \w+ .* \(ray.shard_timeout_s=4\); killing", log
+    )
     assert _charged(out) == [5] and "extract: shard 5 succeeded on attempt 2" in log
     assert result.processed == result.shards
     _check_rows(cfg, out)
 
 
 @pytest.mark.slow
-def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_the_shard(ray_session, model, tmp_path,
-                                                                                   faults, capsys) -> None:
+def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_the_shard(
+    ray_session, model, tmp_path, faults, capsys
+) -> None:
     out = tmp_path / "once"
     cfg = _cfg(model, out)
     faults(fail={"stage": "extract", "shard": 2, "times": 1, "error": "OSError"})
     [result] = run_job("extract", cfg)
     log = (out / "run.log").read_text()
-    assert re.search(r"extract: shard 2 attempt \w+ failed \(transient, retry 1 of 3 in 1 s\): "
-                     r"ShardError: OSError: injected OSError at extract shard 2", log), log[-3000:]
+    assert re.search(
+        r"extract: shard 2 attempt \w+ failed \(transient, retry 1 of 3 in 1 s\): "
+        r"ShardError: OSError: injected OSError at extract shard 2",
+        log,
+    ), log[-3000:]
     assert "extract: shard 2 succeeded on attempt 2" in log and result.processed == result.shards
     _check_rows(cfg, out)
     faults(fail={"stage": "extract", "shard": 1, "times": 99, "error": "OSError"})
@@ -255,14 +311,21 @@ def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_
     markers = faults(fail={"stage": "extract", "shard": 3, "times": 2, "error": "OutOfMemoryError"})
     [result] = run_job("extract", _cfg(model, tmp_path / "oom"))
     log = (tmp_path / "oom" / "run.log").read_text()
-    assert "extract: shard 3 attempt" in log and "failed (oom, retry 2 of 3 in 2 s, batches 1/4 of the configured size)" in log
+    assert (
+        "extract: shard 3 attempt" in log
+        and "failed (oom, retry 2 of 3 in 2 s, batches 1/4 of the configured size)" in log
+    )
     seen = sorted(int(p.name.split("-")[3].split(".")[0]) for p in markers.glob("divisor-extract-00003-*"))
-    assert seen == [1, 2, 4] and result.processed == result.shards  # each retry ran with half the batch before
+    assert (
+        seen == [1, 2, 4] and result.processed == result.shards
+    )  # each retry ran with half the batch before
     _check_rows(_cfg(model, tmp_path / "oom"), tmp_path / "oom")
     faults(fail={"stage": "extract", "shard": 0, "times": 1, "error": "ValueError"})
     assert main("extract", ["--config", str(TINY), *_argv(model, tmp_path / "fatal")]) == 2
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
-    assert "extract shard 0 failed: attempt" in line and "ValueError: injected ValueError" in line  # never retried
+    assert (
+        "extract shard 0 failed: attempt" in line and "ValueError: injected ValueError" in line
+    )  # never retried
 
 
 # --- start-up -----------------------------------------------------------------------------------------------------
@@ -271,14 +334,26 @@ def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_
 @pytest.mark.slow
 def test_a_pool_that_cannot_start_says_what_is_missing(ray_session, model, tmp_path, capsys) -> None:
     start = time.monotonic()
-    argv = ["--config", str(TINY), *_argv(model, tmp_path / "out", "--ray.num_workers=3", "--ray.min_workers=3",
-                                          "--ray.num_cpus_per_worker=1", "--ray.startup_timeout_s=8")]
+    argv = [
+        "--config",
+        str(TINY),
+        *_argv(
+            model,
+            tmp_path / "out",
+            "--ray.num_workers=3",
+            "--ray.min_workers=3",
+            "--ray.num_cpus_per_worker=1",
+            "--ray.startup_timeout_s=8",
+        ),
+    ]
     assert main("extract", argv) == 2
     assert time.monotonic() - start < 60
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
-    assert re.search(r"[0-2] of the 3 worker\(s\) needed were ready after \d+ s \(ray.startup_timeout_s\); each asks for "
-                     r"1 CPU and 0 GPU; free now in the cluster: 0 CPU, 0 GPU \(nodes: 127.0.0.1 \(CPU 2, GPU 0\)\)",
-                     line), line
+    assert re.search(
+        r"[0-2] of the 3 worker\(s\) needed were ready after \d+ s \(ray.startup_timeout_s\); each asks for "
+        r"1 CPU and 0 GPU; free now in the cluster: 0 CPU, 0 GPU \(nodes: 127.0.0.1 \(CPU 2, GPU 0\)\)",
+        line,
+    ), line
     argv = ["--config", str(TINY), *_argv(model, tmp_path / "gpu", "--ray.num_gpus_per_worker=1")]
     assert main("extract", argv) == 2
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
@@ -297,8 +372,14 @@ def _env(**extra: str) -> dict[str, str]:
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     # Its own session: what is left of its embedded Ray after a kill is signalled as a group, and only it.
     with open(log, "w") as fh:
-        return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env or _env(), start_new_session=True,
-                                stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, *args],
+            cwd=REPO,
+            env=env or _env(),
+            start_new_session=True,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -318,7 +399,9 @@ def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
     n = len(shard_ranges(extraction_rows(cfg).num_rows, 12))
     slow = fault_plan.parent / "slow.json"
     slow.write_text(json.dumps({"sleep_s": 0.3}))
-    proc = _spawn(["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _env(CONVA_TEST_FAULTS=str(slow)))
+    proc = _spawn(
+        ["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _env(CONVA_TEST_FAULTS=str(slow))
+    )
     try:
         deadline = time.monotonic() + 180
         while len(_committed(out)) < n // 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -329,7 +412,9 @@ def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
         _reap(proc)
     at_kill = _committed(out)
     before = _files(out / "activations", "part-*.parquet")
-    [result] = run_job("extract", cfg)  # the dead driver's lease is taken over: its pid is gone from this host
+    [result] = run_job(
+        "extract", cfg
+    )  # the dead driver's lease is taken over: its pid is gone from this host
     return dict(out=out, argv=argv, cfg=cfg, n=n, at_kill=at_kill, before=before, result=result)
 
 
@@ -352,8 +437,14 @@ def test_a_finished_rerun_is_a_quick_no_op_and_a_changed_config_is_refused(kille
     before = _files(out / "activations")
     log_size = (out / "run.log").stat().st_size
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "conva.jobs.extract", *argv], cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "conva.jobs.extract", *argv],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - start
     assert done.returncode == 0, done.stderr[-2000:]
     print(f"finished rerun as a subprocess: exit 0 in {seconds:.1f} s")
@@ -361,8 +452,14 @@ def test_a_finished_rerun_is_a_quick_no_op_and_a_changed_config_is_refused(kille
     assert _files(out / "activations") == before
     new_log = (out / "run.log").read_text()[log_size:]
     assert "nothing to do" in new_log and "started a local Ray" not in new_log
-    refused = subprocess.run([sys.executable, "-m", "conva.jobs.extract", *argv, "--extract.position=mean", "--probe.C=0.5"],
-                             cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "conva.jobs.extract", *argv, "--extract.position=mean", "--probe.C=0.5"],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2
     [line] = refused.stderr.strip().splitlines()
     assert "differing keys: extract.position" in line and "--overwrite" in line
@@ -370,12 +467,16 @@ def test_a_finished_rerun_is_a_quick_no_op_and_a_changed_config_is_refused(kille
 
 
 @pytest.mark.slow
-def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_path, fault_plan, capsys) -> None:
+def test_a_second_driver_on_the_same_output_is_refused(
+    ray_session, model, tmp_path, fault_plan, capsys
+) -> None:
     out = tmp_path / "out"
     argv = ["--config", str(TINY), *_argv(model, out)]
     slow = fault_plan.parent / "slower.json"
     slow.write_text(json.dumps({"sleep_s": 0.5}))
-    proc = _spawn(["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _env(CONVA_TEST_FAULTS=str(slow)))
+    proc = _spawn(
+        ["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _env(CONVA_TEST_FAULTS=str(slow))
+    )
     try:
         deadline = time.monotonic() + 120
         while len(_committed(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -385,7 +486,9 @@ def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_p
         with pytest.raises(LeaseError, match=r"being written by another driver \(conva extract, pid \d+"):
             run_job("extract", _cfg(model, out))
         after = _files(out / "activations")
-        assert {name: after[name] for name in before} == before  # what the first driver committed is untouched
+        assert {
+            name: after[name] for name in before
+        } == before  # what the first driver committed is untouched
         assert proc.wait(180) == 0, (tmp_path / "first.log").read_text()[-2000:]
     finally:
         _reap(proc)
@@ -397,7 +500,10 @@ def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_p
 
 def _prompt_with_tokens(tok, n: int) -> str:
     """A prompt whose formatted length is exactly ``n`` tokens, as ``check_prompt`` counts them."""
-    count = lambda p: len(tok(format_prompt(tok, p, True), add_special_tokens=False)["input_ids"])
+
+    def count(p):
+        return len(tok(format_prompt(tok, p, True), add_special_tokens=False)["input_ids"])
+
     prompt = "a" + " a" * (n - count("a"))  # the tiny tokenizer has " a" as one token
     assert count(prompt) == n, (count(prompt), n)
     return prompt
@@ -410,8 +516,17 @@ def test_prompts_at_and_over_the_length_limit(tiny, tiny_bundles) -> None:
     assert model.config.max_position_embeddings == 512
     at, over = _prompt_with_tokens(tok, limit), _prompt_with_tokens(tok, limit + 1)
     clean = ["Should I take the job abroad?", "Is it right to break a rule to help a friend?"]
-    rows = lambda prompts: pa.table({"row_id": [str(i) for i in range(len(prompts))], "value": ["power"] * len(prompts),
-                                     "prompt": prompts, "error": pa.nulls(len(prompts), pa.string())})
+
+    def rows(prompts):
+        return pa.table(
+            {
+                "row_id": [str(i) for i in range(len(prompts))],
+                "value": ["power"] * len(prompts),
+                "prompt": prompts,
+                "error": pa.nulls(len(prompts), pa.string()),
+            }
+        )
+
     bundles = {"power": tiny_bundles[0]}
     got = steer_table(model, tok, rows([clean[0], at, over, clean[1]]), bundles, cfg, "tiny")
     ok = steer_table(model, tok, rows(clean), bundles, cfg, "tiny")
@@ -419,29 +534,41 @@ def test_prompts_at_and_over_the_length_limit(tiny, tiny_bundles) -> None:
     r = got.to_pylist()
     assert r[1]["error"] is None and r[1]["n_prompt_tokens"] == limit and r[1]["n_output_tokens"] == 4
     assert r[2]["error"] == f"prompt too long: {limit + 1} tokens > limit {limit}" and r[2]["output"] is None
-    strip = lambda row: {k: v for k, v in row.items() if k != "row_id"}
+
+    def strip(row):
+        return {k: v for k, v in row.items() if k != "row_id"}
+
     assert [strip(r[0]), strip(r[3])] == [strip(x) for x in ok.to_pylist()]
 
 
 def test_rerun_shard_gives_identical_activations_text_and_probes(tiny, tiny_bundles) -> None:
+    from conva.batch.pipeline import fit_bundles
     from conva.fit import ModelInfo
     from conva.models import model_fingerprint
-    from conva.batch.pipeline import fit_bundles
 
     model, tok = tiny
     cfg = load_config(None, ['--data.values=["power"]', "--fit.band=1-3", "--steer.max_new_tokens=6"])
     rows = extraction_rows(cfg).slice(0, 40)
     a, b = (extract_table(model, tok, rows, range(LAYERS), "last", 8) for _ in range(2))
     assert a.equals(b)  # bit-identical
-    prompts = pa.table({"row_id": ["0", "1"], "value": ["power"] * 2, "prompt": ["Should I lead?", "Is it fair?"],
-                        "error": pa.nulls(2, pa.string())})
+    prompts = pa.table(
+        {
+            "row_id": ["0", "1"],
+            "value": ["power"] * 2,
+            "prompt": ["Should I lead?", "Is it fair?"],
+            "error": pa.nulls(2, pa.string()),
+        }
+    )
     g1, g2 = (steer_table(model, tok, prompts, {"power": tiny_bundles[0]}, cfg, "tiny") for _ in range(2))
     assert g1.equals(g2) and all(g1.column("output").to_pylist())
     full = extraction_rows(cfg)
     acts = extract_table(model, tok, full, range(LAYERS), "last", 32)
-    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(LAYERS, full.num_rows, -1)
+    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(
+        LAYERS, full.num_rows, -1
+    )
     info = ModelInfo("tiny", model_fingerprint(model), model.config.hidden_size, LAYERS)
-    f1, f2 = (fit_bundles(full, lambda l: matrix[l].copy(), range(LAYERS), cfg, info)["power"] for _ in range(2))
+    f1, f2 = (
+        fit_bundles(full, lambda l: matrix[l].copy(), range(LAYERS), cfg, info)["power"] for _ in range(2)
+    )
     assert np.max(np.abs(f1.w - f2.w)) <= 1e-6 and np.max(np.abs(f1.b - f2.b)) <= 1e-6
     assert f1.band == f2.band and f1.gate.threshold == f2.gate.threshold
-

@@ -26,8 +26,8 @@ from conva.batch.pipeline import steering_rows
 from conva.batch.schemas import SCHEMA_VERSION
 from conva.batch.storage import location
 from conva.batch.store import Stage, stage_status
-from conva.tiny import make_tiny_model
 from conva.jobs.runner import run_job
+from conva.tiny import make_tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +41,15 @@ def model(tmp_path_factory) -> str:
 
 
 def _argv(model: str, out: str, *extra: str) -> list[str]:
-    return [f"--model.name={model}", f"--output.dir={out}", '--data.values=["power", "security"]',
-            "--ray.rows_per_shard=96", "--ray.steer_rows_per_shard=1", "--ray.num_workers=2", *extra]
+    return [
+        f"--model.name={model}",
+        f"--output.dir={out}",
+        '--data.values=["power", "security"]',
+        "--ray.rows_per_shard=96",
+        "--ray.steer_rows_per_shard=1",
+        "--ray.num_workers=2",
+        *extra,
+    ]
 
 
 def _cfg(model: str, out: str, *extra: str):
@@ -75,8 +82,14 @@ def _spawn(argv: list[str], log: Path, slow_plan: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CONVA_TEST_FAULTS": str(slow_plan)}
     env.pop("RAY_ADDRESS", None)
     with open(log, "w") as fh:  # its own session: its embedded Ray is signalled as a group after the kill
-        return subprocess.Popen([sys.executable, "-m", "conva.jobs.run", "--config", str(TINY), *argv], cwd=REPO, env=env,
-                                start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "conva.jobs.run", "--config", str(TINY), *argv],
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def _kill_when(proc: subprocess.Popen, ready, log: Path, timeout: float = 240) -> None:
@@ -106,13 +119,14 @@ def test_every_stage_is_written_to_the_bucket(done, s3, model) -> None:
     out, keys = done["out"], s3.list(done["out"])
     folder = out.split("/", 3)[3]
     # (pyarrow keeps an emptied "folder" alive with a zero-byte marker key ending in "/": not an object)
-    names = {k[len(folder) + 1:] for k in keys if not k.endswith("/")}
+    names = {k[len(folder) + 1 :] for k in keys if not k.endswith("/")}
     for value in ("power", "security"):
         assert {f"bundles/{value}/meta.json", f"bundles/{value}/vectors.safetensors"} <= names
     assert {"config.json", "run.log"} <= names and not any("_attempts/" in n for n in names)
     n_acts = done["results"][0].shards
-    assert sorted(n for n in names if n.startswith("activations/part-")) == \
-        [f"activations/part-{i:05d}.parquet" for i in range(n_acts)]
+    assert sorted(n for n in names if n.startswith("activations/part-")) == [
+        f"activations/part-{i:05d}.parquet" for i in range(n_acts)
+    ]
     _exactly_once(_cfg(model, out), out)
     assert "_lease.json" not in names  # released at the end
 

@@ -14,14 +14,18 @@ from tests.s3server import S3Server
 
 
 def _table(start: int, n: int) -> pa.Table:
-    return pa.table({"row_id": [f"r{i:04d}" for i in range(start, start + n)],
-                     "x": pa.array([i * 0.5 for i in range(start, start + n)], pa.float32())})
+    return pa.table(
+        {
+            "row_id": [f"r{i:04d}" for i in range(start, start + n)],
+            "x": pa.array([i * 0.5 for i in range(start, start + n)], pa.float32()),
+        }
+    )
 
 
 def test_parquet_round_trip_through_from_uri_with_only_the_env(s3_env: S3Server) -> None:
     uri = s3_env.bucket()
     fs, path = pafs.FileSystem.from_uri(f"{uri}/x")
-    assert isinstance(fs, pafs.S3FileSystem) and path == f"{uri[len('s3://'):]}/x"
+    assert isinstance(fs, pafs.S3FileSystem) and path == f"{uri[len('s3://') :]}/x"
     table = _table(0, 7)
     pq.write_table(table, f"{path}/part-0.parquet", filesystem=fs)
     assert pq.read_table(f"{path}/part-0.parquet", filesystem=fs).equals(table)

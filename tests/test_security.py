@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conva.bundle import BundleError, load_bundle, save_bundle
 from conva.batch.config import ConfigError, load_config
+from conva.bundle import BundleError, load_bundle, save_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.toml"
@@ -32,8 +32,13 @@ TINY = REPO / "examples" / "tiny.toml"
 # --- 11: artifacts without pickle ------------------------------------------------------------------------
 
 _PICKLING_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
-_PICKLING_CALLS = {("torch", "load"), ("np", "load"), ("numpy", "load"), ("pd", "read_pickle"),
-                   ("pandas", "read_pickle")}
+_PICKLING_CALLS = {
+    ("torch", "load"),
+    ("np", "load"),
+    ("numpy", "load"),
+    ("pd", "read_pickle"),
+    ("pandas", "read_pickle"),
+}
 
 
 def _unsafe(source: str) -> list[str]:
@@ -43,23 +48,44 @@ def _unsafe(source: str) -> list[str]:
         if isinstance(node, ast.Import):
             found += [f"import {a.name}" for a in node.names if a.name.split(".")[-1] in _PICKLING_MODULES]
         elif isinstance(node, ast.ImportFrom):
-            found += [f"from {node.module} import {a.name}" for a in node.names
-                      if {(node.module or "").split(".")[-1], a.name} & _PICKLING_MODULES]
-        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and \
-                (node.value.id, node.attr) in _PICKLING_CALLS:
+            found += [
+                f"from {node.module} import {a.name}"
+                for a in node.names
+                if {(node.module or "").split(".")[-1], a.name} & _PICKLING_MODULES
+            ]
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and (node.value.id, node.attr) in _PICKLING_CALLS
+        ):
             found.append(f"{node.value.id}.{node.attr}")
-        elif isinstance(node, ast.keyword) and node.arg in ("allow_pickle", "weights_only", "trust_remote_code") and \
-                isinstance(node.value, ast.Constant) and node.value.value is (node.arg != "weights_only"):
+        elif (
+            isinstance(node, ast.keyword)
+            and node.arg in ("allow_pickle", "weights_only", "trust_remote_code")
+            and isinstance(node.value, ast.Constant)
+            and node.value.value is (node.arg != "weights_only")
+        ):
             found.append(f"{node.arg}={node.value.value}")
     return found
 
 
 def test_the_scanner_finds_what_it_looks_for() -> None:
-    code = ("import pickle\nfrom ray import cloudpickle\nimport torch\ntorch.load(p)\nnp.load(p, allow_pickle=True)\n"
-            "torch.load(p, weights_only=False)\nf(x, trust_remote_code=True)\nf(x, trust_remote_code=flag)\n")
-    assert sorted(_unsafe(code)) == sorted(["import pickle", "from ray import cloudpickle", "torch.load", "np.load",
-                                            "allow_pickle=True", "torch.load", "weights_only=False",
-                                            "trust_remote_code=True"])
+    code = (
+        "import pickle\nfrom ray import cloudpickle\nimport torch\ntorch.load(p)\nnp.load(p, allow_pickle=True)\n"
+        "torch.load(p, weights_only=False)\nf(x, trust_remote_code=True)\nf(x, trust_remote_code=flag)\n"
+    )
+    assert sorted(_unsafe(code)) == sorted(
+        [
+            "import pickle",
+            "from ray import cloudpickle",
+            "torch.load",
+            "np.load",
+            "allow_pickle=True",
+            "torch.load",
+            "weights_only=False",
+            "trust_remote_code=True",
+        ]
+    )
 
 
 def test_no_pickle_and_no_hardcoded_remote_code_in_the_project() -> None:
@@ -159,8 +185,13 @@ def test_the_run_log_says_when_remote_code_is_on(tiny_path, tmp_path, monkeypatc
     for flag in ("false", "true"):
         out = tmp_path / flag
         with pytest.raises(JobError, match="stopped before any worker"):
-            run_job("extract", load_config(TINY, [f"--model.name={tiny_path}", f"--output.dir={out}",
-                                                  f"--model.trust_remote_code={flag}"]))
+            run_job(
+                "extract",
+                load_config(
+                    TINY,
+                    [f"--model.name={tiny_path}", f"--output.dir={out}", f"--model.trust_remote_code={flag}"],
+                ),
+            )
         logs[flag] = (out / "run.log").read_text()
         assert json.loads((out / "config.json").read_text())["model"]["trust_remote_code"] is (flag == "true")
     assert "trust_remote_code is ON" in logs["true"] and "trust_remote_code is ON" not in logs["false"]
@@ -200,17 +231,32 @@ def test_judge_api_key_appears_in_no_output(tiny_path, tmp_path, monkeypatch, ca
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     out = tmp_path / "study"
-    argv = ["--config", str(REPO / "examples" / "demo_study.toml"), f'--study.models=["{tiny_path}"]',
-            '--study.methods=["none"]', '--data.values=["power"]', "--data.max_prompts_per_value=2", "--fit.band=1-3",
-            "--steer.max_new_tokens=4", '--utility.mc=""', "--fluency.perplexity=false", "--judge.kind=llm",
-            f"--judge.base_url=http://127.0.0.1:{server.server_port}/v1", "--judge.model=judge",
-            "--judge.api_key_env=CONVA_TEST_JUDGE_KEY", "--ray.num_workers=1", "--ray.rows_per_shard=4",
-            f"--output.dir={out}"]
+    argv = [
+        "--config",
+        str(REPO / "examples" / "demo_study.toml"),
+        f'--study.models=["{tiny_path}"]',
+        '--study.methods=["none"]',
+        '--data.values=["power"]',
+        "--data.max_prompts_per_value=2",
+        "--fit.band=1-3",
+        "--steer.max_new_tokens=4",
+        '--utility.mc=""',
+        "--fluency.perplexity=false",
+        "--judge.kind=llm",
+        f"--judge.base_url=http://127.0.0.1:{server.server_port}/v1",
+        "--judge.model=judge",
+        "--judge.api_key_env=CONVA_TEST_JUDGE_KEY",
+        "--ray.num_workers=1",
+        "--ray.rows_per_shard=4",
+        f"--output.dir={out}",
+    ]
     session_logs = None
     try:
         assert main(argv) == 0
         session_logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-        leaked_in_ray_logs = [p.name for p in session_logs.rglob("*") if p.is_file() and key.encode() in p.read_bytes()]
+        leaked_in_ray_logs = [
+            p.name for p in session_logs.rglob("*") if p.is_file() and key.encode() in p.read_bytes()
+        ]
     finally:
         ray.shutdown()
         server.shutdown()
@@ -228,8 +274,10 @@ def test_judge_api_key_appears_in_no_output(tiny_path, tmp_path, monkeypatch, ca
 # --- 14: paths from configs and rows stay inside the output folder --------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["..", ".", "../../etc", "/abs/models/..", "a/../../..", "x;rm -rf ~", "mod\u00e8le",
-                                  "/m/.hidden", "~"])
+@pytest.mark.parametrize(
+    "spec",
+    ["..", ".", "../../etc", "/abs/models/..", "a/../../..", "x;rm -rf ~", "mod\u00e8le", "/m/.hidden", "~"],
+)
 def test_model_folders_of_a_study_stay_inside_its_output(spec, tmp_path) -> None:
     from conva.batch.store import check_name
     from conva.batch.study import StudyConfig, model_config, model_slug
@@ -255,7 +303,11 @@ def test_input_rows_naming_odd_values_become_error_rows(tmp_path) -> None:
     from conva.batch.pipeline import steering_rows_from_file
 
     path = tmp_path / "prompts.jsonl"
-    rows = [{"value": "../../etc", "prompt": "hi"}, {"value": "/abs", "prompt": "hi"}, {"value": "power", "prompt": "hi"}]
+    rows = [
+        {"value": "../../etc", "prompt": "hi"},
+        {"value": "/abs", "prompt": "hi"},
+        {"value": "power", "prompt": "hi"},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = steering_rows_from_file(path).to_pylist()
     assert [r["error"] for r in table] == ["unknown value '../../etc'", "unknown value '/abs'", None]
@@ -266,6 +318,14 @@ def test_input_rows_naming_odd_values_become_error_rows(tmp_path) -> None:
 
 def test_cluster_security_doc_covers_the_dashboard_and_job_server() -> None:
     text = (REPO / "cluster" / "SECURITY.md").read_text()
-    for needed in ("8265", "job server", "dashboard", "127.0.0.1", "RAY_AUTH_MODE=token", "port-forward",
-                   "NetworkPolicy", "environment variables"):
+    for needed in (
+        "8265",
+        "job server",
+        "dashboard",
+        "127.0.0.1",
+        "RAY_AUTH_MODE=token",
+        "port-forward",
+        "NetworkPolicy",
+        "environment variables",
+    ):
         assert needed in text, needed

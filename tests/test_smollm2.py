@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conva.batch.config import load_config
+from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
 from conva.fit import ModelInfo
 from conva.models import load_model, model_fingerprint
-from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
 from conva.steering.hf import generate
 from conva.steering.spec import SteerSpec
 from tests.test_steer_tiny import _prob, _states
@@ -32,12 +32,22 @@ def smol():
 def smol_bundle(smol, paper_data):
     """An achievement bundle fitted on the paper's pairs, band 10–20, probe gate on demo neutral prompts."""
     model, tok = smol
-    cfg = load_config(None, ['--data.values=["achievement"]', f'--data.pairs="paper:{paper_data}"',
-                             "--fit.band=10-20", "--fit.p0=0.99999", "--gate.other_pairs_per_value=4"])
+    cfg = load_config(
+        None,
+        [
+            '--data.values=["achievement"]',
+            f'--data.pairs="paper:{paper_data}"',
+            "--fit.band=10-20",
+            "--fit.p0=0.99999",
+            "--gate.other_pairs_per_value=4",
+        ],
+    )
     rows = extraction_rows(cfg)
     layers = list(range(model.config.num_hidden_layers))
     acts = extract_table(model, tok, rows, layers, "last", 32)
-    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(len(layers), rows.num_rows, -1)
+    matrix = np.asarray(acts.column("activation").combine_chunks().flatten()).reshape(
+        len(layers), rows.num_rows, -1
+    )
     info = ModelInfo("SmolLM2-135M-Instruct", model_fingerprint(model), model.config.hidden_size, len(layers))
     return fit_bundles(rows, lambda l: matrix[l], layers, cfg, info)["achievement"]
 
@@ -61,9 +71,12 @@ def test_smollm2_epsilon_reaches_p0(smol, smol_bundle):
 
 def test_smollm2_single_pass_equals_reference(smol, smol_bundle):
     model, tok = smol
-    specs = [SteerSpec("conva", smol_bundle, p0=0.99999), SteerSpec("none"),
-             SteerSpec("conva_nogate", smol_bundle, p0=0.999),
-             SteerSpec("caa", smol_bundle, strength=2.0, gate_scope="conva")]  # ungated: it must move SmolLM2
+    specs = [
+        SteerSpec("conva", smol_bundle, p0=0.99999),
+        SteerSpec("none"),
+        SteerSpec("conva_nogate", smol_bundle, p0=0.999),
+        SteerSpec("caa", smol_bundle, strength=2.0, gate_scope="conva"),
+    ]  # ungated: it must move SmolLM2
     ours = generate(model, tok, PROMPTS, specs, max_new_tokens=16)
     ref = generate(model, tok, PROMPTS, specs, max_new_tokens=16, mode="reference")
     for a, b in zip(ours, ref):

@@ -48,11 +48,16 @@ def _states(model, tok, prompts, specs, layers):
     handles = []
     for l in layers:
         nxt = blocks[l + 1] if l + 1 < len(blocks) else model.model.norm
-        handles.append(nxt.register_forward_pre_hook(
-            lambda _m, args, l=l: after.__setitem__(l, args[0][:, -1].float().clone())))
+        handles.append(
+            nxt.register_forward_pre_hook(
+                lambda _m, args, l=l: after.__setitem__(l, args[0][:, -1].float().clone())
+            )
+        )
     try:
         # Registered before the steering hooks, so it sees block l's output before the add at l.
-        with block_hooks(model, {l: (lambda i, h: before.__setitem__(i, h[:, -1].float().clone())) for l in layers}):
+        with block_hooks(
+            model, {l: (lambda i, h: before.__setitem__(i, h[:, -1].float().clone())) for l in layers}
+        ):
             _, rows = steer_logits(model, tok, prompts, specs)
     finally:
         for h in handles:
@@ -188,8 +193,12 @@ def test_closed_gate_leaves_every_method_unsteered(tiny, tiny_bundles, setting):
     model, tok = tiny
     _, _, closed = tiny_bundles
     prompts = PROMPTS[:4]
-    specs = [SteerSpec("conva", closed, setting=setting), SteerSpec("caa", closed, strength=3.0, setting=setting),
-             SteerSpec("probe_fixed", closed, strength=6.0, setting=setting), SteerSpec("prompt", closed, setting=setting)]
+    specs = [
+        SteerSpec("conva", closed, setting=setting),
+        SteerSpec("caa", closed, strength=3.0, setting=setting),
+        SteerSpec("probe_fixed", closed, strength=6.0, setting=setting),
+        SteerSpec("prompt", closed, setting=setting),
+    ]
     unsteered = [SteerSpec("none", closed, setting=setting)] * len(specs)
     logits, rows = steer_logits(model, tok, prompts, specs)
     base, base_rows = steer_logits(model, tok, prompts, unsteered)
@@ -218,7 +227,8 @@ def test_gate_scores_the_raw_prompt_and_prefixes_follow_it(tiny, tiny_bundles):
     _, (hidden,) = steer_logits(model, tok, prompt, [SteerSpec("prompt", closed)])
     assert shown.context.endswith(prompt[0]) and shown.context != prompt[0] and hidden.context == prompt[0]
     # prefix_on = gated: a closed gate also drops the opposite prefix, so the row equals the plain unsteered one.
-    logits, (row,) = steer_logits(model, tok, prompt, [SteerSpec("caa", closed, strength=3.0, setting="opposite",
-                                                                  prefix_on="gated")])
+    logits, (row,) = steer_logits(
+        model, tok, prompt, [SteerSpec("caa", closed, strength=3.0, setting="opposite", prefix_on="gated")]
+    )
     plain_logits, _ = steer_logits(model, tok, prompt, [SteerSpec("none")])
     assert row.context == prompt[0] and torch.equal(logits[0], plain_logits[0])

@@ -20,8 +20,20 @@ import pytest
 from conva.batch import store
 from conva.batch.lease import LeaseError, OutputLease
 from conva.batch.storage import Location, location
-from conva.batch.store import (COMPACT_EVERY, ConfigMismatchError, ShardRecord, Stage, StoreError, check_name, config_hash,
-                         diff_keys, shard_ranges, stage_mismatch, write_files_shard, write_table_shard)
+from conva.batch.store import (
+    COMPACT_EVERY,
+    ConfigMismatchError,
+    ShardRecord,
+    Stage,
+    StoreError,
+    check_name,
+    config_hash,
+    diff_keys,
+    shard_ranges,
+    stage_mismatch,
+    write_files_shard,
+    write_table_shard,
+)
 
 CONFIG = {"model": {"name": "tiny"}, "steer": {"p0": 0.9, "layer": 12}, "workers": 4, "seed": 0}
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +128,9 @@ def test_commit_round_trip_shows_committed_objects_only(root: Location) -> None:
     stage = _open(root)
     assert stage.pending() == [0, 1, 2] and stage.publishing
     pending = write_table_shard(stage.ref(1, "w1"), _table(1))  # written by a worker, not yet committed
-    assert _visible(stage.location) == [] and _read(stage) == []  # an attempt's objects are out of readers' sight
+    assert (
+        _visible(stage.location) == [] and _read(stage) == []
+    )  # an attempt's objects are out of readers' sight
     _commit(stage, 0)
     assert stage.commit(pending)
     assert _visible(stage.location) == ["part-00000.parquet", "part-00001.parquet"]
@@ -124,7 +138,10 @@ def test_commit_round_trip_shows_committed_objects_only(root: Location) -> None:
     assert _read(stage) == [0, 1, 2, 100, 101, 102]
     record = stage.records()[1]
     data = stage.location.child("part-00001.parquet").read_bytes()
-    assert (record.objects[0].bytes, record.objects[0].sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (record.objects[0].bytes, record.objects[0].sha256) == (
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+    )
     assert not any(n.startswith("_attempts/") and n.endswith(".parquet") for n in _names(stage.location))
     reopened = _open(root)
     assert reopened.pending() == [2] and reopened.records() == stage.records()
@@ -157,7 +174,9 @@ def test_a_late_attempt_never_replaces_a_committed_shard(root: Location) -> None
     assert not any("zombie" in n for n in _names(stage.location))  # its objects are deleted
     late = write_table_shard(stage.ref(1, "later"), _table(8))  # written after the driver's last look
     reopened = _open(root)
-    assert not any("later" in n for n in _names(reopened.location))  # an uncommitted attempt is cleaned on open
+    assert not any(
+        "later" in n for n in _names(reopened.location)
+    )  # an uncommitted attempt is cleaned on open
     assert reopened.records() == [first] and _read(reopened) == [100, 101, 102]
     assert late.shard == 1
 
@@ -182,7 +201,9 @@ def test_a_shard_with_another_schema_is_refused(root: Location) -> None:
 def test_a_commit_the_driver_did_not_publish_is_published_on_reopen(root: Location, monkeypatch) -> None:
     stage = _open(root)
     publish = Stage._publish
-    monkeypatch.setattr(Stage, "_publish", lambda self, record: None)  # the driver dies right after the log append
+    monkeypatch.setattr(
+        Stage, "_publish", lambda self, record: None
+    )  # the driver dies right after the log append
     record = write_table_shard(stage.ref(0, "w0"), _table(0))
     assert stage.commit(record)
     assert _visible(stage.location) == []
@@ -193,7 +214,9 @@ def test_a_commit_the_driver_did_not_publish_is_published_on_reopen(root: Locati
 
 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
-def test_a_missing_or_truncated_object_is_dropped_and_its_shard_runs_again(root: Location, damage: str) -> None:
+def test_a_missing_or_truncated_object_is_dropped_and_its_shard_runs_again(
+    root: Location, damage: str
+) -> None:
     stage = _open(root)
     for shard in range(3):
         _commit(stage, shard)
@@ -258,7 +281,10 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(root: Loca
     assert resumed.generation == new.generation and resumed.pending() == [1]  # the overwrite resumes
     _commit(resumed, 1, attempt="n")
     assert resumed.finish()
-    assert _visible(root.child("gen")) == ["part-00000.parquet", "part-00001.parquet"]  # the third old shard is gone
+    assert _visible(root.child("gen")) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]  # the third old shard is gone
     assert _read(_open(root, new_config, n=2)) == [0, 1, 2, 100, 101, 102]
     with pytest.raises(ConfigMismatchError):
         _open(root)  # now the old config is the different one
@@ -281,7 +307,9 @@ def test_the_log_is_compacted_and_replays_to_the_same_state(tmp_path: Path, monk
         _commit(stage, shard, rows=1)
         stage.compact_if_due()
     log = [n for n in _names(stage.location) if n.startswith("_log/")]
-    assert len(log) <= 10 + 1 and any("checkpoint" in n for n in log)  # bounded: one checkpoint + recent records
+    assert len(log) <= 10 + 1 and any(
+        "checkpoint" in n for n in log
+    )  # bounded: one checkpoint + recent records
     reopened = _open(root, n=25)
     assert reopened.records() == stage.records() and reopened.is_complete()
     assert COMPACT_EVERY == 1000
@@ -289,7 +317,9 @@ def test_the_log_is_compacted_and_replays_to_the_same_state(tmp_path: Path, monk
 
 def test_a_stage_of_named_files_publishes_them_together(root: Location) -> None:
     stage = Stage.open(root, "bundles", CONFIG, 1, n_shards=1)
-    record = write_files_shard(stage.ref(0, "b"), {"power/meta.json": b"{}", "power/v.bin": b"xyz"}, _table(0))
+    record = write_files_shard(
+        stage.ref(0, "b"), {"power/meta.json": b"{}", "power/v.bin": b"xyz"}, _table(0)
+    )
     assert stage.commit(record)
     assert _visible(stage.location) == ["part-00000.parquet", "power/meta.json", "power/v.bin"]
     assert stage.object(0, "power/v.bin").read_bytes() == b"xyz"
@@ -324,11 +354,19 @@ def test_a_stale_lease_is_broken_only_on_request(tmp_path: Path) -> None:
 def test_the_lease_of_a_dead_process_on_this_host_is_taken_over(tmp_path: Path) -> None:
     import socket
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     pid = int(dead.stdout)
     root = location(tmp_path)
-    held = {"owner": "x", "job": "conva run", "host": socket.gethostname(), "pid": pid, "started": 0,
-            "heartbeat": 9e12}
+    held = {
+        "owner": "x",
+        "job": "conva run",
+        "host": socket.gethostname(),
+        "pid": pid,
+        "started": 0,
+        "heartbeat": 9e12,
+    }
     root.child("_lease.json").write_text(json.dumps(held))
     with OutputLease(root, "conva run") as lease:
         assert json.loads(root.child("_lease.json").read_text())["owner"] == lease.owner
@@ -344,9 +382,14 @@ def test_store_does_not_import_ray() -> None:
 
 def test_float_columns_written_plain_others_with_dictionary_and_statistics(tmp_path: Path) -> None:
     stage = _open(location(tmp_path / "out"))
-    table = pa.table({"layer": pa.array([1, 1, 2], pa.int32()), "value": ["a", "b", "a"],
-                      "activation": pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float32(), 2)),
-                      "score": pa.array([0.5, 0.25, 0.125], pa.float64())})
+    table = pa.table(
+        {
+            "layer": pa.array([1, 1, 2], pa.int32()),
+            "value": ["a", "b", "a"],
+            "activation": pa.array([[1.0, 2.0]] * 3, pa.list_(pa.float32(), 2)),
+            "score": pa.array([0.5, 0.25, 0.125], pa.float64()),
+        }
+    )
     assert stage.commit(write_table_shard(stage.ref(0, "w"), table))
     meta = pq.ParquetFile(tmp_path / "out" / "gen" / "part-00000.parquet").metadata.row_group(0)
     cols = {meta.column(i).path_in_schema.split(".")[0]: meta.column(i) for i in range(meta.num_columns)}

@@ -13,10 +13,10 @@ import pytest
 
 from conva.batch.config import ConfigError
 from conva.batch.pipeline import row_spec
-from conva.metrics import bootstrap_ci
-from conva.batch.study import expand_cells, load_study, model_config, steering_table, utility_cells
 from conva.batch.schemas import RESULT_SCHEMA
+from conva.batch.study import expand_cells, load_study, model_config, steering_table, utility_cells
 from conva.batch.summary import matched_fluency, pool, summarize
+from conva.metrics import bootstrap_ci
 from conva.values import VALUES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,24 +28,56 @@ def test_demo_study_config_expands_to_its_cells(tmp_path) -> None:
     cells, s = expand_cells(study, "smollm2"), study.study
     per_value = len(s.p0) + len(s.caa_strengths) + 2  # ConVA per P0, CAA per strength, prompting, unsteered
     values = study.job.data.values
-    assert len(cells) == len(values) * per_value and {c.method for c in cells} == {"conva", "caa", "prompt", "none"}
-    assert len(utility_cells(study, "smollm2")) == 1 + len(values) * (per_value - 1)  # one unsteered MC cell per model
-    sweep = load_study(DEMO, ["--study.p0=[0.9, 0.99]", '--study.bands=["auto", "10-20"]', '--study.settings=["plain", "opposite"]',
-                              "--study.caa_strengths=[0.25]", f"--data.values={list(VALUES)}".replace("'", '"')])
-    per_value = {m: sum(c.method == m for c in expand_cells(sweep, "smollm2")) // len(VALUES) for m in sweep.study.methods}
+    assert len(cells) == len(values) * per_value and {c.method for c in cells} == {
+        "conva",
+        "caa",
+        "prompt",
+        "none",
+    }
+    assert len(utility_cells(study, "smollm2")) == 1 + len(values) * (
+        per_value - 1
+    )  # one unsteered MC cell per model
+    sweep = load_study(
+        DEMO,
+        [
+            "--study.p0=[0.9, 0.99]",
+            '--study.bands=["auto", "10-20"]',
+            '--study.settings=["plain", "opposite"]',
+            "--study.caa_strengths=[0.25]",
+            f"--data.values={list(VALUES)}".replace("'", '"'),
+        ],
+    )
+    per_value = {
+        m: sum(c.method == m for c in expand_cells(sweep, "smollm2")) // len(VALUES)
+        for m in sweep.study.methods
+    }
     assert per_value == {"conva": 2 * 2 * 2, "caa": 2 * 2, "prompt": 2, "none": 2}
     strengths = load_study(DEMO, ["--study.caa_strengths=[0.25, 0.5, 1.0]"])
     assert sum(c.method == "caa" for c in expand_cells(strengths, "smollm2")) == 3 * len(values)
-    for bad, key in ((["--study.methods=[\"lora\"]"], "study.methods"), (["--study.p0=[1.0]"], "study.p0"),
-                     (["--study.bands=[\"x\"]"], "study.bands"), (["--study.caa_strengths=[0]"], "study.caa_strengths"), (["--judge.kind=oracle"], "judge.kind"),
-                     (["--model.name=x"], "model.name"), (["--judge.kind=llm"], "judge.base_url")):
+    for bad, key in (
+        (['--study.methods=["lora"]'], "study.methods"),
+        (["--study.p0=[1.0]"], "study.p0"),
+        (['--study.bands=["x"]'], "study.bands"),
+        (["--study.caa_strengths=[0]"], "study.caa_strengths"),
+        (["--judge.kind=oracle"], "judge.kind"),
+        (["--model.name=x"], "model.name"),
+        (["--judge.kind=llm"], "judge.base_url"),
+    ):
         with pytest.raises(ConfigError, match=key):
             load_study(DEMO, bad)
 
 
 def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
-    study = load_study(DEMO, ['--data.values=["power"]', "--data.max_prompts_per_value=2", '--study.bands=["auto", "1-2"]',
-                              '--study.methods=["conva", "caa", "none"]', '--study.settings=["plain", "opposite"]'])
+    study = load_study(
+        DEMO,
+        [
+            '--data.values=["power"]',
+            "--data.max_prompts_per_value=2",
+            '--study.bands=["auto", "1-2"]',
+            '--study.methods=["conva", "caa", "none"]',
+            '--study.settings=["plain", "opposite"]',
+        ],
+    )
     cfg = model_config(study, "smollm2", "/tmp/x")
     cells = expand_cells(study, "smollm2")
     table = steering_table(cfg, cells)
@@ -53,7 +85,9 @@ def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
     bundle = tiny_bundles[0]
     for row in table.to_pylist():
         spec = row_spec(cfg, bundle, row)
-        assert (spec.method, spec.setting) == (row["method"], row["setting"]) and row["row_id"].startswith(row["cell_id"])
+        assert (spec.method, spec.setting) == (row["method"], row["setting"]) and row["row_id"].startswith(
+            row["cell_id"]
+        )
         if row["method"] == "conva":
             assert spec.target() == row["p0"] and row["p0"] in study.study.p0
             assert spec.layers() == (tuple(row["band"]) if row["band"] else bundle.band)
@@ -61,33 +95,88 @@ def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
             assert spec.strength in study.study.caa_strengths and f"s={spec.strength:g}" in row["cell_id"]
 
 
-def _result(cell: str, method: str, score: float, ppl: float, prompt: str, gate: bool | None = None,
-            value: str = "power", p0: float | None = 0.99, strength: float | None = None) -> dict:
-    return dict(cell_id=cell, row_id=f"{cell}#{prompt}", model="m", value=value, method=method,
-                p0=p0 if method == "conva" else None, band="auto" if method in ("conva", "caa") else "-",
-                setting="plain", strength=strength, prompt=prompt, context=prompt, output="x", n_output_tokens=1,
-                gate_open=gate, gate_score=None if gate is None else 0.5, eps_mean=None, judge="classifier",
-                judge_score=score, judge_prob=None, judge_raw=None, ppl=ppl, ppl_plain=ppl, fluency=None, error=None)
+def _result(
+    cell: str,
+    method: str,
+    score: float,
+    ppl: float,
+    prompt: str,
+    gate: bool | None = None,
+    value: str = "power",
+    p0: float | None = 0.99,
+    strength: float | None = None,
+) -> dict:
+    return dict(
+        cell_id=cell,
+        row_id=f"{cell}#{prompt}",
+        model="m",
+        value=value,
+        method=method,
+        p0=p0 if method == "conva" else None,
+        band="auto" if method in ("conva", "caa") else "-",
+        setting="plain",
+        strength=strength,
+        prompt=prompt,
+        context=prompt,
+        output="x",
+        n_output_tokens=1,
+        gate_open=gate,
+        gate_score=None if gate is None else 0.5,
+        eps_mean=None,
+        judge="classifier",
+        judge_score=score,
+        judge_prob=None,
+        judge_raw=None,
+        ppl=ppl,
+        ppl_plain=ppl,
+        fluency=None,
+        error=None,
+    )
 
 
 def test_summary_arithmetic_on_known_rows() -> None:
     conva, none = "m|power|conva|p0=0.99|band=auto|plain", "m|power|none|p0=-|band=-|plain"
-    rows = [_result(conva, "conva", 1.0, 8.0, "a", True), _result(conva, "conva", 0.5, 2.0, "b", False),
-            _result(conva, "conva", 0.0, 4.0, "c", True), _result(none, "none", 0.0, 2.0, "a"),
-            _result(none, "none", 0.0, 2.0, "b"), _result(none, "none", 0.0, 4.0, "c")]
-    errored = {**_result(conva, "conva", 0.0, 1.0, "d"), "judge_score": None, "ppl": None, "error": "empty prompt"}
+    rows = [
+        _result(conva, "conva", 1.0, 8.0, "a", True),
+        _result(conva, "conva", 0.5, 2.0, "b", False),
+        _result(conva, "conva", 0.0, 4.0, "c", True),
+        _result(none, "none", 0.0, 2.0, "a"),
+        _result(none, "none", 0.0, 2.0, "b"),
+        _result(none, "none", 0.0, 4.0, "c"),
+    ]
+    errored = {
+        **_result(conva, "conva", 0.0, 1.0, "d"),
+        "judge_score": None,
+        "ppl": None,
+        "error": "empty prompt",
+    }
     results = pa.Table.from_pylist(rows + [errored], schema=RESULT_SCHEMA)
-    utility = pa.table({"cell_id": ["m|*|none|p0=-|band=-"] * 4 + ["m|power|conva|p0=0.99|band=auto"] * 4,
-                        "model": ["m"] * 8, "method": ["none"] * 4 + ["conva"] * 4,
-                        "correct": [True, True, False, False, True, False, False, False],
-                        "gate_open": [False] * 4 + [True, False, False, False],
-                        "gate_score": [None] * 4 + [0.5] * 4})
-    summary = {r["method"]: r for r in summarize(results, utility, {("m", "power"): 0.9}, n_boot=100).to_pylist()}
+    utility = pa.table(
+        {
+            "cell_id": ["m|*|none|p0=-|band=-"] * 4 + ["m|power|conva|p0=0.99|band=auto"] * 4,
+            "model": ["m"] * 8,
+            "method": ["none"] * 4 + ["conva"] * 4,
+            "correct": [True, True, False, False, True, False, False, False],
+            "gate_open": [False] * 4 + [True, False, False, False],
+            "gate_score": [None] * 4 + [0.5] * 4,
+        }
+    )
+    summary = {
+        r["method"]: r for r in summarize(results, utility, {("m", "power"): 0.9}, n_boot=100).to_pylist()
+    }
     c = summary["conva"]
     assert (c["n"], c["n_error"], c["csr"], c["gate_open_rate"]) == (4, 1, 0.5, pytest.approx(2 / 3))
-    assert c["ppl_ratio"] == pytest.approx(math.exp((math.log(8) + math.log(2) + math.log(4)) / 3
-                                                    - (math.log(2) + math.log(2) + math.log(4)) / 3))
-    assert (c["mc_acc"], c["mc_acc_none"], c["utility_ratio"], c["mc_gate_open_rate"]) == (0.25, 0.5, 0.5, 0.25)
+    assert c["ppl_ratio"] == pytest.approx(
+        math.exp(
+            (math.log(8) + math.log(2) + math.log(4)) / 3 - (math.log(2) + math.log(2) + math.log(4)) / 3
+        )
+    )
+    assert (c["mc_acc"], c["mc_acc_none"], c["utility_ratio"], c["mc_gate_open_rate"]) == (
+        0.25,
+        0.5,
+        0.5,
+        0.25,
+    )
     assert c["csr_lo"] <= 0.5 <= c["csr_hi"] and c["judge_agreement"] == 0.9
     assert summary["none"]["ppl_ratio"] == pytest.approx(1.0) and summary["none"]["utility_ratio"] == 1.0
 
@@ -97,7 +186,12 @@ def _two_value_results() -> pa.Table:
     rng = np.random.default_rng(5)
     rows = []
     for value, rate in (("power", 0.9), ("benevolence", 0.2)):
-        for method, strength, shift in (("conva", None, 0.0), ("caa", 0.1, -0.3), ("caa", 0.5, -0.1), ("none", None, -0.4)):
+        for method, strength, shift in (
+            ("conva", None, 0.0),
+            ("caa", 0.1, -0.3),
+            ("caa", 0.5, -0.1),
+            ("none", None, -0.4),
+        ):
             cell = f"m|{value}|{method}|s={strength}"
             for i in range(30):
                 score = float(rng.random() < rate + shift)
@@ -118,8 +212,12 @@ def test_pooled_interval_is_a_bootstrap_over_all_the_rows_prompts() -> None:
     assert (conva["csr_lo"], conva["csr_hi"]) == bootstrap_ci(scores, n_boot=4000, seed=3)
     # An independent implementation agrees within the bootstrap's own resolution (a step of the mean, 1/60,
     # plus Monte-Carlo error), and the old "mean of the per-value bounds" does not.
-    ref = bootstrap((np.asarray(scores),), np.mean, n_resamples=20000, method="percentile", random_state=3).confidence_interval
-    assert abs(conva["csr_lo"] - ref.low) <= 1 / 60 + 0.01 and abs(conva["csr_hi"] - ref.high) <= 1 / 60 + 0.01
+    ref = bootstrap(
+        (np.asarray(scores),), np.mean, n_resamples=20000, method="percentile", random_state=3
+    ).confidence_interval
+    assert (
+        abs(conva["csr_lo"] - ref.low) <= 1 / 60 + 0.01 and abs(conva["csr_hi"] - ref.high) <= 1 / 60 + 0.01
+    )
     mean_of_bounds = np.mean([r["csr_lo"] for r in per_cell if r["method"] == "conva"])
     assert abs(mean_of_bounds - conva["csr_lo"]) > 0.05
     # The perplexity ratio's interval: the same bootstrap over the per-prompt log ratios against unsteered.
@@ -128,16 +226,24 @@ def test_pooled_interval_is_a_bootstrap_over_all_the_rows_prompts() -> None:
     logs = [np.log(r["ppl"]) - np.log(base[(r["value"], r["prompt"])]) for r in rows if r["strength"] == 0.5]
     lo, hi = bootstrap_ci(logs, n_boot=4000, seed=3)
     caa = pooled[("caa", 0.5)]
-    assert caa["ppl_ratio"] == pytest.approx(np.exp(np.mean(logs))) and (caa["ppl_ratio_lo"], caa["ppl_ratio_hi"]) == \
-        pytest.approx((np.exp(lo), np.exp(hi)))
+    assert caa["ppl_ratio"] == pytest.approx(np.exp(np.mean(logs))) and (
+        caa["ppl_ratio_lo"],
+        caa["ppl_ratio_hi"],
+    ) == pytest.approx((np.exp(lo), np.exp(hi)))
 
 
 def test_matched_fluency_pairs_each_conva_point_with_the_nearest_caa_point() -> None:
     results = _two_value_results()
     pooled = pool(results, n_boot=2000, seed=0)
     (row,) = matched_fluency(results, pooled, n_boot=2000, seed=0).to_pylist()
-    assert (row["other"], row["other_strength"], row["n_pairs"]) == ("caa", 0.1, 60)  # 0.1: nearest perplexity
-    by = {(r["method"], r["strength"], r["value"], r["prompt"]): r["judge_score"] for r in results.to_pylist()}
+    assert (row["other"], row["other_strength"], row["n_pairs"]) == (
+        "caa",
+        0.1,
+        60,
+    )  # 0.1: nearest perplexity
+    by = {
+        (r["method"], r["strength"], r["value"], r["prompt"]): r["judge_score"] for r in results.to_pylist()
+    }
     diffs = [by[("conva", None, v, p)] - by[("caa", 0.1, v, p)] for (m, s, v, p) in by if m == "conva"]
     assert row["csr_diff"] == pytest.approx(np.mean(diffs))
     assert (row["csr_diff_lo"], row["csr_diff_hi"]) == bootstrap_ci(diffs, n_boot=2000, seed=0)
@@ -152,10 +258,23 @@ def study_run(tiny_path, tmp_path_factory, ray_session):
     from conva.jobs.study import main
 
     out = tmp_path_factory.mktemp("study")
-    argv = ["--config", str(DEMO), f'--study.models=["{tiny_path}"]', '--study.methods=["conva", "caa", "prompt", "none"]',
-            '--study.p0=[0.99]', '--study.caa_strengths=[0.5]', '--data.values=["power"]', "--data.max_prompts_per_value=3",
-            "--gate.other_pairs_per_value=6", "--fit.band=1-3", "--steer.max_new_tokens=4",
-            "--utility.max_items=4", "--ray.num_workers=1", "--ray.rows_per_shard=4", f"--output.dir={out}"]
+    argv = [
+        "--config",
+        str(DEMO),
+        f'--study.models=["{tiny_path}"]',
+        '--study.methods=["conva", "caa", "prompt", "none"]',
+        "--study.p0=[0.99]",
+        "--study.caa_strengths=[0.5]",
+        '--data.values=["power"]',
+        "--data.max_prompts_per_value=3",
+        "--gate.other_pairs_per_value=6",
+        "--fit.band=1-3",
+        "--steer.max_new_tokens=4",
+        "--utility.max_items=4",
+        "--ray.num_workers=1",
+        "--ray.rows_per_shard=4",
+        f"--output.dir={out}",
+    ]
     assert main(argv) == 0
     return out, argv
 
@@ -165,16 +284,26 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     out, _ = study_run
     results = pq.read_table(out / "results.parquet").to_pylist()
     assert len(results) == 4 * 3 and {r["method"] for r in results} == {"conva", "caa", "prompt", "none"}
-    assert all(r["error"] is None and r["judge_score"] in (0.0, 1.0) and r["ppl"] > 0 and r["ppl_plain"] > 0
-               for r in results)
-    for r in results:  # perplexity given the answer's own context; the plain prompt's where that is the context
+    assert all(
+        r["error"] is None and r["judge_score"] in (0.0, 1.0) and r["ppl"] > 0 and r["ppl_plain"] > 0
+        for r in results
+    )
+    for (
+        r
+    ) in results:  # perplexity given the answer's own context; the plain prompt's where that is the context
         assert (r["ppl"] == r["ppl_plain"]) == (r["context"] == r["prompt"])
         assert r["context"] == r["prompt"] or (r["method"] == "prompt" and r["gate_open"])
     summary = pq.read_table(out / "summary.parquet").to_pylist()
-    assert len(summary) == 4 and all(r["mc_acc"] is not None and r["judge_agreement"] is not None for r in summary)
-    assert pq.read_table(out / "utility.parquet").num_rows == 4 * 4  # the unsteered cell and three steered ones
+    assert len(summary) == 4 and all(
+        r["mc_acc"] is not None and r["judge_agreement"] is not None for r in summary
+    )
+    assert (
+        pq.read_table(out / "utility.parquet").num_rows == 4 * 4
+    )  # the unsteered cell and three steered ones
     pooled = pq.read_table(out / "pooled.parquet").to_pylist()
-    assert {r["method"] for r in pooled} == {"conva", "caa", "prompt", "none"} and all(r["n"] == 3 for r in pooled)
+    assert {r["method"] for r in pooled} == {"conva", "caa", "prompt", "none"} and all(
+        r["n"] == 3 for r in pooled
+    )
     matched = pq.read_table(out / "matched.parquet").to_pylist()
     assert {r["other"] for r in matched} == {"caa", "prompt"} and all(r["n_pairs"] == 3 for r in matched)
     pngs = sorted((out / "report").glob("*.png"))
@@ -207,8 +336,11 @@ def _shard_intervals(model_out: Path) -> list[tuple[float, float]]:
     spans = []
     for record in model_out.rglob("_log/*.json"):
         body = json.loads(record.read_text())
-        records = [body["record"]] if body.get("op") == "commit" else \
-            [r for g in body.get("state", {}).get("gens", []) for r in g["shards"]]
+        records = (
+            [body["record"]]
+            if body.get("op") == "commit"
+            else [r for g in body.get("state", {}).get("gens", []) for r in g["shards"]]
+        )
         spans += [(r["worker"]["started"], r["worker"]["finished"]) for r in records if r.get("worker")]
     return spans
 
@@ -219,21 +351,37 @@ def test_two_models_run_at_once_and_each_worker_loads_its_model_once(tmp_path_fa
     import json
     import re
 
-    from conva.tiny import make_tiny_model
     from conva.jobs.study import main
+    from conva.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("two")
     a, b = make_tiny_model(root / "alpha", seed=0), make_tiny_model(root / "beta", seed=1)
     out = root / "study"
     models = f'[{{name = "{a}", ray = {{num_workers = 1}}}}, {{name = "{b}", ray = {{num_workers = 1}}}}]'
-    argv = ["--config", str(DEMO), f"--study.models={models}", '--study.methods=["conva", "none"]', "--study.p0=[0.99]",
-            '--data.values=["power"]', "--data.max_prompts_per_value=6", "--fit.band=1-3", "--steer.max_new_tokens=6",
-            "--utility.max_items=6", "--ray.rows_per_shard=32", "--ray.steer_rows_per_shard=2", f"--output.dir={out}"]
+    argv = [
+        "--config",
+        str(DEMO),
+        f"--study.models={models}",
+        '--study.methods=["conva", "none"]',
+        "--study.p0=[0.99]",
+        '--data.values=["power"]',
+        "--data.max_prompts_per_value=6",
+        "--fit.band=1-3",
+        "--steer.max_new_tokens=6",
+        "--utility.max_items=6",
+        "--ray.rows_per_shard=32",
+        "--ray.steer_rows_per_shard=2",
+        f"--output.dir={out}",
+    ]
     assert main(argv) == 0
     log = (out / "run.log").read_text()
     for name in ("alpha", "beta"):
-        found = re.findall(rf"\[{name}\] {name}: workers returned \d+ bytes .*model loads per worker: (\{{.*\}})", log)
-        assert len(found) == 1 and list(json.loads(found[0]).values()) == [1], found  # one worker, loaded once, all stages
+        found = re.findall(
+            rf"\[{name}\] {name}: workers returned \d+ bytes .*model loads per worker: (\{{.*\}})", log
+        )
+        assert len(found) == 1 and list(json.loads(found[0]).values()) == [1], (
+            found
+        )  # one worker, loaded once, all stages
     spans = {name: _shard_intervals(out / "models" / name) for name in ("alpha", "beta")}
     assert len(spans["alpha"]) > 10 and len(spans["beta"]) > 10
     overlapping = [(x, y) for x in spans["alpha"] for y in spans["beta"] if x[0] < y[1] and y[0] < x[1]]
@@ -244,11 +392,20 @@ def test_two_models_run_at_once_and_each_worker_loads_its_model_once(tmp_path_fa
 
 
 def test_a_models_own_sections_override_the_job_for_it_alone() -> None:
-    study = load_study(DEMO, ['--study.models=["smollm2", {name = "smollm2-bf16", model = {dtype = "bfloat16"}, '
-                              'ray = {num_workers = 1, num_gpus_per_worker = 0.5}}]'])
+    study = load_study(
+        DEMO,
+        [
+            '--study.models=["smollm2", {name = "smollm2-bf16", model = {dtype = "bfloat16"}, '
+            "ray = {num_workers = 1, num_gpus_per_worker = 0.5}}]"
+        ],
+    )
     first, second = (model_config(study, m, "/tmp/x") for m in study.study.models)
     assert (first.model.dtype, first.ray.num_workers, first.ray.num_gpus_per_worker) == ("float32", 2, 0.0)
-    assert (second.model.dtype, second.ray.num_workers, second.ray.num_gpus_per_worker) == ("bfloat16", 1, 0.5)
+    assert (second.model.dtype, second.ray.num_workers, second.ray.num_gpus_per_worker) == (
+        "bfloat16",
+        1,
+        0.5,
+    )
     assert second.model.name == "smollm2-bf16" and second.output.dir == "/tmp/x/models/smollm2-bf16"
     assert (first.data, first.probe, first.steer) == (second.data, second.probe, second.steer)
     with pytest.raises(ConfigError, match="may only set model, ray, vllm, steer, extract of its own"):
@@ -256,4 +413,4 @@ def test_a_models_own_sections_override_the_job_for_it_alone() -> None:
     with pytest.raises(ConfigError, match=r"study.models \(m\): ray.num_workers: must be at least 1"):
         load_study(DEMO, ['--study.models=[{name = "m", ray = {num_workers = 0}}]'])
     with pytest.raises(ConfigError, match="needs name"):
-        load_study(DEMO, ['--study.models=[{ray = {num_workers = 1}}]'])
+        load_study(DEMO, ["--study.models=[{ray = {num_workers = 1}}]"])

@@ -46,7 +46,9 @@ def test_output_on_the_shared_folder_has_every_row_once(two_nodes: TwoNodeCluste
     assert sorted(got.column("row_id").to_pylist()) == sorted(expected)
     assert got.column("error").null_count == got.num_rows
     # No terminal under `ray job submit`: progress comes as log lines, and the job's last line says its error rows.
-    assert re.search(r"steer: shard 3 of 3 committed, [\d.]+ rows/s, ETA \d+m\d\ds", job.output), job.output[-4000:]
+    assert re.search(r"steer: shard 3 of 3 committed, [\d.]+ rows/s, ETA \d+m\d\ds", job.output), job.output[
+        -4000:
+    ]
     assert re.search(r"conva run: done in \d+ s: .*; no error rows", job.output), job.output[-4000:]
 
     record = two_nodes.job(job.submission_id)
@@ -57,17 +59,21 @@ def test_output_on_the_shared_folder_has_every_row_once(two_nodes: TwoNodeCluste
 
 
 @pytest.mark.slow
-def test_output_on_a_head_only_folder_fails_in_preflight_naming_the_worker(two_nodes: TwoNodeCluster,
-                                                                         shared_model: str) -> None:
+def test_output_on_a_head_only_folder_fails_in_preflight_naming_the_worker(
+    two_nodes: TwoNodeCluster, shared_model: str
+) -> None:
     out = two_nodes.head_only / "out"
-    job = two_nodes.submit(["--config", CONFIG, f"--model.name={shared_model}", f"--output.dir={out}", *SHAPE],
-                           timeout=300)
+    job = two_nodes.submit(
+        ["--config", CONFIG, f"--model.name={shared_model}", f"--output.dir={out}", *SHAPE], timeout=300
+    )
     tail = job.output[-4000:]
     assert job.returncode != 0, tail
     assert "pre-flight" in job.output.lower() and "127.0.0.1" in job.output, tail
     # Both nodes are 127.0.0.1 here: only the node id tells the worker from the head. (The path alone is
     # in the logged config too; with the node id on its line, it is the error that names it.)
-    assert any(two_nodes.worker_node_id in line and str(out) in line for line in job.output.splitlines()), tail
+    assert any(two_nodes.worker_node_id in line and str(out) in line for line in job.output.splitlines()), (
+        tail
+    )
     assert job.seconds < 60, f"took {job.seconds:.0f} s: {tail}"
     assert not (out / "activations").exists()
     assert two_nodes.run(["test", "!", "-e", str(out / "activations")], node="worker").returncode == 0

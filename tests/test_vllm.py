@@ -29,7 +29,12 @@ from conva.gates import Gate  # noqa: E402
 from conva.steering.hf import generate  # noqa: E402
 from conva.steering.spec import SteerSpec  # noqa: E402
 from conva.steering.vllm import (  # noqa: E402
-    EngineSettings, VLLMSteerer, _spec_row, check_vllm_version, engine_kwargs, generate_vllm,
+    EngineSettings,
+    VLLMSteerer,
+    _spec_row,
+    check_vllm_version,
+    engine_kwargs,
+    generate_vllm,
 )
 from conva.steering.vllm_op import EngineState, SpecRow  # noqa: E402
 
@@ -46,19 +51,35 @@ MAX_NEW = 12
 KV_BLOCKS = 24
 
 
-def _bundle(value: str, seed: int, hidden: int = HIDDEN, gate: Gate | None = None, p0: float = 0.999) -> ValueBundle:
+def _bundle(
+    value: str, seed: int, hidden: int = HIDDEN, gate: Gate | None = None, p0: float = 0.999
+) -> ValueBundle:
     """Random unit probes with a negative intercept, so ε > 0 and steering changes the tokens."""
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(N_BLOCKS, hidden)).astype(np.float32)
     w /= np.linalg.norm(w, axis=1, keepdims=True)
     caa = (0.5 * rng.normal(size=(N_BLOCKS, hidden))).astype(np.float32)
     ones = np.ones(N_BLOCKS, np.float32)
-    return ValueBundle(value=value, model_name="tiny", fingerprint="tiny", hidden_size=hidden, n_blocks=N_BLOCKS,
-                       layers=np.arange(N_BLOCKS), w=w, b=np.full(N_BLOCKS, -2.0, np.float32), train_acc=ones,
-                       test_acc=ones, caa=caa, band=BAND, p0=p0, gate=gate or Gate())
+    return ValueBundle(
+        value=value,
+        model_name="tiny",
+        fingerprint="tiny",
+        hidden_size=hidden,
+        n_blocks=N_BLOCKS,
+        layers=np.arange(N_BLOCKS),
+        w=w,
+        b=np.full(N_BLOCKS, -2.0, np.float32),
+        train_acc=ones,
+        test_acc=ones,
+        caa=caa,
+        band=BAND,
+        p0=p0,
+        gate=gate or Gate(),
+    )
 
 
 # -- fast: the op on hand-filled buffers ---------------------------------------------------------------
+
 
 def test_version_check() -> None:
     assert check_vllm_version("0.32.0") == "0.32.0"
@@ -73,9 +94,18 @@ def _state_with_row(d: int = 16, p0: float = 0.9) -> tuple[EngineState, torch.Te
     state.host_skips = False  # the CUDA-graph path: always compute (the engine tests cover the CPU skips)
     w = torch.randn(2, d, generator=torch.Generator().manual_seed(0))
     norm = w.norm(dim=-1)
-    state.add_row(SpecRow(dirs=w / norm[:, None], w=w, b=torch.tensor([-20.0, 0.5]), wnorm=norm,
-                          compute=torch.tensor([True, True]), fixed=torch.zeros(2), has_probe=torch.tensor([True, True]),
-                          s0=math.log(p0 / (1 - p0))))
+    state.add_row(
+        SpecRow(
+            dirs=w / norm[:, None],
+            w=w,
+            b=torch.tensor([-20.0, 0.5]),
+            wnorm=norm,
+            compute=torch.tensor([True, True]),
+            fixed=torch.zeros(2),
+            has_probe=torch.tensor([True, True]),
+            s0=math.log(p0 / (1 - p0)),
+        )
+    )
     return state, w, p0
 
 
@@ -128,6 +158,7 @@ def test_generate_vllm_needs_a_steerer() -> None:
 
 
 # -- slow: engines on the tiny model -------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
@@ -188,9 +219,14 @@ def plain(tiny: str, eager):  # noqa: ANN001, ANN201
 def _mixed_specs(bundles) -> list[SteerSpec]:  # noqa: ANN001
     gated, other = bundles
     return [
-        SteerSpec("conva", gated), SteerSpec("conva", gated), SteerSpec("none"),
-        SteerSpec("conva", other), SteerSpec("conva", other, p0=0.9), SteerSpec("conva", gated, p0=0.99),
-        SteerSpec("caa", other, strength=4.0), SteerSpec("probe_fixed", gated, strength=6.0),
+        SteerSpec("conva", gated),
+        SteerSpec("conva", gated),
+        SteerSpec("none"),
+        SteerSpec("conva", other),
+        SteerSpec("conva", other, p0=0.9),
+        SteerSpec("conva", gated, p0=0.99),
+        SteerSpec("caa", other, strength=4.0),
+        SteerSpec("probe_fixed", gated, strength=6.0),
         SteerSpec("conva_nogate", gated),
     ]
 
@@ -198,7 +234,12 @@ def _mixed_specs(bundles) -> list[SteerSpec]:  # noqa: ANN001
 def _assert_parity(hf_rows, vllm_rows, telemetry: bool = True) -> None:  # noqa: ANN001
     for i, (a, b) in enumerate(zip(hf_rows, vllm_rows, strict=True)):
         assert a.tokens == b.tokens, f"row {i}: greedy tokens differ"
-        assert (a.text, a.n_prompt_tokens, a.layers, a.gate_open) == (b.text, b.n_prompt_tokens, b.layers, b.gate_open)
+        assert (a.text, a.n_prompt_tokens, a.layers, a.gate_open) == (
+            b.text,
+            b.n_prompt_tokens,
+            b.layers,
+            b.gate_open,
+        )
         assert (a.gate_score is None) == (b.gate_score is None)
         if a.gate_score is not None:
             assert abs(a.gate_score - b.gate_score) < 1e-4, f"row {i}: gate score"
@@ -285,8 +326,14 @@ def test_preempted_requests_are_recomputed_with_their_own_eps(hf, bundles, eager
     _assert_parity(hf_rows, rows)
 
 
-ANSWERS = ["Paris is the capital.", "They help a lot every day.", "", "Because it matters to them.", "x",
-           "Oslo has a long history of bridges."]
+ANSWERS = [
+    "Paris is the capital.",
+    "They help a lot every day.",
+    "",
+    "Because it matters to them.",
+    "x",
+    "Oslo has a long history of bridges.",
+]
 
 
 @pytest.mark.slow
@@ -300,8 +347,11 @@ def test_perplexity_matches_hf(hf, eager) -> None:  # noqa: ANN001
         got = eager.answer_nll(PROMPTS, ANSWERS, chat_template=chat)
         assert [n for _, n in got] == [n for _, n in want] and want[2] == (0.0, 0)
         np.testing.assert_allclose([x for x, _ in got], [x for x, _ in want], rtol=1e-5, atol=1e-4)
-        np.testing.assert_allclose(eager.perplexity(PROMPTS, ANSWERS, chat_template=chat),
-                                   perplexity(model, tok, PROMPTS, ANSWERS, chat_template=chat), rtol=1e-5)
+        np.testing.assert_allclose(
+            eager.perplexity(PROMPTS, ANSWERS, chat_template=chat),
+            perplexity(model, tok, PROMPTS, ANSWERS, chat_template=chat),
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.slow
@@ -321,14 +371,21 @@ def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:
     # threshold sits in the widest gap between middle scores: a score on the threshold itself (the median)
     # would open on one backend and close on the other by float noise alone.
     gate = bundles[0].gate
-    scores = np.sort(gate.scores(record_activations(model, tok, prompts, [GATE_LAYER], chat_template=True)[:, 0]))
+    scores = np.sort(
+        gate.scores(record_activations(model, tok, prompts, [GATE_LAYER], chat_template=True)[:, 0])
+    )
     middle = range(len(scores) // 4, 3 * len(scores) // 4)
     i = max(middle, key=lambda j: scores[j + 1] - scores[j])
     assert scores[i + 1] - scores[i] > 1e-3, "no gap between the middle scores to put a threshold in"
     gated = replace(bundles[0], gate=replace(gate, threshold=float(scores[i] + scores[i + 1]) / 2))
-    kinds = [SteerSpec("conva", gated), SteerSpec("none"), SteerSpec("caa", bundles[1], strength=3.0),
-             SteerSpec("probe_fixed", gated, strength=3.0), SteerSpec("conva", bundles[1], p0=0.9),
-             SteerSpec("prompt", gated)]
+    kinds = [
+        SteerSpec("conva", gated),
+        SteerSpec("none"),
+        SteerSpec("caa", bundles[1], strength=3.0),
+        SteerSpec("probe_fixed", gated, strength=3.0),
+        SteerSpec("conva", bundles[1], p0=0.9),
+        SteerSpec("prompt", gated),
+    ]
     specs = (kinds * 2)[: len(items)] + [SteerSpec("conva", gated)] * len(items)
     prompts, answers = prompts * 2, answers * 2
     flat = [t for ids in letter_token_ids(tok) for t in ids]
@@ -337,14 +394,20 @@ def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:
     np.testing.assert_allclose(got, torch.log_softmax(logits, -1)[:, flat].numpy(), atol=1e-4)
     want = score_mc(model, tok, prompts, answers, specs, batch_size=len(prompts))
     rows = eager.score_mc(prompts, answers, specs)
-    assert [(r.pred, r.correct, r.gate_open) for r in rows] == [(r.pred, r.correct, r.gate_open) for r in want]
+    assert [(r.pred, r.correct, r.gate_open) for r in rows] == [
+        (r.pred, r.correct, r.gate_open) for r in want
+    ]
     for a, b in zip(want, rows):
         assert (a.gate_score is None) == (b.gate_score is None)
         assert a.gate_score is None or abs(a.gate_score - b.gate_score) < 1e-4
-    plain = score_mc(model, tok, prompts, answers, [SteerSpec("none")] * len(prompts), batch_size=len(prompts))
+    plain = score_mc(
+        model, tok, prompts, answers, [SteerSpec("none")] * len(prompts), batch_size=len(prompts)
+    )
     gated_rows = [i for i, s in enumerate(specs) if s.gated()]
     assert {rows[i].gate_open for i in gated_rows} == {True, False}
-    assert any(rows[i].pred != plain[i].pred for i in gated_rows if rows[i].gate_open), "steering changed no pick"
+    assert any(rows[i].pred != plain[i].pred for i in gated_rows if rows[i].gate_open), (
+        "steering changed no pick"
+    )
     assert all(rows[i].pred == plain[i].pred for i in gated_rows if not rows[i].gate_open)
 
 
@@ -367,7 +430,8 @@ def _cache_keys(root: Path) -> set[Path]:
 
 @pytest.mark.slow
 def test_compiled_engines_with_other_layers_keep_their_own_graphs(
-        tiny, bundles, eager, compile_cache) -> None:  # noqa: ANN001
+    tiny, bundles, eager, compile_cache
+) -> None:  # noqa: ANN001
     """Two compiled engines, one after the other in this process and on one cache folder, steering
     different layers: each steers as the eager engine does, from a cache entry of its own.
 
@@ -378,11 +442,16 @@ def test_compiled_engines_with_other_layers_keep_their_own_graphs(
     """
     narrow = replace(bundles[1], band=(2, 3))
     narrow_specs = [SteerSpec("conva", narrow), SteerSpec("none"), SteerSpec("caa", narrow, strength=4.0)] * 2
-    runs = [(bundles, range(N_BLOCKS), _mixed_specs(bundles)[: len(PROMPTS)]), ((narrow,), None, narrow_specs)]
+    runs = [
+        (bundles, range(N_BLOCKS), _mixed_specs(bundles)[: len(PROMPTS)]),
+        ((narrow,), None, narrow_specs),
+    ]
     wants = [eager.generate(PROMPTS, specs, max_new_tokens=MAX_NEW) for _, _, specs in runs]
     keys: list[set[Path]] = []
     for (engine_bundles, layers, specs), want in zip(runs, wants):
-        compiled = VLLMSteerer(tiny, engine_bundles, layers=layers, settings=EngineSettings(enforce_eager=False))
+        compiled = VLLMSteerer(
+            tiny, engine_bundles, layers=layers, settings=EngineSettings(enforce_eager=False)
+        )
         try:
             got = compiled.generate(PROMPTS, specs, max_new_tokens=MAX_NEW)
             none = compiled.generate(PROMPTS, [SteerSpec("none")] * len(PROMPTS), max_new_tokens=MAX_NEW)
@@ -395,7 +464,9 @@ def test_compiled_engines_with_other_layers_keep_their_own_graphs(
             np.testing.assert_allclose(a.eps, b.eps, atol=1e-4)
         steered = [i for i, r in enumerate(got) if r.gate_open and r.layers]
         assert steered and any(got[i].tokens != none[i].tokens for i in steered)
-        assert all(got[i].tokens == none[i].tokens for i, r in enumerate(got) if not (r.gate_open and r.layers))
+        assert all(
+            got[i].tokens == none[i].tokens for i, r in enumerate(got) if not (r.gate_open and r.layers)
+        )
     assert len(keys[0]) == 1 and len(keys[1]) == 2, f"cache keys after each engine: {keys}"
 
 
@@ -408,25 +479,48 @@ def test_parity_with_hf_smollm2() -> None:
     path = resolve_model("smollm2")
     model, tok = load_model(path)
     d, n = model.config.hidden_size, model.config.num_hidden_layers
-    prompts = ["Should I take the job offer abroad or stay near my family?", "What is the capital of France?",
-               "My friend asked me to lie for him. What should I do?", "How do I become rich quickly?"]
+    prompts = [
+        "Should I take the job offer abroad or stay near my family?",
+        "What is the capital of France?",
+        "My friend asked me to lie for him. What should I do?",
+        "How do I become rich quickly?",
+    ]
     rng = np.random.default_rng(3)
     gw = rng.normal(size=d).astype(np.float32) / np.sqrt(d)
-    scores = Gate("probe", 0.5, 10, gw, 0.0).scores(record_activations(model, tok, prompts, [10], chat_template=True)[:, 0])
+    scores = Gate("probe", 0.5, 10, gw, 0.0).scores(
+        record_activations(model, tok, prompts, [10], chat_template=True)[:, 0]
+    )
     gate = Gate("probe", float(np.median(scores)), 10, gw, 0.0)
 
     def bundle(value: str, seed: int, g: Gate) -> ValueBundle:
         w = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
         w /= np.linalg.norm(w, axis=1, keepdims=True)
         ones = np.ones(n, np.float32)
-        return ValueBundle(value=value, model_name="smollm2", fingerprint="x", hidden_size=d, n_blocks=n,
-                           layers=np.arange(n), w=w, b=np.full(n, -2.0, np.float32), train_acc=ones, test_acc=ones,
-                           caa=w.copy(), band=tuple(range(10, 21)), p0=0.95, gate=g)
+        return ValueBundle(
+            value=value,
+            model_name="smollm2",
+            fingerprint="x",
+            hidden_size=d,
+            n_blocks=n,
+            layers=np.arange(n),
+            w=w,
+            b=np.full(n, -2.0, np.float32),
+            train_acc=ones,
+            test_acc=ones,
+            caa=w.copy(),
+            band=tuple(range(10, 21)),
+            p0=0.95,
+            gate=g,
+        )
 
     gated, other = bundle("power", 1, gate), bundle("benevolence", 2, Gate())
     prompts = prompts * 2
-    specs = [SteerSpec("conva", gated)] * 4 + [SteerSpec("none"), SteerSpec("conva", other, p0=0.99),
-                                               SteerSpec("conva", other), SteerSpec("conva", gated, p0=0.999)]
+    specs = [SteerSpec("conva", gated)] * 4 + [
+        SteerSpec("none"),
+        SteerSpec("conva", other, p0=0.99),
+        SteerSpec("conva", other),
+        SteerSpec("conva", gated, p0=0.999),
+    ]
     hf_rows = generate(model, tok, prompts, specs, max_new_tokens=16, batch_size=len(prompts))
     steerer = VLLMSteerer(path, [gated, other], settings=EngineSettings(max_model_len=1024))
     try:

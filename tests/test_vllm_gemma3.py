@@ -24,7 +24,14 @@ from conva.steering.hf import generate  # noqa: E402
 from conva.steering.spec import SteerSpec  # noqa: E402
 from conva.steering.vllm import EngineSettings, VLLMSteerer  # noqa: E402
 from tests.test_vllm import (  # noqa: E402
-    GATE_LAYER, HIDDEN, MAX_NEW, N_BLOCKS, PROMPTS, _assert_parity, _bundle, _mixed_specs,
+    GATE_LAYER,
+    HIDDEN,
+    MAX_NEW,
+    N_BLOCKS,
+    PROMPTS,
+    _assert_parity,
+    _bundle,
+    _mixed_specs,
 )
 
 pytestmark = pytest.mark.slow
@@ -52,7 +59,9 @@ def bundles(hf):  # noqa: ANN001, ANN201
     model, tok = hf
     acts = record_activations(model, tok, PROMPTS, [GATE_LAYER], chat_template=True)[:, 0]
     gw = np.random.default_rng(7).normal(size=HIDDEN).astype(np.float32)
-    gate = Gate("probe", float(np.median(Gate("probe", 0.5, GATE_LAYER, gw, 0.0).scores(acts))), GATE_LAYER, gw, 0.0)
+    gate = Gate(
+        "probe", float(np.median(Gate("probe", 0.5, GATE_LAYER, gw, 0.0).scores(acts))), GATE_LAYER, gw, 0.0
+    )
     return _bundle("power", 1, gate=gate), _bundle("security", 2, p0=0.99)
 
 
@@ -74,7 +83,9 @@ def test_hidden_plus_residual_is_the_residual_stream(hf, engine) -> None:  # noq
     layers = list(range(N_BLOCKS))
     for chat in (False, True):
         got = engine.record(PROMPTS, layers, chat_template=chat)
-        np.testing.assert_allclose(got, record_activations(model, tok, PROMPTS, layers, chat_template=chat), atol=1e-4)
+        np.testing.assert_allclose(
+            got, record_activations(model, tok, PROMPTS, layers, chat_template=chat), atol=1e-4
+        )
     with torch.no_grad():
         states = model(**tokenize(tok, PROMPTS[:1], True), output_hidden_states=True).hidden_states
         last = model.model.norm(torch.from_numpy(got[:1, -1]))
@@ -89,7 +100,9 @@ def test_parity_with_hf_and_eps_property(hf, bundles, engine) -> None:  # noqa: 
     model, tok = hf
     prompts, specs = PROMPTS + PROMPTS[:3], _mixed_specs(bundles)
     rows = engine.generate(prompts, specs, max_new_tokens=MAX_NEW)
-    _assert_parity(generate(model, tok, prompts, specs, max_new_tokens=MAX_NEW, batch_size=len(prompts)), rows)
+    _assert_parity(
+        generate(model, tok, prompts, specs, max_new_tokens=MAX_NEW, batch_size=len(prompts)), rows
+    )
     assert {r.gate_open for r, s in zip(rows, specs) if s.gated()} == {True, False}
     conva = [(r, s) for r, s in zip(rows, specs) if s.method in ("conva", "conva_nogate") and r.gate_open]
     assert conva and any(max(r.eps) > 0 for r, _ in conva)

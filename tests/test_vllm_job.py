@@ -17,9 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cfg(out: Path, *extra: str):
-    return load_config(REPO / "examples" / "demo.toml", [
-        f"--output.dir={out}", '--data.values=["achievement"]', "--data.max_prompts_per_value=6",
-        "--steer.max_new_tokens=12", "--steer.p0=0.999", "--ray.num_workers=1", "--vllm.max_num_seqs=8", *extra])
+    return load_config(
+        REPO / "examples" / "demo.toml",
+        [
+            f"--output.dir={out}",
+            '--data.values=["achievement"]',
+            "--data.max_prompts_per_value=6",
+            "--steer.max_new_tokens=12",
+            "--steer.p0=0.999",
+            "--ray.num_workers=1",
+            "--vllm.max_num_seqs=8",
+            *extra,
+        ],
+    )
 
 
 def test_run_job_with_vllm_backend_writes_what_hf_writes(tmp_path, ray_session):

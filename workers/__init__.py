@@ -14,11 +14,22 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "BACKENDS": "backends", "Steerer": "backends", "check_backend": "backends", "make_steerer": "backends",
-    "register_backend": "backends", "RowContractError": "contract", "check_rows": "contract",
-    "ShardError": "errors", "ModelWorker": "worker", "WorkerSpec": "tasks", "ShardTask": "tasks",
-    "WorkerPool": "pool", "StageRun": "pool", "run_stages": "pool",
-    "ShardFailedError": "pool", "WorkerStartError": "pool",
+    "BACKENDS": "backends",
+    "Steerer": "backends",
+    "check_backend": "backends",
+    "make_steerer": "backends",
+    "register_backend": "backends",
+    "RowContractError": "contract",
+    "check_rows": "contract",
+    "ShardError": "errors",
+    "ModelWorker": "worker",
+    "WorkerSpec": "tasks",
+    "ShardTask": "tasks",
+    "WorkerPool": "pool",
+    "StageRun": "pool",
+    "run_stages": "pool",
+    "ShardFailedError": "pool",
+    "WorkerStartError": "pool",
 }
 __all__ = sorted(_EXPORTS)
 

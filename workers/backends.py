@@ -21,16 +21,24 @@ from typing import Callable, Protocol, Sequence
 
 import pyarrow as pa
 
+from conva.batch.config import Config
+from conva.batch.pipeline import steer_table
 from conva.blocks import find_blocks
 from conva.bundle import ValueBundle
-from conva.batch.config import Config
 from conva.mc import MCRow, score_mc
 from conva.metrics import perplexity
 from conva.models import load_model, model_fingerprint, model_name
-from conva.batch.pipeline import steer_table
 from conva.steering.spec import SteerSpec
 
-__all__ = ["Steerer", "HFSteerer", "VLLMBackendSteerer", "BACKENDS", "register_backend", "make_steerer", "check_backend"]
+__all__ = [
+    "Steerer",
+    "HFSteerer",
+    "VLLMBackendSteerer",
+    "BACKENDS",
+    "register_backend",
+    "make_steerer",
+    "check_backend",
+]
 
 
 class Steerer(Protocol):
@@ -43,16 +51,33 @@ class Steerer(Protocol):
     fingerprint: str
     hidden_size: int
 
-    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None) -> pa.Table: ...
+    def steer(
+        self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None
+    ) -> pa.Table: ...
 
-    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], bundles: dict[str, ValueBundle], *,
-                   chat_template: bool = True, batch_size: int = 8) -> list[float]:
+    def perplexity(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        batch_size: int = 8,
+    ) -> list[float]:
         """Each answer's perplexity given its prompt under the unsteered model (:func:`conva.metrics.perplexity`)."""
         ...
 
-    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec],
-                 bundles: dict[str, ValueBundle], *, chat_template: bool = True, positions: str = "all",
-                 batch_size: int = 8) -> list[MCRow]:
+    def score_mc(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        specs: Sequence[SteerSpec],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+        batch_size: int = 8,
+    ) -> list[MCRow]:
         """Multiple choice with each row's steering and gate active (:func:`conva.mc.score_mc`)."""
         ...
 
@@ -62,9 +87,11 @@ BACKENDS: dict[str, Callable[[Config], Steerer]] = {}
 
 def register_backend(name: str) -> Callable[[Callable[[Config], Steerer]], Callable[[Config], Steerer]]:
     """Register a steering backend factory under ``name`` (the value of ``steer.backend``)."""
+
     def add(factory: Callable[[Config], Steerer]) -> Callable[[Config], Steerer]:
         BACKENDS[name] = factory
         return factory
+
     return add
 
 
@@ -72,7 +99,9 @@ def make_steerer(cfg: Config) -> Steerer:
     """Build the backend ``cfg.steer.backend`` names (loads the model)."""
     name = cfg.steer.backend
     if name not in BACKENDS:
-        raise ValueError(f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")
+        raise ValueError(
+            f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}"
+        )
     return BACKENDS[name](cfg)
 
 
@@ -93,19 +122,50 @@ class HFSteerer:
         self.hidden_size = int(self.model.config.hidden_size)
         self.n_blocks = len(find_blocks(self.model))
 
-    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None) -> pa.Table:
-        cfg = self.cfg if batch_size is None else replace(self.cfg, steer=replace(self.cfg.steer, batch_size=batch_size))
+    def steer(
+        self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None
+    ) -> pa.Table:
+        cfg = (
+            self.cfg
+            if batch_size is None
+            else replace(self.cfg, steer=replace(self.cfg.steer, batch_size=batch_size))
+        )
         return steer_table(self.model, self.tok, rows, bundles, cfg, self.name)
 
-    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], bundles: dict[str, ValueBundle], *,
-                   chat_template: bool = True, batch_size: int = 8) -> list[float]:
-        return perplexity(self.model, self.tok, prompts, answers, chat_template=chat_template, batch_size=batch_size)
+    def perplexity(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        batch_size: int = 8,
+    ) -> list[float]:
+        return perplexity(
+            self.model, self.tok, prompts, answers, chat_template=chat_template, batch_size=batch_size
+        )
 
-    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec],
-                 bundles: dict[str, ValueBundle], *, chat_template: bool = True, positions: str = "all",
-                 batch_size: int = 8) -> list[MCRow]:
-        return score_mc(self.model, self.tok, prompts, answers, specs, chat_template=chat_template,
-                        positions=positions, batch_size=batch_size)
+    def score_mc(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        specs: Sequence[SteerSpec],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+        batch_size: int = 8,
+    ) -> list[MCRow]:
+        return score_mc(
+            self.model,
+            self.tok,
+            prompts,
+            answers,
+            specs,
+            chat_template=chat_template,
+            positions=positions,
+            batch_size=batch_size,
+        )
 
 
 register_backend("hf")(HFSteerer)
@@ -135,8 +195,10 @@ class VLLMBackendSteerer:
         self.hidden_size = int(AutoConfig.from_pretrained(self.path).hidden_size)
         self.fingerprint = file_fingerprint(cfg.model.name, cfg.model.dtype)
         if self.fingerprint is None:
-            raise ValueError(f"model.name: cannot read {cfg.model.name!r}'s fingerprint from its safetensors files, "
-                             "which the vllm backend needs to check bundles; use a local safetensors folder")
+            raise ValueError(
+                f"model.name: cannot read {cfg.model.name!r}'s fingerprint from its safetensors files, "
+                "which the vllm backend needs to check bundles; use a local safetensors folder"
+            )
         self.tok = AutoTokenizer.from_pretrained(self.path, padding_side="left")
         self.engine = None
 
@@ -145,32 +207,70 @@ class VLLMBackendSteerer:
 
         if self.engine is None:
             v, m = self.cfg.vllm, self.cfg.model
-            settings = EngineSettings(dtype=m.dtype, enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
-                                      max_model_len=v.max_model_len or None, max_specs=v.max_specs,
-                                      kv_cache_gib=v.kv_cache_gib, gpu_memory_utilization=v.gpu_memory_utilization)
+            settings = EngineSettings(
+                dtype=m.dtype,
+                enforce_eager=v.enforce_eager,
+                max_num_seqs=v.max_num_seqs,
+                max_model_len=v.max_model_len or None,
+                max_specs=v.max_specs,
+                kv_cache_gib=v.kv_cache_gib,
+                gpu_memory_utilization=v.gpu_memory_utilization,
+            )
             self.engine = VLLMSteerer(self.path, list(bundles.values()), settings=settings)
         return self.engine
 
-    def steer(self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None) -> pa.Table:
+    def steer(
+        self, rows: pa.Table, bundles: dict[str, ValueBundle], batch_size: int | None = None
+    ) -> pa.Table:
         """Generations for one shard; ``batch_size`` is the engine's business (its scheduler batches)."""
         engine, s = self._engine(bundles), self.cfg.steer
 
         def run(prompts, specs):
-            return engine.generate(prompts, specs, max_new_tokens=s.max_new_tokens, chat_template=s.chat_template,
-                                   positions=s.positions, epsilon=s.epsilon)
+            return engine.generate(
+                prompts,
+                specs,
+                max_new_tokens=s.max_new_tokens,
+                chat_template=s.chat_template,
+                positions=s.positions,
+                epsilon=s.epsilon,
+            )
 
-        return steer_table(None, self.tok, rows, bundles, self.cfg, self.name, generate_fn=run,
-                           max_length=min(engine.max_len, engine.budget + 1))
+        return steer_table(
+            None,
+            self.tok,
+            rows,
+            bundles,
+            self.cfg,
+            self.name,
+            generate_fn=run,
+            max_length=min(engine.max_len, engine.budget + 1),
+        )
 
-    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], bundles: dict[str, ValueBundle], *,
-                   chat_template: bool = True, batch_size: int = 8) -> list[float]:
+    def perplexity(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        batch_size: int = 8,
+    ) -> list[float]:
         return self._engine(bundles).perplexity(prompts, answers, chat_template=chat_template)
 
-    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec],
-                 bundles: dict[str, ValueBundle], *, chat_template: bool = True, positions: str = "all",
-                 batch_size: int = 8) -> list[MCRow]:
-        return self._engine(bundles).score_mc(prompts, answers, specs, chat_template=chat_template,
-                                              positions=positions)
+    def score_mc(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        specs: Sequence[SteerSpec],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+        batch_size: int = 8,
+    ) -> list[MCRow]:
+        return self._engine(bundles).score_mc(
+            prompts, answers, specs, chat_template=chat_template, positions=positions
+        )
 
 
 register_backend("vllm")(VLLMBackendSteerer)
@@ -179,7 +279,9 @@ register_backend("vllm")(VLLMBackendSteerer)
 def check_backend(name: str) -> None:
     """Raise if backend ``name`` cannot be built here (without loading any model): for pre-flight checks."""
     if name not in BACKENDS:
-        raise ValueError(f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}")
+        raise ValueError(
+            f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}"
+        )
     if name == "vllm":
         try:
             from conva.steering.vllm import check_vllm_version

@@ -38,8 +38,13 @@ def check_rows(stage: str, shard: int, rows: pa.Table, out: pa.Table, per_row: i
     if got != expected:
         missing = sorted(k for k in expected if got.get(k, 0) < per_row)
         extra = sorted(k for k in got if got[k] > expected.get(k, 0))
-        detail = ", ".join(f"{name}: {', '.join(map(str, keys[:5]))}"
-                           for name, keys in (("missing", missing), ("unexpected", extra)) if keys)
-        raise RowContractError(f"{stage} shard {shard}: {len(ids)} input rows should give {len(ids) * per_row} "
-                               f"output rows, got {out.num_rows} ({detail})")
+        detail = ", ".join(
+            f"{name}: {', '.join(map(str, keys[:5]))}"
+            for name, keys in (("missing", missing), ("unexpected", extra))
+            if keys
+        )
+        raise RowContractError(
+            f"{stage} shard {shard}: {len(ids)} input rows should give {len(ids) * per_row} "
+            f"output rows, got {out.num_rows} ({detail})"
+        )
     return out

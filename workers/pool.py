@@ -129,8 +129,9 @@ class WorkerPool:
     def _spawn(self) -> None:
         s = self.settings
         # Ray restarts nothing and retries nothing: the runner replaces dead workers and retries shards itself.
-        remote = ray.remote(ModelWorker).options(num_cpus=s.num_cpus_per_worker, num_gpus=s.num_gpus_per_worker,
-                                                 max_restarts=0, max_task_retries=0)
+        remote = ray.remote(ModelWorker).options(
+            num_cpus=s.num_cpus_per_worker, num_gpus=s.num_gpus_per_worker, max_restarts=0, max_task_retries=0
+        )
         actor = remote.remote(self.spec)
         self.starting[actor.load.remote(self.load)] = (actor, time.time())
 
@@ -150,8 +151,13 @@ class WorkerPool:
             for ref in ready:
                 self._joined(ref)
         seconds = time.monotonic() - t0
-        _log.info("%s: %d of %d workers ready after %.1f s (the rest join when placed)", self.label, len(self.members),
-                  s.num_workers, seconds)
+        _log.info(
+            "%s: %d of %d workers ready after %.1f s (the rest join when placed)",
+            self.label,
+            len(self.members),
+            s.num_workers,
+            seconds,
+        )
         return seconds
 
     def grow(self) -> None:
@@ -175,17 +181,33 @@ class WorkerPool:
         self.members.append(_Member(actor, info))
         self.busy.append((info["worker"], info["started"], info["finished"]))
         self.loads[info["worker"]] = info["loads"]
-        _log.info("%s: worker %s ready on node %s (pid %d) after %.1f s, model loads %d", self.label, info["worker"],
-                  info["ip"], info["pid"], time.time() - since, info["loads"])
+        _log.info(
+            "%s: worker %s ready on node %s (pid %d) after %.1f s, model loads %d",
+            self.label,
+            info["worker"],
+            info["ip"],
+            info["pid"],
+            time.time() - since,
+            info["loads"],
+        )
 
     def _replace_slot(self, reason: str) -> None:
         if self.replacements >= self.settings.max_restarts:
-            _log.warning("%s: not replacing the worker (ray.max_restarts=%d used up); %d left", self.label,
-                         self.settings.max_restarts, len(self.members) + len(self.starting))
+            _log.warning(
+                "%s: not replacing the worker (ray.max_restarts=%d used up); %d left",
+                self.label,
+                self.settings.max_restarts,
+                len(self.members) + len(self.starting),
+            )
             return
         self.replacements += 1
-        _log.info("%s: starting a replacement worker (%d of %d): %s", self.label, self.replacements,
-                  self.settings.max_restarts, reason)
+        _log.info(
+            "%s: starting a replacement worker (%d of %d): %s",
+            self.label,
+            self.replacements,
+            self.settings.max_restarts,
+            reason,
+        )
         self._spawn()
 
     def remove(self, member: _Member, reason: str) -> None:
@@ -208,17 +230,26 @@ class WorkerPool:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         wants = {"CPU": s.num_cpus_per_worker, "GPU": s.num_gpus_per_worker}
         fits = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
-        shape = ", ".join(f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, "
-                          f"GPU {n['Resources'].get('GPU', 0):g})" for n in nodes)
+        shape = ", ".join(
+            f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, "
+            f"GPU {n['Resources'].get('GPU', 0):g})"
+            for n in nodes
+        )
         free = ray.available_resources()
-        msg = (f"{self.label}: {len(self.members)} of the {need} worker(s) needed were ready after {waited:.0f} s "
-               f"(ray.startup_timeout_s); each asks for {s.num_cpus_per_worker:g} CPU and {s.num_gpus_per_worker:g} GPU; ")
+        msg = (
+            f"{self.label}: {len(self.members)} of the {need} worker(s) needed were ready after {waited:.0f} s "
+            f"(ray.startup_timeout_s); each asks for {s.num_cpus_per_worker:g} CPU and {s.num_gpus_per_worker:g} GPU; "
+        )
         if not fits:
-            msg += (f"no alive node has that much (nodes: {shape}): lower ray.num_cpus_per_worker / "
-                    "ray.num_gpus_per_worker, or add nodes")
+            msg += (
+                f"no alive node has that much (nodes: {shape}): lower ray.num_cpus_per_worker / "
+                "ray.num_gpus_per_worker, or add nodes"
+            )
         else:
-            msg += (f"free now in the cluster: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU (nodes: {shape}); "
-                    "other jobs or models may hold the rest")
+            msg += (
+                f"free now in the cluster: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU (nodes: {shape}); "
+                "other jobs or models may hold the rest"
+            )
         if self.failures:
             msg += f"; a worker failed to start: {self.failures[-1]}"
         return msg
@@ -236,8 +267,15 @@ class _Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.done, desc=f"{label}{run.name}", unit="shard",
-                            file=sys.stderr, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=self.total,
+                initial=self.done,
+                desc=f"{label}{run.name}",
+                unit="shard",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+            )
 
     def dispatched(self) -> None:
         if self.start is None:
@@ -254,8 +292,14 @@ class _Progress:
         elapsed, finished = now - (self.start or now), self.todo - (self.total - self.done)
         rate = self.rows / elapsed if elapsed > 0 else 0.0
         eta = elapsed / finished * (self.total - self.done) if finished else 0.0
-        _log.info("%s: shard %d of %d committed, %.1f rows/s, ETA %s", self.run.name, self.done, self.total, rate,
-                  _duration(eta))
+        _log.info(
+            "%s: shard %d of %d committed, %.1f rows/s, ETA %s",
+            self.run.name,
+            self.done,
+            self.total,
+            rate,
+            _duration(eta),
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -264,11 +308,17 @@ class _Progress:
 
 def _duration(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class _Runner:
-    def __init__(self, pool: WorkerPool, runs: Sequence[StageRun], cancel: threading.Event | None = None) -> None:
+    def __init__(
+        self, pool: WorkerPool, runs: Sequence[StageRun], cancel: threading.Event | None = None
+    ) -> None:
         self.pool, self.runs, self.cancel = pool, list(runs), cancel
         self.queue: dict[str, deque[int]] = {r.name: deque(r.stage.pending()) for r in runs}
         self.delayed: list[tuple[float, StageRun, int]] = []
@@ -315,9 +365,11 @@ class _Runner:
         """Nothing in flight: fail if nothing can ever run again (no workers left, or a dependency never met)."""
         if not self.pool.members and not self.pool.starting:
             stuck = next((r.name for r in self.runs if self.queue[r.name]), "?")
-            raise WorkerStartError(f"{self.pool.label}: no worker left to run {stuck} "
-                                   f"(ray.max_restarts={self.pool.settings.max_restarts} replacements used up; "
-                                   f"last failure: {self.pool.failures[-1] if self.pool.failures else 'a worker died'})")
+            raise WorkerStartError(
+                f"{self.pool.label}: no worker left to run {stuck} "
+                f"(ray.max_restarts={self.pool.settings.max_restarts} replacements used up; "
+                f"last failure: {self.pool.failures[-1] if self.pool.failures else 'a worker died'})"
+            )
         if self.pool.members and not self.delayed:
             waiting = [r.name for r in self.runs if self.queue[r.name]]
             if waiting:
@@ -389,19 +441,29 @@ class _Runner:
 
     def _accept(self, call: _Call, record: Any) -> None:
         if not isinstance(record, ShardRecord):
-            raise TypeError(f"{call.run.name} shard {call.shard}: a worker returned {type(record).__name__}; "
-                            "workers must write their shard to the store and return only its ShardRecord")
+            raise TypeError(
+                f"{call.run.name} shard {call.shard}: a worker returned {type(record).__name__}; "
+                "workers must write their shard to the store and return only its ShardRecord"
+            )
         if (record.shard, record.attempt, record.stage) != (call.shard, call.attempt, call.run.stage.name):
-            raise ShardFailedError(call.run.name, call.shard, f"the worker answered for {record.stage} shard "
-                                   f"{record.shard} attempt {record.attempt}, not attempt {call.attempt}")
+            raise ShardFailedError(
+                call.run.name,
+                call.shard,
+                f"the worker answered for {record.stage} shard "
+                f"{record.shard} attempt {record.attempt}, not attempt {call.attempt}",
+            )
         self.pool.returned_bytes += len(json.dumps(record.to_json()))  # what a worker sent back: this record
         w = record.worker
         self.pool.busy.append((w.get("worker", "?"), w.get("started", 0.0), w.get("finished", 0.0)))
         self.pool.loads[w.get("worker", "?")] = w.get("loads", 0)
         key = (call.run.name, call.shard)
         if self.deaths[key] or self.transient[key]:
-            _log.info("%s: shard %d succeeded on attempt %d", call.run.name, call.shard,
-                      self.deaths[key] + self.transient[key] + 1)
+            _log.info(
+                "%s: shard %d succeeded on attempt %d",
+                call.run.name,
+                call.shard,
+                self.deaths[key] + self.transient[key] + 1,
+            )
         if call.run.stage.commit(record):
             self.progress[call.run.name].committed(record)
             call.run.stage.compact_if_due()
@@ -416,14 +478,26 @@ class _Runner:
         self.transient[key] += 1
         n, limit = self.transient[key], self.pool.settings.transient_retries
         if n > limit:
-            raise ShardFailedError(call.run.name, call.shard, f"{n} attempts failed ({kind}; ray.transient_retries="
-                                   f"{limit}); last: {text}")
+            raise ShardFailedError(
+                call.run.name,
+                call.shard,
+                f"{n} attempts failed ({kind}; ray.transient_retries={limit}); last: {text}",
+            )
         if kind == "oom":
             self.divisor[key] *= 2
         delay = min(60.0, 2.0 ** (n - 1))
-        _log.warning("%s: shard %d attempt %s failed (%s, retry %d of %d in %.0f s%s): %s", call.run.name, call.shard,
-                     call.attempt, kind, n, limit, delay,
-                     f", batches 1/{self.divisor[key]} of the configured size" if kind == "oom" else "", text)
+        _log.warning(
+            "%s: shard %d attempt %s failed (%s, retry %d of %d in %.0f s%s): %s",
+            call.run.name,
+            call.shard,
+            call.attempt,
+            kind,
+            n,
+            limit,
+            delay,
+            f", batches 1/{self.divisor[key]} of the configured size" if kind == "oom" else "",
+            text,
+        )
         self.delayed.append((time.monotonic() + delay, call.run, call.shard))
 
     def _died(self, member: _Member, err: BaseException) -> None:
@@ -450,12 +524,24 @@ class _Runner:
             key = (blamed.run.name, blamed.shard)
             self.deaths[key] += 1
             limit = self.pool.settings.max_task_retries
-            _log.warning("%s: shard %d attempt %s: %s %s (attempt %d of %d)", blamed.run.name, blamed.shard,
-                         blamed.attempt, member.label, reason, self.deaths[key], limit + 1)
+            _log.warning(
+                "%s: shard %d attempt %s: %s %s (attempt %d of %d)",
+                blamed.run.name,
+                blamed.shard,
+                blamed.attempt,
+                member.label,
+                reason,
+                self.deaths[key],
+                limit + 1,
+            )
             if self.deaths[key] > limit:
                 self.pool.remove(member, reason)
-                raise ShardFailedError(blamed.run.name, blamed.shard, f"its worker {reason} on each of "
-                                       f"{self.deaths[key]} attempts (ray.max_task_retries={limit})")
+                raise ShardFailedError(
+                    blamed.run.name,
+                    blamed.shard,
+                    f"its worker {reason} on each of "
+                    f"{self.deaths[key]} attempts (ray.max_task_retries={limit})",
+                )
             for c in reversed(failed):
                 self.queue[c.run.name].appendleft(c.shard)
         self.pool.remove(member, reason)
@@ -471,8 +557,15 @@ class _Runner:
             running = now - max(head.submitted, member.last_done)
             if running > timeout:
                 head.timed_out = True
-                _log.warning("%s: shard %d attempt %s has run %.0f s on %s (ray.shard_timeout_s=%g); killing the worker",
-                             head.run.name, head.shard, head.attempt, running, member.label, timeout)
+                _log.warning(
+                    "%s: shard %d attempt %s has run %.0f s on %s (ray.shard_timeout_s=%g); killing the worker",
+                    head.run.name,
+                    head.shard,
+                    head.attempt,
+                    running,
+                    member.label,
+                    timeout,
+                )
                 ray.kill(member.actor, no_restart=True)
 
 

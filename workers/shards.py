@@ -22,13 +22,19 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from conva.batch.badrows import RowTally
+from conva.batch.inputs import read_slice, read_table_slice
+from conva.batch.pipeline import (
+    extract_table,
+    fit_bundles,
+    probe_rows,
+    row_spec,
+    steering_rows_from_records,
+    value_activations,
+)
+from conva.batch.store import ShardRecord, write_files_shard, write_table_shard
 from conva.bundle import encode_bundle
 from conva.fit import ModelInfo
-from conva.batch.inputs import read_slice, read_table_slice
 from conva.metrics import answer_perplexities
-from conva.batch.pipeline import (extract_table, fit_bundles, probe_rows, row_spec, steering_rows_from_records,
-                            value_activations)
-from conva.batch.store import ShardRecord, write_files_shard, write_table_shard
 from conva.workers.contract import check_rows
 from conva.workers.tasks import ShardTask, ShardWorker
 
@@ -46,8 +52,12 @@ def extract(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     out = extract_table(model, tok, rows, info["layers"], e.position, task.batch(e.batch_size))
     check_rows("extract", task.ref.shard, rows, out, per_row=len(info["layers"]))
     out = out.replace_schema_metadata({MODEL_META_KEY: json.dumps(info).encode()})
-    return write_table_shard(task.ref, out, row_group_size=max(1, rows.num_rows),
-                             extra={"model": info, **_error_rows(out.filter(pc.field("layer") == info["layers"][0]))})
+    return write_table_shard(
+        task.ref,
+        out,
+        row_group_size=max(1, rows.num_rows),
+        extra={"model": info, **_error_rows(out.filter(pc.field("layer") == info["layers"][0]))},
+    )
 
 
 def _error_rows(table: pa.Table) -> dict:
@@ -69,11 +79,17 @@ def fit(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     meta, read_layer = value_activations(dataset, value, layers, info.hidden_size)
     one = replace(cfg, data=replace(cfg.data, values=(value,)))
     bundle = fit_bundles(meta, read_layer, layers, one, info, dataset_hash=task.params["dataset_hash"])[value]
-    skipped = dataset.to_table(columns=["row_id", "error"],
-                               filter=(pc.field("layer") == layers[0]) & pc.field("error").is_valid()
-                               & (pc.field("value") == value))
-    extra = {"band": list(bundle.band), "best_test_acc": float(np.nanmax(bundle.test_acc)), "gate": bundle.gate.kind,
-             "skipped": skipped.num_rows, "skipped_examples": skipped.slice(0, 3).to_pylist()}
+    skipped = dataset.to_table(
+        columns=["row_id", "error"],
+        filter=(pc.field("layer") == layers[0]) & pc.field("error").is_valid() & (pc.field("value") == value),
+    )
+    extra = {
+        "band": list(bundle.band),
+        "best_test_acc": float(np.nanmax(bundle.test_acc)),
+        "gate": bundle.gate.kind,
+        "skipped": skipped.num_rows,
+        "skipped_examples": skipped.slice(0, 3).to_pylist(),
+    }
     files_out = {f"{value}/{name}": data for name, data in encode_bundle(bundle).items()}
     return write_files_shard(task.ref, files_out, probe_rows(bundle), extra=extra)
 
@@ -101,7 +117,9 @@ def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     spec, cfg = worker.spec, worker.cfg
     rows = generations.to_pylist()
     good = [i for i, r in enumerate(rows) if r["error"] is None and r["output"] is not None]
-    values, prompts, contexts, answers = ([rows[i][k] for i in good] for k in ("value", "prompt", "context", "output"))
+    values, prompts, contexts, answers = (
+        [rows[i][k] for i in good] for k in ("value", "prompt", "context", "output")
+    )
     bundles = worker.bundles(task.bundles) if task.bundles else {}
     verdicts = worker.judge(bundles).judge(values, prompts, answers) if good else []
     ppl, plain = [None] * len(good), [None] * len(good)
@@ -119,10 +137,22 @@ def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     out = []
     for i, r in enumerate(rows):
         v, p, q, f = done.get(i, (None, None, None, None))
-        out.append(dict(row_id=r["row_id"], judge=spec.judge.kind, judge_score=v and v.score, judge_prob=v and v.prob,
-                        judge_raw=v and v.raw, ppl=p, ppl_plain=q, fluency=f,
-                        error=None if i in done else (r["error"] or "no output")))
-    table = check_rows("evaluate", task.ref.shard, generations, pa.Table.from_pylist(out, schema=JUDGED_SCHEMA))
+        out.append(
+            dict(
+                row_id=r["row_id"],
+                judge=spec.judge.kind,
+                judge_score=v and v.score,
+                judge_prob=v and v.prob,
+                judge_raw=v and v.raw,
+                ppl=p,
+                ppl_plain=q,
+                fluency=f,
+                error=None if i in done else (r["error"] or "no output"),
+            )
+        )
+    table = check_rows(
+        "evaluate", task.ref.shard, generations, pa.Table.from_pylist(out, schema=JUDGED_SCHEMA)
+    )
     return write_table_shard(task.ref, table)
 
 
@@ -132,29 +162,48 @@ def _fluency(worker: ShardWorker, answers: list[str]) -> list[float | None]:
 
 def utility(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """Multiple-choice answers by the letter logits, with each row's steering and gate active."""
-    from conva.models import model_name
     from conva.batch.schemas import UTILITY_SCHEMA
+    from conva.models import model_name
 
     rows = read_table_slice(task.slice)
     bundles, records, cfg = worker.bundles(task.bundles), rows.to_pylist(), worker.cfg
     specs = [row_spec(cfg, bundles.get(r["value"]) if r["value"] else None, r) for r in records]
-    scored = worker.steerer().score_mc([r["prompt"] for r in records], [r["answer"] for r in records], specs, bundles,
-                                       chat_template=cfg.steer.chat_template, positions=cfg.steer.positions,
-                                       batch_size=task.batch(worker.spec.utility.batch_size))
+    scored = worker.steerer().score_mc(
+        [r["prompt"] for r in records],
+        [r["answer"] for r in records],
+        specs,
+        bundles,
+        chat_template=cfg.steer.chat_template,
+        positions=cfg.steer.positions,
+        batch_size=task.batch(worker.spec.utility.batch_size),
+    )
     name = model_name(cfg.model.name)
-    out = [dict(row_id=r["row_id"], cell_id=r["cell_id"], model=name, value=r["value"], method=r["method"],
-                item=r["item"], answer=r["answer"], pred=s.pred, correct=s.correct, gate_open=s.gate_open,
-                gate_score=s.gate_score) for r, s in zip(records, scored)]
+    out = [
+        dict(
+            row_id=r["row_id"],
+            cell_id=r["cell_id"],
+            model=name,
+            value=r["value"],
+            method=r["method"],
+            item=r["item"],
+            answer=r["answer"],
+            pred=s.pred,
+            correct=s.correct,
+            gate_open=s.gate_open,
+            gate_score=s.gate_score,
+        )
+        for r, s in zip(records, scored)
+    ]
     table = check_rows("utility", task.ref.shard, rows, pa.Table.from_pylist(out, schema=UTILITY_SCHEMA))
     return write_table_shard(task.ref, table)
 
 
 def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """The judge's agreement per value on its held-out labelled pairs (the same split for every judge)."""
+    from conva.batch.schemas import AGREEMENT_SCHEMA
+    from conva.batch.study import pair_prompts
     from conva.judges import heldout_pairs
     from conva.models import model_name
-    from conva.batch.study import pair_prompts
-    from conva.batch.schemas import AGREEMENT_SCHEMA
 
     spec, values = worker.spec, worker.cfg.data.values
     bundles = worker.bundles(task.bundles) if task.bundles else {}
@@ -162,8 +211,16 @@ def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     for value in values:
         _, test = heldout_pairs(spec.judge, value)
         stats = judge.agreement(test, pair_prompts(spec.judge, value, test))
-        out.append(dict(model=model_name(worker.cfg.model.name), judge=spec.judge.kind, value=value,
-                        agreement=stats["agreement"], pairwise=stats["pairwise"], n_pairs=int(stats["n_pairs"])))
+        out.append(
+            dict(
+                model=model_name(worker.cfg.model.name),
+                judge=spec.judge.kind,
+                value=value,
+                agreement=stats["agreement"],
+                pairwise=stats["pairwise"],
+                n_pairs=int(stats["n_pairs"]),
+            )
+        )
     return write_table_shard(task.ref, pa.Table.from_pylist(out, schema=AGREEMENT_SCHEMA))
 
 
@@ -173,5 +230,10 @@ def _read_parquet(where) -> pa.Table:
 
 
 SHARD_FUNCTIONS: dict[str, Callable[[ShardWorker, ShardTask], ShardRecord]] = {
-    "extract": extract, "fit": fit, "steer": steer, "evaluate": evaluate, "utility": utility, "agreement": agreement,
+    "extract": extract,
+    "fit": fit,
+    "steer": steer,
+    "evaluate": evaluate,
+    "utility": utility,
+    "agreement": agreement,
 }

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 from conva.batch.config import Config
 from conva.batch.inputs import InputSlice
-from conva.judges import JudgeSettings
 from conva.batch.storage import Location
 from conva.batch.store import ShardRef
+from conva.judges import JudgeSettings
 
 __all__ = ["WorkerSpec", "ShardTask", "STAGES"]
 

@@ -25,9 +25,9 @@ import os
 import time
 import uuid
 
-from conva.bundle import BUNDLE_FILES, ValueBundle, decode_bundle
 from conva.batch.storage import Location
 from conva.batch.store import ShardRecord
+from conva.bundle import BUNDLE_FILES, ValueBundle, decode_bundle
 from conva.workers.errors import ShardError, classify
 from conva.workers.hooks import load_hook
 from conva.workers.shards import SHARD_FUNCTIONS
@@ -78,7 +78,13 @@ class ModelWorker:
             info = self.model_info()
         if "steer" in parts:
             self.steerer()
-        return {**self.identity, "model": info, "loads": self.loads, "started": started, "finished": time.time()}
+        return {
+            **self.identity,
+            "model": info,
+            "loads": self.loads,
+            "started": started,
+            "finished": time.time(),
+        }
 
     def run(self, task: ShardTask) -> ShardRecord:
         """Run one shard of ``task.stage``; raises :class:`~conva.workers.errors.ShardError` (typed) on failure."""
@@ -115,8 +121,14 @@ class ModelWorker:
         spread = "auto" if self.cfg.ray.num_gpus_per_worker > 1 else None
         loaded = load_model(m.name, m.dtype, m.device, m.trust_remote_code, device_map=spread)
         self.loads += 1
-        _log.info("worker %s (pid %d) loaded %s in %.1f s (load %d)", self.identity["worker"], os.getpid(), m.name,
-                  time.monotonic() - t0, self.loads)
+        _log.info(
+            "worker %s (pid %d) loaded %s in %.1f s (load %d)",
+            self.identity["worker"],
+            os.getpid(),
+            m.name,
+            time.monotonic() - t0,
+            self.loads,
+        )
         return loaded
 
     def model_info(self) -> dict:
@@ -126,9 +138,13 @@ class ModelWorker:
 
         model, _ = self.hf()
         n_blocks = len(find_blocks(model))
-        return {"name": model_name(self.cfg.model.name), "fingerprint": model_fingerprint(model),
-                "hidden_size": int(model.config.hidden_size), "n_blocks": n_blocks,
-                "layers": list(self.cfg.extract.layers) or list(range(n_blocks))}
+        return {
+            "name": model_name(self.cfg.model.name),
+            "fingerprint": model_fingerprint(model),
+            "hidden_size": int(model.config.hidden_size),
+            "n_blocks": n_blocks,
+            "layers": list(self.cfg.extract.layers) or list(range(n_blocks)),
+        }
 
     def steerer(self):
         """The steering backend (``steer.backend``), built on first use; the HF backend reuses the loaded model."""
@@ -142,8 +158,12 @@ class ModelWorker:
                 self._free_hf()
                 self._steerer = make_steerer(self.cfg)
                 self.loads += 1
-                _log.info("worker %s built its %s steering backend (load %d)", self.identity["worker"],
-                          self.cfg.steer.backend, self.loads)
+                _log.info(
+                    "worker %s built its %s steering backend (load %d)",
+                    self.identity["worker"],
+                    self.cfg.steer.backend,
+                    self.loads,
+                )
         return self._steerer
 
     def _free_hf(self) -> None:
@@ -168,8 +188,9 @@ class ModelWorker:
             key = (value, folder.uri)
             if key not in self._bundles:
                 files = {name: folder.child(name).read_bytes() for name in BUNDLE_FILES}
-                self._bundles[key] = decode_bundle(files, folder.uri, fingerprint=steerer.fingerprint,
-                                                   hidden_size=steerer.hidden_size)
+                self._bundles[key] = decode_bundle(
+                    files, folder.uri, fingerprint=steerer.fingerprint, hidden_size=steerer.hidden_size
+                )
             out[value] = self._bundles[key]
         return out
 
@@ -180,9 +201,15 @@ class ModelWorker:
 
             # Only the probe judge reads the model itself (with the vLLM backend: an HF copy, loaded then).
             kind = self.spec.judge.kind
-            model, tok = (self.hf() if kind == "probe" else (None, None))
-            self._judge = make_judge(self.spec.judge, values=self.cfg.data.values, model=model, tok=tok,
-                                     bundles=bundles, chat=self._chat() if kind == "llm" else None)
+            model, tok = self.hf() if kind == "probe" else (None, None)
+            self._judge = make_judge(
+                self.spec.judge,
+                values=self.cfg.data.values,
+                model=model,
+                tok=tok,
+                bundles=bundles,
+                chat=self._chat() if kind == "llm" else None,
+            )
         return self._judge
 
     def fluency_judge(self):

@@ -111,13 +111,18 @@ class RowTally:
 
     def to_json(self) -> dict:
         """A small JSON form, for a shard record's ``extra``."""
-        return {"rows": self.rows, "neutral": self.neutral,
-                "reasons": {k: [r.count, r.first, r.example, r.varied] for k, r in self.reasons.items()}}
+        return {
+            "rows": self.rows,
+            "neutral": self.neutral,
+            "reasons": {k: [r.count, r.first, r.example, r.varied] for k, r in self.reasons.items()},
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> RowTally:
-        reasons = {k: Reason(count, list(first), example, varied) for k, (count, first, example, varied)
-                   in data.get("reasons", {}).items()}
+        reasons = {
+            k: Reason(count, list(first), example, varied)
+            for k, (count, first, example, varied) in data.get("reasons", {}).items()
+        }
         return cls(int(data.get("rows", 0)), int(data.get("neutral", 0)), reasons)
 
     def _ordered(self) -> list[Reason]:
@@ -132,7 +137,10 @@ class RowTally:
         ordered = self._ordered()
         width = max((len(r.label) for r in ordered), default=0)
         count = max((len(str(r.count)) for r in ordered), default=0)
-        return [f"{indent}{r.count:>{count}}  {r.label:<{width}}  {format_rows(r.first, r.count)}" for r in ordered]
+        return [
+            f"{indent}{r.count:>{count}}  {r.label:<{width}}  {format_rows(r.first, r.count)}"
+            for r in ordered
+        ]
 
 
 def format_rows(row_ids: list[str], count: int) -> str:
@@ -142,6 +150,8 @@ def format_rows(row_ids: list[str], count: int) -> str:
         m = _ROW_ID.match(row_id)
         name, row = (m.group("name"), str(int(m.group("row")))) if m else ("", row_id)
         groups.setdefault(name, []).append(row)
-    parts = [f"{name + ' ' if name else ''}row{'s' if len(rows) > 1 else ''} {', '.join(rows)}"
-             for name, rows in groups.items()]
+    parts = [
+        f"{name + ' ' if name else ''}row{'s' if len(rows) > 1 else ''} {', '.join(rows)}"
+        for name, rows in groups.items()
+    ]
     return "; ".join(parts) + (", …" if count > len(row_ids) else "")

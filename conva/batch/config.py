@@ -22,22 +22,44 @@ from pathlib import Path
 from typing import Any
 
 from conva.batch.configdoc import type_text
-from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON
 from conva.fit import GateSettings
+from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON
 from conva.probes import Band, ProbeSettings
 from conva.record import POSITIONS
 from conva.steering.spec import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
 from conva.values import VALUES
 
 __all__ = [
-    "ConfigError", "read_config_data", "build_section", "build_config", "ModelConfig", "DataConfig", "ExtractConfig", "FitConfig",
-    "SteerConfig", "VLLMConfig", "OutputConfig", "RayConfig", "Config", "load_config", "parse_overrides", "config_dict",
-    "RESULT_NEUTRAL_KEYS", "vllm_gate_problem", "CHOICES",
+    "ConfigError",
+    "read_config_data",
+    "build_section",
+    "build_config",
+    "ModelConfig",
+    "DataConfig",
+    "ExtractConfig",
+    "FitConfig",
+    "SteerConfig",
+    "VLLMConfig",
+    "OutputConfig",
+    "RayConfig",
+    "Config",
+    "load_config",
+    "parse_overrides",
+    "config_dict",
+    "RESULT_NEUTRAL_KEYS",
+    "vllm_gate_problem",
+    "CHOICES",
 ]
 
 BACKENDS = ("hf", "vllm")
 # Keys that change how a job runs but not what it computes: a rerun may change them freely.
-RESULT_NEUTRAL_KEYS = ("ray", "output.overwrite", "extract.batch_size", "steer.batch_size", "data.max_error_fraction")
+RESULT_NEUTRAL_KEYS = (
+    "ray",
+    "output.overwrite",
+    "extract.batch_size",
+    "steer.batch_size",
+    "data.max_error_fraction",
+)
 
 
 class ConfigError(ValueError):
@@ -296,8 +318,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown key {prefix + unknown[0]!r} (known under {prefix.rstrip('.') or 'the top'}: "
-                          f"{', '.join(sorted(known))})")
+        raise ConfigError(
+            f"unknown key {prefix + unknown[0]!r} (known under {prefix.rstrip('.') or 'the top'}: "
+            f"{', '.join(sorted(known))})"
+        )
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
@@ -307,7 +331,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[name] = _coerce(key, hints[name], value)
     try:
         return cls(**kwargs)
-    except ValueError as exc:  # a section's own check (e.g. GateSettings) names the problem, we name the section
+    except (
+        ValueError
+    ) as exc:  # a section's own check (e.g. GateSettings) names the problem, we name the section
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
 
 
@@ -325,8 +351,11 @@ def _validate(cfg: Config) -> None:
         ("fit.p0", 0.0 < cfg.fit.p0 < 1.0, "must lie strictly between 0 and 1"),
         ("steer.p0", cfg.steer.p0 is None or 0.0 < cfg.steer.p0 < 1.0, "must lie strictly between 0 and 1"),
         ("probe.test_size", 0.0 < cfg.probe.test_size < 1.0, "must lie strictly between 0 and 1"),
-        ("probe.val_size", 0.0 < cfg.probe.val_size and cfg.probe.test_size + cfg.probe.val_size < 1.0,
-         "must be positive, and probe.test_size + probe.val_size below 1 (the rest trains the probes)"),
+        (
+            "probe.val_size",
+            0.0 < cfg.probe.val_size and cfg.probe.test_size + cfg.probe.val_size < 1.0,
+            "must be positive, and probe.test_size + probe.val_size below 1 (the rest trains the probes)",
+        ),
         ("gate.other_pairs_per_value", cfg.gate.other_pairs_per_value >= 0, "must be 0 (all pairs) or more"),
         ("gate.value_prompts", cfg.gate.value_prompts >= 0, "must be 0 (pair texts only) or more"),
         ("probe.C", cfg.probe.C > 0, "must be positive"),
@@ -337,23 +366,43 @@ def _validate(cfg: Config) -> None:
         ("extract.batch_size", cfg.extract.batch_size >= 1, "must be at least 1"),
         ("ray.num_workers", cfg.ray.num_workers >= 1, "must be at least 1"),
         ("ray.rows_per_shard", cfg.ray.rows_per_shard >= 1, "must be at least 1"),
-        ("ray.steer_rows_per_shard", cfg.ray.steer_rows_per_shard >= 0, "must be 0 (= rows_per_shard) or more"),
+        (
+            "ray.steer_rows_per_shard",
+            cfg.ray.steer_rows_per_shard >= 0,
+            "must be 0 (= rows_per_shard) or more",
+        ),
         ("ray.max_restarts", 0 <= cfg.ray.max_restarts <= 100, "must lie in 0..100 (never infinite)"),
         ("ray.max_task_retries", 0 <= cfg.ray.max_task_retries <= 100, "must lie in 0..100 (never infinite)"),
-        ("ray.transient_retries", 0 <= cfg.ray.transient_retries <= 100, "must lie in 0..100 (never infinite)"),
+        (
+            "ray.transient_retries",
+            0 <= cfg.ray.transient_retries <= 100,
+            "must lie in 0..100 (never infinite)",
+        ),
         ("ray.min_workers", 1 <= cfg.ray.min_workers, "must be at least 1"),
         ("ray.startup_timeout_s", cfg.ray.startup_timeout_s > 0, "must be positive"),
         ("ray.shard_timeout_s", cfg.ray.shard_timeout_s >= 0, "must be 0 (no limit) or positive"),
         ("ray.queue_depth", 1 <= cfg.ray.queue_depth <= 16, "must lie in 1..16"),
-        ("ray.num_gpus_per_worker", cfg.ray.num_gpus_per_worker <= 1 or float(cfg.ray.num_gpus_per_worker).is_integer(),
-         "above 1 must be a whole number of GPUs (one worker spans that many GPUs of one node)"),
+        (
+            "ray.num_gpus_per_worker",
+            cfg.ray.num_gpus_per_worker <= 1 or float(cfg.ray.num_gpus_per_worker).is_integer(),
+            "above 1 must be a whole number of GPUs (one worker spans that many GPUs of one node)",
+        ),
         ("output.lease_ttl_s", cfg.output.lease_ttl_s > 0, "must be positive"),
-        ("gate.model", cfg.gate.kind != "external" or bool(cfg.gate.model and cfg.gate.labels),
-         "an external gate needs gate.model and gate.labels"),
-        ("steer.mode", cfg.steer.mode != "reference" or (cfg.steer.positions, cfg.steer.epsilon) == ("all", "frozen"),
-         "'reference' reproduces the paper: positions='all', epsilon='frozen'"),
-        ("steer.mode", cfg.steer.backend == "hf" or cfg.steer.mode == "batched",
-         f"{cfg.steer.mode!r} is a mode of the hf backend; the {cfg.steer.backend!r} backend runs 'batched' only"),
+        (
+            "gate.model",
+            cfg.gate.kind != "external" or bool(cfg.gate.model and cfg.gate.labels),
+            "an external gate needs gate.model and gate.labels",
+        ),
+        (
+            "steer.mode",
+            cfg.steer.mode != "reference" or (cfg.steer.positions, cfg.steer.epsilon) == ("all", "frozen"),
+            "'reference' reproduces the paper: positions='all', epsilon='frozen'",
+        ),
+        (
+            "steer.mode",
+            cfg.steer.backend == "hf" or cfg.steer.mode == "batched",
+            f"{cfg.steer.mode!r} is a mode of the hf backend; the {cfg.steer.backend!r} backend runs 'batched' only",
+        ),
         ("steer.backend", not vllm_problem, vllm_problem),
     ]
     for key, ok, problem in checks:
@@ -375,11 +424,15 @@ def vllm_gate_problem(cfg: Config, methods: list[str], settings: list[str]) -> s
     if cfg.steer.backend != "vllm" or cfg.gate.kind == "none":
         return ""
     if "opposite" in settings:
-        return ("the vllm backend would score the gate on the prefixed prompt in the 'opposite' setting; "
-                "the gate scores the raw prompt: use steer.backend = 'hf'")
+        return (
+            "the vllm backend would score the gate on the prefixed prompt in the 'opposite' setting; "
+            "the gate scores the raw prompt: use steer.backend = 'hf'"
+        )
     if "prompt" in methods and cfg.gate.apply_to == "all_methods":
-        return ("the vllm backend cannot gate the 'prompt' method (the gate decides its prefix before the "
-                "engine runs): use steer.backend = 'hf' or gate.apply_to = 'conva'")
+        return (
+            "the vllm backend cannot gate the 'prompt' method (the gate decides its prefix before the "
+            "engine runs): use steer.backend = 'hf' or gate.apply_to = 'conva'"
+        )
     return ""
 
 
@@ -408,7 +461,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged.get(key, {}), value)
+            if isinstance(value, dict) and isinstance(merged.get(key), dict)
+            else value
+        )
     return merged
 
 

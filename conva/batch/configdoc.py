@@ -27,8 +27,16 @@ import types
 import typing
 from functools import cache
 
-__all__ = ["field_docs", "type_text", "default_text", "sections", "explain", "key_index", "section_summary",
-           "UnknownSectionError"]
+__all__ = [
+    "field_docs",
+    "type_text",
+    "default_text",
+    "sections",
+    "explain",
+    "key_index",
+    "section_summary",
+    "UnknownSectionError",
+]
 
 _WIDTH = 100
 _WORDS = {str: "text", int: "integer", float: "number", bool: "true or false", dict: "table"}
@@ -43,8 +51,11 @@ class UnknownSectionError(ValueError):
 def field_docs(cls: type) -> dict[str, str]:
     """Field name → its meaning: the string under the field, else the comment closing its line ("" if neither)."""
     source = textwrap.dedent(inspect.getsource(cls))
-    comments = {tok.start[0]: tok.string.lstrip("#").strip()
-                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     (node,) = ast.parse(source).body
     body = node.body
     docs = {}
@@ -52,7 +63,11 @@ def field_docs(cls: type) -> dict[str, str]:
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)):
             continue
         after = body[i + 1] if i + 1 < len(body) else None
-        if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+        if (
+            isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[stmt.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
         else:
             docs[stmt.target.id] = comments.get(stmt.end_lineno, "")
@@ -68,7 +83,9 @@ def type_text(hint: object) -> str:
         return text + ", optional" if len(options) < len(typing.get_args(hint)) else text
     if origin is tuple:
         (item,) = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        inner = typing.get_args(item) if typing.get_origin(item) in (typing.Union, types.UnionType) else (item,)
+        inner = (
+            typing.get_args(item) if typing.get_origin(item) in (typing.Union, types.UnionType) else (item,)
+        )
         return "list of " + " or ".join(_PLURAL.get(a, getattr(a, "__name__", str(a))) for a in inner)
     return _WORDS.get(hint, getattr(hint, "__name__", str(hint)))  # type: ignore[arg-type]
 
@@ -138,5 +155,7 @@ def key_index(*roots: type) -> str:
     lines = []
     for name, cls in sections(*roots).items():
         keys = ", ".join(f.name for f in dataclasses.fields(cls))
-        lines += textwrap.wrap(f"[{name}] {keys}", _WIDTH - 4, initial_indent="  ", subsequent_indent="      ")
+        lines += textwrap.wrap(
+            f"[{name}] {keys}", _WIDTH - 4, initial_indent="  ", subsequent_indent="      "
+        )
     return "\n".join(lines)

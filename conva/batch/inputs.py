@@ -43,11 +43,20 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, data_files, jsonl_records
 from conva.batch.storage import Location, location
+from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, data_files, jsonl_records
 
-__all__ = ["InputSlice", "InputPlan", "Screen", "plan_input", "plan_table_file", "read_slice", "read_table_slice",
-           "table_sha256", "write_input_table"]
+__all__ = [
+    "InputSlice",
+    "InputPlan",
+    "Screen",
+    "plan_input",
+    "plan_table_file",
+    "read_slice",
+    "read_table_slice",
+    "table_sha256",
+    "write_input_table",
+]
 
 _CHUNK = 1 << 24
 # Called with a file's base name and some of its rows, in file order (every row exactly once).
@@ -112,8 +121,9 @@ def plan_input(source: str, rows_per_shard: int, screen: Screen | None = None) -
     return InputPlan(tuple(slices), rows, digest.hexdigest())
 
 
-def _plan_file(where: Location, fmt: str, rows_per_shard: int,
-               screen: Screen | None) -> tuple[list[InputSlice], str]:
+def _plan_file(
+    where: Location, fmt: str, rows_per_shard: int, screen: Screen | None
+) -> tuple[list[InputSlice], str]:
     if fmt == "parquet":
         return _plan_parquet(where, rows_per_shard, screen)
     hasher = hashlib.sha256()
@@ -126,8 +136,10 @@ def _plan_file(where: Location, fmt: str, rows_per_shard: int,
     for _ in lines:  # whatever the planner did not read still goes into the hash
         pass
     bounds = [*starts, (lines.bytes, lines.rows + 1)]
-    slices = [InputSlice(where.uri, fmt, first, following - first, offset, stop, header)
-              for (offset, first), (stop, following) in zip(bounds, bounds[1:])]
+    slices = [
+        InputSlice(where.uri, fmt, first, following - first, offset, stop, header)
+        for (offset, first), (stop, following) in zip(bounds, bounds[1:])
+    ]
     shards.close(slices)
     return slices, hasher.hexdigest()
 
@@ -214,8 +226,9 @@ def _jsonl_starts(lines: _Lines, rows_per_shard: int, shards: _ShardBytes) -> li
     return starts
 
 
-def _csv_starts(where: Location, lines: _Lines, rows_per_shard: int,
-                shards: _ShardBytes) -> tuple[list[tuple[int, int]], tuple[str, ...]]:
+def _csv_starts(
+    where: Location, lines: _Lines, rows_per_shard: int, shards: _ShardBytes
+) -> tuple[list[tuple[int, int]], tuple[str, ...]]:
     """``(byte offset, first row)`` of every shard, by CSV record, and the header."""
     consumed = 0
 
@@ -243,7 +256,9 @@ def _csv_starts(where: Location, lines: _Lines, rows_per_shard: int,
     return starts, header
 
 
-def _plan_parquet(where: Location, rows_per_shard: int, screen: Screen | None) -> tuple[list[InputSlice], str]:
+def _plan_parquet(
+    where: Location, rows_per_shard: int, screen: Screen | None
+) -> tuple[list[InputSlice], str]:
     with where.fs.open_input_file(where.path) as handle:
         pf = pq.ParquetFile(handle)
         rows = pf.metadata.num_rows
@@ -257,8 +272,10 @@ def _plan_parquet(where: Location, rows_per_shard: int, screen: Screen | None) -
     with where.fs.open_input_stream(where.path) as stream:
         while chunk := stream.read(_CHUNK):
             hasher.update(chunk)
-    slices = [InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start))
-              for start in range(0, rows, rows_per_shard)]
+    slices = [
+        InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start))
+        for start in range(0, rows, rows_per_shard)
+    ]
     return slices, hasher.hexdigest()
 
 
@@ -266,8 +283,10 @@ def plan_table_file(where: Location, rows_per_shard: int, sha256: str) -> InputP
     """The plan of a Parquet input this job wrote itself (its hash is already known: no second read)."""
     with where.fs.open_input_file(where.path) as handle:
         rows = pq.ParquetFile(handle).metadata.num_rows
-    slices = tuple(InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start))
-                   for start in range(0, rows, rows_per_shard))
+    slices = tuple(
+        InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start))
+        for start in range(0, rows, rows_per_shard)
+    )
     return InputPlan(slices, rows, sha256)
 
 

@@ -56,8 +56,14 @@ class OutputLease:
         self._thread: threading.Thread | None = None
 
     def _body(self) -> dict:
-        return {"owner": self.owner, "job": self.job, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": self.started, "heartbeat": time.time()}
+        return {
+            "owner": self.owner,
+            "job": self.job,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "heartbeat": time.time(),
+        }
 
     def check(self) -> None:
         """Raise :class:`LeaseError` if :meth:`acquire` would be refused now; reads only (for ``validate``)."""
@@ -72,23 +78,31 @@ class OutputLease:
         time.sleep(_SETTLE_S)
         back = self._read()
         if back is None or back.get("owner") != self.owner:
-            raise LeaseError(f"{self.where.parent()}: another driver took the lease at the same moment "
-                             f"({_describe(back) if back else 'now gone'}); run one job per output folder")
+            raise LeaseError(
+                f"{self.where.parent()}: another driver took the lease at the same moment "
+                f"({_describe(back) if back else 'now gone'}); run one job per output folder"
+            )
 
     def _check_holder(self, held: dict) -> None:
         age = time.time() - float(held.get("heartbeat", 0))
         who = _describe(held)
         if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", -1))):
-            _log.warning("%s: taking over the lease of %s, which no longer runs on this host", self.where.parent(), who)
+            _log.warning(
+                "%s: taking over the lease of %s, which no longer runs on this host", self.where.parent(), who
+            )
             return
         if age < self.ttl_s:
-            raise LeaseError(f"{self.where.parent()} is being written by another driver ({who}, last heartbeat "
-                             f"{age:.0f} s ago). Wait for it to finish or stop it; two drivers must never write one "
-                             "output. If it is dead, rerun with --break-lease.")
+            raise LeaseError(
+                f"{self.where.parent()} is being written by another driver ({who}, last heartbeat "
+                f"{age:.0f} s ago). Wait for it to finish or stop it; two drivers must never write one "
+                "output. If it is dead, rerun with --break-lease."
+            )
         if not self.break_stale:
-            raise LeaseError(f"{self.where.parent()} holds a stale lease ({who}; no heartbeat for {age:.0f} s, more "
-                             f"than output.lease_ttl_s={self.ttl_s:g}): its driver is probably dead. Make sure it is, "
-                             "then rerun with --break-lease.")
+            raise LeaseError(
+                f"{self.where.parent()} holds a stale lease ({who}; no heartbeat for {age:.0f} s, more "
+                f"than output.lease_ttl_s={self.ttl_s:g}): its driver is probably dead. Make sure it is, "
+                "then rerun with --break-lease."
+            )
         _log.warning("%s: breaking the stale lease of %s (--break-lease)", self.where.parent(), who)
 
     def _read(self) -> dict | None:
@@ -104,8 +118,11 @@ class OutputLease:
             try:
                 held = self._read()
                 if held is not None and held.get("owner") != self.owner:
-                    _log.error("%s: the lease was taken over by %s; this driver should stop", self.where.parent(),
-                               _describe(held))
+                    _log.error(
+                        "%s: the lease was taken over by %s; this driver should stop",
+                        self.where.parent(),
+                        _describe(held),
+                    )
                     return
                 self.where.write_text(json.dumps(self._body()))
             except OSError as err:  # a storage hiccup: try again at the next beat

@@ -45,17 +45,32 @@ class LLMError(RuntimeError):
 
 def request_key(base_url: str, model: str, messages: Messages, max_tokens: int, temperature: float) -> str:
     """sha256 of the request as sent (without any credential): the cache's key."""
-    body = {"base_url": base_url.rstrip("/"), "model": model, "messages": messages, "max_tokens": max_tokens,
-            "temperature": temperature}
+    body = {
+        "base_url": base_url.rstrip("/"),
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 class ChatClient:
     """POSTs ``/chat/completions``; ``requests_sent`` and ``cache_hits`` count what each call cost."""
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = "", max_concurrency: int = 4,
-                 max_retries: int = 4, backoff_s: float = 1.0, timeout_s: float = 60.0, temperature: float = 0.0,
-                 cache_dir: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "",
+        max_concurrency: int = 4,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        timeout_s: float = 60.0,
+        temperature: float = 0.0,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         if max_concurrency < 1 or max_retries < 0:
             raise ValueError("max_concurrency must be >= 1 and max_retries >= 0")
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
@@ -95,21 +110,33 @@ class ChatClient:
             except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
                 problem = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
             if attempt == self.max_retries:
-                raise LLMError(f"{self.base_url}: failed after {attempt + 1} attempts (last: {problem})", transient=True)
+                raise LLMError(
+                    f"{self.base_url}: failed after {attempt + 1} attempts (last: {problem})", transient=True
+                )
             # Exponential backoff with jitter, so concurrent callers do not retry in lock-step.
-            delay = self.backoff_s * (2 ** attempt) * (1.0 + 0.25 * random.random())
-            _log.warning("%s: %s; retry %d/%d in %.1f s", self.base_url, problem, attempt + 1, self.max_retries, delay)
+            delay = self.backoff_s * (2**attempt) * (1.0 + 0.25 * random.random())
+            _log.warning(
+                "%s: %s; retry %d/%d in %.1f s", self.base_url, problem, attempt + 1, self.max_retries, delay
+            )
             time.sleep(delay)
         raise AssertionError("unreachable")
 
     def _post(self, messages: Messages, max_tokens: int) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                           "temperature": self.temperature}).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": self.temperature,
+            }
+        ).encode()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST")
+        request = urllib.request.Request(
+            f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST"
+        )
         with self._lock:
             self.requests_sent += 1
         with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
@@ -144,8 +171,14 @@ def judge_chat(settings, cache_dir: str = "") -> Callable[[Sequence[Messages], i
     cached under ``settings.cache_dir`` or else ``cache_dir``."""
     if not settings.base_url or not settings.model:
         raise ValueError("judge.kind = 'llm' needs judge.base_url and judge.model")
-    client = ChatClient(settings.base_url, settings.model, api_key_env=settings.api_key_env,
-                        max_concurrency=settings.max_concurrency, max_retries=settings.max_retries,
-                        backoff_s=settings.backoff_s, timeout_s=settings.timeout_s,
-                        cache_dir=settings.cache_dir or cache_dir or None)
+    client = ChatClient(
+        settings.base_url,
+        settings.model,
+        api_key_env=settings.api_key_env,
+        max_concurrency=settings.max_concurrency,
+        max_retries=settings.max_retries,
+        backoff_s=settings.backoff_s,
+        timeout_s=settings.timeout_s,
+        cache_dir=settings.cache_dir or cache_dir or None,
+    )
     return client.complete_many

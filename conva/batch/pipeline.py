@@ -28,29 +28,52 @@ import numpy as np
 import pyarrow as pa
 
 from conva import data as D
-from conva.bundle import ValueBundle
 from conva.batch.config import Config
 from conva.batch.schemas import (
-    BUNDLE_PROBE_SCHEMA, EXTRACTION_INPUT_SCHEMA, GENERATION_SCHEMA, STEERING_INPUT_SCHEMA, activation_schema,
+    BUNDLE_PROBE_SCHEMA,
+    EXTRACTION_INPUT_SCHEMA,
+    GENERATION_SCHEMA,
+    STEERING_INPUT_SCHEMA,
+    activation_schema,
 )
+from conva.bundle import ValueBundle
 from conva.fit import FitSettings, LayerData, ModelInfo, fit_value
 from conva.record import format_prompt, record_activations
 from conva.steering.spec import RowResult, SteerSpec
 
 __all__ = [
-    "steering_rows_from_file", "extraction_rows", "extract_table",
-    "steering_rows", "steer_table", "fit_bundles", "fit_settings", "check_prompt", "load_pair_source", "load_prompt_source",
-    "row_spec", "row_settings", "prompt_problem", "ROW_OVERRIDES", "hf_generate_fn", "GenerateFn", "fit_rows_filter",
-    "gate_data", "value_prompts", "steering_rows_from_records", "value_activations", "probe_rows",
+    "steering_rows_from_file",
+    "extraction_rows",
+    "extract_table",
+    "steering_rows",
+    "steer_table",
+    "fit_bundles",
+    "fit_settings",
+    "check_prompt",
+    "load_pair_source",
+    "load_prompt_source",
+    "row_spec",
+    "row_settings",
+    "prompt_problem",
+    "ROW_OVERRIDES",
+    "hf_generate_fn",
+    "GenerateFn",
+    "fit_rows_filter",
+    "gate_data",
+    "value_prompts",
+    "steering_rows_from_records",
+    "value_activations",
+    "probe_rows",
     "activation_model",
 ]
+
 
 def load_pair_source(source: str, value: str, kind: str) -> list[D.Pair]:
     """Pairs for ``value`` from ``demo``, ``paper:<folder>`` or a project-schema file/folder."""
     if source == "demo":
         return D.demo_pairs(value)
     if source.startswith("paper:"):
-        return D.paper_pairs(source[len("paper:"):], value, kind)
+        return D.paper_pairs(source[len("paper:") :], value, kind)
     return D.load_pairs(source, value)
 
 
@@ -59,7 +82,7 @@ def load_prompt_source(source: str, value: str | None) -> list[D.Prompt]:
     if source == "demo":
         return D.demo_prompts(value) if value is not None else D.demo_neutral()
     if source.startswith("paper:"):
-        return D.paper_prompts(source[len("paper:"):], value) if value else []
+        return D.paper_prompts(source[len("paper:") :], value) if value else []
     return D.load_prompts(source, value)
 
 
@@ -72,12 +95,18 @@ def value_prompts(cfg: Config, value: str) -> tuple[list[D.Prompt], list[D.Promp
     """
     prompts = load_prompt_source(cfg.data.prompts, value)
     k = cfg.gate.value_prompts if cfg.gate.kind == "probe" else 0
-    if k and not (cfg.data.prompts == "demo" or cfg.data.prompts.startswith("paper:") or D.is_folder(cfg.data.prompts)):
-        raise ValueError("gate.value_prompts takes each value's prompts from data.prompts, which must then be "
-                         f"'demo', 'paper:<folder>' or a folder (got the file {cfg.data.prompts!r})")
+    if k and not (
+        cfg.data.prompts == "demo" or cfg.data.prompts.startswith("paper:") or D.is_folder(cfg.data.prompts)
+    ):
+        raise ValueError(
+            "gate.value_prompts takes each value's prompts from data.prompts, which must then be "
+            f"'demo', 'paper:<folder>' or a folder (got the file {cfg.data.prompts!r})"
+        )
     if k >= len(prompts) > 0 or (k and not prompts):
-        raise ValueError(f"gate.value_prompts = {k} would leave none of {value!r}'s {len(prompts)} prompts to steer")
-    steer, gate = prompts[:len(prompts) - k], prompts[len(prompts) - k:] if k else []
+        raise ValueError(
+            f"gate.value_prompts = {k} would leave none of {value!r}'s {len(prompts)} prompts to steer"
+        )
+    steer, gate = prompts[: len(prompts) - k], prompts[len(prompts) - k :] if k else []
     cap = cfg.data.max_prompts_per_value
     return (steer[:cap] if cap else steer), gate
 
@@ -94,8 +123,17 @@ def extraction_rows(cfg: Config) -> pa.Table:
     for value in cfg.data.values:
         for i, pair in enumerate(load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind)):
             for label, text, tag in ((1, pair.positive, "pos"), (0, pair.negative, "neg")):
-                rows.append(dict(row_id=f"pairs/{value}/{i:06d}/{tag}", dataset="pairs", value=value, label=label,
-                                 group=i, text=text, chat_template=cfg.extract.chat_template))
+                rows.append(
+                    dict(
+                        row_id=f"pairs/{value}/{i:06d}/{tag}",
+                        dataset="pairs",
+                        value=value,
+                        label=label,
+                        group=i,
+                        text=text,
+                        chat_template=cfg.extract.chat_template,
+                    )
+                )
     if cfg.gate.kind == "probe":
         rows += _gate_rows(cfg)
     return pa.Table.from_pylist(rows, schema=EXTRACTION_INPUT_SCHEMA)
@@ -108,19 +146,48 @@ def _gate_rows(cfg: Config) -> list[dict]:
         for i, pair in enumerate(load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind)[:cap]):
             for text, tag in ((pair.positive, "pos"), (pair.negative, "neg")):
                 # The gate reads prompts as the model sees them when steered: in the steering template.
-                rows.append(dict(row_id=f"gate/{value}/{i:06d}/{tag}", dataset="gate", value=value, label=1,
-                                 group=i, text=text, chat_template=cfg.steer.chat_template))
+                rows.append(
+                    dict(
+                        row_id=f"gate/{value}/{i:06d}/{tag}",
+                        dataset="gate",
+                        value=value,
+                        label=1,
+                        group=i,
+                        text=text,
+                        chat_template=cfg.steer.chat_template,
+                    )
+                )
         for i, prompt in enumerate(value_prompts(cfg, value)[1] if cfg.gate.value_prompts else []):
-            rows.append(dict(row_id=f"gate_prompt/{value}/{i:06d}", dataset="gate_prompt", value=value, label=1,
-                             group=i, text=prompt.prompt, chat_template=cfg.steer.chat_template))
+            rows.append(
+                dict(
+                    row_id=f"gate_prompt/{value}/{i:06d}",
+                    dataset="gate_prompt",
+                    value=value,
+                    label=1,
+                    group=i,
+                    text=prompt.prompt,
+                    chat_template=cfg.steer.chat_template,
+                )
+            )
     neutral = D.demo_neutral() if cfg.data.neutral == "demo" else D.load_prompts(cfg.data.neutral)
     for i, prompt in enumerate(neutral):
-        rows.append(dict(row_id=f"neutral/{i:06d}", dataset="neutral", value=None, label=0, group=i,
-                         text=prompt.prompt, chat_template=cfg.steer.chat_template))
+        rows.append(
+            dict(
+                row_id=f"neutral/{i:06d}",
+                dataset="neutral",
+                value=None,
+                label=0,
+                group=i,
+                text=prompt.prompt,
+                chat_template=cfg.steer.chat_template,
+            )
+        )
     return rows
 
 
-def extract_table(model, tok, rows: pa.Table, layers: Sequence[int], position: str, batch_size: int) -> pa.Table:
+def extract_table(
+    model, tok, rows: pa.Table, layers: Sequence[int], position: str, batch_size: int
+) -> pa.Table:
     """Activations for one shard of :func:`extraction_rows`: one output row per (text, layer), layer-major.
 
     A text longer than the model's maximum length becomes an error row (``error`` says why, ``activation``
@@ -134,24 +201,35 @@ def extract_table(model, tok, rows: pa.Table, layers: Sequence[int], position: s
     for flag in (False, True):
         idx = [i for i, f in enumerate(flags) if f == flag and errors[i] is None]
         if idx:
-            acts[idx] = record_activations(model, tok, [texts[i] for i in idx], layers, position=position,
-                                           chat_template=flag, batch_size=batch_size)
+            acts[idx] = record_activations(
+                model,
+                tok,
+                [texts[i] for i in idx],
+                layers,
+                position=position,
+                chat_template=flag,
+                batch_size=batch_size,
+            )
     n, L, d = acts.shape
     hashes = [D.text_hash(t) for t in texts]
     # Layer-major order lets a reader fetch one layer's rows from contiguous row groups.
     take = np.tile(np.arange(n), L)
     meta = rows.select(["row_id", "dataset", "value", "label", "group"]).take(pa.array(take))
     bad = np.tile(np.asarray([e is not None for e in errors]), L)
-    flat = pa.FixedSizeListArray.from_arrays(pa.array(acts.transpose(1, 0, 2).reshape(-1)), d,
-                                             mask=pa.array(bad) if bad.any() else None)
-    return pa.table({
-        **{name: meta.column(name) for name in meta.column_names},
-        "text_hash": pa.array([hashes[i] for i in take], pa.string()),
-        "layer": pa.array(np.repeat(np.asarray(layers, dtype=np.int32), n)),
-        "position": pa.array([position] * (n * L), pa.string()),
-        "activation": flat,
-        "error": pa.array([errors[i] for i in take], pa.string()),
-    }, schema=activation_schema(d))
+    flat = pa.FixedSizeListArray.from_arrays(
+        pa.array(acts.transpose(1, 0, 2).reshape(-1)), d, mask=pa.array(bad) if bad.any() else None
+    )
+    return pa.table(
+        {
+            **{name: meta.column(name) for name in meta.column_names},
+            "text_hash": pa.array([hashes[i] for i in take], pa.string()),
+            "layer": pa.array(np.repeat(np.asarray(layers, dtype=np.int32), n)),
+            "position": pa.array([position] * (n * L), pa.string()),
+            "activation": flat,
+            "error": pa.array([errors[i] for i in take], pa.string()),
+        },
+        schema=activation_schema(d),
+    )
 
 
 def _length_errors(tok, texts: list[str], chat_template: list[bool], limit: int) -> list[str | None]:
@@ -170,8 +248,9 @@ def _length_errors(tok, texts: list[str], chat_template: list[bool], limit: int)
 
 def fit_settings(cfg: Config) -> FitSettings:
     """The fit part of a job config as the library's settings."""
-    return FitSettings(probe=cfg.probe, gate=cfg.gate,
-                       band=cfg.fit.band, band_width=cfg.fit.band_width, p0=cfg.fit.p0)
+    return FitSettings(
+        probe=cfg.probe, gate=cfg.gate, band=cfg.fit.band, band_width=cfg.fit.band_width, p0=cfg.fit.p0
+    )
 
 
 _GATE_DATASETS = ("gate", "gate_prompt", "neutral")
@@ -185,8 +264,9 @@ def fit_rows_filter(value: str):
     return own | pc.field("dataset").isin(list(_GATE_DATASETS))
 
 
-def gate_data(meta: pa.Table, value: str, read_rows: Callable[[int, np.ndarray], np.ndarray],
-              layers: Sequence[int]) -> LayerData | None:
+def gate_data(
+    meta: pa.Table, value: str, read_rows: Callable[[int, np.ndarray], np.ndarray], layers: Sequence[int]
+) -> LayerData | None:
     """The probe gate's rows for ``value``: its own texts and prompts (1); the other values' and neutral prompts (0).
 
     Groups keep a pair's two texts together in the gate's split; ``origin`` says which kind each row is.
@@ -200,12 +280,21 @@ def gate_data(meta: pa.Table, value: str, read_rows: Callable[[int, np.ndarray],
         return None
     origin = np.where(dataset[rows] == "neutral", "neutral", np.where(values[rows] == value, "own", "other"))
     keys = np.asarray([f"{dataset[r]}/{values[r]}/{groups[r]}" for r in rows])
-    return LayerData(lambda l, r=rows: read_rows(l, r), (origin == "own").astype(np.int64), keys, tuple(layers),
-                     origin=origin)
+    return LayerData(
+        lambda l, r=rows: read_rows(l, r),
+        (origin == "own").astype(np.int64),
+        keys,
+        tuple(layers),
+        origin=origin,
+    )
 
 
 def fit_bundles(
-    meta: pa.Table, read_layer: Callable[[int], np.ndarray], layers: Sequence[int], cfg: Config, model: ModelInfo,
+    meta: pa.Table,
+    read_layer: Callable[[int], np.ndarray],
+    layers: Sequence[int],
+    cfg: Config,
+    model: ModelInfo,
     dataset_hash: str = "",
 ) -> dict[str, ValueBundle]:
     """Fit every value's bundle; ``read_layer(l)`` returns ``[n, d]`` rows aligned with ``meta``.
@@ -228,10 +317,20 @@ def fit_bundles(
     bundles = {}
     for value in cfg.data.values:
         pair_rows = np.flatnonzero((dataset == "pairs") & (values == value))
-        pairs = LayerData(lambda l, r=pair_rows: read_rows(l, r), labels[pair_rows], groups[pair_rows], tuple(layers))
+        pairs = LayerData(
+            lambda l, r=pair_rows: read_rows(l, r), labels[pair_rows], groups[pair_rows], tuple(layers)
+        )
         gate = gate_data(meta, value, read_rows, layers)
-        bundles[value] = fit_value(value, pairs, gate, model, fit_settings(cfg), position=cfg.extract.position,
-                                   chat_template=cfg.extract.chat_template, dataset_hash=dataset_hash)
+        bundles[value] = fit_value(
+            value,
+            pairs,
+            gate,
+            model,
+            fit_settings(cfg),
+            position=cfg.extract.position,
+            chat_template=cfg.extract.chat_template,
+            dataset_hash=dataset_hash,
+        )
     return bundles
 
 
@@ -240,11 +339,16 @@ def steering_rows(cfg: Config) -> pa.Table:
     rows = []
     for value in cfg.data.values:
         prompts, _ = value_prompts(cfg, value)
-        rows += [dict(row_id=f"{value}/{i:06d}", value=value, prompt=p.prompt, error=None) for i, p in enumerate(prompts)]
+        rows += [
+            dict(row_id=f"{value}/{i:06d}", value=value, prompt=p.prompt, error=None)
+            for i, p in enumerate(prompts)
+        ]
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
 
 
-def steering_rows_from_records(name: str, records: Iterable[D.Record], values: Sequence[str] | None = None) -> pa.Table:
+def steering_rows_from_records(
+    name: str, records: Iterable[D.Record], values: Sequence[str] | None = None
+) -> pa.Table:
     """Bulk steering input in the project schema, leniently: unusable rows carry an ``error`` reason.
 
     ``name`` (the file's base name) prefixes the row ids, ``<name>/<row>``; a row naming a value outside
@@ -266,8 +370,14 @@ def steering_rows_from_records(name: str, records: Iterable[D.Record], values: S
         prompt = rec.fields.get("prompt")
         if error is None:
             error = _prompt_field_error(rec.fields) or prompt_problem(prompt)
-        rows.append(dict(row_id=f"{name}/{rec.row:06d}", value=value if isinstance(value, str) else None,
-                         prompt=prompt if isinstance(prompt, str) else None, error=error))
+        rows.append(
+            dict(
+                row_id=f"{name}/{rec.row:06d}",
+                value=value if isinstance(value, str) else None,
+                prompt=prompt if isinstance(prompt, str) else None,
+                error=error,
+            )
+        )
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
 
 
@@ -304,7 +414,9 @@ def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) 
     if len(prompt) > 64 * max_tokens:  # no tokenizer emits fewer than one token per 64 characters
         return f"prompt too long: {len(prompt)} characters (limit {max_tokens} tokens)"
     try:
-        n = len(tok(format_prompt(tok, prompt, chat_template), add_special_tokens=not chat_template)["input_ids"])
+        n = len(
+            tok(format_prompt(tok, prompt, chat_template), add_special_tokens=not chat_template)["input_ids"]
+        )
     except Exception as exc:  # tokenizers raise assorted types on odd input
         return f"tokenizer failure: {type(exc).__name__}: {exc}"
     if n > max_tokens:
@@ -330,7 +442,9 @@ def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
     gate = dict(gate_scope=cfg.gate.apply_to, prefix_on=cfg.gate.prefix_on)
     if bundle is None or s["method"] == "none":
         return SteerSpec("none", bundle, setting=s["setting"], **gate) if bundle else SteerSpec("none")
-    return SteerSpec(s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"], **gate)
+    return SteerSpec(
+        s["method"], bundle, p0=s["p0"], strength=s["strength"], band=band, setting=s["setting"], **gate
+    )
 
 
 GenerateFn = Callable[[list[str], list[SteerSpec]], list[RowResult]]
@@ -343,14 +457,33 @@ def hf_generate_fn(model, tok, cfg: Config) -> GenerateFn:
     def run(prompts: list[str], specs: list[SteerSpec]) -> list[RowResult]:
         from conva.steering.hf import generate  # torch loads with the model, not with the config
 
-        return generate(model, tok, prompts, specs, max_new_tokens=s.max_new_tokens, chat_template=s.chat_template,
-                        positions=s.positions, epsilon=s.epsilon, mode=s.mode, batch_size=s.batch_size)
+        return generate(
+            model,
+            tok,
+            prompts,
+            specs,
+            max_new_tokens=s.max_new_tokens,
+            chat_template=s.chat_template,
+            positions=s.positions,
+            epsilon=s.epsilon,
+            mode=s.mode,
+            batch_size=s.batch_size,
+        )
 
     return run
 
 
-def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg: Config, model_name: str, *,
-                generate_fn: GenerateFn | None = None, max_length: int | None = None) -> pa.Table:
+def steer_table(
+    model,
+    tok,
+    rows: pa.Table,
+    bundles: dict[str, ValueBundle],
+    cfg: Config,
+    model_name: str,
+    *,
+    generate_fn: GenerateFn | None = None,
+    max_length: int | None = None,
+) -> pa.Table:
     """Steered generations for one shard of steering rows: exactly one output row per input row.
 
     Every backend goes through here, so rows are checked and error rows made the same way: ``model`` and
@@ -361,41 +494,73 @@ def steer_table(model, tok, rows: pa.Table, bundles: dict[str, ValueBundle], cfg
     limit = s.max_prompt_tokens or max(1, (max_length or _max_length(model)) - s.max_new_tokens)
     records = rows.to_pylist()
     errors = [r["error"] or check_prompt(tok, r["prompt"], s.chat_template, limit) for r in records]
-    if not all(r["value"] in bundles for r, e in zip(records, errors) if e is None and r["value"] is not None):
+    if not all(
+        r["value"] in bundles for r, e in zip(records, errors) if e is None and r["value"] is not None
+    ):
         missing = sorted({r["value"] for r in records if r["value"] not in bundles})
         raise ValueError(f"no bundle for value(s) {missing}")
     good = [i for i, e in enumerate(errors) if e is None]
     specs = [row_spec(cfg, bundles.get(records[i]["value"]), records[i]) for i in good]
     results = generate_fn([records[i]["prompt"] for i in good], specs) if good else []
     by_row: dict[int, tuple[RowResult, SteerSpec]] = dict(zip(good, zip(results, specs)))
-    out = [_generation_row(r, row_settings(cfg, r), by_row.get(i), errors[i], model_name)
-           for i, r in enumerate(records)]
+    out = [
+        _generation_row(r, row_settings(cfg, r), by_row.get(i), errors[i], model_name)
+        for i, r in enumerate(records)
+    ]
     return pa.Table.from_pylist(out, schema=GENERATION_SCHEMA)
 
 
 def _max_length(model) -> int:
-    return int(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048))
+    return int(
+        getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+    )
 
 
-def _generation_row(rec: dict, asked: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None,
-                    model: str) -> dict:
+def _generation_row(
+    rec: dict, asked: dict, done: tuple[RowResult, SteerSpec] | None, error: str | None, model: str
+) -> dict:
     """One output row. ``method`` and ``setting`` are always the row's own (``asked``), error and neutral rows too.
 
     ``context`` is the user message the answer was generated from (the prompt with any prefix).
     """
     method = asked["method"]
-    row = dict(row_id=rec["row_id"], prompt=rec["prompt"], context=None, output=None, n_prompt_tokens=None,
-               n_output_tokens=None, model=model, value=rec["value"], method=method, setting=asked["setting"],
-               p0=asked["p0"] if method in ("conva", "conva_nogate") else None,
-               strength=asked["strength"] if method in ("caa", "probe_fixed") else None, gate_score=None,
-               gate_open=None, layers=None, eps=None, p_before=None, p_after=None, error=error)
+    row = dict(
+        row_id=rec["row_id"],
+        prompt=rec["prompt"],
+        context=None,
+        output=None,
+        n_prompt_tokens=None,
+        n_output_tokens=None,
+        model=model,
+        value=rec["value"],
+        method=method,
+        setting=asked["setting"],
+        p0=asked["p0"] if method in ("conva", "conva_nogate") else None,
+        strength=asked["strength"] if method in ("caa", "probe_fixed") else None,
+        gate_score=None,
+        gate_open=None,
+        layers=None,
+        eps=None,
+        p_before=None,
+        p_after=None,
+        error=error,
+    )
     if done is not None:
         res, spec = done
-        row.update(output=res.text, context=res.context, n_prompt_tokens=res.n_prompt_tokens,
-                   n_output_tokens=len(res.tokens), p0=spec.target(),
-                   strength=spec.strength if spec.method in ("caa", "probe_fixed") else None,
-                   gate_score=res.gate_score, gate_open=res.gate_open,
-                   layers=list(res.layers), eps=list(res.eps), p_before=list(res.p_before), p_after=list(res.p_after))
+        row.update(
+            output=res.text,
+            context=res.context,
+            n_prompt_tokens=res.n_prompt_tokens,
+            n_output_tokens=len(res.tokens),
+            p0=spec.target(),
+            strength=spec.strength if spec.method in ("caa", "probe_fixed") else None,
+            gate_score=res.gate_score,
+            gate_open=res.gate_open,
+            layers=list(res.layers),
+            eps=list(res.eps),
+            p_before=list(res.p_before),
+            p_after=list(res.p_after),
+        )
     return row
 
 
@@ -405,23 +570,34 @@ _META_COLUMNS = ["row_id", "dataset", "value", "label", "group"]
 def probe_rows(bundle: ValueBundle) -> pa.Table:
     """One row per probed layer of a bundle: accuracies, band membership, the gate (``bundles/part-*.parquet``)."""
     g, n = bundle.gate, len(bundle.layers)
-    return pa.table({
-        "value": [bundle.value] * n, "layer": bundle.layers.astype(np.int32),
-        "train_acc": bundle.train_acc.astype(np.float64), "test_acc": bundle.test_acc.astype(np.float64),
-        "in_band": [int(l) in bundle.band for l in bundle.layers], "fingerprint": [bundle.fingerprint] * n,
-        "gate_kind": [g.kind] * n, "gate_layer": pa.array([g.layer] * n, pa.int32()),
-        "gate_threshold": pa.array([g.threshold] * n, pa.float64()),
-    }, schema=BUNDLE_PROBE_SCHEMA)
+    return pa.table(
+        {
+            "value": [bundle.value] * n,
+            "layer": bundle.layers.astype(np.int32),
+            "train_acc": bundle.train_acc.astype(np.float64),
+            "test_acc": bundle.test_acc.astype(np.float64),
+            "in_band": [int(l) in bundle.band for l in bundle.layers],
+            "fingerprint": [bundle.fingerprint] * n,
+            "gate_kind": [g.kind] * n,
+            "gate_layer": pa.array([g.layer] * n, pa.int32()),
+            "gate_threshold": pa.array([g.threshold] * n, pa.float64()),
+        },
+        schema=BUNDLE_PROBE_SCHEMA,
+    )
 
 
 def activation_model(infos: Iterable[dict]) -> tuple[ModelInfo, list[int]]:
     """The one model a stage's activation shards were recorded with, and its layers; refuse a mix."""
     distinct = {json.dumps(i, sort_keys=True) for i in infos}
     if len(distinct) != 1:
-        raise ValueError(f"the activation shards were recorded with {len(distinct)} different models (or none); "
-                         "rerun extract with --overwrite")
+        raise ValueError(
+            f"the activation shards were recorded with {len(distinct)} different models (or none); "
+            "rerun extract with --overwrite"
+        )
     meta = json.loads(distinct.pop())
-    return ModelInfo(meta["name"], meta["fingerprint"], meta["hidden_size"], meta["n_blocks"]), list(meta["layers"])
+    return ModelInfo(meta["name"], meta["fingerprint"], meta["hidden_size"], meta["n_blocks"]), list(
+        meta["layers"]
+    )
 
 
 def value_activations(dataset, value: str, layers: Sequence[int], hidden: int):
@@ -437,16 +613,24 @@ def value_activations(dataset, value: str, layers: Sequence[int], hidden: int):
     import pyarrow.dataset as ds
 
     rows = fit_rows_filter(value) & pc.field("error").is_null()
-    meta = dataset.to_table(columns=[*_META_COLUMNS, "__filename"], filter=rows & (pc.field("layer") == layers[0]))
+    meta = dataset.to_table(
+        columns=[*_META_COLUMNS, "__filename"], filter=rows & (pc.field("layer") == layers[0])
+    )
     files = set(meta.column("__filename").to_pylist())
     meta, ids = meta.drop_columns(["__filename"]), meta.column("row_id")
-    own = ds.FileSystemDataset([f for f in dataset.get_fragments() if f.path in files], dataset.schema,
-                               dataset.format, dataset.filesystem)
+    own = ds.FileSystemDataset(
+        [f for f in dataset.get_fragments() if f.path in files],
+        dataset.schema,
+        dataset.format,
+        dataset.filesystem,
+    )
 
     def read_layer(layer: int) -> np.ndarray:
         part = own.to_table(columns=["row_id", "activation"], filter=rows & (pc.field("layer") == layer))
         if not part.column("row_id").equals(ids):
-            raise ValueError(f"activations of layer {layer} are not aligned with layer {layers[0]} for {value!r}")
+            raise ValueError(
+                f"activations of layer {layer} are not aligned with layer {layers[0]} for {value!r}"
+            )
         flat = part.column("activation").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         return flat.reshape(part.num_rows, hidden)
 

@@ -33,26 +33,56 @@ from conva.batch.summary import OUTPUT_FILES as _STUDY_FILES
 
 __all__ = ["write_report", "format_summary", "study_choices", "main"]
 
-_COLORS = {"conva": "tab:red", "conva_nogate": "tab:orange", "caa": "tab:blue", "prompt": "tab:green", "none": "tab:gray"}
-_SUMMARY_COLS = ["model", "setting", "method", "p0", "band", "strength", "values", "n", "csr", "csr_lo", "csr_hi",
-                 "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi", "ppl_plain_ratio", "utility_ratio", "gate_open_rate",
-                 "mc_gate_open_rate", "judge_agreement"]
-_CI_NOTE = ("csr: mean judge score over all the row's prompts (every value, gated-off ones included); csr_lo/csr_hi: "
-            "95% percentile bootstrap over those n prompts. ppl_ratio: geometric-mean perplexity of the answers "
-            "under the unsteered model, given the context each was generated from, relative to the unsteered "
-            "answers (ppl_ratio_lo/hi: bootstrap over the same prompts); ppl_plain_ratio: the same given the plain "
-            "prompt. utility_ratio: multiple-choice accuracy with steering and gate active / unsteered. "
-            "gate_open_rate: share of the rows whose gate was read that it opened (mc_: on the multiple-choice "
-            "questions). judge_agreement: the judge's agreement on held-out labelled pairs.")
+_COLORS = {
+    "conva": "tab:red",
+    "conva_nogate": "tab:orange",
+    "caa": "tab:blue",
+    "prompt": "tab:green",
+    "none": "tab:gray",
+}
+_SUMMARY_COLS = [
+    "model",
+    "setting",
+    "method",
+    "p0",
+    "band",
+    "strength",
+    "values",
+    "n",
+    "csr",
+    "csr_lo",
+    "csr_hi",
+    "ppl_ratio",
+    "ppl_ratio_lo",
+    "ppl_ratio_hi",
+    "ppl_plain_ratio",
+    "utility_ratio",
+    "gate_open_rate",
+    "mc_gate_open_rate",
+    "judge_agreement",
+]
+_CI_NOTE = (
+    "csr: mean judge score over all the row's prompts (every value, gated-off ones included); csr_lo/csr_hi: "
+    "95% percentile bootstrap over those n prompts. ppl_ratio: geometric-mean perplexity of the answers "
+    "under the unsteered model, given the context each was generated from, relative to the unsteered "
+    "answers (ppl_ratio_lo/hi: bootstrap over the same prompts); ppl_plain_ratio: the same given the plain "
+    "prompt. utility_ratio: multiple-choice accuracy with steering and gate active / unsteered. "
+    "gate_open_rate: share of the rows whose gate was read that it opened (mc_: on the multiple-choice "
+    "questions). judge_agreement: the judge's agreement on held-out labelled pairs."
+)
 
 
 def _folder(path: str | Path) -> Path:
     path = Path(path)
     folder = path.parent if path.suffix == ".parquet" else path
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} does not exist: point at a study's output folder or its results.parquet")
+        raise FileNotFoundError(
+            f"{folder} does not exist: point at a study's output folder or its results.parquet"
+        )
     if not (folder / "pooled.parquet").is_file():
-        raise FileNotFoundError(f"{folder} holds no pooled.parquet: point at a study folder or its results.parquet")
+        raise FileNotFoundError(
+            f"{folder} holds no pooled.parquet: point at a study folder or its results.parquet"
+        )
     return folder
 
 
@@ -80,24 +110,47 @@ def study_choices(folder: str | Path) -> list[tuple[str, str]]:
         return []
     s = json.loads(path.read_text())
     job, g, p = s["job"], s["job"]["gate"], s["job"]["probe"]
-    gate = g["kind"] if g["kind"] != "probe" else (
-        f"probe, value-specific (other values' texts and neutral prompts as negatives), threshold to "
-        f"{g['target']} >= {g['target_value']} on a calibrate split ({g['calibrate_size']:g} of pairs), "
-        f"figures on a test split ({g['test_size']:g})")
+    gate = (
+        g["kind"]
+        if g["kind"] != "probe"
+        else (
+            f"probe, value-specific (other values' texts and neutral prompts as negatives), threshold to "
+            f"{g['target']} >= {g['target_value']} on a calibrate split ({g['calibrate_size']:g} of pairs), "
+            f"figures on a test split ({g['test_size']:g})"
+        )
+    )
     return [
         ("gate", gate),
-        ("gate.apply_to", f"{g['apply_to']} ({'every method gated alike' if g['apply_to'] == 'all_methods' else 'ConVA only'})"),
-        ("gate.prefix_on", f"{g['prefix_on']} (the opposite setting's prefix on "
-                           f"{'every row' if g['prefix_on'] == 'all' else 'rows the gate opens only'}); "
-                           "the gate scores the raw prompt"),
-        ("probe split", f"by {p['split']}: test {p['test_size']:g}, validation {p['val_size']:g} (chooses the band), "
-                        f"train the rest; band {job['fit']['band']}"),
-        ("steering", f"positions {job['steer']['positions']}, epsilon {job['steer']['epsilon']}, mode {job['steer']['mode']}, "
-                     f"backend {job['steer']['backend']}, {job['steer']['max_new_tokens']} new tokens"),
+        (
+            "gate.apply_to",
+            f"{g['apply_to']} ({'every method gated alike' if g['apply_to'] == 'all_methods' else 'ConVA only'})",
+        ),
+        (
+            "gate.prefix_on",
+            f"{g['prefix_on']} (the opposite setting's prefix on "
+            f"{'every row' if g['prefix_on'] == 'all' else 'rows the gate opens only'}); "
+            "the gate scores the raw prompt",
+        ),
+        (
+            "probe split",
+            f"by {p['split']}: test {p['test_size']:g}, validation {p['val_size']:g} (chooses the band), "
+            f"train the rest; band {job['fit']['band']}",
+        ),
+        (
+            "steering",
+            f"positions {job['steer']['positions']}, epsilon {job['steer']['epsilon']}, mode {job['steer']['mode']}, "
+            f"backend {job['steer']['backend']}, {job['steer']['max_new_tokens']} new tokens",
+        ),
         ("judge", s["judge"]["kind"]),
-        ("intervals", f"percentile bootstrap, {s['study']['bootstrap']} resamples, seed {s['study']['seed']}"),
-        ("perplexity", "under the unsteered model, given the context the answer was generated from (ppl_plain: "
-                       "given the plain prompt)"),
+        (
+            "intervals",
+            f"percentile bootstrap, {s['study']['bootstrap']} resamples, seed {s['study']['seed']}",
+        ),
+        (
+            "perplexity",
+            "under the unsteered model, given the context the answer was generated from (ppl_plain: "
+            "given the plain prompt)",
+        ),
     ]
 
 
@@ -126,12 +179,20 @@ def _interval(r: dict, key: str, lo: str, hi: str) -> str:
 
 def _compact(r: dict) -> dict[str, str]:
     """One pooled row for a reader: intervals beside their means, P0 and strength in full."""
-    return {"model": r["model"], "setting": r["setting"], "method": r["method"],
-            "p0": _fmt(r["p0"], exact=True), "strength": _fmt(r["strength"], exact=True),
-            "n": str(r["n"]), "csr [95% CI]": _interval(r, "csr", "csr_lo", "csr_hi"),
-            "ppl ratio [95% CI]": _interval(r, "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi"),
-            "ppl plain": _fmt(r["ppl_plain_ratio"]), "utility": _fmt(r["utility_ratio"]),
-            "gate open": _fmt(r["gate_open_rate"]), "gate open MC": _fmt(r["mc_gate_open_rate"])}
+    return {
+        "model": r["model"],
+        "setting": r["setting"],
+        "method": r["method"],
+        "p0": _fmt(r["p0"], exact=True),
+        "strength": _fmt(r["strength"], exact=True),
+        "n": str(r["n"]),
+        "csr [95% CI]": _interval(r, "csr", "csr_lo", "csr_hi"),
+        "ppl ratio [95% CI]": _interval(r, "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi"),
+        "ppl plain": _fmt(r["ppl_plain_ratio"]),
+        "utility": _fmt(r["utility_ratio"]),
+        "gate open": _fmt(r["gate_open_rate"]),
+        "gate open MC": _fmt(r["mc_gate_open_rate"]),
+    }
 
 
 def format_summary(path: str | Path) -> str:
@@ -178,8 +239,12 @@ def _axes(n: int, width: float = 6):
 
 
 def _label(r: dict) -> str:
-    return (r["method"] + (f" {r['p0']:g}" if r["p0"] is not None else "") + (f" s={r['strength']:g}" if r["strength"] else "")
-            + (f" {r['band']}" if r["band"] not in ("-", "auto") else ""))
+    return (
+        r["method"]
+        + (f" {r['p0']:g}" if r["p0"] is not None else "")
+        + (f" s={r['strength']:g}" if r["strength"] else "")
+        + (f" {r['band']}" if r["band"] not in ("-", "auto") else "")
+    )
 
 
 def _frontier_plot(pooled: list[dict], path: Path) -> str:
@@ -187,26 +252,48 @@ def _frontier_plot(pooled: list[dict], path: Path) -> str:
     panels = _panels(pooled)
     fig, axes = _axes(len(panels))
     for ax, (model, setting) in zip(axes, panels):
-        rows = [r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["ppl_ratio"] is not None]
+        rows = [
+            r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["ppl_ratio"] is not None
+        ]
         series: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
             series[(r["method"], r["band"])].append(r)
         for (method, band), pts in sorted(series.items()):
             pts.sort(key=lambda r: r["ppl_ratio"])
             x, y = [r["ppl_ratio"] for r in pts], [r["csr"] for r in pts]
-            xerr = [[r["ppl_ratio"] - r["ppl_ratio_lo"] for r in pts], [r["ppl_ratio_hi"] - r["ppl_ratio"] for r in pts]]
+            xerr = [
+                [r["ppl_ratio"] - r["ppl_ratio_lo"] for r in pts],
+                [r["ppl_ratio_hi"] - r["ppl_ratio"] for r in pts],
+            ]
             yerr = [[r["csr"] - r["csr_lo"] for r in pts], [r["csr_hi"] - r["csr"] for r in pts]]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", capsize=3, color=_COLORS.get(method, "black"),
-                        label=method + (f" ({band})" if band not in ("-", "auto") else ""))
+            ax.errorbar(
+                x,
+                y,
+                xerr=xerr,
+                yerr=yerr,
+                marker="o",
+                capsize=3,
+                color=_COLORS.get(method, "black"),
+                label=method + (f" ({band})" if band not in ("-", "auto") else ""),
+            )
             for r in pts:
-                ax.annotate(_label(r).split(" ", 1)[1] if " " in _label(r) else "", (r["ppl_ratio"], r["csr"]),
-                            fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(
+                    _label(r).split(" ", 1)[1] if " " in _label(r) else "",
+                    (r["ppl_ratio"], r["csr"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         ax.axvline(1.0, color="lightgray", lw=1)
         xs = [r["ppl_ratio_hi"] for r in rows] + [r["ppl_ratio_lo"] for r in rows]
         if xs and max(xs) / max(min(xs), 1e-9) > 10:
             ax.set_xscale("log")  # one collapsed point (e.g. CAA at a large strength) would squash the rest
-        ax.set(title=f"{model}, {setting}: control vs fluency", xlabel="perplexity ratio (given the answer's context)",
-               ylabel="CSR (all prompts)", ylim=(-0.02, 1.02))
+        ax.set(
+            title=f"{model}, {setting}: control vs fluency",
+            xlabel="perplexity ratio (given the answer's context)",
+            ylabel="CSR (all prompts)",
+            ylim=(-0.02, 1.02),
+        )
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -217,19 +304,37 @@ def _p0_plot(pooled: list[dict], path: Path) -> str:
     for ax, (model, setting) in zip(axes, panels):
         rows = [r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["csr"] is not None]
         for key in sorted({(r["method"], r["band"], r["strength"] or 0) for r in rows}):
-            pts = sorted((r for r in rows if (r["method"], r["band"], r["strength"] or 0) == key), key=lambda r: r["p0"] or 0)
+            pts = sorted(
+                (r for r in rows if (r["method"], r["band"], r["strength"] or 0) == key),
+                key=lambda r: r["p0"] or 0,
+            )
             color = _COLORS.get(key[0])
-            label = key[0] + (f" ({key[1]})" if key[1] not in ("-", "auto") else "") + (f" s={key[2]:g}" if key[2] else "")
+            label = (
+                key[0]
+                + (f" ({key[1]})" if key[1] not in ("-", "auto") else "")
+                + (f" s={key[2]:g}" if key[2] else "")
+            )
             if pts[0]["p0"] is None:  # no P0: a flat band across the whole axis
                 ax.axhspan(pts[0]["csr_lo"], pts[0]["csr_hi"], color=color, alpha=0.08)
                 ax.axhline(pts[0]["csr"], color=color, linestyle="--", label=label)
             else:
                 x = list(range(len(pts)))
-                ax.errorbar(x, [r["csr"] for r in pts], yerr=[[r["csr"] - r["csr_lo"] for r in pts],
-                                                              [r["csr_hi"] - r["csr"] for r in pts]],
-                            marker="o", capsize=3, color=color, label=label)
+                ax.errorbar(
+                    x,
+                    [r["csr"] for r in pts],
+                    yerr=[[r["csr"] - r["csr_lo"] for r in pts], [r["csr_hi"] - r["csr"] for r in pts]],
+                    marker="o",
+                    capsize=3,
+                    color=color,
+                    label=label,
+                )
                 ax.set_xticks(x, [f"{r['p0']:g}" for r in pts])
-        ax.set(title=f"{model}, {setting}: CSR vs P0", xlabel="P0", ylabel="CSR (all prompts)", ylim=(-0.02, 1.02))
+        ax.set(
+            title=f"{model}, {setting}: CSR vs P0",
+            xlabel="P0",
+            ylabel="CSR (all prompts)",
+            ylim=(-0.02, 1.02),
+        )
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -241,10 +346,20 @@ def _utility_plot(pooled: list[dict], path: Path) -> str:
         if r["csr"] is None or r["utility_ratio"] is None:
             continue
         ax.scatter(r["utility_ratio"], r["csr"], color=_COLORS.get(r["method"], "black"), s=40)
-        ax.annotate(f"{r['model'][:12]} {_label(r)} {r['setting']}", (r["utility_ratio"], r["csr"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.annotate(
+            f"{r['model'][:12]} {_label(r)} {r['setting']}",
+            (r["utility_ratio"], r["csr"]),
+            fontsize=6,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.axvline(1.0, color="lightgray", lw=1)
-    ax.set(title="control vs utility", xlabel="multiple-choice accuracy / unsteered", ylabel="CSR", ylim=(-0.02, 1.02))
+    ax.set(
+        title="control vs utility",
+        xlabel="multiple-choice accuracy / unsteered",
+        ylabel="CSR",
+        ylim=(-0.02, 1.02),
+    )
     return _save(fig, path)
 
 
@@ -253,11 +368,19 @@ def _probe_plot(probes: list[dict], path: Path) -> str:
     fig, axes = _axes(len(models))
     for ax, model in zip(axes, models):
         for value in sorted({r["value"] for r in probes if r["model"] == model}):
-            pts = sorted((r for r in probes if r["model"] == model and r["value"] == value), key=lambda r: r["layer"])
-            line, = ax.plot([r["layer"] for r in pts], [r["test_acc"] for r in pts], marker=".", label=value)
+            pts = sorted(
+                (r for r in probes if r["model"] == model and r["value"] == value), key=lambda r: r["layer"]
+            )
+            (line,) = ax.plot(
+                [r["layer"] for r in pts], [r["test_acc"] for r in pts], marker=".", label=value
+            )
             ax.plot([r["layer"] for r in pts], [r["val_acc"] for r in pts], ls=":", color=line.get_color())
-        ax.set(title=f"{model}: probe accuracy (test solid, validation dotted)", xlabel="layer", ylabel="accuracy",
-               ylim=(0.3, 1.02))
+        ax.set(
+            title=f"{model}: probe accuracy (test solid, validation dotted)",
+            xlabel="layer",
+            ylabel="accuracy",
+            ylim=(0.3, 1.02),
+        )
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
@@ -269,21 +392,37 @@ def _gate_rows(probes: list[dict], summary: list[dict]) -> list[dict]:
     out = []
     for (model, value), g in sorted(gates.items()):
         mine = [r for r in conva if (r["model"], r["value"]) == (model, value)]
-        out.append(dict(model=model, value=value, layer=g["gate_layer"], threshold=g["gate_threshold"],
-                        target_met=g["gate_target_met"], test_precision=g["gate_precision"], test_recall=g["gate_recall"],
-                        test_accuracy=g["gate_accuracy"], test_n=g["gate_n"], open_heldout_neutral=g["gate_open_neutral"],
-                        open_heldout_other_values=g["gate_open_other"],
-                        open_own_test_prompts=_mean([r["gate_open_rate"] for r in mine]),
-                        open_mc=_mean([r["mc_gate_open_rate"] for r in mine])))
+        out.append(
+            dict(
+                model=model,
+                value=value,
+                layer=g["gate_layer"],
+                threshold=g["gate_threshold"],
+                target_met=g["gate_target_met"],
+                test_precision=g["gate_precision"],
+                test_recall=g["gate_recall"],
+                test_accuracy=g["gate_accuracy"],
+                test_n=g["gate_n"],
+                open_heldout_neutral=g["gate_open_neutral"],
+                open_heldout_other_values=g["gate_open_other"],
+                open_own_test_prompts=_mean([r["gate_open_rate"] for r in mine]),
+                open_mc=_mean([r["mc_gate_open_rate"] for r in mine]),
+            )
+        )
     return out
 
 
 def _gate_plot(gates: list[dict], path: Path) -> str:
     fig, axes = _axes(1, max(6, 0.8 * len(gates)))
     ax, keys = axes[0], [f"{g['model'][:10]}/{g['value']}" for g in gates]
-    series = [("test precision", "test_precision"), ("test recall", "test_recall"),
-              ("open: held-out neutral", "open_heldout_neutral"), ("open: held-out other values", "open_heldout_other_values"),
-              ("open: own test prompts", "open_own_test_prompts"), ("open: MC questions", "open_mc")]
+    series = [
+        ("test precision", "test_precision"),
+        ("test recall", "test_recall"),
+        ("open: held-out neutral", "open_heldout_neutral"),
+        ("open: held-out other values", "open_heldout_other_values"),
+        ("open: own test prompts", "open_own_test_prompts"),
+        ("open: MC questions", "open_mc"),
+    ]
     width = 0.8 / len(series)
     for j, (name, key) in enumerate(series):
         ax.bar([i + j * width for i in range(len(gates))], [g[key] or 0 for g in gates], width, label=name)
@@ -303,8 +442,14 @@ def _value_plot(summary: list[dict], path: Path) -> str:
     for j, key in enumerate(keys):
         same = lambda r: (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key  # noqa: E731
         ys = [_mean([r["csr"] for r in rows if r["value"] == v and same(r)]) for v in values]
-        ax.bar([i + j * width for i in range(len(values))], [y or 0 for y in ys], width, color=_COLORS.get(key[0]),
-               alpha=0.5 + 0.5 * (j % 2), label=" ".join(str(k) for k in key if k not in (0, "-")))
+        ax.bar(
+            [i + j * width for i in range(len(values))],
+            [y or 0 for y in ys],
+            width,
+            color=_COLORS.get(key[0]),
+            alpha=0.5 + 0.5 * (j % 2),
+            label=" ".join(str(k) for k in key if k not in (0, "-")),
+        )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")
     ax.set(title="CSR per value (plain prompts, all models)", ylabel="CSR", ylim=(0, 1.05))
     ax.legend(fontsize=6)
@@ -321,7 +466,9 @@ def _html_table(rows: list[dict]) -> str:
         return "<p>(none)</p>"
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r[c], c))}</td>" for c in cols) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c], c))}</td>" for c in cols) + "</tr>" for r in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -336,32 +483,53 @@ def write_report(path: str | Path) -> Path:
     out = folder / "report"
     out.mkdir(exist_ok=True)
     gates = _gate_rows(probes, summary)
-    images = [("Control against fluency: each method's frontier", _frontier_plot(pooled, out / "frontier.png")),
-              ("CSR against P0", _p0_plot(pooled, out / "csr_vs_p0.png")),
-              ("Control against utility", _utility_plot(pooled, out / "utility.png")),
-              ("Probe accuracy by layer", _probe_plot(probes, out / "probe_accuracy.png")),
-              ("CSR per value", _value_plot(summary, out / "csr_by_value.png"))]
+    images = [
+        ("Control against fluency: each method's frontier", _frontier_plot(pooled, out / "frontier.png")),
+        ("CSR against P0", _p0_plot(pooled, out / "csr_vs_p0.png")),
+        ("Control against utility", _utility_plot(pooled, out / "utility.png")),
+        ("Probe accuracy by layer", _probe_plot(probes, out / "probe_accuracy.png")),
+        ("CSR per value", _value_plot(summary, out / "csr_by_value.png")),
+    ]
     if gates:
         images.append(("Gates", _gate_plot(gates, out / "gate.png")))
     choices = [dict(setting=k, value=v) for k, v in study_choices(folder)]
     conv = _convergence(_read(folder, "probes"))
-    parts = [f"<h1>ConVA study: {html.escape(folder.name)}</h1>", "<h2>Choices</h2>", _html_table(choices),
-             "<h2>Summary (pooled over values)</h2>", f"<p>{html.escape(_CI_NOTE)}</p>",
-             _html_table([{c: r[c] for c in _SUMMARY_COLS} for r in pooled]),
-             "<h2>ConVA at matched fluency</h2><p>Each ConVA point against the CAA point whose perplexity ratio is "
-             "nearest, and against prompting, on the prompts both answered: CSR difference with a paired bootstrap "
-             "interval; a difference is claimed only where the perplexity intervals overlap or the higher method "
-             "is also the more fluent.</p>", _html_table(matched)]
-    parts += [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>" for title, name in images]
-    parts += ["<h2>Gates (held-out figures and open rates)</h2>", _html_table(gates),
-              f"<h2>Probe convergence</h2><p>{html.escape(conv or '-')}</p>",
-              "<h2>Judge agreement</h2>", _html_table(_read(folder, "judges").to_pylist()),
-              "<h2>Every cell</h2>", _html_table(summary)]
-    style = "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}" \
-            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style>"
+    parts = [
+        f"<h1>ConVA study: {html.escape(folder.name)}</h1>",
+        "<h2>Choices</h2>",
+        _html_table(choices),
+        "<h2>Summary (pooled over values)</h2>",
+        f"<p>{html.escape(_CI_NOTE)}</p>",
+        _html_table([{c: r[c] for c in _SUMMARY_COLS} for r in pooled]),
+        "<h2>ConVA at matched fluency</h2><p>Each ConVA point against the CAA point whose perplexity ratio is "
+        "nearest, and against prompting, on the prompts both answered: CSR difference with a paired bootstrap "
+        "interval; a difference is claimed only where the perplexity intervals overlap or the higher method "
+        "is also the more fluent.</p>",
+        _html_table(matched),
+    ]
+    parts += [
+        f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
+        for title, name in images
+    ]
+    parts += [
+        "<h2>Gates (held-out figures and open rates)</h2>",
+        _html_table(gates),
+        f"<h2>Probe convergence</h2><p>{html.escape(conv or '-')}</p>",
+        "<h2>Judge agreement</h2>",
+        _html_table(_read(folder, "judges").to_pylist()),
+        "<h2>Every cell</h2>",
+        _html_table(summary),
+    ]
+    style = (
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style>"
+    )
     page = out / "index.html"
-    page.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>ConVA study</title>{style}</head>"
-                    f"<body>{''.join(parts)}</body></html>", encoding="utf-8")
+    page.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>ConVA study</title>{style}</head>"
+        f"<body>{''.join(parts)}</body></html>",
+        encoding="utf-8",
+    )
     return page
 
 
@@ -426,7 +594,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conva report: error: {err}", file=sys.stderr)
         return 2
     print(text)
-    print(f"report: {page if is_uri(target) else Path(target) / 'report' / 'index.html'}")  # as the user named it
+    print(
+        f"report: {page if is_uri(target) else Path(target) / 'report' / 'index.html'}"
+    )  # as the user named it
     return 0
 
 

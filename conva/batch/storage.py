@@ -108,7 +108,7 @@ class Location:
         prefix = root.uri.rstrip("/") + "/"
         if not self.uri.startswith(prefix):
             raise ValueError(f"{self.uri} is not inside {root.uri}")
-        return self.uri[len(prefix):]
+        return self.uri[len(prefix) :]
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -136,8 +136,11 @@ class Location:
         """Every file below this folder (recursively), sorted by name; empty if the folder does not exist."""
         selector = pafs.FileSelector(self.path, recursive=True, allow_not_found=True)
         base = self.path.rstrip("/") + "/"
-        found = [StoredFile(i.path[len(base):], i.size or 0) for i in self.fs.get_file_info(selector)
-                 if i.type == pafs.FileType.File]
+        found = [
+            StoredFile(i.path[len(base) :], i.size or 0)
+            for i in self.fs.get_file_info(selector)
+            if i.type == pafs.FileType.File
+        ]
         return sorted(found, key=lambda f: f.name)
 
     # --- writing -------------------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ def location(spec: str | os.PathLike | Location, base: str | os.PathLike | None 
         return spec
     text = os.fspath(spec)
     if text.startswith("file://"):
-        text = text[len("file://"):]
+        text = text[len("file://") :]
     if not is_uri(text):
         path = Path(text).expanduser()
         if not path.is_absolute():

@@ -63,9 +63,23 @@ import pyarrow.parquet as pq
 from conva.batch.storage import Location
 
 __all__ = [
-    "StoredObject", "ShardRef", "ShardRecord", "Stage", "StageStatus", "StoreError", "ConfigMismatchError",
-    "write_table_shard", "write_files_shard", "schema_hash", "stage_mismatch", "stage_status", "check_name",
-    "config_hash", "diff_keys", "shard_ranges", "COMPACT_EVERY",
+    "StoredObject",
+    "ShardRef",
+    "ShardRecord",
+    "Stage",
+    "StageStatus",
+    "StoreError",
+    "ConfigMismatchError",
+    "write_table_shard",
+    "write_files_shard",
+    "schema_hash",
+    "stage_mismatch",
+    "stage_status",
+    "check_name",
+    "config_hash",
+    "diff_keys",
+    "shard_ranges",
+    "COMPACT_EVERY",
 ]
 
 _log = logging.getLogger(__name__)
@@ -87,9 +101,11 @@ class ConfigMismatchError(StoreError):
     """The stage was written by a job with a different config; ``keys`` are the differing dotted paths."""
 
     def __init__(self, stage_dir: Location | str, keys: list[str]) -> None:
-        super().__init__(f"{stage_dir} was written with a different config; differing keys: {', '.join(keys)}. "
-                         "Rerun with --overwrite to replace it (the old output stays readable until the new "
-                         "run has committed every shard).")
+        super().__init__(
+            f"{stage_dir} was written with a different config; differing keys: {', '.join(keys)}. "
+            "Rerun with --overwrite to replace it (the old output stays readable until the new "
+            "run has committed every shard)."
+        )
         self.keys = keys
 
 
@@ -196,24 +212,54 @@ def _parquet_bytes(table: pa.Table, row_group_size: int | None) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def write_table_shard(ref: ShardRef, table: pa.Table, *, row_group_size: int | None = None, extra: dict | None = None,
-                      worker: dict | None = None) -> ShardRecord:
+def write_table_shard(
+    ref: ShardRef,
+    table: pa.Table,
+    *,
+    row_group_size: int | None = None,
+    extra: dict | None = None,
+    worker: dict | None = None,
+) -> ShardRecord:
     """Write ``table`` as the attempt's ``part-<shard>.parquet`` and return the shard's record (worker side).
 
     ``row_group_size`` (rows) lets readers skip row groups by their statistics, e.g. one per layer.
     """
     obj = _store(ref, f"part-{ref.shard:05d}.parquet", _parquet_bytes(table, row_group_size))
-    return ShardRecord(ref.stage, ref.gen, ref.shard, ref.attempt, (obj,), table.num_rows, schema_hash(table.schema),
-                       extra or {}, worker or {})
+    return ShardRecord(
+        ref.stage,
+        ref.gen,
+        ref.shard,
+        ref.attempt,
+        (obj,),
+        table.num_rows,
+        schema_hash(table.schema),
+        extra or {},
+        worker or {},
+    )
 
 
-def write_files_shard(ref: ShardRef, files: dict[str, bytes], table: pa.Table, *, extra: dict | None = None,
-                      worker: dict | None = None) -> ShardRecord:
+def write_files_shard(
+    ref: ShardRef,
+    files: dict[str, bytes],
+    table: pa.Table,
+    *,
+    extra: dict | None = None,
+    worker: dict | None = None,
+) -> ShardRecord:
     """Write named files (e.g. a bundle's) plus a row table as one shard and return its record (worker side)."""
     objects = [_store(ref, name, data) for name, data in sorted(files.items())]
     objects.append(_store(ref, f"part-{ref.shard:05d}.parquet", _parquet_bytes(table, None)))
-    return ShardRecord(ref.stage, ref.gen, ref.shard, ref.attempt, tuple(objects), table.num_rows,
-                       schema_hash(table.schema), extra or {}, worker or {})
+    return ShardRecord(
+        ref.stage,
+        ref.gen,
+        ref.shard,
+        ref.attempt,
+        tuple(objects),
+        table.num_rows,
+        schema_hash(table.schema),
+        extra or {},
+        worker or {},
+    )
 
 
 # --- the driver's side: the log, generations, commits --------------------------------------------------------
@@ -232,15 +278,28 @@ class _Gen:
     shards: dict[int, ShardRecord] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"gen": self.gen, "config": self.config, "config_hash": self.config_hash,
-                "schema_version": self.schema_version, "ignore_keys": list(self.ignore_keys),
-                "n_shards": self.n_shards, "shards": [r.to_json() for _, r in sorted(self.shards.items())]}
+        return {
+            "gen": self.gen,
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "schema_version": self.schema_version,
+            "ignore_keys": list(self.ignore_keys),
+            "n_shards": self.n_shards,
+            "shards": [r.to_json() for _, r in sorted(self.shards.items())],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> _Gen:
         shards = {r["shard"]: ShardRecord.from_json(r) for r in data["shards"]}
-        return cls(data["gen"], data["config"], data["config_hash"], data["schema_version"],
-                   tuple(data["ignore_keys"]), data["n_shards"], shards)
+        return cls(
+            data["gen"],
+            data["config"],
+            data["config_hash"],
+            data["schema_version"],
+            tuple(data["ignore_keys"]),
+            data["n_shards"],
+            shards,
+        )
 
 
 @dataclass
@@ -257,8 +316,14 @@ class _State:
         op = rec["op"]
         if op == "begin":
             g = rec["gen"]
-            self.gens[g] = _Gen(g, rec["config"], rec["config_hash"], rec["schema_version"],
-                                tuple(rec["ignore_keys"]), rec["n_shards"])
+            self.gens[g] = _Gen(
+                g,
+                rec["config"],
+                rec["config_hash"],
+                rec["schema_version"],
+                tuple(rec["ignore_keys"]),
+                rec["n_shards"],
+            )
             self.last_gen = max(self.last_gen, g)
             if rec.get("current"):
                 self.current = g
@@ -277,8 +342,11 @@ class _State:
             raise StoreError(f"unknown log record {op!r}")
 
     def to_json(self) -> dict:
-        return {"current": self.current, "last_gen": self.last_gen,
-                "gens": [g.to_json() for _, g in sorted(self.gens.items())]}
+        return {
+            "current": self.current,
+            "last_gen": self.last_gen,
+            "gens": [g.to_json() for _, g in sorted(self.gens.items())],
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> _State:
@@ -298,7 +366,9 @@ def _replay(folder: Location) -> _State:
     if checkpoints:
         start = max(checkpoints)
         state = _State.from_json(_read_json(folder.child(_LOG, f"{start:012d}.checkpoint.json"))["state"])
-    for seq in sorted(s for s, names in found.items() if s > start and any(".checkpoint" not in n for n in names)):
+    for seq in sorted(
+        s for s, names in found.items() if s > start and any(".checkpoint" not in n for n in names)
+    ):
         state.apply(_read_json(folder.child(_LOG, f"{seq:012d}.json")))
         state.since_checkpoint += 1
     state.next_seq = max(found, default=0) + 1
@@ -329,8 +399,14 @@ class StageStatus:
     resumable: int = 0
 
 
-def stage_status(out: Location, stage: str, config: dict | None = None, schema_version: int = 0, *,
-                 ignore_keys: Iterable[str] = ()) -> StageStatus:
+def stage_status(
+    out: Location,
+    stage: str,
+    config: dict | None = None,
+    schema_version: int = 0,
+    *,
+    ignore_keys: Iterable[str] = (),
+) -> StageStatus:
     """The stage's published generation: committed shards, and the keys in which ``config`` differs from it."""
     folder = out.child(check_name(stage, "stage name"))
     if folder.child(_LEGACY_MANIFEST).exists() and not folder.child(_LOG).exists():
@@ -342,7 +418,9 @@ def stage_status(out: Location, stage: str, config: dict | None = None, schema_v
     keys: tuple[str, ...] = ()
     resumable = 0
     if config is not None:
-        probe = _Gen(0, _normalize(config), "", schema_version, tuple(sorted({*ignore_keys, *cur.ignore_keys})), 0)
+        probe = _Gen(
+            0, _normalize(config), "", schema_version, tuple(sorted({*ignore_keys, *cur.ignore_keys})), 0
+        )
         keys = tuple(_mismatch(cur, probe))
         unfinished = [g for n, g in state.gens.items() if n != state.current and not _mismatch(g, probe)]
         resumable = max((len(g.shards) for g in unfinished), default=0)
@@ -350,8 +428,9 @@ def stage_status(out: Location, stage: str, config: dict | None = None, schema_v
     return StageStatus(True, len(cur.shards), cur.n_shards, keys, pending, resumable)
 
 
-def stage_mismatch(out: Location, stage: str, config: dict, schema_version: int, *,
-                   ignore_keys: Iterable[str] = ()) -> list[str]:
+def stage_mismatch(
+    out: Location, stage: str, config: dict, schema_version: int, *, ignore_keys: Iterable[str] = ()
+) -> list[str]:
     """The keys that would make :meth:`Stage.open` refuse ``<out>/<stage>`` (empty if none); writes nothing."""
     return list(stage_status(out, stage, config, schema_version, ignore_keys=ignore_keys).mismatch)
 
@@ -369,8 +448,17 @@ class Stage:
     # --- opening -----------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, out: Location, name: str, config: dict, schema_version: int, *, n_shards: int,
-             overwrite: bool = False, ignore_keys: Iterable[str] = ()) -> Stage:
+    def open(
+        cls,
+        out: Location,
+        name: str,
+        config: dict,
+        schema_version: int,
+        *,
+        n_shards: int,
+        overwrite: bool = False,
+        ignore_keys: Iterable[str] = (),
+    ) -> Stage:
         """Open (creating if needed) ``<out>/<name>``, resuming what its log holds.
 
         Side effects, loudly: deletes objects of attempts that were never committed; drops committed
@@ -381,20 +469,24 @@ class Stage:
         folder = out.child(check_name(name, "stage name"))
         legacy = folder.child(_LEGACY_MANIFEST).exists() and not folder.child(_LOG).exists()
         if legacy and not overwrite:
-            raise StoreError(f"{folder} was written by an older version of conva (a _manifest.json, no commit log); "
-                             "rerun with --overwrite to replace it")
+            raise StoreError(
+                f"{folder} was written by an older version of conva (a _manifest.json, no commit log); "
+                "rerun with --overwrite to replace it"
+            )
         state = _replay(folder)
         listing = {f.name: f.size for f in folder.list()}
         stage = cls(folder, name, state, 0)
         if state.current is None and not overwrite:
             stage._refuse_strays(listing)  # before anything is written
-        stage.active = stage._choose_generation(_normalize(config), schema_version, n_shards, overwrite,
-                                                tuple(ignore_keys))
+        stage.active = stage._choose_generation(
+            _normalize(config), schema_version, n_shards, overwrite, tuple(ignore_keys)
+        )
         stage._reconcile(listing)
         return stage
 
-    def _choose_generation(self, config: dict, schema_version: int, n_shards: int, overwrite: bool,
-                           ignore_keys: tuple[str, ...]) -> int:
+    def _choose_generation(
+        self, config: dict, schema_version: int, n_shards: int, overwrite: bool, ignore_keys: tuple[str, ...]
+    ) -> int:
         state = self._state
         cur = state.gens.get(state.current) if state.current is not None else None
         ignore = tuple(sorted({*ignore_keys, *(cur.ignore_keys if cur else ())}))
@@ -411,12 +503,25 @@ class Stage:
                 return g
             self._append({"op": "abandon", "gen": g})
         gen = state.last_gen + 1
-        self._append({"op": "begin", "gen": gen, "config": config, "config_hash": fresh.config_hash,
-                      "schema_version": schema_version, "ignore_keys": list(ignore), "n_shards": n_shards,
-                      "current": cur is None})
+        self._append(
+            {
+                "op": "begin",
+                "gen": gen,
+                "config": config,
+                "config_hash": fresh.config_hash,
+                "schema_version": schema_version,
+                "ignore_keys": list(ignore),
+                "n_shards": n_shards,
+                "current": cur is None,
+            }
+        )
         if cur is not None:
-            _log.info("%s: overwrite begins generation %d; generation %d stays published until it is complete",
-                      self.location, gen, cur.gen)
+            _log.info(
+                "%s: overwrite begins generation %d; generation %d stays published until it is complete",
+                self.location,
+                gen,
+                cur.gen,
+            )
         return gen
 
     def _reconcile(self, listing: dict[str, int]) -> None:
@@ -427,8 +532,13 @@ class Stage:
             for shard, record in sorted(gen.shards.items()):
                 problem = self._check_shard(gen, record, listing)
                 if problem:
-                    _log.warning("%s: dropping committed shard %d (generation %d): %s; it will run again",
-                                 self.location, shard, gen.gen, problem)
+                    _log.warning(
+                        "%s: dropping committed shard %d (generation %d): %s; it will run again",
+                        self.location,
+                        shard,
+                        gen.gen,
+                        problem,
+                    )
                     self._append({"op": "drop", "gen": gen.gen, "shard": shard, "reason": problem})
                     if current:  # a truncated or edited published object must not stay visible
                         for obj in record.objects:
@@ -469,9 +579,11 @@ class Stage:
     def _refuse_strays(self, listing: dict[str, int]) -> None:
         strays = self._strays(listing)
         if strays:
-            raise StoreError(f"{self.location} holds files no commit log lists ({', '.join(strays[:3])}"
-                             f"{', …' if len(strays) > 3 else ''}); cannot tell which config wrote them. "
-                             "Rerun with --overwrite to replace them.")
+            raise StoreError(
+                f"{self.location} holds files no commit log lists ({', '.join(strays[:3])}"
+                f"{', …' if len(strays) > 3 else ''}); cannot tell which config wrote them. "
+                "Rerun with --overwrite to replace them."
+            )
 
     def _delete_strays(self, listing: dict[str, int]) -> None:
         """Delete published-looking files the current generation does not list (an interrupted switch, an overwrite)."""
@@ -537,7 +649,12 @@ class Stage:
 
     def parquet_files(self) -> list[Location]:
         """The committed shards' Parquet objects, in shard order."""
-        return [self.object(r.shard, o.name) for r in self.records() for o in r.objects if o.name.endswith(".parquet")]
+        return [
+            self.object(r.shard, o.name)
+            for r in self.records()
+            for o in r.objects
+            if o.name.endswith(".parquet")
+        ]
 
     def dataset(self) -> ds.Dataset:
         """A pyarrow dataset over the committed shards only, in shard order."""
@@ -561,17 +678,27 @@ class Stage:
         """
         gen = self._gen
         if record.stage != self.name or not 0 <= record.shard < gen.n_shards:
-            raise StoreError(f"{self.location}: record for {record.stage!r} shard {record.shard} does not belong here")
+            raise StoreError(
+                f"{self.location}: record for {record.stage!r} shard {record.shard} does not belong here"
+            )
         if record.gen != self.active or record.shard in gen.shards:
             why = "a later attempt" if record.gen == self.active else f"an attempt of generation {record.gen}"
-            _log.warning("%s: ignoring %s at shard %d (attempt %s); shard %s", self.location, why, record.shard,
-                         record.attempt, "already committed" if record.shard in gen.shards else "not of this run")
+            _log.warning(
+                "%s: ignoring %s at shard %d (attempt %s); shard %s",
+                self.location,
+                why,
+                record.shard,
+                record.attempt,
+                "already committed" if record.shard in gen.shards else "not of this run",
+            )
             self._discard(record)
             return False
         other = next(iter(gen.shards.values()), None)
         if other is not None and other.schema != record.schema:
             self._discard(record)
-            raise StoreError(f"{self.location}: shard {record.shard}'s schema differs from the committed shards'")
+            raise StoreError(
+                f"{self.location}: shard {record.shard}'s schema differs from the committed shards'"
+            )
         self._append({"op": "commit", "record": record.to_json()})
         gen.shards[record.shard] = record
         if self.publishing:
@@ -599,8 +726,12 @@ class Stage:
         for f in self.location.child(_INPUT).list():
             if f.name != f"{used}.parquet":
                 self.location.child(_INPUT, f.name).delete()
-        _log.info("%s: generation %d is published (replacing generation %s)", self.location, self.active,
-                  old.gen if old else "-")
+        _log.info(
+            "%s: generation %d is published (replacing generation %s)",
+            self.location,
+            self.active,
+            old.gen if old else "-",
+        )
         self._maybe_compact(force=True)
         return True
 
@@ -642,7 +773,9 @@ class Stage:
             return
         seq = self._state.next_seq - 1
         log = self.location.child(_LOG)
-        log.child(f"{seq:012d}.checkpoint.json").write_text(json.dumps({"seq": seq, "state": self._state.to_json()}))
+        log.child(f"{seq:012d}.checkpoint.json").write_text(
+            json.dumps({"seq": seq, "state": self._state.to_json()})
+        )
         for f in log.list():
             match = _RECORD.match(f.name)
             if match and (int(match.group(1)) < seq or (int(match.group(1)) == seq and not match.group(2))):
@@ -665,10 +798,12 @@ def _normalize(config: dict) -> dict:
 
 def _canonical(obj: object) -> str:
     """Canonical JSON: sorted keys, no whitespace; ``os.PathLike`` as str; other non-JSON types refused."""
+
     def default(value: object) -> str:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
         raise TypeError(f"config value {value!r} of type {type(value).__name__} is not JSON-serializable")
+
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default)
 
 
@@ -688,8 +823,11 @@ def _drop(config: dict, ignore_keys: Iterable[str]) -> dict:
 def _diff(a: object, b: object, prefix: str) -> list[str]:
     """Dotted paths under ``prefix`` where ``a`` and ``b`` differ."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in a.keys() | b.keys()
-                for k in _diff(a.get(key, _MISSING), b.get(key, _MISSING), f"{prefix}{key}.")]
+        return [
+            k
+            for key in a.keys() | b.keys()
+            for k in _diff(a.get(key, _MISSING), b.get(key, _MISSING), f"{prefix}{key}.")
+        ]
     same = a is not _MISSING and b is not _MISSING and _canonical(a) == _canonical(b)
     return [] if same else [prefix.rstrip(".")]
 

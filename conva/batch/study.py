@@ -40,21 +40,50 @@ import numpy as np
 import pyarrow as pa
 
 from conva import data as D
+
 # The job sections go through conva.batch.config's own builder, so they obey the job rules exactly.
-from conva.batch.config import Config, ConfigError, build_config, build_section, config_dict, read_config_data, vllm_gate_problem
+from conva.batch.config import (
+    Config,
+    ConfigError,
+    build_config,
+    build_section,
+    config_dict,
+    read_config_data,
+    vllm_gate_problem,
+)
+from conva.batch.schemas import (
+    RESULT_SCHEMA,
+    STUDY_STEERING_SCHEMA,
+    UTILITY_INPUT_SCHEMA,
+)
 from conva.bundle import ValueBundle
 from conva.judges import JUDGES, JudgeSettings
 from conva.models import model_name
 from conva.probes import Band
-from conva.batch.schemas import (
-    RESULT_SCHEMA, STUDY_STEERING_SCHEMA, UTILITY_INPUT_SCHEMA,
-)
 from conva.steering.spec import SETTINGS
 
 __all__ = [
-    "STUDY_METHODS", "StudySection", "UtilitySection", "FluencySection", "StudyConfig", "Cell", "UtilityCell",
-    "load_study", "study_dict", "model_config", "model_slug", "model_spec", "MODEL_SECTIONS", "expand_cells",
-    "utility_cells", "band_layers", "steering_table", "utility_table", "results_table", "check_bands", "pair_prompts",
+    "STUDY_METHODS",
+    "StudySection",
+    "UtilitySection",
+    "FluencySection",
+    "StudyConfig",
+    "Cell",
+    "UtilityCell",
+    "load_study",
+    "study_dict",
+    "model_config",
+    "model_slug",
+    "model_spec",
+    "MODEL_SECTIONS",
+    "expand_cells",
+    "utility_cells",
+    "band_layers",
+    "steering_table",
+    "utility_table",
+    "results_table",
+    "check_bands",
+    "pair_prompts",
 ]
 
 STUDY_METHODS = ("conva", "conva_nogate", "caa", "prompt", "none")
@@ -70,7 +99,12 @@ class StudySection:
     models: tuple[str | dict, ...] = ("smollm2",)
     """Models: a spec ("smollm2", a folder, a repo id) or a table {name = spec, model = {...}, ray = {...},
     vllm = {...}, steer = {...}, extract = {...}} whose sections override the job's for that model only."""
-    methods: tuple[str, ...] = ("conva", "caa", "prompt", "none")  # any of conva, conva_nogate, caa, prompt, none
+    methods: tuple[str, ...] = (
+        "conva",
+        "caa",
+        "prompt",
+        "none",
+    )  # any of conva, conva_nogate, caa, prompt, none
     p0: tuple[float, ...] = (0.99,)  # ConVA's target probabilities, one cell each
     bands: tuple[str, ...] = ("auto",)  # "auto" (the bundle's band) or "LO-HI"
     settings: tuple[str, ...] = ("plain",)  # plain, opposite (a prefix pushing against the value), or both
@@ -122,8 +156,15 @@ def load_study(path: str | Path | None, overrides: Sequence[str] = ()) -> StudyC
     if "name" in data.get("model", {}):
         raise ConfigError("model.name: a study lists its models under study.models")
     job = build_config(data)
-    sections = {k: build_section(cls, own[k], f"{k}.") for k, cls in
-                (("study", StudySection), ("judge", JudgeSettings), ("utility", UtilitySection), ("fluency", FluencySection))}
+    sections = {
+        k: build_section(cls, own[k], f"{k}.")
+        for k, cls in (
+            ("study", StudySection),
+            ("judge", JudgeSettings),
+            ("utility", UtilitySection),
+            ("fluency", FluencySection),
+        )
+    }
     study = StudyConfig(**sections, job=job)
     _check(study)
     return study
@@ -133,16 +174,31 @@ def _check(study: StudyConfig) -> None:
     s = study.study
     problems = [
         ("study.models", bool(s.models), "list at least one model"),
-        ("study.methods", bool(s.methods) and set(s.methods) <= set(STUDY_METHODS), f"use some of {STUDY_METHODS}"),
+        (
+            "study.methods",
+            bool(s.methods) and set(s.methods) <= set(STUDY_METHODS),
+            f"use some of {STUDY_METHODS}",
+        ),
         ("study.settings", bool(s.settings) and set(s.settings) <= set(SETTINGS), f"use some of {SETTINGS}"),
-        ("study.p0", bool(s.p0) and all(0.0 < p < 1.0 for p in s.p0), "values must lie strictly between 0 and 1"),
+        (
+            "study.p0",
+            bool(s.p0) and all(0.0 < p < 1.0 for p in s.p0),
+            "values must lie strictly between 0 and 1",
+        ),
         ("study.bootstrap", s.bootstrap >= 1, "must be at least 1"),
-        ("study.caa_strengths", bool(s.caa_strengths) and all(x > 0 for x in s.caa_strengths), "list positive strengths"),
+        (
+            "study.caa_strengths",
+            bool(s.caa_strengths) and all(x > 0 for x in s.caa_strengths),
+            "list positive strengths",
+        ),
         ("judge.kind", study.judge.kind in JUDGES, f"use one of {sorted(JUDGES)}"),
         ("judge.test_size", 0.0 < study.judge.test_size < 1.0, "must lie strictly between 0 and 1"),
         ("judge.max_concurrency", study.judge.max_concurrency >= 1, "must be at least 1"),
-        ("judge.base_url", study.judge.kind != "llm" and not study.fluency.llm or bool(study.judge.base_url),
-         "the llm judge (and fluency.llm) need judge.base_url and judge.model"),
+        (
+            "judge.base_url",
+            study.judge.kind != "llm" and not study.fluency.llm or bool(study.judge.base_url),
+            "the llm judge (and fluency.llm) need judge.base_url and judge.model",
+        ),
         ("utility.shots", study.utility.shots >= 0, "must be >= 0"),
     ]
     for key, ok, problem in problems:
@@ -169,8 +225,11 @@ def check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:
     A probe gate read inside the steering pass must see an unsteered state: its layer may not come after
     the first steered layer of any method the gate applies to.
     """
-    gated = [m for m in study.study.methods if m == "conva" or (study.job.gate.apply_to == "all_methods"
-                                                                  and m in ("caa", "prompt"))]
+    gated = [
+        m
+        for m in study.study.methods
+        if m == "conva" or (study.job.gate.apply_to == "all_methods" and m in ("caa", "prompt"))
+    ]
     for band in study.study.bands:
         layers = band_layers(band)
         if layers is None:
@@ -178,8 +237,10 @@ def check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:
         for value, b in bundles.items():
             b.rows(layers)  # every layer probed, else BundleError
             if gated and b.gate.kind == "probe" and b.gate.layer is not None and b.gate.layer > layers[0]:
-                raise ConfigError(f"study.bands: band {band} starts before {value!r}'s gate layer {b.gate.layer}; "
-                                  f"the probe gate of {', '.join(gated)} must read an unsteered layer")
+                raise ConfigError(
+                    f"study.bands: band {band} starts before {value!r}'s gate layer {b.gate.layer}; "
+                    f"the probe gate of {', '.join(gated)} must read an unsteered layer"
+                )
 
 
 def study_dict(study: StudyConfig) -> dict[str, Any]:
@@ -206,7 +267,7 @@ def model_spec(entry: str | dict, index: int = 0) -> str:
         return entry
     name = entry.get("name")
     if not isinstance(name, str) or not name:
-        raise ConfigError(f"study.models[{index}]: a model table needs name = \"<model spec>\"")
+        raise ConfigError(f'study.models[{index}]: a model table needs name = "<model spec>"')
     return name
 
 
@@ -222,8 +283,10 @@ def model_config(study: StudyConfig, entry: str | dict, out: str | Path) -> Conf
     if isinstance(entry, dict):
         extra = sorted(set(entry) - {"name", *MODEL_SECTIONS})
         if extra:
-            raise ConfigError(f"study.models: {spec!r} sets {extra[0]!r}; a model may only set "
-                              f"{', '.join(MODEL_SECTIONS)} of its own")
+            raise ConfigError(
+                f"study.models: {spec!r} sets {extra[0]!r}; a model may only set "
+                f"{', '.join(MODEL_SECTIONS)} of its own"
+            )
         data = _merge_sections(config_dict(job), {k: v for k, v in entry.items() if k != "name"})
         try:
             job = build_config(data)
@@ -293,17 +356,26 @@ def _tag(p0: float | None, strength: float | None) -> str:
 def expand_cells(study: StudyConfig, spec: str) -> list[Cell]:
     """Every cell of one model, in a fixed order (value, setting, method, band, P0, strength)."""
     name = model_name(spec)
-    return [Cell(name, value, method, p0, band, setting, strength)
-            for value in study.job.data.values for setting in study.study.settings for method in study.study.methods
-            for p0, band, strength in _variants(study, method)]
+    return [
+        Cell(name, value, method, p0, band, setting, strength)
+        for value in study.job.data.values
+        for setting in study.study.settings
+        for method in study.study.methods
+        for p0, band, strength in _variants(study, method)
+    ]
 
 
 def utility_cells(study: StudyConfig, spec: str) -> list[UtilityCell]:
     """The multiple-choice cells of one model: every steered method per value, and one unsteered cell."""
     name = model_name(spec)
     cells = [UtilityCell(name, "*", "none", None, "-", None)]  # the baseline every utility ratio divides by
-    cells += [UtilityCell(name, value, method, p0, band, strength) for value in study.job.data.values
-              for method in study.study.methods if method != "none" for p0, band, strength in _variants(study, method)]
+    cells += [
+        UtilityCell(name, value, method, p0, band, strength)
+        for value in study.job.data.values
+        for method in study.study.methods
+        if method != "none"
+        for p0, band, strength in _variants(study, method)
+    ]
     return cells
 
 
@@ -322,17 +394,41 @@ def steering_table(cfg: Config, cells: Sequence[Cell]) -> pa.Table:
     rows = []
     for cell in cells:
         for i, p in enumerate(prompts[cell.value]):
-            rows.append(dict(row_id=f"{cell.id}#{i:04d}", value=cell.value, prompt=p.prompt, error=None,
-                             method=cell.method, p0=cell.p0, strength=cell.strength, setting=cell.setting,
-                             band=band_layers(cell.band) if cell.band != "-" else None, cell_id=cell.id))
+            rows.append(
+                dict(
+                    row_id=f"{cell.id}#{i:04d}",
+                    value=cell.value,
+                    prompt=p.prompt,
+                    error=None,
+                    method=cell.method,
+                    p0=cell.p0,
+                    strength=cell.strength,
+                    setting=cell.setting,
+                    band=band_layers(cell.band) if cell.band != "-" else None,
+                    cell_id=cell.id,
+                )
+            )
     return pa.Table.from_pylist(rows, schema=STUDY_STEERING_SCHEMA)
 
 
 def utility_table(cells: Sequence[UtilityCell], items: Sequence, prompts: Sequence[str]) -> pa.Table:
     """A row per (utility cell, question) with the cell's overrides and the question's prompt and answer."""
-    rows = [dict(row_id=f"{c.id}#{i:04d}", cell_id=c.id, value=None if c.value == "*" else c.value, method=c.method,
-                 p0=c.p0, strength=c.strength, band=band_layers(c.band) if c.band != "-" else None, item=i,
-                 prompt=prompts[i], answer=items[i].answer) for c in cells for i in range(len(items))]
+    rows = [
+        dict(
+            row_id=f"{c.id}#{i:04d}",
+            cell_id=c.id,
+            value=None if c.value == "*" else c.value,
+            method=c.method,
+            p0=c.p0,
+            strength=c.strength,
+            band=band_layers(c.band) if c.band != "-" else None,
+            item=i,
+            prompt=prompts[i],
+            answer=items[i].answer,
+        )
+        for c in cells
+        for i in range(len(items))
+    ]
     return pa.Table.from_pylist(rows, schema=UTILITY_INPUT_SCHEMA)
 
 
@@ -345,14 +441,34 @@ def results_table(cells: Sequence[Cell], generations: pa.Table, judged: pa.Table
         cell = by_id[g["row_id"].rsplit("#", 1)[0]]
         j = verdicts.get(g["row_id"], {})
         eps = g.get("eps") or []
-        rows.append(dict(cell_id=cell.id, row_id=g["row_id"], model=cell.model, value=cell.value, method=cell.method,
-                         p0=cell.p0, band=cell.band, setting=cell.setting, strength=cell.strength, prompt=g["prompt"],
-                         context=g.get("context"), output=g["output"], n_output_tokens=g["n_output_tokens"],
-                         gate_open=g["gate_open"], gate_score=g["gate_score"],
-                         eps_mean=float(np.mean(eps)) if eps else None, judge=j.get("judge"),
-                         judge_score=j.get("judge_score"), judge_prob=j.get("judge_prob"), judge_raw=j.get("judge_raw"),
-                         ppl=j.get("ppl"), ppl_plain=j.get("ppl_plain"), fluency=j.get("fluency"),
-                         error=g["error"] or j.get("error")))
+        rows.append(
+            dict(
+                cell_id=cell.id,
+                row_id=g["row_id"],
+                model=cell.model,
+                value=cell.value,
+                method=cell.method,
+                p0=cell.p0,
+                band=cell.band,
+                setting=cell.setting,
+                strength=cell.strength,
+                prompt=g["prompt"],
+                context=g.get("context"),
+                output=g["output"],
+                n_output_tokens=g["n_output_tokens"],
+                gate_open=g["gate_open"],
+                gate_score=g["gate_score"],
+                eps_mean=float(np.mean(eps)) if eps else None,
+                judge=j.get("judge"),
+                judge_score=j.get("judge_score"),
+                judge_prob=j.get("judge_prob"),
+                judge_raw=j.get("judge_raw"),
+                ppl=j.get("ppl"),
+                ppl_plain=j.get("ppl_plain"),
+                fluency=j.get("fluency"),
+                error=g["error"] or j.get("error"),
+            )
+        )
     return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
 
 

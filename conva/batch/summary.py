@@ -27,16 +27,16 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
-from conva.bundle import ValueBundle
-from conva.metrics import bootstrap_ci, csr
 from conva.batch.schemas import MATCHED_SCHEMA, POOLED_SCHEMA, STUDY_PROBE_SCHEMA, SUMMARY_SCHEMA
 from conva.batch.study import UtilityCell, results_table
+from conva.bundle import ValueBundle
+from conva.metrics import bootstrap_ci, csr
 
-__all__ = ["summarize", "pool",
-           "matched_fluency", "probe_rows", "pool_key", "OUTPUT_FILES", "study_tables"]
+__all__ = ["summarize", "pool", "matched_fluency", "probe_rows", "pool_key", "OUTPUT_FILES", "study_tables"]
 
 # The study's output tables, in the order they are written (``<study>/<name>.parquet``).
 OUTPUT_FILES = ("results", "pooled", "matched", "summary", "utility", "probes", "judges")
+
 
 def _finite(xs: Sequence[float | None]) -> list[float]:
     return [float(x) for x in xs if x is not None and math.isfinite(float(x))]
@@ -70,7 +70,13 @@ def _log_ratios(rows: list[dict], base: dict[tuple, dict], key: str) -> list[flo
 
 def _gate_rate(rows: list[dict]) -> float | None:
     """Share of the rows whose gate was read (a score recorded) that it opened."""
-    return _mean([float(r["gate_open"]) for r in rows if r.get("gate_score") is not None and r["gate_open"] is not None])
+    return _mean(
+        [
+            float(r["gate_open"])
+            for r in rows
+            if r.get("gate_score") is not None and r["gate_open"] is not None
+        ]
+    )
 
 
 def _utility(utility: pa.Table | None) -> tuple[dict[str, list[dict]], dict[str, float]]:
@@ -79,18 +85,33 @@ def _utility(utility: pa.Table | None) -> tuple[dict[str, list[dict]], dict[str,
     if utility is not None:
         for r in utility.to_pylist():
             groups[r["cell_id"]].append(r)
-    none = {rs[0]["model"]: float(np.mean([r["correct"] for r in rs])) for rs in groups.values()
-            if rs[0]["method"] == "none"}
+    none = {
+        rs[0]["model"]: float(np.mean([r["correct"] for r in rs]))
+        for rs in groups.values()
+        if rs[0]["method"] == "none"
+    }
     return groups, none
 
 
 def _utility_id(row: dict, value: str) -> str:
-    return UtilityCell(row["model"], "*" if row["method"] == "none" else value, row["method"], row["p0"], row["band"],
-                       row["strength"]).id
+    return UtilityCell(
+        row["model"],
+        "*" if row["method"] == "none" else value,
+        row["method"],
+        row["p0"],
+        row["band"],
+        row["strength"],
+    ).id
 
 
-def summarize(results: pa.Table, utility: pa.Table | None = None, agreement: dict[tuple[str, str], float] | None = None,
-              *, n_boot: int = 1000, seed: int = 0) -> pa.Table:
+def summarize(
+    results: pa.Table,
+    utility: pa.Table | None = None,
+    agreement: dict[tuple[str, str], float] | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pa.Table:
     """One row per cell: CSR over all prompts (errors excluded, counted), its CI, fluency, utility, gate rates.
 
     ``ppl_ratio`` compares each cell with the ``none`` cell of the same (model, value, setting), prompt
@@ -112,16 +133,35 @@ def summarize(results: pa.Table, utility: pa.Table | None = None, agreement: dic
         mrows = mc.get(_utility_id(c, c["value"]), [])
         acc = float(np.mean([r["correct"] for r in mrows])) if mrows else None
         none = acc_none.get(c["model"])
-        out.append(dict(
-            cell_id=cid, model=c["model"], value=c["value"], method=c["method"], p0=c["p0"], band=c["band"],
-            setting=c["setting"], strength=c["strength"], n=len(rs), n_error=len(rs) - len(ok), csr=csr(scores),
-            csr_lo=lo, csr_hi=hi, gate_open_rate=_gate_rate(ok), eps_mean=_mean([r["eps_mean"] for r in ok]),
-            ppl=_geomean([r["ppl"] for r in ok]), ppl_ratio=math.exp(np.mean(ratio)) if ratio else None,
-            ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None, fluency=_mean([r["fluency"] for r in ok]),
-            mc_acc=acc, mc_acc_none=none, utility_ratio=acc / none if acc is not None and none else None,
-            mc_gate_open_rate=_gate_rate(mrows), judge=c["judge"],
-            judge_agreement=(agreement or {}).get((c["model"], c["value"])),
-        ))
+        out.append(
+            dict(
+                cell_id=cid,
+                model=c["model"],
+                value=c["value"],
+                method=c["method"],
+                p0=c["p0"],
+                band=c["band"],
+                setting=c["setting"],
+                strength=c["strength"],
+                n=len(rs),
+                n_error=len(rs) - len(ok),
+                csr=csr(scores),
+                csr_lo=lo,
+                csr_hi=hi,
+                gate_open_rate=_gate_rate(ok),
+                eps_mean=_mean([r["eps_mean"] for r in ok]),
+                ppl=_geomean([r["ppl"] for r in ok]),
+                ppl_ratio=math.exp(np.mean(ratio)) if ratio else None,
+                ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None,
+                fluency=_mean([r["fluency"] for r in ok]),
+                mc_acc=acc,
+                mc_acc_none=none,
+                utility_ratio=acc / none if acc is not None and none else None,
+                mc_gate_open_rate=_gate_rate(mrows),
+                judge=c["judge"],
+                judge_agreement=(agreement or {}).get((c["model"], c["value"])),
+            )
+        )
     return pa.Table.from_pylist(out, schema=SUMMARY_SCHEMA)
 
 
@@ -130,8 +170,14 @@ def pool_key(row: dict) -> tuple:
     return row["model"], row["method"], row["p0"], row["band"], row["strength"], row["setting"]
 
 
-def pool(results: pa.Table, utility: pa.Table | None = None, agreement: dict[tuple[str, str], float] | None = None,
-         *, n_boot: int = 1000, seed: int = 0) -> pa.Table:
+def pool(
+    results: pa.Table,
+    utility: pa.Table | None = None,
+    agreement: dict[tuple[str, str], float] | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pa.Table:
     """One row per (model, method, P0, band, strength, setting), pooled over values.
 
     ``csr_lo``/``csr_hi``: percentile bootstrap of the mean over **all** the row's prompts (every value's),
@@ -157,19 +203,42 @@ def pool(results: pa.Table, utility: pa.Table | None = None, agreement: dict[tup
         cells = dict.fromkeys(_utility_id(rs[0], v) for v in values)  # one unsteered cell serves every value
         mrows = [m for cell in cells for m in mc.get(cell, [])]
         acc, none = (float(np.mean([m["correct"] for m in mrows])) if mrows else None), acc_none.get(model)
-        out.append(dict(
-            model=model, method=method, p0=p0, band=band, strength=strength, setting=setting, values=len(values),
-            n=len(rs), n_error=len(rs) - len(ok), csr=csr(scores), csr_lo=lo, csr_hi=hi,
-            ppl_ratio=math.exp(np.mean(logs)) if logs else None, ppl_ratio_lo=math.exp(llo) if logs else None,
-            ppl_ratio_hi=math.exp(lhi) if logs else None,
-            ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None,
-            utility_ratio=acc / none if acc is not None and none else None, gate_open_rate=_gate_rate(ok),
-            mc_gate_open_rate=_gate_rate(mrows), eps_mean=_mean([r["eps_mean"] for r in ok]),
-            judge_agreement=_mean([(agreement or {}).get((model, v)) for v in values]),
-        ))
+        out.append(
+            dict(
+                model=model,
+                method=method,
+                p0=p0,
+                band=band,
+                strength=strength,
+                setting=setting,
+                values=len(values),
+                n=len(rs),
+                n_error=len(rs) - len(ok),
+                csr=csr(scores),
+                csr_lo=lo,
+                csr_hi=hi,
+                ppl_ratio=math.exp(np.mean(logs)) if logs else None,
+                ppl_ratio_lo=math.exp(llo) if logs else None,
+                ppl_ratio_hi=math.exp(lhi) if logs else None,
+                ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None,
+                utility_ratio=acc / none if acc is not None and none else None,
+                gate_open_rate=_gate_rate(ok),
+                mc_gate_open_rate=_gate_rate(mrows),
+                eps_mean=_mean([r["eps_mean"] for r in ok]),
+                judge_agreement=_mean([(agreement or {}).get((model, v)) for v in values]),
+            )
+        )
     order = ("conva", "conva_nogate", "caa", "prompt", "none")
-    out.sort(key=lambda r: (r["model"], r["setting"], order.index(r["method"]) if r["method"] in order else 9,
-                            r["p0"] or 0, r["band"], r["strength"] or 0))
+    out.sort(
+        key=lambda r: (
+            r["model"],
+            r["setting"],
+            order.index(r["method"]) if r["method"] in order else 9,
+            r["p0"] or 0,
+            r["band"],
+            r["strength"] or 0,
+        )
+    )
     return pa.Table.from_pylist(out, schema=POOLED_SCHEMA)
 
 
@@ -199,7 +268,11 @@ def matched_fluency(results: pa.Table, pooled: pa.Table, *, n_boot: int = 1000, 
     out = []
     for a in (p for p in points if p["method"] == "conva"):
         for other in ("caa", "prompt"):
-            rivals = [p for p in points if p["method"] == other and (p["model"], p["setting"]) == (a["model"], a["setting"])]
+            rivals = [
+                p
+                for p in points
+                if p["method"] == other and (p["model"], p["setting"]) == (a["model"], a["setting"])
+            ]
             if not rivals:
                 continue
             b = min(rivals, key=lambda p: abs(math.log(p["ppl_ratio"]) - math.log(a["ppl_ratio"])))
@@ -207,17 +280,34 @@ def matched_fluency(results: pa.Table, pooled: pa.Table, *, n_boot: int = 1000, 
             both = [k for k in sa if k in sb]
             diffs = [sa[k] - sb[k] for k in both]
             lo, hi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
-            out.append(dict(
-                model=a["model"], setting=a["setting"], p0=a["p0"], band=a["band"], other=other,
-                other_strength=b["strength"], other_band=b["band"], n_pairs=len(both),
-                csr_conva=float(np.mean([sa[k] for k in both])) if both else None,
-                csr_other=float(np.mean([sb[k] for k in both])) if both else None,
-                csr_diff=float(np.mean(diffs)) if diffs else None, csr_diff_lo=lo, csr_diff_hi=hi,
-                ppl_ratio_conva=a["ppl_ratio"], ppl_conva_lo=a["ppl_ratio_lo"], ppl_conva_hi=a["ppl_ratio_hi"],
-                ppl_ratio_other=b["ppl_ratio"], ppl_other_lo=b["ppl_ratio_lo"], ppl_other_hi=b["ppl_ratio_hi"],
-                verdict=_verdict(lo, hi, (a["ppl_ratio_lo"], a["ppl_ratio_hi"]), (b["ppl_ratio_lo"], b["ppl_ratio_hi"]))
-                if diffs else "no shared prompts",
-            ))
+            out.append(
+                dict(
+                    model=a["model"],
+                    setting=a["setting"],
+                    p0=a["p0"],
+                    band=a["band"],
+                    other=other,
+                    other_strength=b["strength"],
+                    other_band=b["band"],
+                    n_pairs=len(both),
+                    csr_conva=float(np.mean([sa[k] for k in both])) if both else None,
+                    csr_other=float(np.mean([sb[k] for k in both])) if both else None,
+                    csr_diff=float(np.mean(diffs)) if diffs else None,
+                    csr_diff_lo=lo,
+                    csr_diff_hi=hi,
+                    ppl_ratio_conva=a["ppl_ratio"],
+                    ppl_conva_lo=a["ppl_ratio_lo"],
+                    ppl_conva_hi=a["ppl_ratio_hi"],
+                    ppl_ratio_other=b["ppl_ratio"],
+                    ppl_other_lo=b["ppl_ratio_lo"],
+                    ppl_other_hi=b["ppl_ratio_hi"],
+                    verdict=_verdict(
+                        lo, hi, (a["ppl_ratio_lo"], a["ppl_ratio_hi"]), (b["ppl_ratio_lo"], b["ppl_ratio_hi"])
+                    )
+                    if diffs
+                    else "no shared prompts",
+                )
+            )
     return pa.Table.from_pylist(out, schema=MATCHED_SCHEMA)
 
 
@@ -228,15 +318,29 @@ def probe_rows(model: str, bundles: dict[str, ValueBundle]) -> pa.Table:
         g, h = b.gate, b.gate.heldout or {}
         bad = set(b.extra.get("not_converged", []))
         for i, layer in enumerate(b.layers.tolist()):
-            rows.append(dict(
-                model=model, value=value, layer=int(layer), train_acc=float(b.train_acc[i]),
-                val_acc=float(b.val_acc[i]) if b.val_acc is not None else None, test_acc=float(b.test_acc[i]),
-                converged=int(layer) not in bad, in_band=int(layer) in b.band, gate_kind=g.kind, gate_layer=g.layer,
-                gate_threshold=g.threshold if g.kind != "none" else None, gate_target_met=g.target_met,
-                gate_precision=h.get("precision"), gate_recall=h.get("recall"), gate_accuracy=h.get("accuracy"),
-                gate_n=h.get("n"), gate_open_neutral=h.get("open_rate_neutral"), gate_open_other=h.get("open_rate_other"),
-                gate_not_converged=h.get("not_converged"),
-            ))
+            rows.append(
+                dict(
+                    model=model,
+                    value=value,
+                    layer=int(layer),
+                    train_acc=float(b.train_acc[i]),
+                    val_acc=float(b.val_acc[i]) if b.val_acc is not None else None,
+                    test_acc=float(b.test_acc[i]),
+                    converged=int(layer) not in bad,
+                    in_band=int(layer) in b.band,
+                    gate_kind=g.kind,
+                    gate_layer=g.layer,
+                    gate_threshold=g.threshold if g.kind != "none" else None,
+                    gate_target_met=g.target_met,
+                    gate_precision=h.get("precision"),
+                    gate_recall=h.get("recall"),
+                    gate_accuracy=h.get("accuracy"),
+                    gate_n=h.get("n"),
+                    gate_open_neutral=h.get("open_rate_neutral"),
+                    gate_open_other=h.get("open_rate_other"),
+                    gate_not_converged=h.get("not_converged"),
+                )
+            )
     return pa.Table.from_pylist(rows, schema=STUDY_PROBE_SCHEMA)
 
 
@@ -251,6 +355,12 @@ def study_tables(parts: Sequence[dict], *, n_boot: int, seed: int) -> dict[str, 
     judges = pa.concat_tables([p["agreement"] for p in parts])
     agreement = {(r["model"], r["value"]): r["agreement"] for r in judges.to_pylist()}
     pooled = pool(results, utility, agreement, n_boot=n_boot, seed=seed)
-    return dict(results=results, pooled=pooled, matched=matched_fluency(results, pooled, n_boot=n_boot, seed=seed),
-                summary=summarize(results, utility, agreement, n_boot=n_boot, seed=seed), utility=utility,
-                probes=pa.concat_tables([p["probes"] for p in parts]), judges=judges)
+    return dict(
+        results=results,
+        pooled=pooled,
+        matched=matched_fluency(results, pooled, n_boot=n_boot, seed=seed),
+        summary=summarize(results, utility, agreement, n_boot=n_boot, seed=seed),
+        utility=utility,
+        probes=pa.concat_tables([p["probes"] for p in parts]),
+        judges=judges,
+    )

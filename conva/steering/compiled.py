@@ -59,8 +59,9 @@ _RUNNERS_PER_MODEL = 4
 class _Buffers:
     """Per-row steering state on the device, allocated once per shape and filled in place per batch."""
 
-    def __init__(self, rows: int, n_layers: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                 per_token: bool) -> None:
+    def __init__(
+        self, rows: int, n_layers: int, hidden: int, dtype: torch.dtype, device: torch.device, per_token: bool
+    ) -> None:
         B, U, d = rows, n_layers, hidden
         f32 = dict(dtype=torch.float32, device=device)
         self.on = torch.zeros(B, U, dtype=torch.bool, device=device)  # frozen: rows steered at column j
@@ -69,7 +70,11 @@ class _Buffers:
         # Per-token ε: the plan's tensors, read at every step (empty when ε is frozen).
         shape = (B, U, d) if per_token else (0,)
         self.dirs, self.w = torch.zeros(shape, **f32), torch.zeros(shape, **f32)
-        self.b, self.wnorm, self.fixed = torch.zeros(B, U, **f32), torch.ones(B, U, **f32), torch.zeros(B, U, **f32)
+        self.b, self.wnorm, self.fixed = (
+            torch.zeros(B, U, **f32),
+            torch.ones(B, U, **f32),
+            torch.zeros(B, U, **f32),
+        )
         self.compute = torch.zeros(B, U, dtype=torch.bool, device=device)
         self.s0, self.open = torch.zeros(B, **f32), torch.zeros(B, dtype=torch.bool, device=device)
         for t in vars(self).values():
@@ -78,8 +83,18 @@ class _Buffers:
     def load(self, steering: Steering, cols: list[int], per_token: bool) -> None:
         """Copy one batch's prefill result (rows ``< B`` of the plan) into the buffers; the rest is zeroed."""
         p, n, dev = steering.plan, steering.scale.shape[0], self.delta.device
-        for t in (self.on, self.delta, self.scale, self.fixed, self.compute, self.s0, self.open, self.dirs, self.w,
-                  self.b):
+        for t in (
+            self.on,
+            self.delta,
+            self.scale,
+            self.fixed,
+            self.compute,
+            self.s0,
+            self.open,
+            self.dirs,
+            self.w,
+            self.b,
+        ):
             t.zero_()
         self.wnorm.fill_(1.0)
         scale = steering.scale.to(dev)
@@ -135,8 +150,10 @@ def _static_cache(config: object, max_len: int) -> StaticCache:
     window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if window and types and "sliding_attention" in types:
         if max_len > window:
-            raise ValueError(f"the compiled mode needs prompt + new tokens <= the model's sliding window ({window}); "
-                             f"this batch needs {max_len}: use mode 'batched'")
+            raise ValueError(
+                f"the compiled mode needs prompt + new tokens <= the model's sliding window ({window}); "
+                f"this batch needs {max_len}: use mode 'batched'"
+            )
         config = copy.copy(config)  # shallow: the model's own config is untouched
         config.layer_types = ["full_attention"] * len(types)  # type: ignore[attr-defined]
     return StaticCache(config=config, max_cache_len=max_len)
@@ -152,8 +169,16 @@ class FastSteering:
     ``batch_size × max_len`` tokens on the model's device.
     """
 
-    def __init__(self, model: PreTrainedModel, *, batch_size: int, max_len: int, layers: Sequence[int] = (),
-                 epsilon: str = "frozen", compile: bool = True) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        batch_size: int,
+        max_len: int,
+        layers: Sequence[int] = (),
+        epsilon: str = "frozen",
+        compile: bool = True,
+    ) -> None:
         if epsilon not in EPSILON_MODES:
             raise ValueError(f"unknown epsilon mode {epsilon!r}; expected one of {EPSILON_MODES}")
         blocks = find_blocks(model)
@@ -164,9 +189,17 @@ class FastSteering:
         param = next(model.parameters())
         self.model, self.batch_size, self.max_len, self.epsilon = model, batch_size, max_len, epsilon
         self.device = param.device
-        self.buffers = _Buffers(batch_size, len(self.layers), model.config.hidden_size, param.dtype, param.device,
-                                epsilon == "per_token")
-        self._forwards = {l: _wrapped_forward(blocks[l], j, self.buffers, epsilon) for j, l in enumerate(self.layers)}
+        self.buffers = _Buffers(
+            batch_size,
+            len(self.layers),
+            model.config.hidden_size,
+            param.dtype,
+            param.device,
+            epsilon == "per_token",
+        )
+        self._forwards = {
+            l: _wrapped_forward(blocks[l], j, self.buffers, epsilon) for j, l in enumerate(self.layers)
+        }
         self._cache = _static_cache(model.config, max_len)
         self._mask = torch.ones(batch_size, max_len, dtype=torch.long, device=param.device)
         self._tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=param.device)
@@ -204,18 +237,28 @@ class FastSteering:
             kwargs["cache_position"] = self._cache_position
         return kwargs
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, unfinished: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, unfinished: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for all rows: greedy token, pad after EOS (as HF generate does), EOS flags."""
-        logits = self.model(input_ids=tokens, attention_mask=self._mask, position_ids=positions,
-                            **self._forward_kwargs()).logits
+        logits = self.model(
+            input_ids=tokens, attention_mask=self._mask, position_ids=positions, **self._forward_kwargs()
+        ).logits
         nxt = logits[:, -1, :].float().argmax(-1)
         nxt = torch.where(unfinished, nxt, self._pad)
         return nxt, unfinished & ~torch.isin(nxt, self._eos)
 
     @torch.no_grad()
-    def generate(self, tok: PreTrainedTokenizerBase, prompts: Sequence[str], specs: Sequence[SteerSpec], *,
-                 max_new_tokens: int, chat_template: bool = True, positions: str = "all") -> list[RowResult]:
+    def generate(
+        self,
+        tok: PreTrainedTokenizerBase,
+        prompts: Sequence[str],
+        specs: Sequence[SteerSpec],
+        *,
+        max_new_tokens: int,
+        chat_template: bool = True,
+        positions: str = "all",
+    ) -> list[RowResult]:
         """Greedy steered generation of one batch (at most ``batch_size`` prompts), one row per prompt."""
         n = len(prompts)
         if not 0 < n <= self.batch_size:
@@ -223,18 +266,27 @@ class FastSteering:
         if len(specs) != n:
             raise ValueError(f"{n} prompts but {len(specs)} steering specs")
         # Dummy rows fill the fixed batch; an empty user turn is a valid, short prompt.
-        pad_p, pad_s = list(prompts) + [""] * (self.batch_size - n), list(specs) + [SteerSpec()] * (self.batch_size - n)
+        pad_p, pad_s = (
+            list(prompts) + [""] * (self.batch_size - n),
+            list(specs) + [SteerSpec()] * (self.batch_size - n),
+        )
         texts, enc, plan = prepare(self.model, tok, pad_p, pad_s, chat_template)
         missing = sorted(set(plan.layers) - set(self.layers))
         if missing:
-            raise ValueError(f"layers {missing} are steered but this FastSteering was built for {self.layers}")
+            raise ValueError(
+                f"layers {missing} are steered but this FastSteering was built for {self.layers}"
+            )
         P = enc["input_ids"].shape[1]
         if P + max_new_tokens > self.max_len:
-            raise ValueError(f"{P} prompt + {max_new_tokens} new tokens exceed the cache length {self.max_len}")
+            raise ValueError(
+                f"{P} prompt + {max_new_tokens} new tokens exceed the cache length {self.max_len}"
+            )
         steering = Steering(plan, positions, "frozen")  # the prefill is the same in both ε modes
         first = self._prefill(enc, steering)
         self.buffers.load(steering, [self.layers.index(l) for l in plan.layers], self.epsilon == "per_token")
-        new = self._decode(first, enc["attention_mask"], max_new_tokens, eos_ids(self.model, tok), tok.pad_token_id)
+        new = self._decode(
+            first, enc["attention_mask"], max_new_tokens, eos_ids(self.model, tok), tok.pad_token_id
+        )
         if self.epsilon == "per_token":
             steering.scale = self.buffers.scale[:, [self.layers.index(l) for l in plan.layers]].float().cpu()
         stops = set(eos_ids(self.model, tok))
@@ -259,12 +311,15 @@ class FastSteering:
         if self._pass_cache_position:
             kwargs["cache_position"] = torch.arange(P, device=self.device)
         with steered(self.model, steering):
-            out = self.model(input_ids=enc["input_ids"], attention_mask=self._mask, position_ids=pos, **kwargs)
+            out = self.model(
+                input_ids=enc["input_ids"], attention_mask=self._mask, position_ids=pos, **kwargs
+            )
         logits = out.logits
         return logits[:, -1, :].float().argmax(-1)
 
-    def _decode(self, first: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int
-                ) -> torch.Tensor:
+    def _decode(
+        self, first: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int
+    ) -> torch.Tensor:
         """The fixed-length greedy loop; nothing is read back to the host until it ends."""
         if self._eos is None or self._eos.tolist() != eos or int(self._pad) != pad:
             self._eos = torch.tensor(eos, dtype=torch.long, device=self.device)
@@ -290,7 +345,9 @@ class FastSteering:
         return out.cpu()
 
 
-_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, OrderedDict[tuple, FastSteering]]" = weakref.WeakKeyDictionary()
+_RUNNERS: "weakref.WeakKeyDictionary[PreTrainedModel, OrderedDict[tuple, FastSteering]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _runner(model: PreTrainedModel, key: tuple, make: Callable[[], FastSteering]) -> FastSteering:
@@ -309,9 +366,17 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 def generate_compiled(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], specs: Sequence[SteerSpec], *,
-    max_new_tokens: int, chat_template: bool = True, compile: bool = True, positions: str = "all",
-    epsilon: str = "frozen", batch_size: int = 128,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    *,
+    max_new_tokens: int,
+    chat_template: bool = True,
+    compile: bool = True,
+    positions: str = "all",
+    epsilon: str = "frozen",
+    batch_size: int = 128,
 ) -> list[RowResult]:
     """Steered greedy generation like :func:`conva.steering.hf.generate` (batched mode), on the fast path.
 
@@ -325,7 +390,7 @@ def generate_compiled(
         raise ValueError(f"{len(prompts)} prompts but {len(specs)} steering specs")
     results: list[RowResult] = []
     for start in range(0, len(prompts), batch_size):
-        chunk_p, chunk_s = list(prompts[start:start + batch_size]), list(specs[start:start + batch_size])
+        chunk_p, chunk_s = list(prompts[start : start + batch_size]), list(specs[start : start + batch_size])
         layers = tuple(sorted({l for s in chunk_s for l in s.layers()}))
         rows = _round_up(len(chunk_p), _BATCH_MULTIPLE)
         # The longest prompt (a dummy row's empty prompt included; every prefix as if its gate opened: an
@@ -335,8 +400,19 @@ def generate_compiled(
         longest = max(len(ids) for ids in tok(strings, add_special_tokens=not chat_template)["input_ids"])
         length = _round_up(longest + max_new_tokens, _LEN_MULTIPLE)
         key = (rows, length, layers, epsilon, compile)
-        fast = _runner(model, key, lambda: FastSteering(model, batch_size=rows, max_len=length, layers=layers,
-                                                        epsilon=epsilon, compile=compile))
-        results += fast.generate(tok, chunk_p, chunk_s, max_new_tokens=max_new_tokens, chat_template=chat_template,
-                                 positions=positions)
+        fast = _runner(
+            model,
+            key,
+            lambda: FastSteering(
+                model, batch_size=rows, max_len=length, layers=layers, epsilon=epsilon, compile=compile
+            ),
+        )
+        results += fast.generate(
+            tok,
+            chunk_p,
+            chunk_s,
+            max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
+            positions=positions,
+        )
     return results

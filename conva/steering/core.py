@@ -43,9 +43,15 @@ __all__ = ["gate_decisions", "Plan", "plan_rows", "Steering", "steered", "row_re
 
 
 @torch.inference_mode()
-def gate_decisions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str],
-                   specs: Sequence[SteerSpec], *, chat_template: bool = True, batch_size: int = 16
-                   ) -> list[Decision | None]:
+def gate_decisions(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    *,
+    chat_template: bool = True,
+    batch_size: int = 16,
+) -> list[Decision | None]:
     """``(score, open)`` of the gate on the **raw** prompt for rows scored first (:meth:`SteerSpec.scored_first`).
 
     Other rows get None (their gate, if any, is read inside the steering pass). A probe gate reads the
@@ -56,8 +62,14 @@ def gate_decisions(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts
     probe = [i for i in rows if specs[i].bundle.gate.kind == "probe"]  # type: ignore[union-attr]
     if probe:
         layers = sorted({int(specs[i].bundle.gate.layer) for i in probe})  # type: ignore[union-attr, arg-type]
-        acts = record_activations(model, tok, [prompts[i] for i in probe], layers, chat_template=chat_template,
-                                  batch_size=batch_size)
+        acts = record_activations(
+            model,
+            tok,
+            [prompts[i] for i in probe],
+            layers,
+            chat_template=chat_template,
+            batch_size=batch_size,
+        )
         for k, i in enumerate(probe):
             gate = specs[i].bundle.gate  # type: ignore[union-attr]
             score = float(gate.scores(acts[k, layers.index(int(gate.layer))][None])[0])  # type: ignore[arg-type]
@@ -102,15 +114,32 @@ class Plan:
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(*shape, dtype=torch.float32)
 
-        return cls(layers=layers, dirs=zeros(B, U, hidden), w=zeros(B, U, hidden), b=zeros(B, U),
-                   wnorm=torch.ones(B, U), compute=torch.zeros(B, U, dtype=torch.bool), fixed=zeros(B, U),
-                   s0=zeros(B), has_probe=torch.zeros(B, U, dtype=torch.bool), gate_layer=[None] * B,
-                   gate_w=zeros(B, hidden), gate_b=zeros(B), gate_thr=zeros(B), open=torch.ones(B, dtype=torch.bool),
-                   gate_score=torch.full((B,), float("nan")))
+        return cls(
+            layers=layers,
+            dirs=zeros(B, U, hidden),
+            w=zeros(B, U, hidden),
+            b=zeros(B, U),
+            wnorm=torch.ones(B, U),
+            compute=torch.zeros(B, U, dtype=torch.bool),
+            fixed=zeros(B, U),
+            s0=zeros(B),
+            has_probe=torch.zeros(B, U, dtype=torch.bool),
+            gate_layer=[None] * B,
+            gate_w=zeros(B, hidden),
+            gate_b=zeros(B),
+            gate_thr=zeros(B),
+            open=torch.ones(B, dtype=torch.bool),
+            gate_score=torch.full((B,), float("nan")),
+        )
 
 
-def plan_rows(specs: Sequence[SteerSpec], texts: Sequence[str], hidden: int, n_blocks: int,
-          decisions: Sequence[Decision | None] | None = None) -> Plan:
+def plan_rows(
+    specs: Sequence[SteerSpec],
+    texts: Sequence[str],
+    hidden: int,
+    n_blocks: int,
+    decisions: Sequence[Decision | None] | None = None,
+) -> Plan:
     """Per-row steering tensors. ``decisions``: gates already scored (:func:`gate_decisions`), None elsewhere."""
     layers = sorted({l for s in specs for l in s.layers()})
     bad = [l for l in layers if not 0 <= l < n_blocks]
@@ -126,11 +155,18 @@ def plan_rows(specs: Sequence[SteerSpec], texts: Sequence[str], hidden: int, n_b
             continue
         bundle = spec.bundle
         if bundle.hidden_size != hidden:
-            raise ValueError(f"bundle for {bundle.value!r} has hidden size {bundle.hidden_size}, the model {hidden}")
+            raise ValueError(
+                f"bundle for {bundle.value!r} has hidden size {bundle.hidden_size}, the model {hidden}"
+            )
         rows, cols = bundle.rows(spec.layers()), [col[l] for l in spec.layers()]
         w = torch.from_numpy(bundle.w[rows]).float()
         norm = w.norm(dim=-1)
-        p.w[i, cols], p.b[i, cols], p.wnorm[i, cols], p.has_probe[i, cols] = w, torch.from_numpy(bundle.b[rows]), norm, True
+        p.w[i, cols], p.b[i, cols], p.wnorm[i, cols], p.has_probe[i, cols] = (
+            w,
+            torch.from_numpy(bundle.b[rows]),
+            norm,
+            True,
+        )
         if spec.method == "caa":
             p.dirs[i, cols], p.fixed[i, cols] = torch.from_numpy(bundle.caa[rows]).float(), spec.strength
         else:
@@ -150,11 +186,15 @@ def _plan_gate(p: Plan, i: int, spec: SteerSpec) -> None:
     """Set up the probe gate read inside the steering pass, on the raw prompt's unsteered state."""
     gate = spec.bundle.gate  # type: ignore[union-attr]
     if gate.kind != "probe":
-        raise ValueError(f"a {gate.kind!r} gate is scored before the pass: pass its decision (gate_decisions)")
+        raise ValueError(
+            f"a {gate.kind!r} gate is scored before the pass: pass its decision (gate_decisions)"
+        )
     first = min(spec.layers())
     if gate.layer is None or gate.layer > first:
-        raise ValueError(f"the probe gate reads layer {gate.layer}, after the first steered layer {first}; "
-                         "it must read an unsteered state (gate layer <= first steered layer)")
+        raise ValueError(
+            f"the probe gate reads layer {gate.layer}, after the first steered layer {first}; "
+            "it must read an unsteered state (gate layer <= first steered layer)"
+        )
     p.gate_layer[i] = gate.layer
     p.gate_w[i], p.gate_b[i], p.gate_thr[i] = torch.from_numpy(gate.w).float(), gate.b, gate.threshold
 
@@ -241,7 +281,11 @@ def steered(model: PreTrainedModel, steering: Steering) -> Iterator[Steering]:
 
 
 def row_results(
-    steering: Steering, specs: Sequence[SteerSpec], texts: list[str], tokens: list[tuple[int, ...]], n_prompt: list[int],
+    steering: Steering,
+    specs: Sequence[SteerSpec],
+    texts: list[str],
+    tokens: list[tuple[int, ...]],
+    n_prompt: list[int],
     contexts: Sequence[str | None] | None = None,
 ) -> list[RowResult]:
     p, out = steering.plan, []
@@ -249,23 +293,36 @@ def row_results(
         cols = [p.layers.index(l) for l in spec.layers()]
         score = float(p.gate_score[i])
         read = not math.isnan(score)
-        out.append(RowResult(
-            text=texts[i], tokens=tokens[i], n_prompt_tokens=n_prompt[i],
-            gate_score=score if read else None, gate_open=bool(p.open[i]) if spec.layers() or read else False,
-            layers=spec.layers(), eps=tuple(float(steering.scale[i, c]) for c in cols),
-            p_before=tuple(float(steering.p_before[i, c]) for c in cols),
-            p_after=tuple(float(steering.p_after[i, c]) for c in cols),
-            context=contexts[i] if contexts is not None else None,
-        ))
+        out.append(
+            RowResult(
+                text=texts[i],
+                tokens=tokens[i],
+                n_prompt_tokens=n_prompt[i],
+                gate_score=score if read else None,
+                gate_open=bool(p.open[i]) if spec.layers() or read else False,
+                layers=spec.layers(),
+                eps=tuple(float(steering.scale[i, c]) for c in cols),
+                p_before=tuple(float(steering.p_before[i, c]) for c in cols),
+                p_after=tuple(float(steering.p_after[i, c]) for c in cols),
+                context=contexts[i] if contexts is not None else None,
+            )
+        )
     return out
 
 
-def prepare(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], specs: Sequence[SteerSpec],
-             chat_template: bool) -> tuple[list[str], dict[str, torch.Tensor], Plan]:
+def prepare(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    chat_template: bool,
+) -> tuple[list[str], dict[str, torch.Tensor], Plan]:
     """The batch's user messages (prefixes as the gate decides), their encoding, and the steering plan."""
     if len(prompts) != len(specs):
         raise ValueError(f"{len(prompts)} prompts but {len(specs)} steering specs")
-    decisions = gate_decisions(model, tok, prompts, specs, chat_template=chat_template, batch_size=max(1, len(prompts)))
+    decisions = gate_decisions(
+        model, tok, prompts, specs, chat_template=chat_template, batch_size=max(1, len(prompts))
+    )
     texts = [prompt_text(p, s, d[1] if d else True) for p, s, d in zip(prompts, specs, decisions)]
     device = next(model.parameters()).device
     enc = tokenize(tok, texts, chat_template, device)

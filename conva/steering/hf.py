@@ -23,7 +23,14 @@ from conva.blocks import block_hooks, find_blocks
 from conva.record import tokenize, with_positions
 from conva.steering.compiled import generate_compiled
 from conva.steering.core import (
-    Plan, Steering, eos_ids, gate_decisions, plan_rows, prepare, row_results, steered,
+    Plan,
+    Steering,
+    eos_ids,
+    gate_decisions,
+    plan_rows,
+    prepare,
+    row_results,
+    steered,
 )
 from conva.steering.spec import Decision, RowResult, SteerSpec, prompt_text
 
@@ -32,8 +39,13 @@ __all__ = ["steer_logits", "generate"]
 
 @torch.inference_mode()
 def steer_logits(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], specs: Sequence[SteerSpec], *,
-    chat_template: bool = True, positions: str = "all",
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    *,
+    chat_template: bool = True,
+    positions: str = "all",
 ) -> tuple[torch.Tensor, list[RowResult]]:
     """One steered forward pass: next-token logits ``[B, vocab]`` (float32) at the last prompt token."""
     texts, enc, plan = prepare(model, tok, prompts, specs, chat_template)
@@ -45,12 +57,17 @@ def steer_logits(
 
 
 def _generate_batch(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, enc: dict[str, torch.Tensor], steering: Steering,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    enc: dict[str, torch.Tensor],
+    steering: Steering,
     max_new_tokens: int,
 ) -> tuple[list[str], list[tuple[int, ...]]]:
     with steered(model, steering):
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    new = out[:, enc["input_ids"].shape[1]:].cpu()
+        out = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+    new = out[:, enc["input_ids"].shape[1] :].cpu()
     tokens, texts = [], []
     stops = set(eos_ids(model, tok))
     for row in new.tolist():
@@ -60,8 +77,9 @@ def _generate_batch(
     return texts, tokens
 
 
-
-def _reference_scales(model: PreTrainedModel, enc: dict[str, torch.Tensor], plan: Plan) -> tuple[Steering, Steering]:
+def _reference_scales(
+    model: PreTrainedModel, enc: dict[str, torch.Tensor], plan: Plan
+) -> tuple[Steering, Steering]:
     """The paper's procedure for one prompt: one forward pass per steered layer, ascending.
 
     Pass ``j`` applies the ε already found for layers ``< j`` at every position, reads ``e`` at layer
@@ -73,8 +91,10 @@ def _reference_scales(model: PreTrainedModel, enc: dict[str, torch.Tensor], plan
     final.step = 0
     for j, layer in enumerate(plan.layers):
         captured: list[torch.Tensor] = []
-        with steered(model, Steering(fixed, "all", "frozen")), \
-                block_hooks(model, {layer: lambda _l, h: captured.append(h[:, -1, :].float())}):
+        with (
+            steered(model, Steering(fixed, "all", "frozen")),
+            block_hooks(model, {layer: lambda _l, h: captured.append(h[:, -1, :].float())}),
+        ):
             model(**with_positions(enc), use_cache=False, logits_to_keep=1)
         plan.open, plan.gate_score = fixed.open, fixed.gate_score  # the gate was read in pass 0
         final.set_scale(j, captured[0])
@@ -85,8 +105,15 @@ def _reference_scales(model: PreTrainedModel, enc: dict[str, torch.Tensor], plan
     return Steering(fixed, "all", "frozen"), final
 
 
-def _reference_row(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt: str, spec: SteerSpec,
-                   decision: Decision | None, chat_template: bool, max_new_tokens: int) -> RowResult:
+def _reference_row(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompt: str,
+    spec: SteerSpec,
+    decision: Decision | None,
+    chat_template: bool,
+    max_new_tokens: int,
+) -> RowResult:
     text = prompt_text(prompt, spec, decision[1] if decision else True)
     device = next(model.parameters()).device
     enc = tokenize(tok, [text], chat_template, device)
@@ -101,9 +128,17 @@ def _reference_row(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt:
 
 @torch.inference_mode()
 def generate(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: Sequence[str], specs: Sequence[SteerSpec], *,
-    max_new_tokens: int = 100, chat_template: bool = True, positions: str = "all", epsilon: str = "frozen",
-    mode: str = "batched", batch_size: int = 16,
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    *,
+    max_new_tokens: int = 100,
+    chat_template: bool = True,
+    positions: str = "all",
+    epsilon: str = "frozen",
+    mode: str = "batched",
+    batch_size: int = 16,
 ) -> list[RowResult]:
     """Steered greedy generation, one :class:`RowResult` per prompt, in order.
 
@@ -119,20 +154,39 @@ def generate(
             raise ValueError("the reference mode reproduces the paper: positions='all', epsilon='frozen'")
         decisions: list[Decision | None] = []
         for start in range(0, len(prompts), batch_size):
-            decisions += gate_decisions(model, tok, prompts[start:start + batch_size], specs[start:start + batch_size],
-                                        chat_template=chat_template, batch_size=batch_size)
-        return [_reference_row(model, tok, p, s, d, chat_template, max_new_tokens)
-                for p, s, d in zip(prompts, specs, decisions)]
+            decisions += gate_decisions(
+                model,
+                tok,
+                prompts[start : start + batch_size],
+                specs[start : start + batch_size],
+                chat_template=chat_template,
+                batch_size=batch_size,
+            )
+        return [
+            _reference_row(model, tok, p, s, d, chat_template, max_new_tokens)
+            for p, s, d in zip(prompts, specs, decisions)
+        ]
     if mode == "compiled":
-        return generate_compiled(model, tok, prompts, specs, max_new_tokens=max_new_tokens, chat_template=chat_template,
-                             positions=positions, epsilon=epsilon, batch_size=batch_size)
+        return generate_compiled(
+            model,
+            tok,
+            prompts,
+            specs,
+            max_new_tokens=max_new_tokens,
+            chat_template=chat_template,
+            positions=positions,
+            epsilon=epsilon,
+            batch_size=batch_size,
+        )
     if mode != "batched":
         raise ValueError(f"unknown steering mode {mode!r}; expected 'batched', 'compiled' or 'reference'")
     results: list[RowResult] = []
     for start in range(0, len(prompts), batch_size):
-        chunk_p, chunk_s = prompts[start:start + batch_size], specs[start:start + batch_size]
+        chunk_p, chunk_s = prompts[start : start + batch_size], specs[start : start + batch_size]
         contexts, enc, plan = prepare(model, tok, chunk_p, chunk_s, chat_template)
         steering = Steering(plan, positions, epsilon)
         texts, tokens = _generate_batch(model, tok, enc, steering, max_new_tokens)
-        results += row_results(steering, chunk_s, texts, tokens, enc["attention_mask"].sum(1).tolist(), contexts)
+        results += row_results(
+            steering, chunk_s, texts, tokens, enc["attention_mask"].sum(1).tolist(), contexts
+        )
     return results

@@ -18,8 +18,15 @@ from conva.gates import GATE_SCOPES, PREFIX_ON
 from conva.values import definition
 
 __all__ = [
-    "METHODS", "VECTOR_METHODS", "STEER_POSITIONS", "EPSILON_MODES", "SETTINGS", "SteerSpec", "RowResult",
-    "Decision", "prompt_text",
+    "METHODS",
+    "VECTOR_METHODS",
+    "STEER_POSITIONS",
+    "EPSILON_MODES",
+    "SETTINGS",
+    "SteerSpec",
+    "RowResult",
+    "Decision",
+    "prompt_text",
 ]
 
 METHODS = ("none", "conva", "conva_nogate", "caa", "probe_fixed", "prompt")

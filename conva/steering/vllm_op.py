@@ -120,8 +120,17 @@ class EngineState:
     last prompt token at every active layer (activation extraction).
     """
 
-    def __init__(self, layers: Sequence[int], hidden: int, *, n_specs: int, n_slots: int, n_tokens: int,
-                 record: bool = False, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        hidden: int,
+        *,
+        n_specs: int,
+        n_slots: int,
+        n_tokens: int,
+        record: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> None:
         self.id = next(_IDS)
         self.layers = tuple(sorted(int(l) for l in layers))
         self.col = {l: j for j, l in enumerate(self.layers)}
@@ -131,15 +140,26 @@ class EngineState:
         i64 = dict(dtype=torch.int64, device=self.device)
         boolean = dict(dtype=torch.bool, device=self.device)
         self.dirs, self.w = torch.zeros(U, R, d, **f32), torch.zeros(U, R, d, **f32)
-        self.b, self.wnorm, self.fixed = torch.zeros(U, R, **f32), torch.ones(U, R, **f32), torch.zeros(U, R, **f32)
+        self.b, self.wnorm, self.fixed = (
+            torch.zeros(U, R, **f32),
+            torch.ones(U, R, **f32),
+            torch.zeros(U, R, **f32),
+        )
         self.compute, self.has_probe = torch.zeros(U, R, **boolean), torch.zeros(U, R, **boolean)
         self.s0, self.gate_col = torch.zeros(R, **f32), torch.full((R,), -1, **i64)
-        self.gate_w, self.gate_b, self.gate_thr = torch.zeros(R, d, **f32), torch.zeros(R, **f32), torch.zeros(R, **f32)
+        self.gate_w, self.gate_b, self.gate_thr = (
+            torch.zeros(R, d, **f32),
+            torch.zeros(R, **f32),
+            torch.zeros(R, **f32),
+        )
         self.s_row, self.s_tok = torch.zeros(S, **i64), torch.zeros(S, **i64)
         self.s_first, self.s_comp = torch.zeros(S, **boolean), torch.zeros(S, **boolean)
         self.open, self.gate_score = torch.ones(S, **boolean), torch.full((S,), float("nan"), **f32)
         self.eps = torch.zeros(S, U, **f32)
-        self.p_before, self.p_after = torch.full((S, U), float("nan"), **f32), torch.full((S, U), float("nan"), **f32)
+        self.p_before, self.p_after = (
+            torch.full((S, U), float("nan"), **f32),
+            torch.full((S, U), float("nan"), **f32),
+        )
         self.cap = torch.zeros(S, U, d, **f32) if record else None
         self.t_slot, self.t_on = torch.zeros(n_tokens, **i64), torch.zeros(n_tokens, **f32)
         self.t_own = torch.zeros(n_tokens, **boolean)  # token's ε from its own state (per-token recompute)
@@ -162,7 +182,9 @@ class EngineState:
         """Load one spec's tensors into the next free table row; return the row index (≥ 1)."""
         r = self.n_rows
         if r >= self.s0.shape[0]:
-            raise ValueError(f"the engine holds at most {self.s0.shape[0] - 1} steering specs; raise max_specs")
+            raise ValueError(
+                f"the engine holds at most {self.s0.shape[0] - 1} steering specs; raise max_specs"
+            )
         with torch.no_grad():
             for name in ("dirs", "w", "b", "wnorm", "compute", "fixed", "has_probe"):
                 getattr(self, name)[:, r].copy_(getattr(row, name))
@@ -196,8 +218,13 @@ class EngineState:
         if not self._free:
             raise RuntimeError("no free ConVA steering slot: more steered requests alive than n_slots")
         slot = self._free.pop()
-        req = _Request(slot, int(conf["row"]), str(conf["tag"]), conf.get("positions", "all"),
-                       conf.get("epsilon", "frozen") == "per_token")
+        req = _Request(
+            slot,
+            int(conf["row"]),
+            str(conf["tag"]),
+            conf.get("positions", "all"),
+            conf.get("epsilon", "frozen") == "per_token",
+        )
         if not 0 <= req.row < self.n_rows:
             raise RuntimeError(f"request {req_id} names steering row {req.row}, the engine has {self.n_rows}")
         self.s_row[slot] = req.row
@@ -249,12 +276,17 @@ class EngineState:
             # ε needs the last prompt token; a chunk before it would run with ε unknown.
             raise RuntimeError(
                 f"steered request {req.tag} was split by chunked prefill ({n_prompt} prompt tokens, "
-                f"{k} scheduled); steering needs the whole prompt in one step")
-        step.t_slot[start:start + k] = req.slot
+                f"{k} scheduled); steering needs the whole prompt in one step"
+            )
+        step.t_slot[start : start + k] = req.slot
         pos = np.arange(done, done + k)
-        step.t_on[start:start + k] = 1.0 if req.positions == "all" else (pos >= last).astype(np.float32)
+        step.t_on[start : start + k] = 1.0 if req.positions == "all" else (pos >= last).astype(np.float32)
         if not req.started:
-            step.s_tok[req.slot], step.s_first[req.slot], step.s_comp[req.slot] = start + last - done, True, True
+            step.s_tok[req.slot], step.s_first[req.slot], step.s_comp[req.slot] = (
+                start + last - done,
+                True,
+                True,
+            )
             req.started = True
             self._step_slots.append((req.slot, req))
         elif done <= last:
@@ -265,7 +297,7 @@ class EngineState:
             self.recomputed += 1
             if req.per_token:
                 step.s_tok[req.slot], step.s_comp[req.slot] = start + last - done, True
-                step.t_own[start + last + 1 - done:start + k] = True
+                step.t_own[start + last + 1 - done : start + k] = True
         elif req.per_token and done >= n_prompt:
             # Per-token ε: the newest token of this step drives it (HF: h[:, -1] at each decode step).
             step.s_tok[req.slot], step.s_comp[req.slot] = start + k - 1, True
@@ -287,8 +319,9 @@ class EngineState:
         for k, (_, req) in enumerate(self._step_slots):
             old = self.telemetry.get(req.tag)
             if old is None:
-                self.telemetry[req.tag] = Telemetry(float(score[k]), bool(is_open[k]), eps[k], pb[k], pa[k],
-                                                    None if cap is None else cap[k])
+                self.telemetry[req.tag] = Telemetry(
+                    float(score[k]), bool(is_open[k]), eps[k], pb[k], pa[k], None if cap is None else cap[k]
+                )
             else:  # per-token mode: ε of the latest step, like the HF backend's final ``scale``
                 old.eps = eps[k]
         self._step_slots = []
@@ -323,7 +356,9 @@ class EngineState:
         """Probe logit and scale (ε where the spec computes it, else its constant) of states ``e``."""
         z = (e * self.w[col].index_select(0, row)).sum(-1) + self.b[col].index_select(0, row)
         eps = torch.clamp((self.s0.index_select(0, row) - z) / self.wnorm[col].index_select(0, row), min=0.0)
-        return z, torch.where(self.compute[col].index_select(0, row), eps, self.fixed[col].index_select(0, row))
+        return z, torch.where(
+            self.compute[col].index_select(0, row), eps, self.fixed[col].index_select(0, row)
+        )
 
     def _gate(self, e: torch.Tensor, row: torch.Tensor, col: int) -> None:
         here = self.s_first & (self.gate_col.index_select(0, row) == col)
@@ -353,6 +388,7 @@ class EngineState:
 
 # -- the custom op ----------------------------------------------------------------------------------
 
+
 @torch.library.custom_op("conva::steer", mutates_args=())
 def _steer_op(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
     return _STATES[engine].steer(hidden, residual, col)
@@ -365,9 +401,16 @@ def _(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> to
 
 # -- patches ----------------------------------------------------------------------------------------
 
+
 def _wrap_forward(orig: Any) -> Any:
-    def forward(self: torch.nn.Module, positions: torch.Tensor, hidden_states: torch.Tensor,
-                residual: torch.Tensor | None, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self: torch.nn.Module,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, res = orig(self, positions, hidden_states, residual, *args, **kwargs)
         tag = getattr(self, "_conva_tag", None)  # (engine, column); set before the first trace
         if tag is not None:
@@ -391,7 +434,9 @@ def _wrap_load_model(orig: Any) -> Any:
 
 
 def _wrap_prepare_inputs(orig: Any) -> Any:
-    def _prepare_inputs(self: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *a: Any, **k: Any) -> Any:
+    def _prepare_inputs(
+        self: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *a: Any, **k: Any
+    ) -> Any:
         out = orig(self, scheduler_output, num_scheduled_tokens, *a, **k)
         state = getattr(self, "_conva_state", None)
         if state is not None:
@@ -423,13 +468,17 @@ def _bind(runner: Any, state: EngineState) -> None:
     for index, block in enumerate(blocks):
         if index in state.col:
             if not getattr(type(block).forward, "_conva_wrapped", False):
-                raise ValueError(f"decoder layer {index} is a {type(block).__name__}, which ConVA's vLLM backend "
-                                 f"does not patch (supported: {', '.join(c for _, c in _LAYER_CLASSES)})")
+                raise ValueError(
+                    f"decoder layer {index} is a {type(block).__name__}, which ConVA's vLLM backend "
+                    f"does not patch (supported: {', '.join(c for _, c in _LAYER_CLASSES)})"
+                )
             block._conva_tag = (state.id, state.col[index])
             n_tagged += 1
     if n_tagged != len(state.layers):
         missing = [l for l in state.layers if l >= len(blocks)]
-        raise ValueError(f"steered layer(s) {missing} out of range: the model has {len(blocks)} decoder layers")
+        raise ValueError(
+            f"steered layer(s) {missing} out of range: the model has {len(blocks)} decoder layers"
+        )
     runner._conva_state = state
     state.bound = True
 
@@ -471,6 +520,7 @@ def building(state: EngineState) -> Iterator[EngineState]:
     finally:
         _ARMED.state = None
     if not state.bound:
-        raise RuntimeError("the vLLM engine was built without binding ConVA's steering state; is "
-                           "VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in this process)?")
-
+        raise RuntimeError(
+            "the vLLM engine was built without binding ConVA's steering state; is "
+            "VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in this process)?"
+        )

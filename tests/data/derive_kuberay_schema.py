@@ -24,16 +24,53 @@ import yaml
 # Per schema node, only these keys are kept; descriptions, CEL rules (x-kubernetes-validations) and merge
 # hints (x-kubernetes-list-type, -map-type, -list-map-keys) go. Defaults stay: the API server fills them in
 # before it checks `required`, so a required field with a default may be left out of a manifest.
-KEEP_KEYS = ("type", "properties", "required", "default", "items", "additionalProperties", "anyOf", "enum",
-             "minimum", "minItems", "maxLength", "minLength", "pattern", "nullable",
-             "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields")
+KEEP_KEYS = (
+    "type",
+    "properties",
+    "required",
+    "default",
+    "items",
+    "additionalProperties",
+    "anyOf",
+    "enum",
+    "minimum",
+    "minItems",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "nullable",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
+)
 # Inside every embedded PodTemplateSpec, only these fields are kept (everything below a kept field is as
 # published): what the manifests use, the standard fields for placing GPU pods and pulling images, and the
 # container fields KubeRay's own samples use (securityContext, lifecycle for a preStop `ray stop`).
-POD_SPEC = ("containers", "volumes", "nodeSelector", "tolerations", "serviceAccountName", "imagePullSecrets",
-            "priorityClassName", "runtimeClassName", "terminationGracePeriodSeconds")
-CONTAINER = ("name", "image", "imagePullPolicy", "command", "args", "workingDir", "env", "envFrom", "ports",
-             "resources", "volumeMounts", "securityContext", "lifecycle")
+POD_SPEC = (
+    "containers",
+    "volumes",
+    "nodeSelector",
+    "tolerations",
+    "serviceAccountName",
+    "imagePullSecrets",
+    "priorityClassName",
+    "runtimeClassName",
+    "terminationGracePeriodSeconds",
+)
+CONTAINER = (
+    "name",
+    "image",
+    "imagePullPolicy",
+    "command",
+    "args",
+    "workingDir",
+    "env",
+    "envFrom",
+    "ports",
+    "resources",
+    "volumeMounts",
+    "securityContext",
+    "lifecycle",
+)
 VOLUME = ("name", "persistentVolumeClaim", "emptyDir", "nfs", "csi", "secret", "configMap")
 
 HEADER = """\
@@ -59,8 +96,9 @@ HEADER = """\
 def _comment(first: str, names: list[str] | tuple[str, ...]) -> str:
     """``first`` and the comma-separated ``names`` as comment lines of at most 110 characters."""
     indent = "#" + " " * (len(first) - 1)
-    return textwrap.fill(", ".join(names), width=110, initial_indent=first, subsequent_indent=indent,
-                         break_on_hyphens=False)
+    return textwrap.fill(
+        ", ".join(names), width=110, initial_indent=first, subsequent_indent=indent, break_on_hyphens=False
+    )
 
 
 def _clean(node: dict[str, Any]) -> dict[str, Any]:
@@ -126,12 +164,17 @@ def main(tag: str, commit: str, *crd_paths: str) -> None:
         kind, schema, found = derive(path)
         schemas[kind] = schema
         templates += [f"{kind}.{p}" for p in found]
-    sys.stdout.write(HEADER.format(
-        tag=tag, commit=commit, keep_keys=_comment("# - kept per node: ", KEEP_KEYS),
-        templates=_comment("# - pruned inside every embedded PodTemplateSpec: ", templates),
-        pod_spec=_comment("#     pod spec   keeps ", POD_SPEC),
-        container=_comment("#     container  keeps ", CONTAINER),
-        volume=_comment("#     volume     keeps ", VOLUME)))
+    sys.stdout.write(
+        HEADER.format(
+            tag=tag,
+            commit=commit,
+            keep_keys=_comment("# - kept per node: ", KEEP_KEYS),
+            templates=_comment("# - pruned inside every embedded PodTemplateSpec: ", templates),
+            pod_spec=_comment("#     pod spec   keeps ", POD_SPEC),
+            container=_comment("#     container  keeps ", CONTAINER),
+            volume=_comment("#     volume     keeps ", VOLUME),
+        )
+    )
     yaml.safe_dump(schemas, sys.stdout, sort_keys=True, width=120, default_flow_style=None)
 
 
