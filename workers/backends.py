@@ -23,7 +23,6 @@ import pyarrow as pa
 
 from conva.batch.config import Config
 from conva.batch.pipeline import steer_table
-from conva.blocks import find_blocks
 from conva.bundle import ValueBundle
 from conva.mc import MCRow, score_mc
 from conva.metrics import perplexity
@@ -112,6 +111,8 @@ class HFSteerer:
     """
 
     def __init__(self, cfg: Config, model=None, tok=None) -> None:
+        from conva.blocks import find_blocks  # torch: only where a model loads (pre-flight imports this module)
+
         m = cfg.model
         self.cfg = cfg
         if model is None:
