@@ -36,7 +36,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
 from benchmarks.common import (
     CACHE,
     RESULTS,

@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
 from benchmarks.common import CACHE, RESULTS, job_stages, machine, run_job_planned, write_result
 
 REPO = Path(__file__).resolve().parents[1]

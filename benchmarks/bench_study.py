@@ -34,7 +34,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import conva.jobs  # noqa: F401  (loopback-only Ray environment, before ray is imported)
 from benchmarks.common import (
     CACHE,
     RESULTS,

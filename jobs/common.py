@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import conva
 from conva.batch.config import Config, ConfigError, config_dict, load_config
 from conva.batch.lease import LeaseError
 from conva.batch.storage import Location, is_uri, location
@@ -53,7 +54,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("conva.jobs")
-_REPO = Path(__file__).resolve().parents[1]
+# The folder holding the conva package: the checkout's root, or site-packages when installed. On
+# PYTHONPATH it makes the embedded Ray's workers import the same conva (and conva.jobs/conva.workers).
+_REPO = Path(conva.__file__).resolve().parents[1]
 # Ray's job supervisor sets this in the environment of every driver started by `ray job submit`.
 _SUBMITTED_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(context)s%(message)s"
