@@ -32,7 +32,7 @@ from pathlib import Path
 # ``conva.workers`` import the same way in both.
 _ROOT = Path(__file__).resolve().parent.parent
 if (_ROOT / "jobs" / "__init__.py").is_file() and (_ROOT / "workers" / "__init__.py").is_file():
-    __path__.append(str(_ROOT))  # type: ignore[name-defined]  # noqa: F821
+    __path__.append(str(_ROOT))  # noqa: F821
 
 _PUBLIC = {
     "SteerSpec": "conva.steering.spec",

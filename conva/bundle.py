@@ -100,7 +100,7 @@ def _sha(arr: np.ndarray) -> str:
 
 
 def _tensors(bundle: ValueBundle) -> dict[str, np.ndarray]:
-    tensors = {
+    tensors: dict[str, np.ndarray] = {
         "w": bundle.w.astype(np.float32),
         "b": bundle.b.astype(np.float32),
         "layers": bundle.layers.astype(np.int64),

@@ -122,7 +122,8 @@ class _CAA:
     """
 
     def __init__(self, data: LayerData) -> None:
-        self.data, self.rows = data, {}
+        self.data = data
+        self.rows: dict[int, np.ndarray] = {}
         self.pos, self.neg = data.labels == 1, data.labels == 0
 
     def matrix(self, layer: int) -> np.ndarray:

@@ -115,11 +115,11 @@ class Calibration:
 
 
 def gate_splits(
-    groups: Sequence,
+    groups: Sequence | np.ndarray,
     calibrate_size: float,
     test_size: float,
     seed: int = 0,
-    labels: Sequence[int] | None = None,
+    labels: Sequence[int] | np.ndarray | None = None,
 ) -> GateSplit:
     """Split gate rows **by group** (a pair's two texts share one) into train / calibrate / test.
 
@@ -167,7 +167,7 @@ def calibrate_threshold(scores: np.ndarray, labels: np.ndarray, target: str, val
 
 
 def gate_metrics(
-    scores: np.ndarray, labels: np.ndarray, threshold: float, origin: Sequence[str] | None = None
+    scores: np.ndarray, labels: np.ndarray, threshold: float, origin: Sequence[str] | np.ndarray | None = None
 ) -> dict[str, float]:
     """Precision, recall, accuracy, n and (with ``origin``) the open rate per kind of row, at ``threshold``."""
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
@@ -206,8 +206,8 @@ def _choose(
 
 def fit_probe_gate(
     layer_matrix: Callable[[int], np.ndarray],
-    labels: Sequence[int],
-    groups: Sequence,
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence | np.ndarray,
     layers: Sequence[int],
     *,
     target: str = "precision",
@@ -215,7 +215,7 @@ def fit_probe_gate(
     calibrate_size: float = 0.25,
     test_size: float = 0.25,
     seed: int = 0,
-    origin: Sequence[str] | None = None,
+    origin: Sequence[str] | np.ndarray | None = None,
     settings: ProbeSettings = ProbeSettings(),
     name: str = "",
 ) -> Gate:

@@ -181,7 +181,8 @@ def load_model(
         **({"device_map": device_map} if device_map else {}),
     )
     if not device_map:
-        model.to(device)
+        # transformers decorates ``to`` with ``functools.wraps``, which mypy types as an unbound function.
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, tokenizer
 
@@ -206,7 +207,8 @@ def model_fingerprint(model: PreTrainedModel) -> str:
     digest = hashlib.sha256()
     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
         digest.update(f"{key}={_config_value(cfg, key)};".encode())
-    embedding = model.get_input_embeddings().weight[:_FINGERPRINT_ROWS]
+    # ``Module.__getattr__`` is typed ``Tensor | Module``; an embedding's ``weight`` is a Parameter.
+    embedding = model.get_input_embeddings().weight[:_FINGERPRINT_ROWS]  # type: ignore[index]
     digest.update(_tensor_bytes(embedding))
     norm = _final_norm_weight(model)
     if norm is not None:
@@ -398,7 +400,8 @@ def _convert_gguf(gguf: Path, out: Path, packaged: _Packaged) -> None:
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if packaged.add_bos:
-        tokenizer.add_bos_token = True
+        # mypy sees ``add_bos_token`` as read-only; the fast tokenizer's property has a setter.
+        tokenizer.add_bos_token = True  # type: ignore[misc]
     if packaged.prompt_template is not None:
         tokenizer.chat_template = _jinja(packaged.prompt_template)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)

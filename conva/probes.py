@@ -179,8 +179,8 @@ def fit_layer(x: np.ndarray, labels: np.ndarray, train: np.ndarray, settings: Pr
 
 def fit_probes(
     layer_matrix: Callable[[int], np.ndarray],
-    labels: Sequence[int],
-    groups: Sequence[int],
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[int] | np.ndarray,
     layers: Sequence[int],
     settings: ProbeSettings = ProbeSettings(),
 ) -> ProbeFit:
@@ -197,7 +197,9 @@ def fit_probes(
     for layer in layers:
         x = np.asarray(layer_matrix(layer), dtype=np.float32)
         fit = fit_layer(x, labels, train, settings)
-        ws.append(fit.w), bs.append(fit.b), converged.append(fit.converged)
+        ws.append(fit.w)
+        bs.append(fit.b)
+        converged.append(fit.converged)
         accs.append([fit.accuracy(x[rows], labels[rows]) for rows in (train, val, test)])
     acc = np.asarray(accs, dtype=np.float32).reshape(len(ws), 3)
     return ProbeFit(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -237,13 +237,13 @@ def _tiny_config(
         raise ValueError(
             f"need hidden % heads == 0 and heads % kv_heads == 0; got {hidden=}, {heads=}, {kv_heads=}"
         )
-    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": vocab}
+    ids: dict[str, Any] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "vocab_size": vocab}
     if arch == "gpt2":
-        dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+        dropout: dict[str, Any] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
         return GPT2Config(
             n_positions=_MAX_POSITIONS, n_embd=hidden, n_layer=num_layers, n_head=heads, **dropout, **ids
         )
-    shape = {
+    shape: dict[str, Any] = {
         "hidden_size": hidden,
         "intermediate_size": 2 * hidden,
         "num_hidden_layers": num_layers,

@@ -39,8 +39,20 @@ __all__ = [
 ]
 
 _WIDTH = 100
-_WORDS = {str: "text", int: "integer", float: "number", bool: "true or false", dict: "table"}
-_PLURAL = {str: "text", int: "integers", float: "numbers", bool: "booleans", dict: "tables"}
+_WORDS: dict[object, str] = {
+    str: "text",
+    int: "integer",
+    float: "number",
+    bool: "true or false",
+    dict: "table",
+}
+_PLURAL: dict[object, str] = {
+    str: "text",
+    int: "integers",
+    float: "numbers",
+    bool: "booleans",
+    dict: "tables",
+}
 
 
 class UnknownSectionError(ValueError):
@@ -57,6 +69,7 @@ def field_docs(cls: type) -> dict[str, str]:
         if tok.type == tokenize.COMMENT
     }
     (node,) = ast.parse(source).body
+    assert isinstance(node, ast.ClassDef)  # the source of a class is one class statement
     body = node.body
     docs = {}
     for i, stmt in enumerate(body):
@@ -70,7 +83,7 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[stmt.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
         else:
-            docs[stmt.target.id] = comments.get(stmt.end_lineno, "")
+            docs[stmt.target.id] = comments.get(stmt.end_lineno or stmt.lineno, "")
     return docs
 
 
@@ -87,7 +100,7 @@ def type_text(hint: object) -> str:
             typing.get_args(item) if typing.get_origin(item) in (typing.Union, types.UnionType) else (item,)
         )
         return "list of " + " or ".join(_PLURAL.get(a, getattr(a, "__name__", str(a))) for a in inner)
-    return _WORDS.get(hint, getattr(hint, "__name__", str(hint)))  # type: ignore[arg-type]
+    return _WORDS.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def default_text(value: object) -> str:
@@ -124,7 +137,9 @@ def section_summary(cls: type) -> str:
 def _default(f: dataclasses.Field) -> object:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()  # type: ignore[misc]
+    # mypy cannot narrow ``default_factory`` away from ``MISSING`` (a sentinel instance, not an enum);
+    # every field reaching here has a default or a factory.
+    return f.default_factory()  # type: ignore[operator]
 
 
 def explain(roots: tuple[type, ...], choices: dict[str, tuple[str, ...]], section: str | None = None) -> str:

@@ -130,7 +130,8 @@ def _plan_file(
     lines = _Lines(where, hasher)
     shards = _ShardBytes(where, fmt, screen)
     if fmt == "jsonl":
-        starts, header = _jsonl_starts(lines, rows_per_shard, shards), ()
+        header: tuple[str, ...] = ()
+        starts = _jsonl_starts(lines, rows_per_shard, shards)
     else:
         starts, header = _csv_starts(where, lines, rows_per_shard, shards)
     for _ in lines:  # whatever the planner did not read still goes into the hash
@@ -152,7 +153,8 @@ class _ShardBytes:
 
     def __init__(self, where: Location, fmt: str, screen: Screen | None) -> None:
         self.where, self.fmt, self.screen = where, fmt, screen
-        self.data, self.start, self.first_row, self.header = bytearray(), 0, 1, ()
+        self.data, self.start, self.first_row = bytearray(), 0, 1
+        self.header: tuple[str, ...] = ()
 
     def feed(self, line: bytes) -> None:
         if self.screen is not None:
@@ -174,6 +176,7 @@ class _ShardBytes:
             self._screen(bytes(self.data), self.first_row)
 
     def _screen(self, data: bytes, first_row: int) -> None:
+        assert self.screen is not None  # only called when there is a screen
         name = posixpath.basename(self.where.uri.rstrip("/"))
         if self.fmt == "jsonl":
             records = list(jsonl_records(data, first_row))
@@ -240,10 +243,10 @@ def _csv_starts(
             yield raw.decode("utf-8", "replace")
 
     reader = csv.reader(text())
-    header = next(reader, None)
-    if header is None:
+    first = next(reader, None)
+    if first is None:
         raise DataError(where.uri, None, None, "empty file (no header)")
-    header = tuple(h.strip().lstrip("\ufeff") for h in header)
+    header = tuple(h.strip().lstrip("\ufeff") for h in first)
     shards.header = header
     starts, rows, previous = [], 0, consumed
     for _ in reader:  # the C reader pulls exactly the lines of one record per step

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -280,8 +280,12 @@ def gate_data(
         return None
     origin = np.where(dataset[rows] == "neutral", "neutral", np.where(values[rows] == value, "own", "other"))
     keys = np.asarray([f"{dataset[r]}/{values[r]}/{groups[r]}" for r in rows])
+
+    def matrix(l: int, r: np.ndarray = rows) -> np.ndarray:
+        return read_rows(l, r)
+
     return LayerData(
-        lambda l, r=rows: read_rows(l, r),
+        matrix,
         (origin == "own").astype(np.int64),
         keys,
         tuple(layers),
@@ -317,9 +321,11 @@ def fit_bundles(
     bundles = {}
     for value in cfg.data.values:
         pair_rows = np.flatnonzero((dataset == "pairs") & (values == value))
-        pairs = LayerData(
-            lambda l, r=pair_rows: read_rows(l, r), labels[pair_rows], groups[pair_rows], tuple(layers)
-        )
+
+        def matrix(l: int, r: np.ndarray = pair_rows) -> np.ndarray:
+            return read_rows(l, r)
+
+        pairs = LayerData(matrix, labels[pair_rows], groups[pair_rows], tuple(layers))
         gate = gate_data(meta, value, read_rows, layers)
         bundles[value] = fit_value(
             value,
@@ -411,6 +417,7 @@ def check_prompt(tok, prompt: str | None, chat_template: bool, max_tokens: int) 
     problem = prompt_problem(prompt)
     if problem is not None:
         return problem
+    assert prompt is not None  # prompt_problem refuses a null prompt
     if len(prompt) > 64 * max_tokens:  # no tokenizer emits fewer than one token per 64 characters
         return f"prompt too long: {len(prompt)} characters (limit {max_tokens} tokens)"
     try:
@@ -439,7 +446,7 @@ def row_spec(cfg: Config, bundle: ValueBundle | None, row: dict) -> SteerSpec:
     """The steering spec of one input row (:func:`row_settings`); a row without a bundle (neutral) is unsteered."""
     s = row_settings(cfg, row)
     band = tuple(s["band"]) if s["band"] else None
-    gate = dict(gate_scope=cfg.gate.apply_to, prefix_on=cfg.gate.prefix_on)
+    gate: dict[str, Any] = dict(gate_scope=cfg.gate.apply_to, prefix_on=cfg.gate.prefix_on)
     if bundle is None or s["method"] == "none":
         return SteerSpec("none", bundle, setting=s["setting"], **gate) if bundle else SteerSpec("none")
     return SteerSpec(
@@ -512,7 +519,7 @@ def steer_table(
 
 def _max_length(model) -> int:
     return int(
-        getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 2048)
+        getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 2048)
     )
 
 

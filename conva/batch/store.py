@@ -812,7 +812,7 @@ def _drop(config: dict, ignore_keys: Iterable[str]) -> dict:
     out = _normalize(config)
     for key in ignore_keys:
         *parents, last = key.split(".")
-        node = out
+        node: Any = out
         for part in parents:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):

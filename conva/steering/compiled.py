@@ -39,10 +39,10 @@ import inspect
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from conva.blocks import find_blocks, hidden_of, with_hidden
 from conva.record import format_prompt
@@ -63,7 +63,7 @@ class _Buffers:
         self, rows: int, n_layers: int, hidden: int, dtype: torch.dtype, device: torch.device, per_token: bool
     ) -> None:
         B, U, d = rows, n_layers, hidden
-        f32 = dict(dtype=torch.float32, device=device)
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=device)
         self.on = torch.zeros(B, U, dtype=torch.bool, device=device)  # frozen: rows steered at column j
         self.delta = torch.zeros(B, U, d, dtype=dtype, device=device)  # frozen: (ε·dir) in the model's dtype
         self.scale = torch.zeros(B, U, **f32)
@@ -138,7 +138,7 @@ def _wrapped_forward(block: torch.nn.Module, j: int, buf: _Buffers, epsilon: str
     return forward
 
 
-def _static_cache(config: object, max_len: int) -> StaticCache:
+def _static_cache(config: PretrainedConfig, max_len: int) -> StaticCache:
     """A static KV cache of ``max_len`` tokens that a compiled decode step can reuse at every position.
 
     transformers' sliding-window static layer (Gemma 3) tracks its length in a Python int that the
@@ -155,7 +155,7 @@ def _static_cache(config: object, max_len: int) -> StaticCache:
                 f"this batch needs {max_len}: use mode 'batched'"
             )
         config = copy.copy(config)  # shallow: the model's own config is untouched
-        config.layer_types = ["full_attention"] * len(types)  # type: ignore[attr-defined]
+        config.layer_types = ["full_attention"] * len(types)
     return StaticCache(config=config, max_cache_len=max_len)
 
 
@@ -245,8 +245,9 @@ class FastSteering:
             input_ids=tokens, attention_mask=self._mask, position_ids=positions, **self._forward_kwargs()
         ).logits
         nxt = logits[:, -1, :].float().argmax(-1)
-        nxt = torch.where(unfinished, nxt, self._pad)
-        return nxt, unfinished & ~torch.isin(nxt, self._eos)
+        # _decode sets _pad and _eos before the first step (no assert: this step may run under torch.compile).
+        nxt = torch.where(unfinished, nxt, self._pad)  # type: ignore[arg-type]
+        return nxt, unfinished & ~torch.isin(nxt, self._eos)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def generate(
@@ -294,7 +295,7 @@ class FastSteering:
         for row in new[:n].tolist():
             cut = next((k for k, t in enumerate(row) if t in stops), len(row))
             tokens.append(tuple(row[:cut]))
-            outs.append(tok.decode(row[:cut], skip_special_tokens=True))
+            outs.append(cast(str, tok.decode(row[:cut], skip_special_tokens=True)))  # one row: one text
         n_prompt = enc["attention_mask"].sum(1).tolist()[:n]
         return row_results(steering, list(specs), outs, tokens, n_prompt, texts[:n])
 
@@ -321,7 +322,7 @@ class FastSteering:
         self, first: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, eos: list[int], pad: int
     ) -> torch.Tensor:
         """The fixed-length greedy loop; nothing is read back to the host until it ends."""
-        if self._eos is None or self._eos.tolist() != eos or int(self._pad) != pad:
+        if self._eos is None or self._pad is None or self._eos.tolist() != eos or int(self._pad) != pad:
             self._eos = torch.tensor(eos, dtype=torch.long, device=self.device)
             self._pad = torch.tensor(pad, dtype=torch.long, device=self.device)
         out = torch.empty(self.batch_size, max_new_tokens, dtype=torch.long, device=self.device)

@@ -72,7 +72,8 @@ def gate_decisions(
         )
         for k, i in enumerate(probe):
             gate = specs[i].bundle.gate  # type: ignore[union-attr]
-            score = float(gate.scores(acts[k, layers.index(int(gate.layer))][None])[0])  # type: ignore[arg-type]
+            assert gate.layer is not None  # a probe gate has its layer (Gate.__post_init__)
+            score = float(gate.scores(acts[k, layers.index(int(gate.layer))][None])[0])
             out[i] = (score, score >= gate.threshold)
     groups: dict[int, list[int]] = {}
     for i in rows:

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -64,7 +64,8 @@ def _generate_batch(
     max_new_tokens: int,
 ) -> tuple[list[str], list[tuple[int, ...]]]:
     with steered(model, steering):
-        out = model.generate(
+        # ``generate`` comes from GenerationMixin, which mypy does not see on PreTrainedModel.
+        out = model.generate(  # type: ignore[operator]
             **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
         )
     new = out[:, enc["input_ids"].shape[1] :].cpu()
@@ -73,7 +74,7 @@ def _generate_batch(
     for row in new.tolist():
         cut = next((k for k, t in enumerate(row) if t in stops), len(row))
         tokens.append(tuple(row[:cut]))
-        texts.append(tok.decode(row[:cut], skip_special_tokens=True))
+        texts.append(cast(str, tok.decode(row[:cut], skip_special_tokens=True)))  # one row: one text
     return texts, tokens
 
 

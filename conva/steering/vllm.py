@@ -34,7 +34,7 @@ import math
 import os
 import uuid
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -249,7 +249,7 @@ class VLLMSteerer:
         128): float32 ``[len(prompts), len(token_ids)]`` of the log-softmax over the whole vocabulary
         (vLLM's raw logprobs), and each row's telemetry (gate, ε at the last prompt token).
         """
-        sampling = {"max_tokens": 1, "logprob_token_ids": [int(t) for t in token_ids]}
+        sampling: dict[str, Any] = {"max_tokens": 1, "logprob_token_ids": [int(t) for t in token_ids]}
         results, outputs = self._steered(prompts, specs, chat_template, positions, "frozen", sampling)
         scores = [
             [out.outputs[0].logprobs[0][t].logprob for t in sampling["logprob_token_ids"]] for out in outputs
@@ -364,7 +364,12 @@ class VLLMSteerer:
         ]
         self._run(ids, params)
         cols = [self.state.col[l] for l in layers]
-        return np.stack([self.state.telemetry.pop(tag).activations[cols] for tag in tags]).astype(np.float32)
+        rows = []
+        for tag in tags:
+            acts = self.state.telemetry.pop(tag).activations
+            assert acts is not None  # the state records (``cap`` is checked above)
+            rows.append(acts[cols])
+        return np.stack(rows).astype(np.float32)
 
     def close(self) -> None:
         """Release the engine and its steering buffers.
@@ -450,7 +455,7 @@ class VLLMSteerer:
         row = list(out.outputs[0].token_ids)
         cut = next((k for k, t in enumerate(row) if t in self.stop_ids), len(row))
         tokens = tuple(row[:cut])
-        text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        text = cast(str, self.tokenizer.decode(list(tokens), skip_special_tokens=True))  # one row: one text
         if not spec.layers():
             return RowResult(text, tokens, n_prompt, None, False)
         tel: Telemetry = self.state.telemetry.pop(tag)

@@ -136,9 +136,9 @@ class EngineState:
         self.col = {l: j for j, l in enumerate(self.layers)}
         self.hidden, self.device = hidden, torch.device(device)
         U, R, S, d = len(self.layers), n_specs + 1, n_slots + 1, hidden
-        f32 = dict(dtype=torch.float32, device=self.device)
-        i64 = dict(dtype=torch.int64, device=self.device)
-        boolean = dict(dtype=torch.bool, device=self.device)
+        f32: dict[str, Any] = dict(dtype=torch.float32, device=self.device)
+        i64: dict[str, Any] = dict(dtype=torch.int64, device=self.device)
+        boolean: dict[str, Any] = dict(dtype=torch.bool, device=self.device)
         self.dirs, self.w = torch.zeros(U, R, d, **f32), torch.zeros(U, R, d, **f32)
         self.b, self.wnorm, self.fixed = (
             torch.zeros(U, R, **f32),
@@ -472,7 +472,8 @@ def _bind(runner: Any, state: EngineState) -> None:
                     f"decoder layer {index} is a {type(block).__name__}, which ConVA's vLLM backend "
                     f"does not patch (supported: {', '.join(c for _, c in _LAYER_CLASSES)})"
                 )
-            block._conva_tag = (state.id, state.col[index])
+            # Module.__getattr__ types unknown attributes as Tensor | Module; the tag is a plain attribute.
+            block._conva_tag = (state.id, state.col[index])  # type: ignore[assignment]
             n_tagged += 1
     if n_tagged != len(state.layers):
         missing = [l for l in state.layers if l >= len(blocks)]
@@ -501,12 +502,13 @@ def install_patches() -> None:
         # must not be wrapped twice (the op would run twice).
         if "forward" in cls.__dict__ and not getattr(cls.forward, "_conva_wrapped", False):
             cls.forward = _wrap_forward(cls.forward)
+    # Replacing the runners' methods is the patch itself; mypy forbids assigning to a method.
     for cls in (gpu_model_runner.GPUModelRunner, cpu_model_runner.CPUModelRunner):
         if "load_model" in cls.__dict__ and not getattr(cls.load_model, "_conva_wrapped", False):
-            cls.load_model = _wrap_load_model(cls.load_model)
+            cls.load_model = _wrap_load_model(cls.load_model)  # type: ignore[method-assign]
     runner = gpu_model_runner.GPUModelRunner
-    runner._prepare_inputs = _wrap_prepare_inputs(runner._prepare_inputs)
-    runner._model_forward = _wrap_model_forward(runner._model_forward)
+    runner._prepare_inputs = _wrap_prepare_inputs(runner._prepare_inputs)  # type: ignore[method-assign]
+    runner._model_forward = _wrap_model_forward(runner._model_forward)  # type: ignore[method-assign]
     _PATCHED = True
 
 
