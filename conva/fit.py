@@ -30,23 +30,19 @@ class GateSettings:
     """``[gate]`` config: how the gate is fitted (``kind`` … ``seed``) and what it gates (``apply_to``, ``prefix_on``)."""
 
     kind: str = "probe"  # none | probe (on the model's activations) | external (a text classifier)
-    target: str = (
-        "precision"  # the probe gate's threshold meets this on the calibrate split: precision | recall
-    )
+    target: str = "precision"
+    """The probe gate's threshold meets this on the calibrate split: precision | recall."""
     target_value: float = 0.95  # ... at least this value
     calibrate_size: float = 0.25  # share of the gate's pairs that choose its layer and threshold
     test_size: float = 0.25  # share of the gate's pairs its reported precision/recall/accuracy come from
-    other_pairs_per_value: int = (
-        0  # pairs of each value outside data.values that serve as gate negatives (0: all)
-    )
+    other_pairs_per_value: int = 0
+    """Pairs of each value outside data.values that serve as gate negatives (0: all)."""
     value_prompts: int = 0  # each value's last N prompts train the gates (never steered); 0: pair texts only
     seed: int = 0  # seed of the gate's split
-    apply_to: str = (
-        "all_methods"  # "all_methods": every method is gated alike (the reference); "conva": ConVA only
-    )
-    prefix_on: str = (
-        "all"  # the opposite setting's prefix: on "all" rows, or only where the gate opens ("gated")
-    )
+    apply_to: str = "all_methods"
+    """``all_methods``: every method is gated alike (the reference); ``conva``: ConVA only."""
+    prefix_on: str = "all"
+    """The opposite setting's prefix: on ``all`` rows, or only where the gate opens (``gated``)."""
     model: str | None = None  # external: a sequence-classification model (folder or repo id)
     labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value
     threshold: float = 0.5  # external: the open threshold

@@ -64,14 +64,12 @@ class JudgeSettings:
     """
 
     kind: str = "classifier"  # classifier (TF-IDF on answer pairs), probe (the value's own probe) or llm
-    pairs: str = (
-        "demo"  # labelled answer pairs: "demo", "paper:<folder>" (its non-context-controlled pairs) or a file
-    )
+    pairs: str = "demo"
+    """Labelled answer pairs: "demo", "paper:<folder>" (its non-context-controlled pairs) or a file."""
     test_size: float = 0.3  # share of the pairs held out to measure the judge's agreement
     seed: int = 0  # seed of that split
-    threshold: float = (
-        0.5  # a probability at or above this scores 1 (the answer prioritises the value), else 0
-    )
+    threshold: float = 0.5
+    """A probability at or above this scores 1 (the answer prioritises the value), else 0."""
     base_url: str = ""  # llm: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
     model: str = ""  # llm: the model name the endpoint serves
     api_key_env: str = ""  # llm: the name of the environment variable holding the API key (never the key)

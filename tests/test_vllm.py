@@ -118,7 +118,7 @@ def test_op_closed_form_and_untouched_rows() -> None:
         # Tokens 0-2: request in slot 1 (row 1), its last prompt token is 2; tokens 3-5: unsteered (slot 0).
         state.s_row[1], state.s_tok[1], state.s_first[1], state.s_comp[1] = 1, 2, True, True
         state.t_slot[:3], state.t_on[:3] = 1, 1.0
-        out = torch.ops.conva.steering(hidden, residual, state.id, 0)
+        out = torch.ops.conva.steer(hidden, residual, state.id, 0)
         e = hidden[2] + residual[2]
         s0 = torch.tensor(math.log(p0 / (1 - p0)), dtype=torch.float32)
         eps = float(torch.clamp((s0 - (e @ w[0] - 20.0)) / w[0].norm(), min=0))
@@ -137,7 +137,7 @@ def test_op_already_above_target_is_left_alone() -> None:
         hidden, residual = torch.zeros(2, 16), torch.zeros(2, 16)  # z = b = 0.5 > logit(0.01)
         state.s_row[1], state.s_tok[1], state.s_first[1], state.s_comp[1] = 1, 1, True, True
         state.t_slot[:2], state.t_on[:2] = 1, 1.0
-        out = torch.ops.conva.steering(hidden, residual, state.id, 1)
+        out = torch.ops.conva.steer(hidden, residual, state.id, 1)
         assert float(state.eps[1, 1]) == 0.0 and torch.equal(out, hidden)
     finally:
         state.close()

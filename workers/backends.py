@@ -111,7 +111,8 @@ class HFSteerer:
     """
 
     def __init__(self, cfg: Config, model=None, tok=None) -> None:
-        from conva.blocks import find_blocks  # torch: only where a model loads (pre-flight imports this module)
+        # torch loads only where a model does: pre-flight imports this module.
+        from conva.blocks import find_blocks
 
         m = cfg.model
         self.cfg = cfg

@@ -414,7 +414,7 @@ def _wrap_forward(orig: Any) -> Any:
         hidden, res = orig(self, positions, hidden_states, residual, *args, **kwargs)
         tag = getattr(self, "_conva_tag", None)  # (engine, column); set before the first trace
         if tag is not None:
-            hidden = torch.ops.conva.steering(hidden, res, tag[0], tag[1])
+            hidden = torch.ops.conva.steer(hidden, res, tag[0], tag[1])
         return hidden, res
 
     forward._conva_wrapped = True  # type: ignore[attr-defined]
