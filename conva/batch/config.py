@@ -417,9 +417,9 @@ def _validate(cfg: Config) -> None:
 def vllm_gate_problem(cfg: Config, methods: list[str], settings: list[str]) -> str:
     """Why the vllm backend cannot gate these methods and settings as configured ("" if it can).
 
-    The vllm backend scores a gate on the text it feeds the engine; the gate must score the raw prompt, so
-    rows fed a prefix (the opposite setting; the prompt method when it is gated) need the hf backend,
-    which scores the gate first.
+    The gate scores the raw prompt. Where a prefix depends on it (the opposite setting; the prompt method
+    when it is gated) it must be scored before the pass; a job's vLLM engine reads the gate only inside
+    the pass (it records no activations to score one first), so those rows need the hf backend.
     """
     if cfg.steer.backend != "vllm" or cfg.gate.kind == "none":
         return ""

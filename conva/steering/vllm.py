@@ -208,16 +208,18 @@ class VLLMSteerer:
         """The active decoder layers: the only ones a spec may steer, gate or record."""
         return self.state.layers
 
-    def register(self, spec: SteerSpec) -> int:
-        """The table row of ``spec``'s steering tensors, loading them into the engine on first use."""
+    def register(self, spec: SteerSpec, gate_in_engine: bool = True) -> int:
+        """The table row of ``spec``'s steering tensors, loading them into the engine on first use.
+
+        ``gate_in_engine``: the engine reads the spec's probe gate in the pass; False where the gate was
+        decided before it (:meth:`_gates_first`; external gates always are).
+        """
         if not spec.layers():
             return 0
-        key = (spec.method, id(spec.bundle), spec.p0, spec.strength, spec.band)
+        key = (spec.method, id(spec.bundle), spec.p0, spec.strength, spec.band, gate_in_engine)
         if key not in self._rows:
-            self._rows[key] = (
-                self.state.add_row(_spec_row(spec, self.state, self.hidden, self.n_blocks)),
-                spec,
-            )
+            row = _spec_row(spec, self.state, self.hidden, self.n_blocks, gate_in_engine)
+            self._rows[key] = (self.state.add_row(row), spec)
         return self._rows[key][0]
 
     def generate(
@@ -414,17 +416,53 @@ class VLLMSteerer:
             raise ValueError(f"unknown steering positions {positions!r}; expected one of {STEER_POSITIONS}")
         if epsilon not in EPSILON_MODES:
             raise ValueError(f"unknown epsilon mode {epsilon!r}; expected one of {EPSILON_MODES}")
-        texts = [prompt_text(p, s) for p, s in zip(prompts, specs)]
+        gates = self._gates_first(prompts, specs, chat_template)
+        texts = [prompt_text(p, s, g[1] if g else True) for p, s, g in zip(prompts, specs, gates)]
         ids = [self._encode(t, chat_template) for t in texts]
-        gates = _external_gates(specs, texts)
         tags = [uuid.uuid4().hex for _ in specs]
         params = [
             self._params(s, tag, g, positions, epsilon, sampling) for s, tag, g in zip(specs, tags, gates)
         ]
         outputs = self._run(ids, params)
         return [
-            self._result(s, tag, out, len(i)) for s, tag, out, i in zip(specs, tags, outputs, ids)
+            self._result(s, tag, out, len(i), g)
+            for s, tag, out, i, g in zip(specs, tags, outputs, ids, gates)
         ], outputs
+
+    def _gates_first(
+        self, prompts: Sequence[str], specs: Sequence[SteerSpec], chat_template: bool
+    ) -> list[tuple[float, bool] | None]:
+        """``(score, open)`` on the **raw** prompt for the rows whose gate is decided before the pass
+        (:meth:`~conva.steering.spec.SteerSpec.scored_first`: a prefix depends on it, or it is an external
+        classifier), as :func:`conva.steering.core.gate_decisions` does on HF; None for the other rows,
+        whose probe gate the engine reads in the pass. A probe gate is read from this engine's recorded
+        activations at its layer, so it needs ``record=True``."""
+        out: list[tuple[float, bool] | None] = [None] * len(specs)
+        rows = [i for i, s in enumerate(specs) if s.scored_first()]
+        probe = [i for i in rows if specs[i].bundle.gate.kind == "probe"]  # type: ignore[union-attr]
+        if probe:
+            if self.state.cap is None:
+                raise ValueError(
+                    "a probe gate that decides a prefix (the 'prompt' method, the 'opposite' setting) is "
+                    "scored on the raw prompt first; this engine was built without record=True to read it"
+                )
+            gates = [specs[i].bundle.gate for i in probe]  # type: ignore[union-attr]
+            layers = sorted({int(g.layer) for g in gates})  # type: ignore[arg-type]
+            acts = self.record([prompts[i] for i in probe], layers, chat_template=chat_template)
+            for k, (i, gate) in enumerate(zip(probe, gates)):
+                at = layers.index(int(gate.layer))  # type: ignore[arg-type]
+                score = float(gate.scores(acts[k, at][None])[0])
+                out[i] = (score, score >= gate.threshold)
+        groups: dict[int, list[int]] = {}
+        for i in rows:
+            if specs[i].bundle.gate.kind == "external":  # type: ignore[union-attr]
+                groups.setdefault(id(specs[i].bundle.gate), []).append(i)  # type: ignore[union-attr]
+        for members in groups.values():
+            gate = specs[members[0]].bundle.gate  # type: ignore[union-attr]
+            scores = external_scores(gate, [prompts[i] for i in members])
+            for i, score in zip(members, scores):
+                out[i] = (float(score), bool(float(score) >= gate.threshold))
+        return out
 
     def _params(
         self,
@@ -439,7 +477,8 @@ class VLLMSteerer:
 
         extra = None
         if spec.layers():
-            conf = {"row": self.register(spec), "tag": tag, "positions": positions, "epsilon": epsilon}
+            row = self.register(spec, gate_in_engine=gate is None)
+            conf = {"row": row, "tag": tag, "positions": positions, "epsilon": epsilon}
             if gate is not None:
                 conf["gate_score"], conf["gate_open"] = gate
             extra = {EXTRA_KEY: conf}
@@ -451,13 +490,15 @@ class VLLMSteerer:
         prompts = [TokensPrompt(prompt_token_ids=i) for i in ids]
         return self.llm.generate(prompts, sampling_params=params, use_tqdm=False)
 
-    def _result(self, spec: SteerSpec, tag: str, out: Any, n_prompt: int) -> RowResult:
+    def _result(
+        self, spec: SteerSpec, tag: str, out: Any, n_prompt: int, gate: tuple[float, bool] | None
+    ) -> RowResult:
         row = list(out.outputs[0].token_ids)
         cut = next((k for k, t in enumerate(row) if t in self.stop_ids), len(row))
         tokens = tuple(row[:cut])
         text = cast(str, self.tokenizer.decode(list(tokens), skip_special_tokens=True))  # one row: one text
-        if not spec.layers():
-            return RowResult(text, tokens, n_prompt, None, False)
+        if not spec.layers():  # a text-only row: the gate decided first, if any, as on HF
+            return RowResult(text, tokens, n_prompt, gate[0] if gate else None, gate[1] if gate else False)
         tel: Telemetry = self.state.telemetry.pop(tag)
         cols = [self.state.col[l] for l in spec.layers()]
         score = None if math.isnan(tel.gate_score) else tel.gate_score
@@ -522,26 +563,13 @@ def _stop_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(i for i in ids + [tokenizer.eos_token_id] if i is not None)
 
 
-def _external_gates(specs: Sequence[SteerSpec], texts: Sequence[str]) -> list[tuple[float, bool] | None]:
-    """Host-side scores of external gates (batched per gate), as ``(score, open)`` per row."""
-    out: list[tuple[float, bool] | None] = [None] * len(specs)
-    groups: dict[int, list[int]] = {}
-    for i, spec in enumerate(specs):
-        if spec.gated() and spec.bundle.gate.kind == "external":  # type: ignore[union-attr]
-            groups.setdefault(id(spec.bundle.gate), []).append(i)  # type: ignore[union-attr]
-    for rows in groups.values():
-        gate = specs[rows[0]].bundle.gate  # type: ignore[union-attr]
-        scores = external_scores(gate, [texts[i] for i in rows])
-        for i, score in zip(rows, scores):
-            out[i] = (float(score), bool(float(score) >= gate.threshold))  # as conva.steering.core.plan_rows
-    return out
-
-
-def _spec_row(spec: SteerSpec, state: EngineState, hidden: int, n_blocks: int) -> SpecRow:
+def _spec_row(
+    spec: SteerSpec, state: EngineState, hidden: int, n_blocks: int, gate_in_engine: bool = True
+) -> SpecRow:
     """One spec's tensors over the engine's active layers, from the HF backend's plan."""
     bundle = spec.bundle
     assert bundle is not None
-    if bundle.gate.kind == "external":  # scored on the host per request, not in the engine
+    if bundle.gate.kind == "external" or not gate_in_engine:  # decided per request before the pass
         spec = replace(spec, bundle=replace(bundle, gate=Gate()))
     plan = plan_rows([spec], [""], hidden, n_blocks)
     missing = [l for l in plan.layers if l not in state.col]
