@@ -24,15 +24,33 @@ conva`` loads neither torch nor transformers::
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 from pathlib import Path
 
-# In a checkout (or a Ray job's uploaded working dir) the Ray-side packages are the top-level folders
-# jobs/ and workers/; an installed wheel holds them as conva/jobs and conva/workers (pyproject.toml's
-# package-dir). Looking for submodules in the checkout's root too makes ``conva.jobs`` and
-# ``conva.workers`` import the same way in both.
 _ROOT = Path(__file__).resolve().parent.parent
-if (_ROOT / "jobs" / "__init__.py").is_file() and (_ROOT / "workers" / "__init__.py").is_file():
-    __path__.append(str(_ROOT))  # noqa: F821
+
+
+class _CheckoutFinder(importlib.abc.MetaPathFinder):
+    """Finds ``conva.jobs`` and ``conva.workers`` in a checkout, where they are the top-level folders
+    ``jobs/`` and ``workers/`` (an installed wheel holds them inside ``conva/``, per pyproject.toml's
+    package-dir, and never reaches this finder). Only these two names: nothing else of the checkout's
+    root becomes part of the package."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201
+        if name not in ("conva.jobs", "conva.workers"):
+            return None
+        folder = _ROOT / name.rpartition(".")[2]
+        if not (folder / "__init__.py").is_file():
+            return None
+        return importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+
+
+if not any(isinstance(f, _CheckoutFinder) for f in sys.meta_path):
+    sys.meta_path.append(_CheckoutFinder())
 
 _PUBLIC = {
     "SteerSpec": "conva.steering.spec",
