@@ -499,9 +499,14 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
     )
     assert re.search(r"llama: steer: +\d+%\|", shown)
     for line in shown.split("\n"):
-        if "conva.jobs:" in line:  # what the terminal shows of the line: after its last carriage return
-            shows = line.rstrip("\r").split("\r")[-1]
-            assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) ", shows), repr(line)
+        if "conva.jobs:" in line:
+            # The bar is cleared before a log line and not redrawn over it: the line's segment holding the
+            # log line starts with its timestamp, and no bar follows it on the same line. (Ray may append a
+            # worker's own output, such as transformers' load bar, after it: that is Ray's stream, not ours.)
+            segments = line.rstrip("\r").split("\r")
+            at = next(i for i, seg in enumerate(segments) if "conva.jobs:" in seg)
+            assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) ", segments[at]), repr(line)
+            assert not any(re.match(r"llama: steer: +\d+%\|", seg) for seg in segments[at + 1 :]), repr(line)
     log_file = (out / "run.log").read_text()
     assert (
         "steer: shard 12 of 12 committed, " in log_file

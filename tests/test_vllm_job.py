@@ -27,6 +27,7 @@ def _cfg(out: Path, *extra: str):
             "--steer.p0=0.999",
             "--ray.num_workers=1",
             "--vllm.max_num_seqs=8",
+            "--gate.other_pairs_per_value=4",  # the gate's negatives from other values: a few suffice here
             *extra,
         ],
     )
