@@ -12,6 +12,7 @@ import contextvars
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -89,6 +90,20 @@ class Interrupted(KeyboardInterrupt):
 def interrupted(err: KeyboardInterrupt) -> Interrupted:
     """The :class:`Interrupted` behind ``err`` (a KeyboardInterrupt Ray raised in its place names no signal)."""
     return err if isinstance(err, Interrupted) else Interrupted(_interrupts["seen"] or signal.SIGINT)
+
+
+def report_interrupt(command: str, err: KeyboardInterrupt, committed: str | None, argv: list[str]) -> int:
+    """Print a command's one line on an interrupt (what is committed, how to resume); return its exit code.
+
+    ``committed``: what the stores hold (None when the interrupt came before the job was planned).
+    """
+    done = f"committed: {committed} (kept); " if committed is not None else ""
+    print(
+        f"conva {command}: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
+        f"conva {command} {shlex.join(argv)}",
+        file=sys.stderr,
+    )
+    return interrupted(err).exit_code
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from conva.jobs.common import (
     log_config,
     output_location,
     parse_args,
+    report_interrupt,
     run_log,
     setup_logging,
     write_config,
@@ -300,12 +300,6 @@ def main(job: str, argv: list[str] | None = None) -> int:
             print(f"conva {job}: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as err:
-            done = f"committed: {committed_line(plan)} (kept); " if plan is not None else ""
-            print(
-                f"conva {job}: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
-                f"conva {job} {shlex.join(argv)}",
-                file=sys.stderr,
-            )
-            return interrupted(err).exit_code
+            return report_interrupt(job, err, committed_line(plan) if plan is not None else None, argv)
     print(f"conva {job}: done in {time.monotonic() - start:.0f} s: {final_line(results)}")
     return 0

@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shlex
 import sys
 import threading
 import time
@@ -57,6 +56,7 @@ from conva.jobs.common import (
     job_parser,
     log_context,
     output_location,
+    report_interrupt,
     run_log,
     setup_logging,
     split_overrides,
@@ -411,13 +411,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"conva study: error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as err:
-            done = f"committed: {_committed(models)} (kept); " if models is not None else ""
-            print(
-                f"conva study: interrupted by {interrupted(err)}; {done}rerun the same command to resume: "
-                f"conva study {shlex.join(argv)}",
-                file=sys.stderr,
-            )
-            return interrupted(err).exit_code
+            return report_interrupt("study", err, _committed(models) if models is not None else None, argv)
     from conva.batch.report import format_summary, local_copy
 
     with local_copy(out) as folder:
