@@ -5,8 +5,9 @@ serving extract, fit, steer, evaluate, utility and agreement, then the outputs r
 into a fresh output folder, in one process on one local Ray started (with its first worker process) before
 the timed runs, as a study submitted to a cluster finds Ray running:
 
-* ``busy`` (``benchmarks/results/study.json``): the demo study (``examples/demo_study.toml``: SmolLM2,
-  ten values, four methods, 2 workers). Its busy fraction is the fraction of the study's wall time (from
+* ``busy`` (``benchmarks/results/study.json``): the demo study (``examples/demo_study.toml``: SmolLM2
+  and Gemma 3 270M, five values, four methods, 2 workers per model, so on 2 CPUs one model after the
+  other). Its busy fraction is the fraction of the study's wall time (from
   the call to its return: pre-flight, Ray, workers' start, every stage, the outputs) during which every
   worker was busy loading its model or running a shard, from the pools' actor-side intervals
   (``job.extra["busy"]``). Per stage: shards, span and worker seconds from the commit logs.
