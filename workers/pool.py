@@ -544,6 +544,8 @@ class _Runner:
                 )
             for c in reversed(failed):
                 self.queue[c.run.name].appendleft(c.shard)
+        for c in failed:  # none of these attempts will be committed: what they wrote is dead
+            _delete_attempt(c)
         self.pool.remove(member, reason)
 
     def _check_timeouts(self, timeout: float) -> None:
@@ -577,6 +579,21 @@ def run_stages(pool: WorkerPool, runs: Sequence[StageRun], cancel: threading.Eve
     ones. The caller stops the pool (its workers may still be running the shards in flight).
     """
     _Runner(pool, runs, cancel).run()
+
+
+def _delete_attempt(call: _Call) -> None:
+    """Delete what a dead attempt wrote (a call that finished as its worker died writes its files, but its
+    record never arrives); best effort: a reopened stage deletes whatever is left (``Stage.open``)."""
+    try:
+        call.run.stage.attempt_location(call.shard, call.attempt).delete_tree()
+    except OSError as err:
+        _log.warning(
+            "%s: shard %d attempt %s: could not delete its files: %s",
+            call.run.name,
+            call.shard,
+            call.attempt,
+            err,
+        )
 
 
 def _result_if_done(ref: Any) -> ShardRecord | None:
