@@ -29,8 +29,9 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -39,7 +40,18 @@ from conva.gates import external_scores
 from conva.record import record_activations, tokenize
 from conva.steering.spec import EPSILON_MODES, STEER_POSITIONS, Decision, RowResult, SteerSpec, prompt_text
 
-__all__ = ["gate_decisions", "Plan", "plan_rows", "Steering", "steered", "row_results", "prepare", "eos_ids"]
+__all__ = [
+    "gate_decisions",
+    "decide_first",
+    "Recorder",
+    "Plan",
+    "plan_rows",
+    "Steering",
+    "steered",
+    "row_results",
+    "prepare",
+    "eos_ids",
+]
 
 
 @torch.inference_mode()
@@ -57,19 +69,30 @@ def gate_decisions(
     Other rows get None (their gate, if any, is read inside the steering pass). A probe gate reads the
     prompt in the steering template at its layer; an external classifier reads the prompt text.
     """
+    return decide_first(
+        prompts,
+        specs,
+        lambda texts, layers: record_activations(
+            model, tok, texts, layers, chat_template=chat_template, batch_size=batch_size
+        ),
+    )
+
+
+Recorder = Callable[[list[str], list[int]], np.ndarray]
+
+
+def decide_first(
+    prompts: Sequence[str], specs: Sequence[SteerSpec], record: Recorder
+) -> list[Decision | None]:
+    """The gate decisions of :func:`gate_decisions` for any backend: ``record(texts, layers)`` gives the
+    last-token activations ``[len(texts), len(layers), hidden]`` a probe gate reads (the backend's own
+    recorder); an external classifier scores the prompt text. None for rows not scored first."""
     out: list[Decision | None] = [None] * len(specs)
     rows = [i for i, s in enumerate(specs) if s.scored_first()]
     probe = [i for i in rows if specs[i].bundle.gate.kind == "probe"]  # type: ignore[union-attr]
     if probe:
         layers = sorted({int(specs[i].bundle.gate.layer) for i in probe})  # type: ignore[union-attr, arg-type]
-        acts = record_activations(
-            model,
-            tok,
-            [prompts[i] for i in probe],
-            layers,
-            chat_template=chat_template,
-            batch_size=batch_size,
-        )
+        acts = record([prompts[i] for i in probe], layers)
         for k, i in enumerate(probe):
             gate = specs[i].bundle.gate  # type: ignore[union-attr]
             assert gate.layer is not None  # a probe gate has its layer (Gate.__post_init__)

@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from conva.bundle import ValueBundle
-from conva.gates import Gate, external_scores
+from conva.gates import Gate
 from conva.mc import LETTERS, MCRow, letter_token_ids
 from conva.metrics import answer_ids
 from conva.record import format_prompt
-from conva.steering.core import plan_rows
+from conva.steering.core import decide_first, plan_rows
 from conva.steering.spec import EPSILON_MODES, STEER_POSITIONS, RowResult, SteerSpec, prompt_text
 from conva.steering.vllm_op import EXTRA_KEY, EngineState, SpecRow, Telemetry, building
 
@@ -437,32 +437,15 @@ class VLLMSteerer:
         classifier), as :func:`conva.steering.core.gate_decisions` does on HF; None for the other rows,
         whose probe gate the engine reads in the pass. A probe gate is read from this engine's recorded
         activations at its layer, so it needs ``record=True``."""
-        out: list[tuple[float, bool] | None] = [None] * len(specs)
-        rows = [i for i, s in enumerate(specs) if s.scored_first()]
-        probe = [i for i in rows if specs[i].bundle.gate.kind == "probe"]  # type: ignore[union-attr]
-        if probe:
-            if self.state.cap is None:
-                raise ValueError(
-                    "a probe gate that decides a prefix (the 'prompt' method, the 'opposite' setting) is "
-                    "scored on the raw prompt first; this engine was built without record=True to read it"
-                )
-            gates = [specs[i].bundle.gate for i in probe]  # type: ignore[union-attr]
-            layers = sorted({int(g.layer) for g in gates})  # type: ignore[arg-type]
-            acts = self.record([prompts[i] for i in probe], layers, chat_template=chat_template)
-            for k, (i, gate) in enumerate(zip(probe, gates)):
-                at = layers.index(int(gate.layer))  # type: ignore[arg-type]
-                score = float(gate.scores(acts[k, at][None])[0])
-                out[i] = (score, score >= gate.threshold)
-        groups: dict[int, list[int]] = {}
-        for i in rows:
-            if specs[i].bundle.gate.kind == "external":  # type: ignore[union-attr]
-                groups.setdefault(id(specs[i].bundle.gate), []).append(i)  # type: ignore[union-attr]
-        for members in groups.values():
-            gate = specs[members[0]].bundle.gate  # type: ignore[union-attr]
-            scores = external_scores(gate, [prompts[i] for i in members])
-            for i, score in zip(members, scores):
-                out[i] = (float(score), bool(float(score) >= gate.threshold))
-        return out
+        probe_first = any(s.scored_first() and s.bundle.gate.kind == "probe" for s in specs)  # type: ignore[union-attr]
+        if probe_first and self.state.cap is None:
+            raise ValueError(
+                "a probe gate that decides a prefix (the 'prompt' method, the 'opposite' setting) is "
+                "scored on the raw prompt first; this engine was built without record=True to read it"
+            )
+        return decide_first(
+            prompts, specs, lambda texts, layers: self.record(texts, layers, chat_template=chat_template)
+        )
 
     def _params(
         self,
