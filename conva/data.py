@@ -60,7 +60,11 @@ __all__ = [
     "jsonl_records",
     "csv_records",
     "DATA_SUFFIXES",
+    "VALUE_SIDES",
 ]
+
+# The answers of a yes/no prompt; a prompt's ``value_side`` is the one that takes the value's side.
+VALUE_SIDES = ("yes", "no")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
 _PAPER_PAIR_FILES = {
@@ -102,6 +106,8 @@ class Prompt:
     prompt: str
     source: str = ""
     row: int = 0
+    value_side: str | None = None
+    """For a yes/no prompt, the answer that takes the value's side (``yes`` or ``no``); None where unknown."""
 
 
 @dataclass(frozen=True)
@@ -314,8 +320,11 @@ def load_prompts(path: str | Path, value: str | None = None) -> list[Prompt]:
             v = rec.fields.get("value", file_value)
             if v is not None and v not in VALUES:
                 raise DataError(file, rec.row, "value", f"unknown value {v!r}")
+            side = rec.fields.get("value_side")
+            if side is not None and side not in VALUE_SIDES:
+                raise DataError(file, rec.row, "value_side", f"expected 'yes' or 'no', got {side!r}")
             if value is None or v == value:
-                prompts.append(Prompt(v, text, str(file), rec.row))
+                prompts.append(Prompt(v, text, str(file), rec.row, side))
     return prompts
 
 

@@ -369,6 +369,13 @@ def _utility_tasks(spec, stages, slices, values):
     )
 
 
+def _choice_tasks(spec, stages, slices, values):
+    fit = stages["fit"]
+    return None, lambda ref: ShardTask(
+        "choice", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values)
+    )
+
+
 def _agreement_tasks(spec, stages, slices, values):
     fit = stages["fit"]
     return None, lambda ref: ShardTask("agreement", ref, bundles=bundle_folders(fit, values))
@@ -380,5 +387,6 @@ _STAGE_TASKS = {
     "steer": _steer_tasks,
     "evaluate": _evaluate_tasks,
     "utility": _utility_tasks,
+    "choice": _choice_tasks,
     "agreement": _agreement_tasks,
 }

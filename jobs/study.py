@@ -8,12 +8,15 @@ Per model, one pool of model workers runs every stage on the same runner as the 
 * ``study_judged``: the judge's verdict and the answer's perplexity per generation, shard ``i`` as soon
   as generation shard ``i`` is committed;
 * ``study_utility``: multiple-choice answers with each cell's steering and gate active;
+* ``study_choice``: forced choice (:mod:`conva.choice`): every yes/no prompt's log-odds of the value's
+  side, unsteered, under every studied value's vector (the cross-value matrix), the random control and
+  gated ConVA;
 * ``study_judge``: the judge's agreement on held-out labelled pairs.
 
 **Models run at the same time** when the cluster has room for their workers (each model's ``ray``
 section sizes its own pool: ``study.models`` may give a model its own ``model``/``ray``/``vllm``/
 ``steer``/``extract`` settings), and queue, in order, when it does not. Then a Ray task next to the
-data rebuilds ``<out>/{results,pooled,matched,summary,utility,probes,judges}.parquet`` and
+data rebuilds ``<out>/{results,pooled,matched,summary,utility,probes,judges,choice,specificity,cross_value,cosines}.parquet`` and
 ``<out>/report/`` from the committed stages. Bands a study asks for are checked against each model's
 bundles once they are fitted, before anything is steered. A rerun skips every committed shard; a changed config is refused naming the keys
 (``--overwrite`` replaces once the new run is complete). ``--validate`` checks and starts nothing.
@@ -37,6 +40,8 @@ from conva.batch.storage import Location
 from conva.batch.study import (
     StudyConfig,
     check_bands,
+    choice_cells,
+    choice_table,
     expand_cells,
     load_study,
     model_config,
@@ -99,6 +104,7 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         rps, base = cfg.ray.steer_shard_rows, run_config(cfg)
         steer_in = generated(steering_table(cfg, cells), rps)
         util_in = generated(_utility_rows(study, ucells), rps)
+        choice_in = generated(choice_table(cfg, choice_cells(study, spec)), rps)
         gen = {
             **base,
             "cells": [c.id for c in cells],
@@ -119,6 +125,14 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
                 util_in.n_shards,
                 util_in,
                 source=f"utility.mc = {study.utility.mc!r}",
+            ),
+            StageSpec(
+                "choice",
+                "study_choice",
+                {**base, "shards": shard_config(rps, choice_in.table.num_rows, choice_in.sha256)},
+                choice_in.n_shards,
+                choice_in,
+                source=prompts,
             ),
             StageSpec("agreement", "study_judge", {**base, "judge": judge}, 1),
         ]
@@ -323,7 +337,7 @@ def _write_outputs(study: StudyConfig, out: Location, models: list[_ModelRun]) -
         stages = open_stages(m.job.out, list(m.job.specs), False)
         files = {
             name: [f.uri for f in stages[name].parquet_files()]
-            for name in ("steer", "evaluate", "utility", "agreement")
+            for name in ("steer", "evaluate", "utility", "choice", "agreement")
         }
         bundles = {v: f.uri for v, f in bundle_folders(stages["fit"], m.job.cfg.data.values).items()}
         parts.append(
@@ -339,7 +353,8 @@ def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
     import pyarrow.dataset as ds
 
     from conva.batch.report import write_report_to
-    from conva.batch.schemas import AGREEMENT_SCHEMA, UTILITY_SCHEMA
+    from conva.batch.schemas import AGREEMENT_SCHEMA, CHOICE_SCHEMA, UTILITY_SCHEMA
+    from conva.batch.specificity import cosine_rows
     from conva.batch.storage import Location as Loc
     from conva.batch.summary import probe_rows, study_tables
     from conva.bundle import BUNDLE_FILES, decode_bundle
@@ -362,8 +377,10 @@ def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
                 generations=read(p["files"]["steer"]),
                 judged=read(p["files"]["evaluate"]),
                 utility=read(p["files"]["utility"], UTILITY_SCHEMA),
+                choice=read(p["files"]["choice"], CHOICE_SCHEMA),
                 agreement=read(p["files"]["agreement"], AGREEMENT_SCHEMA),
                 probes=probe_rows(model_name(p["model"]), bundles),
+                cosines=cosine_rows(model_name(p["model"]), bundles),
             )
         )
     out = Loc(out_uri)

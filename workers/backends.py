@@ -24,6 +24,7 @@ import pyarrow as pa
 from conva.batch.config import Config
 from conva.batch.pipeline import steer_table
 from conva.bundle import ValueBundle
+from conva.choice import ChoiceRow, score_choice
 from conva.mc import MCRow, score_mc
 from conva.metrics import perplexity
 from conva.models import load_model, model_fingerprint, model_name
@@ -78,6 +79,20 @@ class Steerer(Protocol):
         batch_size: int = 8,
     ) -> list[MCRow]:
         """Multiple choice with each row's steering and gate active (:func:`conva.mc.score_mc`)."""
+        ...
+
+    def score_choice(
+        self,
+        prompts: Sequence[str],
+        sides: Sequence[str],
+        specs: Sequence[SteerSpec],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+        batch_size: int = 16,
+    ) -> list[ChoiceRow]:
+        """Forced choice (:func:`conva.choice.score_choice`): each yes/no prompt's log-odds of the value's side."""
         ...
 
 
@@ -168,6 +183,26 @@ class HFSteerer:
             positions=positions,
             batch_size=batch_size,
         )
+
+    def score_choice(
+        self,
+        prompts: Sequence[str],
+        sides: Sequence[str],
+        specs: Sequence[SteerSpec],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+        batch_size: int = 16,
+    ) -> list[ChoiceRow]:
+        from conva.steering.hf import choice_logprobs
+
+        def logprobs(p: list[str], s: list[SteerSpec], ids: list[int]):
+            return choice_logprobs(
+                self.model, self.tok, p, s, ids, chat_template=chat_template, positions=positions
+            )
+
+        return score_choice(logprobs, self.tok, prompts, sides, specs, batch_size=batch_size)
 
 
 register_backend("hf")(HFSteerer)
@@ -273,6 +308,25 @@ class VLLMBackendSteerer:
         return self._engine(bundles).score_mc(
             prompts, answers, specs, chat_template=chat_template, positions=positions
         )
+
+    def score_choice(
+        self,
+        prompts: Sequence[str],
+        sides: Sequence[str],
+        specs: Sequence[SteerSpec],
+        bundles: dict[str, ValueBundle],
+        *,
+        chat_template: bool = True,
+        positions: str = "all",
+        batch_size: int = 16,
+    ) -> list[ChoiceRow]:
+        """Forced choice on this engine: the yes/no spellings' logprobs under each row's spec (one step each)."""
+        engine = self._engine(bundles)
+
+        def logprobs(p: list[str], s: list[SteerSpec], ids: list[int]):
+            return engine.choice_logprobs(p, s, ids, chat_template=chat_template, positions=positions)
+
+        return score_choice(logprobs, self.tok, prompts, sides, specs, batch_size=batch_size)
 
 
 register_backend("vllm")(VLLMBackendSteerer)

@@ -198,6 +198,42 @@ def utility(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     return write_table_shard(task.ref, table)
 
 
+def choice(worker: ShardWorker, task: ShardTask) -> ShardRecord:
+    """Forced choice: each yes/no prompt's log-odds of the value's side under its row's steering (one pass each)."""
+    from conva.batch.schemas import CHOICE_SCHEMA
+    from conva.batch.study import choice_spec
+    from conva.models import model_name
+
+    rows = read_table_slice(task.slice)
+    bundles, records, cfg = worker.bundles(task.bundles), rows.to_pylist(), worker.cfg
+    scored = worker.steerer().score_choice(
+        [r["prompt"] for r in records],
+        [r["value_side"] for r in records],
+        [choice_spec(r, bundles, cfg) for r in records],
+        bundles,
+        chat_template=cfg.steer.chat_template,
+        positions=cfg.steer.positions,
+        batch_size=task.batch(cfg.steer.batch_size),
+    )
+    name = model_name(cfg.model.name)
+    keep = ("row_id", "cell_id", "value", "vector", "method", "p0", "strength", "item", "value_side")
+    out = [
+        dict(
+            **{k: r[k] for k in keep},
+            model=name,
+            log_odds_yes=s.log_odds_yes,
+            value_log_odds=s.value_log_odds,
+            gate_open=s.gate_open,
+            gate_score=s.gate_score,
+            eps_norm=float(np.sqrt(np.sum(np.square(s.eps)))) if s.eps else None,
+            error=None,
+        )
+        for r, s in zip(records, scored)
+    ]
+    table = check_rows("choice", task.ref.shard, rows, pa.Table.from_pylist(out, schema=CHOICE_SCHEMA))
+    return write_table_shard(task.ref, table)
+
+
 def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """The judge's agreement per value on its held-out labelled pairs (the same split for every judge)."""
     from conva.batch.schemas import AGREEMENT_SCHEMA
@@ -235,5 +271,6 @@ SHARD_FUNCTIONS: dict[str, Callable[[ShardWorker, ShardTask], ShardRecord]] = {
     "steer": steer,
     "evaluate": evaluate,
     "utility": utility,
+    "choice": choice,
     "agreement": agreement,
 }

@@ -19,7 +19,7 @@ from conva.judges import JudgeSettings
 __all__ = ["WorkerSpec", "ShardTask", "STAGES"]
 
 # Every stage a model worker serves, in pipeline order.
-STAGES = ("extract", "fit", "steer", "evaluate", "utility", "agreement")
+STAGES = ("extract", "fit", "steer", "evaluate", "utility", "choice", "agreement")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ __all__ = [
     "POOLED_SCHEMA",
     "MATCHED_SCHEMA",
     "STUDY_PROBE_SCHEMA",
+    "CHOICE_INPUT_SCHEMA",
+    "CHOICE_SCHEMA",
+    "SPECIFICITY_SCHEMA",
+    "CROSS_VALUE_SCHEMA",
+    "COSINE_SCHEMA",
 ]
 
 # --- the job's stages ------------------------------------------------------------------------------------
@@ -354,5 +359,96 @@ STUDY_PROBE_SCHEMA = pa.schema(
         ("gate_open_neutral", pa.float64()),
         ("gate_open_other", pa.float64()),
         ("gate_not_converged", pa.float64()),
+    ]
+)
+
+
+# --- forced choice and specificity (conva.choice, conva.batch.specificity) ---------------------------------
+
+# A study's forced-choice rows: one per (cell, yes/no prompt). ``value`` is the prompts' value, ``vector``
+# the value whose bundle steers (another value's for the cross-value matrix; null when unsteered).
+CHOICE_INPUT_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("cell_id", pa.string()),
+        ("value", pa.string()),
+        ("vector", pa.string()),
+        ("method", pa.string()),
+        ("p0", pa.float64()),
+        ("strength", pa.float64()),
+        ("band", pa.list_(pa.int32())),
+        ("item", pa.int32()),
+        ("prompt", pa.string()),
+        ("value_side", pa.string()),
+    ]
+)
+CHOICE_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("cell_id", pa.string()),
+        ("model", pa.string()),
+        ("value", pa.string()),
+        ("vector", pa.string()),
+        ("method", pa.string()),
+        ("p0", pa.float64()),
+        ("strength", pa.float64()),
+        ("item", pa.int32()),
+        ("value_side", pa.string()),
+        ("log_odds_yes", pa.float64()),
+        ("value_log_odds", pa.float64()),
+        ("gate_open", pa.bool_()),
+        ("gate_score", pa.float64()),
+        ("eps_norm", pa.float64()),
+        ("error", pa.string()),
+    ]
+)
+
+
+def _CI(name: str) -> list[tuple[str, pa.DataType]]:
+    """A figure and its 95 % interval: ``name``, ``name_lo``, ``name_hi``."""
+    return [(name, pa.float64()), (f"{name}_lo", pa.float64()), (f"{name}_hi", pa.float64())]
+
+
+# ``specificity.parquet``: per model and steering setting, the paired shifts in the value's log-odds.
+SPECIFICITY_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("method", pa.string()),
+        ("p0", pa.float64()),
+        ("strength", pa.float64()),
+        ("n", pa.int32()),
+        ("fc_csr_none", pa.float64()),
+        *_CI("fc_csr"),
+        *_CI("own"),
+        *_CI("other"),
+        *_CI("specific"),
+        *_CI("random"),
+        *_CI("gated"),
+        ("gate_open", pa.float64()),
+        ("eps_norm", pa.float64()),
+    ]
+)
+# ``cross_value.parquet``: the matrix, one cell per (model, setting, vector's value, prompts' value).
+CROSS_VALUE_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("method", pa.string()),
+        ("p0", pa.float64()),
+        ("strength", pa.float64()),
+        ("vector", pa.string()),
+        ("value", pa.string()),
+        ("n", pa.int32()),
+        *_CI("shift"),
+    ]
+)
+# ``cosines.parquet``: cosine between two values' vectors at one layer (probe ``w`` and CAA).
+COSINE_SCHEMA = pa.schema(
+    [
+        ("model", pa.string()),
+        ("layer", pa.int32()),
+        ("kind", pa.string()),
+        ("value_a", pa.string()),
+        ("value_b", pa.string()),
+        ("cosine", pa.float64()),
     ]
 )

@@ -52,6 +52,7 @@ from conva.batch.config import (
     vllm_gate_problem,
 )
 from conva.batch.schemas import (
+    CHOICE_INPUT_SCHEMA,
     RESULT_SCHEMA,
     STUDY_STEERING_SCHEMA,
     UTILITY_INPUT_SCHEMA,
@@ -60,7 +61,7 @@ from conva.bundle import ValueBundle
 from conva.judges import JUDGES, JudgeSettings
 from conva.models import model_name
 from conva.probes import Band
-from conva.steering.spec import SETTINGS
+from conva.steering.spec import SETTINGS, SteerSpec
 
 __all__ = [
     "STUDY_METHODS",
@@ -84,6 +85,10 @@ __all__ = [
     "results_table",
     "check_bands",
     "pair_prompts",
+    "ChoiceCell",
+    "choice_cells",
+    "choice_table",
+    "choice_spec",
 ]
 
 STUDY_METHODS = ("conva", "conva_nogate", "caa", "prompt", "none")
@@ -478,3 +483,102 @@ def pair_prompts(settings: JudgeSettings, value: str, pairs: list[D.Pair]) -> li
         return None
     prompts = {p.row: p.prompt for p in D.demo_prompts(value)}
     return [prompts.get(p.row, "") for p in pairs]
+
+
+@dataclass(frozen=True)
+class ChoiceCell:
+    """A forced-choice condition: the prompts of ``value`` steered by ``vector``'s bundle (None: unsteered).
+
+    ``method``: ``none``; ``conva_nogate`` and ``caa`` with every studied value's vector (the cross-value
+    matrix; ungated, so a vector's effect is not hidden by another value's gate); ``random`` (ConVA's ε
+    along a random direction) and ``conva`` (gated) with the own vector only.
+    """
+
+    model: str
+    value: str
+    vector: str | None
+    method: str
+    p0: float | None
+    band: str
+    strength: float | None
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}|{self.value}|v={self.vector or '-'}|{self.method}|p0={_tag(self.p0, self.strength)}|band={self.band}"
+
+
+def choice_cells(study: StudyConfig, spec: str) -> list[ChoiceCell]:
+    """Every forced-choice cell of one model (:class:`ChoiceCell`), in a fixed order.
+
+    Unsteered always; with ``conva`` among the study's methods, ConVA ungated at each P0 and band for every
+    vector, and the random control and gated ConVA for the own vector; with ``caa``, CAA at each strength
+    and band for every vector.
+    """
+    name, s = model_name(spec), study.study
+    values = study.job.data.values
+    cells = []
+    for value in values:
+        cells.append(ChoiceCell(name, value, None, "none", None, "-", None))
+        for band in s.bands:
+            if "conva" in s.methods or "conva_nogate" in s.methods:
+                for p0 in s.p0:
+                    cells += [ChoiceCell(name, value, v, "conva_nogate", p0, band, None) for v in values]
+                    cells.append(ChoiceCell(name, value, value, "random", p0, band, None))
+                    if "conva" in s.methods:
+                        cells.append(ChoiceCell(name, value, value, "conva", p0, band, None))
+            if "caa" in s.methods:
+                for x in s.caa_strengths:
+                    cells += [ChoiceCell(name, value, v, "caa", None, band, x) for v in values]
+    return cells
+
+
+def choice_table(cfg: Config, cells: Sequence[ChoiceCell]) -> pa.Table:
+    """A row per (forced-choice cell, yes/no prompt): the value's steered prompts that carry ``value_side``.
+
+    ``prompt`` is the question as asked (:func:`conva.choice.choice_prompt`); prompts without a
+    ``value_side`` are not yes/no questions and are left out (a study of them has no forced choice).
+    """
+    from conva.choice import choice_prompt
+
+    prompts = {v: _prompts(cfg, v) for v in {c.value for c in cells}}
+    rows = []
+    for cell in cells:
+        for i, p in enumerate(prompts[cell.value]):
+            if p.value_side is None:
+                continue
+            rows.append(
+                dict(
+                    row_id=f"{cell.id}#{i:04d}",
+                    cell_id=cell.id,
+                    value=cell.value,
+                    vector=cell.vector,
+                    method=cell.method,
+                    p0=cell.p0,
+                    strength=cell.strength,
+                    band=band_layers(cell.band) if cell.band != "-" else None,
+                    item=i,
+                    prompt=choice_prompt(p.prompt),
+                    value_side=p.value_side,
+                )
+            )
+    return pa.Table.from_pylist(rows, schema=CHOICE_INPUT_SCHEMA)
+
+
+def choice_spec(row: dict, bundles: dict[str, ValueBundle], cfg: Config) -> SteerSpec:
+    """The steering of one forced-choice row: its method with its vector's bundle (the gate only for ``conva``).
+
+    CAA is ungated here whatever ``gate.apply_to`` says (gate scope ``conva``), like ``conva_nogate``: the
+    matrix measures what each vector does, not what another value's gate lets through.
+    """
+    if row["method"] == "none":
+        return SteerSpec("none")
+    band = tuple(row["band"]) if row["band"] else None
+    return SteerSpec(
+        row["method"],
+        bundles[row["vector"]],
+        p0=row["p0"],
+        strength=row["strength"] or 0.0,
+        band=band,
+        gate_scope="conva",
+        prefix_on=cfg.gate.prefix_on,
+    )

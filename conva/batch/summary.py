@@ -35,7 +35,19 @@ from conva.metrics import bootstrap_ci, csr
 __all__ = ["summarize", "pool", "matched_fluency", "probe_rows", "pool_key", "OUTPUT_FILES", "study_tables"]
 
 # The study's output tables, in the order they are written (``<study>/<name>.parquet``).
-OUTPUT_FILES = ("results", "pooled", "matched", "summary", "utility", "probes", "judges")
+OUTPUT_FILES = (
+    "results",
+    "pooled",
+    "matched",
+    "summary",
+    "utility",
+    "probes",
+    "judges",
+    "choice",
+    "specificity",
+    "cross_value",
+    "cosines",
+)
 
 
 def _finite(xs: Sequence[float | None]) -> list[float]:
@@ -347,9 +359,17 @@ def probe_rows(model: str, bundles: dict[str, ValueBundle]) -> pa.Table:
 def study_tables(parts: Sequence[dict], *, n_boot: int, seed: int) -> dict[str, pa.Table]:
     """Every output table of a study from its models' parts, keyed by :data:`OUTPUT_FILES`.
 
-    Each part holds one model's ``cells``, ``generations``, ``judged``, ``utility`` and ``agreement``
-    tables and its ``probes`` table (:func:`probe_rows`).
+    Each part holds one model's ``cells``, ``generations``, ``judged``, ``utility``, ``choice`` and
+    ``agreement`` tables, its ``probes`` table (:func:`probe_rows`) and its ``cosines`` table
+    (:func:`conva.batch.specificity.cosine_rows`).
     """
+    from conva.batch.schemas import CHOICE_SCHEMA, COSINE_SCHEMA
+    from conva.batch.specificity import choice_tables
+
+    choice = pa.concat_tables(
+        [p.get("choice", CHOICE_SCHEMA.empty_table()).cast(CHOICE_SCHEMA) for p in parts]
+    )
+    cosines = pa.concat_tables([p.get("cosines", COSINE_SCHEMA.empty_table()) for p in parts])
     results = pa.concat_tables([results_table(p["cells"], p["generations"], p["judged"]) for p in parts])
     utility = pa.concat_tables([p["utility"] for p in parts])
     judges = pa.concat_tables([p["agreement"] for p in parts])
@@ -363,4 +383,6 @@ def study_tables(parts: Sequence[dict], *, n_boot: int, seed: int) -> dict[str, 
         utility=utility,
         probes=pa.concat_tables([p["probes"] for p in parts]),
         judges=judges,
+        **choice_tables(choice, n_boot=n_boot, seed=seed),
+        cosines=cosines,
     )

@@ -27,6 +27,7 @@ model on the same prompt) or only on rows the gate opens (``gated``, as the refe
 from __future__ import annotations
 
 import math
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -51,6 +52,7 @@ __all__ = [
     "row_results",
     "prepare",
     "eos_ids",
+    "random_direction",
 ]
 
 
@@ -193,6 +195,14 @@ def plan_rows(
         )
         if spec.method == "caa":
             p.dirs[i, cols], p.fixed[i, cols] = torch.from_numpy(bundle.caa[rows]).float(), spec.strength
+        elif spec.method == "random":
+            if spec.eps is None:
+                raise ValueError(
+                    "a 'random' spec needs eps (ConVA's ε of the row): score it with conva.choice"
+                )
+            dirs = [random_direction(bundle.value, l, hidden, spec.seed) for l in spec.layers()]
+            p.dirs[i, cols] = torch.from_numpy(np.stack(dirs))
+            p.fixed[i, cols] = torch.tensor(spec.eps, dtype=torch.float32)
         else:
             p.dirs[i, cols] = w / norm[:, None]
             if spec.method == "probe_fixed":
@@ -204,6 +214,17 @@ def plan_rows(
         if spec.gated() and decided is None:
             _plan_gate(p, i, spec)
     return p
+
+
+def random_direction(value: str, layer: int, hidden: int, seed: int = 0) -> np.ndarray:
+    """A unit vector ``[hidden]`` (float32) drawn uniformly on the sphere, fixed by ``seed``, value and layer.
+
+    The ``random`` control's direction: the same for every row of a value and layer, so a study's random
+    rows differ from ConVA's only in where the step points.
+    """
+    rng = np.random.default_rng([seed, layer, zlib.crc32(value.encode())])
+    v = rng.standard_normal(hidden)
+    return (v / np.linalg.norm(v)).astype(np.float32)
 
 
 def _plan_gate(p: Plan, i: int, spec: SteerSpec) -> None:

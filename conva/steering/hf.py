@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Sequence, cast
 
+import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -34,7 +35,7 @@ from conva.steering.core import (
 )
 from conva.steering.spec import Decision, RowResult, SteerSpec, prompt_text
 
-__all__ = ["steer_logits", "generate"]
+__all__ = ["steer_logits", "choice_logprobs", "generate"]
 
 
 @torch.inference_mode()
@@ -54,6 +55,28 @@ def steer_logits(
         logits = model(**with_positions(enc), use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
     n_prompt = enc["attention_mask"].sum(1).tolist()
     return logits.cpu(), row_results(steering, specs, [""] * len(specs), [()] * len(specs), n_prompt, texts)
+
+
+def choice_logprobs(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    token_ids: Sequence[int],
+    *,
+    chat_template: bool = True,
+    positions: str = "all",
+) -> tuple[np.ndarray, list[RowResult]]:
+    """Next-token log-probabilities of ``token_ids`` (log-softmax over the vocabulary) after each prompt.
+
+    :func:`steer_logits` read at the listed tokens: float32 ``[len(prompts), len(token_ids)]``, the same
+    array the vLLM engine's ``choice_logprobs`` gives (:mod:`conva.choice` reads both).
+    """
+    logits, results = steer_logits(
+        model, tok, prompts, specs, chat_template=chat_template, positions=positions
+    )
+    lp = torch.log_softmax(logits, dim=-1)[:, list(token_ids)]
+    return lp.numpy().astype(np.float32), results
 
 
 def _generate_batch(

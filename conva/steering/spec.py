@@ -29,11 +29,11 @@ __all__ = [
     "prompt_text",
 ]
 
-METHODS = ("none", "conva", "conva_nogate", "caa", "probe_fixed", "prompt")
+METHODS = ("none", "conva", "conva_nogate", "caa", "probe_fixed", "random", "prompt")
 STEER_POSITIONS = ("all", "generated")
 EPSILON_MODES = ("frozen", "per_token")
 SETTINGS = ("plain", "opposite")
-VECTOR_METHODS = ("conva", "conva_nogate", "caa", "probe_fixed")
+VECTOR_METHODS = ("conva", "conva_nogate", "caa", "probe_fixed", "random")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,10 @@ class SteerSpec:
 
     ``method``: one of :data:`METHODS`. ``p0``: ConVA's target probability (default: the bundle's).
     ``strength``: the constant scale of ``caa`` (times the mean difference) or ``probe_fixed`` (times
-    ``v_l``). ``band``: steered layers (default: the bundle's). ``setting``: ``opposite`` prefixes a
+    ``v_l``). ``random`` is the specificity control: per steered layer a step of ConVA's size ``eps[k]``
+    (given: ConVA's ε of the same row, :func:`conva.choice.score_choice` finds it) along a random unit
+    direction (:func:`conva.steering.core.random_direction`, drawn from ``seed``, the value and the layer);
+    it is never gated (ConVA's ε already is). ``band``: steered layers (default: the bundle's). ``setting``: ``opposite`` prefixes a
     prompt pushing against the value (METHOD.md §4). ``gate_scope``: which methods the bundle's gate gates
     (``all_methods`` or ``conva``). ``prefix_on``: the opposite prefix on ``all`` rows or only ``gated`` ones.
     """
@@ -55,6 +58,8 @@ class SteerSpec:
     setting: str = "plain"
     gate_scope: str = "all_methods"
     prefix_on: str = "all"
+    eps: tuple[float, ...] | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +72,10 @@ class SteerSpec:
             raise ValueError(f"unknown prefix_on {self.prefix_on!r}; expected one of {PREFIX_ON}")
         if self.method in VECTOR_METHODS and self.bundle is None:
             raise ValueError(f"method {self.method!r} needs a value bundle")
+        if self.method == "random" and self.eps is not None and len(self.eps) != len(self.layers()):
+            raise ValueError(
+                f"method 'random': {len(self.eps)} step sizes for {len(self.layers())} steered layers"
+            )
         if self.method == "prompt" and self.bundle is None:
             raise ValueError("method 'prompt' needs a value bundle (for the value's name)")
         p0 = self.target()
@@ -87,7 +96,11 @@ class SteerSpec:
 
     def gate_applies(self) -> bool:
         """Whether the bundle's gate governs this row: ConVA always, the others under ``all_methods``."""
-        if self.bundle is None or self.bundle.gate.kind == "none" or self.method == "conva_nogate":
+        if (
+            self.bundle is None
+            or self.bundle.gate.kind == "none"
+            or self.method in ("conva_nogate", "random")
+        ):
             return False
         return self.method == "conva" or self.gate_scope == "all_methods"
 

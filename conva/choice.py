@@ -1,0 +1,172 @@
+"""Forced choice: the judge-free reading of what steering does to a yes/no question (METHOD.md §4, beyond the paper).
+
+A prompt that asks a yes/no question (``value_side``: which answer takes the value's side) is fed as
+:func:`choice_prompt` (the question and "Answer yes or no.", in the steering template), and the model's
+next-token distribution at the first answer position is read, steered by the row's
+:class:`~conva.steering.spec.SteerSpec` (gate active). The measure is the **log-odds of the value's side**::
+
+    log_odds_yes = log Σ_{t ∈ yes} p(t) − log Σ_{t ∈ no} p(t)
+    value_log_odds = +log_odds_yes if value_side == "yes" else −log_odds_yes
+
+over every single-token spelling of the two answers (:func:`answer_token_ids`: ``Yes``, `` Yes``, ``yes``…).
+A row is on the value's side when ``value_log_odds > 0`` (the forced-choice CSR). A study compares each
+steered row with the unsteered row of the same prompt (the paired shift). On a balanced prompt set (half
+the prompts have ``no`` as the value's side) a vector that only pushes "yes" moves half the prompts
+toward the value and half away, so its mean shift is about zero; a value-specific vector moves them all.
+
+One forward pass per prompt: any backend that can give next-token log-probabilities of listed tokens
+under a spec (:data:`ChoiceLogprobs`: :func:`conva.steering.hf.choice_logprobs`, or the vLLM engine's
+``choice_logprobs``) scores it. The ``random`` control's ε is ConVA's own ε for the same row: found by
+scoring the row's ConVA twin first (one more pass for those rows only).
+
+Example:
+    >>> import numpy as np
+    >>> yes_log_odds(np.log(np.array([[0.5, 0.1, 0.2, 0.2]])), n_yes=2)   # (0.5+0.1) vs (0.2+0.2)
+    array([0.4054651])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import numpy as np
+
+from conva.data import VALUE_SIDES
+from conva.steering.spec import RowResult, SteerSpec
+
+__all__ = [
+    "YES_WORDS",
+    "NO_WORDS",
+    "ChoiceRow",
+    "ChoiceLogprobs",
+    "choice_prompt",
+    "answer_token_ids",
+    "yes_log_odds",
+    "side_sign",
+    "score_choice",
+]
+
+YES_WORDS = ("Yes", "yes", "YES")
+NO_WORDS = ("No", "no", "NO")
+
+# (prompts, specs, token ids) -> (log-probabilities [rows, len(token ids)], each row's steering telemetry)
+ChoiceLogprobs = Callable[[list[str], list[SteerSpec], list[int]], tuple[np.ndarray, list[RowResult]]]
+
+
+@dataclass(frozen=True)
+class ChoiceRow:
+    """One prompt's forced choice under its spec: the log-odds of yes and of the value's side, and telemetry."""
+
+    log_odds_yes: float
+    value_log_odds: float
+    gate_open: bool
+    gate_score: float | None
+    eps: tuple[float, ...]
+
+
+def choice_prompt(prompt: str) -> str:
+    """The user message of a forced choice: the yes/no question and an instruction to answer it."""
+    return f"{prompt.strip()} Answer yes or no."
+
+
+def answer_token_ids(tok, words: Sequence[str]) -> list[int]:
+    """Every single-token spelling of ``words``, bare and after a space (``"Yes"``, ``" Yes"``), sorted.
+
+    Raises ``ValueError`` when the tokenizer has none: the answer could not be read in one token.
+    """
+    ids = {
+        t[0]
+        for w in words
+        for t in (tok.encode(s, add_special_tokens=False) for s in (w, f" {w}"))
+        if len(t) == 1
+    }
+    if not ids:
+        raise ValueError(f"the tokenizer has no single token for any of {list(words)}")
+    return sorted(ids)
+
+
+def yes_log_odds(logprobs: np.ndarray, n_yes: int) -> np.ndarray:
+    """``log Σ p(yes tokens) − log Σ p(no tokens)`` per row, from log-probabilities ``[rows, n_yes + n_no]``.
+
+    The first ``n_yes`` columns are the yes spellings, the rest the no spellings; a log-softmax over the
+    whole vocabulary or raw logits give the same result (the normaliser cancels).
+    """
+    lp = np.asarray(logprobs, dtype=np.float64)
+    return _logsumexp(lp[:, :n_yes]) - _logsumexp(lp[:, n_yes:])
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    top = x.max(axis=1, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def side_sign(side: str) -> float:
+    """+1 when ``yes`` takes the value's side, −1 when ``no`` does."""
+    if side not in VALUE_SIDES:
+        raise ValueError(f"value_side must be one of {VALUE_SIDES}, got {side!r}")
+    return 1.0 if side == "yes" else -1.0
+
+
+def score_choice(
+    logprobs: ChoiceLogprobs,
+    tok,
+    prompts: Sequence[str],
+    sides: Sequence[str],
+    specs: Sequence[SteerSpec],
+    *,
+    batch_size: int = 16,
+    words: tuple[Sequence[str], Sequence[str]] = (YES_WORDS, NO_WORDS),
+) -> list[ChoiceRow]:
+    """Score each yes/no ``prompt`` (already in :func:`choice_prompt` form) under its spec, in order.
+
+    ``words``: the spellings of yes and of no (:func:`answer_token_ids` finds their single tokens).
+
+    ``random`` specs without ``eps`` take ConVA's ε of the same row: their ConVA twin (``conva_nogate``
+    with the same bundle, P0 and band) is scored first and its per-layer ε given to the random step.
+    """
+    if not len(prompts) == len(sides) == len(specs):
+        raise ValueError(f"{len(prompts)} prompts, {len(sides)} sides and {len(specs)} specs must match")
+    signs = [side_sign(s) for s in sides]
+    yes, no = answer_token_ids(tok, words[0]), answer_token_ids(tok, words[1])
+    if set(yes) & set(no):
+        raise ValueError("a token spells both yes and no")
+    specs = _with_conva_eps(logprobs, list(prompts), list(specs), yes + no, batch_size)
+    out: list[ChoiceRow] = []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        lp, results = logprobs(list(prompts[start:stop]), list(specs[start:stop]), yes + no)
+        odds = yes_log_odds(lp, len(yes))
+        for k, res in enumerate(results):
+            o = float(odds[k])
+            out.append(ChoiceRow(o, signs[start + k] * o, res.gate_open, res.gate_score, res.eps))
+    return out
+
+
+def _with_conva_eps(
+    logprobs: ChoiceLogprobs, prompts: list[str], specs: list[SteerSpec], ids: list[int], batch_size: int
+) -> list[SteerSpec]:
+    """``specs`` with each eps-less ``random`` spec given its ConVA twin's per-layer ε."""
+    todo = [i for i, s in enumerate(specs) if s.method == "random" and s.eps is None]
+    if not todo:
+        return specs
+    out = list(specs)
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        twins = [conva_twin(specs[i]) for i in rows]
+        _, results = logprobs([prompts[i] for i in rows], twins, ids)
+        for i, res in zip(rows, results):
+            out[i] = replace(specs[i], eps=tuple(res.eps))
+    return out
+
+
+def conva_twin(spec: SteerSpec) -> SteerSpec:
+    """The ungated ConVA spec whose ε a ``random`` spec copies: same bundle, P0, band and setting."""
+    return SteerSpec(
+        "conva_nogate",
+        spec.bundle,
+        p0=spec.p0,
+        band=spec.band,
+        setting=spec.setting,
+        prefix_on=spec.prefix_on,
+    )
