@@ -71,18 +71,14 @@ def choice_prompt(prompt: str) -> str:
 
 
 def answer_token_ids(tok, words: Sequence[str]) -> list[int]:
-    """Every single-token spelling of ``words``, bare and after a space (``"Yes"``, ``" Yes"``), sorted.
+    """The first token of every spelling of ``words``, bare and after a space (``"Yes"``, ``" Yes"``), sorted.
 
-    Raises ``ValueError`` when the tokenizer has none: the answer could not be read in one token.
+    The token the model would emit first when it answers with that word: the word itself where the
+    tokenizer has it as one token (SmolLM2, Gemma), else the word's first piece.
     """
-    ids = {
-        t[0]
-        for w in words
-        for t in (tok.encode(s, add_special_tokens=False) for s in (w, f" {w}"))
-        if len(t) == 1
-    }
+    ids = {t[0] for w in words for t in (tok.encode(s, add_special_tokens=False) for s in (w, f" {w}")) if t}
     if not ids:
-        raise ValueError(f"the tokenizer has no single token for any of {list(words)}")
+        raise ValueError(f"the tokenizer encodes none of {list(words)}")
     return sorted(ids)
 
 
@@ -120,7 +116,8 @@ def score_choice(
 ) -> list[ChoiceRow]:
     """Score each yes/no ``prompt`` (already in :func:`choice_prompt` form) under its spec, in order.
 
-    ``words``: the spellings of yes and of no (:func:`answer_token_ids` finds their single tokens).
+    ``words``: the spellings of yes and of no (:func:`answer_token_ids` finds their first tokens; a token
+    that starts both a yes and a no spelling is left out).
 
     ``random`` specs without ``eps`` take ConVA's ε of the same row: their ConVA twin (``conva_nogate``
     with the same bundle, P0 and band) is scored first and its per-layer ε given to the random step.
@@ -129,8 +126,10 @@ def score_choice(
         raise ValueError(f"{len(prompts)} prompts, {len(sides)} sides and {len(specs)} specs must match")
     signs = [side_sign(s) for s in sides]
     yes, no = answer_token_ids(tok, words[0]), answer_token_ids(tok, words[1])
-    if set(yes) & set(no):
-        raise ValueError("a token spells both yes and no")
+    both = set(yes) & set(no)  # a piece that starts a yes and a no spelling (a bare space) says neither
+    yes, no = [t for t in yes if t not in both], [t for t in no if t not in both]
+    if not yes or not no:
+        raise ValueError(f"the tokenizer has no first token that tells {words[0][0]!r} from {words[1][0]!r}")
     specs = _with_conva_eps(logprobs, list(prompts), list(specs), yes + no, batch_size)
     out: list[ChoiceRow] = []
     for start in range(0, len(prompts), batch_size):

@@ -26,8 +26,8 @@ from conva.steering.core import plan_rows, random_direction
 from conva.steering.hf import choice_logprobs
 from conva.steering.spec import SteerSpec
 
-# The tiny tokenizer is byte-level BPE on a small corpus: its single tokens for the answers are letters.
-WORDS = (("Y", "y"), ("N", "n"))
+# The tiny tokenizer is byte-level BPE on a small corpus: the answers' first tokens are pieces of the words.
+WORDS = (("Yes", "yes", "YES"), ("No", "no", "NO"))
 PROMPTS = [choice_prompt(p) for p in ("Should I take the job abroad?", "Should I stay home tonight?")]
 
 
@@ -47,6 +47,7 @@ def test_log_odds_equal_a_hand_computation_from_the_logits(tiny):
     with torch.inference_mode():
         logits = model(**with_positions(enc), use_cache=False).logits[:, -1, :].double()
     yes, no = answer_token_ids(tok, WORDS[0]), answer_token_ids(tok, WORDS[1])
+    yes, no = [t for t in yes if t not in no], [t for t in no if t not in yes]  # a shared piece says neither
     # log Σ_yes softmax − log Σ_no softmax = logsumexp(logits[yes]) − logsumexp(logits[no])
     hand = torch.logsumexp(logits[:, yes], -1) - torch.logsumexp(logits[:, no], -1)
     assert [r.log_odds_yes for r in rows] == pytest.approx(hand.tolist(), abs=1e-5)

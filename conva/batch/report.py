@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conva.batch.choice_report import forced_choice_html, forced_choice_text
 from conva.batch.summary import OUTPUT_FILES as _STUDY_FILES
 
 __all__ = ["write_report", "format_summary", "study_choices", "main"]
@@ -204,7 +205,10 @@ def format_summary(path: str | Path) -> str:
     widths = [max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols]
     line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
     out = [f"{k}: {v}" for k, v in study_choices(folder)]
-    out += ["", line(cols), line(["-" * w for w in widths]), *(line([r[c] for c in cols]) for r in rows)]
+    fc = forced_choice_text(folder)
+    out += ["", fc] if fc else []
+    out += ["", "judged generations (pooled over values)", ""] if fc else [""]
+    out += [line(cols), line(["-" * w for w in widths]), *(line([r[c] for c in cols]) for r in rows)]
     conv = _convergence(_read(folder, "probes"))
     return "\n".join(out + ([conv] if conv else []))
 
@@ -498,6 +502,7 @@ def write_report(path: str | Path) -> Path:
         f"<h1>ConVA study: {html.escape(folder.name)}</h1>",
         "<h2>Choices</h2>",
         _html_table(choices),
+        forced_choice_html(folder, out),
         "<h2>Summary (pooled over values)</h2>",
         f"<p>{html.escape(_CI_NOTE)}</p>",
         _html_table([{c: r[c] for c in _SUMMARY_COLS} for r in pooled]),
