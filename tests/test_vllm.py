@@ -411,6 +411,40 @@ def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:
     assert all(rows[i].pred == plain[i].pred for i in gated_rows if not rows[i].gate_open)
 
 
+@pytest.mark.slow
+def test_forced_choice_matches_hf_with_the_random_control(hf, bundles, eager) -> None:  # noqa: ANN001
+    """Forced choice through the engine: the same log-odds as HF within 1e-4, row by row, for ConVA, CAA,
+    gated ConVA, the unsteered model and the random control (which takes ConVA's ε on both backends)."""
+    from conva.choice import choice_prompt, score_choice
+    from conva.steering.hf import choice_logprobs
+
+    model, tok = hf
+    prompts = [choice_prompt(p) for p in PROMPTS]
+    kinds = [
+        SteerSpec("conva_nogate", bundles[0], p0=0.99),
+        SteerSpec("random", bundles[0], p0=0.99),
+        SteerSpec("none"),
+        SteerSpec("caa", bundles[1], strength=3.0, gate_scope="conva"),
+        SteerSpec("conva", bundles[0]),
+    ]
+    specs = (kinds * len(prompts))[: len(prompts)]
+    sides = ["yes", "no"] * (len(prompts) // 2) + ["yes"] * (len(prompts) % 2)
+
+    def on_hf(p, s, ids):  # noqa: ANN001, ANN202
+        return choice_logprobs(model, tok, p, s, ids)
+
+    def on_engine(p, s, ids):  # noqa: ANN001, ANN202
+        return eager.choice_logprobs(p, s, ids)
+
+    want = score_choice(on_hf, tok, prompts, sides, specs, batch_size=len(prompts))
+    got = score_choice(on_engine, tok, prompts, sides, specs, batch_size=len(prompts))
+    np.testing.assert_allclose([r.value_log_odds for r in got], [r.value_log_odds for r in want], atol=1e-4)
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(a.eps, b.eps, atol=1e-3)
+        assert a.gate_open == b.gate_open
+    assert any(r.eps and max(r.eps) > 0 for r, s in zip(got, specs) if s.method == "random")
+
+
 @pytest.fixture
 def compile_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh vLLM cache folder (``VLLM_CACHE_ROOT``) for one test: vLLM freezes its environment
