@@ -230,6 +230,14 @@ def test_pooled_interval_is_a_bootstrap_over_all_the_rows_prompts() -> None:
         caa["ppl_ratio_lo"],
         caa["ppl_ratio_hi"],
     ) == pytest.approx((np.exp(lo), np.exp(hi)))
+    # The paired difference against unsteered: per prompt, the cell's score minus the unsteered one's.
+    score = {(r["method"], r["strength"], r["value"], r["prompt"]): r["judge_score"] for r in rows}
+    diffs = [
+        score[("conva", None, v, p)] - score[("none", None, v, p)] for (m, _, v, p) in score if m == "conva"
+    ]
+    assert conva["csr_diff"] == pytest.approx(np.mean(diffs))
+    assert (conva["csr_diff_lo"], conva["csr_diff_hi"]) == bootstrap_ci(diffs, n_boot=4000, seed=3)
+    assert pooled[("none", None)]["csr_diff"] is None
 
 
 def test_matched_fluency_pairs_each_conva_point_with_the_nearest_caa_point() -> None:

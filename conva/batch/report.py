@@ -53,6 +53,9 @@ _SUMMARY_COLS = [
     "csr",
     "csr_lo",
     "csr_hi",
+    "csr_diff",
+    "csr_diff_lo",
+    "csr_diff_hi",
     "ppl_ratio",
     "ppl_ratio_lo",
     "ppl_ratio_hi",
@@ -64,7 +67,8 @@ _SUMMARY_COLS = [
 ]
 _CI_NOTE = (
     "csr: mean judge score over all the row's prompts (every value, gated-off ones included); csr_lo/csr_hi: "
-    "95% percentile bootstrap over those n prompts. ppl_ratio: geometric-mean perplexity of the answers "
+    "95% percentile bootstrap over those n prompts. csr_diff: mean paired difference against the unsteered "
+    "answer to the same prompt, same bootstrap. ppl_ratio: geometric-mean perplexity of the answers "
     "under the unsteered model, given the context each was generated from, relative to the unsteered "
     "answers (ppl_ratio_lo/hi: bootstrap over the same prompts); ppl_plain_ratio: the same given the plain "
     "prompt. utility_ratio: multiple-choice accuracy with steering and gate active / unsteered. "
@@ -188,6 +192,7 @@ def _compact(r: dict) -> dict[str, str]:
         "strength": _fmt(r["strength"], exact=True),
         "n": str(r["n"]),
         "csr [95% CI]": _interval(r, "csr", "csr_lo", "csr_hi"),
+        "csr - none [95% CI]": _interval(r, "csr_diff", "csr_diff_lo", "csr_diff_hi"),
         "ppl ratio [95% CI]": _interval(r, "ppl_ratio", "ppl_ratio_lo", "ppl_ratio_hi"),
         "ppl plain": _fmt(r["ppl_plain_ratio"]),
         "utility": _fmt(r["utility_ratio"]),

@@ -80,6 +80,16 @@ def _log_ratios(rows: list[dict], base: dict[tuple, dict], key: str) -> list[flo
     return out
 
 
+def _paired_diffs(rows: list[dict], base: dict[tuple, dict]) -> list[float]:
+    """Per prompt: the judge's score minus the unsteered answer's score on the same prompt, where both exist."""
+    out = []
+    for r in rows:
+        b = base.get(_prompt_key(r))
+        if b is not None and r["judge_score"] is not None and b["judge_score"] is not None:
+            out.append(float(r["judge_score"]) - float(b["judge_score"]))
+    return out
+
+
 def _gate_rate(rows: list[dict]) -> float | None:
     """Share of the rows whose gate was read (a score recorded) that it opened."""
     return _mean(
@@ -193,7 +203,8 @@ def pool(
     """One row per (model, method, P0, band, strength, setting), pooled over values.
 
     ``csr_lo``/``csr_hi``: percentile bootstrap of the mean over **all** the row's prompts (every value's),
-    in the results table's order. ``ppl_ratio_lo``/``_hi``: the same bootstrap over the per-prompt log
+    in the results table's order. ``csr_diff``: the mean paired difference against the unsteered answer to
+    the same prompt, with the same bootstrap (``_lo``/``_hi``). ``ppl_ratio_lo``/``_hi``: the same bootstrap over the per-prompt log
     ratios against the unsteered answers. Utility and gate rates pool every value's rows.
     """
     rows = results.to_pylist()
@@ -211,6 +222,8 @@ def pool(
         logs = _log_ratios(ok, base, "ppl")
         llo, lhi = bootstrap_ci(logs, n_boot=n_boot, seed=seed)
         plain = _log_ratios(ok, base, "ppl_plain")
+        diffs = _paired_diffs(ok, base)
+        dlo, dhi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
         values = sorted({r["value"] for r in rs})
         cells = dict.fromkeys(_utility_id(rs[0], v) for v in values)  # one unsteered cell serves every value
         mrows = [m for cell in cells for m in mc.get(cell, [])]
@@ -229,6 +242,9 @@ def pool(
                 csr=csr(scores),
                 csr_lo=lo,
                 csr_hi=hi,
+                csr_diff=float(np.mean(diffs)) if diffs and method != "none" else None,
+                csr_diff_lo=dlo if diffs and method != "none" else None,
+                csr_diff_hi=dhi if diffs and method != "none" else None,
                 ppl_ratio=math.exp(np.mean(logs)) if logs else None,
                 ppl_ratio_lo=math.exp(llo) if logs else None,
                 ppl_ratio_hi=math.exp(lhi) if logs else None,
