@@ -101,6 +101,8 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
             raise JobError(f"study.models: {err}") from err
         cfg = model_config(study, entry, out.uri)
         cells, ucells = expand_cells(study, spec), utility_cells(study, spec)
+        if not study.study.generate:
+            cells, ucells = [], []
         rps, base = cfg.ray.steer_shard_rows, run_config(cfg)
         steer_in = generated(steering_table(cfg, cells), rps)
         util_in = generated(_utility_rows(study, ucells), rps)

@@ -119,6 +119,9 @@ class StudySection:
     breaks fluency)."""
     bootstrap: int = 1000  # bootstrap resamples of each cell's CSR interval
     seed: int = 0  # seed of the bootstrap
+    generate: bool = True
+    """Judged generations (answers, their judge and perplexity, multiple choice); false runs only the forced
+    choice (conva.choice: one forward pass per prompt and steering, judge-free)."""
 
 
 @dataclass(frozen=True)
