@@ -260,6 +260,28 @@ def test_matched_fluency_pairs_each_conva_point_with_the_nearest_caa_point() -> 
     assert fluent and row["verdict"] == expected
 
 
+def test_matched_fluency_interpolates_caa_between_the_strengths_that_bracket_conva() -> None:
+    rows = _two_value_results().to_pylist()
+    for r in rows:  # ConVA's answers become as disfluent as CAA's between strengths 0.1 and 0.5
+        if r["method"] == "conva":
+            r["ppl"] *= 2.2
+    results = pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+    pooled = {(r["method"], r["strength"]): r for r in pool(results, n_boot=500, seed=0).to_pylist()}
+    (row,) = matched_fluency(results, pool(results, n_boot=500, seed=0), n_boot=500, seed=0).to_pylist()
+    x, lo, hi = (math.log(pooled[k]["ppl_ratio"]) for k in (("conva", None), ("caa", 0.1), ("caa", 0.5)))
+    assert lo < x < hi
+    t = (x - lo) / (hi - lo)
+    assert row["other_strength"] == pytest.approx(0.1 + t * 0.4)
+    assert row["ppl_ratio_other"] == pytest.approx(pooled[("conva", None)]["ppl_ratio"])
+    by = {(r["method"], r["strength"], r["value"], r["prompt"]): r["judge_score"] for r in rows}
+    diffs = [
+        by[("conva", None, v, p)] - ((1 - t) * by[("caa", 0.1, v, p)] + t * by[("caa", 0.5, v, p)])
+        for (m, _, v, p) in by
+        if m == "conva"
+    ]
+    assert row["csr_diff"] == pytest.approx(np.mean(diffs))
+
+
 @pytest.fixture(scope="module")
 def study_run(tiny_path, tmp_path_factory, ray_session):
     """A four-cell study (ConVA, CAA, prompting, unsteered; one value) on the tiny model, as one embedded-Ray job."""

@@ -284,7 +284,9 @@ def matched_fluency(results: pa.Table, pooled: pa.Table, *, n_boot: int = 1000, 
     """Each ConVA point against the nearest-fluency CAA point and the prompting point, on the same prompts.
 
     For every pooled ConVA row and each other method (``caa``, ``prompt``) of the same (model, setting),
-    the other method's point whose perplexity ratio is nearest (in log) is the comparison. The CSR
+    the comparison is the other method **at ConVA's perplexity ratio**: interpolated (linearly in log
+    perplexity, per prompt) between the two points of a sweep that bracket it (CAA's strengths; the
+    strength reported is interpolated the same way), else the nearest point (no extrapolation). The CSR
     difference is bootstrapped over the prompts both answered (paired); the verdict reads the CSR
     interval and the two perplexity-ratio intervals (:func:`_verdict`).
     """
@@ -303,8 +305,8 @@ def matched_fluency(results: pa.Table, pooled: pa.Table, *, n_boot: int = 1000, 
             ]
             if not rivals:
                 continue
-            b = min(rivals, key=lambda p: abs(math.log(p["ppl_ratio"]) - math.log(a["ppl_ratio"])))
-            sa, sb = by_key[pool_key(a)], by_key[pool_key(b)]
+            b, sb = _rival(a, rivals, by_key)
+            sa = by_key[pool_key(a)]
             both = [k for k in sa if k in sb]
             diffs = [sa[k] - sb[k] for k in both]
             lo, hi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
@@ -337,6 +339,34 @@ def matched_fluency(results: pa.Table, pooled: pa.Table, *, n_boot: int = 1000, 
                 )
             )
     return pa.Table.from_pylist(out, schema=MATCHED_SCHEMA)
+
+
+def _rival(a: dict, rivals: list[dict], by_key: dict) -> tuple[dict, dict[tuple, float]]:
+    """The rival point at ``a``'s perplexity ratio, and its per-prompt scores (interpolated or the nearest)."""
+    x = math.log(a["ppl_ratio"])
+    pts = sorted(rivals, key=lambda p: math.log(p["ppl_ratio"]))
+    below = [p for p in pts if math.log(p["ppl_ratio"]) <= x]
+    above = [p for p in pts if math.log(p["ppl_ratio"]) > x]
+    if not below or not above:
+        b = min(rivals, key=lambda p: abs(math.log(p["ppl_ratio"]) - x))
+        return b, by_key[pool_key(b)]
+    p, q = below[-1], above[0]
+    t = (x - math.log(p["ppl_ratio"])) / (math.log(q["ppl_ratio"]) - math.log(p["ppl_ratio"]))
+    sp, sq = by_key[pool_key(p)], by_key[pool_key(q)]
+    scores = {k: (1 - t) * sp[k] + t * sq[k] for k in sp if k in sq}
+
+    def mix(key: str) -> float | None:
+        u, v = p.get(key), q.get(key)
+        return None if u is None or v is None else (1 - t) * u + t * v
+
+    point = {
+        **p,
+        "strength": mix("strength"),
+        "ppl_ratio": a["ppl_ratio"],
+        "ppl_ratio_lo": mix("ppl_ratio_lo"),
+        "ppl_ratio_hi": mix("ppl_ratio_hi"),
+    }
+    return point, scores
 
 
 def probe_rows(model: str, bundles: dict[str, ValueBundle]) -> pa.Table:
