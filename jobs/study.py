@@ -104,9 +104,11 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         if not study.study.generate:
             cells, ucells = [], []
         rps, base = cfg.ray.steer_shard_rows, run_config(cfg)
-        steer_in = generated(steering_table(cfg, cells), rps)
+        steer_in = generated(steering_table(cfg, cells, study.study.generate_prompts), rps)
         util_in = generated(_utility_rows(study, ucells), rps)
-        choice_in = generated(choice_table(cfg, choice_cells(study, spec)), rps)
+        # One forward pass a row: shards as large as the job's, not as steering's (which generates).
+        crs = cfg.ray.rows_per_shard
+        choice_in = generated(choice_table(cfg, choice_cells(study, spec)), crs)
         gen = {
             **base,
             "cells": [c.id for c in cells],
@@ -131,7 +133,7 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
             StageSpec(
                 "choice",
                 "study_choice",
-                {**base, "shards": shard_config(rps, choice_in.table.num_rows, choice_in.sha256)},
+                {**base, "shards": shard_config(crs, choice_in.table.num_rows, choice_in.sha256)},
                 choice_in.n_shards,
                 choice_in,
                 source=prompts,

@@ -93,6 +93,36 @@ def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
             assert spec.layers() == (tuple(row["band"]) if row["band"] else bundle.band)
         if row["method"] == "caa":
             assert spec.strength in study.study.caa_strengths and f"s={spec.strength:g}" in row["cell_id"]
+    assert steering_table(cfg, cells, 1).num_rows == len(
+        cells
+    )  # study.generate_prompts: the first prompt only
+
+
+def test_forced_choice_cells_form_the_cross_value_matrix_and_its_controls() -> None:
+    from conva.batch.study import choice_cells, choice_table
+
+    study = load_study(
+        DEMO,
+        [
+            '--data.values=["power", "tradition", "hedonism"]',
+            "--data.max_prompts_per_value=10",
+            "--study.p0=[0.9, 0.99]",
+            "--study.caa_strengths=[0.1, 0.2, 0.3, 0.4, 0.5]",
+        ],
+    )
+    cells = choice_cells(study, "smollm2")
+    # per value: unsteered; ConVA per P0 with each of the 3 vectors, the random control and gated ConVA; CAA
+    # per strength with each of the 3 vectors
+    assert len(cells) == 3 * (1 + 2 * (3 + 1 + 1) + 5 * 3) and len({c.id for c in cells}) == len(cells)
+    assert {(c.method, c.vector == c.value) for c in cells if c.method in ("random", "conva")} == {
+        ("random", True),
+        ("conva", True),
+    }
+    table = choice_table(model_config(study, "smollm2", "/tmp/x"), cells).to_pylist()
+    assert len(table) == 10 * len(cells)  # every demo prompt is a yes/no question with its value side
+    assert all(r["prompt"].endswith("Answer yes or no.") and r["value_side"] in ("yes", "no") for r in table)
+    sides = [r["value_side"] for r in table if r["method"] == "none"]
+    assert sides.count("yes") == sides.count("no")  # balanced: five of each value's first ten
 
 
 def _result(

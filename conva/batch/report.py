@@ -212,8 +212,9 @@ def format_summary(path: str | Path) -> str:
     out = [f"{k}: {v}" for k, v in study_choices(folder)]
     fc = forced_choice_text(folder)
     out += ["", fc] if fc else []
-    out += ["", "judged generations (pooled over values)", ""] if fc else [""]
-    out += [line(cols), line(["-" * w for w in widths]), *(line([r[c] for c in cols]) for r in rows)]
+    if rows:
+        out += ["", "judged generations (pooled over values)", ""] if fc else [""]
+        out += [line(cols), line(["-" * w for w in widths]), *(line([r[c] for c in cols]) for r in rows)]
     conv = _convergence(_read(folder, "probes"))
     return "\n".join(out + ([conv] if conv else []))
 

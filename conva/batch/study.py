@@ -119,6 +119,9 @@ class StudySection:
     breaks fluency)."""
     bootstrap: int = 1000  # bootstrap resamples of each cell's CSR interval
     seed: int = 0  # seed of the bootstrap
+    generate_prompts: int = 0
+    """Prompts per value that get judged generations (the first ones; 0: all): generating costs a pass per new
+    token, the forced choice one pass per prompt, so a study can read every prompt judge-free and answer fewer."""
     generate: bool = True
     """Judged generations (answers, their judge and perplexity, multiple choice); false runs only the forced
     choice (conva.choice: one forward pass per prompt and steering, judge-free)."""
@@ -194,6 +197,7 @@ def _check(study: StudyConfig) -> None:
             "values must lie strictly between 0 and 1",
         ),
         ("study.bootstrap", s.bootstrap >= 1, "must be at least 1"),
+        ("study.generate_prompts", s.generate_prompts >= 0, "must be >= 0 (0: every prompt)"),
         (
             "study.caa_strengths",
             bool(s.caa_strengths) and all(x > 0 for x in s.caa_strengths),
@@ -393,12 +397,13 @@ def _prompts(cfg: Config, value: str) -> list[D.Prompt]:
     return value_prompts(cfg, value)[0]
 
 
-def steering_table(cfg: Config, cells: Sequence[Cell]) -> pa.Table:
+def steering_table(cfg: Config, cells: Sequence[Cell], per_value: int = 0) -> pa.Table:
     """One steering table for all cells of a model: a row per (cell, prompt), per-row overrides set.
 
-    ``row_id`` is ``<cell id>#<prompt index>``; the ``cell_id`` column is carried for joins.
+    ``row_id`` is ``<cell id>#<prompt index>``; the ``cell_id`` column is carried for joins. ``per_value``:
+    only each value's first prompts (0: all; ``study.generate_prompts``).
     """
-    prompts = {v: _prompts(cfg, v) for v in {c.value for c in cells}}
+    prompts = {v: _prompts(cfg, v)[: per_value or None] for v in {c.value for c in cells}}
     rows = []
     for cell in cells:
         for i, p in enumerate(prompts[cell.value]):
