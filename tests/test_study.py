@@ -366,8 +366,22 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     )
     matched = pq.read_table(out / "matched.parquet").to_pylist()
     assert {r["other"] for r in matched} == {"caa", "prompt"} and all(r["n_pairs"] == 3 for r in matched)
+    # Forced choice: per prompt, unsteered, ConVA ungated, the random control, gated ConVA and CAA (one value,
+    # so the matrix is its diagonal and the specific effect is not measured).
+    choice = pq.read_table(out / "choice.parquet").to_pylist()
+    assert len(choice) == 5 * 3 and all(r["error"] is None for r in choice)
+    assert {r["method"] for r in choice} == {"none", "conva_nogate", "random", "conva", "caa"}
+    for r in choice:
+        assert r["value_log_odds"] == (1 if r["value_side"] == "yes" else -1) * r["log_odds_yes"]
+    eps = {(r["method"], r["item"]): r["eps_norm"] for r in choice}
+    assert all(eps[("random", i)] == pytest.approx(eps[("conva_nogate", i)], abs=1e-4) for i in range(3))
+    spec = {r["method"]: r for r in pq.read_table(out / "specificity.parquet").to_pylist()}
+    assert spec["conva"]["n"] == 3 and spec["conva"]["specific"] is None and spec["caa"]["strength"] == 0.5
+    base = {r["item"]: r["value_log_odds"] for r in choice if r["method"] == "none"}
+    own = [r["value_log_odds"] - base[r["item"]] for r in choice if r["method"] == "conva_nogate"]
+    assert spec["conva"]["own"] == pytest.approx(np.mean(own))
     pngs = sorted((out / "report").glob("*.png"))
-    assert len(pngs) == 6 and all(p.stat().st_size > 1000 for p in pngs)
+    assert len(pngs) == 7 and all(p.stat().st_size > 1000 for p in pngs)
     page = (out / "report" / "index.html").read_text()
     assert "<img" in page and "gate.apply_to" in page and "all_methods" in page
 
