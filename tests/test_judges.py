@@ -37,6 +37,7 @@ from conva.judges import (
     parse_verdict,
     value_prompt,
 )
+from conva.local_chat import load_local_chat, local_chat, render
 from conva.record import record_activations
 
 
@@ -439,3 +440,57 @@ def test_the_classifier_is_validated_on_its_own_verdicts(tmp_path) -> None:
     assert v == validity_from_verdicts(
         "classifier", "all models' answers", labelled, [m.score for m in mine], [m.prob for m in mine]
     )
+
+
+# --- the llm judge on a local model (conva.local_chat) ------------------------------------------------------
+
+
+def test_local_llm_judge_plumbing_on_a_tiny_random_model(tiny) -> None:
+    """Prompt construction and one verdict per answer. The tiny model is random: its replies are garbage
+    (mostly no verdict word, so 0.5); what is checked is the plumbing, never what it says."""
+    import copy
+
+    model, tok = tiny
+    messages = value_prompt("power", "Should I take the promotion?", "Take it: status matters.")
+    system, user = messages[0]["content"], messages[1]["content"]
+    assert render(tok, messages) == (
+        f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    plain = copy.deepcopy(tok)  # a base model's plain template (Gemma 3 270M's) keeps the last message only
+    plain.chat_template = "Question: {{ messages[-1]['content'] }}\nAnswer:"
+    assert render(plain, messages) == f"Question: {system}\n\n{user}\nAnswer:"
+    plain.chat_template = None
+    assert render(plain, messages) == f"{system}\n\n{user}"
+    chat = local_chat(model, tok, batch_size=2)
+    settings = JudgeSettings("llm", backend="local", model="tiny", max_tokens=3)
+    judge = make_judge(settings, values=["power"], chat=chat)
+    answers = ["Take it.", "Stay home with the kids, they need you more than a title does.", ""]
+    verdicts = judge.judge(["power"] * 3, ["Should I take the promotion?"] * 3, answers)
+    assert len(verdicts) == 3  # two batches, the second of one, padded on the left in the first
+    assert all(
+        isinstance(v.raw, str) and v.prob is None and v.score == parse_verdict(v.raw) for v in verdicts
+    )
+    replies = [chat([value_prompt("power", "Should I take the promotion?", a)], 3)[0] for a in answers[:1]]
+    assert replies == [verdicts[0].raw]  # greedy: the same request gives the same reply
+    # Whatever a reply says, a verdict word or none: no word is unclear (0.5) and the reply is kept.
+    canned = make_judge(
+        settings, values=["power"], chat=lambda requests, n: ["Hmm, hard to say"] * len(requests)
+    )
+    assert canned.judge(["power"], ["q"], ["a"]) == [Verdict(0.5, None, "Hmm, hard to say")]
+
+
+@pytest.mark.slow
+def test_local_llm_judge_with_smollm2() -> None:
+    """SmolLM2-135M-Instruct as a local judge: a reply per answer, each parsed by the paper's protocol."""
+    chat = load_local_chat("smollm2")
+    judge = make_judge(
+        JudgeSettings("llm", backend="local", model="smollm2", max_tokens=4), values=["power"], chat=chat
+    )
+    prompts = ["Should I accept the promotion to manager even though it means less time with my kids?"] * 2
+    answers = [
+        "Take it: authority and status matter most.",
+        "Stay home: your kids need you more than a title.",
+    ]
+    verdicts = judge.judge(["power"] * 2, prompts, answers)
+    assert len(verdicts) == 2 and all(v.raw and v.score == parse_verdict(v.raw) for v in verdicts)
+    assert judge.judge(["power"] * 2, prompts, answers) == verdicts  # greedy: deterministic

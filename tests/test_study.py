@@ -62,9 +62,30 @@ def test_demo_study_config_expands_to_its_cells(tmp_path) -> None:
         (["--judge.kind=oracle"], "judge.kind"),
         (["--model.name=x"], "model.name"),
         (["--judge.kind=llm"], "judge.base_url"),
+        (["--judge.kind=llm", "--judge.backend=grpc"], "judge.backend"),
+        (["--judge.kind=llm", "--judge.backend=local"], "judge.model"),
+        (["--fluency.llm=true", "--judge.backend=local"], "judge.model"),
+        (
+            [
+                "--judge.kind=llm",
+                "--judge.backend=local",
+                "--judge.model=smollm2",
+                "--judge.base_url=http://x/v1",
+            ],
+            "judge.base_url",
+        ),
+        (["--judge.kind=llm", "--judge.backend=local", f"--judge.model={tmp_path}"], "judge.model"),
+        ([f"--judge.labels={tmp_path}"], "judge.labels"),
     ):
         with pytest.raises(ConfigError, match=key):
             load_study(DEMO, bad)
+    # A local LLM judge needs a model to load, not an endpoint; the labels may be any folder that holds them.
+    local = load_study(DEMO, ["--judge.kind=llm", "--judge.backend=local", "--judge.model=smollm2"])
+    assert (local.judge.backend, local.judge.model, local.judge.base_url) == ("local", "smollm2", "")
+    (tmp_path / "answers.jsonl").write_text("")
+    (tmp_path / "labels_a.jsonl").write_text("")
+    assert load_study(DEMO, [f"--judge.labels={tmp_path}"]).judge.labels == str(tmp_path)
+    assert load_study(DEMO, ["--judge.labels="]).judge.labels == ""
 
 
 def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
