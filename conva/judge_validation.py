@@ -55,6 +55,8 @@ __all__ = [
     "load_labelled",
     "scoped",
     "validate_judge",
+    "validate_per_value",
+    "labelled_for",
     "validity_from_verdicts",
     "bootstrap_validity",
     "kappa_note",
@@ -250,6 +252,21 @@ def validate_judge(
     ``model`` and is validated on that model's answers only; any other judge on every model's answers
     (``model`` is then ignored). ``scope`` in the result says which.
     """
+    return validate_per_value(judge, labelled, kind=kind, values=values, model=model)["*"]
+
+
+def validate_per_value(
+    judge: _Judges,
+    labelled: Sequence[LabelledAnswer],
+    *,
+    kind: str | None = None,
+    values: Sequence[str] | None = None,
+    model: str | None = None,
+) -> dict[str, JudgeValidity]:
+    """:func:`validate_judge` over all of ``values`` (key ``"*"``) and for each value alone, judging each answer once.
+
+    Keys: ``"*"`` and every value of ``values`` (where None: every value with labelled answers).
+    """
     kind = kind or str(getattr(judge, "name", "judge"))
     if kind in MODEL_SPECIFIC_JUDGES:
         if model is None:
@@ -266,7 +283,23 @@ def validate_judge(
     )
     if len(verdicts) != len(items):
         raise ValueError(f"the judge gave {len(verdicts)} verdicts for {len(items)} answers")
-    return validity_from_verdicts(kind, scope, items, [v.score for v in verdicts], [v.prob for v in verdicts])
+    scores, probs = [v.score for v in verdicts], [v.prob for v in verdicts]
+    out = {"*": validity_from_verdicts(kind, scope, items, scores, probs)}
+    for value in values if values is not None else sorted({x.value for x in items}):
+        idx = [i for i, x in enumerate(items) if x.value == value]
+        out[value] = validity_from_verdicts(
+            kind, scope, [items[i] for i in idx], [scores[i] for i in idx], [probs[i] for i in idx]
+        )
+    return out
+
+
+def labelled_for(spec: str) -> list[LabelledAnswer] | None:
+    """The labelled answers ``judge.labels`` names, or None: none asked for (``""``), or ``"demo"`` while the
+    packaged folder holds no labels yet."""
+    folder = labels_folder(spec)
+    if folder is None or (spec == "demo" and not (folder / "labels_a.jsonl").is_file()):
+        return None
+    return load_labelled(folder)
 
 
 def bootstrap_validity(
