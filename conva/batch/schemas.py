@@ -295,10 +295,8 @@ SUMMARY_SCHEMA = pa.schema(
         ("mc_gate_open_rate", pa.float64()),
         ("judge", pa.string()),
         ("judge_agreement", pa.float64()),
-        (
-            "judge_kappa",
-            pa.float64(),
-        ),  # the judge's kappa on the labelled answers of every value (its "*" row)
+        # The judge's kappa and AUC on the labelled answers of every value (the judges table's "*" row).
+        ("judge_kappa", pa.float64()),
         ("judge_auc", pa.float64()),
     ]
 )
