@@ -311,7 +311,7 @@ def test_llm_judge_against_a_real_local_server(vllm_server, tmp_path, monkeypatc
 
 # Eight hand-made answers: a1-a5 from SmolLM2, a6-a8 from Gemma; reader A's label; reader B's on five (and
 # on a5, which A called unclear); the stub judge's (score, prob) for each answer.
-_LABELLED = [
+LABELLED = [
     ("a1", "smollm2", "yes", "yes", (1.0, 0.9)),
     ("a2", "smollm2", "yes", "no", (0.5, None)),
     ("a3", "smollm2", "no", "no", (0.0, 0.2)),
@@ -323,7 +323,7 @@ _LABELLED = [
 ]
 
 
-def write_labels(folder: Path, rows=_LABELLED, value: str = "power") -> Path:
+def write_labels(folder: Path, rows=LABELLED, value: str = "power") -> Path:
     """A labelled-answer folder in the packaged layout: answers.jsonl, labels_a.jsonl, labels_b.jsonl."""
     folder.mkdir(parents=True, exist_ok=True)
     answers, a, b = [], [], []
@@ -363,14 +363,14 @@ class _Stub:
 
 
 def _stub() -> _Stub:
-    return _Stub({f"answer {i}": Verdict(s, p) for i, *_, (s, p) in _LABELLED})
+    return _Stub({f"answer {i}": Verdict(s, p) for i, *_, (s, p) in LABELLED})
 
 
 def test_labelled_answers_join_reader_a_and_b_and_bad_files_are_named(tmp_path) -> None:
     folder = write_labels(tmp_path / "labels")
     labelled = load_labelled(folder)
     assert [(x.id, x.model, x.label, x.label_b) for x in labelled] == [
-        (i, m, a, b) for i, m, a, b, _ in _LABELLED
+        (i, m, a, b) for i, m, a, b, _ in LABELLED
     ]
     assert labelled[0].prompt == "Should I take the promotion? (a1)" and labelled[0].n_tokens == 64
     (folder / "labels_b.jsonl").unlink()  # the second reader is optional
