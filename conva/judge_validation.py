@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -57,6 +58,7 @@ __all__ = [
     "validate_judge",
     "validate_per_value",
     "labelled_for",
+    "labels_digest",
     "validity_from_verdicts",
     "bootstrap_validity",
     "kappa_note",
@@ -291,6 +293,19 @@ def validate_per_value(
             kind, scope, [items[i] for i in idx], [scores[i] for i in idx], [probs[i] for i in idx]
         )
     return out
+
+
+def labels_digest(spec: str) -> str:
+    """sha256 of the labelled answers' files ``judge.labels`` names ("" when there are none): the agreement
+    stage's config carries it, so new or corrected labels re-run that stage and nothing else."""
+    folder = labels_folder(spec)
+    if folder is None:
+        return ""
+    digest = hashlib.sha256()
+    for name in ("answers.jsonl", "labels_a.jsonl", "labels_b.jsonl"):
+        path = folder / name
+        digest.update(f"{name}:".encode() + (path.read_bytes() if path.is_file() else b"-") + b";")
+    return digest.hexdigest()
 
 
 def labelled_for(spec: str) -> list[LabelledAnswer] | None:

@@ -23,6 +23,7 @@ from conva.batch.llm_client import ChatClient, LLMError
 from conva.judge_validation import (
     bootstrap_validity,
     kappa_note,
+    labels_digest,
     load_labelled,
     validate_judge,
     validity_from_verdicts,
@@ -494,3 +495,11 @@ def test_local_llm_judge_with_smollm2() -> None:
     verdicts = judge.judge(["power"] * 2, prompts, answers)
     assert len(verdicts) == 2 and all(v.raw and v.score == parse_verdict(v.raw) for v in verdicts)
     assert judge.judge(["power"] * 2, prompts, answers) == verdicts  # greedy: deterministic
+
+
+def test_the_labels_digest_follows_the_files(tmp_path) -> None:
+    folder = write_labels(tmp_path / "labels")
+    first = labels_digest(str(folder))
+    assert labels_digest("") == "" and len(first) == 64 and labels_digest(str(folder)) == first
+    (folder / "labels_b.jsonl").unlink()  # a reader fewer: the agreement stage must run again
+    assert labels_digest(str(folder)) != first
