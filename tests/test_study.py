@@ -284,8 +284,10 @@ def test_matched_fluency_pairs_each_conva_point_with_the_nearest_caa_point() -> 
 def study_run(tiny_path, tmp_path_factory, ray_session):
     """A four-cell study (ConVA, CAA, prompting, unsteered; one value) on the tiny model, as one embedded-Ray job."""
     from conva.jobs.study import main
+    from tests.test_judges import write_labels
 
     out = tmp_path_factory.mktemp("study")
+    labels = write_labels(tmp_path_factory.mktemp("labels"))
     argv = [
         "--config",
         str(DEMO),
@@ -301,6 +303,7 @@ def study_run(tiny_path, tmp_path_factory, ray_session):
         "--utility.max_items=4",
         "--ray.num_workers=1",
         "--ray.rows_per_shard=4",
+        f"--judge.labels={labels}",
         f"--output.dir={out}",
     ]
     assert main(argv) == 0
@@ -338,6 +341,17 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     assert len(pngs) == 6 and all(p.stat().st_size > 1000 for p in pngs)
     page = (out / "report" / "index.html").read_text()
     assert "<img" in page and "gate.apply_to" in page and "all_methods" in page
+    # The judge validated on the labelled answers: a '*' row, its kappa beside every CSR.
+    judges = {r["value"]: r for r in pq.read_table(out / "judges.parquet").to_pylist()}
+    star = judges["*"]
+    assert set(judges) == {"power", "*"} and (star["n_labelled"], star["n_unclear"], star["n_ab"]) == (
+        7,
+        1,
+        5,
+    )
+    assert math.isfinite(star["kappa"]) and judges["power"]["kappa"] == star["kappa"]
+    assert all(r["judge_kappa"] == star["kappa"] for r in summary + pooled)
+    assert "<th>judge κ</th>" in page
 
 
 @pytest.mark.slow
