@@ -132,9 +132,7 @@ class FluencySection:
     """``[fluency]``: how each answer's fluency is measured."""
 
     perplexity: bool = True  # score each answer's perplexity under the unsteered model
-    llm: bool = (
-        False  # also ask the LLM judge for a grammaticality rating (needs judge.base_url or backend local)
-    )
+    llm: bool = False  # also ask the LLM judge for a grammaticality rating (its endpoint or local model)
     batch_size: int = 8  # answers scored together
 
 
