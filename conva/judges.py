@@ -10,9 +10,12 @@ knows how far to trust the control success rates computed from it.
   out ``test_size`` of the pairs and its agreement is measured on those.
 * ``probe``: the value's own probe (from the bundle) applied to the **unsteered** model's activation of
   ``prompt + answer`` at the layer with the best validation accuracy.
-* ``llm``: any OpenAI-compatible chat endpoint with the paper's expert prompt; see :mod:`conva.batch.llm_client`
-  (a stdlib client) for retries, the concurrency limit and the on-disk cache. The API key is read from the environment
-  variable that ``api_key_env`` names, only when a request is sent.
+* ``llm``: the paper's expert prompt to a chat model, with ``backend = "http"`` any OpenAI-compatible
+  endpoint (see :mod:`conva.batch.llm_client`, a stdlib client, for retries, the concurrency limit and the
+  on-disk cache; the API key is read from the environment variable that ``api_key_env`` names, only when a
+  request is sent), with ``backend = "local"`` a model the workers load themselves (:mod:`conva.local_chat`).
+
+How far a judge agrees with readers of real model answers (Cohen's κ) is :mod:`conva.judge_validation`.
 
 Example:
     >>> judge = make_judge(JudgeSettings("classifier"), values=["power"])
@@ -35,6 +38,7 @@ from conva.values import definition
 
 __all__ = [
     "JUDGE_KINDS",
+    "JUDGE_BACKENDS",
     "JudgeSettings",
     "Verdict",
     "Judge",
@@ -70,16 +74,23 @@ class JudgeSettings:
     seed: int = 0  # seed of that split
     threshold: float = 0.5
     """A probability at or above this scores 1 (the answer prioritises the value), else 0."""
-    base_url: str = ""  # llm: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
-    model: str = ""  # llm: the model name the endpoint serves
+    backend: str = "http"
+    """llm: "http" (an OpenAI-compatible endpoint at base_url) or "local" (the workers load judge.model)."""
+    base_url: str = ""  # llm, backend http: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    model: str = ""
+    """llm: the model name the endpoint serves (http), or a model spec the workers load (local: "smollm2",
+    "gemma3-270m", a folder, a repo id)."""
     api_key_env: str = ""  # llm: the name of the environment variable holding the API key (never the key)
     max_concurrency: int = 4  # llm: requests in flight at once
     max_retries: int = 4  # llm: retries of a failed request, with exponential backoff
     backoff_s: float = 1.0  # llm: the first retry's wait, doubled each time
     timeout_s: float = 60.0  # llm: seconds before a request counts as failed
-    max_tokens: int = 8  # llm: tokens of each verdict reply
+    max_tokens: int = 8  # llm: tokens of each verdict reply (local: greedy new tokens)
     cache_dir: str = ""  # llm: the reply cache folder (empty: <study output>/judge_cache)
     fluency: bool = False  # also ask the LLM endpoint for a grammaticality rating (1-5)
+    labels: str = "demo"
+    """Labelled model answers the judge is validated on (Cohen's kappa beside every CSR): "demo" (the
+    packaged conva/demo_data/labels/, skipped while it holds no labels), a folder, or "" for none."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +122,7 @@ Chat = Callable[[Sequence[list[dict[str, str]]], int], list[str]]
 JudgeFactory = Callable[..., Judge]
 JUDGES: dict[str, JudgeFactory] = {}
 JUDGE_KINDS = ("classifier", "probe", "llm")
+JUDGE_BACKENDS = ("http", "local")
 
 
 def register_judge(name: str) -> Callable[[JudgeFactory], JudgeFactory]:
@@ -348,7 +360,7 @@ def parse_rating(reply: str) -> float | None:
 
 
 class LLMJudge:
-    """The paper's judge over an OpenAI-compatible endpoint (``base_url``, ``model``, key from ``api_key_env``)."""
+    """The paper's judge over a chat function: an endpoint (``backend = "http"``) or a local model (``"local"``)."""
 
     name = "llm"
 
@@ -380,5 +392,8 @@ def _llm(
     chat: Chat | None,
 ) -> Judge:
     if chat is None:
-        raise ValueError("judge.kind = 'llm' needs a chat endpoint (conva.batch.llm_client.judge_chat)")
+        raise ValueError(
+            "judge.kind = 'llm' needs a chat endpoint (conva.batch.llm_client.judge_chat, "
+            "or conva.local_chat.load_local_chat for backend 'local')"
+        )
     return LLMJudge(settings, chat)

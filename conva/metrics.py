@@ -9,6 +9,8 @@
   answering its own prompt; ``ppl_plain`` conditions on the plain prompt instead (a second column). The
   steered/unsteered **ratio** of a cell is the geometric-mean ratio over the prompts both answered:
   ``exp(mean log ppl_steered − mean log ppl_none)``.
+* **Judge validity**: :func:`cohen_kappa` (agreement of two raters' labels beyond chance) and
+  :func:`roc_auc` (how well a judge's probability ranks the answers a reader said yes to above the others).
 
 Example:
     >>> csr([1, 0, 0.5, 1])
@@ -20,7 +22,8 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections import Counter
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -32,6 +35,8 @@ __all__ = [
     "perplexity",
     "answer_perplexities",
     "ppl_ratio",
+    "cohen_kappa",
+    "roc_auc",
 ]
 
 
@@ -165,3 +170,56 @@ def ppl_ratio(steered: Sequence[float], unsteered: Sequence[float]) -> float:
     s, u = np.asarray(steered, dtype=np.float64), np.asarray(unsteered, dtype=np.float64)
     ok = np.isfinite(s) & np.isfinite(u) & (s > 0) & (u > 0)
     return float(np.exp(np.mean(np.log(s[ok])) - np.mean(np.log(u[ok])))) if ok.any() else float("nan")
+
+
+def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float:
+    """Cohen's κ of two raters' labels of the same items: ``(p_o − p_e) / (1 − p_e)``, exact.
+
+    ``p_o`` is the share of items both label alike; ``p_e = Σ_c p_a(c)·p_b(c)`` the share chance alone
+    would give with each rater's own label frequencies. Labels are any hashable values (a label one rater
+    never uses simply has frequency 0 for them). When exactly one rater is constant, ``p_o = p_e`` and
+    κ = 0: a rater who says the same thing to everything carries no information. When both give the same
+    single label to every item, ``p_e = 1`` and κ is 0/0: NaN (agreement is perfect but says nothing).
+    NaN for no items.
+
+    >>> cohen_kappa(["y", "y", "n", "n"], ["y", "n", "n", "n"])
+    0.5
+    >>> cohen_kappa(["y", "y", "n"], ["y", "y", "y"])
+    0.0
+    """
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} labels against {len(b)}: kappa needs one label per item from each rater")
+    n = len(a)
+    if n == 0:
+        return float("nan")
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    count_a, count_b = Counter(a), Counter(b)
+    p_e = sum(count_a[c] * count_b[c] for c in count_a) / (n * n)
+    if p_e == 1.0:
+        return float("nan")
+    return (p_o - p_e) / (1.0 - p_e)
+
+
+def roc_auc(labels: Sequence[bool | int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve: P(a positive item scores above a negative one), ties counting half.
+
+    Computed as the Mann–Whitney U statistic with average ranks for ties:
+    ``(Σ ranks of positives − n₁(n₁+1)/2) / (n₁·n₀)``. NaN when either class is empty.
+
+    >>> roc_auc([1, 0, 1, 0], [0.9, 0.5, 0.5, 0.1])
+    0.875
+    """
+    y = np.asarray(labels, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(s.size, dtype=np.float64)
+    ranks[order] = np.arange(1, s.size + 1)
+    # Tied scores share the mean of the ranks they span.
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.bincount(inverse, weights=ranks) / counts)[inverse]
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))

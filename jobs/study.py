@@ -69,6 +69,7 @@ from conva.jobs.common import (
 from conva.jobs.preflight import ModelJob, generated, plan_job, stage_plans
 from conva.jobs.runner import FAILURES, committed_line, run_model
 from conva.jobs.stages import StageSpec, run_config, shard_config
+from conva.judge_validation import labels_digest
 from conva.mc import demo_mc, load_mc, mc_prompts
 from conva.models import ModelNotFoundError, check_model, model_name
 from conva.workers.tasks import WorkerSpec
@@ -92,6 +93,8 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
     """Pre-flight every model of the study (no writes): its config, stages, inputs and workers' settings."""
     runs = []
     judge = {**study_dict(study)["judge"], "fluency": study_dict(study)["fluency"]}
+    # The labelled answers only validate the judge: they change the agreement stage, never the verdicts.
+    verdicts, labels = {k: v for k, v in judge.items() if k != "labels"}, labels_digest(study.judge.labels)
     cache = study.judge.cache_dir or (str(out.child("judge_cache")) if out.is_local else "")
     for entry in study.study.models:
         spec = model_spec(entry)
@@ -117,7 +120,7 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         prompts = f"data.prompts = {cfg.data.prompts!r}"
         own = [
             StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in, source=prompts),
-            StageSpec("evaluate", "study_judged", {**gen, "judge": judge}, steer_in.n_shards),
+            StageSpec("evaluate", "study_judged", {**gen, "judge": verdicts}, steer_in.n_shards),
             StageSpec(
                 "utility",
                 "study_utility",
@@ -138,7 +141,7 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
                 choice_in,
                 source=prompts,
             ),
-            StageSpec("agreement", "study_judge", {**base, "judge": judge}, 1),
+            StageSpec("agreement", "study_judge", {**base, "judge": judge, "labels": labels}, 1),
         ]
         job = plan_job(
             cfg,

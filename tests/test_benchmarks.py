@@ -164,3 +164,32 @@ def test_scaling_model_from_the_measured_components():
     # 10 ms a commit: 100, 500 and 3,000 workers fed for 1, 5 and 30 s shards; 50 ms: 20, 100, 600.
     assert "| local disk | 10.0 | 100 | 500 | 3,000 |" in text and "| 50.0 | 20 | 100 | 600 |" in text
     assert report.scaling({"commit": commit}) is None
+
+
+def test_judges_benchmark_on_hand_made_labels(tmp_path, tiny_path):
+    """bench_judges on a labelled fixture: every judge kind (the tiny random model as the probe's model and as
+    the local LLM judge: its figures are garbage, its plumbing is what runs), and reader B's ceiling."""
+    from benchmarks.bench_judges import main
+    from conva.judge_validation import load_labelled, validate_judge
+    from conva.judges import JudgeSettings, make_judge
+    from tests.test_judges import LABELLED, write_labels
+
+    rows = [(i, tiny_path if m == "smollm2" else m, a, b, v) for i, m, a, b, v in LABELLED]
+    labels = write_labels(tmp_path / "labels", rows)
+    out = tmp_path / "judges.json"
+    argv = ["--labels", str(labels), "--probe-models", tiny_path, "--llm-models", tiny_path]
+    main([*argv, "--max-tokens", "2", "--n-boot", "50", "--out", str(out)])
+    report = json.loads(out.read_text())
+    judges = report["judges"]
+    assert list(judges) == ["classifier", "probe:llama", "llm:llama", "reader_b"]
+    assert (report["n_answers"], report["n_reader_b"], report["values"]) == (8, 6, ["power"])
+    classifier = validate_judge(make_judge(JudgeSettings(), values=["power"]), load_labelled(labels))
+    c = judges["classifier"]
+    assert (c["n"], c["n_unclear"]) == (7, 1) and c["kappa"] == pytest.approx(classifier.kappa, nan_ok=True)
+    assert set(c["by_model"]) == {"llama", "gemma-3-270m"} and c["by_model"]["llama"]["n"] == 4
+    assert (judges["probe:llama"]["n"], judges["probe:llama"]["scope"]) == (4, "llama answers only")
+    assert judges["llm:llama"]["n"] == 7 and judges["llm:llama"]["judge_unclear"] <= 7
+    # Reader B held to reader A as a judge is: on a1-a4 and a6 (a5: A unclear), kappa 1/3, as kappa_ab says.
+    b = judges["reader_b"]
+    assert (b["n"], b["kappa"], b["kappa_ab"]) == (5, pytest.approx(1 / 3), pytest.approx(1 / 3))
+    assert b["kappa_ci"][0] <= 1 / 3 <= b["kappa_ci"][1]

@@ -11,7 +11,16 @@ import torch
 
 from conva.data import DataError
 from conva.mc import LETTERS, demo_mc, letter_token_ids, load_mc, mc_prompts, score_mc
-from conva.metrics import answer_nll, answer_perplexities, bootstrap_ci, csr, perplexity, ppl_ratio
+from conva.metrics import (
+    answer_nll,
+    answer_perplexities,
+    bootstrap_ci,
+    cohen_kappa,
+    csr,
+    perplexity,
+    ppl_ratio,
+    roc_auc,
+)
 from conva.record import tokenize
 from conva.steering.spec import SteerSpec
 
@@ -73,6 +82,48 @@ def test_ppl_ratio_is_the_geometric_mean_ratio() -> None:
     assert ppl_ratio([2.0, 8.0], [2.0, 2.0]) == pytest.approx(2.0)
     assert ppl_ratio([3.0, float("nan")], [3.0, 5.0]) == pytest.approx(1.0)  # only pairs with both finite
     assert math.isnan(ppl_ratio([float("nan")], [1.0]))
+
+
+def test_cohen_kappa_on_hand_computed_label_pairs() -> None:
+    # 10 items, A: 6 yes 4 no; B: 5 yes 5 no; both yes on 4, both no on 3 -> p_o = 7/10.
+    # p_e = 0.6*0.5 + 0.4*0.5 = 0.5, so kappa = (0.7 - 0.5) / (1 - 0.5) = 0.4.
+    a = ["yes"] * 4 + ["yes"] * 2 + ["no"] * 1 + ["no"] * 3
+    b = ["yes"] * 4 + ["no"] * 2 + ["yes"] * 1 + ["no"] * 3
+    assert cohen_kappa(a, b) == pytest.approx(0.4, abs=1e-15)
+    assert cohen_kappa(b, a) == pytest.approx(0.4, abs=1e-15)  # symmetric
+    # Three categories, 6 items: A = y y n n u u, B = y n n n u y. Agree on items 1, 3, 4, 5 -> p_o = 4/6.
+    # A's frequencies (2, 2, 2)/6, B's (y 2, n 3, u 1)/6: p_e = (2*2 + 2*3 + 2*1)/36 = 12/36 = 1/3,
+    # kappa = (2/3 - 1/3) / (2/3) = 0.5.
+    assert cohen_kappa(list("yynnuu"), list("ynnnuy")) == pytest.approx(0.5, abs=1e-15)
+    # Complete disagreement on a balanced pair: p_o = 0, p_e = 0.5 -> kappa = -1.
+    assert cohen_kappa([1, 0, 1, 0], [0, 1, 0, 1]) == -1.0
+    assert cohen_kappa([1, 0, 1, 0], [1, 0, 1, 0]) == 1.0
+    # One rater constant: p_o = share of the other's matching label = p_e, so kappa = 0 exactly.
+    assert cohen_kappa(["no"] * 5, ["no", "no", "yes", "no", "yes"]) == 0.0
+    assert cohen_kappa(["no", "yes", "no"], ["no"] * 3) == 0.0
+    # Both constant, different labels: p_o = 0, p_e = 0 -> 0; the same label: p_e = 1, 0/0 -> NaN.
+    assert cohen_kappa(["no"] * 3, ["yes"] * 3) == 0.0
+    assert math.isnan(cohen_kappa(["no"] * 3, ["no"] * 3))
+    assert math.isnan(cohen_kappa([], []))
+    with pytest.raises(ValueError, match="3 labels against 2"):
+        cohen_kappa([1, 0, 1], [1, 0])
+
+
+def test_roc_auc_is_mann_whitney_with_ties_at_half() -> None:
+    # Positives score 0.8, 0.6, 0.6; negatives 0.6, 0.2. Pairs (pos, neg): (0.8,0.6)=1, (0.8,0.2)=1,
+    # (0.6,0.6)=1/2 twice, (0.6,0.2)=1 twice -> (1 + 1 + 0.5 + 0.5 + 1 + 1) / 6 = 5/6.
+    # By ranks: 0.2 -> 1, the three 0.6 -> 3 (mean of 2, 3, 4), 0.8 -> 5; positives sum 5 + 3 + 3 = 11,
+    # U = 11 - 3*4/2 = 5, AUC = 5 / (3*2) = 5/6.
+    labels, scores = [1, 1, 1, 0, 0], [0.8, 0.6, 0.6, 0.6, 0.2]
+    assert roc_auc(labels, scores) == pytest.approx(5 / 6, abs=1e-15)
+    assert roc_auc([True, False], [0.9, 0.1]) == 1.0 and roc_auc([True, False], [0.1, 0.9]) == 0.0
+    assert roc_auc([1, 0, 1, 0], [0.5] * 4) == 0.5  # a judge that scores everything alike ranks nothing
+    assert math.isnan(roc_auc([1, 1], [0.2, 0.3])) and math.isnan(roc_auc([], []))
+    # Against the pairwise definition on random data with many ties.
+    rng = np.random.default_rng(0)
+    y, s = rng.random(200) < 0.3, rng.integers(0, 5, 200) / 4
+    pairwise = np.mean((s[y][:, None] > s[~y][None]) + 0.5 * (s[y][:, None] == s[~y][None]))
+    assert roc_auc(y, s) == pytest.approx(float(pairwise), abs=1e-12)
 
 
 def test_answer_nll_in_a_padded_batch_equals_one_row_at_a_time(tiny) -> None:

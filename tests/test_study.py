@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from conva.batch.config import ConfigError
 from conva.batch.pipeline import row_spec
-from conva.batch.schemas import RESULT_SCHEMA
+from conva.batch.schemas import POOLED_SCHEMA, RESULT_SCHEMA
 from conva.batch.study import expand_cells, load_study, model_config, steering_table, utility_cells
 from conva.batch.summary import matched_fluency, pool, summarize
 from conva.metrics import bootstrap_ci
@@ -62,9 +63,30 @@ def test_demo_study_config_expands_to_its_cells(tmp_path) -> None:
         (["--judge.kind=oracle"], "judge.kind"),
         (["--model.name=x"], "model.name"),
         (["--judge.kind=llm"], "judge.base_url"),
+        (["--judge.kind=llm", "--judge.backend=grpc"], "judge.backend"),
+        (["--judge.kind=llm", "--judge.backend=local"], "judge.model"),
+        (["--fluency.llm=true", "--judge.backend=local"], "judge.model"),
+        (
+            [
+                "--judge.kind=llm",
+                "--judge.backend=local",
+                "--judge.model=smollm2",
+                "--judge.base_url=http://x/v1",
+            ],
+            "judge.base_url",
+        ),
+        (["--judge.kind=llm", "--judge.backend=local", f"--judge.model={tmp_path}"], "judge.model"),
+        ([f"--judge.labels={tmp_path}"], "judge.labels"),
     ):
         with pytest.raises(ConfigError, match=key):
             load_study(DEMO, bad)
+    # A local LLM judge needs a model to load, not an endpoint; the labels may be any folder that holds them.
+    local = load_study(DEMO, ["--judge.kind=llm", "--judge.backend=local", "--judge.model=smollm2"])
+    assert (local.judge.backend, local.judge.model, local.judge.base_url) == ("local", "smollm2", "")
+    (tmp_path / "answers.jsonl").write_text("")
+    (tmp_path / "labels_a.jsonl").write_text("")
+    assert load_study(DEMO, [f"--judge.labels={tmp_path}"]).judge.labels == str(tmp_path)
+    assert load_study(DEMO, ["--judge.labels="]).judge.labels == ""
 
 
 def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
@@ -191,9 +213,15 @@ def test_summary_arithmetic_on_known_rows() -> None:
             "gate_score": [None] * 4 + [0.5] * 4,
         }
     )
+    validity = {"m": {"kappa": 0.1, "auc": 0.65}}
     summary = {
-        r["method"]: r for r in summarize(results, utility, {("m", "power"): 0.9}, n_boot=100).to_pylist()
+        r["method"]: r
+        for r in summarize(results, utility, {("m", "power"): 0.9}, n_boot=100, validity=validity).to_pylist()
     }
+    assert all((r["judge_kappa"], r["judge_auc"]) == (0.1, 0.65) for r in summary.values())
+    pooled = pool(results, utility, n_boot=10, validity=validity).to_pylist()
+    assert [(r["judge_kappa"], r["judge_auc"]) for r in pooled] == [(0.1, 0.65)] * 2
+    assert pool(results, utility, n_boot=10).to_pylist()[0]["judge_kappa"] is None  # not validated
     c = summary["conva"]
     assert (c["n"], c["n_error"], c["csr"], c["gate_open_rate"]) == (4, 1, 0.5, pytest.approx(2 / 3))
     assert c["ppl_ratio"] == pytest.approx(
@@ -316,8 +344,10 @@ def test_matched_fluency_interpolates_caa_between_the_strengths_that_bracket_con
 def study_run(tiny_path, tmp_path_factory, ray_session):
     """A four-cell study (ConVA, CAA, prompting, unsteered; one value) on the tiny model, as one embedded-Ray job."""
     from conva.jobs.study import main
+    from tests.test_judges import write_labels
 
     out = tmp_path_factory.mktemp("study")
+    labels = write_labels(tmp_path_factory.mktemp("labels"))
     argv = [
         "--config",
         str(DEMO),
@@ -333,6 +363,7 @@ def study_run(tiny_path, tmp_path_factory, ray_session):
         "--utility.max_items=4",
         "--ray.num_workers=1",
         "--ray.rows_per_shard=4",
+        f"--judge.labels={labels}",
         f"--output.dir={out}",
     ]
     assert main(argv) == 0
@@ -384,6 +415,17 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     assert len(pngs) == 7 and all(p.stat().st_size > 1000 for p in pngs)
     page = (out / "report" / "index.html").read_text()
     assert "<img" in page and "gate.apply_to" in page and "all_methods" in page
+    # The judge validated on the labelled answers: a '*' row, its kappa beside every CSR.
+    judges = {r["value"]: r for r in pq.read_table(out / "judges.parquet").to_pylist()}
+    star = judges["*"]
+    assert set(judges) == {"power", "*"} and (star["n_labelled"], star["n_unclear"], star["n_ab"]) == (
+        7,
+        1,
+        5,
+    )
+    assert math.isfinite(star["kappa"]) and judges["power"]["kappa"] == star["kappa"]
+    assert all(r["judge_kappa"] == star["kappa"] for r in summary + pooled)
+    assert "<th>judge κ</th>" in page
 
 
 @pytest.mark.slow
@@ -488,3 +530,113 @@ def test_a_models_own_sections_override_the_job_for_it_alone() -> None:
         load_study(DEMO, ['--study.models=[{name = "m", ray = {num_workers = 0}}]'])
     with pytest.raises(ConfigError, match="needs name"):
         load_study(DEMO, ["--study.models=[{ray = {num_workers = 1}}]"])
+
+
+def test_report_prints_the_judges_kappa_beside_every_csr(tmp_path) -> None:
+    from conva.batch.report import format_summary, write_report
+
+    def row(model: str, kappa: float | None) -> dict:
+        base = dict.fromkeys(POOLED_SCHEMA.names)
+        base.update(model=model, method="none", band="-", setting="plain", values=1, n=4)
+        return {**base, "csr": 0.5, "csr_lo": 0.25, "csr_hi": 0.75, "judge_kappa": kappa}
+
+    def table(rows: list[dict]) -> list[str]:
+        pq.write_table(pa.Table.from_pylist(rows, schema=POOLED_SCHEMA), tmp_path / "pooled.parquet")
+        lines = format_summary(tmp_path).splitlines()
+        return lines[next(i for i, line in enumerate(lines) if line.startswith("---")) - 1 :]
+
+    lines = table([row("a", 0.1), row("b", 0.1)])
+    assert "csr [95% CI] (judge κ=0.10 < 0.4: not valid)  judge κ" in lines[0]
+    cells = [re.split(r"\s{2,}", line) for line in lines]
+    assert cells[0][cells[0].index("judge κ") - 1] == "csr [95% CI] (judge κ=0.10 < 0.4: not valid)"
+    assert all(
+        c[cells[0].index("judge κ") - 1 :][:2] == ["0.50 [0.25, 0.75]", "0.10 < 0.4: not valid"]
+        for c in cells[2:]
+    )
+    lines = table([row("a", 0.62), row("b", 0.05)])  # a probe judge: one kappa per model
+    assert "csr [95% CI] (judge κ < 0.4 in some rows: not valid there)" in lines[0]
+    cells = [re.split(r"\s{2,}", line) for line in lines]
+    assert [c[cells[0].index("judge κ")] for c in cells[2:]] == ["0.62", "0.05 < 0.4: not valid"]
+    lines = table([row("a", None)])
+    assert "csr [95% CI] (judge not validated on labelled answers)  judge κ" in lines[0]
+    assert "not validated" in lines[2]
+    page = write_report(tmp_path).read_text()
+    assert (
+        "<th>csr (judge not validated on labelled answers)</th><th>csr_lo</th><th>csr_hi</th><th>judge κ</th>"
+        in page
+    )
+
+
+class _Worker:
+    """The part of a model worker the agreement shard uses, with ModelWorker's own judge and chat methods
+    (a ModelWorker itself would look for Ray to name its node)."""
+
+    def __init__(self, cfg, judge, tiny) -> None:
+        from conva.workers.tasks import WorkerSpec
+
+        self.spec, self.cfg, self._tiny = WorkerSpec(cfg, judge=judge), cfg, tiny
+        self._judge = self._local_chat = None
+        self.loads = 0
+
+    def hf(self):
+        return self._tiny
+
+    def bundles(self, where) -> dict:
+        return {}
+
+    from conva.workers.worker import ModelWorker
+
+    judge, _chat = ModelWorker.judge, ModelWorker._chat
+
+
+def test_agreement_stage_validates_the_judge_on_labelled_answers(tmp_path, tiny_path, tiny) -> None:
+    """The agreement shard, as a worker runs it: per-value and '*' rows with the judge's kappa on the labels.
+    The local LLM judge is the worker's own model when judge.model names it (a random model: garbage
+    verdicts, one per answer; the figures are checked against validate_per_value on the same judge)."""
+    from conva.batch.config import load_config
+    from conva.batch.schemas import SCHEMA_VERSION
+    from conva.batch.storage import location
+    from conva.batch.store import Stage
+    from conva.judge_validation import load_labelled, validate_per_value
+    from conva.judges import JudgeSettings
+    from conva.workers.shards import agreement
+    from conva.workers.tasks import ShardTask
+    from tests.test_judges import write_labels
+
+    labels = write_labels(tmp_path / "labels")
+    labelled = load_labelled(labels)
+    cfg = load_config(None, [f"--model.name={tiny_path}", '--data.values=["power", "benevolence"]'])
+    root = location(tmp_path / "out")
+
+    def run(name: str, judge: JudgeSettings) -> tuple[list[dict], _Worker]:
+        stage = Stage.open(root, name, {"t": name}, SCHEMA_VERSION, n_shards=1)
+        worker = _Worker(cfg, judge, tiny)
+        assert stage.commit(agreement(worker, ShardTask("agreement", stage.ref(0, "a"))))
+        return pq.read_table(tmp_path / "out" / name / "part-00000.parquet").to_pylist(), worker
+
+    for name, judge in (
+        ("classifier", JudgeSettings("classifier", labels=str(labels))),
+        ("llm", JudgeSettings("llm", backend="local", model=tiny_path, max_tokens=2, labels=str(labels))),
+    ):
+        rows, worker = run(name, judge)
+        assert [r["value"] for r in rows] == ["power", "benevolence", "*"]
+        power, benevolence, star = rows
+        expected = validate_per_value(worker._judge, labelled, values=["power", "benevolence"])["*"]
+        assert (star["kappa"], star["auc"]) == (
+            pytest.approx(expected.kappa, nan_ok=True),
+            pytest.approx(expected.auc, nan_ok=True),
+        )
+        assert (star["n_labelled"], star["n_unclear"], star["n_ab"], star["scope"]) == (
+            7,
+            1,
+            5,
+            "all models' answers",
+        )
+        assert (power["n_labelled"], benevolence["n_labelled"]) == (
+            7,
+            0,
+        )  # the fixture's answers are all power
+        assert star["agreement"] is None and power["agreement"] is not None and star["judge"] == name
+    assert worker._local_chat is not None and worker.loads == 0  # the llm judge ran on the worker's own model
+    rows, _ = run("unlabelled", JudgeSettings("classifier", labels=""))  # no labels: the held-out pairs only
+    assert [r["value"] for r in rows] == ["power", "benevolence"] and rows[0]["kappa"] is None

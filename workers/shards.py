@@ -235,29 +235,62 @@ def choice(worker: ShardWorker, task: ShardTask) -> ShardRecord:
 
 
 def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
-    """The judge's agreement per value on its held-out labelled pairs (the same split for every judge)."""
+    """The judge's agreement per value on its held-out labelled pairs (the same split for every judge), and its
+    validity on the labelled model answers (``judge.labels``): per value, and over every value as value ``*``.
+
+    A model-specific judge (``probe``) is validated on this model's answers only.
+    """
     from conva.batch.schemas import AGREEMENT_SCHEMA
     from conva.batch.study import pair_prompts
+    from conva.judge_validation import labelled_for, validate_per_value
     from conva.judges import heldout_pairs
     from conva.models import model_name
 
     spec, values = worker.spec, worker.cfg.data.values
     bundles = worker.bundles(task.bundles) if task.bundles else {}
-    judge, out = worker.judge(bundles), []
+    judge, out, name = worker.judge(bundles), [], model_name(worker.cfg.model.name)
+    labelled = labelled_for(spec.judge.labels)
+    validity = (
+        validate_per_value(judge, labelled, kind=spec.judge.kind, values=values, model=name)
+        if labelled
+        else {}
+    )
     for value in values:
         _, test = heldout_pairs(spec.judge, value)
         stats = judge.agreement(test, pair_prompts(spec.judge, value, test))
         out.append(
             dict(
-                model=model_name(worker.cfg.model.name),
+                model=name,
                 judge=spec.judge.kind,
                 value=value,
                 agreement=stats["agreement"],
                 pairwise=stats["pairwise"],
                 n_pairs=int(stats["n_pairs"]),
+                **_validity_columns(validity.get(value)),
             )
         )
+    if validity:
+        row = dict(model=name, judge=spec.judge.kind, value="*", agreement=None, pairwise=None, n_pairs=None)
+        out.append({**row, **_validity_columns(validity["*"])})
     return write_table_shard(task.ref, pa.Table.from_pylist(out, schema=AGREEMENT_SCHEMA))
+
+
+def _validity_columns(v) -> dict:
+    """A :class:`~conva.judge_validation.JudgeValidity` as the agreement table's columns (all null for None)."""
+    keys = (
+        "scope",
+        "n_unclear",
+        "kappa",
+        "auc",
+        "judge_yes_rate",
+        "reader_yes_rate",
+        "judge_unclear",
+        "kappa_ab",
+        "n_ab",
+    )
+    if v is None:
+        return dict.fromkeys(("n_labelled", *keys))
+    return dict(n_labelled=v.n, **{k: getattr(v, k) for k in keys})
 
 
 def _read_parquet(where) -> pa.Table:

@@ -58,6 +58,7 @@ class ModelWorker:
         self._bundles: dict[tuple[str, str], ValueBundle] = {}
         self._judge = None
         self._judge_llm = None
+        self._local_chat = None
         self.identity = _identity()
 
     # --- what the pool asks -----------------------------------------------------------------------------
@@ -222,9 +223,24 @@ class ModelWorker:
         return self._judge
 
     def _chat(self):
-        from conva.batch.llm_client import judge_chat
+        """The LLM judge's chat function: the HTTP client, or (``judge.backend = "local"``) the judge model
+        loaded on this worker once, on the study model's device and dtype (the study model itself when the
+        judge names the same model: its steering hooks exist only inside their ``with`` blocks)."""
+        if self.spec.judge.backend != "local":
+            from conva.batch.llm_client import judge_chat
 
-        return judge_chat(self.spec.judge, self.spec.judge_cache)
+            return judge_chat(self.spec.judge, self.spec.judge_cache)
+        if self._local_chat is None:
+            from conva.local_chat import load_local_chat, local_chat
+            from conva.models import resolve_model
+
+            m = self.cfg.model
+            if resolve_model(self.spec.judge.model) == resolve_model(m.name):
+                self._local_chat = local_chat(*self.hf())
+            else:
+                self._local_chat = load_local_chat(self.spec.judge.model, dtype=m.dtype, device=m.device)
+                self.loads += 1
+        return self._local_chat
 
 
 _RUNNING_KEY = "conva:running:{}"

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from conva.batch.choice_report import forced_choice_html, forced_choice_text
 from conva.batch.summary import OUTPUT_FILES as _STUDY_FILES
+from conva.judge_validation import KAPPA_VALID, kappa_note
 
 __all__ = ["write_report", "format_summary", "study_choices", "main"]
 
@@ -75,6 +76,45 @@ _CI_NOTE = (
     "gate_open_rate: share of the rows whose gate was read that it opened (mc_: on the multiple-choice "
     "questions). judge_agreement: the judge's agreement on held-out labelled pairs."
 )
+
+
+_KAPPA_NOTE = (
+    "agreement/pairwise: the judge on held-out labelled statement pairs. kappa, auc: the judge against "
+    "reader A's labels of real model answers (value '*': every value at once; that kappa is the one shown "
+    "beside every CSR): answers A called unclear are left out (n_unclear), a judge's own unclear verdict "
+    "(0.5) counts as a third category that agrees with neither yes nor no; auc ranks by the judge's "
+    f"probability. kappa_ab: reader B against reader A on n_ab answers, the ceiling. A judge with kappa < "
+    f"{KAPPA_VALID:g} is not valid: the CSRs it gives measure the judge, not the steering. scope: a probe "
+    "judge reads one model, so it is validated on that model's answers only."
+)
+
+
+def _kappa_cell(kappa: float | None) -> str:
+    if kappa is None or not math.isfinite(kappa):
+        return "not validated"
+    return f"{kappa:.2f}" + (f" < {KAPPA_VALID:g}: not valid" if kappa < KAPPA_VALID else "")
+
+
+def _with_judge_kappa(rows: list[dict], pooled: list[dict], csr: str, after: str) -> list[dict]:
+    """``rows`` (one per pooled row) with a ``judge κ`` column after ``after``, and the ``csr`` column's header
+    saying the judge's κ, and that it is not valid where κ < 0.4 (``csr [95% CI] (judge κ=0.10 < 0.4: not valid)``)."""
+    kappas = [r.get("judge_kappa") for r in pooled]
+    notes = {kappa_note(k) for k in kappas}
+    if len(notes) == 1:
+        header = f"{csr} ({notes.pop()})"
+    elif any(k is not None and math.isfinite(k) and k < KAPPA_VALID for k in kappas):
+        header = f"{csr} (judge κ < {KAPPA_VALID:g} in some rows: not valid there)"
+    else:
+        header = f"{csr} (judge κ: see its column)"
+    out = []
+    for row, kappa in zip(rows, kappas):
+        new: dict = {}
+        for key, value in row.items():
+            new[header if key == csr else key] = value
+            if key == after:
+                new["judge κ"] = _kappa_cell(kappa)
+        out.append(new)
+    return out
 
 
 def _folder(path: str | Path) -> Path:
@@ -146,7 +186,7 @@ def study_choices(folder: str | Path) -> list[tuple[str, str]]:
             f"positions {job['steer']['positions']}, epsilon {job['steer']['epsilon']}, mode {job['steer']['mode']}, "
             f"backend {job['steer']['backend']}, {job['steer']['max_new_tokens']} new tokens",
         ),
-        ("judge", s["judge"]["kind"]),
+        ("judge", _judge_choice(s["judge"])),
         (
             "intervals",
             f"percentile bootstrap, {s['study']['bootstrap']} resamples, seed {s['study']['seed']}",
@@ -157,6 +197,13 @@ def study_choices(folder: str | Path) -> list[tuple[str, str]]:
             "given the plain prompt)",
         ),
     ]
+
+
+def _judge_choice(j: dict) -> str:
+    """The judge as the choices table names it: its kind, an LLM's backend and model, its labelled answers."""
+    kind = j["kind"] + (f" ({j.get('backend', 'http')}: {j['model']})" if j["kind"] == "llm" else "")
+    labels = j.get("labels", "")
+    return kind + (f"; validated on labelled answers ({labels})" if labels else "; not validated")
 
 
 def _convergence(probes: pa.Table) -> str:
@@ -205,7 +252,8 @@ def format_summary(path: str | Path) -> str:
     """The study's pooled summary as plain text (intervals: bootstrap over all the row's prompts), with its
     choices and probe convergence."""
     folder = _folder(path)
-    rows = [_compact(r) for r in _read(folder, "pooled").to_pylist()]
+    pooled = _read(folder, "pooled").to_pylist()
+    rows = _with_judge_kappa([_compact(r) for r in pooled], pooled, "csr [95% CI]", "csr [95% CI]")
     cols = list(rows[0]) if rows else ["model"]
     widths = [max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols]
     line = lambda xs: "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()  # noqa: E731
@@ -511,7 +559,9 @@ def write_report(path: str | Path) -> Path:
         forced_choice_html(folder, out),
         "<h2>Summary (pooled over values)</h2>",
         f"<p>{html.escape(_CI_NOTE)}</p>",
-        _html_table([{c: r[c] for c in _SUMMARY_COLS} for r in pooled]),
+        _html_table(
+            _with_judge_kappa([{c: r[c] for c in _SUMMARY_COLS} for r in pooled], pooled, "csr", "csr_hi")
+        ),
         "<h2>ConVA at matched fluency</h2><p>Each ConVA point against the CAA point whose perplexity ratio is "
         "nearest, and against prompting, on the prompts both answered: CSR difference with a paired bootstrap "
         "interval; a difference is claimed only where the perplexity intervals overlap or the higher method "
@@ -527,6 +577,7 @@ def write_report(path: str | Path) -> Path:
         _html_table(gates),
         f"<h2>Probe convergence</h2><p>{html.escape(conv or '-')}</p>",
         "<h2>Judge agreement</h2>",
+        f"<p>{html.escape(_KAPPA_NOTE)}</p>",
         _html_table(_read(folder, "judges").to_pylist()),
         "<h2>Every cell</h2>",
         _html_table(summary),

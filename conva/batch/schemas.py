@@ -48,7 +48,8 @@ __all__ = [
 
 # 3: generations carry ``context``; gate texts cover every value (value-specific gate); outputs committed
 # through a commit log (conva.batch.store), shards written by the workers.
-SCHEMA_VERSION = 3
+# 4: the agreement stage also validates the judge on labelled answers (kappa, AUC; a "*" row over values).
+SCHEMA_VERSION = 4
 
 EXTRACTION_INPUT_SCHEMA = pa.schema(
     [
@@ -256,6 +257,18 @@ AGREEMENT_SCHEMA = pa.schema(
         ("agreement", pa.float64()),
         ("pairwise", pa.float64()),
         ("n_pairs", pa.int32()),
+        # The judge against reader A on labelled model answers (conva.judge_validation); the row with value
+        # "*" covers every value of the study at once. Null where no labelled answers were given.
+        ("scope", pa.string()),
+        ("n_labelled", pa.int32()),
+        ("n_unclear", pa.int32()),
+        ("kappa", pa.float64()),
+        ("auc", pa.float64()),
+        ("judge_yes_rate", pa.float64()),
+        ("reader_yes_rate", pa.float64()),
+        ("judge_unclear", pa.int32()),
+        ("kappa_ab", pa.float64()),
+        ("n_ab", pa.int32()),
     ]
 )
 
@@ -287,6 +300,9 @@ SUMMARY_SCHEMA = pa.schema(
         ("mc_gate_open_rate", pa.float64()),
         ("judge", pa.string()),
         ("judge_agreement", pa.float64()),
+        # The judge's kappa and AUC on the labelled answers of every value (the judges table's "*" row).
+        ("judge_kappa", pa.float64()),
+        ("judge_auc", pa.float64()),
     ]
 )
 POOLED_SCHEMA = pa.schema(
@@ -315,6 +331,8 @@ POOLED_SCHEMA = pa.schema(
         ("mc_gate_open_rate", pa.float64()),
         ("eps_mean", pa.float64()),
         ("judge_agreement", pa.float64()),
+        ("judge_kappa", pa.float64()),
+        ("judge_auc", pa.float64()),
     ]
 )
 MATCHED_SCHEMA = pa.schema(

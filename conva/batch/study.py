@@ -58,7 +58,8 @@ from conva.batch.schemas import (
     UTILITY_INPUT_SCHEMA,
 )
 from conva.bundle import ValueBundle
-from conva.judges import JUDGES, JudgeSettings
+from conva.judge_validation import labels_folder
+from conva.judges import JUDGE_BACKENDS, JUDGES, JudgeSettings
 from conva.models import model_name
 from conva.probes import Band
 from conva.steering.spec import SETTINGS, SteerSpec
@@ -142,7 +143,7 @@ class FluencySection:
     """``[fluency]``: how each answer's fluency is measured."""
 
     perplexity: bool = True  # score each answer's perplexity under the unsteered model
-    llm: bool = False  # also ask the LLM judge for a grammaticality rating (needs judge.base_url)
+    llm: bool = False  # also ask the LLM judge for a grammaticality rating (its endpoint or local model)
     batch_size: int = 8  # answers scored together
 
 
@@ -206,16 +207,14 @@ def _check(study: StudyConfig) -> None:
         ("judge.kind", study.judge.kind in JUDGES, f"use one of {sorted(JUDGES)}"),
         ("judge.test_size", 0.0 < study.judge.test_size < 1.0, "must lie strictly between 0 and 1"),
         ("judge.max_concurrency", study.judge.max_concurrency >= 1, "must be at least 1"),
-        (
-            "judge.base_url",
-            study.judge.kind != "llm" and not study.fluency.llm or bool(study.judge.base_url),
-            "the llm judge (and fluency.llm) need judge.base_url and judge.model",
-        ),
+        ("judge.backend", study.judge.backend in JUDGE_BACKENDS, f"use one of {JUDGE_BACKENDS}"),
+        *_llm_problems(study),
         ("utility.shots", study.utility.shots >= 0, "must be >= 0"),
     ]
     for key, ok, problem in problems:
         if not ok:
             raise ConfigError(f"{key}: {problem}")
+    _check_judge_files(study.judge, study.fluency.llm or study.judge.kind == "llm")
     specs = [model_spec(m, i) for i, m in enumerate(s.models)]
     if len({model_slug(m) for m in specs}) != len(specs):
         raise ConfigError("study.models: two models share one name")
@@ -229,6 +228,45 @@ def _check(study: StudyConfig) -> None:
     problem = vllm_gate_problem(study.job, list(s.methods), list(s.settings))
     if problem:
         raise ConfigError(f"steer.backend: {problem}")
+
+
+def _llm_problems(study: StudyConfig) -> list[tuple[str, bool, str]]:
+    """What an LLM judge (``judge.kind = "llm"`` or ``fluency.llm``) needs: an endpoint, or a model to load."""
+    j = study.judge
+    if j.kind != "llm" and not study.fluency.llm:
+        return []
+    if j.backend == "local":
+        return [
+            ("judge.model", bool(j.model), "judge.backend = 'local' needs judge.model, a model spec to load"),
+            (
+                "judge.base_url",
+                not j.base_url,
+                "judge.backend = 'local' loads judge.model; leave base_url empty",
+            ),
+        ]
+    return [
+        (
+            "judge.base_url",
+            bool(j.base_url) and bool(j.model),
+            "the llm judge (and fluency.llm) need judge.base_url and judge.model (or judge.backend = 'local')",
+        )
+    ]
+
+
+def _check_judge_files(j: JudgeSettings, llm: bool) -> None:
+    """A local judge model must exist; a labels folder named by path must hold the labelled answers."""
+    from conva.models import ModelNotFoundError, check_model
+
+    if llm and j.backend == "local":
+        try:
+            check_model(j.model)
+        except ModelNotFoundError as err:
+            raise ConfigError(f"judge.model: {err}") from None
+    folder = labels_folder(j.labels)
+    if j.labels != "demo" and folder is not None:
+        missing = [f for f in ("answers.jsonl", "labels_a.jsonl") if not (folder / f).is_file()]
+        if missing:
+            raise ConfigError(f"judge.labels: {folder} holds no {' or '.join(missing)}")
 
 
 def check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:

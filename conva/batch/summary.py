@@ -133,12 +133,15 @@ def summarize(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    validity: dict[str, dict] | None = None,
 ) -> pa.Table:
     """One row per cell: CSR over all prompts (errors excluded, counted), its CI, fluency, utility, gate rates.
 
     ``ppl_ratio`` compares each cell with the ``none`` cell of the same (model, value, setting), prompt
     by prompt, under the answers' own contexts; ``ppl_plain_ratio`` under the plain prompts.
-    ``agreement`` maps ``(model, value)`` to the judge's held-out agreement.
+    ``agreement`` maps ``(model, value)`` to the judge's held-out agreement; ``validity`` maps a model to
+    its judge's validity on labelled answers (the agreement table's ``*`` row: ``kappa``, ``auc``), shown
+    beside every CSR as ``judge_kappa`` and ``judge_auc``.
     """
     rows = results.to_pylist()
     cells: dict[str, list[dict]] = defaultdict(list)
@@ -182,9 +185,16 @@ def summarize(
                 mc_gate_open_rate=_gate_rate(mrows),
                 judge=c["judge"],
                 judge_agreement=(agreement or {}).get((c["model"], c["value"])),
+                **_judge_validity(validity, c["model"]),
             )
         )
     return pa.Table.from_pylist(out, schema=SUMMARY_SCHEMA)
+
+
+def _judge_validity(validity: dict[str, dict] | None, model: str) -> dict:
+    """The judge's κ and AUC on labelled answers for ``model``'s rows (None where it was not validated)."""
+    v = (validity or {}).get(model) or {}
+    return dict(judge_kappa=v.get("kappa"), judge_auc=v.get("auc"))
 
 
 def pool_key(row: dict) -> tuple:
@@ -199,6 +209,7 @@ def pool(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    validity: dict[str, dict] | None = None,
 ) -> pa.Table:
     """One row per (model, method, P0, band, strength, setting), pooled over values.
 
@@ -254,6 +265,7 @@ def pool(
                 mc_gate_open_rate=_gate_rate(mrows),
                 eps_mean=_mean([r["eps_mean"] for r in ok]),
                 judge_agreement=_mean([(agreement or {}).get((model, v)) for v in values]),
+                **_judge_validity(validity, model),
             )
         )
     order = ("conva", "conva_nogate", "caa", "prompt", "none")
@@ -420,12 +432,13 @@ def study_tables(parts: Sequence[dict], *, n_boot: int, seed: int) -> dict[str, 
     utility = pa.concat_tables([p["utility"] for p in parts])
     judges = pa.concat_tables([p["agreement"] for p in parts])
     agreement = {(r["model"], r["value"]): r["agreement"] for r in judges.to_pylist()}
-    pooled = pool(results, utility, agreement, n_boot=n_boot, seed=seed)
+    validity = {r["model"]: r for r in judges.to_pylist() if r["value"] == "*"}
+    pooled = pool(results, utility, agreement, n_boot=n_boot, seed=seed, validity=validity)
     return dict(
         results=results,
         pooled=pooled,
         matched=matched_fluency(results, pooled, n_boot=n_boot, seed=seed),
-        summary=summarize(results, utility, agreement, n_boot=n_boot, seed=seed),
+        summary=summarize(results, utility, agreement, n_boot=n_boot, seed=seed, validity=validity),
         utility=utility,
         probes=pa.concat_tables([p["probes"] for p in parts]),
         judges=judges,
