@@ -12,7 +12,8 @@ prompts (half have "no" as the value's side). The runs differ only in the pairs 
 * ``paper``: the paper's context-controlled pairs (``../shared/data/conva``, never copied into the
   repository) for three values, tested on the demo's prompts of those values.
 
-Writes ``benchmarks/results/specificity.json``: per run and model, every row of ``specificity.parquet``
+Each study's output stays in ``benchmarks/.cache/specificity/<run>`` (a rerun resumes it; its report is
+there). Writes ``benchmarks/results/specificity.json``: per run and model, every row of ``specificity.parquet``
 and the mean cosine between different values' probe and CAA vectors at each layer.
 
     python -m benchmarks.bench_specificity [negation stance paper] [--key=value ...]
@@ -22,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from benchmarks.common import RESULTS, machine, write_result
+from benchmarks.common import CACHE, RESULTS, machine, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo_study.toml"
@@ -62,17 +62,16 @@ def _cosines(folder: Path) -> dict:
 def run(name: str, overrides: list[str]) -> dict:
     from conva.jobs.study import main
 
-    with tempfile.TemporaryDirectory(prefix=f"spec-{name}-") as tmp:
-        out = Path(tmp) / "study"
-        start = time.monotonic()
-        code = main(["--config", str(DEMO), *COMMON, *RUNS[name], *overrides, f"--output.dir={out}"])
-        if code != 0:
-            raise SystemExit(f"the {name} study failed with exit code {code}")
-        return {
-            "wall_s": round(time.monotonic() - start, 1),
-            "specificity": pq.read_table(out / "specificity.parquet").to_pylist(),
-            "cosines": _cosines(out),
-        }
+    out = CACHE / "specificity" / name  # kept: a rerun resumes, and its report can be opened
+    start = time.monotonic()
+    code = main(["--config", str(DEMO), *COMMON, *RUNS[name], *overrides, f"--output.dir={out}"])
+    if code != 0:
+        raise SystemExit(f"the {name} study failed with exit code {code}")
+    return {
+        "wall_s": round(time.monotonic() - start, 1),
+        "specificity": pq.read_table(out / "specificity.parquet").to_pylist(),
+        "cosines": _cosines(out),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
