@@ -51,6 +51,7 @@ __all__ = [
     "plan_job",
     "stage_plans",
     "check_error_fraction",
+    "check_run_errors",
     "check_nodes",
     "check_output",
     "worker_inputs",
@@ -181,6 +182,29 @@ def check_error_fraction(cfg: Config, key: str, tally: RowTally) -> None:
             f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "
             "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
             "(1 never refuses)"
+        )
+    if tally.rows and not tally.valued and tally.neutral > limit * tally.rows:
+        raise JobError(
+            f"{key}: none of its {tally.rows} rows names a value ({tally.neutral} neutral, {tally.bad} bad): "
+            f"nothing would be steered, and {tally.neutral / tally.rows:.0%} neutral rows is more than "
+            f"data.max_error_fraction = {limit:g} allows. Give the rows a `value` column naming one of "
+            f"data.values ({', '.join(cfg.data.values)}), or set --data.max_error_fraction=1 to generate them "
+            "all unsteered"
+        )
+
+
+def check_run_errors(cfg: Config, folder: str, tally: RowTally) -> None:
+    """After a run: refuse (exit non-zero) a stage whose committed rows hold more error rows than allowed.
+
+    The rows are committed and stay so; what only the workers find (a prompt over the token limit)
+    counts toward ``data.max_error_fraction`` here, as the screened rows did before the run.
+    """
+    limit = cfg.data.max_error_fraction
+    if tally.rows and tally.bad > limit * tally.rows:
+        raise JobError(
+            f"{folder}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) are error rows, more "
+            f"than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. The rows are committed "
+            "(see the `error` column); fix the input, or raise --data.max_error_fraction"
         )
 
 

@@ -76,15 +76,41 @@ class Reason:
 
 @dataclass
 class RowTally:
-    """Counts of valued, neutral and error rows, and the error rows by reason (constant memory)."""
+    """Counts of valued, neutral and error rows, and the error rows by reason (constant memory).
+
+    Counted from generations (a table with ``gate_open``), a valued row is either ``gated_off`` (its
+    gate stayed shut: generated unsteered) or steered; :attr:`steered` is then what is left.
+    """
 
     rows: int = 0
     neutral: int = 0
     reasons: dict[str, Reason] = field(default_factory=dict)
+    gated_off: int = 0
+    generated: bool = False  # counted from generations: steered and gated off are known
 
     @property
     def bad(self) -> int:
         return sum(r.count for r in self.reasons.values())
+
+    @property
+    def valued(self) -> int:
+        """Rows with a value and no error (steered or gated off)."""
+        return self.rows - self.neutral - self.bad
+
+    @property
+    def steered(self) -> int:
+        return self.valued - self.gated_off
+
+    def counts(self) -> str:
+        """``12 rows read: 5 steered, 3 gated off, 2 neutral, 2 error rows`` (steered and gated off once generated)."""
+        kinds = (
+            [f"{self.steered} steered", f"{self.gated_off} gated off"]
+            if self.generated
+            else [f"{self.valued} with a value"]
+        )
+        return f"{self.rows} rows read: " + ", ".join(
+            [*kinds, f"{self.neutral} neutral", f"{self.bad} error row{'s' if self.bad != 1 else ''}"]
+        )
 
     def add(self, row_id: str, value: str | None, error: str | None) -> None:
         """Count one row: an error row when ``error`` is set, else neutral when it has no value."""
@@ -98,11 +124,19 @@ class RowTally:
         """Count every row of a steering input or a generations table (``row_id``, ``value``, ``error``)."""
         for row_id, value, error in zip(*(table.column(c).to_pylist() for c in ("row_id", "value", "error"))):
             self.add(row_id, value, error)
+        if "gate_open" in table.column_names:  # generations: which valued rows did the gate keep shut?
+            self.generated = True
+            for value, error, gate_open in zip(
+                *(table.column(c).to_pylist() for c in ("value", "error", "gate_open"))
+            ):
+                self.gated_off += value is not None and error is None and gate_open is False
 
     def merge(self, other: RowTally) -> None:
         """Add ``other``'s counts (e.g. another shard's); the first rows stay those met first."""
         self.rows += other.rows
         self.neutral += other.neutral
+        self.gated_off += other.gated_off
+        self.generated = self.generated or other.generated
         for kind, r in other.reasons.items():
             mine = self.reasons.setdefault(kind, Reason())
             for i, row_id in enumerate(r.first):
@@ -114,6 +148,8 @@ class RowTally:
         return {
             "rows": self.rows,
             "neutral": self.neutral,
+            "gated_off": self.gated_off,
+            "generated": self.generated,
             "reasons": {k: [r.count, r.first, r.example, r.varied] for k, r in self.reasons.items()},
         }
 
@@ -123,7 +159,13 @@ class RowTally:
             k: Reason(count, list(first), example, varied)
             for k, (count, first, example, varied) in data.get("reasons", {}).items()
         }
-        return cls(int(data.get("rows", 0)), int(data.get("neutral", 0)), reasons)
+        return cls(
+            int(data.get("rows", 0)),
+            int(data.get("neutral", 0)),
+            reasons,
+            int(data.get("gated_off", 0)),
+            bool(data.get("generated", False)),
+        )
 
     def _ordered(self) -> list[Reason]:
         return sorted(self.reasons.values(), key=lambda r: (-r.count, r.first[0] if r.first else ""))
