@@ -26,7 +26,7 @@ from pathlib import Path
 import conva
 from conva.batch.config import Config, ConfigError, config_dict, load_config
 from conva.batch.lease import LeaseError
-from conva.batch.storage import Location, is_uri, location
+from conva.batch.storage import S3_HINT, Location, is_uri, location, s3_setup_problem
 from conva.batch.store import StoreError
 from conva.bundle import BundleError
 from conva.data import DataError
@@ -172,16 +172,24 @@ def output_location(cfg: Config) -> tuple[Config, Location]:
     which no other node sees and which is deleted with the job: refused, naming the key.
     """
     raw = cfg.output.dir
+    if not raw.strip():
+        raise ConfigError(
+            "output.dir: empty: it would write into the current folder; name the output folder, e.g. "
+            "--output.dir=runs/mine (or an s3:// URI)"
+        )
     if not is_uri(raw) and not os.path.isabs(os.path.expanduser(raw)) and under_job_submission():
         raise ConfigError(
             f"output.dir: {raw!r} is relative; under `ray job submit` the driver runs in a temporary "
             "copy of the working folder on the head node, which the workers do not see and which is "
             "deleted with the job. Give an absolute path on storage every node mounts, or an s3:// URI"
         )
+    problem = s3_setup_problem(raw) if raw.startswith("s3://") else None
+    if problem is not None:
+        raise ConfigError(f"output.dir: {problem}")
     try:
         out = location(raw)
     except ValueError as err:
-        raise ConfigError(f"output.dir: {err}") from err
+        raise ConfigError(f"output.dir: {err}{S3_HINT if raw.startswith('s3://') else ''}") from err
     return replace(cfg, output=replace(cfg.output, dir=out.uri)), out
 
 

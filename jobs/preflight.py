@@ -27,7 +27,7 @@ from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.batch.inputs import plan_input, table_sha256
 from conva.batch.pipeline import extraction_rows, steering_rows, steering_rows_from_records
 from conva.batch.schemas import SCHEMA_VERSION
-from conva.batch.storage import Location
+from conva.batch.storage import S3_HINT, Location, s3_setup_problem
 from conva.batch.store import stage_status
 from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
 from conva.data import DataError
@@ -211,8 +211,9 @@ def check_run_errors(cfg: Config, folder: str, tally: RowTally) -> None:
 def check_output(out: Location) -> None:
     """The output can be written, as far as the driver can tell without writing (every node checks later).
 
-    A local path: its nearest existing ancestor is a writable folder. An object store: the bucket exists
-    and the credentials reach it.
+    A local path: its nearest existing ancestor is a writable folder on a filesystem that stores files
+    (not ``/proc``, ``/sys``, ``/dev``). An object store: credentials are configured (S3: see
+    :func:`s3_setup_problem`), the bucket exists and the credentials reach it.
     """
     if out.is_local:
         probe = out.uri
@@ -220,16 +221,69 @@ def check_output(out: Location) -> None:
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
             raise JobError(f"output.dir: {out} is not writable: {probe} is a file, not a folder")
+        mount, kind = _mount_of(probe)
+        if kind in _SPECIAL_FILESYSTEMS:
+            raise JobError(
+                f"output.dir: {out} is on {mount}, a {kind} filesystem (the kernel's view, not storage): "
+                "choose a folder on a disk or a shared mount"
+            )
         if not os.access(probe, os.W_OK | os.X_OK):
             raise JobError(f"output.dir: {out} is not writable: no write permission on {probe}")
         return
+    problem = s3_setup_problem(out.uri) if out.uri.startswith("s3://") else None
+    if problem is not None:
+        raise JobError(f"output.dir: {problem}")
     bucket = out.path.split("/", 1)[0]
     try:
         found = out.fs.get_file_info(bucket)
     except OSError as err:
-        raise JobError(f"output.dir: cannot reach {out}: {err}") from err
+        raise JobError(
+            f"output.dir: cannot reach {out}: {err}{S3_HINT if out.uri.startswith('s3://') else ''}"
+        ) from err
     if found.type.name == "NotFound":
         raise JobError(f"output.dir: the bucket of {out} does not exist")
+
+
+# Filesystems that hold the kernel's state, not files: an output there fails on its first write.
+_SPECIAL_FILESYSTEMS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "mqueue",
+        "hugetlbfs",
+        "binfmt_misc",
+        "efivarfs",
+        "autofs",
+    }
+)
+
+
+def _mount_of(path: str) -> tuple[str, str]:
+    """The mount point holding ``path`` and its filesystem type, from ``/proc/self/mounts`` (``("", "")`` if unknown)."""
+    try:
+        with open("/proc/self/mounts") as fh:
+            mounts = [line.split()[1:3] for line in fh if len(line.split()) > 2]
+    except OSError:
+        return "", ""
+    real = os.path.realpath(path)
+    best = ("", "")
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, kind)
+    return best
 
 
 def model_specs(
