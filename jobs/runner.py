@@ -69,8 +69,8 @@ def run_job(
 ) -> list[StageResult]:
     """Run job ``job`` (a key of :data:`JOBS`) with ``cfg``; returns what each stage did.
 
-    Side effects: writes ``<output.dir>/{activations,bundles,generations}/``, ``config.json`` and appends
-    to ``run.log``; with ``overwrite``, **replaces a stage written with another config** once the new
+    Side effects: writes ``<output.dir>/{activations,bundles,generations}/``, ``config.json`` (when what it
+    describes is published) and appends to ``run.log``; with ``overwrite``, **replaces a stage written with another config** once the new
     run has committed all its shards (until then the old output stays readable).
     """
     cfg, out = output_location(cfg)
@@ -84,12 +84,18 @@ def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool 
         OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease),
         run_log(plan.out),
     ):
-        write_config(plan.cfg, plan.out)
+        # config.json describes what readers see: a run that replaces a published generation (--overwrite)
+        # writes it once the new generation is published, so an interrupted overwrite leaves the old pair.
+        replacing = any(p.replaces for p in stage_plans(plan, overwrite))
+        if not replacing:
+            write_config(plan.cfg, plan.out)
         log_config(plan.cfg, job, overwrite)
         for line in input_notes(plan):
             _log.warning("data.prompts: %s", line.removeprefix("warning: "))
         try:
             results = run_model(plan, WorkerSpec(plan.cfg), overwrite)
+            if replacing:
+                write_config(plan.cfg, plan.out)
         except KeyboardInterrupt as err:
             _log.warning(
                 "job %s interrupted by %s after %.1f s; committed: %s",

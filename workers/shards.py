@@ -31,6 +31,7 @@ from conva.batch.pipeline import (
     steering_rows_from_records,
     value_activations,
 )
+from conva.batch.provenance import with_provenance
 from conva.batch.store import ShardRecord, write_files_shard, write_table_shard
 from conva.bundle import encode_bundle
 from conva.fit import ModelInfo
@@ -106,7 +107,7 @@ def steer(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     bundles = worker.bundles(task.bundles)
     out = worker.steerer().steer(rows, bundles, batch_size=task.batch(worker.cfg.steer.batch_size))
     check_rows("steer", task.ref.shard, rows, out)
-    return write_table_shard(task.ref, out, extra=_error_rows(out))
+    return write_table_shard(task.ref, with_provenance(out, worker.cfg), extra=_error_rows(out))
 
 
 def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:
