@@ -184,8 +184,8 @@ class _Tally:
         if stage == "fit":
             e = record.extra
             _log.info(
-                "fit: bundle %d: band %s, best held-out accuracy %.3f, gate %s",
-                record.shard,
+                "fit: %s: band %s, best held-out accuracy %.3f, gate %s",
+                e.get("value", f"bundle {record.shard}"),
                 e.get("band"),
                 e.get("best_test_acc", float("nan")),
                 e.get("gate"),

@@ -85,6 +85,7 @@ def fit(worker: ShardWorker, task: ShardTask) -> ShardRecord:
         filter=(pc.field("layer") == layers[0]) & pc.field("error").is_valid() & (pc.field("value") == value),
     )
     extra = {
+        "value": value,
         "band": list(bundle.band),
         "best_test_acc": float(np.nanmax(bundle.test_acc)),
         "gate": bundle.gate.kind,

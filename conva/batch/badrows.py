@@ -35,6 +35,7 @@ __all__ = ["RowTally", "Reason", "reason_kind", "format_rows", "FIRST_ROWS"]
 FIRST_ROWS = 5
 _NUMBER = re.compile(r"\d+")
 _QUOTED = re.compile(r"'[^']*'")
+_QUOTED_KEPT = 3
 _ROW_ID = re.compile(r"^(?P<name>.+)/(?P<row>\d+)$")
 
 
@@ -58,13 +59,28 @@ class Reason:
     first: list[str] = field(default_factory=list)
     example: str = ""
     varied: bool = False
+    quoted: list[str] = field(default_factory=list)  # the first few distinct quoted particulars ('bogus')
 
     @property
     def label(self) -> str:
-        """The message itself when every row had the same one, else the kind they share."""
-        return reason_kind(self.example) if self.varied else self.example
+        """The message itself when every row had the same one, else the kind they share (with what it quoted).
+
+        >>> r = Reason(); r.add("p/1", "unknown value 'bogus'"); r.add("p/2", "unknown value 'x'")
+        >>> r.label
+        "unknown value 'bogus', 'x'"
+        """
+        if not self.varied:
+            return self.example
+        kind = reason_kind(self.example)
+        if self.quoted and kind.count("'…'") == 1:
+            more = ", …" if len(self.quoted) > _QUOTED_KEPT else ""
+            return kind.replace("'…'", ", ".join(self.quoted[:_QUOTED_KEPT]) + more)
+        return kind
 
     def add(self, row_id: str, error: str, count: int = 1) -> None:
+        quoted = _QUOTED.search(error)
+        if quoted and quoted.group() not in self.quoted and len(self.quoted) <= _QUOTED_KEPT:
+            self.quoted.append(quoted.group())
         if not self.example:
             self.example = error
         elif error != self.example:
@@ -142,6 +158,9 @@ class RowTally:
             for i, row_id in enumerate(r.first):
                 mine.add(row_id, r.example, 1 if i < len(r.first) - 1 else r.count - len(r.first) + 1)
             mine.varied = mine.varied or r.varied
+            for q in r.quoted:
+                if q not in mine.quoted and len(mine.quoted) <= _QUOTED_KEPT:
+                    mine.quoted.append(q)
 
     def to_json(self) -> dict:
         """A small JSON form, for a shard record's ``extra``."""
@@ -150,14 +169,16 @@ class RowTally:
             "neutral": self.neutral,
             "gated_off": self.gated_off,
             "generated": self.generated,
-            "reasons": {k: [r.count, r.first, r.example, r.varied] for k, r in self.reasons.items()},
+            "reasons": {
+                k: [r.count, r.first, r.example, r.varied, r.quoted] for k, r in self.reasons.items()
+            },
         }
 
     @classmethod
     def from_json(cls, data: dict) -> RowTally:
         reasons = {
-            k: Reason(count, list(first), example, varied)
-            for k, (count, first, example, varied) in data.get("reasons", {}).items()
+            k: Reason(count, list(first), example, varied, list(rest[0]) if rest else [])
+            for k, (count, first, example, varied, *rest) in data.get("reasons", {}).items()
         }
         return cls(
             int(data.get("rows", 0)),
