@@ -8,6 +8,7 @@ loopback that answers nothing); a typo of a built-in name gets the names and the
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -88,3 +89,35 @@ def test_a_cached_hub_model_passes_offline_and_a_typo_gets_the_builtin_names(tmp
         "Hugging Face repo id; the built-in names are smollm2 (SmolLM2-135M-Instruct), gemma3-270m (Gemma 3 "
         "270M, a base model), tiny (a tiny random Llama, for trying configs); did you mean 'smollm2'?"
     )
+
+
+@pytest.mark.slow
+def test_a_model_only_the_driver_has_is_refused_on_the_node_that_lacks_it(tmp_path, ray_session) -> None:
+    """The driver finds the repo in its hub cache; the cluster's node has no such cache and no network: named."""
+    import ray
+
+    from conva.models import _hub_reachable
+
+    if _hub_reachable():  # the session's workers could download it: this machine has network access
+        pytest.skip("the hub answers from this machine; the node would be allowed to download")
+    hub = tmp_path / "hf"
+    snapshot = hub / "hub" / "models--org--driver-only" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    done, seconds = conva(
+        tmp_path,
+        "run",
+        "--config",
+        TINY,
+        "--model.name=org/driver-only",
+        f"--output.dir={tmp_path / 'out'}",
+        env={"HF_HOME": str(hub), "HF_HUB_CACHE": "", "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and re.fullmatch(
+        r"conva run: error: pre-flight: node 127\.0\.0\.1 \(id [0-9a-f]+\): model\.name: model 'org/driver-only' "
+        r"is not in the local Hugging Face cache \(.+\), and https://huggingface\.co cannot be reached from this "
+        r"machine, so it cannot be downloaded; .*",
+        last,
+    ), done.stderr[-2000:]
+    assert not re.search(r"worker \w+ ready", done.stderr)  # refused before any worker started
