@@ -151,7 +151,8 @@ def read_records(path: str | Path) -> Iterator[Record]:
     """Yield every data row of a JSONL, CSV or Parquet file, with a reason for rows that cannot be used.
 
     ``path`` is a local path or a ``pyarrow.fs`` URI. Rows are numbered by their line (JSON Lines, CSV: the
-    header is line 1 and no row) or row (Parquet); blank lines are no rows. Undecodable bytes, broken JSON and lines that are not objects become error records; the file
+    header is line 1 and no row) or row (Parquet); blank lines are no rows. Undecodable bytes, broken JSON
+    and lines that are not objects become error records; the file
     as a whole must exist and have a known suffix.
     """
     fs, where = _locate(path)
@@ -222,8 +223,8 @@ def csv_records(
         if not values:  # a blank line
             continue
         error = _csv_row_error(header, values, bad_lines, reader.line_num)
-        raw = "".join(text_lines[start : reader.line_num]).rstrip("\r\n")
-        yield Record(first_row + start, dict(zip(header, values)) if error is None else {}, error, raw)
+        record = "".join(text_lines[start : reader.line_num]).rstrip("\r\n")
+        yield Record(first_row + start, dict(zip(header, values)) if error is None else {}, error, record)
 
 
 def _csv_row_error(header: list[str], values: list[str], bad: dict[int, str], end_line: int) -> str | None:
