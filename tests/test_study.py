@@ -307,9 +307,13 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     matched = pq.read_table(out / "matched.parquet").to_pylist()
     assert {r["other"] for r in matched} == {"caa", "prompt"} and all(r["n_pairs"] == 3 for r in matched)
     pngs = sorted((out / "report").glob("*.png"))
-    assert len(pngs) == 6 and all(p.stat().st_size > 1000 for p in pngs)
     page = (out / "report" / "index.html").read_text()
+    # a figure whose points would all coincide (every utility ratio 1) is a sentence instead
+    drawn = (out / "report" / "utility.png").exists()
+    assert drawn or "no steering setting changed an answer" in page
+    assert len(pngs) == 5 + drawn and all(p.stat().st_size > 1000 for p in pngs)
     assert "<img" in page and "gate.apply_to" in page and "all_methods" in page
+    assert page.count("Example generations") == 1 and "unsteered answer" in page
 
 
 @pytest.mark.slow
