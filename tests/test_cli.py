@@ -143,7 +143,8 @@ def test_the_readme_quickstart_runs_as_written(readme) -> None:
     )
     run = _only(done, "conva run").stdout.splitlines()
     assert re.fullmatch(
-        r"conva run: done in \d+ s: extract \d+/\d+, fit 2/2, steer 1/1 shards run now; no error rows",
+        r"conva run: done in \d+ s: extract \d+/\d+, fit 2/2, steer 1/1 shards run now; generations: 2 rows read: "
+        r"\d steered, \d gated off, 0 neutral, no error rows",
         run[-1],
     ), run
     study = _only(done, "conva study").stdout
@@ -498,7 +499,7 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
     assert code == 0, shown[-3000:]
     assert re.search(
         rf"conva steer: done in \d+ s: steer {12 - committed}/12 shards run now; generations: 12 rows read: "
-        r"\d+ steered, \d+ gated off, 9 neutral, 0 error rows; data.prompts files: 3 read \(a.jsonl, b.csv, "
+        r"\d+ steered, \d+ gated off, 9 neutral, no error rows; data.prompts files: 3 read \(a.jsonl, b.csv, "
         r"c.parquet\); 0 skipped",
         shown,
     )

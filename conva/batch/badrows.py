@@ -125,7 +125,7 @@ class RowTally:
             else [f"{self.valued} with a value"]
         )
         return f"{self.rows} rows read: " + ", ".join(
-            [*kinds, f"{self.neutral} neutral", f"{self.bad} error row{'s' if self.bad != 1 else ''}"]
+            [*kinds, f"{self.neutral} neutral", f"{self.bad or 'no'} error row{'s' if self.bad != 1 else ''}"]
         )
 
     def add(self, row_id: str, value: str | None, error: str | None) -> None:
