@@ -57,6 +57,8 @@ __all__ = [
     "text_hash",
     "is_folder",
     "data_files",
+    "folder_files",
+    "raw_row",
     "jsonl_records",
     "csv_records",
     "DATA_SUFFIXES",
@@ -77,7 +79,11 @@ _PAPER_NAME = re.compile(
 
 
 class DataError(ValueError):
-    """A malformed data file or row; ``file``, ``row`` (1-based data row) and ``field`` say where."""
+    """A malformed data file or row; ``file``, ``row`` and ``field`` say where.
+
+    ``row`` is the row's line in a JSON Lines or CSV file (the CSV header is line 1), its 1-based row in a
+    Parquet file: the number an editor shows.
+    """
 
     def __init__(self, file: str | Path, row: int | None, field: str | None, problem: str) -> None:
         self.file, self.row, self.field, self.problem = str(file), row, field, problem
@@ -117,6 +123,9 @@ class Record:
     row: int
     fields: dict[str, Any]
     error: str | None = None
+    raw: str = (
+        ""  # the row as read (its line, its CSV record, its Parquet row as JSON): what an error row keeps
+    )
 
 
 def text_hash(text: str) -> str:
@@ -147,8 +156,9 @@ def is_folder(source: str | Path) -> bool:
 def read_records(path: str | Path) -> Iterator[Record]:
     """Yield every data row of a JSONL, CSV or Parquet file, with a reason for rows that cannot be used.
 
-    ``path`` is a local path or a ``pyarrow.fs`` URI. Rows are numbered from 1 (the CSV header is not a
-    row). Undecodable bytes, broken JSON and lines that are not objects become error records; the file
+    ``path`` is a local path or a ``pyarrow.fs`` URI. Rows are numbered by their line (JSON Lines, CSV: the
+    header is line 1 and no row) or row (Parquet); blank lines are no rows. Undecodable bytes, broken JSON
+    and lines that are not objects become error records; the file
     as a whole must exist and have a known suffix.
     """
     fs, where = _locate(path)
@@ -166,35 +176,37 @@ def read_records(path: str | Path) -> Iterator[Record]:
 
 
 def jsonl_records(data: bytes, first_row: int = 1) -> Iterator[Record]:
-    """The records of JSON Lines bytes (lines end with ``\n``; blank lines are not rows), numbered from ``first_row``.
+    """The records of JSON Lines bytes, each numbered by its line (``first_row`` is the first line's number).
 
-    A slice of a file (whole lines, see :mod:`conva.batch.inputs`) gives the same records as the whole file.
+    Lines end with ``\n``; blank lines are not rows (the planner counts them, :mod:`conva.batch.inputs`), so
+    a row's number is its line in the file, and a slice of a file (whole lines) gives the same records.
     """
-    row = first_row - 1
-    for raw in data.split(b"\n"):
+    for line, raw in enumerate(data.split(b"\n"), start=first_row):
         if not raw.strip():
             continue
-        row += 1
+        text = raw.decode("utf-8", "replace").rstrip("\r")
         try:
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            yield Record(row, {}, f"invalid UTF-8 at byte {exc.start} of the line")
+            yield Record(line, {}, f"invalid UTF-8 at byte {exc.start} of the line", text)
             continue
         except json.JSONDecodeError as exc:
-            yield Record(row, {}, f"invalid JSON: {exc.msg}")
+            yield Record(line, {}, f"invalid JSON: {exc.msg}", text)
             continue
         if not isinstance(obj, dict):
-            yield Record(row, {}, f"expected a JSON object, got {type(obj).__name__}")
+            yield Record(line, {}, f"expected a JSON object, got {type(obj).__name__}", text)
             continue
-        yield Record(row, obj)
+        yield Record(line, obj, None, text)
 
 
 def csv_records(
     data: bytes, path: str | Path, header: Sequence[str] | None = None, first_row: int = 1
 ) -> Iterator[Record]:
-    """The records of CSV bytes, numbered from ``first_row`` (the header is not a row).
+    """The records of CSV bytes, each numbered by the line it starts on (``first_row``: the first line's number).
 
-    With ``header`` the bytes hold data rows only (a slice of a file, see :mod:`conva.batch.inputs`).
+    Without ``header`` the first record is the header (line ``first_row``, not a row); with it the bytes
+    hold data rows only (a slice of a file, see :mod:`conva.batch.inputs`). Blank lines are not rows. A
+    quoted field may span lines: the record keeps the number of its first line.
     """
     lines = data.splitlines(keepends=True)
     bad_lines: dict[int, str] = {}
@@ -211,9 +223,14 @@ def csv_records(
         if header is None:
             raise DataError(path, None, None, "empty file (no header)")
     header = [h.strip() for h in header]
-    for row, values in enumerate(reader, start=first_row):
+    before = reader.line_num  # physical lines consumed before the next record
+    for values in reader:
+        start, before = before, reader.line_num
+        if not values:  # a blank line
+            continue
         error = _csv_row_error(header, values, bad_lines, reader.line_num)
-        yield Record(row, dict(zip(header, values)) if error is None else {}, error)
+        record = "".join(text_lines[start : reader.line_num]).rstrip("\r\n")
+        yield Record(first_row + start, dict(zip(header, values)) if error is None else {}, error, record)
 
 
 def _csv_row_error(header: list[str], values: list[str], bad: dict[int, str], end_line: int) -> str | None:
@@ -235,7 +252,12 @@ def _parquet_records(fs: pafs.FileSystem, where: str, path: str | Path) -> Itera
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise DataError(path, None, None, f"unreadable Parquet file: {exc}") from exc
     for row, obj in enumerate(table.to_pylist(), start=1):
-        yield Record(row, obj)
+        yield Record(row, obj, None, raw_row(obj))
+
+
+def raw_row(obj: dict) -> str:
+    """A Parquet row as the text an error row keeps (JSON; what JSON cannot say, as its ``str``)."""
+    return json.dumps(obj, ensure_ascii=False, default=str)
 
 
 def _require_text(path: str | Path, rec: Record, field: str) -> str:
@@ -256,22 +278,72 @@ def _strict(path: str | Path) -> Iterator[Record]:
         yield rec
 
 
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".snappy", ".br")
+
+
 def data_files(path: str | Path) -> list[str]:
-    """The data files of a file or folder (path or URI), sorted; a folder is not searched recursively."""
+    """The data files of a file or folder (path or URI), sorted; see :func:`folder_files` for a folder's rule."""
+    return folder_files(path)[0]
+
+
+def folder_files(path: str | Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """The data files a file or folder holds, and what it holds but is not read, with why.
+
+    The rule for a folder (path or URI): its subfolders are searched too; a file or subfolder whose name
+    starts with ``_`` or ``.`` is hidden (bookkeeping, as pyarrow and pandas treat it) and skipped;
+    ``.jsonl``, ``.json`` (read as JSON Lines), ``.csv`` and ``.parquet`` files are read, in the order of
+    their paths; compressed files (``.gz``, ``.zst``, …) are skipped (a shard is a byte range of a file,
+    which a compressed stream has not: decompress them first), and so is any other file. Skipped entries
+    come back as ``(path relative to the folder, why)``. A file named directly is read whatever its place.
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> for name in ("a.jsonl", "_b.jsonl", "c.txt", "d.jsonl.gz", "sub/e.csv"):
+        ...     os.makedirs(os.path.dirname(os.path.join(d, name)), exist_ok=True)
+        ...     _ = open(os.path.join(d, name), "w").write("")
+        >>> files, skipped = folder_files(d)
+        >>> [f[len(d) + 1 :] for f in files], [s for s, _ in skipped]
+        (['a.jsonl', 'sub/e.csv'], ['_b.jsonl', 'c.txt', 'd.jsonl.gz'])
+    """
     fs, where = _locate(path)
     kind = fs.get_file_info(where).type
     if kind == pafs.FileType.NotFound:
         raise DataError(path, None, None, "no such file")
     if kind == pafs.FileType.File:
-        return [str(path)]
-    found = sorted(
-        i.base_name
-        for i in fs.get_file_info(pafs.FileSelector(where))
-        if i.type == pafs.FileType.File and posixpath.splitext(i.base_name)[1].lower() in DATA_SUFFIXES
-    )
+        return [str(path)], []
+    root = where.rstrip("/")
+    found, skipped, hidden = [], [], set()
+    for info in sorted(fs.get_file_info(pafs.FileSelector(root, recursive=True)), key=lambda i: i.path):
+        rel = info.path[len(root) + 1 :]
+        parts = rel.split("/")
+        dot = next((i for i, part in enumerate(parts) if part.startswith(("_", "."))), None)
+        if dot is not None:
+            name = "/".join(parts[: dot + 1]) + (
+                "/" if dot < len(parts) - 1 or info.type != pafs.FileType.File else ""
+            )
+            if name not in hidden:
+                hidden.add(name)
+                skipped.append((name, "hidden: its name starts with '_' or '.'"))
+            continue
+        if info.type != pafs.FileType.File:
+            continue
+        suffix = posixpath.splitext(rel)[1].lower()
+        if suffix in DATA_SUFFIXES:
+            found.append(rel)
+        elif suffix in _COMPRESSED:
+            skipped.append((rel, "compressed: decompress it first (shards are byte ranges of a file)"))
+        else:
+            skipped.append((rel, "not a .jsonl, .json, .csv or .parquet file"))
     if not found:
-        raise DataError(path, None, None, "folder holds no .jsonl, .csv or .parquet file")
-    return [f"{str(path).rstrip('/')}/{name}" for name in found]
+        listed = "; ".join(f"{name}: {why}" for name, why in skipped[:5])
+        raise DataError(
+            path,
+            None,
+            None,
+            "folder holds no .jsonl, .json, .csv or .parquet file" + (f" ({listed})" if listed else ""),
+        )
+    return [f"{str(path).rstrip('/')}/{rel}" for rel in found], skipped
 
 
 def _paper_value(path: str) -> str | None:

@@ -13,7 +13,7 @@ import logging
 import os
 from pathlib import Path
 
-from conva.models import SMOLLM2, check_model, model_fingerprint, resolve_model
+from conva.models import SMOLLM2, TINY, check_model, model_fingerprint, resolve_model
 
 __all__ = ["file_fingerprint"]
 
@@ -27,7 +27,7 @@ def file_fingerprint(spec: str, dtype: str = "float32") -> str | None:
     workers then check bundles themselves once the model is loaded.
     """
     canonical = check_model(spec)
-    path = resolve_model(spec) if canonical == SMOLLM2 else canonical
+    path = resolve_model(spec) if canonical in (SMOLLM2, TINY) else canonical
     if not os.path.isdir(path):
         _log.info("model %s is not a local folder: bundles are checked by the workers", spec)
         return None

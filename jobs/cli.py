@@ -9,7 +9,8 @@ refuse before its workers start (the checks on every node need the cluster: ``ru
 
 Example:
     $ conva validate --config examples/demo.toml --model.name=./nope
-    conva validate: error: model.name: model './nope' is neither a local folder nor a Hugging Face repo id
+    conva validate: error: model.name: model './nope' is neither a local folder, a built-in name nor a
+    Hugging Face repo id; the built-in names are smollm2 (SmolLM2-135M-Instruct), …
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def validate(argv: list[str] | None = None) -> int:
 
 def _report(job, overwrite: bool) -> tuple[list[str], int]:
     """What a run of ``job`` would do, in lines for ``validate``, and how many shards it would run."""
+    from conva.batch.inputs import InputPlan, files_line, layout_lines
     from conva.jobs.preflight import stage_plans
 
     plans = stage_plans(job, overwrite)
@@ -102,7 +104,7 @@ def _report(job, overwrite: bool) -> tuple[list[str], int]:
     for key, tally in job.rows.items():
         valued = tally.rows - tally.bad - tally.neutral
         lines.append(
-            f"  {key}: {tally.rows} rows: {valued} with a value, {tally.neutral} neutral (no value: generated "
+            f"  {key}: {tally.rows} rows read: {valued} with a value, {tally.neutral} neutral (no value: generated "
             f"unsteered, keeping its method), {tally.bad} bad (each becomes an error row"
             + (f"; data.max_error_fraction = {job.cfg.data.max_error_fraction:g}" if tally.bad else "")
             + ")"
@@ -111,6 +113,12 @@ def _report(job, overwrite: bool) -> tuple[list[str], int]:
         lines += tally.lines("      ")
         if tally.rows:
             lines.append("      (prompts over the token limit are found by the workers, with the tokenizer)")
+        if tally.rows and not valued:
+            warnings.append(f"warning: {key}: no row names a value: nothing would be steered")
+        spec = job.spec("steer")
+        if key == "data.prompts" and spec is not None and isinstance(spec.input, InputPlan):
+            lines.append(f"      {files_line(spec.input)}")
+            lines += [f"      {line}" for line in layout_lines(spec.input)]
     return [*lines, *warnings], sum(p.pending for p in plans)
 
 

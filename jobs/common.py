@@ -26,7 +26,7 @@ from pathlib import Path
 import conva
 from conva.batch.config import Config, ConfigError, config_dict, load_config
 from conva.batch.lease import LeaseError
-from conva.batch.storage import Location, is_uri, location
+from conva.batch.storage import S3_HINT, Location, is_uri, location, s3_setup_problem
 from conva.batch.store import StoreError
 from conva.bundle import BundleError
 from conva.data import DataError
@@ -172,16 +172,24 @@ def output_location(cfg: Config) -> tuple[Config, Location]:
     which no other node sees and which is deleted with the job: refused, naming the key.
     """
     raw = cfg.output.dir
+    if not raw.strip():
+        raise ConfigError(
+            "output.dir: empty: it would write into the current folder; name the output folder, e.g. "
+            "--output.dir=runs/mine (or an s3:// URI)"
+        )
     if not is_uri(raw) and not os.path.isabs(os.path.expanduser(raw)) and under_job_submission():
         raise ConfigError(
             f"output.dir: {raw!r} is relative; under `ray job submit` the driver runs in a temporary "
             "copy of the working folder on the head node, which the workers do not see and which is "
             "deleted with the job. Give an absolute path on storage every node mounts, or an s3:// URI"
         )
+    problem = s3_setup_problem(raw) if raw.startswith("s3://") else None
+    if problem is not None:
+        raise ConfigError(f"output.dir: {problem}")
     try:
         out = location(raw)
     except ValueError as err:
-        raise ConfigError(f"output.dir: {err}") from err
+        raise ConfigError(f"output.dir: {err}{S3_HINT if raw.startswith('s3://') else ''}") from err
     return replace(cfg, output=replace(cfg.output, dir=out.uri)), out
 
 
@@ -368,7 +376,10 @@ def log_config(cfg: Config, job: str, overwrite: bool) -> None:
 
 
 def write_config(cfg: Config, out: Location) -> None:
-    """``<out>/config.json``: the config of the latest job run on this output (replaced atomically)."""
+    """``<out>/config.json``: the config of the published outputs (replaced atomically).
+
+    Its canonical hash is every generation row's ``config_sha256`` (:mod:`conva.batch.provenance`).
+    """
     out.child("config.json").write_text(json.dumps(config_dict(cfg), indent=1, sort_keys=True))
 
 
@@ -379,6 +390,7 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        _check_ray_address(os.environ["RAY_ADDRESS"])
         ray.init(logging_level=logging.WARNING)
         _reinstall_interrupts()
         _log.info("joined Ray cluster at %s: %s", os.environ["RAY_ADDRESS"], ray.cluster_resources())
@@ -395,6 +407,42 @@ def connect_ray() -> None:
     )
     _reinstall_interrupts()
     _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
+
+
+_RAY_ADDRESS_TIMEOUT_S = 5.0
+
+
+def _check_ray_address(address: str, timeout_s: float = _RAY_ADDRESS_TIMEOUT_S) -> None:
+    """Refuse at once a ``RAY_ADDRESS`` at which nothing answers (``ray.init`` would retry for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address in ("auto", "local"):
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        return
+    answer: list[OSError | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            answer.append(None)
+        except OSError as err:
+            answer.append(err)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if answer and answer[0] is None:
+        return
+    why = f"{type(answer[0]).__name__}: {answer[0]}" if answer else f"no answer within {timeout_s:g} s"
+    raise JobError(
+        f"RAY_ADDRESS={address}: no Ray cluster answers at {host}:{port} ({why}). Start one there "
+        "(`ray start --head --node-ip-address=127.0.0.1 --port=6379` on a laptop), or unset RAY_ADDRESS to run "
+        "on an embedded local Ray"
+    )
 
 
 def _loopback_only() -> None:

@@ -27,7 +27,7 @@ from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.batch.inputs import plan_input, table_sha256
 from conva.batch.pipeline import extraction_rows, steering_rows, steering_rows_from_records
 from conva.batch.schemas import SCHEMA_VERSION
-from conva.batch.storage import Location
+from conva.batch.storage import S3_HINT, Location, s3_setup_problem
 from conva.batch.store import stage_status
 from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
 from conva.data import DataError
@@ -51,6 +51,7 @@ __all__ = [
     "plan_job",
     "stage_plans",
     "check_error_fraction",
+    "check_run_errors",
     "check_nodes",
     "check_output",
     "worker_inputs",
@@ -182,13 +183,37 @@ def check_error_fraction(cfg: Config, key: str, tally: RowTally) -> None:
             "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
             "(1 never refuses)"
         )
+    if tally.rows and not tally.valued and tally.neutral > limit * tally.rows:
+        raise JobError(
+            f"{key}: none of its {tally.rows} rows names a value ({tally.neutral} neutral, {tally.bad} bad): "
+            f"nothing would be steered, and {tally.neutral / tally.rows:.0%} neutral rows is more than "
+            f"data.max_error_fraction = {limit:g} allows. Give the rows a `value` column naming one of "
+            f"data.values ({', '.join(cfg.data.values)}), or set --data.max_error_fraction=1 to generate them "
+            "all unsteered"
+        )
+
+
+def check_run_errors(cfg: Config, folder: str, tally: RowTally) -> None:
+    """After a run: refuse (exit non-zero) a stage whose committed rows hold more error rows than allowed.
+
+    The rows are committed and stay so; what only the workers find (a prompt over the token limit)
+    counts toward ``data.max_error_fraction`` here, as the screened rows did before the run.
+    """
+    limit = cfg.data.max_error_fraction
+    if tally.rows and tally.bad > limit * tally.rows:
+        raise JobError(
+            f"{folder}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) are error rows, more "
+            f"than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. The rows are committed "
+            "(see the `error` column); fix the input, or raise --data.max_error_fraction"
+        )
 
 
 def check_output(out: Location) -> None:
     """The output can be written, as far as the driver can tell without writing (every node checks later).
 
-    A local path: its nearest existing ancestor is a writable folder. An object store: the bucket exists
-    and the credentials reach it.
+    A local path: its nearest existing ancestor is a writable folder on a filesystem that stores files
+    (not ``/proc``, ``/sys``, ``/dev``). An object store: credentials are configured (S3: see
+    :func:`s3_setup_problem`), the bucket exists and the credentials reach it.
     """
     if out.is_local:
         probe = out.uri
@@ -196,16 +221,69 @@ def check_output(out: Location) -> None:
             probe = os.path.dirname(probe)
         if not os.path.isdir(probe):
             raise JobError(f"output.dir: {out} is not writable: {probe} is a file, not a folder")
+        mount, kind = _mount_of(probe)
+        if kind in _SPECIAL_FILESYSTEMS:
+            raise JobError(
+                f"output.dir: {out} is on {mount}, a {kind} filesystem (the kernel's view, not storage): "
+                "choose a folder on a disk or a shared mount"
+            )
         if not os.access(probe, os.W_OK | os.X_OK):
             raise JobError(f"output.dir: {out} is not writable: no write permission on {probe}")
         return
+    problem = s3_setup_problem(out.uri) if out.uri.startswith("s3://") else None
+    if problem is not None:
+        raise JobError(f"output.dir: {problem}")
     bucket = out.path.split("/", 1)[0]
     try:
         found = out.fs.get_file_info(bucket)
     except OSError as err:
-        raise JobError(f"output.dir: cannot reach {out}: {err}") from err
+        raise JobError(
+            f"output.dir: cannot reach {out}: {err}{S3_HINT if out.uri.startswith('s3://') else ''}"
+        ) from err
     if found.type.name == "NotFound":
         raise JobError(f"output.dir: the bucket of {out} does not exist")
+
+
+# Filesystems that hold the kernel's state, not files: an output there fails on its first write.
+_SPECIAL_FILESYSTEMS = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "mqueue",
+        "hugetlbfs",
+        "binfmt_misc",
+        "efivarfs",
+        "autofs",
+    }
+)
+
+
+def _mount_of(path: str) -> tuple[str, str]:
+    """The mount point holding ``path`` and its filesystem type, from ``/proc/self/mounts`` (``("", "")`` if unknown)."""
+    try:
+        with open("/proc/self/mounts") as fh:
+            mounts = [line.split()[1:3] for line in fh if len(line.split()) > 2]
+    except OSError:
+        return "", ""
+    real = os.path.realpath(path)
+    best = ("", "")
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best[0]):
+            best = (point, kind)
+    return best
 
 
 def model_specs(

@@ -19,11 +19,13 @@ from collections.abc import Callable
 
 from conva.batch.badrows import RowTally
 from conva.batch.config import Config
+from conva.batch.inputs import InputPlan, files_line, layout_lines
 from conva.batch.lease import OutputLease
 from conva.batch.store import ShardRecord, Stage, stage_status
 from conva.jobs.common import (
     COMMANDS,
     EXPECTED_ERRORS,
+    JobError,
     connect_ray,
     interrupted,
     interrupts,
@@ -35,7 +37,14 @@ from conva.jobs.common import (
     setup_logging,
     write_config,
 )
-from conva.jobs.preflight import ModelJob, check_gpu_fit, check_nodes, plan_job, stage_plans
+from conva.jobs.preflight import (
+    ModelJob,
+    check_gpu_fit,
+    check_nodes,
+    check_run_errors,
+    plan_job,
+    stage_plans,
+)
 from conva.jobs.stages import StageResult, open_stages, stage_runs
 from conva.workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
 from conva.workers.tasks import WorkerSpec
@@ -60,8 +69,8 @@ def run_job(
 ) -> list[StageResult]:
     """Run job ``job`` (a key of :data:`JOBS`) with ``cfg``; returns what each stage did.
 
-    Side effects: writes ``<output.dir>/{activations,bundles,generations}/``, ``config.json`` and appends
-    to ``run.log``; with ``overwrite``, **replaces a stage written with another config** once the new
+    Side effects: writes ``<output.dir>/{activations,bundles,generations}/``, ``config.json`` (when what it
+    describes is published) and appends to ``run.log``; with ``overwrite``, **replaces a stage written with another config** once the new
     run has committed all its shards (until then the old output stays readable).
     """
     cfg, out = output_location(cfg)
@@ -75,10 +84,18 @@ def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool 
         OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease),
         run_log(plan.out),
     ):
-        write_config(plan.cfg, plan.out)
+        # config.json describes what readers see: a run that replaces a published generation (--overwrite)
+        # writes it once the new generation is published, so an interrupted overwrite leaves the old pair.
+        replacing = any(p.replaces for p in stage_plans(plan, overwrite))
+        if not replacing:
+            write_config(plan.cfg, plan.out)
         log_config(plan.cfg, job, overwrite)
+        for line in input_notes(plan):
+            _log.warning("data.prompts: %s", line.removeprefix("warning: "))
         try:
             results = run_model(plan, WorkerSpec(plan.cfg), overwrite)
+            if replacing:
+                write_config(plan.cfg, plan.out)
         except KeyboardInterrupt as err:
             _log.warning(
                 "job %s interrupted by %s after %.1f s; committed: %s",
@@ -93,24 +110,41 @@ def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool 
             "job %s done in %.1f s: %s",
             job,
             time.monotonic() - start,
-            final_line(results),
+            final_line(results, plan),
         )
         return results
 
 
-def final_line(results: list[StageResult]) -> str:
-    """What a job did, for its last line: shards run per stage, then its error rows (over all committed shards)."""
+def input_notes(plan: ModelJob) -> list[str]:
+    """The bulk prompts file's layout notes (blank lines, CSV rows spanning lines), as validate prints them."""
+    spec = plan.spec("steer")
+    return layout_lines(spec.input) if spec is not None and isinstance(spec.input, InputPlan) else []
+
+
+def final_line(results: list[StageResult], plan: ModelJob | None = None) -> str:
+    """What a job did, for its last line: shards run per stage, then its rows (over all committed shards).
+
+    For the steering stage: rows read, steered, gated off, neutral and error rows by reason, and the
+    files of a prompts file or folder read and skipped.
+    """
     parts = [", ".join(f"{r.stage} {r.processed}/{r.shards}" for r in results) + " shards run now"]
-    errors = [
-        f"{r.folder}: {r.error_rows} of {r.input_rows} {_ROW_UNITS[r.stage]} are error rows (see the `error` "
-        "column)"
-        for r in results
-        if r.error_rows
-    ]
-    if errors:
-        parts += errors
-    elif any(r.stage in _ROW_UNITS for r in results):
+    for r in results:
+        if r.stage == "steer" and r.tally is not None and r.tally.rows:
+            text = f"{r.folder}: {r.tally.counts()}"
+            if r.tally.bad:
+                text += f" (see the `error` column: {r.tally.one_line()})"
+            parts.append(text)
+        elif r.error_rows:
+            parts.append(
+                f"{r.folder}: {r.error_rows} of {r.input_rows} {_ROW_UNITS[r.stage]} are error rows (see the "
+                "`error` column)"
+            )
+    counted = any(r.stage == "steer" and r.tally is not None and r.tally.rows for r in results)
+    if not counted and not any(r.error_rows for r in results) and any(r.stage in _ROW_UNITS for r in results):
         parts.append("no error rows")
+    spec = plan.spec("steer") if plan is not None else None
+    if spec is not None and isinstance(spec.input, InputPlan):
+        parts.append(f"data.prompts {files_line(spec.input)}")
     return "; ".join(parts)
 
 
@@ -150,8 +184,8 @@ class _Tally:
         if stage == "fit":
             e = record.extra
             _log.info(
-                "fit: bundle %d: band %s, best held-out accuracy %.3f, gate %s",
-                record.shard,
+                "fit: %s: band %s, best held-out accuracy %.3f, gate %s",
+                e.get("value", f"bundle {record.shard}"),
                 e.get("band"),
                 e.get("best_test_acc", float("nan")),
                 e.get("gate"),
@@ -266,6 +300,7 @@ def run_model(
                 s.folder,
                 whole.bad,
                 whole.rows,
+                whole if s.name in _ROW_UNITS else None,
             )
         )
     return results
@@ -301,5 +336,12 @@ def main(job: str, argv: list[str] | None = None) -> int:
             return 2
         except KeyboardInterrupt as err:
             return report_interrupt(job, err, committed_line(plan) if plan is not None else None, argv)
-    print(f"conva {job}: done in {time.monotonic() - start:.0f} s: {final_line(results)}")
+    print(f"conva {job}: done in {time.monotonic() - start:.0f} s: {final_line(results, plan)}")
+    try:  # what only the workers found (prompts over the token limit) counts toward the limit too
+        for r in results:
+            if r.stage == "steer" and r.tally is not None:
+                check_run_errors(plan.cfg, r.folder, r.tally)
+    except JobError as err:
+        print(f"conva {job}: error: {err}", file=sys.stderr)
+        return 2
     return 0

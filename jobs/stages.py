@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from conva.batch.badrows import RowTally
 from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.batch.inputs import InputPlan, write_input_table
 from conva.batch.pipeline import activation_model
@@ -123,6 +124,9 @@ class StageResult:
     folder: str = ""
     error_rows: int = 0  # over every committed shard of the stage, this run's and earlier ones
     input_rows: int = 0  # input rows of every committed shard (0 for a stage without an error column)
+    tally: RowTally | None = (
+        None  # every committed row by kind and error reason (stages with an error column)
+    )
 
 
 def select(config: dict, keys: tuple[str, ...]) -> dict:

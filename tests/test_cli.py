@@ -143,7 +143,8 @@ def test_the_readme_quickstart_runs_as_written(readme) -> None:
     )
     run = _only(done, "conva run").stdout.splitlines()
     assert re.fullmatch(
-        r"conva run: done in \d+ s: extract \d+/\d+, fit 2/2, steer 1/1 shards run now; no error rows",
+        r"conva run: done in \d+ s: extract \d+/\d+, fit 2/2, steer 1/1 shards run now; generations: 2 rows read: "
+        r"\d steered, \d gated off, 0 neutral, no error rows",
         run[-1],
     ), run
     study = _only(done, "conva study").stdout
@@ -270,11 +271,13 @@ def test_bad_rows_are_summarised_in_validate_the_log_and_the_last_line(
 
     done = conva(env, tmp_path, "steer", *argv, "--data.max_error_fraction=0.8")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert re.fullmatch(
-        r"conva steer: done in \d+ s: steer 3/3 shards run now; generations: 8 of 11 rows are error "
-        r"rows \(see the `error` column\)",
+    counted = re.fullmatch(
+        r"conva steer: done in \d+ s: steer 3/3 shards run now; generations: 11 rows read: (\d+) steered, "
+        r"(\d+) gated off, 1 neutral, 8 error rows \(see the `error` column: (.*)\); data.prompts files: "
+        r"1 read \(bad.jsonl\); 0 skipped",
         done.stdout.strip(),
-    ), done.stdout
+    )
+    assert counted and int(counted[1]) + int(counted[2]) == 2 and counted[3] == REASONS, done.stdout
     log = (out / "run.log").read_text()
     assert (
         "WARNING conva.jobs: generations: 8 of 11 rows written in this run are error rows (see the `error` "
@@ -463,7 +466,7 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
         cli.main(["validate", "--job", *args]) == 0
     )  # in-process: the subprocesses below are the CLI's test
     assert (
-        "  data.prompts: 12 rows: 3 with a value, 9 neutral (no value: generated unsteered, keeping its method), "
+        "  data.prompts: 12 rows read: 3 with a value, 9 neutral (no value: generated unsteered, keeping its method), "
         "0 bad (each becomes an error row)\n"
     ) in capsys.readouterr().out
 
@@ -495,7 +498,10 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
     code, shown = _in_pty(env, tmp_path, args)  # the rerun, as in a terminal: a bar, and log lines above it
     assert code == 0, shown[-3000:]
     assert re.search(
-        rf"conva steer: done in \d+ s: steer {12 - committed}/12 shards run now; no error rows", shown
+        rf"conva steer: done in \d+ s: steer {12 - committed}/12 shards run now; generations: 12 rows read: "
+        r"\d+ steered, \d+ gated off, 9 neutral, no error rows; data.prompts files: 3 read \(a.jsonl, b.csv, "
+        r"c.parquet\); 0 skipped",
+        shown,
     )
     assert re.search(r"llama: steer: +\d+%\|", shown)
     for line in shown.split("\n"):
@@ -516,7 +522,12 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
 
     rows = pq.read_table(out / "generations").to_pylist()
     ids = sorted(r["row_id"] for r in rows)
-    assert ids == sorted(f"{name}/{i:06d}" for name in ("a.jsonl", "b.csv", "c.parquet") for i in range(1, 5))
+    # a row's number is its line (the CSV header is line 1) or its Parquet row
+    assert ids == sorted(
+        f"{name}/{i:06d}"
+        for name, first in (("a.jsonl", 1), ("b.csv", 2), ("c.parquet", 1))
+        for i in range(first, first + 4)
+    )
     by_file: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: r["row_id"]):
         by_file.setdefault(r["row_id"].split("/")[0], []).append(

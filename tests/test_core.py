@@ -40,10 +40,10 @@ def test_paper_loader_accepts_the_other_spellings(paper_data, tmp_path):
 @pytest.mark.parametrize(
     "content, row, field",
     [
-        ('question_1,question_2\n"a","b"\n"c",""\n', 2, "question_2"),
-        ('question_1,question_2\n"a","b"\n"c"\n', 2, None),
-        (b'question_1,question_2\n"a","b"\n"\xff\xfe","d"\n', 2, None),
-        ('question_1,other\n"a","b"\n', 1, "question_2"),
+        ('question_1,question_2\n"a","b"\n"c",""\n', 3, "question_2"),  # rows are numbered by their line
+        ('question_1,question_2\n"a","b"\n\n"c"\n', 4, None),  # a blank line is no row, but has a number
+        (b'question_1,question_2\n"a","b"\n"\xff\xfe","d"\n', 3, None),
+        ('question_1,other\n"a","b"\n', 2, "question_2"),
     ],
 )
 def test_malformed_csv_names_file_row_and_field(tmp_path, content, row, field):

@@ -184,6 +184,29 @@ def test_resolve_model_rejects_what_is_neither_folder_nor_repo_id(spec: str) -> 
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize(
+    "spec, near", [("smolm2", "smollm2"), ("gemma3-270", "gemma3-270m"), ("tinny", "tiny"), ("llama", None)]
+)
+def test_a_spec_that_names_nothing_lists_the_builtin_names_and_the_nearest(
+    spec: str, near: str | None
+) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        check_model(spec)
+    assert str(info.value) == (
+        f"model {spec!r} is neither a local folder, a built-in name nor a Hugging Face repo id; the built-in names "
+        "are smollm2 (SmolLM2-135M-Instruct), gemma3-270m (Gemma 3 270M, a base model), tiny (a tiny random "
+        "Llama, for trying configs)" + (f"; did you mean {near!r}?" if near else "")
+    )
+
+
+def test_the_builtin_tiny_model_is_written_once_into_the_cache(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CONVA_CACHE", str(tmp_path))
+    assert check_model("tiny") == "tiny" and not (tmp_path / "models").exists()  # checking writes nothing
+    folder = resolve_model("tiny")
+    assert folder == str(tmp_path / "models" / "tiny-llama") and (Path(folder) / "config.json").is_file()
+    assert resolve_model("tiny") == folder and model_name("tiny") == "tiny-llama"
+
+
 def test_resolve_model_accepts_repo_ids_and_folders(tiny: str, tmp_path: Path, monkeypatch) -> None:
     assert resolve_model("meta-llama/Llama-3.1-8B-Instruct") == "meta-llama/Llama-3.1-8B-Instruct"
     assert resolve_model(tiny + "/") == str(Path(tiny))
@@ -194,8 +217,18 @@ def test_resolve_model_accepts_repo_ids_and_folders(tiny: str, tmp_path: Path, m
         resolve_model(str(tmp_path / "weights.bin"))
 
 
-def test_check_model(tiny: str, tmp_path: Path) -> None:
+def test_check_model(tiny: str, tmp_path: Path, monkeypatch) -> None:
     assert check_model(tiny) == tiny
+    # a repo id is checked offline: in the local hub cache it passes, without network access it is refused
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        ModelNotFoundError, match=r"'org/model' is not in the local Hugging Face cache .*HF_HUB_OFFLINE"
+    ):
+        check_model("org/model")
+    snapshot = tmp_path / "hub" / "models--org--model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
     assert check_model("org/model") == "org/model"
     with pytest.raises(ModelNotFoundError, match="/no/such/folder"):
         check_model("/no/such/folder")

@@ -412,8 +412,11 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     own = [r["value_log_odds"] - base[r["item"]] for r in choice if r["method"] == "conva_nogate"]
     assert spec["conva"]["own"] == pytest.approx(np.mean(own))
     pngs = sorted((out / "report").glob("*.png"))
-    assert len(pngs) == 7 and all(p.stat().st_size > 1000 for p in pngs)
     page = (out / "report" / "index.html").read_text()
+    # a figure whose points would all coincide (every utility ratio 1) is a sentence instead
+    drawn = (out / "report" / "utility.png").exists()
+    assert drawn or "no steering setting changed an answer" in page
+    assert len(pngs) == 6 + drawn and all(p.stat().st_size > 1000 for p in pngs)  # cross_value.png among them
     assert "<img" in page and "gate.apply_to" in page and "all_methods" in page
     # The judge validated on the labelled answers: a '*' row, its kappa beside every CSR.
     judges = {r["value"]: r for r in pq.read_table(out / "judges.parquet").to_pylist()}
@@ -426,6 +429,7 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     assert math.isfinite(star["kappa"]) and judges["power"]["kappa"] == star["kappa"]
     assert all(r["judge_kappa"] == star["kappa"] for r in summary + pooled)
     assert "<th>judge κ</th>" in page
+    assert page.count("Example generations") == 1 and "unsteered answer" in page
 
 
 @pytest.mark.slow

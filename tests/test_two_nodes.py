@@ -49,7 +49,7 @@ def test_output_on_the_shared_folder_has_every_row_once(two_nodes: TwoNodeCluste
     assert re.search(r"steer: shard 3 of 3 committed, [\d.]+ rows/s, ETA \d+m\d\ds", job.output), job.output[
         -4000:
     ]
-    assert re.search(r"conva run: done in \d+ s: .*; no error rows", job.output), job.output[-4000:]
+    assert re.search(r"conva run: done in \d+ s: .*, no error rows", job.output), job.output[-4000:]
 
     record = two_nodes.job(job.submission_id)
     assert record["driver_node_id"] == two_nodes.head_node_id

@@ -31,6 +31,7 @@ from conva.batch.pipeline import (
     steering_rows_from_records,
     value_activations,
 )
+from conva.batch.provenance import with_provenance
 from conva.batch.store import ShardRecord, write_files_shard, write_table_shard
 from conva.bundle import encode_bundle
 from conva.fit import ModelInfo
@@ -84,6 +85,7 @@ def fit(worker: ShardWorker, task: ShardTask) -> ShardRecord:
         filter=(pc.field("layer") == layers[0]) & pc.field("error").is_valid() & (pc.field("value") == value),
     )
     extra = {
+        "value": value,
         "band": list(bundle.band),
         "best_test_acc": float(np.nanmax(bundle.test_acc)),
         "gate": bundle.gate.kind,
@@ -106,7 +108,7 @@ def steer(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     bundles = worker.bundles(task.bundles)
     out = worker.steerer().steer(rows, bundles, batch_size=task.batch(worker.cfg.steer.batch_size))
     check_rows("steer", task.ref.shard, rows, out)
-    return write_table_shard(task.ref, out, extra=_error_rows(out))
+    return write_table_shard(task.ref, with_provenance(out, worker.cfg), extra=_error_rows(out))
 
 
 def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:

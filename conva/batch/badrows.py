@@ -35,6 +35,7 @@ __all__ = ["RowTally", "Reason", "reason_kind", "format_rows", "FIRST_ROWS"]
 FIRST_ROWS = 5
 _NUMBER = re.compile(r"\d+")
 _QUOTED = re.compile(r"'[^']*'")
+_QUOTED_KEPT = 3
 _ROW_ID = re.compile(r"^(?P<name>.+)/(?P<row>\d+)$")
 
 
@@ -58,13 +59,28 @@ class Reason:
     first: list[str] = field(default_factory=list)
     example: str = ""
     varied: bool = False
+    quoted: list[str] = field(default_factory=list)  # the first few distinct quoted particulars ('bogus')
 
     @property
     def label(self) -> str:
-        """The message itself when every row had the same one, else the kind they share."""
-        return reason_kind(self.example) if self.varied else self.example
+        """The message itself when every row had the same one, else the kind they share (with what it quoted).
+
+        >>> r = Reason(); r.add("p/1", "unknown value 'bogus'"); r.add("p/2", "unknown value 'x'")
+        >>> r.label
+        "unknown value 'bogus', 'x'"
+        """
+        if not self.varied:
+            return self.example
+        kind = reason_kind(self.example)
+        if self.quoted and kind.count("'…'") == 1:
+            more = ", …" if len(self.quoted) > _QUOTED_KEPT else ""
+            return kind.replace("'…'", ", ".join(self.quoted[:_QUOTED_KEPT]) + more)
+        return kind
 
     def add(self, row_id: str, error: str, count: int = 1) -> None:
+        quoted = _QUOTED.search(error)
+        if quoted and quoted.group() not in self.quoted and len(self.quoted) <= _QUOTED_KEPT:
+            self.quoted.append(quoted.group())
         if not self.example:
             self.example = error
         elif error != self.example:
@@ -76,15 +92,41 @@ class Reason:
 
 @dataclass
 class RowTally:
-    """Counts of valued, neutral and error rows, and the error rows by reason (constant memory)."""
+    """Counts of valued, neutral and error rows, and the error rows by reason (constant memory).
+
+    Counted from generations (a table with ``gate_open``), a valued row is either ``gated_off`` (its
+    gate stayed shut: generated unsteered) or steered; :attr:`steered` is then what is left.
+    """
 
     rows: int = 0
     neutral: int = 0
     reasons: dict[str, Reason] = field(default_factory=dict)
+    gated_off: int = 0
+    generated: bool = False  # counted from generations: steered and gated off are known
 
     @property
     def bad(self) -> int:
         return sum(r.count for r in self.reasons.values())
+
+    @property
+    def valued(self) -> int:
+        """Rows with a value and no error (steered or gated off)."""
+        return self.rows - self.neutral - self.bad
+
+    @property
+    def steered(self) -> int:
+        return self.valued - self.gated_off
+
+    def counts(self) -> str:
+        """``12 rows read: 5 steered, 3 gated off, 2 neutral, 2 error rows`` (steered and gated off once generated)."""
+        kinds = (
+            [f"{self.steered} steered", f"{self.gated_off} gated off"]
+            if self.generated
+            else [f"{self.valued} with a value"]
+        )
+        return f"{self.rows} rows read: " + ", ".join(
+            [*kinds, f"{self.neutral} neutral", f"{self.bad or 'no'} error row{'s' if self.bad != 1 else ''}"]
+        )
 
     def add(self, row_id: str, value: str | None, error: str | None) -> None:
         """Count one row: an error row when ``error`` is set, else neutral when it has no value."""
@@ -98,32 +140,53 @@ class RowTally:
         """Count every row of a steering input or a generations table (``row_id``, ``value``, ``error``)."""
         for row_id, value, error in zip(*(table.column(c).to_pylist() for c in ("row_id", "value", "error"))):
             self.add(row_id, value, error)
+        if "gate_open" in table.column_names:  # generations: which valued rows did the gate keep shut?
+            self.generated = True
+            for value, error, gate_open in zip(
+                *(table.column(c).to_pylist() for c in ("value", "error", "gate_open"))
+            ):
+                self.gated_off += value is not None and error is None and gate_open is False
 
     def merge(self, other: RowTally) -> None:
         """Add ``other``'s counts (e.g. another shard's); the first rows stay those met first."""
         self.rows += other.rows
         self.neutral += other.neutral
+        self.gated_off += other.gated_off
+        self.generated = self.generated or other.generated
         for kind, r in other.reasons.items():
             mine = self.reasons.setdefault(kind, Reason())
             for i, row_id in enumerate(r.first):
                 mine.add(row_id, r.example, 1 if i < len(r.first) - 1 else r.count - len(r.first) + 1)
             mine.varied = mine.varied or r.varied
+            for q in r.quoted:
+                if q not in mine.quoted and len(mine.quoted) <= _QUOTED_KEPT:
+                    mine.quoted.append(q)
 
     def to_json(self) -> dict:
         """A small JSON form, for a shard record's ``extra``."""
         return {
             "rows": self.rows,
             "neutral": self.neutral,
-            "reasons": {k: [r.count, r.first, r.example, r.varied] for k, r in self.reasons.items()},
+            "gated_off": self.gated_off,
+            "generated": self.generated,
+            "reasons": {
+                k: [r.count, r.first, r.example, r.varied, r.quoted] for k, r in self.reasons.items()
+            },
         }
 
     @classmethod
     def from_json(cls, data: dict) -> RowTally:
         reasons = {
-            k: Reason(count, list(first), example, varied)
-            for k, (count, first, example, varied) in data.get("reasons", {}).items()
+            k: Reason(count, list(first), example, varied, list(rest[0]) if rest else [])
+            for k, (count, first, example, varied, *rest) in data.get("reasons", {}).items()
         }
-        return cls(int(data.get("rows", 0)), int(data.get("neutral", 0)), reasons)
+        return cls(
+            int(data.get("rows", 0)),
+            int(data.get("neutral", 0)),
+            reasons,
+            int(data.get("gated_off", 0)),
+            bool(data.get("generated", False)),
+        )
 
     def _ordered(self) -> list[Reason]:
         return sorted(self.reasons.values(), key=lambda r: (-r.count, r.first[0] if r.first else ""))

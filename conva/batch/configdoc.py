@@ -159,10 +159,18 @@ def explain(roots: tuple[type, ...], choices: dict[str, tuple[str, ...]], sectio
             options = choices.get(f"{name}.{f.name}")
             kind = type_text(hints[f.name]) + (f": {' | '.join(options)}" if options else "")
             out.append(f"  {f.name} = {default_text(_default(f))}  ({kind})")
-            doc = docs[f.name][:1].upper() + docs[f.name][1:]
+            doc = _sentence(docs[f.name], options or ())
             out += textwrap.wrap(doc, _WIDTH, initial_indent=" " * 6, subsequent_indent=" " * 6)
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _sentence(doc: str, options: tuple[str, ...]) -> str:
+    """``doc`` with a capital first letter, unless it starts with a symbol (``ε``) or a value (``none | …``)."""
+    first = doc.split(" ", 1)[0]
+    if not doc[:1].isascii() or not doc[:1].islower() or first in options:
+        return doc
+    return doc[:1].upper() + doc[1:]
 
 
 def key_index(*roots: type) -> str:

@@ -6,9 +6,13 @@ every shard of ``rows_per_shard`` rows starts:
 
 * **Parquet**: shard boundaries come from the footer (row counts per row group); the bytes are streamed
   only for the hash. A worker reads just the row groups that overlap its rows.
-* **JSON Lines**: rows are non-blank lines; a shard is a byte range of whole lines.
-* **CSV**: rows are CSV records (a quoted field may span lines); a shard is a byte range of whole
-  records, and carries the header.
+* **JSON Lines**: rows are non-blank lines, numbered by their line in the file; a shard is a byte range of
+  whole lines.
+* **CSV**: rows are CSV records, numbered by the line each starts on (the header is line 1; a quoted
+  field may span lines); a shard is a byte range of whole records, and carries the header.
+
+Blank lines are no rows; the plan counts them per file, and the records that span several lines
+(:class:`FileReport`), so that ``validate`` and the job's last line account for every line.
 
 A slice is read by :func:`read_slice` into the same :class:`conva.data.Record` rows, numbered as in the
 whole file, that :func:`conva.data.read_records` gives, so error rows name the file and row either way.
@@ -25,8 +29,8 @@ Example:
     >>> folder = tempfile.mkdtemp(); path = os.path.join(folder, "p.jsonl")
     >>> _ = open(path, "w").write('{"prompt": "a"}\\n\\n{"prompt": "b"}\\n{"prompt": "c"}\\n')
     >>> plan = plan_input(path, rows_per_shard=2)
-    >>> plan.rows, [(s.first_row, s.rows) for s in plan.slices]
-    (3, [(1, 2), (3, 1)])
+    >>> plan.rows, [(s.first_row, s.rows) for s in plan.slices], plan.files[0].blank_lines
+    (3, [(1, 2), (4, 1)], 1)
     >>> [r.fields["prompt"] for r in read_slice(plan.slices[1])]
     ['c']
 """
@@ -44,11 +48,14 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from conva.batch.storage import Location, location
-from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, data_files, jsonl_records
+from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, folder_files, jsonl_records, raw_row
 
 __all__ = [
     "InputSlice",
     "InputPlan",
+    "FileReport",
+    "files_line",
+    "layout_lines",
     "Screen",
     "plan_input",
     "plan_table_file",
@@ -65,9 +72,11 @@ Screen = Callable[[str, list[Record]], None]
 
 @dataclass(frozen=True)
 class InputSlice:
-    """The rows one shard reads: ``rows`` rows of ``file`` from data row ``first_row`` (1-based).
+    """The rows one shard reads: ``rows`` rows of ``file``, the first numbered ``first_row`` (1-based).
 
-    ``start``/``stop`` are the byte range of those rows (JSON Lines, CSV); ``header`` is the CSV header.
+    A row's number is its line (JSON Lines, CSV) or its row (Parquet) in the file. ``start``/``stop``
+    are the byte range of those rows (JSON Lines, CSV); ``header`` is the CSV header; ``label`` the
+    file's path inside the folder named as the input (its base name when a file was named).
     """
 
     file: str
@@ -77,20 +86,71 @@ class InputSlice:
     start: int = 0
     stop: int = 0
     header: tuple[str, ...] = ()
+    label: str = ""
 
     @property
     def name(self) -> str:
-        """The file's base name: row ids are ``<name>/<row>``."""
-        return posixpath.basename(self.file.rstrip("/"))
+        """The file's name inside the input: row ids are ``<name>/<row>``."""
+        return self.label or posixpath.basename(self.file.rstrip("/"))
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """One input file as planned: its rows, its blank lines, and its rows that span several lines (CSV)."""
+
+    name: str
+    rows: int
+    blank_lines: int = 0
+    multiline_rows: int = 0
+    first_multiline: tuple[int, ...] = ()  # the first few such rows' line numbers
 
 
 @dataclass(frozen=True)
 class InputPlan:
-    """Every shard's slice, the rows in all and a sha256 of the input's files (names and bytes)."""
+    """Every shard's slice, the rows in all and a sha256 of the input's files (names and bytes).
+
+    ``files``: each file read; ``skipped``: what a folder held but is not read, ``(name, why)``.
+    """
 
     slices: tuple[InputSlice, ...]
     rows: int
     sha256: str
+    files: tuple[FileReport, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+def files_line(plan: InputPlan) -> str:
+    """``files: 2 read (a.jsonl, sub/b.csv); 2 skipped (c.txt: not a …; _x.jsonl: hidden: …)``."""
+    read = ", ".join(f.name for f in plan.files)
+    line = f"files: {len(plan.files)} read ({read}); {len(plan.skipped)} skipped"
+    if plan.skipped:
+        line += " (" + "; ".join(f"{name}: {why}" for name, why in plan.skipped) + ")"
+    return line
+
+
+def layout_lines(plan: InputPlan) -> list[str]:
+    """What a reader of the input should know besides its rows: blank lines, records spanning lines."""
+    lines = []
+    blank = [f for f in plan.files if f.blank_lines]
+    if blank:
+        total = sum(f.blank_lines for f in blank)
+        lines.append(
+            f"blank lines: {total} ({', '.join(f'{f.name} {f.blank_lines}' for f in blank)}): no rows, "
+            "but rows keep their line numbers"
+        )
+    multi = [f for f in plan.files if f.multiline_rows]
+    if multi:
+        total = sum(f.multiline_rows for f in multi)
+        where = "; ".join(
+            f"{f.name} line{'s' if len(f.first_multiline) > 1 else ''} {', '.join(map(str, f.first_multiline))}"
+            + (", …" if f.multiline_rows > len(f.first_multiline) else "")
+            for f in multi
+        )
+        lines.append(
+            f"warning: {total} CSV row{'s' if total != 1 else ''} span{'s' if total == 1 else ''} several lines "
+            f"(a quoted field holds a newline) starting at {where}: if that is not meant, a quote is unclosed"
+        )
+    return lines
 
 
 def _format(path: str) -> str:
@@ -107,28 +167,35 @@ def plan_input(source: str, rows_per_shard: int, screen: Screen | None = None) -
     (see the module docstring). Raises :class:`DataError` naming the file if it cannot be read.
     """
     slices: list[InputSlice] = []
-    digest, rows = hashlib.sha256(), 0
-    for file in data_files(source):
+    digest, rows, reports = hashlib.sha256(), 0, []
+    files, skipped = folder_files(source)
+    root = str(source).rstrip("/")
+    for file in files:
+        label = file[len(root) + 1 :] if file != str(source) else posixpath.basename(file.rstrip("/"))
         try:
-            file_slices, file_sha = _plan_file(location(file), _format(file), rows_per_shard, screen)
+            file_slices, file_sha, report = _plan_file(
+                location(file), _format(file), rows_per_shard, screen, label
+            )
         except DataError:
             raise
         except (OSError, ValueError, pa.ArrowException) as err:
             raise DataError(file, None, None, f"cannot read: {type(err).__name__}: {err}") from err
         slices += file_slices
-        rows += sum(s.rows for s in file_slices)
-        digest.update(f"{posixpath.basename(file)}\0{file_sha}\0".encode())
-    return InputPlan(tuple(slices), rows, digest.hexdigest())
+        rows += report.rows
+        reports.append(report)
+        digest.update(f"{label}\0{file_sha}\0".encode())
+    return InputPlan(tuple(slices), rows, digest.hexdigest(), tuple(reports), tuple(skipped))
 
 
 def _plan_file(
-    where: Location, fmt: str, rows_per_shard: int, screen: Screen | None
-) -> tuple[list[InputSlice], str]:
+    where: Location, fmt: str, rows_per_shard: int, screen: Screen | None, label: str
+) -> tuple[list[InputSlice], str, FileReport]:
     if fmt == "parquet":
-        return _plan_parquet(where, rows_per_shard, screen)
+        slices, sha = _plan_parquet(where, rows_per_shard, screen, label)
+        return slices, sha, FileReport(label, sum(s.rows for s in slices))
     hasher = hashlib.sha256()
     lines = _Lines(where, hasher)
-    shards = _ShardBytes(where, fmt, screen)
+    shards = _ShardBytes(where, fmt, screen, label)
     if fmt == "jsonl":
         header: tuple[str, ...] = ()
         starts = _jsonl_starts(lines, rows_per_shard, shards)
@@ -136,13 +203,14 @@ def _plan_file(
         starts, header = _csv_starts(where, lines, rows_per_shard, shards)
     for _ in lines:  # whatever the planner did not read still goes into the hash
         pass
-    bounds = [*starts, (lines.bytes, lines.rows + 1)]
+    bounds = [*starts, (lines.bytes, 0, lines.rows)]
     slices = [
-        InputSlice(where.uri, fmt, first, following - first, offset, stop, header)
-        for (offset, first), (stop, following) in zip(bounds, bounds[1:])
+        InputSlice(where.uri, fmt, line, following - row, offset, stop, header, label)
+        for (offset, line, row), (stop, _, following) in zip(bounds, bounds[1:])
     ]
     shards.close(slices)
-    return slices, hasher.hexdigest()
+    report = FileReport(label, lines.rows, lines.blank, lines.multiline, tuple(lines.first_multiline))
+    return slices, hasher.hexdigest(), report
 
 
 class _ShardBytes:
@@ -151,9 +219,9 @@ class _ShardBytes:
     Only the current shard is held. Without a screen it keeps nothing.
     """
 
-    def __init__(self, where: Location, fmt: str, screen: Screen | None) -> None:
-        self.where, self.fmt, self.screen = where, fmt, screen
-        self.data, self.start, self.first_row = bytearray(), 0, 1
+    def __init__(self, where: Location, fmt: str, screen: Screen | None, label: str) -> None:
+        self.where, self.fmt, self.screen, self.label = where, fmt, screen, label
+        self.data, self.start, self.first_row, self.started = bytearray(), 0, 1, False
         self.header: tuple[str, ...] = ()
 
     def feed(self, line: bytes) -> None:
@@ -161,14 +229,14 @@ class _ShardBytes:
             self.data += line
 
     def boundary(self, offset: int, first_row: int) -> None:
-        """A shard starts at byte ``offset`` (row ``first_row``): screen the one before it, keep what follows."""
+        """A shard starts at byte ``offset`` (line ``first_row``): screen the one before it, keep what follows."""
         if self.screen is None:
             return
         cut = offset - self.start
         done, self.data = bytes(self.data[:cut]), self.data[cut:]
-        if self.first_row < first_row:  # the bytes before the first shard (a CSV header) are no shard
+        if self.started:  # the bytes before the first shard (a CSV header, blank lines) are no shard
             self._screen(done, self.first_row)
-        self.start, self.first_row = offset, first_row
+        self.start, self.first_row, self.started = offset, first_row, True
 
     def close(self, slices: list[InputSlice]) -> None:
         """The file is read: screen its last shard."""
@@ -177,7 +245,7 @@ class _ShardBytes:
 
     def _screen(self, data: bytes, first_row: int) -> None:
         assert self.screen is not None  # only called when there is a screen
-        name = posixpath.basename(self.where.uri.rstrip("/"))
+        name = self.label
         if self.fmt == "jsonl":
             records = list(jsonl_records(data, first_row))
         else:
@@ -192,6 +260,9 @@ class _Lines:
         self.where, self.hasher = where, hasher
         self.rows = 0  # data rows, as the planner counts them
         self.bytes = 0  # bytes read so far
+        self.blank = 0  # blank lines (no rows)
+        self.multiline = 0  # rows that span several lines (CSV quoted newlines)
+        self.first_multiline: list[int] = []
         self._iter = self._read()
 
     def _read(self) -> Iterator[bytes]:
@@ -214,15 +285,17 @@ class _Lines:
         return next(self._iter)
 
 
-def _jsonl_starts(lines: _Lines, rows_per_shard: int, shards: _ShardBytes) -> list[tuple[int, int]]:
-    """``(byte offset, first row)`` of every shard; non-blank lines are rows, as :func:`jsonl_records` counts."""
+def _jsonl_starts(lines: _Lines, rows_per_shard: int, shards: _ShardBytes) -> list[tuple[int, int, int]]:
+    """``(byte offset, first line, rows before)`` of every shard; non-blank lines are rows (:func:`jsonl_records`)."""
     starts, offset, rows = [], 0, 0
-    for line in lines:
+    for line_no, line in enumerate(lines, start=1):
         if line.strip():
             if rows % rows_per_shard == 0:
-                starts.append((offset, rows + 1))
-                shards.boundary(offset, rows + 1)
+                starts.append((offset, line_no, rows))
+                shards.boundary(offset, line_no)
             rows += 1
+        else:
+            lines.blank += 1
         shards.feed(line)
         offset += len(line)
     lines.rows = rows
@@ -231,14 +304,15 @@ def _jsonl_starts(lines: _Lines, rows_per_shard: int, shards: _ShardBytes) -> li
 
 def _csv_starts(
     where: Location, lines: _Lines, rows_per_shard: int, shards: _ShardBytes
-) -> tuple[list[tuple[int, int]], tuple[str, ...]]:
-    """``(byte offset, first row)`` of every shard, by CSV record, and the header."""
-    consumed = 0
+) -> tuple[list[tuple[int, int, int]], tuple[str, ...]]:
+    """``(byte offset, first line, rows before)`` of every shard, by CSV record, and the header."""
+    consumed, line_no = 0, 0
 
     def text() -> Iterator[str]:
-        nonlocal consumed
+        nonlocal consumed, line_no
         for raw in lines:
             consumed += len(raw)
+            line_no += 1
             shards.feed(raw)
             yield raw.decode("utf-8", "replace")
 
@@ -248,27 +322,36 @@ def _csv_starts(
         raise DataError(where.uri, None, None, "empty file (no header)")
     header = tuple(h.strip().lstrip("\ufeff") for h in first)
     shards.header = header
-    starts, rows, previous = [], 0, consumed
-    for _ in reader:  # the C reader pulls exactly the lines of one record per step
-        if rows % rows_per_shard == 0:
-            starts.append((previous, rows + 1))
-            shards.boundary(previous, rows + 1)
-        rows += 1
-        previous = consumed
+    starts, rows, previous, previous_line = [], 0, consumed, line_no
+    for values in reader:  # the C reader pulls exactly the lines of one record per step
+        if not values:  # a blank line: no row, as csv_records reads it
+            lines.blank += 1
+        else:
+            if rows % rows_per_shard == 0:
+                starts.append((previous, previous_line + 1, rows))
+                shards.boundary(previous, previous_line + 1)
+            rows += 1
+            if line_no - previous_line > 1:
+                lines.multiline += 1
+                if len(lines.first_multiline) < 5:
+                    lines.first_multiline.append(previous_line + 1)
+        previous, previous_line = consumed, line_no
     lines.rows = rows
     return starts, header
 
 
 def _plan_parquet(
-    where: Location, rows_per_shard: int, screen: Screen | None
+    where: Location, rows_per_shard: int, screen: Screen | None, label: str = ""
 ) -> tuple[list[InputSlice], str]:
     with where.fs.open_input_file(where.path) as handle:
         pf = pq.ParquetFile(handle)
         rows = pf.metadata.num_rows
         if screen is not None:  # rows as read_slice gives them, one batch (at most a shard) at a time
-            name, row = posixpath.basename(where.uri.rstrip("/")), 1
+            name, row = label or posixpath.basename(where.uri.rstrip("/")), 1
             for batch in pf.iter_batches(batch_size=rows_per_shard):
-                records = [Record(row + i, obj) for i, obj in enumerate(batch.to_pylist())]
+                records = [
+                    Record(row + i, obj, None, raw_row(obj)) for i, obj in enumerate(batch.to_pylist())
+                ]
                 screen(name, records)
                 row += len(records)
     hasher = hashlib.sha256()
@@ -276,7 +359,7 @@ def _plan_parquet(
         while chunk := stream.read(_CHUNK):
             hasher.update(chunk)
     slices = [
-        InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start))
+        InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start), label=label)
         for start in range(0, rows, rows_per_shard)
     ]
     return slices, hasher.hexdigest()
@@ -317,7 +400,7 @@ def read_slice(s: InputSlice) -> list[Record]:
             table = read_table_slice(s)
         except (OSError, pa.ArrowException) as err:
             raise DataError(s.file, None, None, f"unreadable Parquet file: {err}") from err
-        return [Record(s.first_row + i, obj) for i, obj in enumerate(table.to_pylist())]
+        return [Record(s.first_row + i, obj, None, raw_row(obj)) for i, obj in enumerate(table.to_pylist())]
     where = location(s.file)
     with where.fs.open_input_file(where.path) as handle:
         handle.seek(s.start)

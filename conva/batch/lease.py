@@ -65,15 +65,18 @@ class OutputLease:
             "heartbeat": time.time(),
         }
 
-    def check(self) -> None:
-        """Raise :class:`LeaseError` if :meth:`acquire` would be refused now; reads only (for ``validate``)."""
+    def check(self, dry_run: bool = True) -> None:
+        """Raise :class:`LeaseError` if :meth:`acquire` would be refused now; reads only (for ``validate``).
+
+        A dry run says what :meth:`acquire` *would* do to a dead or stale holder's lease; it changes nothing.
+        """
         held = self._read()
         if held is not None and held.get("owner") != self.owner:
-            self._check_holder(held)
+            self._check_holder(held, dry_run)
 
     def acquire(self) -> None:
         """Take the lease or raise :class:`LeaseError` naming the holder; writes nothing when refused."""
-        self.check()
+        self.check(dry_run=False)
         self.where.write_text(json.dumps(self._body()))
         time.sleep(_SETTLE_S)
         back = self._read()
@@ -83,14 +86,24 @@ class OutputLease:
                 f"({_describe(back) if back else 'now gone'}); run one job per output folder"
             )
 
-    def _check_holder(self, held: dict) -> None:
+    def _check_holder(self, held: dict, dry_run: bool = False) -> None:
         age = time.time() - float(held.get("heartbeat", 0))
         who = _describe(held)
         if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", -1))):
             _log.warning(
-                "%s: taking over the lease of %s, which no longer runs on this host", self.where.parent(), who
+                "%s: %s the lease of %s, which no longer runs on this host",
+                self.where.parent(),
+                "a run would take over" if dry_run else "taking over",
+                who,
             )
             return
+        if age < self.ttl_s and self.break_stale:
+            raise LeaseError(
+                f"{self.where.parent()}: --break-lease breaks only a stale lease, and this one is fresh: its "
+                f"holder ({who}) renewed it {age:.0f} s ago, so it is alive (a lease goes stale after "
+                f"output.lease_ttl_s={self.ttl_s:g} s without a heartbeat). Wait for it to finish, or stop it "
+                "and rerun"
+            )
         if age < self.ttl_s:
             raise LeaseError(
                 f"{self.where.parent()} is being written by another driver ({who}, last heartbeat "
@@ -103,7 +116,12 @@ class OutputLease:
                 f"than output.lease_ttl_s={self.ttl_s:g}): its driver is probably dead. Make sure it is, "
                 "then rerun with --break-lease."
             )
-        _log.warning("%s: breaking the stale lease of %s (--break-lease)", self.where.parent(), who)
+        _log.warning(
+            "%s: %s the stale lease of %s (--break-lease)",
+            self.where.parent(),
+            "a run would break" if dry_run else "breaking",
+            who,
+        )
 
     def _read(self) -> dict | None:
         try:

@@ -369,6 +369,8 @@ def steering_rows_from_records(
         value, error = rec.fields.get("value"), rec.error
         if isinstance(value, str) and not value.strip():
             value = None
+        if error is None and "value" not in rec.fields:
+            error = _misspelt(rec.fields, "value")
         if error is None and value is not None and value not in D.VALUES:
             error = f"unknown value {value!r}"
         if error is None and value is not None and values is not None and value not in values:
@@ -376,6 +378,8 @@ def steering_rows_from_records(
         prompt = rec.fields.get("prompt")
         if error is None:
             error = _prompt_field_error(rec.fields) or prompt_problem(prompt)
+        if error is not None and not isinstance(prompt, str):
+            prompt = rec.raw or None  # an error row keeps what was read: the line, the record, the row
         rows.append(
             dict(
                 row_id=f"{name}/{rec.row:06d}",
@@ -387,9 +391,22 @@ def steering_rows_from_records(
     return pa.Table.from_pylist(rows, schema=STEERING_INPUT_SCHEMA)
 
 
+def _misspelt(fields: dict, known: str) -> str | None:
+    """A field that looks like ``known`` misspelt (``Value``, ``values``, ``prompts``), as an error reason."""
+    import difflib
+
+    lowered = {str(f).strip().lower(): f for f in fields}
+    near = difflib.get_close_matches(known, list(lowered), n=1, cutoff=0.75)
+    if not near:
+        return None
+    return f"no {known} field, but a field {lowered[near[0]]!r}: the column must be named {known!r}"
+
+
 def _prompt_field_error(fields: dict) -> str | None:
     if "prompt" not in fields:
-        return "no prompt field" + (f": the row has {', '.join(map(str, fields))}" if fields else "")
+        return _misspelt(fields, "prompt") or (
+            "no prompt field" + (f": the row has {', '.join(map(str, fields))}" if fields else "")
+        )
     prompt = fields["prompt"]
     if prompt is None or isinstance(prompt, str):
         return None

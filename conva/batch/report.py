@@ -42,6 +42,7 @@ _COLORS = {
     "prompt": "tab:green",
     "none": "tab:gray",
 }
+_STYLES = ("-", "--", ":", "-.")  # settings of one method (CAA strengths) told apart by line style
 _SUMMARY_COLS = [
     "model",
     "setting",
@@ -296,6 +297,12 @@ def _axes(n: int, width: float = 6):
     return fig, axes[0]
 
 
+def _say(ax, sentence: str) -> None:
+    """A panel whose points would all coincide says so in words instead of drawing one dot."""
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, sentence, ha="center", va="center", wrap=True, fontsize=10, transform=ax.transAxes)
+
+
 def _label(r: dict) -> str:
     return (
         r["method"]
@@ -316,6 +323,13 @@ def _frontier_plot(pooled: list[dict], path: Path) -> str:
         series: dict[tuple, list[dict]] = defaultdict(list)
         for r in rows:
             series[(r["method"], r["band"])].append(r)
+        if len({(round(r["ppl_ratio"], 6), round(r["csr"], 6)) for r in rows}) == 1:
+            _say(
+                ax,
+                f"{model}, {setting}: every cell at perplexity ratio {rows[0]['ppl_ratio']:.2f} and CSR "
+                f"{rows[0]['csr']:.2f}: no method changed an answer here",
+            )
+            continue
         for (method, band), pts in sorted(series.items()):
             pts.sort(key=lambda r: r["ppl_ratio"])
             x, y = [r["ppl_ratio"] for r in pts], [r["csr"] for r in pts]
@@ -361,7 +375,10 @@ def _p0_plot(pooled: list[dict], path: Path) -> str:
     fig, axes = _axes(len(panels))
     for ax, (model, setting) in zip(axes, panels):
         rows = [r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["csr"] is not None]
+        seen: dict[str, int] = defaultdict(int)  # keys drawn per method: each gets its own line style
         for key in sorted({(r["method"], r["band"], r["strength"] or 0) for r in rows}):
+            style = _STYLES[seen[key[0]] % len(_STYLES)]
+            seen[key[0]] += 1
             pts = sorted(
                 (r for r in rows if (r["method"], r["band"], r["strength"] or 0) == key),
                 key=lambda r: r["p0"] or 0,
@@ -374,7 +391,7 @@ def _p0_plot(pooled: list[dict], path: Path) -> str:
             )
             if pts[0]["p0"] is None:  # no P0: a flat band across the whole axis
                 ax.axhspan(pts[0]["csr_lo"], pts[0]["csr_hi"], color=color, alpha=0.08)
-                ax.axhline(pts[0]["csr"], color=color, linestyle="--", label=label)
+                ax.axhline(pts[0]["csr"], color=color, linestyle=style, label=label)
             else:
                 x = list(range(len(pts)))
                 ax.errorbar(
@@ -384,6 +401,7 @@ def _p0_plot(pooled: list[dict], path: Path) -> str:
                     marker="o",
                     capsize=3,
                     color=color,
+                    linestyle=style,
                     label=label,
                 )
                 ax.set_xticks(x, [f"{r['p0']:g}" for r in pts])
@@ -398,6 +416,18 @@ def _p0_plot(pooled: list[dict], path: Path) -> str:
 
 
 def _utility_plot(pooled: list[dict], path: Path) -> str:
+    ratios = {
+        round(r["utility_ratio"], 6)
+        for r in pooled
+        if r["csr"] is not None and r["utility_ratio"] is not None
+    }
+    if len(ratios) <= 1:  # a plot whose points share one x says only this
+        return (
+            f"Every cell's multiple-choice accuracy equals the unsteered model's (utility ratio {ratios.pop():g}): "
+            "no steering setting changed an answer."
+            if ratios
+            else "No utility figures (no multiple-choice questions were scored)."
+        )
     fig, axes = _axes(1, 7)
     ax = axes[0]
     for r in pooled:
@@ -471,8 +501,8 @@ def _gate_rows(probes: list[dict], summary: list[dict]) -> list[dict]:
 
 
 def _gate_plot(gates: list[dict], path: Path) -> str:
-    fig, axes = _axes(1, max(6, 0.8 * len(gates)))
-    ax, keys = axes[0], [f"{g['model'][:10]}/{g['value']}" for g in gates]
+    fig, axes = _axes(1, max(6, 1.5 * len(gates)))
+    ax, keys = axes[0], [f"{g['model']}\n{g['value']}" for g in gates]
     series = [
         ("test precision", "test_precision"),
         ("test recall", "test_recall"),
@@ -485,33 +515,85 @@ def _gate_plot(gates: list[dict], path: Path) -> str:
     for j, (name, key) in enumerate(series):
         ax.bar([i + j * width for i in range(len(gates))], [g[key] or 0 for g in gates], width, label=name)
     ax.axhline(0.1, color="black", lw=0.8, ls=":")  # the open-rate target on text the gate should leave alone
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gates))], keys, rotation=60, ha="right", fontsize=7)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gates))], keys, fontsize=7)
     ax.set(title="probe gates: held-out precision / recall, open rates", ylim=(0, 1.3))
     ax.legend(fontsize=7, ncol=3, loc="upper center")
     return _save(fig, path)
 
 
 def _value_plot(summary: list[dict], path: Path) -> str:
+    """CSR per value, one panel per model, each cell's bar with its bootstrap interval (plain prompts)."""
     rows = [r for r in summary if r["setting"] == "plain"] or summary
+    models = sorted({r["model"] for r in rows})
     values = sorted({r["value"] for r in rows})
     keys = sorted({(r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) for r in rows})
-    fig, axes = _axes(1, max(6, 1.1 * len(values)))
-    ax, width = axes[0], 0.8 / max(1, len(keys))
-    for j, key in enumerate(keys):
-        same = lambda r: (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key  # noqa: E731
-        ys = [_mean([r["csr"] for r in rows if r["value"] == v and same(r)]) for v in values]
-        ax.bar(
-            [i + j * width for i in range(len(values))],
-            [y or 0 for y in ys],
-            width,
-            color=_COLORS.get(key[0]),
-            alpha=0.5 + 0.5 * (j % 2),
-            label=" ".join(str(k) for k in key if k not in (0, "-")),
-        )
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")
-    ax.set(title="CSR per value (plain prompts, all models)", ylabel="CSR", ylim=(0, 1.05))
-    ax.legend(fontsize=6)
+    fig, axes = _axes(len(models), max(6, 1.1 * len(values)))
+    width = 0.8 / max(1, len(keys))
+    for ax, model in zip(axes, models):
+        for j, key in enumerate(keys):
+            cells = {
+                r["value"]: r
+                for r in rows
+                if r["model"] == model and (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key
+            }
+            ys = [
+                cells[v]["csr"] if v in cells and cells[v]["csr"] is not None else float("nan")
+                for v in values
+            ]
+            lo = [
+                y - cells[v]["csr_lo"] if v in cells and cells[v]["csr_lo"] is not None else 0
+                for v, y in zip(values, ys)
+            ]
+            hi = [
+                cells[v]["csr_hi"] - y if v in cells and cells[v]["csr_hi"] is not None else 0
+                for v, y in zip(values, ys)
+            ]
+            ax.bar(
+                [i + j * width for i in range(len(values))],
+                ys,
+                width,
+                yerr=[lo, hi],
+                capsize=2,
+                color=_COLORS.get(key[0]),
+                alpha=0.45 + 0.55 * (j % 2),
+                label=" ".join(
+                    f"{k:g}" if isinstance(k, float) else str(k) for k in key if k not in (0, "-", "auto")
+                ),
+            )
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")
+        ax.set(title=f"{model}: CSR per value (plain prompts, 95% CI)", ylabel="CSR", ylim=(0, 1.05))
+        ax.legend(fontsize=6)
     return _save(fig, path)
+
+
+def example_rows(results: list[dict], per_cell: int = 2) -> list[dict]:
+    """A few generations per steered cell, each beside the unsteered (``none``) answer to the same prompt."""
+
+    def same(r: dict) -> tuple:  # a prompt across cells: row ids are ``<cell id>#<prompt index>``
+        return r["model"], r["value"], r["setting"], r["row_id"].rsplit("#", 1)[-1]
+
+    plain = {same(r): r for r in results if r["method"] == "none"}
+    cells: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results:
+        if r["method"] != "none" and r["error"] is None and r["output"] is not None:
+            cells[(r["model"], r["setting"], _label(r))].append(r)
+    out = []
+    for (model, setting, label), rows in sorted(cells.items()):
+        rows.sort(key=lambda r: (r["gate_open"] is not True, r["row_id"]))
+        for r in rows[:per_cell]:
+            base = plain.get(same(r))
+            out.append(
+                {
+                    "model": model,
+                    "cell": f"{label} {setting}",
+                    "value": r["value"],
+                    "gate open": "-" if r["gate_open"] is None else ("yes" if r["gate_open"] else "no"),
+                    "prompt": r["prompt"],
+                    "steered answer": r["output"],
+                    "unsteered answer": base["output"] if base is not None else "-",
+                }
+            )
+    return out
 
 
 def _mean(xs: list) -> float | None:
@@ -525,7 +607,8 @@ def _html_table(rows: list[dict]) -> str:
     cols = list(rows[0])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c], c))}</td>" for c in cols) + "</tr>" for r in rows
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c], c in _EXACT))}</td>" for c in cols) + "</tr>"
+        for r in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -569,8 +652,18 @@ def write_report(path: str | Path) -> Path:
         _html_table(matched),
     ]
     parts += [
-        f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>"
+        f"<h2>{html.escape(title)}</h2>"
+        + (
+            f"<img src='{name}' alt='{html.escape(title)}'>"
+            if name.endswith(".png")
+            else f"<p>{html.escape(name)}</p>"
+        )
         for title, name in images
+    ]
+    parts += [
+        "<h2>Example generations</h2><p>Per cell, a few prompts (those whose gate opened first), the steered "
+        "answer beside the unsteered model's answer to the same prompt.</p>",
+        _html_table(example_rows(_read(folder, "results").to_pylist())),
     ]
     parts += [
         "<h2>Gates (held-out figures and open rates)</h2>",

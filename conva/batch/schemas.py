@@ -25,6 +25,7 @@ __all__ = [
     "EXTRACTION_INPUT_SCHEMA",
     "STEERING_INPUT_SCHEMA",
     "GENERATION_SCHEMA",
+    "PROVENANCE_SCHEMA",
     "activation_schema",
     "BUNDLE_PROBE_SCHEMA",
     "STUDY_STEERING_SCHEMA",
@@ -48,7 +49,8 @@ __all__ = [
 
 # 3: generations carry ``context``; gate texts cover every value (value-specific gate); outputs committed
 # through a commit log (conva.batch.store), shards written by the workers.
-# 4: the agreement stage also validates the judge on labelled answers (kappa, AUC; a "*" row over values).
+# 4: the agreement stage also validates the judge on labelled answers (kappa, AUC; a "*" row over values);
+# generation files carry PROVENANCE_SCHEMA's columns after GENERATION_SCHEMA's (conva.batch.provenance).
 SCHEMA_VERSION = 4
 
 EXTRACTION_INPUT_SCHEMA = pa.schema(
@@ -122,6 +124,10 @@ GENERATION_SCHEMA = nullable_in_pandas(
         ]
     )
 )
+
+
+# Appended to every generation shard by the worker that writes it: the job config's hash and the code version.
+PROVENANCE_SCHEMA = pa.schema([("config_sha256", pa.string()), ("conva_version", pa.string())])
 
 
 def activation_schema(hidden: int) -> pa.Schema:

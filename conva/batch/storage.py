@@ -30,7 +30,7 @@ import pyarrow.fs as pafs
 
 from conva.files import atomic_write
 
-__all__ = ["Location", "StoredFile", "location", "is_uri"]
+__all__ = ["Location", "StoredFile", "location", "is_uri", "s3_setup_problem", "S3_HINT"]
 
 
 def is_uri(text: str | os.PathLike) -> bool:
@@ -220,3 +220,50 @@ def _fsync_dir(folder: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+S3_HINT = (
+    "; for an S3-compatible server (MinIO, Ceph, a local one) set AWS_ENDPOINT_URL, and AWS_ACCESS_KEY_ID, "
+    "AWS_SECRET_ACCESS_KEY and AWS_REGION"
+)
+
+
+def s3_setup_problem(uri: str) -> str | None:
+    """Why an ``s3://`` URI cannot work as configured (no credentials anywhere), naming what to set; or None.
+
+    Credentials count when they are in the environment (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, a web
+    identity or container role), in a shared credentials or config file, or in the URI
+    (``access_key=``, ``anonymous=true``). With none, an instance role is trusted only on AWS itself, that
+    is without ``AWS_ENDPOINT_URL`` and with ``AWS_REGION`` set.
+    """
+    env = os.environ
+    if "access_key=" in uri or "anonymous=true" in uri:
+        return None
+    if any(
+        env.get(k)
+        for k in (
+            "AWS_ACCESS_KEY_ID",
+            "AWS_PROFILE",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        )
+    ):
+        return None
+    files = [
+        env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+        env.get("AWS_CONFIG_FILE") or "~/.aws/config",
+    ]
+    if any(os.path.isfile(os.path.expanduser(f)) for f in files):
+        return None
+    endpoint = env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or ("endpoint_override=" in uri)
+    if not endpoint and (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")):
+        return None  # on AWS, an instance or pod role may hold the credentials
+    where = (
+        f"the endpoint {endpoint}" if isinstance(endpoint, str) else "no endpoint (AWS_ENDPOINT_URL is unset)"
+    )
+    return (
+        f"{uri} has no credentials to use ({where}; no AWS_ACCESS_KEY_ID, AWS_PROFILE or ~/.aws/credentials): set "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and for an S3-compatible server (MinIO, Ceph, a local one) "
+        "AWS_ENDPOINT_URL; on AWS with an instance role, set AWS_REGION"
+    )
