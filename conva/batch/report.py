@@ -114,8 +114,9 @@ def study_choices(folder: str | Path) -> list[tuple[str, str]]:
         g["kind"]
         if g["kind"] != "probe"
         else (
-            f"probe, value-specific (other values' texts and neutral prompts as negatives), threshold to "
-            f"{g['target']} >= {g['target_value']} on a calibrate split ({g['calibrate_size']:g} of pairs), "
+            f"probe, value-specific ({g.get('negatives', 'unrelated+other_values')} texts as negatives), threshold "
+            f"to {g['target']} >= {g.get(g['target'], g.get('target_value'))} on a calibrate split "
+            f"({g['calibrate_size']:g} of pairs), "
             f"figures on a test split ({g['test_size']:g})"
         )
     )
