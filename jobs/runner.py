@@ -149,12 +149,14 @@ class _Tally:
             self.last[stage] = time.monotonic()
         if stage == "fit":
             e = record.extra
+            opens = ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.get("gate_open", {}).items()))
             _log.info(
-                "fit: bundle %d: band %s, best held-out accuracy %.3f, gate %s",
+                "fit: bundle %d: band %s, best held-out accuracy %.3f, gate %s%s",
                 record.shard,
                 e.get("band"),
                 e.get("best_test_acc", float("nan")),
                 e.get("gate"),
+                f" (opens on held-out: {opens})" if opens else "",
             )
             if e.get("skipped"):
                 _log.warning(

@@ -406,6 +406,8 @@ def _gate_rows(probes: list[dict], summary: list[dict]) -> list[dict]:
                 test_n=g["gate_n"],
                 open_heldout_neutral=g["gate_open_neutral"],
                 open_heldout_other_values=g["gate_open_other"],
+                open_heldout_own=g.get("gate_open_own"),
+                open_heldout_mc=g.get("gate_open_mc"),
                 open_own_test_prompts=_mean([r["gate_open_rate"] for r in mine]),
                 open_mc=_mean([r["mc_gate_open_rate"] for r in mine]),
             )
