@@ -63,7 +63,7 @@ class GateSettings:
     prefix_on: str = "all"
     """The opposite setting's prefix: on ``all`` rows, or only where the gate opens (``gated``)."""
     model: str | None = None  # external: a sequence-classification model (folder or repo id)
-    labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value
+    labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value (their mean is scored)
     threshold: float = 0.5  # external: the open threshold
 
     def __post_init__(self) -> None:

@@ -16,7 +16,8 @@ Gated-off prompts must come out exactly as without steering; the gate is what ke
   recall, accuracy and the open rate per kind of row are reported on test, at that threshold. A target
   that cannot be met is logged as a warning and recorded (``target_met``), never papered over.
 * ``external``: a HuggingFace sequence-classification model (the paper used a DeBERTa value detector)
-  with a label map and a hand-set threshold; scored on the prompt text before generation. The
+  with a label map and a hand-set threshold; scored on the prompt text before generation, as the mean
+  of the probabilities of the labels that mean the value (the reference's per-label averaging). The
   classifier is loaded once per process.
 
 Example:
@@ -360,7 +361,10 @@ def _classifier(model: str, device: str):
 def external_scores(
     gate: Gate, texts: Sequence[str], batch_size: int = 16, device: str = "cpu"
 ) -> np.ndarray:
-    """Score texts with an external classifier gate: the highest probability among ``gate.labels``.
+    """Score texts with an external classifier gate: the mean probability of ``gate.labels``.
+
+    A value maps to several of the classifier's labels (e.g. ValueEval's "Power: dominance" and "Power:
+    resources"); the reference averages their probabilities, and so does this.
 
     The classifier is loaded on first use and kept for the process (:func:`functools.lru_cache`).
     """
@@ -382,5 +386,5 @@ def external_scores(
             )
             logits = clf(**{k: v.to(device) for k, v in enc.items()}).logits.float()
             probs = torch.sigmoid(logits) if multi else torch.softmax(logits, dim=-1)
-            out.append(probs[:, idx].max(dim=-1).values.cpu().numpy())
+            out.append(probs[:, idx].mean(dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
