@@ -322,3 +322,21 @@ def test_gate_config_errors_name_the_key():
     assert utility_questions(load_config(None, ["--gate.kind=none"]), "demo") == items
     rows = [r for r in extraction_rows(cfg).to_pylist() if r["dataset"] == "mc"]
     assert len(rows) == 32 and all(r["label"] == 0 and r["value"] is None for r in rows)
+
+
+def test_gate_data_names_each_rows_kind():
+    import pyarrow as pa
+
+    from conva.batch.pipeline import gate_data
+
+    meta = pa.table(
+        {
+            "dataset": ["pairs", "gate", "gate", "gate_prompt", "gate_prompt", "neutral", "mc"],
+            "value": ["power", "power", "tradition", "power", "tradition", None, None],
+            "group": [0, 0, 0, 0, 0, 0, 0],
+        }
+    )
+    data = gate_data(meta, "power", lambda l, r: np.zeros((len(r), 2)), [0])
+    assert data is not None
+    assert list(data.origin) == ["own_pair", "other_pair", "own", "other", "neutral", "mc"]
+    assert list(data.labels) == [1, 0, 1, 0, 0, 0] and len(set(data.groups)) == 6
