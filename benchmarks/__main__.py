@@ -5,7 +5,7 @@ the other, and writes ``benchmarks/results/<name>.json`` with its machine, date 
 then renders every results file into the generated block of ``RESULTS.md`` (:mod:`benchmarks.report`).
 A benchmark that fails is reported and the others still run; its old results file, if any, stays.
 
-    python -m benchmarks                 # all of them (about 80 min on a 2-core machine; probe_accuracy not included)
+    python -m benchmarks                 # all of them (about 80 min on a 2-core machine; probe_accuracy and gate not included)
     python -m benchmarks steer fit       # some of them
     python -m benchmarks --quick         # smaller sizes, to check the suite end to end (about 15 min)
     python -m benchmarks --list
@@ -28,7 +28,7 @@ from benchmarks import report
 REPO = Path(__file__).resolve().parents[1]
 
 # name -> (command after the interpreter, extra arguments for --quick). probe_accuracy (issue 2's table,
-# ~15 min of extraction) runs only when named.
+# ~15 min of extraction) and gate (two models' gate texts, demo and paper data) run only when named.
 _SMALL_STUDY = [
     '--data.values=["power", "security"]',
     "--data.max_prompts_per_value=2",
@@ -59,8 +59,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "study": (["-m", "benchmarks.bench_study", "busy"], _SMALL_STUDY),
     "models": (["-m", "benchmarks.bench_study", "models"], _SMALL_STUDY),
     "probe_accuracy": (["-m", "benchmarks.probe_accuracy"], []),
+    "gate": (["-m", "benchmarks.bench_gate"], ["--models", "smollm2", "--data", "demo"]),
 }
-DEFAULT = [n for n in BENCHMARKS if n != "probe_accuracy"]
+DEFAULT = [n for n in BENCHMARKS if n not in ("probe_accuracy", "gate")]
 
 
 def main(argv: list[str] | None = None) -> int:

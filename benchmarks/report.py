@@ -386,6 +386,30 @@ def probe_accuracy(r: dict) -> str:
     return "\n".join(lines)
 
 
+def gate(r: dict) -> str:
+    """Per model, data, value and setting: the gate's held-out open rates (row counts in brackets)."""
+    kinds = ("own", "other", "neutral", "mc")
+    lines = [
+        "| model | data | value | setting | layer | open: own prompts | other values' prompts | neutral | MC "
+        "| steered prompts |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, by_data in r["models"].items():
+        for data, d in by_data.items():
+            for value in next(iter(d["settings"].values())):
+                for setting, gates in d["settings"].items():
+                    g = gates[value]
+                    rates = [
+                        "-" if g[f"open_{k}"] is None else f"{g[f'open_{k}']:.2f} ({g[f'n_{k}']:.0f})"
+                        for k in kinds
+                    ]
+                    lines.append(
+                        f"| {model} | {data} | {value} | {setting} | {g['layer']} | {' | '.join(rates)} "
+                        f"| {g['open_steered']:.2f} ({g['n_steered']}) |"
+                    )
+    return "\n".join(lines)
+
+
 def scaling(results: dict[str, dict]) -> str | None:
     """The scaling model's figures from the measured components (``scaleout`` and ``commit``), or None.
 
@@ -465,6 +489,12 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
         "Probe accuracy on SmolLM2 with the paper's pairs",
         "python -m benchmarks probe_accuracy",
         probe_accuracy,
+    ),
+    (
+        "gate",
+        "The probe gate's open rates: recall (default) vs. precision, both models, demo and paper data",
+        "python -m benchmarks gate",
+        gate,
     ),
     (
         "gpu",

@@ -17,7 +17,16 @@ from typing import Callable, Sequence
 import numpy as np
 
 from conva.bundle import ValueBundle
-from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON, Gate, fit_probe_gate
+from conva.gates import (
+    GATE_KINDS,
+    GATE_NEGATIVES,
+    GATE_SCOPES,
+    GATE_TARGETS,
+    PREFIX_ON,
+    Gate,
+    fit_probe_gate,
+    gate_labels,
+)
 from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band
 
 __all__ = ["GateSettings", "GATE_FIT_KEYS", "FitSettings", "ModelInfo", "LayerData", "fit_value"]
@@ -30,13 +39,23 @@ class GateSettings:
     """``[gate]`` config: how the gate is fitted (``kind`` … ``seed``) and what it gates (``apply_to``, ``prefix_on``)."""
 
     kind: str = "probe"  # none | probe (on the model's activations) | external (a text classifier)
-    target: str = "precision"
-    """The probe gate's threshold meets this on the calibrate split: precision | recall."""
-    target_value: float = 0.95  # ... at least this value
+    target: str = "recall"
+    """The probe gate's threshold meets this on the calibrate split: "recall" (the share of the value's own
+    prompts it opens: the reference's gate lets the value's prompts through) or "precision"."""
+    recall: float = 0.9  # target "recall": the threshold opens at least this share of the value's own prompts
+    precision: float = 0.95  # target "precision": at least this share of the rows it opens are the value's
+    negatives: str = "unrelated"
+    """The probe gate's negatives: "unrelated" (neutral prompts and multiple-choice questions) or
+    "unrelated+other_values" (other values' texts too: poor negatives, as a dilemma concerns two values)."""
+    mc: str = "demo"
+    """Multiple-choice questions among the unrelated negatives: "demo" (conva/demo_data/mc.csv), an MMLU-layout CSV,
+    or "" for none; the study's utility never asks the questions the gate reads when it names the same set."""
+    mc_questions: int = 32  # the last N questions of gate.mc are the gate's (0: none)
     calibrate_size: float = 0.25  # share of the gate's pairs that choose its layer and threshold
-    test_size: float = 0.25  # share of the gate's pairs its reported precision/recall/accuracy come from
+    test_size: float = 0.25  # share of the gate's pairs its reported precision/recall/open rates come from
     other_pairs_per_value: int = 0
-    """Pairs of each value outside data.values that serve as gate negatives (0: all)."""
+    """Pairs of each value outside data.values that serve as gate negatives with negatives =
+    "unrelated+other_values" (0: all); unread otherwise."""
     value_prompts: int = 0  # each value's last N prompts train the gates (never steered); 0: pair texts only
     seed: int = 0  # seed of the gate's split
     apply_to: str = "all_methods"
@@ -44,7 +63,7 @@ class GateSettings:
     prefix_on: str = "all"
     """The opposite setting's prefix: on ``all`` rows, or only where the gate opens (``gated``)."""
     model: str | None = None  # external: a sequence-classification model (folder or repo id)
-    labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value
+    labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value (their mean is scored)
     threshold: float = 0.5  # external: the open threshold
 
     def __post_init__(self) -> None:
@@ -54,15 +73,33 @@ class GateSettings:
             raise ValueError(f"unknown gate.apply_to {self.apply_to!r}; expected one of {GATE_SCOPES}")
         if self.prefix_on not in PREFIX_ON:
             raise ValueError(f"unknown gate.prefix_on {self.prefix_on!r}; expected one of {PREFIX_ON}")
+        if self.target not in GATE_TARGETS:
+            raise ValueError(f"unknown gate.target {self.target!r}; expected one of {GATE_TARGETS}")
+        if self.negatives not in GATE_NEGATIVES:
+            raise ValueError(f"unknown gate.negatives {self.negatives!r}; expected one of {GATE_NEGATIVES}")
+        for key in ("recall", "precision"):
+            if not 0.0 < getattr(self, key) <= 1.0:
+                raise ValueError(f"gate.{key} must lie in (0, 1], got {getattr(self, key)!r}")
+        if self.mc_questions < 0:
+            raise ValueError(f"gate.mc_questions must be 0 (none) or more, got {self.mc_questions!r}")
         if not (0 < self.calibrate_size and 0 < self.test_size and self.calibrate_size + self.test_size < 1):
             raise ValueError("gate.calibrate_size and gate.test_size must be positive and sum to less than 1")
+
+    @property
+    def target_value(self) -> float:
+        """The value the threshold must reach: ``recall`` or ``precision``, as ``target`` says."""
+        return self.recall if self.target == "recall" else self.precision
 
 
 # The [gate] keys a fitted bundle depends on (apply_to and prefix_on only change the steering).
 GATE_FIT_KEYS = (
     "kind",
     "target",
-    "target_value",
+    "recall",
+    "precision",
+    "negatives",
+    "mc",
+    "mc_questions",
     "calibrate_size",
     "test_size",
     "other_pairs_per_value",
@@ -100,7 +137,7 @@ class LayerData:
     """Labelled activations, one layer at a time: ``matrix(l)`` is ``[n, d]`` for block ``l``.
 
     ``groups``: rows of one group (a pair's two texts) stay on one side of every split. ``origin``: what
-    kind of text each row is (gate data: ``own``, ``other``, ``neutral``), for per-kind figures.
+    kind of text each row is (gate data: :data:`conva.gates.ROW_KINDS`), for the gate's labels and per-kind figures.
     """
 
     matrix: Callable[[int], np.ndarray]
@@ -148,8 +185,8 @@ def fit_value(
 ) -> ValueBundle:
     """Fit probes on ``pairs`` (label 1 = promotes the value), pick the band, fit the gate; return the bundle.
 
-    ``gate_data`` (label 1 = the value's texts; 0 = other values' texts and neutral prompts) is needed
-    for a ``probe`` gate; its candidate layers are those of ``gate_data`` up to the band's first layer.
+    ``gate_data`` (the value's texts, other values' texts, neutral prompts and multiple-choice questions,
+    each row's kind in ``origin``; labelled by ``settings.gate.negatives``) is needed for a ``probe`` gate; its candidate layers are those of ``gate_data`` up to the band's first layer.
     The band is chosen on the probes' validation accuracy; ``test_acc`` is measured on rows neither saw.
     Probes that did not converge are logged as a warning and listed in ``extra["not_converged"]``.
     """
@@ -208,14 +245,21 @@ def _fit_gate(
         return Gate("external", s.threshold, model=s.model, labels=s.labels)
     if data is None:
         raise ValueError(
-            "a probe gate needs gate data (the value's texts, other values' texts, neutral prompts)"
+            "a probe gate needs gate data (the value's texts, neutral prompts, multiple-choice questions)"
         )
     candidates = [l for l in data.layers if l <= band[0]]
     if not candidates:
         raise ValueError(f"no gate candidate layer at or before the band's first layer {band[0]}")
+    labels, measured = data.labels, None
+    if data.origin is not None:
+        labels = gate_labels(data.origin, s.negatives)
+        if np.any(data.origin == "own"):
+            # The gate decides on prompts: its threshold is set on the value's own prompts, which its pair
+            # texts (statements, easier to recognise) would swamp; those only train the probe.
+            measured = data.origin != "own_pair"
     return fit_probe_gate(
         data.matrix,
-        data.labels,
+        labels,
         data.groups,
         candidates,
         target=s.target,
@@ -224,6 +268,7 @@ def _fit_gate(
         test_size=s.test_size,
         seed=s.seed,
         origin=data.origin,
+        measured=measured,
         settings=probe,
         name=value,
     )

@@ -309,6 +309,7 @@ def model_specs(
                 "data.pairs": cfg.data.pairs,
                 "data.prompts": cfg.data.prompts,
                 "data.neutral": cfg.data.neutral,
+                "gate.mc": cfg.gate.mc,
             },
         )
         inp = generated(rows, r.rows_per_shard)

@@ -183,12 +183,14 @@ class _Tally:
             self.last[stage] = time.monotonic()
         if stage == "fit":
             e = record.extra
+            opens = ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.get("gate_open", {}).items()))
             _log.info(
-                "fit: %s: band %s, best held-out accuracy %.3f, gate %s",
+                "fit: %s: band %s, best held-out accuracy %.3f, gate %s%s",
                 e.get("value", f"bundle {record.shard}"),
                 e.get("band"),
                 e.get("best_test_acc", float("nan")),
                 e.get("gate"),
+                f" (opens on held-out: {opens})" if opens else "",
             )
             if e.get("skipped"):
                 _log.warning(

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conva.batch.lease import OutputLease
+from conva.batch.pipeline import utility_questions
 from conva.batch.storage import Location
 from conva.batch.study import (
     StudyConfig,
@@ -70,7 +71,7 @@ from conva.jobs.preflight import ModelJob, generated, plan_job, stage_plans
 from conva.jobs.runner import FAILURES, committed_line, run_model
 from conva.jobs.stages import StageSpec, run_config, shard_config
 from conva.judge_validation import labels_digest
-from conva.mc import demo_mc, load_mc, mc_prompts
+from conva.mc import mc_prompts
 from conva.models import ModelNotFoundError, check_model, model_name
 from conva.workers.tasks import WorkerSpec
 
@@ -168,8 +169,7 @@ def _judge_reads(study: StudyConfig) -> tuple[str, ...]:
 def _utility_rows(study: StudyConfig, ucells) -> pa.Table:
     if not study.utility.mc:
         return utility_table([], [], [])
-    items = demo_mc() if study.utility.mc == "demo" else load_mc(study.utility.mc)
-    items = items[: study.utility.max_items] if study.utility.max_items else items
+    items = utility_questions(study.job, study.utility.mc, study.utility.max_items)
     return utility_table(ucells, items, mc_prompts(items, study.utility.shots))
 
 

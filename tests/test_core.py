@@ -245,7 +245,7 @@ def test_config_overrides_and_errors(tmp_path):
 
 
 def test_external_gate_scores_a_classifier(tmp_path, tiny):
-    """An HF sequence classifier as the gate: scores are its softmax on the mapped labels."""
+    """An HF sequence classifier as the gate: scores are its softmax on the mapped labels, averaged (the reference's)."""
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -275,7 +275,7 @@ def test_external_gate_scores_a_classifier(tmp_path, tiny):
     scores = external_scores(gate, texts)
     with torch.no_grad():
         expected = [
-            torch.softmax(clf(**tok([t], return_tensors="pt")).logits, -1)[0, :2].max().item() for t in texts
+            torch.softmax(clf(**tok([t], return_tensors="pt")).logits, -1)[0, :2].mean().item() for t in texts
         ]
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="not labels of"):

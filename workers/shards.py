@@ -89,6 +89,12 @@ def fit(worker: ShardWorker, task: ShardTask) -> ShardRecord:
         "band": list(bundle.band),
         "best_test_acc": float(np.nanmax(bundle.test_acc)),
         "gate": bundle.gate.kind,
+        # the share of held-out rows of each kind the gate opens on, at its threshold (own, other, neutral, mc)
+        "gate_open": {
+            k.removeprefix("open_rate_"): v
+            for k, v in bundle.gate.heldout.items()
+            if k.startswith("open_rate_")
+        },
         "skipped": skipped.num_rows,
         "skipped_examples": skipped.slice(0, 3).to_pylist(),
     }

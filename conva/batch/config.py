@@ -23,7 +23,7 @@ from typing import Any
 
 from conva.batch.configdoc import type_text
 from conva.fit import GateSettings
-from conva.gates import GATE_KINDS, GATE_SCOPES, PREFIX_ON
+from conva.gates import GATE_KINDS, GATE_NEGATIVES, GATE_SCOPES, GATE_TARGETS, PREFIX_ON
 from conva.probes import Band, ProbeSettings
 from conva.record import POSITIONS
 from conva.steering.spec import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
@@ -257,7 +257,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "probe.split": ("pair", "sample"),
     "probe.solver": ("lbfgs", "saga", "liblinear", "newton-cg", "sag"),
     "gate.kind": GATE_KINDS,
-    "gate.target": ("precision", "recall"),
+    "gate.target": GATE_TARGETS,
+    "gate.negatives": GATE_NEGATIVES,
     "gate.apply_to": GATE_SCOPES,
     "gate.prefix_on": PREFIX_ON,
     "steer.backend": BACKENDS,
@@ -359,7 +360,6 @@ def _validate(cfg: Config) -> None:
         ("gate.other_pairs_per_value", cfg.gate.other_pairs_per_value >= 0, "must be 0 (all pairs) or more"),
         ("gate.value_prompts", cfg.gate.value_prompts >= 0, "must be 0 (pair texts only) or more"),
         ("probe.C", cfg.probe.C > 0, "must be positive"),
-        ("gate.target_value", 0.0 < cfg.gate.target_value <= 1.0, "must lie in (0, 1]"),
         ("steer.max_new_tokens", cfg.steer.max_new_tokens >= 1, "must be at least 1"),
         ("steer.batch_size", cfg.steer.batch_size >= 1, "must be at least 1"),
         ("data.max_error_fraction", 0.0 <= cfg.data.max_error_fraction <= 1.0, "must lie in [0, 1]"),

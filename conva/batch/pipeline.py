@@ -38,6 +38,7 @@ from conva.batch.schemas import (
 )
 from conva.bundle import ValueBundle
 from conva.fit import FitSettings, LayerData, ModelInfo, fit_value
+from conva.mc import MCItem, demo_mc, load_mc, mc_prompt
 from conva.record import format_prompt, record_activations
 from conva.steering.spec import RowResult, SteerSpec
 
@@ -61,6 +62,9 @@ __all__ = [
     "fit_rows_filter",
     "gate_data",
     "value_prompts",
+    "load_mc_source",
+    "gate_questions",
+    "utility_questions",
     "steering_rows_from_records",
     "value_activations",
     "probe_rows",
@@ -111,13 +115,46 @@ def value_prompts(cfg: Config, value: str) -> tuple[list[D.Prompt], list[D.Promp
     return (steer[:cap] if cap else steer), gate
 
 
+def load_mc_source(source: str) -> list[MCItem]:
+    """Multiple-choice questions from ``demo`` (the project's set) or an MMLU-layout CSV."""
+    return demo_mc() if source == "demo" else load_mc(source)
+
+
+def gate_questions(cfg: Config) -> list[MCItem]:
+    """The multiple-choice questions the probe gate reads as unrelated inputs: the last ``gate.mc_questions``.
+
+    The study's utility asks only the questions before them (:func:`utility_questions`), so its gate
+    open rate on multiple choice is measured on questions the gate never saw.
+    """
+    k = cfg.gate.mc_questions
+    if cfg.gate.kind != "probe" or not cfg.gate.mc or not k:
+        return []
+    items = load_mc_source(cfg.gate.mc)
+    if k >= len(items):
+        raise ValueError(
+            f"gate.mc_questions = {k} would take all {len(items)} questions of {cfg.gate.mc!r} "
+            "(the utility asks the questions before the gate's)"
+        )
+    return items[len(items) - k :]
+
+
+def utility_questions(cfg: Config, source: str, max_items: int = 0) -> list[MCItem]:
+    """The questions of ``source`` a study's utility asks: none the gate reads, at most ``max_items`` (0: all)."""
+    items = load_mc_source(source)
+    if source == cfg.gate.mc:
+        items = items[: len(items) - len(gate_questions(cfg))]
+    return items[:max_items] if max_items else items
+
+
 def extraction_rows(cfg: Config) -> pa.Table:
     """Every text the fit needs, in a fixed order: pair texts per value, then the gate's texts if a probe gate.
 
-    A probe gate is value-specific: it reads the texts of **all ten** values' pairs and their gate prompts
-    (:func:`value_prompts`; each value's are the positives of its own gate and negatives of the others')
-    and the neutral prompts, in the steering prompt's template. A value outside ``data.values`` only supplies negatives: ``gate.other_pairs_per_value``
-    caps its pairs.
+    A probe gate is value-specific: it reads the studied values' pair texts, every value's gate prompts
+    (:func:`value_prompts`; each value's are the positives of its own gate and, for the others, negatives
+    or only reported on, by ``gate.negatives``), the neutral prompts and the gate's multiple-choice
+    questions (:func:`gate_questions`), in the steering prompt's template. A value outside ``data.values``
+    has its pairs read only as negatives (``gate.negatives = "unrelated+other_values"``), capped at
+    ``gate.other_pairs_per_value``.
     """
     rows: list[dict] = []
     for value in cfg.data.values:
@@ -141,9 +178,14 @@ def extraction_rows(cfg: Config) -> pa.Table:
 
 def _gate_rows(cfg: Config) -> list[dict]:
     rows = []
+    other_negatives = cfg.gate.negatives == "unrelated+other_values"
     for value in D.VALUES:
         cap = None if value in cfg.data.values else cfg.gate.other_pairs_per_value or None
-        for i, pair in enumerate(load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind)[:cap]):
+        studied = value in cfg.data.values
+        pairs = (
+            load_pair_source(cfg.data.pairs, value, cfg.data.pair_kind) if studied or other_negatives else []
+        )
+        for i, pair in enumerate(pairs[:cap]):
             for text, tag in ((pair.positive, "pos"), (pair.negative, "neg")):
                 # The gate reads prompts as the model sees them when steered: in the steering template.
                 rows.append(
@@ -179,6 +221,18 @@ def _gate_rows(cfg: Config) -> list[dict]:
                 label=0,
                 group=i,
                 text=prompt.prompt,
+                chat_template=cfg.steer.chat_template,
+            )
+        )
+    for i, item in enumerate(gate_questions(cfg)):
+        rows.append(
+            dict(
+                row_id=f"mc/{i:06d}",
+                dataset="mc",
+                value=None,
+                label=0,
+                group=i,
+                text=mc_prompt(item),  # as the utility asks it (0-shot)
                 chat_template=cfg.steer.chat_template,
             )
         )
@@ -253,7 +307,7 @@ def fit_settings(cfg: Config) -> FitSettings:
     )
 
 
-_GATE_DATASETS = ("gate", "gate_prompt", "neutral")
+_GATE_DATASETS = ("gate", "gate_prompt", "neutral", "mc")
 
 
 def fit_rows_filter(value: str):
@@ -267,9 +321,11 @@ def fit_rows_filter(value: str):
 def gate_data(
     meta: pa.Table, value: str, read_rows: Callable[[int, np.ndarray], np.ndarray], layers: Sequence[int]
 ) -> LayerData | None:
-    """The probe gate's rows for ``value``: its own texts and prompts (1); the other values' and neutral prompts (0).
+    """The probe gate's rows for ``value``: its own prompts and texts (1), the other values' prompts and texts,
+    neutral prompts and multiple-choice questions (0).
 
-    Groups keep a pair's two texts together in the gate's split; ``origin`` says which kind each row is.
+    Groups keep a pair's two texts together in the gate's split; ``origin`` says which kind each row is
+    (:data:`conva.gates.ROW_KINDS`); the fit labels them by ``gate.negatives``.
     None when ``meta`` holds no gate texts (the gate is not a probe).
     """
     dataset = np.asarray(meta.column("dataset").to_pylist(), dtype=object)
@@ -278,7 +334,12 @@ def gate_data(
     rows = np.flatnonzero(np.isin(dataset, _GATE_DATASETS))
     if not len(rows):
         return None
-    origin = np.where(dataset[rows] == "neutral", "neutral", np.where(values[rows] == value, "own", "other"))
+    own, kind = values[rows] == value, dataset[rows].astype(str)
+    origin = np.select(
+        [kind == "gate", kind == "gate_prompt"],
+        [np.where(own, "own_pair", "other_pair"), np.where(own, "own", "other")],
+        default=kind,  # neutral, mc
+    )
     keys = np.asarray([f"{dataset[r]}/{values[r]}/{groups[r]}" for r in rows])
 
     def matrix(l: int, r: np.ndarray = rows) -> np.ndarray:
@@ -286,7 +347,7 @@ def gate_data(
 
     return LayerData(
         matrix,
-        (origin == "own").astype(np.int64),
+        np.isin(origin, ("own", "own_pair")).astype(np.int64),
         keys,
         tuple(layers),
         origin=origin,

@@ -160,8 +160,9 @@ def study_choices(folder: str | Path) -> list[tuple[str, str]]:
         g["kind"]
         if g["kind"] != "probe"
         else (
-            f"probe, value-specific (other values' texts and neutral prompts as negatives), threshold to "
-            f"{g['target']} >= {g['target_value']} on a calibrate split ({g['calibrate_size']:g} of pairs), "
+            f"probe, value-specific ({g.get('negatives', 'unrelated+other_values')} texts as negatives), threshold "
+            f"to {g['target']} >= {g.get(g['target'], g.get('target_value'))} on a calibrate split "
+            f"({g['calibrate_size']:g} of pairs), "
             f"figures on a test split ({g['test_size']:g})"
         )
     )
@@ -493,6 +494,8 @@ def _gate_rows(probes: list[dict], summary: list[dict]) -> list[dict]:
                 test_n=g["gate_n"],
                 open_heldout_neutral=g["gate_open_neutral"],
                 open_heldout_other_values=g["gate_open_other"],
+                open_heldout_own=g.get("gate_open_own"),
+                open_heldout_mc=g.get("gate_open_mc"),
                 open_own_test_prompts=_mean([r["gate_open_rate"] for r in mine]),
                 open_mc=_mean([r["mc_gate_open_rate"] for r in mine]),
             )

@@ -385,6 +385,8 @@ STUDY_PROBE_SCHEMA = pa.schema(
         ("gate_n", pa.float64()),
         ("gate_open_neutral", pa.float64()),
         ("gate_open_other", pa.float64()),
+        ("gate_open_own", pa.float64()),  # held-out: the value's own prompts the threshold never saw
+        ("gate_open_mc", pa.float64()),  # held-out multiple-choice questions
         ("gate_not_converged", pa.float64()),
     ]
 )

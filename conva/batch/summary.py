@@ -408,6 +408,8 @@ def probe_rows(model: str, bundles: dict[str, ValueBundle]) -> pa.Table:
                     gate_n=h.get("n"),
                     gate_open_neutral=h.get("open_rate_neutral"),
                     gate_open_other=h.get("open_rate_other"),
+                    gate_open_own=h.get("open_rate_own"),
+                    gate_open_mc=h.get("open_rate_mc"),
                     gate_not_converged=h.get("not_converged"),
                 )
             )
