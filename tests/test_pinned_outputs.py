@@ -125,7 +125,7 @@ PINNED: dict[str, str] = {  # recorded on main at 778f0ff (before the restructur
     "universalism/test_acc": "29dc5e9d94cec28819a52d4d910f01073327cd2ad178b9e8ceb2f5b1894b7993",
     "universalism/gate_w": "37ed8c983dc8cf07248512292f0c65908e9dee957dc1ce3e54be18ccdb376ed2",
     "universalism/scalars": "8dfeb430439794695727e9725765bc39c352687c1c50544db750dc072ff367b2",
-    "generations": "0663d15ccb96fe4101fb3740fe8bbaa1ea1d7c176d83f45cd76b77a24c8dcbff",
+    "generations": "7a0f64b06b292287e79d78a81fb411753db8df5975268851a93111d5b2c4a5dd",  # re-pinned: the demo prompts became balanced yes/no questions
 }
 
 
