@@ -226,7 +226,7 @@ def _convergence(probes: pa.Table) -> str:
 
 
 def _interval(r: dict, key: str, lo: str, hi: str) -> str:
-    if r[key] is None:
+    if r.get(key) is None:
         return "-"
     return f"{r[key]:.2f} [{r[lo]:.2f}, {r[hi]:.2f}]"
 
