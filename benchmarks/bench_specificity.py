@@ -7,8 +7,8 @@ prompts (half have "no" as the value's side). The runs differ only in the pairs 
 
 * ``negation``: ``conva/demo_data/pairs_negation`` (an affirmative text against its negation: "... because I
   want the final say" / "... because I don't want the final say"), the demo's pairs until 2026-12;
-* ``stance``: ``conva/demo_data/pairs_stance`` (two affirmative stances: the value against an opposing
-  value, in the same scenario, no negation);
+* ``stance``: ``conva/demo_data/pairs`` (two affirmative stances: the value against an opposing value, in
+  the same scenario, no negation), the demo's pairs since 2026-12 (chosen on these figures);
 * ``paper``: the paper's context-controlled pairs (``../shared/data/conva``, never copied into the
   repository) for three values, tested on the demo's prompts of those values.
 
@@ -38,7 +38,7 @@ PAPER = REPO.parent / "shared" / "data" / "conva"
 DEMO_VALUES = '["achievement", "benevolence", "hedonism", "power", "tradition"]'
 RUNS = {
     "negation": [f"--data.pairs={DATA / 'pairs_negation'}", f"--data.values={DEMO_VALUES}"],
-    "stance": [f"--data.pairs={DATA / 'pairs_stance'}", f"--data.values={DEMO_VALUES}"],
+    "stance": [f"--data.pairs={DATA / 'pairs'}", f"--data.values={DEMO_VALUES}"],
     "paper": [f"--data.pairs=paper:{PAPER}", '--data.values=["achievement", "power", "universalism"]'],
 }
 COMMON = [
