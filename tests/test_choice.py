@@ -144,6 +144,7 @@ def test_a_pure_yes_push_is_not_value_specific_on_a_balanced_set():
     assert row["n"] == 60
     assert row["specific_lo"] <= 0.0 <= row["specific_hi"]
     assert row["own_lo"] <= 0.0 <= row["own_hi"]  # half the prompts toward the value, half away
+    assert row["yes_push_lo"] > 0.9  # ... which the yes push shows: +1 on every prompt
     assert "not shown to be value-specific" in specificity_sentence(row)
     # The same push on prompts whose value side is always "yes" looks like alignment:
     all_yes = {v: ["yes"] * 20 for v in balanced}
@@ -166,6 +167,7 @@ def test_a_value_specific_push_is_found_and_the_matrix_has_every_cell():
     tables = choice_tables(pa.Table.from_pylist(rows, schema=CHOICE_SCHEMA), n_boot=200, seed=0)
     row = tables["specificity"].to_pylist()[0]
     assert row["own"] == pytest.approx(1.0) and row["other"] == pytest.approx(0.0)
+    assert row["yes_push"] == pytest.approx(0.0)  # +1 on yes-side prompts, -1 on no-side ones
     assert row["specific"] == pytest.approx(1.0) and row["specific_lo"] == pytest.approx(1.0)
     assert "value-specific:" in specificity_sentence(row)
     matrix = {(r["vector"], r["value"]): r["shift"] for r in tables["cross_value"].to_pylist()}

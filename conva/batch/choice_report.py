@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,7 +28,8 @@ FC_NOTE = (
     "all values [95% bootstrap interval over prompts, stratified by value]. own: the prompts' own value's "
     "vector; other: the other studied values' vectors (mean); specific = own - other; random: ConVA's "
     "per-row step size along a random direction; gated: own ConVA with its gate. All but 'gated' are "
-    "ungated. fc csr: share of prompts on the value's side, unsteered -> own vector."
+    "ungated. fc csr: share of prompts on the value's side, unsteered -> own vector. yes push: the own "
+    "vector's shift in the log-odds of 'yes' whatever the value's side (a generic yes/no direction)."
 )
 
 
@@ -58,6 +60,7 @@ def _rows(spec: list[dict]) -> list[dict[str, str]]:
             "specific": _ci(r, "specific"),
             "random": _ci(r, "random"),
             "gated": _ci(r, "gated"),
+            "yes push": _ci(r, "yes_push"),
             "gate open": "-" if r["gate_open"] is None else f"{r['gate_open']:.2f}",
         }
         for r in spec
@@ -99,7 +102,8 @@ def forced_choice_text(folder: str | Path) -> str:
     def line(xs: list[str]) -> str:
         return "  ".join(x.ljust(w) for x, w in zip(xs, widths)).rstrip()
 
-    out = ["forced choice (judge-free; log-odds of the value's side, paired against unsteered)", ""]
+    out = ["forced choice (judge-free; log-odds of the value's side, paired against unsteered)"]
+    out += textwrap.wrap(FC_NOTE, 110) + [""]
     out += [line(cols), line(["-" * w for w in widths]), *(line([r[c] for c in cols]) for r in rows), ""]
     out += [specificity_sentence(r) for r in spec]
     out += _cosine_lines(_read(folder, "cosines"))

@@ -427,7 +427,7 @@ CHOICE_SCHEMA = pa.schema(
         ("value_log_odds", pa.float64()),
         ("gate_open", pa.bool_()),
         ("gate_score", pa.float64()),
-        ("eps_norm", pa.float64()),
+        ("eps_norm", pa.float64()),  # the norm of the per-layer scales: ConVA's ε (a step), CAA's strength
         ("error", pa.string()),
     ]
 )
@@ -453,6 +453,7 @@ SPECIFICITY_SCHEMA = pa.schema(
         *_CI("specific"),
         *_CI("random"),
         *_CI("gated"),
+        *_CI("yes_push"),
         ("gate_open", pa.float64()),
         ("eps_norm", pa.float64()),
     ]

@@ -11,7 +11,9 @@ steering setting (ConVA at one P0, CAA at one strength):
 * ``random``: ConVA's per-row ε along a random direction (ConVA settings only): what a step of that size
   does when it points nowhere in particular;
 * ``gated``: the value's own ConVA with its gate active (ConVA settings only);
-* ``fc_csr``: the share of prompts on the value's side with the own vector (``fc_csr_none`` unsteered).
+* ``fc_csr``: the share of prompts on the value's side with the own vector (``fc_csr_none`` unsteered);
+* ``yes_push``: the own vector's mean shift in the log-odds of **yes**, whichever side the value is on: a
+  vector that only pushes toward "yes" shows here, and cancels in ``own`` on a balanced prompt set.
 
 Every interval is a 95 % percentile bootstrap over prompts, **stratified by value** (each resample
 draws each value's prompts from that value's prompts), paired (the same draw for every figure).
@@ -108,6 +110,8 @@ def specificity_rows(choice: pa.Table, *, n_boot: int, seed: int) -> pa.Table:
             by_setting[key][part].setdefault(prompt, []).append(r["shift"])
             if part == "own":
                 by_setting[key]["fc"][prompt] = [float(r["value_log_odds"] > 0)]
+                sign = 1.0 if r["value_side"] == "yes" else -1.0
+                by_setting[key]["yes"][prompt] = [sign * r["shift"]]
                 by_setting[key]["eps"][prompt] = [r["eps_norm"]] if r["eps_norm"] is not None else []
         elif r["method"] in ("random", "conva"):
             by_setting[key][r["method"]][prompt] = [r["shift"]]
@@ -132,6 +136,7 @@ def specificity_rows(choice: pa.Table, *, n_boot: int, seed: int) -> pa.Table:
             "specific": own - other,
             "random": col("random"),
             "gated": col("conva"),
+            "yes_push": col("yes"),
         }
         row: dict = dict(model=key[0], method=key[1], p0=key[2], strength=key[3], n=len(prompts))
         for name, x in figures.items():
