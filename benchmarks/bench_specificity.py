@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -34,7 +35,7 @@ from benchmarks.common import CACHE, RESULTS, machine, write_result
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "demo_study.toml"
 DATA = REPO / "conva" / "demo_data"
-PAPER = REPO.parent / "shared" / "data" / "conva"
+PAPER = Path(os.environ.get("CONVA_PAPER_DATA", REPO.parent / "shared" / "data" / "conva"))
 DEMO_VALUES = '["achievement", "benevolence", "hedonism", "power", "tradition"]'
 RUNS = {
     "negation": [f"--data.pairs={DATA / 'pairs_negation'}", f"--data.values={DEMO_VALUES}"],
