@@ -41,6 +41,7 @@ __all__ = [
     "ChoiceRow",
     "ChoiceLogprobs",
     "choice_prompt",
+    "question_of",
     "answer_token_ids",
     "yes_log_odds",
     "side_sign",
@@ -65,9 +66,17 @@ class ChoiceRow:
     eps: tuple[float, ...]
 
 
+ANSWER_INSTRUCTION = " Answer yes or no."
+
+
 def choice_prompt(prompt: str) -> str:
     """The user message of a forced choice: the yes/no question and an instruction to answer it."""
-    return f"{prompt.strip()} Answer yes or no."
+    return f"{prompt.strip()}{ANSWER_INSTRUCTION}"
+
+
+def question_of(prompt: str) -> str:
+    """The question a :func:`choice_prompt` asks, without the instruction (what a gate reads)."""
+    return prompt[: -len(ANSWER_INSTRUCTION)] if prompt.endswith(ANSWER_INSTRUCTION) else prompt
 
 
 def answer_token_ids(tok, words: Sequence[str]) -> list[int]:
@@ -121,6 +130,7 @@ def score_choice(
 
     ``random`` specs without ``eps`` take ConVA's ε of the same row: their ConVA twin (``conva_nogate``
     with the same bundle, P0 and band) is scored first and its per-layer ε given to the random step.
+    Gated specs decide their gate on the question alone, without the instruction (one more pass for them).
     """
     if not len(prompts) == len(sides) == len(specs):
         raise ValueError(f"{len(prompts)} prompts, {len(sides)} sides and {len(specs)} specs must match")
@@ -130,6 +140,7 @@ def score_choice(
     yes, no = [t for t in yes if t not in both], [t for t in no if t not in both]
     if not yes or not no:
         raise ValueError(f"the tokenizer has no first token that tells {words[0][0]!r} from {words[1][0]!r}")
+    specs = _with_gate_on_question(logprobs, list(prompts), list(specs), yes + no, batch_size)
     specs = _with_conva_eps(logprobs, list(prompts), list(specs), yes + no, batch_size)
     out: list[ChoiceRow] = []
     for start in range(0, len(prompts), batch_size):
@@ -139,6 +150,26 @@ def score_choice(
         for k, res in enumerate(results):
             o = float(odds[k])
             out.append(ChoiceRow(o, signs[start + k] * o, res.gate_open, res.gate_score, res.eps))
+    return out
+
+
+def _with_gate_on_question(
+    logprobs: ChoiceLogprobs, prompts: list[str], specs: list[SteerSpec], ids: list[int], batch_size: int
+) -> list[SteerSpec]:
+    """``specs`` with each gated spec's decision taken on the question alone (:func:`question_of`).
+
+    The gate was calibrated on the prompts as a study asks them, not with the instruction to answer yes
+    or no appended (which changes the last token it reads): it decides on the question, and the answer is
+    then read with the question as asked.
+    """
+    todo = [i for i, s in enumerate(specs) if s.gate_applies() and s.decision is None and s.layers()]
+    out = list(specs)
+    for start in range(0, len(todo), batch_size):
+        rows = todo[start : start + batch_size]
+        _, results = logprobs([question_of(prompts[i]) for i in rows], [specs[i] for i in rows], ids)
+        for i, res in zip(rows, results):
+            if res.gate_score is not None:
+                out[i] = replace(specs[i], decision=(res.gate_score, res.gate_open))
     return out
 
 

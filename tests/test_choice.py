@@ -200,3 +200,29 @@ def test_cosines_of_two_values_vectors(tiny_bundles):
         assert r["cosine"] == pytest.approx(
             float(va @ vb / np.linalg.norm(va) / np.linalg.norm(vb)), abs=1e-6
         )
+
+
+def test_a_gate_decides_on_the_question_without_the_instruction(tiny, tiny_bundles):
+    """The gate was calibrated on questions as a study asks them: it reads the question, not the appended
+    "Answer yes or no.", and the answer is then read with the question as asked."""
+    from dataclasses import replace
+
+    from conva.choice import question_of
+    from conva.steering.hf import steer_logits
+
+    model, tok = tiny
+    power = tiny_bundles[0]
+    scores = [r.gate_score for r in steer_logits(model, tok, PROMPTS, [SteerSpec("conva", power)] * 2)[1]]
+    mid = (scores[0] + scores[1]) / 2
+    gated = replace(power, gate=replace(power.gate, threshold=mid))  # opens on one question as asked
+    spec = SteerSpec("conva", gated, p0=0.999)
+    rows = score_choice(_hf(tiny), tok, PROMPTS, ["yes", "no"], [spec] * 2, words=WORDS)
+    on_question = steer_logits(model, tok, [question_of(p) for p in PROMPTS], [spec] * 2)[1]
+    assert [r.gate_score for r in rows] == pytest.approx([r.gate_score for r in on_question], abs=1e-6)
+    assert [r.gate_open for r in rows] == [r.gate_open for r in on_question]
+    assert [r.gate_score for r in rows] != pytest.approx(scores, abs=1e-6)  # the instruction changes the read
+    assert question_of(PROMPTS[0]) == "Should I take the job abroad?"
+    # A closed gate leaves the row exactly as unsteered; an open one steers it.
+    plain = score_choice(_hf(tiny), tok, PROMPTS, ["yes", "no"], [SteerSpec("none")] * 2, words=WORDS)
+    for r, p in zip(rows, plain):
+        assert (r.log_odds_yes == p.log_odds_yes) == (not r.gate_open)

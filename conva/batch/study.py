@@ -557,7 +557,8 @@ def choice_cells(study: StudyConfig, spec: str) -> list[ChoiceCell]:
     """Every forced-choice cell of one model (:class:`ChoiceCell`), in a fixed order.
 
     Unsteered always; with ``conva`` among the study's methods, ConVA ungated at each P0 and band for every
-    vector, and the random control and gated ConVA for the own vector; with ``caa``, CAA at each strength
+    vector, and the random control (HF backend only: on vLLM each row's own ε would take one of the
+    engine's ``vllm.max_specs`` slots) and gated ConVA for the own vector; with ``caa``, CAA at each strength
     and band for every vector.
     """
     name, s = model_name(spec), study.study
@@ -569,7 +570,8 @@ def choice_cells(study: StudyConfig, spec: str) -> list[ChoiceCell]:
             if "conva" in s.methods or "conva_nogate" in s.methods:
                 for p0 in s.p0:
                     cells += [ChoiceCell(name, value, v, "conva_nogate", p0, band, None) for v in values]
-                    cells.append(ChoiceCell(name, value, value, "random", p0, band, None))
+                    if study.job.steer.backend != "vllm":  # there each row's ε would take an engine spec slot
+                        cells.append(ChoiceCell(name, value, value, "random", p0, band, None))
                     if "conva" in s.methods:
                         cells.append(ChoiceCell(name, value, value, "conva", p0, band, None))
             if "caa" in s.methods:

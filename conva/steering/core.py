@@ -90,7 +90,12 @@ def decide_first(
     last-token activations ``[len(texts), len(layers), hidden]`` a probe gate reads (the backend's own
     recorder); an external classifier scores the prompt text. None for rows not scored first."""
     out: list[Decision | None] = [None] * len(specs)
-    rows = [i for i, s in enumerate(specs) if s.scored_first()]
+    rows = []
+    for i, s in enumerate(specs):
+        if s.scored_first() and s.decision is not None:
+            out[i] = s.decision  # decided by the caller, on the text it chose
+        elif s.scored_first():
+            rows.append(i)
     probe = [i for i in rows if specs[i].bundle.gate.kind == "probe"]  # type: ignore[union-attr]
     if probe:
         layers = sorted({int(specs[i].bundle.gate.layer) for i in probe})  # type: ignore[union-attr, arg-type]

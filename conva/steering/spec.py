@@ -60,6 +60,9 @@ class SteerSpec:
     prefix_on: str = "all"
     eps: tuple[float, ...] | None = None
     seed: int = 0
+    decision: tuple[float, bool] | None = None
+    """The gate's ``(score, open)`` decided already (on other text than the one fed: the forced choice's
+    raw question); the pass then does not read the gate."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -120,6 +123,8 @@ class SteerSpec:
         """
         if not self.gated():
             return False
+        if self.decision is not None:
+            return True
         external = self.bundle.gate.kind == "external"  # type: ignore[union-attr]
         return external or self.method == "prompt" or self.setting == "opposite"
 

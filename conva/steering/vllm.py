@@ -216,7 +216,16 @@ class VLLMSteerer:
         """
         if not spec.layers():
             return 0
-        key = (spec.method, id(spec.bundle), spec.p0, spec.strength, spec.band, gate_in_engine)
+        key = (
+            spec.method,
+            id(spec.bundle),
+            spec.p0,
+            spec.strength,
+            spec.band,
+            spec.eps,
+            spec.seed,
+            gate_in_engine,
+        )
         if key not in self._rows:
             row = _spec_row(spec, self.state, self.hidden, self.n_blocks, gate_in_engine)
             self._rows[key] = (self.state.add_row(row), spec)
@@ -437,7 +446,10 @@ class VLLMSteerer:
         classifier), as :func:`conva.steering.core.gate_decisions` does on HF; None for the other rows,
         whose probe gate the engine reads in the pass. A probe gate is read from this engine's recorded
         activations at its layer, so it needs ``record=True``."""
-        probe_first = any(s.scored_first() and s.bundle.gate.kind == "probe" for s in specs)  # type: ignore[union-attr]
+        probe_first = any(
+            s.scored_first() and s.decision is None and s.bundle.gate.kind == "probe"  # type: ignore[union-attr]
+            for s in specs
+        )
         if probe_first and self.state.cap is None:
             raise ValueError(
                 "a probe gate that decides a prefix (the 'prompt' method, the 'opposite' setting) is "
