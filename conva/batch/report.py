@@ -371,6 +371,15 @@ def _frontier_plot(pooled: list[dict], path: Path) -> str:
     return _save(fig, path)
 
 
+def _shade(color: str, k: int) -> tuple[float, float, float]:
+    """``color`` darkened by 35 % ``k`` times (a sweep longer than the line styles cycles through shades)."""
+    from matplotlib.colors import to_rgb
+
+    r, g, b = to_rgb(color)
+    f = 0.65**k
+    return (r * f, g * f, b * f)
+
+
 def _p0_plot(pooled: list[dict], path: Path) -> str:
     panels = _panels(pooled)
     fig, axes = _axes(len(panels))
@@ -378,13 +387,15 @@ def _p0_plot(pooled: list[dict], path: Path) -> str:
         rows = [r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["csr"] is not None]
         seen: dict[str, int] = defaultdict(int)  # keys drawn per method: each gets its own line style
         for key in sorted({(r["method"], r["band"], r["strength"] or 0) for r in rows}):
-            style = _STYLES[seen[key[0]] % len(_STYLES)]
+            n = seen[key[0]]
+            style = _STYLES[n % len(_STYLES)]
             seen[key[0]] += 1
             pts = sorted(
                 (r for r in rows if (r["method"], r["band"], r["strength"] or 0) == key),
                 key=lambda r: r["p0"] or 0,
             )
-            color = _COLORS.get(key[0])
+            # A sweep's later members darken too, so no two of them share both colour and line style.
+            color = _shade(_COLORS.get(key[0], "tab:gray"), n // len(_STYLES))
             label = (
                 key[0]
                 + (f" ({key[1]})" if key[1] not in ("-", "auto") else "")
