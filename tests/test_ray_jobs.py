@@ -243,7 +243,8 @@ def test_bad_rows_become_error_rows_and_the_rest_match_a_clean_run(fitted, tmp_p
         assert sum(expected in e for e in reasons) == 1, (expected, reasons)
     assert sum("invalid UTF-8" in e for e in reasons) == 1
     assert all(r["output"] is None for r in errors)
-    drop = ["row_id", "config_sha256"]  # the two runs read different files: their configs differ
+    # The two runs read different files: their configs differ; the code version names the checkout's commit
+    drop = ["row_id", "config_sha256", "conva_version"]
     good = sorted(
         (r for r in got.drop_columns(drop).to_pylist() if r["error"] is None), key=lambda r: r["prompt"]
     )

@@ -486,6 +486,7 @@ def test_two_models_run_at_once_and_each_worker_loads_its_model_once(tmp_path_fa
         "--study.p0=[0.99]",
         '--data.values=["power"]',
         "--data.max_prompts_per_value=6",
+        "--study.generate_prompts=0",
         "--fit.band=1-3",
         "--steer.max_new_tokens=6",
         "--utility.max_items=6",
