@@ -75,13 +75,17 @@ def fit_bundles(model, tok, model_spec: str) -> dict:
             labels += [1, 0]
             groups += [i, i]
         acts = record_activations(model, tok, texts, position="last", chat_template=False)
-        data = LayerData(lambda l, a=acts: a[:, l], np.asarray(labels), np.asarray(groups), tuple(range(n_blocks)))
+        data = LayerData(
+            lambda l, a=acts: a[:, l], np.asarray(labels), np.asarray(groups), tuple(range(n_blocks))
+        )
         bundles[value] = fit_value(value, data, None, info, settings, position="last", chat_template=False)
         print(f"  {model_spec} {value}: band {bundles[value].band}", flush=True)
     return bundles
 
 
-def generate_block(model, tok, bundles, prompt_index: range, max_new_tokens: int, batch_size: int) -> list[dict]:
+def generate_block(
+    model, tok, bundles, prompt_index: range, max_new_tokens: int, batch_size: int
+) -> list[dict]:
     """Every (value, prompt, setting) row for the prompts ``prompt_index`` of each value, generated."""
     from conva import SteerSpec, generate
     from conva import data as D
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-distinct", type=int, default=320)
     ap.add_argument("--max-new-tokens", type=int, default=72)
     ap.add_argument("--batch-size", type=int, default=36)
-    ap.add_argument("--parts", type=Path, default=Path("/tmp/conva_answer_parts"), help="cache of generated blocks")
+    ap.add_argument(
+        "--parts", type=Path, default=Path("/tmp/conva_answer_parts"), help="cache of generated blocks"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
 
@@ -141,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         if part.exists():
             block = [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines()]
             rows.extend(dict(model=spec, **r) for r in block)
-            print(f"  {spec} prompts {index.start + 1}-{index.stop}: {len(block)} answers from {part}", flush=True)
+            print(
+                f"  {spec} prompts {index.start + 1}-{index.stop}: {len(block)} answers from {part}",
+                flush=True,
+            )
             return
         if spec not in loaded:
             model, tok = load_model(spec)
@@ -153,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         args.parts.mkdir(parents=True, exist_ok=True)
         part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in block), encoding="utf-8")
         rows.extend(dict(model=spec, **r) for r in block)
-        print(f"  {spec} prompts {index.start + 1}-{index.stop}: {len(block)} answers, {time.perf_counter() - t:.0f} s", flush=True)
+        print(
+            f"  {spec} prompts {index.start + 1}-{index.stop}: {len(block)} answers, {time.perf_counter() - t:.0f} s",
+            flush=True,
+        )
 
     for spec in args.models:
         add_block(spec, range(args.prompts))
@@ -176,7 +188,16 @@ def main(argv: list[str] | None = None) -> None:
         kept, dropped = distinct(rows)
 
     # ids in generation order, over the rows kept
-    out = [dict(id=f"a{i + 1:04d}", **{k: r[k] for k in ("model", "value", "method", "p0", "strength", "prompt", "answer", "n_tokens")}) for i, r in enumerate(kept)]
+    out = [
+        dict(
+            id=f"a{i + 1:04d}",
+            **{
+                k: r[k]
+                for k in ("model", "value", "method", "p0", "strength", "prompt", "answer", "n_tokens")
+            },
+        )
+        for i, r in enumerate(kept)
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "answers.jsonl", "w", encoding="utf-8") as f:
         for r in out:
@@ -185,7 +206,13 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.out / "blind.jsonl", "w", encoding="utf-8") as f:
         for i in order:
             r = out[i]
-            blind = dict(id=r["id"], value=r["value"], definition=definition(r["value"]), prompt=r["prompt"], answer=r["answer"])
+            blind = dict(
+                id=r["id"],
+                value=r["value"],
+                definition=definition(r["value"]),
+                prompt=r["prompt"],
+                answer=r["answer"],
+            )
             f.write(json.dumps(blind, ensure_ascii=False) + "\n")
     n_tok = [r["n_tokens"] for r in out]
     print(
