@@ -28,7 +28,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -153,6 +153,21 @@ def score_choice(
     return out
 
 
+def _prepass(
+    logprobs: ChoiceLogprobs,
+    rows: list[int],
+    text: Callable[[int], str],
+    spec: Callable[[int], SteerSpec],
+    ids: list[int],
+    batch_size: int,
+) -> Iterator[tuple[int, RowResult]]:
+    """Score ``rows`` once more, batched, as ``text(i)`` under ``spec(i)``; yield each row's telemetry."""
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        _, results = logprobs([text(i) for i in chunk], [spec(i) for i in chunk], ids)
+        yield from zip(chunk, results)
+
+
 def _with_gate_on_question(
     logprobs: ChoiceLogprobs, prompts: list[str], specs: list[SteerSpec], ids: list[int], batch_size: int
 ) -> list[SteerSpec]:
@@ -164,12 +179,11 @@ def _with_gate_on_question(
     """
     todo = [i for i, s in enumerate(specs) if s.gate_applies() and s.decision is None and s.layers()]
     out = list(specs)
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
-        _, results = logprobs([question_of(prompts[i]) for i in rows], [specs[i] for i in rows], ids)
-        for i, res in zip(rows, results):
-            if res.gate_score is not None:
-                out[i] = replace(specs[i], decision=(res.gate_score, res.gate_open))
+    for i, res in _prepass(
+        logprobs, todo, lambda i: question_of(prompts[i]), specs.__getitem__, ids, batch_size
+    ):
+        if res.gate_score is not None:
+            out[i] = replace(specs[i], decision=(res.gate_score, res.gate_open))
     return out
 
 
@@ -178,15 +192,10 @@ def _with_conva_eps(
 ) -> list[SteerSpec]:
     """``specs`` with each eps-less ``random`` spec given its ConVA twin's per-layer ε."""
     todo = [i for i, s in enumerate(specs) if s.method == "random" and s.eps is None]
-    if not todo:
-        return specs
     out = list(specs)
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
-        twins = [conva_twin(specs[i]) for i in rows]
-        _, results = logprobs([prompts[i] for i in rows], twins, ids)
-        for i, res in zip(rows, results):
-            out[i] = replace(specs[i], eps=tuple(res.eps))
+    twin = lambda i: conva_twin(specs[i])  # noqa: E731
+    for i, res in _prepass(logprobs, todo, prompts.__getitem__, twin, ids, batch_size):
+        out[i] = replace(specs[i], eps=tuple(res.eps))
     return out
 
 
