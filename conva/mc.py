@@ -4,7 +4,7 @@ The MMLU CSV layout has no header and six columns: ``question, A, B, C, D, answe
 project ships a small self-written set in that layout (``conva/demo_data/mc.csv``). A question is
 asked 0-shot or k-shot (the first k *other* questions with their answers, MMLU-style), and the answer is
 the letter whose token gets the highest logit at the last prompt token, read **with the steering and the
-gate active** through :func:`conva.steering.hf.steer_logits`: so a gate that opens on a neutral question
+gate active** (on the HF backend :func:`conva.steering.hf.score_mc`): so a gate that opens on a neutral question
 shows up as a change in accuracy.
 
 Example:
@@ -31,7 +31,6 @@ __all__ = [
     "mc_prompt",
     "mc_prompts",
     "letter_token_ids",
-    "score_mc",
 ]
 
 LETTERS = ("A", "B", "C", "D")
@@ -128,39 +127,3 @@ def letter_token_ids(tok) -> list[list[int]]:
             raise ValueError(f"the tokenizer has no single token for the letter {letter!r}")
         ids.append(sorted(found))
     return ids
-
-
-def score_mc(
-    model,
-    tok,
-    prompts: Sequence[str],
-    answers: Sequence[str],
-    specs: Sequence,
-    *,
-    chat_template: bool = True,
-    positions: str = "all",
-    batch_size: int = 8,
-) -> list[MCRow]:
-    """Answer each prompt by the best letter logit under its :class:`~conva.steering.spec.SteerSpec` (gate active)."""
-    import torch
-
-    from conva.steering.hf import steer_logits
-
-    if not len(answers) == len(prompts) == len(specs):
-        raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(specs)} specs must match")
-    letters = letter_token_ids(tok)
-    out: list[MCRow] = []
-    for start in range(0, len(prompts), batch_size):
-        stop = start + batch_size
-        logits, results = steer_logits(
-            model,
-            tok,
-            prompts[start:stop],
-            specs[start:stop],
-            chat_template=chat_template,
-            positions=positions,
-        )
-        best = torch.stack([logits[:, ids].max(dim=-1).values for ids in letters], dim=-1).argmax(-1).tolist()
-        for answer, k, res in zip(answers[start:stop], best, results):
-            out.append(MCRow(LETTERS[k], LETTERS[k] == answer, res.gate_open, res.gate_score))
-    return out

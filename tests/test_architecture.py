@@ -75,6 +75,24 @@ def test_the_method_and_the_batch_layer_import_only_downwards() -> None:
     assert not bad, "\n".join(bad)
 
 
+def test_the_method_modules_use_steering_only_through_its_spec() -> None:
+    """``conva.steering`` builds on the method's modules (``conva.mc``, ``conva.record`` …); they reach back
+    into it for the :class:`SteerSpec` data type only, never into a backend (``conva.mc`` once imported
+    ``conva.steering.hf`` while ``conva.steering.vllm`` imported ``conva.mc``)."""
+    bad = []
+    for name, path in _modules().items():
+        if name.count(".") != 1 or name.startswith(
+            ("conva.batch", "conva.steering", "conva.jobs", "conva.workers")
+        ):
+            continue
+        bad += [
+            f"{path.relative_to(REPO)}:{line} imports {module}"
+            for module, _, line in _imports(name, path)
+            if _within(module, ("conva.steering",)) and module != "conva.steering.spec"
+        ]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_import_cycles() -> None:
     edges, cycles = _project_edges(), []
     state: dict[str, int] = {}  # 1: on the current path, 2: done

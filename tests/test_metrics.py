@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conva.data import DataError
-from conva.mc import LETTERS, demo_mc, letter_token_ids, load_mc, mc_prompts, score_mc
+from conva.mc import LETTERS, demo_mc, letter_token_ids, load_mc, mc_prompts
 from conva.metrics import (
     answer_nll,
     answer_perplexities,
@@ -22,6 +22,7 @@ from conva.metrics import (
     roc_auc,
 )
 from conva.record import tokenize
+from conva.steering.hf import score_mc
 from conva.steering.spec import SteerSpec
 
 

@@ -360,9 +360,9 @@ def test_score_mc_matches_hf_with_steering_and_gate(hf, bundles, eager) -> None:
     and pred, correct, gate_open and gate_score agree row by row, with the gate closing some rows."""
     import torch
 
-    from conva.mc import demo_mc, letter_token_ids, mc_prompts, score_mc
+    from conva.mc import demo_mc, letter_token_ids, mc_prompts
     from conva.record import record_activations
-    from conva.steering.hf import steer_logits
+    from conva.steering.hf import score_mc, steer_logits
 
     model, tok = hf
     items = demo_mc()[:12]

@@ -36,5 +36,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'workers' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"workers.{_EXPORTS[name]}"), name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

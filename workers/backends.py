@@ -25,7 +25,7 @@ from conva.batch.config import Config
 from conva.batch.pipeline import steer_table
 from conva.bundle import ValueBundle
 from conva.choice import ChoiceRow, score_choice
-from conva.mc import MCRow, score_mc
+from conva.mc import MCRow
 from conva.metrics import perplexity
 from conva.models import load_model, model_fingerprint, model_name
 from conva.steering.spec import SteerSpec
@@ -78,7 +78,7 @@ class Steerer(Protocol):
         positions: str = "all",
         batch_size: int = 8,
     ) -> list[MCRow]:
-        """Multiple choice with each row's steering and gate active (:func:`conva.mc.score_mc`)."""
+        """Multiple choice with each row's steering and gate active (:func:`conva.steering.hf.score_mc`)."""
         ...
 
     def score_choice(
@@ -173,6 +173,8 @@ class HFSteerer:
         positions: str = "all",
         batch_size: int = 8,
     ) -> list[MCRow]:
+        from conva.steering.hf import score_mc
+
         return score_mc(
             self.model,
             self.tok,

@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from conva.blocks import block_hooks, find_blocks
+from conva.mc import LETTERS, MCRow, letter_token_ids
 from conva.record import tokenize, with_positions
 from conva.steering.compiled import generate_compiled
 from conva.steering.core import (
@@ -35,7 +36,7 @@ from conva.steering.core import (
 )
 from conva.steering.spec import Decision, RowResult, SteerSpec, prompt_text
 
-__all__ = ["steer_logits", "choice_logprobs", "generate"]
+__all__ = ["steer_logits", "choice_logprobs", "score_mc", "generate"]
 
 
 @torch.inference_mode()
@@ -214,3 +215,35 @@ def generate(
             steering, chunk_s, texts, tokens, enc["attention_mask"].sum(1).tolist(), contexts
         )
     return results
+
+
+def score_mc(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    specs: Sequence[SteerSpec],
+    *,
+    chat_template: bool = True,
+    positions: str = "all",
+    batch_size: int = 8,
+) -> list[MCRow]:
+    """Answer each prompt by the best letter logit under its :class:`~conva.steering.spec.SteerSpec` (gate active)."""
+    if not len(answers) == len(prompts) == len(specs):
+        raise ValueError(f"{len(prompts)} prompts, {len(answers)} answers and {len(specs)} specs must match")
+    letters = letter_token_ids(tok)
+    out: list[MCRow] = []
+    for start in range(0, len(prompts), batch_size):
+        stop = start + batch_size
+        logits, results = steer_logits(
+            model,
+            tok,
+            prompts[start:stop],
+            specs[start:stop],
+            chat_template=chat_template,
+            positions=positions,
+        )
+        best = torch.stack([logits[:, ids].max(dim=-1).values for ids in letters], dim=-1).argmax(-1).tolist()
+        for answer, k, res in zip(answers[start:stop], best, results):
+            out.append(MCRow(LETTERS[k], LETTERS[k] == answer, res.gate_open, res.gate_score))
+    return out

@@ -20,7 +20,7 @@ A preempted request is recomputed with its own ε (per-token: each generated tok
 Besides steered generation, the engine scores text: :meth:`VLLMSteerer.perplexity` (prompt
 logprobs of answers under the unsteered model, as :func:`conva.metrics.perplexity`) and
 :meth:`VLLMSteerer.score_mc` (multiple choice with each row's steering and gate, as
-:func:`conva.mc.score_mc`), so no second (Hugging Face) copy of the model is needed for them.
+:func:`conva.steering.hf.score_mc`), so no second (Hugging Face) copy of the model is needed for them.
 
 Example:
     >>> steerer = VLLMSteerer("smollm2", [bundle])                                 # doctest: +SKIP
@@ -276,7 +276,7 @@ class VLLMSteerer:
         chat_template: bool = True,
         positions: str = "all",
     ) -> list[MCRow]:
-        """:func:`conva.mc.score_mc` on this engine: the best letter under each row's spec and gate.
+        """:func:`conva.steering.hf.score_mc` on this engine: the best letter under each row's spec and gate.
 
         Example:
             >>> rows = steerer.score_mc(mc_prompts(items), [i.answer for i in items], specs)  # doctest: +SKIP
