@@ -133,24 +133,72 @@ def test_gated_off_and_unsteered_rows_are_bit_identical(tiny, tiny_bundles):
         assert same == (i in untouched), i
 
 
-def test_steered_generation_differs_from_plain(tiny, tiny_bundles):
+def _greedy_with_fixed_steps(model, tok, prompt: str, adds: dict[int, torch.Tensor], n_new: int, first: int):
+    """Greedy decoding written here: no KV cache, the whole sequence re-run each step, and ``adds[l]`` added
+    to block ``l``'s output at every position from ``first`` on (plain forward hooks, none of the library's)."""
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    eos = model.generation_config.eos_token_id
+    stops = {tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+    blocks, out = find_blocks(model), []
+
+    def add(l):
+        def hook(_m, _a, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = hidden.clone()
+            hidden[:, first:] += adds[l].to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    handles = [blocks[l].register_forward_hook(add(l)) for l in adds]
+    try:
+        with torch.no_grad():
+            for _ in range(n_new):
+                token = int(model(input_ids=ids, use_cache=False).logits[0, -1].argmax())
+                if token in stops:
+                    break
+                out.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return tuple(out), ids.shape[1] - len(out)
+
+
+@pytest.mark.parametrize("positions", ["all", "generated"])
+def test_fixed_probe_step_equals_a_greedy_decode_written_here(tiny, tiny_bundles, positions):
+    """probe_fixed adds strength·w_l/‖w_l‖ at each band layer: to every position (``all``), or to the last
+    prompt token and each new token (``generated``). Our generation equals that decode token for token, and
+    the step is large enough to change the answer (so equality is not the unsteered answer twice)."""
     model, tok = tiny
-    bundle = tiny_bundles[0]
-    strong = SteerSpec("probe_fixed", bundle, strength=50.0)
-    (a,) = generate(model, tok, PROMPTS[:1], [strong], max_new_tokens=8)
-    (b,) = generate(model, tok, PROMPTS[:1], [SteerSpec("none")], max_new_tokens=8)
-    assert a.tokens != b.tokens
+    bundle, strength = tiny_bundles[0], 50.0
+    spec = SteerSpec("probe_fixed", bundle, strength=strength)
+    adds = {}
+    for l in spec.layers():
+        w = torch.from_numpy(bundle.w[bundle.rows((l,))[0]]).double()
+        adds[l] = (strength * w / w.norm()).float()
+    (ours,) = generate(model, tok, PROMPTS[:1], [spec], max_new_tokens=8, positions=positions)
+    (plain,) = generate(model, tok, PROMPTS[:1], [SteerSpec("none")], max_new_tokens=8)
+    _, n_prompt = _greedy_with_fixed_steps(model, tok, PROMPTS[0], {}, 0, 0)
+    assert ours.n_prompt_tokens == n_prompt
+    first = 0 if positions == "all" else n_prompt - 1
+    want, _ = _greedy_with_fixed_steps(model, tok, PROMPTS[0], adds, 8, first)
+    assert ours.tokens == want and len(want) > 0
+    assert ours.tokens != plain.tokens
+    assert ours.eps == tuple([strength] * len(spec.layers()))
 
 
-def test_positions_and_per_token_modes(tiny, tiny_bundles):
+def test_positions_modes_share_the_prefill_step(tiny, tiny_bundles):
     model, tok = tiny
     spec = [SteerSpec("conva_nogate", tiny_bundles[0], p0=0.999)]
     base = generate(model, tok, PROMPTS[:1], spec, max_new_tokens=8)[0]
     gen_only = generate(model, tok, PROMPTS[:1], spec, max_new_tokens=8, positions="generated")[0]
-    per_token = generate(model, tok, PROMPTS[:1], spec, max_new_tokens=8, epsilon="per_token")[0]
-    # At the first steered layer no earlier steering exists, so the prefill ε agrees in every mode.
-    assert gen_only.eps[0] == pytest.approx(base.eps[0], rel=1e-5)
-    assert per_token.eps != () and len(per_token.tokens) > 0
+    # At the first steered layer no earlier steering exists, so the prefill ε agrees in every mode (the
+    # per-token mode's ε at every step is checked against a loop written by hand in test_epsilon_per_token).
+    assert base.eps[0] > 0 and gen_only.eps[0] == pytest.approx(base.eps[0], rel=1e-5)
     with pytest.raises(ValueError, match="reference"):
         generate(model, tok, PROMPTS[:1], spec, mode="reference", positions="generated")
 
