@@ -127,15 +127,24 @@ def test_gpu_script_cpu_smoke_and_its_table(tmp_path):
     r = json.loads((tmp_path / "gpu_cpu_smoke.json").read_text())
     rows = {row["what"]: row for row in r["rows"]}
     assert not any("skipped" in row["note"] for row in r["rows"])
-    for what in (
-        "plain forward (base model)",
-        "extraction, all layers to CPU",
-        "HF eager, plain",
-        "HF eager, steered",
-        "fast (compiled), plain",
-        "fast (compiled), steered",
-    ):
-        assert rows[what]["tokens_per_s"] > 0, what
+    tok_s = {what: row["tokens_per_s"] for what, row in rows.items()}
+    # Each ratio is the quotient of the throughputs it names, in the same run.
+    assert rows["extraction, all layers to CPU"]["ratio"] == pytest.approx(
+        tok_s["extraction, all layers to CPU"] / tok_s["plain forward (base model)"], rel=1e-9
+    )
+    assert rows["HF eager, steered"]["ratio"] == pytest.approx(
+        tok_s["HF eager, steered"] / tok_s["HF eager, plain"], rel=1e-9
+    )
+    assert rows["fast (compiled), steered"]["ratio"] == pytest.approx(
+        tok_s["fast (compiled), steered"] / tok_s["fast (compiled), plain"], rel=1e-9
+    )
+    roofline = tok_s["HF eager, plain"] / rows["HF eager, plain"]["ratio"]
+    assert rows["fast (compiled), plain"]["ratio"] == pytest.approx(
+        tok_s["fast (compiled), plain"] / roofline
+    )
+    assert rows["fast (compiled), steered / roofline"]["ratio"] == pytest.approx(
+        tok_s["fast (compiled), steered"] / roofline
+    )
     assert "rows = HF tokens: 1.00" in rows["fast (compiled), steered / roofline"]["note"]
     table = report.gpu(r)
     assert "| tiny | fast (compiled), steered | 8 |" in table and table.count("\n| tiny |") == len(r["rows"])

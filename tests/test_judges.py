@@ -32,6 +32,7 @@ from conva.judges import (
     JudgeSettings,
     LLMJudge,
     Verdict,
+    fluency_prompt,
     heldout_pairs,
     make_judge,
     parse_rating,
@@ -296,7 +297,10 @@ def test_llm_judge_against_a_real_local_server(vllm_server, tmp_path, monkeypatc
     again = judge.judge(["power"] * 2, prompts, answers)  # a rerun does not pay twice
     assert again == first and client.requests_sent == sent and client.cache_hits == 2
     ratings = judge.fluency(answers)
-    assert all(r is None or 1.0 <= r <= 5.0 for r in ratings)
+    assert client.requests_sent == sent + 2
+    # The ratings are the server's own replies to the fluency prompt, parsed (read back from the cache).
+    replies = client.complete_many([fluency_prompt(a) for a in answers], 4)
+    assert client.requests_sent == sent + 2 and ratings == [parse_rating(r) for r in replies]
     pairs = heldout_pairs(settings, "power")[1][:2]
     stats = judge.agreement(pairs)
     verdicts = judge.judge(["power"] * 4, [""] * 4, [p.positive for p in pairs] + [p.negative for p in pairs])

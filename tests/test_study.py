@@ -340,6 +340,16 @@ def test_matched_fluency_interpolates_caa_between_the_strengths_that_bracket_con
     assert row["csr_diff"] == pytest.approx(np.mean(diffs))
 
 
+def _drawn(png: Path) -> bool:
+    """A PNG that decodes, with marks on it: more than the background and one ink colour, in both halves."""
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(png)[..., :3]
+    colours = lambda part: len(np.unique(part.reshape(-1, 3), axis=0))  # noqa: E731
+    half = pixels.shape[1] // 2
+    return pixels.shape[0] > 100 and colours(pixels[:, :half]) > 2 and colours(pixels[:, half:]) > 2
+
+
 @pytest.fixture(scope="module")
 def study_run(tiny_path, tmp_path_factory, ray_session):
     """A four-cell study (ConVA, CAA, prompting, unsteered; one value) on the tiny model, as one embedded-Ray job."""
@@ -416,7 +426,16 @@ def test_four_cell_study_writes_results_and_a_report(study_run, capsys) -> None:
     # a figure whose points would all coincide (every utility ratio 1) is a sentence instead
     drawn = (out / "report" / "utility.png").exists()
     assert drawn or "no steering setting changed an answer" in page
-    assert len(pngs) == 6 + drawn and all(p.stat().st_size > 1000 for p in pngs)  # cross_value.png among them
+    assert {p.name for p in pngs} == {
+        "frontier.png",
+        "csr_vs_p0.png",
+        "probe_accuracy.png",
+        "csr_by_value.png",
+        "cross_value.png",
+        "gate.png",
+    } | ({"utility.png"} if drawn else set())  # one value: no cosines between values' vectors
+    assert set(re.findall(r"<img src=['\"]([^'\"]+\.png)['\"]", page)) == {p.name for p in pngs}
+    assert all(_drawn(p) for p in pngs)
     assert "<img" in page and "gate.apply_to" in page and "all_methods" in page
     # The judge validated on the labelled answers: a '*' row, its kappa beside every CSR.
     judges = {r["value"]: r for r in pq.read_table(out / "judges.parquet").to_pylist()}
@@ -444,9 +463,11 @@ def test_study_rerun_starts_nothing_and_report_rebuilds_from_parquet(study_run, 
     assert study.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "models").rglob("part-*.parquet")} == before
     assert study.main([*argv, "--study.p0=[0.9]"]) == 2  # a changed config is refused, naming the keys
+    before_pngs = [p.name for p in (out / "report").glob("*.png")]
     shutil.rmtree(out / "report")
     assert report_main([str(out / "results.parquet")]) == 0
-    assert all(p.stat().st_size > 1000 for p in (out / "report").glob("*.png"))
+    rebuilt = sorted((out / "report").glob("*.png"))
+    assert {p.name for p in rebuilt} == set(before_pngs) and all(_drawn(p) for p in rebuilt)
 
 
 def _shard_intervals(model_out: Path) -> list[tuple[float, float]]:
