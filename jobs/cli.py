@@ -49,6 +49,14 @@ def validate(argv: list[str] | None = None) -> int:
     from conva.jobs.preflight import plan_job
     from conva.jobs.runner import JOBS
 
+    # What validate reports as one line (exit 2): what a run would refuse, and a lease it could not take.
+    failures: tuple[type[BaseException], ...] = (
+        *EXPECTED_ERRORS,
+        LeaseError,
+        NotImplementedError,
+        ValueError,
+    )
+
     parser = job_parser(
         "conva validate",
         COMMANDS["validate"] + "; exits non-zero exactly when `conva run` would "
@@ -64,7 +72,7 @@ def validate(argv: list[str] | None = None) -> int:
             out, f"conva {flags.job}", ttl_s=cfg.output.lease_ttl_s, break_stale=flags.break_lease
         )
         lease.check()
-    except (*EXPECTED_ERRORS, LeaseError, NotImplementedError, ValueError) as err:
+    except failures as err:
         print(f"conva validate: error: {err}", file=sys.stderr)
         return 2
     lines, pending = _report(job, flags.overwrite)

@@ -276,10 +276,10 @@ def setup_logging() -> None:
     """INFO to stderr for the job's own loggers; quiet third-party chatter. On a terminal, lines print above bars."""
     root = logging.getLogger()
     if not any(getattr(h, "_conva", False) for h in root.handlers):
-        handler = (_AboveBars if sys.stderr.isatty() else logging.StreamHandler)(sys.stderr)
+        handler: logging.Handler = (_AboveBars if sys.stderr.isatty() else logging.StreamHandler)(sys.stderr)
         handler.setFormatter(logging.Formatter(_FORMAT))
         handler.addFilter(_Context())
-        handler._conva = True  # type: ignore[attr-defined]
+        setattr(handler, "_conva", True)  # marks the job's own handler, so a second call adds none
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     for noisy in ("filelock", "urllib3", "ray", "transformers"):

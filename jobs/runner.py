@@ -59,7 +59,12 @@ JOBS: dict[str, tuple[str, ...]] = {
     "steer": ("steer",),
     "run": ("extract", "fit", "steer"),
 }
-FAILURES = (*EXPECTED_ERRORS, ShardFailedError, WorkerStartError, NotImplementedError)
+FAILURES: tuple[type[BaseException], ...] = (
+    *EXPECTED_ERRORS,
+    ShardFailedError,
+    WorkerStartError,
+    NotImplementedError,
+)
 # The stages whose output rows carry an `error` column, and what one of their input rows is.
 _ROW_UNITS = {"extract": "texts", "steer": "rows"}
 

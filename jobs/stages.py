@@ -14,6 +14,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 
@@ -328,7 +329,7 @@ def _extract_tasks(spec, stages, slices, values):
 
 
 def _fit_tasks(spec, stages, slices, values):
-    acts, cache = stages["extract"], {}
+    acts, cache = stages["extract"], dict[str, Any]()
 
     def make(ref: ShardRef) -> ShardTask:
         if not cache:  # once, after the last activation shard is committed

@@ -69,7 +69,7 @@ from conva.jobs.common import (
 )
 from conva.jobs.preflight import ModelJob, generated, plan_job, stage_plans
 from conva.jobs.runner import FAILURES, committed_line, run_model
-from conva.jobs.stages import StageSpec, run_config, shard_config
+from conva.jobs.stages import GeneratedInput, StageSpec, run_config, shard_config
 from conva.judge_validation import labels_digest
 from conva.mc import mc_prompts
 from conva.models import ModelNotFoundError, check_model, model_name
@@ -87,7 +87,7 @@ class _ModelRun:
     job: ModelJob
     worker: WorkerSpec
     cells: tuple
-    entry: object
+    entry: str | dict
 
 
 def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_ModelRun]:
@@ -398,12 +398,20 @@ def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
     write_report_to(out)
 
 
+def _generated_rows(job: ModelJob, stage: str) -> int:
+    """Rows of a study stage's generated input table (a study builds every one of its inputs itself)."""
+    spec = job.spec(stage)
+    if spec is None or not isinstance(spec.input, GeneratedInput):
+        raise TypeError(f"a study's {stage!r} stage has no generated input table")
+    return spec.input.table.num_rows
+
+
 def _validate(study: StudyConfig) -> str:
     job_cfg, out = output_location(study.job)
     study = replace(study, job=job_cfg)
     models = study_jobs(study, out, overwrite=False)
-    rows = sum(m.job.spec("steer").input.table.num_rows for m in models)
-    util = sum(m.job.spec("utility").input.table.num_rows for m in models)
+    rows = sum(_generated_rows(m.job, "steer") for m in models)
+    util = sum(_generated_rows(m.job, "utility") for m in models)
     return f"ok ({len(models)} model(s), {rows} generations and {util} multiple-choice rows in all, output {out})"
 
 

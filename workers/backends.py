@@ -17,7 +17,7 @@ where vLLM is missing or of an untested version.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import pyarrow as pa
 
@@ -29,6 +29,9 @@ from conva.mc import MCRow
 from conva.metrics import perplexity
 from conva.models import load_model, model_fingerprint, model_name
 from conva.steering.spec import SteerSpec
+
+if TYPE_CHECKING:
+    from conva.steering.vllm import VLLMSteerer
 
 __all__ = [
     "Steerer",
@@ -232,14 +235,15 @@ class VLLMBackendSteerer:
         self.cfg, self.path = cfg, resolve_model(cfg.model.name)
         self.name = model_name(cfg.model.name)
         self.hidden_size = int(AutoConfig.from_pretrained(self.path).hidden_size)
-        self.fingerprint = file_fingerprint(cfg.model.name, cfg.model.dtype)
-        if self.fingerprint is None:
+        fingerprint = file_fingerprint(cfg.model.name, cfg.model.dtype)
+        if fingerprint is None:
             raise ValueError(
                 f"model.name: cannot read {cfg.model.name!r}'s fingerprint from its safetensors files, "
                 "which the vllm backend needs to check bundles; use a local safetensors folder"
             )
+        self.fingerprint: str = fingerprint
         self.tok = AutoTokenizer.from_pretrained(self.path, padding_side="left")
-        self.engine = None
+        self.engine: VLLMSteerer | None = None
 
     def _engine(self, bundles: dict[str, ValueBundle]):
         from conva.steering.vllm import EngineSettings, VLLMSteerer

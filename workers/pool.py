@@ -132,7 +132,7 @@ class WorkerPool:
         remote = ray.remote(ModelWorker).options(
             num_cpus=s.num_cpus_per_worker, num_gpus=s.num_gpus_per_worker, max_restarts=0, max_task_retries=0
         )
-        actor = remote.remote(self.spec)
+        actor: Any = remote.remote(self.spec)  # an actor handle: its methods are called with .remote()
         self.starting[actor.load.remote(self.load)] = (actor, time.time())
 
     def start(self) -> float:

@@ -37,7 +37,7 @@ from conva.bundle import encode_bundle
 from conva.fit import ModelInfo
 from conva.metrics import answer_perplexities
 from conva.workers.contract import check_rows
-from conva.workers.tasks import ShardTask, ShardWorker
+from conva.workers.tasks import ShardTask, ShardWorker, required
 
 __all__ = ["SHARD_FUNCTIONS", "MODEL_META_KEY"]
 
@@ -47,7 +47,7 @@ MODEL_META_KEY = b"conva.model"
 
 def extract(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """Activations of one slice of the extraction texts: one row group per layer, layer-major."""
-    rows = read_table_slice(task.slice)
+    rows = read_table_slice(task.input())
     model, tok = worker.hf()
     info, e = worker.model_info(), worker.cfg.extract
     out = extract_table(model, tok, rows, info["layers"], e.position, task.batch(e.batch_size))
@@ -104,8 +104,8 @@ def fit(worker: ShardWorker, task: ShardTask) -> ShardRecord:
 
 def _steering_input(worker: ShardWorker, task: ShardTask) -> pa.Table:
     if task.params.get("input") == "records":  # a user's file: bad rows become error rows
-        return steering_rows_from_records(task.slice.name, read_slice(task.slice), worker.cfg.data.values)
-    return read_table_slice(task.slice)
+        return steering_rows_from_records(task.input().name, read_slice(task.input()), worker.cfg.data.values)
+    return read_table_slice(task.input())
 
 
 def steer(worker: ShardWorker, task: ShardTask) -> ShardRecord:
@@ -123,6 +123,10 @@ def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:
 
     generations = _read_parquet(task.files[0])
     spec, cfg = worker.spec, worker.cfg
+    fluency, judging = (
+        required(spec.fluency, "the study's [fluency]"),
+        required(spec.judge, "the study's [judge]"),
+    )
     rows = generations.to_pylist()
     good = [i for i, r in enumerate(rows) if r["error"] is None and r["output"] is not None]
     values, prompts, contexts, answers = (
@@ -130,17 +134,18 @@ def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     )
     bundles = worker.bundles(task.bundles) if task.bundles else {}
     verdicts = worker.judge(bundles).judge(values, prompts, answers) if good else []
-    ppl, plain = [None] * len(good), [None] * len(good)
-    if good and spec.fluency.perplexity:
-        steerer, size = worker.steerer(), task.batch(spec.fluency.batch_size)
+    ppl: list[float | None] = [None] * len(good)
+    plain: list[float | None] = [None] * len(good)
+    if good and fluency.perplexity:
+        steerer, size = worker.steerer(), task.batch(fluency.batch_size)
 
         def score(p: list[str], a: list[str]) -> list[float]:
             return steerer.perplexity(p, a, bundles, chat_template=cfg.steer.chat_template, batch_size=size)
 
         # Under the context the answer was generated from (a prefixed prompt for prompting or the opposite
         # setting), and under the plain prompt as a second column.
-        ppl, plain = answer_perplexities(score, prompts, contexts, answers)
-    rating = _fluency(worker, answers) if good and spec.fluency.llm else [None] * len(good)
+        ppl[:], plain[:] = answer_perplexities(score, prompts, contexts, answers)
+    rating = _fluency(worker, answers) if good and fluency.llm else [None] * len(good)
     done = {i: (v, p, q, f) for i, v, p, q, f in zip(good, verdicts, ppl, plain, rating)}
     out = []
     for i, r in enumerate(rows):
@@ -148,7 +153,7 @@ def evaluate(worker: ShardWorker, task: ShardTask) -> ShardRecord:
         out.append(
             dict(
                 row_id=r["row_id"],
-                judge=spec.judge.kind,
+                judge=judging.kind,
                 judge_score=v and v.score,
                 judge_prob=v and v.prob,
                 judge_raw=v and v.raw,
@@ -173,7 +178,7 @@ def utility(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     from conva.batch.schemas import UTILITY_SCHEMA
     from conva.models import model_name
 
-    rows = read_table_slice(task.slice)
+    rows = read_table_slice(task.input())
     bundles, records, cfg = worker.bundles(task.bundles), rows.to_pylist(), worker.cfg
     specs = [row_spec(cfg, bundles.get(r["value"]) if r["value"] else None, r) for r in records]
     scored = worker.steerer().score_mc(
@@ -183,7 +188,7 @@ def utility(worker: ShardWorker, task: ShardTask) -> ShardRecord:
         bundles,
         chat_template=cfg.steer.chat_template,
         positions=cfg.steer.positions,
-        batch_size=task.batch(worker.spec.utility.batch_size),
+        batch_size=task.batch(required(worker.spec.utility, "the study's [utility]").batch_size),
     )
     name = model_name(cfg.model.name)
     out = [
@@ -212,7 +217,7 @@ def choice(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     from conva.batch.study import choice_spec
     from conva.models import model_name
 
-    rows = read_table_slice(task.slice)
+    rows = read_table_slice(task.input())
     bundles, records, cfg = worker.bundles(task.bundles), rows.to_pylist(), worker.cfg
     scored = worker.steerer().score_choice(
         [r["prompt"] for r in records],
@@ -254,22 +259,20 @@ def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     from conva.judges import heldout_pairs
     from conva.models import model_name
 
-    spec, values = worker.spec, worker.cfg.data.values
+    judging, values = required(worker.spec.judge, "the study's [judge]"), worker.cfg.data.values
     bundles = worker.bundles(task.bundles) if task.bundles else {}
     judge, out, name = worker.judge(bundles), [], model_name(worker.cfg.model.name)
-    labelled = labelled_for(spec.judge.labels)
+    labelled = labelled_for(judging.labels)
     validity = (
-        validate_per_value(judge, labelled, kind=spec.judge.kind, values=values, model=name)
-        if labelled
-        else {}
+        validate_per_value(judge, labelled, kind=judging.kind, values=values, model=name) if labelled else {}
     )
     for value in values:
-        _, test = heldout_pairs(spec.judge, value)
-        stats = judge.agreement(test, pair_prompts(spec.judge, value, test))
+        _, test = heldout_pairs(judging, value)
+        stats = judge.agreement(test, pair_prompts(judging, value, test))
         out.append(
             dict(
                 model=name,
-                judge=spec.judge.kind,
+                judge=judging.kind,
                 value=value,
                 agreement=stats["agreement"],
                 pairwise=stats["pairwise"],
@@ -278,7 +281,7 @@ def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
             )
         )
     if validity:
-        row = dict(model=name, judge=spec.judge.kind, value="*", agreement=None, pairwise=None, n_pairs=None)
+        row = dict(model=name, judge=judging.kind, value="*", agreement=None, pairwise=None, n_pairs=None)
         out.append({**row, **_validity_columns(validity["*"])})
     return write_table_shard(task.ref, pa.Table.from_pylist(out, schema=AGREEMENT_SCHEMA))
 

@@ -8,7 +8,7 @@ themselves never pass through the driver.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from conva.batch.config import Config
 from conva.batch.inputs import InputSlice
@@ -16,7 +16,12 @@ from conva.batch.storage import Location
 from conva.batch.store import ShardRef
 from conva.judges import JudgeSettings
 
-__all__ = ["WorkerSpec", "ShardTask", "STAGES"]
+if TYPE_CHECKING:
+    from conva.batch.study import FluencySection, UtilitySection
+
+T = TypeVar("T")
+
+__all__ = ["WorkerSpec", "ShardTask", "STAGES", "required"]
 
 # Every stage a model worker serves, in pipeline order.
 STAGES = ("extract", "fit", "steer", "evaluate", "utility", "choice", "agreement")
@@ -32,8 +37,8 @@ class WorkerSpec:
 
     cfg: Config
     judge: JudgeSettings | None = None
-    fluency: object | None = None  # conva.batch.study.FluencySection
-    utility: object | None = None  # conva.batch.study.UtilitySection
+    fluency: FluencySection | None = None
+    utility: UtilitySection | None = None
     judge_cache: str = ""
 
 
@@ -55,6 +60,10 @@ class ShardTask:
     bundles: dict[str, Location] = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     batch_divisor: int = 1
+
+    def input(self) -> InputSlice:
+        """The shard's input slice (a stage that reads rows); a task without one is a driver bug, named here."""
+        return required(self.slice, f"an input slice (stage {self.stage!r}, shard {self.ref.shard})")
 
     def batch(self, size: int) -> int:
         """A configured batch size, shrunk after out-of-memory retries."""
@@ -88,3 +97,11 @@ class ShardWorker(Protocol):
 
     def fluency_judge(self) -> Any:
         """The LLM rating answers' fluency."""
+
+
+def required(value: T | None, what: str) -> T:
+    """``value``, or a clear error naming ``what`` a shard needed but its worker or task does not carry (the
+    study's sections exist only on a study's workers)."""
+    if value is None:
+        raise ValueError(f"this shard needs {what}, which its worker or task does not carry")
+    return value

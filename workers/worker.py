@@ -24,6 +24,7 @@ import logging
 import os
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from conva.batch.storage import Location
 from conva.batch.store import ShardRecord
@@ -31,7 +32,11 @@ from conva.bundle import BUNDLE_FILES, ValueBundle, decode_bundle
 from conva.workers.errors import ShardError, classify
 from conva.workers.hooks import load_hook
 from conva.workers.shards import SHARD_FUNCTIONS
-from conva.workers.tasks import ShardTask, WorkerSpec
+from conva.workers.tasks import ShardTask, WorkerSpec, required
+
+if TYPE_CHECKING:
+    from conva.judges import Chat, Judge, LLMJudge
+    from conva.workers.backends import Steerer
 
 __all__ = ["ModelWorker", "mark_running", "running_attempt", "set_threads"]
 
@@ -54,11 +59,11 @@ class ModelWorker:
         self.hook = load_hook()
         self.loads = 0
         self._hf: tuple | None = None
-        self._steerer = None
+        self._steerer: Steerer | None = None
         self._bundles: dict[tuple[str, str], ValueBundle] = {}
-        self._judge = None
-        self._judge_llm = None
-        self._local_chat = None
+        self._judge: Judge | None = None
+        self._judge_llm: LLMJudge | None = None
+        self._local_chat: Chat | None = None
         self.identity = _identity()
 
     # --- what the pool asks -----------------------------------------------------------------------------
@@ -108,7 +113,9 @@ class ModelWorker:
     def hf(self):
         """The Hugging Face model and tokenizer, loaded on first use."""
         if self._hf is None:
-            if self._steerer is not None and hasattr(self._steerer, "model"):
+            from conva.workers.backends import HFSteerer
+
+            if isinstance(self._steerer, HFSteerer):
                 self._hf = (self._steerer.model, self._steerer.tok)
             else:
                 self._hf = self._load_hf()
@@ -201,10 +208,11 @@ class ModelWorker:
             from conva.judges import make_judge
 
             # Only the probe judge reads the model itself (with the vLLM backend: an HF copy, loaded then).
-            kind = self.spec.judge.kind
+            settings = required(self.spec.judge, "the study's [judge]")
+            kind = settings.kind
             model, tok = self.hf() if kind == "probe" else (None, None)
             self._judge = make_judge(
-                self.spec.judge,
+                settings,
                 values=self.cfg.data.values,
                 model=model,
                 tok=tok,
@@ -218,7 +226,8 @@ class ModelWorker:
         from conva.judges import LLMJudge
 
         if not isinstance(self._judge, LLMJudge):
-            self._judge_llm = self._judge_llm or LLMJudge(self.spec.judge, self._chat())
+            settings = required(self.spec.judge, "the study's [judge]")
+            self._judge_llm = self._judge_llm or LLMJudge(settings, self._chat())
             return self._judge_llm
         return self._judge
 
@@ -226,19 +235,20 @@ class ModelWorker:
         """The LLM judge's chat function: the HTTP client, or (``judge.backend = "local"``) the judge model
         loaded on this worker once, on the study model's device and dtype (the study model itself when the
         judge names the same model: its steering hooks exist only inside their ``with`` blocks)."""
-        if self.spec.judge.backend != "local":
+        settings = required(self.spec.judge, "the study's [judge]")
+        if settings.backend != "local":
             from conva.batch.llm_client import judge_chat
 
-            return judge_chat(self.spec.judge, self.spec.judge_cache)
+            return judge_chat(settings, self.spec.judge_cache)
         if self._local_chat is None:
             from conva.local_chat import load_local_chat, local_chat
             from conva.models import resolve_model
 
             m = self.cfg.model
-            if resolve_model(self.spec.judge.model) == resolve_model(m.name):
+            if resolve_model(settings.model) == resolve_model(m.name):
                 self._local_chat = local_chat(*self.hf())
             else:
-                self._local_chat = load_local_chat(self.spec.judge.model, dtype=m.dtype, device=m.device)
+                self._local_chat = load_local_chat(settings.model, dtype=m.dtype, device=m.device)
                 self.loads += 1
         return self._local_chat
 
