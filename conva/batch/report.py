@@ -29,20 +29,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conva.batch import plots
 from conva.batch.choice_report import forced_choice_html, forced_choice_text
 from conva.batch.summary import OUTPUT_FILES as _STUDY_FILES
 from conva.judge_validation import KAPPA_VALID, kappa_note
 
 __all__ = ["write_report", "format_summary", "study_choices", "main"]
 
-_COLORS = {
-    "conva": "tab:red",
-    "conva_nogate": "tab:orange",
-    "caa": "tab:blue",
-    "prompt": "tab:green",
-    "none": "tab:gray",
-}
-_STYLES = ("-", "--", ":", "-.")  # settings of one method (CAA strengths) told apart by line style
 _SUMMARY_COLS = [
     "model",
     "setting",
@@ -269,222 +262,6 @@ def format_summary(path: str | Path) -> str:
     return "\n".join(out + ([conv] if conv else []))
 
 
-def _plt():
-    import logging
-
-    import matplotlib
-
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # font-cache chatter on first use
-    matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    _plt().close(fig)
-    return path.name
-
-
-def _panels(rows: list[dict]) -> list[tuple[str, str]]:
-    return sorted({(r["model"], r["setting"]) for r in rows})
-
-
-def _axes(n: int, width: float = 6):
-    plt = _plt()
-    fig, axes = plt.subplots(1, max(1, n), figsize=(width * max(1, n), 4.2), squeeze=False)
-    return fig, axes[0]
-
-
-def _say(ax, sentence: str) -> None:
-    """A panel whose points would all coincide says so in words instead of drawing one dot."""
-    ax.set_axis_off()
-    ax.text(0.5, 0.5, sentence, ha="center", va="center", wrap=True, fontsize=10, transform=ax.transAxes)
-
-
-def _label(r: dict) -> str:
-    return (
-        r["method"]
-        + (f" {r['p0']:g}" if r["p0"] is not None else "")
-        + (f" s={r['strength']:g}" if r["strength"] else "")
-        + (f" {r['band']}" if r["band"] not in ("-", "auto") else "")
-    )
-
-
-def _frontier_plot(pooled: list[dict], path: Path) -> str:
-    """Per (model, setting): each method's sweep in the (perplexity ratio, CSR) plane, both intervals drawn."""
-    panels = _panels(pooled)
-    fig, axes = _axes(len(panels))
-    for ax, (model, setting) in zip(axes, panels):
-        rows = [
-            r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["ppl_ratio"] is not None
-        ]
-        series: dict[tuple, list[dict]] = defaultdict(list)
-        for r in rows:
-            series[(r["method"], r["band"])].append(r)
-        if len({(round(r["ppl_ratio"], 6), round(r["csr"], 6)) for r in rows}) == 1:
-            _say(
-                ax,
-                f"{model}, {setting}: every cell at perplexity ratio {rows[0]['ppl_ratio']:.2f} and CSR "
-                f"{rows[0]['csr']:.2f}: no method changed an answer here",
-            )
-            continue
-        for (method, band), pts in sorted(series.items()):
-            pts.sort(key=lambda r: r["ppl_ratio"])
-            x, y = [r["ppl_ratio"] for r in pts], [r["csr"] for r in pts]
-            xerr = [
-                [r["ppl_ratio"] - r["ppl_ratio_lo"] for r in pts],
-                [r["ppl_ratio_hi"] - r["ppl_ratio"] for r in pts],
-            ]
-            yerr = [[r["csr"] - r["csr_lo"] for r in pts], [r["csr_hi"] - r["csr"] for r in pts]]
-            ax.errorbar(
-                x,
-                y,
-                xerr=xerr,
-                yerr=yerr,
-                marker="o",
-                capsize=3,
-                color=_COLORS.get(method, "black"),
-                label=method + (f" ({band})" if band not in ("-", "auto") else ""),
-            )
-            for r in pts:
-                ax.annotate(
-                    _label(r).split(" ", 1)[1] if " " in _label(r) else "",
-                    (r["ppl_ratio"], r["csr"]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-        ax.axvline(1.0, color="lightgray", lw=1)
-        xs = [r["ppl_ratio_hi"] for r in rows] + [r["ppl_ratio_lo"] for r in rows]
-        if xs and max(xs) / max(min(xs), 1e-9) > 10:
-            ax.set_xscale("log")  # one collapsed point (e.g. CAA at a large strength) would squash the rest
-        ax.set(
-            title=f"{model}, {setting}: control vs fluency",
-            xlabel="perplexity ratio (given the answer's context)",
-            ylabel="CSR (all prompts)",
-            ylim=(-0.02, 1.02),
-        )
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _shade(color: str, k: int) -> tuple[float, float, float]:
-    """``color`` darkened by 35 % ``k`` times (a sweep longer than the line styles cycles through shades)."""
-    from matplotlib.colors import to_rgb
-
-    r, g, b = to_rgb(color)
-    f = 0.65**k
-    return (r * f, g * f, b * f)
-
-
-def _p0_plot(pooled: list[dict], path: Path) -> str:
-    panels = _panels(pooled)
-    fig, axes = _axes(len(panels))
-    for ax, (model, setting) in zip(axes, panels):
-        rows = [r for r in pooled if (r["model"], r["setting"]) == (model, setting) and r["csr"] is not None]
-        seen: dict[str, int] = defaultdict(int)  # keys drawn per method: each gets its own line style
-        for key in sorted({(r["method"], r["band"], r["strength"] or 0) for r in rows}):
-            n = seen[key[0]]
-            style = _STYLES[n % len(_STYLES)]
-            seen[key[0]] += 1
-            pts = sorted(
-                (r for r in rows if (r["method"], r["band"], r["strength"] or 0) == key),
-                key=lambda r: r["p0"] or 0,
-            )
-            # A sweep's later members darken too, so no two of them share both colour and line style.
-            color = _shade(_COLORS.get(key[0], "tab:gray"), n // len(_STYLES))
-            label = (
-                key[0]
-                + (f" ({key[1]})" if key[1] not in ("-", "auto") else "")
-                + (f" s={key[2]:g}" if key[2] else "")
-            )
-            if pts[0]["p0"] is None:  # no P0: a flat band across the whole axis
-                ax.axhspan(pts[0]["csr_lo"], pts[0]["csr_hi"], color=color, alpha=0.08)
-                ax.axhline(pts[0]["csr"], color=color, linestyle=style, label=label)
-            else:
-                x = list(range(len(pts)))
-                ax.errorbar(
-                    x,
-                    [r["csr"] for r in pts],
-                    yerr=[[r["csr"] - r["csr_lo"] for r in pts], [r["csr_hi"] - r["csr"] for r in pts]],
-                    marker="o",
-                    capsize=3,
-                    color=color,
-                    linestyle=style,
-                    label=label,
-                )
-                ax.set_xticks(x, [f"{r['p0']:g}" for r in pts])
-        ax.set(
-            title=f"{model}, {setting}: CSR vs P0",
-            xlabel="P0",
-            ylabel="CSR (all prompts)",
-            ylim=(-0.02, 1.02),
-        )
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _utility_plot(pooled: list[dict], path: Path) -> str:
-    ratios = {
-        round(r["utility_ratio"], 6)
-        for r in pooled
-        if r["csr"] is not None and r["utility_ratio"] is not None
-    }
-    if len(ratios) <= 1:  # a plot whose points share one x says only this
-        return (
-            f"Every cell's multiple-choice accuracy equals the unsteered model's (utility ratio {ratios.pop():g}): "
-            "no steering setting changed an answer."
-            if ratios
-            else "No utility figures (no multiple-choice questions were scored)."
-        )
-    fig, axes = _axes(1, 7)
-    ax = axes[0]
-    for r in pooled:
-        if r["csr"] is None or r["utility_ratio"] is None:
-            continue
-        ax.scatter(r["utility_ratio"], r["csr"], color=_COLORS.get(r["method"], "black"), s=40)
-        ax.annotate(
-            f"{r['model'][:12]} {_label(r)} {r['setting']}",
-            (r["utility_ratio"], r["csr"]),
-            fontsize=6,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    ax.axvline(1.0, color="lightgray", lw=1)
-    ax.set(
-        title="control vs utility",
-        xlabel="multiple-choice accuracy / unsteered",
-        ylabel="CSR",
-        ylim=(-0.02, 1.02),
-    )
-    return _save(fig, path)
-
-
-def _probe_plot(probes: list[dict], path: Path) -> str:
-    models = sorted({r["model"] for r in probes})
-    fig, axes = _axes(len(models))
-    for ax, model in zip(axes, models):
-        for value in sorted({r["value"] for r in probes if r["model"] == model}):
-            pts = sorted(
-                (r for r in probes if r["model"] == model and r["value"] == value), key=lambda r: r["layer"]
-            )
-            (line,) = ax.plot(
-                [r["layer"] for r in pts], [r["test_acc"] for r in pts], marker=".", label=value
-            )
-            ax.plot([r["layer"] for r in pts], [r["val_acc"] for r in pts], ls=":", color=line.get_color())
-        ax.set(
-            title=f"{model}: probe accuracy (test solid, validation dotted)",
-            xlabel="layer",
-            ylabel="accuracy",
-            ylim=(0.3, 1.02),
-        )
-        ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
-
-
 def _gate_rows(probes: list[dict], summary: list[dict]) -> list[dict]:
     """Per (model, value) probe gate: its held-out figures and its open rates on the study's prompts and MC."""
     gates = {(r["model"], r["value"]): r for r in probes if r["gate_kind"] == "probe"}
@@ -514,72 +291,6 @@ def _gate_rows(probes: list[dict], summary: list[dict]) -> list[dict]:
     return out
 
 
-def _gate_plot(gates: list[dict], path: Path) -> str:
-    fig, axes = _axes(1, max(6, 1.5 * len(gates)))
-    ax, keys = axes[0], [f"{g['model']}\n{g['value']}" for g in gates]
-    series = [
-        ("test precision", "test_precision"),
-        ("test recall", "test_recall"),
-        ("open: held-out neutral", "open_heldout_neutral"),
-        ("open: held-out other values", "open_heldout_other_values"),
-        ("open: own test prompts", "open_own_test_prompts"),
-        ("open: MC questions", "open_mc"),
-    ]
-    width = 0.8 / len(series)
-    for j, (name, key) in enumerate(series):
-        ax.bar([i + j * width for i in range(len(gates))], [g[key] or 0 for g in gates], width, label=name)
-    ax.axhline(0.1, color="black", lw=0.8, ls=":")  # the open-rate target on text the gate should leave alone
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(gates))], keys, fontsize=7)
-    ax.set(title="probe gates: held-out precision / recall, open rates", ylim=(0, 1.3))
-    ax.legend(fontsize=7, ncol=3, loc="upper center")
-    return _save(fig, path)
-
-
-def _value_plot(summary: list[dict], path: Path) -> str:
-    """CSR per value, one panel per model, each cell's bar with its bootstrap interval (plain prompts)."""
-    rows = [r for r in summary if r["setting"] == "plain"] or summary
-    models = sorted({r["model"] for r in rows})
-    values = sorted({r["value"] for r in rows})
-    keys = sorted({(r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) for r in rows})
-    fig, axes = _axes(len(models), max(6, 1.1 * len(values)))
-    width = 0.8 / max(1, len(keys))
-    for ax, model in zip(axes, models):
-        for j, key in enumerate(keys):
-            cells = {
-                r["value"]: r
-                for r in rows
-                if r["model"] == model and (r["method"], r["p0"] or 0, r["band"], r["strength"] or 0) == key
-            }
-            ys = [
-                cells[v]["csr"] if v in cells and cells[v]["csr"] is not None else float("nan")
-                for v in values
-            ]
-            lo = [
-                y - cells[v]["csr_lo"] if v in cells and cells[v]["csr_lo"] is not None else 0
-                for v, y in zip(values, ys)
-            ]
-            hi = [
-                cells[v]["csr_hi"] - y if v in cells and cells[v]["csr_hi"] is not None else 0
-                for v, y in zip(values, ys)
-            ]
-            ax.bar(
-                [i + j * width for i in range(len(values))],
-                ys,
-                width,
-                yerr=[lo, hi],
-                capsize=2,
-                color=_COLORS.get(key[0]),
-                alpha=0.45 + 0.55 * (j % 2),
-                label=" ".join(
-                    f"{k:g}" if isinstance(k, float) else str(k) for k in key if k not in (0, "-", "auto")
-                ),
-            )
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(values))], values, rotation=45, ha="right")
-        ax.set(title=f"{model}: CSR per value (plain prompts, 95% CI)", ylabel="CSR", ylim=(0, 1.05))
-        ax.legend(fontsize=6)
-    return _save(fig, path)
-
-
 def example_rows(results: list[dict], per_cell: int = 2) -> list[dict]:
     """A few generations per steered cell, each beside the unsteered (``none``) answer to the same prompt."""
 
@@ -590,7 +301,7 @@ def example_rows(results: list[dict], per_cell: int = 2) -> list[dict]:
     cells: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
         if r["method"] != "none" and r["error"] is None and r["output"] is not None:
-            cells[(r["model"], r["setting"], _label(r))].append(r)
+            cells[(r["model"], r["setting"], plots.label(r))].append(r)
     out = []
     for (model, setting, label), rows in sorted(cells.items()):
         rows.sort(key=lambda r: (r["gate_open"] is not True, r["row_id"]))
@@ -627,6 +338,25 @@ def _html_table(rows: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+def _figures(
+    pooled: list[dict], summary: list[dict], probes: list[dict], gates: list[dict], out: Path
+) -> list:
+    """(title, PNG name or a sentence) for each of the report's figures, drawn into ``out``."""
+    images = [
+        (
+            "Control against fluency: each method's frontier",
+            plots.frontier_plot(pooled, out / "frontier.png"),
+        ),
+        ("CSR against P0", plots.p0_plot(pooled, out / "csr_vs_p0.png")),
+        ("Control against utility", plots.utility_plot(pooled, out / "utility.png")),
+        ("Probe accuracy by layer", plots.probe_plot(probes, out / "probe_accuracy.png")),
+        ("CSR per value", plots.value_plot(summary, out / "csr_by_value.png")),
+    ]
+    if gates:
+        images.append(("Gates", plots.gate_plot(gates, out / "gate.png")))
+    return images
+
+
 def write_report(path: str | Path) -> Path:
     """Write ``<study>/report/index.html`` and its PNGs from the study's Parquet files; returns the page's path.
 
@@ -638,15 +368,7 @@ def write_report(path: str | Path) -> Path:
     out = folder / "report"
     out.mkdir(exist_ok=True)
     gates = _gate_rows(probes, summary)
-    images = [
-        ("Control against fluency: each method's frontier", _frontier_plot(pooled, out / "frontier.png")),
-        ("CSR against P0", _p0_plot(pooled, out / "csr_vs_p0.png")),
-        ("Control against utility", _utility_plot(pooled, out / "utility.png")),
-        ("Probe accuracy by layer", _probe_plot(probes, out / "probe_accuracy.png")),
-        ("CSR per value", _value_plot(summary, out / "csr_by_value.png")),
-    ]
-    if gates:
-        images.append(("Gates", _gate_plot(gates, out / "gate.png")))
+    images = _figures(pooled, summary, probes, gates, out)
     choices = [dict(setting=k, value=v) for k, v in study_choices(folder)]
     conv = _convergence(_read(folder, "probes"))
     parts = [

@@ -126,6 +126,55 @@ def _utility_id(row: dict, value: str) -> str:
     ).id
 
 
+def _cell_row(
+    cid: str,
+    rs: list[dict],
+    base: dict,
+    utility: tuple[dict, dict],
+    agreement: dict[tuple[str, str], float] | None,
+    validity: dict[str, dict] | None,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """One summary row: cell ``cid``'s rows ``rs`` against the unsteered answers ``base``."""
+    mc, acc_none = utility
+    c, ok = rs[0], [r for r in rs if r["error"] is None]
+    scores = [r["judge_score"] for r in ok]
+    lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
+    ratio, plain = (_log_ratios(ok, base, k) for k in ("ppl", "ppl_plain"))
+    mrows = mc.get(_utility_id(c, c["value"]), [])
+    acc = float(np.mean([r["correct"] for r in mrows])) if mrows else None
+    none = acc_none.get(c["model"])
+    return dict(
+        cell_id=cid,
+        model=c["model"],
+        value=c["value"],
+        method=c["method"],
+        p0=c["p0"],
+        band=c["band"],
+        setting=c["setting"],
+        strength=c["strength"],
+        n=len(rs),
+        n_error=len(rs) - len(ok),
+        csr=csr(scores),
+        csr_lo=lo,
+        csr_hi=hi,
+        gate_open_rate=_gate_rate(ok),
+        eps_mean=_mean([r["eps_mean"] for r in ok]),
+        ppl=_geomean([r["ppl"] for r in ok]),
+        ppl_ratio=math.exp(np.mean(ratio)) if ratio else None,
+        ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None,
+        fluency=_mean([r["fluency"] for r in ok]),
+        mc_acc=acc,
+        mc_acc_none=none,
+        utility_ratio=acc / none if acc is not None and none else None,
+        mc_gate_open_rate=_gate_rate(mrows),
+        judge=c["judge"],
+        judge_agreement=(agreement or {}).get((c["model"], c["value"])),
+        **_judge_validity(validity, c["model"]),
+    )
+
+
 def summarize(
     results: pa.Table,
     utility: pa.Table | None = None,
@@ -149,45 +198,10 @@ def summarize(
         cells[r["cell_id"]].append(r)
     base = {_prompt_key(r): r for r in rows if r["method"] == "none"}
     mc, acc_none = _utility(utility)
-    out = []
-    for cid, rs in cells.items():
-        c, ok = rs[0], [r for r in rs if r["error"] is None]
-        scores = [r["judge_score"] for r in ok]
-        lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
-        ratio, plain = (_log_ratios(ok, base, k) for k in ("ppl", "ppl_plain"))
-        mrows = mc.get(_utility_id(c, c["value"]), [])
-        acc = float(np.mean([r["correct"] for r in mrows])) if mrows else None
-        none = acc_none.get(c["model"])
-        out.append(
-            dict(
-                cell_id=cid,
-                model=c["model"],
-                value=c["value"],
-                method=c["method"],
-                p0=c["p0"],
-                band=c["band"],
-                setting=c["setting"],
-                strength=c["strength"],
-                n=len(rs),
-                n_error=len(rs) - len(ok),
-                csr=csr(scores),
-                csr_lo=lo,
-                csr_hi=hi,
-                gate_open_rate=_gate_rate(ok),
-                eps_mean=_mean([r["eps_mean"] for r in ok]),
-                ppl=_geomean([r["ppl"] for r in ok]),
-                ppl_ratio=math.exp(np.mean(ratio)) if ratio else None,
-                ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None,
-                fluency=_mean([r["fluency"] for r in ok]),
-                mc_acc=acc,
-                mc_acc_none=none,
-                utility_ratio=acc / none if acc is not None and none else None,
-                mc_gate_open_rate=_gate_rate(mrows),
-                judge=c["judge"],
-                judge_agreement=(agreement or {}).get((c["model"], c["value"])),
-                **_judge_validity(validity, c["model"]),
-            )
-        )
+    out = [
+        _cell_row(cid, rs, base, (mc, acc_none), agreement, validity, n_boot, seed)
+        for cid, rs in cells.items()
+    ]
     return pa.Table.from_pylist(out, schema=SUMMARY_SCHEMA)
 
 
@@ -200,6 +214,60 @@ def _judge_validity(validity: dict[str, dict] | None, model: str) -> dict:
 def pool_key(row: dict) -> tuple:
     """The pooled row a result or summary row belongs to: (model, method, P0, band, strength, setting)."""
     return row["model"], row["method"], row["p0"], row["band"], row["strength"], row["setting"]
+
+
+def _pooled_row(
+    key: tuple,
+    rs: list[dict],
+    base: dict,
+    utility: tuple[dict, dict],
+    agreement: dict[tuple[str, str], float] | None,
+    validity: dict[str, dict] | None,
+    n_boot: int,
+    seed: int,
+) -> dict:
+    """One pooled row: the rows ``rs`` of one (model, method, P0, band, strength, setting) over every value."""
+    mc, acc_none = utility
+    model, method, p0, band, strength, setting = key
+    ok = [r for r in rs if r["error"] is None]
+    scores = [r["judge_score"] for r in ok]
+    lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
+    logs = _log_ratios(ok, base, "ppl")
+    llo, lhi = bootstrap_ci(logs, n_boot=n_boot, seed=seed)
+    plain = _log_ratios(ok, base, "ppl_plain")
+    diffs = _paired_diffs(ok, base)
+    dlo, dhi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
+    values = sorted({r["value"] for r in rs})
+    cells = dict.fromkeys(_utility_id(rs[0], v) for v in values)  # one unsteered cell serves every value
+    mrows = [m for cell in cells for m in mc.get(cell, [])]
+    acc, none = (float(np.mean([m["correct"] for m in mrows])) if mrows else None), acc_none.get(model)
+    return dict(
+        model=model,
+        method=method,
+        p0=p0,
+        band=band,
+        strength=strength,
+        setting=setting,
+        values=len(values),
+        n=len(rs),
+        n_error=len(rs) - len(ok),
+        csr=csr(scores),
+        csr_lo=lo,
+        csr_hi=hi,
+        csr_diff=float(np.mean(diffs)) if diffs and method != "none" else None,
+        csr_diff_lo=dlo if diffs and method != "none" else None,
+        csr_diff_hi=dhi if diffs and method != "none" else None,
+        ppl_ratio=math.exp(np.mean(logs)) if logs else None,
+        ppl_ratio_lo=math.exp(llo) if logs else None,
+        ppl_ratio_hi=math.exp(lhi) if logs else None,
+        ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None,
+        utility_ratio=acc / none if acc is not None and none else None,
+        gate_open_rate=_gate_rate(ok),
+        mc_gate_open_rate=_gate_rate(mrows),
+        eps_mean=_mean([r["eps_mean"] for r in ok]),
+        judge_agreement=_mean([(agreement or {}).get((model, v)) for v in values]),
+        **_judge_validity(validity, model),
+    )
 
 
 def pool(
@@ -224,50 +292,10 @@ def pool(
         groups[pool_key(r)].append(r)
     base = {_prompt_key(r): r for r in rows if r["method"] == "none"}
     mc, acc_none = _utility(utility)
-    out = []
-    for key, rs in groups.items():
-        model, method, p0, band, strength, setting = key
-        ok = [r for r in rs if r["error"] is None]
-        scores = [r["judge_score"] for r in ok]
-        lo, hi = bootstrap_ci(scores, n_boot=n_boot, seed=seed)
-        logs = _log_ratios(ok, base, "ppl")
-        llo, lhi = bootstrap_ci(logs, n_boot=n_boot, seed=seed)
-        plain = _log_ratios(ok, base, "ppl_plain")
-        diffs = _paired_diffs(ok, base)
-        dlo, dhi = bootstrap_ci(diffs, n_boot=n_boot, seed=seed)
-        values = sorted({r["value"] for r in rs})
-        cells = dict.fromkeys(_utility_id(rs[0], v) for v in values)  # one unsteered cell serves every value
-        mrows = [m for cell in cells for m in mc.get(cell, [])]
-        acc, none = (float(np.mean([m["correct"] for m in mrows])) if mrows else None), acc_none.get(model)
-        out.append(
-            dict(
-                model=model,
-                method=method,
-                p0=p0,
-                band=band,
-                strength=strength,
-                setting=setting,
-                values=len(values),
-                n=len(rs),
-                n_error=len(rs) - len(ok),
-                csr=csr(scores),
-                csr_lo=lo,
-                csr_hi=hi,
-                csr_diff=float(np.mean(diffs)) if diffs and method != "none" else None,
-                csr_diff_lo=dlo if diffs and method != "none" else None,
-                csr_diff_hi=dhi if diffs and method != "none" else None,
-                ppl_ratio=math.exp(np.mean(logs)) if logs else None,
-                ppl_ratio_lo=math.exp(llo) if logs else None,
-                ppl_ratio_hi=math.exp(lhi) if logs else None,
-                ppl_plain_ratio=math.exp(np.mean(plain)) if plain else None,
-                utility_ratio=acc / none if acc is not None and none else None,
-                gate_open_rate=_gate_rate(ok),
-                mc_gate_open_rate=_gate_rate(mrows),
-                eps_mean=_mean([r["eps_mean"] for r in ok]),
-                judge_agreement=_mean([(agreement or {}).get((model, v)) for v in values]),
-                **_judge_validity(validity, model),
-            )
-        )
+    out = [
+        _pooled_row(key, rs, base, (mc, acc_none), agreement, validity, n_boot, seed)
+        for key, rs in groups.items()
+    ]
     order = ("conva", "conva_nogate", "caa", "prompt", "none")
     out.sort(
         key=lambda r: (
