@@ -207,6 +207,24 @@ def load_bundle(
     return decode_bundle(files, str(path), fingerprint=fingerprint, hidden_size=hidden_size)
 
 
+def _decode_gate(g: dict, weights: np.ndarray | None) -> Gate:
+    """The gate stored in a bundle's ``meta.json`` (``weights``: its probe's ``gate_w`` tensor, if any)."""
+    return Gate(
+        g["kind"],
+        g["threshold"],
+        g["layer"],
+        weights,
+        g["b"],
+        g["model"],
+        tuple(g["labels"]),
+        g["target"],
+        g["target_value"],
+        g["heldout"],
+        g.get("calibration", {}),
+        g.get("target_met"),
+    )
+
+
 def decode_bundle(
     files: dict[str, bytes], where: str, *, fingerprint: str | None = None, hidden_size: int | None = None
 ) -> ValueBundle:
@@ -214,11 +232,7 @@ def decode_bundle(
     try:
         meta = json.loads(files["meta.json"])
         tensors = load_safetensors(files["vectors.safetensors"])
-    except (
-        KeyError,
-        ValueError,
-        SafetensorError,
-    ) as exc:  # a torn or foreign file (e.g. a pickle) is refused
+    except (KeyError, ValueError, SafetensorError) as exc:  # a torn or foreign file (a pickle) is refused
         raise BundleError(f"{where}: not a readable bundle ({type(exc).__name__}: {exc})") from exc
     path = where
     if meta.get("format_version") != FORMAT_VERSION:
@@ -233,21 +247,7 @@ def decode_bundle(
             f"{path}: made for model {meta['model_name']!r} (fingerprint {meta['fingerprint']}), "
             f"not for the loaded model (fingerprint {fingerprint})"
         )
-    g = meta["gate"]
-    gate = Gate(
-        g["kind"],
-        g["threshold"],
-        g["layer"],
-        tensors.get("gate_w"),
-        g["b"],
-        g["model"],
-        tuple(g["labels"]),
-        g["target"],
-        g["target_value"],
-        g["heldout"],
-        g.get("calibration", {}),
-        g.get("target_met"),
-    )
+    gate = _decode_gate(meta["gate"], tensors.get("gate_w"))
     bundle = ValueBundle(
         value=check_value(meta["value"]),
         model_name=meta["model_name"],

@@ -27,7 +27,7 @@ from conva.gates import (
     fit_probe_gate,
     gate_labels,
 )
-from conva.probes import ProbeSettings, choose_band, fit_probes, parse_band
+from conva.probes import ProbeFit, ProbeSettings, choose_band, fit_probes, parse_band
 
 __all__ = ["GateSettings", "GATE_FIT_KEYS", "FitSettings", "ModelInfo", "LayerData", "fit_value"]
 
@@ -192,16 +192,7 @@ def fit_value(
     """
     caa = _CAA(pairs)
     fit = fit_probes(caa.matrix, pairs.labels, pairs.groups, pairs.layers, settings.probe)
-    not_converged = [int(l) for l, ok in zip(fit.layers, fit.converged) if not ok]
-    if not_converged:
-        _log.warning(
-            "fit %s: %d of %d layer probes did not converge in %d iterations (layers %s)",
-            value,
-            len(not_converged),
-            len(fit.layers),
-            settings.probe.max_iter,
-            not_converged,
-        )
+    not_converged = _not_converged(value, fit, settings.probe.max_iter)
     band = parse_band(settings.band, model.n_blocks)
     if band is None:
         band = choose_band(fit, settings.band_width or max(1, model.n_blocks // 2))
@@ -234,6 +225,21 @@ def fit_value(
             "not_converged": not_converged,
         },
     ).with_band(band)
+
+
+def _not_converged(value: str, fit: ProbeFit, max_iter: int) -> list[int]:
+    """The layers whose probe did not converge, logged as a warning when there are any."""
+    layers = [int(l) for l, ok in zip(fit.layers, fit.converged) if not ok]
+    if layers:
+        _log.warning(
+            "fit %s: %d of %d layer probes did not converge in %d iterations (layers %s)",
+            value,
+            len(layers),
+            len(fit.layers),
+            max_iter,
+            layers,
+        )
+    return layers
 
 
 def _fit_gate(

@@ -296,12 +296,7 @@ def fit_probe_gate(
             raise ValueError(
                 f"gate {name}: its {part} split needs rows of both classes (got {len(rows)} rows)"
             )
-    fits, converged = {}, []
-    for layer in layers:
-        x = np.asarray(layer_matrix(layer), dtype=np.float32)
-        fit = fit_layer(x, labels, train, settings)
-        fits[int(layer)] = (fit, fit.scores(x[split.calibrate]))
-        converged.append(fit.converged)
+    fits, converged = _fit_layers(layer_matrix, labels, train, split.calibrate, layers, settings)
     in_cal = use[split.calibrate]
     chosen = {l: (f, s[in_cal]) for l, (f, s) in fits.items()}
     layer, c = _choose(chosen, labels[cal], target, target_value)
@@ -326,6 +321,24 @@ def fit_probe_gate(
         calibration=calibration,
         target_met=c.met,
     )
+
+
+def _fit_layers(
+    layer_matrix: Callable[[int], np.ndarray],
+    labels: np.ndarray,
+    train: np.ndarray,
+    calibrate: np.ndarray,
+    layers: Sequence[int],
+    settings: ProbeSettings,
+) -> tuple[dict[int, tuple[LayerFit, np.ndarray]], list[bool]]:
+    """A probe per candidate layer fitted on ``train``, with its scores on ``calibrate``; whether each converged."""
+    fits, converged = {}, []
+    for layer in layers:
+        x = np.asarray(layer_matrix(layer), dtype=np.float32)
+        fit = fit_layer(x, labels, train, settings)
+        fits[int(layer)] = (fit, fit.scores(x[calibrate]))
+        converged.append(fit.converged)
+    return fits, converged
 
 
 def _warn_missed(name: str, target: str, value: float, met: bool, heldout: dict[str, float]) -> None:

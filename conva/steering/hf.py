@@ -208,13 +208,27 @@ def generate(
     results: list[RowResult] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p, chunk_s = prompts[start : start + batch_size], specs[start : start + batch_size]
-        contexts, enc, plan = prepare(model, tok, chunk_p, chunk_s, chat_template)
-        steering = Steering(plan, positions, epsilon)
-        texts, tokens = _generate_batch(model, tok, enc, steering, max_new_tokens)
-        results += row_results(
-            steering, chunk_s, texts, tokens, enc["attention_mask"].sum(1).tolist(), contexts
+        results += _generate_chunk(
+            model, tok, chunk_p, chunk_s, chat_template, positions, epsilon, max_new_tokens
         )
     return results
+
+
+def _generate_chunk(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    specs: Sequence[SteerSpec],
+    chat_template: bool,
+    positions: str,
+    epsilon: str,
+    max_new_tokens: int,
+) -> list[RowResult]:
+    """One batch of the batched mode: every ε found in the prefill, then HF ``generate`` with them."""
+    contexts, enc, plan = prepare(model, tok, prompts, specs, chat_template)
+    steering = Steering(plan, positions, epsilon)
+    texts, tokens = _generate_batch(model, tok, enc, steering, max_new_tokens)
+    return row_results(steering, specs, texts, tokens, enc["attention_mask"].sum(1).tolist(), contexts)
 
 
 def score_mc(
