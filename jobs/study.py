@@ -30,7 +30,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -187,7 +187,7 @@ def run_study(
     once the new ones are complete.
     """
     job_cfg, out = output_location(study.job)
-    study = replace(study, job=job_cfg)
+    study = study.model_copy(update={"job": job_cfg})
     models = study_jobs(study, out, overwrite) if models is None else models
     start = time.monotonic()
     with (
@@ -400,7 +400,7 @@ def _build_outputs(study: StudyConfig, out_uri: str, parts: list[dict]) -> None:
 
 def _validate(study: StudyConfig) -> str:
     job_cfg, out = output_location(study.job)
-    study = replace(study, job=job_cfg)
+    study = study.model_copy(update={"job": job_cfg})
     models = study_jobs(study, out, overwrite=False)
     rows = sum(m.job.spec("steer").input.table.num_rows for m in models)
     util = sum(m.job.spec("utility").input.table.num_rows for m in models)
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             overwrite = args.overwrite or study.job.output.overwrite
             job_cfg, out = output_location(study.job)
-            models = study_jobs(replace(study, job=job_cfg), out, overwrite)
+            models = study_jobs(study.model_copy(update={"job": job_cfg}), out, overwrite)
             out = run_study(study, overwrite, break_lease=args.break_lease, models=models)
         except FAILURES as err:
             print(f"conva study: error: {err}", file=sys.stderr)
