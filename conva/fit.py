@@ -45,8 +45,11 @@ _log = logging.getLogger(__name__)
 
 
 class GateSettings(Settings):
-    """``[gate]``: how the gate is fitted (stored in each bundle) and, read when steering, what it gates
-    (``apply_to``, ``prefix_on``: marked :data:`~conva.settings.STEER_TIME`, outside the bundles' hash)."""
+    """``[gate]``: how the gate is fitted (stored in each bundle) and, read when steering, what it gates.
+
+    ``apply_to`` and ``prefix_on`` are read when steering: marked :data:`~conva.settings.STEER_TIME`,
+    they stay out of the bundles' config hash (:data:`GATE_FIT_KEYS` holds the others).
+    """
 
     kind: Annotated[str, OneOf(GATE_KINDS)] = "probe"
     """none | probe (on the model's activations) | external (a text classifier)."""

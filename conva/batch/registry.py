@@ -14,20 +14,21 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["BUILTIN_BACKENDS", "register_backend_name", "backend_names"]
+__all__ = ["BUILTIN_BACKENDS", "BACKEND_NAMES", "register_backend_name", "backend_names"]
 
 BUILTIN_BACKENDS = ("hf", "vllm")
 """hf: transformers in each worker; vllm: ConVA inside the vLLM engine (:mod:`conva.steering.vllm`)."""
-_BACKENDS: dict[str, None] = dict.fromkeys(BUILTIN_BACKENDS)
+BACKEND_NAMES: dict[str, None] = dict.fromkeys(BUILTIN_BACKENDS)
+"""The names registered now (an ordered set): the built-in ones, then those the Ray side registered."""
 
 
 def register_backend_name(name: str) -> None:
     """Let ``steer.backend`` take ``name`` (idempotent)."""
     if not name or not isinstance(name, str):
         raise ValueError(f"a backend name must be non-empty text, got {name!r}")
-    _BACKENDS[name] = None
+    BACKEND_NAMES[name] = None
 
 
 def backend_names() -> tuple[str, ...]:
     """The backend names registered now, built-in ones first."""
-    return tuple(_BACKENDS)
+    return tuple(BACKEND_NAMES)
