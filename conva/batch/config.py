@@ -21,19 +21,17 @@ Example:
 from __future__ import annotations
 
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, Field, ValidationError, model_validator
 
-from conva.batch.configdoc import bounds_rule, type_text
+from conva.batch.configdoc import error_message
 from conva.batch.registry import backend_names
 from conva.fit import GateSettings
 from conva.probes import Band, ProbeSettings
 from conva.record import POSITIONS
-from conva.settings import P0, RESULT_NEUTRAL, Items, KeyProblem, OneOf, Settings, choices_of, marked
+from conva.settings import P0, RESULT_NEUTRAL, Items, KeyProblem, OneOf, Settings, marked
 from conva.steering.spec import EPSILON_MODES, METHODS, SETTINGS, STEER_POSITIONS
 from conva.values import VALUES
 
@@ -58,7 +56,6 @@ __all__ = [
     "result_neutral_keys",
     "RESULT_NEUTRAL_KEYS",
     "vllm_gate_problem",
-    "choices",
 ]
 
 
@@ -295,119 +292,12 @@ def result_neutral_keys(root: type[BaseModel] = Config) -> tuple[str, ...]:
 RESULT_NEUTRAL_KEYS = result_neutral_keys()
 
 
-def choices(root: type[BaseModel] = Config) -> dict[str, tuple[str, ...]]:
-    """Dotted key → the values it takes, for every key of ``root`` restricted to a few names (read now)."""
-    out = {}
-    for name, f in root.model_fields.items():
-        section = f.annotation
-        if isinstance(section, type) and issubclass(section, BaseModel):
-            out.update(
-                {f"{name}.{k}": c for k, sub in section.model_fields.items() if (c := choices_of(sub))}
-            )
-    return out
-
-
 def config_schema() -> dict[str, Any]:
     """The JSON schema of a job config (:class:`Config`), for editors (``conva config --schema``)."""
     schema = Config.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "ConVA job config"
     return schema
-
-
-# --- pydantic's errors in the words of `conva config --explain` ------------------------------------------------
-
-
-def _given(value: Any) -> str:
-    """What a config value is, in the words of ``conva config --explain``: ``text 'abc'``, ``a list [1, 2]``."""
-    if isinstance(value, (list, tuple)):
-        return f"a list {list(value)!r}"
-    return f"{type_text(type(value))} {value!r}" if type(value) in (str, int, float, bool) else repr(value)
-
-
-def _article(words: str) -> str:
-    return words if words in ("text", "true or false") else ("an " if words[0] in "aeiou" else "a ") + words
-
-
-def _strip(hint: Any) -> Any:
-    """An annotation without its ``Annotated`` metadata."""
-    while typing.get_origin(hint) is Annotated:
-        hint = typing.get_args(hint)[0]
-    return hint
-
-
-def _union(hint: Any) -> tuple[Any, ...]:
-    hint = _strip(hint)
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()
-
-
-def _walk(root: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, Any, list[Any]]:
-    """Follow an error's ``loc`` down ``root``: the dotted key there (``fit.band[1]``), its annotation and
-    its metadata (bounds, choices). The name pydantic gives a union's option is passed over; an item below
-    it belongs to the union's list option."""
-    key, meta = "", []
-    hint: Any = None
-    cls: Any = root
-    for i, part in enumerate(loc):
-        if isinstance(part, int):
-            item = _strip(hint)
-            hint = typing.get_args(item)[0] if typing.get_origin(item) is tuple else hint
-            meta, key = list(getattr(hint, "__metadata__", ())), key + f"[{part}]"
-        elif isinstance(cls, type) and issubclass(cls, BaseModel) and part in cls.model_fields:
-            f = cls.model_fields[part]
-            hint, meta, key = f.annotation, list(f.metadata), key + ("." if key else "") + part
-            cls = hint
-        elif _union(hint) and i + 1 < len(loc):
-            hint = next((o for o in _union(hint) if typing.get_origin(_strip(o)) is tuple), hint)
-    return key, hint, meta
-
-
-def _wanted(hint: Any) -> str:
-    """The type a key expects, with its article: ``an integer``, ``text or a list of integers``."""
-    options = [o for o in _union(hint) if o is not type(None)] or [hint]
-    return " or ".join(_article(type_text(o)) for o in options)
-
-
-def _message(root: type[BaseModel], errors: list[Any], prefix: str) -> str:
-    """One :class:`ConfigError` message for pydantic's errors: the first problem, in the help's words."""
-    first = errors[0]
-    key, hint, meta = _walk(root, first["loc"])
-    kind, value, where = first["type"], first["input"], prefix + key
-    if kind == "extra_forbidden":
-        parent_key, parent, _ = _walk(root, first["loc"][:-1])
-        known = sorted(parent.model_fields) if parent_key else sorted(root.model_fields)
-        section = (prefix + parent_key).rstrip(".") or "the top"
-        unknown = prefix + (f"{parent_key}." if parent_key else "") + str(first["loc"][-1])
-        return f"unknown key {unknown!r} (known under {section}: {', '.join(known)})"
-    if kind in ("model_type", "dict_type"):
-        return f"{where or 'config'}: expected a table of keys, got {type(value).__name__}"
-    if kind in ("value_error", "assertion_error"):
-        err = first.get("ctx", {}).get("error")
-        if isinstance(err, KeyProblem):
-            return f"{where}.{err}" if where else str(err)
-        return f"{where}: {err}"
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{where}: {bounds_rule(hint, meta)}, got {value!r}"
-    if kind == "too_short":
-        return f"{where}: list at least {first['ctx']['min_length']} item(s)"
-    # A wrong type. A union reports each option it tried: a list goes by the list option's own error on
-    # its bad item, anything else by the whole union.
-    field_loc = first["loc"][: key.count(".") + 1]
-    field_key, field_hint, _ = _walk(root, field_loc)
-    if _union(field_hint):
-        items = [
-            e
-            for e in errors
-            if e["loc"][: len(field_loc)] == field_loc and len(e["loc"]) > len(field_loc) + 1
-        ]
-        if isinstance(value, (list, tuple)) and items:
-            item_key, item_hint, _ = _walk(root, items[0]["loc"])
-            return f"{prefix}{item_key}: expected {_wanted(item_hint)}, got {_given(items[0]['input'])}"
-        return f"{prefix}{field_key}: expected {_wanted(field_hint)}, got {_given(value)}"
-    hint_text = ""
-    if typing.get_origin(_strip(hint)) is tuple and isinstance(value, str):
-        hint_text = f" (write a list: --{where}='[\"{value}\"]')"
-    return f"{where}: expected {_wanted(hint)}, got {_given(value)}{hint_text}"
 
 
 def vllm_gate_problem(cfg: Config, methods: list[str], settings: list[str]) -> str:
@@ -495,7 +385,7 @@ def _validated(cls: type[Any], data: Any, prefix: str) -> Any:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_message(cls, err.errors(), prefix)) from None
+        raise ConfigError(error_message(cls, err.errors(), prefix)) from None
 
 
 def build_section(cls: type[Any], data: dict[str, Any], prefix: str = "") -> Any:
