@@ -104,14 +104,16 @@ Items = Annotated[tuple[T, ...], BeforeValidator(_as_tuple)]
 
 
 P0 = Annotated[float, Field(gt=0.0, lt=1.0)]
-"""A target probe probability P0, strictly between 0 and 1.
+"""A target probe probability P0, strictly between 0 and 1: ``fit.p0``, ``steer.p0`` and ``study.p0`` are
+this one type (so one rule and one error message).
 
-Its one flow from file to table: ``fit.p0`` (the default stored in each fitted bundle, ``bundle.p0``) →
-``steer.p0`` (optional; overrides the bundle's) or, in a study, ``study.p0`` (one cell per value, carried
-as each steering row's ``p0`` column, which overrides ``[steer]``) → the steering spec's ``p0``
-(:class:`conva.steering.spec.SteerSpec`) → the generations' ``p0`` column: the P0 the row was steered
-with (the row's, else ``steer.p0``, else the bundle's ``fit.p0``); null on an error row, where nothing was
-steered.
+Its flow from file to table: ``fit.p0`` is stored in each fitted bundle (``ValueBundle.p0``); ``steer.p0``
+(optional) overrides it for a job, and a study's ``study.p0`` grid becomes each steering row's ``p0``
+column, which overrides ``[steer]`` (:func:`conva.batch.pipeline.row_settings`); the row's
+:class:`conva.steering.spec.SteerSpec` carries it, and ``SteerSpec.target()`` resolves the effective
+value (the row's, else ``steer.p0``, else the bundle's). The generations' ``p0`` column holds that
+effective value on a steered ConVA row; on an error row, where no bundle was reached, it holds the P0
+asked for (the row's or ``steer.p0``; null when neither is set); on other methods' rows it is null.
 """
 
 
