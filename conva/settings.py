@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -128,8 +129,11 @@ def marked(field: FieldInfo | type[BaseModel], marker: dict[str, Any]) -> bool:
 
 
 def choices_of(field: FieldInfo) -> tuple[str, ...]:
-    """The values a :class:`OneOf` field takes now (``()`` for any other field)."""
-    for meta in field.metadata:
+    """The values a :class:`OneOf` field (or a list of them) takes now (``()`` for any other field)."""
+    todo: list[Any] = [*field.metadata, field.annotation]
+    for meta in todo:
         if isinstance(meta, OneOf):
             return meta.names()
+        todo += [a for a in typing.get_args(meta) if not isinstance(a, (str, int, float))]
+        todo += list(getattr(meta, "__metadata__", ()))
     return ()

@@ -92,14 +92,16 @@ def type_text(hint: object) -> str:
 
 
 def _bounds(hint: Any, metadata: list[Any]) -> dict[str, float]:
-    """A key's bounds (``{"gt": 0, "lt": 1}``): its field's own, and those inside its (optional) type."""
-    todo = [*metadata, *(o for o in (hint, *_union(hint)) if typing.get_origin(o) is Annotated)]
+    """A key's bounds (``{"gt": 0, "lt": 1}``): its field's own, and those inside its type (an optional
+    value's, a list's items')."""
+    todo: list[Any] = [*metadata, hint]
     found: dict[str, float] = {}
     for m in todo:
-        if typing.get_origin(m) is Annotated:
-            todo += list(typing.get_args(m)[1:])
-        elif isinstance(m, FieldInfo):
+        if isinstance(m, FieldInfo):
             todo += m.metadata
+        elif typing.get_args(m):
+            todo += [a for a in typing.get_args(m) if a is not Ellipsis]
+            todo += list(getattr(m, "__metadata__", ()))
         else:
             found.update(
                 {k: v for k in ("gt", "ge", "lt", "le") if isinstance(v := getattr(m, k, None), (int, float))}
