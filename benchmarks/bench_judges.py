@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict:
     judges: dict[str, dict] = {}
     if "classifier" in args.judges:
         start = time.time()
-        judge = make_judge(JudgeSettings("classifier"), values=values)
+        judge = make_judge(JudgeSettings(kind="classifier"), values=values)
         judges["classifier"] = _judged("classifier", judge, labelled, args.n_boot, start)
     for spec in args.probe_models if "probe" in args.judges else []:
         items = scoped(labelled, model=spec)
@@ -121,13 +121,13 @@ def run(args: argparse.Namespace) -> dict:
         model, tok = load_model(spec)
         mine = sorted({x.value for x in items})
         bundles = fit_demo_bundles(model, tok, spec, mine)
-        judge = make_judge(JudgeSettings("probe"), values=mine, model=model, tok=tok, bundles=bundles)
+        judge = make_judge(JudgeSettings(kind="probe"), values=mine, model=model, tok=tok, bundles=bundles)
         judges[f"probe:{model_name(spec)}"] = _judged("probe", judge, items, args.n_boot, start)
     for spec in args.llm_models if "llm" in args.judges else []:
         from conva.local_chat import load_local_chat
 
         start = time.time()
-        settings = JudgeSettings("llm", backend="local", model=spec, max_tokens=args.max_tokens)
+        settings = JudgeSettings(kind="llm", backend="local", model=spec, max_tokens=args.max_tokens)
         judge = LLMJudge(settings, load_local_chat(spec, batch_size=args.batch_size))
         judges[f"llm:{model_name(spec)}"] = _judged("llm", judge, labelled, args.n_boot, start)
     read_b = [x for x in labelled if x.label_b is not None]

@@ -196,13 +196,12 @@ def run_job_planned(job: str, cfg, planned: list) -> list:
 
 def run_study_planned(study, planned: list):
     """:func:`conva.jobs.study.run_study` on ``study``, appending each model's planned ``ModelJob`` to ``planned``."""
-    from dataclasses import replace
 
     from conva.jobs.common import output_location
     from conva.jobs.study import run_study, study_jobs
 
     cfg, out = output_location(study.job)
-    models = study_jobs(replace(study, job=cfg), out, False)
+    models = study_jobs(study.model_copy(update={"job": cfg}), out, False)
     planned.extend(m.job for m in models)
     return run_study(study, models=models)
 

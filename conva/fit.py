@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
 
 from conva.bundle import ValueBundle
 from conva.gates import (
@@ -28,62 +29,74 @@ from conva.gates import (
     gate_labels,
 )
 from conva.probes import ProbeFit, ProbeSettings, choose_band, fit_probes, parse_band
+from conva.settings import STEER_TIME, Items, KeyProblem, OneOf, Settings, marked
 
-__all__ = ["GateSettings", "GATE_FIT_KEYS", "FitSettings", "ModelInfo", "LayerData", "fit_value"]
+__all__ = [
+    "GateSettings",
+    "GATE_FIT_KEYS",
+    "gate_fit_keys",
+    "FitSettings",
+    "ModelInfo",
+    "LayerData",
+    "fit_value",
+]
 
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GateSettings:
-    """``[gate]`` config: how the gate is fitted (``kind`` … ``seed``) and what it gates (``apply_to``, ``prefix_on``)."""
+class GateSettings(Settings):
+    """``[gate]``: how the gate is fitted (stored in each bundle) and, read when steering, what it gates.
 
-    kind: str = "probe"  # none | probe (on the model's activations) | external (a text classifier)
-    target: str = "recall"
+    ``apply_to`` and ``prefix_on`` are read when steering: marked :data:`~conva.settings.STEER_TIME`,
+    they stay out of the bundles' config hash (:data:`GATE_FIT_KEYS` holds the others).
+    """
+
+    kind: Annotated[str, OneOf(GATE_KINDS)] = "probe"
+    """none | probe (on the model's activations) | external (a text classifier)."""
+    target: Annotated[str, OneOf(GATE_TARGETS)] = "recall"
     """The probe gate's threshold meets this on the calibrate split: "recall" (the share of the value's own
     prompts it opens: the reference's gate lets the value's prompts through) or "precision"."""
-    recall: float = 0.9  # target "recall": the threshold opens at least this share of the value's own prompts
-    precision: float = 0.95  # target "precision": at least this share of the rows it opens are the value's
-    negatives: str = "unrelated"
+    recall: float = Field(0.9, gt=0, le=1)
+    """Target "recall": the threshold opens at least this share of the value's own prompts."""
+    precision: float = Field(0.95, gt=0, le=1)
+    """Target "precision": at least this share of the rows it opens are the value's."""
+    negatives: Annotated[str, OneOf(GATE_NEGATIVES)] = "unrelated"
     """The probe gate's negatives: "unrelated" (neutral prompts and multiple-choice questions) or
     "unrelated+other_values" (other values' texts too: poor negatives, as a dilemma concerns two values)."""
     mc: str = "demo"
     """Multiple-choice questions among the unrelated negatives: "demo" (conva/demo_data/mc.csv), an MMLU-layout CSV,
     or "" for none; the study's utility never asks the questions the gate reads when it names the same set."""
-    mc_questions: int = 32  # the last N questions of gate.mc are the gate's (0: none)
-    calibrate_size: float = 0.25  # share of the gate's pairs that choose its layer and threshold
-    test_size: float = 0.25  # share of the gate's pairs its reported precision/recall/open rates come from
-    other_pairs_per_value: int = 0
+    mc_questions: int = Field(32, ge=0)
+    """The last N questions of gate.mc are the gate's (0: none)."""
+    calibrate_size: float = Field(0.25, gt=0, lt=1)
+    """Share of the gate's pairs that choose its layer and threshold."""
+    test_size: float = Field(0.25, gt=0, lt=1)
+    """Share of the gate's pairs its reported precision/recall/open rates come from."""
+    other_pairs_per_value: int = Field(0, ge=0)
     """Pairs of each value outside data.values that serve as gate negatives with negatives =
     "unrelated+other_values" (0: all); unread otherwise."""
-    value_prompts: int = 0  # each value's last N prompts train the gates (never steered); 0: pair texts only
-    seed: int = 0  # seed of the gate's split
-    apply_to: str = "all_methods"
+    value_prompts: int = Field(0, ge=0)
+    """Each value's last N prompts train the gates (never steered); 0: pair texts only."""
+    seed: int = 0
+    """Seed of the gate's split."""
+    apply_to: Annotated[str, OneOf(GATE_SCOPES)] = Field("all_methods", json_schema_extra=STEER_TIME)
     """``all_methods``: every method is gated alike (the reference); ``conva``: ConVA only."""
-    prefix_on: str = "all"
+    prefix_on: Annotated[str, OneOf(PREFIX_ON)] = Field("all", json_schema_extra=STEER_TIME)
     """The opposite setting's prefix: on ``all`` rows, or only where the gate opens (``gated``)."""
-    model: str | None = None  # external: a sequence-classification model (folder or repo id)
-    labels: tuple[str, ...] = ()  # external: the classifier labels that mean the value (their mean is scored)
-    threshold: float = 0.5  # external: the open threshold
+    model: str | None = None
+    """External: a sequence-classification model (folder or repo id)."""
+    labels: Items[str] = ()
+    """External: the classifier labels that mean the value (their mean is scored)."""
+    threshold: float = 0.5
+    """External: the open threshold."""
 
-    def __post_init__(self) -> None:
-        if self.kind not in GATE_KINDS:
-            raise ValueError(f"unknown gate kind {self.kind!r}; expected one of {GATE_KINDS}")
-        if self.apply_to not in GATE_SCOPES:
-            raise ValueError(f"unknown gate.apply_to {self.apply_to!r}; expected one of {GATE_SCOPES}")
-        if self.prefix_on not in PREFIX_ON:
-            raise ValueError(f"unknown gate.prefix_on {self.prefix_on!r}; expected one of {PREFIX_ON}")
-        if self.target not in GATE_TARGETS:
-            raise ValueError(f"unknown gate.target {self.target!r}; expected one of {GATE_TARGETS}")
-        if self.negatives not in GATE_NEGATIVES:
-            raise ValueError(f"unknown gate.negatives {self.negatives!r}; expected one of {GATE_NEGATIVES}")
-        for key in ("recall", "precision"):
-            if not 0.0 < getattr(self, key) <= 1.0:
-                raise ValueError(f"gate.{key} must lie in (0, 1], got {getattr(self, key)!r}")
-        if self.mc_questions < 0:
-            raise ValueError(f"gate.mc_questions must be 0 (none) or more, got {self.mc_questions!r}")
-        if not (0 < self.calibrate_size and 0 < self.test_size and self.calibrate_size + self.test_size < 1):
-            raise ValueError("gate.calibrate_size and gate.test_size must be positive and sum to less than 1")
+    @model_validator(mode="after")
+    def _consistent(self) -> GateSettings:
+        if self.calibrate_size + self.test_size >= 1:
+            raise KeyProblem("test_size", "gate.calibrate_size and gate.test_size must sum to less than 1")
+        if self.kind == "external" and not (self.model and self.labels):
+            raise KeyProblem("model", "an external gate needs gate.model and gate.labels")
+        return self
 
     @property
     def target_value(self) -> float:
@@ -91,24 +104,13 @@ class GateSettings:
         return self.recall if self.target == "recall" else self.precision
 
 
-# The [gate] keys a fitted bundle depends on (apply_to and prefix_on only change the steering).
-GATE_FIT_KEYS = (
-    "kind",
-    "target",
-    "recall",
-    "precision",
-    "negatives",
-    "mc",
-    "mc_questions",
-    "calibrate_size",
-    "test_size",
-    "other_pairs_per_value",
-    "value_prompts",
-    "seed",
-    "model",
-    "labels",
-    "threshold",
-)
+def gate_fit_keys() -> tuple[str, ...]:
+    """The ``[gate]`` keys a fitted bundle depends on: every key not marked steer-time."""
+    return tuple(k for k, f in GateSettings.model_fields.items() if not marked(f, STEER_TIME))
+
+
+# The [gate] keys a fitted bundle depends on (apply_to and prefix_on only change the steering), from the markers.
+GATE_FIT_KEYS = gate_fit_keys()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ knows how far to trust the control success rates computed from it.
 How far a judge agrees with readers of real model answers (Cohen's κ) is :mod:`conva.judge_validation`.
 
 Example:
-    >>> judge = make_judge(JudgeSettings("classifier"), values=["power"])
+    >>> judge = make_judge(JudgeSettings(kind="classifier"), values=["power"])
     >>> judge.judge(["power"], ["Should I take the promotion?"], ["Take it: authority matters."])[0].score
     1.0
 """
@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Annotated, Callable, Protocol, Sequence
 
 import numpy as np
+from pydantic import Field
 
 from conva import data as D
 from conva.bundle import ValueBundle
 from conva.probes import ProbeSettings, split_indices
+from conva.settings import OneOf, Settings
 from conva.values import definition
 
 __all__ = [
@@ -58,36 +60,50 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class JudgeSettings:
-    """The ``[judge]`` section of a study. ``pairs``: ``demo`` (answer pairs), ``paper:<folder>`` or a file.
+JUDGE_BACKENDS = ("http", "local")
+
+
+class JudgeSettings(Settings):
+    """``[judge]``: the study's judge. ``pairs``: ``demo`` (answer pairs), ``paper:<folder>`` or a file.
 
     For ``paper:<folder>`` the **non-context-controlled** pairs are used: the probes are fitted on the
     context-controlled ones, so the judge never sees what the steering vectors were made from.
     ``api_key_env`` is the *name* of an environment variable; the key itself is never stored.
     """
 
-    kind: str = "classifier"  # classifier (TF-IDF on answer pairs), probe (the value's own probe) or llm
+    kind: Annotated[str, OneOf(lambda: sorted(JUDGES))] = "classifier"
+    """classifier (TF-IDF on answer pairs), probe (the value's own probe) or llm."""
     pairs: str = "demo"
     """Labelled answer pairs: "demo", "paper:<folder>" (its non-context-controlled pairs) or a file."""
-    test_size: float = 0.3  # share of the pairs held out to measure the judge's agreement
-    seed: int = 0  # seed of that split
+    test_size: float = Field(0.3, gt=0, lt=1)
+    """Share of the pairs held out to measure the judge's agreement."""
+    seed: int = 0
+    """Seed of that split."""
     threshold: float = 0.5
     """A probability at or above this scores 1 (the answer prioritises the value), else 0."""
-    backend: str = "http"
+    backend: Annotated[str, OneOf(JUDGE_BACKENDS)] = "http"
     """llm: "http" (an OpenAI-compatible endpoint at base_url) or "local" (the workers load judge.model)."""
-    base_url: str = ""  # llm, backend http: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1
+    base_url: str = ""
+    """llm, backend http: the OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1."""
     model: str = ""
     """llm: the model name the endpoint serves (http), or a model spec the workers load (local: "smollm2",
     "gemma3-270m", a folder, a repo id)."""
-    api_key_env: str = ""  # llm: the name of the environment variable holding the API key (never the key)
-    max_concurrency: int = 4  # llm: requests in flight at once
-    max_retries: int = 4  # llm: retries of a failed request, with exponential backoff
-    backoff_s: float = 1.0  # llm: the first retry's wait, doubled each time
-    timeout_s: float = 60.0  # llm: seconds before a request counts as failed
-    max_tokens: int = 8  # llm: tokens of each verdict reply (local: greedy new tokens)
-    cache_dir: str = ""  # llm: the reply cache folder (empty: <study output>/judge_cache)
-    fluency: bool = False  # also ask the LLM endpoint for a grammaticality rating (1-5)
+    api_key_env: str = ""
+    """llm: the name of the environment variable holding the API key (never the key)."""
+    max_concurrency: int = Field(4, ge=1)
+    """llm: requests in flight at once."""
+    max_retries: int = Field(4, ge=0)
+    """llm: retries of a failed request, with exponential backoff."""
+    backoff_s: float = Field(1.0, ge=0)
+    """llm: the first retry's wait, doubled each time."""
+    timeout_s: float = Field(60.0, gt=0)
+    """llm: seconds before a request counts as failed."""
+    max_tokens: int = Field(8, ge=1)
+    """llm: tokens of each verdict reply (local: greedy new tokens)."""
+    cache_dir: str = ""
+    """llm: the reply cache folder (empty: <study output>/judge_cache)."""
+    fluency: bool = False
+    """Also ask the LLM endpoint for a grammaticality rating (1-5)."""
     labels: str = "demo"
     """Labelled model answers the judge is validated on (Cohen's kappa beside every CSR): "demo" (the
     packaged conva/demo_data/labels/, skipped while it holds no labels), a folder, or "" for none."""
@@ -122,7 +138,6 @@ Chat = Callable[[Sequence[list[dict[str, str]]], int], list[str]]
 JudgeFactory = Callable[..., Judge]
 JUDGES: dict[str, JudgeFactory] = {}
 JUDGE_KINDS = ("classifier", "probe", "llm")
-JUDGE_BACKENDS = ("http", "local")
 
 
 def register_judge(name: str) -> Callable[[JudgeFactory], JudgeFactory]:

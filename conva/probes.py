@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import numpy as np
+from pydantic import Field, model_validator
+
+from conva.settings import KeyProblem, OneOf, Settings
 
 __all__ = [
     "ProbeSettings",
@@ -55,17 +58,32 @@ BAND_PRESETS: dict[str, tuple[int, int]] = {
 }
 
 
-@dataclass(frozen=True)
-class ProbeSettings:
-    """How probes are fitted; every field is a config key under ``[probe]``."""
+class ProbeSettings(Settings):
+    """``[probe]``: how probes are fitted; every field is a config key under ``[probe]``."""
 
-    C: float = 1.0  # inverse L2 strength (the reference: 1)
-    solver: str = "lbfgs"  # sklearn solver (the reference: saga)
-    max_iter: int = 2000  # iterations before a fit counts as not converged
-    test_size: float = 0.3  # share of pairs held out for the reported accuracy
-    val_size: float = 0.2  # share of pairs held out to choose the band (never reported as accuracy)
-    seed: int = 0  # seed of the split
-    split: str = "pair"  # "pair": both texts of a pair on one side; "sample": by row (the reference)
+    C: float = Field(1.0, gt=0)
+    """Inverse L2 strength (the reference: 1)."""
+    solver: Annotated[str, OneOf(("lbfgs", "saga", "liblinear", "newton-cg", "sag"))] = "lbfgs"
+    """The sklearn solver (the reference: saga)."""
+    max_iter: int = Field(2000, ge=1)
+    """Iterations before a fit counts as not converged."""
+    test_size: float = Field(0.3, gt=0, lt=1)
+    """Share of pairs held out for the reported accuracy."""
+    val_size: float = Field(0.2, gt=0, lt=1)
+    """Share of pairs held out to choose the band (never reported as accuracy)."""
+    seed: int = 0
+    """Seed of the split."""
+    split: Annotated[str, OneOf(("pair", "sample"))] = "pair"
+    """"pair": both texts of a pair on one side; "sample": by row (the reference)."""
+
+    @model_validator(mode="after")
+    def _splits_leave_training_rows(self) -> ProbeSettings:
+        if self.test_size + self.val_size >= 1.0:
+            raise KeyProblem(
+                "val_size",
+                "must be positive, and probe.test_size + probe.val_size below 1 (the rest trains the probes)",
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -13,5 +13,6 @@ COMMANDS = {
     "study": "a study: models × values × methods × P0, judged and summarised, with an HTML report",
     "validate": "the run's pre-flight without running: config, model, inputs, output, pending shards, bad rows",
     "report": "rebuild a study's HTML report from its Parquet files",
-    "config": "explain the config: every key with its type, default and meaning (--explain [SECTION])",
+    "config": "explain the config: every key with its type, default and meaning (--explain [SECTION]); "
+    "its JSON schema for editors (--schema [--study])",
 }

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from conva.jobs import COMMANDS
@@ -139,27 +140,39 @@ def _input_rows(spec) -> str:
 
 
 def config(argv: list[str] | None = None) -> int:
-    """``conva config --explain [SECTION]``: every key of the config (or of one section), documented."""
-    from conva.batch.config import CHOICES, Config
+    """``conva config --explain [SECTION]``: every key of the config (or of one section), documented;
+    ``conva config --schema [--study]``: the JSON schema of a job (or study) config, for editors."""
+    from conva.batch.config import Config, config_schema
     from conva.batch.configdoc import UnknownSectionError, explain
-    from conva.batch.study import StudyConfig
+    from conva.batch.study import StudyConfig, study_schema
 
     parser = argparse.ArgumentParser(
         prog="conva config",
         description=COMMANDS["config"] + ". A job config has the "
         "sections model … ray; a study config adds study, judge, utility and fluency.",
     )
-    parser.add_argument(
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--explain",
         nargs="?",
         const="",
         metavar="SECTION",
-        required=True,
         help="print every key (of SECTION only, if given) with its type, default and meaning",
     )
+    what.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the JSON schema of a job config (with --study: of a study config), for editors",
+    )
+    parser.add_argument("--study", action="store_true", help="with --schema: the study config's schema")
     args = parser.parse_args(argv)
+    if args.schema:
+        print(json.dumps(study_schema() if args.study else config_schema(), indent=2))
+        return 0
+    if args.study:
+        parser.error("--study goes with --schema")
     try:
-        print(explain((Config, StudyConfig), CHOICES, args.explain or None), end="")
+        print(explain((Config, StudyConfig), args.explain or None), end="")
     except UnknownSectionError as err:
         print(f"conva config: error: {err}", file=sys.stderr)
         return 2

@@ -20,7 +20,6 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
 import conva
@@ -190,7 +189,7 @@ def output_location(cfg: Config) -> tuple[Config, Location]:
         out = location(raw)
     except ValueError as err:
         raise ConfigError(f"output.dir: {err}{S3_HINT if raw.startswith('s3://') else ''}") from err
-    return replace(cfg, output=replace(cfg.output, dir=out.uri)), out
+    return cfg.model_copy(update={"output": cfg.output.model_copy(update={"dir": out.uri})}), out
 
 
 CONFIG_HELP = (

@@ -30,7 +30,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -187,7 +187,7 @@ def run_study(
     once the new ones are complete.
     """
     job_cfg, out = output_location(study.job)
-    study = replace(study, job=job_cfg)
+    study = study.model_copy(update={"job": job_cfg})
     models = study_jobs(study, out, overwrite) if models is None else models
     start = time.monotonic()
     with (
@@ -408,7 +408,7 @@ def _generated_rows(job: ModelJob, stage: str) -> int:
 
 def _validate(study: StudyConfig) -> str:
     job_cfg, out = output_location(study.job)
-    study = replace(study, job=job_cfg)
+    study = study.model_copy(update={"job": job_cfg})
     models = study_jobs(study, out, overwrite=False)
     rows = sum(_generated_rows(m.job, "steer") for m in models)
     util = sum(_generated_rows(m.job, "utility") for m in models)
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             overwrite = args.overwrite or study.job.output.overwrite
             job_cfg, out = output_location(study.job)
-            models = study_jobs(replace(study, job=job_cfg), out, overwrite)
+            models = study_jobs(study.model_copy(update={"job": job_cfg}), out, overwrite)
             out = run_study(study, overwrite, break_lease=args.break_lease, models=models)
         except FAILURES as err:
             print(f"conva study: error: {err}", file=sys.stderr)

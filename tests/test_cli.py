@@ -15,7 +15,6 @@ value, four new tokens, one worker) to keep the module short. The jobs join the 
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -30,17 +29,17 @@ import sys
 import termios
 import threading
 import time
-import typing
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conva.batch.config import CHOICES, Config, SteerConfig
-from conva.batch.configdoc import default_text, field_docs, sections, type_text
+from conva.batch.config import Config, SteerConfig
+from conva.batch.configdoc import bounds_text, default_text, field_docs, sections, type_text
 from conva.batch.study import StudyConfig
 from conva.jobs import cli
+from conva.settings import choices_of
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "examples" / "demo.toml")
@@ -184,19 +183,27 @@ def test_help_lists_the_commands_and_every_config_key(readme, env, tmp_path) -> 
         run_help.stdout
     )
     assert _key_index(run_help.stdout) == {
-        name: [f.name for f in dataclasses.fields(cls)] for name, cls in sections(Config).items()
+        name: list(cls.model_fields) for name, cls in sections(Config).items()
     }
     explained = _only(done, "conva config --explain steer").stdout
     blocks = re.split(r"^  (?=\w+ = )", explained, flags=re.M)
-    assert blocks[0].startswith("[steer]") and len(blocks) - 1 == len(dataclasses.fields(SteerConfig))
-    docs, hints = field_docs(SteerConfig), typing.get_type_hints(SteerConfig)
-    for block, f in zip(blocks[1:], dataclasses.fields(SteerConfig)):
+    fields = SteerConfig.model_fields
+    assert blocks[0].startswith("[steer]") and len(blocks) - 1 == len(fields)
+    docs = field_docs(SteerConfig)
+    for block, (name, f) in zip(blocks[1:], fields.items()):
         head, *meaning = block.splitlines()
-        assert head.startswith(f"{f.name} = {default_text(f.default)}  ({type_text(hints[f.name])}"), (
-            head,
-            f.name,
+        options = choices_of(f)
+        kind = "; ".join(
+            part
+            for part in (
+                type_text(f.annotation) + (f": {' | '.join(options)}" if options else ""),
+                bounds_text(f.annotation, f.metadata),
+                "result-neutral" if name == "batch_size" else "",
+            )
+            if part
         )
-        doc, options = docs[f.name], CHOICES.get(f"steer.{f.name}", ())
+        assert head == f"{name} = {default_text(f.default)}  ({kind})", (head, name)
+        doc = docs[name]
         # A capital first letter, except on a symbol (ε) or a value the key takes (none | ...)
         keep = not doc[:1].isascii() or not doc[:1].islower() or doc.split(" ", 1)[0] in options
         assert " ".join(" ".join(meaning).split()) == (doc if keep else doc[:1].upper() + doc[1:])
@@ -207,7 +214,7 @@ def test_help_lists_the_commands_and_every_config_key(readme, env, tmp_path) -> 
 def test_every_key_of_every_section_is_documented() -> None:
     for section, cls in sections(Config, StudyConfig).items():
         docs = field_docs(cls)
-        assert all(docs[f.name] for f in dataclasses.fields(cls)), (
+        assert list(docs) == list(cls.model_fields) and all(docs.values()), (
             section,
             [n for n, d in docs.items() if not d],
         )
@@ -637,7 +644,7 @@ def test_a_row_tally_merges_shards_and_says_each_reason_once() -> None:
         ),
         ("--fit.band=3", "fit.band: expected text or a list of integers, got integer 3"),
         ('--fit.band=[1, "x"]', "fit.band[1]: expected an integer, got text 'x'"),
-        ("--data.max_error_fraction=2", "data.max_error_fraction: must lie in [0, 1]"),
+        ("--data.max_error_fraction=2", "data.max_error_fraction: must lie in [0, 1], got 2"),
     ],
 )
 def test_config_errors_name_the_key_in_the_helps_words(override, message) -> None:

@@ -69,7 +69,7 @@ def _assert_swapped_pairs_agree_half(judge, pairs: list[D.Pair]) -> None:
 
 
 def test_classifier_judge_is_deterministic_and_reports_agreement() -> None:
-    settings = JudgeSettings("classifier")
+    settings = JudgeSettings(kind="classifier")
     a = make_judge(settings, values=["power", "benevolence"])
     b = make_judge(settings, values=["power", "benevolence"])
     _, test = heldout_pairs(settings, "power")
@@ -93,7 +93,7 @@ def test_probe_judge_is_the_bundle_probe_on_the_unsteered_model(tiny, tiny_bundl
     model, tok = tiny
     bundle = tiny_bundles[0]
     judge = make_judge(
-        JudgeSettings("probe"), values=["power"], model=model, tok=tok, bundles={"power": bundle}
+        JudgeSettings(kind="probe"), values=["power"], model=model, tok=tok, bundles={"power": bundle}
     )
     prompts, answers = (
         ["Should I take the promotion?", "Should I?"],
@@ -119,7 +119,7 @@ def test_probe_judge_is_the_bundle_probe_on_the_unsteered_model(tiny, tiny_bundl
     # probabilities labels both right if the positive ranks higher, both wrong if not.
     for threshold, agreement in ((0.0, 0.5), ((p_pos + p_neg) / 2, float(p_pos > p_neg)), (1.01, 0.5)):
         probe = make_judge(
-            JudgeSettings("probe", threshold=threshold),
+            JudgeSettings(kind="probe", threshold=threshold),
             values=["power"],
             model=model,
             tok=tok,
@@ -132,7 +132,7 @@ def test_probe_judge_is_the_bundle_probe_on_the_unsteered_model(tiny, tiny_bundl
         }
     _assert_swapped_pairs_agree_half(judge, heldout_pairs(JudgeSettings(), "power")[1][:3])
     with pytest.raises(ValueError, match="needs the loaded model"):
-        make_judge(JudgeSettings("probe"), values=["power"])
+        make_judge(JudgeSettings(kind="probe"), values=["power"])
 
 
 class _Flaky(http.server.BaseHTTPRequestHandler):
@@ -439,7 +439,7 @@ def test_validity_bootstrap_is_seeded_and_brackets_the_estimate(tmp_path) -> Non
 
 def test_the_classifier_is_validated_on_its_own_verdicts(tmp_path) -> None:
     labelled = load_labelled(write_labels(tmp_path / "labels"))
-    judge = make_judge(JudgeSettings("classifier"), values=["power"])
+    judge = make_judge(JudgeSettings(kind="classifier"), values=["power"])
     v = validate_judge(judge, labelled, values=["power"])
     mine = judge.judge(["power"] * 8, [x.prompt for x in labelled], [x.answer for x in labelled])
     assert v == validity_from_verdicts(
@@ -467,7 +467,7 @@ def test_local_llm_judge_plumbing_on_a_tiny_random_model(tiny) -> None:
     plain.chat_template = None
     assert render(plain, messages) == f"{system}\n\n{user}"
     chat = local_chat(model, tok, batch_size=2)
-    settings = JudgeSettings("llm", backend="local", model="tiny", max_tokens=3)
+    settings = JudgeSettings(kind="llm", backend="local", model="tiny", max_tokens=3)
     judge = make_judge(settings, values=["power"], chat=chat)
     answers = ["Take it.", "Stay home with the kids, they need you more than a title does.", ""]
     verdicts = judge.judge(["power"] * 3, ["Should I take the promotion?"] * 3, answers)
@@ -489,7 +489,7 @@ def test_local_llm_judge_with_smollm2() -> None:
     """SmolLM2-135M-Instruct as a local judge: a reply per answer, each parsed by the paper's protocol."""
     chat = load_local_chat("smollm2")
     judge = make_judge(
-        JudgeSettings("llm", backend="local", model="smollm2", max_tokens=4), values=["power"], chat=chat
+        JudgeSettings(kind="llm", backend="local", model="smollm2", max_tokens=4), values=["power"], chat=chat
     )
     prompts = ["Should I accept the promotion to manager even though it means less time with my kids?"] * 2
     answers = [

@@ -641,8 +641,11 @@ def test_agreement_stage_validates_the_judge_on_labelled_answers(tmp_path, tiny_
         return pq.read_table(tmp_path / "out" / name / "part-00000.parquet").to_pylist(), worker
 
     for name, judge in (
-        ("classifier", JudgeSettings("classifier", labels=str(labels))),
-        ("llm", JudgeSettings("llm", backend="local", model=tiny_path, max_tokens=2, labels=str(labels))),
+        ("classifier", JudgeSettings(kind="classifier", labels=str(labels))),
+        (
+            "llm",
+            JudgeSettings(kind="llm", backend="local", model=tiny_path, max_tokens=2, labels=str(labels)),
+        ),
     ):
         rows, worker = run(name, judge)
         assert [r["value"] for r in rows] == ["power", "benevolence", "*"]
@@ -664,5 +667,7 @@ def test_agreement_stage_validates_the_judge_on_labelled_answers(tmp_path, tiny_
         )  # the fixture's answers are all power
         assert star["agreement"] is None and power["agreement"] is not None and star["judge"] == name
     assert worker._local_chat is not None and worker.loads == 0  # the llm judge ran on the worker's own model
-    rows, _ = run("unlabelled", JudgeSettings("classifier", labels=""))  # no labels: the held-out pairs only
+    rows, _ = run(
+        "unlabelled", JudgeSettings(kind="classifier", labels="")
+    )  # no labels: the held-out pairs only
     assert [r["value"] for r in rows] == ["power", "benevolence"] and rows[0]["kappa"] is None

@@ -16,13 +16,13 @@ where vLLM is missing or of an untested version.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import pyarrow as pa
 
 from conva.batch.config import Config
 from conva.batch.pipeline import steer_table
+from conva.batch.registry import register_backend_name
 from conva.bundle import ValueBundle
 from conva.choice import ChoiceRow, score_choice
 from conva.mc import MCRow
@@ -103,9 +103,11 @@ BACKENDS: dict[str, Callable[[Config], Steerer]] = {}
 
 
 def register_backend(name: str) -> Callable[[Callable[[Config], Steerer]], Callable[[Config], Steerer]]:
-    """Register a steering backend factory under ``name`` (the value of ``steer.backend``)."""
+    """Register a steering backend factory under ``name`` (the value of ``steer.backend``); the config accepts
+    the name from then on (:mod:`conva.batch.registry`)."""
 
     def add(factory: Callable[[Config], Steerer]) -> Callable[[Config], Steerer]:
+        register_backend_name(name)
         BACKENDS[name] = factory
         return factory
 
@@ -148,7 +150,9 @@ class HFSteerer:
         cfg = (
             self.cfg
             if batch_size is None
-            else replace(self.cfg, steer=replace(self.cfg.steer, batch_size=batch_size))
+            else self.cfg.model_copy(
+                update={"steer": self.cfg.steer.model_copy(update={"batch_size": batch_size})}
+            )
         )
         return steer_table(self.model, self.tok, rows, bundles, cfg, self.name)
 

@@ -12,7 +12,6 @@ contract (:func:`conva.workers.contract.check_rows`) before it writes: exactly o
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -78,7 +77,7 @@ def fit(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     files = task.files
     dataset = ds.dataset([f.path for f in files], format="parquet", filesystem=files[0].fs)
     meta, read_layer = value_activations(dataset, value, layers, info.hidden_size)
-    one = replace(cfg, data=replace(cfg.data, values=(value,)))
+    one = cfg.model_copy(update={"data": cfg.data.model_copy(update={"values": (value,)})})
     bundle = fit_bundles(meta, read_layer, layers, one, info, dataset_hash=task.params["dataset_hash"])[value]
     skipped = dataset.to_table(
         columns=["row_id", "error"],

@@ -29,15 +29,14 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+from pydantic import AfterValidator, Field, create_model
 
 from conva import data as D
 
@@ -59,9 +58,10 @@ from conva.batch.schemas import (
 )
 from conva.bundle import ValueBundle
 from conva.judge_validation import labels_folder
-from conva.judges import JUDGE_BACKENDS, JUDGES, JudgeSettings
+from conva.judges import JudgeSettings
 from conva.models import model_name
 from conva.probes import Band
+from conva.settings import P0, Items, OneOf, Settings
 from conva.steering.spec import SETTINGS, SteerSpec
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "UtilityCell",
     "load_study",
     "study_dict",
+    "study_schema",
     "model_config",
     "model_slug",
     "model_spec",
@@ -94,33 +95,43 @@ __all__ = [
 
 STUDY_METHODS = ("conva", "conva_nogate", "caa", "prompt", "none")
 _P0_METHODS = ("conva", "conva_nogate")
+
+
+def _band(band: str) -> str:
+    Band.parse(band)  # a ValueError names what is wrong with the band
+    return band
+
+
 _BAND_METHODS = ("conva", "conva_nogate", "caa")
 
 
-@dataclass(frozen=True)
-class StudySection:
+class StudySection(Settings):
     """``[study]``: the grid of cells: models × values × methods × P0 × bands × settings (× CAA strengths)."""
 
-    name: str = "study"  # the study's name, in its logs and report
-    models: tuple[str | dict, ...] = ("smollm2",)
+    name: str = "study"
+    """The study's name, in its logs and report."""
+    models: Items[str | dict] = Field(("smollm2",), min_length=1)
     """Models: a spec ("smollm2", a folder, a repo id) or a table {name = spec, model = {...}, ray = {...},
     vllm = {...}, steer = {...}, extract = {...}} whose sections override the job's for that model only."""
-    methods: tuple[str, ...] = (
-        "conva",
-        "caa",
-        "prompt",
-        "none",
-    )  # any of conva, conva_nogate, caa, prompt, none
-    p0: tuple[float, ...] = (0.99,)  # ConVA's target probabilities, one cell each
-    bands: tuple[str, ...] = ("auto",)  # "auto" (the bundle's band) or "LO-HI"
-    settings: tuple[str, ...] = ("plain",)  # plain, opposite (a prefix pushing against the value), or both
-    caa_strengths: tuple[float, ...] = (0.05, 0.1, 0.25)
+    methods: Items[Annotated[str, OneOf(STUDY_METHODS)]] = Field(
+        ("conva", "caa", "prompt", "none"), min_length=1
+    )
+    """Any of conva, conva_nogate, caa, prompt, none."""
+    p0: Items[P0] = Field((0.99,), min_length=1)
+    """ConVA's target probabilities, one cell each."""
+    bands: Items[Annotated[str, AfterValidator(_band)]] = ("auto",)
+    """"auto" (the bundle's band) or "LO-HI"."""
+    settings: Items[Annotated[str, OneOf(SETTINGS)]] = Field(("plain",), min_length=1)
+    """plain, opposite (a prefix pushing against the value), or both."""
+    caa_strengths: Items[Annotated[float, Field(gt=0)]] = Field((0.05, 0.1, 0.25), min_length=1)
     """CAA strengths, one cell each: CAA adds strength × (mean positive − negative activation) at every band layer,
     swept so that CAA is compared with ConVA at matched fluency (on SmolLM2 with a 15-layer band, 0.5 already
     breaks fluency)."""
-    bootstrap: int = 1000  # bootstrap resamples of each cell's CSR interval
-    seed: int = 0  # seed of the bootstrap
-    generate_prompts: int = 0
+    bootstrap: int = Field(1000, ge=1)
+    """Bootstrap resamples of each cell's CSR interval."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    generate_prompts: int = Field(0, ge=0)
     """Prompts per value that get judged generations (the first ones; 0: all): generating costs a pass per new
     token, the forced choice one pass per prompt, so a study can read every prompt judge-free and answer fewer."""
     generate: bool = True
@@ -128,34 +139,38 @@ class StudySection:
     choice (conva.choice: one forward pass per prompt and steering, judge-free)."""
 
 
-@dataclass(frozen=True)
-class UtilitySection:
+class UtilitySection(Settings):
     """``[utility]``: multiple-choice accuracy with each cell's steering and gate active."""
 
-    mc: str = "demo"  # multiple-choice questions: "demo", an MMLU-layout CSV, or "" for no utility
-    max_items: int = 0  # questions used, at most (0: all)
-    shots: int = 0  # worked examples before each question (the paper: 5)
-    batch_size: int = 8  # questions scored together
+    mc: str = "demo"
+    """Multiple-choice questions: "demo", an MMLU-layout CSV, or "" for no utility."""
+    max_items: int = Field(0, ge=0)
+    """Questions used, at most (0: all)."""
+    shots: int = Field(0, ge=0)
+    """Worked examples before each question (the paper: 5)."""
+    batch_size: int = Field(8, ge=1)
+    """Questions scored together."""
 
 
-@dataclass(frozen=True)
-class FluencySection:
+class FluencySection(Settings):
     """``[fluency]``: how each answer's fluency is measured."""
 
-    perplexity: bool = True  # score each answer's perplexity under the unsteered model
-    llm: bool = False  # also ask the LLM judge for a grammaticality rating (its endpoint or local model)
-    batch_size: int = 8  # answers scored together
+    perplexity: bool = True
+    """Score each answer's perplexity under the unsteered model."""
+    llm: bool = False
+    """Also ask the LLM judge for a grammaticality rating (its endpoint or local model)."""
+    batch_size: int = Field(8, ge=1)
+    """Answers scored together."""
 
 
-@dataclass(frozen=True)
-class StudyConfig:
+class StudyConfig(Settings):
     """A whole study: its own sections and the job config every model's extraction, fit and steering use."""
 
-    study: StudySection = field(default_factory=StudySection)
-    judge: JudgeSettings = field(default_factory=JudgeSettings)
-    utility: UtilitySection = field(default_factory=UtilitySection)
-    fluency: FluencySection = field(default_factory=FluencySection)
-    job: Config = field(default_factory=Config)
+    study: StudySection = Field(default_factory=StudySection)
+    judge: JudgeSettings = Field(default_factory=JudgeSettings)
+    utility: UtilitySection = Field(default_factory=UtilitySection)
+    fluency: FluencySection = Field(default_factory=FluencySection)
+    job: Config = Field(default_factory=Config)
 
 
 _OWN = ("study", "judge", "utility", "fluency")
@@ -182,36 +197,25 @@ def load_study(path: str | Path | None, overrides: Sequence[str] = ()) -> StudyC
     return study
 
 
+def study_schema() -> dict[str, Any]:
+    """The JSON schema of a study file (``conva config --schema --study``): the job's sections and the
+    study's own, side by side as the file has them (``model.name`` is refused there: the models are
+    ``study.models``)."""
+    from conva.batch.configdoc import sections
+
+    fields: dict[str, Any] = {
+        name: (cls, Field(default_factory=cls)) for name, cls in sections(Config, StudyConfig).items()
+    }
+    model: type[Settings] = create_model("StudyFile", __base__=Settings, **fields)
+    schema = model.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "ConVA study config"
+    return schema
+
+
 def _check(study: StudyConfig) -> None:
     s = study.study
-    problems = [
-        ("study.models", bool(s.models), "list at least one model"),
-        (
-            "study.methods",
-            bool(s.methods) and set(s.methods) <= set(STUDY_METHODS),
-            f"use some of {STUDY_METHODS}",
-        ),
-        ("study.settings", bool(s.settings) and set(s.settings) <= set(SETTINGS), f"use some of {SETTINGS}"),
-        (
-            "study.p0",
-            bool(s.p0) and all(0.0 < p < 1.0 for p in s.p0),
-            "values must lie strictly between 0 and 1",
-        ),
-        ("study.bootstrap", s.bootstrap >= 1, "must be at least 1"),
-        ("study.generate_prompts", s.generate_prompts >= 0, "must be >= 0 (0: every prompt)"),
-        (
-            "study.caa_strengths",
-            bool(s.caa_strengths) and all(x > 0 for x in s.caa_strengths),
-            "list positive strengths",
-        ),
-        ("judge.kind", study.judge.kind in JUDGES, f"use one of {sorted(JUDGES)}"),
-        ("judge.test_size", 0.0 < study.judge.test_size < 1.0, "must lie strictly between 0 and 1"),
-        ("judge.max_concurrency", study.judge.max_concurrency >= 1, "must be at least 1"),
-        ("judge.backend", study.judge.backend in JUDGE_BACKENDS, f"use one of {JUDGE_BACKENDS}"),
-        *_llm_problems(study),
-        ("utility.shots", study.utility.shots >= 0, "must be >= 0"),
-    ]
-    for key, ok, problem in problems:
+    for key, ok, problem in _llm_problems(study):
         if not ok:
             raise ConfigError(f"{key}: {problem}")
     _check_judge_files(study.judge, study.fluency.llm or study.judge.kind == "llm")
@@ -220,11 +224,6 @@ def _check(study: StudyConfig) -> None:
         raise ConfigError("study.models: two models share one name")
     for i, entry in enumerate(s.models):
         model_config(study, entry, "/")  # each model's own sections must make a valid job config
-    for band in s.bands:
-        try:
-            Band.parse(band)
-        except ValueError as err:
-            raise ConfigError(f"study.bands: {err}") from None
     problem = vllm_gate_problem(study.job, list(s.methods), list(s.settings))
     if problem:
         raise ConfigError(f"steer.backend: {problem}")
@@ -295,7 +294,8 @@ def check_bands(study: StudyConfig, bundles: dict[str, ValueBundle]) -> None:
 
 def study_dict(study: StudyConfig) -> dict[str, Any]:
     """The study as JSON-able data (for logs, hashes, manifests). Holds no credential, only ``api_key_env``."""
-    return json.loads(json.dumps(dataclasses.asdict(study), default=list))
+    data: dict[str, Any] = study.model_dump(mode="json")
+    return data
 
 
 def model_slug(spec: str) -> str:
@@ -343,7 +343,12 @@ def model_config(study: StudyConfig, entry: str | dict, out: str | Path) -> Conf
         except ConfigError as err:
             raise ConfigError(f"study.models ({spec}): {err}") from err
     where = str(out).rstrip("/") + "/models/" + model_slug(spec)
-    return replace(job, model=replace(job.model, name=spec), output=replace(job.output, dir=where))
+    return job.model_copy(
+        update={
+            "model": job.model.model_copy(update={"name": spec}),
+            "output": job.output.model_copy(update={"dir": where}),
+        }
+    )
 
 
 def _merge_sections(base: dict, extra: dict) -> dict:
