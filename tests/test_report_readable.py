@@ -5,7 +5,7 @@ Built from hand-made rows in the study tables' shapes (the real study's report: 
 
 from __future__ import annotations
 
-from conva.batch import report
+from conva.batch import plots, report
 
 
 def _row(method: str, index: int, output: str, gate_open: bool | None = True, **extra) -> dict:
@@ -52,7 +52,7 @@ def test_numbers_are_rounded_in_tables_but_p0_and_strength_keep_their_digits() -
 
 def test_a_utility_plot_whose_points_coincide_is_a_sentence(tmp_path) -> None:
     pooled = [dict(csr=c, utility_ratio=1.0) for c in (0.2, 0.5)]
-    said = report._utility_plot(pooled, tmp_path / "utility.png")
+    said = plots.utility_plot(pooled, tmp_path / "utility.png")
     assert said == (
         "Every cell's multiple-choice accuracy equals the unsteered model's (utility ratio 1): no steering "
         "setting changed an answer."
