@@ -475,7 +475,8 @@ class Stage:
         self.location, self.name, self._state, self.active = folder, name, state, active
         self._fence = fence
         self._lost: BaseException | None = None  # why this driver may no longer append (it stops)
-        self._publisher: _Publisher | None = None
+        self._background = False
+        self._publisher: _Publisher | None = None  # started at the first commit when ``background``
 
     # --- opening -----------------------------------------------------------------------------------------
 
@@ -532,8 +533,7 @@ class Stage:
             _normalize(config), schema_version, n_shards, overwrite, tuple(ignore_keys)
         )
         stage._reconcile(listing)
-        if background:
-            stage._publisher = _Publisher(stage)
+        stage._background = background
         return stage
 
     def _choose_generation(
@@ -784,6 +784,8 @@ class Stage:
         self._append({"op": "commit", "record": record.to_json()})
         gen.shards[record.shard] = record
         if self.publishing:
+            if self._background and self._publisher is None:
+                self._publisher = _Publisher(self)
             if self._publisher is not None:
                 self._publisher.put(record)
             else:
@@ -797,7 +799,7 @@ class Stage:
         Side effect: **replaces the previously published output** (the old generation's objects are
         deleted once the new ones are in place).
         """
-        self._wait_published()
+        self.close()
         if self.publishing or not self.is_complete():
             self._maybe_compact(force=True)
             return False
@@ -824,9 +826,12 @@ class Stage:
         return True
 
     def close(self) -> None:
-        """Stop the background publisher after it has published everything queued (idempotent)."""
-        if self._publisher is not None:
-            self._publisher.stop()
+        """Stop the background publisher once it has published everything queued (idempotent); a later
+        commit starts a new one. :meth:`finish` calls it."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.stop()
+            publisher.raise_error()
 
     def _wait_published(self, shard: int | None = None) -> None:
         if self._publisher is not None:
