@@ -113,23 +113,47 @@ class OutputLease:
             self._check_holder(held, dry_run)
 
     def acquire(self) -> None:
-        """Take the lease or raise :class:`LeaseError` naming the holder; writes nothing when refused."""
-        self.check(dry_run=False)
-        claims = self.out.child(CLAIMS)
-        epochs = [int(f.name.split(".")[0]) for f in claims.list() if f.name.split(".")[0].isdigit()]
+        """Take the lease or raise :class:`LeaseError` naming the holder; writes nothing when refused.
+
+        The new epoch is the one after the holder's that was checked (or after the newest claim when
+        nobody holds it), so of two drivers that checked the same holder only one can claim it.
+        """
         held = self._read()
-        self.epoch = max([*epochs, int((held or {}).get("epoch", 0))], default=0) + 1
+        if held is not None and held.get("owner") != self.owner:
+            self._check_holder(held)
+        claims = self.out.child(CLAIMS)
+        epochs = sorted(int(f.name.split(".")[0]) for f in claims.list() if f.name.split(".")[0].isdigit())
+        known = held is not None and "epoch" in held
+        self.epoch = (int(held["epoch"]) if known and held else max(epochs, default=0)) + 1
         try:
-            claims.child(f"{self.epoch:010d}.json").create_bytes(json.dumps(self._body()).encode())
+            self._claim(claims)
         except FileExistsError as err:
-            raise LeaseError(
-                f"{self.out}: another driver took the lease at the same moment ({_describe(self._read() or {})}); "
-                "run one job per output folder"
-            ) from err
+            other = self._read_claim(claims, self.epoch)
+            if time.time() - float(other.get("heartbeat", 0)) <= self.ttl_s:
+                raise LeaseError(
+                    f"{self.out}: another driver took the lease at the same moment ({_describe(other)}); "
+                    "run one job per output folder"
+                ) from err
+            # a claimer that died before writing the lease (its claim is stale): claim past every claim
+            self.epoch = max(epochs, default=0) + 1
+            try:
+                self._claim(claims)
+            except FileExistsError as again:
+                raise LeaseError(f"{self.out}: another driver took the lease at the same moment") from again
         self.where.write_text(json.dumps(self._body()))
         self._confirmed = time.monotonic()
         claims.delete_many([f"{e:010d}.json" for e in epochs if e < self.epoch])
         _HELD[self.out.uri] = self
+
+    def _claim(self, claims: Location) -> None:
+        claims.child(f"{self.epoch:010d}.json").create_bytes(json.dumps(self._body()).encode())
+
+    @staticmethod
+    def _read_claim(claims: Location, epoch: int) -> dict:
+        try:
+            return json.loads(claims.child(f"{epoch:010d}.json").read_bytes())
+        except (OSError, ValueError):
+            return {"heartbeat": time.time()}
 
     def ensure_held(self) -> None:
         """Raise :class:`LeaseLostError` unless this driver surely still holds the lease (no I/O: O(1)).
@@ -293,7 +317,7 @@ def _holder_dead(held: dict) -> str | None:
     if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", -1))):
         return "its process no longer runs on this host"
     ray_info = held.get("ray") or {}
-    if ray_info.get("gcs_address") and ray_info.get("job_id"):
+    if ray_info.get("gcs_address") and ray_info.get("job_id") and _reachable(ray_info["gcs_address"]):
         jobs = _gcs_query(ray_info["gcs_address"], ray_info.get("cluster_id"))
         if jobs is not None and jobs.get(ray_info["job_id"]) is True:
             return f"its Ray job {ray_info['job_id']} has finished"
@@ -306,19 +330,37 @@ def _cluster_gone(held: dict) -> str | None:
     address = ray_info.get("gcs_address")
     if not address:
         return None
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except (OSError, ValueError):
+    if not _reachable(address):
         return f"its Ray cluster (GCS {address}) is gone"
     if ray_info.get("cluster_id") and _gcs_query(address, ray_info["cluster_id"]) is None:
         return f"the Ray cluster at {address} is a new one (not cluster {ray_info['cluster_id'][:12]}…)"
     return None
 
 
-def _gcs_query(address: str, cluster_id: str | None) -> dict[str, bool] | None:
+def _reachable(address: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` (a GCS that is up)."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _gcs_query(address: str, cluster_id: str | None, timeout_s: float = 8.0) -> dict[str, bool] | None:
     """Job id → finished, from the GCS at ``address``; None if it is not the cluster ``cluster_id`` or does not
-    answer. Imports Ray only here: a holder that recorded a Ray cluster ran under Ray."""
+    answer within ``timeout_s`` (Ray's client would wait a minute for a dying GCS)."""
+    answer: list[dict[str, bool] | None] = [None]
+    thread = threading.Thread(
+        target=lambda: answer.__setitem__(0, _ask_gcs(address, cluster_id)), daemon=True
+    )
+    thread.start()
+    thread.join(timeout_s)
+    return answer[0]
+
+
+def _ask_gcs(address: str, cluster_id: str | None) -> dict[str, bool] | None:
+    """Imports Ray only here: a holder that recorded a Ray cluster ran under Ray."""
     try:
         from ray._raylet import GcsClient  # type: ignore[attr-defined]
 

@@ -302,8 +302,13 @@ def _create_local(path: str, data: bytes) -> None:
     _fsync_dir(folder)
 
 
-@functools.lru_cache(maxsize=16)
 def _s3_client(root: str):
+    """The boto3 client for ``root`` under the current AWS endpoint setting (one per endpoint, per process)."""
+    return _s3_client_for(root, os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"))
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_client_for(root: str, endpoint: str | None):
     """A boto3 S3 client configured like ``pyarrow.fs`` (the AWS variables), with bounded timeouts.
 
     Bounded timeouts matter for fencing: a conditional PUT that hangs longer than the lease margin could
@@ -315,7 +320,7 @@ def _s3_client(root: str):
     except ImportError as err:  # boto3 is a dependency of conva; a stripped install may lack it
         raise ValueError(f"{root}: writing a commit log on S3 needs boto3 (pip install boto3)") from err
     config = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
 def _s3_create(uri: str, bucket: str, key: str, data: bytes) -> None:
