@@ -3,8 +3,8 @@
 Layout of a stage folder ``<out>/<stage>/`` (a local folder, a shared mount or ``s3://…``)::
 
     part-00000.parquet, power/meta.json, …     published objects of the current generation: what readers see
-    _log/000000000001.json, …                  the commit log: one small object per record, append-only
-    _log/000000001000.checkpoint.json          the log's state up to record 1000 (compaction)
+    _log/000000000001.json, …                  the commit log: one small object per record, created only if absent
+    _log/000000001000.segment.json             records 1–1000 in one object (their single objects deleted)
     _attempts/g2/00007-<attempt>/…             objects one worker wrote for one attempt at one shard
     _input/<sha256>.parquet                    a generated input table the workers read their slices from
 
@@ -16,9 +16,25 @@ How a shard is committed:
 2. The driver appends a ``commit`` record to the log: one small object, O(1) whatever the number of
    shards. That record *is* the commit. The first attempt of a shard to be logged counts; a later one (a
    retry that raced, a zombie worker that woke up) is ignored and its objects deleted.
-3. The driver publishes the committed objects under their final names: a rename on a filesystem, a
-   server-side copy on an object store. A reader listing the folder (pandas, DuckDB's ``part-*.parquet``
-   glob) sees committed objects only, never an attempt: ``_``-prefixed names are skipped by pyarrow.
+3. The driver publishes the committed objects under their final names (in a background thread when
+   opened with ``background``): a rename on a filesystem, a server-side copy on an object store (in parts
+   over 5 GiB). A reader listing the folder (pandas, DuckDB's ``part-*.parquet`` glob) sees committed
+   objects only, never an attempt: ``_``-prefixed names are skipped by pyarrow. A committed object whose
+   source is missing at publish is an error (:class:`StoreError`), never skipped.
+
+**Single writer, fenced.** Record ``n`` is created only if no object of that name exists
+(:meth:`~conva.batch.storage.Location.create_bytes`: ``link`` locally, a conditional PUT with
+``If-None-Match: *`` on S3), so two drivers can never both log sequence number ``n``: the one that finds
+it taken raises :class:`FencedError` and stops, before publishing anything. Opening a stage appends an
+``open`` record first: a driver that opened the stage earlier fails at its next append, and an opener
+whose replay went stale fails before deleting anything. Before every append the driver also checks that
+it still holds the output's lease (``fence``, :meth:`conva.batch.lease.OutputLease.ensure_held`).
+
+**O(1) per shard.** Every :data:`COMPACT_EVERY` records the driver writes those records as one segment
+object and deletes their single objects in one batch (S3 ``DeleteObjects``); nothing rewrites the whole
+state. The committed set is kept as commits arrive (:meth:`Stage.is_committed` is O(1)). Opening reads
+the segments and the records after them (logs of older versions, with a ``.checkpoint.json`` holding
+the whole state, are read too).
 
 **Generations.** A ``begin`` record holds the stage's config. A rerun with the same config resumes (only
 pending shards run); a different config is refused naming the keys, unless ``overwrite``: then a new
@@ -29,8 +45,7 @@ the new generation where it stopped.
 
 On open the log is replayed and checked against the objects (one listing): a committed object that is
 missing or of the wrong size is dropped, so its shard is computed again; objects of dead attempts are
-deleted. **Single writer**: only the driver holding the output's lease (:mod:`conva.batch.lease`) appends to
-a log.
+deleted (in batches).
 
 Example:
     >>> import tempfile, pyarrow as pa
@@ -55,7 +70,7 @@ import queue
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -274,6 +289,69 @@ def write_files_shard(
 # --- the driver's side: the log, generations, commits --------------------------------------------------------
 
 
+class _Shards:
+    """Shard index → :class:`ShardRecord`, each kept as its compact JSON (bytes) and decoded when read.
+
+    A driver tracks every committed shard of a stage; as Python objects a record takes about 1 KB, as
+    bytes about 0.4 KB, so 10⁵ shards stay within tens of MB. Membership, count, total rows and the
+    stage's schema are O(1); reading a record decodes it (readers go through them once per run).
+    """
+
+    __slots__ = ("_raw", "rows", "schema")
+
+    def __init__(self) -> None:
+        self._raw: dict[int, bytes] = {}
+        self.rows = 0
+        self.schema: str | None = None  # the first committed shard's (every shard must agree)
+
+    def put_json(self, data: dict) -> None:
+        """Add (or replace) a record given as its JSON form (as read from the log: no object built)."""
+        shard = int(data["shard"])
+        self.pop(shard)
+        self._raw[shard] = json.dumps(data, separators=(",", ":")).encode()
+        self.rows += int(data["rows"])
+        if self.schema is None:
+            self.schema = data.get("schema", "")
+
+    def __setitem__(self, shard: int, record: ShardRecord) -> None:
+        if shard != record.shard:
+            raise ValueError(f"record of shard {record.shard} filed under {shard}")
+        self.put_json(record.to_json())
+
+    def __contains__(self, shard: object) -> bool:
+        return shard in self._raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._raw)
+
+    def __getitem__(self, shard: int) -> ShardRecord:
+        return ShardRecord.from_json(json.loads(self._raw[shard]))
+
+    def get(self, shard: int) -> ShardRecord | None:
+        return self[shard] if shard in self._raw else None
+
+    def pop(self, shard: int) -> ShardRecord | None:
+        raw = self._raw.pop(shard, None)
+        if raw is None:
+            return None
+        record = ShardRecord.from_json(json.loads(raw))
+        self.rows -= record.rows
+        if not self._raw:
+            self.schema = None
+        return record
+
+    def items(self) -> Iterator[tuple[int, ShardRecord]]:
+        for shard in list(self._raw):
+            yield shard, self[shard]
+
+    def values(self) -> Iterator[ShardRecord]:
+        for _, record in self.items():
+            yield record
+
+
 @dataclass
 class _Gen:
     """One generation of a stage: its config and the shards committed to it."""
@@ -284,7 +362,7 @@ class _Gen:
     schema_version: int
     ignore_keys: tuple[str, ...]
     n_shards: int
-    shards: dict[int, ShardRecord] = field(default_factory=dict)
+    shards: _Shards = field(default_factory=_Shards)
 
     def to_json(self) -> dict:
         return {
@@ -299,7 +377,9 @@ class _Gen:
 
     @classmethod
     def from_json(cls, data: dict) -> _Gen:
-        shards = {r["shard"]: ShardRecord.from_json(r) for r in data["shards"]}
+        shards = _Shards()
+        for r in data["shards"]:
+            shards.put_json(r)
         return cls(
             data["gen"],
             data["config"],
@@ -339,10 +419,9 @@ class _State:
             if rec.get("current"):
                 self.current = g
         elif op == "commit":
-            record = ShardRecord.from_json(rec["record"])
-            self.gens[record.gen].shards[record.shard] = record
+            self.gens[rec["record"]["gen"]].shards.put_json(rec["record"])
         elif op == "drop":
-            self.gens[rec["gen"]].shards.pop(rec["shard"], None)
+            self.gens[rec["gen"]].shards.pop(rec["shard"])
         elif op == "switch":
             old, self.current = self.current, rec["gen"]
             if old is not None and old != rec["gen"]:
@@ -707,7 +786,7 @@ class Stage:
         return not self.pending()
 
     def row_count(self) -> int:
-        return sum(r.rows for r in self._gen.shards.values())
+        return self._gen.shards.rows
 
     def ref(self, shard: int, attempt: str) -> ShardRef:
         """Where attempt ``attempt`` at ``shard`` writes its objects, and the ids its record carries."""
@@ -775,14 +854,14 @@ class Stage:
             )
             self._discard(record)
             return False
-        other = next(iter(gen.shards.values()), None)
-        if other is not None and other.schema != record.schema:
+        if gen.shards.schema is not None and gen.shards.schema != record.schema:
             self._discard(record)
             raise StoreError(
                 f"{self.location}: shard {record.shard}'s schema differs from the committed shards'"
             )
-        self._append({"op": "commit", "record": record.to_json()})
-        gen.shards[record.shard] = record
+        data = record.to_json()
+        self._append({"op": "commit", "record": data})
+        gen.shards.put_json(data)
         if self.publishing:
             if self._background and self._publisher is None:
                 self._publisher = _Publisher(self)
