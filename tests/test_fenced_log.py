@@ -158,6 +158,15 @@ def test_a_driver_whose_lease_is_taken_over_stops_before_its_next_commit(root: L
     assert _names(root.child(CLAIMS)) == [f"{thief.epoch:010d}.json"]  # only the newest claim stays
 
 
+def test_the_fence_of_a_lease_covers_the_folders_below_it(tmp_path: Path) -> None:
+    root = location(tmp_path)
+    assert held_fence(root) is None
+    with OutputLease(root, "conva study") as lease:
+        assert held_fence(root.child("smollm2")) == lease.ensure_held == held_fence(root)
+        assert held_fence(location(str(tmp_path) + "-other")) is None
+    assert held_fence(root.child("smollm2")) is None
+
+
 def test_a_driver_that_cannot_renew_for_half_the_ttl_stops(tmp_path: Path) -> None:
     root = location(tmp_path)
     with OutputLease(root, "conva run", ttl_s=1.0) as lease:

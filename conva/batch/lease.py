@@ -72,9 +72,12 @@ class LeaseLostError(LeaseError):
 
 
 def held_fence(out: Location) -> Callable[[], None] | None:
-    """The :meth:`OutputLease.ensure_held` of the lease this process holds on ``out`` (None if none)."""
-    lease = _HELD.get(out.uri)
-    return lease.ensure_held if lease is not None else None
+    """The :meth:`OutputLease.ensure_held` of the lease this process holds on ``out`` or a folder above it (a
+    study's lease covers its models' outputs); None if none."""
+    for uri, lease in list(_HELD.items()):
+        if out.uri == uri or out.uri.startswith(uri.rstrip("/") + "/"):
+            return lease.ensure_held
+    return None
 
 
 class OutputLease:
