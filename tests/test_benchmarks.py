@@ -61,8 +61,9 @@ def test_quick_commit_benchmark_through_the_runner():
         runs = commit[where]["runs"]
         assert [x["shards"] for x in runs] == sizes
         # The open and begin records and n commits, a segment every 50 records and one at finish (their single
-        # records deleted): one segment at n = 20; at n = 200 the segments of records 50, 100, 150, 200 and 202.
-        assert [x["log_objects_after"] for x in runs] == [1 if n == 20 else 5 for n in sizes]
+        # records deleted), then the reopening's open record: one segment and a record at n = 20; at n = 200
+        # the segments of records 50, 100, 150, 200 and 202, and record 203.
+        assert [x["log_objects_after"] for x in runs] == [2 if n == 20 else 6 for n in sizes]
     assert "| local disk | 200 |" in proc.stdout and "| S3 (moto, loopback) | 20 |" in proc.stdout
     assert {p: p.read_bytes() for p in before} == before
 
