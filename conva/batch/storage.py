@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
@@ -296,10 +297,25 @@ def _create_local(path: str, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.link(tmp, path)  # atomic; FileExistsError if the name is taken, never a replace
+        try:
+            os.link(tmp, path)  # atomic; FileExistsError if the name is taken, never a replace
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            _create_exclusive(path, data)  # a filesystem without hard links (some FUSE mounts)
     finally:
         os.unlink(tmp)
     _fsync_dir(folder)
+
+
+def _create_exclusive(path: str, data: bytes) -> None:
+    """``O_CREAT | O_EXCL``: still exactly one creator, but a crash mid-write can leave a short file (which the
+    store reports as an unreadable record rather than reading it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _s3_client(root: str):
