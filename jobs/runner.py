@@ -25,6 +25,7 @@ from conva.batch.store import ShardRecord, Stage, stage_status
 from conva.jobs.common import (
     COMMANDS,
     EXPECTED_ERRORS,
+    RAY_PROBE,
     JobError,
     connect_ray,
     interrupted,
@@ -81,7 +82,13 @@ def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool 
     """:func:`run_job` on a job :func:`~conva.jobs.preflight.plan_job` planned (the CLI keeps the plan, to report on it)."""
     start = time.monotonic()
     with (
-        OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease),
+        OutputLease(
+            plan.out,
+            f"conva {job}",
+            ttl_s=plan.cfg.output.lease_ttl_s,
+            break_stale=break_lease,
+            probe=RAY_PROBE,
+        ),
         run_log(plan.out),
     ):
         # config.json describes what readers see: a run that replaces a published generation (--overwrite)

@@ -27,6 +27,7 @@ from conva.batch import storage, store
 from conva.batch.lease import CLAIMS, LeaseError, LeaseLostError, OutputLease, held_fence
 from conva.batch.storage import Location, location
 from conva.batch.store import FencedError, ShardRecord, Stage, StoreError, write_table_shard
+from conva.jobs.common import RAY_PROBE
 
 CONFIG = {"model": {"name": "tiny"}, "seed": 0}
 REPO = Path(__file__).resolve().parents[1]
@@ -314,10 +315,11 @@ _HOLDER = """
 import json, os, socket, sys, time, ray
 from conva.batch.lease import OutputLease
 from conva.batch.storage import location
+from conva.jobs.common import RAY_PROBE
 if sys.argv[5] != "-":  # the driver runs on another machine (a head pod): its pid means nothing here
     socket.gethostname = lambda: sys.argv[5]
 ray.init(address=sys.argv[2], logging_level=40)
-lease = OutputLease(location(sys.argv[1]), "conva run", ttl_s=float(sys.argv[3]))
+lease = OutputLease(location(sys.argv[1]), "conva run", ttl_s=float(sys.argv[3]), probe=RAY_PROBE)
 lease.__enter__()
 print(json.dumps(json.loads(location(sys.argv[1]).child("_lease.json").read_bytes())), flush=True)
 if sys.argv[4] == "exit":
@@ -350,7 +352,7 @@ def test_a_live_holder_on_a_live_cluster_is_refused(ray_head: str, tmp_path: Pat
     try:
         assert held["ray"]["gcs_address"].endswith(ray_head.split(":")[1]) and held["ray"]["job_id"]
         with pytest.raises(LeaseError, match="being written by another driver"):
-            OutputLease(location(tmp_path), "conva run", ttl_s=60.0).acquire()
+            OutputLease(location(tmp_path), "conva run", ttl_s=60.0, probe=RAY_PROBE).acquire()
     finally:
         proc.kill()
         proc.wait()
@@ -360,7 +362,8 @@ def test_a_live_holder_on_a_live_cluster_is_refused(ray_head: str, tmp_path: Pat
 def test_the_lease_of_a_finished_ray_job_is_taken_over_at_once(ray_head: str, tmp_path: Path) -> None:
     proc, held = _holder(tmp_path, ray_head, 60.0, "exit", host="ray-head-pod")
     proc.wait(60)
-    with OutputLease(location(tmp_path), "conva run", ttl_s=60.0) as lease:  # fresh heartbeat, yet taken
+    lease = OutputLease(location(tmp_path), "conva run", ttl_s=60.0, probe=RAY_PROBE)
+    with lease:  # a fresh heartbeat, yet taken: the cluster reports the holder's job finished
         assert lease.epoch == held["epoch"] + 1
         assert json.loads((tmp_path / "_lease.json").read_text())["owner"] == lease.owner
 
@@ -383,7 +386,7 @@ def test_a_holder_whose_cluster_is_gone_is_taken_over_once_stale_with_no_flag(tm
         _kill_cluster(temp)
     last_beat = json.loads((tmp_path / "_lease.json").read_text())["heartbeat"]
     started = time.monotonic()
-    with OutputLease(location(tmp_path), "conva run", ttl_s=4.0) as lease:
+    with OutputLease(location(tmp_path), "conva run", ttl_s=4.0, probe=RAY_PROBE) as lease:
         taken, waited = time.time(), time.monotonic() - started
         assert lease.epoch == held["epoch"] + 1
     assert taken >= last_beat + 4.0  # only once the heartbeat was stale ...

@@ -47,20 +47,42 @@ import json
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Protocol
 
 from conva.batch.storage import Location
 
-__all__ = ["LeaseError", "LeaseLostError", "OutputLease", "LEASE_FILE", "CLAIMS", "held_fence"]
+__all__ = [
+    "LeaseError",
+    "LeaseLostError",
+    "OutputLease",
+    "ClusterProbe",
+    "LEASE_FILE",
+    "CLAIMS",
+    "held_fence",
+]
 
 _log = logging.getLogger(__name__)
 LEASE_FILE = "_lease.json"
 CLAIMS = "_lease.claims"
 _HELD: dict[str, OutputLease] = {}  # the leases this process holds, by output URI (for held_fence)
+
+
+class ClusterProbe(Protocol):
+    """What the lease asks of the cluster layer; ``jobs/`` gives Ray's (:data:`conva.jobs.common.RAY_PROBE`), so
+    that this module needs no Ray."""
+
+    def identity(self) -> dict:
+        """This driver's cluster and job: ``gcs_address``, ``cluster_id``, ``job_id`` (empty if not connected)."""
+        ...
+
+    def jobs(self, address: str, cluster_id: str | None) -> dict[str, bool] | None:
+        """Job id → finished, from the cluster at ``address``; None if another cluster than ``cluster_id``
+        answers there. Raises if it cannot ask."""
+        ...
 
 
 class LeaseError(RuntimeError):
@@ -83,8 +105,16 @@ def held_fence(out: Location) -> Callable[[], None] | None:
 class OutputLease:
     """Hold the lease on ``out`` for the duration of a ``with`` block (renewed in a background thread)."""
 
-    def __init__(self, out: Location, job: str, *, ttl_s: float = 60.0, break_stale: bool = False) -> None:
-        self.out, self.job, self.ttl_s, self.break_stale = out, job, ttl_s, break_stale
+    def __init__(
+        self,
+        out: Location,
+        job: str,
+        *,
+        ttl_s: float = 60.0,
+        break_stale: bool = False,
+        probe: ClusterProbe | None = None,
+    ) -> None:
+        self.out, self.job, self.ttl_s, self.break_stale, self.probe = out, job, ttl_s, break_stale, probe
         self.where = out.child(LEASE_FILE)
         self.owner = uuid.uuid4().hex
         self.started = time.time()
@@ -103,8 +133,15 @@ class OutputLease:
             "pid": os.getpid(),
             "started": self.started,
             "heartbeat": time.time(),
-            "ray": _ray_identity(),
+            "ray": self._identity(),
         }
+
+    def _identity(self) -> dict:
+        try:
+            return self.probe.identity() if self.probe is not None else {}
+        except Exception as err:  # the lease works without it (a takeover then needs --break-lease)
+            _log.info("could not read this driver's Ray identity: %s", err)
+            return {}
 
     def check(self, dry_run: bool = True) -> None:
         """Raise :class:`LeaseError` if :meth:`acquire` would be refused now; reads only (for ``validate``).
@@ -177,7 +214,7 @@ class OutputLease:
     def _check_holder(self, held: dict, dry_run: bool = False) -> None:
         age = time.time() - float(held.get("heartbeat", 0))
         who = _describe(held)
-        dead = _holder_dead(held)
+        dead = _holder_dead(held, self.probe)
         if dead:
             _log.warning(
                 "%s: %s the lease of %s: %s",
@@ -187,7 +224,7 @@ class OutputLease:
                 dead,
             )
             return
-        gone = _cluster_gone(held)
+        gone = _cluster_gone(held, self.probe)
         if gone and age < self.ttl_s and not dry_run:
             held, age = self._wait_stale(held, gone)
         if gone and age >= self.ttl_s:
@@ -315,19 +352,22 @@ def _describe(held: dict) -> str:
     return f"{held.get('job', '?')}, pid {held.get('pid', '?')} on {held.get('host', '?')}, started {started}"
 
 
-def _holder_dead(held: dict) -> str | None:
+_UNKNOWN: dict[str, bool] = {}  # the cluster could not be asked (no probe, no answer in time)
+
+
+def _holder_dead(held: dict, probe: ClusterProbe | None) -> str | None:
     """Why the holder's driver is certainly dead (its process is gone from this host, its Ray job finished)."""
     if held.get("host") == socket.gethostname() and not _alive(int(held.get("pid", -1))):
         return "its process no longer runs on this host"
     ray_info = held.get("ray") or {}
     if ray_info.get("gcs_address") and ray_info.get("job_id") and _reachable(ray_info["gcs_address"]):
-        jobs = _gcs_query(ray_info["gcs_address"], ray_info.get("cluster_id"))
-        if jobs is not None and jobs.get(ray_info["job_id"]) is True:
+        jobs = _ask(probe, ray_info["gcs_address"], ray_info.get("cluster_id"))
+        if jobs is not None and jobs is not _UNKNOWN and jobs.get(ray_info["job_id"]) is True:
             return f"its Ray job {ray_info['job_id']} has finished"
     return None
 
 
-def _cluster_gone(held: dict) -> str | None:
+def _cluster_gone(held: dict, probe: ClusterProbe | None) -> str | None:
     """Why the holder's Ray cluster is gone (nothing answers at its GCS address, or another cluster does)."""
     ray_info = held.get("ray") or {}
     address = ray_info.get("gcs_address")
@@ -335,7 +375,7 @@ def _cluster_gone(held: dict) -> str | None:
         return None
     if not _reachable(address):
         return f"its Ray cluster (GCS {address}) is gone"
-    if ray_info.get("cluster_id") and _gcs_query(address, ray_info["cluster_id"]) is None:
+    if ray_info.get("cluster_id") and _ask(probe, address, ray_info["cluster_id"]) is None:
         return f"the Ray cluster at {address} is a new one (not cluster {ray_info['cluster_id'][:12]}…)"
     return None
 
@@ -350,47 +390,23 @@ def _reachable(address: str) -> bool:
     return True
 
 
-def _gcs_query(address: str, cluster_id: str | None, timeout_s: float = 8.0) -> dict[str, bool] | None:
-    """Job id → finished, from the GCS at ``address``; None if it is not the cluster ``cluster_id`` or does not
-    answer within ``timeout_s`` (Ray's client would wait a minute for a dying GCS)."""
-    answer: list[dict[str, bool] | None] = [None]
-    thread = threading.Thread(
-        target=lambda: answer.__setitem__(0, _ask_gcs(address, cluster_id)), daemon=True
-    )
+def _ask(probe: ClusterProbe | None, address: str, cluster_id: str | None, timeout_s: float = 8.0):
+    """``probe.jobs(address, cluster_id)``, or :data:`_UNKNOWN` without a probe, on an error or after
+    ``timeout_s`` (Ray's client waits a minute for a dying GCS)."""
+    if probe is None:
+        return _UNKNOWN
+    answer: list = [_UNKNOWN]
+
+    def ask() -> None:
+        try:
+            answer[0] = probe.jobs(address, cluster_id)
+        except Exception as err:  # cannot show anything: the caller refuses or waits
+            _log.info("could not ask the Ray cluster at %s about the lease holder: %s", address, err)
+
+    thread = threading.Thread(target=ask, daemon=True)
     thread.start()
     thread.join(timeout_s)
     return answer[0]
-
-
-def _ask_gcs(address: str, cluster_id: str | None) -> dict[str, bool] | None:
-    """Imports Ray only here: a holder that recorded a Ray cluster ran under Ray."""
-    try:
-        from ray._raylet import GcsClient  # type: ignore[attr-defined]
-
-        client = GcsClient(address=address)
-        if cluster_id and client.cluster_id.hex() != cluster_id:
-            return None
-        return {k.hex(): bool(v.is_dead) for k, v in client.get_all_job_info(timeout=5).items()}
-    except Exception as err:  # any failure to ask means "cannot show it": the caller refuses or waits
-        _log.info("could not ask the Ray GCS at %s about the lease holder: %s", address, err)
-        return None
-
-
-def _ray_identity() -> dict:
-    """The Ray cluster and job this driver runs in (empty when it is not connected to Ray)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return {}
-    try:
-        ctx = ray.get_runtime_context()
-        node = ray._private.worker.global_worker.node
-        return {
-            "gcs_address": ctx.gcs_address,
-            "cluster_id": node.cluster_id.hex(),
-            "job_id": ctx.get_job_id(),
-        }
-    except Exception:  # a Ray version without these: the lease works without (takeover needs --break-lease)
-        return {}
 
 
 def _alive(pid: int) -> bool:
