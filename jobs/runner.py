@@ -266,6 +266,8 @@ def run_model(
             run_stages(pool, runs, cancel)
         finally:
             pool.stop()
+            for stage in stages.values():  # what is committed is published, also when interrupted
+                stage.close(raise_error=False)
         job.extra.update(
             busy=pool.busy,
             returned_bytes=pool.returned_bytes,

@@ -904,12 +904,16 @@ class Stage:
         self._maybe_compact(force=True)
         return True
 
-    def close(self) -> None:
+    def close(self, raise_error: bool = True) -> None:
         """Stop the background publisher once it has published everything queued (idempotent); a later
-        commit starts a new one. :meth:`finish` calls it."""
+        commit starts a new one. :meth:`finish` calls it. ``raise_error=False``: log a publishing error
+        instead of raising it (a caller already unwinding another error; a reopen publishes what is left)."""
         publisher, self._publisher = self._publisher, None
         if publisher is not None:
             publisher.stop()
+            if publisher.error is not None and not raise_error:
+                _log.error("%s: publishing failed: %s", self.location, publisher.error)
+                return
             publisher.raise_error()
 
     def _wait_published(self, shard: int | None = None) -> None:
