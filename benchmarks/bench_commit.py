@@ -5,8 +5,8 @@ standing in for the workers and not timed, N attempts are written the way a work
 (:func:`conva.batch.store.write_table_shard` into each attempt's folder: a small steering-shaped table). Then
 the driver's part is timed, exactly what the stage runner does per shard: ``Stage.commit(record)``
 (append one log object, publish the shard under its final name, delete the attempt folder) and
-``Stage.compact_if_due()`` (a checkpoint of the whole log every ``COMPACT_EVERY`` records, and the
-deletion of the records it covers). ``Stage.finish()`` and a reopening of the complete stage (replaying
+``Stage.compact_if_due()`` (a segment of the last ``COMPACT_EVERY`` records, and one batched deletion of the
+single records it holds). ``Stage.finish()`` and a reopening of the complete stage (replaying
 its log, listing its objects: what a resumed job pays once) are timed separately.
 
 All sizes run one after another in one process (after an untimed warm-up), the first size again at the

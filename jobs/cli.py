@@ -46,7 +46,14 @@ def _help() -> str:
 def validate(argv: list[str] | None = None) -> int:
     """Check a config for ``--job`` (default ``run``) as the run would, writing nothing; 0 if it would start."""
     from conva.batch.lease import LeaseError, OutputLease
-    from conva.jobs.common import EXPECTED_ERRORS, job_parser, output_location, parse_args, setup_logging
+    from conva.jobs.common import (
+        EXPECTED_ERRORS,
+        RAY_PROBE,
+        job_parser,
+        output_location,
+        parse_args,
+        setup_logging,
+    )
     from conva.jobs.preflight import plan_job
     from conva.jobs.runner import JOBS
 
@@ -70,7 +77,11 @@ def validate(argv: list[str] | None = None) -> int:
         cfg, out = output_location(cfg)
         job = plan_job(cfg, out, JOBS[flags.job], flags.overwrite)
         lease = OutputLease(
-            out, f"conva {flags.job}", ttl_s=cfg.output.lease_ttl_s, break_stale=flags.break_lease
+            out,
+            f"conva {flags.job}",
+            ttl_s=cfg.output.lease_ttl_s,
+            break_stale=flags.break_lease,
+            probe=RAY_PROBE,
         )
         lease.check()
     except failures as err:

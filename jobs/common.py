@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import conva
 from conva.batch.config import Config, ConfigError, config_dict, load_config
@@ -41,6 +42,7 @@ __all__ = [
     "run_log",
     "write_config",
     "connect_ray",
+    "RAY_PROBE",
     "log_config",
     "under_job_submission",
     "log_context",
@@ -380,6 +382,34 @@ def write_config(cfg: Config, out: Location) -> None:
     Its canonical hash is every generation row's ``config_sha256`` (:mod:`conva.batch.provenance`).
     """
     out.child("config.json").write_text(json.dumps(config_dict(cfg), indent=1, sort_keys=True))
+
+
+class _RayProbe:
+    """The output lease's view of Ray (:class:`conva.batch.lease.ClusterProbe`): which cluster and job this
+    driver is, and which jobs a cluster at some address reports finished."""
+
+    def identity(self) -> dict:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        ctx = ray.get_runtime_context()
+        node: Any = (
+            ray._private.worker.global_worker.node
+        )  # Ray's own handle: no public API names the cluster id
+        cluster_id = node.cluster_id.hex()
+        return {"gcs_address": ctx.gcs_address, "cluster_id": cluster_id, "job_id": ctx.get_job_id()}
+
+    def jobs(self, address: str, cluster_id: str | None) -> dict[str, bool] | None:
+        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # compiled, no stubs; stable since Ray 2.8
+
+        client = GcsClient(address=address)
+        if cluster_id and client.cluster_id.hex() != cluster_id:
+            return None
+        return {k.hex(): bool(v.is_dead) for k, v in client.get_all_job_info(timeout=5).items()}
+
+
+RAY_PROBE = _RayProbe()
 
 
 def connect_ray() -> None:

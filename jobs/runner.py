@@ -25,6 +25,7 @@ from conva.batch.store import ShardRecord, Stage, stage_status
 from conva.jobs.common import (
     COMMANDS,
     EXPECTED_ERRORS,
+    RAY_PROBE,
     JobError,
     connect_ray,
     interrupted,
@@ -86,7 +87,13 @@ def run_planned(job: str, plan: ModelJob, overwrite: bool, *, break_lease: bool 
     """:func:`run_job` on a job :func:`~conva.jobs.preflight.plan_job` planned (the CLI keeps the plan, to report on it)."""
     start = time.monotonic()
     with (
-        OutputLease(plan.out, f"conva {job}", ttl_s=plan.cfg.output.lease_ttl_s, break_stale=break_lease),
+        OutputLease(
+            plan.out,
+            f"conva {job}",
+            ttl_s=plan.cfg.output.lease_ttl_s,
+            break_stale=break_lease,
+            probe=RAY_PROBE,
+        ),
         run_log(plan.out),
     ):
         # config.json describes what readers see: a run that replaces a published generation (--overwrite)
@@ -264,6 +271,8 @@ def run_model(
             run_stages(pool, runs, cancel)
         finally:
             pool.stop()
+            for stage in stages.values():  # what is committed is published, also when interrupted
+                stage.close(raise_error=False)
         job.extra.update(
             busy=pool.busy,
             returned_bytes=pool.returned_bytes,

@@ -21,6 +21,7 @@ import pyarrow as pa
 from conva.batch.badrows import RowTally
 from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
 from conva.batch.inputs import InputPlan, write_input_table
+from conva.batch.lease import held_fence
 from conva.batch.pipeline import activation_model
 from conva.batch.schemas import SCHEMA_VERSION
 from conva.batch.storage import Location
@@ -248,6 +249,8 @@ def open_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> dict[
             n_shards=spec.n_shards,
             overwrite=overwrite and spec.writes,
             ignore_keys=RESULT_NEUTRAL_KEYS,
+            fence=held_fence(out),  # every log append first checks this driver still holds the lease
+            background=True,  # publishing runs beside the scheduling loop; finish() waits for it
         )
         for spec in specs
     }
@@ -364,7 +367,7 @@ def _evaluate_tasks(spec, stages, slices, values):
         part = gen.object(ref.shard, f"part-{ref.shard:05d}.parquet")
         return ShardTask("evaluate", ref, files=(part,), bundles=bundle_folders(fit, values))
 
-    return (lambda shard: shard in gen.committed()), make
+    return gen.is_committed, make
 
 
 def _utility_tasks(spec, stages, slices, values):

@@ -55,6 +55,7 @@ from conva.batch.study import (
 from conva.batch.summary import OUTPUT_FILES
 from conva.jobs.common import (
     COMMANDS,
+    RAY_PROBE,
     JobError,
     connect_ray,
     interrupted,
@@ -192,7 +193,11 @@ def run_study(
     start = time.monotonic()
     with (
         OutputLease(
-            out, f"conva study {study.study.name}", ttl_s=job_cfg.output.lease_ttl_s, break_stale=break_lease
+            out,
+            f"conva study {study.study.name}",
+            ttl_s=job_cfg.output.lease_ttl_s,
+            break_stale=break_lease,
+            probe=RAY_PROBE,
         ),
         run_log(out),
     ):

@@ -60,9 +60,10 @@ def test_quick_commit_benchmark_through_the_runner():
     for where, sizes in (("local", [20, 200, 20]), ("s3", [20, 20])):
         runs = commit[where]["runs"]
         assert [x["shards"] for x in runs] == sizes
-        # The begin record and n commits, a checkpoint every 50 records: 21 records at n = 20; at n = 200 the
-        # checkpoint of record 200 and record 201.
-        assert [x["log_objects_after"] for x in runs] == [21 if n == 20 else 2 for n in sizes]
+        # The open and begin records and n commits, a segment every 50 records and one at finish (their single
+        # records deleted), then the reopening's open record: one segment and a record at n = 20; at n = 200
+        # the segments of records 50, 100, 150, 200 and 202, and record 203.
+        assert [x["log_objects_after"] for x in runs] == [2 if n == 20 else 6 for n in sizes]
     assert "| local disk | 200 |" in proc.stdout and "| S3 (moto, loopback) | 20 |" in proc.stdout
     assert {p: p.read_bytes() for p in before} == before
 

@@ -135,7 +135,9 @@ def test_backend_registry_builds_by_name(monkeypatch) -> None:
     assert make_steerer(cfg) == ("built", cfg)  # type: ignore[arg-type]
     from conva.batch import registry
 
-    monkeypatch.setattr(registry, "BACKEND_NAMES", dict(registry.BACKEND_NAMES))  # the name goes with the test
+    monkeypatch.setattr(
+        registry, "BACKEND_NAMES", dict(registry.BACKEND_NAMES)
+    )  # the name goes with the test
     assert register_backend("fake2")(len) is len and BACKENDS.pop("fake2") is len
     assert "fake2" in registry.backend_names()
     with pytest.raises(ValueError, match="unknown backend 'nope'"):

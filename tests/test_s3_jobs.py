@@ -168,8 +168,9 @@ def _stage_config(out: str) -> dict:
     log = location(out).child("generations", "_log")
     for f in log.list():
         body = json.loads(log.child(f.name).read_bytes())
-        if body.get("op") == "begin":
-            return body["config"]
+        for record in body.get("records", [body]):  # a segment holds many records
+            if record.get("op") == "begin":
+                return record["config"]
         if "state" in body:
             return body["state"]["gens"][0]["config"]
     raise AssertionError("no begin record")

@@ -307,9 +307,13 @@ def test_the_log_is_compacted_and_replays_to_the_same_state(tmp_path: Path, monk
         _commit(stage, shard, rows=1)
         stage.compact_if_due()
     log = [n for n in _names(stage.location) if n.startswith("_log/")]
-    assert len(log) <= 10 + 1 and any(
-        "checkpoint" in n for n in log
-    )  # bounded: one checkpoint + recent records
+    # 27 records (open, begin, 25 commits): two segments of 10, then the 7 single records after them; a
+    # segment holds only its own records, so no object grows with the number of shards.
+    assert log == ["_log/000000000010.segment.json", "_log/000000000020.segment.json"] + [
+        f"_log/{seq:012d}.json" for seq in range(21, 28)
+    ]
+    segment = json.loads(stage.location.child("_log", "000000000020.segment.json").read_bytes())
+    assert [r["seq"] for r in segment["records"]] == list(range(11, 21))
     reopened = _open(root, n=25)
     assert reopened.records() == stage.records() and reopened.is_complete()
     assert COMPACT_EVERY == 1000

@@ -209,7 +209,9 @@ class OutputConfig(Settings):
     overwrite: bool = Field(False, json_schema_extra=RESULT_NEUTRAL)
     """Replace stages written with another config once the new run completes (as --overwrite); else refuse."""
     lease_ttl_s: float = Field(60.0, gt=0)
-    """A driver's lease on the output counts as stale after this many seconds without a heartbeat (--break-lease)."""
+    """A driver's lease on the output counts as stale after this many seconds without a heartbeat; a stale lease
+    whose holder's Ray cluster is gone is taken over by itself, another only with --break-lease. A driver that
+    cannot renew its lease for half of this stops before its next commit."""
 
 
 class RayConfig(Settings, json_schema_extra=RESULT_NEUTRAL):

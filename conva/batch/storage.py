@@ -10,6 +10,13 @@ Writes are atomic: a reader sees a whole object or none. Object stores publish a
 local or mounted filesystem the bytes go to a temporary name, are fsync'd and renamed into place.
 Nothing here needs rename on an object store: :mod:`conva.batch.store` commits through a log instead.
 
+**Create if absent** (:meth:`Location.create_bytes`) is what makes the store's commit log single-writer:
+on a filesystem the bytes are written to a temporary sibling and ``link``-ed to the name, which fails if
+the name exists (POSIX, NFSv3+); on S3 it is one ``PutObject`` with ``If-None-Match: *``, sent through
+boto3 because ``pyarrow.fs`` cannot send that header. Other object stores are refused.
+:meth:`Location.delete_many` deletes up to 1,000 objects per request on S3 (``DeleteObjects``), and
+:meth:`Location.copy_to` copies objects over 5 GiB (the limit of one ``CopyObject``) in parts.
+
 Example:
     >>> import tempfile
     >>> root = location(tempfile.mkdtemp())
@@ -20,9 +27,12 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +40,10 @@ import pyarrow.fs as pafs
 
 from conva.files import atomic_write
 
-__all__ = ["Location", "StoredFile", "location", "is_uri", "s3_setup_problem", "S3_HINT"]
+__all__ = ["Location", "StoredFile", "location", "is_uri", "s3_setup_problem", "S3_HINT", "MAX_SINGLE_COPY"]
+
+# The largest object one S3 CopyObject may copy; a larger one is copied in parts (UploadPartCopy).
+MAX_SINGLE_COPY = 5 * 1024**3
 
 
 def is_uri(text: str | os.PathLike) -> bool:
@@ -160,15 +173,60 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
-    def move_to(self, dest: Location) -> None:
-        """Move this file to ``dest`` (replacing it): a rename locally, copy + delete on object stores."""
+    def create_bytes(self, data: bytes) -> None:
+        """Write the file only if no file of that name exists; else raise ``FileExistsError`` (atomic).
+
+        Two writers racing for one name: exactly one succeeds, whatever the timing. Locally the bytes are
+        written and fsync'd under a temporary name, then hard-linked to the name (``link`` fails if it
+        exists). On S3: ``PutObject`` with ``If-None-Match: *`` (HTTP 412 when the key exists).
+        """
+        if self.is_local:
+            _create_local(self.path, data)
+        elif self.uri.startswith("s3://"):
+            bucket, key = self.path.split("/", 1)
+            _s3_create(self.uri, bucket, key, data)
+        else:
+            raise ValueError(
+                f"{self.uri}: the store needs create-if-absent writes, which conva supports on local or mounted "
+                "filesystems and on S3 (conditional PUT) only"
+            )
+
+    def move_to(self, dest: Location, size: int | None = None) -> None:
+        """Move this file to ``dest`` (replacing it): a rename locally, :meth:`copy_to` + delete on object stores.
+
+        Raises ``FileNotFoundError`` if this file is not there.
+        """
         if self.is_local != dest.is_local:
             raise ValueError(f"cannot move {self.uri} to {dest.uri}: different storage")
         if self.is_local:
             os.makedirs(os.path.dirname(dest.path), exist_ok=True)
-        self.fs.move(self.path, dest.path)
-        if self.is_local:
+            os.rename(self.path, dest.path)  # FileNotFoundError if the source is gone
             _fsync_dir(os.path.dirname(dest.path))
+            return
+        self.copy_to(dest, size)
+        if self.uri.startswith("s3://"):
+            self.parent().delete_many([self.name])  # pyarrow's delete would leave a folder marker behind
+        else:
+            self.delete()
+
+    def copy_to(self, dest: Location, size: int | None = None) -> None:
+        """Copy this object to ``dest`` server-side (object stores; locally a plain copy).
+
+        Raises ``FileNotFoundError`` if this file is not there. On S3: one ``CopyObject`` through boto3
+        (pyarrow's would add folder markers), or for an object over :data:`MAX_SINGLE_COPY` bytes
+        (``size``, when the caller knows it) a copy in parts.
+        """
+        if self.uri.startswith("s3://") and dest.uri.startswith("s3://"):
+            if size is not None and size > MAX_SINGLE_COPY:
+                _s3_copy_large(self, dest)
+            else:
+                _s3_copy(self, dest)
+            return
+        if self.info().type != pafs.FileType.File:
+            raise FileNotFoundError(f"{self.uri} does not exist")
+        if dest.is_local:
+            os.makedirs(os.path.dirname(dest.path), exist_ok=True)
+        self.fs.copy_file(self.path, dest.path)
 
     def delete(self) -> None:
         """Delete this file; nothing if it is not there."""
@@ -176,6 +234,21 @@ class Location:
             self.fs.delete_file(self.path)
         except FileNotFoundError:
             pass
+
+    def delete_many(self, names: Sequence[str]) -> None:
+        """Delete the files ``names`` (paths below this folder); missing ones are ignored.
+
+        On S3 one ``DeleteObjects`` request per 1,000 names instead of one request per file.
+        """
+        if not names:
+            return
+        if self.uri.startswith("s3://"):
+            bucket, _, prefix = self.path.partition("/")
+            keys = [posixpath.join(prefix, n) if prefix else n for n in names]
+            _s3_delete(self.uri, bucket, keys)
+            return
+        for name in names:
+            self.child(name).delete()
 
     def delete_tree(self) -> None:
         """Delete this folder and everything below it; nothing if it is not there."""
@@ -211,6 +284,117 @@ def location(spec: str | os.PathLike | Location, base: str | os.PathLike | None 
     except (ValueError, OSError) as err:  # pyarrow.lib.ArrowInvalid is a ValueError
         raise ValueError(f"cannot open {text!r}: {err}") from err
     return Location(text.rstrip("/"))
+
+
+def _create_local(path: str, data: bytes) -> None:
+    """Create ``path`` with ``data`` unless it exists: write a temporary sibling, fsync, ``link``, unlink."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)  # atomic; FileExistsError if the name is taken, never a replace
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            _create_exclusive(path, data)  # a filesystem without hard links (some FUSE mounts)
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def _create_exclusive(path: str, data: bytes) -> None:
+    """``O_CREAT | O_EXCL``: still exactly one creator, but a crash mid-write can leave a short file (which the
+    store reports as an unreadable record rather than reading it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _s3_client(root: str):
+    """The boto3 client for ``root`` under the current AWS endpoint setting (one per endpoint, per process)."""
+    return _s3_client_for(root, os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3"))
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_client_for(root: str, endpoint: str | None):
+    """A boto3 S3 client configured like ``pyarrow.fs`` (the AWS variables), with bounded timeouts.
+
+    Bounded timeouts matter for fencing: a conditional PUT that hangs longer than the lease margin could
+    land after the lease passed to another driver (see :mod:`conva.batch.lease`).
+    """
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError as err:  # boto3 is a dependency of conva; a stripped install may lack it
+        raise ValueError(f"{root}: writing a commit log on S3 needs boto3 (pip install boto3)") from err
+    config = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 2, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+def _s3_create(uri: str, bucket: str, key: str, data: bytes) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        _s3_client(f"s3://{bucket}").put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+    except ClientError as err:
+        code = err.response.get("Error", {}).get("Code", "")
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        # 412: the key exists; 409 ConditionalRequestConflict: another conditional write to it is in flight.
+        if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+            raise FileExistsError(f"{uri} exists (written by another writer)") from err
+        raise OSError(f"{uri}: conditional PUT failed: {err}") from err
+
+
+def _s3_delete(uri: str, bucket: str, keys: list[str]) -> None:
+    client = _s3_client(f"s3://{bucket}")
+    for start in range(0, len(keys), 1000):
+        chunk = keys[start : start + 1000]
+        reply = client.delete_objects(
+            Bucket=bucket, Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True}
+        )
+        errors = [e for e in reply.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+        if errors:
+            raise OSError(f"{uri}: could not delete {len(errors)} objects, e.g. {errors[0]}")
+
+
+def _s3_copy(src: Location, dest: Location) -> None:
+    from botocore.exceptions import ClientError
+
+    sbucket, skey = src.path.split("/", 1)
+    dbucket, dkey = dest.path.split("/", 1)
+    try:
+        _s3_client(f"s3://{dbucket}").copy_object(
+            Bucket=dbucket, Key=dkey, CopySource={"Bucket": sbucket, "Key": skey}
+        )
+    except ClientError as err:
+        if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+            raise FileNotFoundError(f"{src.uri} does not exist") from err
+        raise OSError(f"copying {src.uri} to {dest.uri} failed: {err}") from err
+
+
+def _s3_copy_large(src: Location, dest: Location) -> None:
+    """Copy an object over 5 GiB server-side in parts (boto3's managed copy: UploadPartCopy)."""
+    from boto3.s3.transfer import TransferConfig
+
+    sbucket, skey = src.path.split("/", 1)
+    dbucket, dkey = dest.path.split("/", 1)
+    part = 512 * 1024**2
+    _s3_client(f"s3://{dbucket}").copy(
+        {"Bucket": sbucket, "Key": skey},
+        dbucket,
+        dkey,
+        Config=TransferConfig(
+            multipart_threshold=min(part, MAX_SINGLE_COPY), multipart_chunksize=min(part, MAX_SINGLE_COPY)
+        ),
+    )
 
 
 def _fsync_dir(folder: str) -> None:

@@ -3,8 +3,8 @@
 Layout of a stage folder ``<out>/<stage>/`` (a local folder, a shared mount or ``s3://…``)::
 
     part-00000.parquet, power/meta.json, …     published objects of the current generation: what readers see
-    _log/000000000001.json, …                  the commit log: one small object per record, append-only
-    _log/000000001000.checkpoint.json          the log's state up to record 1000 (compaction)
+    _log/000000000001.json, …                  the commit log: one small object per record, created only if absent
+    _log/000000001000.segment.json             records 1–1000 in one object (their single objects deleted)
     _attempts/g2/00007-<attempt>/…             objects one worker wrote for one attempt at one shard
     _input/<sha256>.parquet                    a generated input table the workers read their slices from
 
@@ -16,9 +16,25 @@ How a shard is committed:
 2. The driver appends a ``commit`` record to the log: one small object, O(1) whatever the number of
    shards. That record *is* the commit. The first attempt of a shard to be logged counts; a later one (a
    retry that raced, a zombie worker that woke up) is ignored and its objects deleted.
-3. The driver publishes the committed objects under their final names: a rename on a filesystem, a
-   server-side copy on an object store. A reader listing the folder (pandas, DuckDB's ``part-*.parquet``
-   glob) sees committed objects only, never an attempt: ``_``-prefixed names are skipped by pyarrow.
+3. The driver publishes the committed objects under their final names (in a background thread when
+   opened with ``background``): a rename on a filesystem, a server-side copy on an object store (in parts
+   over 5 GiB). A reader listing the folder (pandas, DuckDB's ``part-*.parquet`` glob) sees committed
+   objects only, never an attempt: ``_``-prefixed names are skipped by pyarrow. A committed object whose
+   source is missing at publish is an error (:class:`StoreError`), never skipped.
+
+**Single writer, fenced.** Record ``n`` is created only if no object of that name exists
+(:meth:`~conva.batch.storage.Location.create_bytes`: ``link`` locally, a conditional PUT with
+``If-None-Match: *`` on S3), so two drivers can never both log sequence number ``n``: the one that finds
+it taken raises :class:`FencedError` and stops, before publishing anything. Opening a stage appends an
+``open`` record first: a driver that opened the stage earlier fails at its next append, and an opener
+whose replay went stale fails before deleting anything. Before every append the driver also checks that
+it still holds the output's lease (``fence``, :meth:`conva.batch.lease.OutputLease.ensure_held`).
+
+**O(1) per shard.** Every :data:`COMPACT_EVERY` records the driver writes those records as one segment
+object and deletes their single objects in one batch (S3 ``DeleteObjects``); nothing rewrites the whole
+state. The committed set is kept as commits arrive (:meth:`Stage.is_committed` is O(1)). Opening reads
+the segments and the records after them (logs of older versions, with a ``.checkpoint.json`` holding
+the whole state, are read too).
 
 **Generations.** A ``begin`` record holds the stage's config. A rerun with the same config resumes (only
 pending shards run); a different config is refused naming the keys, unless ``overwrite``: then a new
@@ -29,8 +45,7 @@ the new generation where it stopped.
 
 On open the log is replayed and checked against the objects (one listing): a committed object that is
 missing or of the wrong size is dropped, so its shard is computed again; objects of dead attempts are
-deleted. **Single writer**: only the driver holding the output's lease (:mod:`conva.batch.lease`) appends to
-a log.
+deleted (in batches).
 
 Example:
     >>> import tempfile, pyarrow as pa
@@ -51,13 +66,17 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
-from collections.abc import Iterable
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from conva.batch.storage import Location
@@ -70,6 +89,7 @@ __all__ = [
     "StageStatus",
     "StoreError",
     "ConfigMismatchError",
+    "FencedError",
     "write_table_shard",
     "write_files_shard",
     "schema_hash",
@@ -84,17 +104,21 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_RECORD = re.compile(r"^(\d{12})(\.checkpoint)?\.json$")
+_RECORD = re.compile(r"^(\d{12})(\.checkpoint|\.segment)?\.json$")
 _LOG, _ATTEMPTS, _INPUT = "_log", "_attempts", "_input"
 _LEGACY_MANIFEST = "_manifest.json"
 _MISSING = object()
-# Records between checkpoints: opening a stage reads one checkpoint and at most this many records; a
-# checkpoint costs O(shards), so its amortised cost per commit stays small at any scale.
+# Records per log segment: every COMPACT_EVERY records the driver writes them as one segment object and
+# deletes the single-record objects in one batch; a segment costs O(COMPACT_EVERY), so O(1) per commit.
 COMPACT_EVERY = 1000
 
 
 class StoreError(RuntimeError):
     """A stage's folder is in a state the store refuses to write over."""
+
+
+class FencedError(StoreError):
+    """Another driver appended to this stage's log: this driver lost the log and must stop at once."""
 
 
 class ConfigMismatchError(StoreError):
@@ -109,7 +133,7 @@ class ConfigMismatchError(StoreError):
         self.keys = keys
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredObject:
     """One object of a committed shard: its name below the stage folder, its size and sha256."""
 
@@ -129,7 +153,7 @@ class ShardRef:
     folder: Location
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardRecord:
     """What a worker returns for one shard instead of its data: the objects it wrote and a few facts.
 
@@ -265,6 +289,69 @@ def write_files_shard(
 # --- the driver's side: the log, generations, commits --------------------------------------------------------
 
 
+class _Shards:
+    """Shard index → :class:`ShardRecord`, each kept as its compact JSON (bytes) and decoded when read.
+
+    A driver tracks every committed shard of a stage; as Python objects a record takes about 1 KB, as
+    bytes about 0.4 KB, so 10⁵ shards stay within tens of MB. Membership, count, total rows and the
+    stage's schema are O(1); reading a record decodes it (readers go through them once per run).
+    """
+
+    __slots__ = ("_raw", "rows", "schema")
+
+    def __init__(self) -> None:
+        self._raw: dict[int, bytes] = {}
+        self.rows = 0
+        self.schema: str | None = None  # the first committed shard's (every shard must agree)
+
+    def put_json(self, data: dict) -> None:
+        """Add (or replace) a record given as its JSON form (as read from the log: no object built)."""
+        shard = int(data["shard"])
+        self.pop(shard)
+        self._raw[shard] = json.dumps(data, separators=(",", ":")).encode()
+        self.rows += int(data["rows"])
+        if self.schema is None:
+            self.schema = data.get("schema", "")
+
+    def __setitem__(self, shard: int, record: ShardRecord) -> None:
+        if shard != record.shard:
+            raise ValueError(f"record of shard {record.shard} filed under {shard}")
+        self.put_json(record.to_json())
+
+    def __contains__(self, shard: object) -> bool:
+        return shard in self._raw
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._raw)
+
+    def __getitem__(self, shard: int) -> ShardRecord:
+        return ShardRecord.from_json(json.loads(self._raw[shard]))
+
+    def get(self, shard: int) -> ShardRecord | None:
+        return self[shard] if shard in self._raw else None
+
+    def pop(self, shard: int) -> ShardRecord | None:
+        raw = self._raw.pop(shard, None)
+        if raw is None:
+            return None
+        record = ShardRecord.from_json(json.loads(raw))
+        self.rows -= record.rows
+        if not self._raw:
+            self.schema = None
+        return record
+
+    def items(self) -> Iterator[tuple[int, ShardRecord]]:
+        for shard in list(self._raw):
+            yield shard, self[shard]
+
+    def values(self) -> Iterator[ShardRecord]:
+        for _, record in self.items():
+            yield record
+
+
 @dataclass
 class _Gen:
     """One generation of a stage: its config and the shards committed to it."""
@@ -275,7 +362,7 @@ class _Gen:
     schema_version: int
     ignore_keys: tuple[str, ...]
     n_shards: int
-    shards: dict[int, ShardRecord] = field(default_factory=dict)
+    shards: _Shards = field(default_factory=_Shards)
 
     def to_json(self) -> dict:
         return {
@@ -290,7 +377,9 @@ class _Gen:
 
     @classmethod
     def from_json(cls, data: dict) -> _Gen:
-        shards = {r["shard"]: ShardRecord.from_json(r) for r in data["shards"]}
+        shards = _Shards()
+        for r in data["shards"]:
+            shards.put_json(r)
         return cls(
             data["gen"],
             data["config"],
@@ -310,7 +399,9 @@ class _State:
     current: int | None = None
     last_gen: int = 0  # the highest generation number ever begun: never reused
     next_seq: int = 1
-    since_checkpoint: int = 0
+    covered: int = 0  # the last sequence number held by a segment (or a legacy checkpoint)
+    tail: list[dict] = field(default_factory=list)  # the records after ``covered``: the next segment's
+    leftover: list[int] = field(default_factory=list)  # single records a segment holds, still to delete
 
     def apply(self, rec: dict) -> None:
         op = rec["op"]
@@ -328,16 +419,17 @@ class _State:
             if rec.get("current"):
                 self.current = g
         elif op == "commit":
-            record = ShardRecord.from_json(rec["record"])
-            self.gens[record.gen].shards[record.shard] = record
+            self.gens[rec["record"]["gen"]].shards.put_json(rec["record"])
         elif op == "drop":
-            self.gens[rec["gen"]].shards.pop(rec["shard"], None)
+            self.gens[rec["gen"]].shards.pop(rec["shard"])
         elif op == "switch":
             old, self.current = self.current, rec["gen"]
             if old is not None and old != rec["gen"]:
                 self.gens.pop(old, None)
         elif op == "abandon":
             self.gens.pop(rec["gen"], None)
+        elif op == "open":
+            pass  # a driver opened the stage: its claim on the next sequence number (the fence)
         else:
             raise StoreError(f"unknown log record {op!r}")
 
@@ -355,23 +447,32 @@ class _State:
 
 
 def _replay(folder: Location) -> _State:
-    """The stage's state from its log: the newest checkpoint, then every record after it, in order."""
-    found: dict[int, list[str]] = {}
+    """The stage's state from its log: a legacy checkpoint if any, the segments, then the single records."""
+    kinds: dict[int, set[str]] = {}
     for f in folder.child(_LOG).list():
         match = _RECORD.match(f.name)
         if match:
-            found.setdefault(int(match.group(1)), []).append(f.name)
-    checkpoints = [seq for seq, names in found.items() if any(".checkpoint" in n for n in names)]
-    state, start = _State(), 0
-    if checkpoints:
-        start = max(checkpoints)
-        state = _State.from_json(_read_json(folder.child(_LOG, f"{start:012d}.checkpoint.json"))["state"])
-    for seq in sorted(
-        s for s, names in found.items() if s > start and any(".checkpoint" not in n for n in names)
-    ):
-        state.apply(_read_json(folder.child(_LOG, f"{seq:012d}.json")))
-        state.since_checkpoint += 1
-    state.next_seq = max(found, default=0) + 1
+            kinds.setdefault(int(match.group(1)), set()).add(match.group(2) or "")
+    state, pos = _State(), 0
+    checkpoints = [seq for seq, k in kinds.items() if ".checkpoint" in k]
+    if checkpoints:  # written by versions before segments: the whole state up to that record
+        pos = max(checkpoints)
+        state = _State.from_json(_read_json(folder.child(_LOG, f"{pos:012d}.checkpoint.json"))["state"])
+    for last in sorted(seq for seq, k in kinds.items() if ".segment" in k and seq > pos):
+        for rec in _read_json(folder.child(_LOG, f"{last:012d}.segment.json"))["records"]:
+            if rec["seq"] > pos:
+                state.apply(rec)
+                pos = rec["seq"]
+        pos = last
+    state.covered = pos
+    for seq in sorted(seq for seq, k in kinds.items() if "" in k):
+        if seq <= pos:  # a segment holds it; the driver died before deleting the single record
+            state.leftover.append(seq)
+            continue
+        rec = _read_json(folder.child(_LOG, f"{seq:012d}.json"))
+        state.apply(rec)
+        state.tail.append(rec)
+    state.next_seq = max(kinds, default=0) + 1
     return state
 
 
@@ -442,8 +543,19 @@ class Stage:
     that :meth:`finish` publishes once complete.
     """
 
-    def __init__(self, folder: Location, name: str, state: _State, active: int) -> None:
+    def __init__(
+        self,
+        folder: Location,
+        name: str,
+        state: _State,
+        active: int,
+        fence: Callable[[], None] | None = None,
+    ) -> None:
         self.location, self.name, self._state, self.active = folder, name, state, active
+        self._fence = fence
+        self._lost: BaseException | None = None  # why this driver may no longer append (it stops)
+        self._background = False
+        self._publisher: _Publisher | None = None  # started at the first commit when ``background``
 
     # --- opening -----------------------------------------------------------------------------------------
 
@@ -458,13 +570,22 @@ class Stage:
         n_shards: int,
         overwrite: bool = False,
         ignore_keys: Iterable[str] = (),
+        fence: Callable[[], None] | None = None,
+        background: bool = False,
     ) -> Stage:
         """Open (creating if needed) ``<out>/<name>``, resuming what its log holds.
 
-        Side effects, loudly: deletes objects of attempts that were never committed; drops committed
-        shards whose objects are missing or truncated (they run again); with ``overwrite`` and a
-        different config, **begins a new generation** that replaces the published one when complete.
-        Without ``overwrite`` a different config raises :class:`ConfigMismatchError`.
+        Side effects, loudly: appends an ``open`` record (the claim that fences out any other driver
+        that opened the stage earlier: its next append fails); then deletes objects of attempts that were
+        never committed; drops committed shards whose objects are missing or truncated (they run again);
+        with ``overwrite`` and a different config, **begins a new generation** that replaces the
+        published one when complete. Without ``overwrite`` a different config raises
+        :class:`ConfigMismatchError`.
+
+        ``fence`` is called before every append and raises if this driver no longer holds the output's
+        lease (:meth:`conva.batch.lease.OutputLease.ensure_held`). ``background``: publish committed
+        shards in a background thread (the scheduling loop only appends the record);
+        :meth:`finish` waits for it.
         """
         folder = out.child(check_name(name, "stage name"))
         legacy = folder.child(_LEGACY_MANIFEST).exists() and not folder.child(_LOG).exists()
@@ -475,13 +596,23 @@ class Stage:
             )
         state = _replay(folder)
         listing = {f.name: f.size for f in folder.list()}
-        stage = cls(folder, name, state, 0)
+        stage = cls(folder, name, state, 0, fence)
         if state.current is None and not overwrite:
             stage._refuse_strays(listing)  # before anything is written
+        cur = state.gens.get(state.current) if state.current is not None else None
+        if cur is not None and not overwrite:  # refused before anything is written
+            ignore = tuple(sorted({*ignore_keys, *cur.ignore_keys}))
+            keys = _mismatch(cur, _Gen(0, _normalize(config), "", schema_version, ignore, n_shards))
+            if keys:
+                raise ConfigMismatchError(folder, keys)
+        # The claim: a driver that opened this stage before us fails at its next append, and if one
+        # appended since our replay, this append fails and we stop before deleting anything.
+        stage._append({"op": "open", "host": socket.gethostname(), "pid": os.getpid()})
         stage.active = stage._choose_generation(
             _normalize(config), schema_version, n_shards, overwrite, tuple(ignore_keys)
         )
         stage._reconcile(listing)
+        stage._background = background
         return stage
 
     def _choose_generation(
@@ -564,11 +695,26 @@ class Stage:
         return None
 
     def _delete_dead_attempts(self, listing: dict[str, int], live: set[str]) -> None:
-        """Delete attempt folders no committed shard needs (failed, raced or zombie attempts)."""
-        folders = {"/".join(name.split("/")[:3]) for name in listing if name.startswith(_ATTEMPTS + "/")}
-        for folder in sorted(folders - live):
-            _log.info("%s: deleting the objects of uncommitted attempt %s", self.location, folder)
-            self.location.child(folder).delete_tree()
+        """Delete attempt folders no committed shard needs (failed, raced or zombie attempts), in batches."""
+        dead: dict[str, list[str]] = {}
+        for name in listing:
+            if name.startswith(_ATTEMPTS + "/"):
+                folder = "/".join(name.split("/")[:3])
+                if folder not in live:
+                    dead.setdefault(folder, []).append(name)
+        if dead:
+            _log.info(
+                "%s: deleting the objects of %d uncommitted attempts (%s%s)",
+                self.location,
+                len(dead),
+                ", ".join(sorted(dead)[:3]),
+                ", …" if len(dead) > 3 else "",
+            )
+        if self.location.is_local:
+            for folder in sorted(dead):
+                self.location.child(folder).delete_tree()
+        else:
+            self.location.delete_many([n for names in dead.values() for n in names])
 
     def _strays(self, listing: dict[str, int]) -> list[str]:
         """Published-looking files the current generation does not list."""
@@ -587,9 +733,10 @@ class Stage:
 
     def _delete_strays(self, listing: dict[str, int]) -> None:
         """Delete published-looking files the current generation does not list (an interrupted switch, an overwrite)."""
-        for name in self._strays(listing):
+        strays = self._strays(listing)
+        for name in strays:
             _log.warning("%s: deleting %s, which no committed shard lists", self.location, name)
-            self.location.child(name).delete()
+        self.location.delete_many(strays)
 
     # --- what a run needs ----------------------------------------------------------------------------------
 
@@ -615,11 +762,21 @@ class Stage:
         return self.active == self._state.current
 
     def records(self) -> list[ShardRecord]:
-        """The committed shards of the active generation, in shard order."""
+        """The committed shards of the active generation, in shard order (published, when publishing)."""
+        self._wait_published()
         return [r for _, r in sorted(self._gen.shards.items())]
 
     def committed(self) -> set[int]:
+        """A copy of the committed shard indices: O(shards); per shard use :meth:`is_committed`."""
         return set(self._gen.shards)
+
+    def is_committed(self, shard: int) -> bool:
+        """Whether ``shard`` is committed in the active generation: O(1) (the set is kept as commits come)."""
+        return shard in self._gen.shards
+
+    @property
+    def n_committed(self) -> int:
+        return len(self._gen.shards)
 
     def pending(self) -> list[int]:
         """Shard indices not yet committed, ascending."""
@@ -629,7 +786,7 @@ class Stage:
         return not self.pending()
 
     def row_count(self) -> int:
-        return sum(r.rows for r in self._gen.shards.values())
+        return self._gen.shards.rows
 
     def ref(self, shard: int, attempt: str) -> ShardRef:
         """Where attempt ``attempt`` at ``shard`` writes its objects, and the ids its record carries."""
@@ -644,11 +801,13 @@ class Stage:
         """Where a committed object of ``shard`` can be read now (published, or under its attempt)."""
         record = self._gen.shards[shard]
         if self.publishing:
+            self._wait_published(shard)
             return self.location.child(name)
         return self.location.child(self._attempt_name(record, name))
 
     def parquet_files(self) -> list[Location]:
         """The committed shards' Parquet objects, in shard order."""
+        self._wait_published()
         return [
             self.object(r.shard, o.name)
             for r in self.records()
@@ -681,6 +840,8 @@ class Stage:
             raise StoreError(
                 f"{self.location}: record for {record.stage!r} shard {record.shard} does not belong here"
             )
+        if self._publisher is not None:
+            self._publisher.raise_error()
         if record.gen != self.active or record.shard in gen.shards:
             why = "a later attempt" if record.gen == self.active else f"an attempt of generation {record.gen}"
             _log.warning(
@@ -693,26 +854,33 @@ class Stage:
             )
             self._discard(record)
             return False
-        other = next(iter(gen.shards.values()), None)
-        if other is not None and other.schema != record.schema:
+        if gen.shards.schema is not None and gen.shards.schema != record.schema:
             self._discard(record)
             raise StoreError(
                 f"{self.location}: shard {record.shard}'s schema differs from the committed shards'"
             )
-        self._append({"op": "commit", "record": record.to_json()})
-        gen.shards[record.shard] = record
+        data = record.to_json()
+        self._append({"op": "commit", "record": data})
+        gen.shards.put_json(data)
         if self.publishing:
-            self._publish(record)
+            if self._background and self._publisher is None:
+                self._publisher = _Publisher(self)
+            if self._publisher is not None:
+                self._publisher.put(record)
+            else:
+                self._publish(record)
         return True
 
     def finish(self) -> bool:
         """Publish the active generation if it is a pending overwrite and complete; returns whether it switched.
 
+        Waits for the background publisher (raising its error, if any) and writes the log's last segment.
         Side effect: **replaces the previously published output** (the old generation's objects are
         deleted once the new ones are in place).
         """
+        self.close()
         if self.publishing or not self.is_complete():
-            self._maybe_compact()
+            self._maybe_compact(force=True)
             return False
         old = self._state.gens.get(self._state.current) if self._state.current is not None else None
         self._append({"op": "switch", "gen": self.active})
@@ -720,12 +888,13 @@ class Stage:
         for record in self.records():
             self._publish(record)
         keep = {o.name for r in self.records() for o in r.objects}
-        for name in sorted({o.name for r in (old.shards.values() if old else ()) for o in r.objects} - keep):
-            self.location.child(name).delete()
+        self.location.delete_many(
+            sorted({o.name for r in (old.shards.values() if old else ()) for o in r.objects} - keep)
+        )
         used = self.config.get("shards", {}).get("input_sha256")
-        for f in self.location.child(_INPUT).list():
-            if f.name != f"{used}.parquet":
-                self.location.child(_INPUT, f.name).delete()
+        self.location.child(_INPUT).delete_many(
+            [f.name for f in self.location.child(_INPUT).list() if f.name != f"{used}.parquet"]
+        )
         _log.info(
             "%s: generation %d is published (replacing generation %s)",
             self.location,
@@ -735,12 +904,52 @@ class Stage:
         self._maybe_compact(force=True)
         return True
 
+    def close(self, raise_error: bool = True) -> None:
+        """Stop the background publisher once it has published everything queued (idempotent); a later
+        commit starts a new one. :meth:`finish` calls it. ``raise_error=False``: log a publishing error
+        instead of raising it (a caller already unwinding another error; a reopen publishes what is left)."""
+        publisher, self._publisher = self._publisher, None
+        if publisher is not None:
+            publisher.stop()
+            if publisher.error is not None and not raise_error:
+                _log.error("%s: publishing failed: %s", self.location, publisher.error)
+                return
+            publisher.raise_error()
+
+    def _wait_published(self, shard: int | None = None) -> None:
+        if self._publisher is not None:
+            self._publisher.wait(shard)
+
     def _publish(self, record: ShardRecord) -> None:
+        """Move a committed shard's objects from its attempt folder to their published names.
+
+        An object whose source is gone counts as published only if the published object is there with
+        the committed size (a publish interrupted by a crash, resumed); otherwise :class:`StoreError`:
+        committed data is missing, and that is never skipped.
+        """
+        moved: list[str] = []
         for obj in record.objects:
             src = self.location.child(self._attempt_name(record, obj.name))
-            if src.exists():
-                src.move_to(self.location.child(obj.name))
-        self.location.child(self._attempt_folder(record)).delete_tree()
+            dest = self.location.child(obj.name)
+            try:
+                if self.location.is_local:
+                    src.move_to(dest)
+                else:
+                    src.copy_to(dest, obj.bytes)
+                    moved.append(self._attempt_name(record, obj.name))
+            except FileNotFoundError as err:
+                info = dest.info()
+                if info.type == pafs.FileType.File and info.size == obj.bytes:
+                    continue
+                raise StoreError(
+                    f"{self.location}: cannot publish committed shard {record.shard} (attempt "
+                    f"{record.attempt}): {src} is missing and {dest} is not there with {obj.bytes} bytes; "
+                    "another driver may have deleted it. Reopen the stage: the shard will run again"
+                ) from err
+        if self.location.is_local:
+            _remove_empty_tree(self.location.child(self._attempt_folder(record)).path)
+        else:
+            self.location.delete_many(moved)  # one request for all of the shard's sources
 
     def _discard(self, record: ShardRecord) -> None:
         committed = self._state.gens.get(record.gen)
@@ -758,33 +967,120 @@ class Stage:
     # --- the log -------------------------------------------------------------------------------------------
 
     def _append(self, record: dict[str, Any]) -> None:
-        """Append one record to the log (one new object; never rewrites another) and apply it."""
+        """Append one record to the log and apply it: a new object, created only if its name is free.
+
+        The fence: the lease is checked first (no I/O), then the record is created if absent. If its
+        sequence number is taken, another driver appended to this log since this one read it:
+        :class:`FencedError`, and every later append of this stage raises it too (the driver stops).
+        """
+        if self._lost is not None:
+            raise self._lost
+        if self._fence is not None:
+            try:
+                self._fence()
+            except BaseException as err:
+                self._lost = err
+                raise
         seq = self._state.next_seq
         body = {"seq": seq, "time": _now(), **record}
-        self.location.child(_LOG, f"{seq:012d}.json").write_text(json.dumps(body, sort_keys=True))
+        try:
+            self.location.child(_LOG, f"{seq:012d}.json").create_bytes(
+                json.dumps(body, sort_keys=True).encode()
+            )
+        except FileExistsError as err:
+            self._lost = FencedError(
+                f"{self.location}: log record {seq} was written by another driver: two drivers are writing "
+                "this output, and this one stops now (its commits so far are kept; the other driver's run "
+                "continues). Run one job per output folder"
+            )
+            raise self._lost from err
         self._state.next_seq += 1
-        self._state.since_checkpoint += 1
+        self._state.tail.append(body)
         if record["op"] in ("begin", "abandon", "drop"):
             self._state.apply(body)
 
     def _maybe_compact(self, force: bool = False) -> None:
-        """Write a checkpoint of the whole state and delete the records it covers, every COMPACT_EVERY records."""
-        if not self._state.since_checkpoint or (not force and self._state.since_checkpoint < COMPACT_EVERY):
-            return
-        seq = self._state.next_seq - 1
-        log = self.location.child(_LOG)
-        log.child(f"{seq:012d}.checkpoint.json").write_text(
-            json.dumps({"seq": seq, "state": self._state.to_json()})
-        )
-        for f in log.list():
-            match = _RECORD.match(f.name)
-            if match and (int(match.group(1)) < seq or (int(match.group(1)) == seq and not match.group(2))):
-                log.child(f.name).delete()
-        self._state.since_checkpoint = 0
+        """Every COMPACT_EVERY records: write them as one segment, then delete their single objects in a batch.
+
+        O(COMPACT_EVERY) work, so O(1) per commit however many shards the stage has; the state is never
+        rewritten. The segment is created only if absent (fenced like a record).
+        """
+        state = self._state
+        if state.tail and (force or len(state.tail) >= COMPACT_EVERY):
+            if self._lost is not None:
+                raise self._lost
+            last = state.tail[-1]["seq"]
+            body = {"first": state.tail[0]["seq"], "last": last, "records": state.tail}
+            try:
+                self.location.child(_LOG, f"{last:012d}.segment.json").create_bytes(
+                    json.dumps(body, sort_keys=True).encode()
+                )
+            except FileExistsError as err:
+                self._lost = FencedError(f"{self.location}: log segment {last} was written by another driver")
+                raise self._lost from err
+            state.leftover += [r["seq"] for r in state.tail]
+            state.covered, state.tail = last, []
+        if state.leftover and (force or state.covered == state.next_seq - 1):
+            self.location.child(_LOG).delete_many([f"{seq:012d}.json" for seq in state.leftover])
+            state.leftover = []
 
     def compact_if_due(self) -> None:
-        """Checkpoint the log if enough records accumulated (the runner calls this after commits)."""
+        """Write a log segment if enough records accumulated (the runner calls this after commits)."""
         self._maybe_compact()
+
+
+class _Publisher:
+    """Publishes committed shards in a background thread, in commit order, so that the driver's scheduling
+    loop only appends records. The first error is kept and raised at the next commit or wait."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.queue: queue.Queue[ShardRecord | None] = queue.Queue()
+        self.pending: set[int] = set()
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"conva-publish-{stage.name}", daemon=True)
+        self.thread.start()
+
+    def put(self, record: ShardRecord) -> None:
+        with self.cond:
+            self.pending.add(record.shard)
+        self.queue.put(record)
+
+    def _run(self) -> None:
+        while (record := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    self.stage._publish(record)
+            except BaseException as err:  # kept for the driver's thread, which raises it
+                self.error = err
+            with self.cond:
+                self.pending.discard(record.shard)
+                self.cond.notify_all()
+
+    def wait(self, shard: int | None = None) -> None:
+        """Until ``shard`` (or every queued shard) is published; raises the publisher's error if any."""
+        with self.cond:
+            self.cond.wait_for(lambda: not self.pending if shard is None else shard not in self.pending)
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise StoreError(f"publishing failed: {self.error}") from self.error
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+
+def _remove_empty_tree(path: str) -> None:
+    """Remove the now empty folders of a published attempt (bundles have subfolders), deepest first."""
+    for folder, _, _ in sorted(os.walk(path), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
 
 
 def _now() -> str:
