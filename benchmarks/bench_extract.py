@@ -92,7 +92,7 @@ def main() -> None:
     import torch
 
     from conva.batch.config import load_config
-    from conva.batch.pipeline import extraction_rows
+    from conva.batch.extraction import extraction_rows
     from conva.batch.store import shard_ranges
     from conva.jobs.common import setup_logging
 

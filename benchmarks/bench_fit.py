@@ -68,7 +68,7 @@ def _child(spec: dict) -> dict:
     from types import SimpleNamespace
 
     from conva.batch.config import Config
-    from conva.batch.pipeline import activation_model
+    from conva.batch.extraction import activation_model
     from conva.batch.schemas import SCHEMA_VERSION
     from conva.batch.storage import location
     from conva.batch.store import Stage
@@ -177,7 +177,7 @@ def _run_child(spec: dict, cap: MemoryCap | None = None) -> dict:
 
 def _stage_volume(stage) -> dict:
     """Rows, layers, width, float32 bytes and on-disk bytes of a committed activation stage."""
-    from conva.batch.pipeline import activation_model
+    from conva.batch.extraction import activation_model
 
     records = stage.records()
     info, layers = activation_model(r.extra["model"] for r in records)

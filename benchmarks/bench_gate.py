@@ -2,7 +2,7 @@
 
 For each model (SmolLM2-135M-Instruct, Gemma 3 270M) and each data set (the demo study's five values on the
 demo data; three values of the paper's data, ``../shared/data/conva``, read in place), the texts are
-extracted once, every block, exactly as the job extracts them (:func:`conva.batch.pipeline.extraction_rows`,
+extracted once, every block, exactly as the job extracts them (:func:`conva.batch.extraction.extraction_rows`,
 with the configs of ``examples/demo_study.toml`` / ``examples/paper_study.toml``), plus the prompts the
 study steers. Each value's bundle is then fitted twice with the job's own :func:`fit_bundles`:
 
@@ -32,8 +32,9 @@ import pyarrow as pa
 from benchmarks.common import RESULTS, machine, write_result
 from benchmarks.report import gate as gate_table
 from conva.batch.config import Config, load_config
-from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles, value_prompts
+from conva.batch.extraction import extract_table, extraction_rows, fit_bundles
 from conva.batch.schemas import EXTRACTION_INPUT_SCHEMA
+from conva.batch.sources import value_prompts
 from conva.fit import ModelInfo
 from conva.models import load_model, model_fingerprint, model_name
 

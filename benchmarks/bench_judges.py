@@ -50,7 +50,7 @@ _READER = {"yes": 1.0, "no": 0.0, "unclear": 0.5}
 
 def fit_demo_bundles(model, tok, spec: str, values: list[str]) -> dict:
     """Each value's bundle for ``model``, fitted in process on the demo study's data and band rule, no gate."""
-    from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
+    from conva.batch.extraction import extract_table, extraction_rows, fit_bundles
     from conva.batch.study import load_study, model_config
     from conva.fit import ModelInfo
     from conva.models import model_fingerprint

@@ -92,7 +92,7 @@ def one_run(workers: int, values: list[str], prompts: int, out: Path, model: str
 
 
 def _layers(job) -> list[int]:
-    from conva.batch.pipeline import activation_model
+    from conva.batch.extraction import activation_model
 
     return activation_model(r.extra["model"] for r in job_stages(job)["extract"].records())[1]
 

@@ -8,7 +8,7 @@ Two layers, visible in the tree (ARCHITECTURE.md):
   :class:`~conva.bundle.ValueBundle`), ``conva.steering`` (one core, three backends: ``hf``, ``compiled``,
   ``vllm``), ``conva.metrics`` / ``conva.mc`` / ``conva.judges`` (evaluation).
 * **The batch plumbing**, ``conva.batch``: config, storage and the commit log, input planning, the
-  pipeline's tables, studies, summaries and the report; and the Ray side, ``conva.workers`` (model
+  stages' tables, studies, summaries and the report; and the Ray side, ``conva.workers`` (model
   actors) and ``conva.jobs`` (entrypoints, the ``conva`` command).
 
 The names below are the public API the README uses; each is imported when first used, so ``import

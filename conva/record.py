@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # torch and transformers load when a function runs: config ch
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["format_prompt", "tokenize", "with_positions", "record_activations", "POSITIONS"]
+__all__ = ["format_prompt", "tokenize", "with_positions", "record_activations", "max_positions", "POSITIONS"]
 
 POSITIONS = ("last", "mean")
 
@@ -112,3 +112,11 @@ def record_activations(
         for j, layer in enumerate(layers):
             out[rows.start : rows.stop, j] = captured[layer].cpu().numpy()
     return out
+
+
+def max_positions(model: PreTrainedModel) -> int:
+    """The longest sequence the model's positions allow (its config's ``max_position_embeddings``; GPT-2's
+    ``n_positions``; 2048 where neither is set): longer texts become error rows, not truncated ones."""
+    return int(
+        getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 2048)
+    )

@@ -110,7 +110,7 @@ this one type (so one rule and one error message).
 
 Its flow from file to table: ``fit.p0`` is stored in each fitted bundle (``ValueBundle.p0``); ``steer.p0``
 (optional) overrides it for a job, and a study's ``study.p0`` grid becomes each steering row's ``p0``
-column, which overrides ``[steer]`` (:func:`conva.batch.pipeline.row_settings`); the row's
+column, which overrides ``[steer]`` (:func:`conva.batch.steer_rows.row_settings`); the row's
 :class:`conva.steering.spec.SteerSpec` carries it, and ``SteerSpec.target()`` resolves the effective
 value (the row's, else ``steer.p0``, else the bundle's). The generations' ``p0`` column holds that
 effective value on a steered ConVA row; on an error row, where no bundle was reached, it holds the P0

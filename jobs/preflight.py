@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 from conva.batch.badrows import RowTally
 from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
+from conva.batch.extraction import extraction_rows
 from conva.batch.inputs import plan_input, table_sha256
-from conva.batch.pipeline import extraction_rows, steering_rows, steering_rows_from_records
 from conva.batch.schemas import SCHEMA_VERSION
+from conva.batch.steer_rows import steering_rows, steering_rows_from_records
 from conva.batch.storage import S3_HINT, Location, s3_setup_problem
 from conva.batch.store import stage_status
 from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle

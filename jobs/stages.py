@@ -20,9 +20,9 @@ import pyarrow as pa
 
 from conva.batch.badrows import RowTally
 from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
+from conva.batch.extraction import activation_model
 from conva.batch.inputs import InputPlan, write_input_table
 from conva.batch.lease import held_fence
-from conva.batch.pipeline import activation_model
 from conva.batch.schemas import SCHEMA_VERSION
 from conva.batch.storage import Location
 from conva.batch.store import (

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conva.batch.lease import OutputLease
-from conva.batch.pipeline import utility_questions
+from conva.batch.sources import utility_questions
 from conva.batch.storage import Location
 from conva.batch.study import (
     StudyConfig,

@@ -58,7 +58,7 @@ def tiny_bundles(tiny):
     from dataclasses import replace
 
     from conva.batch.config import load_config
-    from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
+    from conva.batch.extraction import extract_table, extraction_rows, fit_bundles
     from conva.fit import ModelInfo
     from conva.models import model_fingerprint
 

@@ -125,7 +125,7 @@ def test_row_ids_are_line_numbers_and_error_rows_keep_what_was_read(tmp_path) ->
     import pyarrow.parquet as pq
 
     from conva.batch.inputs import plan_input, read_slice
-    from conva.batch.pipeline import steering_rows_from_records
+    from conva.batch.steer_rows import steering_rows_from_records
 
     (tmp_path / "p.jsonl").write_text(
         '\n{"value": "power", "prompt": "ok"}\nnot json\n\n{"prompt": 5}\n{"text": "a paper row"}\n'

@@ -138,8 +138,8 @@ def test_compiled_mode_through_the_steering_stage(tiny, tiny_bundles):
     import pyarrow as pa
 
     from conva.batch.config import ConfigError, load_config
-    from conva.batch.pipeline import steer_table
     from conva.batch.schemas import STEERING_INPUT_SCHEMA
+    from conva.batch.steer_rows import steer_table
 
     model, tok = tiny
     prompts = [*PROMPTS, "", None]  # two error rows among the good ones: the row contract is unchanged

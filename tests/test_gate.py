@@ -131,7 +131,8 @@ def test_probe_gate_needs_both_classes_in_train_and_calibrate():
 
 def test_gate_prompts_are_held_apart_from_the_steered_prompts():
     from conva.batch.config import load_config
-    from conva.batch.pipeline import extraction_rows, steering_rows
+    from conva.batch.extraction import extraction_rows
+    from conva.batch.steer_rows import steering_rows
 
     cfg = load_config(
         None,
@@ -292,7 +293,8 @@ def test_precision_setting_through_the_fit():
 
 def test_gate_config_errors_name_the_key():
     from conva.batch.config import ConfigError, load_config
-    from conva.batch.pipeline import extraction_rows, gate_questions, utility_questions
+    from conva.batch.extraction import extraction_rows
+    from conva.batch.sources import gate_questions, utility_questions
     from conva.mc import demo_mc
 
     cfg = load_config(None, [])
@@ -327,7 +329,7 @@ def test_gate_config_errors_name_the_key():
 def test_gate_data_names_each_rows_kind():
     import pyarrow as pa
 
-    from conva.batch.pipeline import gate_data
+    from conva.batch.extraction import gate_data
 
     meta = pa.table(
         {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conva.batch.config import load_config
-from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
+from conva.batch.extraction import extract_table, extraction_rows, fit_bundles
 from conva.fit import ModelInfo
 from conva.gates import Gate
 from conva.models import load_model, model_fingerprint

@@ -218,7 +218,7 @@ def test_a_worker_given_several_gpus_spreads_its_model_and_records_the_same_acti
     node); on this CPU machine every block lands on the CPU, and the activations are those of a plain load."""
     from conva import models
     from conva.batch.config import load_config
-    from conva.batch.pipeline import extract_table, extraction_rows
+    from conva.batch.extraction import extract_table, extraction_rows
     from conva.workers.tasks import WorkerSpec
     from conva.workers.worker import ModelWorker
 

@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow as pa
 
 from conva.batch.config import load_config
-from conva.batch.pipeline import extract_table, steer_table
+from conva.batch.extraction import extract_table
 from conva.batch.schemas import GENERATION_SCHEMA, STEERING_INPUT_SCHEMA
+from conva.batch.steer_rows import steer_table
 from conva.record import record_activations
 
 
@@ -66,7 +67,7 @@ def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_pat
 
     import types
 
-    from conva.batch.pipeline import extraction_rows
+    from conva.batch.extraction import extraction_rows
     from conva.batch.schemas import SCHEMA_VERSION
     from conva.batch.storage import location
     from conva.batch.store import Stage, write_table_shard

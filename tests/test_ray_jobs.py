@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conva.batch.config import load_config
-from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
+from conva.batch.extraction import extract_table, extraction_rows, fit_bundles
 from conva.batch.store import ShardRecord, shard_ranges
 from conva.bundle import load_bundle
 from conva.fit import ModelInfo

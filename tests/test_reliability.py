@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conva.batch.config import load_config
+from conva.batch.extraction import extract_table, extraction_rows
 from conva.batch.lease import LeaseError
-from conva.batch.pipeline import extract_table, extraction_rows, steer_table
 from conva.batch.schemas import GENERATION_SCHEMA
+from conva.batch.steer_rows import steer_table
 from conva.batch.store import shard_ranges
 from conva.jobs.runner import main, run_job
 from conva.record import format_prompt
@@ -542,7 +543,7 @@ def test_prompts_at_and_over_the_length_limit(tiny, tiny_bundles) -> None:
 
 
 def test_rerun_shard_gives_identical_activations_text_and_probes(tiny, tiny_bundles) -> None:
-    from conva.batch.pipeline import fit_bundles
+    from conva.batch.extraction import fit_bundles
     from conva.fit import ModelInfo
     from conva.models import model_fingerprint
 

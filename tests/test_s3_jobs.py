@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conva.batch.config import load_config
-from conva.batch.pipeline import steering_rows
 from conva.batch.schemas import SCHEMA_VERSION
+from conva.batch.steer_rows import steering_rows
 from conva.batch.storage import location
 from conva.batch.store import Stage, stage_status
 from conva.jobs.runner import run_job

@@ -300,7 +300,7 @@ def test_values_that_become_bundle_folders_are_refused(value, tmp_path, bundle_d
 
 
 def test_input_rows_naming_odd_values_become_error_rows(tmp_path) -> None:
-    from conva.batch.pipeline import steering_rows_from_file
+    from conva.batch.steer_rows import steering_rows_from_file
 
     path = tmp_path / "prompts.jsonl"
     rows = [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conva.batch.config import load_config
-from conva.batch.pipeline import extract_table, extraction_rows, fit_bundles
+from conva.batch.extraction import extract_table, extraction_rows, fit_bundles
 from conva.fit import ModelInfo
 from conva.models import load_model, model_fingerprint
 from conva.probes import split_three

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conva.batch.config import ConfigError
-from conva.batch.pipeline import row_spec
 from conva.batch.schemas import POOLED_SCHEMA, RESULT_SCHEMA
+from conva.batch.steer_rows import row_spec
 from conva.batch.study import expand_cells, load_study, model_config, steering_table, utility_cells
 from conva.batch.summary import matched_fluency, pool, summarize
 from conva.metrics import bootstrap_ci

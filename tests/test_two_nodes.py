@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from conva.batch.config import load_config
-from conva.batch.pipeline import steering_rows
+from conva.batch.steer_rows import steering_rows
 from conva.tiny import make_tiny_model
 from tests.clusters import MODEL_LOAD_MARKER, TwoNodeCluster
 

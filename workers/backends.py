@@ -1,7 +1,7 @@
 """Steering backends, chosen by name in ``steer.backend``: a small registry the vLLM backend plugs into.
 
 A backend is a factory ``(cfg) -> Steerer``. A :class:`Steerer` owns a loaded model and turns one
-shard of steering rows into generation rows (``conva.batch.pipeline.GENERATION_SCHEMA``), one per input row.
+shard of steering rows into generation rows (``conva.batch.schemas.GENERATION_SCHEMA``), one per input row.
 It also scores text on the same model: answer perplexity under the unsteered model and multiple
 choice with each row's steering and gate, so a worker needs no second copy of the model for them.
 
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 import pyarrow as pa
 
 from conva.batch.config import Config
-from conva.batch.pipeline import steer_table
 from conva.batch.registry import register_backend_name
+from conva.batch.steer_rows import steer_table
 from conva.bundle import ValueBundle
 from conva.choice import ChoiceRow, score_choice
 from conva.mc import MCRow
@@ -125,7 +125,7 @@ def make_steerer(cfg: Config) -> Steerer:
 
 
 class HFSteerer:
-    """The Hugging Face backend: ``conva.batch.pipeline.steer_table`` on a model loaded with ``load_model``.
+    """The Hugging Face backend: ``conva.batch.steer_rows.steer_table`` on a model loaded with ``load_model``.
 
     ``model``/``tok``: an already loaded model to steer (a model worker shares its extraction model).
     """

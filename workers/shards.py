@@ -21,16 +21,10 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from conva.batch.badrows import RowTally
+from conva.batch.extraction import extract_table, fit_bundles, probe_rows, value_activations
 from conva.batch.inputs import read_slice, read_table_slice
-from conva.batch.pipeline import (
-    extract_table,
-    fit_bundles,
-    probe_rows,
-    row_spec,
-    steering_rows_from_records,
-    value_activations,
-)
 from conva.batch.provenance import with_provenance
+from conva.batch.steer_rows import row_spec, steering_rows_from_records
 from conva.batch.store import ShardRecord, write_files_shard, write_table_shard
 from conva.bundle import encode_bundle
 from conva.fit import ModelInfo

@@ -6,7 +6,8 @@
 * :mod:`~conva.batch.inputs`: input files planned into slices workers read themselves;
   :mod:`~conva.batch.badrows`: bad rows counted by reason.
 * :mod:`~conva.batch.schemas`: every Arrow schema the jobs write, versioned.
-* :mod:`~conva.batch.pipeline`: the stages' tables (extraction texts, bundles, steering rows).
+* :mod:`~conva.batch.sources`, :mod:`~conva.batch.extraction`, :mod:`~conva.batch.steer_rows`: the stages'
+  tables (the config's data sources; extraction texts, activations and bundles; steering rows and generations).
 * :mod:`~conva.batch.study`, :mod:`~conva.batch.summary`, :mod:`~conva.batch.report`: studies, their
   tables and the HTML report; :mod:`~conva.batch.llm_client`: the LLM judge's HTTP client.
 

@@ -1,7 +1,7 @@
 """Bad rows of bulk input, by reason with the first row numbers: for ``validate``, the run log and the job's end.
 
 A row of a user's prompts file (``data.prompts``) becomes one of three things, by the rule the workers
-apply (:func:`conva.batch.pipeline.steering_rows_from_records`, then the tokenizer's length check):
+apply (:func:`conva.batch.steer_rows.steering_rows_from_records`, then the tokenizer's length check):
 
 * a **valued** row, steered toward its value with its method;
 * a **neutral** row (no value: the field is absent, null or empty, in every format), generated exactly

@@ -12,7 +12,7 @@ A **cell** is one (model, value, method, P0, band, setting, strength). ConVA cel
 and the bands; CAA by the bands and its strengths (a sweep, so CAA can be compared at matched fluency);
 ``prompt`` and ``none`` by neither. Every cell of one model goes into **one**
 steering table whose per-row ``method, p0, strength, setting, band`` columns override ``[steer]``
-(:data:`conva.batch.pipeline.ROW_OVERRIDES`), so a model is extracted and fitted once and its bundles serve
+(:data:`conva.batch.steer_rows.ROW_OVERRIDES`), so a model is extracted and fitted once and its bundles serve
 every cell; band variants are read from the same probes.
 
 Outputs (written by ``conva.jobs.study``, computed in :mod:`conva.batch.summary`): ``results.parquet`` (one row per
@@ -435,7 +435,7 @@ def utility_cells(study: StudyConfig, spec: str) -> list[UtilityCell]:
 
 
 def _prompts(cfg: Config, value: str) -> list[D.Prompt]:
-    from conva.batch.pipeline import value_prompts
+    from conva.batch.sources import value_prompts
 
     return value_prompts(cfg, value)[0]
 
