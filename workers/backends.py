@@ -334,6 +334,8 @@ register_backend("vllm")(VLLMBackendSteerer)
 
 def check_backend(name: str) -> None:
     """Raise if backend ``name`` cannot be built here (without loading any model): for pre-flight checks."""
+    if name == "fake":  # no steerer: the pool runs workers/fake.py's FakeWorker instead of model workers
+        return
     if name not in BACKENDS:
         raise ValueError(
             f"steer.backend: unknown backend {name!r}; registered: {', '.join(sorted(BACKENDS))}"

@@ -51,7 +51,7 @@ __all__ = [
     "CHOICES",
 ]
 
-BACKENDS = ("hf", "vllm")
+BACKENDS = ("hf", "vllm", "fake")  # "fake": a simulation of the orchestration (workers/fake.py)
 # Keys that change how a job runs but not what it computes: a rerun may change them freely.
 RESULT_NEUTRAL_KEYS = (
     "ray",
@@ -221,13 +221,22 @@ class RayConfig:
     shard_timeout_s: float = 3600.0
     """Kill a worker whose shard runs longer than this many seconds, and retry the shard (0: no limit)."""
     max_restarts: int = 2
-    """Dead workers replaced, at most, in all."""
+    """Dead workers replaced in any case; the budget grows with the pool and the run's length (see
+    restarts_per_worker_hour): replaced at most max_restarts + restarts_per_worker_hour x num_workers x hours."""
+    restarts_per_worker_hour: float = 0.5
+    """Replacements added to the budget per worker per hour of the run (0: max_restarts in all), so a large pool
+    over a long run keeps its size after the occasional dead node."""
     max_task_retries: int = 2
     """Retries of a shard whose worker died or timed out."""
     transient_retries: int = 3
     """Retries of a shard after a transient error (I/O, network, out of memory at half the batch)."""
     queue_depth: int = 2
     """Shard calls in flight per worker, so none waits for the driver between shards."""
+    speculate_after: float = 3.0
+    """Once no shard is queued, a shard that has run this many times the median shard's time gets a second
+    attempt on an idle worker; the first record wins and the other attempt is discarded (0: never)."""
+    fake_shard_seconds: float = 1.0
+    """steer.backend = "fake" only (a simulation of the orchestration, workers/fake.py): each shard's wall time."""
 
     @property
     def steer_shard_rows(self) -> int:
@@ -382,6 +391,13 @@ def _validate(cfg: Config) -> None:
         ("ray.startup_timeout_s", cfg.ray.startup_timeout_s > 0, "must be positive"),
         ("ray.shard_timeout_s", cfg.ray.shard_timeout_s >= 0, "must be 0 (no limit) or positive"),
         ("ray.queue_depth", 1 <= cfg.ray.queue_depth <= 16, "must lie in 1..16"),
+        ("ray.restarts_per_worker_hour", cfg.ray.restarts_per_worker_hour >= 0, "must be 0 or more"),
+        (
+            "ray.speculate_after",
+            cfg.ray.speculate_after == 0 or cfg.ray.speculate_after >= 1,
+            "must be 0 (never) or at least 1",
+        ),
+        ("ray.fake_shard_seconds", cfg.ray.fake_shard_seconds >= 0, "must be 0 or more"),
         (
             "ray.num_gpus_per_worker",
             cfg.ray.num_gpus_per_worker <= 1 or float(cfg.ray.num_gpus_per_worker).is_integer(),
