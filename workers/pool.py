@@ -559,7 +559,7 @@ class _Runner:
                 f"the worker answered for {record.stage} shard "
                 f"{record.shard} attempt {record.attempt}, not attempt {call.attempt}",
             )
-        self.pool.returned_bytes += len(json.dumps(record.to_json()))  # what a worker sent back: this record
+        self.pool.returned_bytes += _record_bytes(record)  # what a worker sent back: this record
         w = record.worker
         self.pool.busy.append((w.get("worker", "?"), w.get("started", 0.0), w.get("finished", 0.0)))
         self.pool.loads[w.get("worker", "?")] = w.get("loads", 0)
@@ -772,6 +772,13 @@ def _result_if_done(ref: Any) -> ShardRecord | None:
         return ray.get(ref)
     except RayError:
         return None
+
+
+def _record_bytes(record: ShardRecord) -> int:
+    """A record's size as JSON (what ``to_json`` gives), without ``dataclasses.asdict``'s deep copies: it runs
+    once per shard on the driver."""
+    objects = [vars(o) for o in record.objects]
+    return len(json.dumps({**vars(record), "objects": objects}))
 
 
 def _cause_text(err: BaseException) -> str:

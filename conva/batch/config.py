@@ -216,6 +216,10 @@ class RayConfig:
     commits); steering wants about one batch, so a few dozen prompts still keep every worker busy."""
     min_workers: int = 1
     """Start work once this many workers are ready; the rest join when Ray places them."""
+    autoscaling: bool = False
+    """The cluster adds nodes on demand (KubeRay enableInTreeAutoscaling, the launcher's max_workers): when no
+    node can host a worker yet, pre-flight asks the autoscaler for min_workers workers' resources and waits up
+    to startup_timeout_s for one, instead of refusing at once."""
     startup_timeout_s: float = 600.0
     """Fail, saying what is missing, when min_workers are not ready after this many seconds."""
     shard_timeout_s: float = 3600.0
