@@ -11,7 +11,9 @@ publishing) plus the simulated compute, which is known exactly. It loads no mode
 
 Each output row is one input row: ``row_id`` is the input's ``row_id`` where the slice has one, else
 the running number ``shard * rows + i`` of a task that names only ``params["rows"]`` (the benchmark's
-tasks); ``error`` is null; ``output`` a short fixed text. A config selects it for any stage::
+tasks); ``error`` is null; ``output`` a short fixed text. A task's ``params["seconds"]`` overrides the
+configured shard time (a benchmark reuses one pool for several shard times). A config selects it for
+any stage::
 
     backend = "fake"            # under [steer]
     fake_shard_seconds = 0.5    # under [ray]
@@ -30,6 +32,7 @@ from conva.batch.storage import Location
 from conva.batch.store import ShardRecord, Stage, write_table_shard
 from conva.workers.errors import ShardError, classify
 from conva.workers.hooks import load_hook
+from conva.workers.pool import WorkerPool
 from conva.workers.tasks import ShardTask, WorkerSpec
 from conva.workers.worker import _identity, mark_running
 
@@ -88,7 +91,8 @@ class FakeWorker:
             if self.hook is not None:
                 self.hook(task, self)
             table = fake_rows(task)
-            time.sleep(self.seconds)  # the simulated forward pass: wall time, no CPU
+            seconds = float(task.params.get("seconds", self.seconds))
+            time.sleep(seconds)  # the simulated forward pass: wall time, no CPU
             record = write_table_shard(task.ref, table, extra={"errors": 0, "inputs": table.num_rows})
         except Exception as err:
             where = f"node {self.identity['ip']}, worker {self.identity['worker']}"
@@ -123,39 +127,52 @@ class Simulation:
 
 
 def simulate(
-    out: Location, cfg: Config, n_shards: int, rows: int = 4, folder: str = "generations"
+    out: Location,
+    cfg: Config,
+    n_shards: int,
+    rows: int = 4,
+    folder: str = "generations",
+    pool: WorkerPool | None = None,
+    seconds: float | None = None,
 ) -> tuple[Simulation, Stage]:
     """Run a simulated steering stage of ``n_shards`` shards of ``rows`` rows on ``cfg.ray.num_workers`` fake
     workers, writing to ``<out>/<folder>`` through the real store and runner. Needs Ray (connected).
 
-    ``cfg.steer.backend`` must be ``"fake"``. Returns the measures and the (finished) stage, whose
-    committed Parquet shards hold one row per ``row_id`` ``0 .. n_shards * rows - 1``.
+    ``cfg.steer.backend`` must be ``"fake"``. ``pool``: a started pool of fake workers to reuse (then
+    ``startup_s`` is 0 and the pool is left running); ``seconds``: each shard's time (default
+    ``ray.fake_shard_seconds``). Returns the measures and the (finished) stage, whose committed Parquet
+    shards hold one row per ``row_id`` ``0 .. n_shards * rows - 1``.
     """
     import resource
 
     from conva.batch.schemas import SCHEMA_VERSION
-    from conva.workers.pool import StageRun, WorkerPool, run_stages
+    from conva.workers.pool import StageRun, run_stages
 
     if cfg.steer.backend != "fake":
         raise ValueError(f"steer.backend: simulate runs fake workers only, not {cfg.steer.backend!r}")
     cpu0 = time.process_time()
     stage = Stage.open(out, folder, {"simulation": "fake", "rows": rows}, SCHEMA_VERSION, n_shards=n_shards)
-    run = StageRun("steer", stage, lambda ref: ShardTask("steer", ref, params={"rows": rows}))
-    pool = WorkerPool(WorkerSpec(cfg), "fake", ())
+    shard_s = cfg.ray.fake_shard_seconds if seconds is None else seconds
+    params = {"rows": rows, "seconds": shard_s}
+    run = StageRun("steer", stage, lambda ref: ShardTask("steer", ref, params=params))
+    own = pool is None
+    if pool is None:
+        pool = WorkerPool(WorkerSpec(cfg), "fake", ())
     try:
-        startup = pool.start()
+        startup = pool.start() if own else 0.0
         t0 = time.monotonic()
         run_stages(pool, [run])
         run_s = time.monotonic() - t0
     finally:
-        pool.stop()
+        if own:
+            pool.stop()
     t1 = time.monotonic()
     stage.finish()
     finish_s = time.monotonic() - t1
     measured = Simulation(
         n_shards,
-        cfg.ray.num_workers,
-        cfg.ray.fake_shard_seconds,
+        len(pool.members) if not own else cfg.ray.num_workers,
+        shard_s,
         startup,
         run_s,
         finish_s,
