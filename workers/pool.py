@@ -225,7 +225,7 @@ class WorkerPool:
             return
         self.replacements += 1
         _log.info(
-            "%s: starting a replacement worker (%d of %d by now): %s",
+            "%s: starting a replacement worker (%d of %d): %s",
             self.label,
             self.replacements,
             budget,
@@ -677,36 +677,37 @@ class _Runner:
             else:
                 self._accept(c, record)
         reason = f"died ({_first_line(err)})"
-        counted = [c for c in failed if (c.run.name, c.shard) not in self.done]
-        if counted:
+        if failed:
             # The attempt the worker noted as started is the one it was running; without a note (it died
-            # before starting one) the oldest: Ray runs a worker's calls in submission order.
+            # before starting one) the oldest: Ray runs a worker's calls in submission order. It is charged
+            # only if its shard is not committed already (by a speculative twin); the others go back uncharged.
             running = running_attempt(member.info.get("worker", ""))
-            blamed = next((c for c in counted if c.attempt == running), counted[0])
+            blamed = next((c for c in failed if c.attempt == running), failed[0])
             if blamed.timed_out:
                 reason = f"was killed after {self.pool.settings.shard_timeout_s:g} s on one shard (ray.shard_timeout_s)"
             key = (blamed.run.name, blamed.shard)
-            self.deaths[key] += 1
-            limit = self.pool.settings.max_task_retries
-            _log.warning(
-                "%s: shard %d attempt %s: %s %s (attempt %d of %d)",
-                blamed.run.name,
-                blamed.shard,
-                blamed.attempt,
-                member.label,
-                reason,
-                self.deaths[key],
-                limit + 1,
-            )
-            if self.deaths[key] > limit:
-                self.pool.remove(member, reason)
-                raise ShardFailedError(
+            if key not in self.done:
+                self.deaths[key] += 1
+                limit = self.pool.settings.max_task_retries
+                _log.warning(
+                    "%s: shard %d attempt %s: %s %s (attempt %d of %d)",
                     blamed.run.name,
                     blamed.shard,
-                    f"its worker {reason} on each of "
-                    f"{self.deaths[key]} attempts (ray.max_task_retries={limit})",
+                    blamed.attempt,
+                    member.label,
+                    reason,
+                    self.deaths[key],
+                    limit + 1,
                 )
-            for c in reversed(counted):
+                if self.deaths[key] > limit:
+                    self.pool.remove(member, reason)
+                    raise ShardFailedError(
+                        blamed.run.name,
+                        blamed.shard,
+                        f"its worker {reason} on each of "
+                        f"{self.deaths[key]} attempts (ray.max_task_retries={limit})",
+                    )
+            for c in reversed(failed):
                 self._requeue(c)
         for c in failed:  # none of these attempts will be committed: what they wrote is dead
             _delete_attempt(c)
