@@ -206,3 +206,21 @@ def test_a_parquet_input_is_planned_from_its_metadata_and_a_change_is_still_seen
     rows[57]["prompt"] = "prompt 5X"  # same length, one value changed
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=30)
     assert plan_input(str(path), 8, metadata_only=True).sha256 != meta.sha256
+
+
+def test_a_study_admits_a_waiting_model_when_nodes_join() -> None:
+    import threading
+
+    from conva.jobs.study import _Capacity
+
+    cluster = {"CPU": 8.0, "GPU": 1.0}
+    capacity = _Capacity(dict(cluster), probe=lambda: dict(cluster), refresh_s=0.05)
+    one = {"CPU": 1.0, "GPU": 1.0}
+    capacity.acquire(0, one)  # the first model takes the only GPU
+    admitted = threading.Event()
+    waiter = threading.Thread(target=lambda: (capacity.acquire(1, one), admitted.set()), daemon=True)
+    waiter.start()
+    assert not admitted.wait(0.5)  # no GPU free, none released
+    cluster["GPU"] = 2.0  # a GPU node joins (an autoscaler added it); the first model still runs
+    assert admitted.wait(5.0)
+    assert capacity.free == {"CPU": 6.0, "GPU": 0.0} and capacity.total == {"CPU": 8.0, "GPU": 2.0}
