@@ -3,8 +3,10 @@
 :class:`WorkerPool` starts ``ray.num_workers`` :class:`~conva.workers.worker.ModelWorker` actors with the
 job's resources, loads the model once in each, and keeps them for every stage of the job. It starts
 work as soon as ``ray.min_workers`` are ready (the rest join when Ray places them) and fails after
-``ray.startup_timeout_s`` with a message that names what is missing. A worker that dies is replaced
-(at most ``ray.max_restarts`` times in all), so the pool holds its size.
+``ray.startup_timeout_s`` with a message that names what is missing. A worker that dies is replaced, so
+the pool holds its size, within a budget that grows with the pool and the run: ``ray.max_restarts`` +
+``ray.restarts_per_worker_hour`` x ``ray.num_workers`` x hours so far (:attr:`WorkerPool.restart_budget`).
+With ``steer.backend = "fake"`` the workers are :class:`~conva.workers.fake.FakeWorker` s (a simulation).
 
 :func:`run_stages` runs the pending shards of several stages on the pool at once:
 
@@ -14,13 +16,22 @@ work as soon as ``ray.min_workers`` are ready (the rest join when Ray places the
   so e.g. the study's evaluation of generation shard ``i`` runs while later shards are still steered.
 * **Exactly one commit per shard**: every call carries a fresh attempt id; the first record of a shard
   is committed through :meth:`conva.batch.store.Stage.commit`, a later one is ignored.
-* **Failures by type, never by message**: a worker's :class:`~conva.workers.errors.ShardError` says ``fatal``
+* **Failures by type**: a worker's :class:`~conva.workers.errors.ShardError` says ``fatal``
   (the job fails naming the shard), ``transient`` (retried after a backoff, at most
-  ``ray.transient_retries`` times) or ``oom`` (retried with batches half as large). A worker that dies
+  ``ray.transient_retries`` times), ``oom`` (retried with batches half as large) or ``hardware`` (a CUDA,
+  ECC or NCCL fault: the worker is replaced and the shard retried elsewhere, counted like a death). A worker that dies
   or hangs past ``ray.shard_timeout_s`` (then it is killed) is charged to the attempt it was running,
   which it noted in Ray's GCS as it started (:func:`conva.workers.worker.mark_running`); every other call it
   held goes back uncharged (a finished call whose reply was lost with the process, the calls queued behind). A shard whose workers died ``ray.max_task_retries + 1`` times
   fails the job.
+
+* **Speculation at the tail**: once no shard is queued, a worker's shard that has run
+  ``ray.speculate_after`` times its stage's median shard time (and any queued behind it) gets a second
+  attempt on an idle worker. The first record commits; the other attempt's record is ignored and its
+  files deleted as it arrives, or, if it is still running when the run ends, once the pool stops its
+  worker (:meth:`WorkerPool.stop`).
+* **O(1) driver work per reply**: the scheduling loop handles every reply that is ready in one pass, and
+  rescans a stage's queue for met dependencies only after a commit (nothing else can meet one).
 
 **Progress** goes to the log as ``<stage>: shard i of N committed, x rows/s, ETA …`` lines, at most every
 few seconds, so it shows in ``run.log`` and under ``ray job submit`` alike; on a terminal each stage also
