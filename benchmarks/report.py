@@ -260,6 +260,46 @@ def commit(r: dict) -> str:
     return "\n".join(lines)
 
 
+def orchestration(r: dict) -> str:
+    lines = [
+        "| output | workers | shards | shard s | ideal s | measured s | efficiency | commits/s "
+        "| driver CPU s | driver CPU ms/shard | driver RSS peak MB | each row once |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for x in r["runs"]:
+        store = "local disk" if x["store"] == "local" else "S3 (moto, loopback)"
+        measured = x["run_s"] + x["finish_s"]
+        once = {True: "yes", False: "**no**", None: "not read"}[x["each_row_once"]]
+        lines.append(
+            f"| {store} | {x['workers']} | {x['shards']:,} | {x['shard_s']:g} | {x['ideal_s']:.0f} | {measured:.1f} "
+            f"| {x['efficiency']:.2f} | {x['commits_per_s']:,.0f} | {x['driver_cpu_s']:.1f} "
+            f"| {x['driver_cpu_ms_per_shard']:.2f} | {x['driver_rss_peak_mb']:.0f} | {once} |"
+        )
+    pools = ", ".join(f"{p['workers']} workers {p['startup_s']:.0f} s" for p in r.get("pools", []))
+    lines += [
+        "",
+        f"Pool start-up (not in the measured walls; one pool per worker count, reused): {pools}. "
+        f"Load: {r.get('uptime_start', '?')} (start); {r.get('uptime_end', '?')} (end).",
+    ]
+    return "\n".join(lines)
+
+
+def orchestration_preflight(r: dict) -> str:
+    lines = [
+        "| file MB | rows | shards | pre-flight | driver wall s | driver CPU s | rows screened on the driver |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in r["runs"]:
+        how = (
+            "metadata only (now)" if x["metadata_only"] else "every byte hashed, every row screened (before)"
+        )
+        lines.append(
+            f"| {x['file_mb']:,.0f} | {x['rows']:,} | {x['shards']:,} | {how} | {x['wall_s']:.3f} | {x['cpu_s']:.3f} "
+            f"| {x['rows_screened_on_driver']:,} |"
+        )
+    return "\n".join(lines)
+
+
 def bulk_steer(r: dict) -> str:
     lines = [
         f"Model: {r['model']}, {r['max_new_tokens']} new token per prompt, batches of {r['batch_size']}, "
@@ -476,6 +516,18 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ),
     ("scaleout", "Scale-out: the run job with 1 and 2 workers", "python -m benchmarks scaleout", scaleout),
     ("commit", "The driver's cost per committed shard", "python -m benchmarks commit", commit),
+    (
+        "orchestration",
+        "The orchestration at scale: fake workers (a sleep per shard), 8-64 workers, 1e3-1e5 shards",
+        "python -m benchmarks.bench_orchestration",
+        orchestration,
+    ),
+    (
+        "orchestration_preflight",
+        "Pre-flight of a Parquet prompts file: metadata only vs. every byte",
+        "python -m benchmarks.bench_orchestration --preflight",
+        orchestration_preflight,
+    ),
     (
         "bulk_steer",
         "Bulk steering: a large Parquet prompt file, driver memory and throughput",

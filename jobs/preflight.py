@@ -58,6 +58,7 @@ __all__ = [
     "worker_inputs",
     "model_bytes",
     "check_gpu_fit",
+    "wait_for_hosts",
 ]
 
 _log = logging.getLogger("conva.jobs")
@@ -351,6 +352,9 @@ def steering_spec(
 
     A file or folder is screened while it is planned, by the rule the workers apply, into
     ``screened["data.prompts"]``, and refused if too many rows are bad (:func:`check_error_fraction`).
+    A Parquet file is planned from its metadata and only its first shard screened (constant time in its
+    size); the workers screen their slices and the run's error rows count at the end
+    (:func:`check_run_errors`). JSON Lines and CSV are read once, screened whole.
     """
     source, rps = cfg.data.prompts, cfg.ray.steer_shard_rows
     if _is_file_source(source):
@@ -359,7 +363,8 @@ def steering_spec(
         def screen(name: str, records: list) -> None:
             tally.add_table(steering_rows_from_records(name, records, cfg.data.values))
 
-        plan = _read("data.prompts", lambda: plan_input(source, rps, screen))
+        # Metadata only where the format allows (Parquet): the workers screen their own slices.
+        plan = _read("data.prompts", lambda: plan_input(source, rps, screen, metadata_only=True))
         check_error_fraction(cfg, "data.prompts", tally)
         if screened is not None:
             screened["data.prompts"] = tally
@@ -545,6 +550,68 @@ def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list
     }
 
 
+def _hosts(wants: dict[str, float]) -> tuple[list[dict], list[dict]]:
+    """The alive nodes, and those with the resources of one worker."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return nodes, [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
+
+
+def _shape(nodes: list[dict]) -> str:
+    return ", ".join(
+        f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, GPU {n['Resources'].get('GPU', 0):g})"
+        for n in nodes
+    )
+
+
+def wait_for_hosts(cfg: Config, poll_s: float = 2.0) -> list[dict]:
+    """The alive nodes that can host a worker; on an autoscaling cluster, wait for the first of them.
+
+    Without ``ray.autoscaling``, no such node now means none ever: refuse at once. With it, "none yet"
+    is normal (GPU groups that scale from zero): ask the autoscaler for ``ray.min_workers`` workers'
+    resources (``ray.autoscaler.sdk.request_resources``) and wait up to ``ray.startup_timeout_s`` for a
+    node, then refuse naming what was asked. Raises :class:`JobError`.
+    """
+    r = cfg.ray
+    wants = {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker}
+    nodes, hosts = _hosts(wants)
+    if hosts:
+        return hosts
+    one = f"{r.num_cpus_per_worker:g} CPU and {r.num_gpus_per_worker:g} GPU"
+    if not r.autoscaling:
+        raise JobError(
+            f"ray: no node can host a worker with {one} (nodes: {_shape(nodes)}); lower "
+            "ray.num_cpus_per_worker / ray.num_gpus_per_worker, add nodes, or set ray.autoscaling = true "
+            "if the cluster adds nodes on demand"
+        )
+    from ray.autoscaler.sdk import request_resources
+
+    bundle = {k: float(v) for k, v in wants.items() if v}
+    n = max(1, min(r.min_workers, r.num_workers))
+    request_resources(bundles=[bundle] * n)
+    _log.info(
+        "no node can host a worker with %s yet: asked the autoscaler for %d; waiting up to %.0f s "
+        "(ray.startup_timeout_s)",
+        one,
+        n,
+        r.startup_timeout_s,
+    )
+    deadline = time.monotonic() + r.startup_timeout_s
+    while not hosts and time.monotonic() < deadline:
+        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        nodes, hosts = _hosts(wants)
+    if not hosts:
+        raise JobError(
+            f"ray: no node could host a worker with {one} after {r.startup_timeout_s:.0f} s "
+            f"(ray.startup_timeout_s): the autoscaler was asked for {n} (ray.min_workers) and added none "
+            f"(nodes now: {_shape(nodes)}); check that a worker group offers that much and can grow "
+            "(its maxReplicas, `ray status`, the autoscaler's log)"
+        )
+    _log.info("%d node(s) can host a worker now", len(hosts))
+    return hosts
+
+
 def check_nodes(job: ModelJob) -> dict[str, list[int]]:
     """Run the node check on every alive node that can host one of the job's workers; raise naming node and path.
 
@@ -553,21 +620,7 @@ def check_nodes(job: ModelJob) -> dict[str, list[int]]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    r = job.cfg.ray
-    wants = {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker}
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    hosts = [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
-    if not hosts:
-        shape = ", ".join(
-            f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, GPU "
-            f"{n['Resources'].get('GPU', 0):g})"
-            for n in nodes
-        )
-        raise JobError(
-            f"ray: no node can host a worker with {r.num_cpus_per_worker:g} CPU and "
-            f"{r.num_gpus_per_worker:g} GPU (nodes: {shape}); lower ray.num_cpus_per_worker / "
-            "ray.num_gpus_per_worker or add nodes"
-        )
+    hosts = wait_for_hosts(job.cfg)
     folder = job.out.child(f"_preflight-{uuid.uuid4().hex[:12]}")
     token, expected = folder.child("driver"), uuid.uuid4().hex.encode()
     try:

@@ -270,14 +270,18 @@ def _slices(spec: StageSpec, stage: Stage) -> tuple:
 
 
 class _Done:
-    """Whether a stage is complete, remembered once true (a complete stage never becomes incomplete in a run)."""
+    """Whether a stage is complete: its committed shards counted once, then as they commit (``add``, from the
+    stage's commit callback), so the check costs O(1) however many shards the stage has; the runner asks it
+    for every queued shard of a later stage after each commit."""
 
     def __init__(self, stage: Stage) -> None:
-        self.stage, self.done = stage, False
+        self.stage, self.n = stage, len(stage.committed())
+
+    def add(self, _record: ShardRecord | None = None) -> None:
+        self.n += 1
 
     def __call__(self, _shard: int = 0) -> bool:
-        self.done = self.done or self.stage.is_complete()
-        return self.done
+        return self.n >= self.stage.n_shards
 
 
 def stage_runs(
@@ -294,7 +298,8 @@ def stage_runs(
     """
     runs = []
     values = cfg.data.values
-    fit_done = _Done(stages["fit"]) if "fit" in stages else None
+    done: dict[str, _Done] = {name: _Done(stages[name]) for name in ("extract", "fit") if name in stages}
+    fit_done = done.get("fit")
     for spec in specs:
         stage = stages[spec.name]
         if not spec.writes or stage.is_complete():
@@ -304,12 +309,29 @@ def stage_runs(
         if spec.name == "steer" and check_bundles is not None:
             make = _checked_first(make, lambda: check_bundles(bundle_folders(stages["fit"], values)))
         if spec.name == "fit":
-            after = _Done(stages["extract"])
+            after = done["extract"]
         elif after is None and spec.name != "extract" and fit_done is not None:
             after = fit_done
-        callback = (lambda record, name=spec.name: on_commit(name, record)) if on_commit else None
-        runs.append(StageRun(spec.name, stage, make, after, callback))
+        runs.append(
+            StageRun(spec.name, stage, make, after, _callback(spec.name, on_commit, done.get(spec.name)))
+        )
     return runs
+
+
+def _callback(
+    name: str, on_commit: Callable[[str, ShardRecord], None] | None, done: _Done | None
+) -> Callable[[ShardRecord], None] | None:
+    """A stage's commit callback: count the commit for its completion check, then the caller's ``on_commit``."""
+    if on_commit is None and done is None:
+        return None
+
+    def committed(record: ShardRecord) -> None:
+        if done is not None:
+            done.add(record)
+        if on_commit is not None:
+            on_commit(name, record)
+
+    return committed
 
 
 def _checked_first(

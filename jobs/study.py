@@ -30,6 +30,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -227,11 +228,17 @@ def _committed(models: list[_ModelRun]) -> str:
 
 
 class _Capacity:
-    """Admits models in order while their pools fit the cluster's CPUs and GPUs; the rest wait their turn."""
+    """Admits models in order while their pools fit the cluster's CPUs and GPUs; the rest wait their turn.
 
-    def __init__(self, total: dict) -> None:
+    ``probe`` (``ray.cluster_resources``) is read again every ``refresh_s`` while a model waits: on an
+    autoscaling cluster the nodes that join are admitted to as they arrive (and nodes that leave shrink
+    what is free), rather than the cluster being judged by its size at the start.
+    """
+
+    def __init__(self, total: dict, probe: Callable[[], dict] | None = None, refresh_s: float = 5.0) -> None:
         self.free = {"CPU": float(total.get("CPU", 0)), "GPU": float(total.get("GPU", 0))}
         self.total = dict(self.free)
+        self.probe, self.refresh_s = probe, refresh_s
         self.running = 0
         self.cond = threading.Condition()
         self.turn = 0
@@ -245,18 +252,29 @@ class _Capacity:
     def acquire(self, order: int, need: dict) -> None:
         with self.cond:
             # A model bigger than the whole cluster runs alone (with the workers that fit), never forever queued.
-            self.cond.wait_for(
-                lambda: (
-                    self.cancelled
-                    or self.turn == order
+            def admitted() -> bool:
+                return self.cancelled or (
+                    self.turn == order
                     and (self.running == 0 or all(need[k] <= self.free[k] + 1e-9 for k in need))
                 )
-            )
+
+            while not self.cond.wait_for(admitted, timeout=self.refresh_s if self.probe else None):
+                self._refresh()
             for k in need:
                 self.free[k] -= need[k]
             self.running += 1
             self.turn += 1
             self.cond.notify_all()
+
+    def _refresh(self) -> None:
+        """Take in nodes that joined (or left) since the last look (the lock is held)."""
+        assert self.probe is not None
+        now = self.probe()
+        for k in self.total:
+            grown = float(now.get(k, 0)) - self.total[k]
+            if grown:
+                self.total[k] += grown
+                self.free[k] += grown
 
     def cancel(self) -> None:
         """Let every waiting model through at once (to find the run cancelled and start nothing)."""
@@ -293,7 +311,7 @@ def _run_models(study: StudyConfig, models: list[_ModelRun], overwrite: bool) ->
     if not any(p.pending or p.replaces for m in models for p in stage_plans(m.job, overwrite)):
         return False
     connect_ray()
-    capacity = _Capacity(ray.cluster_resources())
+    capacity = _Capacity(ray.cluster_resources(), probe=ray.cluster_resources)
     errors: list[BaseException] = []
     cancel = threading.Event()  # set when the driver is interrupted: every model's runner stops, its pool too
 

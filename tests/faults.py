@@ -10,7 +10,9 @@ A plan is a JSON object; every key is optional::
      "crash_on_text": "POISON",               # die on every attempt at a shard holding this text
      "hang": {"stage": "steer", "shard": 2},  # sleep far past any timeout on that shard's first attempt
      "fail": {"stage": "steer", "shard": 1, "times": 1, "error": "OSError"},   # raise on the first attempts
-                                              # (OSError, TimeoutError, ValueError or torch's OutOfMemoryError)
+                                              # (OSError, TimeoutError, ValueError, torch's OutOfMemoryError
+                                              # or "CUDAError": a RuntimeError saying "CUDA error: ...")
+     "slow": {"stage": "steer", "shard": 4, "seconds": 30},  # a straggler: its first attempt sleeps this long
      "sleep_s": 0.2,                          # every shard takes at least this long
      "marker_dir": "/tmp/x"}                  # where first attempts are remembered across worker processes
 """
@@ -80,6 +82,13 @@ def hook(task, worker) -> None:
         and _count(plan, f"kill-{stage}-{shard:05d}") == 0
     ):
         os._exit(17)
+    slow = plan.get("slow")
+    if (
+        slow
+        and (slow["stage"], slow["shard"]) == (stage, shard)
+        and _count(plan, f"slow-{stage}-{shard:05d}") == 0
+    ):
+        time.sleep(float(slow["seconds"]))
     hang = plan.get("hang")
     if (
         hang
@@ -91,12 +100,14 @@ def hook(task, worker) -> None:
     if fail and (fail["stage"], fail["shard"]) == (stage, shard):
         _count(plan, f"divisor-{stage}-{shard:05d}-{task.batch_divisor}")  # what batch size each attempt got
         if _count(plan, f"fail-{stage}-{shard:05d}") < int(fail.get("times", 1)):
-            import torch
+            name = fail.get("error", "OSError")
+            if name == "CUDAError":  # what torch raises when the device fails (a hardware-class error)
+                raise RuntimeError(
+                    f"CUDA error: an illegal memory access was encountered (injected at {stage} shard {shard})"
+                )
+            if name == "OutOfMemoryError":
+                import torch  # only here: a fake worker's test imports no torch
 
-            kind = {
-                "OSError": OSError,
-                "TimeoutError": TimeoutError,
-                "ValueError": ValueError,
-                "OutOfMemoryError": torch.OutOfMemoryError,
-            }[fail.get("error", "OSError")]
+                raise torch.OutOfMemoryError(f"injected OutOfMemoryError at {stage} shard {shard}")
+            kind = {"OSError": OSError, "TimeoutError": TimeoutError, "ValueError": ValueError}[name]
             raise kind(f"injected {kind.__name__} at {stage} shard {shard}")

@@ -568,3 +568,64 @@ def test_the_gpu_config_runs_on_cuda_in_bfloat16_and_passes_validate(tmp_path: P
         last.startswith("conva validate: ok: `conva run` would start (")
         and "; model smollm2, output " in last
     ), last
+
+
+# --- the autoscaling variants: GPU groups from 0, the job told to wait for them --------------------------------
+
+
+def _autoscaling_problems(docs: list[dict[str, Any]]) -> list[str]:
+    """rayjob-autoscaling.yaml: rayjob.yaml's checks (but GPUs that grow from 0 up to enough), plus autoscaling."""
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    cluster = job["spec"]["rayClusterSpec"]
+    ((_, args),) = _entrypoints_in(job["spec"]["entrypoint"])
+    cfg, _ = _job_config(args)
+    problems = [p for p in _rayjob_problems(docs) if not p.startswith("the worker groups reserve")]
+    if cluster.get("enableInTreeAutoscaling") is not True:
+        problems.append("enableInTreeAutoscaling is not true: no autoscaler would add GPU pods")
+    gpu_groups = [g for g in cluster["workerGroupSpecs"] if _gpus(g)]
+    if any(g.get("minReplicas", 0) or g.get("replicas", 0) for g in gpu_groups):
+        problems.append("a GPU group does not start from 0 pods")
+    most = sum(g.get("maxReplicas", 0) * _gpus(g) for g in gpu_groups)
+    used = cfg.ray.num_workers * cfg.ray.num_gpus_per_worker
+    if most < used:
+        problems.append(f"the GPU groups grow to {most:g} GPUs, the job's actors use {used:g}")
+    if not cfg.ray.autoscaling:
+        problems.append(
+            "the job does not set ray.autoscaling: its pre-flight would refuse a cluster with no GPU yet"
+        )
+    return problems
+
+
+def test_the_autoscaling_rayjob_is_kuberays_and_grows_its_gpus_from_zero() -> None:
+    docs = _yaml_docs("rayjob-autoscaling.yaml")
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    assert _kuberay_problems(job) == []
+    assert _autoscaling_problems(docs) == []
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    group["minReplicas"], group["maxReplicas"] = 1, 1
+    job["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"] = False
+    job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace(" --ray.autoscaling=true", "")
+    assert _autoscaling_problems(docs) == [
+        "enableInTreeAutoscaling is not true: no autoscaler would add GPU pods",
+        "a GPU group does not start from 0 pods",
+        "the GPU groups grow to 1 GPUs, the job's actors use 2",
+        "the job does not set ray.autoscaling: its pre-flight would refuse a cluster with no GPU yet",
+    ]
+
+
+def test_the_autoscaling_launcher_passes_rays_checks_and_grows_its_gpus_from_zero() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "ray-cluster-autoscaling.yaml").read_text())
+    assert _problems(config, _ray_launcher_schema()) == []
+    validate_config(prepare_config(copy.deepcopy(config)))
+    ((_, job_args),) = [e for e in _entrypoints("ray-cluster-autoscaling.yaml") if e[0] == "conva run"]
+    cfg, _ = _job_config(job_args)
+    assert cfg.ray.autoscaling
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["min_workers"] == 0
+    assert gpu["max_workers"] * gpu["resources"]["GPU"] >= cfg.ray.num_workers * cfg.ray.num_gpus_per_worker
+    # Everything else as the fixed-size launcher: the only GPU problem is the reservation at start-up.
+    assert _launcher_problems(config, job_args) == [
+        "the workers started with the cluster have 0 GPUs, the job's actors use 2"
+    ]

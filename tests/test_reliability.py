@@ -273,7 +273,8 @@ def test_a_poison_row_fails_the_job_naming_its_shard_after_bounded_attempts(
 @pytest.mark.slow
 def test_a_hung_shard_is_killed_at_its_timeout_and_retried(ray_session, model, tmp_path, faults) -> None:
     out = tmp_path / "out"
-    cfg = _cfg(model, out, "--ray.shard_timeout_s=4")
+    # No speculation: a second attempt on an idle worker would finish the hung shard before its timeout.
+    cfg = _cfg(model, out, "--ray.shard_timeout_s=4", "--ray.speculate_after=0")
     faults(hang={"stage": "extract", "shard": 5})
     start = time.monotonic()
     [result] = run_job("extract", cfg)

@@ -342,6 +342,12 @@ class VLLMBackendSteerer:
 register_backend("vllm")(VLLMBackendSteerer)
 
 
+@register_backend("fake")
+def _fake(cfg: Config) -> Steerer:
+    """The simulation backend has no steerer: its pool runs ``workers/fake.py``'s workers, which never ask."""
+    raise RuntimeError('steer.backend = "fake" simulates the orchestration; its workers steer nothing')
+
+
 def check_backend(name: str) -> None:
     """Raise if backend ``name`` cannot be built here (without loading any model): for pre-flight checks."""
     if name not in BACKENDS:

@@ -7,6 +7,11 @@ the kind, never on message text:
   as large.
 * ``transient``: I/O and network trouble that a later try may not meet (``OSError`` (pyarrow's I/O
   errors included), ``TimeoutError``, an LLM endpoint that kept answering 5xx): retried after a backoff.
+* ``hardware``: the accelerator or its interconnect failed (a CUDA error such as an illegal memory
+  access or an uncorrectable ECC error, an NCCL error, torch's ``AcceleratorError``): the worker is
+  replaced (its device is suspect) and the shard retried on another, counted like a worker death
+  (``ray.max_task_retries``). Torch raises most of these as plain ``RuntimeError`` s, so these alone
+  are recognised by their message (:data:`HARDWARE_MARKERS`).
 * ``fatal``: anything else (a bad bundle, a row-contract breach, a bug): fails the job at once, naming
   the shard. Retrying a deterministic failure only burns GPU time.
 
@@ -18,9 +23,21 @@ from __future__ import annotations
 
 import urllib.error
 
-__all__ = ["ShardError", "classify"]
+__all__ = ["ShardError", "classify", "HARDWARE_MARKERS"]
 
-KINDS = ("oom", "transient", "fatal")
+KINDS = ("oom", "transient", "hardware", "fatal")
+# What torch's and NCCL's messages say when the device itself failed (matched case-sensitively).
+HARDWARE_MARKERS = (
+    "CUDA error",
+    "uncorrectable ECC error",
+    "ECC error",
+    "NCCL error",
+    "NCCL communicator",
+    "device-side assert",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "cudaErrorLaunchFailure",
+)
+_HARDWARE_TYPES = ("AcceleratorError", "DistBackendError", "DistNetworkError")
 
 
 class ShardError(RuntimeError):
@@ -38,6 +55,10 @@ def classify(err: BaseException) -> str:
     """The kind of a worker-side exception (see the module docstring)."""
     if type(err).__name__ == "OutOfMemoryError" and type(err).__module__.startswith("torch"):
         return "oom"
+    if type(err).__name__ in _HARDWARE_TYPES or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in HARDWARE_MARKERS)
+    ):
+        return "hardware"
     if isinstance(err, urllib.error.HTTPError):
         return "transient" if err.code >= 500 or err.code == 429 else "fatal"
     if isinstance(err, (OSError, TimeoutError)):

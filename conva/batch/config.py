@@ -76,6 +76,12 @@ def _whole_above_one(gpus: float) -> float:
     return gpus
 
 
+def _never_or_at_least_one(times: float) -> float:
+    if 0 < times < 1:
+        raise ValueError("must be 0 (never) or at least 1")
+    return times
+
+
 class ModelConfig(Settings):
     """``[model]``: which model, in which precision, on which device."""
 
@@ -232,18 +238,31 @@ class RayConfig(Settings, json_schema_extra=RESULT_NEUTRAL):
     commits); steering wants about one batch, so a few dozen prompts still keep every worker busy."""
     min_workers: int = Field(1, ge=1)
     """Start work once this many workers are ready; the rest join when Ray places them."""
+    autoscaling: bool = False
+    """The cluster adds nodes on demand (KubeRay enableInTreeAutoscaling, the launcher's max_workers): when no
+    node can host a worker yet, pre-flight asks the autoscaler for min_workers workers' resources and waits up
+    to startup_timeout_s for one, instead of refusing at once."""
     startup_timeout_s: float = Field(600.0, gt=0)
     """Fail, saying what is missing, when min_workers are not ready after this many seconds."""
     shard_timeout_s: float = Field(3600.0, ge=0)
     """Kill a worker whose shard runs longer than this many seconds, and retry the shard (0: no limit)."""
     max_restarts: int = Field(2, ge=0, le=100)
-    """Dead workers replaced, at most, in all (never infinite)."""
+    """Dead workers replaced in any case; the budget grows with the pool and the run's length (see
+    restarts_per_worker_hour): replaced at most max_restarts + restarts_per_worker_hour x num_workers x hours."""
+    restarts_per_worker_hour: float = Field(0.5, ge=0)
+    """Replacements added to the budget per worker per hour of the run (0: max_restarts in all), so a large pool
+    over a long run keeps its size after the occasional dead node."""
     max_task_retries: int = Field(2, ge=0, le=100)
     """Retries of a shard whose worker died or timed out (never infinite)."""
     transient_retries: int = Field(3, ge=0, le=100)
     """Retries of a shard after a transient error (I/O, network, out of memory at half the batch)."""
     queue_depth: int = Field(2, ge=1, le=16)
     """Shard calls in flight per worker, so none waits for the driver between shards."""
+    speculate_after: Annotated[float, AfterValidator(_never_or_at_least_one)] = Field(3.0, ge=0)
+    """Once no shard is queued, a shard that has run this many times the median shard's time gets a second
+    attempt on an idle worker; the first record wins and the other attempt is discarded (0: never)."""
+    fake_shard_seconds: float = Field(1.0, ge=0)
+    """steer.backend = "fake" only (a simulation of the orchestration, workers/fake.py): each shard's wall time."""
 
     @property
     def steer_shard_rows(self) -> int:

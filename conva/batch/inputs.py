@@ -5,7 +5,11 @@ hash it (so a resumed job refuses an input that changed under its committed shar
 every shard of ``rows_per_shard`` rows starts:
 
 * **Parquet**: shard boundaries come from the footer (row counts per row group); the bytes are streamed
-  only for the hash. A worker reads just the row groups that overlap its rows.
+  only for the hash. A worker reads just the row groups that overlap its rows. With ``metadata_only``
+  (what a job's pre-flight asks) nothing is streamed: the file's identity is a hash of its size, its
+  modification time and its footer (which holds every column chunk's offsets, sizes and statistics),
+  and only the first shard's rows are screened; the workers screen their own slices (bad rows become
+  error rows there, counted in their shard records). Pre-flight time is then constant in the file's size.
 * **JSON Lines**: rows are non-blank lines, numbered by their line in the file; a shard is a byte range of
   whole lines.
 * **CSV**: rows are CSV records, numbered by the line each starts on (the header is line 1; a quoted
@@ -160,11 +164,15 @@ def _format(path: str) -> str:
     return {".json": "jsonl"}.get(suffix, suffix[1:])
 
 
-def plan_input(source: str, rows_per_shard: int, screen: Screen | None = None) -> InputPlan:
+def plan_input(
+    source: str, rows_per_shard: int, screen: Screen | None = None, metadata_only: bool = False
+) -> InputPlan:
     """Plan the shards of a file or a folder of files (path or URI); one streaming pass per file.
 
     Shards never span two files. ``screen``, if given, sees every row as the workers will read it
-    (see the module docstring). Raises :class:`DataError` naming the file if it cannot be read.
+    (see the module docstring). ``metadata_only``: a Parquet file is planned from its metadata alone and
+    only its first shard is screened (JSON Lines and CSV still take one pass: their rows are found by
+    reading). Raises :class:`DataError` naming the file if it cannot be read.
     """
     slices: list[InputSlice] = []
     digest, rows, reports = hashlib.sha256(), 0, []
@@ -174,7 +182,7 @@ def plan_input(source: str, rows_per_shard: int, screen: Screen | None = None) -
         label = file[len(root) + 1 :] if file != str(source) else posixpath.basename(file.rstrip("/"))
         try:
             file_slices, file_sha, report = _plan_file(
-                location(file), _format(file), rows_per_shard, screen, label
+                location(file), _format(file), rows_per_shard, screen, label, metadata_only
             )
         except DataError:
             raise
@@ -188,10 +196,10 @@ def plan_input(source: str, rows_per_shard: int, screen: Screen | None = None) -
 
 
 def _plan_file(
-    where: Location, fmt: str, rows_per_shard: int, screen: Screen | None, label: str
+    where: Location, fmt: str, rows_per_shard: int, screen: Screen | None, label: str, metadata_only: bool
 ) -> tuple[list[InputSlice], str, FileReport]:
     if fmt == "parquet":
-        slices, sha = _plan_parquet(where, rows_per_shard, screen, label)
+        slices, sha = _plan_parquet(where, rows_per_shard, screen, label, metadata_only)
         return slices, sha, FileReport(label, sum(s.rows for s in slices))
     hasher = hashlib.sha256()
     lines = _Lines(where, hasher)
@@ -341,7 +349,7 @@ def _csv_starts(
 
 
 def _plan_parquet(
-    where: Location, rows_per_shard: int, screen: Screen | None, label: str = ""
+    where: Location, rows_per_shard: int, screen: Screen | None, label: str = "", metadata_only: bool = False
 ) -> tuple[list[InputSlice], str]:
     with where.fs.open_input_file(where.path) as handle:
         pf = pq.ParquetFile(handle)
@@ -354,6 +362,14 @@ def _plan_parquet(
                 ]
                 screen(name, records)
                 row += len(records)
+                if metadata_only:  # the first shard only: a wrong column fails here, the rest on the workers
+                    break
+        if metadata_only:
+            slices = [
+                InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start), label=label)
+                for start in range(0, rows, rows_per_shard)
+            ]
+            return slices, _parquet_identity(where, handle)
     hasher = hashlib.sha256()
     with where.fs.open_input_stream(where.path) as stream:
         while chunk := stream.read(_CHUNK):
@@ -363,6 +379,23 @@ def _plan_parquet(
         for start in range(0, rows, rows_per_shard)
     ]
     return slices, hasher.hexdigest()
+
+
+def _parquet_identity(where: Location, handle: pa.NativeFile) -> str:
+    """A Parquet file's identity from its metadata: sha256 of its size, modification time and footer bytes.
+
+    The footer lists every column chunk's offset, compressed size and statistics, so a rewrite that changes
+    any data almost surely changes it; the modification time (on S3: the upload's) catches the rest.
+    """
+    info = where.fs.get_file_info(where.path)
+    size = handle.size()
+    handle.seek(size - 8)
+    tail = handle.read(8)
+    footer_len = int.from_bytes(tail[:4], "little")
+    handle.seek(size - 8 - footer_len)
+    footer = handle.read(footer_len)
+    mtime = info.mtime_ns if info.mtime_ns is not None else ""
+    return hashlib.sha256(f"parquet-metadata\0{size}\0{mtime}\0".encode() + footer).hexdigest()
 
 
 def plan_table_file(where: Location, rows_per_shard: int, sha256: str) -> InputPlan:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 __all__ = ["BUILTIN_BACKENDS", "BACKEND_NAMES", "register_backend_name", "backend_names"]
 
-BUILTIN_BACKENDS = ("hf", "vllm")
-"""hf: transformers in each worker; vllm: ConVA inside the vLLM engine (:mod:`conva.steering.vllm`)."""
+BUILTIN_BACKENDS = ("hf", "vllm", "fake")
+"""hf: transformers in each worker; vllm: ConVA inside the vLLM engine (:mod:`conva.steering.vllm`); fake: a
+simulation of the orchestration (workers that sleep and write small Parquet shards, ``workers/fake.py``)."""
 BACKEND_NAMES: dict[str, None] = dict.fromkeys(BUILTIN_BACKENDS)
 """The names registered now (an ordered set): the built-in ones, then those the Ray side registered."""
 

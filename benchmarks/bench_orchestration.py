@@ -1,0 +1,219 @@
+"""The orchestration at scale, apart from the model: fake workers (``steer.backend = "fake"``) on one machine.
+
+Each fake worker sleeps a fixed time per shard (a stand-in for a GPU forward pass: wall time, no CPU) and
+writes a real small Parquet shard through the store; the driver dispatches, commits and publishes as in
+a real job (:func:`conva.workers.fake.simulate`). So what is measured is the orchestration: how close the
+whole run comes to the ideal ``ceil(shards / workers) x shard_seconds``, how many commits per second the
+driver sustains, and what the driver spends (CPU seconds, peak RSS).
+
+One Ray (two CPUs' worth, on loopback) and, per worker count, one pool of fake workers reused for every
+configuration (its start-up is reported apart); a local folder and the S3 test server (moto on loopback,
+:mod:`tests.s3server`) as the output. Every configuration's output is checked: each ``row_id`` exactly once.
+
+    python -m benchmarks.bench_orchestration            # the plan in PLAN (about 30 min)
+    python -m benchmarks.bench_orchestration --quick    # a minute's smoke run
+    python -m benchmarks.bench_orchestration --preflight  # pre-flight's driver time against input size
+
+``--preflight`` plans generated Parquet prompts files of growing size as a job's pre-flight does
+(:func:`conva.batch.inputs.plan_input` with ``metadata_only``) and as it did before (every byte hashed,
+every row screened), each timed on the driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import replace
+
+from benchmarks.common import RESULTS, RSSSampler, machine, write_result
+
+__all__ = ["main", "PLAN"]
+
+# (store, workers, shards, shard seconds). Shard times shrink as shards grow so each run's ideal wall stays
+# at ~16-125 s. The 1e5-shard run is at 64 workers only, and S3 runs stop at 1e3 shards: the driver's commit
+# rate, not the workers, bounds them (at S3's ~15 commits/s, 1e4 shards take 11 min; see RESULTS.md).
+PLAN: list[tuple[str, int, int, float]] = [
+    *[("local", w, 1_000, 1.0) for w in (8, 32, 64)],
+    *[("local", w, 10_000, 0.1) for w in (8, 32, 64)],
+    ("local", 64, 100_000, 0.01),
+    *[("s3", w, 1_000, 1.0) for w in (8, 32, 64)],
+]
+QUICK: list[tuple[str, int, int, float]] = [("local", 8, 200, 0.05), ("s3", 8, 100, 0.05)]
+ROWS = 4  # rows per shard: a small real Parquet shard
+
+
+def _config(workers: int):
+    from conva.batch.config import Config
+
+    cfg = Config()
+    ray_cfg = replace(
+        cfg.ray,
+        num_workers=workers,
+        min_workers=workers,
+        num_cpus_per_worker=0.0,  # a fake worker sleeps: it needs no CPU of its own
+        shard_timeout_s=0.0,
+        speculate_after=0.0,  # uniform shards: speculation would only add attempts
+    )
+    return replace(cfg, steer=replace(cfg.steer, backend="fake"), ray=ray_cfg)
+
+
+def _check_rows(stage, n_shards: int) -> bool:
+    """Every row_id 0 .. n_shards*ROWS-1 exactly once in the committed shards."""
+    ids = stage.dataset().to_table(columns=["row_id"]).column("row_id").to_pylist()
+    return sorted(ids) == list(range(n_shards * ROWS))
+
+
+def _one(store: str, shards: int, seconds: float, pool, cfg, s3) -> dict:
+    from conva.batch.storage import location
+    from conva.workers.fake import simulate
+
+    if store == "s3":
+        out = location(f"{s3.bucket()}/run")
+    else:
+        folder = tempfile.mkdtemp(prefix="orch-", dir=os.environ.get("CONVA_BENCH_TMP"))
+        out = location(folder)
+    with RSSSampler(every_s=0.5) as rss:
+        m, stage = simulate(out, cfg, shards, rows=ROWS, pool=pool, seconds=seconds)
+    exact = _check_rows(stage, shards) if shards <= 10_000 or store == "local" else None
+    if store == "local":
+        shutil.rmtree(folder, ignore_errors=True)
+    row = {
+        "store": store,
+        "workers": m.workers,
+        "shards": shards,
+        "shard_s": seconds,
+        "ideal_s": round(m.ideal_s, 2),
+        "run_s": round(m.run_s, 2),
+        "finish_s": round(m.finish_s, 3),
+        "efficiency": round(m.ideal_s / (m.run_s + m.finish_s), 3),
+        "commits_per_s": round(m.committed / (m.run_s + m.finish_s), 1),
+        "driver_cpu_s": round(m.driver_cpu_s, 2),
+        "driver_cpu_ms_per_shard": round(1000 * m.driver_cpu_s / shards, 3),
+        "driver_rss_peak_mb": round(max(s[1] for s in rss.samples), 1),
+        "committed": m.committed,
+        "rows": m.rows,
+        "each_row_once": exact,
+    }
+    print(row, flush=True)
+    return row
+
+
+def _profile(pool, cfg, shards: int, seconds: float) -> list[str]:
+    """The driver's top functions by own time over one local run (cProfile)."""
+    from conva.batch.storage import location
+    from conva.workers.fake import simulate
+
+    folder = tempfile.mkdtemp(prefix="orch-prof-")
+    prof = cProfile.Profile()
+    prof.enable()
+    simulate(location(folder), cfg, shards, rows=ROWS, pool=pool, seconds=seconds)
+    prof.disable()
+    shutil.rmtree(folder, ignore_errors=True)
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(15)
+    return [line for line in text.getvalue().splitlines() if line.strip()][-16:]
+
+
+def preflight(sizes_mb: tuple[int, ...] = (64, 256, 1024), rows_per_shard: int = 32) -> dict:
+    """Driver seconds to plan a Parquet prompts file of each size: metadata only (now) and full (before)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from conva.batch.inputs import plan_input
+
+    folder, rows = tempfile.mkdtemp(prefix="orch-preflight-", dir=os.environ.get("CONVA_BENCH_TMP")), []
+    try:
+        for mb in sizes_mb:
+            path = os.path.join(folder, f"prompts-{mb}mb.parquet")
+            n = mb * 2**20 // 200  # ~200 incompressible bytes of prompt per row
+            rng = np.random.default_rng(mb)
+            with pq.ParquetWriter(path, pa.schema([("value", pa.string()), ("prompt", pa.string())])) as w:
+                for start in range(0, n, 100_000):
+                    k = min(100_000, n - start)
+                    text = rng.integers(0, 256, size=(k, 100), dtype=np.uint8)
+                    prompts = pa.array([row.tobytes().hex() for row in text])
+                    w.write_table(pa.table({"value": pa.array(["power"] * k), "prompt": prompts}))
+            size = os.path.getsize(path)
+            for metadata_only in (True, False):
+                screened = [0]
+
+                def screen(name: str, records: list) -> None:
+                    screened[0] += len(records)
+
+                t0, c0 = time.perf_counter(), time.process_time()
+                plan = plan_input(path, rows_per_shard, screen, metadata_only=metadata_only)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                row = {
+                    "file_mb": round(size / 2**20, 1),
+                    "rows": plan.rows,
+                    "shards": len(plan.slices),
+                    "metadata_only": metadata_only,
+                    "wall_s": round(wall, 3),
+                    "cpu_s": round(cpu, 3),
+                    "rows_screened_on_driver": screened[0],
+                }
+                print(row, flush=True)
+                rows.append(row)
+            os.remove(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"machine": machine(), "rows_per_shard": rows_per_shard, "runs": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import ray
+
+    from conva.workers.pool import WorkerPool
+    from conva.workers.tasks import WorkerSpec
+    from tests.s3server import s3_server
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--preflight", action="store_true")
+    args = parser.parse_args(argv)
+    if args.preflight:
+        report = preflight((8, 32) if args.quick else (64, 256, 1024))
+        write_result(RESULTS / "orchestration_preflight.json", report)
+        return report
+    plan = QUICK if args.quick else PLAN
+    report: dict = {
+        "machine": machine(),
+        "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "rows_per_shard": ROWS,
+        "runs": [],
+        "pools": [],
+    }
+    with s3_server() as s3:
+        os.environ.update(s3.env)  # before Ray starts: its workers inherit the endpoint and keys
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+        try:
+            for workers in sorted({w for _, w, _, _ in plan}):
+                cfg = _config(workers)
+                pool = WorkerPool(WorkerSpec(cfg), "fake", ())
+                started = pool.start()
+                report["pools"].append({"workers": workers, "startup_s": round(started, 1)})
+                try:
+                    for store, w, shards, seconds in plan:
+                        if w == workers:
+                            report["runs"].append(_one(store, shards, seconds, pool, cfg, s3))
+                    if workers == max(w for _, w, _, _ in plan) and not args.quick:
+                        report["profile_local_64x10000"] = _profile(pool, cfg, 10_000, 0.1)
+                finally:
+                    pool.stop()
+        finally:
+            ray.shutdown()
+    report["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    write_result(RESULTS / ("orchestration-quick.json" if args.quick else "orchestration.json"), report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
