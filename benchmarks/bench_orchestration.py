@@ -2,7 +2,7 @@
 
 Each fake worker sleeps a fixed time per shard (a stand-in for a GPU forward pass: wall time, no CPU) and
 writes a real small Parquet shard through the store; the driver dispatches, commits and publishes as in
-a real job (:func:`conva.workers.fake.simulate`). So what is measured is the orchestration: how close the
+a real job (:func:`conva.workers.simulation.simulate`). So what is measured is the orchestration: how close the
 whole run comes to the ideal ``ceil(shards / workers) x shard_seconds``, how many commits per second the
 driver sustains, and what the driver spends (CPU seconds, peak RSS).
 
@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import replace
 
 from benchmarks.common import RESULTS, RSSSampler, machine, write_result
 
@@ -53,15 +52,16 @@ def _config(workers: int):
     from conva.batch.config import Config
 
     cfg = Config()
-    ray_cfg = replace(
-        cfg.ray,
-        num_workers=workers,
-        min_workers=workers,
-        num_cpus_per_worker=0.0,  # a fake worker sleeps: it needs no CPU of its own
-        shard_timeout_s=0.0,
-        speculate_after=0.0,  # uniform shards: speculation would only add attempts
+    ray_cfg = cfg.ray.model_copy(
+        update=dict(
+            num_workers=workers,
+            min_workers=workers,
+            num_cpus_per_worker=0.0,  # a fake worker sleeps: it needs no CPU of its own
+            shard_timeout_s=0.0,
+            speculate_after=0.0,  # uniform shards: speculation would only add attempts
+        )
     )
-    return replace(cfg, steer=replace(cfg.steer, backend="fake"), ray=ray_cfg)
+    return cfg.model_copy(update=dict(steer=cfg.steer.model_copy(update=dict(backend="fake")), ray=ray_cfg))
 
 
 def _check_rows(stage, n_shards: int) -> bool:
@@ -72,7 +72,7 @@ def _check_rows(stage, n_shards: int) -> bool:
 
 def _one(store: str, shards: int, seconds: float, pool, cfg, s3) -> dict:
     from conva.batch.storage import location
-    from conva.workers.fake import simulate
+    from conva.workers.simulation import simulate
 
     if store == "s3":
         out = location(f"{s3.bucket()}/run")
@@ -108,7 +108,7 @@ def _one(store: str, shards: int, seconds: float, pool, cfg, s3) -> dict:
 def _profile(pool, cfg, shards: int, seconds: float) -> list[str]:
     """The driver's top functions by own time over one local run (cProfile)."""
     from conva.batch.storage import location
-    from conva.workers.fake import simulate
+    from conva.workers.simulation import simulate
 
     folder = tempfile.mkdtemp(prefix="orch-prof-")
     prof = cProfile.Profile()

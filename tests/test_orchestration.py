@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,8 +19,8 @@ import pytest
 from conva.batch.config import Config
 from conva.batch.storage import location
 from conva.workers.errors import classify
-from conva.workers.fake import simulate
 from conva.workers.pool import WorkerPool
+from conva.workers.simulation import simulate
 from conva.workers.tasks import WorkerSpec
 
 pytestmark = pytest.mark.slow
@@ -31,15 +30,16 @@ ROWS = 3
 
 def _cfg(workers: int, seconds: float, **ray_keys: object) -> Config:
     cfg = Config()
-    ray_cfg = replace(
-        cfg.ray,
-        num_workers=workers,
-        min_workers=workers,
-        num_cpus_per_worker=0.0,
-        fake_shard_seconds=seconds,
-        **ray_keys,
+    ray_cfg = cfg.ray.model_copy(
+        update=dict(
+            num_workers=workers,
+            min_workers=workers,
+            num_cpus_per_worker=0.0,
+            fake_shard_seconds=seconds,
+            **ray_keys,
+        )
     )
-    return replace(cfg, steer=replace(cfg.steer, backend="fake"), ray=ray_cfg)
+    return cfg.model_copy(update=dict(steer=cfg.steer.model_copy(update=dict(backend="fake")), ray=ray_cfg))
 
 
 def _row_ids(stage) -> list[int]:
@@ -161,13 +161,15 @@ def test_preflight_waits_for_an_autoscaler_then_says_what_it_asked_for(ray_sessi
     from conva.jobs.preflight import wait_for_hosts
 
     base = Config()
-    gpu = replace(base.ray, num_gpus_per_worker=1.0, min_workers=2, num_workers=4, startup_timeout_s=3.0)
+    gpu = base.ray.model_copy(
+        update=dict(num_gpus_per_worker=1.0, min_workers=2, num_workers=4, startup_timeout_s=3.0)
+    )
     # No node has a GPU. Without an autoscaler none ever will: refused at once, pointing at the setting.
     t0 = time.monotonic()
     with pytest.raises(
         JobError, match="no node can host a worker with 1 CPU and 1 GPU .*ray.autoscaling = true"
     ):
-        wait_for_hosts(replace(base, ray=gpu))
+        wait_for_hosts(base.model_copy(update=dict(ray=gpu)))
     assert time.monotonic() - t0 < 2.0
     # With one, "none yet": it asks for min_workers workers' resources and waits out the start-up timeout.
     t0 = time.monotonic()
@@ -175,12 +177,16 @@ def test_preflight_waits_for_an_autoscaler_then_says_what_it_asked_for(ray_sessi
         with pytest.raises(
             JobError, match=r"no node could host a worker with 1 CPU and 1 GPU after 3 s .* asked for 2"
         ):
-            wait_for_hosts(replace(base, ray=replace(gpu, autoscaling=True)), poll_s=0.5)
+            wait_for_hosts(
+                base.model_copy(update=dict(ray=gpu.model_copy(update=dict(autoscaling=True)))), poll_s=0.5
+            )
     finally:
         request_resources(bundles=[])  # withdraw the request from this cluster
     assert 3.0 <= time.monotonic() - t0 < 6.0
     # A node that fits is taken at once, autoscaling or not.
-    assert wait_for_hosts(replace(base, ray=replace(base.ray, autoscaling=True)))
+    assert wait_for_hosts(
+        base.model_copy(update=dict(ray=base.ray.model_copy(update=dict(autoscaling=True))))
+    )
 
 
 def test_a_parquet_input_is_planned_from_its_metadata_and_a_change_is_still_seen(tmp_path) -> None:

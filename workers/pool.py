@@ -44,6 +44,7 @@ data passes through the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -789,8 +790,11 @@ def _result_if_done(ref: Any) -> ShardRecord | None:
 def _record_bytes(record: ShardRecord) -> int:
     """A record's size as JSON (what ``to_json`` gives), without ``dataclasses.asdict``'s deep copies: it runs
     once per shard on the driver."""
-    objects = [vars(o) for o in record.objects]
-    return len(json.dumps({**vars(record), "objects": objects}))
+
+    def fields(obj: object) -> dict:  # slotted dataclasses: no __dict__, and asdict would deep-copy
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}  # type: ignore[arg-type]
+
+    return len(json.dumps({**fields(record), "objects": [fields(o) for o in record.objects]}))
 
 
 def _cause_text(err: BaseException) -> str:

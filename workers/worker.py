@@ -64,7 +64,7 @@ class ModelWorker:
         self._judge: Judge | None = None
         self._judge_llm: LLMJudge | None = None
         self._local_chat: Chat | None = None
-        self.identity = _identity()
+        self.identity = worker_identity()
 
     # --- what the pool asks -----------------------------------------------------------------------------
 
@@ -282,7 +282,7 @@ def running_attempt(worker: str, forget: bool = True) -> str | None:
     return value.decode() if value else None
 
 
-def _identity() -> dict:
+def worker_identity() -> dict:
     """This process's node, address and pid, and a short id for logs."""
     node, ip = "", "127.0.0.1"
     try:
