@@ -12,6 +12,7 @@ configuration (its start-up is reported apart); a local folder and the S3 test s
 
     python -m benchmarks.bench_orchestration            # the plan in PLAN (about 30 min)
     python -m benchmarks.bench_orchestration --quick    # a minute's smoke run
+    python -m benchmarks.bench_orchestration --acceptance  # the shape: 64 x 1 s, 1e3/1e4, both stores
     python -m benchmarks.bench_orchestration --preflight  # pre-flight's driver time against input size
 
 ``--preflight`` plans generated Parquet prompts files of growing size as a job's pre-flight does
@@ -45,6 +46,10 @@ PLAN: list[tuple[str, int, int, float]] = [
     *[("s3", w, 1_000, 1.0) for w in (8, 32, 64)],
 ]
 QUICK: list[tuple[str, int, int, float]] = [("local", 8, 200, 0.05), ("s3", 8, 100, 0.05)]
+# The acceptance shape: 64 workers, 1-second shards, 10^3 and 10^4 shards, local and on S3 (~7 min).
+ACCEPTANCE: list[tuple[str, int, int, float]] = [
+    (store, 64, shards, 1.0) for store in ("local", "s3") for shards in (1_000, 10_000)
+]
 ROWS = 4  # rows per shard: a small real Parquet shard
 
 
@@ -178,12 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--preflight", action="store_true")
+    parser.add_argument(
+        "--acceptance", action="store_true", help="64 workers x 1 s shards, 1e3 and 1e4, both stores"
+    )
     args = parser.parse_args(argv)
     if args.preflight:
         report = preflight((8, 32) if args.quick else (64, 256, 1024))
         write_result(RESULTS / "orchestration_preflight.json", report)
         return report
-    plan = QUICK if args.quick else PLAN
+    plan = QUICK if args.quick else ACCEPTANCE if args.acceptance else PLAN
     report: dict = {
         "machine": machine(),
         "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
@@ -204,14 +212,21 @@ def main(argv: list[str] | None = None) -> dict:
                     for store, w, shards, seconds in plan:
                         if w == workers:
                             report["runs"].append(_one(store, shards, seconds, pool, cfg, s3))
-                    if workers == max(w for _, w, _, _ in plan) and not args.quick:
+                    if workers == max(w for _, w, _, _ in plan) and not (args.quick or args.acceptance):
                         report["profile_local_64x10000"] = _profile(pool, cfg, 10_000, 0.1)
                 finally:
                     pool.stop()
         finally:
             ray.shutdown()
     report["uptime_end"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    write_result(RESULTS / ("orchestration-quick.json" if args.quick else "orchestration.json"), report)
+    name = (
+        "orchestration-quick"
+        if args.quick
+        else "orchestration-acceptance"
+        if args.acceptance
+        else "orchestration"
+    )
+    write_result(RESULTS / f"{name}.json", report)
     return report
 
 
