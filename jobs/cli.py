@@ -121,13 +121,20 @@ def _report(job, overwrite: bool) -> tuple[list[str], int]:
                 f"{', '.join(p.replaces)}) once the new run has committed all its shards; until then the "
                 "old output stays readable"
             )
+    planned = sum(s.input.rows for s in job.specs if s.name == "steer" and isinstance(s.input, InputPlan))
     for key, tally in job.rows.items():
         valued = tally.rows - tally.bad - tally.neutral
+        rest = planned - tally.rows if key == "data.prompts" else 0
         lines.append(
             f"  {key}: {tally.rows} rows read: {valued} with a value, {tally.neutral} neutral (no value: generated "
             f"unsteered, keeping its method), {tally.bad} bad (each becomes an error row"
             + (f"; data.max_error_fraction = {job.cfg.data.max_error_fraction:g}" if tally.bad else "")
             + ")"
+            + (
+                f"; {rest} more rows of Parquet files, planned from their metadata, are screened by the workers"
+                if rest > 0
+                else ""
+            )
             + (":" if tally.bad else "")
         )
         lines += tally.lines("      ")

@@ -476,8 +476,9 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
         cli.main(["validate", "--job", *args]) == 0
     )  # in-process: the subprocesses below are the CLI's test
     assert (
-        "  data.prompts: 12 rows read: 3 with a value, 9 neutral (no value: generated unsteered, keeping its method), "
-        "0 bad (each becomes an error row)\n"
+        "  data.prompts: 9 rows read: 2 with a value, 7 neutral (no value: generated unsteered, keeping its method), "
+        "0 bad (each becomes an error row); 3 more rows of Parquet files, planned from their metadata, are screened "
+        "by the workers\n"
     ) in capsys.readouterr().out
 
     faults(sleep_s=0.5)  # every shard takes half a second: the signal lands mid-steering

@@ -265,7 +265,7 @@ def vllm_server():
 def test_llm_judge_against_a_real_local_server(vllm_server, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("CONVA_TEST_JUDGE_KEY", "sk-local-never-stored")
     settings = JudgeSettings(
-        "llm",
+        kind="llm",
         base_url=vllm_server,
         model="smollm2",
         api_key_env="CONVA_TEST_JUDGE_KEY",

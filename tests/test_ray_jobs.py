@@ -144,7 +144,16 @@ def test_finished_job_rerun_starts_nothing(extracted, monkeypatch) -> None:
     start = time.monotonic()
     [result] = run_job("extract", extracted["cfg"])
     assert result.processed == 0 and time.monotonic() - start < 5
-    assert _files(extracted["out"] / "activations") == before
+    after = _files(extracted["out"] / "activations")
+    # Every object but the log is untouched; the log gained only this driver's claim on the stage (an open
+    # record, folded into a segment when the stage finished), which fences out any driver that opened it before.
+    assert {k: v for k, v in after.items() if not k.startswith("_log/")} == {
+        k: v for k, v in before.items() if not k.startswith("_log/")
+    }
+    added = sorted(set(after) - set(before))
+    assert len(added) == 1 and added[0].endswith(".segment.json")
+    segment = json.loads((extracted["out"] / "activations" / added[0]).read_text())
+    assert [r["op"] for r in segment["records"]] == ["open"]
 
 
 @pytest.fixture(scope="module")

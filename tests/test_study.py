@@ -475,13 +475,10 @@ def _shard_intervals(model_out: Path) -> list[tuple[float, float]]:
     import json
 
     spans = []
-    for record in model_out.rglob("_log/*.json"):
-        body = json.loads(record.read_text())
-        records = (
-            [body["record"]]
-            if body.get("op") == "commit"
-            else [r for g in body.get("state", {}).get("gens", []) for r in g["shards"]]
-        )
+    for path in model_out.rglob("_log/*.json"):
+        body = json.loads(path.read_text())
+        logged = body.get("records", [body])  # a segment holds its records; a single record is itself
+        records = [r["record"] for r in logged if r.get("op") == "commit"]
         spans += [(r["worker"]["started"], r["worker"]["finished"]) for r in records if r.get("worker")]
     return spans
 
