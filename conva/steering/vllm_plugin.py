@@ -15,7 +15,7 @@ the bundles the requests name into it (cached per process), so nothing lives onl
 ``conva_strength``  the constant scale of ``caa`` / ``probe_fixed``
 ``conva_band``      the steered layers (default: the bundle's band)
 ``conva_gate``      ``bundle`` (default: the bundle's probe gate, read in the pass) or ``off``
-``conva_gate_open`` the gate decided before the request (1/0; an external classifier's decision)
+``conva_gate_open`` the gate decided before the request (1/0; 0 leaves the request unsteered)
 ``conva_gate_score`` its score, reported back as is
 ``conva_positions`` ``all`` (default) or ``generated``; ``conva_epsilon``: ``frozen`` or ``per_token``
 ``conva_telemetry`` a folder: the engine writes ``<tag>.json`` there (ε, p_before, p_after, gate)
@@ -240,7 +240,7 @@ def resolve(
 
 def steers(req: SteerRequest, spec: SteerSpec) -> bool:
     """Whether the request can change the model's states (its KV): a vector method, gate not decided closed."""
-    return bool(spec.layers()) and not (spec.gate_applies() and req.gate_open is False)
+    return bool(spec.layers()) and req.gate_open is not False
 
 
 def cache_salt(req: SteerRequest, spec: SteerSpec, digest: str, prompt_ids: Sequence[int], salt: str | None) -> str | None:
@@ -406,8 +406,6 @@ def _wrap_process_inputs(orig: Any) -> Any:
         extra = (sp.extra_args if sp is not None else None) or {}
         if not any(key.startswith(PREFIX) for key in extra):
             return request
-        from vllm.exceptions import VLLMValidationError
-
         try:
             cfg = self.vllm_config
             conf = _plugin_conf(cfg)
@@ -424,13 +422,21 @@ def _wrap_process_inputs(orig: Any) -> Any:
             if n_prompt > budget:
                 raise SpecError(f"a steered prompt must fit one step: {n_prompt} tokens > {budget}")
         except (SpecError, OSError) as exc:
-            raise VLLMValidationError(f"ConVA request spec: {exc}", parameter="extra_args") from exc
+            raise _request_error()(f"ConVA request spec: {exc}", parameter="extra_args") from exc
         req, spec, digest = got
         request.cache_salt = cache_salt(req, spec, digest, request.prompt_token_ids or (), request.cache_salt)
         return request
 
     process_inputs._conva_wrapped = True  # type: ignore[attr-defined]
     return process_inputs
+
+
+@functools.cache
+def _request_error() -> type[Exception]:
+    """vLLM's validation error (``vllm serve`` answers it with HTTP 400) that is also a ``ValueError``."""
+    from vllm.exceptions import VLLMValidationError
+
+    return type("ConvaRequestError", (VLLMValidationError, SpecError), {"__module__": __name__})
 
 
 def _wrap_compute_hash(orig: Any) -> Any:
