@@ -121,6 +121,37 @@ def vllm(r: dict) -> str:
     return "\n".join(lines)
 
 
+def vllm_plugin(r: dict) -> str:
+    m, st = r["mix"], r["study"]
+    t = m["tokens_per_s"]
+    lines = [
+        f"Mixed batches ({m['batch']} prompts, {m['new_tokens']} new tokens, ConVA on {r['steered_layers']} "
+        f"layers, no prefix cache), best of {len(m['runs']['0'])} interleaved runs:",
+        "",
+        "| steered share | tokens/s | / unsteered |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {f} % | {t[f]:.1f} | {t[f] / t['0']:.2f} |" for f in ("0", "50", "100")]
+    sec, up = st["seconds"], st["speedup"]
+    lines += [
+        "",
+        f"Study shape: one prompt of {st['prompt_tokens']} tokens, an unsteered baseline plus "
+        f"{st['settings']} P0 settings ({st['requests']} requests, {st['new_tokens']} new tokens), "
+        "prefix cache on (reset before each run) vs. off, best of each:",
+        "",
+        "| case | cache on (s) | cache off (s) | speed-up |",
+        "|---|---|---|---|",
+        f"| gate open: every setting steers (own salt) | {sec['gate_open']['cache']:.2f} | "
+        f"{sec['gate_open']['no_cache']:.2f} | {up['gate_open']:.2f}× |",
+        f"| gate decided closed: settings run unsteered | {sec['gate_closed']['cache']:.2f} | "
+        f"{sec['gate_closed']['no_cache']:.2f} | {up['gate_closed']:.2f}× |",
+        "",
+        "Steered requests share no KV (their prompt's KV depends on ε), so the cache pays where requests "
+        "run unsteered: baselines and gated-off settings.",
+    ]
+    return "\n".join(lines)
+
+
 def extract(r: dict) -> str:
     return "\n".join(
         [
@@ -467,6 +498,12 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
         steer,
     ),
     ("vllm", "vLLM backend: steering overhead and vLLM vs. HF", "python -m benchmarks vllm", vllm),
+    (
+        "vllm_plugin",
+        "vLLM plugin: mixed steered/unsteered batches and the prefix cache on a study-shaped workload",
+        "python -m benchmarks vllm_plugin",
+        vllm_plugin,
+    ),
     ("extract", "Extraction job vs. raw forward passes", "python -m benchmarks extract", extract),
     (
         "fit",

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bundle", required=True, help="a bundle folder or URI the server can read")
     parser.add_argument("--p0", type=float, default=None)
     parser.add_argument("--question", default="Should I take the job offer abroad or stay near my family?")
-    parser.add_argument("--telemetry", default=None, help="a folder the server writes to (default: a temp one)")
+    parser.add_argument(
+        "--telemetry", default=None, help="a folder the server writes to (default: a temp one)"
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     model = args.model

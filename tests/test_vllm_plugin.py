@@ -218,7 +218,9 @@ def _tokens(out: Any, eos: int) -> tuple[int, ...]:
 
 
 @pytest.mark.slow
-def test_parity_with_hf_through_the_plugin_in_a_multiprocess_engine(engine, hf, bundle_paths, tmp_path) -> None:  # noqa: ANN001
+def test_parity_with_hf_through_the_plugin_in_a_multiprocess_engine(
+    engine, hf, bundle_paths, tmp_path
+) -> None:  # noqa: ANN001
     """A mixed batch (gated, unsteered, two bundles, three P0, CAA, fixed probe): the HF backend's
     tokens and ε, with the telemetry read from the engine process's files."""
     model, tok = hf
@@ -244,12 +246,16 @@ def test_parity_with_hf_through_the_plugin_in_a_multiprocess_engine(engine, hf, 
         b = load_bundle(path)
         rows.append(
             (
-                SteerSpec(spec.get("method", "conva"), b, p0=spec.get("p0"), strength=spec.get("strength", 0.0)),
+                SteerSpec(
+                    spec.get("method", "conva"), b, p0=spec.get("p0"), strength=spec.get("strength", 0.0)
+                ),
                 request_args(bundle=path, telemetry=tel, tag=f"r{i}", **spec),
             )
         )
     prompts = PROMPTS + PROMPTS[:3]
-    want = generate(model, tok, prompts, [s for s, _ in rows], max_new_tokens=MAX_NEW, batch_size=len(prompts))
+    want = generate(
+        model, tok, prompts, [s for s, _ in rows], max_new_tokens=MAX_NEW, batch_size=len(prompts)
+    )
     outs = _run(engine, hf, prompts, [e for _, e in rows])
     gates = set()
     for i, (w, out, (spec, extra)) in enumerate(zip(want, outs, rows, strict=True)):
@@ -270,7 +276,9 @@ def test_parity_with_hf_through_the_plugin_in_a_multiprocess_engine(engine, hf, 
 
 
 @pytest.mark.slow
-def test_prefix_cache_never_serves_unsteered_kv_to_a_steered_request(engine, hf, bundle_paths, tmp_path) -> None:  # noqa: ANN001
+def test_prefix_cache_never_serves_unsteered_kv_to_a_steered_request(
+    engine, hf, bundle_paths, tmp_path
+) -> None:  # noqa: ANN001
     """vLLM's ``num_cached_tokens``: unsteered repeats hit the cache, a steered request does not hit the
     unsteered prompt's blocks (nor another spec's), its own repeat hits its own, with the same tokens
     and ε; a request whose gate was decided closed shares the unsteered blocks."""
@@ -315,9 +323,12 @@ def test_a_bad_spec_fails_its_request_and_the_engine_serves_on(engine, hf, bundl
     resolve(request_args(bundle=gone), HIDDEN, N_BLOCKS)
     shutil.rmtree(gone)
     tel = str(tmp_path / "tel")
-    extras = [request_args(bundle=gone, telemetry=tel, tag="gone"), request_args(bundle=other, telemetry=tel, tag="ok"), None]
+    extras = [
+        request_args(bundle=gone, telemetry=tel, tag="gone"),
+        request_args(bundle=other, telemetry=tel, tag="ok"),
+        None,
+    ]
     outs = _run(engine, hf, [PROMPTS[0]] * 3, extras)
     assert "not a readable bundle" in read_telemetry(tel, "gone")["error"]
     assert read_telemetry(tel, "ok")["error"] is None and max(read_telemetry(tel, "ok")["eps"]) > 0
     assert _tokens(outs[0], eos) == _tokens(outs[2], eos) != _tokens(outs[1], eos)
-

@@ -41,8 +41,9 @@ def _port() -> int:
 
 def _smollm2_bundle(folder: Path) -> str:
     """Random unit probes on SmolLM2's shape (576 wide, 30 blocks), steering layers 10-20, no gate."""
-    from conva.models import resolve_model
     from transformers import AutoConfig
+
+    from conva.models import resolve_model
 
     config = AutoConfig.from_pretrained(resolve_model("smollm2"))
     d, n = config.hidden_size, config.num_hidden_layers
@@ -84,7 +85,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--no-enable-chunked-prefill", "--enforce-eager", "--seed", "0",
     ]  # fmt: skip
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 600

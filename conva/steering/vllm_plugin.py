@@ -56,6 +56,7 @@ import functools
 import hashlib
 import json
 import logging
+import numbers
 import os
 import re
 from collections import OrderedDict
@@ -128,7 +129,7 @@ def request_args(**spec: Any) -> dict[str, Any]:
 
 
 def _number(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise SpecError(f"{PREFIX}{key} must be a number, got {value!r}")
     return float(value)
 
@@ -144,18 +145,23 @@ def parse_request(extra: Mapping[str, Any]) -> SteerRequest | None:
 
     Raises :class:`SpecError` naming the key on an unknown key or a value of the wrong kind.
     """
-    conf = {k[len(PREFIX) :]: v for k, v in extra.items() if k.startswith(PREFIX)}
+    # A null value is an absent key: Arrow batches (Ray Data LLM) fill the keys other rows set with nulls.
+    conf = {k[len(PREFIX) :]: v for k, v in extra.items() if k.startswith(PREFIX) and v is not None}
     if not conf:
         return None
     known = {f.name for f in fields(SteerRequest)}
     unknown = sorted(set(conf) - known)
     if unknown:
-        raise SpecError(f"unknown key(s) {[PREFIX + k for k in unknown]}; known: {sorted(PREFIX + k for k in known)}")
+        raise SpecError(
+            f"unknown key(s) {[PREFIX + k for k in unknown]}; known: {sorted(PREFIX + k for k in known)}"
+        )
     if not isinstance(conf.get("bundle"), str) or not conf["bundle"]:
         raise SpecError(f"{PREFIX}bundle (a bundle's path or URI) is required, got {conf.get('bundle')!r}")
     band = conf.get("band")
     if band is not None and (
-        not isinstance(band, (list, tuple)) or not band or any(isinstance(l, bool) or not isinstance(l, int) for l in band)
+        not isinstance(band, (list, tuple))
+        or not band
+        or any(isinstance(l, bool) or not isinstance(l, numbers.Integral) for l in band)
     ):
         raise SpecError(f"{PREFIX}band must be a non-empty list of layer indices, got {band!r}")
     gate_open = conf.get("gate_open")
@@ -192,7 +198,9 @@ def load_bundle_uri(uri: str) -> tuple[ValueBundle, str]:
     try:
         files = {name: Location(where).child(name).read_bytes() for name in BUNDLE_FILES}
     except (OSError, ValueError) as exc:
-        raise SpecError(f"{PREFIX}bundle {uri!r}: not a readable bundle ({type(exc).__name__}: {exc})") from exc
+        raise SpecError(
+            f"{PREFIX}bundle {uri!r}: not a readable bundle ({type(exc).__name__}: {exc})"
+        ) from exc
     digest = hashlib.sha256(files["vectors.safetensors"] + files["meta.json"]).hexdigest()[:16]
     return decode_bundle(files, uri), digest
 
@@ -225,7 +233,12 @@ def resolve(
     except ValueError as exc:  # SteerSpec's and the bundle's own checks (P0 range, missing probes)
         raise SpecError(f"{PREFIX}bundle {req.bundle!r}: {exc}") from exc
     needed = set(spec.layers())
-    if spec.gate_applies() and bundle.gate.kind == "probe" and req.gate_open is None and bundle.gate.layer is not None:
+    if (
+        spec.gate_applies()
+        and bundle.gate.kind == "probe"
+        and req.gate_open is None
+        and bundle.gate.layer is not None
+    ):
         needed.add(int(bundle.gate.layer))
     if spec.gate_applies() and bundle.gate.kind == "external" and req.gate_open is None:
         raise SpecError(
@@ -234,7 +247,9 @@ def resolve(
         )
     outside = sorted(l for l in needed if l not in (active if active is not None else range(n_blocks)))
     if outside:
-        raise SpecError(f"layer(s) {outside} are not steerable in this engine (active: {list(active or range(n_blocks))})")
+        raise SpecError(
+            f"layer(s) {outside} are not steerable in this engine (active: {list(active or range(n_blocks))})"
+        )
     return req, spec, digest
 
 
@@ -243,7 +258,9 @@ def steers(req: SteerRequest, spec: SteerSpec) -> bool:
     return bool(spec.layers()) and req.gate_open is not False
 
 
-def cache_salt(req: SteerRequest, spec: SteerSpec, digest: str, prompt_ids: Sequence[int], salt: str | None) -> str | None:
+def cache_salt(
+    req: SteerRequest, spec: SteerSpec, digest: str, prompt_ids: Sequence[int], salt: str | None
+) -> str | None:
     """The request's prefix-cache salt: the caller's ``salt`` unless the request steers; then a digest of
     the spec, the bundle's tensors, the prompt and ``salt`` (module doc: why the prompt is in it)."""
     if not steers(req, spec):
@@ -285,14 +302,19 @@ class _Rows:
         self.refs: dict[int, int] = {}
 
     def conf(self, extra: Mapping[str, Any]) -> dict[str, Any] | None:
-        return {k[len(PREFIX) :]: v for k, v in extra.items() if k.startswith(PREFIX)} or None
+        """The request's spec keys without the prefix (None: an unsteered request)."""
+        return {
+            k[len(PREFIX) :]: v for k, v in extra.items() if k.startswith(PREFIX) and v is not None
+        } or None
 
     def admit(self, req_id: str, conf: Mapping[str, Any]) -> tuple[int, str, _Sink]:
         from conva.steering.vllm import _spec_row
 
         folder, tag = conf.get("telemetry"), str(conf.get("tag") or req_id)
         try:
-            got = resolve({PREFIX + k: v for k, v in conf.items()}, self.hidden, self.n_blocks, self.state.layers)
+            got = resolve(
+                {PREFIX + k: v for k, v in conf.items()}, self.hidden, self.n_blocks, self.state.layers
+            )
             assert got is not None
             req, spec, digest = got
             if not spec.layers():
@@ -372,7 +394,9 @@ def _make_state(runner: Any) -> Any:
     if conf.get("enabled", True) is False:
         return None
     if _chunked(cfg):
-        log.warning("ConVA plugin: chunked prefill is on, so this engine stays plain and refuses ConVA requests")
+        log.warning(
+            "ConVA plugin: chunked prefill is on, so this engine stays plain and refuses ConVA requests"
+        )
         return None
     hidden, n_blocks = _model_shape(runner.model_config)
     layers = conf.get("layers", list(range(n_blocks)))
@@ -409,7 +433,7 @@ def _wrap_process_inputs(orig: Any) -> Any:
         try:
             cfg = self.vllm_config
             conf = _plugin_conf(cfg)
-            if conf.get("enabled", True) is False or _chunked(cfg):
+            if parse_request(extra) is not None and (conf.get("enabled", True) is False or _chunked(cfg)):
                 raise SpecError(
                     "this engine does not steer: ConVA needs chunked prefill off "
                     "(vllm serve --no-enable-chunked-prefill; LLM(enable_chunked_prefill=False)) and "
@@ -417,8 +441,12 @@ def _wrap_process_inputs(orig: Any) -> Any:
                 )
             hidden, n_blocks = _model_shape(self.model_config)
             got = resolve(extra, hidden, n_blocks, conf.get("layers"))
-            assert got is not None
-            n_prompt, budget = len(request.prompt_token_ids or ()), cfg.scheduler_config.max_num_batched_tokens
+            if got is None:  # every conva_* key null: an unsteered request
+                return request
+            n_prompt, budget = (
+                len(request.prompt_token_ids or ()),
+                cfg.scheduler_config.max_num_batched_tokens,
+            )
             if n_prompt > budget:
                 raise SpecError(f"a steered prompt must fit one step: {n_prompt} tokens > {budget}")
         except (SpecError, OSError) as exc:
@@ -432,7 +460,7 @@ def _wrap_process_inputs(orig: Any) -> Any:
 
 
 @functools.cache
-def _request_error() -> type[Exception]:
+def _request_error() -> Any:
     """vLLM's validation error (``vllm serve`` answers it with HTTP 400) that is also a ``ValueError``."""
     from vllm.exceptions import VLLMValidationError
 
@@ -475,4 +503,3 @@ def register() -> None:
     if not getattr(VllmConfig.compute_hash, "_conva_wrapped", False):
         VllmConfig.compute_hash = _wrap_compute_hash(VllmConfig.compute_hash)  # type: ignore[method-assign]
     _REGISTERED = True
-
