@@ -41,7 +41,9 @@ whose gate was decided closed keep the caller's salt and share cache with each o
 **Engine requirements**: chunked prefill off (ε needs the whole prompt in one step); without that the
 plugin leaves the engine plain and refuses ConVA requests, naming the flag. ``additional_config``
 ``{"conva": {"layers": [...], "max_specs": N}}`` narrows the layers that call the op (default: all)
-and sizes the table; ``{"conva": {"enabled": false}}`` leaves an engine plain.
+and sizes the table; ``{"conva": {"enabled": false}}`` leaves an engine plain;
+``{"conva": {"telemetry_ranks": "all"}}`` has every tensor-parallel rank write its telemetry
+(``<tag>.rank<r>.json`` besides rank 0's ``<tag>.json``), to check that they agree.
 
 Example (``vllm serve MODEL --no-enable-chunked-prefill`` then)::
 
@@ -296,8 +298,9 @@ class _Rows:
     A spec the engine process cannot load (the front end could) runs unsteered, its error reported.
     """
 
-    def __init__(self, state: Any, hidden: int, n_blocks: int, rank: int) -> None:
+    def __init__(self, state: Any, hidden: int, n_blocks: int, rank: int, all_ranks: bool = False) -> None:
         self.state, self.hidden, self.n_blocks, self.rank = state, hidden, n_blocks, rank
+        self.all_ranks = all_ranks  # every tensor-parallel rank writes its own file (``<tag>.rank<r>.json``)
         self.rows: OrderedDict[str, int] = OrderedDict()
         self.refs: dict[int, int] = {}
 
@@ -348,7 +351,7 @@ class _Rows:
             self.refs[row] -= 1
 
     def report(self, sink: _Sink, tel: Any, layers: Sequence[int]) -> None:
-        if sink.folder is None or self.rank != 0:
+        if sink.folder is None or (self.rank != 0 and not self.all_ranks):
             return
         from conva.files import atomic_write
 
@@ -364,7 +367,8 @@ class _Rows:
             "gate_open": bool(tel.gate_open),
             "error": sink.error,
         }
-        atomic_write(os.path.join(sink.folder, f"{sink.tag}.json"), json.dumps(body).encode())
+        name = sink.tag if self.rank == 0 else f"{sink.tag}.rank{self.rank}"
+        atomic_write(os.path.join(sink.folder, f"{name}.json"), json.dumps(body).encode())
 
 
 def _plugin_conf(vllm_config: Any) -> dict[str, Any]:
@@ -416,7 +420,7 @@ def _make_state(runner: Any) -> Any:
         device=torch.device(runner.device),
         engine_id=PLUGIN_ENGINE,
     )
-    state.requests = _Rows(state, hidden, n_blocks, rank)
+    state.requests = _Rows(state, hidden, n_blocks, rank, conf.get("telemetry_ranks") == "all")
     return state
 
 
