@@ -101,7 +101,9 @@ def main() -> None:
         "gate_closed": [None] + [request_args(bundle=bundle, p0=p, gate_open=0) for p in p0s],
     }
     study: dict[str, dict[str, list[float]]] = {c: {"cache": [], "no_cache": []} for c in cases}
-    n_prompt = len(cached.get_tokenizer().apply_chat_template([{"role": "user", "content": study_prompt}]))
+    n_prompt = len(
+        cached.chat([[{"role": "user", "content": study_prompt}]], use_tqdm=False)[0].prompt_token_ids
+    )
     for _ in range(args.repeats):
         for case, extras in cases.items():
             cached.reset_prefix_cache()

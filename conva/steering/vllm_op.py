@@ -53,6 +53,15 @@ _LAYER_CLASSES = (
 _STATES: dict[int, "EngineState"] = {}
 _IDS = itertools.count(1)
 _ARMED = threading.local()
+
+
+class _Current:
+    """The steering state of the runner whose forward runs now (forwards of one process run one at a time)."""
+
+    state: "EngineState | None" = None
+
+
+_CURRENT = _Current()
 _PATCHED = False
 PLUGIN_ENGINE = 0  # the op's engine id of a plugin-built state: one per process, a constant in every graph
 # Set by the plugin: makes the state of a runner built without ``building`` (None: such runners stay plain).
@@ -139,8 +148,11 @@ class EngineState:
         engine_id: int | None = None,
     ) -> None:
         # ``requests``: the plugin's source of table rows (``admit``/``release``/``report``), for requests
-        # that carry a spec instead of a row. ``engine_id``: :data:`PLUGIN_ENGINE` for the plugin's state.
-        self.id = next(_IDS) if engine_id is None else engine_id
+        # that carry a spec instead of a row. ``engine_id``: :data:`PLUGIN_ENGINE` for the plugin's state,
+        # the op's engine argument then (the same constant in every process, so a cached compiled graph
+        # fits any of them); the op finds the state through the runner running the forward.
+        self.id = next(_IDS)
+        self.op_id = self.id if engine_id is None else engine_id
         self.requests = requests
         self.layers = tuple(sorted(int(l) for l in layers))
         self.col = {l: j for j, l in enumerate(self.layers)}
@@ -422,7 +434,10 @@ class EngineState:
 
 @torch.library.custom_op("conva::steer", mutates_args=())
 def _steer_op(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
-    return _STATES[engine].steer(hidden, residual, col)
+    state = _STATES[engine] if engine != PLUGIN_ENGINE else _CURRENT.state
+    if state is None:  # a plugin engine's forward outside a step (none in vLLM 0.32): leave it alone
+        return hidden.clone()
+    return state.steer(hidden, residual, col)
 
 
 @_steer_op.register_fake
@@ -482,6 +497,7 @@ def _wrap_prepare_inputs(orig: Any) -> Any:
 
 def _wrap_model_forward(orig: Any) -> Any:
     def _model_forward(self: Any, *a: Any, **k: Any) -> Any:
+        _CURRENT.state = getattr(self, "_conva_state", None)
         out = orig(self, *a, **k)
         state = getattr(self, "_conva_state", None)
         if state is not None:
@@ -506,7 +522,7 @@ def _bind(runner: Any, state: EngineState) -> None:
                     f"does not patch (supported: {', '.join(c for _, c in _LAYER_CLASSES)})"
                 )
             # Module.__getattr__ types unknown attributes as Tensor | Module; the tag is a plain attribute.
-            block._conva_tag = (state.id, state.col[index])  # type: ignore[assignment]
+            block._conva_tag = (state.op_id, state.col[index])  # type: ignore[assignment]
             n_tagged += 1
     if n_tagged != len(state.layers):
         missing = [l for l in state.layers if l >= len(blocks)]
@@ -515,6 +531,7 @@ def _bind(runner: Any, state: EngineState) -> None:
         )
     runner._conva_state = state
     state.bound = True
+    _CURRENT.state = state  # warm-up and graph capture run forwards before the first step
 
 
 def install_patches() -> None:
