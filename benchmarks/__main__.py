@@ -45,6 +45,10 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
         ["-m", "benchmarks.bench_vllm", "--repeats", "4"],
         ["--batch", "8", "--new", "16", "--repeats", "1"],
     ),
+    "vllm_plugin": (
+        ["-m", "benchmarks.bench_vllm_plugin"],
+        ["--batch", "4", "--new", "8", "--settings", "3", "--repeats", "1"],
+    ),
     "extract": (["-m", "benchmarks.bench_extract"], ['--data.values=["power"]']),
     "fit": (["-m", "benchmarks.bench_fit"], ["--model", "tiny", "--synthetic-gb", "0.1", "--cap-gb", "0.8"]),
     "scaleout": (["-m", "benchmarks.bench_scaleout"], ["--values", "power", "--prompts", "2"]),

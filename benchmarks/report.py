@@ -121,6 +121,45 @@ def vllm(r: dict) -> str:
     return "\n".join(lines)
 
 
+def vllm_plugin(r: dict) -> str:
+    m, st = r["mix"], r["study"]
+    t = m["tokens_per_s"]
+    lines = [
+        f"Mixed batches ({m['batch']} prompts, {m['new_tokens']} new tokens, ConVA on {r['steered_layers']} "
+        f"layers, no prefix cache), best of {len(m['runs']['0'])} interleaved runs:",
+        "",
+        "| steered share | tokens/s | / unsteered |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {f} % | {t[f]:.1f} | {t[f] / t['0']:.2f} |" for f in ("0", "50", "100")]
+    sec, up = st["seconds"], st["speedup"]
+    lines += [
+        "",
+        f"Study shape: one prompt of {st['prompt_tokens']} tokens, an unsteered baseline plus "
+        f"{st['settings']} P0 settings ({st['requests']} requests, {st['new_tokens']} new tokens), "
+        "prefix cache on (reset before each run) vs. off, best of each:",
+        "",
+        "| case | cache on, s (all runs) | cache off, s (all runs) | speed-up (best / best) |",
+        "|---|---|---|---|",
+    ]
+    runs = st["runs"]
+    for case, label in (
+        ("gate_open", "gate open: every setting steers (own salt)"),
+        ("gate_closed", "gate decided closed: settings run unsteered"),
+    ):
+        on, off = runs[case]["cache"], runs[case]["no_cache"]
+        lines.append(
+            f"| {label} | {sec[case]['cache']:.2f} ({min(on):.1f}–{max(on):.1f}) | "
+            f"{sec[case]['no_cache']:.2f} ({min(off):.1f}–{max(off):.1f}) | {up[case]:.2f}× |"
+        )
+    lines += [
+        "",
+        "Steered requests share no KV (their prompt's KV depends on ε), so the cache pays where requests "
+        "run unsteered: baselines and gated-off settings.",
+    ]
+    return "\n".join(lines)
+
+
 def extract(r: dict) -> str:
     return "\n".join(
         [
@@ -507,6 +546,12 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
         steer,
     ),
     ("vllm", "vLLM backend: steering overhead and vLLM vs. HF", "python -m benchmarks vllm", vllm),
+    (
+        "vllm_plugin",
+        "vLLM plugin: mixed steered/unsteered batches and the prefix cache on a study-shaped workload",
+        "python -m benchmarks vllm_plugin",
+        vllm_plugin,
+    ),
     ("extract", "Extraction job vs. raw forward passes", "python -m benchmarks extract", extract),
     (
         "fit",

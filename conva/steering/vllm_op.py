@@ -18,9 +18,10 @@ steers every request of the batch with its own bundle:
 vLLM layers return ``(hidden, residual)``; the residual stream is their **sum** (HF
 ``hidden_states[l+1]``), so probes read the sum and the delta is added to ``hidden`` only.
 
-One engine per :class:`EngineState`; the state is bound to the model runner while the engine is
-built (:func:`building`), which is why the engine must run in-process
-(``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+Two ways a state reaches a runner: :func:`building` binds one made by the caller while an in-process
+engine is built (:class:`conva.steering.vllm.VLLMSteerer`, requests name table rows); or the vLLM plugin
+(:mod:`conva.steering.vllm_plugin`) sets :data:`plugin_factory`, and every runner built in any engine
+process makes its own state, whose table rows the requests' specs load on demand (``requests``).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import itertools
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["EXTRA_KEY", "SpecRow", "EngineState", "building", "install_patches"]
+__all__ = ["EXTRA_KEY", "PLUGIN_ENGINE", "SpecRow", "EngineState", "Telemetry", "building", "install_patches"]
 
 EXTRA_KEY = "conva"  # SamplingParams.extra_args[EXTRA_KEY] = {"row": int, "tag": str, ...}
 
@@ -52,7 +53,19 @@ _LAYER_CLASSES = (
 _STATES: dict[int, "EngineState"] = {}
 _IDS = itertools.count(1)
 _ARMED = threading.local()
+
+
+class _Current:
+    """The steering state of the runner whose forward runs now (forwards of one process run one at a time)."""
+
+    state: "EngineState | None" = None
+
+
+_CURRENT = _Current()
 _PATCHED = False
+PLUGIN_ENGINE = 0  # the op's engine id of a plugin-built state: one per process, a constant in every graph
+# Set by the plugin: makes the state of a runner built without ``building`` (None: such runners stay plain).
+plugin_factory: Callable[[Any], "EngineState | None"] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,7 @@ class _Request:
     positions: str
     per_token: bool
     started: bool = False
+    sink: Any = None  # the plugin's report target for this request's telemetry (None: keep it here)
 
 
 class _Step:
@@ -130,8 +144,16 @@ class EngineState:
         n_tokens: int,
         record: bool = False,
         device: str | torch.device = "cpu",
+        requests: Any = None,
+        engine_id: int | None = None,
     ) -> None:
+        # ``requests``: the plugin's source of table rows (``admit``/``release``/``report``), for requests
+        # that carry a spec instead of a row. ``engine_id``: :data:`PLUGIN_ENGINE` for the plugin's state,
+        # the op's engine argument then (the same constant in every process, so a cached compiled graph
+        # fits any of them); the op finds the state through the runner running the forward.
         self.id = next(_IDS)
+        self.op_id = self.id if engine_id is None else engine_id
+        self.requests = requests
         self.layers = tuple(sorted(int(l) for l in layers))
         self.col = {l: j for j, l in enumerate(self.layers)}
         self.hidden, self.device = hidden, torch.device(device)
@@ -185,6 +207,12 @@ class EngineState:
             raise ValueError(
                 f"the engine holds at most {self.s0.shape[0] - 1} steering specs; raise max_specs"
             )
+        self.write_row(r, row)
+        self.n_rows += 1
+        return r
+
+    def write_row(self, r: int, row: SpecRow) -> None:
+        """**Overwrite** table row ``r`` (≥ 1) with ``row``'s tensors; no live request may use it."""
         with torch.no_grad():
             for name in ("dirs", "w", "b", "wnorm", "compute", "fixed", "has_probe"):
                 getattr(self, name)[:, r].copy_(getattr(row, name))
@@ -192,8 +220,9 @@ class EngineState:
             if row.gate_w is not None:
                 self.gate_w[r].copy_(row.gate_w)
                 self.gate_b[r], self.gate_thr[r] = row.gate_b, row.gate_thr
-        self.n_rows += 1
-        return r
+            else:
+                self.gate_w[r].zero_()
+                self.gate_b[r], self.gate_thr[r] = 0.0, 0.0
 
     def close(self) -> None:
         _STATES.pop(self.id, None)
@@ -213,17 +242,23 @@ class EngineState:
     def _admit(self, req_id: str, sampling_params: Any) -> _Request | None:
         extra = getattr(sampling_params, "extra_args", None) or {}
         conf = extra.get(EXTRA_KEY)
+        if conf is None and self.requests is not None:  # the plugin's flat ``conva_*`` keys
+            conf = self.requests.conf(extra)
         if conf is None:
             return None
         if not self._free:
             raise RuntimeError("no free ConVA steering slot: more steered requests alive than n_slots")
+        sink, row, tag = None, conf.get("row"), conf.get("tag")
+        if row is None and self.requests is not None:  # a plugin request: its spec names a bundle
+            row, tag, sink = self.requests.admit(req_id, conf)
         slot = self._free.pop()
         req = _Request(
             slot,
-            int(conf["row"]),
-            str(conf["tag"]),
+            int(row),
+            str(tag),
             conf.get("positions", "all"),
             conf.get("epsilon", "frozen") == "per_token",
+            sink=sink,
         )
         if not 0 <= req.row < self.n_rows:
             raise RuntimeError(f"request {req_id} names steering row {req.row}, the engine has {self.n_rows}")
@@ -237,10 +272,14 @@ class EngineState:
         return req
 
     def _release(self, req_id: str) -> None:
+        """Free a finished request's slot (and its table row's claim)."""
         req = self._alive.pop(req_id, None)
         if req is not None:
             self.s_row[req.slot] = 0
             self._free.append(req.slot)
+            if self.requests is not None and req.sink is not None:
+                self.requests.release(req.row)
+                self.telemetry.pop(req.tag, None)
 
     def fill(self, runner: Any, num_scheduled: np.ndarray) -> None:
         """Fill the per-step buffers from the runner's batch (called after ``_prepare_inputs``)."""
@@ -324,6 +363,10 @@ class EngineState:
                 )
             else:  # per-token mode: ε of the latest step, like the HF backend's final ``scale``
                 old.eps = eps[k]
+            if req.sink is not None:  # a plugin request: its telemetry goes out, none is kept here
+                self.requests.report(req.sink, self.telemetry[req.tag], self.layers)
+                if not req.per_token:
+                    self.telemetry.pop(req.tag)
         self._step_slots = []
 
     # -- the op (device) ------------------------------------------------------------------------
@@ -391,7 +434,10 @@ class EngineState:
 
 @torch.library.custom_op("conva::steer", mutates_args=())
 def _steer_op(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
-    return _STATES[engine].steer(hidden, residual, col)
+    state = _STATES[engine] if engine != PLUGIN_ENGINE else _CURRENT.state
+    if state is None:  # a plugin engine's forward outside a step (none in vLLM 0.32): leave it alone
+        return hidden.clone()
+    return state.steer(hidden, residual, col)
 
 
 @_steer_op.register_fake
@@ -425,6 +471,8 @@ def _wrap_load_model(orig: Any) -> Any:
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
         out = orig(self, *args, **kwargs)
         state = getattr(_ARMED, "state", None)
+        if state is None and plugin_factory is not None:
+            state = plugin_factory(self)
         if state is not None and not getattr(self, "_conva_state", None):
             _bind(self, state)
         return out
@@ -449,6 +497,7 @@ def _wrap_prepare_inputs(orig: Any) -> Any:
 
 def _wrap_model_forward(orig: Any) -> Any:
     def _model_forward(self: Any, *a: Any, **k: Any) -> Any:
+        _CURRENT.state = getattr(self, "_conva_state", None)
         out = orig(self, *a, **k)
         state = getattr(self, "_conva_state", None)
         if state is not None:
@@ -473,7 +522,7 @@ def _bind(runner: Any, state: EngineState) -> None:
                     f"does not patch (supported: {', '.join(c for _, c in _LAYER_CLASSES)})"
                 )
             # Module.__getattr__ types unknown attributes as Tensor | Module; the tag is a plain attribute.
-            block._conva_tag = (state.id, state.col[index])  # type: ignore[assignment]
+            block._conva_tag = (state.op_id, state.col[index])  # type: ignore[assignment]
             n_tagged += 1
     if n_tagged != len(state.layers):
         missing = [l for l in state.layers if l >= len(blocks)]
@@ -482,6 +531,7 @@ def _bind(runner: Any, state: EngineState) -> None:
         )
     runner._conva_state = state
     state.bound = True
+    _CURRENT.state = state  # warm-up and graph capture run forwards before the first step
 
 
 def install_patches() -> None:
