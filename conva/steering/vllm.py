@@ -59,6 +59,7 @@ __all__ = [
     "engine_kwargs",
     "VLLMSteerer",
     "generate_vllm",
+    "spec_row",
 ]
 
 SUPPORTED_VLLM = ("0.32",)
@@ -227,7 +228,7 @@ class VLLMSteerer:
             gate_in_engine,
         )
         if key not in self._rows:
-            row = _spec_row(spec, self.state, self.hidden, self.n_blocks, gate_in_engine)
+            row = spec_row(spec, self.state, self.hidden, self.n_blocks, gate_in_engine)
             self._rows[key] = (self.state.add_row(row), spec)
         return self._rows[key][0]
 
@@ -558,7 +559,7 @@ def _stop_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(i for i in ids + [tokenizer.eos_token_id] if i is not None)
 
 
-def _spec_row(
+def spec_row(
     spec: SteerSpec, state: EngineState, hidden: int, n_blocks: int, gate_in_engine: bool = True
 ) -> SpecRow:
     """One spec's tensors over the engine's active layers, from the HF backend's plan."""

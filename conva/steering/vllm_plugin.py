@@ -194,11 +194,16 @@ def parse_request(extra: Mapping[str, Any]) -> SteerRequest | None:
 @functools.lru_cache(maxsize=32)
 def load_bundle_uri(uri: str) -> tuple[ValueBundle, str]:
     """The verified bundle at a local path or URI, and a digest of its tensors (cached per process)."""
-    from conva.batch.storage import Location, is_uri
+    import pyarrow.fs as pafs
 
-    where = uri if is_uri(uri) else os.path.abspath(uri)
     try:
-        files = {name: Location(where).child(name).read_bytes() for name in BUNDLE_FILES}
+        # pyarrow's filesystems directly (the method layer does not import the batch layer's storage): a local
+        # path, file://, s3:// (credentials and endpoint from the usual AWS environment), gs://, hdfs://.
+        fs, root = pafs.FileSystem.from_uri(uri if "://" in uri else os.path.abspath(uri))
+        files = {}
+        for name in BUNDLE_FILES:
+            with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as stream:
+                files[name] = stream.read()
     except (OSError, ValueError) as exc:
         raise SpecError(
             f"{PREFIX}bundle {uri!r}: not a readable bundle ({type(exc).__name__}: {exc})"
@@ -311,7 +316,7 @@ class _Rows:
         } or None
 
     def admit(self, req_id: str, conf: Mapping[str, Any]) -> tuple[int, str, _Sink]:
-        from conva.steering.vllm import _spec_row
+        from conva.steering.vllm import spec_row as make_spec_row
 
         folder, tag = conf.get("telemetry"), str(conf.get("tag") or req_id)
         try:
@@ -325,7 +330,7 @@ class _Rows:
             key = req.row_key() + digest
             row = self.rows.get(key)
             if row is None:
-                spec_row = _spec_row(spec, self.state, self.hidden, self.n_blocks, req.gate_open is None)
+                spec_row = make_spec_row(spec, self.state, self.hidden, self.n_blocks, req.gate_open is None)
                 row = self._free_row()
                 self.state.write_row(row, spec_row)
                 self.rows[key] = row
