@@ -31,10 +31,10 @@ from conva.steering.spec import SteerSpec  # noqa: E402
 from conva.steering.vllm import (  # noqa: E402
     EngineSettings,
     VLLMSteerer,
-    _spec_row,
     check_vllm_version,
     engine_kwargs,
     generate_vllm,
+    spec_row,
 )
 from conva.steering.vllm_op import EngineState, SpecRow  # noqa: E402
 
@@ -147,7 +147,7 @@ def test_spec_row_refuses_inactive_layer() -> None:
     state = EngineState([1], HIDDEN, n_specs=1, n_slots=1, n_tokens=4)
     try:
         with pytest.raises(ValueError, match=r"layer\(s\) \[2, 3\].*not active"):
-            _spec_row(SteerSpec("conva", _bundle("power", 0)), state, HIDDEN, N_BLOCKS)
+            spec_row(SteerSpec("conva", _bundle("power", 0)), state, HIDDEN, N_BLOCKS)
     finally:
         state.close()
 
