@@ -269,19 +269,10 @@ def _slices(spec: StageSpec, stage: Stage) -> tuple:
     return spec.input.slices if spec.input is not None else ()
 
 
-class _Done:
-    """Whether a stage is complete: its committed shards counted once, then as they commit (``add``, from the
-    stage's commit callback), so the check costs O(1) however many shards the stage has; the runner asks it
-    for every queued shard of a later stage after each commit."""
-
-    def __init__(self, stage: Stage) -> None:
-        self.stage, self.n = stage, len(stage.committed())
-
-    def add(self, _record: ShardRecord | None = None) -> None:
-        self.n += 1
-
-    def __call__(self, _shard: int = 0) -> bool:
-        return self.n >= self.stage.n_shards
+def _complete(stage: Stage) -> Callable[[int], bool]:
+    """A later stage's dependency on ``stage``: whether it is complete (O(1): :meth:`Stage.is_complete` counts
+    commits), asked for every queued shard after each commit."""
+    return lambda _shard: stage.is_complete()
 
 
 def stage_runs(
@@ -298,8 +289,7 @@ def stage_runs(
     """
     runs = []
     values = cfg.data.values
-    done: dict[str, _Done] = {name: _Done(stages[name]) for name in ("extract", "fit") if name in stages}
-    fit_done = done.get("fit")
+    fit_done = _complete(stages["fit"]) if "fit" in stages else None
     for spec in specs:
         stage = stages[spec.name]
         if not spec.writes or stage.is_complete():
@@ -309,29 +299,12 @@ def stage_runs(
         if spec.name == "steer" and check_bundles is not None:
             make = _checked_first(make, lambda: check_bundles(bundle_folders(stages["fit"], values)))
         if spec.name == "fit":
-            after = done["extract"]
+            after = _complete(stages["extract"])
         elif after is None and spec.name != "extract" and fit_done is not None:
             after = fit_done
-        runs.append(
-            StageRun(spec.name, stage, make, after, _callback(spec.name, on_commit, done.get(spec.name)))
-        )
+        callback = (lambda record, name=spec.name: on_commit(name, record)) if on_commit else None
+        runs.append(StageRun(spec.name, stage, make, after, callback))
     return runs
-
-
-def _callback(
-    name: str, on_commit: Callable[[str, ShardRecord], None] | None, done: _Done | None
-) -> Callable[[ShardRecord], None] | None:
-    """A stage's commit callback: count the commit for its completion check, then the caller's ``on_commit``."""
-    if on_commit is None and done is None:
-        return None
-
-    def committed(record: ShardRecord) -> None:
-        if done is not None:
-            done.add(record)
-        if on_commit is not None:
-            on_commit(name, record)
-
-    return committed
 
 
 def _checked_first(
