@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from benchmarks.common import CACHE, RESULTS, machine, write_result
+from benchmarks.common import CACHE, RESULTS, commit_timed, machine, write_result
 
 OUT = RESULTS / "commit.json"
 ROWS = 8  # rows per shard: a steering shard's record is the same size whatever its rows
@@ -66,13 +66,7 @@ def one_size(root, n: int) -> dict:
     with ThreadPoolExecutor(8) as pool:  # the workers' side, not timed as the driver's
         records = list(pool.map(write, range(n)))
     written = time.perf_counter() - t0
-    costs = []
-    for record in records:
-        t = time.perf_counter()
-        if not stage.commit(record):
-            raise RuntimeError(f"shard {record.shard} was not committed")
-        stage.compact_if_due()
-        costs.append(time.perf_counter() - t)
+    costs = commit_timed(stage, records)
     t = time.perf_counter()
     stage.finish()
     finish = time.perf_counter() - t

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from benchmarks.common import CACHE, RESULTS, machine, write_result
+from benchmarks.common import CACHE, RESULTS, commit_timed, machine, write_result
 
 OUT = RESULTS / "store.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -110,14 +110,8 @@ def one(uri: str, n: int, m: int) -> dict:
 
         with ThreadPoolExecutor(8) as pool:  # the workers' side, untimed
             records = list(pool.map(write, range(n, n + m)))
-        costs = []
         cpu0 = time.thread_time()
-        for record in records:
-            t = time.perf_counter()
-            if not stage.commit(record):
-                raise RuntimeError(f"shard {record.shard} was not committed")
-            stage.compact_if_due()
-            costs.append(time.perf_counter() - t)
+        costs = commit_timed(stage, records)
         cpu = time.thread_time() - cpu0
         t = time.perf_counter()
         stage.finish()  # waits for the background publisher

@@ -30,6 +30,7 @@ __all__ = [
     "warm_ray",
     "RSSSampler",
     "activation_shard",
+    "commit_timed",
     "RESULTS",
     "CACHE",
 ]
@@ -319,3 +320,16 @@ def activation_shard(texts: list[tuple], x, model_meta: dict | None = None):
         },
         schema=schema,
     )
+
+
+def commit_timed(stage, records: list) -> list[float]:
+    """Commit ``records`` one by one as the runner does (``commit``, then ``compact_if_due``) on this thread;
+    each commit's wall seconds. Raises if a record is not committed."""
+    costs = []
+    for record in records:
+        t = time.perf_counter()
+        if not stage.commit(record):
+            raise RuntimeError(f"shard {record.shard} was not committed")
+        stage.compact_if_due()
+        costs.append(time.perf_counter() - t)
+    return costs
