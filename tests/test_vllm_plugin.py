@@ -19,8 +19,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed")  # CI installs it: see pyproject
 
-from conva.bundle import ValueBundle, load_bundle, save_bundle  # noqa: E402
-from conva.gates import Gate  # noqa: E402
+from conva.bundle import load_bundle, save_bundle  # noqa: E402
 from conva.record import format_prompt  # noqa: E402
 from conva.steering.hf import generate  # noqa: E402
 from conva.steering.spec import SteerSpec  # noqa: E402
@@ -32,40 +31,21 @@ from conva.steering.vllm_plugin import (  # noqa: E402
     request_args,
     resolve,
 )
+from tests import test_vllm  # noqa: E402
 
-HIDDEN, N_BLOCKS, BAND, GATE_LAYER, MAX_NEW = 256, 4, (1, 2, 3), 1, 10
-PROMPTS = [
-    "What is the capital of France?",
-    "The teacher wants to help the people in the village.",
-    "Why do people move to Rome?",
-    "Our team hopes to win a famous prize for science.",
-    "My grandmother loves to create a new garden by the river.",
-    "Can you tell me about the history of Oslo?",
-]
+# The same tiny model, prompts and bundles as the in-process backend's tests.
+from tests.test_vllm import (  # noqa: E402
+    BAND,
+    HIDDEN,
+    N_BLOCKS,
+    PROMPTS,
+    _bundle,
+)
 
+# Its fixtures, shared by name (module-scoped here too: this module gets its own instances).
+tiny, hf, bundles = test_vllm.tiny, test_vllm.hf, test_vllm.bundles
 
-def _bundle(value: str, seed: int, gate: Gate | None = None, p0: float = 0.999) -> ValueBundle:
-    """Random unit probes with a negative intercept, so ε > 0 and steering changes the tokens."""
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(N_BLOCKS, HIDDEN)).astype(np.float32)
-    w /= np.linalg.norm(w, axis=1, keepdims=True)
-    ones = np.ones(N_BLOCKS, np.float32)
-    return ValueBundle(
-        value=value,
-        model_name="tiny",
-        fingerprint="tiny",
-        hidden_size=HIDDEN,
-        n_blocks=N_BLOCKS,
-        layers=np.arange(N_BLOCKS),
-        w=w,
-        b=np.full(N_BLOCKS, -2.0, np.float32),
-        train_acc=ones,
-        test_acc=ones,
-        caa=(0.5 * rng.normal(size=(N_BLOCKS, HIDDEN))).astype(np.float32),
-        band=BAND,
-        p0=p0,
-        gate=gate or Gate(),
-    )
+MAX_NEW = 10
 
 
 # -- fast: the request format ----------------------------------------------------------------------------
@@ -137,35 +117,11 @@ def test_cache_salt_only_for_requests_that_steer(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from conva.tiny import make_tiny_model
-
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-plugin"), seed=0)
-
-
-@pytest.fixture(scope="module")
-def hf(tiny: str):  # noqa: ANN201
-    from conva.models import load_model
-
-    return load_model(tiny)
-
-
-@pytest.fixture(scope="module")
-def bundle_paths(hf, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:  # noqa: ANN001
-    """Two saved bundles; the first has a probe gate at layer 1 that closes for half the prompts."""
-    from conva.record import record_activations
-
-    model, tok = hf
-    acts = record_activations(model, tok, PROMPTS, [GATE_LAYER], chat_template=True)[:, 0]
-    gw = np.random.default_rng(7).normal(size=HIDDEN).astype(np.float32)
-    scores = Gate("probe", 0.5, GATE_LAYER, gw, 0.0).scores(acts)
-    gate = Gate("probe", float(np.median(scores)), GATE_LAYER, gw, 0.0)
-    assert 0 < int(np.sum(gate.open(scores))) < len(PROMPTS)
+def bundle_paths(bundles, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:  # noqa: ANN001
+    """test_vllm's two bundles, saved: the first has a probe gate at layer 1 that closes for half the prompts."""
     root = tmp_path_factory.mktemp("bundles")
-    return (
-        str(save_bundle(_bundle("power", 1, gate=gate), root / "power")),
-        str(save_bundle(_bundle("security", 2, p0=0.99), root / "security")),
-    )
+    power, security = bundles
+    return str(save_bundle(power, root / "power")), str(save_bundle(security, root / "security"))
 
 
 @pytest.fixture(scope="module")
