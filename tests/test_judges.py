@@ -6,13 +6,9 @@ import http.server
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +37,7 @@ from conva.judges import (
 )
 from conva.local_chat import load_local_chat, local_chat, render
 from conva.record import record_activations
+from tests.vllm_server import vllm_server as vllm_server_process
 
 
 def test_verdict_parsing_follows_the_paper_protocol() -> None:
@@ -191,18 +188,9 @@ def test_client_retries_with_backoff_caches_and_never_stores_the_key(tmp_path, m
         server.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def vllm_server():
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``vllm serve``-equivalent OpenAI server on 127.0.0.1 with SmolLM2 (eager, 1 GiB KV cache); killed at teardown."""
-    from conva.models import resolve_model
-
-    port = _free_port()
     env = {
         **os.environ,
         "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -212,53 +200,10 @@ def vllm_server():
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"vllm-judge-{port}.log", "w")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            resolve_model("smollm2"),
-            "--served-model-name",
-            "smollm2",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--enforce-eager",
-            "--max-model-len",
-            "2048",
-            "--dtype",
-            "float32",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the vLLM server exited with {proc.returncode}; see {log.name}")
-            try:
-                urllib.request.urlopen(f"{url}/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the vLLM server did not come up in 300 s; see {log.name}")
-                time.sleep(2)
+    args = ["--enforce-eager", "--max-model-len", "2048", "--dtype", "float32"]
+    log = tmp_path_factory.mktemp("vllm-judge") / "server.log"
+    with vllm_server_process(args, env, log, ready="/v1/models", timeout_s=300) as url:
         yield f"{url}/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.mark.slow

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -27,16 +24,11 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 from conva.bundle import ValueBundle, save_bundle  # noqa: E402
 from conva.gates import Gate  # noqa: E402
+from tests.vllm_server import vllm_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Should I take the job offer abroad or stay near my family?"
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _smollm2_bundle(folder: Path) -> str:
@@ -71,43 +63,14 @@ def _smollm2_bundle(folder: Path) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    from conva.models import resolve_model
-
-    port, log = _port(), tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    command = [
-        # ``vllm serve`` itself, without the CLI wrapper: that one asks for a distribution named "vllm",
-        # and the CPU build installs as "vllm-cpu".
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("smollm2"),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2",
+    args = [
         "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8",
         "--no-enable-chunked-prefill", "--enforce-eager", "--seed", "0",
     ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    raise RuntimeError(f"vllm serve did not come up:\n{log.read_text()[-4000:]}") from None
-                time.sleep(2)
+    with vllm_server(args, env, tmp_path_factory.mktemp("serve") / "server.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the engine core it started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_example_client_gets_a_steered_and_an_unsteered_answer(server: str, tmp_path: Path) -> None:
