@@ -26,6 +26,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-model or Ray-cluster test (CI runs these too)")
 
 
+# Session resources worth starting once: under pytest-xdist every test using one runs on the same worker.
+_SHARED_RESOURCES = ("smollm2_server",)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests for ``pytest -n 2 --dist loadgroup`` (the README's test command): a module's tests run on
+    one worker, so its module fixtures (a two-node cluster, a fitted bundle) start once, and the tests of a
+    shared session resource (``_SHARED_RESOURCES``) run together. Without ``-n`` the marks change nothing."""
+    for item in items:
+        shared = [name for name in _SHARED_RESOURCES if name in getattr(item, "fixturenames", ())]
+        group = shared[0] if shared else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def paper_data() -> Path:
     if not PAPER_DATA.is_dir():
@@ -114,6 +128,34 @@ def s3_env(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
 
 
 @pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One ``vllm serve``-equivalent OpenAI server with SmolLM2 (as "smollm2") on 127.0.0.1 for the session,
+    shared by the LLM judge's test and the plugin's serve tests (about a minute to start on CPU).
+
+    It is deployed as users run it: a multi-process engine with ConVA's plugin loaded through its entry point
+    (this checkout on the path), float32, eager, a 1 GiB KV cache, seed 0. Yields ``http://127.0.0.1:<port>``.
+    """
+    from tests.vllm_server import vllm_server
+
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_USAGE_STATS_ENABLED": "0",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    args = [
+        "--dtype", "float32", "--max-model-len", "2048", "--max-num-seqs", "8",
+        "--no-enable-chunked-prefill", "--enforce-eager", "--seed", "0",
+    ]  # fmt: skip
+    log = tmp_path_factory.mktemp("smollm2-server") / "server.log"
+    with vllm_server(args, env, log, ready="/v1/models", timeout_s=600) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def fault_plan(tmp_path_factory) -> Path:
     """The plan file the workers' test hook reads (``tests/faults.py``); set before the session's Ray starts."""
     from conva.workers.hooks import HOOK_ENV
@@ -139,6 +181,8 @@ def ray_session(fault_plan, s3):
 
     from conva.jobs.common import connect_ray
 
+    if ray.is_initialized():  # started by an earlier test without this environment: its workers lack it
+        ray.shutdown()
     for key in [k for k in os.environ if k.startswith("AWS_")]:
         del os.environ[key]
     os.environ.update(s3.env)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import http.server
 import json
 import math
-import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,6 @@ from conva.judges import (
 )
 from conva.local_chat import load_local_chat, local_chat, render
 from conva.record import record_activations
-from tests.vllm_server import vllm_server as vllm_server_process
 
 
 def test_verdict_parsing_follows_the_paper_protocol() -> None:
@@ -188,22 +185,10 @@ def test_client_retries_with_backoff_caches_and_never_stores_the_key(tmp_path, m
         server.shutdown()
 
 
-@pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``vllm serve``-equivalent OpenAI server on 127.0.0.1 with SmolLM2 (eager, 1 GiB KV cache); killed at teardown."""
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "OMP_NUM_THREADS": "1",
-        "VLLM_USAGE_STATS_ENABLED": "0",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-    }
-    args = ["--enforce-eager", "--max-model-len", "2048", "--dtype", "float32"]
-    log = tmp_path_factory.mktemp("vllm-judge") / "server.log"
-    with vllm_server_process(args, env, log, ready="/v1/models", timeout_s=300) as url:
-        yield f"{url}/v1"
+@pytest.fixture
+def vllm_server(smollm2_server: str) -> str:
+    """The session's SmolLM2 OpenAI server (``tests/conftest.py``), as the judge's ``base_url``."""
+    return f"{smollm2_server}/v1"
 
 
 @pytest.mark.slow

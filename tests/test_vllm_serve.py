@@ -8,14 +8,13 @@ interpreter, so the plugin is loaded by its entry point in the API server and th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ pytest.importorskip("vllm", reason="the vllm extra is not installed")
 
 from conva.bundle import ValueBundle, save_bundle  # noqa: E402
 from conva.gates import Gate  # noqa: E402
-from tests.vllm_server import vllm_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -61,16 +59,10 @@ def _smollm2_bundle(folder: Path) -> str:
     return str(save_bundle(bundle, folder))
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    args = [
-        "--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "8",
-        "--no-enable-chunked-prefill", "--enforce-eager", "--seed", "0",
-    ]  # fmt: skip
-    with vllm_server(args, env, tmp_path_factory.mktemp("serve") / "server.log") as url:
-        yield url
+@pytest.fixture
+def server(smollm2_server: str) -> str:
+    """The session's SmolLM2 server (``tests/conftest.py``): a multi-process engine with the plugin loaded."""
+    return smollm2_server
 
 
 def test_example_client_gets_a_steered_and_an_unsteered_answer(server: str, tmp_path: Path) -> None:
