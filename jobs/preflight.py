@@ -20,29 +20,22 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import conva.jobs.builtin_stages  # noqa: F401  (registers the built-in stages before any job is planned)
 from conva.batch.badrows import RowTally
-from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
-from conva.batch.extraction import extraction_rows
-from conva.batch.inputs import plan_input, table_sha256
+from conva.batch.config import RESULT_NEUTRAL_KEYS, Config
 from conva.batch.schemas import SCHEMA_VERSION
-from conva.batch.steer_rows import steering_rows, steering_rows_from_records
 from conva.batch.storage import S3_HINT, Location, s3_setup_problem
 from conva.batch.store import stage_status
 from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
 from conva.data import DataError
 from conva.jobs.common import JobError
+from conva.jobs.planning import check_error_fraction, is_file_source
+from conva.jobs.registry import declared, stage_decl
 from conva.jobs.stages import (
-    ACTIVATION_KEYS,
-    BUNDLE_KEYS,
-    STAGE_DIRS,
-    GeneratedInput,
     StageSpec,
     check_stages,
-    run_config,
-    select,
-    shard_config,
 )
 from conva.models import ModelNotFoundError, check_model, model_name
 
@@ -79,28 +72,6 @@ class ModelJob:
 
     def spec(self, name: str) -> StageSpec | None:
         return next((s for s in self.specs if s.name == name), None)
-
-
-def _read(key: str, build, sources: dict[str, str] | None = None):
-    """``build()``, its input errors named by config key (``sources``: key → path, to tell which input failed)."""
-    try:
-        return build()
-    except DataError as err:
-        for name, source in (sources or {}).items():
-            if source not in ("demo", "") and str(err.file).startswith(source.removeprefix("paper:")):
-                key = name
-        raise JobError(f"{key}: {err}") from err
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise JobError(f"{key}: cannot read the input: {type(err).__name__}: {err}") from err
-
-
-def generated(table, rows_per_shard: int) -> GeneratedInput:
-    """A job-built input table, hashed by content."""
-    return GeneratedInput(table, table_sha256(table), rows_per_shard)
-
-
-def _is_file_source(source: str) -> bool:
-    return source != "demo" and not source.startswith("paper:")
 
 
 def plan_job(
@@ -173,26 +144,6 @@ def stage_plans(job: ModelJob, overwrite: bool) -> list[StagePlan]:
         else:
             plans.append(StagePlan(spec, min(status.committed, spec.n_shards)))
     return plans
-
-
-def check_error_fraction(cfg: Config, key: str, tally: RowTally) -> None:
-    """Refuse an input with more bad rows than ``data.max_error_fraction`` (likely the wrong file or format)."""
-    limit = cfg.data.max_error_fraction
-    if tally.rows and tally.bad > limit * tally.rows:
-        raise JobError(
-            f"{key}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) cannot be steered, "
-            f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "
-            "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
-            "(1 never refuses)"
-        )
-    if tally.rows and not tally.valued and tally.neutral > limit * tally.rows:
-        raise JobError(
-            f"{key}: none of its {tally.rows} rows names a value ({tally.neutral} neutral, {tally.bad} bad): "
-            f"nothing would be steered, and {tally.neutral / tally.rows:.0%} neutral rows is more than "
-            f"data.max_error_fraction = {limit:g} allows. Give the rows a `value` column naming one of "
-            f"data.values ({', '.join(cfg.data.values)}), or set --data.max_error_fraction=1 to generate them "
-            "all unsteered"
-        )
 
 
 def check_run_errors(cfg: Config, folder: str, tally: RowTally) -> None:
@@ -291,114 +242,24 @@ def _mount_of(path: str) -> tuple[str, str]:
 def model_specs(
     cfg: Config, stages: tuple[str, ...], screened: dict[str, RowTally] | None = None
 ) -> list[StageSpec]:
-    """The extract / fit / steer stage specs a job on ``stages`` writes, plus the ones it only reads.
+    """The specs of the stages a job on ``stages`` writes, plus the ones it only reads (those they need).
 
+    Each is planned by its declaration (:mod:`conva.jobs.registry`), in registration order.
     ``screened`` receives the screened rows of a bulk prompts file (see :func:`steering_spec`).
     """
-    full, r = config_dict(cfg), cfg.ray
-    needed = {
-        "extract": "extract" in stages or "fit" in stages,
-        "fit": "fit" in stages or "steer" in stages,
-        "steer": "steer" in stages,
-    }
+    needed = set(stages) | {d for name in stages for d in stage_decl(name).after}
     specs = []
-    if needed["extract"]:
-        # the gate also reads each value's own prompts: a bad prompts file is named as such
-        rows = _read(
-            "data.pairs",
-            lambda: extraction_rows(cfg),
-            {
-                "data.pairs": cfg.data.pairs,
-                "data.prompts": cfg.data.prompts,
-                "data.neutral": cfg.data.neutral,
-                "gate.mc": cfg.gate.mc,
-            },
-        )
-        inp = generated(rows, r.rows_per_shard)
-        specs.append(
-            StageSpec(
-                "extract",
-                STAGE_DIRS["extract"],
-                {
-                    **select(full, ACTIVATION_KEYS),
-                    "shards": shard_config(inp.rows_per_shard, rows.num_rows, inp.sha256),
-                },
-                inp.n_shards,
-                inp,
-                writes="extract" in stages,
-                source=_pairs_source(cfg),
-            )
-        )
-    if needed["fit"]:
-        specs.append(
-            StageSpec(
-                "fit",
-                STAGE_DIRS["fit"],
-                {**select(full, BUNDLE_KEYS), "shards": {"values": list(cfg.data.values)}},
-                len(cfg.data.values),
-                None,
-                writes="fit" in stages,
-            )
-        )
-    if needed["steer"]:
-        specs.append(steering_spec(cfg, STAGE_DIRS["steer"], run_config(cfg), screened))
+    for decl in declared():
+        if decl.name in needed and decl.plan is not None:
+            spec = decl.plan(decl, cfg, screened if screened is not None else {})
+            specs.append(replace(spec, writes=decl.name in stages))
     return specs
-
-
-def steering_spec(
-    cfg: Config, folder: str, config: dict, screened: dict[str, RowTally] | None = None
-) -> StageSpec:
-    """The steering stage: a user's file or folder (planned, read by the workers) or the demo/paper prompts.
-
-    A file or folder is screened while it is planned, by the rule the workers apply, into
-    ``screened["data.prompts"]``, and refused if too many rows are bad (:func:`check_error_fraction`).
-    A Parquet file is planned from its metadata and only its first shard screened (constant time in its
-    size); the workers screen their slices and the run's error rows count at the end
-    (:func:`check_run_errors`). JSON Lines and CSV are read once, screened whole.
-    """
-    source, rps = cfg.data.prompts, cfg.ray.steer_shard_rows
-    if _is_file_source(source):
-        tally = RowTally()
-
-        def screen(name: str, records: list) -> None:
-            tally.add_table(steering_rows_from_records(name, records, cfg.data.values))
-
-        # Metadata only where the format allows (Parquet): the workers screen their own slices.
-        plan = _read("data.prompts", lambda: plan_input(source, rps, screen, metadata_only=True))
-        check_error_fraction(cfg, "data.prompts", tally)
-        if screened is not None:
-            screened["data.prompts"] = tally
-        return StageSpec(
-            "steer",
-            folder,
-            {**config, "shards": shard_config(rps, plan.rows, plan.sha256)},
-            len(plan.slices),
-            plan,
-            input_kind="records",
-            source=f"file {source}",
-        )
-    inp = generated(_read("data.prompts", lambda: steering_rows(cfg)), rps)
-    return StageSpec(
-        "steer",
-        folder,
-        {**config, "shards": shard_config(rps, inp.table.num_rows, inp.sha256)},
-        inp.n_shards,
-        inp,
-        source=f"data.prompts = {source!r}",
-    )
-
-
-def _pairs_source(cfg: Config) -> str:
-    """The extraction texts' sources, as configured: the pairs and (for a probe gate) the neutral prompts."""
-    return f"data.pairs = {cfg.data.pairs!r}" + (
-        f", data.neutral = {cfg.data.neutral!r}" if cfg.gate.kind == "probe" else ""
-    )
 
 
 def worker_inputs(cfg: Config) -> tuple[str, ...]:
     """Input files the workers read themselves (every other input is planned and written by the driver)."""
     source = cfg.data.prompts
-    return (source,) if _is_file_source(source) else ()
+    return (source,) if is_file_source(source) else ()
 
 
 def check_backend_settings(cfg: Config) -> None:
@@ -671,5 +532,5 @@ def check_nodes(job: ModelJob) -> dict[str, list[int]]:
 
 
 def bundles_complete(out: Location) -> bool:
-    status = stage_status(out, STAGE_DIRS["fit"])
+    status = stage_status(out, stage_decl("fit").folder)
     return status.exists and status.committed == status.n_shards

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from conva.batch.badrows import RowTally
 from conva.batch.config import Config
@@ -46,6 +46,7 @@ from conva.jobs.preflight import (
     plan_job,
     stage_plans,
 )
+from conva.jobs.registry import job_names, job_stages, stage_decl
 from conva.jobs.stages import StageResult, open_stages, stage_runs
 from conva.workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
 from conva.workers.tasks import WorkerSpec
@@ -54,20 +55,30 @@ __all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "f
 
 _log = logging.getLogger("conva.jobs")
 
-JOBS: dict[str, tuple[str, ...]] = {
-    "extract": ("extract",),
-    "fit": ("fit",),
-    "steer": ("steer",),
-    "run": ("extract", "fit", "steer"),
-}
+
+class _Jobs(Mapping[str, tuple[str, ...]]):
+    """job → the stages it writes, read from the stage registry (:func:`conva.jobs.registry.job_stages`)
+    each time, so a stage registered later is a job too."""
+
+    def __getitem__(self, job: str) -> tuple[str, ...]:
+        if job not in job_names():
+            raise KeyError(job)
+        return job_stages(job)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(job_names())
+
+    def __len__(self) -> int:
+        return len(job_names())
+
+
+JOBS: Mapping[str, tuple[str, ...]] = _Jobs()
 FAILURES: tuple[type[BaseException], ...] = (
     *EXPECTED_ERRORS,
     ShardFailedError,
     WorkerStartError,
     NotImplementedError,
 )
-# The stages whose output rows carry an `error` column, and what one of their input rows is.
-_ROW_UNITS = {"extract": "texts", "steer": "rows"}
 
 
 def run_job(
@@ -148,11 +159,15 @@ def final_line(results: list[StageResult], plan: ModelJob | None = None) -> str:
             parts.append(text)
         elif r.error_rows:
             parts.append(
-                f"{r.folder}: {r.error_rows} of {r.input_rows} {_ROW_UNITS[r.stage]} are error rows (see the "
+                f"{r.folder}: {r.error_rows} of {r.input_rows} {_row_unit(r.stage)} are error rows (see the "
                 "`error` column)"
             )
     counted = any(r.stage == "steer" and r.tally is not None and r.tally.rows for r in results)
-    if not counted and not any(r.error_rows for r in results) and any(r.stage in _ROW_UNITS for r in results):
+    if (
+        not counted
+        and not any(r.error_rows for r in results)
+        and any(_row_unit(r.stage, "") for r in results)
+    ):
         parts.append("no error rows")
     spec = plan.spec("steer") if plan is not None else None
     if spec is not None and isinstance(spec.input, InputPlan):
@@ -300,7 +315,7 @@ def run_model(
                 s.folder,
                 now.bad,
                 now.rows,
-                _ROW_UNITS.get(s.name, "rows"),
+                _row_unit(s.name),
                 now.one_line(),
             )
         whole = _stage_errors(stages[s.name])
@@ -316,10 +331,16 @@ def run_model(
                 s.folder,
                 whole.bad,
                 whole.rows,
-                whole if s.name in _ROW_UNITS else None,
+                whole if _row_unit(s.name, "") else None,
             )
         )
     return results
+
+
+def _row_unit(stage: str, default: str = "rows") -> str:
+    """What one input row of ``stage`` is (its declaration's ``row_unit``); ``default`` for a stage without an
+    error column."""
+    return stage_decl(stage).row_unit or default
 
 
 def _loads(cfg: Config, stages: list[str]) -> tuple[str, ...]:

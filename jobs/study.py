@@ -69,7 +69,8 @@ from conva.jobs.common import (
     setup_logging,
     split_overrides,
 )
-from conva.jobs.preflight import ModelJob, generated, plan_job, stage_plans
+from conva.jobs.planning import generated
+from conva.jobs.preflight import ModelJob, plan_job, stage_plans
 from conva.jobs.runner import FAILURES, committed_line, run_model
 from conva.jobs.stages import GeneratedInput, StageSpec, run_config, shard_config
 from conva.judge_validation import labels_digest
