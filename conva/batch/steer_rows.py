@@ -237,10 +237,20 @@ def steer_table(
     results = generate_fn([records[i]["prompt"] for i in good], specs) if good else []
     by_row: dict[int, tuple[RowResult, SteerSpec]] = dict(zip(good, zip(results, specs)))
     out = [
-        _generation_row(r, row_settings(cfg, r), by_row.get(i), errors[i], model_name)
+        _generation_row(r, _asked(cfg, r, bundles.get(r["value"])), by_row.get(i), errors[i], model_name)
         for i, r in enumerate(records)
     ]
     return pa.Table.from_pylist(out, schema=GENERATION_SCHEMA)
+
+
+def _asked(cfg: Config, row: dict, bundle: ValueBundle | None) -> dict:
+    """The row's settings (:func:`row_settings`) with the P0 it is steered toward: ``steer.p0`` (or the row's
+    own), unset: its bundle's ``fit.p0``. So the ``p0`` column has one meaning on every row, error rows too
+    (None where no bundle was fitted for the row's value, or the method has no P0)."""
+    s = row_settings(cfg, row)
+    if s["p0"] is None and bundle is not None:
+        s["p0"] = bundle.p0
+    return s
 
 
 def _generation_row(
