@@ -38,17 +38,24 @@ from conva.jobs.common import (
     setup_logging,
     write_config,
 )
+from conva.jobs.nodes import check_nodes
 from conva.jobs.preflight import (
     ModelJob,
     check_gpu_fit,
-    check_nodes,
     check_run_errors,
     plan_job,
     stage_plans,
 )
 from conva.jobs.registry import job_names, job_stages, stage_decl
 from conva.jobs.stages import StageResult, open_stages, stage_runs
-from conva.workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
+from conva.workers.pool import (
+    Cancelled,
+    ShardFailedError,
+    StageRun,
+    WorkerPool,
+    WorkerStartError,
+    run_stages,
+)
 from conva.workers.tasks import WorkerSpec
 
 __all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "final_line", "committed_line"]
@@ -277,32 +284,54 @@ def run_model(
         if not work:  # a stage whose committed objects went missing runs again after all
             connect_ray()
             check_gpu_fit(job.cfg, check_nodes(job))
-        pool = WorkerPool(spec, job.label, _loads(job.cfg, [r.name for r in runs]))
-        try:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"{job.label}: cancelled before its workers started")
-            pool.start()
-            startup = time.monotonic() - t0
-            run_stages(pool, runs, cancel)
-        finally:
-            pool.stop()
-            for stage in stages.values():  # what is committed is published, also when interrupted
-                stage.close(raise_error=False)
-        job.extra.update(
-            busy=pool.busy,
-            returned_bytes=pool.returned_bytes,
-            loads=dict(pool.loads),
-            replacements=pool.replacements,
-        )
-        shards = sum(tally.shards.values())
-        _log.info(
-            "%s: workers returned %d bytes of shard records for %d shards (no shard data); model loads per "
-            "worker: %s",
-            job.label,
-            pool.returned_bytes,
-            shards,
-            json.dumps(dict(pool.loads), sort_keys=True),
-        )
+        startup = _run_pool(job, spec, runs, stages, tally, cancel) - t0
+    return _stage_results(job, stages, tally, t0, startup)
+
+
+def _run_pool(
+    job: ModelJob,
+    spec: WorkerSpec,
+    runs: list[StageRun],
+    stages: dict[str, Stage],
+    tally: _Tally,
+    cancel: threading.Event | None,
+) -> float:
+    """Start the pool, run ``runs`` on it, stop it and publish what is committed (also when interrupted);
+    returns when its workers were ready (``time.monotonic()``)."""
+    pool = WorkerPool(spec, job.label, _loads(job.cfg, [r.name for r in runs]))
+    try:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{job.label}: cancelled before its workers started")
+        pool.start()
+        started = time.monotonic()
+        run_stages(pool, runs, cancel)
+    finally:
+        pool.stop()
+        for stage in stages.values():  # what is committed is published, also when interrupted
+            stage.close(raise_error=False)
+    job.extra.update(
+        busy=pool.busy,
+        returned_bytes=pool.returned_bytes,
+        loads=dict(pool.loads),
+        replacements=pool.replacements,
+    )
+    shards = sum(tally.shards.values())
+    _log.info(
+        "%s: workers returned %d bytes of shard records for %d shards (no shard data); model loads per "
+        "worker: %s",
+        job.label,
+        pool.returned_bytes,
+        shards,
+        json.dumps(dict(pool.loads), sort_keys=True),
+    )
+    return started
+
+
+def _stage_results(
+    job: ModelJob, stages: dict[str, Stage], tally: _Tally, t0: float, startup: float
+) -> list[StageResult]:
+    """Per stage the job writes, once its publishing is finished: what this run did and its error rows
+    (over every committed shard, this run's and earlier ones)."""
     results = []
     for s in job.specs:
         if not s.writes:
