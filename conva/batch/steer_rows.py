@@ -32,7 +32,7 @@ from conva.batch.schemas import (
 from conva.batch.sources import value_prompts
 from conva.bundle import ValueBundle
 from conva.record import format_prompt, max_positions
-from conva.steering.spec import RowResult, SteerSpec
+from conva.steering.spec import P0_METHODS, STRENGTH_METHODS, RowResult, SteerSpec
 
 __all__ = [
     "steering_rows",
@@ -272,8 +272,8 @@ def _generation_row(
         value=rec["value"],
         method=method,
         setting=asked["setting"],
-        p0=asked["p0"] if method in ("conva", "conva_nogate") else None,
-        strength=asked["strength"] if method in ("caa", "probe_fixed") else None,
+        p0=asked["p0"] if method in P0_METHODS else None,
+        strength=asked["strength"] if method in STRENGTH_METHODS else None,
         gate_score=None,
         gate_open=None,
         layers=None,
@@ -290,7 +290,7 @@ def _generation_row(
             n_prompt_tokens=res.n_prompt_tokens,
             n_output_tokens=len(res.tokens),
             p0=spec.target(),
-            strength=spec.strength if spec.method in ("caa", "probe_fixed") else None,
+            strength=spec.strength if spec.method in STRENGTH_METHODS else None,
             gate_score=res.gate_score,
             gate_open=res.gate_open,
             layers=list(res.layers),
