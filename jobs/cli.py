@@ -150,7 +150,9 @@ def _report(job, overwrite: bool) -> tuple[list[str], int]:
 
 
 def _input_rows(spec) -> str:
-    unit = {"extract": "texts", "steer": "prompts"}.get(spec.name)
+    from conva.jobs.registry import stage_decl
+
+    unit = stage_decl(spec.name).input_noun
     if unit is None or spec.input is None:
         return ""
     rows = spec.input.rows if hasattr(spec.input, "rows") else spec.input.table.num_rows

@@ -18,31 +18,21 @@ import json
 import logging
 import math
 import os
-import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import conva.jobs.builtin_stages  # noqa: F401  (registers the built-in stages before any job is planned)
 from conva.batch.badrows import RowTally
-from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
-from conva.batch.extraction import extraction_rows
-from conva.batch.inputs import plan_input, table_sha256
+from conva.batch.config import RESULT_NEUTRAL_KEYS, Config
 from conva.batch.schemas import SCHEMA_VERSION
-from conva.batch.steer_rows import steering_rows, steering_rows_from_records
 from conva.batch.storage import S3_HINT, Location, s3_setup_problem
 from conva.batch.store import stage_status
 from conva.bundle import BUNDLE_FILES, BundleError, decode_bundle
-from conva.data import DataError
 from conva.jobs.common import JobError
+from conva.jobs.planning import check_error_fraction, is_file_source
+from conva.jobs.registry import declared, stage_decl
 from conva.jobs.stages import (
-    ACTIVATION_KEYS,
-    BUNDLE_KEYS,
-    STAGE_DIRS,
-    GeneratedInput,
     StageSpec,
     check_stages,
-    run_config,
-    select,
-    shard_config,
 )
 from conva.models import ModelNotFoundError, check_model, model_name
 
@@ -53,16 +43,13 @@ __all__ = [
     "stage_plans",
     "check_error_fraction",
     "check_run_errors",
-    "check_nodes",
     "check_output",
     "worker_inputs",
     "model_bytes",
     "check_gpu_fit",
-    "wait_for_hosts",
 ]
 
 _log = logging.getLogger("conva.jobs")
-_NODE_CHECK_TIMEOUT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -79,28 +66,6 @@ class ModelJob:
 
     def spec(self, name: str) -> StageSpec | None:
         return next((s for s in self.specs if s.name == name), None)
-
-
-def _read(key: str, build, sources: dict[str, str] | None = None):
-    """``build()``, its input errors named by config key (``sources``: key → path, to tell which input failed)."""
-    try:
-        return build()
-    except DataError as err:
-        for name, source in (sources or {}).items():
-            if source not in ("demo", "") and str(err.file).startswith(source.removeprefix("paper:")):
-                key = name
-        raise JobError(f"{key}: {err}") from err
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise JobError(f"{key}: cannot read the input: {type(err).__name__}: {err}") from err
-
-
-def generated(table, rows_per_shard: int) -> GeneratedInput:
-    """A job-built input table, hashed by content."""
-    return GeneratedInput(table, table_sha256(table), rows_per_shard)
-
-
-def _is_file_source(source: str) -> bool:
-    return source != "demo" and not source.startswith("paper:")
 
 
 def plan_job(
@@ -173,26 +138,6 @@ def stage_plans(job: ModelJob, overwrite: bool) -> list[StagePlan]:
         else:
             plans.append(StagePlan(spec, min(status.committed, spec.n_shards)))
     return plans
-
-
-def check_error_fraction(cfg: Config, key: str, tally: RowTally) -> None:
-    """Refuse an input with more bad rows than ``data.max_error_fraction`` (likely the wrong file or format)."""
-    limit = cfg.data.max_error_fraction
-    if tally.rows and tally.bad > limit * tally.rows:
-        raise JobError(
-            f"{key}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) cannot be steered, "
-            f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "
-            "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
-            "(1 never refuses)"
-        )
-    if tally.rows and not tally.valued and tally.neutral > limit * tally.rows:
-        raise JobError(
-            f"{key}: none of its {tally.rows} rows names a value ({tally.neutral} neutral, {tally.bad} bad): "
-            f"nothing would be steered, and {tally.neutral / tally.rows:.0%} neutral rows is more than "
-            f"data.max_error_fraction = {limit:g} allows. Give the rows a `value` column naming one of "
-            f"data.values ({', '.join(cfg.data.values)}), or set --data.max_error_fraction=1 to generate them "
-            "all unsteered"
-        )
 
 
 def check_run_errors(cfg: Config, folder: str, tally: RowTally) -> None:
@@ -291,114 +236,24 @@ def _mount_of(path: str) -> tuple[str, str]:
 def model_specs(
     cfg: Config, stages: tuple[str, ...], screened: dict[str, RowTally] | None = None
 ) -> list[StageSpec]:
-    """The extract / fit / steer stage specs a job on ``stages`` writes, plus the ones it only reads.
+    """The specs of the stages a job on ``stages`` writes, plus the ones it only reads (those they need).
 
+    Each is planned by its declaration (:mod:`conva.jobs.registry`), in registration order.
     ``screened`` receives the screened rows of a bulk prompts file (see :func:`steering_spec`).
     """
-    full, r = config_dict(cfg), cfg.ray
-    needed = {
-        "extract": "extract" in stages or "fit" in stages,
-        "fit": "fit" in stages or "steer" in stages,
-        "steer": "steer" in stages,
-    }
+    needed = set(stages) | {d for name in stages for d in stage_decl(name).after}
     specs = []
-    if needed["extract"]:
-        # the gate also reads each value's own prompts: a bad prompts file is named as such
-        rows = _read(
-            "data.pairs",
-            lambda: extraction_rows(cfg),
-            {
-                "data.pairs": cfg.data.pairs,
-                "data.prompts": cfg.data.prompts,
-                "data.neutral": cfg.data.neutral,
-                "gate.mc": cfg.gate.mc,
-            },
-        )
-        inp = generated(rows, r.rows_per_shard)
-        specs.append(
-            StageSpec(
-                "extract",
-                STAGE_DIRS["extract"],
-                {
-                    **select(full, ACTIVATION_KEYS),
-                    "shards": shard_config(inp.rows_per_shard, rows.num_rows, inp.sha256),
-                },
-                inp.n_shards,
-                inp,
-                writes="extract" in stages,
-                source=_pairs_source(cfg),
-            )
-        )
-    if needed["fit"]:
-        specs.append(
-            StageSpec(
-                "fit",
-                STAGE_DIRS["fit"],
-                {**select(full, BUNDLE_KEYS), "shards": {"values": list(cfg.data.values)}},
-                len(cfg.data.values),
-                None,
-                writes="fit" in stages,
-            )
-        )
-    if needed["steer"]:
-        specs.append(steering_spec(cfg, STAGE_DIRS["steer"], run_config(cfg), screened))
+    for decl in declared():
+        if decl.name in needed and decl.plan is not None:
+            spec = decl.plan(decl, cfg, screened if screened is not None else {})
+            specs.append(replace(spec, writes=decl.name in stages))
     return specs
-
-
-def steering_spec(
-    cfg: Config, folder: str, config: dict, screened: dict[str, RowTally] | None = None
-) -> StageSpec:
-    """The steering stage: a user's file or folder (planned, read by the workers) or the demo/paper prompts.
-
-    A file or folder is screened while it is planned, by the rule the workers apply, into
-    ``screened["data.prompts"]``, and refused if too many rows are bad (:func:`check_error_fraction`).
-    A Parquet file is planned from its metadata and only its first shard screened (constant time in its
-    size); the workers screen their slices and the run's error rows count at the end
-    (:func:`check_run_errors`). JSON Lines and CSV are read once, screened whole.
-    """
-    source, rps = cfg.data.prompts, cfg.ray.steer_shard_rows
-    if _is_file_source(source):
-        tally = RowTally()
-
-        def screen(name: str, records: list) -> None:
-            tally.add_table(steering_rows_from_records(name, records, cfg.data.values))
-
-        # Metadata only where the format allows (Parquet): the workers screen their own slices.
-        plan = _read("data.prompts", lambda: plan_input(source, rps, screen, metadata_only=True))
-        check_error_fraction(cfg, "data.prompts", tally)
-        if screened is not None:
-            screened["data.prompts"] = tally
-        return StageSpec(
-            "steer",
-            folder,
-            {**config, "shards": shard_config(rps, plan.rows, plan.sha256)},
-            len(plan.slices),
-            plan,
-            input_kind="records",
-            source=f"file {source}",
-        )
-    inp = generated(_read("data.prompts", lambda: steering_rows(cfg)), rps)
-    return StageSpec(
-        "steer",
-        folder,
-        {**config, "shards": shard_config(rps, inp.table.num_rows, inp.sha256)},
-        inp.n_shards,
-        inp,
-        source=f"data.prompts = {source!r}",
-    )
-
-
-def _pairs_source(cfg: Config) -> str:
-    """The extraction texts' sources, as configured: the pairs and (for a probe gate) the neutral prompts."""
-    return f"data.pairs = {cfg.data.pairs!r}" + (
-        f", data.neutral = {cfg.data.neutral!r}" if cfg.gate.kind == "probe" else ""
-    )
 
 
 def worker_inputs(cfg: Config) -> tuple[str, ...]:
     """Input files the workers read themselves (every other input is planned and written by the driver)."""
     source = cfg.data.prompts
-    return (source,) if _is_file_source(source) else ()
+    return (source,) if is_file_source(source) else ()
 
 
 def check_backend_settings(cfg: Config) -> None:
@@ -491,185 +346,6 @@ def check_gpu_fit(cfg: Config, gpu_memory: dict[str, list[int]] | None = None) -
 # --- on every node ------------------------------------------------------------------------------------------
 
 
-def _node_check(token: str, expected: bytes, reply: str, model: str, reads: list[str]) -> dict:
-    """Run on one node: can it see the output, find the model, read the inputs? Returns its problems."""
-    import subprocess
-
-    import ray
-
-    from conva.batch.storage import Location as Loc
-
-    problems: list[str] = []
-    try:
-        if Loc(token).read_bytes() != expected:
-            problems.append(
-                f"output.dir: {Loc(token).parent().parent().parent()} is not the folder the driver "
-                f"writes: {token} holds other bytes"
-            )
-    except (FileNotFoundError, OSError) as err:
-        problems.append(
-            f"output.dir: cannot read {token}, which the driver wrote ({type(err).__name__}); this node "
-            f"does not see the driver's output folder: output.dir must be storage every node shares "
-            "(a shared mount or an object store)"
-        )
-    else:
-        try:
-            Loc(reply).write_bytes(expected)
-        except OSError as err:
-            problems.append(f"output.dir: cannot write {reply}: {type(err).__name__}: {err}")
-    try:
-        check_model(model)
-    except ModelNotFoundError as err:
-        problems.append(f"model.name: {err}")
-    for source in reads:
-        try:
-            from conva.batch.storage import location
-            from conva.data import data_files
-
-            for file in data_files(source):
-                with location(file).fs.open_input_stream(location(file).path) as stream:
-                    stream.read(1)
-        except (DataError, OSError, ValueError) as err:
-            problems.append(f"data.prompts: cannot read {source}: {err}")
-    gpus: list[int] = []
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        gpus = [int(line) * 2**20 for line in out.stdout.split() if line.strip().isdigit()]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {
-        "node": ray.get_runtime_context().get_node_id(),
-        "ip": ray.util.get_node_ip_address(),
-        "problems": problems,
-        "gpus": gpus,
-    }
-
-
-def _hosts(wants: dict[str, float]) -> tuple[list[dict], list[dict]]:
-    """The alive nodes, and those with the resources of one worker."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return nodes, [n for n in nodes if all(n["Resources"].get(k, 0) >= v for k, v in wants.items() if v)]
-
-
-def _shape(nodes: list[dict]) -> str:
-    return ", ".join(
-        f"{n['NodeManagerAddress']} (CPU {n['Resources'].get('CPU', 0):g}, GPU {n['Resources'].get('GPU', 0):g})"
-        for n in nodes
-    )
-
-
-def wait_for_hosts(cfg: Config, poll_s: float = 2.0) -> list[dict]:
-    """The alive nodes that can host a worker; on an autoscaling cluster, wait for the first of them.
-
-    Without ``ray.autoscaling``, no such node now means none ever: refuse at once. With it, "none yet"
-    is normal (GPU groups that scale from zero): ask the autoscaler for ``ray.min_workers`` workers'
-    resources (``ray.autoscaler.sdk.request_resources``) and wait up to ``ray.startup_timeout_s`` for a
-    node, then refuse naming what was asked. Raises :class:`JobError`.
-    """
-    r = cfg.ray
-    wants = {"CPU": r.num_cpus_per_worker, "GPU": r.num_gpus_per_worker}
-    nodes, hosts = _hosts(wants)
-    if hosts:
-        return hosts
-    one = f"{r.num_cpus_per_worker:g} CPU and {r.num_gpus_per_worker:g} GPU"
-    if not r.autoscaling:
-        raise JobError(
-            f"ray: no node can host a worker with {one} (nodes: {_shape(nodes)}); lower "
-            "ray.num_cpus_per_worker / ray.num_gpus_per_worker, add nodes, or set ray.autoscaling = true "
-            "if the cluster adds nodes on demand"
-        )
-    from ray.autoscaler.sdk import request_resources
-
-    bundle = {k: float(v) for k, v in wants.items() if v}
-    n = max(1, min(r.min_workers, r.num_workers))
-    request_resources(bundles=[bundle] * n)
-    _log.info(
-        "no node can host a worker with %s yet: asked the autoscaler for %d; waiting up to %.0f s "
-        "(ray.startup_timeout_s)",
-        one,
-        n,
-        r.startup_timeout_s,
-    )
-    deadline = time.monotonic() + r.startup_timeout_s
-    while not hosts and time.monotonic() < deadline:
-        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
-        nodes, hosts = _hosts(wants)
-    if not hosts:
-        raise JobError(
-            f"ray: no node could host a worker with {one} after {r.startup_timeout_s:.0f} s "
-            f"(ray.startup_timeout_s): the autoscaler was asked for {n} (ray.min_workers) and added none "
-            f"(nodes now: {_shape(nodes)}); check that a worker group offers that much and can grow "
-            "(its maxReplicas, `ray status`, the autoscaler's log)"
-        )
-    _log.info("%d node(s) can host a worker now", len(hosts))
-    return hosts
-
-
-def check_nodes(job: ModelJob) -> dict[str, list[int]]:
-    """Run the node check on every alive node that can host one of the job's workers; raise naming node and path.
-
-    Returns the GPU memory (bytes per GPU) of each checked node, for :func:`check_gpu_fit`.
-    """
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    hosts = wait_for_hosts(job.cfg)
-    folder = job.out.child(f"_preflight-{uuid.uuid4().hex[:12]}")
-    token, expected = folder.child("driver"), uuid.uuid4().hex.encode()
-    try:
-        token.write_bytes(expected)
-    except OSError as err:
-        raise JobError(f"output.dir: cannot write {token}: {type(err).__name__}: {err}") from err
-    remote = ray.remote(num_cpus=0)(_node_check)
-    calls = {}
-    for n in hosts:
-        reply = folder.child(f"node-{n['NodeID'][:12]}")
-        strategy = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ref = remote.options(scheduling_strategy=strategy).remote(
-            token.uri, expected, reply.uri, job.cfg.model.name, list(job.reads)
-        )
-        calls[ref] = (n, reply)
-    t0 = time.monotonic()
-    try:
-        ready, missing = ray.wait(list(calls), num_returns=len(calls), timeout=_NODE_CHECK_TIMEOUT_S)
-        problems, gpus = [], {}
-        for ref in missing:
-            n = calls[ref][0]
-            problems.append(
-                f"node {n['NodeManagerAddress']} (id {n['NodeID']}) did not answer the pre-flight "
-                f"check within {_NODE_CHECK_TIMEOUT_S:.0f} s"
-            )
-        for ref in ready:
-            n, reply = calls[ref]
-            found = ray.get(ref)
-            name = f"node {found['ip']} (id {found['node']})"
-            problems += [f"{name}: {p}" for p in found["problems"]]
-            if not found["problems"]:
-                try:
-                    ok = reply.read_bytes() == expected
-                except (FileNotFoundError, OSError):
-                    ok = False
-                if not ok:
-                    problems.append(
-                        f"{name}: output.dir: the node wrote {reply.uri} but the driver cannot read it "
-                        "back: output.dir must be storage every node shares"
-                    )
-            gpus[found["ip"]] = found["gpus"]
-    finally:
-        folder.delete_tree()
-    if problems:
-        raise JobError("pre-flight: " + "; ".join(problems))
-    _log.info("%s: pre-flight passed on %d node(s) in %.1f s", job.label, len(hosts), time.monotonic() - t0)
-    return gpus
-
-
 def bundles_complete(out: Location) -> bool:
-    status = stage_status(out, STAGE_DIRS["fit"])
+    status = stage_status(out, stage_decl("fit").folder)
     return status.exists and status.committed == status.n_shards

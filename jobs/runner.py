@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 from conva.batch.badrows import RowTally
 from conva.batch.config import Config
@@ -38,36 +38,54 @@ from conva.jobs.common import (
     setup_logging,
     write_config,
 )
+from conva.jobs.nodes import check_nodes
 from conva.jobs.preflight import (
     ModelJob,
     check_gpu_fit,
-    check_nodes,
     check_run_errors,
     plan_job,
     stage_plans,
 )
+from conva.jobs.registry import job_names, job_stages, stage_decl
 from conva.jobs.stages import StageResult, open_stages, stage_runs
-from conva.workers.pool import Cancelled, ShardFailedError, WorkerPool, WorkerStartError, run_stages
+from conva.workers.pool import (
+    Cancelled,
+    ShardFailedError,
+    StageRun,
+    WorkerPool,
+    WorkerStartError,
+    run_stages,
+)
 from conva.workers.tasks import WorkerSpec
 
 __all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "final_line", "committed_line"]
 
 _log = logging.getLogger("conva.jobs")
 
-JOBS: dict[str, tuple[str, ...]] = {
-    "extract": ("extract",),
-    "fit": ("fit",),
-    "steer": ("steer",),
-    "run": ("extract", "fit", "steer"),
-}
+
+class _Jobs(Mapping[str, tuple[str, ...]]):
+    """job → the stages it writes, read from the stage registry (:func:`conva.jobs.registry.job_stages`)
+    each time, so a stage registered later is a job too."""
+
+    def __getitem__(self, job: str) -> tuple[str, ...]:
+        if job not in job_names():
+            raise KeyError(job)
+        return job_stages(job)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(job_names())
+
+    def __len__(self) -> int:
+        return len(job_names())
+
+
+JOBS: Mapping[str, tuple[str, ...]] = _Jobs()
 FAILURES: tuple[type[BaseException], ...] = (
     *EXPECTED_ERRORS,
     ShardFailedError,
     WorkerStartError,
     NotImplementedError,
 )
-# The stages whose output rows carry an `error` column, and what one of their input rows is.
-_ROW_UNITS = {"extract": "texts", "steer": "rows"}
 
 
 def run_job(
@@ -148,11 +166,15 @@ def final_line(results: list[StageResult], plan: ModelJob | None = None) -> str:
             parts.append(text)
         elif r.error_rows:
             parts.append(
-                f"{r.folder}: {r.error_rows} of {r.input_rows} {_ROW_UNITS[r.stage]} are error rows (see the "
+                f"{r.folder}: {r.error_rows} of {r.input_rows} {_row_unit(r.stage)} are error rows (see the "
                 "`error` column)"
             )
     counted = any(r.stage == "steer" and r.tally is not None and r.tally.rows for r in results)
-    if not counted and not any(r.error_rows for r in results) and any(r.stage in _ROW_UNITS for r in results):
+    if (
+        not counted
+        and not any(r.error_rows for r in results)
+        and any(_row_unit(r.stage, "") for r in results)
+    ):
         parts.append("no error rows")
     spec = plan.spec("steer") if plan is not None else None
     if spec is not None and isinstance(spec.input, InputPlan):
@@ -262,32 +284,54 @@ def run_model(
         if not work:  # a stage whose committed objects went missing runs again after all
             connect_ray()
             check_gpu_fit(job.cfg, check_nodes(job))
-        pool = WorkerPool(spec, job.label, _loads(job.cfg, [r.name for r in runs]))
-        try:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"{job.label}: cancelled before its workers started")
-            pool.start()
-            startup = time.monotonic() - t0
-            run_stages(pool, runs, cancel)
-        finally:
-            pool.stop()
-            for stage in stages.values():  # what is committed is published, also when interrupted
-                stage.close(raise_error=False)
-        job.extra.update(
-            busy=pool.busy,
-            returned_bytes=pool.returned_bytes,
-            loads=dict(pool.loads),
-            replacements=pool.replacements,
-        )
-        shards = sum(tally.shards.values())
-        _log.info(
-            "%s: workers returned %d bytes of shard records for %d shards (no shard data); model loads per "
-            "worker: %s",
-            job.label,
-            pool.returned_bytes,
-            shards,
-            json.dumps(dict(pool.loads), sort_keys=True),
-        )
+        startup = _run_pool(job, spec, runs, stages, tally, cancel) - t0
+    return _stage_results(job, stages, tally, t0, startup)
+
+
+def _run_pool(
+    job: ModelJob,
+    spec: WorkerSpec,
+    runs: list[StageRun],
+    stages: dict[str, Stage],
+    tally: _Tally,
+    cancel: threading.Event | None,
+) -> float:
+    """Start the pool, run ``runs`` on it, stop it and publish what is committed (also when interrupted);
+    returns when its workers were ready (``time.monotonic()``)."""
+    pool = WorkerPool(spec, job.label, _loads(job.cfg, [r.name for r in runs]))
+    try:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"{job.label}: cancelled before its workers started")
+        pool.start()
+        started = time.monotonic()
+        run_stages(pool, runs, cancel)
+    finally:
+        pool.stop()
+        for stage in stages.values():  # what is committed is published, also when interrupted
+            stage.close(raise_error=False)
+    job.extra.update(
+        busy=pool.busy,
+        returned_bytes=pool.returned_bytes,
+        loads=dict(pool.loads),
+        replacements=pool.replacements,
+    )
+    shards = sum(tally.shards.values())
+    _log.info(
+        "%s: workers returned %d bytes of shard records for %d shards (no shard data); model loads per "
+        "worker: %s",
+        job.label,
+        pool.returned_bytes,
+        shards,
+        json.dumps(dict(pool.loads), sort_keys=True),
+    )
+    return started
+
+
+def _stage_results(
+    job: ModelJob, stages: dict[str, Stage], tally: _Tally, t0: float, startup: float
+) -> list[StageResult]:
+    """Per stage the job writes, once its publishing is finished: what this run did and its error rows
+    (over every committed shard, this run's and earlier ones)."""
     results = []
     for s in job.specs:
         if not s.writes:
@@ -300,7 +344,7 @@ def run_model(
                 s.folder,
                 now.bad,
                 now.rows,
-                _ROW_UNITS.get(s.name, "rows"),
+                _row_unit(s.name),
                 now.one_line(),
             )
         whole = _stage_errors(stages[s.name])
@@ -316,10 +360,16 @@ def run_model(
                 s.folder,
                 whole.bad,
                 whole.rows,
-                whole if s.name in _ROW_UNITS else None,
+                whole if _row_unit(s.name, "") else None,
             )
         )
     return results
+
+
+def _row_unit(stage: str, default: str = "rows") -> str:
+    """What one input row of ``stage`` is (its declaration's ``row_unit``); ``default`` for a stage without an
+    error column."""
+    return stage_decl(stage).row_unit or default
 
 
 def _loads(cfg: Config, stages: list[str]) -> tuple[str, ...]:

@@ -10,17 +10,14 @@ bundle, a study's judging of generation shard ``i`` as soon as shard ``i`` is co
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
 from conva.batch.badrows import RowTally
-from conva.batch.config import RESULT_NEUTRAL_KEYS, Config, config_dict
-from conva.batch.extraction import activation_model
+from conva.batch.config import RESULT_NEUTRAL_KEYS, Config
 from conva.batch.inputs import InputPlan, write_input_table
 from conva.batch.lease import held_fence
 from conva.batch.schemas import SCHEMA_VERSION
@@ -37,6 +34,7 @@ from conva.batch.store import (
 )
 from conva.fit import GATE_FIT_KEYS
 from conva.jobs.common import JobError
+from conva.jobs.registry import select, stage_decl
 from conva.workers.pool import StageRun
 from conva.workers.tasks import ShardTask
 
@@ -44,7 +42,6 @@ __all__ = [
     "StageSpec",
     "GeneratedInput",
     "StageResult",
-    "STAGE_DIRS",
     "ACTIVATION_KEYS",
     "BUNDLE_KEYS",
     "select",
@@ -57,7 +54,6 @@ __all__ = [
 
 _log = logging.getLogger("conva.jobs")
 
-STAGE_DIRS = {"extract": "activations", "fit": "bundles", "steer": "generations"}
 # The config keys each stage's output depends on: a rerun refuses (or with --overwrite, replaces) a stage
 # only when one of these changed. Generations depend on everything but where and how the job runs.
 ACTIVATION_KEYS = (
@@ -131,18 +127,6 @@ class StageResult:
     )
 
 
-def select(config: dict, keys: tuple[str, ...]) -> dict:
-    """The dotted ``keys`` of a nested config, nested the same way."""
-    out: dict = {}
-    for key in keys:
-        *parents, leaf = key.split(".")
-        src, dst = config, out
-        for part in parents:
-            src, dst = src[part], dst.setdefault(part, {})
-        dst[leaf] = src[leaf]
-    return out
-
-
 def shard_config(rows_per_shard: int, rows: int, sha256: str) -> dict:
     """The part of a sharded stage's config that fixes its shards: their size and the input's rows and hash.
 
@@ -153,7 +137,7 @@ def shard_config(rows_per_shard: int, rows: int, sha256: str) -> dict:
 
 def run_config(cfg: Config) -> dict:
     """The config every generation-like stage is keyed on: all but where and how the job runs."""
-    return {k: v for k, v in config_dict(cfg).items() if k not in ("output", "ray")}
+    return stage_decl("steer").config(cfg)
 
 
 # The keys of a stage's config that describe its input and shards (shard_config), not the user's config.
@@ -206,7 +190,7 @@ def check_stages(out: Location, specs: list[StageSpec], overwrite: bool) -> None
         if not spec.writes:
             status = stage_status(out, spec.folder)
             if not status.exists or status.committed < status.n_shards:
-                job = {"activations": "extract", "bundles": "fit"}.get(spec.folder, spec.folder)
+                job = spec.name
                 raise JobError(
                     f"output.dir: {out.child(spec.folder)} is not complete ({status.committed} of "
                     f"{status.n_shards} shards); run `conva {job}` first (or `conva run`)"
@@ -269,12 +253,6 @@ def _slices(spec: StageSpec, stage: Stage) -> tuple:
     return spec.input.slices if spec.input is not None else ()
 
 
-def _complete(stage: Stage) -> Callable[[int], bool]:
-    """A later stage's dependency on ``stage``: whether it is complete (O(1): :meth:`Stage.is_complete` counts
-    commits), asked for every queued shard after each commit."""
-    return lambda _shard: stage.is_complete()
-
-
 def stage_runs(
     cfg: Config,
     specs: list[StageSpec],
@@ -289,22 +267,32 @@ def stage_runs(
     """
     runs = []
     values = cfg.data.values
-    fit_done = _complete(stages["fit"]) if "fit" in stages else None
     for spec in specs:
         stage = stages[spec.name]
         if not spec.writes or stage.is_complete():
             continue
-        slices = _slices(spec, stage)
-        after, make = _STAGE_TASKS[spec.name](spec, stages, slices, values)
+        decl = stage_decl(spec.name)
+        after, make = decl.tasks(spec, stages, _slices(spec, stage), values)
+        make = _with_shard_function(make, decl.shard)
         if spec.name == "steer" and check_bundles is not None:
             make = _checked_first(make, lambda: check_bundles(bundle_folders(stages["fit"], values)))
-        if spec.name == "fit":
-            after = _complete(stages["extract"])
-        elif after is None and spec.name != "extract" and fit_done is not None:
-            after = fit_done
+        if after is None:  # the declared dependencies, each complete
+            after = _all_complete([stages[d] for d in decl.after if d in stages])
         callback = (lambda record, name=spec.name: on_commit(name, record)) if on_commit else None
         runs.append(StageRun(spec.name, stage, make, after, callback))
     return runs
+
+
+def _all_complete(needed: list[Stage]) -> Callable[[int], bool] | None:
+    """A stage's dependency on the stages it needs: whether each is complete (None: it needs none)."""
+    if not needed:
+        return None
+    return lambda _shard: all(s.is_complete() for s in needed)
+
+
+def _with_shard_function(make: Callable[[ShardRef], ShardTask], shard) -> Callable[[ShardRef], ShardTask]:
+    """``make``, its tasks carrying the stage's shard function (what the worker runs)."""
+    return lambda ref: replace(make(ref), run=shard)
 
 
 def _checked_first(
@@ -320,76 +308,3 @@ def _checked_first(
         return make(ref)
 
     return first
-
-
-def _extract_tasks(spec, stages, slices, values):
-    return None, lambda ref: ShardTask("extract", ref, slice=slices[ref.shard])
-
-
-def _fit_tasks(spec, stages, slices, values):
-    acts, cache = stages["extract"], dict[str, Any]()
-
-    def make(ref: ShardRef) -> ShardTask:
-        if not cache:  # once, after the last activation shard is committed
-            records = acts.records()
-            info, layers = activation_model(r.extra["model"] for r in records)
-            digest = hashlib.sha256(
-                "".join(o.sha256 for r in records for o in r.objects).encode()
-            ).hexdigest()[:16]
-            cache.update(files=tuple(acts.parquet_files()), model=info.__dict__, layers=layers, digest=digest)
-        params = {
-            "value": values[ref.shard],
-            "model": cache["model"],
-            "layers": cache["layers"],
-            "dataset_hash": cache["digest"],
-        }
-        return ShardTask("fit", ref, files=cache["files"], params=params)
-
-    return None, make
-
-
-def _steer_tasks(spec, stages, slices, values):
-    fit, kind = stages["fit"], spec.input_kind
-    return None, lambda ref: ShardTask(
-        "steer", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values), params={"input": kind}
-    )
-
-
-def _evaluate_tasks(spec, stages, slices, values):
-    gen, fit = stages["steer"], stages["fit"]
-
-    def make(ref: ShardRef) -> ShardTask:
-        part = gen.object(ref.shard, f"part-{ref.shard:05d}.parquet")
-        return ShardTask("evaluate", ref, files=(part,), bundles=bundle_folders(fit, values))
-
-    return gen.is_committed, make
-
-
-def _utility_tasks(spec, stages, slices, values):
-    fit = stages["fit"]
-    return None, lambda ref: ShardTask(
-        "utility", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values)
-    )
-
-
-def _choice_tasks(spec, stages, slices, values):
-    fit = stages["fit"]
-    return None, lambda ref: ShardTask(
-        "choice", ref, slice=slices[ref.shard], bundles=bundle_folders(fit, values)
-    )
-
-
-def _agreement_tasks(spec, stages, slices, values):
-    fit = stages["fit"]
-    return None, lambda ref: ShardTask("agreement", ref, bundles=bundle_folders(fit, values))
-
-
-_STAGE_TASKS = {
-    "extract": _extract_tasks,
-    "fit": _fit_tasks,
-    "steer": _steer_tasks,
-    "evaluate": _evaluate_tasks,
-    "utility": _utility_tasks,
-    "choice": _choice_tasks,
-    "agreement": _agreement_tasks,
-}

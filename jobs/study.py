@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conva.batch.config import Config
 from conva.batch.lease import OutputLease
 from conva.batch.sources import utility_questions
 from conva.batch.storage import Location
@@ -69,7 +70,9 @@ from conva.jobs.common import (
     setup_logging,
     split_overrides,
 )
-from conva.jobs.preflight import ModelJob, generated, plan_job, stage_plans
+from conva.jobs.planning import generated
+from conva.jobs.preflight import ModelJob, plan_job, stage_plans
+from conva.jobs.registry import stage_decl
 from conva.jobs.runner import FAILURES, committed_line, run_model
 from conva.jobs.stages import GeneratedInput, StageSpec, run_config, shard_config
 from conva.judge_validation import labels_digest
@@ -96,8 +99,6 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
     """Pre-flight every model of the study (no writes): its config, stages, inputs and workers' settings."""
     runs = []
     judge = {**study_dict(study)["judge"], "fluency": study_dict(study)["fluency"]}
-    # The labelled answers only validate the judge: they change the agreement stage, never the verdicts.
-    verdicts, labels = {k: v for k, v in judge.items() if k != "labels"}, labels_digest(study.judge.labels)
     cache = study.judge.cache_dir or (str(out.child("judge_cache")) if out.is_local else "")
     for entry in study.study.models:
         spec = model_spec(entry)
@@ -106,46 +107,7 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         except ModelNotFoundError as err:
             raise JobError(f"study.models: {err}") from err
         cfg = model_config(study, entry, out.uri)
-        cells, ucells = expand_cells(study, spec), utility_cells(study, spec)
-        if not study.study.generate:
-            cells, ucells = [], []
-        rps, base = cfg.ray.steer_shard_rows, run_config(cfg)
-        steer_in = generated(steering_table(cfg, cells, study.study.generate_prompts), rps)
-        util_in = generated(_utility_rows(study, ucells), rps)
-        # One forward pass a row: shards as large as the job's, not as steering's (which generates).
-        crs = cfg.ray.rows_per_shard
-        choice_in = generated(choice_table(cfg, choice_cells(study, spec)), crs)
-        gen = {
-            **base,
-            "cells": [c.id for c in cells],
-            "shards": shard_config(rps, steer_in.table.num_rows, steer_in.sha256),
-        }
-        prompts = f"data.prompts = {cfg.data.prompts!r}"
-        own = [
-            StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in, source=prompts),
-            StageSpec("evaluate", "study_judged", {**gen, "judge": verdicts}, steer_in.n_shards),
-            StageSpec(
-                "utility",
-                "study_utility",
-                {
-                    **base,
-                    "utility": study_dict(study)["utility"],
-                    "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256),
-                },
-                util_in.n_shards,
-                util_in,
-                source=f"utility.mc = {study.utility.mc!r}",
-            ),
-            StageSpec(
-                "choice",
-                "study_choice",
-                {**base, "shards": shard_config(crs, choice_in.table.num_rows, choice_in.sha256)},
-                choice_in.n_shards,
-                choice_in,
-                source=prompts,
-            ),
-            StageSpec("agreement", "study_judge", {**base, "judge": judge, "labels": labels}, 1),
-        ]
+        cells, own = _study_stages(study, cfg, spec, judge)
         job = plan_job(
             cfg,
             Location(cfg.output.dir),
@@ -158,6 +120,54 @@ def study_jobs(study: StudyConfig, out: Location, overwrite: bool) -> list[_Mode
         worker = WorkerSpec(cfg, study.judge, study.fluency, study.utility, cache)
         runs.append(_ModelRun(job, worker, tuple(cells), entry))
     return runs
+
+
+def _study_stages(study: StudyConfig, cfg: Config, spec: str, judge: dict) -> tuple[list, list[StageSpec]]:
+    """One model's study cells and the specs of the stages the study adds to its job (steer over the
+    study's cells, evaluate, utility, choice, agreement), each keyed on what decides its output."""
+    # The labelled answers only validate the judge: they change the agreement stage, never the verdicts.
+    verdicts, labels = {k: v for k, v in judge.items() if k != "labels"}, labels_digest(study.judge.labels)
+    cells, ucells = expand_cells(study, spec), utility_cells(study, spec)
+    if not study.study.generate:
+        cells, ucells = [], []
+    rps, base = cfg.ray.steer_shard_rows, run_config(cfg)
+    steer_in = generated(steering_table(cfg, cells, study.study.generate_prompts), rps)
+    util_in = generated(_utility_rows(study, ucells), rps)
+    # One forward pass a row: shards as large as the job's, not as steering's (which generates).
+    crs = cfg.ray.rows_per_shard
+    choice_in = generated(choice_table(cfg, choice_cells(study, spec)), crs)
+    gen = {
+        **base,
+        "cells": [c.id for c in cells],
+        "shards": shard_config(rps, steer_in.table.num_rows, steer_in.sha256),
+    }
+    prompts = f"data.prompts = {cfg.data.prompts!r}"
+    own = [
+        StageSpec("steer", "study_generations", gen, steer_in.n_shards, steer_in, source=prompts),
+        StageSpec("evaluate", stage_decl("evaluate").folder, {**gen, "judge": verdicts}, steer_in.n_shards),
+        StageSpec(
+            "utility",
+            stage_decl("utility").folder,
+            {
+                **base,
+                "utility": study_dict(study)["utility"],
+                "shards": shard_config(rps, util_in.table.num_rows, util_in.sha256),
+            },
+            util_in.n_shards,
+            util_in,
+            source=f"utility.mc = {study.utility.mc!r}",
+        ),
+        StageSpec(
+            "choice",
+            stage_decl("choice").folder,
+            {**base, "shards": shard_config(crs, choice_in.table.num_rows, choice_in.sha256)},
+            choice_in.n_shards,
+            choice_in,
+            source=prompts,
+        ),
+        StageSpec("agreement", stage_decl("agreement").folder, {**base, "judge": judge, "labels": labels}, 1),
+    ]
+    return cells, own
 
 
 def _judge_reads(study: StudyConfig) -> tuple[str, ...]:

@@ -158,7 +158,7 @@ def test_preflight_waits_for_an_autoscaler_then_says_what_it_asked_for(ray_sessi
     from ray.autoscaler.sdk import request_resources
 
     from conva.jobs.common import JobError
-    from conva.jobs.preflight import wait_for_hosts
+    from conva.jobs.nodes import wait_for_hosts
 
     base = Config()
     gpu = base.ray.model_copy(

@@ -61,6 +61,30 @@ def test_steer_table_row_contract_errors_and_overrides(tiny, tiny_bundles):
     assert out.column("eps").to_pylist()[6] == [2.5] * len(bundle.band)
 
 
+def test_the_p0_column_means_the_p0_steered_toward_on_good_and_error_rows(tiny, tiny_bundles):
+    """``steer.p0`` unset: every ConVA row, good or error, stores its bundle's ``fit.p0``; a row whose value
+    has no bundle (an error row for a value not fitted) and a CAA row store none."""
+    model, tok = tiny
+    bundle = tiny_bundles[0]
+    cfg = load_config(None, ["--steer.max_new_tokens=2", "--steer.method=conva"])
+    assert cfg.steer.p0 is None
+    rows = pa.Table.from_pylist(
+        [
+            dict(row_id="good", value="power", prompt="Should I lead?", error=None),
+            dict(row_id="long", value="power", prompt="word " * 600, error=None),
+            dict(row_id="bad", value="nope", prompt="Should I?", error="unknown value 'nope'"),
+        ],
+        schema=STEERING_INPUT_SCHEMA,
+    )
+    out = steer_table(model, tok, rows, {"power": bundle}, cfg, "tiny")
+    assert out.column("error").to_pylist()[0] is None and out.column("error").to_pylist()[1] is not None
+    assert out.column("p0").to_pylist() == [bundle.p0, bundle.p0, None]
+    caa = load_config(None, ["--steer.max_new_tokens=2", "--steer.method=caa", "--steer.strength=1.0"])
+    assert (
+        steer_table(model, tok, rows, {"power": bundle}, caa, "tiny").column("p0").to_pylist() == [None] * 3
+    )
+
+
 def test_over_long_text_is_an_error_row_and_the_fit_leaves_it_out(tiny, tiny_path, tmp_path):
     """An extraction text over the model's length (tiny: 512 positions) becomes an error row at every layer
     (null activation, the reason in ``error``); the other rows are unchanged and the fit job fits without it."""

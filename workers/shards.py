@@ -12,7 +12,6 @@ contract (:func:`conva.workers.contract.check_rows`) before it writes: exactly o
 from __future__ import annotations
 
 import json
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +31,7 @@ from conva.metrics import answer_perplexities
 from conva.workers.contract import check_rows
 from conva.workers.tasks import ShardTask, ShardWorker, required
 
-__all__ = ["SHARD_FUNCTIONS", "MODEL_META_KEY"]
+__all__ = ["extract", "fit", "steer", "evaluate", "utility", "choice", "agreement", "MODEL_META_KEY"]
 
 # Every activation shard carries the model it was recorded with (also in its commit record).
 MODEL_META_KEY = b"conva.model"
@@ -300,14 +299,3 @@ def _validity_columns(v) -> dict:
 def _read_parquet(where) -> pa.Table:
     with where.fs.open_input_file(where.path) as handle:
         return pq.read_table(handle)
-
-
-SHARD_FUNCTIONS: dict[str, Callable[[ShardWorker, ShardTask], ShardRecord]] = {
-    "extract": extract,
-    "fit": fit,
-    "steer": steer,
-    "evaluate": evaluate,
-    "utility": utility,
-    "choice": choice,
-    "agreement": agreement,
-}

@@ -7,6 +7,7 @@ themselves never pass through the driver.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -21,10 +22,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["WorkerSpec", "ShardTask", "STAGES", "required"]
-
-# Every stage a model worker serves, in pipeline order.
-STAGES = ("extract", "fit", "steer", "evaluate", "utility", "choice", "agreement")
+__all__ = ["WorkerSpec", "ShardTask", "required"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,9 @@ class ShardTask:
     the shard reads (the activation files for ``fit``; the generation shard for ``evaluate``).
     ``bundles``: value → the folder of its committed bundle. ``params``: small stage-specific facts
     (the value to fit and the model the activations were recorded with). ``batch_divisor``: batches are
-    this many times smaller than configured (doubled after an out-of-memory failure).
+    this many times smaller than configured (doubled after an out-of-memory failure). ``run``: the
+    stage's shard function (its declaration's ``shard``, :mod:`conva.jobs.registry`), which the worker
+    calls; a module-level function, so it travels as its import path.
     """
 
     stage: str
@@ -60,6 +60,7 @@ class ShardTask:
     bundles: dict[str, Location] = field(default_factory=dict)
     params: dict = field(default_factory=dict)
     batch_divisor: int = 1
+    run: Callable[[Any, ShardTask], Any] | None = None
 
     def input(self) -> InputSlice:
         """The shard's input slice (a stage that reads rows); a task without one is a driver bug, named here."""

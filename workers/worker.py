@@ -31,7 +31,6 @@ from conva.batch.store import ShardRecord
 from conva.bundle import BUNDLE_FILES, ValueBundle, decode_bundle
 from conva.workers.errors import ShardError, classify
 from conva.workers.hooks import load_hook
-from conva.workers.shards import SHARD_FUNCTIONS
 from conva.workers.tasks import ShardTask, WorkerSpec, required
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ class ModelWorker:
         try:
             if self.hook is not None:
                 self.hook(task, self)
-            record = SHARD_FUNCTIONS[task.stage](self, task)
+            record = required(task.run, f"a shard function (stage {task.stage!r})")(self, task)
         except Exception as err:  # every failure leaves as a typed ShardError the driver can decide on
             where = f"node {self.identity['ip']}, worker {self.identity['worker']}"
             raise ShardError(classify(err), f"{type(err).__name__}: {err}", where) from err

@@ -32,7 +32,7 @@ from conva.batch.schemas import (
 from conva.batch.sources import value_prompts
 from conva.bundle import ValueBundle
 from conva.record import format_prompt, max_positions
-from conva.steering.spec import RowResult, SteerSpec
+from conva.steering.spec import P0_METHODS, STRENGTH_METHODS, RowResult, SteerSpec
 
 __all__ = [
     "steering_rows",
@@ -237,10 +237,20 @@ def steer_table(
     results = generate_fn([records[i]["prompt"] for i in good], specs) if good else []
     by_row: dict[int, tuple[RowResult, SteerSpec]] = dict(zip(good, zip(results, specs)))
     out = [
-        _generation_row(r, row_settings(cfg, r), by_row.get(i), errors[i], model_name)
+        _generation_row(r, _asked(cfg, r, bundles.get(r["value"])), by_row.get(i), errors[i], model_name)
         for i, r in enumerate(records)
     ]
     return pa.Table.from_pylist(out, schema=GENERATION_SCHEMA)
+
+
+def _asked(cfg: Config, row: dict, bundle: ValueBundle | None) -> dict:
+    """The row's settings (:func:`row_settings`) with the P0 it is steered toward: ``steer.p0`` (or the row's
+    own), unset: its bundle's ``fit.p0``. So the ``p0`` column has one meaning on every row, error rows too
+    (None where no bundle was fitted for the row's value, or the method has no P0)."""
+    s = row_settings(cfg, row)
+    if s["p0"] is None and bundle is not None:
+        s["p0"] = bundle.p0
+    return s
 
 
 def _generation_row(
@@ -262,8 +272,8 @@ def _generation_row(
         value=rec["value"],
         method=method,
         setting=asked["setting"],
-        p0=asked["p0"] if method in ("conva", "conva_nogate") else None,
-        strength=asked["strength"] if method in ("caa", "probe_fixed") else None,
+        p0=asked["p0"] if method in P0_METHODS else None,
+        strength=asked["strength"] if method in STRENGTH_METHODS else None,
         gate_score=None,
         gate_open=None,
         layers=None,
@@ -280,7 +290,7 @@ def _generation_row(
             n_prompt_tokens=res.n_prompt_tokens,
             n_output_tokens=len(res.tokens),
             p0=spec.target(),
-            strength=spec.strength if spec.method in ("caa", "probe_fixed") else None,
+            strength=spec.strength if spec.method in STRENGTH_METHODS else None,
             gate_score=res.gate_score,
             gate_open=res.gate_open,
             layers=list(res.layers),

@@ -62,7 +62,7 @@ from conva.judges import JudgeSettings
 from conva.models import model_name
 from conva.probes import Band
 from conva.settings import P0, Items, OneOf, Settings
-from conva.steering.spec import SETTINGS, SteerSpec
+from conva.steering.spec import P0_METHODS, SETTINGS, SteerSpec
 
 __all__ = [
     "STUDY_METHODS",
@@ -94,7 +94,7 @@ __all__ = [
 ]
 
 STUDY_METHODS = ("conva", "conva_nogate", "caa", "prompt", "none")
-_P0_METHODS = ("conva", "conva_nogate")
+_P0_METHODS = P0_METHODS
 
 
 def _band(band: str) -> str:

@@ -20,6 +20,8 @@ from conva.values import definition
 __all__ = [
     "METHODS",
     "VECTOR_METHODS",
+    "P0_METHODS",
+    "STRENGTH_METHODS",
     "STEER_POSITIONS",
     "EPSILON_MODES",
     "SETTINGS",
@@ -34,6 +36,8 @@ STEER_POSITIONS = ("all", "generated")
 EPSILON_MODES = ("frozen", "per_token")
 SETTINGS = ("plain", "opposite")
 VECTOR_METHODS = ("conva", "conva_nogate", "caa", "probe_fixed", "random")
+P0_METHODS = ("conva", "conva_nogate")  # the methods steered toward a target probability P0
+STRENGTH_METHODS = ("caa", "probe_fixed")  # the methods that add a fixed multiple of a vector
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class SteerSpec:
 
     def target(self) -> float | None:
         """The effective P0 for ConVA rows, else None."""
-        if self.method not in ("conva", "conva_nogate"):
+        if self.method not in P0_METHODS:
             return None
         return self.p0 if self.p0 is not None else self.bundle.p0  # type: ignore[union-attr]
 

@@ -1,0 +1,118 @@
+"""How a stage's input is planned before anything runs: read and named by config key, hashed, screened.
+
+The built-in stages' ``plan`` functions (:mod:`conva.jobs.builtin_stages`) and a study's stages build
+their :class:`~conva.jobs.stages.StageSpec` from these: a job-built input table hashed by content
+(:func:`generated`), a user's prompts file planned and screened row by row (:func:`steering_spec`),
+every read error named by the config key that points at the file (:func:`read_input`).
+"""
+
+from __future__ import annotations
+
+from conva.batch.badrows import RowTally
+from conva.batch.config import Config
+from conva.batch.inputs import plan_input, table_sha256
+from conva.batch.steer_rows import steering_rows, steering_rows_from_records
+from conva.data import DataError
+from conva.jobs.common import JobError
+from conva.jobs.stages import GeneratedInput, StageSpec, shard_config
+
+__all__ = [
+    "read_input",
+    "generated",
+    "is_file_source",
+    "check_error_fraction",
+    "steering_spec",
+    "pairs_source",
+]
+
+
+def read_input(key: str, build, sources: dict[str, str] | None = None):
+    """``build()``, its input errors named by config key (``sources``: key → path, to tell which input failed)."""
+    try:
+        return build()
+    except DataError as err:
+        for name, source in (sources or {}).items():
+            if source not in ("demo", "") and str(err.file).startswith(source.removeprefix("paper:")):
+                key = name
+        raise JobError(f"{key}: {err}") from err
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise JobError(f"{key}: cannot read the input: {type(err).__name__}: {err}") from err
+
+
+def generated(table, rows_per_shard: int) -> GeneratedInput:
+    """A job-built input table, hashed by content."""
+    return GeneratedInput(table, table_sha256(table), rows_per_shard)
+
+
+def is_file_source(source: str) -> bool:
+    return source != "demo" and not source.startswith("paper:")
+
+
+def check_error_fraction(cfg: Config, key: str, tally: RowTally) -> None:
+    """Refuse an input with more bad rows than ``data.max_error_fraction`` (likely the wrong file or format)."""
+    limit = cfg.data.max_error_fraction
+    if tally.rows and tally.bad > limit * tally.rows:
+        raise JobError(
+            f"{key}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) cannot be steered, "
+            f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "
+            "file, in the project schema (value, prompt)? Fix the rows, or raise --data.max_error_fraction "
+            "(1 never refuses)"
+        )
+    if tally.rows and not tally.valued and tally.neutral > limit * tally.rows:
+        raise JobError(
+            f"{key}: none of its {tally.rows} rows names a value ({tally.neutral} neutral, {tally.bad} bad): "
+            f"nothing would be steered, and {tally.neutral / tally.rows:.0%} neutral rows is more than "
+            f"data.max_error_fraction = {limit:g} allows. Give the rows a `value` column naming one of "
+            f"data.values ({', '.join(cfg.data.values)}), or set --data.max_error_fraction=1 to generate them "
+            "all unsteered"
+        )
+
+
+def steering_spec(
+    cfg: Config, folder: str, config: dict, screened: dict[str, RowTally] | None = None
+) -> StageSpec:
+    """The steering stage: a user's file or folder (planned, read by the workers) or the demo/paper prompts.
+
+    A file or folder is screened while it is planned, by the rule the workers apply, into
+    ``screened["data.prompts"]``, and refused if too many rows are bad (:func:`check_error_fraction`).
+    A Parquet file is planned from its metadata and only its first shard screened (constant time in its
+    size); the workers screen their slices and the run's error rows count at the end
+    (:func:`check_run_errors`). JSON Lines and CSV are read once, screened whole.
+    """
+    source, rps = cfg.data.prompts, cfg.ray.steer_shard_rows
+    if is_file_source(source):
+        tally = RowTally()
+
+        def screen(name: str, records: list) -> None:
+            tally.add_table(steering_rows_from_records(name, records, cfg.data.values))
+
+        # Metadata only where the format allows (Parquet): the workers screen their own slices.
+        plan = read_input("data.prompts", lambda: plan_input(source, rps, screen, metadata_only=True))
+        check_error_fraction(cfg, "data.prompts", tally)
+        if screened is not None:
+            screened["data.prompts"] = tally
+        return StageSpec(
+            "steer",
+            folder,
+            {**config, "shards": shard_config(rps, plan.rows, plan.sha256)},
+            len(plan.slices),
+            plan,
+            input_kind="records",
+            source=f"file {source}",
+        )
+    inp = generated(read_input("data.prompts", lambda: steering_rows(cfg)), rps)
+    return StageSpec(
+        "steer",
+        folder,
+        {**config, "shards": shard_config(rps, inp.table.num_rows, inp.sha256)},
+        inp.n_shards,
+        inp,
+        source=f"data.prompts = {source!r}",
+    )
+
+
+def pairs_source(cfg: Config) -> str:
+    """The extraction texts' sources, as configured: the pairs and (for a probe gate) the neutral prompts."""
+    return f"data.pairs = {cfg.data.pairs!r}" + (
+        f", data.neutral = {cfg.data.neutral!r}" if cfg.gate.kind == "probe" else ""
+    )
