@@ -36,24 +36,19 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conva.batch.cells import (
+    choice_cells,
+    choice_table,
+    expand_cells,
+    steering_table,
+    utility_cells,
+    utility_table,
+)
 from conva.batch.config import Config
 from conva.batch.lease import OutputLease
 from conva.batch.sources import utility_questions
 from conva.batch.storage import Location
-from conva.batch.study import (
-    StudyConfig,
-    check_bands,
-    choice_cells,
-    choice_table,
-    expand_cells,
-    load_study,
-    model_config,
-    model_spec,
-    steering_table,
-    study_dict,
-    utility_cells,
-    utility_table,
-)
+from conva.batch.study import StudyConfig, check_bands, load_study, model_config, model_spec, study_dict
 from conva.batch.summary import OUTPUT_FILES
 from conva.jobs.common import (
     COMMANDS,

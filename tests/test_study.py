@@ -12,10 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conva.batch.cells import expand_cells, steering_table, utility_cells
 from conva.batch.config import ConfigError
 from conva.batch.schemas import POOLED_SCHEMA, RESULT_SCHEMA
 from conva.batch.steer_rows import row_spec
-from conva.batch.study import expand_cells, load_study, model_config, steering_table, utility_cells
+from conva.batch.study import load_study, model_config
 from conva.batch.summary import matched_fluency, pool, summarize
 from conva.metrics import bootstrap_ci
 from conva.values import VALUES
@@ -121,7 +122,7 @@ def test_one_steering_table_carries_each_cells_overrides(tiny_bundles) -> None:
 
 
 def test_forced_choice_cells_form_the_cross_value_matrix_and_its_controls() -> None:
-    from conva.batch.study import choice_cells, choice_table
+    from conva.batch.cells import choice_cells, choice_table
 
     study = load_study(
         DEMO,

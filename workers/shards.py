@@ -205,8 +205,8 @@ def utility(worker: ShardWorker, task: ShardTask) -> ShardRecord:
 
 def choice(worker: ShardWorker, task: ShardTask) -> ShardRecord:
     """Forced choice: each yes/no prompt's log-odds of the value's side under its row's steering (one pass each)."""
+    from conva.batch.cells import choice_spec
     from conva.batch.schemas import CHOICE_SCHEMA
-    from conva.batch.study import choice_spec
     from conva.models import model_name
 
     rows = read_table_slice(task.input())
@@ -245,8 +245,8 @@ def agreement(worker: ShardWorker, task: ShardTask) -> ShardRecord:
 
     A model-specific judge (``probe``) is validated on this model's answers only.
     """
+    from conva.batch.cells import pair_prompts
     from conva.batch.schemas import AGREEMENT_SCHEMA
-    from conva.batch.study import pair_prompts
     from conva.judge_validation import labelled_for, validate_per_value
     from conva.judges import heldout_pairs
     from conva.models import model_name

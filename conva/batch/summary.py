@@ -27,8 +27,8 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from conva.batch.cells import UtilityCell, results_table
 from conva.batch.schemas import MATCHED_SCHEMA, POOLED_SCHEMA, STUDY_PROBE_SCHEMA, SUMMARY_SCHEMA
-from conva.batch.study import UtilityCell, results_table
 from conva.bundle import ValueBundle
 from conva.metrics import bootstrap_ci, csr
 
