@@ -258,6 +258,15 @@ def _figures(
     return out if origin is None else {**out, **open_rates(scores, origin, t)}
 
 
+def _check_both_classes(name: str, labels: np.ndarray, **parts: np.ndarray) -> None:
+    """Refuse a split part (``train=rows, ...``) that lacks rows of either class, naming the gate and part."""
+    for part, rows in parts.items():
+        if set(labels[rows].tolist()) != {0, 1}:
+            raise ValueError(
+                f"gate {name}: its {part} split needs rows of both classes (got {len(rows)} rows)"
+            )
+
+
 def fit_probe_gate(
     layer_matrix: Callable[[int], np.ndarray],
     labels: Sequence[int] | np.ndarray,
@@ -291,11 +300,7 @@ def fit_probe_gate(
     split = gate_splits(groups, calibrate_size, test_size, seed, labels if org is None else org)
     train = split.train[labels[split.train] >= 0]
     cal = split.calibrate[use[split.calibrate]]
-    for part, rows in (("train", train), ("calibrate", cal)):
-        if set(labels[rows].tolist()) != {0, 1}:
-            raise ValueError(
-                f"gate {name}: its {part} split needs rows of both classes (got {len(rows)} rows)"
-            )
+    _check_both_classes(name, labels, train=train, calibrate=cal)
     fits, converged = _fit_layers(layer_matrix, labels, train, split.calibrate, layers, settings)
     in_cal = use[split.calibrate]
     chosen = {l: (f, s[in_cal]) for l, (f, s) in fits.items()}

@@ -411,13 +411,19 @@ def write_report(path: str | Path) -> Path:
         "<h2>Every cell</h2>",
         _html_table(summary),
     ]
-    style = (
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
-        "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style>"
-    )
-    page = out / "index.html"
+    return _write_page(out / "index.html", parts)
+
+
+_STYLE = (
+    "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+    "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style>"
+)
+
+
+def _write_page(page: Path, parts: list[str]) -> Path:
+    """Write the report's HTML page from its parts (headings, tables, images), in order."""
     page.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>ConVA study</title>{style}</head>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>ConVA study</title>{_STYLE}</head>"
         f"<body>{''.join(parts)}</body></html>",
         encoding="utf-8",
     )
