@@ -3,7 +3,7 @@
 A :class:`StageSpec` is decided in pre-flight, before anything is written: its folder, its config (the
 part of the job config its output depends on, plus the shard size and a hash of its input), its shard
 count and its input. :func:`open_stages` opens them all in the store (checking every one before
-writing any) and :func:`stage_runs` turns them into :class:`~conva.workers.pool.StageRun` s for the one
+writing any) and :func:`stage_runs` turns them into :class:`~conva.workers.tasks.StageRun` s for the one
 runner, with each stage's dependencies: fit after the last activation shard, steering after the last
 bundle, a study's judging of generation shard ``i`` as soon as shard ``i`` is committed.
 """
@@ -35,8 +35,7 @@ from conva.batch.store import (
 from conva.fit import GATE_FIT_KEYS
 from conva.jobs.common import JobError
 from conva.jobs.registry import select, stage_decl
-from conva.workers.pool import StageRun
-from conva.workers.tasks import ShardTask
+from conva.workers.tasks import ShardTask, StageRun
 
 __all__ = [
     "StageSpec",

@@ -30,7 +30,8 @@ from conva.jobs import runner
 from conva.jobs.runner import main, run_job
 from conva.models import load_model, model_fingerprint
 from conva.tiny import make_tiny_model
-from conva.workers.pool import StageRun, _Call, _Runner
+from conva.workers.scheduler import _Call, _Runner
+from conva.workers.tasks import StageRun
 
 pytestmark = pytest.mark.slow  # a real (embedded) Ray and actors
 

@@ -2,7 +2,7 @@
 
 :class:`conva.workers.worker.ModelWorker` is plain Python: :class:`conva.workers.pool.WorkerPool` turns it into Ray
 actors with the resources of the job's ``[ray]`` config, one pool per model serving every stage, and
-:func:`conva.workers.pool.run_stages` feeds them shards. Each shard is read and written by the worker itself
+:func:`conva.workers.scheduler.run_stages` feeds them shards. Each shard is read and written by the worker itself
 (:mod:`conva.workers.shards`); only its record goes back. ``conva/`` holds the method; this package only adds
 "load once, process many shards, check the row contract".
 
@@ -26,9 +26,9 @@ _EXPORTS = {
     "WorkerSpec": "tasks",
     "ShardTask": "tasks",
     "WorkerPool": "pool",
-    "StageRun": "pool",
-    "run_stages": "pool",
-    "ShardFailedError": "pool",
+    "StageRun": "tasks",
+    "run_stages": "scheduler",
+    "ShardFailedError": "scheduler",
     "WorkerStartError": "pool",
 }
 __all__ = sorted(_EXPORTS)

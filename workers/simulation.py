@@ -1,6 +1,6 @@
 """A simulated stage on fake workers (``steer.backend = "fake"``): the real store and runner, no model.
 
-:func:`simulate` runs ``n`` shards through the one runner (:func:`conva.workers.pool.run_stages`) on a pool
+:func:`simulate` runs ``n`` shards through the one runner (:func:`conva.workers.scheduler.run_stages`) on a pool
 of :class:`conva.workers.fake.FakeWorker` s, each shard a known sleep plus a real small Parquet write, and
 measures what the orchestration adds: the benchmark (``benchmarks/bench_orchestration.py``) and the tests
 (``tests/test_orchestration.py``) use it.
@@ -65,7 +65,8 @@ def simulate(
     import resource
 
     from conva.batch.schemas import SCHEMA_VERSION
-    from conva.workers.pool import StageRun, run_stages
+    from conva.workers.scheduler import run_stages
+    from conva.workers.tasks import StageRun
 
     if cfg.steer.backend != "fake":
         raise ValueError(f"steer.backend: simulate runs fake workers only, not {cfg.steer.backend!r}")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from conva.batch.config import Config
 from conva.batch.inputs import InputSlice
 from conva.batch.storage import Location
-from conva.batch.store import ShardRef
+from conva.batch.store import ShardRecord, ShardRef, Stage
 from conva.judges import JudgeSettings
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-__all__ = ["WorkerSpec", "ShardTask", "required"]
+__all__ = ["WorkerSpec", "ShardTask", "StageRun", "required"]
 
 
 @dataclass(frozen=True)
@@ -106,3 +106,14 @@ def required(value: T | None, what: str) -> T:
     if value is None:
         raise ValueError(f"this shard needs {what}, which its worker or task does not carry")
     return value
+
+
+@dataclass
+class StageRun:
+    """One stage as the runner sees it: its store, how to build an attempt's task, when a shard may start."""
+
+    name: str
+    stage: Stage
+    make_task: Callable[[ShardRef], ShardTask]
+    after: Callable[[int], bool] | None = None  # None: every shard may start now
+    on_commit: Callable[[ShardRecord], None] | None = None
