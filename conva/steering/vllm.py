@@ -27,6 +27,7 @@ logprobs of answers under the unsteered model, as :func:`conva.metrics.perplexit
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -132,15 +133,17 @@ class VLLMSteerer:
         return self._layers
 
     def bundle_path(self, bundle: ValueBundle) -> str:
-        """The folder the engine loads ``bundle`` from: written into this steerer's folder on first use."""
-        key = id(bundle)
-        if key not in self._bundles:
-            from conva.bundle import save_bundle
+        """The folder the engine loads ``bundle`` from, written into this steerer's folder on first use and
+        named by its content (equal bundles, even as other objects, share one folder and engine row)."""
+        if id(bundle) not in self._bundles:
+            from conva.bundle import encode_bundle, save_bundle
 
-            path = os.path.join(self.folder, "bundles", f"{len(self._bundles)}-{bundle.value}")
-            save_bundle(bundle, path)
-            self._bundles[key] = (bundle, path)  # the bundle is kept, so its id is not reused
-        return self._bundles[key][1]
+            digest = hashlib.sha256(b"".join(v for _, v in sorted(encode_bundle(bundle).items()))).hexdigest()
+            path = os.path.join(self.folder, "bundles", f"{bundle.value}-{digest[:16]}")
+            if not os.path.exists(path):
+                save_bundle(bundle, path)
+            self._bundles[id(bundle)] = (bundle, path)  # the bundle is kept, so its id is not reused
+        return self._bundles[id(bundle)][1]
 
     def generate(
         self,
@@ -475,17 +478,11 @@ def generate_vllm(
     """
     if not isinstance(engine, VLLMSteerer):
         raise TypeError(
-            "generate_vllm needs a VLLMSteerer: a plain vllm.LLM has no steering op in its graph "
-            "(the op is installed while the engine is built)"
+            "generate_vllm needs a VLLMSteerer: a plain vllm.LLM sends no ConVA spec with its requests "
+            "(send the plugin's conva_* extra_args yourself: conva.steering.vllm_plugin)"
         )
-    return engine.generate(
-        prompts,
-        specs,
-        max_new_tokens=max_new_tokens,
-        chat_template=chat_template,
-        positions=positions,
-        epsilon=epsilon,
-    )
+    kw = dict(max_new_tokens=max_new_tokens, chat_template=chat_template, positions=positions)
+    return engine.generate(prompts, specs, epsilon=epsilon, **kw)  # type: ignore[arg-type]
 
 
 def _stop_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
