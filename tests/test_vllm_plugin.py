@@ -295,73 +295,55 @@ def test_a_bad_spec_fails_its_request_and_the_engine_serves_on(engine, hf, bundl
 
 
 @pytest.mark.slow
-def test_tensor_parallel_ranks_compute_the_same_eps_as_hf(tiny, hf, bundle_paths, tmp_path) -> None:  # noqa: ANN001
-    """Tensor parallelism 2 (vLLM's CPU backend, one core per rank): every rank writes its telemetry, and
-    both ranks' ε, p_before, p_after and gate are identical and match HF's, as do the tokens."""
+def test_tensor_parallel_ranks_compute_the_same_eps_as_hf(tiny, hf, bundles) -> None:  # noqa: ANN001
+    """Tensor parallelism 2 (vLLM's CPU backend, one core per rank) in our workers' engine: the ranks are
+    processes of vLLM's multiprocessing executor, which load the plugin by its entry point; every rank writes
+    its telemetry, both ranks' ε, p_before, p_after and gate are identical, and tokens and ε match HF's."""
+    import json
+
     import vllm.envs
-    from vllm import LLM
+
+    from conva.steering.vllm import EngineSettings, VLLMSteerer
 
     model, tok = hf
-    gated, other = bundle_paths
-    tel = str(tmp_path / "tel")
-    old = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND")}
+    gated, other = bundles
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     # vLLM's CPU backend binds each rank's threads to a NUMA node; this machine has one, so name the cores.
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     vllm.envs.disable_envs_cache()
-    llm = LLM(
-        model=tiny,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=8,
-        max_num_batched_tokens=2048,
-        enable_chunked_prefill=False,
-        tensor_parallel_size=2,
-        block_size=32,
-        seed=0,
-        additional_config={"conva": {"telemetry_ranks": "all"}},
+    settings = EngineSettings(
+        max_model_len=512, max_num_seqs=8, block_size=32, tensor_parallel_size=2, telemetry_ranks="all"
     )
+    specs = [
+        SteerSpec("conva", gated),
+        SteerSpec("conva", other, p0=0.9),
+        SteerSpec("caa", gated, strength=4.0),
+        SteerSpec("none"),
+    ]
+    prompts = PROMPTS[: len(specs)]
+    want = generate(model, tok, prompts, specs, max_new_tokens=MAX_NEW, batch_size=len(prompts))
+    steerer = VLLMSteerer(tiny, bundles, settings=settings)
     try:
-        specs = [(gated, {}), (other, {"p0": 0.9}), (gated, {"method": "caa", "strength": 4.0}), (None, {})]
-        prompts = PROMPTS[: len(specs)]
-        extras = [
-            request_args(bundle=p, telemetry=tel, tag=f"t{i}", **s) if p else None
-            for i, (p, s) in enumerate(specs)
+        got = steerer.generate(prompts, specs, max_new_tokens=MAX_NEW)
+        rank1 = [
+            json.loads((Path(steerer.folder) / f).read_text())
+            for f in os.listdir(steerer.folder)
+            if f.endswith(".rank1.json")
         ]
-        want = generate(
-            model,
-            tok,
-            prompts,
-            [
-                SteerSpec(
-                    s.get("method", "conva"), load_bundle(p), p0=s.get("p0"), strength=s.get("strength", 0.0)
-                )
-                if p
-                else SteerSpec("none")
-                for p, s in specs
-            ],
-            max_new_tokens=MAX_NEW,
-            batch_size=len(prompts),
-        )
-        outs = _run(llm, hf, prompts, extras)
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
         vllm.envs.disable_envs_cache()
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-    for i, (w, out) in enumerate(zip(want, outs, strict=True)):
-        assert _tokens(out, tok.eos_token_id) == w.tokens, f"row {i}: greedy tokens differ"
-        if specs[i][0] is None:
-            continue
-        rank0, rank1 = read_telemetry(tel, f"t{i}"), read_telemetry(tel, f"t{i}.rank1")
-        assert rank0 == rank1, f"row {i}: the ranks disagree"
-        assert rank0["gate_open"] == w.gate_open
-        np.testing.assert_allclose(rank0["eps"], w.eps, atol=1e-3, err_msg=f"row {i}: eps")
-        np.testing.assert_allclose(rank0["p_after"], w.p_after, atol=1e-4, err_msg=f"row {i}: p_after")
+        steerer.close()
+    test_vllm._assert_parity(want, got)  # rank 0's telemetry, read by the steerer
+    fields = ("eps", "p_before", "p_after")
+    ranks = [(r.gate_open, *(tuple(getattr(r, f)) for f in fields)) for r in got if r.layers]
+    assert len(rank1) == len(ranks) == 3
+    assert sorted(ranks) == sorted((t["gate_open"], *(tuple(t[f]) for f in fields)) for t in rank1), (
+        "the ranks disagree"
+    )
 
 
 @pytest.mark.slow

@@ -113,6 +113,7 @@ class VLLMSteerer:
         )
         self._layers = tuple(_active_layers(bundles, layers))
         conva = {"layers": list(self._layers), "max_specs": settings.max_specs, "record": settings.record}
+        conva["telemetry_ranks"] = settings.telemetry_ranks
         kwargs = engine_kwargs(self.path, settings, self.max_len, conva)
         # Telemetry files of the engine's processes, activations, and the bundles the requests name.
         self.folder = tempfile.mkdtemp(prefix="conva-vllm-")

@@ -48,6 +48,7 @@ class EngineSettings:
     many blocks of this many tokens (None: vLLM's sizing); a small cache makes vLLM preempt requests.
     ``tensor_parallel_size``: GPUs (CPU: processes) the model is split over, run by vLLM's
     multiprocessing executor on this node. ``prefix_caching``: vLLM's, salted per steering spec.
+    ``telemetry_ranks``: ``all`` has every tensor-parallel rank write its telemetry (a check that they agree).
     """
 
     dtype: str = "float32"
@@ -63,6 +64,7 @@ class EngineSettings:
     block_size: int | None = None
     tensor_parallel_size: int = 1
     prefix_caching: bool = True
+    telemetry_ranks: str = "first"
 
 
 def engine_kwargs(
