@@ -46,7 +46,7 @@ class _Current:
     state: "EngineState | None" = None
 
 
-_CURRENT = _Current()
+CURRENT = _Current()
 PLUGIN_ENGINE = 0  # the op's engine id of a plugin-built state: one per process, a constant in every graph
 
 
@@ -410,7 +410,7 @@ class EngineState:
 
 @torch.library.custom_op("conva::steer", mutates_args=())
 def _steer_op(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
-    state = _STATES[engine] if engine != PLUGIN_ENGINE else _CURRENT.state  # by id: op-level tests
+    state = _STATES[engine] if engine != PLUGIN_ENGINE else CURRENT.state  # by id: op-level tests
     if state is None:  # a plugin engine's forward outside a step (none in vLLM 0.32): leave it alone
         return hidden.clone()
     return state.steer(hidden, residual, col)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from conva.steering.vllm_op import _CURRENT, EngineState
+from conva.steering.vllm_op import CURRENT, EngineState
 
 __all__ = ["install_patches", "plugin_factory"]
 
@@ -83,7 +83,7 @@ def _wrap_prepare_inputs(orig: Any) -> Any:
 
 def _wrap_model_forward(orig: Any) -> Any:
     def _model_forward(self: Any, *a: Any, **k: Any) -> Any:
-        _CURRENT.state = getattr(self, "_conva_state", None)
+        CURRENT.state = getattr(self, "_conva_state", None)
         out = orig(self, *a, **k)
         state = getattr(self, "_conva_state", None)
         if state is not None:
@@ -117,7 +117,7 @@ def _bind(runner: Any, state: EngineState) -> None:
         )
     runner._conva_state = state
     state.bound = True
-    _CURRENT.state = state  # warm-up and graph capture run forwards before the first step
+    CURRENT.state = state  # warm-up and graph capture run forwards before the first step
 
 
 def install_patches() -> None:

@@ -1,6 +1,6 @@
 """The engine side of ConVA's vLLM plugin: each runner's steering state and its table of spec rows.
 
-:func:`make_state` is the plugin's :data:`conva.steering.vllm_op.plugin_factory`: vLLM builds a model
+:func:`make_state` is the plugin's :data:`conva.steering.vllm_patch.plugin_factory`: vLLM builds a model
 runner in some engine process (the engine core, or a tensor-parallel worker), and it gets an
 :class:`~conva.steering.vllm_op.EngineState` sized from the engine's config and ``additional_config``
 ``conva`` (:mod:`conva.steering.vllm_plugin`'s doc). :class:`Rows` turns the ``conva_*`` keys of each
@@ -23,7 +23,7 @@ import torch
 from conva.gates import Gate
 from conva.steering.core import plan_rows
 from conva.steering.spec import SteerSpec
-from conva.steering.vllm_op import EngineState, SpecRow
+from conva.steering.vllm_op import PLUGIN_ENGINE, EngineState, SpecRow
 from conva.steering.vllm_plugin import PREFIX, chunked, model_shape, plugin_conf, resolve
 
 __all__ = ["Rows", "make_state", "activations_path", "spec_row"]
@@ -140,8 +140,6 @@ class Rows:
 
 def make_state(runner: Any) -> Any:
     """The steering state of a runner being built in any engine process (None: leave it plain)."""
-    from conva.steering.vllm_op import PLUGIN_ENGINE
-
     cfg = runner.vllm_config
     conf = plugin_conf(cfg)
     if conf.get("enabled", True) is False:
