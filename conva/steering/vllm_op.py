@@ -1,10 +1,10 @@
-"""ConVA inside a vLLM engine: the steering op, its fixed-address buffers and the runner patches.
+"""ConVA inside a vLLM engine: the steering op and its fixed-address buffers.
 
 The math is :mod:`conva.steering`'s (``_Steering``), moved into the engine so that one engine step
 steers every request of the batch with its own bundle:
 
 * A ``torch.library.custom_op`` (``conva::steer``, with a fake implementation) is called from a
-  patched decoder-layer ``forward`` after each *active* layer. Being an op, it is traced into the
+  patched decoder-layer ``forward`` after each *active* layer (:mod:`conva.steering.vllm_patch`). Being an op, it is traced into the
   compiled graph; a Python forward hook is silently dropped under ``enforce_eager=False``
   (ENVIRONMENT.md). The op only does fixed-shape gathers, scatters and ``torch.where`` over buffers
   allocated once, so it is also safe to capture in a CUDA graph.
@@ -18,41 +18,26 @@ steers every request of the batch with its own bundle:
 vLLM layers return ``(hidden, residual)``; the residual stream is their **sum** (HF
 ``hidden_states[l+1]``), so probes read the sum and the delta is added to ``hidden`` only.
 
-Two ways a state reaches a runner: :func:`building` binds one made by the caller while an in-process
-engine is built (:class:`conva.steering.vllm.VLLMSteerer`, requests name table rows); or the vLLM plugin
-(:mod:`conva.steering.vllm_plugin`) sets :data:`plugin_factory`, and every runner built in any engine
-process makes its own state, whose table rows the requests' specs load on demand (``requests``).
+One way a state reaches a runner: the vLLM plugin (:mod:`conva.steering.vllm_plugin`, loaded by vLLM
+in every engine process) installs the patches (:mod:`conva.steering.vllm_patch`); every runner built
+in any engine process then makes its own state, whose table rows the requests' specs load on demand
+(``requests``: :class:`conva.steering.vllm_rows.Rows`). Our own workers
+(:class:`conva.steering.vllm.VLLMSteerer`) are clients of that plugin like ``vllm serve``.
 """
 
 from __future__ import annotations
 
 import itertools
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["EXTRA_KEY", "PLUGIN_ENGINE", "SpecRow", "EngineState", "Telemetry", "building", "install_patches"]
-
-EXTRA_KEY = "conva"  # SamplingParams.extra_args[EXTRA_KEY] = {"row": int, "tag": str, ...}
-
-# Decoder layers whose forward returns (hidden, residual): module path and class name in vLLM.
-_LAYER_CLASSES = (
-    ("vllm.model_executor.models.llama", "LlamaDecoderLayer"),
-    ("vllm.model_executor.models.mistral", "MistralDecoderLayer"),
-    ("vllm.model_executor.models.qwen2", "Qwen2DecoderLayer"),
-    ("vllm.model_executor.models.qwen3", "Qwen3DecoderLayer"),
-    # Gemma 3 norms the attention and MLP outputs before they join the residual, and returns the
-    # MLP output unadded: hidden + residual is still the block's output (HF hidden_states[l+1]).
-    ("vllm.model_executor.models.gemma3", "Gemma3DecoderLayer"),
-)
+__all__ = ["PLUGIN_ENGINE", "SpecRow", "EngineState", "Telemetry"]
 
 _STATES: dict[int, "EngineState"] = {}
 _IDS = itertools.count(1)
-_ARMED = threading.local()
 
 
 class _Current:
@@ -61,11 +46,8 @@ class _Current:
     state: "EngineState | None" = None
 
 
-_CURRENT = _Current()
-_PATCHED = False
+CURRENT = _Current()
 PLUGIN_ENGINE = 0  # the op's engine id of a plugin-built state: one per process, a constant in every graph
-# Set by the plugin: makes the state of a runner built without ``building`` (None: such runners stay plain).
-plugin_factory: Callable[[Any], "EngineState | None"] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +83,7 @@ class _Request:
     per_token: bool
     started: bool = False
     sink: Any = None  # the plugin's report target for this request's telemetry (None: keep it here)
+    recomputed: int = 0  # times re-run from its first token after a preemption
 
 
 class _Step:
@@ -123,6 +106,7 @@ class Telemetry:
     p_before: np.ndarray
     p_after: np.ndarray
     activations: np.ndarray | None = None  # [U, d] when recording
+    recomputed: int = 0  # times the request was re-run from its first token after a preemption
 
 
 class EngineState:
@@ -131,7 +115,11 @@ class EngineState:
     ``layers``: the active decoder layers (ascending); only these call the op. ``n_specs``: table rows
     besides row 0. ``n_slots``: concurrent steered requests besides slot 0. ``n_tokens``: the most
     tokens one step may hold (``max_num_batched_tokens``). ``record``: keep the residual stream of the
-    last prompt token at every active layer (activation extraction).
+    last prompt token at every active layer (activation extraction). ``requests``: the plugin's source
+    of table rows (``conf``/``admit``/``release``/``report``). ``engine_id``: :data:`PLUGIN_ENGINE` for
+    the plugin's state, the op's engine argument then (the same constant in every process, so a cached
+    compiled graph fits any of them; the op finds the state through the runner running the forward);
+    None (op-level tests): the op looks the state up by its own id.
     """
 
     def __init__(
@@ -147,10 +135,6 @@ class EngineState:
         requests: Any = None,
         engine_id: int | None = None,
     ) -> None:
-        # ``requests``: the plugin's source of table rows (``admit``/``release``/``report``), for requests
-        # that carry a spec instead of a row. ``engine_id``: :data:`PLUGIN_ENGINE` for the plugin's state,
-        # the op's engine argument then (the same constant in every process, so a cached compiled graph
-        # fits any of them); the op finds the state through the runner running the forward.
         self.id = next(_IDS)
         self.op_id = self.id if engine_id is None else engine_id
         self.requests = requests
@@ -227,30 +211,17 @@ class EngineState:
     def close(self) -> None:
         _STATES.pop(self.id, None)
 
-    def cache_salt(self) -> dict[str, Any]:
-        """What the traced graph bakes in, for vLLM's ``additional_config`` (hashed into its cache key).
-
-        The op is called with this state's id and each active layer's column as constants, and vLLM
-        keys its compile cache (``VLLM_CACHE_ROOT``) on the config and code, not on them: without this
-        salt an engine would load a graph compiled for other layers or another engine (or, with the
-        patches installed, for a plain engine without the op).
-        """
-        return {"conva_steering": {"op": "conva::steer", "engine": self.id, "layers": list(self.layers)}}
-
     # -- per step (host) ------------------------------------------------------------------------
 
     def _admit(self, req_id: str, sampling_params: Any) -> _Request | None:
+        """A request's slot, if its ``extra_args`` carry the plugin's ``conva_*`` keys (None: unsteered)."""
         extra = getattr(sampling_params, "extra_args", None) or {}
-        conf = extra.get(EXTRA_KEY)
-        if conf is None and self.requests is not None:  # the plugin's flat ``conva_*`` keys
-            conf = self.requests.conf(extra)
+        conf = self.requests.conf(extra) if self.requests is not None else None
         if conf is None:
             return None
         if not self._free:
             raise RuntimeError("no free ConVA steering slot: more steered requests alive than n_slots")
-        sink, row, tag = None, conf.get("row"), conf.get("tag")
-        if row is None and self.requests is not None:  # a plugin request: its spec names a bundle
-            row, tag, sink = self.requests.admit(req_id, conf)
+        row, tag, sink = self.requests.admit(req_id, conf)
         slot = self._free.pop()
         req = _Request(
             slot,
@@ -277,9 +248,8 @@ class EngineState:
         if req is not None:
             self.s_row[req.slot] = 0
             self._free.append(req.slot)
-            if self.requests is not None and req.sink is not None:
-                self.requests.release(req.row)
-                self.telemetry.pop(req.tag, None)
+            self.requests.release(req.row)
+            self.telemetry.pop(req.tag, None)
 
     def fill(self, runner: Any, num_scheduled: np.ndarray) -> None:
         """Fill the per-step buffers from the runner's batch (called after ``_prepare_inputs``)."""
@@ -332,8 +302,11 @@ class EngineState:
             # Preempted, now recomputed: the runner re-runs the prompt and the tokens generated so far
             # in one step. Frozen ε: the slot still holds it. Per-token ε: the prompt's ε again at the
             # last prompt token, and each generated token its own from its own state, as when it was
-            # decoded (the slot holds only the newest token's). Telemetry keeps the pre-preemption values.
+            # decoded (the slot holds only the newest token's). Telemetry keeps the pre-preemption values
+            # (reported again, with the count of recomputes).
             self.recomputed += 1
+            req.recomputed += 1
+            self._step_slots.append((-req.slot, req))  # negative: report, but keep the reported ε
             if req.per_token:
                 step.s_tok[req.slot], step.s_comp[req.slot] = start + last - done, True
                 step.t_own[start + last + 1 - done : start + k] = True
@@ -351,22 +324,25 @@ class EngineState:
         self._any_comp = self._any_steer = self._any_own = False
         if not self._step_slots:
             return
-        slots = torch.tensor([s for s, _ in self._step_slots], device=self.device)
+        slots = torch.tensor([abs(s) for s, _ in self._step_slots], device=self.device)
         score, is_open = self.gate_score[slots].cpu().numpy(), self.open[slots].cpu().numpy()
         eps, pb, pa = (t[slots].cpu().numpy() for t in (self.eps, self.p_before, self.p_after))
         cap = self.cap[slots].cpu().numpy() if self.cap is not None else None
-        for k, (_, req) in enumerate(self._step_slots):
+        for k, (mark, req) in enumerate(self._step_slots):
             old = self.telemetry.get(req.tag)
             if old is None:
                 self.telemetry[req.tag] = Telemetry(
                     float(score[k]), bool(is_open[k]), eps[k], pb[k], pa[k], None if cap is None else cap[k]
                 )
-            else:  # per-token mode: ε of the latest step, like the HF backend's final ``scale``
+            elif mark > 0:  # per-token mode: ε of the latest step, like the HF backend's final ``scale``
                 old.eps = eps[k]
-            if req.sink is not None:  # a plugin request: its telemetry goes out, none is kept here
-                self.requests.report(req.sink, self.telemetry[req.tag], self.layers)
-                if not req.per_token:
-                    self.telemetry.pop(req.tag)
+            tel = self.telemetry[req.tag]
+            tel.recomputed = req.recomputed
+            self.requests.report(
+                req.sink, tel, self.layers
+            )  # it goes out; per-token ε is kept for the next step
+            if not req.per_token:
+                self.telemetry.pop(req.tag)
         self._step_slots = []
 
     # -- the op (device) ------------------------------------------------------------------------
@@ -434,7 +410,7 @@ class EngineState:
 
 @torch.library.custom_op("conva::steer", mutates_args=())
 def _steer_op(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
-    state = _STATES[engine] if engine != PLUGIN_ENGINE else _CURRENT.state
+    state = _STATES[engine] if engine != PLUGIN_ENGINE else CURRENT.state  # by id: op-level tests
     if state is None:  # a plugin engine's forward outside a step (none in vLLM 0.32): leave it alone
         return hidden.clone()
     return state.steer(hidden, residual, col)
@@ -443,136 +419,3 @@ def _steer_op(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: in
 @_steer_op.register_fake
 def _(hidden: torch.Tensor, residual: torch.Tensor, engine: int, col: int) -> torch.Tensor:
     return torch.empty_like(hidden)
-
-
-# -- patches ----------------------------------------------------------------------------------------
-
-
-def _wrap_forward(orig: Any) -> Any:
-    def forward(
-        self: torch.nn.Module,
-        positions: torch.Tensor,
-        hidden_states: torch.Tensor,
-        residual: torch.Tensor | None,
-        *args: Any,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, res = orig(self, positions, hidden_states, residual, *args, **kwargs)
-        tag = getattr(self, "_conva_tag", None)  # (engine, column); set before the first trace
-        if tag is not None:
-            hidden = torch.ops.conva.steer(hidden, res, tag[0], tag[1])
-        return hidden, res
-
-    forward._conva_wrapped = True  # type: ignore[attr-defined]
-    return forward
-
-
-def _wrap_load_model(orig: Any) -> Any:
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = orig(self, *args, **kwargs)
-        state = getattr(_ARMED, "state", None)
-        if state is None and plugin_factory is not None:
-            state = plugin_factory(self)
-        if state is not None and not getattr(self, "_conva_state", None):
-            _bind(self, state)
-        return out
-
-    load_model._conva_wrapped = True  # type: ignore[attr-defined]
-    return load_model
-
-
-def _wrap_prepare_inputs(orig: Any) -> Any:
-    def _prepare_inputs(
-        self: Any, scheduler_output: Any, num_scheduled_tokens: np.ndarray, *a: Any, **k: Any
-    ) -> Any:
-        out = orig(self, scheduler_output, num_scheduled_tokens, *a, **k)
-        state = getattr(self, "_conva_state", None)
-        if state is not None:
-            state.fill(self, num_scheduled_tokens)
-        return out
-
-    _prepare_inputs._conva_wrapped = True  # type: ignore[attr-defined]
-    return _prepare_inputs
-
-
-def _wrap_model_forward(orig: Any) -> Any:
-    def _model_forward(self: Any, *a: Any, **k: Any) -> Any:
-        _CURRENT.state = getattr(self, "_conva_state", None)
-        out = orig(self, *a, **k)
-        state = getattr(self, "_conva_state", None)
-        if state is not None:
-            state.after_forward()
-        return out
-
-    _model_forward._conva_wrapped = True  # type: ignore[attr-defined]
-    return _model_forward
-
-
-def _bind(runner: Any, state: EngineState) -> None:
-    """Tag the active decoder layers of the runner's model and attach the state to the runner."""
-    from conva.blocks import find_blocks
-
-    blocks = find_blocks(runner.model)
-    n_tagged = 0
-    for index, block in enumerate(blocks):
-        if index in state.col:
-            if not getattr(type(block).forward, "_conva_wrapped", False):
-                raise ValueError(
-                    f"decoder layer {index} is a {type(block).__name__}, which ConVA's vLLM backend "
-                    f"does not patch (supported: {', '.join(c for _, c in _LAYER_CLASSES)})"
-                )
-            # Module.__getattr__ types unknown attributes as Tensor | Module; the tag is a plain attribute.
-            block._conva_tag = (state.op_id, state.col[index])  # type: ignore[assignment]
-            n_tagged += 1
-    if n_tagged != len(state.layers):
-        missing = [l for l in state.layers if l >= len(blocks)]
-        raise ValueError(
-            f"steered layer(s) {missing} out of range: the model has {len(blocks)} decoder layers"
-        )
-    runner._conva_state = state
-    state.bound = True
-    _CURRENT.state = state  # warm-up and graph capture run forwards before the first step
-
-
-def install_patches() -> None:
-    """Patch vLLM's decoder layers and model runners (idempotent; inert for engines built unarmed)."""
-    global _PATCHED
-    if _PATCHED:
-        return
-    import importlib
-
-    from vllm.v1.worker import cpu_model_runner, gpu_model_runner
-
-    for module, name in _LAYER_CLASSES:
-        try:
-            cls = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-        # Patch only a class that defines forward itself: a subclass inheriting a patched forward
-        # must not be wrapped twice (the op would run twice).
-        if "forward" in cls.__dict__ and not getattr(cls.forward, "_conva_wrapped", False):
-            cls.forward = _wrap_forward(cls.forward)
-    # Replacing the runners' methods is the patch itself; mypy forbids assigning to a method.
-    for cls in (gpu_model_runner.GPUModelRunner, cpu_model_runner.CPUModelRunner):
-        if "load_model" in cls.__dict__ and not getattr(cls.load_model, "_conva_wrapped", False):
-            cls.load_model = _wrap_load_model(cls.load_model)  # type: ignore[method-assign]
-    runner = gpu_model_runner.GPUModelRunner
-    runner._prepare_inputs = _wrap_prepare_inputs(runner._prepare_inputs)  # type: ignore[method-assign]
-    runner._model_forward = _wrap_model_forward(runner._model_forward)  # type: ignore[method-assign]
-    _PATCHED = True
-
-
-@contextmanager
-def building(state: EngineState) -> Iterator[EngineState]:
-    """Arm the patches while an engine is built: its runner and layers bind to ``state``."""
-    install_patches()
-    _ARMED.state = state
-    try:
-        yield state
-    finally:
-        _ARMED.state = None
-    if not state.bound:
-        raise RuntimeError(
-            "the vLLM engine was built without binding ConVA's steering state; is "
-            "VLLM_ENABLE_V1_MULTIPROCESSING=0 (the engine must run in this process)?"
-        )

@@ -3,22 +3,28 @@
 
 Installed with the project (entry point ``vllm.general_plugins: conva``), vLLM calls :func:`register` in
 every process it starts (front end, engine core, workers). There it patches the decoder layers and the
-model runner (:mod:`conva.steering.vllm_op`); each runner then makes its own steering state, and loads
+model runner (:mod:`conva.steering.vllm_patch`); each runner then makes its own steering state, and loads
 the bundles the requests name into it (cached per process), so nothing lives only in the driver.
 
 **The request format** (flat keys, because ``vllm serve`` takes ``vllm_xargs`` of scalars and lists):
 
 ==================  ===============================================================================
 ``conva_bundle``    path or URI (``s3://…``) of a bundle folder (:func:`conva.bundle.save_bundle`); required
-``conva_method``    ``conva`` (default), ``conva_nogate``, ``caa``, ``probe_fixed`` or ``none``
+                    unless the request only records
+``conva_method``    ``conva`` (default), ``conva_nogate``, ``caa``, ``probe_fixed``, ``random`` or ``none``
 ``conva_p0``        ConVA's target probability, 0 < P0 < 1 (default: the bundle's)
 ``conva_strength``  the constant scale of ``caa`` / ``probe_fixed``
+``conva_eps``       ``random``: the step size per steered layer; ``conva_seed``: its directions' seed
+``conva_record``    layers whose residual stream at the last prompt token the engine writes to
+                    ``<tag>.acts.npy`` (float32 ``[len(layers), hidden]``; the engine needs
+                    ``additional_config`` ``conva.record``)
 ``conva_band``      the steered layers (default: the bundle's band)
 ``conva_gate``      ``bundle`` (default: the bundle's probe gate, read in the pass) or ``off``
 ``conva_gate_open`` the gate decided before the request (1/0; 0 leaves the request unsteered)
 ``conva_gate_score`` its score, reported back as is
 ``conva_positions`` ``all`` (default) or ``generated``; ``conva_epsilon``: ``frozen`` or ``per_token``
-``conva_telemetry`` a folder: the engine writes ``<tag>.json`` there (ε, p_before, p_after, gate)
+``conva_telemetry`` a folder: the engine writes ``<tag>.json`` there (ε, p_before, p_after, gate,
+                    recomputes after a preemption)
 ``conva_tag``       the telemetry file's name (default: vLLM's request id); letters, digits, ``._-``
 ==================  ===============================================================================
 
@@ -43,7 +49,9 @@ plugin leaves the engine plain and refuses ConVA requests, naming the flag. ``ad
 ``{"conva": {"layers": [...], "max_specs": N}}`` narrows the layers that call the op (default: all)
 and sizes the table; ``{"conva": {"enabled": false}}`` leaves an engine plain;
 ``{"conva": {"telemetry_ranks": "all"}}`` has every tensor-parallel rank write its telemetry
-(``<tag>.rank<r>.json`` besides rank 0's ``<tag>.json``), to check that they agree.
+(``<tag>.rank<r>.json`` besides rank 0's ``<tag>.json``), to check that they agree;
+``{"conva": {"record": true}}`` keeps buffers for ``conva_record``. The engine side (one table of spec
+rows per runner, the telemetry files) is :mod:`conva.steering.vllm_rows`.
 
 Example (``vllm serve MODEL --no-enable-chunked-prefill`` then)::
 
@@ -57,18 +65,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import numbers
 import os
 import re
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping, Sequence
 
 from conva.bundle import BUNDLE_FILES, ValueBundle, decode_bundle
 from conva.gates import Gate
 from conva.steering.spec import EPSILON_MODES, STEER_POSITIONS, SteerSpec
-from conva.steering.vllm import SUPPORTED_VLLM, check_vllm_version
+from conva.steering.vllm_engine import SUPPORTED_VLLM, check_vllm_version
 
 __all__ = [
     "PREFIX",
@@ -82,12 +88,11 @@ __all__ = [
     "cache_salt",
     "load_bundle_uri",
     "read_telemetry",
+    "registered",
 ]
 
-log = logging.getLogger(__name__)
-
 PREFIX = "conva_"
-PLUGIN_METHODS = ("none", "conva", "conva_nogate", "caa", "probe_fixed")
+PLUGIN_METHODS = ("none", "conva", "conva_nogate", "caa", "probe_fixed", "random")
 _TAG = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _REGISTERED = False
 
@@ -100,10 +105,12 @@ class SpecError(ValueError):
 class SteerRequest:
     """One request's ConVA spec as sent in ``extra_args`` (module doc), parsed and type-checked."""
 
-    bundle: str
+    bundle: str | None
     method: str = "conva"
     p0: float | None = None
     strength: float = 0.0
+    eps: tuple[float, ...] | None = None
+    seed: int = 0
     band: tuple[int, ...] | None = None
     gate: str = "bundle"
     gate_open: bool | None = None
@@ -112,10 +119,11 @@ class SteerRequest:
     epsilon: str = "frozen"
     telemetry: str | None = None
     tag: str | None = None
+    record: tuple[int, ...] | None = None
 
     def row_key(self) -> str:
         """What shapes the spec's table row: equal keys share one row in an engine."""
-        keep = ("bundle", "method", "p0", "strength", "band", "gate")
+        keep = ("bundle", "method", "p0", "strength", "eps", "seed", "band", "gate")
         return json.dumps([getattr(self, k) for k in keep] + [self.gate_open is None])
 
 
@@ -157,15 +165,17 @@ def parse_request(extra: Mapping[str, Any]) -> SteerRequest | None:
         raise SpecError(
             f"unknown key(s) {[PREFIX + k for k in unknown]}; known: {sorted(PREFIX + k for k in known)}"
         )
-    if not isinstance(conf.get("bundle"), str) or not conf["bundle"]:
+    record = _layers("record", conf.get("record"))
+    if record is not None and "bundle" not in conf:  # a request that only records: no steering
+        conf.setdefault("method", "none")
+        if conf["method"] != "none":
+            raise SpecError(f"{PREFIX}method {conf['method']!r} needs {PREFIX}bundle")
+    elif not isinstance(conf.get("bundle"), str) or not conf["bundle"]:
         raise SpecError(f"{PREFIX}bundle (a bundle's path or URI) is required, got {conf.get('bundle')!r}")
-    band = conf.get("band")
-    if band is not None and (
-        not isinstance(band, (list, tuple))
-        or not band
-        or any(isinstance(l, bool) or not isinstance(l, numbers.Integral) for l in band)
-    ):
-        raise SpecError(f"{PREFIX}band must be a non-empty list of layer indices, got {band!r}")
+    band = _layers("band", conf.get("band"))
+    eps = conf.get("eps")
+    if eps is not None and (not isinstance(eps, (list, tuple)) or not eps):
+        raise SpecError(f"{PREFIX}eps must be a non-empty list of step sizes, got {eps!r}")
     gate_open = conf.get("gate_open")
     if gate_open is not None and gate_open not in (0, 1):  # True/False, or 1/0 from vllm_xargs
         raise SpecError(f"{PREFIX}gate_open must be 1 (open) or 0 (closed), got {gate_open!r}")
@@ -176,11 +186,13 @@ def parse_request(extra: Mapping[str, Any]) -> SteerRequest | None:
     if telemetry is not None and (not isinstance(telemetry, str) or not telemetry):
         raise SpecError(f"{PREFIX}telemetry must be a folder path, got {telemetry!r}")
     return SteerRequest(
-        bundle=conf["bundle"],
+        bundle=conf.get("bundle"),
         method=_choice("method", conf.get("method", "conva"), PLUGIN_METHODS),
         p0=None if conf.get("p0") is None else _number("p0", conf["p0"]),
         strength=_number("strength", conf.get("strength", 0.0)),
-        band=None if band is None else tuple(int(l) for l in band),
+        eps=None if eps is None else tuple(_number("eps", e) for e in eps),
+        seed=int(_number("seed", conf.get("seed", 0))),
+        band=band,
         gate=_choice("gate", conf.get("gate", "bundle"), ("bundle", "off")),
         gate_open=None if gate_open is None else bool(gate_open),
         gate_score=None if conf.get("gate_score") is None else _number("gate_score", conf["gate_score"]),
@@ -188,7 +200,18 @@ def parse_request(extra: Mapping[str, Any]) -> SteerRequest | None:
         epsilon=_choice("epsilon", conf.get("epsilon", "frozen"), EPSILON_MODES),
         telemetry=telemetry,
         tag=tag,
+        record=record,
     )
+
+
+def _layers(key: str, value: Any) -> tuple[int, ...] | None:
+    if value is not None and (
+        not isinstance(value, (list, tuple))
+        or not value
+        or any(isinstance(l, bool) or not isinstance(l, numbers.Integral) for l in value)
+    ):
+        raise SpecError(f"{PREFIX}{key} must be a non-empty list of layer indices, got {value!r}")
+    return None if value is None else tuple(int(l) for l in value)
 
 
 @functools.lru_cache(maxsize=32)
@@ -223,6 +246,12 @@ def resolve(
     req = parse_request(extra)
     if req is None:
         return None
+    active_layers = active if active is not None else range(n_blocks)
+    outside = sorted(set(l for l in req.record or () if l not in active_layers))
+    if outside:
+        raise SpecError(f"{PREFIX}record: layer(s) {outside} are not active in this engine")
+    if req.bundle is None:  # it only records
+        return req, SteerSpec("none"), ""
     try:
         bundle, digest = load_bundle_uri(req.bundle)
         if bundle.hidden_size != hidden or bundle.n_blocks != n_blocks:
@@ -232,7 +261,9 @@ def resolve(
             )
         if req.gate == "off":
             bundle = replace(bundle, gate=Gate())
-        spec = SteerSpec(req.method, bundle, p0=req.p0, strength=req.strength, band=req.band)
+        spec = SteerSpec(
+            req.method, bundle, p0=req.p0, strength=req.strength, band=req.band, eps=req.eps, seed=req.seed
+        )
         if spec.layers():
             bundle.rows(spec.layers())  # every steered layer has a probe
     except SpecError:
@@ -252,7 +283,7 @@ def resolve(
             f"{PREFIX}bundle {req.bundle!r} has an external classifier gate: score the prompt first and "
             f"send {PREFIX}gate_open (or {PREFIX}gate='off')"
         )
-    outside = sorted(l for l in needed if l not in (active if active is not None else range(n_blocks)))
+    outside = sorted(l for l in needed if l not in active_layers)
     if outside:
         raise SpecError(
             f"layer(s) {outside} are not steerable in this engine (active: {list(active or range(n_blocks))})"
@@ -283,150 +314,20 @@ def read_telemetry(folder: str, tag: str) -> dict[str, Any]:
         return json.load(fh)
 
 
-# -- the engine side: one table of spec rows per runner ---------------------------------------------------
-
-
-@dataclass
-class _Sink:
-    """Where one request's telemetry goes, and what it reports besides the engine's numbers."""
-
-    folder: str | None
-    tag: str
-    layers: tuple[int, ...]
-    error: str | None = None
-
-
-class _Rows:
-    """The plugin's request source for an :class:`~conva.steering.vllm_op.EngineState`: specs → rows.
-
-    Rows are shared by equal specs and reused least-recently-used once no live request holds them.
-    A spec the engine process cannot load (the front end could) runs unsteered, its error reported.
-    """
-
-    def __init__(self, state: Any, hidden: int, n_blocks: int, rank: int, all_ranks: bool = False) -> None:
-        self.state, self.hidden, self.n_blocks, self.rank = state, hidden, n_blocks, rank
-        self.all_ranks = all_ranks  # every tensor-parallel rank writes its own file (``<tag>.rank<r>.json``)
-        self.rows: OrderedDict[str, int] = OrderedDict()
-        self.refs: dict[int, int] = {}
-
-    def conf(self, extra: Mapping[str, Any]) -> dict[str, Any] | None:
-        """The request's spec keys without the prefix (None: an unsteered request)."""
-        return {
-            k[len(PREFIX) :]: v for k, v in extra.items() if k.startswith(PREFIX) and v is not None
-        } or None
-
-    def admit(self, req_id: str, conf: Mapping[str, Any]) -> tuple[int, str, _Sink]:
-        from conva.steering.vllm import spec_row as make_spec_row
-
-        folder, tag = conf.get("telemetry"), str(conf.get("tag") or req_id)
-        try:
-            got = resolve(
-                {PREFIX + k: v for k, v in conf.items()}, self.hidden, self.n_blocks, self.state.layers
-            )
-            assert got is not None
-            req, spec, digest = got
-            if not spec.layers():
-                return 0, req_id, _Sink(folder, tag, ())
-            key = req.row_key() + digest
-            row = self.rows.get(key)
-            if row is None:
-                spec_row = make_spec_row(spec, self.state, self.hidden, self.n_blocks, req.gate_open is None)
-                row = self._free_row()
-                self.state.write_row(row, spec_row)
-                self.rows[key] = row
-            self.rows.move_to_end(key)
-            self.refs[row] = self.refs.get(row, 0) + 1
-            return row, req_id, _Sink(folder, tag, spec.layers())
-        except (ValueError, RuntimeError) as exc:
-            log.error("ConVA request %s runs unsteered: %s", req_id, exc)
-            return 0, req_id, _Sink(folder, tag, (), error=str(exc))
-
-    def _free_row(self) -> int:
-        if self.state.n_rows < self.state.s0.shape[0]:
-            self.state.n_rows += 1
-            return self.state.n_rows - 1
-        for key, row in self.rows.items():  # least recently used first
-            if not self.refs.get(row):
-                del self.rows[key]
-                return row
-        raise RuntimeError(f"all {self.state.n_rows - 1} steering table rows are held by live requests")
-
-    def release(self, row: int) -> None:
-        if row:
-            self.refs[row] -= 1
-
-    def report(self, sink: _Sink, tel: Any, layers: Sequence[int]) -> None:
-        if sink.folder is None or (self.rank != 0 and not self.all_ranks):
-            return
-        from conva.files import atomic_write
-
-        cols = [list(layers).index(l) for l in sink.layers]
-        score = None if tel.gate_score != tel.gate_score else float(tel.gate_score)  # NaN: not read
-        body = {
-            "tag": sink.tag,
-            "layers": list(sink.layers),
-            "eps": [float(tel.eps[c]) for c in cols],
-            "p_before": [float(tel.p_before[c]) for c in cols],
-            "p_after": [float(tel.p_after[c]) for c in cols],
-            "gate_score": score,
-            "gate_open": bool(tel.gate_open),
-            "error": sink.error,
-        }
-        name = sink.tag if self.rank == 0 else f"{sink.tag}.rank{self.rank}"
-        atomic_write(os.path.join(sink.folder, f"{name}.json"), json.dumps(body).encode())
-
-
-def _plugin_conf(vllm_config: Any) -> dict[str, Any]:
+def plugin_conf(vllm_config: Any) -> dict[str, Any]:
     conf = (getattr(vllm_config, "additional_config", None) or {}).get("conva") or {}
     if not isinstance(conf, dict):
         raise ValueError(f"additional_config['conva'] must be a mapping, got {conf!r}")
     return conf
 
 
-def _chunked(vllm_config: Any) -> bool:
+def chunked(vllm_config: Any) -> bool:
     return bool(vllm_config.scheduler_config.enable_chunked_prefill)
 
 
-def _model_shape(model_config: Any) -> tuple[int, int]:
+def model_shape(model_config: Any) -> tuple[int, int]:
     text = model_config.hf_text_config
     return int(text.hidden_size), int(text.num_hidden_layers)
-
-
-def _make_state(runner: Any) -> Any:
-    """The steering state of a runner being built in any engine process (None: leave it plain)."""
-    import torch
-
-    from conva.steering.vllm_op import PLUGIN_ENGINE, EngineState
-
-    cfg = runner.vllm_config
-    conf = _plugin_conf(cfg)
-    if conf.get("enabled", True) is False:
-        return None
-    if _chunked(cfg):
-        log.warning(
-            "ConVA plugin: chunked prefill is on, so this engine stays plain and refuses ConVA requests"
-        )
-        return None
-    hidden, n_blocks = _model_shape(runner.model_config)
-    layers = conf.get("layers", list(range(n_blocks)))
-    n_slots = 2 * cfg.scheduler_config.max_num_seqs
-    try:
-        from vllm.distributed import get_tensor_model_parallel_rank
-
-        rank = get_tensor_model_parallel_rank()
-    except (AssertionError, RuntimeError, ImportError):
-        rank = 0
-    state = EngineState(
-        layers,
-        hidden,
-        n_specs=int(conf.get("max_specs", n_slots)),
-        n_slots=n_slots,
-        n_tokens=cfg.scheduler_config.max_num_batched_tokens,
-        device=torch.device(runner.device),
-        engine_id=PLUGIN_ENGINE,
-    )
-    state.requests = _Rows(state, hidden, n_blocks, rank, conf.get("telemetry_ranks") == "all")
-    return state
 
 
 # -- the front end: validate and salt each request as it is added ------------------------------------------
@@ -441,17 +342,21 @@ def _wrap_process_inputs(orig: Any) -> Any:
             return request
         try:
             cfg = self.vllm_config
-            conf = _plugin_conf(cfg)
-            if parse_request(extra) is not None and (conf.get("enabled", True) is False or _chunked(cfg)):
+            conf = plugin_conf(cfg)
+            if parse_request(extra) is not None and (conf.get("enabled", True) is False or chunked(cfg)):
                 raise SpecError(
                     "this engine does not steer: ConVA needs chunked prefill off "
                     "(vllm serve --no-enable-chunked-prefill; LLM(enable_chunked_prefill=False)) and "
                     "additional_config conva.enabled not false"
                 )
-            hidden, n_blocks = _model_shape(self.model_config)
+            hidden, n_blocks = model_shape(self.model_config)
             got = resolve(extra, hidden, n_blocks, conf.get("layers"))
             if got is None:  # every conva_* key null: an unsteered request
                 return request
+            if got[0].record and not conf.get("record"):
+                raise SpecError(
+                    f"{PREFIX}record: this engine does not record (additional_config conva.record)"
+                )
             n_prompt, budget = (
                 len(request.prompt_token_ids or ()),
                 cfg.scheduler_config.max_num_batched_tokens,
@@ -479,7 +384,7 @@ def _request_error() -> Any:
 def _wrap_compute_hash(orig: Any) -> Any:
     def compute_hash(self: Any, *a: Any, **k: Any) -> str:
         # vLLM keys its compile cache on this; the op in the layers is not in its factors.
-        conf = _plugin_conf(self)
+        conf = plugin_conf(self)
         mark = json.dumps(["conva-plugin", SUPPORTED_VLLM, conf.get("enabled", True), conf.get("layers")])
         return hashlib.sha256((orig(self, *a, **k) + mark).encode()).hexdigest()[:10]
 
@@ -503,12 +408,18 @@ def register() -> None:
     from vllm.config import VllmConfig
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from conva.steering import vllm_op
+    from conva.steering import vllm_patch
+    from conva.steering.vllm_rows import make_state
 
-    vllm_op.install_patches()
-    vllm_op.plugin_factory = _make_state
+    vllm_patch.install_patches()
+    vllm_patch.plugin_factory = make_state
     if not getattr(InputProcessor.process_inputs, "_conva_wrapped", False):
         InputProcessor.process_inputs = _wrap_process_inputs(InputProcessor.process_inputs)  # type: ignore[method-assign]
     if not getattr(VllmConfig.compute_hash, "_conva_wrapped", False):
         VllmConfig.compute_hash = _wrap_compute_hash(VllmConfig.compute_hash)  # type: ignore[method-assign]
     _REGISTERED = True
+
+
+def registered() -> bool:
+    """Whether :func:`register` installed the plugin in this process."""
+    return _REGISTERED
