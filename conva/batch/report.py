@@ -422,11 +422,8 @@ _STYLE = (
 
 def _write_page(page: Path, parts: list[str]) -> Path:
     """Write the report's HTML page from its parts (headings, tables, images), in order."""
-    page.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>ConVA study</title>{_STYLE}</head>"
-        f"<body>{''.join(parts)}</body></html>",
-        encoding="utf-8",
-    )
+    head = f"<head><meta charset='utf-8'><title>ConVA study</title>{_STYLE}</head>"
+    page.write_text(f"<!doctype html><html>{head}<body>{''.join(parts)}</body></html>", encoding="utf-8")
     return page
 
 
