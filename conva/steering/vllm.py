@@ -275,6 +275,7 @@ class VLLMSteerer:
             raise ValueError(
                 f"layer(s) {missing} are not active in this engine (active: {list(self.layers)})"
             )
+        from safetensors.numpy import load_file
         from vllm import SamplingParams
 
         from conva.steering.vllm_plugin import request_args
@@ -296,7 +297,7 @@ class VLLMSteerer:
         for tag in tags:
             self._telemetry(tag)
             path = activations_path(self.folder, tag)
-            rows.append(np.load(path))
+            rows.append(load_file(path)["acts"])
             os.remove(path)
         return np.stack(rows).astype(np.float32)
 

@@ -16,7 +16,7 @@ the bundles the requests name into it (cached per process), so nothing lives onl
 ``conva_strength``  the constant scale of ``caa`` / ``probe_fixed``
 ``conva_eps``       ``random``: the step size per steered layer; ``conva_seed``: its directions' seed
 ``conva_record``    layers whose residual stream at the last prompt token the engine writes to
-                    ``<tag>.acts.npy`` (float32 ``[len(layers), hidden]``; the engine needs
+                    ``<tag>.acts.safetensors`` (tensor ``acts``, float32 ``[len(layers), hidden]``; the engine needs
                     ``additional_config`` ``conva.record``)
 ``conva_band``      the steered layers (default: the bundle's band)
 ``conva_gate``      ``bundle`` (default: the bundle's probe gate, read in the pass) or ``off``

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors.numpy import save_file
 
 from conva.gates import Gate
 from conva.steering.core import plan_rows
@@ -32,8 +33,11 @@ log = logging.getLogger(__name__)
 
 
 def activations_path(folder: str, tag: str) -> str:
-    """Where the engine writes a ``conva_record`` request's activations (float32 ``[layers, hidden]``)."""
-    return os.path.join(folder, f"{tag}.acts.npy")
+    """Where the engine writes a ``conva_record`` request's activations.
+
+    A safetensors file with one float32 tensor ``acts`` of shape ``[layers, hidden]`` (no pickle).
+    """
+    return os.path.join(folder, f"{tag}.acts.safetensors")
 
 
 @dataclass
@@ -131,8 +135,7 @@ class Rows:
         name = sink.tag if self.rank == 0 else f"{sink.tag}.rank{self.rank}"
         if sink.record and tel.activations is not None:
             acts = tel.activations[[list(layers).index(l) for l in sink.record]].astype(np.float32)
-            with open(activations_path(sink.folder, name) + ".part", "wb") as fh:
-                np.save(fh, acts)
+            save_file({"acts": np.ascontiguousarray(acts)}, activations_path(sink.folder, name) + ".part")
             os.replace(activations_path(sink.folder, name) + ".part", activations_path(sink.folder, name))
         # The JSON last: a reader that finds it finds the activations too.
         atomic_write(os.path.join(sink.folder, f"{name}.json"), json.dumps(body).encode())
