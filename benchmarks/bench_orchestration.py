@@ -13,7 +13,8 @@ configuration (its start-up is reported apart); a local folder and the S3 test s
     python -m benchmarks.bench_orchestration            # the plan in PLAN (about 30 min)
     python -m benchmarks.bench_orchestration --quick    # a minute's smoke run
     python -m benchmarks.bench_orchestration --acceptance  # the issue's shape: 64 x 1 s, 1e3/1e4, both stores
-    python -m benchmarks.bench_orchestration --preflight  # pre-flight's driver time against input size
+    python -m benchmarks.bench_orchestration --acceptance --stores s3  # one output only
+    python -m benchmarks.bench_orchestration --preflight --sizes-mb 64,1024,10240  # pre-flight vs. input size
 
 ``--preflight`` plans generated Parquet prompts files of growing size as a job's pre-flight does
 (:func:`conva.batch.inputs.plan_input` with ``metadata_only``) and as it did before (every byte hashed,
@@ -126,8 +127,11 @@ def _profile(pool, cfg, shards: int, seconds: float) -> list[str]:
     return [line for line in text.getvalue().splitlines() if line.strip()][-16:]
 
 
-def preflight(sizes_mb: tuple[int, ...] = (64, 256, 1024), rows_per_shard: int = 32) -> dict:
-    """Driver seconds to plan a Parquet prompts file of each size: metadata only (now) and full (before)."""
+def preflight(
+    sizes_mb: tuple[int, ...] = (64, 256, 1024), rows_per_shard: int = 32, full_max_mb: int = 1024
+) -> dict:
+    """Driver seconds and memory to plan a Parquet prompts file of each size: metadata only (now) and, up to
+    ``full_max_mb``, every byte read (before: at 35 MB/s a 10 GB file would take about five minutes)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -147,15 +151,18 @@ def preflight(sizes_mb: tuple[int, ...] = (64, 256, 1024), rows_per_shard: int =
                     prompts = pa.array([row.tobytes().hex() for row in text])
                     w.write_table(pa.table({"value": pa.array(["power"] * k), "prompt": prompts}))
             size = os.path.getsize(path)
-            for metadata_only in (True, False):
+            for metadata_only in (True, False) if mb <= full_max_mb else (True,):
                 screened = [0]
 
                 def screen(name: str, records: list) -> None:
                     screened[0] += len(records)
 
-                t0, c0 = time.perf_counter(), time.process_time()
-                plan = plan_input(path, rows_per_shard, screen, metadata_only=metadata_only)
-                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                with RSSSampler(every_s=0.05) as rss:
+                    base = rss.sample()[1]
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    plan = plan_input(path, rows_per_shard, screen, metadata_only=metadata_only)
+                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+                    peak = max([rss.sample()[1], *(s[1] for s in rss.samples)])
                 row = {
                     "file_mb": round(size / 2**20, 1),
                     "rows": plan.rows,
@@ -164,9 +171,11 @@ def preflight(sizes_mb: tuple[int, ...] = (64, 256, 1024), rows_per_shard: int =
                     "wall_s": round(wall, 3),
                     "cpu_s": round(cpu, 3),
                     "rows_screened_on_driver": screened[0],
+                    "rss_growth_mb": round(peak - base, 1),
                 }
                 print(row, flush=True)
                 rows.append(row)
+                del plan
             os.remove(path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -186,12 +195,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--acceptance", action="store_true", help="64 workers x 1 s shards, 1e3 and 1e4, both stores"
     )
+    parser.add_argument("--stores", default="local,s3", help="with --acceptance: which outputs (local,s3)")
+    parser.add_argument(
+        "--sizes-mb",
+        default="64,256,1024",
+        help="with --preflight: the prompts files' sizes (MB), e.g. 10240",
+    )
     args = parser.parse_args(argv)
     if args.preflight:
-        report = preflight((8, 32) if args.quick else (64, 256, 1024))
+        sizes = (8, 32) if args.quick else tuple(int(x) for x in args.sizes_mb.split(","))
+        report = preflight(sizes)
         write_result(RESULTS / "orchestration_preflight.json", report)
         return report
     plan = QUICK if args.quick else ACCEPTANCE if args.acceptance else PLAN
+    plan = [p for p in plan if p[0] in args.stores.split(",")]
     report: dict = {
         "machine": machine(),
         "uptime_start": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),

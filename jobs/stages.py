@@ -11,14 +11,14 @@ bundle, a study's judging of generation shard ``i`` as soon as shard ``i`` is co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
 
 from conva.batch.badrows import RowTally
 from conva.batch.config import RESULT_NEUTRAL_KEYS, Config
-from conva.batch.inputs import InputPlan, write_input_table
+from conva.batch.inputs import InputPlan, InputSlice, write_input_table
 from conva.batch.lease import held_fence
 from conva.batch.schemas import SCHEMA_VERSION
 from conva.batch.storage import Location
@@ -244,7 +244,7 @@ def bundle_folders(fit: Stage, values: tuple[str, ...]) -> dict[str, Location]:
     return {v: fit.object(i, f"{v}/meta.json").parent() for i, v in enumerate(values)}
 
 
-def _slices(spec: StageSpec, stage: Stage) -> tuple:
+def _slices(spec: StageSpec, stage: Stage) -> Sequence[InputSlice]:
     """The stage's input slices; a generated input is written beside the stage first (once)."""
     if isinstance(spec.input, GeneratedInput):
         g = spec.input

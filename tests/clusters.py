@@ -41,7 +41,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -75,14 +75,14 @@ class JobRun(NamedTuple):
     submission_id: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class TwoNodeCluster:
     """A running two-node cluster (made by :func:`two_node_cluster`); every command runs inside its namespace.
 
     ``address`` is the job API (``http://127.0.0.1:8265``, reachable only inside the namespace: use
     :meth:`submit`, :meth:`run` or :meth:`get`). ``shared`` is visible to both nodes; ``head_only``
     exists on both but the worker sees an empty tmpfs there. ``startup_seconds``: from nothing to two
-    live nodes.
+    live nodes. :meth:`restart` kills both nodes and starts them again (the node ids change).
     """
 
     root: Path
@@ -94,6 +94,57 @@ class TwoNodeCluster:
     startup_seconds: float
     _netns: str
     _worker_pid: int
+    _procs: list[subprocess.Popen] = field(default_factory=list)  # the namespace's holder, then the nodes
+    _worker_cpus: int = 2
+    restarts: int = 0  # the head's host name is ray-head-<restarts>
+
+    def restart(self, timeout: float = 120) -> float:
+        """``kill -9`` every process of the cluster (the head's Ray, the job's driver, the worker node and its
+        actors: a head pod lost with what ran beside it), then start both nodes afresh, on the same ports
+        and folders; returns the seconds it took. ``shared`` keeps its files; the worker's tmpfs is new; the
+        new head's host name is another (``ray-head-<restarts>``), as a new head pod's would be.
+        """
+        start = time.monotonic()
+        holder, nodes = self._procs[0], self._procs[1:]
+        ns_id = os.readlink(self._netns)
+        deadline = time.monotonic() + 30
+        while (
+            left := [pid for pid in _in_netns(ns_id) if pid != holder.pid]
+        ) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        _wait_all(nodes, 10)
+        if left:
+            raise RuntimeError(f"processes survived kill -9 in the cluster's namespace: {left}")
+        del self._procs[1:]
+        self.restarts += 1
+        self.head_node_id, self.worker_node_id, self._worker_pid = _start_nodes(
+            self.root, self._netns, self._procs, self._worker_cpus, timeout, f"ray-head-{self.restarts}"
+        )
+        return time.monotonic() - start
+
+    def submit_no_wait(self, args: Sequence[str], runtime_env: dict | None = None) -> str:
+        """``ray job submit --no-wait`` of ``python -m conva.jobs.run <args>``; returns the submission id."""
+        sid = f"conva-test-{uuid.uuid4().hex[:12]}"
+        done = self.run(self._submit_command(sid, args, runtime_env, wait=False), timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"ray job submit --no-wait failed: {done.stdout[-2000:]}")
+        return sid
+
+    def _submit_command(
+        self, sid: str, args: Sequence[str], runtime_env: dict | None, wait: bool = True
+    ) -> list[str]:
+        cmd = [RAY, "job", "submit", "--address", self.address, "--submission-id", sid]
+        cmd += ["--working-dir", str(REPO)]
+        if runtime_env:
+            cmd += ["--runtime-env-json", json.dumps(runtime_env)]
+        if not wait:
+            cmd.append("--no-wait")
+        return [*cmd, "--", "python", "-m", "conva.jobs.run", *args]
 
     def run(
         self,
@@ -123,29 +174,15 @@ class TwoNodeCluster:
             timeout=timeout,
         )
 
-    def submit(self, args: Sequence[str], timeout: float = 300) -> JobRun:
+    def submit(self, args: Sequence[str], timeout: float = 300, runtime_env: dict | None = None) -> JobRun:
         """``ray job submit --working-dir <repo> -- python -m conva.jobs.run <args>``, waiting for the job to end.
 
-        The driver runs on the head, from the uploaded working dir. On timeout the job is stopped on
+        The driver runs on the head, from the uploaded working dir (``runtime_env``: more of Ray's runtime
+        environment, e.g. ``env_vars`` for the driver and its workers). On timeout the job is stopped on
         the cluster and ``subprocess.TimeoutExpired`` is raised.
         """
         sid = f"conva-test-{uuid.uuid4().hex[:12]}"
-        cmd = [
-            RAY,
-            "job",
-            "submit",
-            "--address",
-            self.address,
-            "--submission-id",
-            sid,
-            "--working-dir",
-            str(REPO),
-            "--",
-            "python",
-            "-m",
-            "conva.jobs.run",
-            *args,
-        ]
+        cmd = self._submit_command(sid, args, runtime_env)
         start = time.monotonic()
         try:
             done = self.run(cmd, timeout=timeout)
@@ -212,41 +249,64 @@ def two_node_cluster(worker_cpus: int = 2, timeout: float = 120) -> Iterator[Two
                 f"cannot bring up lo in a private network namespace: {_tail(root / 'netns.log')}"
             )
         netns = f"/proc/{holder.pid}/ns/net"
-        enter = ["nsenter", f"--net={netns}", "--"]
-        procs.append(_spawn([*enter, *_head_command(root)], root / "head.log", env=_node_env()))
+        head_id, worker_id, worker_pid = _start_nodes(root, netns, procs, worker_cpus, timeout, "ray-head-0")
         address = f"http://127.0.0.1:{_DASHBOARD_PORT}"
-        probe = TwoNodeCluster(root, shared, head_only, address, "", "", 0.0, netns, 0)
-        _wait(lambda: probe.get("/api/version"), procs, timeout, root)
-        mount_then_exec = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
-        worker = _spawn(
-            [
-                *enter,
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-                "--",
-                "sh",
-                "-c",
-                mount_then_exec,
-                str(head_only),
-                *_worker_command(root, worker_cpus),
-            ],
-            root / "worker.log",
-            env=_node_env(),
-        )
-        procs.append(worker)
-        nodes = _wait(lambda: _two_alive(probe), procs, timeout, root)
-        head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
-        worker_id = next(n["node_id"] for n in nodes if not n["is_head_node"])
         yield TwoNodeCluster(
-            root, shared, head_only, address, head_id, worker_id, time.monotonic() - start, netns, worker.pid
+            root,
+            shared,
+            head_only,
+            address,
+            head_id,
+            worker_id,
+            time.monotonic() - start,
+            netns,
+            worker_pid,
+            procs,
+            worker_cpus,
         )
     finally:
         survivors = _teardown(procs, netns)
         shutil.rmtree(root, ignore_errors=True)
         if survivors:
             raise RuntimeError(f"processes survived the cluster's teardown: {survivors}")
+
+
+def _start_nodes(
+    root: Path, netns: str, procs: list[subprocess.Popen], worker_cpus: int, timeout: float, head_host: str
+) -> tuple[str, str, int]:
+    """Start the head (host name ``head_host``), then the worker in its own mount namespace (both appended to
+    ``procs``); returns the head's and the worker's node ids and the worker's pid, once both are alive."""
+    enter = ["nsenter", f"--net={netns}", "--"]
+    # The head in a UTS namespace of its own, named like a pod: a restarted head is "another machine" (its
+    # driver's pid says nothing about the old driver), as a KubeRay head pod's replacement is.
+    named = ["unshare", "-u", "--", "sh", "-c", 'hostname "$0" && exec "$@"', head_host]
+    procs.append(_spawn([*enter, *named, *_head_command(root)], root / "head.log", env=_node_env()))
+    address = f"http://127.0.0.1:{_DASHBOARD_PORT}"
+    probe = TwoNodeCluster(root, root / "shared", root / "head_only", address, "", "", 0.0, netns, 0)
+    _wait(lambda: probe.get("/api/version"), procs, timeout, root)
+    mount_then_exec = 'mount -t tmpfs tmpfs "$0" && exec "$@"'
+    worker = _spawn(
+        [
+            *enter,
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            mount_then_exec,
+            str(root / "head_only"),
+            *_worker_command(root, worker_cpus),
+        ],
+        root / "worker.log",
+        env=_node_env(),
+    )
+    procs.append(worker)
+    nodes = _wait(lambda: _two_alive(probe), procs, timeout, root)
+    head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
+    worker_id = next(n["node_id"] for n in nodes if not n["is_head_node"])
+    return head_id, worker_id, worker.pid
 
 
 # Holds the network namespace open until its stdin closes, that is when the test process lets go of it

@@ -230,6 +230,55 @@ def test_background_publishing_publishes_every_commit_exactly_once(root: Locatio
     assert not any(n.startswith("_attempts/") for n in _names(root.child("gen")))
 
 
+# --- group commits -------------------------------------------------------------------------------------------
+
+
+def _log_objects(stage: Stage) -> list[str]:
+    return sorted(n for n in _names(stage.location.child("_log")) if not n.endswith(".segment.json"))
+
+
+def test_a_group_commit_is_one_log_record_and_a_reopen_replays_every_shard_of_it(root: Location) -> None:
+    stage = _open(root, n=6)
+    before = _log_objects(stage)
+    records = [_record(stage, s, f"a{s}") for s in (0, 1, 2)]
+    twin = _record(stage, 1, "b1")  # a speculative twin returned in the same pass: the first one wins
+    assert stage.commit_many([*records, twin]) == [True, True, True, False]
+    added = sorted(set(_log_objects(stage)) - set(before))
+    assert len(added) == 1  # one append for the three commits
+    body = json.loads(stage.location.child("_log", added[0]).read_bytes())
+    assert body["op"] == "commit" and [r["shard"] for r in body["records"]] == [0, 1, 2]
+    assert not stage.location.child(f"_attempts/g{stage.generation}/00001-b1").list()  # the twin is deleted
+    assert stage.commit_many([_record(stage, s, f"a{s}") for s in (3, 4, 5)]) == [True] * 3
+    stage.finish()
+    again = _open(root, n=6)
+    assert again.committed() == set(range(6)) and again.is_complete()
+    assert _ids(again) == [i for s in range(6) for i in range(s * 100, s * 100 + 3)]
+
+
+def test_a_schema_change_inside_a_group_commits_the_records_before_it(root: Location) -> None:
+    stage = _open(root, n=3)
+    odd = write_table_shard(stage.ref(1, "x"), pa.table({"id": pa.array(["a"], pa.string())}))
+    with pytest.raises(StoreError, match="shard 1's schema differs"):
+        stage.commit_many([_record(stage, 0, "a0"), odd, _record(stage, 2, "a2")])
+    stage.finish()
+    assert _open(root, n=3).committed() == {0}  # shard 0 is committed; 1 and 2 run again
+
+
+def test_a_log_of_single_commit_records_still_replays(tmp_path: Path) -> None:
+    """Logs written before group commits hold one ``record`` per commit record."""
+    stage = _open(location(tmp_path / "out"), n=2)
+    stage.commit(_record(stage, 0, "a0"))
+    stage.finish()
+    log = stage.location.child("_log")
+    for name in _names(log):
+        body = json.loads(log.child(name).read_bytes())
+        for rec in body.get("records", [body]) if name.endswith(".segment.json") else [body]:
+            if rec.get("op") == "commit":
+                rec["record"] = rec.pop("records")[0]
+        log.child(name).write_bytes(json.dumps(body).encode())
+    assert _open(location(tmp_path / "out"), n=2).committed() == {0}
+
+
 def test_objects_over_the_single_copy_limit_are_copied_in_parts(s3_env, monkeypatch) -> None:
     monkeypatch.setattr(storage, "MAX_SINGLE_COPY", 5 * 1024**2)  # S3's smallest part: 5 MiB
     where = location(f"{s3_env.bucket()}/big")

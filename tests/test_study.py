@@ -479,7 +479,7 @@ def _shard_intervals(model_out: Path) -> list[tuple[float, float]]:
     for path in model_out.rglob("_log/*.json"):
         body = json.loads(path.read_text())
         logged = body.get("records", [body])  # a segment holds its records; a single record is itself
-        records = [r["record"] for r in logged if r.get("op") == "commit"]
+        records = [r for c in logged if c.get("op") == "commit" for r in c.get("records", [c.get("record")])]
         spans += [(r["worker"]["started"], r["worker"]["finished"]) for r in records if r.get("worker")]
     return spans
 

@@ -12,13 +12,16 @@ Whether a model loaded is read from the worker node's logs of the job (transform
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from pathlib import Path
 
 import pyarrow.dataset as ds
 import pytest
 
 from conva.batch.config import load_config
+from conva.batch.extraction import extraction_rows
 from conva.batch.steer_rows import steering_rows
 from conva.tiny import make_tiny_model
 from tests.clusters import MODEL_LOAD_MARKER, TwoNodeCluster
@@ -78,3 +81,59 @@ def test_output_on_a_head_only_folder_fails_in_preflight_naming_the_worker(
     assert not (out / "activations").exists()
     assert two_nodes.run(["test", "!", "-e", str(out / "activations")], node="worker").returncode == 0
     assert MODEL_LOAD_MARKER not in two_nodes.worker_logs(two_nodes.job(job.submission_id).get("job_id"))
+
+
+def _committed_shards(stage_dir: Path) -> int:
+    """Shards the stage's commit log holds (single records and segments; a group commit holds several)."""
+    count = 0
+    for path in (stage_dir / "_log").glob("*.json"):
+        try:
+            body = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written
+            continue
+        for rec in body.get("records", [body]) if path.name.endswith(".segment.json") else [body]:
+            if rec.get("op") == "commit":
+                count += len(rec.get("records", [rec.get("record")]))
+    return count
+
+
+@pytest.mark.slow
+def test_the_head_killed_mid_job_then_the_same_submit_resumes_with_every_row_once(
+    two_nodes: TwoNodeCluster, shared_model: str
+) -> None:
+    """A RayJob retry after the head pod died: ``kill -9`` of the driver, the head's Ray and the worker node
+    mid-extraction, a fresh cluster, then the same ``ray job submit`` with no flag. The new driver finds the
+    lease's holder on a cluster that is gone, waits out the heartbeat and takes over; extraction resumes
+    (only its pending shards run) and every row is in the output exactly once."""
+    out = two_nodes.shared / "head-killed"
+    plan = two_nodes.shared / "faults.json"
+    plan.write_text(json.dumps({"sleep_s": 0.5}))  # each shard takes a while: room to kill mid-stage
+    env = {"env_vars": {"CONVA_WORKER_HOOK": f"{REPO}/tests/faults.py:hook", "CONVA_TEST_FAULTS": str(plan)}}
+    shape = ["--ray.num_workers=2", "--ray.rows_per_shard=16", "--ray.steer_rows_per_shard=3"]
+    args = ["--config", CONFIG, f"--model.name={shared_model}", f"--output.dir={out}", *shape]
+    args.append("--output.lease_ttl_s=5")
+    two_nodes.submit_no_wait(args, runtime_env=env)
+    deadline = time.monotonic() + 240
+    while _committed_shards(out / "activations") < 3:
+        assert time.monotonic() < deadline, "the first job committed nothing in 240 s"
+        time.sleep(0.1)
+    two_nodes.restart()
+    before = _committed_shards(out / "activations")
+    plan.write_text("{}")
+    job = two_nodes.submit(args, timeout=300, runtime_env=env)
+    assert job.returncode == 0, job.output[-4000:]
+    pending = re.search(r"extract: (\d+) of (\d+) shards pending", job.output)
+    assert pending, job.output[-4000:]
+    assert 3 <= before < int(pending[2]) and int(pending[1]) == int(pending[2]) - before  # resumed mid-stage
+    # Not by the old driver's pid (another host, as a new head pod is): its cluster is gone, so once stale.
+    assert re.search(r"taking over the stale lease of .*ray-head-0.*cluster", job.output), job.output[-4000:]
+    claims = sorted(int(p.name.split(".")[0]) for p in (out / "_lease.claims").glob("*.json"))
+    assert claims[-1] >= 2  # the second driver took the lease over (the killed one never released it)
+    acts = ds.dataset(out / "activations", format="parquet").to_table(columns=["row_id", "layer"])
+    pairs = set(zip(acts.column("row_id").to_pylist(), acts.column("layer").to_pylist()))
+    cfg = load_config(REPO / CONFIG, args[2:])
+    texts = set(extraction_rows(cfg).column("row_id").to_pylist())
+    assert len(pairs) == acts.num_rows and {r for r, _ in pairs} == texts  # each text's rows, each once
+    expected = steering_rows(cfg).column("row_id").to_pylist()
+    got = ds.dataset(out / "generations", format="parquet").to_table(columns=["row_id"]).column("row_id")
+    assert sorted(got.to_pylist()) == sorted(expected)

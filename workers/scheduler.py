@@ -101,6 +101,9 @@ class _Runner:
             list
         )  # attempts in flight per shard
         self.done: set[tuple[str, int]] = set()  # shards committed in this run
+        self.returned: list[
+            tuple[_Call, ShardRecord]
+        ] = []  # records of this pass, awaiting their group commit
         self.speculated: set[tuple[str, int]] = set()
         self.durations: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_DURATION_SAMPLES))
         self.commits = 0
@@ -141,11 +144,14 @@ class _Runner:
             ready, _ = ray.wait(waits, num_returns=1, timeout=_TICK_S)
             if ready:  # everything else that is ready too: one scheduling pass per batch, not per reply
                 ready, _ = ray.wait(waits, num_returns=len(waits), timeout=0)
-            for ref in ready:
-                if ref in self.pool.starting:
-                    self.pool._joined(ref)
-                elif ref in self.calls or ref in self.losers:  # not taken by a death handled just before
-                    self._finished(ref)
+            try:
+                for ref in ready:
+                    if ref in self.pool.starting:
+                        self.pool._joined(ref)
+                    elif ref in self.calls or ref in self.losers:  # not taken by a death handled just before
+                        self._finished(ref)
+            finally:
+                self._commit_returned()  # one log append per stage for every record of this pass
             self._check_timeouts(s.shard_timeout_s)
 
     def _idle(self) -> None:
@@ -260,19 +266,17 @@ class _Runner:
         member, call = self.calls.get(ref) or self.losers[ref]
         try:
             record = ray.get(ref)
-        except RayActorError as err:
-            self._died(member, err)
-            return
-        except RayTaskError as err:
+        except RayError as err:
+            self._commit_returned()  # what succeeded before this failure is committed before it is handled
+            if isinstance(err, RayActorError) or not isinstance(err, RayTaskError):
+                self._died(member, err)  # e.g. Ray's own out-of-memory kill: the worker process is gone
+                return
             self._forget(member, call)
             cause = getattr(err, "cause", None) or err
             if getattr(cause, "kind", "") == "hardware" and (call.run.name, call.shard) not in self.done:
                 self._hardware(member, call, cause)
             else:
                 self._failed(call, cause)
-            return
-        except RayError as err:  # e.g. Ray's own out-of-memory kill: the worker process is gone
-            self._died(member, err)
             return
         self._forget(member, call)
         self._accept(call, record)
@@ -317,19 +321,36 @@ class _Runner:
                 call.shard,
                 self.deaths[key] + self.transient[key] + 1,
             )
-        # A later record of a shard (the loser of a speculative pair) is ignored and its objects deleted.
-        if call.run.stage.commit(record):
-            self.done.add(key)
-            self.commits += 1
-            for other in self.live.get(key, []):  # a speculative twin still running: collect it when it ends
-                if other.ref in self.calls:
-                    self.losers[other.ref] = self.calls.pop(other.ref)
-            if call.speculative:
-                _log.info("%s: shard %d: the speculative attempt finished first", call.run.name, call.shard)
-            self.progress[call.run.name].committed(record)
-            call.run.stage.compact_if_due()
-            if call.run.on_commit is not None:
-                call.run.on_commit(record)
+        self.returned.append((call, record))
+
+    def _commit_returned(self) -> None:
+        """Commit the records returned in this pass: one group commit (one log append) per stage.
+
+        A later record of a shard (the loser of a speculative pair) is ignored and its objects deleted.
+        """
+        returned, self.returned = self.returned, []
+        for run in self.runs:
+            mine = [(call, record) for call, record in returned if call.run is run]
+            if not mine:
+                continue
+            committed = run.stage.commit_many([record for _, record in mine])
+            for (call, record), ok in zip(mine, committed):
+                if ok:
+                    self._committed(call, record)
+            run.stage.compact_if_due()
+
+    def _committed(self, call: _Call, record: ShardRecord) -> None:
+        key = (call.run.name, call.shard)
+        self.done.add(key)
+        self.commits += 1
+        for other in self.live.get(key, []):  # a speculative twin still running: collect it when it ends
+            if other.ref in self.calls:
+                self.losers[other.ref] = self.calls.pop(other.ref)
+        if call.speculative:
+            _log.info("%s: shard %d: the speculative attempt finished first", call.run.name, call.shard)
+        self.progress[call.run.name].committed(record)
+        if call.run.on_commit is not None:
+            call.run.on_commit(record)
 
     def _failed(self, call: _Call, cause: BaseException) -> None:
         kind, key = getattr(cause, "kind", "fatal"), (call.run.name, call.shard)

@@ -41,11 +41,13 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import csv
 import hashlib
 import posixpath
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -56,6 +58,8 @@ from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, folder_fil
 
 __all__ = [
     "InputSlice",
+    "EvenSlices",
+    "Slices",
     "InputPlan",
     "FileReport",
     "files_line",
@@ -98,6 +102,64 @@ class InputSlice:
         return self.label or posixpath.basename(self.file.rstrip("/"))
 
 
+class EvenSlices(Sequence[InputSlice]):
+    """A Parquet file's shards of ``rows_per_shard`` rows (the last may be short), made when indexed.
+
+    Shard ``i`` is rows ``i * rows_per_shard + 1`` on, so the plan of a file of any size costs O(1) time and
+    memory on the driver (a 10 GB prompts file is ~1.7 million shards at 32 rows each).
+    """
+
+    def __init__(self, file: str, rows: int, rows_per_shard: int, label: str = "") -> None:
+        self.file, self.rows, self.rows_per_shard, self.label = file, rows, rows_per_shard, label
+
+    def __len__(self) -> int:
+        return -(-self.rows // self.rows_per_shard)
+
+    @overload
+    def __getitem__(self, i: int) -> InputSlice: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[InputSlice]: ...
+    def __getitem__(self, i: int | slice) -> InputSlice | Sequence[InputSlice]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"shard {i} of {n}")
+        start = (i % n) * self.rows_per_shard
+        return InputSlice(
+            self.file, "parquet", start + 1, min(self.rows_per_shard, self.rows - start), label=self.label
+        )
+
+
+class Slices(Sequence[InputSlice]):
+    """The shards of several files, in order: each file's own sequence (a list, or :class:`EvenSlices`)."""
+
+    def __init__(self, parts: Sequence[Sequence[InputSlice]]) -> None:
+        self.parts = [p for p in parts if len(p)]
+        self.ends = []  # shards before the end of each part
+        total = 0
+        for part in self.parts:
+            total += len(part)
+            self.ends.append(total)
+
+    def __len__(self) -> int:
+        return self.ends[-1] if self.ends else 0
+
+    @overload
+    def __getitem__(self, i: int) -> InputSlice: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[InputSlice]: ...
+    def __getitem__(self, i: int | slice) -> InputSlice | Sequence[InputSlice]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"shard {i} of {n}")
+        i %= n
+        part = bisect.bisect_right(self.ends, i)
+        return self.parts[part][i - (self.ends[part - 1] if part else 0)]
+
+
 @dataclass(frozen=True)
 class FileReport:
     """One input file as planned: its rows, its blank lines, and its rows that span several lines (CSV)."""
@@ -116,7 +178,7 @@ class InputPlan:
     ``files``: each file read; ``skipped``: what a folder held but is not read, ``(name, why)``.
     """
 
-    slices: tuple[InputSlice, ...]
+    slices: Sequence[InputSlice]  # indexed by shard; computed on demand for Parquet (EvenSlices)
     rows: int
     sha256: str
     files: tuple[FileReport, ...] = ()
@@ -174,7 +236,7 @@ def plan_input(
     only its first shard is screened (JSON Lines and CSV still take one pass: their rows are found by
     reading). Raises :class:`DataError` naming the file if it cannot be read.
     """
-    slices: list[InputSlice] = []
+    parts: list[Sequence[InputSlice]] = []
     digest, rows, reports = hashlib.sha256(), 0, []
     files, skipped = folder_files(source)
     root = str(source).rstrip("/")
@@ -188,19 +250,19 @@ def plan_input(
             raise
         except (OSError, ValueError, pa.ArrowException) as err:
             raise DataError(file, None, None, f"cannot read: {type(err).__name__}: {err}") from err
-        slices += file_slices
+        parts.append(file_slices)
         rows += report.rows
         reports.append(report)
         digest.update(f"{label}\0{file_sha}\0".encode())
-    return InputPlan(tuple(slices), rows, digest.hexdigest(), tuple(reports), tuple(skipped))
+    return InputPlan(Slices(parts), rows, digest.hexdigest(), tuple(reports), tuple(skipped))
 
 
 def _plan_file(
     where: Location, fmt: str, rows_per_shard: int, screen: Screen | None, label: str, metadata_only: bool
-) -> tuple[list[InputSlice], str, FileReport]:
+) -> tuple[Sequence[InputSlice], str, FileReport]:
     if fmt == "parquet":
         slices, sha = _plan_parquet(where, rows_per_shard, screen, label, metadata_only)
-        return slices, sha, FileReport(label, sum(s.rows for s in slices))
+        return slices, sha, FileReport(label, slices.rows)
     hasher = hashlib.sha256()
     lines = _Lines(where, hasher)
     shards = _ShardBytes(where, fmt, screen, label)
@@ -350,7 +412,7 @@ def _csv_starts(
 
 def _plan_parquet(
     where: Location, rows_per_shard: int, screen: Screen | None, label: str = "", metadata_only: bool = False
-) -> tuple[list[InputSlice], str]:
+) -> tuple[EvenSlices, str]:
     with where.fs.open_input_file(where.path) as handle:
         pf = pq.ParquetFile(handle)
         rows = pf.metadata.num_rows
@@ -364,20 +426,13 @@ def _plan_parquet(
                 row += len(records)
                 if metadata_only:  # the first shard only: a wrong column fails here, the rest on the workers
                     break
+        slices = EvenSlices(where.uri, rows, rows_per_shard, label)
         if metadata_only:
-            slices = [
-                InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start), label=label)
-                for start in range(0, rows, rows_per_shard)
-            ]
             return slices, _parquet_identity(where, handle)
     hasher = hashlib.sha256()
     with where.fs.open_input_stream(where.path) as stream:
         while chunk := stream.read(_CHUNK):
             hasher.update(chunk)
-    slices = [
-        InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start), label=label)
-        for start in range(0, rows, rows_per_shard)
-    ]
     return slices, hasher.hexdigest()
 
 
@@ -402,11 +457,7 @@ def plan_table_file(where: Location, rows_per_shard: int, sha256: str) -> InputP
     """The plan of a Parquet input this job wrote itself (its hash is already known: no second read)."""
     with where.fs.open_input_file(where.path) as handle:
         rows = pq.ParquetFile(handle).metadata.num_rows
-    slices = tuple(
-        InputSlice(where.uri, "parquet", start + 1, min(rows_per_shard, rows - start))
-        for start in range(0, rows, rows_per_shard)
-    )
-    return InputPlan(slices, rows, sha256)
+    return InputPlan(EvenSlices(where.uri, rows, rows_per_shard), rows, sha256)
 
 
 def read_table_slice(s: InputSlice) -> pa.Table:

@@ -14,8 +14,10 @@ How a shard is committed:
    objects under ``_attempts/g<gen>/<i>-<attempt>/``, a name no other attempt uses, and returns a
    :class:`ShardRecord` (object names, bytes, sha256, rows, schema): no shard data reaches the driver.
 2. The driver appends a ``commit`` record to the log: one small object, O(1) whatever the number of
-   shards. That record *is* the commit. The first attempt of a shard to be logged counts; a later one (a
-   retry that raced, a zombie worker that woke up) is ignored and its objects deleted.
+   shards. That record *is* the commit. It holds every shard record the scheduler received in one pass
+   (:meth:`Stage.commit_many`, a group commit), so when shards finish faster than one log write takes
+   (64 workers on an object store) the driver still keeps up. The first attempt of a shard to be logged
+   counts; a later one (a retry that raced, a zombie worker that woke up) is ignored and its objects deleted.
 3. The driver publishes the committed objects under their final names (in a background thread when
    opened with ``background``): a rename on a filesystem, a server-side copy on an object store (in parts
    over 5 GiB). A reader listing the folder (pandas, DuckDB's ``part-*.parquet`` glob) sees committed

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -332,20 +332,39 @@ class Stage:
     # --- committing ----------------------------------------------------------------------------------------
 
     def commit(self, record: ShardRecord) -> bool:
-        """Commit ``record`` if it is the first for its shard; return whether it was committed.
+        """Commit ``record`` if it is the first for its shard; return whether it was committed."""
+        return self.commit_many([record])[0]
 
-        A record of another generation, or for a shard already committed, is ignored (logged) and its
-        objects deleted: the shard's committed objects are never replaced. A shard whose schema differs
-        from the committed shards' raises :class:`StoreError`.
+    def commit_many(self, records: Sequence[ShardRecord]) -> list[bool]:
+        """Commit, in one log record (a group commit), each of ``records`` that is the first for its shard.
+
+        Returns, per record, whether it was committed. A record of another generation, or for a shard
+        already committed (before, or earlier in ``records``), is ignored (logged) and its objects
+        deleted: the shard's committed objects are never replaced. A shard whose schema differs from the
+        committed shards' raises :class:`StoreError` after the records before it are committed.
+
+        One append for many records is what keeps the driver's work per shard O(1) in round trips when
+        shards finish faster than a log write takes (an object store): the scheduler hands in every
+        record that is ready at once.
         """
         gen = self._gen
+        if self._publisher is not None:
+            self._publisher.raise_error()
+        accepted: list[ShardRecord] = []
+        try:
+            return [self._admit(gen, record, accepted) for record in records]
+        finally:
+            if accepted:
+                self._append_commits(gen, accepted)
+
+    def _admit(self, gen: Generation, record: ShardRecord, accepted: list[ShardRecord]) -> bool:
+        """Whether ``record`` joins this group commit (appended to ``accepted``); a loser's objects are deleted."""
         if record.stage != self.name or not 0 <= record.shard < gen.n_shards:
             raise StoreError(
                 f"{self.location}: record for {record.stage!r} shard {record.shard} does not belong here"
             )
-        if self._publisher is not None:
-            self._publisher.raise_error()
-        if record.gen != self.active or record.shard in gen.shards:
+        taken = record.shard in gen.shards or any(r.shard == record.shard for r in accepted)
+        if record.gen != self.active or taken:
             why = "a later attempt" if record.gen == self.active else f"an attempt of generation {record.gen}"
             _log.warning(
                 "%s: ignoring %s at shard %d (attempt %s); shard %s",
@@ -353,26 +372,35 @@ class Stage:
                 why,
                 record.shard,
                 record.attempt,
-                "already committed" if record.shard in gen.shards else "not of this run",
+                "already committed" if taken else "not of this run",
             )
             self._discard(record)
             return False
-        if gen.shards.schema is not None and gen.shards.schema != record.schema:
+        schema = (
+            gen.shards.schema if gen.shards.schema is not None else (accepted[0].schema if accepted else None)
+        )
+        if schema is not None and schema != record.schema:
             self._discard(record)
             raise StoreError(
                 f"{self.location}: shard {record.shard}'s schema differs from the committed shards'"
             )
-        data = record.to_json()
-        self.log.append({"op": "commit", "record": data})
-        gen.shards.put_json(data)
-        if self.publishing:
-            if self._background and self._publisher is None:
-                self._publisher = Publisher(self.name, self._publish)
+        accepted.append(record)
+        return True
+
+    def _append_commits(self, gen: Generation, records: list[ShardRecord]) -> None:
+        data = [r.to_json() for r in records]
+        self.log.append({"op": "commit", "records": data})
+        for d in data:
+            gen.shards.put_json(d)
+        if not self.publishing:
+            return
+        if self._background and self._publisher is None:
+            self._publisher = Publisher(self.name, self._publish)
+        for record in records:
             if self._publisher is not None:
                 self._publisher.put(record)
             else:
                 self._publish(record)
-        return True
 
     def finish(self) -> bool:
         """Publish the active generation if it is a pending overwrite and complete; returns whether it switched.
