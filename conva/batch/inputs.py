@@ -261,8 +261,8 @@ def _plan_file(
     where: Location, fmt: str, rows_per_shard: int, screen: Screen | None, label: str, metadata_only: bool
 ) -> tuple[Sequence[InputSlice], str, FileReport]:
     if fmt == "parquet":
-        slices, sha = _plan_parquet(where, rows_per_shard, screen, label, metadata_only)
-        return slices, sha, FileReport(label, slices.rows)
+        even, sha = _plan_parquet(where, rows_per_shard, screen, label, metadata_only)
+        return even, sha, FileReport(label, even.rows)
     hasher = hashlib.sha256()
     lines = _Lines(where, hasher)
     shards = _ShardBytes(where, fmt, screen, label)
