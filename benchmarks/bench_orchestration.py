@@ -243,6 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
         if args.acceptance
         else "orchestration"
     )
+    stores = sorted({p[0] for p in plan})
+    if not args.quick and stores != ["local", "s3"]:  # a partial run keeps the full one's file
+        name += "-" + "-".join(stores)
     write_result(RESULTS / f"{name}.json", report)
     return report
 

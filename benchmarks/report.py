@@ -325,8 +325,9 @@ def orchestration(r: dict) -> str:
 
 def orchestration_preflight(r: dict) -> str:
     lines = [
-        "| file MB | rows | shards | pre-flight | driver wall s | driver CPU s | rows screened on the driver |",
-        "|---|---|---|---|---|---|---|",
+        "| file MB | rows | shards | pre-flight | driver wall s | driver CPU s | rows screened on the driver "
+        "| driver RSS growth MB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for x in r["runs"]:
         how = (
@@ -334,7 +335,7 @@ def orchestration_preflight(r: dict) -> str:
         )
         lines.append(
             f"| {x['file_mb']:,.0f} | {x['rows']:,} | {x['shards']:,} | {how} | {x['wall_s']:.3f} | {x['cpu_s']:.3f} "
-            f"| {x['rows_screened_on_driver']:,} |"
+            f"| {x['rows_screened_on_driver']:,} | {x.get('rss_growth_mb', '-')} |"
         )
     return "\n".join(lines)
 

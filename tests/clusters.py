@@ -121,6 +121,9 @@ class TwoNodeCluster:
         if left:
             raise RuntimeError(f"processes survived kill -9 in the cluster's namespace: {left}")
         del self._procs[1:]
+        # `ray start --head` refuses when its temp folder names a running cluster at its address and any
+        # process on the machine (another namespace's, e.g. another test's head on 6379) is a GCS there.
+        (self.root / "th" / "ray_current_cluster").unlink(missing_ok=True)
         self.restarts += 1
         self.head_node_id, self.worker_node_id, self._worker_pid = _start_nodes(
             self.root, self._netns, self._procs, self._worker_cpus, timeout, f"ray-head-{self.restarts}"

@@ -1,4 +1,4 @@
-"""Publishing committed shards off the scheduling loop: a background thread, errors raised on the next call.
+"""Publishing committed shards off the scheduling loop: background threads, errors raised on the next call.
 
 The driver appends a commit record (the commit) and hands the record to the :class:`Publisher`, which
 renames (filesystem) or copies (object store) its objects to their final names; readers only ever see
@@ -19,17 +19,27 @@ _log = logging.getLogger("conva.batch.store")
 
 
 class Publisher:
-    """Publishes committed shards in a background thread, in commit order, so that the driver's scheduling
-    loop only appends records. The first error is kept and raised at the next commit or wait."""
+    """Publishes committed shards in background threads, so that the driver's scheduling loop only appends
+    records. The first error is kept and raised at the next commit or wait.
 
-    def __init__(self, name: str, publish: Callable[[ShardRecord], None]) -> None:
+    ``threads``: how many shards are published at once. A rename is cheap (one thread), but on an object
+    store each shard is a copy and a delete, two round trips, so one thread would publish fewer shards per
+    second than 64 workers commit; several keep up (publishing order does not matter: readers see a shard
+    once it is in place, and :meth:`wait` waits for exactly the shards asked about).
+    """
+
+    def __init__(self, name: str, publish: Callable[[ShardRecord], None], threads: int = 1) -> None:
         self.publish = publish  # the stage's own publishing of one committed record
         self.queue: queue.Queue[ShardRecord | None] = queue.Queue()
         self.pending: set[int] = set()
         self.cond = threading.Condition()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"conva-publish-{name}", daemon=True)
-        self.thread.start()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"conva-publish-{name}-{i}", daemon=True)
+            for i in range(max(1, threads))
+        ]
+        for thread in self.threads:
+            thread.start()
 
     def put(self, record: ShardRecord) -> None:
         with self.cond:
@@ -42,7 +52,8 @@ class Publisher:
                 if self.error is None:
                     self.publish(record)
             except BaseException as err:  # kept for the driver's thread, which raises it
-                self.error = err
+                with self.cond:
+                    self.error = self.error or err
             with self.cond:
                 self.pending.discard(record.shard)
                 self.cond.notify_all()
@@ -58,9 +69,12 @@ class Publisher:
             raise StoreError(f"publishing failed: {self.error}") from self.error
 
     def stop(self) -> None:
-        if self.thread.is_alive():
+        """Publish what is queued, then end the threads (idempotent)."""
+        alive = [t for t in self.threads if t.is_alive()]
+        for _ in alive:
             self.queue.put(None)
-            self.thread.join()
+        for thread in alive:
+            thread.join()
 
 
 def remove_empty_tree(path: str) -> None:

@@ -37,6 +37,9 @@ from conva.batch.store.records import (
 )
 
 _log = logging.getLogger(__name__)
+# Shards published at once on an object store (a copy and a delete each): enough to keep up with 64 workers'
+# commits over round trips of 10-20 ms (RESULTS.md, the orchestration on S3).
+PUBLISH_THREADS = 8
 
 
 class Stage:
@@ -395,7 +398,8 @@ class Stage:
         if not self.publishing:
             return
         if self._background and self._publisher is None:
-            self._publisher = Publisher(self.name, self._publish)
+            threads = 1 if self.location.is_local else PUBLISH_THREADS
+            self._publisher = Publisher(self.name, self._publish, threads)
         for record in records:
             if self._publisher is not None:
                 self._publisher.put(record)
