@@ -300,19 +300,26 @@ def commit(r: dict) -> str:
 
 
 def orchestration(r: dict) -> str:
+    worker = any("worker_s_per_shard" in x for x in r["runs"])  # runs since 2026-12-05 11:44 have it
+    extra_head = " | worker s/shard | efficiency vs. worker time" if worker else ""
     lines = [
         "| output | workers | shards | shard s | ideal s | measured s | efficiency | commits/s "
-        "| driver CPU s | driver CPU ms/shard | driver RSS peak MB | each row once |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| driver CPU s | driver CPU ms/shard | driver RSS peak MB | each row once{extra_head} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if worker else ""),
     ]
     for x in r["runs"]:
         store = "local disk" if x["store"] == "local" else "S3 (moto, loopback)"
         measured = x["run_s"] + x["finish_s"]
         once = {True: "yes", False: "**no**", None: "not read"}[x["each_row_once"]]
+        extra = (
+            f" | {x.get('worker_s_per_shard', float('nan')):.3f} | {x.get('orchestration_efficiency', float('nan')):.2f}"
+            if worker
+            else ""
+        )
         lines.append(
             f"| {store} | {x['workers']} | {x['shards']:,} | {x['shard_s']:g} | {x['ideal_s']:.0f} | {measured:.1f} "
             f"| {x['efficiency']:.2f} | {x['commits_per_s']:,.0f} | {x['driver_cpu_s']:.1f} "
-            f"| {x['driver_cpu_ms_per_shard']:.2f} | {x['driver_rss_peak_mb']:.0f} | {once} |"
+            f"| {x['driver_cpu_ms_per_shard']:.2f} | {x['driver_rss_peak_mb']:.0f} | {once}{extra} |"
         )
     pools = ", ".join(f"{p['workers']} workers {p['startup_s']:.0f} s" for p in r.get("pools", []))
     lines += [
@@ -566,6 +573,18 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
         "orchestration",
         "The orchestration at scale: fake workers (a sleep per shard), 8-64 workers, 1e3-1e5 shards",
         "python -m benchmarks.bench_orchestration",
+        orchestration,
+    ),
+    (
+        "orchestration-acceptance",
+        "The orchestration at the issue's shape: 64 workers, 1-second shards, 1e3 and 1e4 shards",
+        "python -m benchmarks.bench_orchestration --acceptance",
+        orchestration,
+    ),
+    (
+        "orchestration-acceptance-s3",
+        "The same on the S3 test server, with group commits and parallel publishing",
+        "python -m benchmarks.bench_orchestration --acceptance --stores s3",
         orchestration,
     ),
     (

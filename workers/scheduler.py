@@ -101,9 +101,8 @@ class _Runner:
             list
         )  # attempts in flight per shard
         self.done: set[tuple[str, int]] = set()  # shards committed in this run
-        self.returned: list[
-            tuple[_Call, ShardRecord]
-        ] = []  # records of this pass, awaiting their group commit
+        # Records returned in this scheduling pass, awaiting their group commit.
+        self.returned: list[tuple[_Call, ShardRecord]] = []
         self.speculated: set[tuple[str, int]] = set()
         self.durations: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_DURATION_SAMPLES))
         self.commits = 0
