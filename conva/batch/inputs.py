@@ -44,6 +44,7 @@ from __future__ import annotations
 import bisect
 import csv
 import hashlib
+import itertools
 import posixpath
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -102,7 +103,26 @@ class InputSlice:
         return self.label or posixpath.basename(self.file.rstrip("/"))
 
 
-class EvenSlices(Sequence[InputSlice]):
+class _ShardSequence(Sequence[InputSlice]):
+    """A sequence of shard slices made when indexed: subclasses give ``__len__`` and ``_at(i)``, 0 <= i < len."""
+
+    def _at(self, i: int) -> InputSlice:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, i: int) -> InputSlice: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[InputSlice]: ...
+    def __getitem__(self, i: int | slice) -> InputSlice | Sequence[InputSlice]:
+        if isinstance(i, slice):
+            return [self._at(j) for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"shard {i} of {n}")
+        return self._at(i % n)
+
+
+class EvenSlices(_ShardSequence):
     """A Parquet file's shards of ``rows_per_shard`` rows (the last may be short), made when indexed.
 
     Shard ``i`` is rows ``i * rows_per_shard + 1`` on, so the plan of a file of any size costs O(1) time and
@@ -115,47 +135,24 @@ class EvenSlices(Sequence[InputSlice]):
     def __len__(self) -> int:
         return -(-self.rows // self.rows_per_shard)
 
-    @overload
-    def __getitem__(self, i: int) -> InputSlice: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[InputSlice]: ...
-    def __getitem__(self, i: int | slice) -> InputSlice | Sequence[InputSlice]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"shard {i} of {n}")
-        start = (i % n) * self.rows_per_shard
+    def _at(self, i: int) -> InputSlice:
+        start = i * self.rows_per_shard
         return InputSlice(
             self.file, "parquet", start + 1, min(self.rows_per_shard, self.rows - start), label=self.label
         )
 
 
-class Slices(Sequence[InputSlice]):
+class Slices(_ShardSequence):
     """The shards of several files, in order: each file's own sequence (a list, or :class:`EvenSlices`)."""
 
     def __init__(self, parts: Sequence[Sequence[InputSlice]]) -> None:
         self.parts = [p for p in parts if len(p)]
-        self.ends = []  # shards before the end of each part
-        total = 0
-        for part in self.parts:
-            total += len(part)
-            self.ends.append(total)
+        self.ends = list(itertools.accumulate(len(p) for p in self.parts))  # shards up to each part's end
 
     def __len__(self) -> int:
         return self.ends[-1] if self.ends else 0
 
-    @overload
-    def __getitem__(self, i: int) -> InputSlice: ...
-    @overload
-    def __getitem__(self, i: slice) -> Sequence[InputSlice]: ...
-    def __getitem__(self, i: int | slice) -> InputSlice | Sequence[InputSlice]:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if not -n <= i < n:
-            raise IndexError(f"shard {i} of {n}")
-        i %= n
+    def _at(self, i: int) -> InputSlice:
         part = bisect.bisect_right(self.ends, i)
         return self.parts[part][i - (self.ends[part - 1] if part else 0)]
 
