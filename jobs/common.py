@@ -25,7 +25,7 @@ from typing import Any
 
 import conva
 from conva.batch.config import Config, ConfigError, config_dict, load_config
-from conva.batch.lease import LeaseError
+from conva.batch.lease import LeaseError, renew_held
 from conva.batch.storage import S3_HINT, Location, is_uri, location, s3_setup_problem
 from conva.batch.store import StoreError
 from conva.bundle import BundleError
@@ -422,6 +422,7 @@ def connect_ray() -> None:
         _check_ray_address(os.environ["RAY_ADDRESS"])
         ray.init(logging_level=logging.WARNING)
         _reinstall_interrupts()
+        renew_held()  # the lease now names this cluster and job
         _log.info("joined Ray cluster at %s: %s", os.environ["RAY_ADDRESS"], ray.cluster_resources())
         return
     _loopback_only()
@@ -435,6 +436,7 @@ def connect_ray() -> None:
         runtime_env={"env_vars": {"PYTHONPATH": path}},
     )
     _reinstall_interrupts()
+    renew_held()
     _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
 
 

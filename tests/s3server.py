@@ -46,6 +46,16 @@ class S3Server:
 
     endpoint: str
     env: Mapping[str, str]
+    log: Path  # the server's log: one line per request served
+
+    def requests(self) -> list[str]:
+        """Every request the server has answered so far, oldest first, as ``"METHOD /bucket/key?query"``."""
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            parts = line.split('"')
+            if len(parts) > 2 and parts[1].count(" ") == 2 and parts[1].endswith(("HTTP/1.1", "HTTP/1.0")):
+                found.append(parts[1].rsplit(" ", 1)[0])
+        return found
 
     def filesystem(self) -> pafs.S3FileSystem:
         """A pyarrow S3 filesystem on this server, configured explicitly (independent of ``env``)."""
@@ -119,6 +129,7 @@ def s3_server(timeout: float = 30) -> Iterator[S3Server]:
                 "AWS_REGION": "us-east-1",
                 "AWS_EC2_METADATA_DISABLED": "true",
             },
+            log,
         )
     finally:
         if proc is not None:

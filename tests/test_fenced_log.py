@@ -230,6 +230,41 @@ def test_background_publishing_publishes_every_commit_exactly_once(root: Locatio
     assert not any(n.startswith("_attempts/") for n in _names(root.child("gen")))
 
 
+def test_on_s3_a_shard_is_one_put_one_copy_and_its_source_goes_in_one_batched_delete(s3_env) -> None:
+    stage = _open(location(f"{s3_env.bucket()}/out"), n=6, background=True)
+    before = len(s3_env.requests())
+    records = [_record(stage, shard, f"a{shard}") for shard in range(6)]
+    worker_requests = s3_env.requests()[before:]
+    assert stage.commit_many(records) == [True] * 6
+    stage.close()
+    driver_requests = s3_env.requests()[before + len(worker_requests) :]
+    attempts = [f"/out/gen/_attempts/g{stage.generation}/{s:05d}-a{s}/part-{s:05d}.parquet" for s in range(6)]
+    # a worker's shard is a single PutObject (no multipart upload's create, part and complete)
+    assert sorted(r.split(" ", 1)[1].split("/", 2)[2] for r in worker_requests) == sorted(
+        a.lstrip("/") for a in attempts
+    ) and all(r.startswith("PUT ") and "?" not in r for r in worker_requests)
+    copies = sorted(r for r in driver_requests if r.startswith("PUT ") and "/out/gen/part-" in r)
+    assert len(copies) == 6  # one CopyObject per shard
+    assert [r for r in driver_requests if "?delete" in r] == [
+        f"POST /{stage.location.path.split('/')[0]}?delete"
+    ]
+    assert _names(stage.location) == [f"_log/{n}" for n in _log_objects(stage)] + [
+        f"part-{s:05d}.parquet" for s in range(6)
+    ]
+
+
+def test_sources_a_dead_driver_left_undeleted_are_collected_by_the_next_open(s3_env) -> None:
+    root = location(f"{s3_env.bucket()}/out")
+    stage = _open(root, n=3, background=True)
+    assert stage.commit_many([_record(stage, s, f"a{s}") for s in range(3)]) == [True] * 3
+    stage._wait_published()  # published, sources not yet deleted: the batch is not full; then the driver dies
+    assert sum(n.startswith("_attempts/") for n in _names(root.child("gen"))) == 3
+    reopened = _open(root, n=3)
+    assert _ids(reopened) == [i for s in range(3) for i in range(s * 100, s * 100 + 3)]
+    assert not any(n.startswith("_attempts/") for n in _names(root.child("gen")))
+    assert reopened.pending() == []
+
+
 # --- group commits -------------------------------------------------------------------------------------------
 
 
@@ -369,9 +404,17 @@ from conva.batch.storage import location
 from conva.jobs.common import RAY_PROBE
 if sys.argv[5] != "-":  # the driver runs on another machine (a head pod): its pid means nothing here
     socket.gethostname = lambda: sys.argv[5]
-ray.init(address=sys.argv[2], logging_level=40)
-lease = OutputLease(location(sys.argv[1]), "conva run", ttl_s=float(sys.argv[3]), probe=RAY_PROBE)
-lease.__enter__()
+if sys.argv[4] == "late":  # as the CLI does: the lease first, then Ray
+    lease = OutputLease(location(sys.argv[1]), "conva run", ttl_s=float(sys.argv[3]), probe=RAY_PROBE)
+    lease.__enter__()
+    print(json.dumps(json.loads(location(sys.argv[1]).child("_lease.json").read_bytes())), flush=True)
+    os.environ["RAY_ADDRESS"] = sys.argv[2]
+    from conva.jobs.common import connect_ray
+    connect_ray()
+else:
+    ray.init(address=sys.argv[2], logging_level=40)
+    lease = OutputLease(location(sys.argv[1]), "conva run", ttl_s=float(sys.argv[3]), probe=RAY_PROBE)
+    lease.__enter__()
 print(json.dumps(json.loads(location(sys.argv[1]).child("_lease.json").read_bytes())), flush=True)
 if sys.argv[4] == "exit":
     ray.shutdown()
@@ -404,6 +447,20 @@ def test_a_live_holder_on_a_live_cluster_is_refused(ray_head: str, tmp_path: Pat
         assert held["ray"]["gcs_address"].endswith(ray_head.split(":")[1]) and held["ray"]["job_id"]
         with pytest.raises(LeaseError, match="being written by another driver"):
             OutputLease(location(tmp_path), "conva run", ttl_s=60.0, probe=RAY_PROBE).acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_a_lease_taken_before_ray_names_the_cluster_and_job_as_soon_as_ray_is_connected(
+    ray_head: str, tmp_path: Path
+) -> None:
+    proc, before = _holder(tmp_path, ray_head, 600.0, "late", host="ray-head-pod")  # no heartbeat for 100 s
+    try:
+        after = json.loads(proc.stdout.readline())
+        assert before["ray"] == {} and after["epoch"] == before["epoch"] and after["owner"] == before["owner"]
+        assert after["ray"]["gcs_address"].endswith(ray_head.split(":")[1]) and after["ray"]["job_id"]
     finally:
         proc.kill()
         proc.wait()

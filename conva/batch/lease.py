@@ -63,6 +63,7 @@ __all__ = [
     "LEASE_FILE",
     "CLAIMS",
     "held_fence",
+    "renew_held",
 ]
 
 _log = logging.getLogger(__name__)
@@ -100,6 +101,21 @@ def held_fence(out: Location) -> Callable[[], None] | None:
         if out.uri == uri or out.uri.startswith(uri.rstrip("/") + "/"):
             return lease.ensure_held
     return None
+
+
+def renew_held() -> None:
+    """Rewrite every lease this process holds now, with a fresh heartbeat and this driver's Ray identity.
+
+    The CLI takes the lease before it connects to Ray (a refused job starts nothing), so the first lease
+    names no cluster or job; :func:`conva.jobs.common.connect_ray` calls this once connected, so that a
+    head lost right after start-up is already recognisable as gone (:meth:`OutputLease.acquire` of the
+    retry takes over without ``--break-lease``) instead of only from the next heartbeat, ttl/6 later.
+    """
+    for lease in list(_HELD.values()):
+        try:
+            lease._renew_once()
+        except OSError as err:  # the renewal thread tries again at its next beat
+            _log.warning("%s: could not renew the lease: %s", lease.out, err)
 
 
 class OutputLease:

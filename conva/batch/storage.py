@@ -7,7 +7,8 @@ so a local S3 server works unchanged. A location pickles as its URI alone, so it
 Ray actor on another node, which opens the same storage there.
 
 Writes are atomic: a reader sees a whole object or none. Object stores publish a PUT whole; on a
-local or mounted filesystem the bytes go to a temporary name, are fsync'd and renamed into place.
+local or mounted filesystem the bytes go to a temporary name, are fsync'd and renamed into place. On S3 a
+shard-sized write is a single ``PutObject`` (pyarrow's ``allow_delayed_open``), not a three-request upload.
 Nothing here needs rename on an object store: :mod:`conva.batch.store` commits through a log instead.
 
 **Create if absent** (:meth:`Location.create_bytes`) is what makes the store's commit log single-writer:
@@ -64,6 +65,10 @@ def _filesystem(root: str) -> pafs.FileSystem:
     """One filesystem object per scheme and bucket, per process (S3 clients are costly to build)."""
     if root == "local":
         return pafs.LocalFileSystem()
+    if root.startswith("s3://"):
+        # Delayed open: a write below pyarrow's part size is one PutObject when the stream closes, instead of a
+        # multipart upload's three requests (create, part, complete); a missing file still raises at open.
+        root += "?allow_delayed_open=true"
     fs, _ = pafs.FileSystem.from_uri(root)
     return fs
 

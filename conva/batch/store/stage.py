@@ -37,8 +37,8 @@ from conva.batch.store.records import (
 )
 
 _log = logging.getLogger(__name__)
-# Shards published at once on an object store (a copy and a delete each): enough to keep up with 64 workers'
-# commits over round trips of 10-20 ms (RESULTS.md, the orchestration on S3).
+# Shards published at once on an object store (a copy each; their sources are deleted in batches): enough to
+# keep up with 64 workers' commits over round trips of 10-20 ms (RESULTS.md, the orchestration on S3).
 PUBLISH_THREADS = 8
 
 
@@ -399,7 +399,7 @@ class Stage:
             return
         if self._background and self._publisher is None:
             threads = 1 if self.location.is_local else PUBLISH_THREADS
-            self._publisher = Publisher(self.name, self._publish, threads)
+            self._publisher = Publisher(self.name, self._put_in_place, self.location.delete_many, threads)
         for record in records:
             if self._publisher is not None:
                 self._publisher.put(record)
@@ -456,13 +456,19 @@ class Stage:
             self._publisher.wait(shard)
 
     def _publish(self, record: ShardRecord) -> None:
-        """Move a committed shard's objects from its attempt folder to their published names.
+        """Put a committed shard's objects in place (:meth:`_put_in_place`) and delete their sources now."""
+        self.location.delete_many(self._put_in_place(record))
+
+    def _put_in_place(self, record: ShardRecord) -> list[str]:
+        """Move a committed shard's objects from its attempt folder to their published names. Returns the
+        sources left to delete: on an object store the copied attempt objects (the background publisher
+        deletes them in batches), on a filesystem none (a rename leaves none).
 
         An object whose source is gone counts as published only if the published object is there with
         the committed size (a publish interrupted by a crash, resumed); otherwise :class:`StoreError`:
         committed data is missing, and that is never skipped.
         """
-        moved: list[str] = []
+        copied: list[str] = []
         for obj in record.objects:
             src = self.location.child(self._attempt_name(record, obj.name))
             dest = self.location.child(obj.name)
@@ -471,7 +477,7 @@ class Stage:
                     src.move_to(dest)
                 else:
                     src.copy_to(dest, obj.bytes)
-                    moved.append(self._attempt_name(record, obj.name))
+                    copied.append(self._attempt_name(record, obj.name))
             except FileNotFoundError as err:
                 info = dest.info()
                 if info.type == pafs.FileType.File and info.size == obj.bytes:
@@ -483,8 +489,7 @@ class Stage:
                 ) from err
         if self.location.is_local:
             remove_empty_tree(self.location.child(self._attempt_folder(record)).path)
-        else:
-            self.location.delete_many(moved)  # one request for all of the shard's sources
+        return copied
 
     def _discard(self, record: ShardRecord) -> None:
         committed = self._state.gens.get(record.gen)
