@@ -583,7 +583,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ),
     (
         "orchestration-acceptance-s3",
-        "The same on the S3 test server, with group commits and parallel publishing",
+        "The same on the S3 test server: group commits, one PutObject a shard, batched deletes",
         "python -m benchmarks.bench_orchestration --acceptance --stores s3",
         orchestration,
     ),

@@ -243,11 +243,13 @@ def test_on_s3_a_shard_is_one_put_one_copy_and_its_source_goes_in_one_batched_de
     assert sorted(r.split(" ", 1)[1].split("/", 2)[2] for r in worker_requests) == sorted(
         a.lstrip("/") for a in attempts
     ) and all(r.startswith("PUT ") and "?" not in r for r in worker_requests)
+    bucket = stage.location.path.split("/")[0]
     copies = sorted(r for r in driver_requests if r.startswith("PUT ") and "/out/gen/part-" in r)
-    assert len(copies) == 6  # one CopyObject per shard
-    assert [r for r in driver_requests if "?delete" in r] == [
-        f"POST /{stage.location.path.split('/')[0]}?delete"
-    ]
+    assert copies == [f"PUT /{bucket}/out/gen/part-{s:05d}.parquet" for s in range(6)]  # one CopyObject each
+    assert [r for r in driver_requests if "?delete" in r] == [f"POST /{bucket}?delete"]
+    log_puts = [r for r in driver_requests if r.startswith(f"PUT /{bucket}/out/gen/_log/")]
+    assert len(log_puts) == 1  # the group commit: one log record for the six shards
+    assert len(driver_requests) == len(copies) + len(log_puts) + 1  # and nothing else
     assert _names(stage.location) == [f"_log/{n}" for n in _log_objects(stage)] + [
         f"part-{s:05d}.parquet" for s in range(6)
     ]
