@@ -24,6 +24,12 @@ PAPER_DATA = Path(os.environ.get("CONVA_PAPER_DATA", REPO.parent / "shared" / "d
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: real-model or Ray-cluster test (CI runs these too)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Each test process has about one core (TEST_WORKERS processes share the machine): torch's default of
+        # a thread per core has them fight over every core. Set before the test modules import torch; the
+        # jobs and Ray workers they start inherit it. Measured on the 2-core machine, two model-heavy modules
+        # side by side (test_smollm2, test_gemma): 221 s with torch's default, 138 s with one thread each.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # Session resources worth starting once: under pytest-xdist every test using one runs on the same worker.
