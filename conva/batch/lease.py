@@ -112,10 +112,7 @@ def renew_held() -> None:
     retry takes over without ``--break-lease``) instead of only from the next heartbeat, ttl/6 later.
     """
     for lease in list(_HELD.values()):
-        try:
-            lease._renew_once()
-        except OSError as err:  # the renewal thread tries again at its next beat
-            _log.warning("%s: could not renew the lease: %s", lease.out, err)
+        lease._beat()
 
 
 class OutputLease:
@@ -321,13 +318,17 @@ class OutputLease:
 
     def _renew(self) -> None:
         while not self._stop.wait(max(0.1, self.ttl_s / 6)):
-            try:
-                self._renew_once()
-            except OSError as err:  # a storage hiccup: try again at the next beat (ensure_held counts)
-                _log.warning("%s: could not renew the lease: %s", self.out, err)
+            self._beat()
             if self._lost is not None:
                 _log.error("%s", self._lost)
                 return
+
+    def _beat(self) -> None:
+        """Renew once; a storage hiccup is logged and left to the next beat (:meth:`ensure_held` counts)."""
+        try:
+            self._renew_once()
+        except OSError as err:
+            _log.warning("%s: could not renew the lease: %s", self.out, err)
 
     def _renew_once(self) -> None:
         held = self._read()

@@ -2,7 +2,8 @@
 
 The driver appends a commit record (the commit) and hands the record to the :class:`Publisher`, which
 renames (filesystem) or copies (object store) its objects to their final names, and deletes the copies'
-sources in batches; readers only ever see published objects. :meth:`conva.batch.store.stage.Stage.finish` and ``close`` wait for it.
+sources in batches; readers only ever see published objects. :meth:`conva.batch.store.stage.Stage.finish`
+and ``close`` wait for it.
 """
 
 from __future__ import annotations
