@@ -130,11 +130,7 @@ def _report(job, overwrite: bool) -> tuple[list[str], int]:
             f"unsteered, keeping its method), {tally.bad} bad (each becomes an error row"
             + (f"; data.max_error_fraction = {job.cfg.data.max_error_fraction:g}" if tally.bad else "")
             + ")"
-            + (
-                f"; {rest} more rows of Parquet files, planned from their metadata, are screened by the workers"
-                if rest > 0
-                else ""
-            )
+            + (f"; the other {rest} rows are screened by the workers" if rest > 0 else "")
             + (":" if tally.bad else "")
         )
         lines += tally.lines("      ")

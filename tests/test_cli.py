@@ -459,7 +459,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, faults, capsys) -> None:
+def test_neutral_prompts_and_an_interrupted_run(
+    readme, env, shape, tmp_path, faults, capsys, monkeypatch
+) -> None:
+    from conva.batch import inputs
+
     folder = tmp_path / "prompts"
     _neutral_files(folder)
     out = _steer_out(readme, tmp_path, "out")
@@ -476,9 +480,16 @@ def test_neutral_prompts_and_an_interrupted_run(readme, env, shape, tmp_path, fa
         cli.main(["validate", "--job", *args]) == 0
     )  # in-process: the subprocesses below are the CLI's test
     assert (
-        "  data.prompts: 9 rows read: 2 with a value, 7 neutral (no value: generated unsteered, keeping its method), "
-        "0 bad (each becomes an error row); 3 more rows of Parquet files, planned from their metadata, are screened "
-        "by the workers\n"
+        "  data.prompts: 12 rows read: 3 with a value, 9 neutral (no value: generated unsteered, keeping its "
+        "method), 0 bad (each becomes an error row)\n"
+    ) in capsys.readouterr().out
+    # Past the pre-flight's screening budget the driver screens whole shards, each file's first at least:
+    # a.jsonl's 4 rows, b.csv's first 2 (the budget is spent), c.parquet's first; the workers screen the rest.
+    monkeypatch.setattr(inputs, "SCREEN_ROWS", 6)
+    assert cli.main(["validate", "--job", *args]) == 0
+    assert (
+        "  data.prompts: 7 rows read: 2 with a value, 5 neutral (no value: generated unsteered, keeping its "
+        "method), 0 bad (each becomes an error row); the other 5 rows are screened by the workers\n"
     ) in capsys.readouterr().out
 
     faults(sleep_s=0.5)  # every shard takes half a second: the signal lands mid-steering

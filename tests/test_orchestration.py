@@ -203,9 +203,12 @@ def test_a_parquet_input_is_planned_from_its_metadata_and_a_change_is_still_seen
         seen.extend(r.row for r in records)
 
     full = plan_input(str(path), 8)
-    meta = plan_input(str(path), 8, screen, metadata_only=True)
+    meta = plan_input(str(path), 8, screen, metadata_only=True, screen_rows=5)
     assert list(meta.slices) == list(full.slices) and meta.rows == full.rows == 100
-    assert seen == list(range(1, 9))  # the first shard only: the workers screen the rest
+    assert seen == list(range(1, 9))  # whole shards up to the budget: the workers screen the rest
+    seen.clear()
+    plan_input(str(path), 8, screen, metadata_only=True, screen_rows=9)
+    assert seen == list(range(1, 17))
     assert (
         plan_input(str(path), 8, metadata_only=True).sha256 == meta.sha256
     )  # the same file, the same identity
@@ -230,3 +233,25 @@ def test_a_study_admits_a_waiting_model_when_nodes_join() -> None:
     cluster["GPU"] = 2.0  # a GPU node joins (an autoscaler added it); the first model still runs
     assert admitted.wait(5.0)
     assert capacity.free == {"CPU": 6.0, "GPU": 0.0} and capacity.total == {"CPU": 8.0, "GPU": 2.0}
+
+
+def test_a_json_lines_file_indexed_by_ray_tasks_off_the_driver_gets_the_same_plan(
+    ray_session, tmp_path
+) -> None:
+    import os
+
+    from conva.batch.inputs import plan_input
+    from conva.workers.cluster_map import cluster_map
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"".join(b'{"prompt": "%d"}\n' % i + (b"\n" if i % 7 == 0 else b"") for i in range(300)))
+    assert os.getpid() not in cluster_map(lambda _: os.getpid(), range(3))  # tasks run in Ray's workers
+
+    on_cluster = plan_input(str(path), 8, map_ranges=cluster_map, range_bytes=500)
+    here = plan_input(str(path), 8, range_bytes=500)
+    assert path.stat().st_size > 10 * 500 and len(here.slices) > 10  # many ranges, many shards
+    assert list(on_cluster.slices) == list(here.slices)
+    assert (on_cluster.rows, on_cluster.sha256, on_cluster.files) == (here.rows, here.sha256, here.files)
+    # A task's own error comes back, naming the node that could not read the file.
+    with pytest.raises(FileNotFoundError, match=r"^on node 127\.0\.0\.1: .*gone\.jsonl"):
+        cluster_map(lambda p: open(p).read(), [str(tmp_path / "gone.jsonl")])

@@ -1,19 +1,18 @@
-"""Inputs as slices each worker reads for itself: planned on the driver in one streaming pass, read on the workers.
+"""Inputs as slices each worker reads for itself: planned before the run, read on the workers.
 
-The driver never holds an input. :func:`plan_input` streams each file once, in constant memory, to
-hash it (so a resumed job refuses an input that changed under its committed shards) and to find where
-every shard of ``rows_per_shard`` rows starts:
+The driver never holds an input. :func:`plan_input` hashes each file (so a resumed job refuses an input
+that changed under its committed shards) and finds where every shard of ``rows_per_shard`` rows starts:
 
 * **Parquet**: shard boundaries come from the footer (row counts per row group); the bytes are streamed
   only for the hash. A worker reads just the row groups that overlap its rows. With ``metadata_only``
   (what a job's pre-flight asks) nothing is streamed: the file's identity is a hash of its size, its
-  modification time and its footer (which holds every column chunk's offsets, sizes and statistics),
-  and only the first shard's rows are screened; the workers screen their own slices (bad rows become
-  error rows there, counted in their shard records). Pre-flight time is then constant in the file's size.
+  modification time and its footer (which holds every column chunk's offsets, sizes and statistics).
+  Pre-flight time is then constant in the file's size.
 * **JSON Lines**: rows are non-blank lines, numbered by their line in the file; a shard is a byte range of
-  whole lines.
+  whole lines, found by :mod:`conva.batch.line_index` range by range (threads here, or Ray tasks).
 * **CSV**: rows are CSV records, numbered by the line each starts on (the header is line 1; a quoted
-  field may span lines); a shard is a byte range of whole records, and carries the header.
+  field may span lines); a shard is a byte range of whole records, and carries the header. The file is
+  read once, on the driver, in constant memory: a quoted newline makes its records unsplittable by bytes.
 
 Blank lines are no rows; the plan counts them per file, and the records that span several lines
 (:class:`FileReport`), so that ``validate`` and the job's last line account for every line.
@@ -21,9 +20,10 @@ Blank lines are no rows; the plan counts them per file, and the records that spa
 A slice is read by :func:`read_slice` into the same :class:`conva.data.Record` rows, numbered as in the
 whole file, that :func:`conva.data.read_records` gives, so error rows name the file and row either way.
 
-With a ``screen``, the same pass also hands every row, as the :class:`~conva.data.Record` a worker will
-read, to a callback, a shard at a time (one shard's bytes are held, never the file): the driver counts
-bad rows this way before any model loads (:mod:`conva.batch.badrows`).
+With a ``screen``, every shard's rows (with ``metadata_only``, the first ``SCREEN_ROWS`` or so: whole shards,
+each file's first at least), as the :class:`~conva.data.Record` s a worker will read, are handed to a
+callback, a shard at a time (one shard's bytes are held, never the file): the driver counts bad rows this
+way before any model loads (:mod:`conva.batch.badrows`); the workers count every row in their shard records.
 
 Tables a job builds itself (the extraction texts, a study's cells × prompts) are written once as a
 Parquet file beside the stage (:func:`write_input_table`) and planned like any Parquet input.
@@ -54,6 +54,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from conva.batch.line_index import RANGE_BYTES, Map, combine, index_ranges
 from conva.batch.storage import Location, location
 from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, folder_files, jsonl_records, raw_row
 
@@ -66,6 +67,7 @@ __all__ = [
     "files_line",
     "layout_lines",
     "Screen",
+    "SCREEN_ROWS",
     "plan_input",
     "plan_table_file",
     "read_slice",
@@ -75,6 +77,7 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 24
+SCREEN_ROWS = 10_000  # rows a job's pre-flight screens on the driver (whole shards); the workers screen all
 # Called with a file's base name and some of its rows, in file order (every row exactly once).
 Screen = Callable[[str, list[Record]], None]
 
@@ -224,25 +227,39 @@ def _format(path: str) -> str:
 
 
 def plan_input(
-    source: str, rows_per_shard: int, screen: Screen | None = None, metadata_only: bool = False
+    source: str,
+    rows_per_shard: int,
+    screen: Screen | None = None,
+    metadata_only: bool = False,
+    map_ranges: Map | None = None,
+    range_bytes: int = RANGE_BYTES,
+    screen_rows: int | None = None,
 ) -> InputPlan:
-    """Plan the shards of a file or a folder of files (path or URI); one streaming pass per file.
+    """Plan the shards of a file or a folder of files (path or URI); one pass per file, none for Parquet's rows.
 
     Shards never span two files. ``screen``, if given, sees every row as the workers will read it
-    (see the module docstring). ``metadata_only``: a Parquet file is planned from its metadata alone and
-    only its first shard is screened (JSON Lines and CSV still take one pass: their rows are found by
-    reading). Raises :class:`DataError` naming the file if it cannot be read.
+    (see the module docstring). ``metadata_only``: a Parquet file is planned from its metadata alone, and
+    the screen sees each file's first shard and whole shards after it while fewer than ``screen_rows``
+    (default :data:`SCREEN_ROWS`) rows of the input have been screened (a small input: all of it; a large one: constant time). JSON Lines and
+    CSV still take one pass to find their rows; ``map_ranges`` runs the JSON Lines range index
+    (:mod:`conva.batch.line_index`; default: a thread per core). Raises :class:`DataError` naming the file
+    if it cannot be read.
     """
     parts: list[Sequence[InputSlice]] = []
-    digest, rows, reports = hashlib.sha256(), 0, []
+    digest, rows, reports, screened = hashlib.sha256(), 0, [], 0
     files, skipped = folder_files(source)
     root = str(source).rstrip("/")
     for file in files:
         label = file[len(root) + 1 :] if file != str(source) else posixpath.basename(file.rstrip("/"))
         try:
+            where, fmt = location(file), _format(file)
             file_slices, file_sha, report = _plan_file(
-                location(file), _format(file), rows_per_shard, screen, label, metadata_only
+                where, fmt, rows_per_shard, label, metadata_only, map_ranges, range_bytes
             )
+            if screen is not None:
+                budget = SCREEN_ROWS if screen_rows is None else screen_rows
+                limit = budget - screened if metadata_only else None
+                screened += _screen(where, fmt, file_slices, screen, label, limit)
         except DataError:
             raise
         except (OSError, ValueError, pa.ArrowException) as err:
@@ -255,19 +272,26 @@ def plan_input(
 
 
 def _plan_file(
-    where: Location, fmt: str, rows_per_shard: int, screen: Screen | None, label: str, metadata_only: bool
+    where: Location,
+    fmt: str,
+    rows_per_shard: int,
+    label: str,
+    metadata_only: bool,
+    map_ranges: Map | None,
+    range_bytes: int,
 ) -> tuple[Sequence[InputSlice], str, FileReport]:
     if fmt == "parquet":
-        even, sha = _plan_parquet(where, rows_per_shard, screen, label, metadata_only)
+        even, sha = _plan_parquet(where, rows_per_shard, label, metadata_only)
         return even, sha, FileReport(label, even.rows)
+    if fmt == "jsonl":
+        size = where.fs.get_file_info(where.path).size
+        table, rows, blank, sha = combine(
+            index_ranges(where.uri, size, rows_per_shard, range_bytes, map_ranges)
+        )
+        return _ByteSlices(where.uri, table, label), sha, FileReport(label, rows, blank)
     hasher = hashlib.sha256()
     lines = _Lines(where, hasher)
-    shards = _ShardBytes(where, fmt, screen, label)
-    if fmt == "jsonl":
-        header: tuple[str, ...] = ()
-        starts = _jsonl_starts(lines, rows_per_shard, shards)
-    else:
-        starts, header = _csv_starts(where, lines, rows_per_shard, shards)
+    starts, header = _csv_starts(where, lines, rows_per_shard)
     for _ in lines:  # whatever the planner did not read still goes into the hash
         pass
     bounds = [*starts, (lines.bytes, 0, lines.rows)]
@@ -275,49 +299,49 @@ def _plan_file(
         InputSlice(where.uri, fmt, line, following - row, offset, stop, header, label)
         for (offset, line, row), (stop, _, following) in zip(bounds, bounds[1:])
     ]
-    shards.close(slices)
     report = FileReport(label, lines.rows, lines.blank, lines.multiline, tuple(lines.first_multiline))
     return slices, hasher.hexdigest(), report
 
 
-class _ShardBytes:
-    """The bytes of the shard being planned, handed to ``screen`` as a worker's records when the shard is done.
+class _ByteSlices(_ShardSequence):
+    """A JSON Lines file's shards, made when indexed from a table of ``(start, stop, first line, rows)``:
+    32 bytes a shard on the driver (a 10 GB file of 230-byte rows at 32 rows a shard: 44 MB)."""
 
-    Only the current shard is held. Without a screen it keeps nothing.
-    """
+    def __init__(self, file: str, table, label: str) -> None:
+        self.file, self.table, self.label = file, table, label
 
-    def __init__(self, where: Location, fmt: str, screen: Screen | None, label: str) -> None:
-        self.where, self.fmt, self.screen, self.label = where, fmt, screen, label
-        self.data, self.start, self.first_row, self.started = bytearray(), 0, 1, False
-        self.header: tuple[str, ...] = ()
+    def __len__(self) -> int:
+        return len(self.table)
 
-    def feed(self, line: bytes) -> None:
-        if self.screen is not None:
-            self.data += line
+    def _at(self, i: int) -> InputSlice:
+        start, stop, line, rows = (int(x) for x in self.table[i])
+        return InputSlice(self.file, "jsonl", line, rows, start, stop, label=self.label)
 
-    def boundary(self, offset: int, first_row: int) -> None:
-        """A shard starts at byte ``offset`` (line ``first_row``): screen the one before it, keep what follows."""
-        if self.screen is None:
-            return
-        cut = offset - self.start
-        done, self.data = bytes(self.data[:cut]), self.data[cut:]
-        if self.started:  # the bytes before the first shard (a CSV header, blank lines) are no shard
-            self._screen(done, self.first_row)
-        self.start, self.first_row, self.started = offset, first_row, True
 
-    def close(self, slices: list[InputSlice]) -> None:
-        """The file is read: screen its last shard."""
-        if self.screen is not None and slices:
-            self._screen(bytes(self.data), self.first_row)
+def _screen(
+    where: Location, fmt: str, slices: Sequence[InputSlice], screen: Screen, label: str, limit: int | None
+) -> int:
+    """Hand the file's rows, read as a worker reads them, to ``screen``, a shard (at most) at a time: the first
+    batch, then the next while fewer than ``limit`` rows have been (all if ``limit`` is None); returns the
+    rows screened."""
+    done = 0
+    for batch in _parquet_shards(where, slices) if fmt == "parquet" else map(read_slice, slices):
+        if done and limit is not None and done >= limit:
+            break
+        screen(label, batch)
+        done += len(batch)
+    return done
 
-    def _screen(self, data: bytes, first_row: int) -> None:
-        assert self.screen is not None  # only called when there is a screen
-        name = self.label
-        if self.fmt == "jsonl":
-            records = list(jsonl_records(data, first_row))
-        else:
-            records = list(csv_records(data, self.where.uri, header=self.header, first_row=first_row))
-        self.screen(name, records)
+
+def _parquet_shards(where: Location, slices: Sequence[InputSlice]) -> Iterator[list[Record]]:
+    """A Parquet file's rows in batches of at most a shard, streamed in one pass (not a read per shard: a
+    row group may hold many shards)."""
+    rows_per_shard = slices[0].rows if len(slices) else 1
+    with where.fs.open_input_file(where.path) as handle:
+        row = 1
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=rows_per_shard):
+            yield [Record(row + i, obj, None, raw_row(obj)) for i, obj in enumerate(batch.to_pylist())]
+            row += batch.num_rows
 
 
 class _Lines:
@@ -348,29 +372,9 @@ class _Lines:
     def __iter__(self) -> Iterator[bytes]:
         return self._iter
 
-    def __next__(self) -> bytes:
-        return next(self._iter)
-
-
-def _jsonl_starts(lines: _Lines, rows_per_shard: int, shards: _ShardBytes) -> list[tuple[int, int, int]]:
-    """``(byte offset, first line, rows before)`` of every shard; non-blank lines are rows (:func:`jsonl_records`)."""
-    starts, offset, rows = [], 0, 0
-    for line_no, line in enumerate(lines, start=1):
-        if line.strip():
-            if rows % rows_per_shard == 0:
-                starts.append((offset, line_no, rows))
-                shards.boundary(offset, line_no)
-            rows += 1
-        else:
-            lines.blank += 1
-        shards.feed(line)
-        offset += len(line)
-    lines.rows = rows
-    return starts
-
 
 def _csv_starts(
-    where: Location, lines: _Lines, rows_per_shard: int, shards: _ShardBytes
+    where: Location, lines: _Lines, rows_per_shard: int
 ) -> tuple[list[tuple[int, int, int]], tuple[str, ...]]:
     """``(byte offset, first line, rows before)`` of every shard, by CSV record, and the header."""
     consumed, line_no = 0, 0
@@ -380,7 +384,6 @@ def _csv_starts(
         for raw in lines:
             consumed += len(raw)
             line_no += 1
-            shards.feed(raw)
             yield raw.decode("utf-8", "replace")
 
     reader = csv.reader(text())
@@ -388,7 +391,6 @@ def _csv_starts(
     if first is None:
         raise DataError(where.uri, None, None, "empty file (no header)")
     header = tuple(h.strip().lstrip("\ufeff") for h in first)
-    shards.header = header
     starts, rows, previous, previous_line = [], 0, consumed, line_no
     for values in reader:  # the C reader pulls exactly the lines of one record per step
         if not values:  # a blank line: no row, as csv_records reads it
@@ -396,7 +398,6 @@ def _csv_starts(
         else:
             if rows % rows_per_shard == 0:
                 starts.append((previous, previous_line + 1, rows))
-                shards.boundary(previous, previous_line + 1)
             rows += 1
             if line_no - previous_line > 1:
                 lines.multiline += 1
@@ -408,21 +409,11 @@ def _csv_starts(
 
 
 def _plan_parquet(
-    where: Location, rows_per_shard: int, screen: Screen | None, label: str = "", metadata_only: bool = False
+    where: Location, rows_per_shard: int, label: str = "", metadata_only: bool = False
 ) -> tuple[EvenSlices, str]:
     with where.fs.open_input_file(where.path) as handle:
         pf = pq.ParquetFile(handle)
         rows = pf.metadata.num_rows
-        if screen is not None:  # rows as read_slice gives them, one batch (at most a shard) at a time
-            name, row = label or posixpath.basename(where.uri.rstrip("/")), 1
-            for batch in pf.iter_batches(batch_size=rows_per_shard):
-                records = [
-                    Record(row + i, obj, None, raw_row(obj)) for i, obj in enumerate(batch.to_pylist())
-                ]
-                screen(name, records)
-                row += len(records)
-                if metadata_only:  # the first shard only: a wrong column fails here, the rest on the workers
-                    break
         slices = EvenSlices(where.uri, rows, rows_per_shard, label)
         if metadata_only:
             return slices, _parquet_identity(where, handle)
