@@ -138,3 +138,21 @@ def test_the_ranges_are_indexed_by_the_map_given(tmp_path) -> None:
     assert calls == [(s, min(s + 300, len(data))) for s in range(0, len(data), 300)]
     threaded = plan_input(str(path), 8, range_bytes=300)
     assert list(mapped.slices) == list(threaded.slices) and mapped.sha256 == threaded.sha256
+
+
+def test_a_file_on_s3_is_planned_range_by_range_as_the_same_bytes_on_disk(s3_env, tmp_path) -> None:
+    from conva.batch.storage import location
+
+    data = _random_jsonl(random.Random(7), 200)
+    local = tmp_path / "p.jsonl"
+    local.write_bytes(data)
+    remote = f"{s3_env.bucket()}/in/p.jsonl"
+    location(remote).write_bytes(data)
+
+    on_s3 = plan_input(remote, 5, range_bytes=300)
+    on_disk = plan_input(str(local), 5, range_bytes=300)
+    assert len(data) > 10 * 300 and (on_s3.rows, on_s3.sha256) == (on_disk.rows, on_disk.sha256)
+    assert [(s.first_row, s.rows, s.start, s.stop) for s in on_s3.slices] == [
+        (s.first_row, s.rows, s.start, s.stop) for s in on_disk.slices
+    ]
+    assert [(r.row, r.raw) for s in on_s3.slices for r in read_slice(s)] == _reference(data)[0]
