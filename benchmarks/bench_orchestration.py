@@ -16,9 +16,9 @@ configuration (its start-up is reported apart); a local folder and the S3 test s
     python -m benchmarks.bench_orchestration --acceptance --stores s3  # one output only
     python -m benchmarks.bench_orchestration --preflight --sizes-mb 64,1024,10240  # pre-flight vs. input size
 
-``--preflight`` plans generated Parquet prompts files of growing size as a job's pre-flight does
-(:func:`conva.batch.inputs.plan_input` with ``metadata_only``) and as it did before (every byte hashed,
-every row screened), each timed on the driver.
+``--preflight`` plans generated Parquet and JSON Lines prompts files of growing size as a job's
+pre-flight does (:func:`conva.batch.inputs.plan_input` with ``metadata_only``) and, up to 1 GB, with every
+row screened on the driver too, each timed on the driver.
 """
 
 from __future__ import annotations
@@ -136,58 +136,106 @@ def _profile(pool, cfg, shards: int, seconds: float) -> list[str]:
 
 
 def preflight(
-    sizes_mb: tuple[int, ...] = (64, 256, 1024), rows_per_shard: int = 32, full_max_mb: int = 1024
+    sizes_mb: tuple[int, ...] = (64, 256, 1024),
+    rows_per_shard: int = 32,
+    full_max_mb: int = 1024,
+    formats: tuple[str, ...] = ("parquet", "jsonl"),
 ) -> dict:
-    """Driver seconds and memory to plan a Parquet prompts file of each size: metadata only (now) and, up to
-    ``full_max_mb``, every byte read (before: at 35 MB/s a 10 GB file would take about five minutes)."""
+    """Driver seconds and memory to plan a prompts file of each size and format as a job's pre-flight does
+    (metadata only: a Parquet footer; a JSON Lines file's newlines found on a thread per core of the driver,
+    or by Ray tasks (a local Ray of this machine's cores); the first ``SCREEN_ROWS`` rows screened) and, up
+    to ``full_max_mb``, with every row screened on the driver as well."""
+    import ray
+
+    from conva.workers.cluster_map import cluster_map
+
+    folder, rows = tempfile.mkdtemp(prefix="orch-preflight-", dir=os.environ.get("CONVA_BENCH_TMP")), []
+    if "jsonl" in formats:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", logging_level="WARNING")
+        cluster_map(len, [b""] * 4)  # the task workers are started before anything is timed
+    try:
+        for fmt in formats:
+            for mb in sizes_mb:
+                path = os.path.join(folder, f"prompts-{mb}mb.{fmt}")
+                (_write_parquet if fmt == "parquet" else _write_jsonl)(path, mb)
+                runs = [(True, None)]
+                if fmt == "jsonl":
+                    runs.append((True, cluster_map))
+                if mb <= full_max_mb:
+                    runs.append((False, None))
+                for metadata_only, map_ranges in runs:
+                    row = {
+                        "format": fmt,
+                        "index": "ray tasks" if map_ranges else "driver threads" if fmt == "jsonl" else "-",
+                        **_plan_timed(path, rows_per_shard, metadata_only, map_ranges),
+                    }
+                    print(row, flush=True)
+                    rows.append(row)
+                os.remove(path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if ray.is_initialized():
+            ray.shutdown()
+    return {"machine": machine(), "rows_per_shard": rows_per_shard, "runs": rows}
+
+
+def _plan_timed(path: str, rows_per_shard: int, metadata_only: bool, map_ranges=None) -> dict:
+    from conva.batch.inputs import plan_input
+
+    screened = [0]
+
+    def screen(name: str, records: list) -> None:
+        screened[0] += len(records)
+
+    with RSSSampler(every_s=0.05) as rss:
+        base = rss.sample()[1]
+        t0, c0 = time.perf_counter(), time.process_time()
+        plan = plan_input(path, rows_per_shard, screen, metadata_only=metadata_only, map_ranges=map_ranges)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        peak = max([rss.sample()[1], *(s[1] for s in rss.samples)])
+    return {
+        "file_mb": round(os.path.getsize(path) / 2**20, 1),
+        "rows": plan.rows,
+        "shards": len(plan.slices),
+        "metadata_only": metadata_only,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "rows_screened_on_driver": screened[0],
+        "rss_growth_mb": round(peak - base, 1),
+    }
+
+
+def _random_prompts(rng, k: int) -> list[str]:
+    import numpy as np
+
+    return [row.tobytes().hex() for row in rng.integers(0, 256, size=(k, 100), dtype=np.uint8)]
+
+
+def _write_parquet(path: str, mb: int) -> None:
+    """~200 incompressible bytes of prompt per row."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from conva.batch.inputs import plan_input
+    n, rng = mb * 2**20 // 200, np.random.default_rng(mb)
+    with pq.ParquetWriter(path, pa.schema([("value", pa.string()), ("prompt", pa.string())])) as w:
+        for start in range(0, n, 100_000):
+            k = min(100_000, n - start)
+            prompts = pa.array(_random_prompts(rng, k))
+            w.write_table(pa.table({"value": pa.array(["power"] * k), "prompt": prompts}))
 
-    folder, rows = tempfile.mkdtemp(prefix="orch-preflight-", dir=os.environ.get("CONVA_BENCH_TMP")), []
-    try:
-        for mb in sizes_mb:
-            path = os.path.join(folder, f"prompts-{mb}mb.parquet")
-            n = mb * 2**20 // 200  # ~200 incompressible bytes of prompt per row
-            rng = np.random.default_rng(mb)
-            with pq.ParquetWriter(path, pa.schema([("value", pa.string()), ("prompt", pa.string())])) as w:
-                for start in range(0, n, 100_000):
-                    k = min(100_000, n - start)
-                    text = rng.integers(0, 256, size=(k, 100), dtype=np.uint8)
-                    prompts = pa.array([row.tobytes().hex() for row in text])
-                    w.write_table(pa.table({"value": pa.array(["power"] * k), "prompt": prompts}))
-            size = os.path.getsize(path)
-            for metadata_only in (True, False) if mb <= full_max_mb else (True,):
-                screened = [0]
 
-                def screen(name: str, records: list) -> None:
-                    screened[0] += len(records)
+def _write_jsonl(path: str, mb: int) -> None:
+    """Rows of ~230 bytes (a 200-character random prompt): one block of 100,000 random rows, repeated."""
+    import json
 
-                with RSSSampler(every_s=0.05) as rss:
-                    base = rss.sample()[1]
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    plan = plan_input(path, rows_per_shard, screen, metadata_only=metadata_only)
-                    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-                    peak = max([rss.sample()[1], *(s[1] for s in rss.samples)])
-                row = {
-                    "file_mb": round(size / 2**20, 1),
-                    "rows": plan.rows,
-                    "shards": len(plan.slices),
-                    "metadata_only": metadata_only,
-                    "wall_s": round(wall, 3),
-                    "cpu_s": round(cpu, 3),
-                    "rows_screened_on_driver": screened[0],
-                    "rss_growth_mb": round(peak - base, 1),
-                }
-                print(row, flush=True)
-                rows.append(row)
-                del plan
-            os.remove(path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    return {"machine": machine(), "rows_per_shard": rows_per_shard, "runs": rows}
+    import numpy as np
+
+    rows = _random_prompts(np.random.default_rng(mb), 100_000)
+    block = "".join(json.dumps({"value": "power", "prompt": p}) + "\n" for p in rows).encode()
+    with open(path, "wb") as f:
+        for _ in range(max(1, mb * 2**20 // len(block))):
+            f.write(block)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,10 +257,15 @@ def main(argv: list[str] | None = None) -> dict:
         default="64,256,1024",
         help="with --preflight: the prompts files' sizes (MB), e.g. 10240",
     )
+    parser.add_argument(
+        "--formats",
+        default="parquet,jsonl",
+        help="with --preflight: the prompts files' formats (parquet,jsonl)",
+    )
     args = parser.parse_args(argv)
     if args.preflight:
         sizes = (8, 32) if args.quick else tuple(int(x) for x in args.sizes_mb.split(","))
-        report = preflight(sizes)
+        report = preflight(sizes, formats=tuple(args.formats.split(",")))
         write_result(RESULTS / "orchestration_preflight.json", report)
         return report
     plan = QUICK if args.quick else ACCEPTANCE if args.acceptance else PLAN

@@ -332,16 +332,20 @@ def orchestration(r: dict) -> str:
 
 def orchestration_preflight(r: dict) -> str:
     lines = [
-        "| file MB | rows | shards | pre-flight | driver wall s | driver CPU s | rows screened on the driver "
-        "| driver RSS growth MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| format | file MB | rows | shards | pre-flight | driver wall s | driver CPU s "
+        "| rows screened on the driver | driver RSS growth MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for x in r["runs"]:
-        how = (
-            "metadata only (now)" if x["metadata_only"] else "every byte hashed, every row screened (before)"
-        )
+        fmt = x.get("format", "parquet")
+        found = "footer read" if fmt == "parquet" else f"newlines found by {x.get('index', 'driver threads')}"
+        if x["metadata_only"]:
+            how = f"{found}, first {x['rows_screened_on_driver']:,} rows screened (a job's pre-flight)"
+        else:
+            how = f"{'every byte hashed' if fmt == 'parquet' else found}, every row screened"
         lines.append(
-            f"| {x['file_mb']:,.0f} | {x['rows']:,} | {x['shards']:,} | {how} | {x['wall_s']:.3f} | {x['cpu_s']:.3f} "
+            f"| {fmt} | {x['file_mb']:,.0f} | {x['rows']:,} | {x['shards']:,} | {how} | {x['wall_s']:.3f} "
+            f"| {x['cpu_s']:.3f} "
             f"| {x['rows_screened_on_driver']:,} | {x.get('rss_growth_mb', '-')} |"
         )
     return "\n".join(lines)
@@ -589,7 +593,7 @@ SECTIONS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ),
     (
         "orchestration_preflight",
-        "Pre-flight of a Parquet prompts file: metadata only vs. every byte",
+        "Pre-flight of a prompts file, Parquet and JSON Lines: a job's vs. every row screened",
         "python -m benchmarks.bench_orchestration --preflight",
         orchestration_preflight,
     ),
