@@ -255,3 +255,31 @@ def test_a_json_lines_file_indexed_by_ray_tasks_off_the_driver_gets_the_same_pla
     # A task's own error comes back, naming the node that could not read the file.
     with pytest.raises(FileNotFoundError, match=r"^on node 127\.0\.0\.1: .*gone\.jsonl"):
         cluster_map(lambda p: open(p).read(), [str(tmp_path / "gone.jsonl")])
+
+
+def test_a_jobs_json_lines_prompts_are_indexed_by_ray_tasks_once_ray_is_joined(
+    ray_session, tmp_path, monkeypatch
+) -> None:
+    from conva.batch import line_index
+    from conva.batch.inputs import plan_input
+    from conva.jobs import planning
+    from conva.workers.cluster_map import cluster_map
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"".join(b'{"value": "power", "prompt": "p%d"}\n' % i for i in range(200)))
+    ranges: list[int] = []
+
+    def spy(fn, bounds):
+        bounds = list(bounds)
+        ranges.append(len(bounds))
+        return cluster_map(fn, bounds)
+
+    monkeypatch.setattr(planning, "cluster_map", spy)
+    monkeypatch.setattr(line_index, "RANGE_BYTES", 500)  # many ranges from a small file
+    cfg = Config()
+    cfg = cfg.model_copy(update=dict(data=cfg.data.model_copy(update=dict(prompts=str(path)))))
+    spec = planning.steering_spec(cfg, "generations", {})
+    assert ranges == [-(-path.stat().st_size // 500)]  # one task per range, in one map
+    here = plan_input(str(path), cfg.ray.steer_shard_rows)
+    assert list(spec.input.slices) == list(here.slices) and spec.input.sha256 == here.sha256
+    assert spec.n_shards == len(here.slices) > 10

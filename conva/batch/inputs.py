@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from conva.batch.line_index import RANGE_BYTES, Map, combine, index_ranges
+from conva.batch.line_index import Map, combine, index_ranges
 from conva.batch.storage import Location, location
 from conva.data import DATA_SUFFIXES, DataError, Record, csv_records, folder_files, jsonl_records, raw_row
 
@@ -232,7 +232,7 @@ def plan_input(
     screen: Screen | None = None,
     metadata_only: bool = False,
     map_ranges: Map | None = None,
-    range_bytes: int = RANGE_BYTES,
+    range_bytes: int | None = None,
     screen_rows: int | None = None,
 ) -> InputPlan:
     """Plan the shards of a file or a folder of files (path or URI); one pass per file, none for Parquet's rows.
@@ -278,7 +278,7 @@ def _plan_file(
     label: str,
     metadata_only: bool,
     map_ranges: Map | None,
-    range_bytes: int,
+    range_bytes: int | None,
 ) -> tuple[Sequence[InputSlice], str, FileReport]:
     if fmt == "parquet":
         even, sha = _plan_parquet(where, rows_per_shard, label, metadata_only)

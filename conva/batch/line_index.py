@@ -162,12 +162,14 @@ class _Scan:
 
 
 def index_ranges(
-    uri: str, size: int, rows_per_shard: int, range_bytes: int = RANGE_BYTES, map_ranges: Map | None = None
+    uri: str, size: int, rows_per_shard: int, range_bytes: int | None = None, map_ranges: Map | None = None
 ) -> list[RangeIndex]:
     """Every range of a ``size``-byte file, indexed by ``map_ranges`` (default: a thread per core here).
 
-    A file of one range is indexed here, in this thread, whatever ``map_ranges`` is.
+    A file of one range (``range_bytes``, default :data:`RANGE_BYTES`) is indexed here, in this thread,
+    whatever ``map_ranges`` is.
     """
+    range_bytes = range_bytes or RANGE_BYTES
     bounds = [(s, min(s + range_bytes, size)) for s in range(0, size, range_bytes)] or [(0, 0)]
 
     def one(bound: tuple[int, int]) -> RangeIndex:
