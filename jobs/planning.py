@@ -8,17 +8,21 @@ every read error named by the config key that points at the file (:func:`read_in
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 from conva.batch.badrows import RowTally
 from conva.batch.config import Config
 from conva.batch.inputs import plan_input, table_sha256
+from conva.batch.line_index import thread_map
 from conva.batch.steer_rows import steering_rows, steering_rows_from_records
 from conva.data import DataError
 from conva.jobs.common import JobError, connect_ray
 from conva.jobs.stages import GeneratedInput, StageSpec, shard_config
 from conva.workers.cluster_map import cluster_map
+
+_log = logging.getLogger("conva.jobs")
 
 __all__ = [
     "read_input",
@@ -130,13 +134,19 @@ def steering_spec(
 def index_map():
     """How a large JSON Lines file's ranges are indexed: as Ray tasks when the job runs on a cluster
     (``RAY_ADDRESS`` is set, or Ray is already joined; it is joined here if need be), else ``None``: a thread
-    per core on this machine. A file of one range (256 MiB) is always indexed here."""
+    per core on this machine. A file of one range (256 MiB) is always indexed here; so is every range while
+    the cluster has no CPU (an autoscaling cluster before its first worker node: tasks would wait for one)."""
     ray = sys.modules.get("ray")
     if not os.environ.get("RAY_ADDRESS") and not (ray is not None and ray.is_initialized()):
         return None
 
     def on_cluster(fn, bounds):
         connect_ray()
+        import ray
+
+        if ray.cluster_resources().get("CPU", 0) < 1:
+            _log.info("the cluster has no CPU yet: indexing %d ranges on this machine", len(bounds))
+            return thread_map(fn, bounds)
         return cluster_map(fn, bounds)
 
     return on_cluster

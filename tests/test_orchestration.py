@@ -283,3 +283,9 @@ def test_a_jobs_json_lines_prompts_are_indexed_by_ray_tasks_once_ray_is_joined(
     here = plan_input(str(path), cfg.ray.steer_shard_rows)
     assert list(spec.input.slices) == list(here.slices) and spec.input.sha256 == here.sha256
     assert spec.n_shards == len(here.slices) > 10
+    # A cluster with no CPU yet (autoscaling from zero worker nodes): tasks would wait, so threads index here.
+    import ray
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 1.0})
+    again = planning.steering_spec(cfg, "generations", {})
+    assert len(ranges) == 1 and list(again.input.slices) == list(here.slices)

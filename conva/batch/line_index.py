@@ -39,13 +39,16 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from conva.batch.storage import location
 
-__all__ = ["RANGE_BYTES", "RangeIndex", "index_range", "index_ranges", "combine", "Map"]
+__all__ = ["RANGE_BYTES", "RangeIndex", "index_range", "index_ranges", "combine", "thread_map", "Map"]
 
+T = TypeVar("T")
+R = TypeVar("R")
 RANGE_BYTES = 256 << 20  # a file up to this size is one range: indexed exactly as by one sequential pass
 _CHUNK = 8 << 20
 _TEXT = np.ones(256, dtype=bool)  # bytes that make a line a row: all but ASCII whitespace (bytes.strip's set)
@@ -177,10 +180,13 @@ def index_ranges(
 
     if len(bounds) == 1:  # a small file: here, whatever the map
         return [one(bounds[0])]
-    if map_ranges is not None:
-        return list(map_ranges(one, bounds))
-    with ThreadPoolExecutor(max_workers=min(len(bounds), _cores())) as pool:
-        return list(pool.map(one, bounds))
+    return list((map_ranges or thread_map)(one, bounds))
+
+
+def thread_map(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``[fn(item) for item in items]`` on a thread per core of this machine (the scan releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), _cores()))) as pool:
+        return list(pool.map(fn, items))
 
 
 def combine(parts: Sequence[RangeIndex]) -> tuple[np.ndarray, int, int, str]:
