@@ -66,7 +66,7 @@ def check_error_fraction(cfg: Config, key: str, tally: RowTally, planned: int | 
     of = (
         f"the first {tally.rows} of {planned}" if planned is not None and planned > tally.rows else tally.rows
     )
-    if tally.rows and tally.bad > limit * tally.rows:
+    if tally.too_many_bad(limit):
         raise JobError(
             f"{key}: {tally.bad} of {of} rows ({tally.bad / tally.rows:.0%}) cannot be steered, "
             f"more than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. Is it the right "

@@ -147,7 +147,7 @@ def check_run_errors(cfg: Config, folder: str, tally: RowTally) -> None:
     counts toward ``data.max_error_fraction`` here, as the screened rows did before the run.
     """
     limit = cfg.data.max_error_fraction
-    if tally.rows and tally.bad > limit * tally.rows:
+    if tally.too_many_bad(limit):
         raise JobError(
             f"{folder}: {tally.bad} of {tally.rows} rows ({tally.bad / tally.rows:.0%}) are error rows, more "
             f"than data.max_error_fraction = {limit:g} allows: {tally.one_line()}. The rows are committed "

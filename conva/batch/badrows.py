@@ -117,6 +117,10 @@ class RowTally:
     def steered(self) -> int:
         return self.valued - self.gated_off
 
+    def too_many_bad(self, max_fraction: float) -> bool:
+        """More error rows than ``max_fraction`` of the rows (``data.max_error_fraction``) allows."""
+        return self.rows > 0 and self.bad > max_fraction * self.rows
+
     def counts(self) -> str:
         """``12 rows read: 5 steered, 3 gated off, 2 neutral, 2 error rows`` (steered and gated off once generated)."""
         kinds = (
