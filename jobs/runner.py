@@ -48,8 +48,9 @@ from conva.jobs.preflight import (
 )
 from conva.jobs.registry import job_names, job_stages, stage_decl
 from conva.jobs.stages import StageResult, open_stages, stage_runs
+from conva.workers.calls import Cancelled, ShardFailedError
 from conva.workers.pool import WorkerPool, WorkerStartError
-from conva.workers.scheduler import Cancelled, ShardFailedError, run_stages
+from conva.workers.scheduler import run_stages
 from conva.workers.tasks import StageRun, WorkerSpec
 
 __all__ = ["JOBS", "run_job", "run_planned", "run_model", "main", "FAILURES", "final_line", "committed_line"]
@@ -250,7 +251,7 @@ def run_model(
     Starts no Ray and no worker when every shard is already committed. The model is loaded once per
     worker and serves every stage; stages overlap where their dependencies allow. ``job.extra["stages"]``
     holds the open stages (for a report after an interruption); ``cancel`` stops the run from another
-    thread (:class:`~conva.workers.scheduler.Cancelled`). The workers are stopped however the run ends.
+    thread (:class:`~conva.workers.calls.Cancelled`). The workers are stopped however the run ends.
     """
     t0 = time.monotonic()
     work = any(p.pending for p in stage_plans(job, overwrite))

@@ -4,6 +4,7 @@
 * The batch plumbing (``conva/batch/``) imports nothing of the Ray side, nor Ray.
 * No import cycle among the project's modules, and no private name (``_x``) imported from another module.
 * ``conva validate`` loads neither torch nor transformers (nor scikit-learn): it promises to load no model.
+* Rooms a newcomer can hold in mind: no module over 500 lines, no function over 60.
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ def test_the_method_modules_use_steering_only_through_its_spec() -> None:
             if _within(module, ("conva.steering",)) and module != "conva.steering.spec"
         ]
     assert not bad, "\n".join(bad)
+
+
+def test_no_module_over_500_lines_and_no_function_over_60() -> None:
+    long_modules, long_functions = [], []
+    for name, path in _modules().items():
+        text = path.read_text()
+        if text.count("\n") > 500:
+            long_modules.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text, str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 60:
+                    long_functions.append(f"{name}.{node.name} (line {node.lineno}): {length} lines")
+    assert (long_modules, long_functions) == ([], [])
 
 
 def test_no_import_cycles() -> None:

@@ -30,7 +30,8 @@ from conva.jobs import runner
 from conva.jobs.runner import main, run_job
 from conva.models import load_model, model_fingerprint
 from conva.tiny import make_tiny_model
-from conva.workers.scheduler import _Call, _Runner
+from conva.workers.calls import ShardCall
+from conva.workers.scheduler import _Runner
 from conva.workers.tasks import StageRun
 
 pytestmark = pytest.mark.slow  # a real (embedded) Ray and actors
@@ -342,7 +343,7 @@ def test_a_worker_that_returns_data_fails_the_job() -> None:
     with pytest.raises(
         TypeError, match="workers must write their shard to the store and return only its ShardRecord"
     ):
-        runner_._accept(_Call(None, run, 0, "a", 0.0), pa.table({"x": [1]}))
+        runner_._accept(ShardCall(None, run, 0, "a", 0.0), pa.table({"x": [1]}))
     assert ShardRecord.__dataclass_fields__.keys() >= {"objects", "rows", "attempt"}
 
 

@@ -28,7 +28,7 @@ _EXPORTS = {
     "WorkerPool": "pool",
     "StageRun": "tasks",
     "run_stages": "scheduler",
-    "ShardFailedError": "scheduler",
+    "ShardFailedError": "calls",
     "WorkerStartError": "pool",
 }
 __all__ = sorted(_EXPORTS)

@@ -35,13 +35,14 @@ import time
 import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from conva.batch.store import ShardRecord
+from conva.workers.calls import Cancelled, ShardCall, ShardFailedError
 from conva.workers.pool import (
     PoolMember,
     WorkerPool,
@@ -55,36 +56,13 @@ from conva.workers.progress import StageProgress
 from conva.workers.tasks import StageRun
 from conva.workers.worker import running_attempt
 
-__all__ = ["run_stages", "ShardFailedError", "Cancelled"]
+__all__ = ["run_stages"]
 
 _log = logging.getLogger("conva.jobs")
 
 _TICK_S = 0.5
 _DURATION_SAMPLES = 256  # recent shard times per stage, for the median a straggler is measured against
 _MIN_SAMPLES = 3  # no speculation before this many shards of the stage finished
-
-
-class ShardFailedError(RuntimeError):
-    """A shard failed for good: a fatal worker error, or retries (deaths, timeouts, transient errors) used up."""
-
-    def __init__(self, stage: str, shard: int, message: str) -> None:
-        super().__init__(f"{stage} shard {shard} failed: {message}")
-        self.stage, self.shard = stage, shard
-
-
-class Cancelled(RuntimeError):
-    """The run was asked to stop (its ``cancel`` event was set, e.g. by a signal to a study's driver)."""
-
-
-@dataclass
-class _Call:
-    ref: Any
-    run: StageRun
-    shard: int
-    attempt: str
-    submitted: float
-    timed_out: bool = False
-    speculative: bool = False  # a second attempt at a straggler (first record wins)
 
 
 class _Runner:
@@ -94,15 +72,15 @@ class _Runner:
         self.pool, self.runs, self.cancel = pool, list(runs), cancel
         self.queue: dict[str, deque[int]] = {r.name: deque(r.stage.pending()) for r in runs}
         self.delayed: list[tuple[float, StageRun, int]] = []
-        self.calls: dict[Any, tuple[PoolMember, _Call]] = {}
+        self.calls: dict[Any, tuple[PoolMember, ShardCall]] = {}
         # Calls whose shard another attempt committed first (speculation): collected as they finish.
-        self.losers: dict[Any, tuple[PoolMember, _Call]] = {}
-        self.live: defaultdict[tuple[str, int], list[_Call]] = defaultdict(
+        self.losers: dict[Any, tuple[PoolMember, ShardCall]] = {}
+        self.live: defaultdict[tuple[str, int], list[ShardCall]] = defaultdict(
             list
         )  # attempts in flight per shard
         self.done: set[tuple[str, int]] = set()  # shards committed in this run
         # Records returned in this scheduling pass, awaiting their group commit.
-        self.returned: list[tuple[_Call, ShardRecord]] = []
+        self.returned: list[tuple[ShardCall, ShardRecord]] = []
         self.speculated: set[tuple[str, int]] = set()
         self.durations: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=_DURATION_SAMPLES))
         self.commits = 0
@@ -213,7 +191,9 @@ class _Runner:
         divisor = self.divisor[(run.name, shard)]
         if divisor > 1:
             task = replace(task, batch_divisor=divisor)
-        call = _Call(member.actor.run.remote(task), run, shard, attempt, time.time(), speculative=speculative)
+        call = ShardCall(
+            member.actor.run.remote(task), run, shard, attempt, time.time(), speculative=speculative
+        )
         self.progress[run.name].dispatched()
         member.calls.append(call)
         self.calls[call.ref] = (member, call)
@@ -230,15 +210,10 @@ class _Runner:
         idle = [m for m in self.pool.members if not m.calls]
         if not idle:
             return
-        now = time.time()
-        for member in list(self.pool.members):
-            if not member.calls or member.calls[0].timed_out:
-                continue
-            head = member.calls[0]
+        for member, head, running in self._running_heads():
             times = self.durations.get(head.run.name)
             if not times or len(times) < _MIN_SAMPLES:
                 continue
-            running = now - max(head.submitted, member.last_done)
             median = statistics.median(times)
             if running < factor * median:
                 continue
@@ -280,7 +255,7 @@ class _Runner:
         self._forget(member, call)
         self._accept(call, record)
 
-    def _forget(self, member: PoolMember, call: _Call) -> None:
+    def _forget(self, member: PoolMember, call: ShardCall) -> None:
         self.calls.pop(call.ref, None)
         self.losers.pop(call.ref, None)
         live = self.live.get((call.run.name, call.shard))
@@ -293,7 +268,7 @@ class _Runner:
             member.calls.remove(call)
         member.last_done = time.time()
 
-    def _accept(self, call: _Call, record: Any) -> None:
+    def _accept(self, call: ShardCall, record: Any) -> None:
         if not isinstance(record, ShardRecord):
             raise TypeError(
                 f"{call.run.name} shard {call.shard}: a worker returned {type(record).__name__}; "
@@ -338,7 +313,7 @@ class _Runner:
                     self._committed(call, record)
             run.stage.compact_if_due()
 
-    def _committed(self, call: _Call, record: ShardRecord) -> None:
+    def _committed(self, call: ShardCall, record: ShardRecord) -> None:
         key = (call.run.name, call.shard)
         self.done.add(key)
         self.commits += 1
@@ -351,7 +326,7 @@ class _Runner:
         if call.run.on_commit is not None:
             call.run.on_commit(record)
 
-    def _failed(self, call: _Call, cause: BaseException) -> None:
+    def _failed(self, call: ShardCall, cause: BaseException) -> None:
         kind, key = getattr(cause, "kind", "fatal"), (call.run.name, call.shard)
         text = f"{type(cause).__name__}: {first_line(cause)}"
         if key in self.done or self.live.get(
@@ -386,7 +361,7 @@ class _Runner:
         )
         self.delayed.append((time.monotonic() + delay, call.run, call.shard))
 
-    def _hardware(self, member: PoolMember, call: _Call, cause: BaseException) -> None:
+    def _hardware(self, member: PoolMember, call: ShardCall, cause: BaseException) -> None:
         """A hardware-class error (CUDA, ECC, NCCL): the worker's accelerator is suspect, so the worker is
         replaced and the shard retried elsewhere, counted like a death (``ray.max_task_retries``)."""
         key = (call.run.name, call.shard)
@@ -417,7 +392,7 @@ class _Runner:
         for c in reversed([call, *behind]):
             self._requeue(c)
 
-    def _requeue(self, call: _Call) -> None:
+    def _requeue(self, call: ShardCall) -> None:
         """Queue a shard again unless it is committed or another attempt at it is still running."""
         key = (call.run.name, call.shard)
         if key not in self.done and not self.live.get(key):
@@ -477,15 +452,20 @@ class _Runner:
             _delete_attempt(c)
         self.pool.remove(member, reason)
 
+    def _running_heads(self) -> list[tuple[PoolMember, ShardCall, float]]:
+        """Each worker's running call (the head of its calls; none already timed out) and its seconds so far:
+        a worker runs its calls in order, so the head started when it was submitted or the one before ended."""
+        now = time.time()
+        return [
+            (member, member.calls[0], now - max(member.calls[0].submitted, member.last_done))
+            for member in list(self.pool.members)
+            if member.calls and not member.calls[0].timed_out
+        ]
+
     def _check_timeouts(self, timeout: float) -> None:
         if timeout <= 0:
             return
-        now = time.time()
-        for member in list(self.pool.members):
-            if not member.calls or member.calls[0].timed_out:
-                continue
-            head = member.calls[0]
-            running = now - max(head.submitted, member.last_done)
+        for member, head, running in self._running_heads():
             if running > timeout:
                 head.timed_out = True
                 _log.warning(
@@ -510,7 +490,7 @@ def run_stages(pool: WorkerPool, runs: Sequence[StageRun], cancel: threading.Eve
     _Runner(pool, runs, cancel).run()
 
 
-def _delete_attempt(call: _Call) -> None:
+def _delete_attempt(call: ShardCall) -> None:
     """Delete what a dead attempt wrote (a call that finished as its worker died writes its files, but its
     record never arrives); best effort: a reopened stage deletes whatever is left (``Stage.open``)."""
     where = call.run.stage.attempt_location(call.shard, call.attempt)

@@ -15,6 +15,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from conva.batch.storage import Location
+from conva.batch.store.collect import delete_dead_attempts, strays
 from conva.batch.store.keys import config_hash, normalize
 from conva.batch.store.log import (
     ATTEMPTS_DIR,
@@ -183,7 +184,7 @@ class Stage:
                     self._publish(record)  # committed, but the driver died before publishing it
                 elif not current:
                     live.add(self._attempt_folder(record))
-        self._delete_dead_attempts(listing, live)
+        delete_dead_attempts(self.location, listing, live)
         self._delete_strays(listing)
 
     def _check_shard(self, gen: Generation, record: ShardRecord, listing: dict[str, int]) -> str | None:
@@ -199,33 +200,10 @@ class Stage:
                 return f"{where} has {size} bytes, the commit recorded {obj.bytes}"
         return None
 
-    def _delete_dead_attempts(self, listing: dict[str, int], live: set[str]) -> None:
-        """Delete attempt folders no committed shard needs (failed, raced or zombie attempts), in batches."""
-        dead: dict[str, list[str]] = {}
-        for name in listing:
-            if name.startswith(ATTEMPTS_DIR + "/"):
-                folder = "/".join(name.split("/")[:3])
-                if folder not in live:
-                    dead.setdefault(folder, []).append(name)
-        if dead:
-            _log.info(
-                "%s: deleting the objects of %d uncommitted attempts (%s%s)",
-                self.location,
-                len(dead),
-                ", ".join(sorted(dead)[:3]),
-                ", …" if len(dead) > 3 else "",
-            )
-        if self.location.is_local:
-            for folder in sorted(dead):
-                self.location.child(folder).delete_tree()
-        else:
-            self.location.delete_many([n for names in dead.values() for n in names])
-
     def _strays(self, listing: dict[str, int]) -> list[str]:
         """Published-looking files the current generation does not list."""
         cur = self._state.gens.get(self._state.current) if self._state.current is not None else None
-        named = {o.name for r in cur.shards.values() for o in r.objects} if cur else set()
-        return sorted(n for n in listing if not n.startswith(("_", ".")) and n not in named)
+        return strays(listing, {o.name for r in cur.shards.values() for o in r.objects} if cur else set())
 
     def _refuse_strays(self, listing: dict[str, int]) -> None:
         strays = self._strays(listing)
