@@ -261,7 +261,8 @@ class RSSSampler:
     """Samples this process's RSS and USS (MB) every ``every_s`` seconds in a daemon thread, as ``(time, rss, uss)``.
 
     USS counts private pages only, not the Ray object store's shared memory mapped into the process.
-    Use as a context manager; ``samples`` holds what it saw.
+    Use as a context manager; ``samples`` holds what it saw, ``cpu_s`` the CPU its own thread spent (reading
+    ``/proc/<pid>/smaps`` is not free: subtract it from the process's CPU time).
     """
 
     def __init__(self, every_s: float = 0.5) -> None:
@@ -269,6 +270,7 @@ class RSSSampler:
 
         self.proc, self.every_s = psutil.Process(), every_s
         self.samples: list[tuple[float, float, float]] = []
+        self.cpu_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -277,8 +279,10 @@ class RSSSampler:
         return time.time(), full.rss / 2**20, full.uss / 2**20
 
     def _run(self) -> None:
+        start = time.thread_time()
         while not self._stop.is_set():
             self.samples.append(self.sample())
+            self.cpu_s = time.thread_time() - start
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> RSSSampler:

@@ -332,7 +332,7 @@ def orchestration(r: dict) -> str:
 
 def orchestration_preflight(r: dict) -> str:
     lines = [
-        "| format | file MB | rows | shards | pre-flight | driver wall s | driver CPU s "
+        "| format | file MB | rows | shards | pre-flight | driver wall s | driver CPU s (the RSS sampler's own left out) "
         "| rows screened on the driver | driver RSS growth MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
