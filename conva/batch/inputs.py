@@ -240,10 +240,10 @@ def plan_input(
     Shards never span two files. ``screen``, if given, sees every row as the workers will read it
     (see the module docstring). ``metadata_only``: a Parquet file is planned from its metadata alone, and
     the screen sees each file's first shard and whole shards after it while fewer than ``screen_rows``
-    (default :data:`SCREEN_ROWS`) rows of the input have been screened (a small input: all of it; a large one: constant time). JSON Lines and
-    CSV still take one pass to find their rows; ``map_ranges`` runs the JSON Lines range index
-    (:mod:`conva.batch.line_index`; default: a thread per core). Raises :class:`DataError` naming the file
-    if it cannot be read.
+    (default :data:`SCREEN_ROWS`) rows of the input have been screened: a small input whole, a large one
+    in constant time. JSON Lines and CSV still take one pass to find their rows; ``map_ranges`` runs the
+    JSON Lines range index (:mod:`conva.batch.line_index`; default: a thread per core). Raises
+    :class:`DataError` naming the file if it cannot be read.
     """
     parts: list[Sequence[InputSlice]] = []
     digest, rows, reports, screened = hashlib.sha256(), 0, [], 0
