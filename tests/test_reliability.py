@@ -292,9 +292,15 @@ def test_a_hung_shard_is_killed_at_its_timeout_and_retried(ray_session, model, t
 def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_the_shard(
     ray_session, model, tmp_path, faults, capsys
 ) -> None:
+    # One job for both recoveries: shard 2 fails once (transient), shard 3 twice with an OOM.
     out = tmp_path / "once"
     cfg = _cfg(model, out)
-    faults(fail={"stage": "extract", "shard": 2, "times": 1, "error": "OSError"})
+    markers = faults(
+        fail=[
+            {"stage": "extract", "shard": 2, "times": 1, "error": "OSError"},
+            {"stage": "extract", "shard": 3, "times": 2, "error": "OutOfMemoryError"},
+        ]
+    )
     [result] = run_job("extract", cfg)
     log = (out / "run.log").read_text()
     assert re.search(
@@ -303,6 +309,12 @@ def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_
         log,
     ), log[-3000:]
     assert "extract: shard 2 succeeded on attempt 2" in log and result.processed == result.shards
+    assert (
+        "extract: shard 3 attempt" in log
+        and "failed (oom, retry 2 of 3 in 2 s, batches 1/4 of the configured size)" in log
+    )
+    seen = sorted(int(p.name.split("-")[3].split(".")[0]) for p in markers.glob("divisor-extract-00003-*"))
+    assert seen == [1, 2, 4]  # each retry ran with half the batch before
     _check_rows(cfg, out)
     faults(fail={"stage": "extract", "shard": 1, "times": 99, "error": "OSError"})
     argv = ["--config", str(TINY), *_argv(model, tmp_path / "always", "--ray.transient_retries=2")]
@@ -310,18 +322,6 @@ def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
     assert "extract shard 1 failed: 3 attempts failed (transient; ray.transient_retries=2)" in line
     assert "injected OSError at extract shard 1" in line and "node 127.0.0.1" in line
-    markers = faults(fail={"stage": "extract", "shard": 3, "times": 2, "error": "OutOfMemoryError"})
-    [result] = run_job("extract", _cfg(model, tmp_path / "oom"))
-    log = (tmp_path / "oom" / "run.log").read_text()
-    assert (
-        "extract: shard 3 attempt" in log
-        and "failed (oom, retry 2 of 3 in 2 s, batches 1/4 of the configured size)" in log
-    )
-    seen = sorted(int(p.name.split("-")[3].split(".")[0]) for p in markers.glob("divisor-extract-00003-*"))
-    assert (
-        seen == [1, 2, 4] and result.processed == result.shards
-    )  # each retry ran with half the batch before
-    _check_rows(_cfg(model, tmp_path / "oom"), tmp_path / "oom")
     faults(fail={"stage": "extract", "shard": 0, "times": 1, "error": "ValueError"})
     assert main("extract", ["--config", str(TINY), *_argv(model, tmp_path / "fatal")]) == 2
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
