@@ -371,8 +371,17 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _on_session_ray() -> dict[str, str]:
+    """A driver's environment that joins the session's Ray (``RAY_ADDRESS``), as a driver on a cluster does,
+    instead of starting a Ray of its own (~10 s on the 2-core machine). Its workers are the session's, so the
+    session's fault plan (``fault_plan``) is the one they follow."""
+    import ray
+
+    return _env(RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+
+
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    # Its own session: what is left of its embedded Ray after a kill is signalled as a group, and only it.
+    # Its own session: whatever it started is signalled as a group after a kill, and only it.
     with open(log, "w") as fh:
         return subprocess.Popen(
             [sys.executable, *args],
@@ -394,16 +403,14 @@ def _reap(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
-    """``python -m conva.jobs.extract`` SIGKILLed once half its shards are committed, then rerun to the end in-process."""
+    """``python -m conva.jobs.extract`` on the session's Ray, SIGKILLed once half its shards are committed, then
+    rerun to the end in-process."""
     out = tmp_path_factory.mktemp("killed") / "out"
     argv = ["--config", str(TINY), *_argv(model, out, "--ray.rows_per_shard=12")]
     cfg = load_config(TINY, argv[2:])
     n = len(shard_ranges(extraction_rows(cfg).num_rows, 12))
-    slow = fault_plan.parent / "slow.json"
-    slow.write_text(json.dumps({"sleep_s": 0.3}))
-    proc = _spawn(
-        ["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _env(CONVA_TEST_FAULTS=str(slow))
-    )
+    fault_plan.write_text(json.dumps({"sleep_s": 0.3}))  # the killed driver's shards only: cleared below
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _on_session_ray())
     try:
         deadline = time.monotonic() + 180
         while len(_committed(out)) < n // 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -411,6 +418,7 @@ def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
+        fault_plan.write_text("{}")
         _reap(proc)
     at_kill = _committed(out)
     before = _files(out / "activations", "part-*.parquet")
@@ -469,16 +477,11 @@ def test_a_finished_rerun_is_a_quick_no_op_and_a_changed_config_is_refused(kille
 
 
 @pytest.mark.slow
-def test_a_second_driver_on_the_same_output_is_refused(
-    ray_session, model, tmp_path, fault_plan, capsys
-) -> None:
+def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_path, faults, capsys) -> None:
     out = tmp_path / "out"
     argv = ["--config", str(TINY), *_argv(model, out)]
-    slow = fault_plan.parent / "slower.json"
-    slow.write_text(json.dumps({"sleep_s": 0.5}))
-    proc = _spawn(
-        ["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _env(CONVA_TEST_FAULTS=str(slow))
-    )
+    faults(sleep_s=0.5)  # the first driver's shards (the second never starts a worker)
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _on_session_ray())
     try:
         deadline = time.monotonic() + 120
         while len(_committed(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:
