@@ -36,14 +36,26 @@ def pytest_configure(config: pytest.Config) -> None:
 _SHARED_RESOURCES = ("smollm2_server",)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Group tests for ``pytest -n 2 --dist loadgroup`` (the README's test command): a module's tests run on
     one worker, so its module fixtures (a two-node cluster, a fitted bundle) start once, and the tests of a
-    shared session resource (``_SHARED_RESOURCES``) run together. Without ``-n`` the marks change nothing."""
+    shared session resource (``_SHARED_RESOURCES``) run together. Without ``-n`` the marks change nothing.
+
+    The scheduler reads a test's group from its node id (``<id>@<group>``), which pytest-xdist 3.8's worker
+    hook writes to ``item._nodeid``: pytest 9 keeps the id in ``item._id``, so that write is lost and every
+    test was scheduled alone (a module's fixtures set up again on the other worker: SmolLM2's 80 s fit
+    twice, a second two-node cluster). On a worker, this hook writes the suffix itself, through pytest's id.
+    """
+    from _pytest.nodeid import coerce_node_id
+
+    suffix = bool(os.environ.get("PYTEST_XDIST_WORKER")) and bool(config.getvalue("loadgroup"))
     for item in items:
         shared = [name for name in _SHARED_RESOURCES if name in getattr(item, "fixturenames", ())]
         group = shared[0] if shared else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
+        if suffix and "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 @pytest.fixture(scope="session")

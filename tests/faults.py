@@ -11,7 +11,8 @@ A plan is a JSON object; every key is optional::
      "hang": {"stage": "steer", "shard": 2},  # sleep far past any timeout on that shard's first attempt
      "fail": {"stage": "steer", "shard": 1, "times": 1, "error": "OSError"},   # raise on the first attempts
                                               # (OSError, TimeoutError, ValueError, torch's OutOfMemoryError
-                                              # or "CUDAError": a RuntimeError saying "CUDA error: ...")
+                                              # or "CUDAError": a RuntimeError saying "CUDA error: ...");
+                                              # or a list of such, one per shard
      "slow": {"stage": "steer", "shard": 4, "seconds": 30},  # a straggler: its first attempt sleeps this long
      "sleep_s": 0.2,                          # every shard takes at least this long
      "marker_dir": "/tmp/x"}                  # where first attempts are remembered across worker processes
@@ -96,8 +97,10 @@ def hook(task, worker) -> None:
         and _count(plan, f"hang-{stage}-{shard:05d}") == 0
     ):
         time.sleep(3600)
-    fail = plan.get("fail")
-    if fail and (fail["stage"], fail["shard"]) == (stage, shard):
+    fails = plan.get("fail") or []
+    for fail in [fails] if isinstance(fails, dict) else fails:
+        if (fail["stage"], fail["shard"]) != (stage, shard):
+            continue
         _count(plan, f"divisor-{stage}-{shard:05d}-{task.batch_divisor}")  # what batch size each attempt got
         if _count(plan, f"fail-{stage}-{shard:05d}") < int(fail.get("times", 1)):
             name = fail.get("error", "OSError")

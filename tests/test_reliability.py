@@ -292,9 +292,15 @@ def test_a_hung_shard_is_killed_at_its_timeout_and_retried(ray_session, model, t
 def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_the_shard(
     ray_session, model, tmp_path, faults, capsys
 ) -> None:
+    # One job for both recoveries: shard 2 fails once (transient), shard 3 twice with an OOM.
     out = tmp_path / "once"
     cfg = _cfg(model, out)
-    faults(fail={"stage": "extract", "shard": 2, "times": 1, "error": "OSError"})
+    markers = faults(
+        fail=[
+            {"stage": "extract", "shard": 2, "times": 1, "error": "OSError"},
+            {"stage": "extract", "shard": 3, "times": 2, "error": "OutOfMemoryError"},
+        ]
+    )
     [result] = run_job("extract", cfg)
     log = (out / "run.log").read_text()
     assert re.search(
@@ -303,6 +309,12 @@ def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_
         log,
     ), log[-3000:]
     assert "extract: shard 2 succeeded on attempt 2" in log and result.processed == result.shards
+    assert (
+        "extract: shard 3 attempt" in log
+        and "failed (oom, retry 2 of 3 in 2 s, batches 1/4 of the configured size)" in log
+    )
+    seen = sorted(int(p.name.split("-")[3].split(".")[0]) for p in markers.glob("divisor-extract-00003-*"))
+    assert seen == [1, 2, 4]  # each retry ran with half the batch before
     _check_rows(cfg, out)
     faults(fail={"stage": "extract", "shard": 1, "times": 99, "error": "OSError"})
     argv = ["--config", str(TINY), *_argv(model, tmp_path / "always", "--ray.transient_retries=2")]
@@ -310,18 +322,6 @@ def test_transient_errors_and_oom_are_retried_and_a_persistent_one_fails_naming_
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
     assert "extract shard 1 failed: 3 attempts failed (transient; ray.transient_retries=2)" in line
     assert "injected OSError at extract shard 1" in line and "node 127.0.0.1" in line
-    markers = faults(fail={"stage": "extract", "shard": 3, "times": 2, "error": "OutOfMemoryError"})
-    [result] = run_job("extract", _cfg(model, tmp_path / "oom"))
-    log = (tmp_path / "oom" / "run.log").read_text()
-    assert (
-        "extract: shard 3 attempt" in log
-        and "failed (oom, retry 2 of 3 in 2 s, batches 1/4 of the configured size)" in log
-    )
-    seen = sorted(int(p.name.split("-")[3].split(".")[0]) for p in markers.glob("divisor-extract-00003-*"))
-    assert (
-        seen == [1, 2, 4] and result.processed == result.shards
-    )  # each retry ran with half the batch before
-    _check_rows(_cfg(model, tmp_path / "oom"), tmp_path / "oom")
     faults(fail={"stage": "extract", "shard": 0, "times": 1, "error": "ValueError"})
     assert main("extract", ["--config", str(TINY), *_argv(model, tmp_path / "fatal")]) == 2
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("conva extract: error:")]
@@ -371,8 +371,17 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _on_session_ray() -> dict[str, str]:
+    """A driver's environment that joins the session's Ray (``RAY_ADDRESS``), as a driver on a cluster does,
+    instead of starting a Ray of its own (~10 s on the 2-core machine). Its workers are the session's, so the
+    session's fault plan (``fault_plan``) is the one they follow."""
+    import ray
+
+    return _env(RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+
+
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    # Its own session: what is left of its embedded Ray after a kill is signalled as a group, and only it.
+    # Its own session: whatever it started is signalled as a group after a kill, and only it.
     with open(log, "w") as fh:
         return subprocess.Popen(
             [sys.executable, *args],
@@ -394,16 +403,14 @@ def _reap(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
-    """``python -m conva.jobs.extract`` SIGKILLed once half its shards are committed, then rerun to the end in-process."""
+    """``python -m conva.jobs.extract`` on the session's Ray, SIGKILLed once half its shards are committed, then
+    rerun to the end in-process."""
     out = tmp_path_factory.mktemp("killed") / "out"
     argv = ["--config", str(TINY), *_argv(model, out, "--ray.rows_per_shard=12")]
     cfg = load_config(TINY, argv[2:])
     n = len(shard_ranges(extraction_rows(cfg).num_rows, 12))
-    slow = fault_plan.parent / "slow.json"
-    slow.write_text(json.dumps({"sleep_s": 0.3}))
-    proc = _spawn(
-        ["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _env(CONVA_TEST_FAULTS=str(slow))
-    )
+    fault_plan.write_text(json.dumps({"sleep_s": 0.3}))  # the killed driver's shards only: cleared below
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _on_session_ray())
     try:
         deadline = time.monotonic() + 180
         while len(_committed(out)) < n // 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -411,6 +418,7 @@ def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
+        fault_plan.write_text("{}")
         _reap(proc)
     at_kill = _committed(out)
     before = _files(out / "activations", "part-*.parquet")
@@ -469,16 +477,11 @@ def test_a_finished_rerun_is_a_quick_no_op_and_a_changed_config_is_refused(kille
 
 
 @pytest.mark.slow
-def test_a_second_driver_on_the_same_output_is_refused(
-    ray_session, model, tmp_path, fault_plan, capsys
-) -> None:
+def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_path, faults, capsys) -> None:
     out = tmp_path / "out"
     argv = ["--config", str(TINY), *_argv(model, out)]
-    slow = fault_plan.parent / "slower.json"
-    slow.write_text(json.dumps({"sleep_s": 0.5}))
-    proc = _spawn(
-        ["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _env(CONVA_TEST_FAULTS=str(slow))
-    )
+    faults(sleep_s=0.5)  # the first driver's shards (the second never starts a worker)
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _on_session_ray())
     try:
         deadline = time.monotonic() + 120
         while len(_committed(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:

@@ -78,10 +78,15 @@ def _exactly_once(cfg, out: str) -> None:
     assert sorted(got) == sorted(expected) and len(set(got)) == len(got)
 
 
-def _spawn(argv: list[str], log: Path, slow_plan: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CONVA_TEST_FAULTS": str(slow_plan)}
-    env.pop("RAY_ADDRESS", None)
-    with open(log, "w") as fh:  # its own session: its embedded Ray is signalled as a group after the kill
+def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
+    """``python -m conva.jobs.run`` joining the session's Ray (``RAY_ADDRESS``), as a driver on a cluster does,
+    instead of starting a Ray of its own (~10 s on the 2-core machine): its workers follow the session's fault
+    plan, and reach the bucket with the session's AWS variables."""
+    import ray
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    with open(log, "w") as fh:  # its own session: whatever it started is signalled as a group after the kill
         return subprocess.Popen(
             [sys.executable, "-m", "conva.jobs.run", "--config", str(TINY), *argv],
             cwd=REPO,
@@ -131,12 +136,16 @@ def test_every_stage_is_written_to_the_bucket(done, s3, model) -> None:
     assert "_lease.json" not in names  # released at the end
 
 
-def test_a_driver_killed_mid_steering_loses_and_duplicates_no_row(ray_session, s3, model, tmp_path) -> None:
+def test_a_driver_killed_mid_steering_loses_and_duplicates_no_row(
+    ray_session, s3, model, tmp_path, fault_plan
+) -> None:
     out = f"{s3.bucket()}/killed"
-    slow = tmp_path / "slow.json"
-    slow.write_text(json.dumps({"sleep_s": 0.4}))
-    proc = _spawn(_argv(model, out), tmp_path / "driver.log", slow)
-    _kill_when(proc, lambda: len(_keys(s3, out, "generations/part-")) >= 2, tmp_path / "driver.log")
+    fault_plan.write_text(json.dumps({"sleep_s": 0.4}))  # the killed driver's shards only
+    proc = _spawn(_argv(model, out), tmp_path / "driver.log")
+    try:
+        _kill_when(proc, lambda: len(_keys(s3, out, "generations/part-")) >= 2, tmp_path / "driver.log")
+    finally:
+        fault_plan.write_text("{}")
     before = _parts(s3, out)
     cfg = _cfg(model, out)
     results = {r.stage: r for r in run_job("run", cfg)}
@@ -176,14 +185,20 @@ def _stage_config(out: str) -> dict:
     raise AssertionError("no begin record")
 
 
-def test_an_interrupted_overwrite_leaves_the_old_output_whole_and_readable(done, s3, model, tmp_path) -> None:
+def test_an_interrupted_overwrite_leaves_the_old_output_whole_and_readable(
+    done, s3, model, tmp_path, fault_plan
+) -> None:
     out = done["out"]
     old_parts, old_rows = _parts(s3, out), _generations(out)
-    slow = tmp_path / "slow.json"
-    slow.write_text(json.dumps({"sleep_s": 0.4}))
+    fault_plan.write_text(json.dumps({"sleep_s": 0.4}))  # the killed driver's shards only
     argv = [*_argv(model, out, "--steer.p0=0.9"), "--overwrite"]
-    proc = _spawn(argv, tmp_path / "driver.log", slow)
-    _kill_when(proc, lambda: len(_keys(s3, out, "generations/_attempts/g2/")) >= 2, tmp_path / "driver.log")
+    proc = _spawn(argv, tmp_path / "driver.log")
+    try:
+        _kill_when(
+            proc, lambda: len(_keys(s3, out, "generations/_attempts/g2/")) >= 2, tmp_path / "driver.log"
+        )
+    finally:
+        fault_plan.write_text("{}")
     assert _parts(s3, out) == old_parts and _generations(out).equals(old_rows)  # the old output, whole
     assert stage_status(location(out), "generations").pending_generation
     assert set(_generations(out).column("p0").drop_null().to_pylist()) == {0.95}  # the old config's P0
