@@ -345,7 +345,7 @@ def test_a_pool_that_cannot_start_says_what_is_missing(ray_session, model, tmp_p
             "--ray.num_workers=3",
             "--ray.min_workers=3",
             "--ray.num_cpus_per_worker=1",
-            "--ray.startup_timeout_s=8",
+            "--ray.startup_timeout_s=3",  # 2 of the 3 workers fit: the third never starts
         ),
     ]
     assert main("extract", argv) == 2
