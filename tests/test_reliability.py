@@ -278,7 +278,9 @@ def test_a_hung_shard_is_killed_at_its_timeout_and_retried(ray_session, model, t
     faults(hang={"stage": "extract", "shard": 5})
     start = time.monotonic()
     [result] = run_job("extract", cfg)
-    assert time.monotonic() - start < 90
+    # The hang sleeps 3600 s: finishing well inside that means the shard was killed, not waited out (96 s
+    # measured once with three test processes on two cores, 35 s with two).
+    assert time.monotonic() - start < 300
     log = (out / "run.log").read_text()
     assert re.search(
         r"extract: shard 5 attempt \w+ has run \d+ s on worker \w+ .* \(ray.shard_timeout_s=4\); killing", log
