@@ -31,11 +31,10 @@ demo: $(STAMP)
 	$(BIN)/python -m conva.jobs.study --config examples/demo_study.toml
 
 # The suite runs on TEST_WORKERS processes (pytest-xdist), each module's tests on one of them
-# (tests/conftest.py groups them and puts the longest groups first: --no-loadscope-reorder keeps that order
-# instead of xdist's most-tests-first); `make test TEST_WORKERS=0` runs it in this one process.
+# (tests/conftest.py groups them); `make test TEST_WORKERS=0` runs it in this one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 # Lint, format and type check (.ci/run runs this before the tests): ruff's rules and format at line length
 # 110, and mypy on the whole package, conva/ with jobs/ and workers/ as installed (conva.jobs, conva.workers;

@@ -37,8 +37,7 @@ _SHARED_RESOURCES = ("smollm2_server",)
 
 # The longest groups, longest first (summed seconds of a clean clone's run on the 2-core machine, 2026-12-05):
 # handed out first, so the processes finish together (a simulation of those runs: 751 s -> 732 s of wall).
-# A scheduling hint only: an unlisted group runs after these, in collection order. xdist keeps this order only
-# with --no-loadscope-reorder (the Makefile's test command); by default it hands out the groups with most tests first.
+# A scheduling hint only: an unlisted group runs after these, in collection order.
 _LONGEST_FIRST = (
     "tests/test_reliability.py",  # 256 s
     "tests/test_two_nodes.py",  # 123 s
