@@ -35,23 +35,6 @@ def pytest_configure(config: pytest.Config) -> None:
 # Session resources worth starting once: under pytest-xdist every test using one runs on the same worker.
 _SHARED_RESOURCES = ("smollm2_server",)
 
-# The longest groups, longest first (summed seconds of a clean clone's run on the 2-core machine, 2026-12-05):
-# handed out first, so the processes finish together (a simulation of those runs: 751 s -> 732 s of wall).
-# A scheduling hint only: an unlisted group runs after these, in collection order.
-_LONGEST_FIRST = (
-    "tests/test_reliability.py",  # 256 s
-    "tests/test_two_nodes.py",  # 123 s
-    "tests/test_smollm2.py",  # 106 s
-    "tests/test_s3_jobs.py",  # 93 s
-    "tests/test_cli.py",  # 91 s
-    "tests/test_ray_data_llm.py",  # 68 s
-    "tests/test_ray_jobs.py",  # 68 s
-    "tests/test_vllm_plugin.py",  # 67 s
-    "tests/test_vllm.py",  # 61 s
-    "tests/test_benchmarks.py",  # 53 s
-    "smollm2_server",  # 52 s
-)
-
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,23 +45,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     The scheduler reads a test's group from its node id (``<id>@<group>``), which pytest-xdist 3.8's worker
     hook writes to ``item._nodeid``: pytest 9 keeps the id in ``item._id``, so that write is lost and every
     test was scheduled alone (a module's fixtures set up again on the other worker: SmolLM2's 80 s fit
-    twice, a second two-node cluster). On a worker, this hook writes the suffix itself, through pytest's id,
-    and puts the longest groups first (``_LONGEST_FIRST``).
+    twice, a second two-node cluster). On a worker, this hook writes the suffix itself, through pytest's id.
     """
     from _pytest.nodeid import coerce_node_id
 
     suffix = bool(os.environ.get("PYTEST_XDIST_WORKER")) and bool(config.getvalue("loadgroup"))
-    rank = {group: i for i, group in enumerate(_LONGEST_FIRST)}
-    order: dict[int, int] = {}
     for item in items:
         shared = [name for name in _SHARED_RESOURCES if name in getattr(item, "fixturenames", ())]
         group = shared[0] if shared else item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
         if suffix and "@" not in item.nodeid:
             item._id = coerce_node_id(f"{item.nodeid}@{group}")
-        order[id(item)] = rank.get(group, len(rank))
-    if suffix:  # the scheduler hands out groups in collection order: the longest first
-        items.sort(key=lambda item: order[id(item)])
 
 
 @pytest.fixture(scope="session")
