@@ -112,13 +112,14 @@ class _Scan:
         return self.open_start is not None and self.open_start >= stop
 
     def feed(self, data: bytes, offset: int, stop: int) -> None:
-        newlines = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+        arr = np.frombuffer(data, dtype=np.uint8)
+        newlines = np.flatnonzero(arr == 10)
         if self.open_start is None:  # still looking for the first line that starts in the range
             if not len(newlines):
                 return
             skip = int(newlines[0]) + 1
             self.open_start = self.out.first = offset + skip
-            data, newlines, offset = data[skip:], newlines[1:] - skip, offset + skip
+            data, arr, newlines, offset = data[skip:], arr[skip:], newlines[1:] - skip, offset + skip
         if not len(newlines):
             self.open_text = self.open_text or bool(data.strip())
             return
@@ -128,7 +129,7 @@ class _Scan:
         has_text[0] = self.open_text or bool(data[: newlines[0]].strip())
         if len(newlines) > 1:
             firsts = newlines[:-1] + 1
-            has_text[1:] = _TEXT[np.frombuffer(data, dtype=np.uint8)[firsts]]
+            has_text[1:] = _TEXT[arr[firsts]]
             for k in np.flatnonzero(~has_text[1:]) + 1:
                 has_text[k] = bool(data[newlines[k - 1] + 1 : newlines[k]].strip())
         starts = np.concatenate(([self.open_start], offset + newlines[:-1] + 1))
