@@ -150,18 +150,19 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_shard_rerun(
     ray_session, model, tmp_path, faults
 ) -> None:
     out = tmp_path / "out"
-    faults(sleep_s=1.0)  # shards slow until the replacement has joined (then fast: see below)
+    faults(sleep_s=1.0)  # shards slow until the replacement has joined, then fast (see below)
     cfg = _cfg(model, out)
     n = len(shard_ranges(extraction_rows(cfg).num_rows, ROWS))
     killed: list[int] = []
 
     def kill_one_when_two_are_committed_then_wait_for_its_replacement() -> None:
-        deadline, first_two = time.monotonic() + 240, set()
+        deadline, first_two = time.monotonic() + 180, set()
         while time.monotonic() < deadline:
             busy = set(_worker_pids())
             if not killed:
                 first_two |= busy
                 if len(first_two) == 2 and busy and len(_committed(out)) >= 2:
+                    faults(sleep_s=5.0)  # the survivor crawls until the replacement has started
                     killed.append(min(busy))
                     os.kill(killed[0], signal.SIGKILL)
             elif busy - first_two:  # the replacement has loaded the model and runs a shard
