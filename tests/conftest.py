@@ -34,13 +34,32 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # Session resources worth starting once: under pytest-xdist every test using one runs on the same worker.
 _SHARED_RESOURCES = ("smollm2_server",)
+# The longest groups, longest first (seconds each took in one `make test` with three workers on the 2-core
+# machine, 2026-12-05): `make test` hands groups out in collection order (--no-loadscope-reorder), so these
+# start first and the short ones fill the end. With xdist's own order (by test count) a 78 s one-test group
+# started last, on a worker that had queued it early, while the other two sat idle for 100 s.
+_LONGEST_FIRST = (
+    "tests/test_reliability.py",  # 440
+    "tests/test_s3_jobs.py",  # 184
+    "tests/test_ray_jobs.py",  # 173
+    "tests/test_two_nodes.py",  # 161
+    "tests/test_cli.py",  # 152
+    "tests/test_study.py",  # 98
+    "tests/test_smollm2.py",  # 97
+    "tests/test_ray_data_llm.py",  # 78
+    "tests/test_vllm.py",  # 75
+    "tests/test_vllm_plugin.py",  # 74
+    "smollm2_server",  # 65
+)
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests for ``pytest -n 2 --dist loadgroup`` (the README's test command): a module's tests run on
+    """Group tests for ``pytest -n 3 --dist loadgroup`` (the README's test command): a module's tests run on
     one worker, so its module fixtures (a two-node cluster, a fitted bundle) start once, and the tests of a
-    shared session resource (``_SHARED_RESOURCES``) run together. Without ``-n`` the marks change nothing.
+    shared session resource (``_SHARED_RESOURCES``) run together; the longest groups come first
+    (``_LONGEST_FIRST``; the sort is stable, so every other test keeps its place). Without ``-n`` the marks
+    change nothing.
 
     The scheduler reads a test's group from its node id (``<id>@<group>``), which pytest-xdist 3.8's worker
     hook writes to ``item._nodeid``: pytest 9 keeps the id in ``item._id``, so that write is lost and every
@@ -56,6 +75,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.xdist_group(group))
         if suffix and "@" not in item.nodeid:
             item._id = coerce_node_id(f"{item.nodeid}@{group}")
+    rank = {group: i for i, group in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
 
 
 @pytest.fixture(scope="session")
