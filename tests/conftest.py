@@ -37,7 +37,7 @@ _SHARED_RESOURCES = ("smollm2_server",)
 # The longest groups, longest first (seconds each took in one `make test` with three workers on the 2-core
 # machine, 2026-12-05): `make test` hands groups out in collection order (--no-loadscope-reorder), so these
 # start first and the short ones fill the end. With xdist's own order (by test count) a 78 s one-test group
-# started last, on a worker that had queued it early, while the other two sat idle for 100 s.
+# started last, on a worker that had queued it early: one worker sat idle for its last 102 s, two for 32 s.
 _LONGEST_FIRST = (
     "tests/test_reliability.py",  # 440
     "tests/test_s3_jobs.py",  # 184
@@ -59,7 +59,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     one worker, so its module fixtures (a two-node cluster, a fitted bundle) start once, and the tests of a
     shared session resource (``_SHARED_RESOURCES``) run together; the longest groups come first
     (``_LONGEST_FIRST``; the sort is stable, so every other test keeps its place). Without ``-n`` the marks
-    change nothing.
+    change nothing, and the order only puts those modules first.
 
     The scheduler reads a test's group from its node id (``<id>@<group>``), which pytest-xdist 3.8's worker
     hook writes to ``item._nodeid``: pytest 9 keeps the id in ``item._id``, so that write is lost and every

@@ -253,10 +253,9 @@ def _array_sha(arr: np.ndarray) -> str:
     return _sha(f"{arr.dtype.str}{arr.shape}".encode() + arr.tobytes())
 
 
-def _bundle_digests(bundle) -> dict[str, str]:
-    """One digest per tensor of a bundle, and one for the scalars that steer with them (band, P0, gate)."""
-    g = bundle.gate
-    tensors = {
+def _bundle_tensors(bundle) -> dict:
+    """A bundle's tensors by name (the gate's weights ``None`` where it has none)."""
+    return {
         "w": bundle.w,
         "b": bundle.b,
         "layers": bundle.layers,
@@ -264,8 +263,14 @@ def _bundle_digests(bundle) -> dict[str, str]:
         "train_acc": bundle.train_acc,
         "val_acc": bundle.val_acc,
         "test_acc": bundle.test_acc,
-        "gate_w": g.w,
+        "gate_w": bundle.gate.w,
     }
+
+
+def _bundle_digests(bundle) -> dict[str, str]:
+    """One digest per tensor of a bundle, and one for the scalars that steer with them (band, P0, gate)."""
+    g = bundle.gate
+    tensors = _bundle_tensors(bundle)
     digests = {name: "absent" if arr is None else _array_sha(arr) for name, arr in tensors.items()}
     scalars = {
         "band": list(bundle.band),
@@ -279,18 +284,22 @@ def _bundle_digests(bundle) -> dict[str, str]:
     return digests
 
 
-def _generations_digest(out: Path) -> str:
-    """The generations sorted by row_id, its method columns as JSON (floats by ``repr``: exact)."""
-    table = pq.read_table(out / "generations", columns=GENERATED).sort_by("row_id")
+def _generations(out: Path) -> pa.Table:
+    """The generations' method columns, sorted by row_id."""
+    return pq.read_table(out / "generations", columns=GENERATED).sort_by("row_id")
+
+
+def _generations_digest(table: pa.Table) -> str:
+    """The generations (:func:`_generations`), its method columns as JSON (floats by ``repr``: exact)."""
     assert table.num_rows == len(set(table.column("row_id").to_pylist())) > 0
     rows = table.to_pylist()
     assert all(r["output"] is not None for r in rows), "an error row in the demo run"
     return _sha(json.dumps(rows, sort_keys=True, allow_nan=True).encode())
 
 
-def _generation_values(out: Path) -> dict[str, np.ndarray]:
-    """The generations' method columns by row_id: floats (and lists of them) as floats, the rest as JSON text."""
-    table = pq.read_table(out / "generations", columns=GENERATED).sort_by("row_id")
+def _generation_values(table: pa.Table) -> dict[str, np.ndarray]:
+    """The generations' (:func:`_generations`) method columns: floats (and lists of them) as floats, the rest
+    as JSON text."""
     values = {}
     for name in GENERATED:
         column, kind = table.column(name), table.schema.field(name).type
@@ -306,8 +315,7 @@ def _generation_values(out: Path) -> dict[str, np.ndarray]:
 def _bundle_values(bundle) -> dict[str, np.ndarray]:
     """A bundle's tensors, and its scalars as arrays: band, P0 and the gate's layer, bias and threshold."""
     g = bundle.gate
-    tensors = {"w": bundle.w, "b": bundle.b, "layers": bundle.layers, "caa": bundle.caa, "gate_w": g.w}
-    tensors |= {"train_acc": bundle.train_acc, "val_acc": bundle.val_acc, "test_acc": bundle.test_acc}
+    tensors = _bundle_tensors(bundle)
     tensors |= {"band": np.array(bundle.band), "gate_layer": np.array(g.layer)}
     tensors |= {"p0": np.array(bundle.p0), "gate_b": np.array(g.b), "gate_threshold": np.array(g.threshold)}
     return {name: np.asarray(arr) for name, arr in tensors.items() if arr is not None}
@@ -321,12 +329,13 @@ def _run_demo(tiny_path: str, out: Path) -> tuple[dict[str, str], dict[str, np.n
 
     cfg = load_config(DEMO, [f"--model.name={tiny_path}", f"--output.dir={out}", *SHRINK])
     run_job("run", cfg)
-    digests, values = {}, _generation_values(out)
+    generations = _generations(out)
+    digests, values = {}, _generation_values(generations)
     for value in cfg.data.values:
         bundle = load_bundle(out / "bundles" / value)
         digests |= {f"{value}/{name}": d for name, d in _bundle_digests(bundle).items()}
         values |= {f"{value}/{name}": arr for name, arr in _bundle_values(bundle).items()}
-    digests["generations"] = _generations_digest(out)
+    digests["generations"] = _generations_digest(generations)
     return digests, values
 
 

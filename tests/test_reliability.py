@@ -33,6 +33,7 @@ from conva.batch.store import shard_ranges
 from conva.jobs.runner import main, run_job
 from conva.record import format_prompt
 from conva.tiny import make_tiny_model
+from tests.clusters import session_driver_env
 from tests.faults import planned_kill
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,15 +380,6 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _on_session_ray() -> dict[str, str]:
-    """A driver's environment that joins the session's Ray (``RAY_ADDRESS``), as a driver on a cluster does,
-    instead of starting a Ray of its own (~10 s on the 2-core machine). Its workers are the session's, so the
-    session's fault plan (``fault_plan``) is the one they follow."""
-    import ray
-
-    return _env(RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-
-
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     # Its own session: whatever it started is signalled as a group after a kill, and only it.
     with open(log, "w") as fh:
@@ -418,7 +410,7 @@ def killed_driver(ray_session, model, tmp_path_factory, fault_plan):
     cfg = load_config(TINY, argv[2:])
     n = len(shard_ranges(extraction_rows(cfg).num_rows, 12))
     fault_plan.write_text(json.dumps({"sleep_s": 0.3}))  # the killed driver's shards only: cleared below
-    proc = _spawn(["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", _on_session_ray())
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], out.parent / "driver.log", session_driver_env())
     try:
         deadline = time.monotonic() + 180
         while len(_committed(out)) < n // 2 and proc.poll() is None and time.monotonic() < deadline:
@@ -489,7 +481,7 @@ def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_p
     out = tmp_path / "out"
     argv = ["--config", str(TINY), *_argv(model, out)]
     faults(sleep_s=0.5)  # the first driver's shards (the second never starts a worker)
-    proc = _spawn(["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", _on_session_ray())
+    proc = _spawn(["-m", "conva.jobs.extract", *argv], tmp_path / "first.log", session_driver_env())
     try:
         deadline = time.monotonic() + 120
         while len(_committed(out)) < 2 and proc.poll() is None and time.monotonic() < deadline:

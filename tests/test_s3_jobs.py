@@ -28,6 +28,7 @@ from conva.batch.storage import location
 from conva.batch.store import Stage, stage_status
 from conva.jobs.runner import run_job
 from conva.tiny import make_tiny_model
+from tests.clusters import session_driver_env
 
 pytestmark = pytest.mark.slow
 
@@ -79,18 +80,12 @@ def _exactly_once(cfg, out: str) -> None:
 
 
 def _spawn(argv: list[str], log: Path) -> subprocess.Popen:
-    """``python -m conva.jobs.run`` joining the session's Ray (``RAY_ADDRESS``), as a driver on a cluster does,
-    instead of starting a Ray of its own (~10 s on the 2-core machine): its workers follow the session's fault
-    plan, and reach the bucket with the session's AWS variables."""
-    import ray
-
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    """``python -m conva.jobs.run`` on the session's Ray (:func:`tests.clusters.session_driver_env`)."""
     with open(log, "w") as fh:  # its own session: whatever it started is signalled as a group after the kill
         return subprocess.Popen(
             [sys.executable, "-m", "conva.jobs.run", "--config", str(TINY), *argv],
             cwd=REPO,
-            env=env,
+            env=session_driver_env(),
             start_new_session=True,
             stdout=fh,
             stderr=subprocess.STDOUT,
