@@ -139,14 +139,17 @@ def test_an_opener_whose_replay_is_stale_stops_before_deleting_anything(root: Lo
 
 
 def test_a_driver_whose_lease_is_taken_over_stops_before_its_next_commit(root: Location) -> None:
-    lease = OutputLease(root, "conva run", ttl_s=1.0)
+    # 4 s, not 1: until the stall the renewals must keep up, and on S3 with three test processes on two cores
+    # opening the stage once took over half of a 1 s TTL (the driver stopped there, before the stall).
+    ttl = 4.0
+    lease = OutputLease(root, "conva run", ttl_s=ttl)
     with lease:
         stage = _open(root, fence=held_fence(root))
         assert stage.commit(_record(stage, 0, "a0"))
         lease._stop.set()  # the driver stalls: its renewals stop
         lease._thread.join()
-        time.sleep(1.1)  # its heartbeat is stale now
-        thief = OutputLease(root, "conva run", ttl_s=1.0, break_stale=True)
+        time.sleep(ttl + 0.1)  # its heartbeat is stale now
+        thief = OutputLease(root, "conva run", ttl_s=ttl, break_stale=True)
         thief.acquire()
         assert thief.epoch == lease.epoch + 1
         lease._renew_once()  # the stalled driver's renewal resumes and sees the newer epoch
