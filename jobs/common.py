@@ -426,15 +426,24 @@ def connect_ray() -> None:
         _log.info("joined Ray cluster at %s: %s", os.environ["RAY_ADDRESS"], ray.cluster_resources())
         return
     _loopback_only()
-    # Loopback only, no dashboard; workers import this checkout's packages through PYTHONPATH.
-    path = os.pathsep.join(p for p in (str(_REPO), os.environ.get("PYTHONPATH")) if p)
-    ray.init(
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
-    )
+    # Loopback only, no dashboard. Workers import this checkout's packages through PYTHONPATH, set in the
+    # environment the local raylet starts with (its workers inherit it), not as a runtime_env: a job with a
+    # runtime_env starts every worker through Ray's setup_worker wrapper, a second interpreter that imports Ray
+    # (measured here: 0.45 CPU-s and 0.4 s more per actor), and cannot use the workers Ray starts ahead.
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), old) if p)
+    try:
+        ray.init(
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
     _reinstall_interrupts()
     renew_held()
     _log.info("started a local Ray on 127.0.0.1: %s", ray.cluster_resources())
