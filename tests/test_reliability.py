@@ -40,6 +40,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "examples" / "tiny.toml"
 ROWS = 24  # rows per shard: the 369 extraction texts of one value make 16 shards
 LAYERS = 4
+# One model worker unless the property needs a second: a survivor beside a killed worker, or a bystander that
+# must not be charged with another's death. Each worker start costs about 7 CPU-s here (imports and the model).
+TWO_WORKERS = "--ray.num_workers=2"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def _argv(model: str, out: Path, *extra: str) -> list[str]:
         f"--output.dir={out}",
         '--data.values=["power"]',
         f"--ray.rows_per_shard={ROWS}",
-        "--ray.num_workers=2",
+        "--ray.num_workers=1",
         "--ray.max_restarts=4",
         "--ray.max_task_retries=2",
         *extra,
@@ -152,7 +155,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_its_shard_rerun(
 ) -> None:
     out = tmp_path / "out"
     faults(sleep_s=1.0)  # shards slow until the replacement has joined, then fast (see below)
-    cfg = _cfg(model, out)
+    cfg = _cfg(model, out, TWO_WORKERS)
     n = len(shard_ranges(extraction_rows(cfg).num_rows, ROWS))
     killed: list[int] = []
 
@@ -198,7 +201,7 @@ def test_random_worker_kills_cost_exactly_one_attempt_each_and_readers_never_see
     ray_session, model, tmp_path, faults
 ) -> None:
     out = tmp_path / "out"
-    cfg = _cfg(model, out)
+    cfg = _cfg(model, out, TWO_WORKERS)
     n, rate = len(shard_ranges(extraction_rows(cfg).num_rows, ROWS)), 0.15
     seed = _seed_with_kills(n, rate, 2)
     doomed = {i for i in range(n) if planned_kill(seed, "extract", i, rate)}
@@ -259,6 +262,7 @@ def test_a_poison_row_fails_the_job_naming_its_shard_after_bounded_attempts(
                 f"--data.pairs={pairs}",
                 "--gate.kind=none",
                 "--ray.rows_per_shard=4",
+                TWO_WORKERS,
                 f"--ray.max_task_retries={retries}",
             ),
         ]
@@ -490,6 +494,7 @@ def test_a_second_driver_on_the_same_output_is_refused(ray_session, model, tmp_p
         before = _files(out / "activations")
         with pytest.raises(LeaseError, match=r"being written by another driver \(conva extract, pid \d+"):
             run_job("extract", _cfg(model, out))
+        faults(sleep_s=0.0)  # refused: the first driver may finish at full speed
         after = _files(out / "activations")
         assert {
             name: after[name] for name in before
