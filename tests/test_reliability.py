@@ -262,7 +262,8 @@ def test_a_poison_row_fails_the_job_naming_its_shard_after_bounded_attempts(
                 f"--data.pairs={pairs}",
                 "--gate.kind=none",
                 "--ray.rows_per_shard=4",
-                TWO_WORKERS,
+                # the retried poison beside a bystander's shards; with no retry, one worker shows the bound
+                TWO_WORKERS if retries else "--ray.num_workers=1",
                 f"--ray.max_task_retries={retries}",
             ),
         ]
