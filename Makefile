@@ -32,9 +32,9 @@ demo: $(STAMP)
 
 # The suite runs on TEST_WORKERS processes (pytest-xdist), each module's tests on one of them
 # (tests/conftest.py groups them); `make test TEST_WORKERS=0` runs it in this one process. Three on the 2-core
-# machine: much of the suite waits on Ray actors, subprocesses and servers (measured 2026-12-05 on an Intel
-# Xeon, model cache warm: 825 s with two; 752-788 s with three; 809 s with three and the longest groups first
-# on a clean clone, its three workers ending within 28 s of one another).
+# machine: much of the suite waits on Ray actors, subprocesses and servers. Measured on an Intel Xeon, model
+# cache warm: 825 s with two (2026-12-05); on 2026-12-06, 772 s with three and 784 s with four on the same
+# tree, and 677 s with three on a clean clone after the suite's work was cut (CPU-bound: 1.9 of 2 cores busy).
 TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)

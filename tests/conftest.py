@@ -34,23 +34,23 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # Session resources worth starting once: under pytest-xdist every test using one runs on the same worker.
 _SHARED_RESOURCES = ("smollm2_server",)
-# The longest groups, longest first (seconds each took in one `make test` with three workers on the 2-core
-# machine, 2026-12-06): `make test` hands groups out in collection order (--no-loadscope-reorder), so these
-# start first and the short ones fill the end. With xdist's own order (by test count) a 78 s one-test group
-# started last, on a worker that had queued it early: one worker sat idle for its last 102 s, two for 32 s.
+# The longest groups, longest first (seconds each took in a clean clone's `make test` with three workers on the
+# 2-core machine, 2026-12-06): `make test` hands groups out in collection order (--no-loadscope-reorder), so
+# these start first and the short ones fill the end. With xdist's own order (by test count) a 78 s one-test
+# group started last, on a worker that had queued it early: one worker sat idle for its last 102 s, two for 32 s.
 _LONGEST_FIRST = (
-    "tests/test_reliability.py",  # 284
-    "tests/test_two_nodes.py",  # 218
-    "tests/test_ray_data_llm.py",  # 204
-    "tests/test_s3_jobs.py",  # 152
-    "tests/test_cli.py",  # 137
-    "tests/test_ray_jobs.py",  # 133
-    "tests/test_study.py",  # 133
-    "tests/test_smollm2.py",  # 122
-    "tests/test_gemma.py",  # 84
-    "smollm2_server",  # 79
-    "tests/test_vllm_plugin.py",  # 77
-    "tests/test_vllm.py",  # 71
+    "tests/test_reliability.py",  # 291
+    "tests/test_two_nodes.py",  # 190
+    "tests/test_cli.py",  # 146
+    "tests/test_study.py",  # 143
+    "tests/test_ray_data_llm.py",  # 135
+    "tests/test_s3_jobs.py",  # 96
+    "tests/test_ray_jobs.py",  # 87
+    "tests/test_vllm.py",  # 83
+    "tests/test_benchmarks.py",  # 82
+    "tests/test_vllm_plugin.py",  # 80
+    "tests/test_gemma.py",  # 62
+    "smollm2_server",  # 46
 )
 
 
