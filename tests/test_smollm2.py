@@ -76,7 +76,7 @@ def smol_fit(smol, paper_data):
 @pytest.fixture(scope="module")
 def smol_bundle(smol, smol_fit):
     """The fitted bundle with a probe gate at the band's first layer: the achievement probe there, its threshold
-    the median of its scores on ``PROMPTS``, so it opens for half of them (both decisions in every batch)."""
+    the median of its scores on ``PROMPTS``, so it opens for half of them: neither always open nor always shut."""
     model, tok = smol
     bundle = smol_fit[0]
     layer = min(bundle.band)
