@@ -40,6 +40,7 @@ from conva.batch.configdoc import bounds_text, default_text, field_docs, section
 from conva.batch.study import StudyConfig
 from conva.jobs import cli
 from conva.settings import choices_of
+from tests.clusters import session_driver_env
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "examples" / "demo.toml")
@@ -58,14 +59,7 @@ ACTIVATE = ". .venv/bin/activate"
 @pytest.fixture(scope="module")
 def env(ray_session) -> dict[str, str]:
     """The environment of every command: the repo's packages and the session's Ray."""
-    import ray
-
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-    }
+    return session_driver_env()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from conva.batch.store import config_hash
+from tests.clusters import session_driver_env
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "examples" / "tiny.toml")
@@ -39,8 +40,6 @@ def _published(out: Path) -> tuple[str, set[str], set[str]]:
 def test_config_json_and_the_rows_hash_agree_after_an_interrupted_overwrite(
     tmp_path, tiny_path, ray_session, faults
 ) -> None:
-    import ray
-
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(
         "".join(
@@ -59,12 +58,7 @@ def test_config_json_and_the_rows_hash_agree_after_an_interrupted_overwrite(
         "--steer.max_new_tokens=2",
         "--ray.steer_rows_per_shard=1",
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
-    }
+    env = session_driver_env()
     cli = [sys.executable, "-m", "conva.jobs.cli"]
     first = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
